@@ -1,0 +1,304 @@
+"""The byte layer under a format driver: positional reads and writes on a file.
+
+A format driver (qcow2, raw) talks to a :class:`BlockFile`, never to a path, so
+tests can hand it memory (:class:`MemoryFile`) or a file that "loses power" after
+the N-th write (:class:`FaultInjectionFile`), and users a real file
+(:class:`OsFile`).  This plays the part of QEMU's ``file`` protocol driver
+(block/file-posix.c).  Imports neither unicorn nor asyncio.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+from typing import Protocol, runtime_checkable
+
+from emulator.errors import BlockIOError
+
+Buffer = bytes | bytearray | memoryview
+
+
+@runtime_checkable
+class BlockFile(Protocol):
+    """What a format driver needs from the file below it."""
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes; bytes past the end of the file read as zeros."""
+        ...
+
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        """Fill ``buf`` from ``offset``; past the end of the file it gets zeros."""
+        ...
+
+    def pwrite(self, offset: int, data: Buffer) -> None: ...
+
+    def flush(self) -> None:
+        """Make everything written so far durable (fdatasync)."""
+        ...
+
+    def size(self) -> int: ...
+
+    def truncate(self, size: int) -> None: ...
+
+    def allocated_bytes(self) -> int:
+        """Host bytes in use (``disk size`` in qemu-img info)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def zero_fill(buf: memoryview) -> None:
+    """Zero a writable buffer with one memset that releases the GIL.
+
+    Guest RAM may be write-protected by userfaultfd while we fill it; a store
+    made with the GIL held could then deadlock against the fault handler
+    (see shared/reference/unicorn-notes.md), so no numpy or slice assignment here.
+    """
+    n = buf.nbytes
+    if n == 0:
+        return
+    if buf.readonly:
+        raise ValueError("zero_fill needs a writable buffer")
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    ctypes.memset(addr, 0, n)
+
+
+class OsFile:
+    """A real file, read and written with pread/pwrite (QEMU's file-posix).
+
+    ``no_flush`` mirrors QEMU's ``cache.no-flush=on``: flush() then skips
+    fdatasync (ordering against a killed process still holds; power loss does not).
+    """
+
+    def __init__(self, fd: int, *, read_only: bool = False, no_flush: bool = False, owns_fd: bool = True) -> None:
+        self.fd = fd
+        self.read_only = read_only
+        self.no_flush = no_flush
+        self._owns = owns_fd
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, create: bool = False,
+             no_flush: bool = False) -> OsFile:
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if create:
+            flags |= os.O_CREAT | os.O_TRUNC
+        try:
+            fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as err:
+            raise BlockIOError(f"Could not open '{os.fspath(path)}': {err.strerror}") from err
+        return cls(fd, read_only=read_only, no_flush=no_flush)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        try:
+            data = os.pread(self.fd, length, offset)
+            while len(data) < length:
+                more = os.pread(self.fd, length - len(data), offset + len(data))
+                if not more:
+                    return data + bytes(length - len(data))
+                data += more
+            return data
+        except OSError as err:
+            raise BlockIOError(f"Could not read at offset {offset}: {err.strerror}") from err
+
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        done = 0
+        n = buf.nbytes
+        try:
+            while done < n:
+                got = os.preadv(self.fd, [buf[done:]], offset + done)
+                if got == 0:
+                    zero_fill(buf[done:])
+                    return
+                done += got
+        except OSError as err:
+            raise BlockIOError(f"Could not read at offset {offset}: {err.strerror}") from err
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        mv = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < mv.nbytes:
+                done += os.pwrite(self.fd, mv[done:], offset + done)
+        except OSError as err:
+            raise BlockIOError(f"Could not write at offset {offset}: {err.strerror}") from err
+
+    def flush(self) -> None:
+        if self.no_flush or self.read_only:
+            return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as err:
+            raise BlockIOError(f"Could not flush: {err.strerror}") from err
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as err:
+            raise BlockIOError(f"Could not truncate to {size}: {err.strerror}") from err
+
+    def allocated_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def close(self) -> None:
+        if self._owns and self.fd >= 0:
+            os.close(self.fd)
+        self.fd = -1
+
+
+class MemoryFile:
+    """A file held in a bytearray: for tests and for images built in memory."""
+
+    def __init__(self, data: Buffer = b"") -> None:
+        self.data = bytearray(data)
+        self.flushes = 0
+
+    def pread(self, offset: int, length: int) -> bytes:
+        chunk = bytes(self.data[offset:offset + length])
+        return chunk + bytes(length - len(chunk))
+
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.pread(offset, buf.nbytes)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        mv = memoryview(data).cast("B")
+        end = offset + mv.nbytes
+        if end > len(self.data):
+            self.data.extend(bytes(end - len(self.data)))
+        self.data[offset:end] = mv
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def size(self) -> int:
+        return len(self.data)
+
+    def truncate(self, size: int) -> None:
+        if size < len(self.data):
+            del self.data[size:]
+        else:
+            self.data.extend(bytes(size - len(self.data)))
+
+    def allocated_bytes(self) -> int:
+        return len(self.data)
+
+    def close(self) -> None:
+        pass
+
+
+class PyFile:
+    """Any seekable Python binary file object (``io.BytesIO``, an open file)."""
+
+    def __init__(self, f: io.IOBase) -> None:
+        self.f = f
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.f.seek(offset)
+        chunk = self.f.read(length) or b""
+        return bytes(chunk) + bytes(length - len(chunk))
+
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        buf[:] = self.pread(offset, buf.nbytes)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        end = self.size()
+        if offset > end:
+            self.f.seek(end)
+            self.f.write(bytes(offset - end))
+        self.f.seek(offset)
+        self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def size(self) -> int:
+        return int(self.f.seek(0, io.SEEK_END))
+
+    def truncate(self, size: int) -> None:
+        self.f.truncate(size)
+
+    def allocated_bytes(self) -> int:
+        return self.size()
+
+    def close(self) -> None:
+        pass
+
+
+class PowerCut(Exception):
+    """Raised by :class:`FaultInjectionFile`: the simulated process died here.
+
+    Deliberately not a SnaplabError: nothing in snaplab may catch it.
+    """
+
+
+class FaultInjectionFile:
+    """Wraps a BlockFile and lets exactly ``writes_allowed`` writes through.
+
+    The next write, and every operation after it, raises :class:`PowerCut`:
+    what is on the inner file is then what a process killed at that instant
+    would have left (writes to the page cache survive a killed process).
+    """
+
+    def __init__(self, inner: BlockFile, writes_allowed: int) -> None:
+        self.inner = inner
+        self.writes_allowed = writes_allowed
+        self.writes = 0
+        self.dead = False
+
+    def _alive(self) -> None:
+        if self.dead:
+            raise PowerCut("the process is dead")
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self._alive()
+        return self.inner.pread(offset, length)
+
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        self._alive()
+        self.inner.preadinto(offset, buf)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        self._alive()
+        if self.writes >= self.writes_allowed:
+            self.dead = True
+            raise PowerCut(f"power cut before write #{self.writes + 1}")
+        self.writes += 1
+        self.inner.pwrite(offset, data)
+
+    def flush(self) -> None:
+        self._alive()
+        self.inner.flush()
+
+    def size(self) -> int:
+        self._alive()
+        return self.inner.size()
+
+    def truncate(self, size: int) -> None:
+        self._alive()
+        if self.writes >= self.writes_allowed:
+            self.dead = True
+            raise PowerCut("power cut before truncate")
+        self.writes += 1
+        self.inner.truncate(size)
+
+    def allocated_bytes(self) -> int:
+        return self.inner.allocated_bytes()
+
+    def close(self) -> None:
+        pass
+
+
+def as_block_file(obj: object, *, read_only: bool = False) -> BlockFile:
+    """Accept a BlockFile, a bytes-like object, or a seekable Python file object."""
+    if isinstance(obj, (OsFile, MemoryFile, PyFile, FaultInjectionFile)):
+        return obj
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return MemoryFile(obj)
+    if isinstance(obj, io.IOBase):
+        return PyFile(obj)
+    if isinstance(obj, BlockFile):
+        return obj
+    raise TypeError(f"not a file: {obj!r}")

@@ -1,0 +1,481 @@
+"""The qcow2 format driver: open, create, read, write, snapshots, check.
+
+Mirrors QEMU's block/qcow2.c (``qcow2_do_open``, ``qcow2_co_create``,
+``qcow2_co_preadv_part``, ``qcow2_co_pwritev_part``, ``qcow2_save_vmstate``,
+``qcow2_load_vmstate``).  The live state here plays BDRVQcow2State; the mapping
+lives in cluster.py, refcounts in refcount.py, snapshots in snapshot.py and
+the consistency check in check.py, as QEMU splits qcow2*.c.
+
+Streams in, paths as a classmethod: ``Qcow2Image(file)`` takes a BlockFile or a
+Python file object; ``Qcow2Image.open(path)`` and ``Qcow2Image.create(path, size)``
+are for users.  Every public method holds the image lock, so a vCPU thread and
+a snapshot thread can share one image.  Imports neither unicorn nor asyncio.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import numpy as np
+
+from emulator.block import cluster, snapshot
+from emulator.block.check import CheckResult, check_image
+from emulator.block.format import (
+    DEFAULT_CLUSTER_BITS,
+    FEATURE_TYPE_INCOMPATIBLE,
+    HEADER_AUTOCLEAR_OFFSET,
+    HEADER_INCOMPAT_OFFSET,
+    HEADER_POINTERS_OFFSET,
+    L1E_OFFSET_MASK,
+    MAX_CLUSTER_BITS,
+    MIN_CLUSTER_BITS,
+    QCOW2_EXT_MAGIC_FEATURE_TABLE,
+    QCOW2_INCOMPAT_COMPRESSION,
+    QCOW2_INCOMPAT_CORRUPT,
+    QCOW2_INCOMPAT_DATA_FILE,
+    QCOW2_INCOMPAT_DIRTY,
+    QCOW2_INCOMPAT_EXTL2,
+    QCowHeader,
+    feature_table_extension,
+    parse_feature_table,
+    parse_header,
+)
+from emulator.block.io import BlockFile, MemoryFile, OsFile, as_block_file
+from emulator.block.refcount import Refcounts, RefcountTxn, size_to_clusters
+from emulator.block.snapshot import QCowSnapshot
+from emulator.errors import (
+    ImageCorruptError,
+    ImageFormatError,
+    OutOfRangeError,
+    ReadOnlyError,
+    UnsupportedFeatureError,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_KNOWN_INCOMPAT = QCOW2_INCOMPAT_DIRTY | QCOW2_INCOMPAT_CORRUPT | QCOW2_INCOMPAT_COMPRESSION
+_INCOMPAT_NAMES = {
+    QCOW2_INCOMPAT_DATA_FILE: "external data file",
+    QCOW2_INCOMPAT_EXTL2: "extended L2 entries",
+}
+
+
+def _locked(fn: Callable[P, R]) -> Callable[P, R]:
+    @wraps(fn)
+    def inner(*args: P.args, **kwargs: P.kwargs) -> R:
+        self = args[0]
+        with self._lock:  # type: ignore[attr-defined]
+            return fn(*args, **kwargs)
+
+    return inner
+
+
+class Qcow2Image:
+    """An open qcow2 image (BlockDriverState + BDRVQcow2State for format qcow2)."""
+
+    driver = "qcow2"
+
+    def __init__(self, file: BlockFile | Any, *, read_only: bool = False, strict_barriers: bool = False,
+                 filename: str = "") -> None:
+        self.file: BlockFile = as_block_file(file)
+        self.filename = filename
+        self.read_only = read_only
+        self.strict_barriers = strict_barriers
+        self.messages: list[str] = []
+        self._lock = threading.RLock()
+        self.l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.l2_cache_max = 4096
+        self._meta: np.ndarray | None = None
+        self._open()
+
+    # -- opening ------------------------------------------------------------------
+    def _open(self) -> None:
+        fsize = self.file.size()
+        head = self.file.pread(0, min(max(fsize, 0), 1 << MIN_CLUSTER_BITS << 7))
+        if len(head) >= 24:
+            cbits = int.from_bytes(head[20:24], "big")
+            if MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS and len(head) < (1 << cbits) <= fsize:
+                head = self.file.pread(0, 1 << cbits)
+        h = parse_header(head, fsize)
+        names = {}
+        for ext in h.extensions:
+            if ext.magic == QCOW2_EXT_MAGIC_FEATURE_TABLE:
+                names = parse_feature_table(ext.data)
+        unknown = h.incompatible_features & ~_KNOWN_INCOMPAT
+        if unknown:
+            feats = []
+            for bit in range(64):
+                if unknown >> bit & 1:
+                    name = names.get((FEATURE_TYPE_INCOMPATIBLE, bit)) or _INCOMPAT_NAMES.get(1 << bit)
+                    feats.append(name or f"Unknown incompatible feature: {1 << bit:x}")
+            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(feats))
+        if h.compression_type != 0:
+            raise UnsupportedFeatureError(
+                f"Unsupported qcow2 feature(s): compression type {h.compression_type} (only zlib is supported)")
+        if h.backing_file_offset:
+            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): backing file (snaplab images stand alone)")
+        if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only:
+            self.read_only = True
+            msg = ("qcow2: Image is corrupt (the corrupt bit is set); opened read-only. "
+                   "Run 'qemu-img check -r all' to repair it")
+            self.messages.append(msg)
+            warnings.warn(msg, stacklevel=3)
+        self.header = h
+        self.version = h.version
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = 1 << h.cluster_bits
+        self.l2_bits = h.cluster_bits - 3
+        self.l2_size = 1 << self.l2_bits
+        self.size = h.size
+        self.refcounts = Refcounts(self.file, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
+                                   h.refcount_table_clusters, read_only=self.read_only)
+        self.refcounts._write_pointers_cb = lambda off, n: self._write_pointers(refcount_table_offset=off,
+                                                                                refcount_table_clusters=n)
+        self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
+        self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
+        if not self.read_only:
+            if h.autoclear_features:
+                # QEMU clears autoclear bits it does not know; we know none.
+                self.file.pwrite(HEADER_AUTOCLEAR_OFFSET, bytes(8))
+                self.header = self.header.with_pointers(autoclear_features=0)
+            if h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+                self.messages.append("qcow2: the dirty bit is set; repairing refcounts")
+                res = self.check(repair="all")
+                if res.corruptions or res.check_errors:
+                    self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
+                else:
+                    self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
+
+    def _read_l1(self, offset: int, n: int, fieldname: str) -> np.ndarray:
+        if n == 0:
+            return np.zeros(0, dtype=np.uint64)
+        if offset % self.cluster_size:
+            raise ImageFormatError(fieldname, "L1 table offset invalid")
+        return np.frombuffer(self.file.pread(offset, n * 8), ">u8").astype(np.uint64)
+
+    # -- creating -----------------------------------------------------------------
+    @classmethod
+    def create(cls, target: str | os.PathLike[str] | BlockFile | Any, size: int, *, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
+               refcount_bits: int = 16, version: int = 3) -> Qcow2Image:
+        """qcow2_co_create(): header, refcount table, one refcount block, empty L1.
+
+        Lays the image out as qemu-img 7.2 does: refcount table in cluster 1,
+        the first refcount block in cluster 2, the L1 table from cluster 3.
+        """
+        if cluster_size & (cluster_size - 1) or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS):
+            raise ImageFormatError("cluster_size", "Cluster size must be a power of two between 512 and 2048k")
+        if refcount_bits not in (8, 16, 32, 64):
+            raise ImageFormatError("refcount_bits", "Refcount width must be 8, 16, 32 or 64 bits in snaplab")
+        if version not in (2, 3):
+            raise ImageFormatError("version", f"Unsupported qcow2 version {version}")
+        if version == 2 and refcount_bits != 16:
+            raise ImageFormatError("refcount_bits", "Different refcount widths than 16 bits require compatibility level 1.1 or above")
+        if size < 0 or size % 512:
+            raise ImageFormatError("size", "Image size must be a non-negative multiple of 512 bytes")
+        cbits = cluster_size.bit_length() - 1
+        order = refcount_bits.bit_length() - 1
+        l2_bits = cbits - 3
+        l1_size = -(-size // (1 << (cbits + l2_bits)))
+        if l1_size * 8 > (32 << 20):
+            raise ImageFormatError("size", "Image is too big for this cluster size")
+        l1_clusters = size_to_clusters(cluster_size, l1_size * 8)
+        epb = 1 << (cbits + 3 - order)
+        rt_clusters = 1
+        nblocks = 1
+        while True:
+            total = 1 + rt_clusters + nblocks + l1_clusters
+            need_blocks = -(-total // epb)
+            need_rt = size_to_clusters(cluster_size, need_blocks * 8)
+            if need_blocks == nblocks and need_rt == rt_clusters:
+                break
+            nblocks, rt_clusters = need_blocks, need_rt
+        rt_off = cluster_size
+        rb_off = rt_off + rt_clusters * cluster_size
+        l1_off = rb_off + nblocks * cluster_size
+        exts = (feature_table_extension(),) if version == 3 else ()
+        header = QCowHeader(
+            version=version, cluster_bits=cbits, size=size, l1_size=l1_size,
+            l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=rt_off,
+            refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
+            refcount_order=order, header_length=112 if version == 3 else 72, extensions=exts)
+        raw = header.pack()
+        if len(raw) > cluster_size:
+            header = QCowHeader(**{**header.__dict__, "extensions": ()})
+            raw = header.pack()
+        close_on_fail = False
+        if isinstance(target, (str, os.PathLike)):
+            f: BlockFile = OsFile.open(target, create=True)
+            close_on_fail = True
+            filename = os.fspath(target)
+        else:
+            f = as_block_file(target)
+            filename = ""
+        try:
+            f.truncate(0)
+            f.pwrite(0, raw + bytes(cluster_size - len(raw)))
+            table = np.zeros(rt_clusters * cluster_size // 8, dtype=np.uint64)
+            table[:nblocks] = rb_off + np.arange(nblocks, dtype=np.uint64) * cluster_size
+            f.pwrite(rt_off, table.astype(">u8").tobytes())
+            dt = np.dtype(f">u{refcount_bits // 8}")
+            counts = np.zeros(nblocks * epb, dtype=dt)
+            counts[:1 + rt_clusters + nblocks + l1_clusters] = 1
+            f.pwrite(rb_off, counts.tobytes())
+            if l1_clusters:
+                f.pwrite(l1_off, bytes(l1_clusters * cluster_size))
+            f.flush()
+        except BaseException:
+            if close_on_fail:
+                f.close()
+            raise
+        return cls(f, filename=filename)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, no_flush: bool = False) -> Qcow2Image:
+        f = OsFile.open(path, read_only=read_only, no_flush=no_flush)
+        try:
+            return cls(f, read_only=read_only, filename=os.fspath(path))
+        except BaseException:
+            f.close()
+            raise
+
+    @classmethod
+    def in_memory(cls, size: int, **kw: int) -> Qcow2Image:
+        """A new image held in memory (tests, notebooks)."""
+        return cls.create(MemoryFile(), size, **kw)
+
+    # -- state helpers used by cluster/snapshot/check ------------------------------
+    @property
+    def l1_size(self) -> int:
+        return len(self.l1_table)
+
+    @property
+    def l1_table_offset(self) -> int:
+        return self.header.l1_table_offset
+
+    @property
+    def l1_vm_state_index(self) -> int:
+        """size_to_l1(): the first L1 index past the virtual disk."""
+        return -(-self.size // (1 << (self.cluster_bits + self.l2_bits)))
+
+    @property
+    def vm_state_offset(self) -> int:
+        """qcow2_vm_state_offset(): where the VM state starts in the guest address space."""
+        return self.l1_vm_state_index << (self.cluster_bits + self.l2_bits)
+
+    def file_size_hint(self) -> int:
+        return self.file.size()
+
+    def barrier(self) -> None:
+        """An ordering point between dependent writes; fdatasync when strict_barriers."""
+        if self.strict_barriers:
+            self.file.flush()
+
+    def metadata_changed(self) -> None:
+        self._meta = None
+
+    def _write_pointers(self, **fields: int) -> None:
+        """Write header bytes 36..71 in one write, then flush: a metadata commit."""
+        h = self.header.with_pointers(**fields)
+        self.file.pwrite(HEADER_POINTERS_OFFSET, h.pack_pointers())
+        self.file.flush()
+        self.header = h
+        self.metadata_changed()
+
+    def commit(self, txn: RefcountTxn, **fields: int) -> None:
+        """Commit a refcount shadow transaction together with header pointer changes."""
+        txn.commit(lambda off, n: self._write_pointers(refcount_table_offset=off, refcount_table_clusters=n,
+                                                       **fields))
+
+    def _set_incompat(self, bits: int) -> None:
+        self.file.pwrite(HEADER_INCOMPAT_OFFSET, bits.to_bytes(8, "big"))
+        self.file.flush()
+        self.header = self.header.with_pointers(incompatible_features=bits)
+
+    def metadata_clusters(self) -> np.ndarray:
+        """Sorted host cluster indices holding metadata (QEMU's overlap-check set)."""
+        if self._meta is None:
+            cb = self.cluster_bits
+            parts = [np.array([0], dtype=np.int64)]
+
+            def rng(off: int, nbytes: int) -> None:
+                if off and nbytes:
+                    parts.append(np.arange(off >> cb, (off + nbytes - 1 >> cb) + 1, dtype=np.int64))
+
+            rc = self.refcounts
+            rng(rc.table_offset, rc.table_clusters * self.cluster_size)
+            t = rc.table[rc.table != 0].astype(np.int64)
+            parts.append(t >> cb)
+            rng(self.l1_table_offset, self.l1_size * 8)
+            l2 = (self.l1_table & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+            parts.append(l2[l2 != 0] >> cb)
+            rng(self.header.snapshots_offset, snapshot.table_bytes(self.snapshots))
+            for sn in self.snapshots:
+                rng(sn.l1_table_offset, sn.l1_size * 8)
+            self._meta = np.unique(np.concatenate(parts))
+        return self._meta
+
+    def check_overlap(self, clusters: np.ndarray) -> None:
+        """qcow2_pre_write_overlap_check() for data written in place."""
+        meta = self.metadata_clusters()
+        hit = np.isin(clusters, meta)
+        if hit.any():
+            c = int(clusters[np.flatnonzero(hit)[0]])
+            self.signal_corruption(f"Preventing invalid write on metadata (overlaps with cluster {c})")
+
+    def signal_corruption(self, msg: str) -> None:
+        """qcow2_signal_corruption(): mark the image corrupt, go read-only, raise."""
+        if not self.read_only:
+            try:
+                self._set_incompat(self.header.incompatible_features | QCOW2_INCOMPAT_CORRUPT)
+            finally:
+                self.read_only = True
+                self.refcounts.read_only = True
+        raise ImageCorruptError(f"qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed")
+
+    def _check_rw(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError(f"Block node is read-only{': ' + self.filename if self.filename else ''}")
+
+    def _check_range(self, offset: int, length: int, limit: int | None = None) -> None:
+        lim = self.size if limit is None else limit
+        if offset < 0 or length < 0 or offset + length > lim:
+            raise OutOfRangeError(f"Request at offset {offset} of {length} bytes is outside the disk ({lim} bytes)")
+
+    # -- guest I/O ------------------------------------------------------------------
+    @_locked
+    def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
+        mv = memoryview(buf).cast("B")
+        self._check_range(offset, mv.nbytes)
+        cluster.read_through(self, self.l1_table, offset, mv)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, buf)
+        return bytes(buf)
+
+    @_locked
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        mv = memoryview(data).cast("B")
+        self._check_rw()
+        self._check_range(offset, mv.nbytes)
+        if mv.nbytes:
+            cluster.write_clusters(self, offset, mv)
+
+    @_locked
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Whole clusters get the zero flag (v3); partial ones are written with zeros."""
+        self._check_rw()
+        self._check_range(offset, length)
+        cs = self.cluster_size
+        head_end = min(offset + length, -(-offset // cs) * cs)
+        tail_start = max(head_end, (offset + length) // cs * cs)
+        if head_end > offset:
+            cluster.write_clusters(self, offset, memoryview(bytes(head_end - offset)))
+        if tail_start > head_end:
+            cluster.zeroize(self, head_end, tail_start - head_end, discard=False)
+        if offset + length > tail_start:
+            cluster.write_clusters(self, tail_start, memoryview(bytes(offset + length - tail_start)))
+
+    @_locked
+    def discard(self, offset: int, length: int) -> int:
+        """Whole clusters become unallocated; partial clusters are left (as QEMU does)."""
+        self._check_rw()
+        self._check_range(offset, length)
+        return cluster.zeroize(self, offset, length, discard=True)
+
+    @_locked
+    def flush(self) -> None:
+        self.file.flush()
+
+    @_locked
+    def close(self) -> None:
+        if not self.read_only:
+            self.file.flush()
+        self.file.close()
+
+    def __enter__(self) -> Qcow2Image:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def allocation_map(self) -> np.ndarray:
+        """Per guest cluster: True where the active L1 maps data (not zero/unallocated)."""
+        nclusters = size_to_clusters(self.cluster_size, self.size)
+        out = np.zeros(nclusters, dtype=bool)
+        for i in range(min(self.l1_vm_state_index, self.l1_size)):
+            off = int(self.l1_table[i]) & L1E_OFFSET_MASK
+            if not off:
+                continue
+            k = cluster.cluster_kinds(self, cluster.load_l2(self, off, i))
+            lo = i * self.l2_size
+            hi = min(lo + self.l2_size, nclusters)
+            out[lo:hi] = ((k == cluster.NORMAL) | (k == cluster.COMPRESSED))[:hi - lo]
+        return out
+
+    # -- VM state (qcow2_save_vmstate / qcow2_load_vmstate) -----------------------
+    @_locked
+    def save_vmstate(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        """Write VM state at ``pos`` of the vmstate area, through the active L1."""
+        self._check_rw()
+        mv = memoryview(data).cast("B")
+        if pos < 0:
+            raise OutOfRangeError("negative vmstate position")
+        if mv.nbytes:
+            cluster.write_clusters(self, self.vm_state_offset + pos, mv)
+
+    @_locked
+    def load_vmstate(self, pos: int, buf: memoryview | bytearray, snapshot_id: str | None = None) -> None:
+        """Read VM state into ``buf``: of a snapshot (by id) or from the active L1."""
+        mv = memoryview(buf).cast("B")
+        l1 = self.l1_table if snapshot_id is None else snapshot.read_snapshot_l1(self, self.find_snapshot(snapshot_id))
+        cluster.read_through(self, l1, self.vm_state_offset + pos, mv)
+
+    # -- snapshots --------------------------------------------------------------------
+    def snapshot_list(self) -> list[QCowSnapshot]:
+        """qcow2_snapshot_list()."""
+        return list(self.snapshots)
+
+    def find_snapshot(self, id_or_name: str) -> QCowSnapshot:
+        return snapshot.find_snapshot(self, id_or_name)
+
+    @_locked
+    def snapshot_create(self, name: str, *, id_str: str | None = None, vm_state_size: int = 0,
+                        date_sec: int | None = None, date_nsec: int | None = None, vm_clock_nsec: int = 0,
+                        icount: int = -1) -> QCowSnapshot:
+        self._check_rw()
+        return snapshot.snapshot_create(self, name, id_str=id_str, vm_state_size=vm_state_size, date_sec=date_sec,
+                                        date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec, icount=icount)
+
+    @_locked
+    def snapshot_goto(self, id_or_name: str) -> QCowSnapshot:
+        self._check_rw()
+        return snapshot.snapshot_goto(self, self.find_snapshot(id_or_name))
+
+    @_locked
+    def snapshot_delete(self, id_str: str | None = None, name: str | None = None) -> QCowSnapshot:
+        self._check_rw()
+        return snapshot.snapshot_delete(self, snapshot.find_snapshot_by_id_and_name(self, id_str, name))
+
+    @_locked
+    def snapshot_read(self, id_or_name: str, offset: int, buf: memoryview | bytearray) -> None:
+        """Read guest data as it was in a snapshot (qemu-img convert -l)."""
+        sn = self.find_snapshot(id_or_name)
+        mv = memoryview(buf).cast("B")
+        self._check_range(offset, mv.nbytes, sn.disk_size if sn.disk_size is not None else self.size)
+        cluster.read_through(self, snapshot.read_snapshot_l1(self, sn), offset, mv)
+
+    # -- check ----------------------------------------------------------------------------
+    @_locked
+    def check(self, repair: str | None = None) -> CheckResult:
+        """qcow2_co_check(): count leaks and corruptions; ``repair`` 'leaks' or 'all'."""
+        if repair is not None:
+            self._check_rw()
+        return check_image(self, repair)

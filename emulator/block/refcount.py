@@ -1,0 +1,402 @@
+"""qcow2 reference counts: lookup, allocation, and atomic metadata commits.
+
+Mirrors QEMU's block/qcow2-refcount.c: ``alloc_clusters``, ``update_refcount``,
+``free_clusters``, ``get_refcount``.  Two ways of changing refcounts live here:
+
+* **In place** (the guest-write path, as QEMU does it): a refcount is raised
+  before anything points at the cluster and lowered only after nothing does, so
+  a process killed between two writes leaves leaks, never corruption.
+
+* **Shadow commit** (:class:`RefcountTxn`, used by snapshot create/goto/delete,
+  L1 growth, refcount block creation and repair): every refcount block the
+  operation touches is written to a fresh cluster, with a fresh refcount table,
+  and the switch happens in *one* write of header bytes 36..71.  Snapshot
+  operations change refcounts and ``QCOW_OFLAG_COPIED`` flags in different
+  clusters; no order of in-place writes keeps those consistent at every instant,
+  so snaplab commits them together (see docs/deviations.md).
+
+Refcount blocks are cached as native numpy arrays; the table is a numpy array.
+Imports neither unicorn nor asyncio.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from emulator.block.io import BlockFile
+from emulator.block.format import REFT_OFFSET_MASK
+from emulator.errors import ImageCorruptError, ImageFormatError, UnsupportedFeatureError
+
+_DTYPES = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
+
+
+def size_to_clusters(cluster_size: int, size: int) -> int:
+    return -(-size // cluster_size)
+
+
+class Refcounts:
+    """The refcount table and its blocks for one image (part of BDRVQcow2State)."""
+
+    def __init__(self, file: BlockFile, cluster_bits: int, refcount_order: int,
+                 table_offset: int, table_clusters: int, *, read_only: bool) -> None:
+        if refcount_order not in _DTYPES:
+            raise UnsupportedFeatureError(
+                f"refcount_order {refcount_order} ({1 << refcount_order}-bit refcounts) is not supported; "
+                "snaplab handles refcount_bits 8, 16, 32 and 64")
+        self.file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.refcount_order = refcount_order
+        self.dtype = np.dtype(_DTYPES[refcount_order])
+        self.disk_dtype = self.dtype.newbyteorder(">")
+        self.entry_bytes = self.dtype.itemsize
+        self.block_bits = cluster_bits + 3 - refcount_order
+        self.entries_per_block = 1 << self.block_bits
+        self.max_refcount = (1 << (1 << refcount_order)) - 1
+        self.read_only = read_only
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        raw = file.pread(table_offset, table_clusters * self.cluster_size)
+        self.table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        self.blocks: dict[int, np.ndarray] = {}
+        self.free_hint = 0
+        self.txn: RefcountTxn | None = None
+
+    # -- lookup ---------------------------------------------------------------
+    def block_offset(self, b: int) -> int:
+        if b >= len(self.table):
+            return 0
+        off = int(self.table[b]) & REFT_OFFSET_MASK
+        if off and off % self.cluster_size:
+            raise ImageCorruptError(f"Refblock offset {off:#x} unaligned (reftable index: {b:#x})")
+        return off
+
+    def block(self, b: int) -> np.ndarray | None:
+        """The cached refcount block ``b``; None where the table has no block."""
+        arr = self.blocks.get(b)
+        if arr is not None:
+            return arr
+        off = self.block_offset(b)
+        if off == 0:
+            return None
+        raw = self.file.pread(off, self.cluster_size)
+        arr = np.frombuffer(raw, self.disk_dtype).astype(self.dtype)
+        self.blocks[b] = arr
+        return arr
+
+    def get_refcount(self, cluster: int) -> int:
+        """QEMU's qcow2_get_refcount()."""
+        blk = self.block(cluster >> self.block_bits)
+        return 0 if blk is None else int(blk[cluster & (self.entries_per_block - 1)])
+
+    def get_refcounts(self, clusters: np.ndarray) -> np.ndarray:
+        """Refcounts of many clusters at once, as int64."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        out = np.zeros(len(clusters), dtype=np.int64)
+        if len(clusters) == 0:
+            return out
+        bidx = clusters >> self.block_bits
+        for b in np.unique(bidx):
+            blk = self.block(int(b))
+            if blk is None:
+                continue
+            sel = bidx == b
+            out[sel] = blk[clusters[sel] & (self.entries_per_block - 1)]
+        return out
+
+    def covered_clusters(self) -> int:
+        return len(self.table) * self.entries_per_block
+
+    def all_refcounts(self, nb_clusters: int) -> np.ndarray:
+        """Stored refcounts of clusters [0, nb_clusters) as int64 (for check)."""
+        out = np.zeros(nb_clusters, dtype=np.int64)
+        epb = self.entries_per_block
+        for b in range(min(len(self.table), size_to_clusters(epb, nb_clusters))):
+            blk = self.block(b)
+            if blk is None:
+                continue
+            lo = b * epb
+            hi = min(lo + epb, nb_clusters)
+            out[lo:hi] = blk[:hi - lo]
+        return out
+
+    # -- allocation -----------------------------------------------------------
+    def find_free(self, n: int, start: int) -> int:
+        """First index of ``n`` consecutive clusters with refcount 0 (alloc_clusters_noref)."""
+        epb = self.entries_per_block
+        run_start = start
+        run_len = 0
+        idx = start
+        while True:
+            b = idx >> self.block_bits
+            lo = idx - b * epb
+            blk = self.block(b)
+            if blk is None or not blk[lo:].any():
+                if run_len == 0:
+                    run_start = idx
+                run_len += epb - lo
+                if run_len >= n:
+                    return run_start
+                idx = (b + 1) * epb
+                continue
+            nz = np.flatnonzero(blk[lo:])
+            first = int(nz[0])
+            if run_len + first >= n:
+                return run_start if run_len else idx
+            if len(nz) > 1:
+                gaps = np.flatnonzero(np.diff(nz) > n)
+                if len(gaps):
+                    return idx + int(nz[gaps[0]]) + 1
+            last = int(nz[-1])
+            run_start = idx + last + 1
+            run_len = epb - lo - last - 1
+            if run_len >= n:
+                return run_start
+            idx = (b + 1) * epb
+
+    def alloc_clusters(self, n: int) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 0 -> 1); returns the byte offset.
+
+        QEMU's qcow2_alloc_clusters().  Missing refcount blocks, or a refcount
+        table too small, are created first with a shadow commit.
+        """
+        if self.txn is not None:
+            return self.txn.reserve(n)
+        while True:
+            start = self.find_free(n, self.free_hint)
+            first_b = start >> self.block_bits
+            last_b = (start + n - 1) >> self.block_bits
+            missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
+            if not missing:
+                break
+            txn = RefcountTxn(self)
+            for b in missing:
+                txn.touch(b)
+            txn.commit(self._write_pointers_cb)
+        self.update_range(start, n, +1)
+        if start == self.free_hint:
+            self.free_hint = start + n
+        return start << self.cluster_bits
+
+    # Set by the image: writes header pointers with a new refcount table location.
+    _write_pointers_cb: Callable[[int, int], None]
+
+    def update_range(self, start: int, n: int, delta: int) -> None:
+        """Add ``delta`` to the refcounts of clusters [start, start+n), in place."""
+        self.update_clusters(np.arange(start, start + n, dtype=np.int64), delta)
+
+    def update_clusters(self, clusters: np.ndarray, delta: int) -> None:
+        """QEMU's update_refcount(): in place, one write per refcount block touched.
+
+        Repeated indices count repeatedly.  Raises ImageCorruptError (and changes
+        nothing) if a refcount would leave [0, max].
+        """
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if len(clusters) == 0:
+            return
+        if self.read_only:
+            raise ImageCorruptError("refcount update on a read-only image")
+        bidx = clusters >> self.block_bits
+        mask = self.entries_per_block - 1
+        plans = []
+        for b in np.unique(bidx):
+            b = int(b)
+            blk = self.block(b)
+            if blk is None:
+                raise ImageCorruptError(f"Refcount block missing for cluster {int(clusters[bidx == b][0])} "
+                                        "(a cluster in use has no refcount)")
+            local = clusters[bidx == b] & mask
+            new = blk.astype(np.int64)
+            np.add.at(new, local, delta)
+            touched = np.unique(local)
+            vals = new[touched]
+            if (vals < 0).any() or (vals > self.max_refcount).any():
+                bad = int(touched[np.flatnonzero((vals < 0) | (vals > self.max_refcount))[0]])
+                raise ImageCorruptError(
+                    f"Refcount of cluster {b * self.entries_per_block + bad} would become "
+                    f"{int(new[bad])}, outside [0, {self.max_refcount}]")
+            plans.append((b, blk, touched, vals))
+        for b, blk, touched, vals in plans:
+            blk[touched] = vals.astype(self.dtype)
+            lo, hi = int(touched[0]), int(touched[-1]) + 1
+            self.file.pwrite(self.block_offset(b) + lo * self.entry_bytes,
+                             blk[lo:hi].astype(self.disk_dtype).tobytes())
+        if delta < 0:
+            self.free_hint = min(self.free_hint, int(clusters.min()))
+
+    def free_clusters(self, offset: int, n: int) -> None:
+        """QEMU's qcow2_free_clusters() for ``n`` clusters at byte ``offset``."""
+        self.update_range(offset >> self.cluster_bits, n, -1)
+
+    def drop_cache(self) -> None:
+        self.blocks.clear()
+
+
+class RefcountTxn:
+    """A shadow commit of refcount changes (see the module docstring).
+
+    ``reserve`` and ``incref`` act at once on the cached blocks (a reserved
+    cluster is free in the committed state, so writing it is harmless until the
+    commit); ``decref`` is deferred to the commit, so a cluster that is still
+    live on disk can never be handed out again before the switch.
+    """
+
+    def __init__(self, rc: Refcounts) -> None:
+        if rc.txn is not None:
+            raise RuntimeError("nested refcount transaction")
+        self.rc = rc
+        self.saved_table = rc.table.copy()
+        self.saved_table_loc = (rc.table_offset, rc.table_clusters)
+        self.saved_blocks: dict[int, np.ndarray | None] = {}
+        self.saved_hint = rc.free_hint
+        self.dirty: set[int] = set()
+        self.pending: list[np.ndarray] = []
+        rc.txn = self
+
+    def touch(self, b: int) -> np.ndarray:
+        """Mark block ``b`` as changed (created if missing); returns the cached array."""
+        rc = self.rc
+        if b not in self.saved_blocks:
+            blk = rc.block(b)
+            self.saved_blocks[b] = None if blk is None else blk.copy()
+            if blk is None:
+                rc.blocks[b] = np.zeros(rc.entries_per_block, dtype=rc.dtype)
+        self.dirty.add(b)
+        return rc.blocks[b]
+
+    def _add(self, clusters: np.ndarray, delta: int) -> None:
+        rc = self.rc
+        bidx = clusters >> rc.block_bits
+        mask = rc.entries_per_block - 1
+        for b in np.unique(bidx):
+            blk = self.touch(int(b))
+            local = clusters[bidx == b] & mask
+            new = blk.astype(np.int64)
+            np.add.at(new, local, delta)
+            if (new < 0).any() or (new > rc.max_refcount).any():
+                raise ImageCorruptError(f"Refcount out of range in refcount block {int(b)}")
+            blk[:] = new.astype(rc.dtype)
+
+    def reserve(self, n: int) -> int:
+        """Allocate ``n`` contiguous clusters for new metadata; returns the byte offset."""
+        rc = self.rc
+        start = rc.find_free(n, rc.free_hint)
+        self._add(np.arange(start, start + n, dtype=np.int64), +1)
+        if start == rc.free_hint:
+            rc.free_hint = start + n
+        return start << rc.cluster_bits
+
+    def unreserve(self, offset: int, n: int) -> None:
+        start = offset >> self.rc.cluster_bits
+        self._add(np.arange(start, start + n, dtype=np.int64), -1)
+
+    def incref(self, clusters: np.ndarray) -> None:
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if len(clusters):
+            self._add(clusters, +1)
+
+    def decref(self, clusters: np.ndarray) -> None:
+        clusters = np.asarray(clusters, dtype=np.int64)
+        if len(clusters) == 0:
+            return
+        self.pending.append(clusters.copy())
+        for b in np.unique(clusters >> self.rc.block_bits):
+            self.touch(int(b))
+
+    def decref_range(self, offset: int, n: int) -> None:
+        start = offset >> self.rc.cluster_bits
+        self.decref(np.arange(start, start + n, dtype=np.int64))
+
+    def refcounts_after(self, clusters: np.ndarray) -> np.ndarray:
+        """Refcounts the clusters will have once the pending decrements apply."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        cur = self.rc.get_refcounts(clusters)
+        if self.pending and len(clusters):
+            u, c = np.unique(np.concatenate(self.pending), return_counts=True)
+            pos = np.searchsorted(u, clusters)
+            pos_c = np.minimum(pos, len(u) - 1)
+            hit = (pos < len(u)) & (u[pos_c] == clusters)
+            cur[hit] -= c[pos_c[hit]]
+        return cur
+
+    def commit(self, write_pointers: Callable[[int, int], None]) -> None:
+        """Write shadow refcount blocks and table, flush, then switch the header.
+
+        ``write_pointers(reftable_offset, reftable_clusters)`` must write header
+        bytes 36..71 in one write (and may flush); everything the new pointers
+        reach must already be written by the caller.
+        """
+        rc = self.rc
+        try:
+            self.decref_range(self.saved_table_loc[0], self.saved_table_loc[1])
+            shadow: dict[int, int] = {}
+            table_off = 0
+            table_entries = 0
+            table_clusters = 0
+            while True:
+                for b in sorted(self.dirty - shadow.keys()):
+                    shadow[b] = self.reserve(1)
+                    old = (int(self.saved_table[b]) & REFT_OFFSET_MASK) if b < len(self.saved_table) else 0
+                    if old:
+                        self.decref_range(old, 1)
+                if self.dirty - shadow.keys():
+                    continue
+                need = max(max(self.dirty, default=0) + 1, len(self.saved_table))
+                if table_entries < need:
+                    if table_off:
+                        self.unreserve(table_off, table_clusters)
+                    grow = need if need <= len(self.saved_table) else need + need // 2
+                    table_clusters = size_to_clusters(rc.cluster_size, grow * 8)
+                    if table_clusters * rc.cluster_size > (8 << 20):
+                        raise ImageFormatError("refcount_table_clusters", "Reference count table too large")
+                    table_entries = table_clusters * rc.cluster_size // 8
+                    table_off = self.reserve(table_clusters)
+                    continue
+                if not (self.dirty - shadow.keys()):
+                    break
+            # Apply the deferred decrements, now that nothing more is allocated.
+            if self.pending:
+                allp = np.concatenate(self.pending)
+                bidx = allp >> rc.block_bits
+                mask = rc.entries_per_block - 1
+                for b in np.unique(bidx):
+                    blk = rc.blocks[int(b)]
+                    new = blk.astype(np.int64)
+                    np.subtract.at(new, allp[bidx == b] & mask, 1)
+                    if (new < 0).any():
+                        bad = int(np.flatnonzero(new < 0)[0])
+                        raise ImageCorruptError(
+                            f"Refcount of cluster {int(b) * rc.entries_per_block + bad} would drop below 0")
+                    blk[:] = new.astype(rc.dtype)
+                rc.free_hint = min(rc.free_hint, int(allp.min()))
+            new_table = np.zeros(table_entries, dtype=np.uint64)
+            new_table[:len(self.saved_table)] = self.saved_table
+            for b, off in shadow.items():
+                new_table[b] = off
+            for b, off in sorted(shadow.items()):
+                rc.file.pwrite(off, rc.blocks[b].astype(rc.disk_dtype).tobytes())
+            rc.file.pwrite(table_off, new_table.astype(">u8").tobytes())
+            rc.file.flush()
+            write_pointers(table_off, table_clusters)
+        except BaseException:
+            self.rollback()
+            raise
+        rc.table = new_table
+        rc.table_offset = table_off
+        rc.table_clusters = table_clusters
+        rc.txn = None
+
+    def rollback(self) -> None:
+        """Forget every change: the committed state on disk is untouched."""
+        rc = self.rc
+        rc.table = self.saved_table
+        rc.table_offset, rc.table_clusters = self.saved_table_loc
+        for b, saved in self.saved_blocks.items():
+            if saved is None:
+                rc.blocks.pop(b, None)
+            else:
+                rc.blocks[b] = saved
+        rc.free_hint = self.saved_hint
+        rc.txn = None
