@@ -79,7 +79,6 @@ def _walk_l1(s: Qcow2Image, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_
              active: bool) -> None:
     cs = s.cluster_size
     cnt.add_range(l1_offset, len(l1) * 8)
-    next_contig = 0
     for i, ent in enumerate(l1.tolist()):
         off = ent & L1E_OFFSET_MASK
         if not off:
@@ -111,11 +110,8 @@ def _walk_l1(s: Qcow2Image, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_
             res.compressed_clusters += len(comp)
             h = hosts[plain]
             if len(h):
-                frag = int((h[1:] != h[:-1] + cs).sum())
-                if next_contig and int(h[0]) != next_contig:
-                    frag += 1
-                res.fragmented_clusters += frag
-                next_contig = int(h[-1]) + cs
+                # next_contiguous_offset is per L2 table in QEMU's check_refcounts_l2
+                res.fragmented_clusters += int((h[1:] != h[:-1] + cs).sum())
 
 
 def _oflag_copied(s: Qcow2Image, res: CheckResult) -> None:
@@ -177,28 +173,37 @@ def check_image(s: Qcow2Image, repair: str | None) -> CheckResult:
     res, counted, stored, file_clusters = _count(s)
     leaks = np.flatnonzero(stored > counted)
     errors = np.flatnonzero(stored < counted)
-    verb = "Repairing" if repair in ("leaks", "all") else "Leaked"
     for c in leaks[:1000].tolist():
-        res.messages.append(f"{verb} cluster {c} refcount={stored[c]} reference={counted[c]}")
-    everb = "Repairing" if repair == "all" else "ERROR"
+        res.messages.append(f"Leaked cluster {c} refcount={stored[c]} reference={counted[c]}")
     for c in errors[:1000].tolist():
-        res.messages.append(f"{everb} cluster {c} refcount={stored[c]} reference={counted[c]}")
+        res.messages.append(f"ERROR cluster {c} refcount={stored[c]} reference={counted[c]}")
+    if repair in ("leaks", "all"):
+        for c in leaks[:1000].tolist():
+            res.messages.append(f"Repairing cluster {c} refcount={stored[c]} reference={counted[c]}")
+    if repair == "all":
+        for c in errors[:1000].tolist():
+            res.messages.append(f"Repairing cluster {c} refcount={stored[c]} reference={counted[c]}")
     res.leaks = len(leaks)
     res.corruptions += len(errors)
     _oflag_copied(s, res)
     used = np.flatnonzero((stored > 0) | (counted > 0))
     res.image_end_offset = (int(used[-1]) + 1) * s.cluster_size if len(used) else 0
     if repair in ("leaks", "all") and (len(leaks) or (repair == "all" and len(errors))):
-        txn = RefcountTxn(s.refcounts)
-        try:
-            if len(leaks):
-                txn.decref(np.repeat(leaks, (stored[leaks] - counted[leaks])))
-            if repair == "all" and len(errors):
-                txn.incref(np.repeat(errors, (counted[errors] - stored[errors])))
-        except BaseException:
-            txn.rollback()
-            raise
-        s.commit(txn)
+        # In place is crash-safe here: lowering a leak or raising a too-low
+        # refcount never makes a live cluster look free.
+        if repair == "all" and len(errors):
+            raise_idx = np.repeat(errors, (counted[errors] - stored[errors]))
+            missing = [b for b in np.unique(raise_idx >> s.refcounts.block_bits).tolist()
+                       if s.refcounts.block_offset(b) == 0]
+            if missing:
+                txn = RefcountTxn(s.refcounts)
+                for b in missing:
+                    txn.touch(b)
+                s.commit(txn)
+            s.refcounts.update_clusters(raise_idx, +1)
+        if len(leaks):
+            s.refcounts.update_clusters(np.repeat(leaks, (stored[leaks] - counted[leaks])), -1)
+        s.file.flush()
         res.leaks_fixed = len(leaks)
         if repair == "all":
             res.corruptions_fixed = len(errors)
