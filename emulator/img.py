@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,7 +18,6 @@ from typing import Any
 import numpy as np
 
 from emulator.block.check import CheckResult
-from emulator.block.io import OsFile
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
 from emulator.block.snapshot import QCowSnapshot
@@ -34,8 +32,8 @@ def parse_size(text: str) -> int:
     unit = t[-1:].lower() if t and t[-1].isalpha() else ""
     num = t[:-1] if unit else t
     if unit not in _SUFFIXES:
-        raise SnaplabError(f"Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
-                           f"kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
+        raise SnaplabError("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n"
+                           "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.")
     try:
         val = float(num) if "." in num else int(num)
     except ValueError:
@@ -222,7 +220,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     img = _open(args.filename, args.f, read_only=args.r is None)
     if not isinstance(img, Qcow2Image):
         img.close()
-        print(f"This image format does not support checks", file=sys.stderr)
+        print("This image format does not support checks", file=sys.stderr)
         return 63
     try:
         res = img.check(repair=args.r)
@@ -354,8 +352,10 @@ def copy_image(src: Qcow2Image | RawImage, dst: Qcow2Image | RawImage, size: int
         else:
             src.readinto(pos, mv)
         nfull = n // unit
-        arr = np.frombuffer(mv[:nfull * unit], dtype=np.uint8).reshape(nfull, unit) if nfull else None
-        nz = arr.any(axis=1) if arr is not None else np.zeros(0, dtype=bool)
+        nz: list[bool] = []
+        if nfull:
+            rows = np.frombuffer(mv[:nfull * unit], dtype=np.uint8).reshape(nfull, unit)
+            nz = np.asarray(rows.any(axis=1), dtype=bool).tolist()
         i = 0
         while i < nfull:
             if not nz[i]:

@@ -79,7 +79,7 @@ def _walk_l1(s: Qcow2Image, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_
              active: bool) -> None:
     cs = s.cluster_size
     cnt.add_range(l1_offset, len(l1) * 8)
-    for i, ent in enumerate(l1.tolist()):
+    for ent in l1.tolist():
         off = ent & L1E_OFFSET_MASK
         if not off:
             continue
@@ -120,9 +120,9 @@ def _oflag_copied(s: Qcow2Image, res: CheckResult) -> None:
         off = ent & L1E_OFFSET_MASK
         if not off or off & (s.cluster_size - 1):
             continue
-        r = rc.get_refcount(off >> s.cluster_bits)
-        if (r == 1) != bool(ent & QCOW_OFLAG_COPIED):
-            res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={r}")
+        l2_rc = rc.get_refcount(off >> s.cluster_bits)
+        if (l2_rc == 1) != bool(ent & QCOW_OFLAG_COPIED):
+            res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={l2_rc}")
             res.corruptions += 1
         l2 = np.frombuffer(s.file.pread(off, s.cluster_size), ">u8").astype(np.uint64)
         kinds = cluster.cluster_kinds(s, l2)
@@ -140,7 +140,7 @@ def _oflag_copied(s: Qcow2Image, res: CheckResult) -> None:
 
 def _count(s: Qcow2Image) -> tuple[CheckResult, np.ndarray, np.ndarray, int]:
     res = CheckResult()
-    cs = s.cluster_size
+    cs: int = s.cluster_size
     file_clusters = size_to_clusters(cs, s.file.size())
     res.total_clusters = size_to_clusters(cs, s.size)
     cnt = _Counter(s, res, file_clusters)

@@ -130,7 +130,7 @@ class QCowHeader:
         return 1 << self.cluster_bits
 
     def with_pointers(self, **kw: int) -> QCowHeader:
-        return replace(self, **kw)
+        return replace(self, **kw)  # type: ignore[arg-type]
 
     def pack_pointers(self) -> bytes:
         """Bytes 36..71: the fields a metadata commit switches in one write."""

@@ -25,8 +25,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from emulator.block.io import BlockFile
 from emulator.block.format import REFT_OFFSET_MASK
+from emulator.block.io import BlockFile
 from emulator.errors import ImageCorruptError, ImageFormatError, UnsupportedFeatureError
 
 _DTYPES = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}

@@ -161,7 +161,7 @@ def test_reopen_roundtrip_and_v2() -> None:
 
 
 def test_unknown_header_extension_preserved() -> None:
-    from emulator.block.format import QCowHeader, HeaderExtension, feature_table_extension
+    from emulator.block.format import HeaderExtension, QCowHeader, feature_table_extension
 
     f = MemoryFile()
     Qcow2Image.create(f, 1 << 20)

@@ -1,0 +1,1 @@
+"""snaplab's lab: experiments, metrics, plots, widgets and the ``snaplab`` CLI."""
