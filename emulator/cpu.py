@@ -1,0 +1,176 @@
+"""The vCPU: Unicorn's x86-64 emulator (QEMU's TCG) and everything that touches its constants.
+
+This is the only module that imports unicorn's x86 constants.  It offers: mapping RAM and
+ROM, port I/O and exception hooks, running and stopping, and the full register state as
+plain data (general, segment, control, flags, x87, SSE) for the vmstate stream, in a fixed,
+documented order (:data:`REGISTERS`).  The guest runs in 64-bit mode without paging: flat
+addresses, as Unicorn sets it up.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import unicorn
+import unicorn.x86_const as x86
+from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError
+
+# (name, unicorn id, width in bytes) -- the order is the vmstate "cpu" section layout, version 1.
+_GPR = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12", "R13",
+        "R14", "R15", "RIP", "RFLAGS"]
+_SEG = ["CS", "DS", "ES", "FS", "GS", "SS", "FS_BASE", "GS_BASE"]
+_CTL = ["CR0", "CR2", "CR3", "CR4", "CR8"]
+_FPU = ["FPCW", "FPSW", "FPTAG", "FIP", "FDP", "FOP", "MXCSR"]
+REGISTERS: list[tuple[str, int, int]] = (
+    [(n, getattr(x86, f"UC_X86_REG_{n}"), 8) for n in _GPR + _SEG + _CTL + _FPU]
+    + [(f"ST{i}", getattr(x86, f"UC_X86_REG_ST{i}"), 10) for i in range(8)]
+    + [(f"XMM{i}", getattr(x86, f"UC_X86_REG_XMM{i}"), 16) for i in range(16)]
+)
+MSR_EFER = 0xC0000080
+UNTIL = 0xFFFF_FFFF_FFFF_F000  # never reached: run until stopped
+HLT_OPCODE = 0xF4
+
+ERR_NAMES = {
+    unicorn.UC_ERR_INSN_INVALID: "invalid opcode",
+    unicorn.UC_ERR_READ_UNMAPPED: "read outside RAM",
+    unicorn.UC_ERR_WRITE_UNMAPPED: "write outside RAM",
+    unicorn.UC_ERR_FETCH_UNMAPPED: "instruction fetch outside RAM",
+    unicorn.UC_ERR_READ_PROT: "read of protected memory",
+    unicorn.UC_ERR_WRITE_PROT: "write to protected memory",
+    unicorn.UC_ERR_FETCH_PROT: "fetch from non-executable memory",
+    unicorn.UC_ERR_EXCEPTION: "unhandled CPU exception",
+}
+EXCEPTION_NAMES = {0: "#DE divide error", 1: "#DB debug", 3: "#BP breakpoint", 4: "#OF overflow",
+                   5: "#BR bound", 6: "#UD invalid opcode", 7: "#NM no FPU", 8: "#DF double fault",
+                   12: "#SS stack fault", 13: "#GP general protection", 14: "#PF page fault",
+                   16: "#MF x87 error", 17: "#AC alignment", 19: "#XM SIMD error"}
+
+
+@dataclass(frozen=True)
+class GuestFault:
+    """Why the guest could not go on: where (pc) and what (cause)."""
+
+    pc: int
+    cause: str
+    panicked: bool  # True: guest-panicked (CPU exception, triple fault); False: internal-error
+
+
+class X86CPU:
+    """One x86-64 vCPU."""
+
+    def __init__(self) -> None:
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._power_on = self.uc.context_save()
+        self.pending_fault: GuestFault | None = None
+
+    # -- memory -------------------------------------------------------------------------
+    def map_ram(self, addr: int, size: int, host_ptr: int) -> None:
+        self.uc.mem_map_ptr(addr, size, UC_PROT_ALL, host_ptr)
+
+    def map_rom(self, addr: int, data: bytes) -> None:
+        size = -(-len(data) // 0x1000) * 0x1000
+        self.uc.mem_map(addr, size, UC_PROT_READ | UC_PROT_EXEC)
+        self.uc.mem_write(addr, data)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def hook_ports(self, port_in: Callable[[int, int], int], port_out: Callable[[int, int, int], None]) -> None:
+        def _in(uc: Uc, port: int, size: int, ud: object) -> int:
+            return port_in(port, size)
+
+        def _out(uc: Uc, port: int, size: int, value: int, ud: object) -> None:
+            port_out(port, size, value)
+
+        self.uc.hook_add(unicorn.UC_HOOK_INSN, _in, None, 1, 0, x86.UC_X86_INS_IN)
+        self.uc.hook_add(unicorn.UC_HOOK_INSN, _out, None, 1, 0, x86.UC_X86_INS_OUT)
+
+        def _intr(uc: Uc, intno: int, ud: object) -> None:
+            name = EXCEPTION_NAMES.get(intno, f"vector {intno}")
+            self.pending_fault = GuestFault(self.pc, f"CPU exception {name} with no handler (triple fault)", True)
+            uc.emu_stop()
+
+        self.uc.hook_add(unicorn.UC_HOOK_INTR, _intr)
+
+    # -- running --------------------------------------------------------------------------
+    @property
+    def pc(self) -> int:
+        return int(self.uc.reg_read(x86.UC_X86_REG_RIP))
+
+    @pc.setter
+    def pc(self, value: int) -> None:
+        self.uc.reg_write(x86.UC_X86_REG_RIP, value)
+
+    def run(self, count: int = 0) -> GuestFault | None:
+        """emu_start from the current pc until stopped (or ``count`` instructions)."""
+        self.pending_fault = None
+        try:
+            self.uc.emu_start(self.pc, UNTIL, 0, count)
+        except UcError as err:
+            cause = ERR_NAMES.get(err.errno, str(err))
+            return GuestFault(self.pc, cause, err.errno == unicorn.UC_ERR_EXCEPTION)
+        return self.pending_fault
+
+    def stop(self) -> None:
+        """uc_emu_stop(): safe from another thread; emu_start returns within ~0.1 ms."""
+        self.uc.emu_stop()
+
+    def halted(self) -> bool:
+        """True if the instruction just before pc is HLT (emu_start returned because of it)."""
+        try:
+            return bytes(self.uc.mem_read(self.pc - 1, 1))[0] == HLT_OPCODE
+        except UcError:
+            return False
+
+    def flush_translations(self) -> None:
+        self.uc.ctl_flush_tb()
+
+    def reset(self, entry: int) -> None:
+        """Power-on register state (QEMU's x86_cpu_reset), starting at ``entry``."""
+        self.uc.context_restore(self._power_on)
+        self.pc = entry
+
+    # -- state --------------------------------------------------------------------------
+    def get_state(self) -> dict[str, int]:
+        regs = {name: int(self.uc.reg_read(rid)) for name, rid, _ in REGISTERS}
+        regs["EFER"] = int(self.uc.reg_read(x86.UC_X86_REG_MSR, MSR_EFER))
+        for name in ("GDTR", "IDTR"):
+            _, base, limit, _ = self.uc.reg_read(getattr(x86, f"UC_X86_REG_{name}"))
+            regs[f"{name}_BASE"] = base
+            regs[f"{name}_LIMIT"] = limit
+        return regs
+
+    def set_state(self, regs: dict[str, int]) -> None:
+        for name, rid, _ in REGISTERS:
+            self.uc.reg_write(rid, regs[name])
+        self.uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
+        for name in ("GDTR", "IDTR"):
+            self.uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"),
+                              (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
+        self.flush_translations()
+
+
+_EXTRA = ["EFER", "GDTR_BASE", "GDTR_LIMIT", "IDTR_BASE", "IDTR_LIMIT"]
+
+
+def pack_cpu_state(regs: dict[str, int]) -> bytes:
+    """The "cpu" vmstate section body, version 1: REGISTERS then EFER, GDTR, IDTR (little-endian)."""
+    out = bytearray()
+    for name, _, width in REGISTERS:
+        out += (regs[name] & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+    out += struct.pack("<5Q", *(regs[n] for n in _EXTRA))
+    return bytes(out)
+
+
+def unpack_cpu_state(data: bytes) -> dict[str, int]:
+    want = sum(w for _, _, w in REGISTERS) + 40
+    if len(data) != want:
+        raise ValueError(f"cpu state is {len(data)} bytes, expected {want}")
+    regs: dict[str, int] = {}
+    off = 0
+    for name, _, width in REGISTERS:
+        regs[name] = int.from_bytes(data[off:off + width], "little")
+        off += width
+    for name, val in zip(_EXTRA, struct.unpack_from("<5Q", data, off), strict=True):
+        regs[name] = val
+    return regs

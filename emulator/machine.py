@@ -1,0 +1,409 @@
+"""The machine: the only module that composes CPU, RAM, devices, block nodes and firmware.
+
+Threading rule (the one place it is written down):
+
+* The vCPU runs ``emu_start`` on its own thread (``vcpu``), with the GIL released by ctypes.
+  Device callbacks run on that thread, inside ``emu_start``.
+* Every other thread (monitor, snapshot jobs, notebooks) changes the run state only through
+  :meth:`Machine.stop`, :meth:`Machine.cont`, :meth:`Machine.system_reset` and
+  :meth:`Machine.quit`.  ``stop`` sets a flag and calls ``uc.emu_stop`` until the vCPU thread
+  reports itself parked (~0.1 ms), so when it returns no guest instruction and no device
+  callback is running: CPU registers, RAM, devices and disks are quiescent and may be read
+  or replaced by the caller, who then calls ``cont``.
+* ``_cond`` guards the hand-off flags (``_want_run``, ``_stop_req``, ``_parked``, ``_quit``);
+  nothing is held across ``emu_start``.
+* Events (STOP, RESUME, RESET, SHUTDOWN, GUEST_PANICKED) go to listeners registered with
+  :meth:`Machine.add_listener`; they may be called from any thread and must not block.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from emulator.block.node import BlockGraph, BlockNode
+from emulator.block.qcow2 import Qcow2Image
+from emulator.block.raw import RawImage
+from emulator.cpu import X86CPU, GuestFault
+from emulator.devices import PortBus
+from emulator.devices.disk import DiskController
+from emulator.devices.flash import FlashBank, FlashController
+from emulator.devices.fwcfg import (
+    KEY_BATCH_PAGES,
+    KEY_DISK_SECTORS,
+    KEY_NS_PER_BATCH,
+    KEY_PATTERN,
+    KEY_RAM_SIZE,
+    KEY_SEED,
+    KEY_WORKING_SET,
+    KEY_WORKLOAD,
+    FwCfg,
+)
+from emulator.devices.lab import LabPort
+from emulator.devices.serial import Serial, Sink
+from emulator.devices.timer import Timer
+from emulator.errors import SnaplabError
+from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
+from emulator.memory import GuestRAM
+from emulator.runstate import RunState
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class VirtualClock:
+    """QEMU's QEMU_CLOCK_VIRTUAL: nanoseconds that advance only while the guest runs."""
+
+    def __init__(self) -> None:
+        self._base = 0
+        self._t0: int | None = None
+        self._lock = threading.Lock()
+
+    def now_ns(self) -> int:
+        t0 = self._t0
+        return self._base + (time.monotonic_ns() - t0 if t0 is not None else 0)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._t0 is None:
+                self._t0 = time.monotonic_ns()
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._t0 is not None:
+                self._base += time.monotonic_ns() - self._t0
+                self._t0 = None
+
+    def set(self, ns: int) -> None:
+        with self._lock:
+            running = self._t0 is not None
+            self._base = ns
+            self._t0 = time.monotonic_ns() if running else None
+
+
+@dataclass
+class DiskSpec:
+    """``-device virtio-blk-pci,drive=NODE,id=ID``."""
+
+    drive: str
+    id: str = ""
+
+
+@dataclass
+class MachineConfig:
+    ram_size: int = 256 << 20
+    workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec("idle"))
+    pflash0: str | None = None  # node-name; None: the built-in firmware
+    pflash1: str | None = None  # node-name of the variable store; None: no store
+    disks: list[DiskSpec] = field(default_factory=list)
+    loaders: list[tuple[str, int]] = field(default_factory=list)  # (file, guest address)
+    hugepages: bool = True
+
+
+class Machine:
+    """A small x86-64 PC: RAM, firmware ROM + varstore flash, disk, serial, timer, lab port."""
+
+    def __init__(self, config: MachineConfig | None = None, graph: BlockGraph | None = None,
+                 serial: Sink | None = None) -> None:
+        self.config = config = config or MachineConfig()
+        self.graph = graph or BlockGraph()
+        self.state = RunState.PRELAUNCH
+        self.fault: GuestFault | None = None
+        self.clock = VirtualClock()
+        self._listeners: list[Listener] = []
+        self._cond = threading.Condition()
+        self._want_run = False
+        self._stop_req = False
+        self._parked = True
+        self._quit = False
+        self._panic_code: int | None = None
+        self._thread: threading.Thread | None = None
+
+        self.ram = GuestRAM(config.ram_size, hugepages=config.hugepages)
+        self.cpu = X86CPU()
+        self.cpu.map_ram(0, config.ram_size, self.ram.addr)
+        fw = self._firmware(config.pflash0)
+        self.firmware = fw
+        self.cpu.map_rom(FW_BASE, fw)
+        vars_node = self.graph.find(config.pflash1) if config.pflash1 else None
+        banks = [FlashBank(None, fw, writable=False)]
+        if vars_node is not None:
+            img = vars_node.format_image
+            banks.append(FlashBank(_FlashNode(img), writable=not vars_node.read_only))
+        self.disk_nodes: list[BlockNode] = [self.graph.find(d.drive) for d in config.disks]
+        if len(self.disk_nodes) > 1:
+            raise SnaplabError("snaplab's machine has one disk controller: give at most one virtio-blk-pci device")
+        disk_img = self.disk_nodes[0].format_image if self.disk_nodes else None
+
+        self.serial = Serial(serial)
+        self.timer = Timer(self.clock.now_ns)
+        self.lab = LabPort(self.ram.read, self.clock.now_ns, self._guest_panic)
+        self.flash = FlashController(banks)
+        self.disk = DiskController(self.ram, disk_img)
+        w = config.workload
+        self.fwcfg = FwCfg({
+            KEY_RAM_SIZE: config.ram_size,
+            KEY_WORKLOAD: WORKLOADS.index(w.name),
+            KEY_SEED: w.seed,
+            KEY_WORKING_SET: w.pages(config.ram_size) * 4096,
+            KEY_NS_PER_BATCH: w.ns_per_batch(),
+            KEY_PATTERN: PATTERNS.index(w.pattern),
+            KEY_DISK_SECTORS: self.disk.sectors,
+            KEY_BATCH_PAGES: w.batch_pages,
+        })
+        self.bus = PortBus()
+        for dev in (self.serial, self.lab, self.timer, self.disk, self.flash, self.fwcfg):
+            self.bus.add(dev)
+        self.cpu.hook_ports(self._port_in, self._port_out)
+        self.cpu.reset(FW_ENTRY)
+        for path, addr in config.loaders:
+            self.load_file(path, addr)
+
+    # -- composition helpers ------------------------------------------------------------
+    def _firmware(self, node_name: str | None) -> bytes:
+        if node_name is None:
+            return firmware_image()
+        node = self.graph.find(node_name)
+        img = node.format_image
+        data = img.read(0, img.size)
+        if not 0 < len(data) <= 16 << 20:
+            raise SnaplabError(f"pflash0 image '{node.filename}' must be between 1 byte and 16 MiB")
+        return data
+
+    def load_file(self, path: str, addr: int) -> None:
+        """``-device loader,file=F,addr=A,force-raw=on``: copy a file into guest RAM."""
+        size = os.path.getsize(path)
+        if not self.ram.contains(addr, size):
+            raise SnaplabError(f"loader: cannot load '{path}' ({size} bytes) at {addr:#x}: "
+                               f"outside guest RAM ({self.ram.size} bytes)")
+        chunk = 64 << 20
+        with open(path, "rb") as f:
+            pos = 0
+            while True:
+                data = f.read(chunk)
+                if not data:
+                    break
+                self.ram.write(addr + pos, data)
+                pos += len(data)
+
+    def _port_in(self, port: int, size: int) -> int:
+        try:
+            return self.bus.port_in(port, size)
+        except Exception as err:  # a device bug must not kill the vCPU thread
+            self._device_bug(err)
+            return 0
+
+    def _port_out(self, port: int, size: int, value: int) -> None:
+        try:
+            self.bus.port_out(port, size, value)
+        except Exception as err:
+            self._device_bug(err)
+
+    def _device_bug(self, err: Exception) -> None:
+        self.cpu.pending_fault = GuestFault(self.cpu.pc, f"device error: {type(err).__name__}: {err}", False)
+        self.cpu.stop()
+
+    def _guest_panic(self, code: int) -> None:
+        self._panic_code = code
+        self.cpu.stop()
+
+    # -- events ---------------------------------------------------------------------------
+    def add_listener(self, cb: Listener) -> None:
+        self._listeners.append(cb)
+
+    def remove_listener(self, cb: Listener) -> None:
+        if cb in self._listeners:
+            self._listeners.remove(cb)
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(name, data or {})
+            except Exception:  # a listener must never break the machine
+                pass
+
+    # -- the vCPU thread ---------------------------------------------------------------------
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._vcpu_main, name="vcpu", daemon=True)
+            self._thread.start()
+
+    def _vcpu_main(self) -> None:
+        while True:
+            with self._cond:
+                self._parked = True
+                self._cond.notify_all()
+                while (not self._want_run or self._stop_req) and not self._quit:
+                    self._cond.wait()
+                if self._quit:
+                    return
+                self._parked = False
+            fault = self.cpu.run()
+            if self._panic_code is not None:
+                code, self._panic_code = self._panic_code, None
+                fault = GuestFault(self.cpu.pc, f"guest reported panic code {code}", True)
+            with self._cond:
+                stop_req = self._stop_req
+            if fault is not None:
+                self._guest_stopped(fault)
+                continue
+            if stop_req:
+                continue
+            if self.cpu.halted():
+                self._halt_wait()
+
+    def _halt_wait(self) -> None:
+        deadline = self.timer.take_deadline()
+        wait = 0.001
+        if deadline:
+            wait = min(max((deadline - self.clock.now_ns()) / 1e9, 0.0), 1.0)
+        if wait > 0:
+            with self._cond:
+                if not self._stop_req and not self._quit:
+                    self._cond.wait(wait)
+
+    def _guest_stopped(self, fault: GuestFault) -> None:
+        with self._cond:
+            self._want_run = False
+        self.clock.stop()
+        self.fault = fault
+        self.state = RunState.GUEST_PANICKED if fault.panicked else RunState.INTERNAL_ERROR
+        if fault.panicked:
+            self.emit("GUEST_PANICKED", {"action": "pause", "info": {"type": "snaplab", "pc": fault.pc,
+                                                                  "cause": fault.cause}})
+        self.emit("STOP")
+
+    def _park(self) -> None:
+        """Stop the vCPU and wait until it is parked (no guest code, no device callback)."""
+        with self._cond:
+            self._stop_req = True
+            self._want_run = False
+            self._cond.notify_all()
+        if self._thread is not None:
+            while True:
+                self.cpu.stop()
+                with self._cond:
+                    if self._cond.wait_for(lambda: self._parked, timeout=0.002):
+                        break
+        with self._cond:
+            self._stop_req = False
+
+    # -- run control (QMP stop/cont/system_reset/quit) ------------------------------------
+    @property
+    def running(self) -> bool:
+        return self.state == RunState.RUNNING
+
+    def start(self, *, paused: bool = False) -> None:
+        """Power on: prelaunch with ``paused`` (``-S``), else running."""
+        self._ensure_thread()
+        if not paused:
+            self.cont()
+
+    def vm_stop(self, state: RunState = RunState.PAUSED, *, emit: bool = True) -> bool:
+        """vm_stop(): park the vCPU and enter ``state``; False if it was not running."""
+        if self.state != RunState.RUNNING:
+            if self.state in (RunState.PAUSED, RunState.PRELAUNCH, RunState.SAVE_VM, RunState.RESTORE_VM):
+                self.state = state if state != RunState.PAUSED or self.state != RunState.PRELAUNCH else self.state
+            return False
+        self._park()
+        self.clock.stop()
+        self.serial.flush()
+        self.state = state
+        if emit:
+            self.emit("STOP")
+        return True
+
+    def stop(self) -> None:
+        self.vm_stop(RunState.PAUSED)
+
+    def cont(self) -> None:
+        """vm_start(): refused in states that need a reset, as QEMU's qmp_cont."""
+        if self.state.needs_reset:
+            raise SnaplabError("Resetting the Virtual Machine is required")
+        if self.state == RunState.RUNNING:
+            return
+        self._ensure_thread()
+        self.state = RunState.RUNNING
+        self.clock.start()
+        self.emit("RESUME")
+        with self._cond:
+            self._want_run = True
+            self._cond.notify_all()
+
+    def system_reset(self, reason: str = "host-qmp-system-reset") -> None:
+        was_running = self.state == RunState.RUNNING
+        if was_running:
+            self._park()
+        self.cpu.reset(FW_ENTRY)
+        for dev in self.bus.devices:
+            dev.reset()
+        self.fault = None
+        self.emit("RESET", {"guest": False, "reason": reason})
+        if was_running:
+            with self._cond:
+                self._want_run = True
+                self._cond.notify_all()
+        else:
+            self.state = RunState.PRELAUNCH
+
+    def quit(self, reason: str = "host-qmp-quit") -> None:
+        if self.state == RunState.RUNNING:
+            self._park()
+            self.clock.stop()
+        self.state = RunState.SHUTDOWN
+        self.serial.flush()
+        self.emit("SHUTDOWN", {"guest": False, "reason": reason})
+        with self._cond:
+            self._quit = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        if self.state != RunState.SHUTDOWN:
+            self.quit()
+        for node in self.graph.format_nodes():
+            img = node.image
+            if img is not None and not img.read_only:
+                img.flush()
+        self.ram.close()
+
+    def query_status(self) -> dict[str, Any]:
+        """query-status in QEMU 7.2's shape."""
+        return {"status": self.state.value, "singlestep": False, "running": self.state == RunState.RUNNING}
+
+    def run_instructions(self, count: int) -> GuestFault | None:
+        """Execute exactly ``count`` instructions on the caller's thread (machine not running).
+
+        Deterministic stepping for tests and experiments (``emu_start(count=N)``).
+        """
+        if self.state == RunState.RUNNING:
+            raise SnaplabError("run_instructions needs a stopped machine")
+        fault = self.cpu.run(count)
+        if self._panic_code is not None:
+            code, self._panic_code = self._panic_code, None
+            fault = GuestFault(self.cpu.pc, f"guest reported panic code {code}", True)
+        return fault
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _FlashNode:
+    """Adapts a format image to what the flash controller writes through to."""
+
+    def __init__(self, img: Qcow2Image | RawImage) -> None:
+        self.img = img
+        self.size = img.size
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.img.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.img.write(offset, data)

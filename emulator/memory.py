@@ -1,0 +1,139 @@
+"""Guest RAM: one anonymous host mapping that we own, handed to Unicorn with mem_map_ptr.
+
+The mapping is 2 MiB-aligned and advised ``MADV_HUGEPAGE`` so that transparent huge pages
+back it: arming userfaultfd write protection is then O(2 MiB PMDs), not O(4 KiB pages)
+(shared/reference/unicorn-notes.md, addendum).  Populating is left to the first touch unless
+asked for; :meth:`GuestRAM.populate` does it in one ``MADV_POPULATE_WRITE`` and reports the
+time it took.
+
+Host code must write guest RAM only through :meth:`GuestRAM.write` / :meth:`fill`, which
+use ctypes calls that release the GIL: a numpy or memoryview store into write-protected
+memory made with the GIL held deadlocks against the userfaultfd handler thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import time
+
+import numpy as np
+
+from emulator.errors import SnaplabError
+
+HUGE = 2 << 20
+PAGE = 4096
+PROT_READ, PROT_WRITE = 1, 2
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x20, 0x4000
+MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23
+MIN_RAM = 16 << 20
+MAX_RAM = 64 << 30
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class GuestMemoryError(SnaplabError):
+    """A host-side access outside guest RAM."""
+
+
+class GuestRAM:
+    """Guest-physical RAM at address 0 of the guest."""
+
+    def __init__(self, size: int, *, hugepages: bool = True) -> None:
+        if size % PAGE or not MIN_RAM <= size <= MAX_RAM:
+            raise SnaplabError(f"RAM size {size} must be a multiple of 4 KiB between 16 MiB and 64 GiB")
+        self.size = size
+        span = -(-size // HUGE) * HUGE
+        raw = _libc.mmap(None, span + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if raw in (None, ctypes.c_void_p(-1).value):
+            raise SnaplabError(f"cannot map {size} bytes of guest RAM: {ctypes.get_errno()}")
+        addr = (raw + HUGE - 1) & ~(HUGE - 1)
+        if addr > raw:
+            _libc.munmap(raw, addr - raw)
+        tail = raw + span + HUGE - (addr + span)
+        if tail:
+            _libc.munmap(addr + span, tail)
+        self.addr: int = addr
+        self.span = span
+        self.hugepages = hugepages and _libc.madvise(addr, span, MADV_HUGEPAGE) == 0
+        self.populate_seconds: float | None = None
+        self.array = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
+
+    def populate(self) -> float:
+        """Fault in every page now (MADV_POPULATE_WRITE); returns the seconds it took."""
+        t0 = time.perf_counter()
+        if _libc.madvise(self.addr, self.span, MADV_POPULATE_WRITE) != 0:
+            # Older kernels: touch one byte per page with a GIL-free memset per huge page.
+            for off in range(0, self.span, HUGE):
+                ctypes.memset(self.addr + off, 0, 1)
+        self.populate_seconds = time.perf_counter() - t0
+        return self.populate_seconds
+
+    def huge_bytes(self) -> int:
+        """AnonHugePages of this mapping, from /proc/self/smaps (0 if unknown)."""
+        try:
+            with open("/proc/self/smaps") as f:
+                inside = False
+                for line in f:
+                    if "-" in line.split()[0] and not line[0].isupper():
+                        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                        inside = lo <= self.addr < hi
+                    elif inside and line.startswith("AnonHugePages:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def check(self, addr: int, n: int) -> None:
+        if addr < 0 or n < 0 or addr + n > self.size:
+            raise GuestMemoryError(f"guest access [{addr:#x}, +{n:#x}) outside RAM ({self.size:#x} bytes)")
+
+    def contains(self, addr: int, n: int) -> bool:
+        return 0 <= addr and 0 <= n and addr + n <= self.size
+
+    def read(self, addr: int, n: int) -> bytes:
+        self.check(addr, n)
+        return ctypes.string_at(self.addr + addr, n)
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy into guest RAM with ctypes.memmove (GIL released; safe under write protection)."""
+        mv = memoryview(data).cast("B")
+        self.check(addr, mv.nbytes)
+        if mv.nbytes == 0:
+            return
+        if mv.readonly:
+            src = ctypes.c_char_p(bytes(mv))
+            ctypes.memmove(self.addr + addr, src, mv.nbytes)
+        else:
+            ctypes.memmove(self.addr + addr, ctypes.addressof(ctypes.c_char.from_buffer(mv)), mv.nbytes)
+
+    def write_from_address(self, addr: int, src_addr: int, n: int) -> None:
+        self.check(addr, n)
+        ctypes.memmove(self.addr + addr, src_addr, n)
+
+    def fill(self, addr: int, byte: int, n: int) -> None:
+        self.check(addr, n)
+        ctypes.memset(self.addr + addr, byte, n)
+
+    def discard(self) -> None:
+        """Give every page back to the kernel: RAM reads as zeros again (MADV_DONTNEED)."""
+        _libc.madvise(self.addr, self.span, MADV_DONTNEED)
+
+    def view(self) -> memoryview:
+        """A read-only view for bulk reads (saving); never write through it."""
+        return memoryview(self.array.data).toreadonly()
+
+    def close(self) -> None:
+        if self.addr:
+            del self.array
+            _libc.munmap(self.addr, self.span)
+            self.addr = 0
