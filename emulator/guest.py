@@ -78,9 +78,10 @@ def build_firmware() -> bytes:
     code = _assemble(_strip(text), FW_ENTRY)
     image = bytearray(0x1000) + code
     table: list[tuple[int, int]] = []
+    blobs = build_workloads()
     for name in WORKLOADS:
         image += bytes(-len(image) % PAGE)
-        blob = build_workloads()[name] if not table else _cache[name]
+        blob = blobs[name]
         table.append((len(image), len(blob)))
         image += blob
     image[0:8] = FW_MAGIC
@@ -91,15 +92,8 @@ def build_firmware() -> bytes:
     return bytes(image)
 
 
-_cache: dict[str, bytes] = {}
-
-
-def _prime() -> None:
-    _cache.update(build_workloads())
-
-
 def rebuild(write: bool = False) -> bytes:
-    _prime()
+    """Assemble everything; with ``write`` store it as the committed image."""
     img = build_firmware()
     if write:
         FIRMWARE_BIN.write_bytes(img)

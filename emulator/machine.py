@@ -134,15 +134,14 @@ class Machine:
             img = vars_node.format_image
             banks.append(FlashBank(_FlashNode(img), writable=not vars_node.read_only))
         self.disk_nodes: list[BlockNode] = [self.graph.find(d.drive) for d in config.disks]
-        if len(self.disk_nodes) > 1:
-            raise SnaplabError("snaplab's machine has one disk controller: give at most one virtio-blk-pci device")
-        disk_img = self.disk_nodes[0].format_image if self.disk_nodes else None
+        if len({d.id for d in config.disks if d.id}) < len([d for d in config.disks if d.id]):
+            raise SnaplabError("Duplicate device ID among the virtio-blk-pci devices")
 
         self.serial = Serial(serial)
         self.timer = Timer(self.clock.now_ns)
         self.lab = LabPort(self.ram.read, self.clock.now_ns, self._guest_panic)
         self.flash = FlashController(banks)
-        self.disk = DiskController(self.ram, disk_img)
+        self.disk = DiskController(self.ram, [n.format_image for n in self.disk_nodes])
         w = config.workload
         self.fwcfg = FwCfg({
             KEY_RAM_SIZE: config.ram_size,
@@ -151,7 +150,7 @@ class Machine:
             KEY_WORKING_SET: w.pages(config.ram_size) * 4096,
             KEY_NS_PER_BATCH: w.ns_per_batch(),
             KEY_PATTERN: PATTERNS.index(w.pattern),
-            KEY_DISK_SECTORS: self.disk.sectors,
+            KEY_DISK_SECTORS: self.disk.sectors(0),
             KEY_BATCH_PAGES: w.batch_pages,
         })
         self.bus = PortBus()

@@ -171,7 +171,7 @@ throttle_done:
     ret
 
 ; disk_op: write 8 sectors of a pattern derived from (seed, sector), read them back, compare.
-; Descriptor at 0x1000: op u32, count u32, sector u64, buffer u64, status u32.
+; Descriptor at 0x1000: op u32, count u32, sector u64, buffer u64, status u32, unit u32.
 disk_op:
     push rcx
     push rbx
@@ -202,6 +202,7 @@ disk_fill:
     mov dword ptr [0x1004], 8
     mov qword ptr [0x1008], rbx
     mov qword ptr [0x1010], 0x180000
+    mov dword ptr [0x101C], 0
     call disk_go
     mov dword ptr [0x1000], 1
     mov qword ptr [0x1010], 0x190000

@@ -8,6 +8,7 @@ The guest writes the guest-physical address of a 32-byte descriptor to 0x530 (lo
     +8  u64 sector
     +16 u64 buffer  guest-physical address
     +24 u32 status  written by the device (also readable at IN 0x538)
+    +28 u32 unit    which disk (one per ``-device virtio-blk-pci``), 0 first
 
 Every guest-supplied field is validated: a bad request completes with an error status and
 never raises on the host nor touches anything outside guest RAM or the disk.  Requests
@@ -53,18 +54,18 @@ class DiskController:
     version = 1
     ports = range(0x530, 0x540)
 
-    def __init__(self, ram: RamAccess, image: DiskImage | None, on_io: Callable[[str, int, int], None] | None = None) -> None:
+    def __init__(self, ram: RamAccess, images: list[DiskImage],
+                 on_io: Callable[[str, int, int], None] | None = None) -> None:
         self.ram = ram
-        self.image = image
+        self.images = images
         self.on_io = on_io
         self.desc_low = 0
         self.desc_addr = 0
         self.status = S_OK
         self.requests = 0
 
-    @property
-    def sectors(self) -> int:
-        return self.image.size // SECTOR if self.image is not None else 0
+    def sectors(self, unit: int = 0) -> int:
+        return self.images[unit].size // SECTOR if unit < len(self.images) else 0
 
     def port_in(self, port: int, size: int) -> int:
         return self.status if port == 0x538 else 0
@@ -80,16 +81,16 @@ class DiskController:
     def _request(self, desc: int) -> int:
         if not self.ram.contains(desc, 32):
             return S_BADADDR
-        op, count, sector, buf = struct.unpack("<IIQQ", self.ram.read(desc, 24))
-        status = self._do(op, count, sector, buf)
+        op, count, sector, buf, _, unit = struct.unpack("<IIQQII", self.ram.read(desc, 32))
+        status = self._do(unit, op, count, sector, buf)
         self.ram.write(desc + 24, struct.pack("<I", status))
         self.requests += 1
         return status
 
-    def _do(self, op: int, count: int, sector: int, buf: int) -> int:
-        img = self.image
-        if img is None:
+    def _do(self, unit: int, op: int, count: int, sector: int, buf: int) -> int:
+        if unit >= len(self.images):
             return S_NODEV
+        img = self.images[unit]
         if op == OP_FLUSH:
             try:
                 img.flush()
@@ -100,7 +101,7 @@ class DiskController:
             return S_UNSUPP
         if not 1 <= count <= MAX_SECTORS:
             return S_RANGE
-        if sector >= self.sectors or sector + count > self.sectors:
+        if sector >= self.sectors(unit) or sector + count > self.sectors(unit):
             return S_RANGE
         n = count * SECTOR
         if not self.ram.contains(buf, n):

@@ -1,0 +1,261 @@
+"""The machine: boot, firmware varstore, disk through qcow2, run control, determinism, faults."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import keystone
+import numpy as np
+import pytest
+
+from emulator import varstore
+from emulator.block import Qcow2Image
+from emulator.block.node import BlockGraph
+from emulator.guest import (
+    DATA_BASE,
+    DATA_DIR,
+    FIRMWARE_BIN,
+    WorkloadSpec,
+    expected_generations,
+    rebuild,
+)
+from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.runstate import RunState
+
+RAM = 32 << 20
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    end = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > end:
+            raise AssertionError("timed out")
+        time.sleep(0.005)
+
+
+def graph_with(tmp_path: Path, *, vars_: bool = True, disk: int = 0) -> BlockGraph:
+    g = BlockGraph()
+    if vars_:
+        v = tmp_path / "vars.fd"
+        if not v.exists():
+            shutil.copy(DATA_DIR / "firmware" / "vars-template.fd", v)
+        g.add({"driver": "file", "filename": str(v), "node-name": "fw-vars-file"})
+        g.add({"driver": "raw", "file": "fw-vars-file", "node-name": "fw-vars"})
+    if disk:
+        d = tmp_path / "disk0.qcow2"
+        if not d.exists():
+            Qcow2Image.create(d, disk).close()
+        g.add({"driver": "file", "filename": str(d), "node-name": "disk0-file"})
+        g.add({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"})
+    return g
+
+
+def test_firmware_rebuilds_byte_for_byte() -> None:
+    assert rebuild(write=False) == FIRMWARE_BIN.read_bytes()
+    assert varstore.template() == (DATA_DIR / "firmware" / "vars-template.fd").read_bytes()
+
+
+def test_boot_prints_and_counts_boots_in_the_raw_varstore(tmp_path: Path) -> None:
+    for boot in (1, 2, 3):
+        out: list[bytes] = []
+        g = graph_with(tmp_path)
+        with Machine(MachineConfig(ram_size=RAM, pflash1="fw-vars"), g, serial=out.append) as m:
+            m.start()
+            wait_for(lambda out=out: b"starting workload" in b"".join(out))
+        g.close()
+        text = b"".join(out).decode()
+        assert "snaplab firmware 1.0" in text and "BootOrder: 1" in text
+        assert f"BootCount: {boot}\n" in text
+        raw = (tmp_path / "vars.fd").read_bytes()
+        assert varstore.boot_count(raw) == boot
+        assert len(raw) == 128 << 10
+        recs = varstore.parse(raw)
+        assert sum(1 for r in recs if r.name == "BootCount" and r.live) == 1
+        assert sum(1 for r in recs if r.name == "BootCount" and r.state == varstore.VAR_DELETED) == boot - 1
+
+
+def test_varstore_reclaim_when_full(tmp_path: Path) -> None:
+    store = bytearray(varstore.template())
+    last = varstore.parse(bytes(store))[-1]
+    pos = (last.offset + 32 + 2 * (len(last.name) + 1) + len(last.data) + 7) & ~7
+    dead = varstore.record("Junk", varstore.SNAPLAB_VENDOR, bytes(200), state=varstore.VAR_DELETED)
+    while pos + len(dead) <= len(store):
+        store[pos:pos + len(dead)] = dead
+        pos += len(dead)
+    left = len(store) - pos  # fill the rest but 16 bytes: no room for a 56-byte BootCount record
+    tail = varstore.record("J", varstore.SNAPLAB_VENDOR, bytes(left - 16 - 36), state=varstore.VAR_DELETED)
+    store[pos:pos + len(tail)] = tail
+    (tmp_path / "vars.fd").write_bytes(bytes(store))
+    out: list[bytes] = []
+    g = graph_with(tmp_path)
+    with Machine(MachineConfig(ram_size=RAM, pflash1="fw-vars"), g, serial=out.append) as m:
+        m.start()
+        wait_for(lambda: b"starting workload" in b"".join(out))
+    g.close()
+    text = b"".join(out).decode()
+    assert "varstore: full, reclaiming" in text and "BootCount: 1\n" in text
+    raw = (tmp_path / "vars.fd").read_bytes()
+    assert [v.name for v in varstore.parse(raw)] == ["BootOrder", "Boot0001", "BootCount"]
+
+
+def test_disk_workload_roundtrips_through_qcow2(tmp_path: Path, qemu_img) -> None:  # type: ignore[no-untyped-def]
+    g = graph_with(tmp_path, disk=64 << 20)
+    cfg = MachineConfig(ram_size=RAM, pflash1="fw-vars", disks=[DiskSpec("disk0", "disk0-dev")],
+                        workload=WorkloadSpec("disk", seed=5))
+    with Machine(cfg, g) as m:
+        m.start()
+        wait_for(lambda: m.lab.last.disk_ops >= 50)
+        m.stop()
+        assert m.lab.last.errors == 0
+        assert m.disk.requests >= 100
+    g.close()
+    res = qemu_img("check", str(tmp_path / "disk0.qcow2"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert Qcow2Image.open(tmp_path / "disk0.qcow2").allocation_map().any()
+
+
+def test_stop_cont_latency_and_states() -> None:
+    events: list[str] = []
+    with Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("dirty", seed=1))) as m:
+        m.add_listener(lambda n, d: events.append(n))
+        assert m.query_status() == {"status": "prelaunch", "singlestep": False, "running": False}
+        m.start()
+        assert m.query_status()["running"]
+        lat = []
+        for _ in range(20):
+            time.sleep(0.01)
+            t0 = time.perf_counter()
+            m.stop()
+            lat.append(time.perf_counter() - t0)
+            assert m.query_status()["status"] == "paused"
+            it = m.lab.last.iterations
+            time.sleep(0.02)
+            assert m.lab.last.iterations == it  # really stopped
+            m.cont()
+        assert statistics.median(lat) < 0.02, lat
+        m.stop()
+        v0 = m.clock.now_ns()
+        time.sleep(0.05)
+        assert m.clock.now_ns() == v0  # the virtual clock stands still while paused
+        m.system_reset()
+        assert m.state == RunState.PRELAUNCH
+    assert events.count("STOP") == 21 and events.count("RESUME") == 21
+    assert events[-2:] == ["RESET", "SHUTDOWN"]
+
+
+def test_determinism_same_seed_same_state() -> None:
+    spec = WorkloadSpec("dirty", seed=1234, working_set=8 << 20, pattern="random", batch_pages=64)
+
+    def run(n: int) -> tuple[str, dict[str, int], int]:
+        with Machine(MachineConfig(ram_size=RAM, workload=spec)) as m:
+            for _ in range(7):
+                assert m.run_instructions(n // 7) is None
+            h = hashlib.sha256(m.ram.read(0, RAM)).hexdigest()
+            regs = m.cpu.get_state()
+            return h, regs, m.lab.last.iterations
+
+    a, b = run(3_500_000), run(3_500_000)
+    assert a[0] == b[0] and a[1] == b[1] and a[2] > 0
+    c = run(3_500_007)
+    assert c[0] != a[0] or c[1] != a[1]
+
+
+@pytest.mark.parametrize("pattern", ["sequential", "random", "hot-cold"])
+def test_generation_stamps_match_the_host_model(pattern: str) -> None:
+    spec = WorkloadSpec("dirty", seed=99, working_set=4 << 20, pattern=pattern, batch_pages=32)
+    with Machine(MachineConfig(ram_size=RAM, workload=spec)) as m:
+        while m.lab.last.iterations < 20_000:
+            assert m.run_instructions(200_000) is None
+        # Stop exactly at a published batch boundary: the lab page says how far the guest got.
+        iters = m.ram.read_u64(0x7000)
+        n = spec.pages(RAM)
+        pages = np.frombuffer(m.ram.read(DATA_BASE, n * 4096), dtype=np.uint64).reshape(n, 512)
+        stamp, index = pages[:, 0], pages[:, 1]
+    exp = expected_generations(spec, RAM, iters)
+    # Pages stamped after the last publication are newer; everything up to it must match.
+    newer = stamp > iters
+    assert (stamp[~newer] == exp[~newer]).all()
+    touched = stamp != 0
+    assert (index[touched] == np.flatnonzero(touched)).all()
+    assert newer.sum() <= spec.batch_pages
+
+
+def _code(asm: str) -> bytes:
+    ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
+    enc, _ = ks.asm(asm, 0x300000)
+    return bytes(enc)
+
+
+@pytest.mark.parametrize("asm,state,cause", [
+    ("ud2", "internal-error", "invalid opcode"),
+    ("mov rax, 0x7000000000; mov qword ptr [rax], 1", "internal-error", "write outside RAM"),
+    ("mov rax, 0x7000000000; jmp rax", "internal-error", "fetch outside RAM"),
+    ("xor edx, edx; xor ecx, ecx; mov eax, 1; div ecx", "guest-panicked", "#DE"),
+    ("mov al, 7; mov dx, 0x505; out dx, al", "guest-panicked", "panic code 7"),
+])
+def test_bad_guest_behaviour_is_reported_and_machine_stays_controllable(asm: str, state: str, cause: str) -> None:
+    events: list[tuple[str, dict]] = []  # type: ignore[type-arg]
+    with Machine(MachineConfig(ram_size=RAM)) as m:
+        m.add_listener(lambda n, d: events.append((n, d)))
+        m.ram.write(0x300000, _code(asm + "; hlt"))
+        m.cpu.pc = 0x300000
+        m.start()
+        wait_for(lambda: m.state.value == state)
+        assert m.fault is not None and cause in m.fault.cause
+        assert m.fault.pc != 0
+        names = [n for n, _ in events]
+        assert names[-1] == "STOP"
+        if state == "guest-panicked":
+            assert "GUEST_PANICKED" in names
+        with pytest.raises(Exception, match="Resetting the Virtual Machine is required"):
+            m.cont()
+        m.system_reset()
+        m.cont()
+        assert m.state == RunState.RUNNING
+        m.stop()
+
+
+def test_disk_requests_are_validated() -> None:
+    from emulator.devices.disk import S_BADADDR, S_NODEV, S_OK, S_RANGE, S_UNSUPP, DiskController
+
+    class Img:
+        size = 1 << 20
+        read_only = False
+        data = bytearray(1 << 20)
+
+        def readinto(self, off: int, buf: bytearray) -> None:
+            buf[:] = self.data[off:off + len(buf)]
+
+        def write(self, off: int, d: bytes) -> None:
+            self.data[off:off + len(d)] = d
+
+        def flush(self) -> None:
+            pass
+
+    with Machine(MachineConfig(ram_size=RAM)) as m:
+        dc = DiskController(m.ram, [Img()])
+
+        def req(op: int, count: int, sector: int, buf: int, unit: int = 0, desc: int = 0x1000) -> int:
+            import struct
+            if m.ram.contains(desc, 32):
+                m.ram.write(desc, struct.pack("<IIQQII", op, count, sector, buf, 0, unit))
+            dc.port_out(0x530, 4, desc & 0xFFFFFFFF)
+            dc.port_out(0x534, 4, desc >> 32)
+            dc.port_out(0x538, 4, 0)
+            return dc.port_in(0x538, 4)
+
+        assert req(2, 8, 0, 0x2000) == S_OK
+        assert req(1, 8, 2040, 0x2000) == S_OK
+        assert req(1, 8, 2041, 0x2000) == S_RANGE
+        assert req(1, 0, 0, 0x2000) == S_RANGE
+        assert req(1, 1, 2**63, 0x2000) == S_RANGE
+        assert req(1, 8, 0, RAM - 100) == S_BADADDR
+        assert req(1, 8, 0, 2**64 - 512) == S_BADADDR
+        assert req(9, 8, 0, 0x2000) == S_UNSUPP
+        assert req(1, 8, 0, 0x2000, unit=3) == S_NODEV
+        assert req(1, 8, 0, 0x2000, desc=RAM - 8) == S_BADADDR
+        assert req(1, 8, 0, 0x2000, desc=2**64 - 16) == S_BADADDR
