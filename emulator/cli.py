@@ -227,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     servers: list[Any] = []
     try:
         if opts.qmp:
-            raise SnaplabError("-qmp: the QMP monitor is not part of this build yet")
+            from emulator.qmp.transport import start_servers
+
+            servers = start_servers(machine.monitor, opts.qmp)
         if opts.loadvm:
             raise SnaplabError("-loadvm: snapshots are not part of this build yet")
         machine.start(paused=opts.paused)

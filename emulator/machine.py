@@ -49,6 +49,8 @@ from emulator.devices.timer import Timer
 from emulator.errors import SnaplabError
 from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
 from emulator.memory import GuestRAM
+from emulator.qmp.client import QMPClient
+from emulator.qmp.commands import Attachment, Monitor
 from emulator.runstate import RunState
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -121,6 +123,7 @@ class Machine:
         self._quit = False
         self._panic_code: int | None = None
         self._thread: threading.Thread | None = None
+        self._monitor: Monitor | None = None
 
         self.ram = GuestRAM(config.ram_size, hugepages=config.hugepages)
         self.cpu = X86CPU()
@@ -208,6 +211,31 @@ class Machine:
     def _guest_panic(self, code: int) -> None:
         self._panic_code = code
         self.cpu.stop()
+
+    # -- QMP ---------------------------------------------------------------------------------
+    @property
+    def monitor(self) -> Monitor:
+        """This VM's QMP monitor (created on first use)."""
+        if self._monitor is None:
+            self._monitor = Monitor(self)
+        return self._monitor
+
+    def qmp(self, *, negotiate: bool = True) -> QMPClient:
+        """An in-process QMP client (no sockets; safe in notebooks)."""
+        return QMPClient(self.monitor, negotiate=negotiate)
+
+    def block_attachments(self) -> list[Attachment]:
+        """The BlockBackends: pflash0, pflash1, then each virtio-blk-pci disk (query-block order)."""
+        out = []
+        if self.config.pflash0:
+            out.append(Attachment("/machine/system.flash0", self.graph.find(self.config.pflash0), False))
+        if self.config.pflash1:
+            out.append(Attachment("/machine/system.flash1", self.graph.find(self.config.pflash1), False))
+        for i, (spec, node) in enumerate(zip(self.config.disks, self.disk_nodes, strict=True)):
+            qdev = (f"/machine/peripheral/{spec.id}/virtio-backend" if spec.id
+                    else f"/machine/peripheral-anon/device[{i}]/virtio-backend")
+            out.append(Attachment(qdev, node, True))
+        return out
 
     # -- events ---------------------------------------------------------------------------
     def add_listener(self, cb: Listener) -> None:

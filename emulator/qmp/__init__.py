@@ -1,0 +1,1 @@
+"""QMP: protocol core (sans-IO), schema, commands, jobs, HMP, transports and the in-process client."""

@@ -1,0 +1,215 @@
+"""The monitor: QMP command handlers, events to subscribers, the job list.
+
+Mirrors QEMU's monitor/qmp-cmds.c, block/qapi.c (query-block, query-named-block-nodes) and
+job-qmp.c.  The monitor acts on the VM through the narrow :class:`VMControl` protocol, never
+on the machine's parts; every handler validates its arguments through the schema before any
+side effect; any exception a handler did not mean becomes a GenericError reply and the
+monitor keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from emulator.block.info import info_dict
+from emulator.block.node import BlockGraph, BlockNode
+from emulator.errors import SnaplabError
+from emulator.qmp.jobs import JobManager
+from emulator.qmp.protocol import QMPConnection, Request
+from emulator.qmp.schema import Schema, default_schema
+
+log = logging.getLogger(__name__)
+QEMU_VERSION = {"micro": 22, "minor": 2, "major": 7}
+PACKAGE = "snaplab 0.1.0"
+
+Subscriber = Callable[[str, "dict[str, Any] | None", int, int], None]
+
+
+class CommandNotFoundError(SnaplabError):
+    qmp_class = "CommandNotFound"
+
+
+class DeviceNotActiveError(SnaplabError):
+    qmp_class = "DeviceNotActive"
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A BlockBackend: a device's view of a node (query-block)."""
+
+    qdev: str
+    node: BlockNode
+    virtio: bool
+
+
+class VMControl(Protocol):
+    """What the monitor needs from the VM."""
+
+    graph: BlockGraph
+
+    def add_listener(self, cb: Callable[[str, dict[str, Any]], None]) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def cont(self) -> None: ...
+
+    def system_reset(self, reason: str = ...) -> None: ...
+
+    def quit(self, reason: str = ...) -> None: ...
+
+    def query_status(self) -> dict[str, Any]: ...
+
+    def block_attachments(self) -> list[Attachment]: ...
+
+
+def block_device_info(node: BlockNode) -> dict[str, Any]:
+    """BlockDeviceInfo in QEMU 7.2's member order."""
+    if node.image is not None:
+        image = info_dict(node.image, node.filename)
+    else:
+        assert node.file is not None
+        size = node.file.size()
+        image = {"virtual-size": size, "filename": node.filename, "format": "file",
+                 "actual-size": node.file.allocated_bytes(), "dirty-flag": False}
+    return {"iops_rd": 0, "detect_zeroes": "off", "image": image, "iops_wr": 0, "ro": node.read_only,
+            "node-name": node.node_name, "backing_file_depth": 0, "drv": node.driver, "iops": 0, "bps_wr": 0,
+            "write_threshold": 0, "encrypted": False, "bps": 0, "bps_rd": 0,
+            "cache": {"no-flush": False, "direct": False, "writeback": True}, "file": node.filename}
+
+
+class Monitor:
+    """One VM's QMP monitor: shared by every connection (socket or in-process)."""
+
+    def __init__(self, vm: VMControl, schema: Schema | None = None) -> None:
+        self.vm = vm
+        self.schema = schema or default_schema()
+        self._subs: list[Subscriber] = []
+        self._lock = threading.Lock()
+        self.jobs = JobManager(self.broadcast)
+        self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "query-version": lambda a: self.version(),
+            "query-commands": lambda a: self.schema.query_commands(),
+            "query-qmp-schema": lambda a: self.schema.introspect(),
+            "query-status": lambda a: self.vm.query_status(),
+            "stop": self._stop,
+            "cont": self._cont,
+            "system_reset": self._reset,
+            "quit": self._quit,
+            "query-block": lambda a: self.query_block(),
+            "query-named-block-nodes": lambda a: self.query_named_block_nodes(),
+            "query-jobs": lambda a: self.jobs.query(),
+            "job-dismiss": lambda a: self._job_verb(a["id"], "dismiss"),
+            "job-cancel": lambda a: self._job_verb(a["id"], "cancel"),
+            "job-pause": lambda a: self._job_verb(a["id"], "pause"),
+            "job-resume": lambda a: self._job_verb(a["id"], "resume"),
+            "job-complete": lambda a: self._job_verb(a["id"], "complete"),
+            "job-finalize": lambda a: self._job_verb(a["id"], "finalize"),
+        }
+        from emulator.qmp.hmp import HMP
+
+        self.hmp = HMP(self)
+        self.handlers["human-monitor-command"] = lambda a: self.hmp.execute(a["command-line"])
+        vm.add_listener(self._on_vm_event)
+
+    def _job_verb(self, job_id: str, verb: str) -> dict[str, Any]:
+        if verb == "dismiss":
+            self.jobs.dismiss(job_id)
+        elif verb == "cancel":
+            self.jobs.cancel(job_id)
+        else:
+            self.jobs.verb(job_id, verb)
+        return {}
+
+    # -- events ---------------------------------------------------------------------------------
+    def subscribe(self, cb: Subscriber) -> None:
+        with self._lock:
+            self._subs.append(cb)
+
+    def unsubscribe(self, cb: Subscriber) -> None:
+        with self._lock:
+            if cb in self._subs:
+                self._subs.remove(cb)
+
+    def broadcast(self, name: str, data: dict[str, Any] | None) -> None:
+        now = time.time_ns() // 1000
+        with self._lock:
+            subs = list(self._subs)
+        for cb in subs:
+            try:
+                cb(name, data, now // 1_000_000, now % 1_000_000)
+            except Exception:
+                log.exception("event subscriber failed")
+
+    def _on_vm_event(self, name: str, data: dict[str, Any]) -> None:
+        ev = self.schema.events.get(name)
+        self.broadcast(name, data if (ev is not None and ev.data is not None) else None)
+
+    # -- connections ----------------------------------------------------------------------------
+    def version(self) -> dict[str, Any]:
+        return {"qemu": dict(QEMU_VERSION), "package": PACKAGE}
+
+    def new_connection(self) -> QMPConnection:
+        return QMPConnection(self.version())
+
+    def handle(self, conn: QMPConnection, req: Request) -> bytes:
+        """Dispatch one request; always returns the reply line (qmp_dispatch)."""
+        cmd = self.schema.commands.get(req.execute)
+        handler = self.handlers.get(req.execute)
+        if cmd is None or handler is None:
+            return conn.error(req, "CommandNotFound", f"The command {req.execute} has not been found")
+        if req.oob and not cmd.allow_oob:
+            return conn.error(req, "GenericError", f"The command {req.execute} does not support OOB")
+        try:
+            args = self.schema.validate(cmd, req.arguments)
+            value = handler(args)
+        except SnaplabError as err:
+            return conn.error(req, err.qmp_class, err.desc)
+        except Exception as err:  # a bug: answer, log, keep serving
+            log.exception("QMP command %s failed", req.execute)
+            return conn.error(req, "GenericError", f"internal error in {req.execute}: {type(err).__name__}: {err}")
+        return conn.success(req, value)
+
+    # -- handlers -------------------------------------------------------------------------------
+    def _stop(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.vm.stop()
+        return {}
+
+    def _cont(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.vm.cont()
+        return {}
+
+    def _reset(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.vm.system_reset("host-qmp-system-reset")
+        return {}
+
+    def _quit(self, a: dict[str, Any]) -> dict[str, Any]:
+        self.vm.quit("host-qmp-quit")
+        return {}
+
+    def query_block(self) -> list[dict[str, Any]]:
+        out = []
+        for att in self.vm.block_attachments():
+            d: dict[str, Any] = {}
+            if att.virtio:
+                d["io-status"] = "ok"
+            d.update({"device": "", "locked": False, "removable": False,
+                      "inserted": block_device_info(att.node), "qdev": att.qdev, "type": "unknown"})
+            out.append(d)
+        return out
+
+    def query_named_block_nodes(self) -> list[dict[str, Any]]:
+        nodes = list(self.vm.graph.nodes.values())
+        order: list[BlockNode] = []
+        for n in reversed(nodes):
+            if n.image is not None and n not in order:
+                order.append(n)
+                for c in n.children.values():
+                    if c not in order:
+                        order.append(c)
+        order += [n for n in reversed(nodes) if n not in order]
+        return [block_device_info(n) for n in order]

@@ -1,0 +1,173 @@
+"""The human monitor behind ``human-monitor-command`` (QEMU's monitor/hmp-cmds.c).
+
+Output uses ``\\r\\n`` line ends, as QEMU's monitor sends it; an error is a successful QMP
+reply whose text starts with ``Error: `` (QEMU's error_report inside HMP).  Commands register
+in :attr:`HMP.commands`; the snapshot commands (savevm, loadvm, delvm) are added by the
+migration package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from emulator.block.info import snapshot_dump, snapshot_dump_header
+from emulator.block.node import BlockNode
+from emulator.errors import SnaplabError
+
+if TYPE_CHECKING:
+    from emulator.qmp.commands import Monitor
+
+HmpCommand = Callable[[list[str]], str]
+
+
+def snapshot_nodes(monitor: Monitor) -> list[BlockNode]:
+    """bdrv_all_get_snapshot_devices() without a list: writable nodes that a device uses or
+    that have no parent (bdrv_all_snapshots_includes_bs)."""
+    nodes = list(monitor.vm.graph.nodes.values())
+    attached = {a.node.node_name for a in monitor.vm.block_attachments()}
+    parents = {c.node_name for n in nodes for c in n.children.values()}
+    return [n for n in nodes if not n.read_only and (n.node_name in attached or n.node_name not in parents)]
+
+
+class HMP:
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self.commands: dict[str, tuple[HmpCommand, str, str]] = {}
+        self._aliases: dict[str, str] = {}
+        self.register("help", self._help, "[cmd]", "show the help", aliases=("?",))
+        self.register("info", self._info, "[subcommand]", "show various information about the system state")
+        self.register("stop", lambda a: self._call(monitor.vm.stop), "", "stop emulation", aliases=("s",))
+        self.register("cont", lambda a: self._call(monitor.vm.cont), "", "resume emulation", aliases=("c",))
+        self.register("system_reset", lambda a: self._call(lambda: monitor.vm.system_reset("host-qmp-system-reset")),
+                      "", "reset the system")
+        self.register("quit", lambda a: self._call(lambda: monitor.vm.quit("host-qmp-quit")), "",
+                      "quit the emulator", aliases=("q",))
+        self.info_commands: dict[str, tuple[HmpCommand, str]] = {
+            "status": (self._info_status, "show the current VM status (running|paused)"),
+            "block": (self._info_block, "show info of one block device or all block devices"),
+            "snapshots": (self._info_snapshots, "show the currently saved VM snapshots"),
+            "version": (self._info_version, "show the version of QEMU"),
+            "jobs": (self._info_jobs, "show information about active background jobs"),
+        }
+
+    def register(self, name: str, fn: HmpCommand, params: str, help_: str, aliases: tuple[str, ...] = ()) -> None:
+        self.commands[name] = (fn, params, help_)
+        for a in aliases:
+            self._aliases[a] = name
+
+    @staticmethod
+    def _call(fn: Callable[[], None]) -> str:
+        fn()
+        return ""
+
+    def execute(self, line: str) -> str:
+        """Run one command line; returns the text QEMU's human-monitor-command would."""
+        try:
+            words = shlex.split(line)
+        except ValueError as err:
+            return f"Error: {err}\r\n"
+        if not words:
+            return ""
+        name = self._aliases.get(words[0], words[0])
+        entry = self.commands.get(name)
+        if entry is None:
+            return f"unknown command: '{words[0]}'\r\n"
+        try:
+            text = entry[0](words[1:])
+        except SnaplabError as err:
+            text = f"Error: {err.desc}\n"
+        return text.replace("\r\n", "\n").replace("\n", "\r\n")
+
+    # -- commands -----------------------------------------------------------------------------
+    def _help(self, args: list[str]) -> str:
+        out = []
+        names = dict(self.commands)
+        rev: dict[str, list[str]] = {}
+        for a, n in self._aliases.items():
+            rev.setdefault(n, []).append(a)
+        for n in sorted(names):
+            if args and args[0] != n:
+                continue
+            _, params, h = names[n]
+            label = "|".join([n, *rev.get(n, [])])
+            out.append(f"{label} {params} -- {h}".replace("  --", " --"))
+        if args and not out:
+            return f"unknown command: '{args[0]}'\n"
+        return "\n".join(out) + "\n"
+
+    def _info(self, args: list[str]) -> str:
+        if not args:
+            return "".join(f"info {k}  -- {h}\n" for k, (_, h) in sorted(self.info_commands.items()))
+        entry = self.info_commands.get(args[0])
+        if entry is None:
+            return f"unknown command: 'info {args[0]}'\n"
+        return entry[0](args[1:])
+
+    def _info_status(self, args: list[str]) -> str:
+        st = self.monitor.vm.query_status()
+        text = "VM status: " + ("running" if st["running"] else "paused")
+        if not st["running"] and st["status"] != "paused":
+            text += f" ({st['status']})"
+        return text + "\n"
+
+    def _info_version(self, args: list[str]) -> str:
+        v = self.monitor.version()
+        q = v["qemu"]
+        return f"{q['major']}.{q['minor']}.{q['micro']} ({v['package']})\n"
+
+    def _info_jobs(self, args: list[str]) -> str:
+        jobs = self.monitor.jobs.query()
+        if not jobs:
+            return "No active jobs\n"
+        return "".join(f"Type {j['type']}, device {j['id']}: Completed {j['current-progress']} of "
+                       f"{j['total-progress']} bytes, status {j['status']}\n" for j in jobs)
+
+    def _info_block(self, args: list[str]) -> str:
+        blocks = []
+        for att in self.monitor.vm.block_attachments():
+            n = att.node
+            flags = n.driver + (", read-only" if n.read_only else "")
+            blocks.append(f"{n.node_name}: {n.filename} ({flags})\n"
+                          f"    Attached to:      {att.qdev}\n"
+                          f"    Cache mode:       writeback\n")
+        return "\n".join(blocks)
+
+    def _info_snapshots(self, args: list[str]) -> str:
+        """hmp_info_snapshots(): snapshots present on all disks, then partial ones per image."""
+        nodes = snapshot_nodes(self.monitor)
+        capable = [n for n in nodes if n.can_snapshot]
+        if not capable:
+            raise SnaplabError("No block device can accept snapshots")
+        vm_bs = capable[0]
+        images = []
+        for n in nodes:
+            if n.can_snapshot:
+                sns = n.format_image.snapshot_list()  # type: ignore[union-attr]
+                if sns:
+                    images.append(("", list(sns)))
+        if not images:
+            return "There is no snapshot available.\n"
+        global_sns = []
+        for sn in vm_bs.format_image.snapshot_list():  # type: ignore[union-attr]
+            everywhere = all(n.can_snapshot and any(s.name == sn.name for s in n.format_image.snapshot_list())  # type: ignore[union-attr]
+                             for n in nodes)
+            if everywhere:
+                global_sns.append(sn)
+                for _, lst in images:
+                    lst[:] = [s for s in lst if s.name != sn.name]
+        out = "List of snapshots present on all disks:\n"
+        if global_sns:
+            out += snapshot_dump_header() + "\n"
+            for sn in global_sns:
+                out += snapshot_dump(dataclasses.replace(sn, id_str="--")) + "\n"
+        else:
+            out += "None\n"
+        for name, lst in images:
+            if not lst:
+                continue
+            out += f"\nList of partial (non-loadable) snapshots on '{name}':\n" + snapshot_dump_header() + "\n"
+            out += "".join(snapshot_dump(sn) + "\n" for sn in lst)
+        return out

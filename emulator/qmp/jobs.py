@@ -1,0 +1,181 @@
+"""QEMU's job framework (job.c, qapi/job.json): states, verbs, manual dismiss, progress.
+
+A job runs its work function on its own thread, so the monitor keeps answering while it runs
+(QEMU 7.2 does not: its snapshot jobs run in the main loop).  Every transition emits
+JOB_STATUS_CHANGE; a failed job concludes with ``error`` in ``query-jobs``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from emulator.errors import SnaplabError
+
+
+class JobStatus(Enum):
+    UNDEFINED = "undefined"
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    READY = "ready"
+    STANDBY = "standby"
+    WAITING = "waiting"
+    PENDING = "pending"
+    ABORTING = "aborting"
+    CONCLUDED = "concluded"
+    NULL = "null"
+
+
+_S = list(JobStatus)
+# job.c JobSTT: allowed transitions, rows = from, columns = to (U C R P Y S W D X E N)
+_STT = {
+    JobStatus.UNDEFINED: "01000000000",
+    JobStatus.CREATED: "00100000101",
+    JobStatus.RUNNING: "00011010100",
+    JobStatus.PAUSED: "00100000000",
+    JobStatus.READY: "00000110100",
+    JobStatus.STANDBY: "00001000000",
+    JobStatus.WAITING: "00000001100",
+    JobStatus.PENDING: "00000000110",
+    JobStatus.ABORTING: "00000000110",
+    JobStatus.CONCLUDED: "00000000001",
+    JobStatus.NULL: "00000000000",
+}
+# job.c JobVerbTable: in which states each verb is accepted (U C R P Y S W D X E N)
+_VERBS = {
+    "cancel": "01111111000",
+    "pause": "01111100000",
+    "resume": "01111100000",
+    "set-speed": "01111100000",
+    "complete": "00001000000",
+    "finalize": "00000001000",
+    "dismiss": "00000000010",
+    "change": "01111100000",
+}
+
+
+def id_wellformed(ident: str) -> bool:
+    """QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'."""
+    if not ident or not ident[0].isascii() or not ident[0].isalpha():
+        return False
+    return all(c.isascii() and (c.isalnum() or c in "-._") for c in ident[1:])
+
+
+class JobCancelled(SnaplabError):
+    """Raised inside a job's work function when it notices it was cancelled."""
+
+
+@dataclass
+class Job:
+    id: str
+    type: str
+    work: Callable[[Job], None]
+    status: JobStatus = JobStatus.CREATED
+    current_progress: int = 0
+    total_progress: int = 0
+    error: str | None = None
+    cancelled: bool = False
+    result: dict[str, Any] = field(default_factory=dict)  # extra data a job reports (metrics)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def info(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"current-progress": self.current_progress, "status": self.status.value,
+                             "total-progress": self.total_progress, "type": self.type, "id": self.id}
+        if self.error is not None:
+            d["error"] = self.error
+        return d
+
+    def check_cancelled(self) -> None:
+        if self.cancelled:
+            raise JobCancelled("Operation canceled")
+
+
+class JobManager:
+    """The job list of one VM (QEMU's global job list)."""
+
+    def __init__(self, emit: Callable[[str, dict[str, Any]], None]) -> None:
+        self._emit = emit
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.RLock()
+
+    def _transition(self, job: Job, to: JobStatus) -> None:
+        with self._lock:
+            frm = job.status
+            if _STT[frm][_S.index(to)] != "1" and frm != to:
+                raise RuntimeError(f"job {job.id}: illegal transition {frm.value} -> {to.value}")
+            job.status = to
+        self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": to.value})
+
+    def create(self, job_id: str, job_type: str, work: Callable[[Job], None]) -> Job:
+        """job_create() + job_start(): immediate errors for a bad or used id."""
+        with self._lock:
+            if not id_wellformed(job_id):
+                raise SnaplabError(f"Invalid job ID '{job_id}'")
+            if job_id in self._jobs:
+                raise SnaplabError(f"Job ID '{job_id}' already in use")
+            job = Job(job_id, job_type, work)
+            self._jobs[job_id] = job
+        self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": JobStatus.CREATED.value})
+        threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True).start()
+        return job
+
+    def _run(self, job: Job) -> None:
+        try:
+            if job.cancelled:
+                raise JobCancelled("Operation canceled")
+            self._transition(job, JobStatus.RUNNING)
+            job.total_progress = 1
+            job.work(job)
+            job.current_progress = 1
+            if job.cancelled:
+                raise JobCancelled("Operation canceled")
+            self._transition(job, JobStatus.WAITING)
+            self._transition(job, JobStatus.PENDING)
+            self._transition(job, JobStatus.CONCLUDED)
+        except Exception as err:  # any failure, ours or a bug, concludes the job with an error
+            job.current_progress = job.total_progress = 1
+            job.error = str(err) if isinstance(err, SnaplabError) else f"internal error: {type(err).__name__}: {err}"
+            if job.status != JobStatus.ABORTING:
+                self._transition(job, JobStatus.ABORTING)
+            self._transition(job, JobStatus.CONCLUDED)
+        finally:
+            job.done.set()
+
+    def find(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise SnaplabError("Job not found")
+        return job
+
+    def _verb(self, job: Job, verb: str) -> None:
+        if _VERBS[verb][_S.index(job.status)] != "1":
+            raise SnaplabError(f"Job '{job.id}' in state '{job.status.value}' cannot accept command verb '{verb}'")
+
+    def dismiss(self, job_id: str) -> None:
+        job = self.find(job_id)
+        with self._lock:
+            self._verb(job, "dismiss")
+            self._jobs.pop(job_id, None)
+        self._transition(job, JobStatus.NULL)
+
+    def cancel(self, job_id: str) -> None:
+        job = self.find(job_id)
+        self._verb(job, "cancel")
+        job.cancelled = True
+
+    def verb(self, job_id: str, verb: str) -> None:
+        """pause/resume/complete/finalize: snapshot jobs never reach the states that use them."""
+        self._verb(self.find(job_id), verb)
+
+    def query(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [j.info() for j in reversed(list(self._jobs.values()))]
+
+    def active(self) -> list[Job]:
+        with self._lock:
+            return [j for j in self._jobs.values() if j.status not in (JobStatus.CONCLUDED, JobStatus.NULL)]

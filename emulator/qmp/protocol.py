@@ -1,0 +1,638 @@
+"""QMP's wire protocol, sans I/O: bytes in, requests out; replies and events to bytes.
+
+Mirrors QEMU's JSON lexer, streamer and parser (qobject/json-lexer.c, json-streamer.c,
+json-parser.c) closely enough to answer malformed input the way QEMU 7.2 does, and the
+request checks of qapi/qmp-dispatch.c.  What it owns:
+
+* :class:`JSONStreamer`: UTF-8 bytes, possibly split or batched arbitrarily, to complete JSON
+  values or parse errors ("JSON parse error, ..."), with QEMU's recovery after a stray
+  character (skip to the next structural character or control character), single-quoted
+  strings, and limits on message size and nesting.
+* :class:`QMPConnection`: the per-connection negotiation state (one table,
+  :data:`ALLOWED`), request validation, and serialisation in QEMU's exact format (ASCII with
+  uppercase ``\\uXXXX``, ``", "`` and ``": "`` separators, CRLF, ``id`` last in a success and
+  first in an error).
+
+No sockets, threads or asyncio here (transport.py and client.py wrap it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+MAX_MESSAGE = 16 << 20  # bytes in one JSON message
+MAX_NESTING = 1024  # QEMU's MAX_NESTING
+MAX_TOKENS = 2 << 20  # QEMU's MAX_TOKEN_COUNT
+
+_STRUCTURAL = set(b"[]{}:,")
+_WS = set(b" \t\r\n")
+
+
+class _Tok(Enum):
+    LCURLY = "{"
+    RCURLY = "}"
+    LSQUARE = "["
+    RSQUARE = "]"
+    COLON = ":"
+    COMMA = ","
+    INTEGER = "int"
+    FLOAT = "float"
+    KEYWORD = "keyword"
+    STRING = "string"
+
+
+@dataclass
+class _Token:
+    kind: _Tok
+    text: bytes
+
+
+class LimitExceeded(Exception):
+    """A peer exceeded a protocol limit; the connection should be closed after the error."""
+
+
+@dataclass
+class ParseResult:
+    value: Any = None
+    error: str | None = None
+    fatal: bool = False  # a limit was exceeded: reply, then close
+
+
+class _ParseError(Exception):
+    pass
+
+
+class JSONStreamer:
+    """Lexer + streamer + parser, fed incrementally."""
+
+    def __init__(self, max_message: int = MAX_MESSAGE, max_nesting: int = MAX_NESTING) -> None:
+        self.max_message = max_message
+        self.max_nesting = max_nesting
+        self._tokens: list[_Token] = []
+        self._size = 0
+        self._brace = 0
+        self._bracket = 0
+        self._cur = bytearray()  # text of the token being lexed
+        self._state = "start"  # start, string, number, keyword, recovery
+        self._quote = 0
+        self._escape = 0  # 0 none, 1 after backslash, 2.. inside \\uXXXX
+        self._num = ""  # number sub-state
+
+    # -- lexer -------------------------------------------------------------------------
+    def feed(self, data: bytes) -> list[ParseResult]:
+        out: list[ParseResult] = []
+        i = 0
+        n = len(data)
+        while i < n:
+            c = data[i]
+            st = self._state
+            if st == "recovery":
+                if c in _STRUCTURAL or c < 0x20 or c >= 0xFE:
+                    self._state = "start"
+                    continue  # lookahead: reprocess as a token start
+                i += 1
+                continue
+            if st == "start":
+                i += 1
+                if c in _WS:
+                    continue
+                if c in _STRUCTURAL:
+                    self._emit(_Token(_Tok(chr(c)), bytes([c])), out)
+                elif c in (0x22, 0x27):
+                    self._state, self._quote, self._escape = "string", c, 0
+                    self._cur = bytearray([c])
+                elif c == 0x2D or 0x30 <= c <= 0x39:
+                    self._state = "number"
+                    self._cur = bytearray([c])
+                    self._num = "neg" if c == 0x2D else ("zero" if c == 0x30 else "int")
+                elif 0x61 <= c <= 0x7A:
+                    self._state = "keyword"
+                    self._cur = bytearray([c])
+                else:
+                    self._lex_error(bytes([c]), out)
+                continue
+            if st == "string":
+                i += 1
+                self._cur.append(c)
+                if len(self._cur) > self.max_message:
+                    self._limit("JSON token size limit exceeded", out)
+                    continue
+                if self._escape == 1:
+                    if c in b"\"'\\/bfnrt":
+                        self._escape = 0
+                    elif c == 0x75:
+                        self._escape = 2
+                    else:
+                        self._lex_error(bytes(self._cur), out)
+                elif self._escape >= 2:
+                    if chr(c) in "0123456789abcdefABCDEF":
+                        self._escape = 0 if self._escape == 5 else self._escape + 1
+                    else:
+                        self._lex_error(bytes(self._cur), out)
+                elif c == 0x5C:
+                    self._escape = 1
+                elif c == self._quote:
+                    self._state = "start"
+                    self._emit(_Token(_Tok.STRING, bytes(self._cur)), out)
+                elif c < 0x20 or c >= 0xFE:
+                    self._lex_error(bytes(self._cur), out)
+                continue
+            if st == "keyword":
+                if 0x61 <= c <= 0x7A:
+                    self._cur.append(c)
+                    i += 1
+                    if len(self._cur) > 64:
+                        self._lex_error(bytes(self._cur), out)
+                    continue
+                self._state = "start"
+                self._emit(_Token(_Tok.KEYWORD, bytes(self._cur)), out)
+                continue
+            if st == "number":
+                nxt = self._number_step(c)
+                if nxt == "error":
+                    i += 1
+                    self._cur.append(c)
+                    self._lex_error(bytes(self._cur), out)
+                elif nxt == "done":
+                    self._state = "start"
+                    kind = _Tok.FLOAT if self._num in ("frac", "exp") else _Tok.INTEGER
+                    self._emit(_Token(kind, bytes(self._cur)), out)
+                else:
+                    self._num = nxt
+                    self._cur.append(c)
+                    i += 1
+                    if len(self._cur) > 1024:
+                        self._lex_error(bytes(self._cur), out)
+                continue
+        return out
+
+    def _number_step(self, c: int) -> str:
+        d = 0x30 <= c <= 0x39
+        s = self._num
+        if s == "neg":
+            return "zero" if c == 0x30 else ("int" if d else "error")
+        if s == "zero":
+            if c == 0x2E:
+                return "dot"
+            if c in (0x65, 0x45):
+                return "e"
+            return "done"
+        if s == "int":
+            if d:
+                return "int"
+            if c == 0x2E:
+                return "dot"
+            if c in (0x65, 0x45):
+                return "e"
+            return "done"
+        if s == "dot":
+            return "frac" if d else "error"
+        if s == "frac":
+            if d:
+                return "frac"
+            if c in (0x65, 0x45):
+                return "e"
+            return "done"
+        if s == "e":
+            if c in (0x2B, 0x2D):
+                return "esign"
+            return "exp" if d else "error"
+        if s == "esign":
+            return "exp" if d else "error"
+        if s == "exp":
+            return "exp" if d else "done"
+        return "error"
+
+    def end_of_input(self) -> list[ParseResult]:
+        """The peer closed: flush a pending token and parse what is left (json_lexer_flush)."""
+        out: list[ParseResult] = []
+        if self._state == "keyword":
+            self._state = "start"
+            self._emit(_Token(_Tok.KEYWORD, bytes(self._cur)), out)
+        elif self._state == "number" and self._num in ("zero", "int", "frac", "exp"):
+            self._state = "start"
+            kind = _Tok.FLOAT if self._num in ("frac", "exp") else _Tok.INTEGER
+            self._emit(_Token(kind, bytes(self._cur)), out)
+        if self._tokens:
+            out.append(self._parse_and_reset())
+        return out
+
+    def _lex_error(self, text: bytes, out: list[ParseResult]) -> None:
+        self._state = "recovery"
+        self._reset()
+        out.append(ParseResult(error=f"JSON parse error, stray '{text.decode('utf-8', 'replace')}'"))
+
+    def _limit(self, msg: str, out: list[ParseResult]) -> None:
+        self._state = "recovery"
+        self._reset()
+        out.append(ParseResult(error=msg, fatal=True))
+
+    def _reset(self) -> None:
+        self._tokens = []
+        self._size = 0
+        self._brace = self._bracket = 0
+        self._cur = bytearray()
+
+    # -- streamer (json_message_process_token) ---------------------------------------
+    def _emit(self, tok: _Token, out: list[ParseResult]) -> None:
+        k = tok.kind
+        if k == _Tok.LCURLY:
+            self._brace += 1
+        elif k == _Tok.RCURLY:
+            self._brace -= 1
+        elif k == _Tok.LSQUARE:
+            self._bracket += 1
+        elif k == _Tok.RSQUARE:
+            self._bracket -= 1
+        if self._size + len(tok.text) + 1 > self.max_message:
+            self._limit("JSON token size limit exceeded", out)
+            return
+        if len(self._tokens) + 1 > MAX_TOKENS:
+            self._limit("JSON token count limit exceeded", out)
+            return
+        if self._brace + self._bracket > self.max_nesting:
+            self._limit("JSON nesting depth limit exceeded", out)
+            return
+        self._tokens.append(tok)
+        self._size += len(tok.text)
+        if (self._brace > 0 or self._bracket > 0) and self._brace >= 0 and self._bracket >= 0:
+            return
+        out.append(self._parse_and_reset())
+
+    def _parse_and_reset(self) -> ParseResult:
+        toks = self._tokens
+        self._reset()
+        p = _Parser(toks)
+        try:
+            val = p.value()
+            if p.pos < len(toks):
+                # QEMU parses one value and ignores the rest of the tokens of this message.
+                pass
+            return ParseResult(value=val)
+        except _ParseError as err:
+            return ParseResult(error=f"JSON parse error, {err}")
+
+
+class _Parser:
+    """json-parser.c: recursive descent over one message's tokens."""
+
+    def __init__(self, toks: list[_Token]) -> None:
+        self.toks = toks
+        self.pos = 0
+
+    def peek(self) -> _Token | None:
+        return self.toks[self.pos] if self.pos < len(self.toks) else None
+
+    def pop(self) -> _Token | None:
+        t = self.peek()
+        if t is not None:
+            self.pos += 1
+        return t
+
+    def value(self) -> Any:
+        t = self.pop()
+        if t is None:
+            raise _ParseError("premature EOI")
+        k = t.kind
+        if k == _Tok.LCURLY:
+            self.pos -= 1
+            return self.obj()
+        if k == _Tok.LSQUARE:
+            self.pos -= 1
+            return self.arr()
+        if k == _Tok.STRING:
+            return _string(t.text)
+        if k == _Tok.INTEGER:
+            v = int(t.text)
+            if -(1 << 63) <= v < (1 << 63):
+                return v
+            if 0 <= v < (1 << 64):
+                return v  # QEMU keeps uint64 too
+            return float(v)
+        if k == _Tok.FLOAT:
+            f = float(t.text)
+            if math.isinf(f):
+                raise _ParseError("number out of range")
+            return f
+        if k == _Tok.KEYWORD:
+            kw = t.text.decode()
+            if kw == "true":
+                return True
+            if kw == "false":
+                return False
+            if kw == "null":
+                return None
+            raise _ParseError(f"invalid keyword '{kw}'")
+        raise _ParseError("expecting value")
+
+    def pair(self, d: dict[str, Any]) -> None:
+        if self.peek() is None:
+            raise _ParseError("premature EOI")
+        key = self.value()
+        if not isinstance(key, str):
+            raise _ParseError("key is not a string in object")
+        t = self.pop()
+        if t is None:
+            raise _ParseError("premature EOI")
+        if t.kind != _Tok.COLON:
+            raise _ParseError("missing : in object pair")
+        d[key] = self.value()
+
+    def obj(self) -> dict[str, Any]:
+        self.pop()
+        d: dict[str, Any] = {}
+        t = self.peek()
+        if t is None:
+            raise _ParseError("premature EOI")
+        if t.kind == _Tok.RCURLY:
+            self.pop()
+            return d
+        self.pair(d)
+        t = self.pop()
+        if t is None:
+            raise _ParseError("premature EOI")
+        while t.kind != _Tok.RCURLY:
+            if t.kind != _Tok.COMMA:
+                raise _ParseError("expected separator in dict")
+            self.pair(d)
+            t = self.pop()
+            if t is None:
+                raise _ParseError("premature EOI")
+        return d
+
+    def arr(self) -> list[Any]:
+        self.pop()
+        out: list[Any] = []
+        t = self.peek()
+        if t is None:
+            raise _ParseError("premature EOI")
+        if t.kind == _Tok.RSQUARE:
+            self.pop()
+            return out
+        out.append(self.value())
+        t = self.pop()
+        if t is None:
+            raise _ParseError("premature EOI")
+        while t.kind != _Tok.RSQUARE:
+            if t.kind != _Tok.COMMA:
+                raise _ParseError("expected separator in array")
+            out.append(self.value())
+            t = self.pop()
+            if t is None:
+                raise _ParseError("premature EOI")
+        return out
+
+
+_ESC = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "/": "/", "\\": "\\", '"': '"', "'": "'"}
+
+
+def _string(raw: bytes) -> str:
+    """parse_string(): quotes and escapes; UTF-8 validated; surrogate pairs joined."""
+    body = raw[1:-1]
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _ParseError("invalid UTF-8 sequence in string") from None
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        e = text[i + 1]
+        if e == "u":
+            cp = int(text[i + 2:i + 6], 16)
+            i += 6
+            if 0xD800 <= cp < 0xDC00 and text[i:i + 2] == "\\u":
+                lo = int(text[i + 2:i + 6], 16)
+                if 0xDC00 <= lo < 0xE000:
+                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
+                    i += 6
+            if cp == 0:
+                raise _ParseError("\\u0000 is not supported")
+            if 0xD800 <= cp < 0xE000:
+                raise _ParseError("invalid \\u escape (unpaired surrogate)")
+            out.append(chr(cp))
+        else:
+            out.append(_ESC[e])
+            i += 2
+    return "".join(out)
+
+
+# -- output ------------------------------------------------------------------------------
+def dumps(obj: Any) -> str:
+    """QEMU's qobject_to_json(): ASCII, uppercase \\uXXXX, ", " and ": " separators."""
+    parts: list[str] = []
+    _dump(obj, parts)
+    return "".join(parts)
+
+
+def _dump(o: Any, out: list[str]) -> None:
+    if o is None:
+        out.append("null")
+    elif o is True:
+        out.append("true")
+    elif o is False:
+        out.append("false")
+    elif isinstance(o, int):
+        out.append(str(o))
+    elif isinstance(o, float):
+        out.append(repr(o) if math.isfinite(o) else "null")
+    elif isinstance(o, str):
+        _dump_str(o, out)
+    elif isinstance(o, dict):
+        out.append("{")
+        first = True
+        for k, v in o.items():
+            if not first:
+                out.append(", ")
+            first = False
+            _dump_str(str(k), out)
+            out.append(": ")
+            _dump(v, out)
+        out.append("}")
+    elif isinstance(o, (list, tuple)):
+        out.append("[")
+        for i, v in enumerate(o):
+            if i:
+                out.append(", ")
+            _dump(v, out)
+        out.append("]")
+    else:
+        raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+_OUT_ESC = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _dump_str(s: str, out: list[str]) -> None:
+    out.append('"')
+    for ch in s:
+        e = _OUT_ESC.get(ch)
+        if e is not None:
+            out.append(e)
+            continue
+        cp = ord(ch)
+        if 0x20 <= cp < 0x7F:
+            out.append(ch)
+        elif cp < 0x10000:
+            out.append("\\u%04X" % cp)
+        else:
+            cp -= 0x10000
+            out.append("\\u%04X\\u%04X" % (0xD800 + (cp >> 10), 0xDC00 + (cp & 0x3FF)))
+    out.append('"')
+
+
+# -- the connection ------------------------------------------------------------------------
+class ConnState(Enum):
+    NEGOTIATING = "capabilities negotiation"
+    COMMANDS = "command mode"
+    CLOSED = "closed"
+
+
+# Which commands each state dispatches (QEMU: qmp_cap_negotiation_commands vs qmp_commands).
+ALLOWED: dict[ConnState, str] = {
+    ConnState.NEGOTIATING: "only qmp_capabilities; everything else: CommandNotFound 'Expecting capabilities negotiation'",
+    ConnState.COMMANDS: "every command; qmp_capabilities again: CommandNotFound 'already complete'",
+    ConnState.CLOSED: "nothing",
+}
+
+
+@dataclass
+class Request:
+    """A well-formed command, ready for dispatch."""
+
+    execute: str
+    arguments: dict[str, Any]
+    id: Any = None
+    has_id: bool = False
+    oob: bool = False
+
+
+@dataclass
+class Output:
+    """Bytes to send at once (a reply the protocol itself produced)."""
+
+    data: bytes
+    close: bool = False
+
+
+@dataclass
+class QMPConnection:
+    """One QMP session's protocol state."""
+
+    version: dict[str, Any]
+    capabilities: list[str] = field(default_factory=lambda: ["oob"])
+    state: ConnState = ConnState.NEGOTIATING
+    oob_enabled: bool = False
+    streamer: JSONStreamer = field(default_factory=JSONStreamer)
+
+    def greeting(self) -> bytes:
+        return self._line({"QMP": {"version": self.version, "capabilities": list(self.capabilities)}})
+
+    @staticmethod
+    def _line(obj: Any) -> bytes:
+        return (dumps(obj) + "\r\n").encode("ascii")
+
+    def success(self, req: Request, value: Any) -> bytes:
+        msg: dict[str, Any] = {"return": value}
+        if req.has_id:
+            msg["id"] = req.id
+        return self._line(msg)
+
+    def error(self, req: Request | None, cls: str, desc: str) -> bytes:
+        msg: dict[str, Any] = {}
+        if req is not None and req.has_id:
+            msg["id"] = req.id
+        msg["error"] = {"class": cls, "desc": desc}
+        return self._line(msg)
+
+    def event(self, name: str, data: dict[str, Any] | None, seconds: int, micros: int) -> bytes | None:
+        """An event line, or None while negotiating (no events before qmp_capabilities)."""
+        if self.state != ConnState.COMMANDS:
+            return None
+        msg: dict[str, Any] = {"timestamp": {"seconds": seconds, "microseconds": micros}, "event": name}
+        if data is not None:
+            msg["data"] = data
+        return self._line(msg)
+
+    def receive(self, data: bytes) -> list[Request | Output]:
+        if self.state == ConnState.CLOSED:
+            return []
+        return self._process(self.streamer.feed(data))
+
+    def eof(self) -> list[Request | Output]:
+        out = self._process(self.streamer.end_of_input())
+        self.state = ConnState.CLOSED
+        return out
+
+    def _process(self, results: list[ParseResult]) -> list[Request | Output]:
+        out: list[Request | Output] = []
+        for r in results:
+            if r.error is not None:
+                out.append(Output(self.error(None, "GenericError", r.error), close=r.fatal))
+                if r.fatal:
+                    self.state = ConnState.CLOSED
+                    break
+                continue
+            item = self._request(r.value)
+            out.append(item)
+        return out
+
+    def _request(self, obj: Any) -> Request | Output:
+        """qmp_dispatch()'s checks, then negotiation (monitor_qmp_dispatch)."""
+        if not isinstance(obj, dict):
+            return Output(self.error(None, "GenericError", "QMP input must be a JSON object"))
+        req = Request(execute="", arguments={}, id=obj.get("id"), has_id="id" in obj)
+        cmd = None
+        for key, val in obj.items():
+            if key == "execute" or (key == "exec-oob" and self.oob_enabled):
+                if not isinstance(val, str):
+                    return Output(self.error(req, "GenericError", f"QMP input member '{key}' must be a string"))
+                cmd = val
+                req.oob = key == "exec-oob"
+            elif key == "arguments":
+                if not isinstance(val, dict):
+                    return Output(self.error(req, "GenericError", "QMP input member 'arguments' must be an object"))
+                req.arguments = val
+            elif key == "id":
+                continue
+            else:
+                return Output(self.error(req, "GenericError", f"QMP input member '{key}' is unexpected"))
+        if cmd is None:
+            return Output(self.error(req, "GenericError", "QMP input lacks member 'execute'"))
+        req.execute = cmd
+        if self.state == ConnState.NEGOTIATING:
+            if cmd != "qmp_capabilities":
+                return Output(self.error(req, "CommandNotFound",
+                                         "Expecting capabilities negotiation with 'qmp_capabilities'"))
+            return self._negotiate(req)
+        if cmd == "qmp_capabilities":
+            return Output(self.error(req, "CommandNotFound",
+                                     "Capabilities negotiation is already complete, command ignored"))
+        return req
+
+    def _negotiate(self, req: Request) -> Output:
+        args = req.arguments
+        for k in args:
+            if k != "enable":
+                return Output(self.error(req, "GenericError", f"Parameter '{k}' is unexpected"))
+        enable = args.get("enable", [])
+        if not isinstance(enable, list):
+            return Output(self.error(req, "GenericError", "Invalid parameter type for 'enable', expected: array"))
+        for i, cap in enumerate(enable):
+            if not isinstance(cap, str):
+                return Output(self.error(req, "GenericError",
+                                         f"Invalid parameter type for 'enable[{i}]', expected: string"))
+            if cap not in ("oob",):
+                return Output(self.error(req, "GenericError", f"Parameter 'enable[{i}]' does not accept value '{cap}'"))
+            if cap not in self.capabilities:
+                return Output(self.error(req, "GenericError", f"Capability '{cap}' not available"))
+        self.oob_enabled = "oob" in enable
+        self.state = ConnState.COMMANDS
+        return Output(self.success(req, {}))

@@ -1,0 +1,157 @@
+"""QMP over sockets: the only asyncio code in snaplab.
+
+One event-loop thread serves every ``-qmp`` endpoint (unix sockets, created mode 0600; TCP only
+on loopback).  Each connection gets its own :class:`~emulator.qmp.protocol.QMPConnection`; its
+commands are dispatched one at a time in a worker thread, so a slow command never blocks the
+loop or the other monitors, and events reach every negotiated connection through a bounded
+output buffer (a client that stops reading is disconnected, not buffered without limit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from emulator.errors import SnaplabError
+from emulator.qmp.commands import Monitor
+from emulator.qmp.protocol import ConnState, Output, QMPConnection, Request
+
+log = logging.getLogger(__name__)
+MAX_OUTPUT_BUFFER = 16 << 20
+READ_CHUNK = 64 << 10
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="qmp-loop", daemon=True)
+        self.thread.start()
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qmp-cmd")
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class QMPServer:
+    """One listening endpoint."""
+
+    def __init__(self, monitor: Monitor, spec: dict[str, Any], loop: _LoopThread) -> None:
+        self.monitor = monitor
+        self.spec = spec
+        self._lt = loop
+        self._server: asyncio.base_events.Server | None = None
+        self.connected = threading.Event()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._lt.run(self._start())
+
+    async def _start(self) -> None:
+        if self.spec["kind"] == "unix":
+            path = self.spec["path"]
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(path) and not os.path.isdir(path):
+                    os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            old = os.umask(0o177)
+            try:
+                sock.bind(path)
+            except OSError as err:
+                sock.close()
+                raise SnaplabError(f"Failed to bind socket to {path}: {err.strerror}") from err
+            finally:
+                os.umask(old)
+            os.chmod(path, 0o600)
+            self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=READ_CHUNK)
+        else:
+            try:
+                self._server = await asyncio.start_server(self._client, self.spec["host"], self.spec["port"])
+            except OSError as err:
+                raise SnaplabError(f"Failed to bind socket: {err.strerror}") from err
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        conn = self.monitor.new_connection()
+        self._writers.add(writer)
+        self.connected.set()
+
+        def send(data: bytes) -> None:
+            if writer.is_closing():
+                return
+            if writer.transport.get_write_buffer_size() > MAX_OUTPUT_BUFFER:
+                log.warning("QMP client does not read its output; disconnecting it")
+                writer.close()
+                return
+            writer.write(data)
+
+        def on_event(name: str, data: dict[str, Any] | None, sec: int, usec: int) -> None:
+            def deliver() -> None:
+                line = conn.event(name, data, sec, usec)
+                if line is not None:
+                    send(line)
+            loop.call_soon_threadsafe(deliver)
+
+        self.monitor.subscribe(on_event)
+        try:
+            send(conn.greeting())
+            while conn.state != ConnState.CLOSED:
+                data = await reader.read(READ_CHUNK)
+                items = conn.receive(data) if data else conn.eof()
+                for item in items:
+                    if isinstance(item, Output):
+                        send(item.data)
+                        if item.close:
+                            conn.state = ConnState.CLOSED
+                            break
+                    else:
+                        reply = await loop.run_in_executor(self._lt.pool, self._handle, conn, item)
+                        send(reply)
+                await writer.drain()
+                if not data:
+                    break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.monitor.unsubscribe(on_event)
+            self._writers.discard(writer)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    def _handle(self, conn: QMPConnection, req: Request) -> bytes:
+        return self.monitor.handle(conn, req)
+
+    def close(self) -> None:
+        async def _close() -> None:
+            if self._server is not None:
+                self._server.close()
+            for w in list(self._writers):
+                w.close()
+        with contextlib.suppress(Exception):
+            self._lt.run(_close())
+        if self.spec["kind"] == "unix":
+            with contextlib.suppress(OSError):
+                os.unlink(self.spec["path"])
+
+
+_shared: _LoopThread | None = None
+
+
+def start_servers(monitor: Monitor, specs: list[dict[str, Any]]) -> list[QMPServer]:
+    """Listen on every ``-qmp`` endpoint; with ``wait=on``, block until a client connects."""
+    global _shared
+    if _shared is None:
+        _shared = _LoopThread()
+    servers = [QMPServer(monitor, s, _shared) for s in specs]
+    for srv in servers:
+        if srv.spec.get("wait"):
+            srv.connected.wait()
+    return servers
