@@ -1,0 +1,127 @@
+"""The sans-IO protocol core: QEMU 7.2's answers to every malformed-input case of the reference."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emulator.qmp.protocol import (
+    MAX_NESTING,
+    ConnState,
+    JSONStreamer,
+    Output,
+    QMPConnection,
+    Request,
+    dumps,
+)
+
+VERSION = {"qemu": {"micro": 22, "minor": 2, "major": 7}, "package": "snaplab"}
+
+
+def feed(conn: QMPConnection, data: bytes) -> list[object]:
+    out: list[object] = []
+    for item in conn.receive(data):
+        out.append(json.loads(item.data) if isinstance(item, Output) else item)
+    return out
+
+
+def negotiated() -> QMPConnection:
+    c = QMPConnection(VERSION)
+    assert feed(c, b'{"execute": "qmp_capabilities"}\n') == [{"return": {}}]
+    return c
+
+
+def test_greeting_and_negotiation() -> None:
+    c = QMPConnection(VERSION)
+    assert c.greeting() == (b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}, '
+                            b'"package": "snaplab"}, "capabilities": ["oob"]}}\r\n')
+    expecting = {"class": "CommandNotFound", "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"}
+    assert feed(c, b'{"execute": "query-status"}') == [{"error": expecting}]
+    assert feed(c, b'{"execute": "snapshot-save", "id": 5}') == [{"id": 5, "error": expecting}]
+    assert c.event("STOP", None, 1, 2) is None  # no events before negotiation
+    assert feed(c, b'{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}') == [{"return": {}}]
+    assert c.oob_enabled and c.state == ConnState.COMMANDS
+    assert feed(c, b'{"execute": "qmp_capabilities"}') == [{"error": {
+        "class": "CommandNotFound", "desc": "Capabilities negotiation is already complete, command ignored"}}]
+    assert c.event("STOP", None, 1, 2) == b'{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}\r\n'
+
+
+@pytest.mark.parametrize("line,replies", [
+    (b'{"execute": query-status}', [{"error": {"class": "GenericError", "desc": "JSON parse error, stray '-s'"}},
+                                   {"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}]),
+    (b'{"execute": "query-status",}', [{"error": {"class": "GenericError", "desc": "JSON parse error, expecting value"}}]),
+    (b"@@@", [{"error": {"class": "GenericError", "desc": "JSON parse error, stray '@'"}}]),
+    (b'{"exec-oob": "query-status", "id": "o1"}',
+     [{"id": "o1", "error": {"class": "GenericError", "desc": "QMP input member 'exec-oob' is unexpected"}}]),
+    (b"[1, 2]", [{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}]),
+    (b'{"foo": 1}', [{"error": {"class": "GenericError", "desc": "QMP input member 'foo' is unexpected"}}]),
+    (b'{"execute": 1}', [{"error": {"class": "GenericError", "desc": "QMP input member 'execute' must be a string"}}]),
+    (b'{"execute": "query-status", "arguments": []}',
+     [{"error": {"class": "GenericError", "desc": "QMP input member 'arguments' must be an object"}}]),
+    (b'{"execute": "query-status", "bogus": 1}',
+     [{"error": {"class": "GenericError", "desc": "QMP input member 'bogus' is unexpected"}}]),
+    (b'{"arguments": {}}', [{"error": {"class": "GenericError", "desc": "QMP input lacks member 'execute'"}}]),
+    (b'{"execute": "x", "arguments": {"a": tru}}',
+     [{"error": {"class": "GenericError", "desc": "JSON parse error, invalid keyword 'tru'"}}]),
+    (b'{"execute" "x"}', [{"error": {"class": "GenericError", "desc": "JSON parse error, missing : in object pair"}}]),
+    (b'{1: 2}', [{"error": {"class": "GenericError", "desc": "JSON parse error, key is not a string in object"}}]),
+    (b'{"execute": "x", "arguments": {"a": [1 2]}}',
+     [{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in array"}}]),
+])
+def test_malformed_input_like_qemu(line: bytes, replies: list[object]) -> None:
+    c = negotiated()
+    assert feed(c, line + b"\n") == replies
+    assert isinstance(feed(c, b'{"execute": "query-status"}')[0], Request)  # still serving
+
+
+def test_single_quotes_ids_and_unicode() -> None:
+    c = negotiated()
+    (r,) = feed(c, b"{'execute': 'query-status', 'id': 'it\\'s'}")
+    assert isinstance(r, Request) and r.id == "it's"
+    assert feed(c, b"{'execute': 'query-status', 'id': 'it''s'}") == [
+        {"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}]
+    (r,) = feed(c, b"{'execute': 'query-\\'x', 'id': {\"any\": [\"json\", 1]}}")
+    assert isinstance(r, Request) and r.execute == "query-'x" and r.id == {"any": ["json", 1]}
+    assert c.success(r, {"s": "sp ace/\u00fcn\u00ef"}) == (
+        b'{"return": {"s": "sp ace/\\u00FCn\\u00EF"}, "id": {"any": ["json", 1]}}\r\n')
+    assert c.error(r, "GenericError", "x") == b'{"id": {"any": ["json", 1]}, "error": {"class": "GenericError", "desc": "x"}}\r\n'
+    (r,) = feed(c, '{"execute": "h", "arguments": {"s": "\u00e9\\u00e9\\ud83d\\ude00"}}'.encode())
+    assert isinstance(r, Request) and r.arguments["s"] == "\u00e9\u00e9\U0001F600"
+    assert dumps("\U0001F600\x01") == '"\\uD83D\\uDE00\\u0001"'
+
+
+def test_split_batched_and_unterminated() -> None:
+    c = negotiated()
+    msg = b'{"execute": "query-status", "id": 1}'
+    out: list[object] = []
+    for i in range(len(msg)):
+        out += feed(c, msg[i:i + 1])
+    assert len(out) == 1 and isinstance(out[0], Request) and out[0].id == 1
+    out = feed(c, msg + msg + b"\n" + msg)
+    assert [o.id for o in out if isinstance(o, Request)] == [1, 1, 1]
+    # An unterminated object swallows what follows until the braces balance, then fails once.
+    assert feed(c, b'{"execute": "query-status"\n') == []
+    assert feed(c, b'{"execute": "query-status"}\n') == []
+    assert feed(c, b"}\n") == [{"error": {"class": "GenericError", "desc": "JSON parse error, expected separator in dict"}}]
+
+
+def test_limits_close_the_connection() -> None:
+    c = negotiated()
+    deep = b"[" * (MAX_NESTING + 1)
+    items = c.receive(deep)
+    assert isinstance(items[-1], Output) and items[-1].close
+    assert json.loads(items[-1].data)["error"]["desc"] == "JSON nesting depth limit exceeded"
+    assert c.state == ConnState.CLOSED and c.receive(b'{"execute": "query-status"}') == []
+    s = JSONStreamer(max_message=1000)
+    res = s.feed(b'{"execute": "' + b"x" * 2000)
+    assert res and res[0].fatal and "size limit" in (res[0].error or "")
+
+
+def test_numbers_and_keywords() -> None:
+    s = JSONStreamer()
+    vals = [r.value for r in s.feed(b'[0, -1, 1.5e3, 123456789012345678901234, true, false, null, "a\\/b"]')]
+    assert vals == [[0, -1, 1500.0, float(123456789012345678901234), True, False, None, "a/b"]]
+    assert [r.error for r in s.feed(b"[01]")] == ["JSON parse error, expected separator in array"]
+    assert s.feed(b"-x")[0].error == "JSON parse error, stray '-x'"
+    assert JSONStreamer().feed(b'"\\q"')[0].error == "JSON parse error, stray '\"\\q'"
