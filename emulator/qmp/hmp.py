@@ -9,7 +9,6 @@ migration package.
 from __future__ import annotations
 
 import dataclasses
-import shlex
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -30,6 +29,35 @@ def snapshot_nodes(monitor: Monitor) -> list[BlockNode]:
     attached = {a.node.node_name for a in monitor.vm.block_attachments()}
     parents = {c.node_name for n in nodes for c in n.children.values()}
     return [n for n in nodes if not n.read_only and (n.node_name in attached or n.node_name not in parents)]
+
+
+def hmp_split(line: str) -> list[str]:
+    """Words as QEMU's HMP reads them: the command name up to white space, then arguments
+    that may be double-quoted with backslash escapes (monitor/hmp.c get_str)."""
+    out: list[str] = []
+    i, n = 0, len(line)
+    while i < n:
+        while i < n and line[i].isspace():
+            i += 1
+        if i >= n:
+            break
+        if out and line[i] == '"':
+            i += 1
+            word = []
+            while i < n and line[i] != '"':
+                if line[i] == "\\" and i + 1 < n:
+                    i += 1
+                word.append(line[i])
+                i += 1
+            i += 1
+            out.append("".join(word))
+        else:
+            j = i
+            while j < n and not line[j].isspace():
+                j += 1
+            out.append(line[i:j])
+            i = j
+    return out
 
 
 class HMP:
@@ -65,10 +93,7 @@ class HMP:
 
     def execute(self, line: str) -> str:
         """Run one command line; returns the text QEMU's human-monitor-command would."""
-        try:
-            words = shlex.split(line)
-        except ValueError as err:
-            return f"Error: {err}\r\n"
+        words = hmp_split(line)
         if not words:
             return ""
         name = self._aliases.get(words[0], words[0])

@@ -1,0 +1,124 @@
+"""snaplab-system's QMP socket with the real clients: qemu.qmp's QMPClient and qmp-shell."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+
+QMP_SHELL = shutil.which("qmp-shell")
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "64M", "-snaplab-workload", "dirty,seed=1",
+                             "-qmp", f"unix:{a},server=on,wait=off", "-qmp", f"unix:{b},server=on,wait=off",
+                             "-serial", f"file:{tmp_path / 'serial.log'}"],
+                            stderr=subprocess.PIPE)
+    end = time.monotonic() + 30
+    while not (a.exists() and b.exists()):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+        assert time.monotonic() < end
+        time.sleep(0.05)
+    yield proc, a, b
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def test_qemu_qmp_client_two_monitors(system: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    proc, a, b = system
+    assert stat.S_IMODE(os.stat(a).st_mode) == 0o600
+
+    async def main() -> None:
+        q1, q2 = QMPClient("one"), QMPClient("two")
+        await q1.connect(str(a))
+        await q2.connect(str(b))
+        assert q1.greeting._asdict()["QMP"]["version"]["qemu"] == {"micro": 22, "minor": 2, "major": 7}
+        with q2.listener(("STOP", "RESUME")) as listener:
+            assert (await q1.execute("query-status"))["status"] == "running"
+            await q1.execute("stop")
+            ev = await asyncio.wait_for(listener.get(), 10)
+            assert ev["event"] == "STOP" and set(ev["timestamp"]) == {"seconds", "microseconds"}
+            assert (await q2.execute("query-status"))["status"] == "paused"
+            await q2.execute("cont")
+            assert (await asyncio.wait_for(listener.get(), 10))["event"] == "RESUME"
+        with pytest.raises(ExecuteError) as e:
+            await q1.execute("job-dismiss", {"id": "nope"})
+        assert e.value.error_class == "GenericError" and "Job not found" in str(e.value)
+        with pytest.raises(ExecuteError) as e:
+            await q1.execute("snapshot-save-nope")
+        assert e.value.error_class == "CommandNotFound"
+        text = await q2.execute("human-monitor-command", {"command-line": "info status"})
+        assert text == "VM status: running\r\n"
+        await q1.disconnect()
+        with q2.listener("SHUTDOWN") as listener:
+            await q2.execute("quit")
+            ev = await asyncio.wait_for(listener.get(), 10)
+            assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        await q2.disconnect()
+
+    asyncio.run(main())
+    assert proc.wait(20) == 0
+    assert not a.exists()
+
+
+@pytest.mark.skipif(QMP_SHELL is None, reason="qmp-shell comes with the qemu.qmp package ([test] extra)")
+def test_qmp_shell(system: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    proc, a, _ = system
+    script = "query-status\nstop\nquery-status\nhuman-monitor-command command-line=info\nquit\n"
+    res = subprocess.run([str(QMP_SHELL), str(a)], input=script, capture_output=True, text=True, timeout=60)
+    out = res.stdout
+    assert "Welcome to the QMP low-level shell!" in out and "Connected to QEMU 7.2.22" in out
+    assert '{"return": {"status": "running", "singlestep": false, "running": true}}' in out
+    assert '{"return": {"status": "paused", "singlestep": false, "running": false}}' in out
+    assert "info status" in out  # "info" alone lists the info subcommands
+    assert proc.wait(20) == 0
+
+
+def test_raw_socket_wire_format_and_limits(system: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    _, a, b = system
+
+    def lines(s: socket.socket, n: int) -> list[bytes]:
+        buf = b""
+        s.settimeout(10)
+        while buf.count(b"\r\n") < n:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+        return buf.split(b"\r\n")[:n]
+
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(a))
+    assert lines(s, 1)[0].startswith(b'{"QMP": {"version": {"qemu": {"micro": 22, "minor": 2, "major": 7}')
+    s.sendall(b'{"execute": "qmp_capabilities"}{"execute": "query-status", "id": 42}\n@@@\n')
+    assert lines(s, 3) == [b'{"return": {}}',
+                           b'{"return": {"status": "running", "singlestep": false, "running": true}, "id": 42}',
+                           b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'@\'"}}']
+    s.sendall(b"[" * 2000)  # over the nesting limit: an error, then the connection closes
+    rest = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    assert b"JSON nesting depth limit exceeded" in rest
+    s.close()
+    t = socket.socket(socket.AF_UNIX)  # the server is unharmed
+    t.connect(str(b))
+    lines(t, 1)
+    t.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
+    assert b'"status": "running"' in lines(t, 2)[1]
+    t.close()
