@@ -53,6 +53,7 @@ class QMPServer:
         self._server: asyncio.base_events.Server | None = None
         self.connected = threading.Event()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._inflight = 0
         self._lt.run(self._start())
 
     async def _start(self) -> None:
@@ -113,8 +114,12 @@ class QMPServer:
                             conn.state = ConnState.CLOSED
                             break
                     else:
-                        reply = await loop.run_in_executor(self._lt.pool, self._handle, conn, item)
-                        send(reply)
+                        self._inflight += 1
+                        try:
+                            reply = await loop.run_in_executor(self._lt.pool, self._handle, conn, item)
+                            send(reply)
+                        finally:
+                            self._inflight -= 1
                 await writer.drain()
                 if not data:
                     break
@@ -130,10 +135,17 @@ class QMPServer:
         return self.monitor.handle(conn, req)
 
     def close(self) -> None:
+        """Stop listening; let commands in flight (``quit``) send their reply, then hang up."""
         async def _close() -> None:
             if self._server is not None:
                 self._server.close()
+            for _ in range(200):
+                if self._inflight == 0:
+                    break
+                await asyncio.sleep(0.01)
             for w in list(self._writers):
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(w.drain(), 2)
                 w.close()
         with contextlib.suppress(Exception):
             self._lt.run(_close())
