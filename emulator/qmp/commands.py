@@ -92,6 +92,7 @@ class Monitor:
         self._lock = threading.Lock()
         self.jobs = JobManager(self.broadcast)
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
+            "qmp_capabilities": self._capabilities_again,
             "query-version": lambda a: self.version(),
             "query-commands": lambda a: self.schema.query_commands(),
             "query-qmp-schema": lambda a: self.schema.introspect(),
@@ -175,6 +176,9 @@ class Monitor:
         return conn.success(req, value)
 
     # -- handlers -------------------------------------------------------------------------------
+    def _capabilities_again(self, a: dict[str, Any]) -> dict[str, Any]:
+        raise CommandNotFoundError("Capabilities negotiation is already complete, command ignored")
+
     def _stop(self, a: dict[str, Any]) -> dict[str, Any]:
         self.vm.stop()
         return {}

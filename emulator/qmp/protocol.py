@@ -209,7 +209,11 @@ class JSONStreamer:
     def end_of_input(self) -> list[ParseResult]:
         """The peer closed: flush a pending token and parse what is left (json_lexer_flush)."""
         out: list[ParseResult] = []
-        if self._state == "keyword":
+        if self._state == "string" or (self._state == "number" and self._num in ("neg", "dot", "e", "esign")):
+            # QEMU flushes its lexer with a NUL byte, which no pending token accepts.
+            self._lex_error(bytes(self._cur), out)
+            self._state = "start"
+        elif self._state == "keyword":
             self._state = "start"
             self._emit(_Token(_Tok.KEYWORD, bytes(self._cur)), out)
         elif self._state == "number" and self._num in ("zero", "int", "frac", "exp"):
@@ -612,10 +616,7 @@ class QMPConnection:
                 return Output(self.error(req, "CommandNotFound",
                                          "Expecting capabilities negotiation with 'qmp_capabilities'"))
             return self._negotiate(req)
-        if cmd == "qmp_capabilities":
-            return Output(self.error(req, "CommandNotFound",
-                                     "Capabilities negotiation is already complete, command ignored"))
-        return req
+        return req  # qmp_capabilities again: the monitor validates, then refuses it
 
     def _negotiate(self, req: Request) -> Output:
         args = req.arguments
@@ -630,7 +631,8 @@ class QMPConnection:
                 return Output(self.error(req, "GenericError",
                                          f"Invalid parameter type for 'enable[{i}]', expected: string"))
             if cap not in ("oob",):
-                return Output(self.error(req, "GenericError", f"Parameter 'enable[{i}]' does not accept value '{cap}'"))
+                # QEMU names list elements 'null' in enum errors (input_type_enum)
+                return Output(self.error(req, "GenericError", f"Parameter 'null' does not accept value '{cap}'"))
             if cap not in self.capabilities:
                 return Output(self.error(req, "GenericError", f"Capability '{cap}' not available"))
         self.oob_enabled = "oob" in enable

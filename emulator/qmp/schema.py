@@ -191,7 +191,8 @@ class Schema:
             if not isinstance(val, str):
                 raise ArgumentError(f"Invalid parameter type for '{path}', expected: string")
             if val not in self.enums[typ].values:
-                raise ArgumentError(f"Parameter '{path}' does not accept value '{val}'")
+                name = "null" if path.endswith("]") else path  # QEMU's quirk for list elements
+                raise ArgumentError(f"Parameter '{name}' does not accept value '{val}'")
             return val
         if typ in self.objects:
             if not isinstance(val, dict):

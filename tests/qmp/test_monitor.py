@@ -112,6 +112,8 @@ def test_run_control_and_events(vm: Machine) -> None:
     assert evs[1].data == {"guest": False, "reason": "host-qmp-system-reset"}
     assert abs(evs[0].timestamp - time.time()) < 60
     q.execute("cont")
+    assert err(q, "qmp_capabilities") == ("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+    assert err(q, "qmp_capabilities", {"enable": ["x"]}) == ("GenericError", "Parameter 'null' does not accept value 'x'")
     assert err(q, "no-such-command") == ("CommandNotFound", "The command no-such-command has not been found")
     assert err(q, "stop", {"x": 1}) == ("GenericError", "Parameter 'x' is unexpected")
     q.execute("quit")
