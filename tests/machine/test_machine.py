@@ -259,3 +259,21 @@ def test_disk_requests_are_validated() -> None:
         assert req(1, 8, 0, 0x2000, unit=3) == S_NODEV
         assert req(1, 8, 0, 0x2000, desc=RAM - 8) == S_BADADDR
         assert req(1, 8, 0, 0x2000, desc=2**64 - 16) == S_BADADDR
+
+
+def test_ram_from_16_mib_to_8_gib_and_loader(tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(bytes(range(256)) * 4096)
+    for size in (16 << 20, 8 << 30):
+        cfg = MachineConfig(ram_size=size, workload=WorkloadSpec("dirty", working_set=8 << 20),
+                            loaders=[(str(blob), size - (2 << 20))])
+        with Machine(cfg) as m:
+            assert m.ram.addr % (2 << 20) == 0
+            assert m.ram.read(size - (2 << 20), 1 << 20) == blob.read_bytes()
+            m.start()
+            wait_for(lambda m=m: m.lab.last.iterations > 10_000)
+            m.stop()
+    with pytest.raises(Exception, match="outside guest RAM"):
+        Machine(MachineConfig(ram_size=16 << 20, loaders=[(str(blob), 16 << 20)]))
+    with pytest.raises(Exception, match="between 16 MiB"):
+        Machine(MachineConfig(ram_size=8 << 20))
