@@ -19,6 +19,7 @@ Threading rule (the one place it is written down):
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ from typing import Any
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
-from emulator.cpu import X86CPU, GuestFault
+from emulator.cpu import X86CPU, GuestFault, pack_cpu_state, unpack_cpu_state
 from emulator.devices import PortBus
 from emulator.devices.disk import DiskController
 from emulator.devices.flash import FlashBank, FlashController
@@ -49,8 +50,11 @@ from emulator.devices.timer import Timer
 from emulator.errors import SnaplabError
 from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
 from emulator.memory import GuestRAM
+from emulator.migration.savevm import SnapshotController
+from emulator.migration.vmstate import Handler, SaveHandler
 from emulator.qmp.client import QMPClient
 from emulator.qmp.commands import Attachment, Monitor
+from emulator.qmp.snapshot import install_snapshot_commands
 from emulator.runstate import RunState
 
 Listener = Callable[[str, dict[str, Any]], None]
@@ -161,8 +165,14 @@ class Machine:
             self.bus.add(dev)
         self.cpu.hook_ports(self._port_in, self._port_out)
         self.cpu.reset(FW_ENTRY)
-        for path, addr in config.loaders:
-            self.load_file(path, addr)
+        self.snapshots = SnapshotController(self.graph, lambda: [a.node.node_name for a in self.block_attachments()],
+                                            self, self.savevm_handlers, self.ram, self.MACHINE_NAME)
+        try:
+            for path, addr in config.loaders:
+                self.load_file(path, addr)
+        except BaseException:
+            self.ram.close()
+            raise
 
     # -- composition helpers ------------------------------------------------------------
     def _firmware(self, node_name: str | None) -> bytes:
@@ -215,9 +225,10 @@ class Machine:
     # -- QMP ---------------------------------------------------------------------------------
     @property
     def monitor(self) -> Monitor:
-        """This VM's QMP monitor (created on first use)."""
+        """This VM's QMP monitor (created on first use), with the snapshot commands."""
         if self._monitor is None:
             self._monitor = Monitor(self)
+            install_snapshot_commands(self._monitor, self.snapshots)
         return self._monitor
 
     def qmp(self, *, negotiate: bool = True) -> QMPClient:
@@ -329,19 +340,64 @@ class Machine:
         if not paused:
             self.cont()
 
-    def vm_stop(self, state: RunState = RunState.PAUSED, *, emit: bool = True) -> bool:
-        """vm_stop(): park the vCPU and enter ``state``; False if it was not running."""
+    def vm_stop(self, state: RunState = RunState.PAUSED) -> bool:
+        """vm_stop(): park the vCPU, enter ``state`` and emit STOP; nothing if not running."""
         if self.state != RunState.RUNNING:
-            if self.state in (RunState.PAUSED, RunState.PRELAUNCH, RunState.SAVE_VM, RunState.RESTORE_VM):
-                self.state = state if state != RunState.PAUSED or self.state != RunState.PRELAUNCH else self.state
             return False
         self._park()
         self.clock.stop()
         self.serial.flush()
         self.state = state
-        if emit:
-            self.emit("STOP")
+        self.emit("STOP")
         return True
+
+    def vm_resume(self, state: RunState) -> None:
+        """vm_resume(): run again if ``state`` was running, else just go back to ``state``."""
+        if state == RunState.RUNNING:
+            self.state = RunState.PAUSED
+            self.cont()
+        else:
+            self.state = state
+
+    def reset_for_load(self) -> None:
+        """qemu_system_reset(SHUTDOWN_CAUSE_SNAPSHOT_LOAD): devices and CPU, no RESET event."""
+        self.cpu.reset(FW_ENTRY)
+        for dev in self.bus.devices:
+            dev.reset()
+        self.fault = None
+
+    def vclock_ns(self) -> int:
+        return self.clock.now_ns()
+
+    def set_vclock_ns(self, ns: int) -> None:
+        self.clock.set(ns)
+
+    # -- VM state handlers (the sections of the vmstate stream) ---------------------------
+    MACHINE_NAME = "snaplab-pc-1.0"
+
+    def savevm_handlers(self) -> list[SaveHandler]:
+        """One handler per component, in stream order; RAM is streamed separately."""
+        hs: list[SaveHandler] = [
+            Handler("machine", 1, self._save_machine, self._load_machine),
+            Handler("cpu", 1, lambda: pack_cpu_state(self.cpu.get_state()),
+                    lambda d, v: self.cpu.set_state(unpack_cpu_state(d))),
+            Handler("clock", 1, lambda: struct.pack(">Q", self.clock.now_ns()),
+                    lambda d, v: self.clock.set(struct.unpack(">Q", d)[0])),
+        ]
+        for dev in self.bus.devices:
+            hs.append(Handler(dev.name, dev.version, dev.save_state, dev.load_state))
+        return hs
+
+    def _save_machine(self) -> bytes:
+        w = self.config.workload
+        return struct.pack(">QQ", self.config.ram_size, len(self.disk_nodes)) + w.name.encode()
+
+    def _load_machine(self, data: bytes, version: int) -> None:
+        ram, ndisks = struct.unpack_from(">QQ", data)
+        if ram != self.config.ram_size:
+            raise ValueError(f"RAM size {ram} in the stream, {self.config.ram_size} here")
+        if ndisks != len(self.disk_nodes):
+            raise ValueError(f"{ndisks} disks in the stream, {len(self.disk_nodes)} here")
 
     def stop(self) -> None:
         self.vm_stop(RunState.PAUSED)

@@ -128,6 +128,11 @@ class GuestRAM:
         """Give every page back to the kernel: RAM reads as zeros again (MADV_DONTNEED)."""
         _libc.madvise(self.addr, self.span, MADV_DONTNEED)
 
+    def load_view(self) -> memoryview:
+        """A writable view for bulk loads (preadv into RAM). Only while no write protection
+        or missing-page registration is armed on this mapping (the loader's own rule)."""
+        return memoryview(self.array.data).cast("B")
+
     def view(self) -> memoryview:
         """A read-only view for bulk reads (saving); never write through it."""
         return memoryview(self.array.data).toreadonly()

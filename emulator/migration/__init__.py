@@ -1,0 +1,1 @@
+"""Migration: the VM state stream and the snapshot engines (QEMU's migration/)."""

@@ -1,0 +1,309 @@
+"""The VM state stream: QEMU's savevm format, reduced and documented (migration/savevm.c).
+
+Layout (all integers big-endian, as QEMU's QEMUFile)::
+
+    u32 QEVM magic 0x5145564D, u32 version 3
+    CONFIGURATION: u8 0x07, u32 len, machine name
+    per device:    u8 0x04 FULL, u32 section id, u8 len + idstr, u32 instance id, u32 version id,
+                   u32 payload length, payload, u8 0x7E footer, u32 section id
+    RAM:           u8 0x01 START + the same section header, u32 32, header
+                       (u64 ram size, u32 page size, u32 flags, u64 pages, u64 data offset),
+                   u8 0x02 PART, u32 section id, u64 length, non-zero bitmap (1 bit per page, LSB first),
+                   u8 0x02 PART, u32 section id, u64 length, padding to a 4 KiB boundary, then every
+                       non-zero page in page order (zero pages are recorded by the bitmap only),
+                   u8 0x03 END, u32 section id, u8 0x7E footer, u32 section id
+    u8 0x10 EOF
+
+Every non-zero page therefore lies at ``data offset + 4096 * (number of non-zero pages before
+it)``: any page can be read at random (lazy restore), and a blocking load is one large read
+per run of non-zero pages.  Each component registers a :class:`SaveHandler` (id, instance,
+version) with save and load side by side; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from emulator.errors import SnaplabError
+
+QEVM_MAGIC = 0x5145564D
+QEVM_VERSION = 3
+QEMU_VM_EOF = 0x10
+QEMU_VM_SECTION_START = 0x01
+QEMU_VM_SECTION_PART = 0x02
+QEMU_VM_SECTION_END = 0x03
+QEMU_VM_SECTION_FULL = 0x04
+QEMU_VM_CONFIGURATION = 0x07
+QEMU_VM_SECTION_FOOTER = 0x7E
+PAGE = 4096
+RAM_IDSTR = "ram"
+RAM_VERSION = 1
+_RAM_HEADER = struct.Struct(">QIIQQ")
+
+
+class LoadVMError(SnaplabError):
+    """The stream does not match this machine (qemu_loadvm_state failing with -EINVAL)."""
+
+    def __init__(self, detail: str, errno: int = -22) -> None:
+        self.detail = detail
+        self.errno = errno
+        super().__init__(f"Error {errno} while loading VM state: {detail}")
+
+
+class SaveHandler(Protocol):
+    """What a component registers (QEMU's SaveStateEntry with a VMStateDescription)."""
+
+    idstr: str
+    instance_id: int
+    version_id: int
+
+    def save(self) -> bytes: ...
+
+    def load(self, data: bytes, version_id: int) -> None: ...
+
+
+@dataclass
+class Handler:
+    """A SaveHandler built from two callables."""
+
+    idstr: str
+    version_id: int
+    save_fn: Callable[[], bytes]
+    load_fn: Callable[[bytes, int], None]
+    instance_id: int = 0
+
+    def save(self) -> bytes:
+        return self.save_fn()
+
+    def load(self, data: bytes, version_id: int) -> None:
+        self.load_fn(data, version_id)
+
+
+class StreamWriter(Protocol):
+    def write(self, pos: int, data: bytes | memoryview) -> None: ...
+
+
+class StreamReader(Protocol):
+    def read(self, pos: int, n: int) -> bytes: ...
+
+    def readinto(self, pos: int, buf: memoryview) -> None: ...
+
+
+def _section_header(kind: int, sid: int, idstr: str, instance: int, version: int) -> bytes:
+    name = idstr.encode()
+    return struct.pack(">BIB", kind, sid, len(name)) + name + struct.pack(">II", instance, version)
+
+
+def nonzero_pages(ram: np.ndarray) -> np.ndarray:
+    """Boolean per 4 KiB page: True where the page has a non-zero byte (vectorised scan)."""
+    n = ram.size // PAGE
+    view = ram[: n * PAGE].view(np.uint64).reshape(n, PAGE // 8)
+    out = np.empty(n, dtype=bool)
+    step = 1 << 15  # 128 MiB at a time keeps the temporaries small
+    for i in range(0, n, step):
+        out[i:i + step] = view[i:i + step].any(axis=1)
+    return out
+
+
+@dataclass
+class SavedState:
+    """What save_state wrote: sizes and where the RAM pages went."""
+
+    size: int
+    ram_data_offset: int
+    nonzero: int
+    machine: str
+
+
+def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram: np.ndarray | None,
+               ram_base: int = 0, nz: np.ndarray | None = None) -> SavedState:
+    """qemu_savevm_state(): the configuration, every device section, RAM, EOF."""
+    head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
+    name = machine.encode()
+    head += struct.pack(">BI", QEMU_VM_CONFIGURATION, len(name)) + name
+    sid = 0
+    for h in handlers:
+        payload = h.save()
+        head += _section_header(QEMU_VM_SECTION_FULL, sid, h.idstr, h.instance_id, h.version_id)
+        head += struct.pack(">I", len(payload)) + payload
+        head += struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
+        sid += 1
+    pos = 0
+    ram_offset = 0
+    count = 0
+    if ram is not None:
+        pages = ram.size // PAGE
+        if nz is None:
+            nz = nonzero_pages(ram)
+        count = int(nz.sum())
+        bitmap = np.packbits(nz, bitorder="little").tobytes()
+        bitmap += bytes(-len(bitmap) % 8)
+        head += _section_header(QEMU_VM_SECTION_START, sid, RAM_IDSTR, 0, RAM_VERSION)
+        hdr_pos = len(head) + 4
+        head += struct.pack(">I", _RAM_HEADER.size) + bytes(_RAM_HEADER.size)
+        head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, len(bitmap)) + bitmap
+        part_at = len(head)
+        ram_offset = -(-(part_at + 13) // PAGE) * PAGE
+        pad = ram_offset - (part_at + 13)
+        head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, pad + count * PAGE) + bytes(pad)
+        struct.pack_into(">QIIQQ", head, hdr_pos, ram.size, PAGE, 0, pages, ram_offset)
+        out.write(0, bytes(head))
+        pos = ram_offset
+        # Runs of non-zero pages go out in one write each, straight from guest RAM.
+        idx = np.flatnonzero(nz)
+        if len(idx):
+            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+            starts = np.concatenate(([0], breaks))
+            ends = np.concatenate((breaks, [len(idx)]))
+            mv = memoryview(ram.data).cast("B")
+            for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+                p0 = int(idx[a]) * PAGE
+                p1 = (int(idx[b - 1]) + 1) * PAGE
+                out.write(pos, mv[p0:p1])
+                pos += p1 - p0
+        tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
+        tail += struct.pack(">B", QEMU_VM_EOF)
+        out.write(pos, tail)
+        pos += len(tail)
+    else:
+        head += struct.pack(">B", QEMU_VM_EOF)
+        out.write(0, bytes(head))
+        pos = len(head)
+    return SavedState(pos, ram_offset, count, machine)
+
+
+class _Cursor:
+    def __init__(self, src: StreamReader, size: int) -> None:
+        self.src = src
+        self.size = size
+        self.pos = 0
+        self._buf = b""
+        self._buf_pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.size:
+            raise LoadVMError(f"truncated stream at offset {self.pos} (wanted {n} bytes of {self.size})", -5)
+        end = self.pos + n
+        if not (self._buf_pos <= self.pos and end <= self._buf_pos + len(self._buf)):
+            want = max(n, 1 << 16)
+            self._buf = self.src.read(self.pos, min(want, self.size - self.pos))
+            self._buf_pos = self.pos
+        off = self.pos - self._buf_pos
+        self.pos = end
+        return self._buf[off:off + n]
+
+    def u8(self) -> int:
+        return self.take(1)[0]
+
+    def u32(self) -> int:
+        return int(struct.unpack(">I", self.take(4))[0])
+
+    def u64(self) -> int:
+        return int(struct.unpack(">Q", self.take(8))[0])
+
+
+@dataclass
+class RamLayout:
+    ram_size: int
+    pages: int
+    data_offset: int
+    nonzero: np.ndarray  # bool per page
+    page_offset: np.ndarray  # stream offset of every non-zero page (undefined for zero pages)
+
+
+def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],
+               load_ram: Callable[[RamLayout], None] | None) -> None:
+    """qemu_loadvm_state(): validate everything, then apply sections in stream order.
+
+    Device payloads are collected first and applied only once the whole stream has been read
+    and checked, so a bad stream changes nothing.  RAM is handed to ``load_ram`` last.
+    """
+    cur = _Cursor(src, size)
+    if size < 8 or cur.u32() != QEVM_MAGIC:
+        raise LoadVMError("not a VM state stream (bad magic)")
+    v = cur.u32()
+    if v != QEVM_VERSION:
+        raise LoadVMError(f"unsupported VM state stream version {v}")
+    by_id = {(h.idstr, h.instance_id): h for h in handlers}
+    pending: list[tuple[SaveHandler, bytes, int]] = []
+    layout: RamLayout | None = None
+    seen: set[tuple[str, int]] = set()
+    while True:
+        kind = cur.u8()
+        if kind == QEMU_VM_EOF:
+            break
+        if kind == QEMU_VM_CONFIGURATION:
+            name = cur.take(cur.u32()).decode(errors="replace")
+            if name != machine:
+                raise LoadVMError(f"Machine type received is '{name}' and local is '{machine}'")
+            continue
+        if kind not in (QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START):
+            raise LoadVMError(f"unexpected section type {kind:#x} at offset {cur.pos - 1}")
+        sid = cur.u32()
+        idstr = cur.take(cur.u8()).decode(errors="replace")
+        instance = cur.u32()
+        version = cur.u32()
+        if idstr == RAM_IDSTR and kind == QEMU_VM_SECTION_START:
+            layout = _read_ram(cur, sid, version)
+            seen.add((idstr, instance))
+            continue
+        h = by_id.get((idstr, instance))
+        if h is None:
+            raise LoadVMError(f"Unknown savevm section or instance '{idstr}' {instance}. Make sure that your "
+                              "current VM setup matches your saved VM setup, including any hotplugged devices")
+        if version > h.version_id:
+            raise LoadVMError(f"savevm: unsupported version {version} for '{idstr}' v{h.version_id}")
+        payload = cur.take(cur.u32())
+        if cur.u8() != QEMU_VM_SECTION_FOOTER or cur.u32() != sid:
+            raise LoadVMError(f"Missing section footer for {idstr}")
+        pending.append((h, payload, version))
+        seen.add((idstr, instance))
+    missing = [k for k in by_id if k not in seen]
+    if missing:
+        raise LoadVMError(f"the stream has no section for '{missing[0][0]}' {missing[0][1]}")
+    if load_ram is not None and layout is None:
+        raise LoadVMError("the stream has no RAM section")
+    for h, payload, version in pending:
+        try:
+            h.load(payload, version)
+        except (ValueError, struct.error) as err:
+            raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
+    if load_ram is not None and layout is not None:
+        load_ram(layout)
+
+
+def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
+    if version > RAM_VERSION:
+        raise LoadVMError(f"savevm: unsupported version {version} for 'ram' v{RAM_VERSION}")
+    if cur.u32() != _RAM_HEADER.size:
+        raise LoadVMError("bad RAM section header")
+    ram_size, page, _flags, pages, data_offset = _RAM_HEADER.unpack(cur.take(_RAM_HEADER.size))
+    if page != PAGE or pages * PAGE != ram_size:
+        raise LoadVMError(f"bad RAM geometry (page {page}, {pages} pages, {ram_size} bytes)")
+    if cur.u8() != QEMU_VM_SECTION_PART or cur.u32() != sid:
+        raise LoadVMError("bad RAM bitmap part")
+    blen = cur.u64()
+    bitmap_bytes = (pages + 7) // 8
+    if blen != (bitmap_bytes + 7) // 8 * 8:
+        raise LoadVMError("bad RAM bitmap length")
+    bits = np.unpackbits(np.frombuffer(cur.take(blen), dtype=np.uint8), bitorder="little")[:pages].astype(bool)
+    if cur.u8() != QEMU_VM_SECTION_PART or cur.u32() != sid:
+        raise LoadVMError("bad RAM data part")
+    dlen = cur.u64()
+    count = int(bits.sum())
+    if cur.pos + (data_offset - cur.pos) + count * PAGE != cur.pos + dlen or data_offset < cur.pos:
+        raise LoadVMError("RAM data length does not match the bitmap")
+    cur.pos = data_offset + count * PAGE
+    if cur.pos > cur.size:
+        raise LoadVMError("truncated stream: RAM pages missing", -5)
+    if cur.u8() != QEMU_VM_SECTION_END or cur.u32() != sid:
+        raise LoadVMError("bad RAM section end")
+    if cur.u8() != QEMU_VM_SECTION_FOOTER or cur.u32() != sid:
+        raise LoadVMError("Missing section footer for ram")
+    offsets = data_offset + (np.cumsum(bits) - 1).astype(np.int64) * PAGE
+    return RamLayout(ram_size, pages, data_offset, bits, offsets)

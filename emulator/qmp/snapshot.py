@@ -1,0 +1,72 @@
+"""QMP snapshot-save / snapshot-load / snapshot-delete as jobs, and HMP savevm / loadvm / delvm.
+
+Mirrors migration/savevm.c's QMP glue (``qmp_snapshot_save`` & co.: a manual-dismiss job whose
+work is save_snapshot / load_snapshot / delete_snapshot) and monitor/hmp-cmds.c (``hmp_savevm``
+overwrites a same-named snapshot and picks every writable device; ``hmp_loadvm`` leaves the VM
+stopped when the load fails).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from emulator.migration.savevm import SnapshotController
+from emulator.qmp.commands import Monitor
+from emulator.qmp.jobs import Job
+from emulator.qmp.schema import Command, Member
+
+SNAPSHOT_COMMANDS = [
+    Command("snapshot-save", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
+                              Member("devices", "[str]"))),
+    Command("snapshot-load", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
+                              Member("devices", "[str]"))),
+    Command("snapshot-delete", (Member("job-id", "str"), Member("tag", "str"), Member("devices", "[str]"))),
+]
+
+
+def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
+    for cmd in SNAPSHOT_COMMANDS:
+        monitor.schema.add_command(cmd)
+
+    def save(a: dict[str, Any]) -> dict[str, Any]:
+        def work(job: Job) -> None:
+            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"])
+            job.result["metrics"] = m
+        monitor.jobs.create(a["job-id"], "snapshot-save", work)
+        return {}
+
+    def load(a: dict[str, Any]) -> dict[str, Any]:
+        def work(job: Job) -> None:
+            m = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"])
+            job.result["metrics"] = m
+        monitor.jobs.create(a["job-id"], "snapshot-load", work)
+        return {}
+
+    def delete(a: dict[str, Any]) -> dict[str, Any]:
+        monitor.jobs.create(a["job-id"], "snapshot-delete", lambda job: ctl.delete_snapshot(a["tag"], a["devices"]))
+        return {}
+
+    monitor.handlers["snapshot-save"] = save
+    monitor.handlers["snapshot-load"] = load
+    monitor.handlers["snapshot-delete"] = delete
+
+    def hmp_savevm(args: list[str]) -> str:
+        ctl.save_snapshot(args[0] if args else None, True, None, None)
+        return ""
+
+    def hmp_loadvm(args: list[str]) -> str:
+        if not args:
+            return "Error: Parameter 'name' is missing\n"
+        ctl.load_snapshot(args[0], None, None)
+        return ""
+
+    def hmp_delvm(args: list[str]) -> str:
+        if not args:
+            return "Error: Parameter 'name' is missing\n"
+        ctl.delete_snapshot(args[0], None)
+        return ""
+
+    monitor.hmp.register("savevm", hmp_savevm, "[tag]",
+                         "save a VM snapshot. If no tag is provided, a new snapshot is created")
+    monitor.hmp.register("loadvm", hmp_loadvm, "tag", "restore a VM snapshot from its tag")
+    monitor.hmp.register("delvm", hmp_delvm, "tag", "delete a VM snapshot from its tag")
