@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             servers = start_servers(machine.monitor, opts.qmp)
         if opts.loadvm:
-            raise SnaplabError("-loadvm: snapshots are not part of this build yet")
+            machine.snapshots.load_snapshot(opts.loadvm, None, None)
         machine.start(paused=opts.paused)
     except SnaplabError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
