@@ -14,11 +14,12 @@ a snapshot thread can share one image.  Imports neither unicorn nor asyncio.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
 
@@ -138,6 +139,13 @@ class Qcow2Image:
                                    h.refcount_table_clusters, read_only=self.read_only)
         self.refcounts._write_pointers_cb = lambda off, n: self._write_pointers(refcount_table_offset=off,
                                                                                 refcount_table_clusters=n)
+        self._file_size = fsize
+        self._grown = False
+        self._defer = 0
+        self._flush_pending = False
+        self.refcounts.sync = self.sync_point  # type: ignore[method-assign]
+        if isinstance(self.file, OsFile) and not self.read_only:
+            self.refcounts.on_alloc = self._grow_file  # type: ignore[method-assign]
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
         if not self.read_only:
@@ -272,6 +280,50 @@ class Qcow2Image:
     def file_size_hint(self) -> int:
         return self.file.size()
 
+    def sync_point(self) -> None:
+        """fdatasync at a commit, unless inside :meth:`deferred_flush`."""
+        if self._defer:
+            self._flush_pending = True
+        else:
+            self.file.flush()
+
+    @contextlib.contextmanager
+    def deferred_flush(self) -> Iterator[None]:
+        """Commits inside skip their fdatasync; the caller flushes afterwards.
+
+        Ordering against a killed process is unchanged (page-cache writes are seen in order);
+        what is given up until the flush is power-loss durability.  The blocking snapshot
+        engine uses it so that the fdatasync happens after the guest resumed.
+        """
+        with self._lock:
+            self._defer += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._defer -= 1
+
+    GROW_STEP = 256 << 20
+
+    def _grow_file(self, end: int) -> None:
+        """Extend the file ahead of allocations (ftruncate, sparse): writes inside i_size are
+        ~10x cheaper on ext4 than writes that extend it.  Trimmed back on close."""
+        if end <= self._file_size:
+            return
+        target = max(end, self._file_size + self.GROW_STEP)
+        target = -(-target // self.cluster_size) * self.cluster_size
+        self.file.truncate(target)
+        self._file_size = target
+        self._grown = True
+
+    def _trim_file(self) -> None:
+        if self._grown and not self.read_only:
+            end = max(self.refcounts.highest_used(), self.cluster_size)
+            if end < self.file.size():
+                self.file.truncate(end)
+            self._file_size = self.file.size()
+            self._grown = False
+
     def barrier(self) -> None:
         """An ordering point between dependent writes; fdatasync when strict_barriers."""
         if self.strict_barriers:
@@ -284,7 +336,7 @@ class Qcow2Image:
         """Write header bytes 36..71 in one write, then flush: a metadata commit."""
         h = self.header.with_pointers(**fields)
         self.file.pwrite(HEADER_POINTERS_OFFSET, h.pack_pointers())
-        self.file.flush()
+        self.sync_point()
         self.header = h
         self.metadata_changed()
 
@@ -393,10 +445,12 @@ class Qcow2Image:
     @_locked
     def flush(self) -> None:
         self.file.flush()
+        self._flush_pending = False
 
     @_locked
     def close(self) -> None:
         if not self.read_only:
+            self._trim_file()
             self.file.flush()
         self.file.close()
 

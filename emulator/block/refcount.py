@@ -178,10 +178,26 @@ class Refcounts:
         self.update_range(start, n, +1)
         if start == self.free_hint:
             self.free_hint = start + n
+        self.on_alloc((start + n) << self.cluster_bits)
         return start << self.cluster_bits
 
     # Set by the image: writes header pointers with a new refcount table location.
     _write_pointers_cb: Callable[[int, int], None]
+
+    def sync(self) -> None:
+        """The durability point before a commit's header write (the image may defer it)."""
+        self.file.flush()
+
+    def on_alloc(self, end: int) -> None:
+        """Called with the end offset of every allocation (the image may grow the file ahead)."""
+
+    def highest_used(self) -> int:
+        """End offset of the last cluster with a non-zero refcount."""
+        for b in range(len(self.table) - 1, -1, -1):
+            blk = self.block(b)
+            if blk is not None and blk.any():
+                return (b * self.entries_per_block + int(np.flatnonzero(blk)[-1]) + 1) << self.cluster_bits
+        return 0
 
     def update_range(self, start: int, n: int, delta: int) -> None:
         """Add ``delta`` to the refcounts of clusters [start, start+n), in place."""
@@ -286,6 +302,7 @@ class RefcountTxn:
         self._add(np.arange(start, start + n, dtype=np.int64), +1)
         if start == rc.free_hint:
             rc.free_hint = start + n
+        rc.on_alloc((start + n) << rc.cluster_bits)
         return start << rc.cluster_bits
 
     def unreserve(self, offset: int, n: int) -> None:
@@ -378,7 +395,7 @@ class RefcountTxn:
             for b, off in sorted(shadow.items()):
                 rc.file.pwrite(off, rc.blocks[b].astype(rc.disk_dtype).tobytes())
             rc.file.pwrite(table_off, new_table.astype(">u8").tobytes())
-            rc.file.flush()
+            rc.sync()
             write_pointers(table_off, table_clusters)
         except BaseException:
             self.rollback()
