@@ -13,7 +13,7 @@ Imports neither unicorn nor asyncio.
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -187,11 +187,26 @@ def grow_l1_table(s: Qcow2Image, min_size: int) -> None:
     s.l1_table = table
 
 
-def writable_l2(s: Qcow2Image, l1i: int) -> tuple[int, np.ndarray]:
+class L1Tree(Protocol):
+    """An L1 table the write path can allocate under: the active one, or a pending snapshot's."""
+
+    table: np.ndarray
+
+    def set_entry(self, i: int, value: int) -> None: ...
+
+    def ensure(self, size: int) -> None: ...
+
+
+def writable_l2(s: Qcow2Image, l1i: int, tree: L1Tree | None = None) -> tuple[int, np.ndarray]:
     """An L2 table for ``l1i`` that may be modified in place (l2_allocate / COW)."""
-    if l1i >= s.l1_size:
-        grow_l1_table(s, l1i + 1)
-    ent = int(s.l1_table[l1i])
+    if tree is not None:
+        tree.ensure(l1i + 1)
+        l1 = tree.table
+    else:
+        if l1i >= s.l1_size:
+            grow_l1_table(s, l1i + 1)
+        l1 = s.l1_table
+    ent = int(l1[l1i])
     off = ent & L1E_OFFSET_MASK
     if off and ent & QCOW_OFLAG_COPIED:
         return off, load_l2(s, off, l1i)
@@ -203,7 +218,10 @@ def writable_l2(s: Qcow2Image, l1i: int) -> tuple[int, np.ndarray]:
     new = s.refcounts.alloc_clusters(1)
     s.file.pwrite(new, table.astype(">u8").tobytes())
     s.barrier()
-    set_l1_entry(s, l1i, new | QCOW_OFLAG_COPIED)
+    if tree is not None:
+        tree.set_entry(l1i, new | QCOW_OFLAG_COPIED)
+    else:
+        set_l1_entry(s, l1i, new | QCOW_OFLAG_COPIED)
     s.l2_cache[new] = table
     s.metadata_changed()
     if off:
@@ -216,8 +234,8 @@ def write_l2_range(s: Qcow2Image, l2_off: int, l2: np.ndarray, lo: int, hi: int)
     s.file.pwrite(l2_off + 8 * lo, l2[lo:hi].astype(">u8").tobytes())
 
 
-def write_clusters(s: Qcow2Image, offset: int, data: memoryview) -> None:
-    """Guest write through the active L1 (qcow2_co_pwritev_part for one request)."""
+def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | None = None) -> None:
+    """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part)."""
     cs = s.cluster_size
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + data.nbytes
@@ -226,7 +244,7 @@ def write_clusters(s: Qcow2Image, offset: int, data: memoryview) -> None:
         l1i = pos // span
         slice_end = min(end, (l1i + 1) * span)
         base = l1i * span
-        l2_off, l2 = writable_l2(s, l1i)
+        l2_off, l2 = writable_l2(s, l1i, tree)
         c0 = (pos - base) >> s.cluster_bits
         c1 = ((slice_end - 1 - base) >> s.cluster_bits) + 1
         ents = l2[c0:c1].copy()
@@ -244,7 +262,7 @@ def write_clusters(s: Qcow2Image, offset: int, data: memoryview) -> None:
         for i in {0 if first_partial else -1, n - 1 if last_partial else -1} - {-1}:
             if not inplace[i]:
                 buf = bytearray(cs)
-                read_through(s, s.l1_table, base + (c0 + i) * cs, memoryview(buf))
+                read_through(s, s.l1_table if tree is None else tree.table, base + (c0 + i) * cs, memoryview(buf))
                 cow[i] = buf
         if len(need):
             start = s.refcounts.alloc_clusters(len(need))

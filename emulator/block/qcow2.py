@@ -509,6 +509,31 @@ class Qcow2Image:
                                         date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec, icount=icount)
 
     @_locked
+    def snapshot_prepare(self) -> snapshot.PendingSnapshot:
+        """Freeze the disk state now; see :class:`~emulator.block.snapshot.PendingSnapshot`."""
+        self._check_rw()
+        return snapshot.snapshot_prepare(self)
+
+    @_locked
+    def pending_save_vmstate(self, p: snapshot.PendingSnapshot, pos: int, data: bytes | bytearray | memoryview) -> None:
+        """Write VM state into a pending snapshot's frozen tree (the guest's tree is untouched)."""
+        mv = memoryview(data).cast("B")
+        if mv.nbytes:
+            cluster.write_clusters(self, self.vm_state_offset + pos, mv, tree=p)
+
+    @_locked
+    def pending_load_vmstate(self, p: snapshot.PendingSnapshot, pos: int, buf: memoryview | bytearray) -> None:
+        cluster.read_through(self, p.table, self.vm_state_offset + pos, memoryview(buf).cast("B"))
+
+    @_locked
+    def snapshot_finish(self, p: snapshot.PendingSnapshot, name: str, **kw: int) -> QCowSnapshot:
+        return snapshot.snapshot_finish(self, p, name, **kw)
+
+    @_locked
+    def snapshot_abort(self, p: snapshot.PendingSnapshot) -> None:
+        snapshot.snapshot_abort(self, p)
+
+    @_locked
     def snapshot_goto(self, id_or_name: str) -> QCowSnapshot:
         self._check_rw()
         return snapshot.snapshot_goto(self, self.find_snapshot(id_or_name))

@@ -286,47 +286,164 @@ def snapshot_goto(s: Qcow2Image, sn: QCowSnapshot) -> QCowSnapshot:
     return sn
 
 
+def _fix_active_flags(s: Qcow2Image, txn: RefcountTxn) -> tuple[dict[str, int], np.ndarray, dict[int, np.ndarray]]:
+    """After refcounts drop, QCOW_OFLAG_COPIED must be set again where they reach 1: rewrite
+    (into new clusters) the active L2 tables and L1 whose flags change."""
+    fields: dict[str, int] = {}
+    new_l1 = s.l1_table.copy()
+    copies: dict[int, np.ndarray] = {}
+    changed = False
+    for i in range(s.l1_size):
+        ent = int(s.l1_table[i])
+        off = ent & L1E_OFFSET_MASK
+        if not off:
+            continue
+        l2 = cluster.load_l2(s, off, i)
+        l2_rc = int(txn.refcounts_after(np.array([off >> s.cluster_bits]))[0])
+        if l2_rc == 1:
+            want = _copied_flags(s, txn, l2)
+            if not np.array_equal(want, l2):
+                new = txn.reserve(1)
+                s.file.pwrite(new, want.astype(">u8").tobytes())
+                txn.decref_range(off, 1)
+                copies[new] = want
+                off = new
+            new_l1[i] = _U64(off) | _COPIED
+        else:
+            new_l1[i] = _U64(off)
+        changed |= int(new_l1[i]) != ent
+    if changed:
+        fields["l1_table_offset"] = _write_l1(s, txn, new_l1)
+        fields["l1_size"] = len(new_l1)
+        txn.decref_range(s.l1_table_offset, size_to_clusters(s.cluster_size, s.l1_size * 8))
+    return fields, new_l1, copies
+
+
+def _install(s: Qcow2Image, fields: dict[str, int], new_l1: np.ndarray, copies: dict[int, np.ndarray]) -> None:
+    if "l1_table_offset" in fields:
+        s.l1_table = new_l1
+    s.l2_cache.clear()
+    s.l2_cache.update(copies)
+
+
 def snapshot_delete(s: Qcow2Image, sn: QCowSnapshot) -> QCowSnapshot:
     """qcow2_snapshot_delete(): free what only the snapshot held, fix COPIED flags."""
     snaps = [x for x in s.snapshots if x is not sn]
     txn = RefcountTxn(s.refcounts)
-    fields: dict[str, int] = {}
-    new_l1 = s.l1_table.copy()
-    copies: dict[int, np.ndarray] = {}
     try:
         _drop_tree(s, txn, read_snapshot_l1(s, sn), sn.l1_table_offset)
-        changed = False
-        for i in range(s.l1_size):
-            ent = int(s.l1_table[i])
-            off = ent & L1E_OFFSET_MASK
-            if not off:
-                continue
-            l2 = cluster.load_l2(s, off, i)
-            l2_rc = int(txn.refcounts_after(np.array([off >> s.cluster_bits]))[0])
-            if l2_rc == 1:
-                want = _copied_flags(s, txn, l2)
-                if not np.array_equal(want, l2):
-                    new = txn.reserve(1)
-                    s.file.pwrite(new, want.astype(">u8").tobytes())
-                    txn.decref_range(off, 1)
-                    copies[new] = want
-                    off = new
-                new_l1[i] = _U64(off) | _COPIED
-            else:
-                new_l1[i] = _U64(off)
-            changed |= int(new_l1[i]) != ent
-        if changed:
-            fields["l1_table_offset"] = _write_l1(s, txn, new_l1)
-            fields["l1_size"] = len(new_l1)
-            txn.decref_range(s.l1_table_offset, size_to_clusters(s.cluster_size, s.l1_size * 8))
+        fields, new_l1, copies = _fix_active_flags(s, txn)
         t_off, nb = _write_table(s, txn, snaps)
     except BaseException:
         txn.rollback()
         raise
     s.commit(txn, nb_snapshots=nb, snapshots_offset=t_off, **fields)
     s.snapshots = snaps
-    if changed:
-        s.l1_table = new_l1
-    s.l2_cache.clear()
-    s.l2_cache.update(copies)
+    _install(s, fields, new_l1, copies)
     return sn
+
+
+@dataclass
+class PendingSnapshot:
+    """A snapshot whose disk state is frozen but whose table entry is not written yet.
+
+    Used by the background engines: the guest's disk state is taken at the stop instant
+    (:func:`snapshot_prepare`), the VM state is written into the frozen tree while the guest
+    runs, and :func:`snapshot_finish` adds the table entry last.  A process killed in between
+    leaves only leaked clusters.
+    """
+
+    table: np.ndarray
+    old_l1_offset: int
+    old_l1_size: int
+
+    def set_entry(self, i: int, value: int) -> None:
+        self.table[i] = value
+
+    def ensure(self, size: int) -> None:
+        if size > len(self.table):
+            grow = np.zeros(max(size, len(self.table) + len(self.table) // 2) - len(self.table), dtype=_U64)
+            self.table = np.concatenate([self.table, grow])
+
+
+def snapshot_prepare(s: Qcow2Image) -> PendingSnapshot:
+    """The first half of snapshot_create: freeze the active tree, give the guest copies."""
+    disk_l1 = min(s.l1_vm_state_index, s.l1_size)
+    new_l1 = np.zeros(max(s.l1_size, s.l1_vm_state_index), dtype=_U64)
+    copies: dict[int, np.ndarray] = {}
+    frozen = s.l1_table.copy()
+    # The frozen tree must not carry VM state of an earlier, unfinished save.
+    frozen[disk_l1:] = 0
+    txn = RefcountTxn(s.refcounts)
+    try:
+        for i in range(disk_l1):
+            off = int(s.l1_table[i]) & L1E_OFFSET_MASK
+            if not off:
+                continue
+            l2 = cluster.load_l2(s, off, i)
+            txn.incref(cluster.referenced_clusters(s, l2))
+            copy = l2 & ~_COPIED
+            new = txn.reserve(1)
+            s.file.pwrite(new, copy.astype(">u8").tobytes())
+            new_l1[i] = _U64(new) | _COPIED
+            copies[new] = copy
+        l1_off = _write_l1(s, txn, new_l1)
+        # VM state left in the active L1 by an earlier blocking save goes with the old table.
+        _drop_vmstate_entries(s, txn, s.l1_table[disk_l1:])
+    except BaseException:
+        txn.rollback()
+        raise
+    pending = PendingSnapshot(frozen, s.l1_table_offset, s.l1_size)
+    s.commit(txn, l1_table_offset=l1_off, l1_size=len(new_l1))
+    s.l1_table = new_l1
+    s.l2_cache.update(copies)
+    return pending
+
+
+def _drop_vmstate_entries(s: Qcow2Image, txn: RefcountTxn, entries: np.ndarray) -> None:
+    offs = [int(e) & L1E_OFFSET_MASK for e in entries if int(e) & L1E_OFFSET_MASK]
+    if offs:
+        idx = np.array(offs, dtype=np.int64) >> s.cluster_bits
+        txn.decref(idx)
+        after = txn.refcounts_after(idx)
+        for off, rc in zip(offs, after.tolist(), strict=True):
+            if rc == 0:
+                txn.decref(cluster.referenced_clusters(s, cluster.load_l2(s, off, 0)))
+
+
+def snapshot_finish(s: Qcow2Image, p: PendingSnapshot, name: str, *, vm_state_size: int, date_sec: int,
+                    date_nsec: int, vm_clock_nsec: int, icount: int = -1) -> QCowSnapshot:
+    """The second half: the frozen tree (with its VM state) gets its table entry, last."""
+    if any(sn.name == name for sn in s.snapshots):
+        raise SnapshotExistsError(f"Snapshot '{name}' already exists")
+    txn = RefcountTxn(s.refcounts)
+    try:
+        l1_off = _write_l1(s, txn, p.table)
+        if p.old_l1_size:
+            txn.decref_range(p.old_l1_offset, size_to_clusters(s.cluster_size, p.old_l1_size * 8))
+        sn = QCowSnapshot(id_str=find_new_snapshot_id(s), name=name, l1_table_offset=l1_off, l1_size=len(p.table),
+                          vm_state_size=vm_state_size, date_sec=date_sec, date_nsec=date_nsec,
+                          vm_clock_nsec=vm_clock_nsec, disk_size=s.size, icount=icount)
+        snaps = [*s.snapshots, sn]
+        t_off, nb = _write_table(s, txn, snaps)
+    except BaseException:
+        txn.rollback()
+        raise
+    s.commit(txn, nb_snapshots=nb, snapshots_offset=t_off)
+    s.snapshots = snaps
+    return sn
+
+
+def snapshot_abort(s: Qcow2Image, p: PendingSnapshot) -> None:
+    """Give back everything a pending snapshot held."""
+    txn = RefcountTxn(s.refcounts)
+    try:
+        _drop_tree(s, txn, p.table, 0)
+        if p.old_l1_size:
+            txn.decref_range(p.old_l1_offset, size_to_clusters(s.cluster_size, p.old_l1_size * 8))
+        fields, new_l1, copies = _fix_active_flags(s, txn)
+    except BaseException:
+        txn.rollback()
+        raise
+    s.commit(txn, **fields)
+    _install(s, fields, new_l1, copies)

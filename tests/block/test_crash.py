@@ -31,6 +31,11 @@ def workload(cs: int) -> list[Step]:
 
     a, b, c, d = blob(5 * cs + 100), blob(2 * cs), blob(300), blob(3 * cs)
     state = blob(7 * cs + 11)
+    st: dict[str, object] = {}
+
+    def finish(i: Qcow2Image) -> None:
+        i.snapshot_finish(st["p"], "bg", vm_state_size=len(state), date_sec=1, date_nsec=2, vm_clock_nsec=3)  # type: ignore[arg-type]
+
     return [
         ("write", lambda i: i.write(cs // 3, a), (cs // 3, len(a))),
         ("vmstate", lambda i: i.save_vmstate(0, state), None),
@@ -46,6 +51,10 @@ def workload(cs: int) -> list[Step]:
         ("create s3", lambda i: i.snapshot_create("s3"), None),
         ("delete s2", lambda i: i.snapshot_delete(name="s2"), None),
         ("write", lambda i: i.write(0, a), (0, len(a))),
+        ("prepare", lambda i: st.__setitem__("p", i.snapshot_prepare()), None),
+        ("write", lambda i: i.write(cs, c), (cs, len(c))),
+        ("pending vmstate", lambda i: i.pending_save_vmstate(st["p"], 0, state), None),  # type: ignore[arg-type]
+        ("create bg", finish, None),
     ]
 
 

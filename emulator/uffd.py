@@ -1,0 +1,123 @@
+"""Linux userfaultfd through ctypes: write protection and missing-page handling of guest RAM.
+
+Only what the snapshot engines need (linux/userfaultfd.h): create a userfaultfd, negotiate
+features (UFFDIO_API), register a range (UFFDIO_REGISTER), write-protect or release a range
+(UFFDIO_WRITEPROTECT), wake waiters without touching page tables (UFFDIO_WAKE), and read fault
+messages.  Every call is a ctypes foreign call or an os.read, so none holds the GIL while the
+kernel works (a fault handler written in Python needs the GIL to run).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from emulator.errors import SnaplabError
+
+SYS_userfaultfd = 323  # x86-64
+UFFD_API = 0xAA
+UFFD_USER_MODE_ONLY = 1
+UFFDIO_API = 0xC018AA3F
+UFFDIO_REGISTER = 0xC020AA00
+UFFDIO_UNREGISTER = 0x8010AA01
+UFFDIO_WAKE = 0x8010AA02
+UFFDIO_WRITEPROTECT = 0xC018AA06
+UFFDIO_REGISTER_MODE_MISSING = 1
+UFFDIO_REGISTER_MODE_WP = 2
+UFFDIO_WRITEPROTECT_MODE_WP = 1
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_PAGEFAULT_FLAG_WRITE = 1
+UFFD_PAGEFAULT_FLAG_WP = 2
+MSG_SIZE = 32
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_libc.ioctl.restype = ctypes.c_int
+
+
+class UffdUnavailable(SnaplabError):
+    """The kernel refused userfaultfd (not Linux, no permission, feature missing)."""
+
+
+def _ioctl(fd: int, req: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+    if _libc.ioctl(fd, req, buf) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{os.strerror(e)} (ioctl {req:#x})")
+
+
+@dataclass(frozen=True)
+class Fault:
+    address: int
+    write: bool
+    wp: bool
+
+
+class UserFaultFD:
+    """One userfaultfd with the features given, non-blocking reads via :meth:`read_faults`."""
+
+    def __init__(self, features: int = UFFD_FEATURE_PAGEFAULT_FLAG_WP) -> None:
+        fd = _libc.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK)
+        if fd < 0:
+            e = ctypes.get_errno()
+            fd = _libc.syscall(SYS_userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY)
+            if fd < 0:
+                raise UffdUnavailable(f"userfaultfd is not available: {os.strerror(e)} "
+                                      "(kernel without CONFIG_USERFAULTFD, or vm.unprivileged_userfaultfd=0)")
+        self.fd = int(fd)
+        api = ctypes.create_string_buffer(struct.pack("<QQQ", UFFD_API, features, 0), 24)
+        try:
+            _ioctl(self.fd, UFFDIO_API, api)
+        except OSError as err:
+            os.close(self.fd)
+            raise UffdUnavailable(f"userfaultfd refused features {features:#x}: {err}") from err
+        _, self.features, self.ioctls = struct.unpack("<QQQ", api.raw)
+        if features & ~self.features:
+            os.close(self.fd)
+            raise UffdUnavailable(f"userfaultfd lacks features {features & ~self.features:#x}")
+
+    def register(self, start: int, length: int, mode: int) -> int:
+        buf = ctypes.create_string_buffer(struct.pack("<QQQQ", start, length, mode, 0), 32)
+        _ioctl(self.fd, UFFDIO_REGISTER, buf)
+        return int(struct.unpack("<QQQQ", buf.raw)[3])
+
+    def unregister(self, start: int, length: int) -> None:
+        _ioctl(self.fd, UFFDIO_UNREGISTER, ctypes.create_string_buffer(struct.pack("<QQ", start, length), 16))
+
+    def writeprotect(self, start: int, length: int, protect: bool) -> None:
+        """UFFDIO_WRITEPROTECT: arm (protect) or release a range; releasing wakes its waiters."""
+        mode = UFFDIO_WRITEPROTECT_MODE_WP if protect else 0
+        _ioctl(self.fd, UFFDIO_WRITEPROTECT, ctypes.create_string_buffer(struct.pack("<QQQ", start, length, mode), 24))
+
+    def wake(self, start: int, length: int) -> None:
+        """UFFDIO_WAKE: wake threads blocked on a range without changing page tables."""
+        _ioctl(self.fd, UFFDIO_WAKE, ctypes.create_string_buffer(struct.pack("<QQ", start, length), 16))
+
+    def read_faults(self, max_msgs: int = 64) -> list[Fault]:
+        try:
+            data = os.read(self.fd, MSG_SIZE * max_msgs)
+        except BlockingIOError:
+            return []
+        except OSError as err:
+            if err.errno == errno.EAGAIN:
+                return []
+            raise
+        out = []
+        for off in range(0, len(data) - MSG_SIZE + 1, MSG_SIZE):
+            event = data[off]
+            if event != UFFD_EVENT_PAGEFAULT:
+                continue
+            flags, addr = struct.unpack_from("<QQ", data, off + 8)
+            out.append(Fault(addr, bool(flags & UFFD_PAGEFAULT_FLAG_WRITE), bool(flags & UFFD_PAGEFAULT_FLAG_WP)))
+        return out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
