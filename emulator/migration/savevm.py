@@ -23,8 +23,10 @@ import numpy as np
 
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
+from emulator.block.snapshot import PendingSnapshot
 from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
+from emulator.migration.cow import CowSave, WriteProtector
 from emulator.migration.vmstate import (
     PAGE,
     LoadVMError,
@@ -35,6 +37,8 @@ from emulator.migration.vmstate import (
     save_state,
 )
 from emulator.runstate import RunState
+
+ENGINES = ("blocking", "cow")
 
 
 class SnapshotBusyError(SnaplabError):
@@ -104,6 +108,7 @@ class SnapshotController:
         self._busy = threading.Lock()
         self.busy_with = ""
         self.last: SnapshotMetrics | None = None
+        self._wp: WriteProtector | None = None
 
     # -- one operation at a time -------------------------------------------------------------
     def _begin(self, what: str) -> None:
@@ -188,13 +193,95 @@ class SnapshotController:
 
     # -- the operations -------------------------------------------------------------------------------
     def save_snapshot(self, name: str | None, overwrite: bool, vmstate: str | None,
-                      devices: list[str] | None) -> SnapshotMetrics:
-        """save_snapshot() with the blocking engine: stop, save everything, resume."""
-        self._begin("snapshot save")
+                      devices: list[str] | None, engine: str = "blocking") -> SnapshotMetrics:
+        """save_snapshot(): ``blocking`` (stop, save everything, resume: QEMU's) or ``cow``
+        (stop, freeze disks and write-protect RAM, resume, save in the background)."""
+        if engine not in ENGINES:
+            raise SnaplabError(f"Parameter 'engine' does not accept value '{engine}'")
+        self._begin(f"snapshot save ({engine})")
         try:
+            if engine == "cow":
+                return self._save_cow(name, overwrite, vmstate, devices)
             return self._save(name, overwrite, vmstate, devices)
         finally:
             self._end()
+
+    def _checks(self, name: str | None, overwrite: bool, vmstate: str | None,
+                devices: list[str] | None) -> tuple[list[BlockNode], BlockNode]:
+        nodes = self.devices(devices)
+        self.can_snapshot(nodes)
+        if name is not None:
+            if overwrite:
+                self.delete_all(name, nodes)
+            elif self.any_has(name, nodes):
+                raise SnaplabError(f"Snapshot '{name}' already exists in one or more devices")
+        return nodes, self.find_vmstate_bs(vmstate, nodes)
+
+    def write_protector(self) -> WriteProtector:
+        """userfaultfd on guest RAM, set up once (RAM populated first, outside any downtime)."""
+        if self._wp is None:
+            self._wp = WriteProtector(self.ram)
+        return self._wp
+
+    def _save_cow(self, name: str | None, overwrite: bool, vmstate: str | None,
+                  devices: list[str] | None) -> SnapshotMetrics:
+        t0 = time.perf_counter()
+        nodes, bs = self._checks(name, overwrite, vmstate, devices)
+        populate_before = self.ram.populate_seconds
+        wp = self.write_protector()
+        images = [self._image(n) for n in nodes]
+        saved_state = self.vm.state
+        pendings: dict[str, PendingSnapshot] = {}
+        stack = contextlib.ExitStack()
+        for im in images:
+            stack.enter_context(im.deferred_flush())
+        self.vm.vm_stop(RunState.SAVE_VM)
+        t_stop = time.perf_counter()
+        try:
+            now = time.time_ns()
+            if name is None:
+                name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
+            vm_clock = self.vm.vclock_ns()
+            for n in nodes:
+                pendings[n.node_name] = self._image(n).snapshot_prepare()
+            sections = [(h, h.save()) for h in self.handlers()]
+            saver = CowSave(wp, self._image(bs), pendings[bs.node_name], self.machine_name, sections)
+            saver.arm()
+        except BaseException:
+            for n in nodes:
+                if n.node_name in pendings:
+                    self._image(n).snapshot_abort(pendings[n.node_name])
+            raise
+        finally:
+            t_resume = time.perf_counter()
+            self.vm.vm_resume(saved_state)
+            stack.close()
+        try:
+            size = saver.run()
+            for n in nodes:
+                self._image(n).snapshot_finish(pendings[n.node_name], name, vm_state_size=size if n is bs else 0,
+                                               date_sec=now // 1_000_000_000, date_nsec=now % 1_000_000_000,
+                                               vm_clock_nsec=vm_clock)
+        except BaseException:
+            for n in nodes:
+                img = self._image(n)
+                if not any(s.name == name for s in img.snapshot_list()):
+                    img.snapshot_abort(pendings[n.node_name])
+            raise
+        for im in images:
+            im.flush()
+        st = saver.stats
+        pages = self.ram.size // PAGE
+        written = int(saver.nonzero.sum())
+        lat = np.array(st.handler_s) if st.handler_s else np.zeros(0)
+        m = SnapshotMetrics("cow", t_resume - t_stop, time.perf_counter() - t0, size, written, pages - written)
+        m.extra.update({
+            "arm_s": st.arm_s, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
+            "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * (2 << 20),
+            "fault_latency_s": lat.tolist(), "populate_s": self.ram.populate_seconds if populate_before is None else 0.0,
+        })
+        self.last = m
+        return m
 
     def _save(self, name: str | None, overwrite: bool, vmstate: str | None,
               devices: list[str] | None) -> SnapshotMetrics:

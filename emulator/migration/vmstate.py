@@ -8,6 +8,8 @@ Layout (all integers big-endian, as QEMU's QEMUFile)::
                    u32 payload length, payload, u8 0x7E footer, u32 section id
     RAM:           u8 0x01 START + the same section header, u32 32, header
                        (u64 ram size, u32 page size, u32 flags, u64 pages, u64 data offset),
+                   (flags bit 0 SPARSE: page i lies at data offset + 4096 i, zero pages are holes;
+                    written by the background engines, which save pages in any order)
                    u8 0x02 PART, u32 section id, u64 length, non-zero bitmap (1 bit per page, LSB first),
                    u8 0x02 PART, u32 section id, u64 length, padding to a 4 KiB boundary, then every
                        non-zero page in page order (zero pages are recorded by the bitmap only),
@@ -44,6 +46,7 @@ PAGE = 4096
 RAM_IDSTR = "ram"
 RAM_VERSION = 1
 _RAM_HEADER = struct.Struct(">QIIQQ")
+RAM_FLAG_SPARSE = 1  # page i at data offset + 4096 i (background engines); else packed
 
 
 class LoadVMError(SnaplabError):
@@ -296,14 +299,80 @@ def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
         raise LoadVMError("bad RAM data part")
     dlen = cur.u64()
     count = int(bits.sum())
-    if cur.pos + (data_offset - cur.pos) + count * PAGE != cur.pos + dlen or data_offset < cur.pos:
+    stored = pages if _flags & RAM_FLAG_SPARSE else count
+    if data_offset < cur.pos or cur.pos + dlen != data_offset + stored * PAGE:
         raise LoadVMError("RAM data length does not match the bitmap")
-    cur.pos = data_offset + count * PAGE
+    cur.pos = data_offset + stored * PAGE
     if cur.pos > cur.size:
         raise LoadVMError("truncated stream: RAM pages missing", -5)
     if cur.u8() != QEMU_VM_SECTION_END or cur.u32() != sid:
         raise LoadVMError("bad RAM section end")
     if cur.u8() != QEMU_VM_SECTION_FOOTER or cur.u32() != sid:
         raise LoadVMError("Missing section footer for ram")
-    offsets = data_offset + (np.cumsum(bits) - 1).astype(np.int64) * PAGE
+    if _flags & RAM_FLAG_SPARSE:
+        offsets = data_offset + np.arange(pages, dtype=np.int64) * PAGE
+    else:
+        offsets = data_offset + (np.cumsum(bits) - 1).astype(np.int64) * PAGE
     return RamLayout(ram_size, pages, data_offset, bits, offsets)
+
+
+@dataclass
+class SparseRam:
+    """Where a sparse RAM section's parts go (written by a background engine)."""
+
+    sid: int
+    bitmap_offset: int
+    bitmap_len: int
+    data_offset: int
+    ram_size: int
+
+    def page_offset(self, page: int) -> int:
+        return self.data_offset + page * PAGE
+
+    @property
+    def end(self) -> int:
+        return self.data_offset + self.ram_size
+
+
+def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[SaveHandler, bytes]],
+                        ram_size: int) -> SparseRam:
+    """The stream up to the RAM data, for an engine that saves pages in any order.
+
+    Device payloads were taken at the stop instant (``sections``).  RAM layout flag SPARSE:
+    page *i* is at ``data offset + 4096 * i``; zero pages are never written (they read as zeros
+    and the bitmap, written last by :func:`finish_sparse_stream`, marks them).
+    """
+    head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
+    name = machine.encode()
+    head += struct.pack(">BI", QEMU_VM_CONFIGURATION, len(name)) + name
+    sid = 0
+    for h, payload in sections:
+        head += _section_header(QEMU_VM_SECTION_FULL, sid, h.idstr, h.instance_id, h.version_id)
+        head += struct.pack(">I", len(payload)) + payload
+        head += struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
+        sid += 1
+    pages = ram_size // PAGE
+    blen = ((pages + 7) // 8 + 7) // 8 * 8
+    head += _section_header(QEMU_VM_SECTION_START, sid, RAM_IDSTR, 0, RAM_VERSION)
+    hdr_pos = len(head) + 4
+    head += struct.pack(">I", _RAM_HEADER.size) + bytes(_RAM_HEADER.size)
+    head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, blen)
+    bitmap_offset = len(head)
+    head += bytes(blen)
+    part_at = len(head)
+    data_offset = -(-(part_at + 13) // PAGE) * PAGE
+    pad = data_offset - (part_at + 13)
+    head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, pad + ram_size) + bytes(pad)
+    struct.pack_into(">QIIQQ", head, hdr_pos, ram_size, PAGE, RAM_FLAG_SPARSE, pages, data_offset)
+    out.write(0, bytes(head))
+    return SparseRam(sid, bitmap_offset, blen, data_offset, ram_size)
+
+
+def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray) -> int:
+    """Write the bitmap and the end of the stream; returns the stream size."""
+    bitmap = np.packbits(nonzero, bitorder="little").tobytes()
+    out.write(sp.bitmap_offset, bitmap + bytes(sp.bitmap_len - len(bitmap)))
+    tail = struct.pack(">BI", QEMU_VM_SECTION_END, sp.sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sp.sid)
+    tail += struct.pack(">B", QEMU_VM_EOF)
+    out.write(sp.end, tail)
+    return sp.end + len(tail)

@@ -13,11 +13,12 @@ from typing import Any
 from emulator.migration.savevm import SnapshotController
 from emulator.qmp.commands import Monitor
 from emulator.qmp.jobs import Job
-from emulator.qmp.schema import Command, Member
+from emulator.qmp.schema import Command, EnumType, Member
 
+ENGINE_MEMBER = "__org.snaplab_engine"  # a downstream extension, named by QAPI's __RFQDN_ rule
 SNAPSHOT_COMMANDS = [
     Command("snapshot-save", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
-                              Member("devices", "[str]"))),
+                              Member("devices", "[str]"), Member(ENGINE_MEMBER, "SnaplabSaveEngine", True))),
     Command("snapshot-load", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
                               Member("devices", "[str]"))),
     Command("snapshot-delete", (Member("job-id", "str"), Member("tag", "str"), Member("devices", "[str]"))),
@@ -25,12 +26,13 @@ SNAPSHOT_COMMANDS = [
 
 
 def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
+    monitor.schema.add_enum(EnumType("SnaplabSaveEngine", ("blocking", "cow")))
     for cmd in SNAPSHOT_COMMANDS:
         monitor.schema.add_command(cmd)
 
     def save(a: dict[str, Any]) -> dict[str, Any]:
         def work(job: Job) -> None:
-            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"])
+            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"], a.get(ENGINE_MEMBER, "blocking"))
             job.result["metrics"] = m
         monitor.jobs.create(a["job-id"], "snapshot-save", work)
         return {}

@@ -100,7 +100,7 @@ JOBS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def run_jobs(s: "Session") -> list[tuple[str, Any]]:
+def run_jobs(s: Session) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
     for cmd, args in JOBS:
         s.events = []

@@ -1,0 +1,226 @@
+"""The copy-on-write background snapshot engine (what the seed thread asked QEMU for).
+
+Stop; freeze every disk at this instant (pending qcow2 snapshots); take CPU and device state;
+write-protect all guest RAM with one UFFDIO_WRITEPROTECT; resume.  From then on:
+
+* a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
+  saved it copies the chunk (still the stop-instant content), releases its protection (which
+  wakes the writer) and queues the copy; a fault on a chunk already saved is only woken
+  (UFFDIO_WAKE: no page-table change, so no huge page is split);
+* a **background saver** walks the chunks in order and does the same for every chunk nobody
+  touched;
+* a **writer** thread stores the queued copies into the frozen vmstate tree, zero pages as
+  holes, then writes the bitmap, and the snapshot table entries are written last.
+
+Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
+O(huge pages) (~0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
+addendum).  The result is the state at the stop instant, bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator.block.qcow2 import Qcow2Image
+from emulator.block.snapshot import PendingSnapshot
+from emulator.memory import GuestRAM
+from emulator.migration.vmstate import PAGE, SaveHandler, begin_sparse_stream, finish_sparse_stream
+from emulator.uffd import UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFDIO_REGISTER_MODE_WP, UserFaultFD
+
+CHUNK = 2 << 20
+UNSAVED, COPYING, SAVED = 0, 1, 2
+
+
+@dataclass
+class CowStats:
+    faults: int = 0
+    fault_chunks: int = 0
+    bg_chunks: int = 0
+    woken: int = 0
+    handler_s: list[float] = field(default_factory=list)  # per fault: read -> wake, seconds
+    bytes_written: int = 0
+    peak_buffers: int = 0
+    arm_s: float = 0.0
+
+
+class _PendingStream:
+    def __init__(self, img: Qcow2Image, p: PendingSnapshot) -> None:
+        self.img, self.p = img, p
+
+    def write(self, pos: int, data: bytes | memoryview) -> None:
+        self.img.pending_save_vmstate(self.p, pos, data)
+
+
+class WriteProtector:
+    """Guest RAM registered once with a userfaultfd in write-protect mode."""
+
+    def __init__(self, ram: GuestRAM) -> None:
+        self.ram = ram
+        self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        if ram.populate_seconds is None:
+            ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime
+        self.uffd.register(ram.addr, ram.span, UFFDIO_REGISTER_MODE_WP)
+
+    def close(self) -> None:
+        try:
+            self.uffd.unregister(self.ram.addr, self.ram.span)
+        finally:
+            self.uffd.close()
+
+
+class CowSave:
+    """One background save, from arm to the last chunk written."""
+
+    def __init__(self, wp: WriteProtector, img: Qcow2Image, pending: PendingSnapshot, machine: str,
+                 sections: list[tuple[SaveHandler, bytes]], max_buffers: int = 64) -> None:
+        self.wp = wp
+        self.ram = wp.ram
+        self.uffd = wp.uffd
+        self.nchunks = -(-self.ram.size // CHUNK)
+        self.state = np.zeros(self.nchunks, dtype=np.int8)
+        self.lock = threading.Lock()
+        self.saved_cond = threading.Condition(self.lock)
+        self.stats = CowStats()
+        self.out = _PendingStream(img, pending)
+        self.sparse = begin_sparse_stream(self.out, machine, sections, self.ram.size)
+        self.nonzero = np.zeros(self.ram.size // PAGE, dtype=bool)
+        self.queue: queue.Queue[tuple[int, ctypes.Array[ctypes.c_char]] | None] = queue.Queue()
+        self.pool: queue.Queue[ctypes.Array[ctypes.c_char]] = queue.Queue()
+        self.buffers = 0
+        self.max_buffers = max_buffers
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+
+    # -- arming (inside the downtime) --------------------------------------------------------
+    def arm(self) -> None:
+        t0 = time.perf_counter()
+        self.uffd.writeprotect(self.ram.addr, self.ram.span, True)
+        self.stats.arm_s = time.perf_counter() - t0
+
+    # -- chunk claiming ------------------------------------------------------------------------
+    def _buffer(self) -> ctypes.Array[ctypes.c_char]:
+        try:
+            return self.pool.get_nowait()
+        except queue.Empty:
+            pass
+        if self.buffers < self.max_buffers:
+            self.buffers += 1
+            self.stats.peak_buffers = max(self.stats.peak_buffers, self.buffers)
+            return (ctypes.c_char * CHUNK)()
+        return self.pool.get()  # back-pressure: wait for the writer
+
+    def _save_chunk(self, c: int) -> bool:
+        """Copy chunk ``c`` if nobody has; True if this call saved it."""
+        with self.lock:
+            if self.state[c] != UNSAVED:
+                return False
+            self.state[c] = COPYING
+        buf = self._buffer()
+        off = c * CHUNK
+        n = min(CHUNK, self.ram.size - off)
+        ctypes.memmove(buf, self.ram.addr + off, n)  # still protected: the stop-instant bytes
+        self.uffd.writeprotect(self.ram.addr + off, CHUNK, False)  # also wakes any waiter
+        with self.lock:
+            self.state[c] = SAVED
+            self.saved_cond.notify_all()
+        self.queue.put((c, buf))
+        return True
+
+    # -- threads ---------------------------------------------------------------------------------
+    def fault_handler(self) -> None:
+        poller = select.poll()
+        poller.register(self.uffd.fd, select.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(20):
+                    continue
+                t_read = time.perf_counter()
+                for f in self.uffd.read_faults():
+                    self.stats.faults += 1
+                    c = (f.address - self.ram.addr) // CHUNK
+                    if not 0 <= c < self.nchunks:
+                        continue
+                    if self._save_chunk(c):
+                        self.stats.fault_chunks += 1
+                    else:
+                        with self.lock:
+                            while self.state[c] != SAVED:
+                                self.saved_cond.wait()
+                        self.uffd.wake(self.ram.addr + c * CHUNK, CHUNK)
+                        self.stats.woken += 1
+                    self.stats.handler_s.append(time.perf_counter() - t_read)
+        except BaseException as err:  # never leave the guest blocked: release everything
+            self.error = err
+            self.uffd.writeprotect(self.ram.addr, self.ram.span, False)
+
+    def background(self) -> None:
+        try:
+            for c in range(self.nchunks):
+                if self._stop.is_set():
+                    return
+                if self._save_chunk(c):
+                    self.stats.bg_chunks += 1
+        except BaseException as err:
+            self.error = err
+            self.uffd.writeprotect(self.ram.addr, self.ram.span, False)
+        finally:
+            self.queue.put(None)
+
+    def writer(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    # every chunk is saved: drain what the fault handler queued meanwhile
+                    while True:
+                        try:
+                            item = self.queue.get_nowait()
+                        except queue.Empty:
+                            return
+                        if item is not None:
+                            self._write(*item)
+                self._write(*item)
+        except BaseException as err:
+            self.error = err
+
+    def _write(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+        off = c * CHUNK
+        n = min(CHUNK, self.ram.size - off)
+        arr = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint64, count=n // 8)
+        nz = np.asarray(arr.reshape(n // PAGE, PAGE // 8).any(axis=1), dtype=bool)
+        first = off // PAGE
+        self.nonzero[first:first + len(nz)] = nz
+        idx = np.flatnonzero(nz)
+        if len(idx):
+            mv = memoryview(buf).cast("B")
+            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+            for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [len(idx)])).tolist(),
+                            strict=True):
+                p0, p1 = int(idx[a]) * PAGE, (int(idx[b - 1]) + 1) * PAGE
+                self.out.write(self.sparse.data_offset + off + p0, mv[p0:p1])
+                self.stats.bytes_written += p1 - p0
+        self.pool.put(buf)
+
+    def run(self, on_progress: Callable[[int], None] | None = None) -> int:
+        """Start the threads, wait for the last chunk, finish the stream; returns its size."""
+        handler = threading.Thread(target=self.fault_handler, name="cow-faults", daemon=True)
+        bg = threading.Thread(target=self.background, name="cow-saver", daemon=True)
+        wr = threading.Thread(target=self.writer, name="cow-writer", daemon=True)
+        handler.start()
+        wr.start()
+        bg.start()
+        bg.join()
+        wr.join()
+        self._stop.set()
+        handler.join()
+        if self.error is not None:
+            raise self.error
+        return finish_sparse_stream(self.out, self.sparse, self.nonzero)
