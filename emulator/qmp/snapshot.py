@@ -22,6 +22,7 @@ SNAPSHOT_COMMANDS = [
     Command("snapshot-load", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
                               Member("devices", "[str]"))),
     Command("snapshot-delete", (Member("job-id", "str"), Member("tag", "str"), Member("devices", "[str]"))),
+    Command("__org.snaplab_query-snapshot-stats", (Member("id", "str"),), returns="any"),
 ]
 
 
@@ -48,6 +49,20 @@ def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None
         monitor.jobs.create(a["job-id"], "snapshot-delete", lambda job: ctl.delete_snapshot(a["tag"], a["devices"]))
         return {}
 
+    def stats(a: dict[str, Any]) -> dict[str, Any]:
+        """What a snapshot job cost: downtime, total, faults, pages by fault vs background, ..."""
+        job = monitor.jobs.find(a["id"])
+        m = job.result.get("metrics")
+        if m is None:
+            return {}
+        out: dict[str, Any] = {"engine": m.engine, "downtime-s": m.downtime_s, "total-s": m.total_s,
+                               "vmstate-bytes": m.vmstate_bytes, "ram-pages-written": m.ram_pages_written,
+                               "zero-pages": m.zero_pages}
+        for k, v in m.extra.items():
+            out[k.replace("_", "-")] = v
+        return out
+
+    monitor.handlers["__org.snaplab_query-snapshot-stats"] = stats
     monitor.handlers["snapshot-save"] = save
     monitor.handlers["snapshot-load"] = load
     monitor.handlers["snapshot-delete"] = delete

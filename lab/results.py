@@ -1,0 +1,84 @@
+"""Results as a tidy table: CSV plus a JSON sidecar with the metadata to reproduce them."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def metadata(seed: int | None = None) -> dict[str, Any]:
+    import unicorn
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "seed": seed,
+        "snaplab": "0.1.0",
+        "unicorn": unicorn.__version__,
+        "python": sys.version.split()[0],
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "write_protect_backend": "userfaultfd",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(p, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    p.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return p
+
+
+def load(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    p = Path(path)
+    with open(p, newline="") as f:
+        rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    meta_path = p.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return rows, meta
+
+
+def _num(v: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Median downtime and total time per (RAM, engine), as text."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((int(r["ram_mib"]), str(r["engine"])), []).append(r)
+    lines = [f"{'RAM MiB':>8} {'engine':<9} {'downtime ms':>12} {'total s':>8} {'faults':>7} {'vmstate MiB':>12}"]
+    for (ram, eng), rs in sorted(groups.items()):
+        med = sorted(float(r["downtime_ms"]) for r in rs)[len(rs) // 2]
+        tot = sorted(float(r["total_s"]) for r in rs)[len(rs) // 2]
+        faults = sorted(int(r["faults"]) for r in rs)[len(rs) // 2]
+        vm = sorted(int(r["vmstate_bytes"]) for r in rs)[len(rs) // 2] / 2**20
+        lines.append(f"{ram:>8} {eng:<9} {med:>12.2f} {tot:>8.3f} {faults:>7} {vm:>12.1f}")
+    return "\n".join(lines)

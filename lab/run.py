@@ -1,0 +1,108 @@
+"""Running experiments: build the machine, drive it through QMP, collect tidy rows.
+
+Everything a notebook teaches goes through the real interface (the in-process QMP client):
+``snapshot-save`` with the engine extension, ``query-jobs``, the job's events, and the
+snapshot-stats command.  Only the workload's progress samples are read from the lab port.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emulator.block import Qcow2Image
+from emulator.block.node import BlockGraph
+from emulator.guest import WorkloadSpec
+from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab.spec import ExperimentSpec
+
+ENGINE_ARG = "__org.snaplab_engine"
+
+
+def build_machine(spec: ExperimentSpec, workdir: Path) -> tuple[Machine, BlockGraph]:
+    disk = workdir / "disk0.qcow2"
+    if not disk.exists():
+        Qcow2Image.create(disk, 1 << 30).close()
+    g = BlockGraph()
+    g.add({"driver": "file", "filename": str(disk), "node-name": "disk0-file"})
+    g.add({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"})
+    ram = spec.ram_mib << 20
+    ws = (spec.working_set_mib << 20) or ram // 2
+    w = WorkloadSpec(spec.workload, seed=spec.seed, working_set=ws, rate=spec.dirty_rate_mib_s << 20,
+                     pattern=spec.pattern)
+    return Machine(MachineConfig(ram_size=ram, workload=w, disks=[DiskSpec("disk0", "disk0-dev")]), g), g
+
+
+def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Take ``repetitions`` snapshots with ``engine`` on a running guest; one row per snapshot."""
+    with tempfile.TemporaryDirectory(prefix="snaplab-") as tmp:
+        wd = Path(workdir or tmp)
+        wd.mkdir(parents=True, exist_ok=True)
+        m, g = build_machine(spec, wd)
+        rows: list[dict[str, Any]] = []
+        try:
+            m.start()
+            q = m.qmp()
+            time.sleep(spec.warmup_s)
+            for rep in range(spec.repetitions):
+                q.events()
+                job = f"save{rep}"
+                args = {"job-id": job, "tag": f"{spec.engine}-{rep}", "vmstate": "disk0", "devices": ["disk0"]}
+                if spec.engine != "blocking":
+                    args[ENGINE_ARG] = spec.engine
+                t0 = time.time()
+                q.execute("snapshot-save", args)
+                info = q.wait_job(job, timeout=600)
+                if "error" in info:
+                    raise RuntimeError(f"snapshot-save failed: {info['error']}")
+                stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
+                q.execute("job-dismiss", {"id": job})
+                evs = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
+                lat = np.array(stats.get("fault-latency-s", []) or [0.0])
+                samples = [s for s in m.lab.samples if s.host_ns / 1e9 >= 0]
+                rows.append({
+                    **spec.as_dict(), "rep": rep,
+                    "downtime_ms": (evs["RESUME"] - evs["STOP"]) * 1e3 if len(evs) == 2 else float("nan"),
+                    "downtime_internal_ms": stats["downtime-s"] * 1e3,
+                    "total_s": stats["total-s"],
+                    "vmstate_bytes": stats["vmstate-bytes"],
+                    "pages_written": stats["ram-pages-written"],
+                    "zero_pages": stats["zero-pages"],
+                    "faults": stats.get("faults", 0),
+                    "pages_by_fault": stats.get("fault-chunks", 0) * 512,
+                    "pages_by_background": stats.get("bg-chunks", 0) * 512,
+                    "fault_latency_p50_ms": float(np.median(lat)) * 1e3,
+                    "fault_latency_p99_ms": float(np.percentile(lat, 99)) * 1e3,
+                    "peak_extra_bytes": stats.get("peak-extra-bytes", 0),
+                    "arm_ms": stats.get("arm-s", 0.0) * 1e3,
+                    "populate_s": stats.get("populate-s", 0.0),
+                    "started_at": t0,
+                    "guest_iterations": samples[-1].iterations if samples else 0,
+                })
+                q.execute("snapshot-delete", {"job-id": f"del{rep}", "tag": args["tag"], "devices": ["disk0"]})
+                q.wait_job(f"del{rep}")
+                q.execute("job-dismiss", {"id": f"del{rep}"})
+                time.sleep(spec.gap_s)
+            q.execute("quit")
+        finally:
+            m.close()
+            g.close()
+        return rows
+
+
+def compare(ram_sizes: list[int], engines: tuple[str, ...] = ("blocking", "cow"), *, seed: int = 1,
+            repetitions: int = 2, base: ExperimentSpec | None = None, progress: Any = None) -> list[dict[str, Any]]:
+    """The main job: blocking vs copy-on-write downtime over RAM sizes, on the default guest."""
+    base = base or ExperimentSpec(seed=seed, repetitions=repetitions)
+    rows: list[dict[str, Any]] = []
+    for ram in ram_sizes:
+        for eng in engines:
+            spec = base.with_(ram_mib=ram, engine=eng)
+            rows += run_experiment(spec)
+            if progress is not None:
+                progress(spec)
+    return rows

@@ -1,0 +1,73 @@
+"""Experiment specs: frozen, validated, with errors that name the field and the allowed values."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENGINES = ("blocking", "cow")
+WORKLOADS = ("idle", "dirty", "disk", "mixed")
+PATTERNS = ("sequential", "random", "hot-cold")
+
+
+class SpecError(ValueError):
+    """A spec field is wrong; the message names it and what it accepts."""
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One snapshot experiment: a guest, an engine, how often."""
+
+    ram_mib: int = 256
+    engine: str = "cow"
+    workload: str = "dirty"
+    dirty_rate_mib_s: int = 100  # 0 = unthrottled
+    working_set_mib: int = 0  # 0 = half of RAM
+    pattern: str = "random"
+    seed: int = 1
+    repetitions: int = 3
+    warmup_s: float = 0.3
+    gap_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        def bad(field: str, value: Any, allowed: str) -> SpecError:
+            return SpecError(f"spec field '{field}': {value!r} is not allowed; expected {allowed}")
+
+        if self.engine not in ENGINES:
+            raise bad("engine", self.engine, " or ".join(ENGINES))
+        if self.workload not in WORKLOADS:
+            raise bad("workload", self.workload, ", ".join(WORKLOADS))
+        if self.pattern not in PATTERNS:
+            raise bad("pattern", self.pattern, ", ".join(PATTERNS))
+        if not isinstance(self.ram_mib, int) or not 16 <= self.ram_mib <= 65536:
+            raise bad("ram_mib", self.ram_mib, "an integer from 16 to 65536")
+        if not isinstance(self.repetitions, int) or not 1 <= self.repetitions <= 1000:
+            raise bad("repetitions", self.repetitions, "an integer from 1 to 1000")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            raise bad("seed", self.seed, "an integer from 0 to 2**64-1")
+        if not isinstance(self.dirty_rate_mib_s, int) or self.dirty_rate_mib_s < 0:
+            raise bad("dirty_rate_mib_s", self.dirty_rate_mib_s, "a non-negative integer (0: unthrottled)")
+        if not isinstance(self.working_set_mib, int) or not 0 <= self.working_set_mib <= self.ram_mib:
+            raise bad("working_set_mib", self.working_set_mib, f"an integer from 0 to ram_mib ({self.ram_mib})")
+
+    def with_(self, **kw: Any) -> ExperimentSpec:
+        return ExperimentSpec(**{**asdict(self), **kw})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ExperimentSpec:
+        known = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in known:
+                raise SpecError(f"spec field '{k}' is unknown; known fields: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ExperimentSpec:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return cls.from_dict(data.get("experiment", data))

@@ -1,0 +1,53 @@
+"""The lab: specs name bad fields, results reload and re-plot, compare runs end to end via QMP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from emulator.uffd import UffdUnavailable, UserFaultFD
+from lab import plot, results
+from lab.cli import main
+from lab.run import run_experiment
+from lab.spec import ExperimentSpec, SpecError
+
+
+def test_spec_errors_name_the_field(tmp_path: Path) -> None:
+    for kw, text in [({"engine": "magic"}, "spec field 'engine': 'magic' is not allowed; expected blocking or cow"),
+                     ({"ram_mib": 4}, "spec field 'ram_mib'"),
+                     ({"pattern": "zigzag"}, "expected sequential, random, hot-cold"),
+                     ({"working_set_mib": 999, "ram_mib": 64}, "spec field 'working_set_mib'")]:
+        with pytest.raises(SpecError, match=text):
+            ExperimentSpec(**kw)
+    with pytest.raises(SpecError, match="spec field 'ramsize' is unknown"):
+        ExperimentSpec.from_dict({"ramsize": 1})
+    toml = tmp_path / "s.toml"
+    toml.write_text('[experiment]\nengine = "blocking"\nram_mib = 64\nrepetitions = 1\n')
+    assert ExperimentSpec.from_toml(toml).engine == "blocking"
+    toml.write_text('[experiment]\nengine = "nope"\n')
+    assert main(["run", str(toml)]) == 2
+
+
+def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
+    try:
+        UserFaultFD().close()
+    except UffdUnavailable as err:
+        pytest.skip(f"the kernel refuses userfaultfd here: {err}")
+    rows = []
+    for eng in ("blocking", "cow"):
+        rows += run_experiment(ExperimentSpec(ram_mib=64, engine=eng, repetitions=2, warmup_s=0.1, gap_s=0.05))
+    assert len(rows) == 4 and {r["engine"] for r in rows} == {"blocking", "cow"}
+    cow = [r for r in rows if r["engine"] == "cow"]
+    blk = [r for r in rows if r["engine"] == "blocking"]
+    assert all(r["downtime_ms"] < min(b["downtime_ms"] for b in blk) for r in cow)
+    assert all(r["faults"] >= 0 and r["pages_by_fault"] + r["pages_by_background"] == 64 * 256 for r in cow)
+    path = results.save(rows, tmp_path / "r.csv", results.metadata(1))
+    back, meta = results.load(path)
+    assert meta["seed"] == 1 and meta["write_protect_backend"] == "userfaultfd" and meta["unicorn"]
+    assert [r["downtime_ms"] for r in back] == pytest.approx([r["downtime_ms"] for r in rows])
+    png = tmp_path / "p.png"
+    plot.downtime_vs_ram(back, png)
+    assert png.stat().st_size > 10_000
+    assert "cow" in results.table(back)
+    assert main(["plot", str(path), "--png", str(tmp_path / "q.png")]) == 0
