@@ -154,12 +154,13 @@ class Qcow2Image:
                 self.file.pwrite(HEADER_AUTOCLEAR_OFFSET, bytes(8))
                 self.header = self.header.with_pointers(autoclear_features=0)
             if h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+                # As QEMU: refcounts may be stale (lazy refcounts); rebuild them, then clear the bit.
                 self.messages.append("qcow2: the dirty bit is set; repairing refcounts")
                 res = self.check(repair="all")
-                if res.corruptions or res.check_errors:
-                    self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
-                else:
-                    self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
+                final = res.repaired or res
+                if final.corruptions or final.check_errors:
+                    self.signal_corruption("refcounts could not be repaired after an unclean shutdown")
+                self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
 
     def _read_l1(self, offset: int, n: int, fieldname: str) -> np.ndarray:
         if n == 0:

@@ -178,3 +178,23 @@ def test_unknown_header_extension_preserved() -> None:
     again = Qcow2Image(f)
     assert ext in again.header.extensions
     clean(again)
+
+
+def test_dirty_bit_is_repaired_on_open() -> None:
+    import struct
+
+    f = MemoryFile()
+    img = Qcow2Image.create(f, 1 << 20, cluster_size=4096)
+    img.write(0, b"x" * 20000)
+    img.close()
+    # An unclean shutdown with lazy refcounts: dirty bit set, one refcount too low, one leak.
+    struct.pack_into(">Q", f.data, 72, 1)
+    rb = int.from_bytes(bytes(f.data[48:56]), "big")
+    rb_off = int.from_bytes(bytes(f.data[rb:rb + 8]), "big")
+    struct.pack_into(">H", f.data, rb_off + 2 * 5, 0)
+    ro = Qcow2Image(f, read_only=True)
+    assert ro.check().corruptions >= 1  # read-only: reported, not repaired
+    again = Qcow2Image(f)
+    assert any("dirty bit" in m for m in again.messages)
+    assert again.check().clean and not again.header.incompatible_features & 1
+    assert again.read(0, 20000) == b"x" * 20000

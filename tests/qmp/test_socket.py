@@ -124,3 +124,34 @@ def test_raw_socket_wire_format_and_limits(system: tuple[subprocess.Popen[bytes]
     t.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
     assert b'"status": "running"' in lines(t, 2)[1]
     t.close()
+
+
+def test_tcp_monitor_on_loopback_only(tmp_path: Path) -> None:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "32M",
+                             "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"], stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 30
+        while True:
+            try:
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                break
+            except OSError:
+                assert time.monotonic() < end and proc.poll() is None
+                time.sleep(0.05)
+        assert c.recv(4096).startswith(b'{"QMP": ')
+        c.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n')
+        data = b""
+        while True:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert b'"SHUTDOWN"' in data and b'{"return": {}}' in data
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
