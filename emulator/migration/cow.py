@@ -32,7 +32,13 @@ import numpy as np
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
 from emulator.memory import GuestRAM
-from emulator.migration.vmstate import PAGE, SaveHandler, begin_sparse_stream, finish_sparse_stream
+from emulator.migration.vmstate import (
+    PAGE,
+    SaveHandler,
+    SparseRam,
+    begin_sparse_stream,
+    finish_sparse_stream,
+)
 from emulator.uffd import UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFDIO_REGISTER_MODE_WP, UserFaultFD
 
 CHUNK = 2 << 20
@@ -90,7 +96,9 @@ class CowSave:
         self.saved_cond = threading.Condition(self.lock)
         self.stats = CowStats()
         self.out = _PendingStream(img, pending)
-        self.sparse = begin_sparse_stream(self.out, machine, sections, self.ram.size)
+        self.machine = machine
+        self.sections = sections
+        self.sparse: SparseRam | None = None
         self.nonzero = np.zeros(self.ram.size // PAGE, dtype=bool)
         self.queue: queue.Queue[tuple[int, ctypes.Array[ctypes.c_char]] | None] = queue.Queue()
         self.pool: queue.Queue[ctypes.Array[ctypes.c_char]] = queue.Queue()
@@ -205,12 +213,18 @@ class CowSave:
             for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [len(idx)])).tolist(),
                             strict=True):
                 p0, p1 = int(idx[a]) * PAGE, (int(idx[b - 1]) + 1) * PAGE
+                assert self.sparse is not None
                 self.out.write(self.sparse.data_offset + off + p0, mv[p0:p1])
                 self.stats.bytes_written += p1 - p0
         self.pool.put(buf)
 
     def run(self, on_progress: Callable[[int], None] | None = None) -> int:
-        """Start the threads, wait for the last chunk, finish the stream; returns its size."""
+        """Start the threads, wait for the last chunk, finish the stream; returns its size.
+
+        The stream header (device sections taken at the stop instant) is written here, after
+        the guest resumed: nothing but the arming happens in the downtime.
+        """
+        self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size)
         handler = threading.Thread(target=self.fault_handler, name="cow-faults", daemon=True)
         bg = threading.Thread(target=self.background, name="cow-saver", daemon=True)
         wr = threading.Thread(target=self.writer, name="cow-writer", daemon=True)
@@ -223,4 +237,5 @@ class CowSave:
         handler.join()
         if self.error is not None:
             raise self.error
+        assert self.sparse is not None
         return finish_sparse_stream(self.out, self.sparse, self.nonzero)

@@ -169,7 +169,7 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
             if last - first == len(sel) - 1:
                 out.write(pos, mv[first * PAGE:(last + 1) * PAGE])
             else:
-                out.write(pos, memoryview(np.take(pages_view, sel, axis=0)).cast("B"))
+                out.write(pos, memoryview(np.take(pages_view, sel, axis=0).data).cast("B"))
             pos += len(sel) * PAGE
         tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
         tail += struct.pack(">B", QEMU_VM_EOF)
