@@ -28,6 +28,7 @@ MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x20, 0x4000
 MADV_DONTNEED = 4
 MADV_HUGEPAGE = 14
 MADV_POPULATE_WRITE = 23
+MADV_COLLAPSE = 25
 MIN_RAM = 16 << 20
 MAX_RAM = 64 << 30
 
@@ -98,8 +99,12 @@ class GuestRAM:
         return 0 <= addr and 0 <= n and addr + n <= self.size
 
     def read(self, addr: int, n: int) -> bytes:
+        """Copy out of guest RAM with ctypes.memmove, which releases the GIL: during a lazy
+        restore a read may fault on a page not loaded yet, and the handler needs the GIL."""
         self.check(addr, n)
-        return ctypes.string_at(self.addr + addr, n)
+        buf = ctypes.create_string_buffer(n)
+        ctypes.memmove(buf, self.addr + addr, n)
+        return buf.raw
 
     def read_u64(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 8), "little")
@@ -132,6 +137,10 @@ class GuestRAM:
         """A writable view for bulk loads (preadv into RAM). Only while no write protection
         or missing-page registration is armed on this mapping (the loader's own rule)."""
         return memoryview(self.array.data).cast("B")
+
+    def collapse(self) -> bool:
+        """Rebuild transparent huge pages (MADV_COLLAPSE) after pages were installed one by one."""
+        return self.hugepages and _libc.madvise(self.addr, self.span, MADV_COLLAPSE) == 0
 
     def view(self) -> memoryview:
         """A read-only view for bulk reads (saving); never write through it."""

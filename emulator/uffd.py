@@ -26,6 +26,8 @@ UFFDIO_REGISTER = 0xC020AA00
 UFFDIO_UNREGISTER = 0x8010AA01
 UFFDIO_WAKE = 0x8010AA02
 UFFDIO_WRITEPROTECT = 0xC018AA06
+UFFDIO_COPY = 0xC028AA03
+UFFDIO_ZEROPAGE = 0xC020AA04
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_REGISTER_MODE_WP = 2
 UFFDIO_WRITEPROTECT_MODE_WP = 1
@@ -98,6 +100,22 @@ class UserFaultFD:
     def wake(self, start: int, length: int) -> None:
         """UFFDIO_WAKE: wake threads blocked on a range without changing page tables."""
         _ioctl(self.fd, UFFDIO_WAKE, ctypes.create_string_buffer(struct.pack("<QQ", start, length), 16))
+
+    def copy(self, dst: int, src: int, length: int) -> int:
+        """UFFDIO_COPY: fill missing pages at ``dst`` from ``src`` and wake; returns bytes
+        copied, or -errno (e.g. -EEXIST where a page is already there)."""
+        buf = ctypes.create_string_buffer(struct.pack("<QQQQq", dst, src, length, 0, 0), 40)
+        if _libc.ioctl(self.fd, UFFDIO_COPY, buf) != 0:
+            e = ctypes.get_errno()
+            done = struct.unpack("<QQQQq", buf.raw)[4]
+            return int(done) if done > 0 else -e
+        return int(struct.unpack("<QQQQq", buf.raw)[4])
+
+    def zeropage(self, dst: int, length: int) -> int:
+        buf = ctypes.create_string_buffer(struct.pack("<QQQq", dst, length, 0, 0), 32)
+        if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, buf) != 0:
+            return -ctypes.get_errno()
+        return int(struct.unpack("<QQQq", buf.raw)[3])
 
     def read_faults(self, max_msgs: int = 64) -> list[Fault]:
         try:

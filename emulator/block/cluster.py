@@ -326,3 +326,28 @@ def zeroize(s: Qcow2Image, offset: int, length: int, *, discard: bool) -> int:
         done += (hi - c) * cs
         c = hi
     return done
+
+
+def host_map(s: Qcow2Image, l1: np.ndarray, offset: int, length: int) -> np.ndarray:
+    """Host offset of every cluster of [offset, offset+length) under ``l1``: 0 where it reads as
+    zeros, -1 where it is compressed.  Lets a reader fetch data with plain preads and no image
+    lock (lazy restore reads a snapshot's VM state this way)."""
+    cs = s.cluster_size
+    first = offset // cs
+    last = -(-(offset + length) // cs)
+    out = np.zeros(last - first, dtype=np.int64)
+    per = s.l2_size
+    for l1i in range(first // per, (last - 1) // per + 1):
+        off = int(l1[l1i]) & L1E_OFFSET_MASK if l1i < len(l1) else 0
+        if not off:
+            continue
+        l2 = load_l2(s, off, l1i)
+        a = max(first, l1i * per)
+        b = min(last, (l1i + 1) * per)
+        ents = l2[a - l1i * per:b - l1i * per]
+        kinds = cluster_kinds(s, ents)
+        hosts = (ents & _L2_MASK).astype(np.int64)
+        vals = np.where(kinds == NORMAL, hosts, 0)
+        vals = np.where(kinds == COMPRESSED, -1, vals)
+        out[a - first:b - first] = vals
+    return out

@@ -545,6 +545,14 @@ class Qcow2Image:
         return snapshot.snapshot_delete(self, snapshot.find_snapshot_by_id_and_name(self, id_str, name))
 
     @_locked
+    def snapshot_vmstate_map(self, id_or_name: str) -> tuple[np.ndarray, int]:
+        """Per cluster of a snapshot's VM state: host offset (0 zero, -1 compressed); and the
+        byte offset of the VM state's first cluster boundary (the stream starts there)."""
+        sn = self.find_snapshot(id_or_name)
+        l1 = snapshot.read_snapshot_l1(self, sn)
+        return cluster.host_map(self, l1, self.vm_state_offset, sn.vm_state_size), self.vm_state_offset
+
+    @_locked
     def snapshot_read(self, id_or_name: str, offset: int, buf: memoryview | bytearray) -> None:
         """Read guest data as it was in a snapshot (qemu-img convert -l)."""
         sn = self.find_snapshot(id_or_name)

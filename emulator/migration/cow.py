@@ -39,7 +39,13 @@ from emulator.migration.vmstate import (
     begin_sparse_stream,
     finish_sparse_stream,
 )
-from emulator.uffd import UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFDIO_REGISTER_MODE_WP, UserFaultFD
+from emulator.uffd import (
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFDIO_REGISTER_MODE_MISSING,
+    UFFDIO_REGISTER_MODE_WP,
+    Fault,
+    UserFaultFD,
+)
 
 CHUNK = 2 << 20
 UNSAVED, COPYING, SAVED = 0, 1, 2
@@ -66,16 +72,56 @@ class _PendingStream:
 
 
 class WriteProtector:
-    """Guest RAM registered once with a userfaultfd in write-protect mode."""
+    """Guest RAM registered once with a userfaultfd, in write-protect and missing-page modes,
+    and the one thread that serves its faults.
+
+    The engines install a handler for their window (:attr:`handler`); outside a window a
+    write fault releases its 2 MiB chunk and a missing-page fault gets zeros, so the guest can
+    never stay blocked.
+    """
 
     def __init__(self, ram: GuestRAM) -> None:
         self.ram = ram
         self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
         if ram.populate_seconds is None:
             ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime
-        self.uffd.register(ram.addr, ram.span, UFFDIO_REGISTER_MODE_WP)
+        self.uffd.register(ram.addr, ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
+        self.handler: Callable[[Fault], None] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="uffd-faults", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = select.poll()
+        poller.register(self.uffd.fd, select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(50):
+                continue
+            for f in self.uffd.read_faults():
+                h = self.handler
+                try:
+                    if h is not None:
+                        h(f)
+                    else:
+                        self.default(f)
+                except Exception:
+                    self.default(f)
+
+    def chunk_of(self, addr: int) -> int:
+        return (addr - self.ram.addr) // CHUNK
+
+    def default(self, f: Fault) -> None:
+        base = self.ram.addr + self.chunk_of(f.address) * CHUNK
+        if f.wp:
+            self.uffd.writeprotect(base, CHUNK, False)
+        else:
+            page = f.address & ~(PAGE - 1)
+            if self.uffd.zeropage(page, PAGE) < 0:
+                self.uffd.wake(page, PAGE)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
         try:
             self.uffd.unregister(self.ram.addr, self.ram.span)
         finally:
@@ -110,6 +156,7 @@ class CowSave:
     # -- arming (inside the downtime) --------------------------------------------------------
     def arm(self) -> None:
         t0 = time.perf_counter()
+        self.wp.handler = self.on_fault
         self.uffd.writeprotect(self.ram.addr, self.ram.span, True)
         self.stats.arm_s = time.perf_counter() - t0
 
@@ -143,31 +190,26 @@ class CowSave:
         return True
 
     # -- threads ---------------------------------------------------------------------------------
-    def fault_handler(self) -> None:
-        poller = select.poll()
-        poller.register(self.uffd.fd, select.POLLIN)
-        try:
-            while not self._stop.is_set():
-                if not poller.poll(20):
-                    continue
-                t_read = time.perf_counter()
-                for f in self.uffd.read_faults():
-                    self.stats.faults += 1
-                    c = (f.address - self.ram.addr) // CHUNK
-                    if not 0 <= c < self.nchunks:
-                        continue
-                    if self._save_chunk(c):
-                        self.stats.fault_chunks += 1
-                    else:
-                        with self.lock:
-                            while self.state[c] != SAVED:
-                                self.saved_cond.wait()
-                        self.uffd.wake(self.ram.addr + c * CHUNK, CHUNK)
-                        self.stats.woken += 1
-                    self.stats.handler_s.append(time.perf_counter() - t_read)
-        except BaseException as err:  # never leave the guest blocked: release everything
-            self.error = err
-            self.uffd.writeprotect(self.ram.addr, self.ram.span, False)
+    def on_fault(self, f: Fault) -> None:
+        """Called on the fault-service thread for every fault during the window."""
+        if not f.wp:
+            self.wp.default(f)
+            return
+        t0 = time.perf_counter()
+        self.stats.faults += 1
+        c = (f.address - self.ram.addr) // CHUNK
+        if not 0 <= c < self.nchunks:
+            self.wp.default(f)
+            return
+        if self._save_chunk(c):
+            self.stats.fault_chunks += 1
+        else:
+            with self.lock:
+                while self.state[c] != SAVED:
+                    self.saved_cond.wait()
+            self.uffd.wake(self.ram.addr + c * CHUNK, CHUNK)
+            self.stats.woken += 1
+        self.stats.handler_s.append(time.perf_counter() - t0)
 
     def background(self) -> None:
         try:
@@ -225,16 +267,14 @@ class CowSave:
         the guest resumed: nothing but the arming happens in the downtime.
         """
         self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size)
-        handler = threading.Thread(target=self.fault_handler, name="cow-faults", daemon=True)
         bg = threading.Thread(target=self.background, name="cow-saver", daemon=True)
         wr = threading.Thread(target=self.writer, name="cow-writer", daemon=True)
-        handler.start()
         wr.start()
         bg.start()
         bg.join()
         wr.join()
+        self.wp.handler = None
         self._stop.set()
-        handler.join()
         if self.error is not None:
             raise self.error
         assert self.sparse is not None

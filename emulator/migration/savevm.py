@@ -27,6 +27,7 @@ from emulator.block.snapshot import PendingSnapshot
 from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
 from emulator.migration.cow import CowSave, WriteProtector
+from emulator.migration.postcopy import LazyLoad
 from emulator.migration.vmstate import (
     PAGE,
     LoadVMError,
@@ -39,6 +40,7 @@ from emulator.migration.vmstate import (
 from emulator.runstate import RunState
 
 ENGINES = ("blocking", "cow")
+LOAD_ENGINES = ("blocking", "lazy")
 
 
 class SnapshotBusyError(SnaplabError):
@@ -335,14 +337,24 @@ class SnapshotController:
         return m
 
     def load_snapshot(self, name: str, vmstate: str | None, devices: list[str] | None,
-                      *, stop_first: bool = True) -> SnapshotMetrics:
-        """The snapshot-load job: vm_stop(RESTORE_VM), load_snapshot(), resume on success only."""
-        self._begin("snapshot load")
+                      *, stop_first: bool = True, engine: str = "blocking") -> SnapshotMetrics:
+        """The snapshot-load job: vm_stop(RESTORE_VM), load_snapshot(), resume on success only.
+
+        ``engine`` ``lazy`` resumes the guest before RAM is loaded (see postcopy.py); the
+        operation ends when every page is in place.
+        """
+        if engine not in LOAD_ENGINES:
+            raise SnaplabError(f"Parameter 'engine' does not accept value '{engine}'")
+        self._begin(f"snapshot load ({engine})")
         try:
             orig = self.vm.state
+            if engine == "lazy":
+                self.write_protector()  # set up (populate, register) before the guest stops
             t0 = time.perf_counter()
             if stop_first:
                 self.vm.vm_stop(RunState.RESTORE_VM)
+            if engine == "lazy":
+                return self._load_lazy(name, vmstate, devices, orig, t0)
             self._load(name, vmstate, devices)
             t1 = time.perf_counter()
             self.vm.vm_resume(orig)
@@ -353,7 +365,8 @@ class SnapshotController:
         finally:
             self._end()
 
-    def _load(self, name: str, vmstate: str | None, devices: list[str] | None) -> None:
+    def _prepare_load(self, name: str, vmstate: str | None,
+                      devices: list[str] | None) -> tuple[list[BlockNode], Qcow2Image, Any, _QcowStream]:
         nodes = self.devices(devices)
         self.can_snapshot(nodes)
         if not self.has_snapshot(name, nodes):
@@ -368,11 +381,51 @@ class SnapshotController:
         stream = _QcowStream(img, sn.id_str)
         # Check the whole stream against this machine before anything changes.
         load_state(stream, sn.vm_state_size, self.machine_name, _dry(self.handlers()), None)
+        return nodes, img, sn, stream
+
+    def _goto_all(self, name: str, nodes: list[BlockNode]) -> None:
         for n in nodes:
             try:
                 self._image(n).snapshot_goto(name)
             except SnaplabError as err:
                 raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
+
+    def _load_lazy(self, name: str, vmstate: str | None, devices: list[str] | None, orig: RunState,
+                   t0: float) -> SnapshotMetrics:
+        nodes, img, sn, stream = self._prepare_load(name, vmstate, devices)
+        wp = self.write_protector()
+        cmap, base = img.snapshot_vmstate_map(sn.id_str)
+        images = [self._image(n) for n in nodes]
+        with contextlib.ExitStack() as stack:
+            for im in images:
+                stack.enter_context(im.deferred_flush())
+            self._goto_all(name, nodes)
+        self.vm.reset_for_load()
+        layouts: list[RamLayout] = []
+        load_state(stream, sn.vm_state_size, self.machine_name, self.handlers(), layouts.append)
+        (layout,) = layouts
+        if layout.ram_size != self.ram.size:
+            raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
+                              "Invalid argument")
+        self.vm.set_vclock_ns(sn.vm_clock_nsec)
+        lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
+        lazy.arm()
+        t_resume = time.perf_counter()
+        self.vm.vm_resume(orig)
+        for im in images:  # the reverted disks' metadata becomes durable after the guest resumed
+            im.flush()
+        lazy.fill_all()
+        st = lazy.stats
+        m = SnapshotMetrics("lazy-load", t_resume - t0, time.perf_counter() - t0)
+        m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,
+                        "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
+                        "fault_latency_s": list(st.handler_s)})
+        self.last = m
+        return m
+
+    def _load(self, name: str, vmstate: str | None, devices: list[str] | None) -> None:
+        nodes, _, sn, stream = self._prepare_load(name, vmstate, devices)
+        self._goto_all(name, nodes)
         self.vm.reset_for_load()
         load_state(stream, sn.vm_state_size, self.machine_name, self.handlers(),
                    lambda layout: self._load_ram(stream, layout))
@@ -382,18 +435,23 @@ class SnapshotController:
         if layout.ram_size != self.ram.size:
             raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
                               "Invalid argument")
-        self.ram.discard()
-        idx = np.flatnonzero(layout.nonzero)
-        if not len(idx):
-            return
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-        starts = np.concatenate(([0], breaks))
-        ends = np.concatenate((breaks, [len(idx)]))
+        # Zero runs: MADV_DONTNEED is cheapest, but RAM registered for missing-page faults
+        # (once a background engine was used) must never have missing pages outside a lazy
+        # restore, so then they are cleared with memset.
+        if self._wp is None:
+            self.ram.discard()
+        nz = layout.nonzero
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
+        starts, ends = edges[0::2], edges[1::2]
+        pos = 0
         view = self.ram.load_view()
         for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            p0 = int(idx[a]) * PAGE
-            p1 = (int(idx[b - 1]) + 1) * PAGE
-            stream.readinto(int(layout.page_offset[idx[a]]), view[p0:p1])
+            if a > pos and self._wp is not None:
+                self.ram.fill(pos * PAGE, 0, (a - pos) * PAGE)
+            stream.readinto(int(layout.page_offset[a]), view[a * PAGE:b * PAGE])
+            pos = b
+        if pos < layout.pages and self._wp is not None:
+            self.ram.fill(pos * PAGE, 0, (layout.pages - pos) * PAGE)
 
     def delete_snapshot(self, name: str, devices: list[str] | None) -> None:
         """delete_snapshot(): a missing tag is not an error."""

@@ -214,11 +214,33 @@ class _Cursor:
 
 @dataclass
 class RamLayout:
+    """Where each page of a RAM section is in the stream (computed on demand, per range)."""
+
     ram_size: int
     pages: int
     data_offset: int
     nonzero: np.ndarray  # bool per page
-    page_offset: np.ndarray  # stream offset of every non-zero page (undefined for zero pages)
+    sparse: bool = False  # page i at data offset + 4096 i
+    _block_prefix: np.ndarray | None = None
+
+    BLOCK = 512  # pages per prefix-sum block (2 MiB)
+
+    def page_offsets(self, first: int, n: int) -> np.ndarray:
+        """Stream offsets of pages [first, first+n) (meaningful for non-zero pages only)."""
+        if self.sparse:
+            return self.data_offset + (first + np.arange(n, dtype=np.int64)) * PAGE
+        if self._block_prefix is None:
+            pad = -self.pages % self.BLOCK
+            counts = np.concatenate((self.nonzero, np.zeros(pad, dtype=bool))).reshape(-1, self.BLOCK).sum(axis=1)
+            self._block_prefix = np.concatenate(([0], np.cumsum(counts)))
+        b0 = first // self.BLOCK
+        before = int(self._block_prefix[b0]) + int(self.nonzero[b0 * self.BLOCK:first].sum())
+        local = np.cumsum(self.nonzero[first:first + n], dtype=np.int64) - 1
+        return self.data_offset + (before + local) * PAGE
+
+    @property
+    def page_offset(self) -> np.ndarray:
+        return self.page_offsets(0, self.pages)
 
 
 def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],
@@ -311,11 +333,7 @@ def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
         raise LoadVMError("bad RAM section end")
     if cur.u8() != QEMU_VM_SECTION_FOOTER or cur.u32() != sid:
         raise LoadVMError("Missing section footer for ram")
-    if _flags & RAM_FLAG_SPARSE:
-        offsets = data_offset + np.arange(pages, dtype=np.int64) * PAGE
-    else:
-        offsets = data_offset + (np.cumsum(bits) - 1).astype(np.int64) * PAGE
-    return RamLayout(ram_size, pages, data_offset, bits, offsets)
+    return RamLayout(ram_size, pages, data_offset, bits, bool(_flags & RAM_FLAG_SPARSE))
 
 
 @dataclass

@@ -20,7 +20,7 @@ SNAPSHOT_COMMANDS = [
     Command("snapshot-save", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
                               Member("devices", "[str]"), Member(ENGINE_MEMBER, "SnaplabSaveEngine", True))),
     Command("snapshot-load", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
-                              Member("devices", "[str]"))),
+                              Member("devices", "[str]"), Member(ENGINE_MEMBER, "SnaplabLoadEngine", True))),
     Command("snapshot-delete", (Member("job-id", "str"), Member("tag", "str"), Member("devices", "[str]"))),
     Command("__org.snaplab_query-snapshot-stats", (Member("id", "str"),), returns="any"),
 ]
@@ -28,6 +28,7 @@ SNAPSHOT_COMMANDS = [
 
 def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
     monitor.schema.add_enum(EnumType("SnaplabSaveEngine", ("blocking", "cow")))
+    monitor.schema.add_enum(EnumType("SnaplabLoadEngine", ("blocking", "lazy")))
     for cmd in SNAPSHOT_COMMANDS:
         monitor.schema.add_command(cmd)
 
@@ -40,7 +41,7 @@ def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None
 
     def load(a: dict[str, Any]) -> dict[str, Any]:
         def work(job: Job) -> None:
-            m = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"])
+            m = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"], engine=a.get(ENGINE_MEMBER, "blocking"))
             job.result["metrics"] = m
         monitor.jobs.create(a["job-id"], "snapshot-load", work)
         return {}

@@ -1,0 +1,142 @@
+"""Lazy restore (postcopy-style load): the guest resumes at once, RAM arrives on first touch.
+
+The disks are reverted and the CPU and devices loaded with the guest stopped; guest RAM is
+emptied (MADV_DONTNEED) and the guest resumed.  A missing-page fault on a 2 MiB chunk makes
+the fault-service thread read that chunk's pages from the snapshot and install them with
+UFFDIO_COPY (which wakes the guest); a background filler does the same for every chunk nobody
+touched.  The guest never sees a page that is not the snapshot's: a page is mapped only by
+UFFDIO_COPY of the snapshot's bytes (zeros for zero pages).
+
+The VM state is read with plain preads of precomputed host offsets (the snapshot's clusters
+cannot change while it exists and the snapshot lock is held), never through the image lock:
+the vCPU may be blocked on a missing page while holding it for a disk request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from emulator.block.io import BlockFile
+from emulator.memory import GuestRAM
+from emulator.migration.cow import CHUNK, WriteProtector
+from emulator.migration.vmstate import PAGE, RamLayout
+from emulator.uffd import Fault
+
+UNFILLED, FILLING, FILLED = 0, 1, 2
+PAGES_PER_CHUNK = CHUNK // PAGE
+
+
+@dataclass
+class LazyStats:
+    faults: int = 0
+    fault_chunks: int = 0
+    bg_chunks: int = 0
+    handler_s: list[float] = field(default_factory=list)
+    fill_s: float = 0.0
+
+
+class LazyLoad:
+    def __init__(self, wp: WriteProtector, file: BlockFile, cluster_map: np.ndarray, cluster_size: int,
+                 stream_base: int, layout: RamLayout) -> None:
+        if cluster_size < PAGE:
+            raise ValueError("lazy restore needs a cluster size of at least 4 KiB")
+        if (cluster_map < 0).any():
+            raise ValueError("lazy restore cannot read compressed VM state")
+        self.wp = wp
+        self.ram: GuestRAM = wp.ram
+        self.uffd = wp.uffd
+        self.file = file
+        self.layout = layout
+        self.cluster_map = cluster_map
+        self.cluster_size = cluster_size
+        self.stream_base = stream_base
+        self.nchunks = -(-self.ram.size // CHUNK)
+        self.state = np.zeros(self.nchunks, dtype=np.int8)
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.stats = LazyStats()
+        self.error: BaseException | None = None
+        self._buf = (ctypes.c_char * CHUNK)()
+
+    def _fill(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> bool:
+        with self.lock:
+            if self.state[c] != UNFILLED:
+                return False
+            self.state[c] = FILLING
+        off = c * CHUNK
+        n = min(CHUNK, self.ram.size - off)
+        ctypes.memset(buf, 0, n)
+        mv = memoryview(buf).cast("B")
+        first = off // PAGE
+        hosts = self._hosts(first, n // PAGE)
+        idx = np.flatnonzero(hosts)
+        if len(idx):
+            h = hosts[idx]
+            brk = np.flatnonzero((np.diff(idx) != 1) | (np.diff(h) != PAGE)) + 1
+            for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(),
+                            strict=True):
+                p0 = int(idx[a]) * PAGE
+                self.file.preadinto(int(h[a]), mv[p0:p0 + (b - a) * PAGE])
+        got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
+        if got != n:
+            # Some pages were already there (a previous partial copy): install the rest one by one.
+            for p in range(0, n, PAGE):
+                r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
+                if r < 0 and r != -errno.EEXIST:
+                    raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
+        with self.lock:
+            self.state[c] = FILLED
+            self.cond.notify_all()
+        return True
+
+    def _hosts(self, first: int, n: int) -> np.ndarray:
+        """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
+        nz = self.layout.nonzero[first:first + n]
+        pos = self.layout.page_offsets(first, n) + self.stream_base
+        clusters = pos // self.cluster_size - self.stream_base // self.cluster_size
+        host = self.cluster_map[np.clip(clusters, 0, len(self.cluster_map) - 1)]
+        return np.where(nz & (host > 0), host + pos % self.cluster_size, 0)
+
+    def on_fault(self, f: Fault) -> None:
+        if f.wp:
+            self.wp.default(f)
+            return
+        t0 = time.perf_counter()
+        self.stats.faults += 1
+        c = (f.address - self.ram.addr) // CHUNK
+        if self._fill(c, self._buf):
+            self.stats.fault_chunks += 1
+        else:
+            with self.lock:
+                while self.state[c] != FILLED:
+                    self.cond.wait()
+            self.uffd.wake(f.address & ~(PAGE - 1), PAGE)
+        self.stats.handler_s.append(time.perf_counter() - t0)
+
+    def arm(self) -> None:
+        """With the guest stopped: empty RAM and route missing-page faults here."""
+        self.wp.handler = self.on_fault
+        self.ram.discard()
+
+    def fill_all(self) -> None:
+        """The background filler; returns when every chunk is in guest RAM."""
+        t0 = time.perf_counter()
+        buf = (ctypes.c_char * CHUNK)()
+        try:
+            for c in range(self.nchunks):
+                if self._fill(c, buf):
+                    self.stats.bg_chunks += 1
+            with self.lock:
+                while not (self.state == FILLED).all():
+                    self.cond.wait(0.1)
+        finally:
+            self.wp.handler = None
+        self.stats.fill_s = time.perf_counter() - t0
+        self.ram.collapse()
