@@ -545,6 +545,11 @@ class Qcow2Image:
         return snapshot.snapshot_delete(self, snapshot.find_snapshot_by_id_and_name(self, id_str, name))
 
     @_locked
+    def vmstate_host_map(self, length: int) -> np.ndarray:
+        """Per cluster of the active VM-state area: host offset (0 unallocated, -1 compressed)."""
+        return cluster.host_map(self, self.l1_table, self.vm_state_offset, length)
+
+    @_locked
     def snapshot_vmstate_map(self, id_or_name: str) -> tuple[np.ndarray, int]:
         """Per cluster of a snapshot's VM state: host offset (0 zero, -1 compressed); and the
         byte offset of the VM state's first cluster boundary (the stream starts there)."""

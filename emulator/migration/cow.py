@@ -107,6 +107,13 @@ class WriteProtector:
                 except Exception:
                     self.default(f)
 
+    def suspend(self) -> None:
+        """Hand the range to another userfaultfd (pre-copy's dirty tracker) for a while."""
+        self.uffd.unregister(self.ram.addr, self.ram.span)
+
+    def resume(self) -> None:
+        self.uffd.register(self.ram.addr, self.ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
+
     def chunk_of(self, addr: int) -> int:
         return (addr - self.ram.addr) // CHUNK
 

@@ -28,18 +28,21 @@ from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
 from emulator.migration.cow import CowSave, WriteProtector
 from emulator.migration.postcopy import LazyLoad
+from emulator.migration.precopy import Precopy
 from emulator.migration.vmstate import (
     PAGE,
     LoadVMError,
     RamLayout,
     SaveHandler,
+    begin_sparse_stream,
+    finish_sparse_stream,
     load_state,
     nonzero_pages,
     save_state,
 )
 from emulator.runstate import RunState
 
-ENGINES = ("blocking", "cow")
+ENGINES = ("blocking", "cow", "precopy")
 LOAD_ENGINES = ("blocking", "lazy")
 
 
@@ -204,6 +207,8 @@ class SnapshotController:
         try:
             if engine == "cow":
                 return self._save_cow(name, overwrite, vmstate, devices)
+            if engine == "precopy":
+                return self._save_precopy(name, overwrite, vmstate, devices)
             return self._save(name, overwrite, vmstate, devices)
         finally:
             self._end()
@@ -224,6 +229,63 @@ class SnapshotController:
         if self._wp is None:
             self._wp = WriteProtector(self.ram)
         return self._wp
+
+    def _save_precopy(self, name: str | None, overwrite: bool, vmstate: str | None,
+                      devices: list[str] | None) -> SnapshotMetrics:
+        t0 = time.perf_counter()
+        nodes, bs = self._checks(name, overwrite, vmstate, devices)
+        if self.ram.populate_seconds is None:
+            self.ram.populate()
+        wp = self._wp
+        if wp is not None:
+            wp.suspend()  # a range belongs to one userfaultfd at a time
+        img = self._image(bs)
+        stream = _QcowStream(img)
+        pre = Precopy(self.ram, stream, self.machine_name, [(h, h.save()) for h in self.handlers()], img)
+        try:
+            pre.iterate()
+            images = [self._image(n) for n in nodes]
+            saved_state = self.vm.state
+            with contextlib.ExitStack() as stack:
+                for im in images:
+                    stack.enter_context(im.deferred_flush())
+                self.vm.vm_stop(RunState.SAVE_VM)
+                t_stop = time.perf_counter()
+                try:
+                    now = time.time_ns()
+                    if name is None:
+                        name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
+                    vm_clock = self.vm.vclock_ns()
+                    pre.final()
+                    sections = [(h, h.save()) for h in self.handlers()]
+                    head = begin_sparse_stream(stream, self.machine_name, sections, self.ram.size,
+                                               min_data_offset=pre.sparse.data_offset)
+                    if head.data_offset != pre.sparse.data_offset:
+                        raise SnaplabError("device state outgrew the room reserved for it in the VM state")
+                    size = finish_sparse_stream(stream, pre.sparse, pre.nonzero)
+                    for n in nodes:
+                        self._image(n).snapshot_create(name, vm_state_size=size if n is bs else 0,
+                                                       date_sec=now // 1_000_000_000, date_nsec=now % 1_000_000_000,
+                                                       vm_clock_nsec=vm_clock, icount=-1)
+                finally:
+                    t_resume = time.perf_counter()
+                    self.vm.vm_resume(saved_state)
+            for im in images:
+                im.flush()
+        finally:
+            pre.close()
+            if wp is not None:
+                wp.resume()
+            self.ram.collapse()
+        st = pre.stats
+        written = int(pre.nonzero.sum())
+        m = SnapshotMetrics("precopy", t_resume - t_stop, time.perf_counter() - t0, size, written,
+                            self.ram.size // PAGE - written)
+        m.extra.update({"iterations": len(st.rounds), "bytes_per_round": st.rounds,
+                        "bytes_written": sum(st.rounds), "dirty_final_bytes": st.dirty_final,
+                        "scan_s": st.scan_s})
+        self.last = m
+        return m
 
     def _save_cow(self, name: str | None, overwrite: bool, vmstate: str | None,
                   devices: list[str] | None) -> SnapshotMetrics:

@@ -355,7 +355,7 @@ class SparseRam:
 
 
 def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[SaveHandler, bytes]],
-                        ram_size: int) -> SparseRam:
+                        ram_size: int, min_data_offset: int = 0) -> SparseRam:
     """The stream up to the RAM data, for an engine that saves pages in any order.
 
     Device payloads were taken at the stop instant (``sections``).  RAM layout flag SPARSE:
@@ -380,7 +380,9 @@ def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[Sa
     bitmap_offset = len(head)
     head += bytes(blen)
     part_at = len(head)
-    data_offset = -(-(part_at + 13) // PAGE) * PAGE
+    data_offset = max(-(-(part_at + 13) // PAGE) * PAGE, min_data_offset)
+    if data_offset % PAGE:
+        raise ValueError("data offset must be page-aligned")
     pad = data_offset - (part_at + 13)
     head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, pad + ram_size) + bytes(pad)
     struct.pack_into(">QIIQQ", head, hdr_pos, ram_size, PAGE, RAM_FLAG_SPARSE, pages, data_offset)

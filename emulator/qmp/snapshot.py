@@ -27,7 +27,7 @@ SNAPSHOT_COMMANDS = [
 
 
 def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
-    monitor.schema.add_enum(EnumType("SnaplabSaveEngine", ("blocking", "cow")))
+    monitor.schema.add_enum(EnumType("SnaplabSaveEngine", ("blocking", "cow", "precopy")))
     monitor.schema.add_enum(EnumType("SnaplabLoadEngine", ("blocking", "lazy")))
     for cmd in SNAPSHOT_COMMANDS:
         monitor.schema.add_command(cmd)

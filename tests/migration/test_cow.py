@@ -151,3 +151,34 @@ def test_kill_during_cow_save_leaves_a_clean_image(tmp_path: Path, qemu_img) -> 
     (sn,) = img.snapshot_list()
     assert sn.vm_state_size > 0
     assert img.check().corruptions == 0
+
+
+def test_precopy_snapshot_is_the_end_instant(tmp_path: Path) -> None:
+    uffd_or_skip()
+    spec = WorkloadSpec("dirty", seed=4, working_set=32 << 20, pattern="hot-cold", rate=50 << 20, batch_pages=64)
+    m, g = machine(tmp_path, spec)
+    try:
+        m.start()
+        time.sleep(0.2)
+        q = m.qmp()
+        q.execute("snapshot-save", {"job-id": "p", "tag": "pre", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "precopy"})
+        assert "error" not in q.wait_job("p", 120)
+        stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "p"})
+        assert stats["engine"] == "precopy" and stats["iterations"] >= 2
+        assert len(stats["bytes-per-round"]) == stats["iterations"]
+        m.stop()
+        m.snapshots.load_snapshot("pre", "disk0", ["disk0"])
+        r13 = m.cpu.get_state()["R13"]
+        n = spec.pages(RAM)
+        stamps = np.frombuffer(m.ram.read(DATA_BASE, n * 4096), np.uint64).reshape(n, 512)[:, 0]
+        exp = expected_generations(spec, RAM, r13)
+        diff = np.flatnonzero(stamps != exp)
+        assert len(diff) <= 1 and all(stamps[d] == r13 + 1 for d in diff)
+        # COW still works after pre-copy handed the RAM back to the write protector.
+        m.cont()
+        m.snapshots.save_snapshot("after", False, "disk0", ["disk0"], "cow")
+    finally:
+        m.close()
+        g.close()
+    assert Qcow2Image.open(tmp_path / "d0.qcow2").check().clean
