@@ -101,6 +101,14 @@ def raw_pwrite(path: str, size: int, payload: memoryview) -> float:
         os.close(fd)
 
 
+def _prepare_host() -> None:
+    """Start every side alike: warm host memory once, give clean page cache back (root)."""
+    from bench_snapshot import drop_caches, warm_memory
+
+    print(f"warming host memory: {warm_memory(6 << 30):.1f} s")
+    drop_caches()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=1024)
@@ -108,9 +116,15 @@ def main() -> None:
     args = ap.parse_args()
     size = args.size_mib << 20
     payload = memoryview(np.random.default_rng(0).integers(0, 256, CHUNK, dtype=np.uint8).tobytes())
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    _prepare_host()
+    from bench_snapshot import drop_caches
+
     with tempfile.TemporaryDirectory(dir=args.dir) as d:
         a = ours(os.path.join(d, "ours.qcow2"), size, payload)
         os.remove(os.path.join(d, "ours.qcow2"))
+        drop_caches()
         q = qemu_io(os.path.join(d, "qemu.qcow2"), size)
         os.remove(os.path.join(d, "qemu.qcow2"))
         host = raw_pwrite(os.path.join(d, "raw.bin"), size, payload)

@@ -228,6 +228,7 @@ class SnapshotController:
         """userfaultfd on guest RAM, set up once (RAM populated first, outside any downtime)."""
         if self._wp is None:
             self._wp = WriteProtector(self.ram)
+            _warm_code_paths()
         return self._wp
 
     def _save_precopy(self, name: str | None, overwrite: bool, vmstate: str | None,
@@ -524,6 +525,24 @@ class SnapshotController:
             self.delete_all(name, nodes)
         finally:
             self._end()
+
+
+_warmed = False
+
+
+def _warm_code_paths() -> None:
+    """Run the metadata paths of a background snapshot once on a scratch image, so that
+    first-use costs (lazy imports inside numpy, first compilations) never land in a downtime."""
+    global _warmed
+    if _warmed:
+        return
+    img = Qcow2Image.in_memory(4 << 20)
+    img.write(0, b"x" * 70000)
+    with img.deferred_flush():
+        p = img.snapshot_prepare()
+    img.pending_save_vmstate(p, 0, b"y" * 5000)
+    img.snapshot_finish(p, "warm", vm_state_size=5000, date_sec=0, date_nsec=0, vm_clock_nsec=0)
+    _warmed = True
 
 
 class _DryHandler:
