@@ -44,3 +44,58 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def engines_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
+    """Blocking vs copy-on-write vs pre-copy in one figure: downtime, total time, guest progress."""
+    engines = [e for e in ("blocking", "cow", "precopy") if any(r["engine"] == e for r in rows)]
+
+    def med(eng: str, key: str) -> float:
+        vals = sorted(float(r[key]) for r in rows if r["engine"] == eng)
+        return vals[len(vals) // 2] if vals else float("nan")
+
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    hatches = {"blocking": "", "cow": "//", "precopy": ".."}
+    panels = [("downtime_ms", "downtime (ms, log)", True), ("total_s", "total time (s)", False),
+              ("progress_during_save", "guest progress during save\n(fraction of normal)", False)]
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        vals = [med(e, key) for e in engines]
+        ax.bar(engines, vals, color="white", edgecolor="black", hatch=[hatches[e] for e in engines])
+        ax.set_ylabel(label)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(True, axis="y", linewidth=0.3)
+    axes[0].set_title("stopped")
+    axes[1].set_title("until the snapshot exists")
+    axes[2].set_title("guest speed meanwhile")
+    fig.suptitle("Consistency point: blocking and copy-on-write = the stop instant; pre-copy = the end instant",
+                 fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
+    """Blocking load vs lazy restore: how long the guest is stopped, and until all RAM is back."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    engines = [e for e in ("blocking", "lazy") if any(r["engine"] == e for r in rows)]
+    for i, key in enumerate(("stopped_ms", "complete_s")):
+        vals = []
+        for e in engines:
+            v = sorted(float(r[key]) * (1000.0 if key == "complete_s" else 1.0) for r in rows if r["engine"] == e)
+            vals.append(v[len(v) // 2])
+        ax.bar([x + 0.38 * i for x in range(len(engines))], vals, width=0.36, color="white", edgecolor="black",
+               hatch="" if i == 0 else "//", label="guest stopped" if i == 0 else "all RAM loaded")
+    ax.set_xticks([x + 0.19 for x in range(len(engines))], engines)
+    ax.set_yscale("log")
+    ax.set_ylabel("time (ms, log)")
+    ax.set_title("snapshot-load: blocking vs lazy restore")
+    ax.legend()
+    ax.grid(True, axis="y", linewidth=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig

@@ -82,6 +82,12 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "populate_s": stats.get("populate-s", 0.0),
                     "started_at": t0,
                     "guest_iterations": samples[-1].iterations if samples else 0,
+                    "zero_scan_ms": stats.get("zero-scan-s", 0.0) * 1e3,
+                    "write_ms": stats.get("write-s", 0.0) * 1e3,
+                    "commit_ms": stats.get("commit-s", 0.0) * 1e3,
+                    "flush_ms": stats.get("flush-s", 0.0) * 1e3,
+                    "iterations": stats.get("iterations", 1),
+                    "progress_during_save": _progress(m, t0, time.time()),
                 })
                 q.execute("snapshot-delete", {"job-id": f"del{rep}", "tag": args["tag"], "devices": ["disk0"]})
                 q.wait_job(f"del{rep}")
@@ -105,4 +111,59 @@ def compare(ram_sizes: list[int], engines: tuple[str, ...] = ("blocking", "cow")
             rows += run_experiment(spec)
             if progress is not None:
                 progress(spec)
+    return rows
+
+
+def _progress(m: Machine, t0: float, t1: float) -> float:
+    """Guest iterations per second during [t0, t1] over the rate in the second before t0."""
+    now_wall, now_mono = time.time(), time.monotonic_ns()
+
+    def mono(t: float) -> int:
+        return int(now_mono - (now_wall - t) * 1e9)
+
+    samples = list(m.lab.samples)
+    before = [s for s in samples if mono(t0 - 1.0) <= s.host_ns <= mono(t0)]
+    during = [s for s in samples if mono(t0) <= s.host_ns <= mono(t1)]
+    if len(before) < 2 or len(during) < 2:
+        return float("nan")
+    r0 = (before[-1].iterations - before[0].iterations) / ((before[-1].host_ns - before[0].host_ns) / 1e9)
+    r1 = (during[-1].iterations - during[0].iterations) / ((during[-1].host_ns - during[0].host_ns) / 1e9)
+    return r1 / r0 if r0 > 0 else float("nan")
+
+
+def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"), *, seed: int = 1,
+                    repetitions: int = 2) -> list[dict[str, Any]]:
+    """Time from snapshot-load to RESUME for each load engine, on one running guest."""
+    spec = ExperimentSpec(ram_mib=ram_mib, seed=seed, engine="blocking", dirty_rate_mib_s=0)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="snaplab-") as tmp:
+        m, g = build_machine(spec, Path(tmp))
+        try:
+            m.start()
+            q = m.qmp()
+            m.snapshots.write_protector()  # one-time userfaultfd setup, not part of any measurement
+            time.sleep(spec.warmup_s)
+            q.execute("snapshot-save", {"job-id": "s", "tag": "base", "vmstate": "disk0", "devices": ["disk0"]})
+            q.wait_job("s")
+            for rep in range(repetitions):
+                for eng in engines:
+                    time.sleep(0.1)
+                    q.events()
+                    job = f"load-{eng}-{rep}"
+                    args: dict[str, Any] = {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"]}
+                    if eng != "blocking":
+                        args[ENGINE_ARG] = eng
+                    t0 = time.time()
+                    q.execute("snapshot-load", args)
+                    q.wait_job(job, 300)
+                    stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
+                    ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
+                    rows.append({"ram_mib": ram_mib, "engine": eng, "rep": rep, "seed": seed,
+                                 "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,
+                                 "command_to_resume_ms": (ev["RESUME"] - t0) * 1e3,
+                                 "complete_s": stats["total-s"], "faults": stats.get("faults", 0)})
+            q.execute("quit")
+        finally:
+            m.close()
+            g.close()
     return rows

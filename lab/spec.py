@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("blocking", "cow")
+ENGINES = ("blocking", "cow", "precopy")
 WORKLOADS = ("idle", "dirty", "disk", "mixed")
 PATTERNS = ("sequential", "random", "hot-cold")
 
@@ -36,7 +36,7 @@ class ExperimentSpec:
             return SpecError(f"spec field '{field}': {value!r} is not allowed; expected {allowed}")
 
         if self.engine not in ENGINES:
-            raise bad("engine", self.engine, " or ".join(ENGINES))
+            raise bad("engine", self.engine, ", ".join(ENGINES))
         if self.workload not in WORKLOADS:
             raise bad("workload", self.workload, ", ".join(WORKLOADS))
         if self.pattern not in PATTERNS:

@@ -372,8 +372,11 @@ class SnapshotController:
                 name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
             vm_clock = self.vm.vclock_ns()
             img = self._image(bs)
+            t_scan = time.perf_counter()
             nz = nonzero_pages(self.ram.array)
+            t_write = time.perf_counter()
             st = save_state(_QcowStream(img), self.machine_name, self.handlers(), self.ram.array, nz=nz)
+            t_commit = time.perf_counter()
             created: list[tuple[Qcow2Image, str]] = []
             try:
                 for n in nodes:
@@ -395,7 +398,8 @@ class SnapshotController:
             im.flush()
         m = SnapshotMetrics("blocking", t_resume - t_stop, time.perf_counter() - t0, st.size, st.nonzero,
                             self.ram.size // PAGE - st.nonzero)
-        m.extra["flush_s"] = time.perf_counter() - t_flush
+        m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": t_write - t_scan,
+                        "write_s": t_commit - t_write, "commit_s": t_resume - t_commit})
         self.last = m
         return m
 

@@ -14,7 +14,7 @@ from lab.spec import ExperimentSpec, SpecError
 
 
 def test_spec_errors_name_the_field(tmp_path: Path) -> None:
-    for kw, text in [({"engine": "magic"}, "spec field 'engine': 'magic' is not allowed; expected blocking or cow"),
+    for kw, text in [({"engine": "magic"}, "spec field 'engine': 'magic' is not allowed; expected blocking, cow, precopy"),
                      ({"ram_mib": 4}, "spec field 'ram_mib'"),
                      ({"pattern": "zigzag"}, "expected sequential, random, hot-cold"),
                      ({"working_set_mib": 999, "ram_mib": 64}, "spec field 'working_set_mib'")]:
