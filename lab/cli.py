@@ -39,6 +39,34 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from lab.sweep import grid, sweep
+
+    axes: dict[str, list[object]] = {}
+    for item in a.axis:
+        field, _, values = item.partition("=")
+        if not values:
+            raise SpecError(f"--axis {item!r}: expected FIELD=V1,V2,...")
+        conv: list[object] = []
+        for v in values.split(","):
+            try:
+                conv.append(int(v))
+            except ValueError:
+                conv.append(v)
+        axes[field] = conv
+    base = ExperimentSpec.from_toml(a.spec) if a.spec else ExperimentSpec(repetitions=a.repetitions)
+    points = grid(base, axes)
+    client = None
+    if a.scheduler:
+        from distributed import Client
+
+        client = Client(a.scheduler)
+    rows = sweep(points, a.out, workers=a.workers, client=client)
+    print(results.table(rows))
+    print(f"{len(points)} points, results in {a.out}")
+    return 0
+
+
 def cmd_plot(a: argparse.Namespace) -> int:
     rows, meta = results.load(a.results)
     plot.downtime_vs_ram(rows, a.png, QEMU_REFERENCE)
@@ -62,6 +90,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("spec")
     r.add_argument("--out", default="out/run.csv")
     r.set_defaults(fn=cmd_run)
+    w = sub.add_parser("sweep", help="run a grid of experiments (resumable; processes or a Dask cluster)")
+    w.add_argument("--axis", action="append", default=[], help="FIELD=V1,V2,... (repeatable), e.g. ram_mib=64,128")
+    w.add_argument("--spec", help="a TOML spec for the fixed fields")
+    w.add_argument("--repetitions", type=int, default=2)
+    w.add_argument("--workers", type=int, default=None, help="local processes (default: one per CPU)")
+    w.add_argument("--scheduler", help="a dask.distributed scheduler address")
+    w.add_argument("--out", default="out/sweep.csv")
+    w.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("plot", help="re-plot saved results")
     p.add_argument("results")
     p.add_argument("--png", default="out/plot.png")

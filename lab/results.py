@@ -42,9 +42,9 @@ def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> 
     p.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for r in rows:
-        keys += [k for k in r if k not in keys]
+        keys += [k for k, v in r.items() if k not in keys and not isinstance(v, (list, dict))]
     with open(p, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     p.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
