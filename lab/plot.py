@@ -99,3 +99,60 @@ def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> A
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> Any:
+    """Guest progress (iterations) over time around one snapshot; the job and the stop shaded."""
+    d = row["details"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    t = [x for x, _ in d["timeline"]]
+    it = [y for _, y in d["timeline"]]
+    ax.step(t, it, where="post", color="black", linewidth=1, label="guest iterations (lab port samples)")
+    ax.axvspan(0, d["job_s"], color="0.85", label="snapshot job")
+    if d["stopped"] is not None:
+        ax.axvspan(d["stopped"][0], d["stopped"][1], color="0.4", label="guest stopped")
+    ax.set_xlabel("time since snapshot-save (s)")
+    ax.set_ylabel("iterations done by the guest")
+    ax.set_title(f"Guest progress around a {row['engine']} snapshot ({row['ram_mib']} MiB)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
+    """Cumulative distribution of write-fault service times during copy-on-write saves."""
+    import numpy as np
+
+    lat = np.sort(np.concatenate([np.asarray(r["details"]["fault_latency_ms"], dtype=float) for r in rows
+                                  if r["details"]["fault_latency_ms"]] or [np.zeros(0)]))
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    if len(lat):
+        ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", color="black")
+        ax.set_xscale("log")
+    ax.set_xlabel("fault service time: read to wake (ms, log)")
+    ax.set_ylabel("fraction of faults")
+    ax.set_title(f"Copy-on-write faults ({len(lat)} faults)")
+    ax.grid(True, which="both", linewidth=0.3)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def precopy_rounds(row: dict[str, Any], path: str | Path | None = None) -> Any:
+    """Bytes written per pre-copy round (the last one with the guest stopped)."""
+    rounds = row["details"]["bytes_per_round"]
+    fig, ax = plt.subplots(figsize=(6.0, 3.2))
+    ax.bar(range(1, len(rounds) + 1), [b / 2**20 for b in rounds], color="white", edgecolor="black")
+    ax.set_xlabel("round (last: guest stopped)")
+    ax.set_ylabel("written (MiB)")
+    ax.set_title("Pre-copy: each round writes what the guest dirtied during the previous one")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig

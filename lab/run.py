@@ -55,8 +55,10 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                 if spec.engine != "blocking":
                     args[ENGINE_ARG] = spec.engine
                 t0 = time.time()
+                m0 = time.monotonic_ns()
                 q.execute("snapshot-save", args)
                 info = q.wait_job(job, timeout=600)
+                m1 = time.monotonic_ns()
                 if "error" in info:
                     raise RuntimeError(f"snapshot-save failed: {info['error']}")
                 stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
@@ -88,6 +90,14 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "flush_ms": stats.get("flush-s", 0.0) * 1e3,
                     "iterations": stats.get("iterations", 1),
                     "progress_during_save": _progress(m, t0, time.time()),
+                    "details": {
+                        "fault_latency_ms": [x * 1e3 for x in stats.get("fault-latency-s", [])],
+                        "bytes_per_round": stats.get("bytes-per-round", []),
+                        "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.samples
+                                     if m0 - 1_000_000_000 <= smp.host_ns <= m1 + 300_000_000],
+                        "job_s": (m1 - m0) / 1e9,
+                        "stopped": ((evs["STOP"] - t0, evs["RESUME"] - t0) if len(evs) == 2 else None),
+                    },
                 })
                 q.execute("snapshot-delete", {"job-id": f"del{rep}", "tag": args["tag"], "devices": ["disk0"]})
                 q.wait_job(f"del{rep}")

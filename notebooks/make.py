@@ -67,6 +67,11 @@ NOTEBOOKS: dict[str, list[tuple[str, str]]] = {
                  "print('copy-on-write downtime shorter than blocking at every size:',\n"
                  "      all(c['downtime_ms'] < b['downtime_ms'] for c, b in zip(cow, blk)))"),
         ("code", "# NBVAL_IGNORE_OUTPUT\nfrom lab import plot\nfig = plot.downtime_vs_ram(rows)"),
+        ("code", "# NBVAL_IGNORE_OUTPUT\n# the guest keeps running through the window, slowed while it faults\n"
+                 "from lab.run import run_experiment\nfrom lab.spec import ExperimentSpec\n"
+                 "one = run_experiment(ExperimentSpec(ram_mib=max(SIZES), engine='cow', repetitions=2, seed=SEED))\n"
+                 "fig = plot.progress_timeline(one[-1])"),
+        ("code", "# NBVAL_IGNORE_OUTPUT\nfig = plot.fault_latency(one)"),
         ("code", "from lab.proofs import stop_instant_proof\nstop_instant_proof('cow', seed=SEED)"),
     ],
 }
