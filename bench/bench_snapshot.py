@@ -20,18 +20,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from lab.qemu import OVMF
+from lab.qemu import RawQMP as Raw
+
 RECORDED = {"save": 3.3, "load": 1.07}  # QEMU 7.2, 1 GiB, medians from the reference
-OVMF = Path("/usr/share/OVMF")
 
 
 def drop_caches() -> None:
@@ -49,63 +49,6 @@ def warm_memory(nbytes: int) -> float:
     a = np.ones(nbytes, dtype=np.uint8)
     del a
     return time.perf_counter() - t0
-
-
-class Raw:
-    """A minimal QMP driver that keeps every event with its timestamp."""
-
-    def __init__(self, path: Path) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.connect(str(path))
-        self.buf = b""
-        self.events: list[dict[str, Any]] = []
-        self.line()
-        self.cmd("qmp_capabilities")
-
-    def line(self) -> dict[str, Any]:
-        while b"\r\n" not in self.buf:
-            chunk = self.s.recv(1 << 16)
-            if not chunk:
-                raise EOFError
-            self.buf += chunk
-        raw, self.buf = self.buf.split(b"\r\n", 1)
-        return dict(json.loads(raw))
-
-    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        msg: dict[str, Any] = {"execute": name, "id": name}
-        if args:
-            msg["arguments"] = args
-        self.s.sendall(json.dumps(msg).encode() + b"\n")
-        while True:
-            m = self.line()
-            if "event" in m:
-                self.events.append(m)
-            elif m.get("id") == name:
-                if "error" in m:
-                    raise RuntimeError(m["error"])
-                return m["return"]
-
-    def wait_event(self, pred: Any, timeout: float = 600) -> dict[str, Any]:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for i, e in enumerate(self.events):
-                if pred(e):
-                    return self.events.pop(i)
-            self.events.append(self.line())
-        raise TimeoutError
-
-    def job(self, cmd: str, args: dict[str, Any]) -> float:
-        """Run a snapshot job; returns STOP -> RESUME seconds from the event timestamps."""
-        self.events.clear()
-        self.cmd(cmd, args)
-        self.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "concluded")
-        info = [j for j in self.cmd("query-jobs") if j["id"] == args["job-id"]][0]
-        self.cmd("job-dismiss", {"id": args["job-id"]})
-        if "error" in info:
-            raise RuntimeError(info["error"])
-        ts = {e["event"]: e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
-              for e in self.events if e["event"] in ("STOP", "RESUME")}
-        return ts["RESUME"] - ts["STOP"] if len(ts) == 2 else 0.0  # delete does not stop the VM
 
 
 def run(argv: list[str], sock: Path, ram_mib: int, runs: int, settle: float) -> dict[str, list[float]]:

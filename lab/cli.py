@@ -67,6 +67,30 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reference(a: argparse.Namespace) -> int:
+    from lab import qemu
+
+    if not a.qemu:
+        from lab.reference import qemu_reference
+
+        for name, pts in sorted(qemu_reference().items()):
+            print(f"{name}: " + ", ".join(f"{k} MiB {v:.4g} s" for k, v in sorted(pts.items())))
+        return 0
+    if not qemu.available():
+        print("snaplab: qemu-system-x86_64 and OVMF are needed (apt-get install -y qemu-system-x86 ovmf)",
+              file=sys.stderr)
+        return 1
+    sizes = [int(x) for x in a.ram.split(",")]
+    rows = qemu.measure(sizes, runs=a.runs)
+    meta = results.metadata(None)
+    meta["measured"] = "qemu-system-x86_64 7.2 (see lab/qemu.py); RAM filled with random bytes via -device loader"
+    path = results.save(rows, a.out, meta)
+    for r in rows:
+        print(f"{r['measurement']:<30} {r['ram_mib']:>6} MiB run {r['run']}: {r['seconds']:.4f} s")
+    print(f"written: {path} (+ .json metadata)")
+    return 0
+
+
 def cmd_plot(a: argparse.Namespace) -> int:
     rows, meta = results.load(a.results)
     plot.downtime_vs_ram(rows, a.png, QEMU_REFERENCE)
@@ -98,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--scheduler", help="a dask.distributed scheduler address")
     w.add_argument("--out", default="out/sweep.csv")
     w.set_defaults(fn=cmd_sweep)
+    f = sub.add_parser("reference", help="QEMU 7.2's numbers: the recorded ones, or --qemu to measure them here")
+    f.add_argument("--qemu", action="store_true", help="run the real qemu-system-x86_64 and measure")
+    f.add_argument("--ram", default="256,1024")
+    f.add_argument("--runs", type=int, default=3)
+    f.add_argument("--out", default="data/reference/qemu-measured.csv")
+    f.set_defaults(fn=cmd_reference)
     p = sub.add_parser("plot", help="re-plot saved results")
     p.add_argument("results")
     p.add_argument("--png", default="out/plot.png")

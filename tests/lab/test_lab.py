@@ -51,3 +51,23 @@ def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
     assert png.stat().st_size > 10_000
     assert "cow" in results.table(back)
     assert main(["plot", str(path), "--png", str(tmp_path / "q.png")]) == 0
+
+
+def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    from lab import qemu
+
+    assert main(["reference"]) == 0
+    assert "blocking save downtime: 256 MiB 0.81 s" in capsys.readouterr().out
+    if not qemu.available():
+        if os.environ.get("CI"):
+            pytest.fail("qemu-system-x86 and ovmf must be installed by .ci/run")
+        pytest.skip("needs qemu-system-x86_64 and OVMF")
+    out = tmp_path / "q.csv"
+    assert main(["reference", "--qemu", "--ram", "128", "--runs", "1", "--out", str(out)]) == 0
+    rows, meta = results.load(out)
+    got = {r["measurement"]: float(r["seconds"]) for r in rows}
+    assert set(got) == {"blocking save downtime", "blocking load", "background snapshot downtime"}
+    assert got["blocking save downtime"] > got["background snapshot downtime"] > 0
+    assert "qemu-system-x86_64" in meta["measured"]

@@ -1,0 +1,163 @@
+"""Measuring the real QEMU 7.2 on this machine, the way shared/reference/qemu-7.2-qmp.md did:
+RAM filled with random bytes through ``-device loader``, ``snapshot-save``/``-load`` downtime
+from the STOP/RESUME event timestamps, and background-snapshot (``migrate`` with the
+``background-snapshot`` capability) downtime and total time from its events."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+OVMF = Path("/usr/share/OVMF")
+
+
+class RawQMP:
+    """A minimal QMP driver that keeps every event with its timestamp."""
+
+    def __init__(self, path: Path) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.connect(str(path))
+        self.s.settimeout(600)
+        self.buf = b""
+        self.events: list[dict[str, Any]] = []
+        self.line()
+        self.cmd("qmp_capabilities")
+
+    def line(self) -> dict[str, Any]:
+        while b"\r\n" not in self.buf:
+            chunk = self.s.recv(1 << 16)
+            if not chunk:
+                raise EOFError
+            self.buf += chunk
+        raw, self.buf = self.buf.split(b"\r\n", 1)
+        return dict(json.loads(raw))
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        msg: dict[str, Any] = {"execute": name, "id": name}
+        if args:
+            msg["arguments"] = args
+        self.s.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            m = self.line()
+            if "event" in m:
+                self.events.append(m)
+            elif m.get("id") == name:
+                if "error" in m:
+                    raise RuntimeError(m["error"])
+                return m["return"]
+
+    def wait_event(self, pred: Any, timeout: float = 600) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for i, e in enumerate(self.events):
+                if pred(e):
+                    return self.events.pop(i)
+            self.events.append(self.line())
+        raise TimeoutError
+
+    @staticmethod
+    def ts(e: dict[str, Any]) -> float:
+        return float(e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6)
+
+    def job(self, cmd: str, args: dict[str, Any]) -> float:
+        """A snapshot job to its end; STOP -> RESUME seconds (0 when the VM did not stop)."""
+        self.events.clear()
+        self.cmd(cmd, args)
+        self.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "concluded")
+        info = [j for j in self.cmd("query-jobs") if j["id"] == args["job-id"]][0]
+        self.cmd("job-dismiss", {"id": args["job-id"]})
+        if "error" in info:
+            raise RuntimeError(info["error"])
+        ts = {e["event"]: self.ts(e) for e in self.events if e["event"] in ("STOP", "RESUME")}
+        return ts["RESUME"] - ts["STOP"] if len(ts) == 2 else 0.0
+
+
+def fill_files(w: Path, mib: int, seed: int = 0) -> list[str]:
+    """Random fill files and the -device loader arguments (two when q35 splits RAM at 2 GiB)."""
+    rng = np.random.default_rng(seed)
+    parts = [(0x1000000, min(mib, 2048) - 64)]
+    if mib > 2816:
+        parts.append((0x100000000, mib - 2048 - 48))
+    args: list[str] = []
+    for i, (addr, size) in enumerate(parts):
+        f = w / f"rand{i}.bin"
+        with open(f, "wb") as out:
+            for _ in range(size >> 4):
+                out.write(rng.integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
+        args += ["-device", f"loader,file={f},addr={addr:#x},force-raw=on"]
+    return args
+
+
+def qemu_argv(w: Path, mib: int, loaders: list[str]) -> list[str]:
+    shutil.copy(OVMF / "OVMF_VARS.fd", w / "vars.fd")
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "disk0.qcow2"), "1G"], check=True)
+    return ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,pflash0=fw-code,pflash1=fw-vars",
+            "-m", f"{mib}M", "-nographic", "-nodefaults", "-display", "none",
+            "-blockdev", json.dumps({"driver": "file", "filename": str(OVMF / "OVMF_CODE.fd"),
+                                     "node-name": "fw-code-file", "read-only": True}),
+            "-blockdev", json.dumps({"driver": "raw", "file": "fw-code-file", "node-name": "fw-code", "read-only": True}),
+            "-blockdev", json.dumps({"driver": "file", "filename": str(w / "vars.fd"), "node-name": "fw-vars-file"}),
+            "-blockdev", json.dumps({"driver": "raw", "file": "fw-vars-file", "node-name": "fw-vars"}),
+            "-blockdev", json.dumps({"driver": "file", "filename": str(w / "disk0.qcow2"), "node-name": "disk0-file"}),
+            "-blockdev", json.dumps({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"}),
+            "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev", *loaders,
+            "-qmp", f"unix:{w / 'q.sock'},server=on,wait=off"]
+
+
+def available() -> bool:
+    return bool(shutil.which("qemu-system-x86_64")) and (OVMF / "OVMF_CODE.fd").exists()
+
+
+def measure(sizes: list[int], runs: int = 3, settle: float = 4.0) -> list[dict[str, Any]]:
+    """Rows: measurement, ram_mib, run, seconds (blocking save/load, background snapshot)."""
+    rows: list[dict[str, Any]] = []
+    for mib in sizes:
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+            w = Path(d)
+            argv = qemu_argv(w, mib, fill_files(w, mib))
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                end = time.monotonic() + 120
+                while not (w / "q.sock").exists():
+                    if proc.poll() is not None or time.monotonic() > end:
+                        raise RuntimeError("qemu-system-x86_64 did not start")
+                    time.sleep(0.1)
+                q = RawQMP(w / "q.sock")
+                time.sleep(settle)
+                base = {"vmstate": "disk0", "devices": ["disk0"]}
+                for i in range(runs):
+                    rows.append({"measurement": "blocking save downtime", "ram_mib": mib, "run": i,
+                                 "seconds": q.job("snapshot-save", {"job-id": f"s{i}", "tag": f"p{i}", **base})})
+                for i in range(runs):
+                    rows.append({"measurement": "blocking load", "ram_mib": mib, "run": i,
+                                 "seconds": q.job("snapshot-load", {"job-id": f"l{i}", "tag": f"p{i}", **base})})
+                for i in range(runs):
+                    q.job("snapshot-delete", {"job-id": f"d{i}", "tag": f"p{i}", "devices": ["disk0"]})
+                q.cmd("migrate-set-capabilities", {"capabilities": [
+                    {"capability": "background-snapshot", "state": True}, {"capability": "events", "state": True}]})
+                for i in range(runs):
+                    q.events.clear()
+                    q.cmd("migrate", {"uri": f"exec:cat > {w / f'bg{i}.bin'}"})
+                    q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
+                    ts: dict[str, float] = {}
+                    for e in q.events:
+                        if e["event"] in ("STOP", "RESUME"):
+                            ts[e["event"]] = RawQMP.ts(e)
+                    rows.append({"measurement": "background snapshot downtime", "ram_mib": mib, "run": i,
+                                 "seconds": ts.get("RESUME", 0.0) - ts.get("STOP", 0.0)})
+                    time.sleep(1)
+                q.cmd("quit")
+            finally:
+                time.sleep(0.5)
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    return rows
