@@ -15,7 +15,19 @@ from dataclasses import dataclass
 
 import unicorn
 import unicorn.x86_const as x86
-from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, UC_PROT_EXEC, UC_PROT_READ, Uc, UcError
+from unicorn import (
+    UC_ARCH_X86,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    Uc,
+    UcError,
+)
+
+PROT_RX = UC_PROT_READ | UC_PROT_EXEC
+PROT_RWX = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
 
 # (name, unicorn id, width in bytes) -- the order is the vmstate "cpu" section layout, version 1.
 _GPR = ["RAX", "RBX", "RCX", "RDX", "RSI", "RDI", "RBP", "RSP", "R8", "R9", "R10", "R11", "R12", "R13",
@@ -124,6 +136,31 @@ class X86CPU:
 
     def flush_translations(self) -> None:
         self.uc.ctl_flush_tb()
+
+    # -- software write tracking (the fallback when userfaultfd is unavailable) -----------
+    def enable_tlb_tracking(self, perms_for: Callable[[int, bool], int]) -> None:
+        """Switch to UC_TLB_VIRTUAL with a Python TLB-fill hook: ``perms_for(addr, write)``
+        returns UC_PROT_* bits, so a page can be mapped read/execute only until its first
+        write re-enters the hook.  Only while the vCPU is parked; the hook is the MMU (flat)."""
+
+        def fill(uc: Uc, vaddr: int, access: int, entry: object, ud: object) -> bool:
+            entry.paddr = vaddr  # type: ignore[attr-defined]
+            entry.perms = perms_for(vaddr, access == unicorn.UC_MEM_WRITE)  # type: ignore[attr-defined]
+            return True
+
+        self._tlb_hook = self.uc.hook_add(unicorn.UC_HOOK_TLB_FILL, fill)
+        self.uc.ctl_set_tlb_mode(unicorn.UC_TLB_VIRTUAL)
+        self.flush_tlb()
+
+    def disable_tlb_tracking(self) -> None:
+        self.uc.ctl_set_tlb_mode(unicorn.UC_TLB_CPU)
+        if getattr(self, "_tlb_hook", None) is not None:
+            self.uc.hook_del(self._tlb_hook)
+            self._tlb_hook = None
+        self.flush_tlb()
+
+    def flush_tlb(self) -> None:
+        self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
 
     def reset(self, entry: int) -> None:
         """Power-on register state (QEMU's x86_cpu_reset), starting at ``entry``."""

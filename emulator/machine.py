@@ -372,6 +372,23 @@ class Machine:
     def set_vclock_ns(self, ns: int) -> None:
         self.clock.set(ns)
 
+    def enable_write_tracking(self, perms_for: Callable[[int, bool], int]) -> None:
+        """Software write tracking for a snapshot window (vCPU parked: called in a downtime)."""
+        self.cpu.enable_tlb_tracking(perms_for)
+
+    def disable_write_tracking(self) -> None:
+        """Back to Unicorn's own TLB: needs the vCPU parked for an instant (no events)."""
+        if self.state == RunState.RUNNING:
+            self._park()
+            try:
+                self.cpu.disable_tlb_tracking()
+            finally:
+                with self._cond:
+                    self._want_run = True
+                    self._cond.notify_all()
+        else:
+            self.cpu.disable_tlb_tracking()
+
     # -- VM state handlers (the sections of the vmstate stream) ---------------------------
     MACHINE_NAME = "snaplab-pc-1.0"
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -64,6 +65,8 @@ class GuestRAM:
         self.span = span
         self.hugepages = hugepages and _libc.madvise(addr, span, MADV_HUGEPAGE) == 0
         self.populate_seconds: float | None = None
+        # Called before any host-side write (the software write-tracking fallback saves first).
+        self.before_write: Callable[[int, int], None] | None = None
         self.array = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
 
     def populate(self) -> float:
@@ -115,6 +118,8 @@ class GuestRAM:
         self.check(addr, mv.nbytes)
         if mv.nbytes == 0:
             return
+        if self.before_write is not None:
+            self.before_write(addr, mv.nbytes)
         if mv.readonly:
             src = ctypes.c_char_p(bytes(mv))
             ctypes.memmove(self.addr + addr, src, mv.nbytes)
@@ -123,10 +128,14 @@ class GuestRAM:
 
     def write_from_address(self, addr: int, src_addr: int, n: int) -> None:
         self.check(addr, n)
+        if self.before_write is not None:
+            self.before_write(addr, n)
         ctypes.memmove(self.addr + addr, src_addr, n)
 
     def fill(self, addr: int, byte: int, n: int) -> None:
         self.check(addr, n)
+        if self.before_write is not None:
+            self.before_write(addr, n)
         ctypes.memset(self.addr + addr, byte, n)
 
     def discard(self) -> None:

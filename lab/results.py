@@ -32,9 +32,20 @@ def metadata(seed: int | None = None) -> dict[str, Any]:
         "kernel": platform.release(),
         "cpu": cpu,
         "cpus": os.cpu_count(),
-        "write_protect_backend": "userfaultfd",
+        "write_protect_backend": _backend(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+
+
+def _backend() -> str:
+    """userfaultfd if this kernel grants it to us, else the Unicorn TLB fallback."""
+    from emulator.uffd import UffdUnavailable, UserFaultFD
+
+    try:
+        UserFaultFD().close()
+        return "userfaultfd"
+    except UffdUnavailable:
+        return "unicorn-tlb"
 
 
 def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> Path:

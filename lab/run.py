@@ -54,6 +54,8 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                 args = {"job-id": job, "tag": f"{spec.engine}-{rep}", "vmstate": "disk0", "devices": ["disk0"]}
                 if spec.engine != "blocking":
                     args[ENGINE_ARG] = spec.engine
+                if spec.engine == "cow" and spec.wp_backend != "auto":
+                    args["__org.snaplab_wp-backend"] = spec.wp_backend
                 t0 = time.time()
                 m0 = time.monotonic_ns()
                 q.execute("snapshot-save", args)
@@ -82,6 +84,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "peak_extra_bytes": stats.get("peak-extra-bytes", 0),
                     "arm_ms": stats.get("arm-s", 0.0) * 1e3,
                     "populate_s": stats.get("populate-s", 0.0),
+                    "wp_backend_used": stats.get("backend", ""),
                     "started_at": t0,
                     "guest_iterations": samples[-1].iterations if samples else 0,
                     "zero_scan_ms": stats.get("zero-scan-s", 0.0) * 1e3,

@@ -10,6 +10,7 @@ from typing import Any
 ENGINES = ("blocking", "cow", "precopy")
 WORKLOADS = ("idle", "dirty", "disk", "mixed")
 PATTERNS = ("sequential", "random", "hot-cold")
+WP_BACKENDS = ("auto", "userfaultfd", "unicorn-tlb")
 
 
 class SpecError(ValueError):
@@ -28,6 +29,7 @@ class ExperimentSpec:
     pattern: str = "random"
     seed: int = 1
     repetitions: int = 3
+    wp_backend: str = "auto"  # auto, userfaultfd, unicorn-tlb (copy-on-write only)
     warmup_s: float = 0.3
     gap_s: float = 0.2
 
@@ -37,6 +39,8 @@ class ExperimentSpec:
 
         if self.engine not in ENGINES:
             raise bad("engine", self.engine, ", ".join(ENGINES))
+        if self.wp_backend not in WP_BACKENDS:
+            raise bad("wp_backend", self.wp_backend, ", ".join(WP_BACKENDS))
         if self.workload not in WORKLOADS:
             raise bad("workload", self.workload, ", ".join(WORKLOADS))
         if self.pattern not in PATTERNS:

@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -48,6 +49,8 @@ from emulator.uffd import (
 )
 
 CHUNK = 2 << 20
+PROT_RX = 1 | 4  # UC_PROT_READ | UC_PROT_EXEC (unicorn's values; cpu.py owns the constants)
+PROT_RWX = 1 | 2 | 4
 UNSAVED, COPYING, SAVED = 0, 1, 2
 
 
@@ -135,14 +138,113 @@ class WriteProtector:
             self.uffd.close()
 
 
+class Protector(Protocol):
+    """How the guest's writes are held back until their chunk is saved."""
+
+    name: str
+
+    def arm(self, save: CowSave) -> None: ...
+
+    def release(self, c: int) -> None: ...
+
+    def wake(self, c: int) -> None: ...
+
+    def disarm(self) -> None: ...
+
+
+class UffdProtector:
+    """Linux userfaultfd write protection (the primary backend)."""
+
+    name = "userfaultfd"
+
+    def __init__(self, wp: WriteProtector) -> None:
+        self.wp = wp
+
+    def arm(self, save: CowSave) -> None:
+        self.wp.handler = save.on_fault
+        self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
+
+    def release(self, c: int) -> None:
+        self.wp.uffd.writeprotect(self.wp.ram.addr + c * CHUNK, CHUNK, False)  # also wakes waiters
+
+    def wake(self, c: int) -> None:
+        self.wp.uffd.wake(self.wp.ram.addr + c * CHUNK, CHUNK)
+
+    def disarm(self) -> None:
+        self.wp.handler = None
+
+
+class TlbProtector:
+    """The fallback without userfaultfd: Unicorn's TLB in UC_TLB_VIRTUAL mode with a Python
+    fill hook, for the snapshot window only.  A page of an unsaved chunk is mapped read/execute;
+    the guest's first write to it re-enters the hook, which saves the chunk and maps it
+    writable.  Host-side writes into guest RAM (device DMA) save their chunks first too."""
+
+    name = "unicorn-tlb"
+
+    def __init__(self, ram: GuestRAM, enable: Callable[[Callable[[int, bool], int]], None],
+                 disable: Callable[[], None], rx: int, rwx: int) -> None:
+        self.ram = ram
+        self._enable, self._disable = enable, disable
+        self.rx, self.rwx = rx, rwx
+        self.save: CowSave | None = None
+
+    def arm(self, save: CowSave) -> None:
+        self.save = save
+        self.ram.before_write = self._host_write
+        self._enable(self._perms)
+
+    def _perms(self, addr: int, write: bool) -> int:
+        save = self.save
+        if save is None or not 0 <= addr < self.ram.size:
+            return self.rwx if save is None or addr >= self.ram.size else self.rx
+        c = addr // CHUNK
+        if save.state[c] == SAVED:
+            return self.rwx
+        if not write:
+            return self.rx
+        t0 = time.perf_counter()
+        save.stats.faults += 1
+        if save._save_chunk(c):
+            save.stats.fault_chunks += 1
+        else:
+            with save.lock:
+                while save.state[c] != SAVED:
+                    save.saved_cond.wait()
+        save.stats.handler_s.append(time.perf_counter() - t0)
+        return self.rwx
+
+    def _host_write(self, addr: int, n: int) -> None:
+        save = self.save
+        if save is None:
+            return
+        for c in range(addr // CHUNK, (addr + max(n, 1) - 1) // CHUNK + 1):
+            if save._save_chunk(c):
+                save.stats.fault_chunks += 1
+            else:
+                with save.lock:
+                    while save.state[c] != SAVED:
+                        save.saved_cond.wait()
+
+    def release(self, c: int) -> None:
+        pass
+
+    def wake(self, c: int) -> None:
+        pass
+
+    def disarm(self) -> None:
+        self.ram.before_write = None
+        self._disable()
+        self.save = None
+
+
 class CowSave:
     """One background save, from arm to the last chunk written."""
 
-    def __init__(self, wp: WriteProtector, img: Qcow2Image, pending: PendingSnapshot, machine: str,
-                 sections: list[tuple[SaveHandler, bytes]], max_buffers: int = 64) -> None:
-        self.wp = wp
-        self.ram = wp.ram
-        self.uffd = wp.uffd
+    def __init__(self, protector: Protector, ram: GuestRAM, img: Qcow2Image, pending: PendingSnapshot,
+                 machine: str, sections: list[tuple[SaveHandler, bytes]], max_buffers: int = 64) -> None:
+        self.protector = protector
+        self.ram = ram
         self.nchunks = -(-self.ram.size // CHUNK)
         self.state = np.zeros(self.nchunks, dtype=np.int8)
         self.lock = threading.Lock()
@@ -163,8 +265,7 @@ class CowSave:
     # -- arming (inside the downtime) --------------------------------------------------------
     def arm(self) -> None:
         t0 = time.perf_counter()
-        self.wp.handler = self.on_fault
-        self.uffd.writeprotect(self.ram.addr, self.ram.span, True)
+        self.protector.arm(self)
         self.stats.arm_s = time.perf_counter() - t0
 
     # -- chunk claiming ------------------------------------------------------------------------
@@ -189,7 +290,7 @@ class CowSave:
         off = c * CHUNK
         n = min(CHUNK, self.ram.size - off)
         ctypes.memmove(buf, self.ram.addr + off, n)  # still protected: the stop-instant bytes
-        self.uffd.writeprotect(self.ram.addr + off, CHUNK, False)  # also wakes any waiter
+        self.protector.release(c)
         with self.lock:
             self.state[c] = SAVED
             self.saved_cond.notify_all()
@@ -199,14 +300,15 @@ class CowSave:
     # -- threads ---------------------------------------------------------------------------------
     def on_fault(self, f: Fault) -> None:
         """Called on the fault-service thread for every fault during the window."""
+        wp = self.protector.wp  # type: ignore[attr-defined]
         if not f.wp:
-            self.wp.default(f)
+            wp.default(f)
             return
         t0 = time.perf_counter()
         self.stats.faults += 1
         c = (f.address - self.ram.addr) // CHUNK
         if not 0 <= c < self.nchunks:
-            self.wp.default(f)
+            wp.default(f)
             return
         if self._save_chunk(c):
             self.stats.fault_chunks += 1
@@ -214,7 +316,7 @@ class CowSave:
             with self.lock:
                 while self.state[c] != SAVED:
                     self.saved_cond.wait()
-            self.uffd.wake(self.ram.addr + c * CHUNK, CHUNK)
+            self.protector.wake(c)
             self.stats.woken += 1
         self.stats.handler_s.append(time.perf_counter() - t0)
 
@@ -227,7 +329,11 @@ class CowSave:
                     self.stats.bg_chunks += 1
         except BaseException as err:
             self.error = err
-            self.uffd.writeprotect(self.ram.addr, self.ram.span, False)
+            with self.lock:
+                self.state[:] = SAVED  # never leave the guest held back
+                self.saved_cond.notify_all()
+            for c in range(self.nchunks):
+                self.protector.release(c)
         finally:
             self.queue.put(None)
 
@@ -280,7 +386,6 @@ class CowSave:
         bg.start()
         bg.join()
         wr.join()
-        self.wp.handler = None
         self._stop.set()
         if self.error is not None:
             raise self.error

@@ -13,6 +13,7 @@ run-state control, the save handlers, RAM), never the machine itself.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +27,15 @@ from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
 from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
-from emulator.migration.cow import CowSave, WriteProtector
+from emulator.migration.cow import (
+    PROT_RWX,
+    PROT_RX,
+    CowSave,
+    Protector,
+    TlbProtector,
+    UffdProtector,
+    WriteProtector,
+)
 from emulator.migration.postcopy import LazyLoad
 from emulator.migration.precopy import Precopy
 from emulator.migration.vmstate import (
@@ -41,6 +50,7 @@ from emulator.migration.vmstate import (
     save_state,
 )
 from emulator.runstate import RunState
+from emulator.uffd import UffdUnavailable
 
 ENGINES = ("blocking", "cow", "precopy")
 LOAD_ENGINES = ("blocking", "lazy")
@@ -65,6 +75,10 @@ class VMOps(Protocol):
     def vclock_ns(self) -> int: ...
 
     def set_vclock_ns(self, ns: int) -> None: ...
+
+    def enable_write_tracking(self, perms_for: Callable[[int, bool], int]) -> None: ...
+
+    def disable_write_tracking(self) -> None: ...
 
 
 @dataclass
@@ -114,6 +128,8 @@ class SnapshotController:
         self.busy_with = ""
         self.last: SnapshotMetrics | None = None
         self._wp: WriteProtector | None = None
+        # "auto": userfaultfd, else the Unicorn TLB fallback; or force one ("userfaultfd", "unicorn-tlb").
+        self.wp_backend = os.environ.get("SNAPLAB_WP_BACKEND", "auto")
 
     # -- one operation at a time -------------------------------------------------------------
     def _begin(self, what: str) -> None:
@@ -198,7 +214,7 @@ class SnapshotController:
 
     # -- the operations -------------------------------------------------------------------------------
     def save_snapshot(self, name: str | None, overwrite: bool, vmstate: str | None,
-                      devices: list[str] | None, engine: str = "blocking") -> SnapshotMetrics:
+                      devices: list[str] | None, engine: str = "blocking", wp_backend: str | None = None) -> SnapshotMetrics:
         """save_snapshot(): ``blocking`` (stop, save everything, resume: QEMU's) or ``cow``
         (stop, freeze disks and write-protect RAM, resume, save in the background)."""
         if engine not in ENGINES:
@@ -206,7 +222,7 @@ class SnapshotController:
         self._begin(f"snapshot save ({engine})")
         try:
             if engine == "cow":
-                return self._save_cow(name, overwrite, vmstate, devices)
+                return self._save_cow(name, overwrite, vmstate, devices, wp_backend or self.wp_backend)
             if engine == "precopy":
                 return self._save_precopy(name, overwrite, vmstate, devices)
             return self._save(name, overwrite, vmstate, devices)
@@ -288,12 +304,28 @@ class SnapshotController:
         self.last = m
         return m
 
+    def _protector(self, backend: str) -> tuple[Protector, str]:
+        """The write-protect backend: userfaultfd, or the Unicorn TLB fallback (said why)."""
+        if backend not in ("auto", "userfaultfd", "unicorn-tlb"):
+            raise SnaplabError(f"Parameter 'wp-backend' does not accept value '{backend}'")
+        if backend != "unicorn-tlb":
+            try:
+                return UffdProtector(self.write_protector()), ""
+            except UffdUnavailable as err:
+                if backend == "userfaultfd":
+                    raise
+                note = f"userfaultfd unavailable ({err}); using Unicorn-level write tracking for the window"
+        else:
+            note = "Unicorn-level write tracking forced"
+        rx, rwx = PROT_RX, PROT_RWX
+        return TlbProtector(self.ram, self.vm.enable_write_tracking, self.vm.disable_write_tracking, rx, rwx), note
+
     def _save_cow(self, name: str | None, overwrite: bool, vmstate: str | None,
-                  devices: list[str] | None) -> SnapshotMetrics:
+                  devices: list[str] | None, backend: str = "auto") -> SnapshotMetrics:
         t0 = time.perf_counter()
         nodes, bs = self._checks(name, overwrite, vmstate, devices)
         populate_before = self.ram.populate_seconds
-        wp = self.write_protector()
+        protector, note = self._protector(backend)
         images = [self._image(n) for n in nodes]
         saved_state = self.vm.state
         pendings: dict[str, PendingSnapshot] = {}
@@ -310,7 +342,7 @@ class SnapshotController:
             for n in nodes:
                 pendings[n.node_name] = self._image(n).snapshot_prepare()
             sections = [(h, h.save()) for h in self.handlers()]
-            saver = CowSave(wp, self._image(bs), pendings[bs.node_name], self.machine_name, sections)
+            saver = CowSave(protector, self.ram, self._image(bs), pendings[bs.node_name], self.machine_name, sections)
             saver.arm()
         except BaseException:
             for n in nodes:
@@ -322,7 +354,10 @@ class SnapshotController:
             self.vm.vm_resume(saved_state)
             stack.close()
         try:
-            size = saver.run()
+            try:
+                size = saver.run()
+            finally:
+                protector.disarm()
             for n in nodes:
                 self._image(n).snapshot_finish(pendings[n.node_name], name, vm_state_size=size if n is bs else 0,
                                                date_sec=now // 1_000_000_000, date_nsec=now % 1_000_000_000,
@@ -341,6 +376,7 @@ class SnapshotController:
         lat = np.array(st.handler_s) if st.handler_s else np.zeros(0)
         m = SnapshotMetrics("cow", t_resume - t_stop, time.perf_counter() - t0, size, written, pages - written)
         m.extra.update({
+            "backend": protector.name, "backend_note": note,
             "arm_s": st.arm_s, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * (2 << 20),
             "fault_latency_s": lat.tolist(), "populate_s": self.ram.populate_seconds if populate_before is None else 0.0,

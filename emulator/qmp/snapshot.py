@@ -16,9 +16,11 @@ from emulator.qmp.jobs import Job
 from emulator.qmp.schema import Command, EnumType, Member
 
 ENGINE_MEMBER = "__org.snaplab_engine"  # a downstream extension, named by QAPI's __RFQDN_ rule
+BACKEND_MEMBER = "__org.snaplab_wp-backend"
 SNAPSHOT_COMMANDS = [
     Command("snapshot-save", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
-                              Member("devices", "[str]"), Member(ENGINE_MEMBER, "SnaplabSaveEngine", True))),
+                              Member("devices", "[str]"), Member(ENGINE_MEMBER, "SnaplabSaveEngine", True),
+                              Member(BACKEND_MEMBER, "SnaplabWpBackend", True))),
     Command("snapshot-load", (Member("job-id", "str"), Member("tag", "str"), Member("vmstate", "str"),
                               Member("devices", "[str]"), Member(ENGINE_MEMBER, "SnaplabLoadEngine", True))),
     Command("snapshot-delete", (Member("job-id", "str"), Member("tag", "str"), Member("devices", "[str]"))),
@@ -29,12 +31,14 @@ SNAPSHOT_COMMANDS = [
 def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
     monitor.schema.add_enum(EnumType("SnaplabSaveEngine", ("blocking", "cow", "precopy")))
     monitor.schema.add_enum(EnumType("SnaplabLoadEngine", ("blocking", "lazy")))
+    monitor.schema.add_enum(EnumType("SnaplabWpBackend", ("auto", "userfaultfd", "unicorn-tlb")))
     for cmd in SNAPSHOT_COMMANDS:
         monitor.schema.add_command(cmd)
 
     def save(a: dict[str, Any]) -> dict[str, Any]:
         def work(job: Job) -> None:
-            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"], a.get(ENGINE_MEMBER, "blocking"))
+            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"], a.get(ENGINE_MEMBER, "blocking"),
+                                  a.get(BACKEND_MEMBER))
             job.result["metrics"] = m
         monitor.jobs.create(a["job-id"], "snapshot-save", work)
         return {}

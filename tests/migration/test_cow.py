@@ -182,3 +182,62 @@ def test_precopy_snapshot_is_the_end_instant(tmp_path: Path) -> None:
         m.close()
         g.close()
     assert Qcow2Image.open(tmp_path / "d0.qcow2").check().clean
+
+
+@pytest.mark.parametrize("backend", ["unicorn-tlb", "userfaultfd"])
+def test_both_write_protect_backends_give_the_stop_instant(tmp_path: Path, backend: str) -> None:
+    if backend == "userfaultfd":
+        uffd_or_skip()
+    spec = WorkloadSpec("mixed", seed=12, working_set=RAM - DATA_BASE - (1 << 20), pattern="random", batch_pages=64)
+    m, g = machine(tmp_path, spec)
+    try:
+        m.snapshots.wp_backend = backend
+        m.start()
+        time.sleep(0.2)
+        met = m.snapshots.save_snapshot("w", False, "disk0", ["disk0"], "cow")
+        assert met.extra["backend"] == backend and met.extra["faults"] > 0
+        time.sleep(0.1)
+        assert m.lab.last.errors == 0  # device DMA during the window went through the same protection
+        m.stop()
+        m.snapshots.load_snapshot("w", "disk0", ["disk0"])
+        r13 = m.cpu.get_state()["R13"]
+        n = spec.pages(RAM)
+        stamps = np.frombuffer(m.ram.read(DATA_BASE, n * 4096), np.uint64).reshape(n, 512)[:, 0]
+        diff = np.flatnonzero(stamps != expected_generations(spec, RAM, r13))
+        assert len(diff) <= 1 and all(stamps[d] == r13 + 1 for d in diff)
+        # the machine runs normally afterwards (Unicorn's own TLB is back)
+        m.cont()
+        it = m.lab.last.iterations
+        time.sleep(0.1)
+        assert m.lab.last.iterations > it
+    finally:
+        m.close()
+        g.close()
+
+
+def test_fallback_is_chosen_automatically_when_userfaultfd_is_refused(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import emulator.migration.cow as cow
+
+    def refuse(*a: object, **k: object) -> None:
+        raise UffdUnavailable("userfaultfd is not available: Operation not permitted (test)")
+
+    monkeypatch.setattr(cow, "UserFaultFD", refuse)
+    m, g = machine(tmp_path, WorkloadSpec("dirty", seed=2, working_set=16 << 20))
+    try:
+        m.start()
+        time.sleep(0.1)
+        q = m.qmp()
+        q.execute("snapshot-save", {"job-id": "a", "tag": "a", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "cow"})
+        assert "error" not in q.wait_job("a")
+        st = q.execute("__org.snaplab_query-snapshot-stats", {"id": "a"})
+        assert st["backend"] == "unicorn-tlb"
+        assert "userfaultfd unavailable" in st["backend-note"] and "Operation not permitted" in st["backend-note"]
+        m.snapshots.wp_backend = "userfaultfd"  # forcing the unavailable one fails cleanly
+        q.execute("snapshot-save", {"job-id": "b", "tag": "b", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "cow"})
+        assert "userfaultfd is not available" in q.wait_job("b")["error"]
+        assert q.execute("query-status")["status"] == "running"
+    finally:
+        m.close()
+        g.close()
