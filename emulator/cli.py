@@ -23,6 +23,7 @@ from emulator.errors import SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.runstate import RunState
 
 PROG = "snaplab-system"
 _IGNORED_WITH_ARG = {"-accel": {"tcg"}, "-display": {"none"}}
@@ -43,6 +44,7 @@ class Options:
     qmp: list[dict[str, Any]] = field(default_factory=list)
     paused: bool = False
     loadvm: str | None = None
+    incoming: str | None = None
     serial: str = "none"
     workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec("idle"))
     hugepages: bool = True
@@ -165,6 +167,10 @@ def parse_args(argv: Sequence[str]) -> Options:
             opts.paused = True
         elif opt == "-loadvm":
             opts.loadvm = arg()
+        elif opt == "-incoming":
+            opts.incoming = arg()
+            if not (opts.incoming == "defer" or opts.incoming.startswith(("exec:", "file:"))):
+                raise UsageError(f"-incoming {opts.incoming}: expected defer, exec:CMD or file:PATH")
         elif opt == "-serial":
             opts.serial = arg()
             if not (opts.serial in ("stdio", "none", "null") or opts.serial.startswith("file:")):
@@ -232,7 +238,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             servers = start_servers(machine.monitor, opts.qmp)
         if opts.loadvm:
             machine.snapshots.load_snapshot(opts.loadvm, None, None)
-        machine.start(paused=opts.paused)
+        if opts.incoming is not None:
+            # QEMU: wait in "inmigrate"; run once the stream is loaded unless -S was given.
+            machine.state = RunState.INMIGRATE
+            machine.start(paused=True)
+            machine.migration.incoming_uri = "defer"
+            machine.migration.autostart = not opts.paused
+            if opts.incoming != "defer":
+                machine.migration.incoming(opts.incoming)
+        else:
+            machine.start(paused=opts.paused)
     except SnaplabError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         machine.close()

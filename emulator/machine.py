@@ -50,10 +50,12 @@ from emulator.devices.timer import Timer
 from emulator.errors import SnaplabError
 from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
 from emulator.memory import GuestRAM
+from emulator.migration.migrate import Migration
 from emulator.migration.savevm import SnapshotController
 from emulator.migration.vmstate import Handler, SaveHandler
 from emulator.qmp.client import QMPClient
 from emulator.qmp.commands import Attachment, Monitor
+from emulator.qmp.migration import install_migration_commands
 from emulator.qmp.snapshot import install_snapshot_commands
 from emulator.runstate import RunState
 
@@ -167,6 +169,7 @@ class Machine:
         self.cpu.reset(FW_ENTRY)
         self.snapshots = SnapshotController(self.graph, lambda: [a.node.node_name for a in self.block_attachments()],
                                             self, self.savevm_handlers, self.ram, self.MACHINE_NAME)
+        self.migration = Migration(self.snapshots, self.emit)
         try:
             for path, addr in config.loaders:
                 self.load_file(path, addr)
@@ -229,6 +232,7 @@ class Machine:
         if self._monitor is None:
             self._monitor = Monitor(self)
             install_snapshot_commands(self._monitor, self.snapshots)
+            install_migration_commands(self._monitor, self.migration)
         return self._monitor
 
     def qmp(self, *, negotiate: bool = True) -> QMPClient:

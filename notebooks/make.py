@@ -96,7 +96,9 @@ NOTEBOOKS.update({
                  "try:\n    q.execute('snapshot-save', {'job-id': 'j', 'tag': 42, 'vmstate': 'disk0', 'devices': ['disk0']})\n"
                  "except Exception as err:\n    print(err.error_class, '-', err)"),
         ("code", "# 3. introspection: what does snapshot-save take?\nschema = {e['name']: e for e in q.execute('query-qmp-schema')}\n"
-                 "[(m['name'], m['type'], 'default' in m) for m in schema[schema['snapshot-save']['arg-type']]['members']]"),
+                 "def kind(t):\n    e = schema[t]\n    return t if e['meta-type'] in ('builtin', 'array') else e['meta-type'] + ' ' + str(e.get('values', ''))\n"
+                 "[(m['name'], kind(m['type']), 'optional' if 'default' in m else 'required')\n"
+                 " for m in schema[schema['snapshot-save']['arg-type']]['members']]"),
         ("code", "s.close()\n# 4. blocking: the monitor answers while a save runs\nfrom lab.demo import monitor_during_save\n"
                  "r = monitor_during_save(ram_mib=256)\n{k: r[k] for k in ('job error', 'answered before the guest resumed')}"),
     ],

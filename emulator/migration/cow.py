@@ -238,19 +238,31 @@ class TlbProtector:
         self.save = None
 
 
+class StreamSink(Protocol):
+    """A sequential VM-state stream (migration to exec:/file:)."""
+
+    def begin(self, machine: str, sections: list[tuple[SaveHandler, bytes]], ram_size: int) -> None: ...
+
+    def pages(self, first_page: int, data: memoryview) -> None: ...
+
+    def end(self) -> int: ...
+
+
 class CowSave:
     """One background save, from arm to the last chunk written."""
 
-    def __init__(self, protector: Protector, ram: GuestRAM, img: Qcow2Image, pending: PendingSnapshot,
-                 machine: str, sections: list[tuple[SaveHandler, bytes]], max_buffers: int = 64) -> None:
+    def __init__(self, protector: Protector, ram: GuestRAM, img: Qcow2Image | None, pending: PendingSnapshot | None,
+                 machine: str, sections: list[tuple[SaveHandler, bytes]], max_buffers: int = 64,
+                 sink: StreamSink | None = None) -> None:
         self.protector = protector
         self.ram = ram
+        self.sink = sink  # a sequential stream (migrate) instead of a pending qcow2 snapshot
         self.nchunks = -(-self.ram.size // CHUNK)
         self.state = np.zeros(self.nchunks, dtype=np.int8)
         self.lock = threading.Lock()
         self.saved_cond = threading.Condition(self.lock)
         self.stats = CowStats()
-        self.out = _PendingStream(img, pending)
+        self.out = _PendingStream(img, pending) if img is not None and pending is not None else None
         self.machine = machine
         self.sections = sections
         self.sparse: SparseRam | None = None
@@ -368,8 +380,11 @@ class CowSave:
             for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [len(idx)])).tolist(),
                             strict=True):
                 p0, p1 = int(idx[a]) * PAGE, (int(idx[b - 1]) + 1) * PAGE
-                assert self.sparse is not None
-                self.out.write(self.sparse.data_offset + off + p0, mv[p0:p1])
+                if self.sink is not None:
+                    self.sink.pages((off + p0) // PAGE, mv[p0:p1])
+                else:
+                    assert self.sparse is not None and self.out is not None
+                    self.out.write(self.sparse.data_offset + off + p0, mv[p0:p1])
                 self.stats.bytes_written += p1 - p0
         self.pool.put(buf)
 
@@ -379,7 +394,11 @@ class CowSave:
         The stream header (device sections taken at the stop instant) is written here, after
         the guest resumed: nothing but the arming happens in the downtime.
         """
-        self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size)
+        if self.sink is not None:
+            self.sink.begin(self.machine, self.sections, self.ram.size)
+        else:
+            assert self.out is not None
+            self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size)
         bg = threading.Thread(target=self.background, name="cow-saver", daemon=True)
         wr = threading.Thread(target=self.writer, name="cow-writer", daemon=True)
         wr.start()
@@ -389,5 +408,7 @@ class CowSave:
         self._stop.set()
         if self.error is not None:
             raise self.error
-        assert self.sparse is not None
+        if self.sink is not None:
+            return self.sink.end()
+        assert self.sparse is not None and self.out is not None
         return finish_sparse_stream(self.out, self.sparse, self.nonzero)

@@ -398,3 +398,117 @@ def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray) 
     tail += struct.pack(">B", QEMU_VM_EOF)
     out.write(sp.end, tail)
     return sp.end + len(tail)
+
+
+# -- the sequential form (migration streams: exec:, file:) -------------------------------------
+RAM_FLAG_STREAMED = 2  # RAM as PART records (u64 first page, u32 pages, data), in any page order
+
+
+class SequentialStream:
+    """The VM-state stream written strictly in order, for a pipe or a plain file.
+
+    Same framing as the snapshot stream; the RAM section (flag STREAMED) carries records of
+    consecutive non-zero pages in whatever order they were saved; zero pages are not sent.
+    """
+
+    def __init__(self, write: Callable[[bytes | memoryview], None]) -> None:
+        self._write = write
+        self.size = 0
+        self.sid = 0
+
+    def _out(self, data: bytes | memoryview) -> None:
+        self._write(data)
+        self.size += len(data)
+
+    def begin(self, machine: str, sections: list[tuple[SaveHandler, bytes]], ram_size: int) -> None:
+        head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
+        name = machine.encode()
+        head += struct.pack(">BI", QEMU_VM_CONFIGURATION, len(name)) + name
+        for h, payload in sections:
+            head += _section_header(QEMU_VM_SECTION_FULL, self.sid, h.idstr, h.instance_id, h.version_id)
+            head += struct.pack(">I", len(payload)) + payload + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, self.sid)
+            self.sid += 1
+        head += _section_header(QEMU_VM_SECTION_START, self.sid, RAM_IDSTR, 0, RAM_VERSION)
+        head += struct.pack(">I", _RAM_HEADER.size) + _RAM_HEADER.pack(ram_size, PAGE, RAM_FLAG_STREAMED,
+                                                                       ram_size // PAGE, 0)
+        self._out(bytes(head))
+
+    def pages(self, first_page: int, data: memoryview) -> None:
+        self._out(struct.pack(">BIQI", QEMU_VM_SECTION_PART, self.sid, first_page, len(data) // PAGE))
+        self._out(data)
+
+    def end(self) -> int:
+        self._out(struct.pack(">BIBIB", QEMU_VM_SECTION_END, self.sid, QEMU_VM_SECTION_FOOTER, self.sid, QEMU_VM_EOF))
+        return self.size
+
+
+def load_sequential(read: Callable[[int], bytes], machine: str, handlers: list[SaveHandler],
+                    place: Callable[[int, bytes], None], ram_size: int) -> None:
+    """Read a sequential stream: device sections are applied at the end (after validation),
+    pages are handed to ``place(first_page, data)`` as they arrive."""
+
+    def take(n: int) -> bytes:
+        data = read(n)
+        if len(data) != n:
+            raise LoadVMError(f"truncated migration stream (wanted {n} bytes, got {len(data)})", -5)
+        return data
+
+    if struct.unpack(">I", take(4))[0] != QEVM_MAGIC:
+        raise LoadVMError("not a VM state stream (bad magic)")
+    if struct.unpack(">I", take(4))[0] != QEVM_VERSION:
+        raise LoadVMError("unsupported VM state stream version")
+    by_id = {(h.idstr, h.instance_id): h for h in handlers}
+    pending: list[tuple[SaveHandler, bytes, int]] = []
+    while True:
+        kind = take(1)[0]
+        if kind == QEMU_VM_EOF:
+            break
+        if kind == QEMU_VM_CONFIGURATION:
+            name = take(struct.unpack(">I", take(4))[0]).decode(errors="replace")
+            if name != machine:
+                raise LoadVMError(f"Machine type received is '{name}' and local is '{machine}'")
+            continue
+        if kind not in (QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START):
+            raise LoadVMError(f"unexpected section type {kind:#x}")
+        sid = struct.unpack(">I", take(4))[0]
+        idstr = take(take(1)[0]).decode(errors="replace")
+        instance, version = struct.unpack(">II", take(8))
+        if idstr == RAM_IDSTR:
+            if struct.unpack(">I", take(4))[0] != _RAM_HEADER.size:
+                raise LoadVMError("bad RAM section header")
+            size, page, flags, _pages, _ = _RAM_HEADER.unpack(take(_RAM_HEADER.size))
+            if size != ram_size:
+                raise LoadVMError(f"Length mismatch: pc.ram: {size:#x} in != {ram_size:#x}: Invalid argument")
+            if page != PAGE or not flags & RAM_FLAG_STREAMED:
+                raise LoadVMError("the RAM section is not in the streamed form")
+            while True:
+                k = take(1)[0]
+                rsid = struct.unpack(">I", take(4))[0]
+                if rsid != sid:
+                    raise LoadVMError("RAM record for another section")
+                if k == QEMU_VM_SECTION_END:
+                    if take(1)[0] != QEMU_VM_SECTION_FOOTER or struct.unpack(">I", take(4))[0] != sid:
+                        raise LoadVMError("Missing section footer for ram")
+                    break
+                if k != QEMU_VM_SECTION_PART:
+                    raise LoadVMError("bad RAM record")
+                first, n = struct.unpack(">QI", take(12))
+                if (first + n) * PAGE > ram_size:
+                    raise LoadVMError(f"RAM record past the end of RAM (page {first}+{n})")
+                place(first, take(n * PAGE))
+            continue
+        h = by_id.get((idstr, instance))
+        if h is None:
+            raise LoadVMError(f"Unknown savevm section or instance '{idstr}' {instance}. Make sure that your "
+                              "current VM setup matches your saved VM setup, including any hotplugged devices")
+        if version > h.version_id:
+            raise LoadVMError(f"savevm: unsupported version {version} for '{idstr}' v{h.version_id}")
+        payload = take(struct.unpack(">I", take(4))[0])
+        if take(1)[0] != QEMU_VM_SECTION_FOOTER or struct.unpack(">I", take(4))[0] != sid:
+            raise LoadVMError(f"Missing section footer for {idstr}")
+        pending.append((h, payload, version))
+    for h, payload, version in pending:
+        try:
+            h.load(payload, version)
+        except (ValueError, struct.error) as err:
+            raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
