@@ -373,19 +373,19 @@ class CowSave:
         nz = np.asarray(arr.reshape(n // PAGE, PAGE // 8).any(axis=1), dtype=bool)
         first = off // PAGE
         self.nonzero[first:first + len(nz)] = nz
-        idx = np.flatnonzero(nz)
-        if len(idx):
-            mv = memoryview(buf).cast("B")
-            breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-            for a, b in zip(np.concatenate(([0], breaks)).tolist(), np.concatenate((breaks, [len(idx)])).tolist(),
-                            strict=True):
-                p0, p1 = int(idx[a]) * PAGE, (int(idx[b - 1]) + 1) * PAGE
-                if self.sink is not None:
-                    self.sink.pages((off + p0) // PAGE, mv[p0:p1])
-                else:
-                    assert self.sparse is not None and self.out is not None
-                    self.out.write(self.sparse.data_offset + off + p0, mv[p0:p1])
-                self.stats.bytes_written += p1 - p0
+        if nz.any():
+            # One write per chunk: zero pages inside a non-empty chunk go out as zeros (the
+            # bitmap still says they are zero); chunks with no data at all stay holes.
+            mv = memoryview(buf).cast("B")[:n]
+            if self.sink is not None:
+                idx = np.flatnonzero(nz)
+                lo, hi = int(idx[0]) * PAGE, (int(idx[-1]) + 1) * PAGE
+                self.sink.pages((off + lo) // PAGE, mv[lo:hi])
+                self.stats.bytes_written += hi - lo
+            else:
+                assert self.sparse is not None and self.out is not None
+                self.out.write(self.sparse.data_offset + off, mv)
+                self.stats.bytes_written += n
         self.pool.put(buf)
 
     def run(self, on_progress: Callable[[int], None] | None = None) -> int:
