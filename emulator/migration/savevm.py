@@ -41,12 +41,14 @@ from emulator.migration.precopy import Precopy
 from emulator.migration.vmstate import (
     PAGE,
     LoadVMError,
+    ParsedState,
     RamLayout,
     SaveHandler,
+    apply_state,
     begin_sparse_stream,
     finish_sparse_stream,
-    load_state,
     nonzero_pages,
+    parse_state,
     save_state,
 )
 from emulator.runstate import RunState
@@ -453,11 +455,14 @@ class SnapshotController:
             orig = self.vm.state
             if engine == "lazy":
                 self.write_protector()  # set up (populate, register) before the guest stops
+                # Our engine checks and parses everything before stopping the guest: a bad
+                # request fails without a STOP (QEMU's blocking load stops first).
+                prepared = self._prepare_load(name, vmstate, devices)
             t0 = time.perf_counter()
             if stop_first:
                 self.vm.vm_stop(RunState.RESTORE_VM)
             if engine == "lazy":
-                return self._load_lazy(name, vmstate, devices, orig, t0)
+                return self._load_lazy(name, prepared, orig, t0)
             self._load(name, vmstate, devices)
             t1 = time.perf_counter()
             self.vm.vm_resume(orig)
@@ -469,7 +474,7 @@ class SnapshotController:
             self._end()
 
     def _prepare_load(self, name: str, vmstate: str | None,
-                      devices: list[str] | None) -> tuple[list[BlockNode], Qcow2Image, Any, _QcowStream]:
+                      devices: list[str] | None) -> tuple[list[BlockNode], Qcow2Image, Any, _QcowStream, ParsedState]:
         nodes = self.devices(devices)
         self.can_snapshot(nodes)
         if not self.has_snapshot(name, nodes):
@@ -483,8 +488,8 @@ class SnapshotController:
             raise SnaplabError("This is a disk-only snapshot. Revert to it  offline using qemu-img")
         stream = _QcowStream(img, sn.id_str)
         # Check the whole stream against this machine before anything changes.
-        load_state(stream, sn.vm_state_size, self.machine_name, _dry(self.handlers()), None)
-        return nodes, img, sn, stream
+        parsed = parse_state(stream, sn.vm_state_size, self.machine_name, self.handlers())
+        return nodes, img, sn, stream, parsed
 
     def _goto_all(self, name: str, nodes: list[BlockNode]) -> None:
         for n in nodes:
@@ -493,9 +498,9 @@ class SnapshotController:
             except SnaplabError as err:
                 raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
 
-    def _load_lazy(self, name: str, vmstate: str | None, devices: list[str] | None, orig: RunState,
-                   t0: float) -> SnapshotMetrics:
-        nodes, img, sn, stream = self._prepare_load(name, vmstate, devices)
+    def _load_lazy(self, name: str, prepared: tuple[list[BlockNode], Qcow2Image, Any, _QcowStream, ParsedState],
+                   orig: RunState, t0: float) -> SnapshotMetrics:
+        nodes, img, sn, stream, parsed = prepared
         wp = self.write_protector()
         cmap, base = img.snapshot_vmstate_map(sn.id_str)
         images = [self._image(n) for n in nodes]
@@ -505,7 +510,7 @@ class SnapshotController:
             self._goto_all(name, nodes)
         self.vm.reset_for_load()
         layouts: list[RamLayout] = []
-        load_state(stream, sn.vm_state_size, self.machine_name, self.handlers(), layouts.append)
+        apply_state(parsed, layouts.append)
         (layout,) = layouts
         if layout.ram_size != self.ram.size:
             raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
@@ -527,11 +532,10 @@ class SnapshotController:
         return m
 
     def _load(self, name: str, vmstate: str | None, devices: list[str] | None) -> None:
-        nodes, _, sn, stream = self._prepare_load(name, vmstate, devices)
+        nodes, _, sn, stream, parsed = self._prepare_load(name, vmstate, devices)
         self._goto_all(name, nodes)
         self.vm.reset_for_load()
-        load_state(stream, sn.vm_state_size, self.machine_name, self.handlers(),
-                   lambda layout: self._load_ram(stream, layout))
+        apply_state(parsed, lambda layout: self._load_ram(stream, layout))
         self.vm.set_vclock_ns(sn.vm_clock_nsec)
 
     def _load_ram(self, stream: _QcowStream, layout: RamLayout) -> None:
@@ -583,20 +587,3 @@ def _warm_code_paths() -> None:
     img.pending_save_vmstate(p, 0, b"y" * 5000)
     img.snapshot_finish(p, "warm", vm_state_size=5000, date_sec=0, date_nsec=0, vm_clock_nsec=0)
     _warmed = True
-
-
-class _DryHandler:
-    """Accepts a section without applying it (the validation pass)."""
-
-    def __init__(self, h: SaveHandler) -> None:
-        self.idstr, self.instance_id, self.version_id = h.idstr, h.instance_id, h.version_id
-
-    def save(self) -> bytes:
-        return b""
-
-    def load(self, data: bytes, version_id: int) -> None:
-        pass
-
-
-def _dry(handlers: list[SaveHandler]) -> list[SaveHandler]:
-    return [_DryHandler(h) for h in handlers]

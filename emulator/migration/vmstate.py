@@ -243,13 +243,16 @@ class RamLayout:
         return self.page_offsets(0, self.pages)
 
 
-def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],
-               load_ram: Callable[[RamLayout], None] | None) -> None:
-    """qemu_loadvm_state(): validate everything, then apply sections in stream order.
+@dataclass
+class ParsedState:
+    """A checked stream: the device payloads to apply and where RAM is."""
 
-    Device payloads are collected first and applied only once the whole stream has been read
-    and checked, so a bad stream changes nothing.  RAM is handed to ``load_ram`` last.
-    """
+    pending: list[tuple[SaveHandler, bytes, int]]
+    layout: RamLayout | None
+
+
+def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler]) -> ParsedState:
+    """Read and check a whole stream against this machine; nothing is applied."""
     cur = _Cursor(src, size)
     if size < 8 or cur.u32() != QEVM_MAGIC:
         raise LoadVMError("not a VM state stream (bad magic)")
@@ -293,15 +296,30 @@ def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHa
     missing = [k for k in by_id if k not in seen]
     if missing:
         raise LoadVMError(f"the stream has no section for '{missing[0][0]}' {missing[0][1]}")
-    if load_ram is not None and layout is None:
+    return ParsedState(pending, layout)
+
+
+def apply_state(parsed: ParsedState, load_ram: Callable[[RamLayout], None] | None) -> None:
+    """Apply the device payloads, then hand RAM to ``load_ram``."""
+    if load_ram is not None and parsed.layout is None:
         raise LoadVMError("the stream has no RAM section")
-    for h, payload, version in pending:
+    for h, payload, version in parsed.pending:
         try:
             h.load(payload, version)
         except (ValueError, struct.error) as err:
             raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
-    if load_ram is not None and layout is not None:
-        load_ram(layout)
+    if load_ram is not None and parsed.layout is not None:
+        load_ram(parsed.layout)
+
+
+def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],
+               load_ram: Callable[[RamLayout], None] | None) -> None:
+    """qemu_loadvm_state(): validate everything, then apply sections in stream order.
+
+    Device payloads are collected first and applied only once the whole stream has been read
+    and checked, so a bad stream changes nothing.  RAM is handed to ``load_ram`` last.
+    """
+    apply_state(parse_state(src, size, machine, handlers), load_ram)
 
 
 def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
