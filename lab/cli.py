@@ -7,9 +7,13 @@ import sys
 import time
 from collections.abc import Sequence
 
-from lab import plot, results
-from lab.run import compare, run_experiment
-from lab.spec import ExperimentSpec, SpecError
+import matplotlib
+
+matplotlib.use("Agg")  # the CLI only writes PNG files
+
+from lab import plot, results  # noqa: E402
+from lab.run import compare, run_experiment  # noqa: E402
+from lab.spec import ExperimentSpec, SpecError  # noqa: E402
 
 QEMU_REFERENCE = {  # shared/reference/qemu-7.2-qmp.md, blocking snapshot-save downtime medians (ms)
     "QEMU 7.2 savevm, RAM full of random data (recorded)": {256: 810.0, 1024: 3300.0, 2048: 7100.0, 4096: 10500.0},

@@ -1,15 +1,16 @@
-"""Plots, readable without colour (markers and line styles differ), units on every axis."""
+"""Plots, readable without colour (markers and line styles differ), units on every axis.
+
+No backend is forced: a notebook shows the figures inline, the CLI (lab/cli.py) selects Agg.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import matplotlib.pyplot as plt
 import matplotlib.ticker
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch
 
 STYLE = {"blocking": ("o", "-"), "cow": ("s", "--"), "precopy": ("^", ":")}
 
@@ -151,6 +152,76 @@ def precopy_rounds(row: dict[str, Any], path: str | Path | None = None) -> Any:
     ax.set_xlabel("round (last: guest stopped)")
     ax.set_ylabel("written (MiB)")
     ax.set_title("Pre-copy: each round writes what the guest dirtied during the previous one")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def _median(vals: list[float]) -> float:
+    vals = sorted(vals)
+    return vals[len(vals) // 2] if vals else float("nan")
+
+
+def throughput_bars(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] | None = None,
+                    reference: dict[str, dict[int, float]] | None = None) -> list[tuple[str, str, float]]:
+    """(group, who, MiB/s) for `throughput`: medians of ours, QEMU's at its largest recorded RAM.
+
+    Ours: vmstate bytes over the guest's stop time (blocking save, blocking load) or over the
+    whole job (copy-on-write). QEMU's (recorded with RAM full of random bytes, so vmstate ~ RAM):
+    RAM size over the same interval.
+    """
+    bars: list[tuple[str, str, float]] = []
+    mib = float(1 << 20)
+    blk = [r for r in save_rows if r["engine"] == "blocking"]
+    cow = [r for r in save_rows if r["engine"] == "cow"]
+    if blk:
+        bars.append(("blocking save", "snaplab",
+                     _median([r["vmstate_bytes"] / mib / (r["downtime_ms"] / 1e3) for r in blk])))
+    if cow:
+        bars.append(("background save (whole job)", "snaplab",
+                     _median([r["vmstate_bytes"] / mib / r["total_s"] for r in cow])))
+    lb = [r for r in (load_rows or []) if r["engine"] == "blocking"]
+    if lb:
+        bars.append(("blocking load", "snaplab",
+                     _median([r["vmstate_bytes"] / mib / (r["stopped_ms"] / 1e3) for r in lb])))
+    ref = reference or {}
+    for group, name in (("blocking save", "blocking save downtime"),
+                        ("background save (whole job)", "background snapshot total"),
+                        ("blocking load", "blocking load")):
+        pts = ref.get(name)
+        if pts and any(g == group for g, _, _ in bars):
+            ram = max(pts)
+            bars.append((group, f"QEMU 7.2 ({ram} MiB)", ram / pts[ram]))
+    return bars
+
+
+def throughput(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] | None = None,
+               reference: dict[str, dict[int, float]] | None = None,
+               path: str | Path | None = None) -> Any:
+    """Save/load throughput (MiB of vmstate per second, log) beside QEMU 7.2's recorded figures."""
+    bars = throughput_bars(save_rows, load_rows, reference)
+    groups = list(dict.fromkeys(g for g, _, _ in bars))
+    fig, ax = plt.subplots(figsize=(6.8, 3.8))
+    for gi, g in enumerate(groups):
+        members = [(who, v) for gg, who, v in bars if gg == g]
+        for k, (who, v) in enumerate(members):
+            x = gi + (k - (len(members) - 1) / 2) * 0.38
+            ours = who == "snaplab"
+            ax.bar(x, v, width=0.36, color="white" if ours else "lightgrey", edgecolor="black",
+                   hatch="" if ours else "//")
+            ax.annotate(f"{v:,.0f}", (x, v), ha="center", va="bottom", fontsize=8)
+    handles = [Patch(facecolor="white", edgecolor="black", label="snaplab (this run)"),
+               Patch(facecolor="lightgrey", edgecolor="black", hatch="//", label="QEMU 7.2 (recorded, largest RAM)")]
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_yscale("log")
+    ax.set_ylabel("throughput (MiB of vmstate / s, log)")
+    ax.set_title("Save and load throughput beside QEMU 7.2")
+    ax.grid(True, axis="y", linewidth=0.3)
+    ax.legend(handles=handles, loc="upper left", fontsize=8)
+    if bars:
+        ax.set_ylim(min(v for _, _, v in bars) / 2, max(v for _, _, v in bars) * 4)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

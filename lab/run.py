@@ -92,7 +92,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "commit_ms": stats.get("commit-s", 0.0) * 1e3,
                     "flush_ms": stats.get("flush-s", 0.0) * 1e3,
                     "iterations": stats.get("iterations", 1),
-                    "progress_during_save": _progress(m, t0, time.time()),
+                    "progress_during_save": _progress(m, m0, m1),
                     "details": {
                         "fault_latency_ms": [x * 1e3 for x in stats.get("fault-latency-s", [])],
                         "bytes_per_round": stats.get("bytes-per-round", []),
@@ -127,21 +127,27 @@ def compare(ram_sizes: list[int], engines: tuple[str, ...] = ("blocking", "cow")
     return rows
 
 
-def _progress(m: Machine, t0: float, t1: float) -> float:
-    """Guest iterations per second during [t0, t1] over the rate in the second before t0."""
-    now_wall, now_mono = time.time(), time.monotonic_ns()
+def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
+    """Guest iterations per second over [start_ns, end_ns] (monotonic) over the rate in the second before.
 
-    def mono(t: float) -> int:
-        return int(now_mono - (now_wall - t) * 1e9)
-
+    Iteration counts at the window's edges are interpolated between the lab port's samples, so a
+    guest stopped for most of the window scores near 0 even if it sampled only after RESUME.
+    """
+    deadline = time.monotonic() + 0.2
+    while time.monotonic() < deadline and not any(s.host_ns > end_ns for s in list(m.lab.samples)[-4:]):
+        time.sleep(0.005)  # wait for one sample past the window so its end is interpolated, not clamped
     samples = list(m.lab.samples)
-    before = [s for s in samples if mono(t0 - 1.0) <= s.host_ns <= mono(t0)]
-    during = [s for s in samples if mono(t0) <= s.host_ns <= mono(t1)]
-    if len(before) < 2 or len(during) < 2:
+    if len(samples) < 2:
         return float("nan")
-    r0 = (before[-1].iterations - before[0].iterations) / ((before[-1].host_ns - before[0].host_ns) / 1e9)
-    r1 = (during[-1].iterations - during[0].iterations) / ((during[-1].host_ns - during[0].host_ns) / 1e9)
-    return r1 / r0 if r0 > 0 else float("nan")
+    ts = np.array([s.host_ns for s in samples], dtype=np.float64)
+    its = np.array([s.iterations for s in samples], dtype=np.float64)
+    before_ns = max(start_ns - 1_000_000_000, int(ts[0]))
+    if start_ns - before_ns < 50_000_000 or ts[-1] < end_ns:
+        return float("nan")
+    i0, i1, i2 = np.interp([before_ns, start_ns, end_ns], ts, its)
+    r0 = (i1 - i0) / ((start_ns - before_ns) / 1e9)
+    r1 = (i2 - i1) / ((end_ns - start_ns) / 1e9)
+    return float(r1 / r0) if r0 > 0 else float("nan")
 
 
 def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"), *, seed: int = 1,
@@ -158,6 +164,7 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"
             time.sleep(spec.warmup_s)
             q.execute("snapshot-save", {"job-id": "s", "tag": "base", "vmstate": "disk0", "devices": ["disk0"]})
             q.wait_job("s")
+            base_bytes = int(q.execute("__org.snaplab_query-snapshot-stats", {"id": "s"})["vmstate-bytes"])
             for rep in range(repetitions):
                 for eng in engines:
                     time.sleep(0.1)
@@ -174,7 +181,8 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"
                     rows.append({"ram_mib": ram_mib, "engine": eng, "rep": rep, "seed": seed,
                                  "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,
                                  "command_to_resume_ms": (ev["RESUME"] - t0) * 1e3,
-                                 "complete_s": stats["total-s"], "faults": stats.get("faults", 0)})
+                                 "complete_s": stats["total-s"], "faults": stats.get("faults", 0),
+                                 "vmstate_bytes": base_bytes})
             q.execute("quit")
         finally:
             m.close()
