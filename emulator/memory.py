@@ -37,6 +37,12 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_FIXED_NOREPLACE = 0x100000
+PROT_NONE = 0
+MAP_FAILED = ctypes.c_void_p(-1).value
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
@@ -141,6 +147,40 @@ class GuestRAM:
     def discard(self) -> None:
         """Give every page back to the kernel: RAM reads as zeros again (MADV_DONTNEED)."""
         _libc.madvise(self.addr, self.span, MADV_DONTNEED)
+
+    def discard_later(self) -> Callable[[], None] | None:
+        """Empty RAM now, free the old pages later: the populated mapping is moved aside with
+        one ``mremap`` (page tables move whole, 2 MiB at a time) and a fresh empty mapping takes
+        its place at the same address. Returns the function that unmaps the old pages (run it
+        in any thread, after the guest resumed), or None when the kernel would not do it, in which
+        case nothing changed and the caller discards in place. Any userfaultfd registration
+        is dropped with the old mapping: the caller registers the new one.
+        """
+        span = self.span
+        raw = _libc.mmap(None, span + HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if raw in (None, MAP_FAILED):
+            return None
+        aside = (raw + HUGE - 1) & ~(HUGE - 1)  # 2 MiB-aligned, or the move would split huge pages
+        if aside > raw:
+            _libc.munmap(raw, aside - raw)
+        if raw + span + HUGE > aside + span:
+            _libc.munmap(aside + span, raw + span + HUGE - (aside + span))
+        moved = _libc.mremap(self.addr, span, span, MREMAP_MAYMOVE | MREMAP_FIXED, aside)
+        if moved != aside:
+            _libc.munmap(aside, span)
+            return None
+        fresh = _libc.mmap(self.addr, span, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED_NOREPLACE, -1, 0)
+        if fresh != self.addr:
+            # Something else was mapped into the hole meanwhile: put the old RAM back.
+            if fresh not in (None, MAP_FAILED):
+                _libc.munmap(fresh, span)
+            if _libc.mremap(aside, span, span, MREMAP_MAYMOVE | MREMAP_FIXED, self.addr) != self.addr:
+                raise SnaplabError("guest RAM could not be moved back into place")
+            return None
+        if self.hugepages:
+            _libc.madvise(self.addr, span, MADV_HUGEPAGE)
+        return lambda: _libc.munmap(aside, span)
 
     def load_view(self) -> memoryview:
         """A writable view for bulk loads (preadv into RAM). Only while no write protection

@@ -117,6 +117,19 @@ class WriteProtector:
     def resume(self) -> None:
         self.uffd.register(self.ram.addr, self.ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
 
+    def discard_ram(self) -> None:
+        """With the guest stopped: make RAM empty (every page missing) as fast as possible.
+
+        The populated mapping is swapped for an empty one and freed by a short-lived thread
+        (:meth:`GuestRAM.discard_later`); where that is refused, ``MADV_DONTNEED`` in place.
+        """
+        free_old = self.ram.discard_later()
+        if free_old is None:
+            self.ram.discard()
+            return
+        self.resume()  # register the new mapping with this userfaultfd
+        threading.Thread(target=free_old, name="ram-free", daemon=True).start()
+
     def chunk_of(self, addr: int) -> int:
         return (addr - self.ram.addr) // CHUNK
 

@@ -123,7 +123,7 @@ class LazyLoad:
     def arm(self) -> None:
         """With the guest stopped: empty RAM and route missing-page faults here."""
         self.wp.handler = self.on_fault
-        self.ram.discard()
+        self.wp.discard_ram()
 
     def fill_all(self) -> None:
         """The background filler; returns when every chunk is in guest RAM."""

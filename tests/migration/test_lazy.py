@@ -3,6 +3,7 @@ snapshot's; its run is the same as after a blocking load."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import time
 from pathlib import Path
@@ -83,3 +84,50 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
     finally:
         m.close()
         g.close()
+
+
+def _vmflags(addr: int) -> set[str]:
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{addr:x}" or line.split("-", 1)[0] == f"{addr:012x}":
+            for follow in lines[i + 1:]:
+                if follow.startswith("VmFlags:"):
+                    return set(follow.split()[1:])
+    raise AssertionError(f"no mapping starts at {addr:#x}")
+
+
+def _read(ram, off: int, n: int) -> bytes:  # type: ignore[no-untyped-def]
+    """Read registered RAM without holding the GIL (ctypes.memmove releases it), so the
+    fault-service thread can answer missing-page faults meanwhile."""
+    buf = (ctypes.c_char * n)()
+    ctypes.memmove(buf, ram.addr + off, n)
+    return bytes(buf)
+
+
+def test_emptying_ram_swaps_the_mapping_and_keeps_it_registered() -> None:
+    from emulator.memory import GuestRAM
+    from emulator.migration.cow import WriteProtector
+
+    ram = GuestRAM(64 << 20)
+    ram.array[:] = 0x5A  # populated before registration: no faults from this thread
+    wp = WriteProtector(ram)
+    try:
+        addr = ram.addr
+        assert {"um", "uw"} <= _vmflags(addr)
+        free_old = ram.discard_later()
+        assert free_old is not None and ram.addr == addr
+        assert not {"um", "uw"} & _vmflags(addr)  # a fresh mapping: registration is the caller's job
+        wp.resume()
+        free_old()
+        assert {"um", "uw"} <= _vmflags(addr)
+        # every page is missing and reads as zero (served by the missing-page handler)
+        assert _read(ram, 0, 1 << 20) == bytes(1 << 20) and _read(ram, (64 << 20) - 4096, 4096) == bytes(4096)
+        ctypes.memset(ram.addr + (8 << 20), 3, 4096)
+        assert _read(ram, 8 << 20, 4097) == b"\x03" * 4096 + b"\x00"
+        wp.discard_ram()  # the same through the write protector, freeing in a thread
+        assert ram.addr == addr and {"um", "uw"} <= _vmflags(addr)
+        assert _read(ram, 8 << 20, 4096) == bytes(4096)
+    finally:
+        wp.close()
+        ram.close()
