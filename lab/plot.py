@@ -39,7 +39,7 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
     ax.set_ylabel("downtime, STOP to RESUME (ms)")
     ax.set_title("Snapshot downtime: blocking save vs copy-on-write")
     ax.grid(True, which="both", linewidth=0.3)
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
