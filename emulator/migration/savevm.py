@@ -249,6 +249,21 @@ class SnapshotController:
             _warm_code_paths()
         return self._wp
 
+    def _stop_for_save(self, images: list[Qcow2Image]) -> tuple[contextlib.ExitStack, float]:
+        """vm_stop(SAVE_VM) with every image's flushes deferred until the returned stack closes."""
+        stack = contextlib.ExitStack()
+        for im in images:
+            stack.enter_context(im.deferred_flush())
+        self.vm.vm_stop(RunState.SAVE_VM)
+        return stack, time.perf_counter()
+
+    def _save_instant(self, name: str | None) -> tuple[str, int, int]:
+        """The snapshot's name (QEMU's vm-%Y%m%d%H%M%S default), wall clock ns and vm clock ns."""
+        now = time.time_ns()
+        if name is None:
+            name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
+        return name, now, self.vm.vclock_ns()
+
     def _save_precopy(self, name: str | None, overwrite: bool, vmstate: str | None,
                       devices: list[str] | None) -> SnapshotMetrics:
         t0 = time.perf_counter()
@@ -265,16 +280,10 @@ class SnapshotController:
             pre.iterate()
             images = [self._image(n) for n in nodes]
             saved_state = self.vm.state
-            with contextlib.ExitStack() as stack:
-                for im in images:
-                    stack.enter_context(im.deferred_flush())
-                self.vm.vm_stop(RunState.SAVE_VM)
-                t_stop = time.perf_counter()
+            stack, t_stop = self._stop_for_save(images)
+            with stack:
                 try:
-                    now = time.time_ns()
-                    if name is None:
-                        name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
-                    vm_clock = self.vm.vclock_ns()
+                    name, now, vm_clock = self._save_instant(name)
                     pre.final()
                     sections = [(h, h.save()) for h in self.handlers()]
                     head = begin_sparse_stream(stream, self.machine_name, sections, self.ram.size,
@@ -331,16 +340,9 @@ class SnapshotController:
         images = [self._image(n) for n in nodes]
         saved_state = self.vm.state
         pendings: dict[str, PendingSnapshot] = {}
-        stack = contextlib.ExitStack()
-        for im in images:
-            stack.enter_context(im.deferred_flush())
-        self.vm.vm_stop(RunState.SAVE_VM)
-        t_stop = time.perf_counter()
+        stack, t_stop = self._stop_for_save(images)
         try:
-            now = time.time_ns()
-            if name is None:
-                name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
-            vm_clock = self.vm.vclock_ns()
+            name, now, vm_clock = self._save_instant(name)
             for n in nodes:
                 pendings[n.node_name] = self._image(n).snapshot_prepare()
             sections = [(h, h.save()) for h in self.handlers()]
@@ -399,16 +401,9 @@ class SnapshotController:
         bs = self.find_vmstate_bs(vmstate, nodes)
         saved_state = self.vm.state
         images = [self._image(n) for n in nodes]
-        stack = contextlib.ExitStack()
-        for im in images:
-            stack.enter_context(im.deferred_flush())
-        self.vm.vm_stop(RunState.SAVE_VM)
-        t_stop = time.perf_counter()
+        stack, t_stop = self._stop_for_save(images)
         try:
-            now = time.time_ns()
-            if name is None:
-                name = time.strftime("vm-%Y%m%d%H%M%S", time.localtime(now // 1_000_000_000))
-            vm_clock = self.vm.vclock_ns()
+            name, now, vm_clock = self._save_instant(name)
             img = self._image(bs)
             t_scan = time.perf_counter()
             nz = nonzero_pages(self.ram.array)
