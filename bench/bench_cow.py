@@ -13,9 +13,7 @@ during the window is the lab port's iteration rate inside the window over the ra
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_snapshot import OVMF, Raw, drop_caches, warm_memory  # noqa: E402
+from bench_snapshot import OVMF, drop_caches, warm_memory  # noqa: E402
 
+from lab import qemu as qemu_lab  # noqa: E402
 from lab.run import build_machine  # noqa: E402
 from lab.spec import ExperimentSpec  # noqa: E402
 
@@ -71,58 +70,9 @@ def ours(mib: int, runs: int) -> list[dict[str, float]]:
 
 
 def qemu(mib: int, runs: int, w: Path) -> list[dict[str, float]]:
-    rng = np.random.default_rng(0)
-    # q35 maps at most 2 GiB below 4 GiB when RAM >= 2.75 GiB: fill both sides, as the reference does.
-    parts = [(0x1000000, min(mib, 2048) - 64)]
-    if mib > 2816:
-        parts.append((0x100000000, mib - 2048 - 48))
-    loaders = []
-    for i, (addr, size_mib) in enumerate(parts):
-        fill = w / f"rand{i}.bin"
-        with open(fill, "wb") as f:
-            for _ in range(size_mib >> 4):
-                f.write(rng.integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
-        loaders += ["-device", f"loader,file={fill},addr={addr:#x},force-raw=on"]
-    shutil.copy(OVMF / "OVMF_VARS.fd", w / "vars.fd")
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35,pflash0=fw-code,pflash1=fw-vars", "-m", f"{mib}M",
-            "-nographic", "-nodefaults", "-display", "none",
-            "-blockdev", json.dumps({"driver": "file", "filename": str(OVMF / "OVMF_CODE.fd"), "node-name": "c",
-                                     "read-only": True}),
-            "-blockdev", json.dumps({"driver": "raw", "file": "c", "node-name": "fw-code", "read-only": True}),
-            "-blockdev", json.dumps({"driver": "file", "filename": str(w / "vars.fd"), "node-name": "v"}),
-            "-blockdev", json.dumps({"driver": "raw", "file": "v", "node-name": "fw-vars"}),
-            *loaders,
-            "-qmp", f"unix:{w / 'q.sock'},server=on,wait=off"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    out = []
-    try:
-        while not (w / "q.sock").exists():
-            time.sleep(0.1)
-        q = Raw(w / "q.sock")
-        time.sleep(4)
-        q.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": True},
-                                                             {"capability": "events", "state": True}]})
-        for i in range(runs):
-            q.events.clear()
-            q.cmd("migrate", {"uri": f"exec:cat > {w / f'bg{i}.bin'}"})
-            done = q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
-            ts = {}
-            for e in q.events + [done]:
-                t = e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
-                if e["event"] in ("STOP", "RESUME"):
-                    ts[e["event"]] = t
-                if e["event"] == "MIGRATION":
-                    ts[e["data"]["status"]] = t
-            out.append({"downtime": ts.get("RESUME", 0) - ts.get("STOP", 0),
-                        "total": ts.get("completed", 0) - ts.get("setup", 0)})
-            time.sleep(1)
-        q.cmd("quit")
-    finally:
-        time.sleep(0.5)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-    return out
+    """QEMU 7.2 background-snapshot on RAM full of random bytes (lab.qemu, as the reference)."""
+    with qemu_lab.running(w, mib) as q:
+        return [{"downtime": d, "total": t} for d, t in qemu_lab.background_snapshots(q, w, runs)]
 
 
 def main() -> None:

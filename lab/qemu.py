@@ -5,12 +5,14 @@ from the STOP/RESUME event timestamps, and background-snapshot (``migrate`` with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,48 +118,69 @@ def available() -> bool:
     return bool(shutil.which("qemu-system-x86_64")) and (OVMF / "OVMF_CODE.fd").exists()
 
 
+@contextlib.contextmanager
+def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
+    """qemu-system-x86_64 with ``mib`` MiB of random RAM in work dir ``w``; quit (or killed) after."""
+    proc = subprocess.Popen(qemu_argv(w, mib, fill_files(w, mib)), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 120
+        while not (w / "q.sock").exists():
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError("qemu-system-x86_64 did not start")
+            time.sleep(0.1)
+        q = RawQMP(w / "q.sock")
+        time.sleep(settle)
+        yield q
+        q.cmd("quit")
+    finally:
+        time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def background_snapshots(q: RawQMP, w: Path, runs: int, gap: float = 1.0) -> list[tuple[float, float]]:
+    """``migrate`` to a file with ``background-snapshot`` on, ``runs`` times: (downtime s, total s)
+    each, from the STOP/RESUME and MIGRATION setup/completed event timestamps."""
+    q.cmd("migrate-set-capabilities", {"capabilities": [
+        {"capability": "background-snapshot", "state": True}, {"capability": "events", "state": True}]})
+    out: list[tuple[float, float]] = []
+    for i in range(runs):
+        q.events.clear()
+        q.cmd("migrate", {"uri": f"exec:cat > {w / f'bg{i}.bin'}"})
+        done = q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
+        ts: dict[str, float] = {}
+        for e in [*q.events, done]:
+            if e["event"] in ("STOP", "RESUME"):
+                ts[e["event"]] = RawQMP.ts(e)
+            elif e["event"] == "MIGRATION":
+                ts[e["data"]["status"]] = RawQMP.ts(e)
+        if "completed" not in ts:
+            raise RuntimeError("QEMU's background snapshot failed")
+        out.append((ts.get("RESUME", 0.0) - ts.get("STOP", 0.0), ts["completed"] - ts.get("setup", ts["completed"])))
+        (w / f"bg{i}.bin").unlink(missing_ok=True)
+        time.sleep(gap)
+    return out
+
+
 def measure(sizes: list[int], runs: int = 3, settle: float = 4.0) -> list[dict[str, Any]]:
     """Rows: measurement, ram_mib, run, seconds (blocking save/load, background snapshot)."""
     rows: list[dict[str, Any]] = []
     for mib in sizes:
-        with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
-            w = Path(d)
-            argv = qemu_argv(w, mib, fill_files(w, mib))
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                end = time.monotonic() + 120
-                while not (w / "q.sock").exists():
-                    if proc.poll() is not None or time.monotonic() > end:
-                        raise RuntimeError("qemu-system-x86_64 did not start")
-                    time.sleep(0.1)
-                q = RawQMP(w / "q.sock")
-                time.sleep(settle)
-                base = {"vmstate": "disk0", "devices": ["disk0"]}
-                for i in range(runs):
-                    rows.append({"measurement": "blocking save downtime", "ram_mib": mib, "run": i,
-                                 "seconds": q.job("snapshot-save", {"job-id": f"s{i}", "tag": f"p{i}", **base})})
-                for i in range(runs):
-                    rows.append({"measurement": "blocking load", "ram_mib": mib, "run": i,
-                                 "seconds": q.job("snapshot-load", {"job-id": f"l{i}", "tag": f"p{i}", **base})})
-                for i in range(runs):
-                    q.job("snapshot-delete", {"job-id": f"d{i}", "tag": f"p{i}", "devices": ["disk0"]})
-                q.cmd("migrate-set-capabilities", {"capabilities": [
-                    {"capability": "background-snapshot", "state": True}, {"capability": "events", "state": True}]})
-                for i in range(runs):
-                    q.events.clear()
-                    q.cmd("migrate", {"uri": f"exec:cat > {w / f'bg{i}.bin'}"})
-                    q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
-                    ts: dict[str, float] = {}
-                    for e in q.events:
-                        if e["event"] in ("STOP", "RESUME"):
-                            ts[e["event"]] = RawQMP.ts(e)
-                    rows.append({"measurement": "background snapshot downtime", "ram_mib": mib, "run": i,
-                                 "seconds": ts.get("RESUME", 0.0) - ts.get("STOP", 0.0)})
-                    time.sleep(1)
-                q.cmd("quit")
-            finally:
-                time.sleep(0.5)
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
+        with tempfile.TemporaryDirectory(dir="/var/tmp") as d, running(Path(d), mib, settle) as q:
+            base = {"vmstate": "disk0", "devices": ["disk0"]}
+            for i in range(runs):
+                rows.append({"measurement": "blocking save downtime", "ram_mib": mib, "run": i,
+                             "seconds": q.job("snapshot-save", {"job-id": f"s{i}", "tag": f"p{i}", **base})})
+            for i in range(runs):
+                rows.append({"measurement": "blocking load", "ram_mib": mib, "run": i,
+                             "seconds": q.job("snapshot-load", {"job-id": f"l{i}", "tag": f"p{i}", **base})})
+            for i in range(runs):
+                q.job("snapshot-delete", {"job-id": f"d{i}", "tag": f"p{i}", "devices": ["disk0"]})
+            for i, (down, total) in enumerate(background_snapshots(q, Path(d), runs)):
+                rows.append({"measurement": "background snapshot downtime", "ram_mib": mib, "run": i,
+                             "seconds": down})
+                rows.append({"measurement": "background snapshot total", "ram_mib": mib, "run": i,
+                             "seconds": total})
     return rows

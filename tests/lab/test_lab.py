@@ -83,6 +83,8 @@ def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # typ
     assert main(["reference", "--qemu", "--ram", "128", "--runs", "1", "--out", str(out)]) == 0
     rows, meta = results.load(out)
     got = {r["measurement"]: float(r["seconds"]) for r in rows}
-    assert set(got) == {"blocking save downtime", "blocking load", "background snapshot downtime"}
+    assert set(got) == {"blocking save downtime", "blocking load", "background snapshot downtime",
+                        "background snapshot total"}
     assert got["blocking save downtime"] > got["background snapshot downtime"] > 0
+    assert got["background snapshot total"] > got["background snapshot downtime"]
     assert "qemu-system-x86_64" in meta["measured"]
