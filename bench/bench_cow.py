@@ -54,7 +54,7 @@ def ours(mib: int, runs: int) -> list[dict[str, float]]:
                 st = q.execute("__org.snaplab_query-snapshot-stats", {"id": f"c{i}"})
                 q.execute("job-dismiss", {"id": f"c{i}"})
                 ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
-                win = [s for s in m.lab.samples if t_start <= s.host_ns <= t_end]
+                win = [s for s in m.lab.history() if t_start <= s.host_ns <= t_end]
                 rate = ((win[-1].iterations - win[0].iterations) / ((win[-1].host_ns - win[0].host_ns) / 1e9)
                         if len(win) > 1 and win[-1].host_ns > win[0].host_ns else float("nan"))
                 out.append({"downtime": ev["RESUME"] - ev["STOP"], "total": st["total-s"],

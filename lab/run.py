@@ -67,7 +67,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                 q.execute("job-dismiss", {"id": job})
                 evs = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
                 lat = np.array(stats.get("fault-latency-s", []) or [0.0])
-                samples = [s for s in m.lab.samples if s.host_ns / 1e9 >= 0]
+                samples = m.lab.history()
                 rows.append({
                     **spec.as_dict(), "rep": rep,
                     "downtime_ms": (evs["RESUME"] - evs["STOP"]) * 1e3 if len(evs) == 2 else float("nan"),
@@ -96,7 +96,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "details": {
                         "fault_latency_ms": [x * 1e3 for x in stats.get("fault-latency-s", [])],
                         "bytes_per_round": stats.get("bytes-per-round", []),
-                        "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.samples
+                        "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.history()
                                      if m0 - 1_000_000_000 <= smp.host_ns <= m1 + 300_000_000],
                         "job_s": (m1 - m0) / 1e9,
                         "stopped": ((evs["STOP"] - t0, evs["RESUME"] - t0) if len(evs) == 2 else None),
@@ -134,9 +134,9 @@ def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
     guest stopped for most of the window scores near 0 even if it sampled only after RESUME.
     """
     deadline = time.monotonic() + 0.2
-    while time.monotonic() < deadline and not any(s.host_ns > end_ns for s in list(m.lab.samples)[-4:]):
+    while time.monotonic() < deadline and not any(s.host_ns > end_ns for s in m.lab.history()[-4:]):
         time.sleep(0.005)  # wait for one sample past the window so its end is interpolated, not clamped
-    samples = list(m.lab.samples)
+    samples = m.lab.history()
     if len(samples) < 2:
         return float("nan")
     ts = np.array([s.host_ns for s in samples], dtype=np.float64)

@@ -95,7 +95,7 @@ class Dashboard:
             return
         import matplotlib.pyplot as plt
 
-        samples = list(self.session.machine.lab.samples)
+        samples = self.session.machine.lab.history()
         if not samples:
             return
         now = time.monotonic_ns()

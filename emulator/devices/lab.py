@@ -9,6 +9,7 @@ monotonic ns, counters) to a bounded ring buffer the lab reads to plot progress 
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -37,7 +38,8 @@ class LabPort:
         self._read = read_ram
         self._clock = clock_ns
         self._on_panic = on_panic
-        self.samples: deque[ProgressSample] = deque(maxlen=keep)
+        self.samples: deque[ProgressSample] = deque(maxlen=keep)  # read it through history()
+        self._samples_lock = threading.Lock()
         self.listeners: list[Callable[[ProgressSample], None]] = []
         self.last = ProgressSample(0, 0, 0, 0, 0, 0)
 
@@ -51,9 +53,15 @@ class LabPort:
             it, dirtied, disk, errors = struct.unpack("<4Q", self._read(LAB_PAGE, 32))
             s = ProgressSample(self._clock(), time.monotonic_ns(), it, dirtied, disk, errors)
             self.last = s
-            self.samples.append(s)
+            with self._samples_lock:
+                self.samples.append(s)
             for cb in self.listeners:
                 cb(s)
+
+    def history(self) -> list[ProgressSample]:
+        """A copy of the samples, safe while the vCPU thread keeps appending."""
+        with self._samples_lock:
+            return list(self.samples)
 
     def reset(self) -> None:
         pass
