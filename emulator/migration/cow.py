@@ -218,12 +218,7 @@ class TlbProtector:
             return self.rx
         t0 = time.perf_counter()
         save.stats.faults += 1
-        if save._save_chunk(c):
-            save.stats.fault_chunks += 1
-        else:
-            with save.lock:
-                while save.state[c] != SAVED:
-                    save.saved_cond.wait()
+        save.save_or_wait(c)
         save.stats.handler_s.append(time.perf_counter() - t0)
         return self.rwx
 
@@ -232,12 +227,7 @@ class TlbProtector:
         if save is None:
             return
         for c in range(addr // CHUNK, (addr + max(n, 1) - 1) // CHUNK + 1):
-            if save._save_chunk(c):
-                save.stats.fault_chunks += 1
-            else:
-                with save.lock:
-                    while save.state[c] != SAVED:
-                        save.saved_cond.wait()
+            save.save_or_wait(c)
 
     def release(self, c: int) -> None:
         pass
@@ -322,6 +312,17 @@ class CowSave:
         self.queue.put((c, buf))
         return True
 
+    def save_or_wait(self, c: int) -> bool:
+        """A write is about to hit chunk ``c``: save it, or wait until whoever is saving it is
+        done. True if this call saved it (counted as a fault-saved chunk), False if it waited."""
+        if self._save_chunk(c):
+            self.stats.fault_chunks += 1
+            return True
+        with self.lock:
+            while self.state[c] != SAVED:
+                self.saved_cond.wait()
+        return False
+
     # -- threads ---------------------------------------------------------------------------------
     def on_fault(self, f: Fault) -> None:
         """Called on the fault-service thread for every fault during the window."""
@@ -335,12 +336,7 @@ class CowSave:
         if not 0 <= c < self.nchunks:
             wp.default(f)
             return
-        if self._save_chunk(c):
-            self.stats.fault_chunks += 1
-        else:
-            with self.lock:
-                while self.state[c] != SAVED:
-                    self.saved_cond.wait()
+        if not self.save_or_wait(c):
             self.protector.wake(c)
             self.stats.woken += 1
         self.stats.handler_s.append(time.perf_counter() - t0)

@@ -60,6 +60,14 @@ def _open_uri(uri: str, mode: str) -> tuple[IO[bytes], subprocess.Popen[bytes] |
     raise SnaplabError("Parameter 'uri' expects a valid migration protocol")
 
 
+def _close_uri(f: IO[bytes] | None, proc: subprocess.Popen[bytes] | None) -> None:
+    """Close what _open_uri() opened (if still open); kill an exec: command still running."""
+    if f is not None:
+        f.close()
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+
+
 class Migration:
     """The outgoing and incoming migration state of one VM."""
 
@@ -198,10 +206,7 @@ class Migration:
             self.info["error-desc"] = str(err)
             self._set("failed")
         finally:
-            if f is not None:
-                f.close()
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+            _close_uri(f, proc)
             ctl._end()
 
     def query(self) -> dict[str, Any]:
@@ -249,7 +254,4 @@ class Migration:
             self.info["error-desc"] = str(err)
             self._set("failed")
         finally:
-            if f is not None:
-                f.close()
-            if proc is not None and proc.poll() is None:
-                proc.kill()
+            _close_uri(f, proc)

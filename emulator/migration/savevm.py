@@ -391,14 +391,7 @@ class SnapshotController:
     def _save(self, name: str | None, overwrite: bool, vmstate: str | None,
               devices: list[str] | None) -> SnapshotMetrics:
         t0 = time.perf_counter()
-        nodes = self.devices(devices)
-        self.can_snapshot(nodes)
-        if name is not None:
-            if overwrite:
-                self.delete_all(name, nodes)
-            elif self.any_has(name, nodes):
-                raise SnaplabError(f"Snapshot '{name}' already exists in one or more devices")
-        bs = self.find_vmstate_bs(vmstate, nodes)
+        nodes, bs = self._checks(name, overwrite, vmstate, devices)
         saved_state = self.vm.state
         images = [self._image(n) for n in nodes]
         stack, t_stop = self._stop_for_save(images)

@@ -251,6 +251,18 @@ class ParsedState:
     layout: RamLayout | None
 
 
+def _section_handler(by_id: dict[tuple[str, int], SaveHandler], idstr: str, instance: int,
+                     version: int) -> SaveHandler:
+    """The handler for a device section, with qemu_loadvm_section_start_full()'s checks."""
+    h = by_id.get((idstr, instance))
+    if h is None:
+        raise LoadVMError(f"Unknown savevm section or instance '{idstr}' {instance}. Make sure that your "
+                          "current VM setup matches your saved VM setup, including any hotplugged devices")
+    if version > h.version_id:
+        raise LoadVMError(f"savevm: unsupported version {version} for '{idstr}' v{h.version_id}")
+    return h
+
+
 def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler]) -> ParsedState:
     """Read and check a whole stream against this machine; nothing is applied."""
     cur = _Cursor(src, size)
@@ -282,12 +294,7 @@ def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveH
             layout = _read_ram(cur, sid, version)
             seen.add((idstr, instance))
             continue
-        h = by_id.get((idstr, instance))
-        if h is None:
-            raise LoadVMError(f"Unknown savevm section or instance '{idstr}' {instance}. Make sure that your "
-                              "current VM setup matches your saved VM setup, including any hotplugged devices")
-        if version > h.version_id:
-            raise LoadVMError(f"savevm: unsupported version {version} for '{idstr}' v{h.version_id}")
+        h = _section_handler(by_id, idstr, instance, version)
         payload = cur.take(cur.u32())
         if cur.u8() != QEMU_VM_SECTION_FOOTER or cur.u32() != sid:
             raise LoadVMError(f"Missing section footer for {idstr}")
@@ -515,12 +522,7 @@ def load_sequential(read: Callable[[int], bytes], machine: str, handlers: list[S
                     raise LoadVMError(f"RAM record past the end of RAM (page {first}+{n})")
                 place(first, take(n * PAGE))
             continue
-        h = by_id.get((idstr, instance))
-        if h is None:
-            raise LoadVMError(f"Unknown savevm section or instance '{idstr}' {instance}. Make sure that your "
-                              "current VM setup matches your saved VM setup, including any hotplugged devices")
-        if version > h.version_id:
-            raise LoadVMError(f"savevm: unsupported version {version} for '{idstr}' v{h.version_id}")
+        h = _section_handler(by_id, idstr, instance, version)
         payload = take(struct.unpack(">I", take(4))[0])
         if take(1)[0] != QEMU_VM_SECTION_FOOTER or struct.unpack(">I", take(4))[0] != sid:
             raise LoadVMError(f"Missing section footer for {idstr}")
