@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {err}", file=sys.stderr)
         return 1
     done = threading.Event()
-    machine.add_listener(lambda name, data: done.set() if name == "SHUTDOWN" else None)
+    machine.add_listener(lambda name, data, ts: done.set() if name == "SHUTDOWN" else None)
     servers: list[Any] = []
     try:
         if opts.qmp:

@@ -18,11 +18,12 @@ Threading rule (the one place it is written down):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,7 @@ from emulator.qmp.migration import install_migration_commands
 from emulator.qmp.snapshot import install_snapshot_commands
 from emulator.runstate import RunState
 
-Listener = Callable[[str, dict[str, Any]], None]
+Listener = Callable[[str, dict[str, Any], int], None]  # name, data, time raised (ns since the epoch)
 
 
 class VirtualClock:
@@ -122,6 +123,7 @@ class Machine:
         self.fault: GuestFault | None = None
         self.clock = VirtualClock()
         self._listeners: list[Listener] = []
+        self._held: list[tuple[str, dict[str, Any], int]] | None = None
         self._cond = threading.Condition()
         self._want_run = False
         self._stop_req = False
@@ -261,11 +263,30 @@ class Machine:
             self._listeners.remove(cb)
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
+        now = time.time_ns()
+        if self._held is not None:
+            self._held.append((name, data or {}, now))
+            return
+        self._deliver(name, data or {}, now)
+
+    def _deliver(self, name: str, data: dict[str, Any], now: int) -> None:
         for cb in list(self._listeners):
             try:
-                cb(name, data or {})
+                cb(name, data, now)
             except Exception:  # a listener must never break the machine
                 pass
+
+    @contextlib.contextmanager
+    def held_events(self) -> Iterator[None]:
+        """Events raised inside are delivered when it ends, stamped with the time they were
+        raised: a downtime wakes no monitor thread (they would compete for the GIL)."""
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            for ev in held:
+                self._deliver(*ev)
 
     # -- the vCPU thread ---------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -401,13 +422,17 @@ class Machine:
         hs: list[SaveHandler] = [
             Handler("machine", 1, self._save_machine, self._load_machine),
             Handler("cpu", 1, lambda: pack_cpu_state(self.cpu.get_state()),
-                    lambda d, v: self.cpu.set_state(unpack_cpu_state(d))),
+                    lambda d, v: self.cpu.set_state(unpack_cpu_state(d)), capture_fn=self._capture_cpu),
             Handler("clock", 1, lambda: struct.pack(">Q", self.clock.now_ns()),
                     lambda d, v: self.clock.set(struct.unpack(">Q", d)[0])),
         ]
         for dev in self.bus.devices:
             hs.append(Handler(dev.name, dev.version, dev.save_state, dev.load_state))
         return hs
+
+    def _capture_cpu(self) -> Callable[[], bytes]:
+        regs = self.cpu.capture_state()
+        return lambda: pack_cpu_state(regs())
 
     def _save_machine(self) -> bytes:
         w = self.config.workload

@@ -304,6 +304,17 @@ class Qcow2Image:
             with self._lock:
                 self._defer -= 1
 
+    @contextlib.contextmanager
+    def drained(self) -> Iterator[None]:
+        """bdrv_drained_begin()/bdrv_drained_end(): no request from another thread gets in
+        until the section ends (they wait on the image's lock); the holder's own calls go on.
+
+        The copy-on-write engine enters it inside its downtime and freezes the disk after the
+        guest resumed: a guest request in between waits, so the disk stays at the stop instant.
+        """
+        with self._lock:
+            yield
+
     GROW_STEP = 256 << 20
 
     def _grow_file(self, end: int) -> None:

@@ -162,6 +162,8 @@ class Protector(Protocol):
 
     def wake(self, c: int) -> None: ...
 
+    def release_all(self) -> None: ...
+
     def disarm(self) -> None: ...
 
 
@@ -182,6 +184,9 @@ class UffdProtector:
 
     def wake(self, c: int) -> None:
         self.wp.uffd.wake(self.wp.ram.addr + c * CHUNK, CHUNK)
+
+    def release_all(self) -> None:
+        self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, False)
 
     def disarm(self) -> None:
         self.wp.handler = None
@@ -235,6 +240,9 @@ class TlbProtector:
     def wake(self, c: int) -> None:
         pass
 
+    def release_all(self) -> None:
+        pass  # disarm() turns the tracking off
+
     def disarm(self) -> None:
         self.ram.before_write = None
         self._disable()
@@ -276,6 +284,18 @@ class CowSave:
         self.max_buffers = max_buffers
         self.error: BaseException | None = None
         self._stop = threading.Event()
+
+    def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
+        """Where the state goes, once the disks are frozen (after the guest resumed)."""
+        self.out = _PendingStream(img, pending)
+        self.sections = sections
+
+    def abandon(self) -> None:
+        """An armed save that will not run: let every chunk go."""
+        with self.lock:
+            self.state[:] = SAVED
+            self.saved_cond.notify_all()
+        self.protector.release_all()
 
     # -- arming (inside the downtime) --------------------------------------------------------
     def arm(self) -> None:

@@ -23,8 +23,15 @@ import numpy as np
 
 from emulator.errors import SnaplabError
 from emulator.migration.cow import CHUNK, CowSave
-from emulator.migration.savevm import SnapshotController
-from emulator.migration.vmstate import PAGE, SequentialStream, load_sequential, nonzero_pages
+from emulator.migration.savevm import SnapshotController, short_downtime
+from emulator.migration.vmstate import (
+    PAGE,
+    SequentialStream,
+    capture_sections,
+    encode_sections,
+    load_sequential,
+    nonzero_pages,
+)
 from emulator.runstate import RunState
 
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
@@ -146,15 +153,17 @@ class Migration:
             if self.caps["background-snapshot"]:
                 protector, _ = ctl._protector(ctl.wp_backend)
                 saved = ctl.vm.state
-                ctl.vm.vm_stop(RunState.FINISH_MIGRATE)
-                stop_t = time.perf_counter()
-                try:
-                    sections = [(h, h.save()) for h in ctl.handlers()]
-                    saver = CowSave(protector, ctl.ram, None, None, ctl.machine_name, sections, sink=stream)
-                    saver.arm()
-                finally:
-                    resume_t = time.perf_counter()
-                    ctl.vm.vm_resume(saved if saved != RunState.FINISH_MIGRATE else RunState.RUNNING)
+                saver = CowSave(protector, ctl.ram, None, None, ctl.machine_name, [], sink=stream)
+                with short_downtime(ctl.vm):
+                    ctl.vm.vm_stop(RunState.FINISH_MIGRATE)
+                    stop_t = time.perf_counter()
+                    try:
+                        captured = capture_sections(ctl.handlers())
+                        saver.arm()
+                    finally:
+                        resume_t = time.perf_counter()
+                        ctl.vm.vm_resume(saved if saved != RunState.FINISH_MIGRATE else RunState.RUNNING)
+                saver.sections = encode_sections(captured)
                 self._set("active")
                 try:
                     saver.run()

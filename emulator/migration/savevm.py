@@ -13,10 +13,12 @@ run-state control, the save handlers, RAM), never the machine itself.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +48,8 @@ from emulator.migration.vmstate import (
     SaveHandler,
     apply_state,
     begin_sparse_stream,
+    capture_sections,
+    encode_sections,
     finish_sparse_stream,
     nonzero_pages,
     parse_state,
@@ -81,6 +85,31 @@ class VMOps(Protocol):
     def enable_write_tracking(self, perms_for: Callable[[int, bool], int]) -> None: ...
 
     def disable_write_tracking(self) -> None: ...
+
+    def held_events(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+@contextlib.contextmanager
+def short_downtime(vm: VMOps) -> Iterator[None]:
+    """Around a background engine's vm_stop ... vm_resume: the thread running it is not kept
+    waiting.  No garbage collection (a full pass can take milliseconds); the GIL changes hands
+    within 50 us instead of CPython's 5 ms, so a busy thread cannot hold it for long; and the
+    STOP/RESUME events raised inside are delivered after it (with the times they were raised),
+    so no monitor thread wakes up to compete.  The blocking engine does not use it: its STOP
+    must reach clients while it works."""
+    gc_on = gc.isenabled()
+    gc.disable()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5e-5)
+    try:
+        with vm.held_events():
+            try:
+                yield
+            finally:
+                sys.setswitchinterval(interval)
+    finally:
+        if gc_on:
+            gc.enable()
 
 
 @dataclass
@@ -249,13 +278,13 @@ class SnapshotController:
             _warm_code_paths()
         return self._wp
 
-    def _stop_for_save(self, images: list[Qcow2Image]) -> tuple[contextlib.ExitStack, float]:
-        """vm_stop(SAVE_VM) with every image's flushes deferred until the returned stack closes."""
-        stack = contextlib.ExitStack()
+    def _stop_for_save(self, images: list[Qcow2Image], stack: contextlib.ExitStack) -> float:
+        """vm_stop(SAVE_VM) with every image's flushes deferred until ``stack`` closes; returns
+        the time the guest stopped."""
         for im in images:
             stack.enter_context(im.deferred_flush())
         self.vm.vm_stop(RunState.SAVE_VM)
-        return stack, time.perf_counter()
+        return time.perf_counter()
 
     def _save_instant(self, name: str | None) -> tuple[str, int, int]:
         """The snapshot's name (QEMU's vm-%Y%m%d%H%M%S default), wall clock ns and vm clock ns."""
@@ -280,8 +309,8 @@ class SnapshotController:
             pre.iterate()
             images = [self._image(n) for n in nodes]
             saved_state = self.vm.state
-            stack, t_stop = self._stop_for_save(images)
-            with stack:
+            with contextlib.ExitStack() as stack, short_downtime(self.vm):
+                t_stop = self._stop_for_save(images, stack)
                 try:
                     name, now, vm_clock = self._save_instant(name)
                     pre.final()
@@ -333,6 +362,10 @@ class SnapshotController:
 
     def _save_cow(self, name: str | None, overwrite: bool, vmstate: str | None,
                   devices: list[str] | None, backend: str = "auto") -> SnapshotMetrics:
+        """The copy-on-write engine (cow.py). Inside the downtime: the instant, the CPU context
+        (one copy), the device sections, the disks drained, RAM write-protected; nothing else.
+        The disks are frozen (pending snapshots) right after the guest resumed, while still
+        drained, so no guest request lands between the stop and the freeze."""
         t0 = time.perf_counter()
         nodes, bs = self._checks(name, overwrite, vmstate, devices)
         populate_before = self.ram.populate_seconds
@@ -340,23 +373,33 @@ class SnapshotController:
         images = [self._image(n) for n in nodes]
         saved_state = self.vm.state
         pendings: dict[str, PendingSnapshot] = {}
-        stack, t_stop = self._stop_for_save(images)
+        saver = CowSave(protector, self.ram, None, None, self.machine_name, [])  # allocations outside the downtime
+        armed = False
         try:
-            name, now, vm_clock = self._save_instant(name)
-            for n in nodes:
-                pendings[n.node_name] = self._image(n).snapshot_prepare()
-            sections = [(h, h.save()) for h in self.handlers()]
-            saver = CowSave(protector, self.ram, self._image(bs), pendings[bs.node_name], self.machine_name, sections)
-            saver.arm()
+            with contextlib.ExitStack() as stack:  # flushes deferred, disks drained until frozen
+                with short_downtime(self.vm):
+                    t_stop = self._stop_for_save(images, stack)
+                    try:
+                        name, now, vm_clock = self._save_instant(name)
+                        captured = capture_sections(self.handlers())
+                        for im in images:
+                            stack.enter_context(im.drained())
+                        saver.arm()
+                        armed = True
+                    finally:
+                        t_resume = time.perf_counter()
+                        self.vm.vm_resume(saved_state)
+                for n in nodes:
+                    pendings[n.node_name] = self._image(n).snapshot_prepare()
+            saver.attach(self._image(bs), pendings[bs.node_name], encode_sections(captured))
         except BaseException:
+            if armed:
+                saver.abandon()
+            protector.disarm()
             for n in nodes:
                 if n.node_name in pendings:
                     self._image(n).snapshot_abort(pendings[n.node_name])
             raise
-        finally:
-            t_resume = time.perf_counter()
-            self.vm.vm_resume(saved_state)
-            stack.close()
         try:
             try:
                 size = saver.run()
@@ -394,8 +437,9 @@ class SnapshotController:
         nodes, bs = self._checks(name, overwrite, vmstate, devices)
         saved_state = self.vm.state
         images = [self._image(n) for n in nodes]
-        stack, t_stop = self._stop_for_save(images)
+        stack = contextlib.ExitStack()
         try:
+            t_stop = self._stop_for_save(images, stack)
             name, now, vm_clock = self._save_instant(name)
             img = self._image(bs)
             t_scan = time.perf_counter()
@@ -447,10 +491,14 @@ class SnapshotController:
                 # request fails without a STOP (QEMU's blocking load stops first).
                 prepared = self._prepare_load(name, vmstate, devices)
             t0 = time.perf_counter()
+            if engine == "lazy":
+                with short_downtime(self.vm):
+                    if stop_first:
+                        self.vm.vm_stop(RunState.RESTORE_VM)
+                    lazy, t_resume = self._load_lazy(name, prepared, orig)
+                return self._finish_lazy(lazy, prepared, t0, t_resume)
             if stop_first:
                 self.vm.vm_stop(RunState.RESTORE_VM)
-            if engine == "lazy":
-                return self._load_lazy(name, prepared, orig, t0)
             self._load(name, vmstate, devices)
             t1 = time.perf_counter()
             self.vm.vm_resume(orig)
@@ -487,13 +535,14 @@ class SnapshotController:
                 raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
 
     def _load_lazy(self, name: str, prepared: tuple[list[BlockNode], Qcow2Image, Any, _QcowStream, ParsedState],
-                   orig: RunState, t0: float) -> SnapshotMetrics:
+                   orig: RunState) -> tuple[LazyLoad, float]:
+        """The stopped part of a lazy load: disks reverted, devices loaded, RAM emptied and
+        armed for missing-page faults, guest resumed; returns the load and the resume time."""
         nodes, img, sn, stream, parsed = prepared
         wp = self.write_protector()
         cmap, base = img.snapshot_vmstate_map(sn.id_str)
-        images = [self._image(n) for n in nodes]
         with contextlib.ExitStack() as stack:
-            for im in images:
+            for im in (self._image(n) for n in nodes):
                 stack.enter_context(im.deferred_flush())
             self._goto_all(name, nodes)
         self.vm.reset_for_load()
@@ -508,8 +557,13 @@ class SnapshotController:
         lazy.arm()
         t_resume = time.perf_counter()
         self.vm.vm_resume(orig)
-        for im in images:  # the reverted disks' metadata becomes durable after the guest resumed
-            im.flush()
+        return lazy, t_resume
+
+    def _finish_lazy(self, lazy: LazyLoad, prepared: tuple[list[BlockNode], Qcow2Image, Any, _QcowStream, ParsedState],
+                     t0: float, t_resume: float) -> SnapshotMetrics:
+        """After the resume: the reverted disks' metadata made durable, every page filled."""
+        for n in prepared[0]:
+            self._image(n).flush()
         lazy.fill_all()
         st = lazy.stats
         m = SnapshotMetrics("lazy-load", t_resume - t0, time.perf_counter() - t0)

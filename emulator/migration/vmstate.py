@@ -72,19 +72,48 @@ class SaveHandler(Protocol):
 
 @dataclass
 class Handler:
-    """A SaveHandler built from two callables."""
+    """A SaveHandler built from two callables; optionally a third that captures the state now
+    and encodes it later (see :func:`capture_sections`)."""
 
     idstr: str
     version_id: int
     save_fn: Callable[[], bytes]
     load_fn: Callable[[bytes, int], None]
     instance_id: int = 0
+    capture_fn: Callable[[], Callable[[], bytes]] | None = None
 
     def save(self) -> bytes:
         return self.save_fn()
 
+    def capture(self) -> Callable[[], bytes]:
+        if self.capture_fn is not None:
+            return self.capture_fn()
+        return _ready(self.save_fn())
+
     def load(self, data: bytes, version_id: int) -> None:
         self.load_fn(data, version_id)
+
+
+Captured = list[tuple[SaveHandler, Callable[[], bytes]]]
+
+
+def capture_sections(handlers: list[SaveHandler]) -> Captured:
+    """Every section's state at this instant, with the encoding left for later where a handler
+    can split it (``capture()``): what the background engines run inside their downtime."""
+    out: Captured = []
+    for h in handlers:
+        cap: Callable[[], Callable[[], bytes]] | None = getattr(h, "capture", None)
+        out.append((h, cap() if cap is not None else _ready(h.save())))
+    return out
+
+
+def _ready(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
+def encode_sections(captured: Captured) -> list[tuple[SaveHandler, bytes]]:
+    """The captured sections as bytes (after the guest resumed)."""
+    return [(h, encode()) for h, encode in captured]
 
 
 class StreamWriter(Protocol):

@@ -52,7 +52,7 @@ class VMControl(Protocol):
 
     graph: BlockGraph
 
-    def add_listener(self, cb: Callable[[str, dict[str, Any]], None]) -> None: ...
+    def add_listener(self, cb: Callable[[str, dict[str, Any], int], None]) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -136,8 +136,8 @@ class Monitor:
             if cb in self._subs:
                 self._subs.remove(cb)
 
-    def broadcast(self, name: str, data: dict[str, Any] | None) -> None:
-        now = time.time_ns() // 1000
+    def broadcast(self, name: str, data: dict[str, Any] | None, ts_ns: int | None = None) -> None:
+        now = (time.time_ns() if ts_ns is None else ts_ns) // 1000
         with self._lock:
             subs = list(self._subs)
         for cb in subs:
@@ -146,9 +146,9 @@ class Monitor:
             except Exception:
                 log.exception("event subscriber failed")
 
-    def _on_vm_event(self, name: str, data: dict[str, Any]) -> None:
+    def _on_vm_event(self, name: str, data: dict[str, Any], ts_ns: int) -> None:
         ev = self.schema.events.get(name)
-        self.broadcast(name, data if (ev is not None and ev.data is not None) else None)
+        self.broadcast(name, data if (ev is not None and ev.data is not None) else None, ts_ns)
 
     # -- connections ----------------------------------------------------------------------------
     def version(self) -> dict[str, Any]:

@@ -121,7 +121,7 @@ def test_disk_workload_roundtrips_through_qcow2(tmp_path: Path, qemu_img) -> Non
 def test_stop_cont_latency_and_states() -> None:
     events: list[str] = []
     with Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("dirty", seed=1))) as m:
-        m.add_listener(lambda n, d: events.append(n))
+        m.add_listener(lambda n, d, ts: events.append(n))
         assert m.query_status() == {"status": "prelaunch", "singlestep": False, "running": False}
         m.start()
         assert m.query_status()["running"]
@@ -200,7 +200,7 @@ def _code(asm: str) -> bytes:
 def test_bad_guest_behaviour_is_reported_and_machine_stays_controllable(asm: str, state: str, cause: str) -> None:
     events: list[tuple[str, dict]] = []  # type: ignore[type-arg]
     with Machine(MachineConfig(ram_size=RAM)) as m:
-        m.add_listener(lambda n, d: events.append((n, d)))
+        m.add_listener(lambda n, d, ts: events.append((n, d)))
         m.ram.write(0x300000, _code(asm + "; hlt"))
         m.cpu.pc = 0x300000
         m.start()
