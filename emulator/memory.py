@@ -23,6 +23,7 @@ import numpy as np
 from emulator.errors import SnaplabError
 
 HUGE = 2 << 20
+GIB = 1 << 30
 PAGE = 4096
 PROT_READ, PROT_WRITE = 1, 2
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE = 0x02, 0x20, 0x4000
@@ -46,6 +47,19 @@ MAP_FAILED = ctypes.c_void_p(-1).value
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
+def _map_aligned(span: int, align: int, prot: int) -> int | None:
+    """An anonymous private mapping of ``span`` bytes at an ``align``-aligned address."""
+    raw = _libc.mmap(None, span + align, prot, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+    if raw in (None, MAP_FAILED):
+        return None
+    addr = (raw + align - 1) & ~(align - 1)
+    if addr > raw:
+        _libc.munmap(raw, addr - raw)
+    if raw + span + align > addr + span:
+        _libc.munmap(addr + span, raw + span + align - (addr + span))
+    return int(addr)
+
+
 class GuestMemoryError(SnaplabError):
     """A host-side access outside guest RAM."""
 
@@ -58,15 +72,12 @@ class GuestRAM:
             raise SnaplabError(f"RAM size {size} must be a multiple of 4 KiB between 16 MiB and 64 GiB")
         self.size = size
         span = -(-size // HUGE) * HUGE
-        raw = _libc.mmap(None, span + HUGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if raw in (None, ctypes.c_void_p(-1).value):
+        # 1 GiB-aligned from 1 GiB on: a mapping move (discard_later) then carries whole
+        # page-directory (PUD) entries, ~20 us per GiB instead of ~0.3 ms.
+        self.align = GIB if span >= GIB else HUGE
+        addr = _map_aligned(span, self.align, PROT_READ | PROT_WRITE)
+        if addr is None:
             raise SnaplabError(f"cannot map {size} bytes of guest RAM: {ctypes.get_errno()}")
-        addr = (raw + HUGE - 1) & ~(HUGE - 1)
-        if addr > raw:
-            _libc.munmap(raw, addr - raw)
-        tail = raw + span + HUGE - (addr + span)
-        if tail:
-            _libc.munmap(addr + span, tail)
         self.addr: int = addr
         self.span = span
         self.hugepages = hugepages and _libc.madvise(addr, span, MADV_HUGEPAGE) == 0
@@ -148,23 +159,29 @@ class GuestRAM:
         """Give every page back to the kernel: RAM reads as zeros again (MADV_DONTNEED)."""
         _libc.madvise(self.addr, self.span, MADV_DONTNEED)
 
-    def discard_later(self) -> Callable[[], None] | None:
+    def reserve_aside(self) -> int | None:
+        """Address space for :meth:`discard_later` to move the populated pages to (PROT_NONE,
+        nothing committed); taken before a downtime, so the downtime does not pay for it."""
+        return _map_aligned(self.span, self.align, PROT_NONE)
+
+    def release_aside(self, aside: int) -> None:
+        _libc.munmap(aside, self.span)
+
+    def discard_later(self, aside: int | None = None) -> Callable[[], None] | None:
         """Empty RAM now, free the old pages later: the populated mapping is moved aside with
-        one ``mremap`` (page tables move whole, 2 MiB at a time) and a fresh empty mapping takes
-        its place at the same address. Returns the function that unmaps the old pages (run it
-        in any thread, after the guest resumed), or None when the kernel would not do it, in which
-        case nothing changed and the caller discards in place. Any userfaultfd registration
-        is dropped with the old mapping: the caller registers the new one.
+        one ``mremap`` (page tables move whole: PUD entries when 1 GiB-aligned, else PMDs) and
+        a fresh empty mapping takes its place at the same address.  ``aside`` is a reservation
+        from :meth:`reserve_aside` (else one is made here).  Returns the function that unmaps
+        the old pages (run it in any thread, after the guest resumed), or None when the kernel
+        would not do it, in which case nothing changed and the caller discards in place.  Any
+        userfaultfd registration is dropped with the old mapping: the caller registers the
+        new one.
         """
         span = self.span
-        raw = _libc.mmap(None, span + HUGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if raw in (None, MAP_FAILED):
-            return None
-        aside = (raw + HUGE - 1) & ~(HUGE - 1)  # 2 MiB-aligned, or the move would split huge pages
-        if aside > raw:
-            _libc.munmap(raw, aside - raw)
-        if raw + span + HUGE > aside + span:
-            _libc.munmap(aside + span, raw + span + HUGE - (aside + span))
+        if aside is None:
+            aside = self.reserve_aside()
+            if aside is None:
+                return None
         moved = _libc.mremap(self.addr, span, span, MREMAP_MAYMOVE | MREMAP_FIXED, aside)
         if moved != aside:
             _libc.munmap(aside, span)

@@ -47,6 +47,7 @@ from emulator.uffd import (
     Fault,
     UserFaultFD,
 )
+from emulator.workers import spawn
 
 CHUNK = 2 << 20
 PROT_RX = 1 | 4  # UC_PROT_READ | UC_PROT_EXEC (unicorn's values; cpu.py owns the constants)
@@ -90,6 +91,11 @@ class WriteProtector:
             ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime
         self.uffd.register(ram.addr, ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
         self.handler: Callable[[Fault], None] | None = None
+        # Two chunk buffers for lazy restore (fault service, filler), allocated and touched
+        # here: fresh memory is paid for on first touch, never inside a load.
+        self.chunk_buffers = [(ctypes.c_char * CHUNK)() for _ in range(2)]
+        for b in self.chunk_buffers:
+            ctypes.memset(b, 1, CHUNK)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="uffd-faults", daemon=True)
         self._thread.start()
@@ -117,18 +123,19 @@ class WriteProtector:
     def resume(self) -> None:
         self.uffd.register(self.ram.addr, self.ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
 
-    def discard_ram(self) -> None:
+    def discard_ram(self, aside: int | None = None) -> None:
         """With the guest stopped: make RAM empty (every page missing) as fast as possible.
 
         The populated mapping is swapped for an empty one and freed by a short-lived thread
-        (:meth:`GuestRAM.discard_later`); where that is refused, ``MADV_DONTNEED`` in place.
+        (:meth:`GuestRAM.discard_later`, into ``aside`` if reserved); where that is refused,
+        ``MADV_DONTNEED`` in place.
         """
-        free_old = self.ram.discard_later()
+        free_old = self.ram.discard_later(aside)
         if free_old is None:
             self.ram.discard()
             return
         self.resume()  # register the new mapping with this userfaultfd
-        threading.Thread(target=free_old, name="ram-free", daemon=True).start()
+        spawn(free_old)
 
     def chunk_of(self, addr: int) -> int:
         return (addr - self.ram.addr) // CHUNK
@@ -428,12 +435,10 @@ class CowSave:
         else:
             assert self.out is not None
             self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size)
-        bg = threading.Thread(target=self.background, name="cow-saver", daemon=True)
-        wr = threading.Thread(target=self.writer, name="cow-writer", daemon=True)
-        wr.start()
-        bg.start()
-        bg.join()
-        wr.join()
+        wr = spawn(self.writer)
+        bg = spawn(self.background)
+        bg.wait()
+        wr.wait()
         self._stop.set()
         if self.error is not None:
             raise self.error

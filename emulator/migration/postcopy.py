@@ -63,7 +63,8 @@ class LazyLoad:
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()
         self.error: BaseException | None = None
-        self._buf = (ctypes.c_char * CHUNK)()
+        self._buf, self._fill_buf = wp.chunk_buffers
+        self._aside: int | None = None
 
     def _fill(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> bool:
         with self.lock:
@@ -98,7 +99,7 @@ class LazyLoad:
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
-        nz = self.layout.nonzero[first:first + n]
+        nz = self.layout.nonzero_range(first, n)
         pos = self.layout.page_offsets(first, n) + self.stream_base
         clusters = pos // self.cluster_size - self.stream_base // self.cluster_size
         host = self.cluster_map[np.clip(clusters, 0, len(self.cluster_map) - 1)]
@@ -120,15 +121,26 @@ class LazyLoad:
             self.uffd.wake(f.address & ~(PAGE - 1), PAGE)
         self.stats.handler_s.append(time.perf_counter() - t0)
 
+    def reserve(self) -> None:
+        """Before the stop: the address space the populated RAM will be moved to."""
+        self._aside = self.ram.reserve_aside()
+
+    def release(self) -> None:
+        """A reservation that was not used (the load failed before arming)."""
+        if self._aside is not None:
+            self.ram.release_aside(self._aside)
+            self._aside = None
+
     def arm(self) -> None:
         """With the guest stopped: empty RAM and route missing-page faults here."""
         self.wp.handler = self.on_fault
-        self.wp.discard_ram()
+        aside, self._aside = self._aside, None
+        self.wp.discard_ram(aside)
 
     def fill_all(self) -> None:
         """The background filler; returns when every chunk is in guest RAM."""
         t0 = time.perf_counter()
-        buf = (ctypes.c_char * CHUNK)()
+        buf = self._fill_buf
         try:
             for c in range(self.nchunks):
                 if self._fill(c, buf):

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from emulator import workers
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
@@ -276,6 +277,7 @@ class SnapshotController:
         if self._wp is None:
             self._wp = WriteProtector(self.ram)
             _warm_code_paths()
+            workers.prestart(4)  # jobs, savers and page freeing start on warm threads
         return self._wp
 
     def _stop_for_save(self, images: list[Qcow2Image], stack: contextlib.ExitStack) -> float:
@@ -486,17 +488,8 @@ class SnapshotController:
         try:
             orig = self.vm.state
             if engine == "lazy":
-                self.write_protector()  # set up (populate, register) before the guest stops
-                # Our engine checks and parses everything before stopping the guest: a bad
-                # request fails without a STOP (QEMU's blocking load stops first).
-                prepared = self._prepare_load(name, vmstate, devices)
+                return self._load_lazy(name, vmstate, devices, orig, stop_first)
             t0 = time.perf_counter()
-            if engine == "lazy":
-                with short_downtime(self.vm):
-                    if stop_first:
-                        self.vm.vm_stop(RunState.RESTORE_VM)
-                    lazy, t_resume = self._load_lazy(name, prepared, orig)
-                return self._finish_lazy(lazy, prepared, t0, t_resume)
             if stop_first:
                 self.vm.vm_stop(RunState.RESTORE_VM)
             self._load(name, vmstate, devices)
@@ -534,35 +527,42 @@ class SnapshotController:
             except SnaplabError as err:
                 raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
 
-    def _load_lazy(self, name: str, prepared: tuple[list[BlockNode], Qcow2Image, Any, _QcowStream, ParsedState],
-                   orig: RunState) -> tuple[LazyLoad, float]:
-        """The stopped part of a lazy load: disks reverted, devices loaded, RAM emptied and
-        armed for missing-page faults, guest resumed; returns the load and the resume time."""
-        nodes, img, sn, stream, parsed = prepared
-        wp = self.write_protector()
-        cmap, base = img.snapshot_vmstate_map(sn.id_str)
-        with contextlib.ExitStack() as stack:
-            for im in (self._image(n) for n in nodes):
-                stack.enter_context(im.deferred_flush())
-            self._goto_all(name, nodes)
-        self.vm.reset_for_load()
-        layouts: list[RamLayout] = []
-        apply_state(parsed, layouts.append)
-        (layout,) = layouts
-        if layout.ram_size != self.ram.size:
-            raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
-                              "Invalid argument")
-        self.vm.set_vclock_ns(sn.vm_clock_nsec)
-        lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
-        lazy.arm()
-        t_resume = time.perf_counter()
-        self.vm.vm_resume(orig)
-        return lazy, t_resume
-
-    def _finish_lazy(self, lazy: LazyLoad, prepared: tuple[list[BlockNode], Qcow2Image, Any, _QcowStream, ParsedState],
-                     t0: float, t_resume: float) -> SnapshotMetrics:
-        """After the resume: the reverted disks' metadata made durable, every page filled."""
-        for n in prepared[0]:
+    def _load_lazy(self, name: str, vmstate: str | None, devices: list[str] | None, orig: RunState,
+                   stop_first: bool) -> SnapshotMetrics:
+        """The lazy load (postcopy.py).  Everything that can be is done before the stop: the
+        checks and the parse (a bad request fails without a STOP; QEMU's blocking load stops
+        first), the VM-state cluster map, the address space RAM is moved to.  Stopped: disks
+        reverted, devices loaded, RAM emptied and armed for missing-page faults.  Then the
+        guest resumes and the pages follow."""
+        wp = self.write_protector()  # set up once (populate, register), never in a downtime
+        with short_downtime(self.vm):
+            nodes, img, sn, _, parsed = self._prepare_load(name, vmstate, devices)
+            layout = parsed.layout
+            if layout is None:
+                raise LoadVMError("the stream has no RAM section")
+            if layout.ram_size != self.ram.size:
+                raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
+                                  "Invalid argument")
+            cmap, base = img.snapshot_vmstate_map(sn.id_str)
+            lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
+            lazy.reserve()
+            t0 = time.perf_counter()
+            try:
+                if stop_first:
+                    self.vm.vm_stop(RunState.RESTORE_VM)
+                with contextlib.ExitStack() as stack:
+                    for im in (self._image(n) for n in nodes):
+                        stack.enter_context(im.deferred_flush())
+                    self._goto_all(name, nodes)
+                self.vm.reset_for_load()
+                apply_state(parsed, None)
+                self.vm.set_vclock_ns(sn.vm_clock_nsec)
+                lazy.arm()
+            finally:
+                lazy.release()
+            t_resume = time.perf_counter()
+            self.vm.vm_resume(orig)
+        for n in nodes:  # the reverted disks' metadata becomes durable after the guest resumed
             self._image(n).flush()
         lazy.fill_all()
         st = lazy.stats

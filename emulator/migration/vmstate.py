@@ -243,28 +243,53 @@ class _Cursor:
 
 @dataclass
 class RamLayout:
-    """Where each page of a RAM section is in the stream (computed on demand, per range)."""
+    """Where each page of a RAM section is in the stream, from the section's zero-page bitmap.
+
+    The bitmap stays packed (1 bit per page, as stored): parsing costs O(bitmap bytes), and the
+    per-page views are unpacked on demand, per range (a lazy restore asks for 2 MiB at a time).
+    """
 
     ram_size: int
     pages: int
     data_offset: int
-    nonzero: np.ndarray  # bool per page
+    bits: np.ndarray  # packed, little-endian bit order: bit i set = page i is stored
     sparse: bool = False  # page i at data offset + 4096 i
     _block_prefix: np.ndarray | None = None
+    _nonzero: np.ndarray | None = None
 
-    BLOCK = 512  # pages per prefix-sum block (2 MiB)
+    BLOCK = 512  # pages per prefix-sum block (2 MiB, 64 bitmap bytes)
+
+    @property
+    def nonzero(self) -> np.ndarray:
+        """Bool per page (unpacked once, on first use)."""
+        if self._nonzero is None:
+            self._nonzero = self.nonzero_range(0, self.pages)
+        return self._nonzero
+
+    def nonzero_range(self, first: int, n: int) -> np.ndarray:
+        """Bool per page for pages [first, first+n)."""
+        n = max(0, min(n, self.pages - first))
+        lo = first // 8
+        out = np.unpackbits(self.bits[lo:(first + n + 7) // 8], bitorder="little")
+        return out[first - lo * 8:first - lo * 8 + n].view(bool)
 
     def page_offsets(self, first: int, n: int) -> np.ndarray:
         """Stream offsets of pages [first, first+n) (meaningful for non-zero pages only)."""
         if self.sparse:
             return self.data_offset + (first + np.arange(n, dtype=np.int64)) * PAGE
         if self._block_prefix is None:
-            pad = -self.pages % self.BLOCK
-            counts = np.concatenate((self.nonzero, np.zeros(pad, dtype=bool))).reshape(-1, self.BLOCK).sum(axis=1)
+            per = self.BLOCK // 8
+            packed = np.zeros(-(-self.pages // self.BLOCK) * per, dtype=np.uint8)
+            packed[:len(self.bits)] = self.bits[:len(packed)]
+            tail = self.pages % 8
+            if tail:  # bits past the last page do not count
+                packed[self.pages // 8] &= (1 << tail) - 1
+            packed[(self.pages + 7) // 8:] = 0
+            counts = np.bitwise_count(packed).reshape(-1, per).sum(axis=1, dtype=np.int64)
             self._block_prefix = np.concatenate(([0], np.cumsum(counts)))
         b0 = first // self.BLOCK
-        before = int(self._block_prefix[b0]) + int(self.nonzero[b0 * self.BLOCK:first].sum())
-        local = np.cumsum(self.nonzero[first:first + n], dtype=np.int64) - 1
+        before = int(self._block_prefix[b0]) + int(self.nonzero_range(b0 * self.BLOCK, first - b0 * self.BLOCK).sum())
+        local = np.cumsum(self.nonzero_range(first, n), dtype=np.int64) - 1
         return self.data_offset + (before + local) * PAGE
 
     @property
@@ -372,11 +397,13 @@ def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
     bitmap_bytes = (pages + 7) // 8
     if blen != (bitmap_bytes + 7) // 8 * 8:
         raise LoadVMError("bad RAM bitmap length")
-    bits = np.unpackbits(np.frombuffer(cur.take(blen), dtype=np.uint8), bitorder="little")[:pages].astype(bool)
+    bits = np.frombuffer(cur.take(blen), dtype=np.uint8)[:bitmap_bytes]
     if cur.u8() != QEMU_VM_SECTION_PART or cur.u32() != sid:
         raise LoadVMError("bad RAM data part")
     dlen = cur.u64()
-    count = int(bits.sum())
+    count = int(np.bitwise_count(bits).sum(dtype=np.int64))
+    if pages % 8:
+        count -= int(np.bitwise_count(bits[-1] >> (pages % 8)))  # bits past the last page
     stored = pages if _flags & RAM_FLAG_SPARSE else count
     if data_offset < cur.pos or cur.pos + dlen != data_offset + stored * PAGE:
         raise LoadVMError("RAM data length does not match the bitmap")

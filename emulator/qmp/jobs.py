@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any
 
 from emulator.errors import SnaplabError
+from emulator.workers import spawn
 
 
 class JobStatus(Enum):
@@ -120,7 +121,7 @@ class JobManager:
             job = Job(job_id, job_type, work)
             self._jobs[job_id] = job
         self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": JobStatus.CREATED.value})
-        threading.Thread(target=self._run, args=(job,), name=f"job-{job_id}", daemon=True).start()
+        spawn(self._run, job)
         return job
 
     def _run(self, job: Job) -> None:

@@ -92,3 +92,26 @@ def test_bad_streams_fail_cleanly(mutate, text: str) -> None:  # type: ignore[no
         load_state(buf, min(st.size, len(buf.data)), "m", [h], lambda lay: applied.append(b"ram"))
     assert "while loading VM state" in str(e.value)
     assert applied == []  # nothing was applied
+
+
+@pytest.mark.parametrize("pages", [1, 7, 8, 511, 512, 513, 1000, 4099])
+def test_packed_layout_ranges_match_the_unpacked_bitmap(pages: int) -> None:
+    """RamLayout keeps the bitmap packed; every range view and stream offset must equal what
+    the fully unpacked bitmap gives, including bits past the last page set (garbage)."""
+    rng = np.random.default_rng(pages)
+    nz = rng.random(pages) < 0.4
+    packed = np.packbits(nz, bitorder="little")
+    if pages % 8:
+        packed[-1] |= 0xFF << (pages % 8) & 0xFF  # junk past the end must be ignored
+    lay = RamLayout(pages * PAGE, pages, 1 << 20, packed)
+    assert lay.nonzero.tolist() == nz.tolist()
+    want = (1 << 20) + (np.cumsum(nz) - 1) * PAGE
+    got = lay.page_offsets(0, pages)
+    assert got[nz].tolist() == want[nz].tolist()
+    for first in sorted({0, 1, 5, 8, 300, 511, 512, 700, pages - 1} & set(range(pages))):
+        for n in (1, 9, 512, pages):
+            n = min(n, pages - first)
+            assert lay.nonzero_range(first, n).tolist() == nz[first:first + n].tolist(), (first, n)
+            sub = lay.page_offsets(first, n)
+            m = nz[first:first + n]
+            assert sub[m].tolist() == want[first:first + n][m].tolist(), (first, n)
