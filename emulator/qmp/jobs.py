@@ -121,6 +121,7 @@ class JobManager:
             job = Job(job_id, job_type, work)
             self._jobs[job_id] = job
         self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": JobStatus.CREATED.value})
+        self._transition(job, JobStatus.RUNNING)  # job_start(): running before the command returns
         spawn(self._run, job)
         return job
 
@@ -128,7 +129,6 @@ class JobManager:
         try:
             if job.cancelled:
                 raise JobCancelled("Operation canceled")
-            self._transition(job, JobStatus.RUNNING)
             job.total_progress = 1
             job.work(job)
             job.current_progress = 1
