@@ -194,8 +194,7 @@ class X86CPU:
         return decode
 
     def set_state(self, regs: dict[str, int]) -> None:
-        for name, rid, _ in REGISTERS:
-            self.uc.reg_write(rid, regs[name])
+        self.uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
         self.uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
         for name in ("GDTR", "IDTR"):
             self.uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"),

@@ -51,6 +51,7 @@ from emulator.block.io import BlockFile, MemoryFile, OsFile, as_block_file
 from emulator.block.refcount import Refcounts, RefcountTxn, size_to_clusters
 from emulator.block.snapshot import QCowSnapshot
 from emulator.errors import (
+    BlockIOError,
     ImageCorruptError,
     ImageFormatError,
     OutOfRangeError,
@@ -91,6 +92,9 @@ class Qcow2Image:
         self.strict_barriers = strict_barriers
         self.messages: list[str] = []
         self._lock = threading.RLock()
+        # Set when the guest's view could not be made consistent (a revert failed half-way):
+        # guest requests then fail with an I/O error until a snapshot_goto succeeds.
+        self.io_error: str | None = None
         self.l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.l2_cache_max = 4096
         self._meta: np.ndarray | None = None
@@ -413,9 +417,14 @@ class Qcow2Image:
             raise OutOfRangeError(f"Request at offset {offset} of {length} bytes is outside the disk ({lim} bytes)")
 
     # -- guest I/O ------------------------------------------------------------------
+    def _check_io(self) -> None:
+        if self.io_error is not None:
+            raise BlockIOError(f"Input/output error: {self.io_error}")
+
     @_locked
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         mv = memoryview(buf).cast("B")
+        self._check_io()
         self._check_range(offset, mv.nbytes)
         cluster.read_through(self, self.l1_table, offset, mv)
 
@@ -428,6 +437,7 @@ class Qcow2Image:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         mv = memoryview(data).cast("B")
         self._check_rw()
+        self._check_io()
         self._check_range(offset, mv.nbytes)
         if mv.nbytes:
             cluster.write_clusters(self, offset, mv)
@@ -548,7 +558,16 @@ class Qcow2Image:
     @_locked
     def snapshot_goto(self, id_or_name: str) -> QCowSnapshot:
         self._check_rw()
-        return snapshot.snapshot_goto(self, self.find_snapshot(id_or_name))
+        sn = snapshot.snapshot_goto(self, self.find_snapshot(id_or_name))
+        self.io_error = None  # the guest's view is a consistent one again
+        return sn
+
+    @_locked
+    def snapshot_goto_check(self, id_or_name: str) -> None:
+        """What snapshot_goto would refuse, found without changing anything: the disk size,
+        the snapshot's L1 table and every L2 table it points to (all read and checked)."""
+        self._check_rw()
+        snapshot.snapshot_goto_check(self, self.find_snapshot(id_or_name))
 
     @_locked
     def snapshot_delete(self, id_str: str | None = None, name: str | None = None) -> QCowSnapshot:

@@ -12,6 +12,7 @@ run-state control, the save handlers, RAM), never the machine itself.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -160,6 +161,8 @@ class SnapshotController:
         self.busy_with = ""
         self.last: SnapshotMetrics | None = None
         self._wp: WriteProtector | None = None
+        self._parsed: collections.OrderedDict[tuple[Any, ...], tuple[Qcow2Image, ParsedState]] = \
+            collections.OrderedDict()
         # "auto": userfaultfd, else the Unicorn TLB fallback; or force one ("userfaultfd", "unicorn-tlb").
         self.wp_backend = os.environ.get("SNAPLAB_WP_BACKEND", "auto")
 
@@ -343,6 +346,7 @@ class SnapshotController:
         m.extra.update({"iterations": len(st.rounds), "bytes_per_round": st.rounds,
                         "bytes_written": sum(st.rounds), "dirty_final_bytes": st.dirty_final,
                         "scan_s": st.scan_s})
+        self._remember(bs, name)
         self.last = m
         return m
 
@@ -430,6 +434,7 @@ class SnapshotController:
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * (2 << 20),
             "fault_latency_s": lat.tolist(), "populate_s": self.ram.populate_seconds if populate_before is None else 0.0,
         })
+        self._remember(bs, name)
         self.last = m
         return m
 
@@ -472,6 +477,7 @@ class SnapshotController:
                             self.ram.size // PAGE - st.nonzero)
         m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": t_write - t_scan,
                         "write_s": t_commit - t_write, "commit_s": t_resume - t_commit})
+        self._remember(bs, name)
         self.last = m
         return m
 
@@ -517,13 +523,43 @@ class SnapshotController:
             raise SnaplabError("This is a disk-only snapshot. Revert to it  offline using qemu-img")
         stream = _QcowStream(img, sn.id_str)
         # Check the whole stream against this machine before anything changes.
-        parsed = parse_state(stream, sn.vm_state_size, self.machine_name, self.handlers())
+        parsed = self._parsed_state(img, sn)
         return nodes, img, sn, stream, parsed
 
-    def _goto_all(self, name: str, nodes: list[BlockNode]) -> None:
+    def _parsed_state(self, img: Qcow2Image, sn: Any) -> ParsedState:
+        """parse_state() of a snapshot's VM state, remembered per snapshot.  A snapshot's VM
+        state cannot change while it exists (its clusters are only ever read), so it is read
+        and checked once: right after the save that wrote it, or at its first load."""
+        key = (sn.id_str, sn.l1_table_offset, sn.vm_state_size, sn.date_sec, sn.date_nsec)
+        handlers = self.handlers()
+        hit = self._parsed.get(key)
+        if hit is not None and hit[0] is img:
+            self._parsed.move_to_end(key)
+            return hit[1].rebind(handlers)
+        parsed = parse_state(_QcowStream(img, sn.id_str), sn.vm_state_size, self.machine_name, handlers)
+        self._parsed[key] = (img, parsed)
+        while len(self._parsed) > 8:
+            self._parsed.popitem(last=False)
+        return parsed
+
+    def _remember(self, bs: BlockNode, name: str) -> None:
+        """After a save, with the guest running: read the new snapshot's VM state once, so a
+        load of it starts from a checked, parsed state (a failure here only means no head start)."""
+        img = self._image(bs)
+        sn = next((s for s in img.snapshot_list() if s.name == name), None)
+        if sn is not None and sn.vm_state_size:
+            try:
+                self._parsed_state(img, sn)
+            except SnaplabError:
+                pass
+
+    def _goto_all(self, name: str, nodes: list[BlockNode], *, check_only: bool = False) -> None:
         for n in nodes:
             try:
-                self._image(n).snapshot_goto(name)
+                if check_only:
+                    self._image(n).snapshot_goto_check(name)
+                else:
+                    self._image(n).snapshot_goto(name)
             except SnaplabError as err:
                 raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
 
@@ -531,10 +567,13 @@ class SnapshotController:
                    stop_first: bool) -> SnapshotMetrics:
         """The lazy load (postcopy.py).  Everything that can be is done before the stop: the
         checks and the parse (a bad request fails without a STOP; QEMU's blocking load stops
-        first), the VM-state cluster map, the address space RAM is moved to.  Stopped: disks
-        reverted, devices loaded, RAM emptied and armed for missing-page faults.  Then the
-        guest resumes and the pages follow."""
+        first), the disks' revert checked, the VM-state cluster map, the address space RAM is
+        moved to.  Stopped: devices loaded, disks drained, RAM emptied and armed for
+        missing-page faults.  Resumed: the disks are reverted while still drained (a guest
+        disk request waits for it, so the guest never sees the old disks), and the pages follow.
+        """
         wp = self.write_protector()  # set up once (populate, register), never in a downtime
+        drained = contextlib.ExitStack()
         with short_downtime(self.vm):
             nodes, img, sn, _, parsed = self._prepare_load(name, vmstate, devices)
             layout = parsed.layout
@@ -543,6 +582,8 @@ class SnapshotController:
             if layout.ram_size != self.ram.size:
                 raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
                                   "Invalid argument")
+            images = [self._image(n) for n in nodes]
+            self._goto_all(name, nodes, check_only=True)
             cmap, base = img.snapshot_vmstate_map(sn.id_str)
             lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
             lazy.reserve()
@@ -550,20 +591,38 @@ class SnapshotController:
             try:
                 if stop_first:
                     self.vm.vm_stop(RunState.RESTORE_VM)
-                with contextlib.ExitStack() as stack:
-                    for im in (self._image(n) for n in nodes):
-                        stack.enter_context(im.deferred_flush())
-                    self._goto_all(name, nodes)
+                for im in images:
+                    drained.enter_context(im.drained())
                 self.vm.reset_for_load()
                 apply_state(parsed, None)
                 self.vm.set_vclock_ns(sn.vm_clock_nsec)
                 lazy.arm()
+            except BaseException:
+                drained.close()
+                raise
             finally:
                 lazy.release()
             t_resume = time.perf_counter()
             self.vm.vm_resume(orig)
-        for n in nodes:  # the reverted disks' metadata becomes durable after the guest resumed
-            self._image(n).flush()
+        failed: BaseException | None = None
+        with drained:
+            try:
+                with contextlib.ExitStack() as stack:
+                    for im in images:
+                        stack.enter_context(im.deferred_flush())
+                    self._goto_all(name, nodes)
+            except BaseException as err:
+                # The guest runs the snapshot's CPU and RAM; its disks are not all the
+                # snapshot's.  Nothing may read them: requests fail until a load succeeds.
+                for im in images:
+                    im.io_error = f"snapshot '{name}' was not loaded: {err}"
+                failed = err
+        if failed is not None:
+            self.vm.vm_stop(RunState.RESTORE_VM)  # as a failed QEMU load leaves it
+            lazy.fill_all()
+            raise failed
+        for im in images:  # the reverted disks' metadata becomes durable after the guest resumed
+            im.flush()
         lazy.fill_all()
         st = lazy.stats
         m = SnapshotMetrics("lazy-load", t_resume - t0, time.perf_counter() - t0)

@@ -304,6 +304,17 @@ class ParsedState:
     pending: list[tuple[SaveHandler, bytes, int]]
     layout: RamLayout | None
 
+    def rebind(self, handlers: list[SaveHandler]) -> ParsedState:
+        """The same state for another set of handler objects of the same machine."""
+        by_id = {(h.idstr, h.instance_id): h for h in handlers}
+        try:
+            pending = [(by_id[(h.idstr, h.instance_id)], p, v) for h, p, v in self.pending]
+        except KeyError as err:
+            raise LoadVMError(f"Unknown savevm section or instance '{err.args[0][0]}' {err.args[0][1]}") from err
+        if len(pending) + (self.layout is not None) != len(by_id) + (self.layout is not None):
+            raise LoadVMError("the stream's sections do not match this machine's devices")
+        return ParsedState(pending, self.layout)
+
 
 def _section_handler(by_id: dict[tuple[str, int], SaveHandler], idstr: str, instance: int,
                      version: int) -> SaveHandler:

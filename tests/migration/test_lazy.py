@@ -12,6 +12,7 @@ import pytest
 
 from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
+from emulator.errors import BlockIOError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.uffd import UffdUnavailable, UserFaultFD
@@ -81,6 +82,47 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
         it = m.lab.last.iterations
         time.sleep(0.1)
         assert m.lab.last.iterations > it and m.lab.last.errors == 0  # disk verify passes too
+    finally:
+        m.close()
+        g.close()
+
+
+def test_disk_revert_failing_after_resume_stops_the_guest_and_fences_the_disk(tmp_path: Path) -> None:
+    """The lazy load reverts the disks after the guest resumed (drained, so no request gets in
+    before).  If that revert fails, the guest must never touch the half-reverted disk: the VM
+    stops as a failed load leaves it, the job reports the error, guest requests fail with an
+    I/O error, and the next successful load clears it."""
+    spec = WorkloadSpec("mixed", seed=9, working_set=32 << 20, pattern="random")
+    m, g = vm(tmp_path, spec)
+    try:
+        m.start()
+        time.sleep(0.2)
+        q = m.qmp()
+        q.execute("snapshot-save", {"job-id": "s", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]})
+        assert "error" not in q.wait_job("s")
+        img = m.disk_nodes[0].format_image
+        real_goto = img.snapshot_goto
+
+        def broken(name: str) -> object:
+            raise BlockIOError("injected write failure")
+
+        img.snapshot_goto = broken  # type: ignore[method-assign]
+        q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "lazy"})
+        info = q.wait_job("l", 60)
+        assert "injected write failure" in info["error"]
+        assert q.execute("query-status")["status"] == "restore-vm"
+        with pytest.raises(BlockIOError, match="was not loaded"):
+            img.read(0, 512)
+        img.snapshot_goto = real_goto  # type: ignore[method-assign]
+        q.execute("snapshot-load", {"job-id": "l2", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]})
+        assert "error" not in q.wait_job("l2", 60)
+        assert img.io_error is None
+        assert q.execute("query-status")["status"] == "restore-vm"  # QEMU: a load keeps a stopped VM stopped
+        q.execute("cont")
+        it = m.lab.last.iterations
+        time.sleep(0.2)
+        assert m.lab.last.iterations > it and m.lab.last.errors == 0
     finally:
         m.close()
         g.close()
