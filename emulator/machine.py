@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -492,13 +493,24 @@ class Machine:
             self._thread.join(timeout=5)
 
     def close(self) -> None:
+        """Quit, let a running snapshot or migration end (a migration is cancelled), flush the
+        images, unmap guest RAM.  RAM is unmapped only when no thread can touch it any more:
+        if the vCPU or a snapshot operation is still running after the grace time, it is left
+        mapped (and reported on stderr) rather than pulled from under them."""
         if self.state != RunState.SHUTDOWN:
             self.quit()
+        self.migration.cancel()
+        idle = self.snapshots.shutdown(timeout=60)
         for node in self.graph.format_nodes():
             img = node.image
             if img is not None and not img.read_only:
                 img.flush()
-        self.ram.close()
+        vcpu_alive = self._thread is not None and self._thread.is_alive()
+        if idle and not vcpu_alive:
+            self.ram.close()
+        else:
+            print(f"snaplab: guest RAM left mapped at close ({'vCPU' if vcpu_alive else 'a snapshot operation'} "
+                  "still running)", file=sys.stderr)
 
     def query_status(self) -> dict[str, Any]:
         """query-status in QEMU 7.2's shape."""

@@ -9,6 +9,7 @@ daemons: a process never waits for them at exit.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -67,12 +68,21 @@ class Pool:
             except BaseException:  # noqa: BLE001 - the callee reports its own errors
                 pass
             finally:
-                task.done.set()
                 with self._lock:
-                    self._idle += 1
+                    self._idle += 1  # idle before the caller hears it is done: its next task reuses us
+                task.done.set()
 
 
 _POOL = Pool("snaplab-worker")
+
+
+def _after_fork_in_child() -> None:
+    """A forked child has none of the parent's threads: start from an empty pool."""
+    global _POOL
+    _POOL = Pool("snaplab-worker")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def spawn(fn: Callable[..., Any], *args: Any) -> threading.Event:

@@ -158,10 +158,11 @@ class SnapshotController:
         self.ram = ram
         self.machine_name = machine_name
         self._busy = threading.Lock()
+        self._shut = False
         self.busy_with = ""
         self.last: SnapshotMetrics | None = None
         self._wp: WriteProtector | None = None
-        self._parsed: collections.OrderedDict[tuple[Any, ...], tuple[Qcow2Image, ParsedState]] = \
+        self._parsed: collections.OrderedDict[tuple[Any, ...], tuple[Qcow2Image, dict[str, Any]]] = \
             collections.OrderedDict()
         # "auto": userfaultfd, else the Unicorn TLB fallback; or force one ("userfaultfd", "unicorn-tlb").
         self.wp_backend = os.environ.get("SNAPLAB_WP_BACKEND", "auto")
@@ -176,6 +177,21 @@ class SnapshotController:
     def _end(self) -> None:
         self.busy_with = ""
         self._busy.release()
+
+    def shutdown(self, timeout: float) -> bool:
+        """Machine teardown: wait for the running operation (its threads read and write guest
+        RAM), refuse new ones, stop the fault-service thread.  False if an operation is still
+        running after ``timeout`` seconds: then guest RAM must stay mapped."""
+        if self._shut:
+            return True
+        if not self._busy.acquire(timeout=timeout):
+            return False
+        self._shut = True
+        self.busy_with = "machine shutdown"
+        if self._wp is not None:
+            self._wp.close()
+            self._wp = None
+        return True
 
     # -- block/snapshot.c group operations ----------------------------------------------------
     def devices(self, devices: list[str] | None) -> list[BlockNode]:
@@ -530,17 +546,46 @@ class SnapshotController:
         """parse_state() of a snapshot's VM state, remembered per snapshot.  A snapshot's VM
         state cannot change while it exists (its clusters are only ever read), so it is read
         and checked once: right after the save that wrote it, or at its first load."""
-        key = (sn.id_str, sn.l1_table_offset, sn.vm_state_size, sn.date_sec, sn.date_nsec)
         handlers = self.handlers()
-        hit = self._parsed.get(key)
-        if hit is not None and hit[0] is img:
-            self._parsed.move_to_end(key)
-            return hit[1].rebind(handlers)
+        hit = self._snapshot_facts(img, sn)
+        cached: ParsedState | None = hit.get("parsed")
+        if cached is not None:
+            return cached.rebind(handlers)
         parsed = parse_state(_QcowStream(img, sn.id_str), sn.vm_state_size, self.machine_name, handlers)
-        self._parsed[key] = (img, parsed)
-        while len(self._parsed) > 8:
-            self._parsed.popitem(last=False)
+        hit["parsed"] = parsed
         return parsed
+
+    def _snapshot_facts(self, img: Qcow2Image, sn: Any) -> dict[str, Any]:
+        """What was read and checked about one snapshot of one image (its parsed VM state,
+        the VM state's cluster map, whether its disk tree passed snapshot_goto's checks)."""
+        key = (sn.id_str, sn.l1_table_offset, sn.vm_state_size, sn.date_sec, sn.date_nsec)
+        hit = self._parsed.get(key)
+        if hit is None or hit[0] is not img:
+            hit = (img, {})
+            self._parsed[key] = hit
+            while len(self._parsed) > 16:
+                self._parsed.popitem(last=False)
+        self._parsed.move_to_end(key)
+        return hit[1]
+
+    def _vmstate_map(self, img: Qcow2Image, sn: Any) -> tuple[np.ndarray, int]:
+        facts = self._snapshot_facts(img, sn)
+        if "cmap" not in facts:
+            facts["cmap"] = img.snapshot_vmstate_map(sn.id_str)
+        return facts["cmap"]  # type: ignore[no-any-return]
+
+    def _goto_checked(self, name: str, nodes: list[BlockNode]) -> None:
+        """snapshot_goto()'s checks for every node, once per snapshot (its tree never changes)."""
+        todo = []
+        for n in nodes:
+            img = self._image(n)
+            sn = next((s for s in img.snapshot_list() if s.name == name), None)
+            if sn is None or not self._snapshot_facts(img, sn).get("goto_ok"):
+                todo.append((n, img, sn))
+        self._goto_all(name, [n for n, _, _ in todo], check_only=True)
+        for _, img, sn in todo:
+            if sn is not None:
+                self._snapshot_facts(img, sn)["goto_ok"] = True
 
     def _remember(self, bs: BlockNode, name: str) -> None:
         """After a save, with the guest running: read the new snapshot's VM state once, so a
@@ -550,6 +595,7 @@ class SnapshotController:
         if sn is not None and sn.vm_state_size:
             try:
                 self._parsed_state(img, sn)
+                self._vmstate_map(img, sn)
             except SnaplabError:
                 pass
 
@@ -583,8 +629,8 @@ class SnapshotController:
                 raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
                                   "Invalid argument")
             images = [self._image(n) for n in nodes]
-            self._goto_all(name, nodes, check_only=True)
-            cmap, base = img.snapshot_vmstate_map(sn.id_str)
+            self._goto_checked(name, nodes)
+            cmap, base = self._vmstate_map(img, sn)
             lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
             lazy.reserve()
             t0 = time.perf_counter()

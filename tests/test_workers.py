@@ -1,0 +1,42 @@
+"""The warm worker pool: tasks run, workers are reused, and a forked child starts afresh."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+from emulator import workers
+
+
+def test_tasks_run_and_idle_workers_are_reused() -> None:
+    workers.prestart(1)
+    before = workers._POOL._count
+    seen: list[str] = []
+    for _ in range(20):
+        assert workers.spawn(lambda: seen.append(threading.current_thread().name)).wait(5)
+    assert len(seen) == 20 and all(n.startswith("snaplab-worker") for n in seen)
+    assert workers._POOL._count == before  # sequential tasks never needed a new thread
+
+
+def test_a_task_that_raises_does_not_kill_the_pool() -> None:
+    def boom() -> None:
+        raise RuntimeError("x")
+
+    assert workers.spawn(boom).wait(5)
+    box: list[int] = []
+    assert workers.spawn(box.append, 7).wait(5) and box == [7]
+
+
+def _child(q: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    box: list[int] = []
+    q.put(workers.spawn(box.append, 1).wait(5) and box == [1])
+
+
+def test_a_forked_child_gets_working_workers() -> None:
+    workers.prestart(2)  # the parent has idle workers; the child has none of those threads
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q,))
+    p.start()
+    p.join(20)
+    assert p.exitcode == 0 and q.get(timeout=1) is True
