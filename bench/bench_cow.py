@@ -58,6 +58,7 @@ def ours(mib: int, runs: int) -> list[dict[str, float]]:
                 rate = ((win[-1].iterations - win[0].iterations) / ((win[-1].host_ns - win[0].host_ns) / 1e9)
                         if len(win) > 1 and win[-1].host_ns > win[0].host_ns else float("nan"))
                 out.append({"downtime": ev["RESUME"] - ev["STOP"], "total": st["total-s"],
+                            "thp_mib": m.ram.huge_bytes() >> 20,
                             "progress": rate / base_rate if base_rate else float("nan"),
                             "faults": st["faults"], "arm_ms": st["arm-s"] * 1e3})
                 q.execute("snapshot-delete", {"job-id": f"d{i}", "tag": f"c{i}", "devices": ["disk0"]})
@@ -101,7 +102,8 @@ def main() -> None:
         print(f"{mib} MiB: snaplab cow downtime {', '.join(f'{x:.2f}' for x in d_ms)} ms "
               f"(median {np.median(d_ms):.2f}); total {np.median([r['total'] for r in mine]):.2f} s; "
               f"guest progress during the window {np.nanmedian([r['progress'] for r in mine]) * 100:.0f}% of normal; "
-              f"arm {np.median([r['arm_ms'] for r in mine]):.3f} ms")
+              f"arm {np.median([r['arm_ms'] for r in mine]):.3f} ms; "
+              f"huge pages behind RAM {min(r['thp_mib'] for r in mine)}-{max(r['thp_mib'] for r in mine)} MiB")
         print(f"   QEMU 7.2 background-snapshot ({src}): downtime {q_down * 1e3:.1f} ms, total {q_tot:.2f} s; "
               f"ratio downtime {q_down * 1e3 / np.median(d_ms):.1f}x, total {q_tot / np.median([r['total'] for r in mine]):.1f}x")
     print("goals: cow downtime <= 1 ms at 1 GiB, <= 2 ms at 4 GiB; total <= 1 s at 1 GiB; progress >= 50%")

@@ -34,6 +34,7 @@ from emulator.memory import GuestRAM
 from emulator.migration.cow import (
     PROT_RWX,
     PROT_RX,
+    WARM_BUFFERS,
     CowSave,
     Protector,
     TlbProtector,
@@ -89,6 +90,19 @@ class VMOps(Protocol):
     def disable_write_tracking(self) -> None: ...
 
     def held_events(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+@contextlib.contextmanager
+def _fault_service_first() -> Iterator[None]:
+    """While a copy-on-write save runs, a guest write to an unsaved chunk waits for the
+    fault-service thread, which needs the GIL; the saver threads must hand it over within
+    0.1 ms, not CPython's 5 ms."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 1e-4))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
 
 
 @contextlib.contextmanager
@@ -297,6 +311,7 @@ class SnapshotController:
             self._wp = WriteProtector(self.ram)
             _warm_code_paths()
             workers.prestart(4)  # jobs, savers and page freeing start on warm threads
+            WARM_BUFFERS.warm_up()  # a copy-on-write fault's copy never lands in fresh memory
         return self._wp
 
     def _stop_for_save(self, images: list[Qcow2Image], stack: contextlib.ExitStack) -> float:
@@ -424,7 +439,8 @@ class SnapshotController:
             raise
         try:
             try:
-                size = saver.run()
+                with _fault_service_first():
+                    size = saver.run()
             finally:
                 protector.disarm()
             for n in nodes:
