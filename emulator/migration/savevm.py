@@ -715,10 +715,11 @@ class SnapshotController:
         starts, ends = edges[0::2], edges[1::2]
         pos = 0
         view = self.ram.load_view()
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        offsets = layout.page_offset[starts].tolist()  # computed once: O(pages), not per run
+        for a, b, off in zip(starts.tolist(), ends.tolist(), offsets, strict=True):
             if a > pos and self._wp is not None:
                 self.ram.fill(pos * PAGE, 0, (a - pos) * PAGE)
-            stream.readinto(int(layout.page_offset[a]), view[a * PAGE:b * PAGE])
+            stream.readinto(int(off), view[a * PAGE:b * PAGE])
             pos = b
         if pos < layout.pages and self._wp is not None:
             self.ram.fill(pos * PAGE, 0, (layout.pages - pos) * PAGE)

@@ -294,6 +294,7 @@ class RamLayout:
 
     @property
     def page_offset(self) -> np.ndarray:
+        """Stream offset of every page (O(pages): take it once, not per access)."""
         return self.page_offsets(0, self.pages)
 
 
