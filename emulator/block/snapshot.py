@@ -227,17 +227,7 @@ def snapshot_create(s: Qcow2Image, name: str, *, id_str: str | None, vm_state_si
     copies: dict[int, np.ndarray] = {}
     txn = RefcountTxn(s.refcounts)
     try:
-        for i in range(disk_l1):
-            off = int(s.l1_table[i]) & L1E_OFFSET_MASK
-            if not off:
-                continue
-            l2 = cluster.load_l2(s, off, i)
-            txn.incref(cluster.referenced_clusters(s, l2))
-            copy = l2 & ~_COPIED
-            new = txn.reserve(1)
-            s.file.pwrite(new, copy.astype(">u8").tobytes())
-            new_l1[i] = _U64(new) | _COPIED
-            copies[new] = copy
+        _give_guest_l2_copies(s, txn, disk_l1, new_l1, copies)
         l1_off = _write_l1(s, txn, new_l1)
         snaps = [*s.snapshots, sn]
         t_off, nb = _write_table(s, txn, snaps)
@@ -377,6 +367,23 @@ class PendingSnapshot:
             self.table = np.concatenate([self.table, grow])
 
 
+def _give_guest_l2_copies(s: Qcow2Image, txn: RefcountTxn, disk_l1: int, new_l1: np.ndarray,
+                          copies: dict[int, np.ndarray]) -> None:
+    """The snapshot keeps the active disk L2 tables; the guest gets fresh copies of them
+    (their clusters gain a reference, QCOW_OFLAG_COPIED cleared) in ``new_l1``."""
+    for i in range(disk_l1):
+        off = int(s.l1_table[i]) & L1E_OFFSET_MASK
+        if not off:
+            continue
+        l2 = cluster.load_l2(s, off, i)
+        txn.incref(cluster.referenced_clusters(s, l2))
+        copy = l2 & ~_COPIED
+        new = txn.reserve(1)
+        s.file.pwrite(new, copy.astype(">u8").tobytes())
+        new_l1[i] = _U64(new) | _COPIED
+        copies[new] = copy
+
+
 def snapshot_prepare(s: Qcow2Image) -> PendingSnapshot:
     """The first half of snapshot_create: freeze the active tree, give the guest copies."""
     disk_l1 = min(s.l1_vm_state_index, s.l1_size)
@@ -387,17 +394,7 @@ def snapshot_prepare(s: Qcow2Image) -> PendingSnapshot:
     frozen[disk_l1:] = 0
     txn = RefcountTxn(s.refcounts)
     try:
-        for i in range(disk_l1):
-            off = int(s.l1_table[i]) & L1E_OFFSET_MASK
-            if not off:
-                continue
-            l2 = cluster.load_l2(s, off, i)
-            txn.incref(cluster.referenced_clusters(s, l2))
-            copy = l2 & ~_COPIED
-            new = txn.reserve(1)
-            s.file.pwrite(new, copy.astype(">u8").tobytes())
-            new_l1[i] = _U64(new) | _COPIED
-            copies[new] = copy
+        _give_guest_l2_copies(s, txn, disk_l1, new_l1, copies)
         l1_off = _write_l1(s, txn, new_l1)
         # VM state left in the active L1 by an earlier blocking save goes with the old table.
         _drop_vmstate_entries(s, txn, s.l1_table[disk_l1:])

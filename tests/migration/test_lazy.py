@@ -15,6 +15,7 @@ from emulator.block.node import BlockGraph
 from emulator.errors import BlockIOError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.qmp.client import QMPClient
 from emulator.uffd import UffdUnavailable, UserFaultFD
 
 RAM = 128 << 20
@@ -63,11 +64,7 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
     spec = WorkloadSpec("mixed", seed=5, working_set=96 << 20, pattern="random")
     m, g = vm(tmp_path, spec)
     try:
-        m.start()
-        time.sleep(0.2)
-        q = m.qmp()
-        q.execute("snapshot-save", {"job-id": "s", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]})
-        assert "error" not in q.wait_job("s")
+        q = _running_with_snapshot(m)
         time.sleep(0.1)
         q.events()
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
@@ -95,11 +92,7 @@ def test_disk_revert_failing_after_resume_stops_the_guest_and_fences_the_disk(tm
     spec = WorkloadSpec("mixed", seed=9, working_set=32 << 20, pattern="random")
     m, g = vm(tmp_path, spec)
     try:
-        m.start()
-        time.sleep(0.2)
-        q = m.qmp()
-        q.execute("snapshot-save", {"job-id": "s", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]})
-        assert "error" not in q.wait_job("s")
+        q = _running_with_snapshot(m)
         img = m.disk_nodes[0].format_image
         real_goto = img.snapshot_goto
 
@@ -126,6 +119,16 @@ def test_disk_revert_failing_after_resume_stops_the_guest_and_fences_the_disk(tm
     finally:
         m.close()
         g.close()
+
+
+def _running_with_snapshot(m: Machine) -> QMPClient:
+    """Start the guest, let it run a little, save snapshot "t" (blocking); the QMP client."""
+    m.start()
+    time.sleep(0.2)
+    q = m.qmp()
+    q.execute("snapshot-save", {"job-id": "s", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]})
+    assert "error" not in q.wait_job("s")
+    return q
 
 
 def _vmflags(addr: int) -> set[str]:
