@@ -277,3 +277,41 @@ def test_ram_from_16_mib_to_8_gib_and_loader(tmp_path: Path) -> None:
         Machine(MachineConfig(ram_size=16 << 20, loaders=[(str(blob), 16 << 20)]))
     with pytest.raises(Exception, match="between 16 MiB"):
         Machine(MachineConfig(ram_size=8 << 20))
+
+
+def test_captured_state_encodes_like_a_save_at_the_capture_instant() -> None:
+    """The background engines capture device and CPU state in the downtime and encode it
+    after the guest resumed (the CPU context decoded on a scratch engine). The result must be
+    the bytes a plain save would have produced at the capture instant, not later state."""
+    from emulator.migration.vmstate import capture_sections, encode_sections
+
+    with Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("dirty", seed=3))) as m:
+        m.start()
+        time.sleep(0.1)
+        m.stop()
+        want = [(h.idstr, h.save()) for h in m.savevm_handlers()]
+        captured = capture_sections(m.savevm_handlers())
+        m.cont()  # the guest moves on: registers, clock and counters change
+        time.sleep(0.05)
+        got = [(h.idstr, data) for h, data in encode_sections(captured)]
+        m.stop()
+        assert got == want
+        assert [d for _, d in want] != [h.save() for h in m.savevm_handlers()]  # it did move on
+
+
+def test_held_events_keep_their_time_and_order() -> None:
+    got: list[tuple[str, int]] = []
+    with Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("idle", seed=1))) as m:
+        m.add_listener(lambda n, d, ts: got.append((n, ts)))
+        m.start()
+        got.clear()
+        with m.held_events():
+            m.stop()
+            t_stop = time.time_ns()
+            time.sleep(0.02)
+            m.cont()
+            assert got == []  # nothing delivered inside
+        names = [n for n, _ in got]
+        assert names == ["STOP", "RESUME"]
+        assert got[0][1] <= t_stop < got[1][1]  # stamped when raised, not when delivered
+        assert got[1][1] - got[0][1] >= 20_000_000
