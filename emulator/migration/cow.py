@@ -343,6 +343,13 @@ class CowSave:
         self.protector.release_all()
 
     # -- arming (inside the downtime) --------------------------------------------------------
+    def prepare(self) -> None:
+        """Before the stop: every page of guest RAM present (MADV_POPULATE_READ; ~0.1 ms per
+        GiB when it already is).  A page missing when protection is armed would not be
+        protected (a write to it would not be held back), and reading it from the fault thread
+        would deadlock."""
+        self.ram.make_present(0, self.ram.size)
+
     def arm(self) -> None:
         t0 = time.perf_counter()
         self.protector.arm(self)
@@ -350,6 +357,7 @@ class CowSave:
 
     # -- chunk claiming ------------------------------------------------------------------------
     def _buffer(self) -> ctypes.Array[ctypes.c_char]:
+        """A free chunk buffer (waiting for the writer when all ``max_buffers`` are queued)."""
         b = self._next_buffer()
         with self.lock:
             self._in_use += 1
@@ -384,6 +392,14 @@ class CowSave:
             self.saved_cond.notify_all()
         self.queue.put((c, buf))
         return True
+
+    def _store_from_ram(self, c: int) -> None:
+        """Store chunk ``c`` straight from guest RAM (still write-protected, so the stop
+        instant's bytes); made present first, as the zero scan reads it holding the GIL."""
+        off = c * CHUNK
+        n = min(CHUNK, self.ram.size - off)
+        self.ram.make_present(off, n)
+        self._store(c, memoryview((ctypes.c_char * n).from_address(self.ram.addr + off)).cast("B"))
 
     def save_or_wait(self, c: int) -> bool:
         """A write is about to hit chunk ``c``: save it, or wait until whoever is saving it is
@@ -427,10 +443,7 @@ class CowSave:
                     if self.state[c] != UNSAVED:
                         continue
                     self.state[c] = COPYING
-                off = c * CHUNK
-                n = min(CHUNK, self.ram.size - off)
-                self.ram.make_present(off, n)  # the zero scan below reads RAM holding the GIL
-                self._store(c, memoryview((ctypes.c_char * n).from_address(self.ram.addr + off)).cast("B"))
+                self._store_from_ram(c)
                 self.protector.release(c)
                 with self.lock:
                     self.state[c] = SAVED

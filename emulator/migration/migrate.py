@@ -154,6 +154,7 @@ class Migration:
                 protector, _ = ctl._protector(ctl.wp_backend)
                 saved = ctl.vm.state
                 saver = CowSave(protector, ctl.ram, None, None, ctl.machine_name, [], sink=stream)
+                saver.prepare()
                 with short_downtime(ctl.vm):
                     ctl.vm.vm_stop(RunState.FINISH_MIGRATE)
                     stop_t = time.perf_counter()

@@ -411,6 +411,7 @@ class SnapshotController:
         saved_state = self.vm.state
         pendings: dict[str, PendingSnapshot] = {}
         saver = CowSave(protector, self.ram, None, None, self.machine_name, [])  # allocations outside the downtime
+        saver.prepare()
         armed = False
         try:
             with contextlib.ExitStack() as stack:  # flushes deferred, disks drained until frozen
