@@ -1,16 +1,18 @@
 """The copy-on-write background snapshot engine (what the seed thread asked QEMU for).
 
-Stop; freeze every disk at this instant (pending qcow2 snapshots); take CPU and device state;
-write-protect all guest RAM with one UFFDIO_WRITEPROTECT; resume.  From then on:
+Stop; drain the disks; take the CPU context and device state; write-protect all guest RAM with
+one UFFDIO_WRITEPROTECT; resume; freeze the disks (pending qcow2 snapshots) while still
+drained, so they are the stop instant's (savevm.py).  From then on:
 
 * a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
   saved it copies the chunk (still the stop-instant content), releases its protection (which
   wakes the writer) and queues the copy; a fault on a chunk already saved is only woken
   (UFFDIO_WAKE: no page-table change, so no huge page is split);
-* a **background saver** walks the chunks in order and does the same for every chunk nobody
-  touched;
-* a **writer** thread stores the queued copies into the frozen vmstate tree, zero pages as
-  holes, then writes the bitmap, and the snapshot table entries are written last.
+* a **background saver** walks the chunks in order and writes every chunk nobody touched
+  straight from RAM (still protected, so no copy is needed), then releases it;
+* a **writer** thread stores the queued copies into the frozen vmstate tree; all-zero chunks
+  stay holes; then the bitmap, and the snapshot table entries are written last.  Writeback
+  of the vmstate starts as it goes, so the final flush waits for the tail only.
 
 Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
 O(huge pages) (~0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
