@@ -18,12 +18,14 @@ Threading rule (the one place it is written down):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +138,7 @@ class Machine:
 
         self.ram = GuestRAM(config.ram_size, hugepages=config.hugepages)
         self.cpu = X86CPU()
+        _track(self)  # after the first Unicorn engine exists (see _track)
         self.cpu.map_ram(0, config.ram_size, self.ram.addr)
         fw = self._firmware(config.pflash0)
         self.firmware = fw
@@ -534,6 +537,33 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_LIVE: weakref.WeakSet[Machine] = weakref.WeakSet()
+_exit_hook = False
+
+
+def _track(m: Machine) -> None:
+    """Remember a machine for :func:`_park_all_vcpus`.  The hook is registered after the first
+    Unicorn engine exists: atexit runs hooks last-registered first, and unicorn frees its
+    engines from a weakref.finalize hook that registers itself with the first engine."""
+    global _exit_hook
+    _LIVE.add(m)
+    if not _exit_hook:
+        atexit.register(_park_all_vcpus)
+        _exit_hook = True
+
+
+def _park_all_vcpus() -> None:
+    """At interpreter exit, stop every vCPU that is still running (a notebook kernel or a
+    script that never closed its machine): a daemon thread left inside emu_start while the
+    interpreter frees the Unicorn engine crashes the process on its way out."""
+    for m in list(_LIVE):
+        try:
+            if m.state != RunState.SHUTDOWN:
+                m.quit("host-signal")
+        except Exception:  # exiting anyway: never let one machine keep the others running
+            pass
 
 
 class _FlashNode:

@@ -315,3 +315,24 @@ def test_held_events_keep_their_time_and_order() -> None:
         assert names == ["STOP", "RESUME"]
         assert got[0][1] <= t_stop < got[1][1]  # stamped when raised, not when delivered
         assert got[1][1] - got[0][1] >= 20_000_000
+
+
+def test_a_process_that_never_closes_its_running_machines_exits_cleanly() -> None:
+    """A notebook kernel or script may exit with guests running. Unicorn frees its engines from
+    an exit hook; the vCPUs must be parked before that, or the process segfaults on its way out
+    (it did, every time, before the machine's own exit hook)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import time\n"
+        "from emulator.guest import WorkloadSpec\n"
+        "from emulator.machine import Machine, MachineConfig\n"
+        "ms = [Machine(MachineConfig(ram_size=64 << 20, workload=WorkloadSpec('dirty', seed=i))) for i in range(3)]\n"
+        "for m in ms:\n"
+        "    m.start()\n"
+        "time.sleep(0.2)\n"
+    )
+    for _ in range(3):
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
