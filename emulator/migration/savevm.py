@@ -93,12 +93,10 @@ class VMOps(Protocol):
 
 
 @contextlib.contextmanager
-def _fault_service_first() -> Iterator[None]:
-    """While a copy-on-write save runs, a guest write to an unsaved chunk waits for the
-    fault-service thread, which needs the GIL; the saver threads must hand it over within
-    0.1 ms, not CPython's 5 ms."""
+def _switch_interval(seconds: float) -> Iterator[None]:
+    """CPython's GIL switch interval lowered to ``seconds`` (never raised) for a while."""
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, 1e-4))
+    sys.setswitchinterval(min(interval, seconds))
     try:
         yield
     finally:
@@ -115,14 +113,9 @@ def short_downtime(vm: VMOps) -> Iterator[None]:
     must reach clients while it works."""
     gc_on = gc.isenabled()
     gc.disable()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(5e-5)
     try:
-        with vm.held_events():
-            try:
-                yield
-            finally:
-                sys.setswitchinterval(interval)
+        with vm.held_events(), _switch_interval(5e-5):
+            yield
     finally:
         if gc_on:
             gc.enable()
@@ -242,12 +235,17 @@ class SnapshotController:
         assert isinstance(img, Qcow2Image)
         return img
 
+    @staticmethod
+    def _named(img: Qcow2Image, name: str) -> Any:
+        """The snapshot of that name on ``img`` (QCowSnapshot), or None."""
+        return next((s for s in img.snapshot_list() if s.name == name), None)
+
     def has_snapshot(self, name: str, nodes: list[BlockNode]) -> bool:
         """bdrv_all_has_snapshot() == 1: every node has a snapshot of that name."""
-        return all(any(s.name == name for s in self._image(n).snapshot_list()) for n in nodes)
+        return all(self._named(self._image(n), name) is not None for n in nodes)
 
     def any_has(self, name: str, nodes: list[BlockNode]) -> bool:
-        return any(any(s.name == name for s in self._image(n).snapshot_list()) for n in nodes)
+        return any(self._named(self._image(n), name) is not None for n in nodes)
 
     @staticmethod
     def find_vmstate_bs(vmstate: str | None, nodes: list[BlockNode]) -> BlockNode:
@@ -269,13 +267,12 @@ class SnapshotController:
         """bdrv_all_delete_snapshot(): the first snapshot of that name on each node that has one."""
         for n in nodes:
             img = self._image(n)
-            for s in img.snapshot_list():
-                if s.name == name:
-                    try:
-                        img.snapshot_delete(s.id_str, s.name)
-                    except SnaplabError as err:
-                        raise SnaplabError(f"Could not delete snapshot '{name}' on '{n.node_name}': {err}") from err
-                    break
+            s = self._named(img, name)
+            if s is not None:
+                try:
+                    img.snapshot_delete(s.id_str, s.name)
+                except SnaplabError as err:
+                    raise SnaplabError(f"Could not delete snapshot '{name}' on '{n.node_name}': {err}") from err
 
     # -- the operations -------------------------------------------------------------------------------
     def save_snapshot(self, name: str | None, overwrite: bool, vmstate: str | None,
@@ -440,7 +437,9 @@ class SnapshotController:
             raise
         try:
             try:
-                with _fault_service_first():
+                # A guest write to an unsaved chunk waits for the fault-service thread, which
+                # needs the GIL: the saver threads hand it over within 0.1 ms, not 5 ms.
+                with _switch_interval(1e-4):
                     size = saver.run()
             finally:
                 protector.disarm()
@@ -451,7 +450,7 @@ class SnapshotController:
         except BaseException:
             for n in nodes:
                 img = self._image(n)
-                if not any(s.name == name for s in img.snapshot_list()):
+                if self._named(img, name) is None:
                     img.snapshot_abort(pendings[n.node_name])
             raise
         for im in images:
@@ -549,7 +548,7 @@ class SnapshotController:
             raise SnaplabError(f"Snapshot '{name}' does not exist in one or more devices")
         bs = self.find_vmstate_bs(vmstate, nodes)
         img = self._image(bs)
-        sn = next((s for s in img.snapshot_list() if s.name == name), None)
+        sn = self._named(img, name)
         if sn is None:
             raise SnaplabError("Snapshot can not be found")
         if sn.vm_state_size == 0:
@@ -596,7 +595,7 @@ class SnapshotController:
         todo = []
         for n in nodes:
             img = self._image(n)
-            sn = next((s for s in img.snapshot_list() if s.name == name), None)
+            sn = self._named(img, name)
             if sn is None or not self._snapshot_facts(img, sn).get("goto_ok"):
                 todo.append((n, img, sn))
         self._goto_all(name, [n for n, _, _ in todo], check_only=True)
@@ -608,7 +607,7 @@ class SnapshotController:
         """After a save, with the guest running: read the new snapshot's VM state once, so a
         load of it starts from a checked, parsed state (a failure here only means no head start)."""
         img = self._image(bs)
-        sn = next((s for s in img.snapshot_list() if s.name == name), None)
+        sn = self._named(img, name)
         if sn is not None and sn.vm_state_size:
             try:
                 self._parsed_state(img, sn)
