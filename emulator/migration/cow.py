@@ -84,6 +84,12 @@ class _WarmBuffers:
             out, self._free = self._free, []
         return out
 
+    def take_n(self, n: int) -> list[ctypes.Array[ctypes.c_char]]:
+        """Exactly ``n`` buffers: warm ones first, fresh ones for the rest."""
+        with self._lock:
+            out, self._free = self._free[:n], self._free[n:]
+        return out + [(ctypes.c_char * CHUNK)() for _ in range(n - len(out))]
+
     def give_back(self, bufs: list[ctypes.Array[ctypes.c_char]]) -> None:
         with self._lock:
             self._free.extend(bufs[:max(0, self.keep - len(self._free))])
@@ -125,11 +131,6 @@ class WriteProtector:
             ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime
         self.uffd.register(ram.addr, ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
         self.handler: Callable[[Fault], None] | None = None
-        # Two chunk buffers for lazy restore (fault service, filler), allocated and touched
-        # here: fresh memory is paid for on first touch, never inside a load.
-        self.chunk_buffers = [(ctypes.c_char * CHUNK)() for _ in range(2)]
-        for b in self.chunk_buffers:
-            ctypes.memset(b, 1, CHUNK)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="uffd-faults", daemon=True)
         self._thread.start()
@@ -324,7 +325,6 @@ class CowSave:
         self._owned = WARM_BUFFERS.take()  # every buffer this save has, returned at the end
         for b in self._owned:
             self.pool.put(b)
-        self.buffers = len(self._owned)
         self._in_use = 0
         self.max_buffers = max_buffers
         self.error: BaseException | None = None
@@ -371,8 +371,7 @@ class CowSave:
             return self.pool.get_nowait()
         except queue.Empty:
             pass
-        if self.buffers < self.max_buffers:
-            self.buffers += 1
+        if len(self._owned) < self.max_buffers:
             b = (ctypes.c_char * CHUNK)()
             self._owned.append(b)
             return b

@@ -25,7 +25,7 @@ import numpy as np
 
 from emulator.block.io import BlockFile
 from emulator.memory import GuestRAM
-from emulator.migration.cow import CHUNK, WriteProtector
+from emulator.migration.cow import CHUNK, WARM_BUFFERS, WriteProtector
 from emulator.migration.vmstate import PAGE, RamLayout
 from emulator.uffd import Fault
 
@@ -63,7 +63,7 @@ class LazyLoad:
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()
         self.error: BaseException | None = None
-        self._buf, self._fill_buf = wp.chunk_buffers
+        self._buf, self._fill_buf = WARM_BUFFERS.take_n(2)  # fault service, filler
         self._aside: int | None = None
 
     def _fill(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> bool:
@@ -150,5 +150,6 @@ class LazyLoad:
                     self.cond.wait(0.1)
         finally:
             self.wp.handler = None
+        WARM_BUFFERS.give_back([self._buf, self._fill_buf])  # every chunk is in: no fault uses them
         self.stats.fill_s = time.perf_counter() - t0
         self.ram.collapse()
