@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
 from emulator.guest import DATA_BASE, WorkloadSpec, expected_generations
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.qmp.client import QMPClient
 from emulator.uffd import UffdUnavailable, UserFaultFD
 
 RAM = 64 << 20
@@ -153,18 +155,24 @@ def test_kill_during_cow_save_leaves_a_clean_image(tmp_path: Path, qemu_img) -> 
     assert img.check().corruptions == 0
 
 
+def _save_running(m: Machine, settle: float, job: str, tag: str, engine: str) -> tuple[QMPClient, dict[str, Any]]:
+    """Start the guest, let it run ``settle`` s, save ``tag`` with ``engine``; the QMP client
+    and the job's snapshot stats."""
+    m.start()
+    time.sleep(settle)
+    q = m.qmp()
+    q.execute("snapshot-save", {"job-id": job, "tag": tag, "vmstate": "disk0", "devices": ["disk0"],
+                                "__org.snaplab_engine": engine})
+    assert "error" not in q.wait_job(job, 120)
+    return q, q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
+
+
 def test_precopy_snapshot_is_the_end_instant(tmp_path: Path) -> None:
     uffd_or_skip()
     spec = WorkloadSpec("dirty", seed=4, working_set=32 << 20, pattern="hot-cold", rate=50 << 20, batch_pages=64)
     m, g = machine(tmp_path, spec)
     try:
-        m.start()
-        time.sleep(0.2)
-        q = m.qmp()
-        q.execute("snapshot-save", {"job-id": "p", "tag": "pre", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "precopy"})
-        assert "error" not in q.wait_job("p", 120)
-        stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "p"})
+        q, stats = _save_running(m, 0.2, "p", "pre", "precopy")
         assert stats["engine"] == "precopy" and stats["iterations"] >= 2
         assert len(stats["bytes-per-round"]) == stats["iterations"]
         m.stop()
@@ -224,13 +232,7 @@ def test_fallback_is_chosen_automatically_when_userfaultfd_is_refused(tmp_path: 
     monkeypatch.setattr(cow, "UserFaultFD", refuse)
     m, g = machine(tmp_path, WorkloadSpec("dirty", seed=2, working_set=16 << 20))
     try:
-        m.start()
-        time.sleep(0.1)
-        q = m.qmp()
-        q.execute("snapshot-save", {"job-id": "a", "tag": "a", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "cow"})
-        assert "error" not in q.wait_job("a")
-        st = q.execute("__org.snaplab_query-snapshot-stats", {"id": "a"})
+        q, st = _save_running(m, 0.1, "a", "a", "cow")
         assert st["backend"] == "unicorn-tlb"
         assert "userfaultfd unavailable" in st["backend-note"] and "Operation not permitted" in st["backend-note"]
         m.snapshots.wp_backend = "userfaultfd"  # forcing the unavailable one fails cleanly
