@@ -61,6 +61,19 @@ def _map_aligned(span: int, align: int, prot: int) -> int | None:
     return int(addr)
 
 
+def map_populated(span: int) -> int:
+    """A private anonymous mapping of ``span`` bytes (a multiple of 2 MiB), 2 MiB-aligned,
+    advised MADV_HUGEPAGE and faulted in now: host-side buffers that must never cost a first
+    touch later (copy-on-write fault buffers).  Raises SnaplabError when the host refuses."""
+    addr = _map_aligned(span, HUGE, PROT_READ | PROT_WRITE)
+    if addr is None:
+        raise SnaplabError(f"cannot map {span} bytes of host buffers: {ctypes.get_errno()}")
+    _libc.madvise(addr, span, MADV_HUGEPAGE)
+    if _libc.madvise(addr, span, MADV_POPULATE_WRITE) != 0:
+        ctypes.memset(addr, 0, span)  # older kernels: one GIL-free memset
+    return addr
+
+
 class GuestMemoryError(SnaplabError):
     """A host-side access outside guest RAM."""
 

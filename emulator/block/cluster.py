@@ -234,9 +234,12 @@ def write_l2_range(s: Qcow2Image, l2_off: int, l2: np.ndarray, lo: int, hi: int)
     s.file.pwrite(l2_off + 8 * lo, l2[lo:hi].astype(">u8").tobytes())
 
 
-def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | None = None) -> None:
-    """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part)."""
+def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | None = None,
+                   direct: bool = False) -> None:
+    """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part).
+    ``direct``: whole data clusters go around the page cache where the file can (VM state)."""
     cs = s.cluster_size
+    write_data = getattr(s.file, "pwrite_direct", s.file.pwrite) if direct else s.file.pwrite
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + data.nbytes
     pos = offset
@@ -285,7 +288,7 @@ def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | 
                 buf[inner:inner + src.nbytes] = src
                 s.file.pwrite(int(hosts[a]), buf)
             else:
-                s.file.pwrite(int(hosts[a]) + (g0 - base - (c0 + a) * cs), src)
+                write_data(int(hosts[a]) + (g0 - base - (c0 + a) * cs), src)
         if len(need):
             s.barrier()
             l2[c0 + need] = hosts[need].astype(_U64) | _COPIED

@@ -10,6 +10,7 @@ the N-th write (:class:`FaultInjectionFile`), and users a real file
 from __future__ import annotations
 
 import ctypes
+import errno
 import io
 import os
 from typing import Any, Protocol, runtime_checkable
@@ -91,6 +92,7 @@ class OsFile:
         self.read_only = read_only
         self.no_flush = no_flush
         self._owns = owns_fd
+        self._direct: int | None = None  # a second descriptor with O_DIRECT, opened on first use
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, create: bool = False,
@@ -138,6 +140,40 @@ class OsFile:
         except OSError as err:
             raise BlockIOError(f"Could not write at offset {offset}: {err.strerror}") from err
 
+    def _direct_fd(self) -> int:
+        if self._direct is None:
+            self._direct = -1
+            flag = getattr(os, "O_DIRECT", 0)
+            if flag and not self.read_only and self.fd >= 0:
+                try:
+                    self._direct = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | flag | os.O_CLOEXEC)
+                except OSError:
+                    pass  # no /proc, or a file system without O_DIRECT (older tmpfs)
+        return self._direct
+
+    def pwrite_direct(self, offset: int, data: Buffer) -> None:
+        """Write around the page cache (O_DIRECT, QEMU's ``cache.direct=on``) where the file
+        system and the alignment allow, otherwise an ordinary :meth:`pwrite`.
+
+        For large writes nobody reads back soon (VM state): no page-cache pages to allocate
+        (on this VM that cost 0.7-6 ms per 2 MiB against 0.9 ms direct), nothing dirty left
+        for the final flush but metadata.  The data must start on a 4 KiB boundary of the
+        file and of memory, and be whole 4 KiB blocks; anything else goes the buffered way.
+        """
+        mv = memoryview(data).cast("B")
+        dfd = self._direct_fd()
+        if dfd >= 0 and offset % 4096 == 0 and mv.nbytes % 4096 == 0:
+            done = 0
+            try:
+                while done < mv.nbytes:
+                    done += os.pwrite(dfd, mv[done:], offset + done)
+                return
+            except OSError as err:
+                if err.errno != errno.EINVAL or done:
+                    raise BlockIOError(f"Could not write at offset {offset}: {err.strerror}") from err
+                # EINVAL before any byte: the memory is not aligned for O_DIRECT
+        self.pwrite(offset, mv)
+
     def flush(self) -> None:
         if self.no_flush or self.read_only:
             return
@@ -167,6 +203,9 @@ class OsFile:
         return os.fstat(self.fd).st_blocks * 512
 
     def close(self) -> None:
+        if self._direct is not None and self._direct >= 0:
+            os.close(self._direct)
+        self._direct = None
         if self._owns and self.fd >= 0:
             os.close(self.fd)
         self.fd = -1

@@ -537,11 +537,13 @@ class Qcow2Image:
         return snapshot.snapshot_prepare(self)
 
     @_locked
-    def pending_save_vmstate(self, p: snapshot.PendingSnapshot, pos: int, data: bytes | bytearray | memoryview) -> None:
-        """Write VM state into a pending snapshot's frozen tree (the guest's tree is untouched)."""
+    def pending_save_vmstate(self, p: snapshot.PendingSnapshot, pos: int, data: bytes | bytearray | memoryview,
+                             direct: bool = False) -> None:
+        """Write VM state into a pending snapshot's frozen tree (the guest's tree is untouched);
+        ``direct``: around the page cache where the file allows (:meth:`OsFile.pwrite_direct`)."""
         mv = memoryview(data).cast("B")
         if mv.nbytes:
-            cluster.write_clusters(self, self.vm_state_offset + pos, mv, tree=p)
+            cluster.write_clusters(self, self.vm_state_offset + pos, mv, tree=p, direct=direct)
 
     @_locked
     def pending_load_vmstate(self, p: snapshot.PendingSnapshot, pos: int, buf: memoryview | bytearray) -> None:

@@ -40,6 +40,7 @@ from emulator.migration.cow import (
     TlbProtector,
     UffdProtector,
     WriteProtector,
+    fault_buffers,
 )
 from emulator.migration.postcopy import LazyLoad
 from emulator.migration.precopy import Precopy
@@ -308,7 +309,7 @@ class SnapshotController:
             self._wp = WriteProtector(self.ram)
             _warm_code_paths()
             workers.prestart(4)  # jobs, savers and page freeing start on warm threads
-            WARM_BUFFERS.warm_up()  # a copy-on-write fault's copy never lands in fresh memory
+            WARM_BUFFERS.reserve(fault_buffers(self.ram.size))  # a fault's copy never lands in fresh memory
         return self._wp
 
     def _stop_for_save(self, images: list[Qcow2Image], stack: contextlib.ExitStack) -> float:

@@ -448,12 +448,14 @@ class SparseRam:
 
 
 def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[SaveHandler, bytes]],
-                        ram_size: int, min_data_offset: int = 0) -> SparseRam:
+                        ram_size: int, min_data_offset: int = 0, align: int = PAGE) -> SparseRam:
     """The stream up to the RAM data, for an engine that saves pages in any order.
 
     Device payloads were taken at the stop instant (``sections``).  RAM layout flag SPARSE:
     page *i* is at ``data offset + 4096 * i``; zero pages are never written (they read as zeros
-    and the bitmap, written last by :func:`finish_sparse_stream`, marks them).
+    and the bitmap, written last by :func:`finish_sparse_stream`, marks them).  ``align`` (a
+    multiple of the page size) rounds the data offset up: with the image's cluster size, every
+    2 MiB chunk of RAM is whole clusters, written without a read-modify-write of its edges.
     """
     head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
     name = machine.encode()
@@ -473,7 +475,7 @@ def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[Sa
     bitmap_offset = len(head)
     head += bytes(blen)
     part_at = len(head)
-    data_offset = max(-(-(part_at + 13) // PAGE) * PAGE, min_data_offset)
+    data_offset = -(-max(part_at + 13, min_data_offset) // align) * align
     if data_offset % PAGE:
         raise ValueError("data offset must be page-aligned")
     pad = data_offset - (part_at + 13)
