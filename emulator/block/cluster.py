@@ -13,7 +13,7 @@ Imports neither unicorn nor asyncio.
 from __future__ import annotations
 
 import zlib
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 
@@ -234,6 +234,66 @@ def write_l2_range(s: Qcow2Image, l2_off: int, l2: np.ndarray, lo: int, hi: int)
     s.file.pwrite(l2_off + 8 * lo, l2[lo:hi].astype(">u8").tobytes())
 
 
+class WriteSlice(NamedTuple):
+    """Where a write lands inside one L2 table: host offset per cluster, and the clusters
+    newly allocated for it (linked into the table only after the data is written)."""
+
+    l1i: int
+    c0: int  # first cluster of the write in this L2 table
+    hosts: np.ndarray  # host offset per cluster
+    need: np.ndarray  # indices (into hosts) of new clusters
+    replaced: np.ndarray  # the L2 entries those replace
+
+
+def _alloc_slice(s: Qcow2Image, pos: int, end: int, tree: L1Tree | None) -> WriteSlice:
+    """[pos, end) inside one L2 table: clusters writable in place keep their host offset, the
+    others get new ones (refcount +1; qcow2_alloc_host_offset)."""
+    span = 1 << (s.cluster_bits + s.l2_bits)
+    l1i = pos // span
+    base = l1i * span
+    _, l2 = writable_l2(s, l1i, tree)
+    c0 = (pos - base) >> s.cluster_bits
+    c1 = ((end - 1 - base) >> s.cluster_bits) + 1
+    ents = l2[c0:c1].copy()
+    kinds = cluster_kinds(s, ents)
+    hosts = (ents & _L2_MASK).astype(np.int64)
+    inplace = (kinds == NORMAL) & ((ents & _COPIED) != 0)
+    if inplace.any():
+        s.check_overlap(hosts[inplace] >> s.cluster_bits)
+    need = np.flatnonzero(~inplace)
+    if len(need):
+        start = s.refcounts.alloc_clusters(len(need))
+        hosts[need] = start + np.arange(len(need), dtype=np.int64) * s.cluster_size
+    return WriteSlice(l1i, c0, hosts, need, ents[need])
+
+
+def _link_slice(s: Qcow2Image, sl: WriteSlice, tree: L1Tree | None) -> None:
+    """After the data: the new clusters into the L2 table, then the replaced ones released
+    (qcow2_alloc_cluster_link_l2)."""
+    if not len(sl.need):
+        return
+    s.barrier()
+    l2_off, l2 = writable_l2(s, sl.l1i, tree)
+    l2[sl.c0 + sl.need] = sl.hosts[sl.need].astype(_U64) | _COPIED
+    write_l2_range(s, l2_off, l2, sl.c0 + int(sl.need[0]), sl.c0 + int(sl.need[-1]) + 1)
+    old = referenced_clusters(s, sl.replaced)
+    if len(old):
+        s.barrier()
+        s.refcounts.update_clusters(old, -1)
+
+
+def _host_runs(s: Qcow2Image, sl: WriteSlice, edge: np.ndarray | None = None) -> list[tuple[int, int]]:
+    """Cluster index ranges [a, b) of ``sl`` contiguous on the host (``edge`` clusters alone)."""
+    n = len(sl.hosts)
+    brk = np.ones(n, dtype=bool)
+    if n > 1:
+        brk[1:] = sl.hosts[1:] != sl.hosts[:-1] + s.cluster_size
+        if edge is not None:
+            brk[1:] |= edge[1:] | edge[:-1]
+    starts = np.flatnonzero(brk)
+    return list(zip(starts.tolist(), np.append(starts[1:], n).tolist(), strict=True))
+
+
 def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | None = None,
                    direct: bool = False) -> None:
     """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part).
@@ -244,41 +304,25 @@ def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | 
     end = offset + data.nbytes
     pos = offset
     while pos < end:
-        l1i = pos // span
-        slice_end = min(end, (l1i + 1) * span)
-        base = l1i * span
-        l2_off, l2 = writable_l2(s, l1i, tree)
-        c0 = (pos - base) >> s.cluster_bits
-        c1 = ((slice_end - 1 - base) >> s.cluster_bits) + 1
-        ents = l2[c0:c1].copy()
-        kinds = cluster_kinds(s, ents)
-        hosts = (ents & _L2_MASK).astype(np.int64)
-        inplace = (kinds == NORMAL) & ((ents & _COPIED) != 0)
-        if inplace.any():
-            s.check_overlap(hosts[inplace] >> s.cluster_bits)
-        need = np.flatnonzero(~inplace)
-        n = len(ents)
+        slice_end = min(end, (pos // span + 1) * span)
+        base = pos // span * span
+        sl = _alloc_slice(s, pos, slice_end, tree)
+        c0, n = sl.c0, len(sl.hosts)
+        moved = np.zeros(n, dtype=bool)
+        moved[sl.need] = True
         first_partial = (pos - base) % cs != 0 or (n == 1 and slice_end - base - c0 * cs < cs)
         last_partial = (slice_end - base) % cs != 0
         # Old contents of partially written clusters that move (copy-on-write).
         cow: dict[int, bytearray] = {}
         for i in {0 if first_partial else -1, n - 1 if last_partial else -1} - {-1}:
-            if not inplace[i]:
+            if moved[i]:
                 buf = bytearray(cs)
                 read_through(s, s.l1_table if tree is None else tree.table, base + (c0 + i) * cs, memoryview(buf))
                 cow[i] = buf
-        if len(need):
-            start = s.refcounts.alloc_clusters(len(need))
-            hosts[need] = start + np.arange(len(need), dtype=np.int64) * cs
-        # Data: coalesce clusters that are contiguous on the host.
         edge = np.zeros(n, dtype=bool)
         edge[list(cow)] = True
-        brk = np.ones(n, dtype=bool)
-        if n > 1:
-            brk[1:] = (hosts[1:] != hosts[:-1] + cs) | edge[1:] | edge[:-1]
-        starts = np.flatnonzero(brk)
-        stops = np.append(starts[1:], n)
-        for a, b in zip(starts.tolist(), stops.tolist(), strict=True):
+        # Data: runs of clusters contiguous on the host, one write each.
+        for a, b in _host_runs(s, sl, edge):
             g0 = max(pos, base + (c0 + a) * cs)
             g1 = min(slice_end, base + (c0 + b) * cs)
             src = data[g0 - offset:g1 - offset]
@@ -286,18 +330,47 @@ def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | 
                 buf = cow[a]
                 inner = g0 - base - (c0 + a) * cs
                 buf[inner:inner + src.nbytes] = src
-                s.file.pwrite(int(hosts[a]), buf)
+                s.file.pwrite(int(sl.hosts[a]), buf)
             else:
-                write_data(int(hosts[a]) + (g0 - base - (c0 + a) * cs), src)
-        if len(need):
-            s.barrier()
-            l2[c0 + need] = hosts[need].astype(_U64) | _COPIED
-            write_l2_range(s, l2_off, l2, c0 + int(need[0]), c0 + int(need[-1]) + 1)
-            old = referenced_clusters(s, ents[need])
-            if len(old):
-                s.barrier()
-                s.refcounts.update_clusters(old, -1)
+                write_data(int(sl.hosts[a]) + (g0 - base - (c0 + a) * cs), src)
+        _link_slice(s, sl, tree)
         pos = slice_end
+
+
+def alloc_for_write(s: Qcow2Image, offset: int, nbytes: int, tree: L1Tree | None = None) -> list[WriteSlice]:
+    """The first half of a write of whole clusters: where every cluster goes on the host, new
+    ones allocated (refcount +1) but not linked yet.  The caller writes the data (without the
+    image lock if it likes: nobody else knows these clusters) and then calls
+    :func:`link_for_write`, keeping QEMU's order refcount -> data -> L2 -> refcount -1."""
+    cs = s.cluster_size
+    if offset % cs or nbytes % cs:
+        raise ValueError(f"alloc_for_write takes whole clusters, not [{offset:#x}, +{nbytes:#x})")
+    span = 1 << (s.cluster_bits + s.l2_bits)
+    out = []
+    pos, end = offset, offset + nbytes
+    while pos < end:
+        slice_end = min(end, (pos // span + 1) * span)
+        out.append(_alloc_slice(s, pos, slice_end, tree))
+        pos = slice_end
+    return out
+
+
+def host_extents(s: Qcow2Image, slices: list[WriteSlice]) -> list[tuple[int, int, int]]:
+    """(offset into the write's data, host offset, bytes) of each host-contiguous run."""
+    cs = s.cluster_size
+    out = []
+    done = 0
+    for sl in slices:
+        for a, b in _host_runs(s, sl):
+            out.append((done + a * cs, int(sl.hosts[a]), (b - a) * cs))
+        done += len(sl.hosts) * cs
+    return out
+
+
+def link_for_write(s: Qcow2Image, slices: list[WriteSlice], tree: L1Tree | None = None) -> None:
+    """The second half (after the data): :func:`alloc_for_write`'s clusters linked."""
+    for sl in slices:
+        _link_slice(s, sl, tree)
 
 
 def zeroize(s: Qcow2Image, offset: int, length: int, *, discard: bool) -> int:

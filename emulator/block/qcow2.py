@@ -545,6 +545,23 @@ class Qcow2Image:
         if mv.nbytes:
             cluster.write_clusters(self, self.vm_state_offset + pos, mv, tree=p, direct=direct)
 
+    def pending_save_vmstate_bulk(self, p: snapshot.PendingSnapshot, pos: int, data: memoryview) -> None:
+        """A large run of VM state (whole clusters) into a pending snapshot, the data written
+        without the image lock (and around the page cache where the file allows), so that
+        several writers keep the file busy; only the allocation and the L2 link are locked."""
+        mv = memoryview(data).cast("B")
+        off = self.vm_state_offset + pos
+        if off % self.cluster_size or mv.nbytes % self.cluster_size:
+            self.pending_save_vmstate(p, pos, mv, direct=True)
+            return
+        with self._lock:
+            slices = cluster.alloc_for_write(self, off, mv.nbytes, tree=p)
+        write = getattr(self.file, "pwrite_direct", self.file.pwrite)
+        for at, host, n in cluster.host_extents(self, slices):
+            write(host, mv[at:at + n])
+        with self._lock:
+            cluster.link_for_write(self, slices, tree=p)
+
     @_locked
     def pending_load_vmstate(self, p: snapshot.PendingSnapshot, pos: int, buf: memoryview | bytearray) -> None:
         cluster.read_through(self, p.table, self.vm_state_offset + pos, memoryview(buf).cast("B"))

@@ -201,7 +201,21 @@ class Refcounts:
 
     def update_range(self, start: int, n: int, delta: int) -> None:
         """Add ``delta`` to the refcounts of clusters [start, start+n), in place."""
-        self.update_clusters(np.arange(start, start + n, dtype=np.int64), delta)
+        b = start >> self.block_bits
+        blk = self.block(b) if n > 0 and (start + n - 1) >> self.block_bits == b and not self.read_only else None
+        if blk is None:  # several blocks, a missing one, or read-only: the general path says what is wrong
+            self.update_clusters(np.arange(start, start + n, dtype=np.int64), delta)
+            return
+        lo = start & (self.entries_per_block - 1)
+        vals = blk[lo:lo + n].astype(np.int64) + delta
+        bad = np.flatnonzero((vals < 0) | (vals > self.max_refcount))
+        if len(bad):
+            raise ImageCorruptError(f"Refcount of cluster {start + int(bad[0])} would become "
+                                    f"{int(vals[bad[0]])}, outside [0, {self.max_refcount}]")
+        blk[lo:lo + n] = vals.astype(self.dtype)
+        self.file.pwrite(self.block_offset(b) + lo * self.entry_bytes, blk[lo:lo + n].astype(self.disk_dtype).tobytes())
+        if delta < 0:
+            self.free_hint = min(self.free_hint, start)
 
     def update_clusters(self, clusters: np.ndarray, delta: int) -> None:
         """QEMU's update_refcount(): in place, one write per refcount block touched.

@@ -138,7 +138,7 @@ class _PendingStream:
 
     def write_bulk(self, pos: int, data: memoryview) -> None:
         """RAM chunks: whole clusters, around the page cache where the file allows."""
-        self.img.pending_save_vmstate(self.p, pos, data, direct=True)
+        self.img.pending_save_vmstate_bulk(self.p, pos, data)
 
 
 class WriteProtector:
@@ -354,6 +354,7 @@ class CowSave:
         for b in self._owned:
             self.pool.put(b)
         self._in_use = 0
+        self._starved = 0  # fault-path callers waiting for a buffer
         self.error: BaseException | None = None
         self._unflushed = 0
         self._out_lock = threading.Lock()
@@ -388,7 +389,14 @@ class CowSave:
     def _buffer(self) -> ctypes.Array[ctypes.c_char]:
         """A free chunk buffer (waiting for the writer when all ``max_buffers`` are queued:
         back-pressure)."""
-        b = self.pool.get()
+        try:
+            b = self.pool.get_nowait()
+        except queue.Empty:
+            with self.lock:
+                self._starved += 1  # the background saver turns writer until this is served
+            b = self.pool.get()
+            with self.lock:
+                self._starved -= 1
         with self.lock:
             self._in_use += 1
             self.stats.peak_buffers = max(self.stats.peak_buffers, self._in_use)
@@ -457,6 +465,8 @@ class CowSave:
             for c in range(self.nchunks):
                 if self._stop.is_set():
                     return
+                while self._starved and self._write_queued():
+                    pass
                 with self.lock:
                     if self.state[c] != UNSAVED:
                         continue
@@ -476,6 +486,19 @@ class CowSave:
                 self.protector.release(c)
         finally:
             self.queue.put(None)
+
+    def _write_queued(self) -> bool:
+        """Write one chunk the fault path queued, if any (the background saver does this while
+        a fault waits for a buffer: two writers drain the queue twice as fast)."""
+        try:
+            item = self.queue.get_nowait()
+        except queue.Empty:
+            return False
+        if item is None:  # not ours to take: the end marker goes back
+            self.queue.put(None)
+            return False
+        self._write(*item)
+        return True
 
     def writer(self) -> None:
         try:

@@ -115,3 +115,22 @@ def test_packed_layout_ranges_match_the_unpacked_bitmap(pages: int) -> None:
             sub = lay.page_offsets(first, n)
             m = nz[first:first + n]
             assert sub[m].tolist() == want[first:first + n][m].tolist(), (first, n)
+
+
+@pytest.mark.parametrize("align", [PAGE, 65536, 2 << 20])
+def test_sparse_stream_data_offset_is_aligned_and_loads(align: int) -> None:
+    """A copy-on-write save aligns RAM data on the image's clusters (whole-cluster writes)."""
+    from emulator.migration.vmstate import begin_sparse_stream, finish_sparse_stream
+
+    ram = np.zeros(128 * PAGE, dtype=np.uint8)
+    ram[7 * PAGE + 1] = 7
+    buf = Buf()
+    h = Handler("dev", 1, lambda: b"x" * 300, lambda d, v: None)
+    sp = begin_sparse_stream(buf, "m", [(h, b"x" * 300)], ram.size, align=align)
+    assert sp.data_offset % align == 0 and sp.data_offset >= PAGE
+    buf.write(sp.data_offset + 7 * PAGE, ram[7 * PAGE:8 * PAGE].tobytes())
+    size = finish_sparse_stream(buf, sp, nonzero_pages(ram))
+    got: list[RamLayout] = []
+    load_state(buf, size, "m", [h], got.append)
+    assert list(np.flatnonzero(got[0].nonzero)) == [7]
+    assert buf.read(int(got[0].page_offset[7]), PAGE)[1] == 7
