@@ -9,6 +9,7 @@ addresses, as Unicorn sets it up.
 
 from __future__ import annotations
 
+import ctypes
 import struct
 import threading
 from collections.abc import Callable
@@ -195,11 +196,40 @@ class X86CPU:
 
     def set_state(self, regs: dict[str, int]) -> None:
         self.uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
+        self._set_system_registers(regs)
+
+    def _set_system_registers(self, regs: dict[str, int]) -> None:
         self.uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
         for name in ("GDTR", "IDTR"):
             self.uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"),
                               (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
         self.flush_translations()
+
+    def prepare_state(self, regs: dict[str, int]) -> Callable[[], None]:
+        """set_state() split in two, the mirror of capture_state(): the register values are
+        converted now into the C arrays ``uc_reg_write_batch`` takes (~0.3 ms of Python, more
+        with cold caches), and the returned function writes them with one call, inside a
+        downtime.  Uses the unicorn binding's own converters; if its internals ever move, the
+        returned function is plain set_state()."""
+        uc = self.uc
+        try:
+            convert = uc._RegStateManager__get_reg_write_arg  # type: ignore[attr-defined]
+            write_batch = uc._do_reg_write_batch
+        except AttributeError:
+            return lambda: self.set_state(regs)
+        values = [convert(uc._select_reg_class(rid), regs[name]) for name, rid, _ in REGISTERS]
+        n = len(values)
+        ids = (ctypes.c_int * n)(*(rid for _, rid, _ in REGISTERS))
+        ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(v) for v in values))
+
+        def write() -> None:
+            status = write_batch(ids, ptrs, ctypes.c_int(n))
+            if status != unicorn.UC_ERR_OK:
+                raise UcError(status)
+            _ = values  # the arrays point into these: they live as long as this function
+            self._set_system_registers(regs)
+
+        return write
 
 
 _SCRATCH: Uc | None = None  # decodes captured contexts (capture_state), created on first use

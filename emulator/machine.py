@@ -426,7 +426,8 @@ class Machine:
         hs: list[SaveHandler] = [
             Handler("machine", 1, self._save_machine, self._load_machine),
             Handler("cpu", 1, lambda: pack_cpu_state(self.cpu.get_state()),
-                    lambda d, v: self.cpu.set_state(unpack_cpu_state(d)), capture_fn=self._capture_cpu),
+                    lambda d, v: self.cpu.set_state(unpack_cpu_state(d)), capture_fn=self._capture_cpu,
+                    prepare_fn=lambda d, v: self.cpu.prepare_state(unpack_cpu_state(d))),
             Handler("clock", 1, lambda: struct.pack(">Q", self.clock.now_ns()),
                     lambda d, v: self.clock.set(struct.unpack(">Q", d)[0])),
         ]

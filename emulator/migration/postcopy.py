@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulator.block.io import BlockFile
+from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
 from emulator.migration.cow import CHUNK, WARM_BUFFERS, WriteProtector
 from emulator.migration.vmstate import PAGE, RamLayout
@@ -42,13 +43,20 @@ class LazyStats:
     fill_s: float = 0.0
 
 
+def check_cluster_map(cluster_map: np.ndarray, cluster_size: int) -> None:
+    """What lazy restore cannot read (checked once per snapshot, when its map is made)."""
+    if cluster_size < PAGE:
+        raise SnaplabError(f"lazy restore needs a cluster size of at least 4 KiB, not {cluster_size}")
+    if (cluster_map < 0).any():
+        raise SnaplabError("lazy restore cannot read compressed VM state")
+
+
 class LazyLoad:
+    """One lazy restore.  ``cluster_map`` must have passed :func:`check_cluster_map` (the
+    controller checks it once per snapshot: no array scan between the command and RESUME)."""
+
     def __init__(self, wp: WriteProtector, file: BlockFile, cluster_map: np.ndarray, cluster_size: int,
                  stream_base: int, layout: RamLayout) -> None:
-        if cluster_size < PAGE:
-            raise ValueError("lazy restore needs a cluster size of at least 4 KiB")
-        if (cluster_map < 0).any():
-            raise ValueError("lazy restore cannot read compressed VM state")
         self.wp = wp
         self.ram: GuestRAM = wp.ram
         self.uffd = wp.uffd

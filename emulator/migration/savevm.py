@@ -42,7 +42,7 @@ from emulator.migration.cow import (
     WriteProtector,
     fault_buffers,
 )
-from emulator.migration.postcopy import LazyLoad
+from emulator.migration.postcopy import LazyLoad, check_cluster_map
 from emulator.migration.precopy import Precopy
 from emulator.migration.vmstate import (
     PAGE,
@@ -57,6 +57,7 @@ from emulator.migration.vmstate import (
     finish_sparse_stream,
     nonzero_pages,
     parse_state,
+    prepare_state,
     save_state,
 )
 from emulator.runstate import RunState
@@ -588,7 +589,9 @@ class SnapshotController:
     def _vmstate_map(self, img: Qcow2Image, sn: Any) -> tuple[np.ndarray, int]:
         facts = self._snapshot_facts(img, sn)
         if "cmap" not in facts:
-            facts["cmap"] = img.snapshot_vmstate_map(sn.id_str)
+            cmap, base = img.snapshot_vmstate_map(sn.id_str)
+            check_cluster_map(cmap, img.cluster_size)
+            facts["cmap"] = (cmap, base)
         return facts["cmap"]  # type: ignore[no-any-return]
 
     def _goto_checked(self, name: str, nodes: list[BlockNode]) -> None:
@@ -648,6 +651,7 @@ class SnapshotController:
             images = [self._image(n) for n in nodes]
             self._goto_checked(name, nodes)
             cmap, base = self._vmstate_map(img, sn)
+            apply_devices = prepare_state(parsed)  # decoded now: the downtime only applies
             lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
             lazy.reserve()
             t0 = time.perf_counter()
@@ -657,7 +661,7 @@ class SnapshotController:
                 for im in images:
                     drained.enter_context(im.drained())
                 self.vm.reset_for_load()
-                apply_state(parsed, None)
+                apply_devices()
                 self.vm.set_vclock_ns(sn.vm_clock_nsec)
                 lazy.arm()
             except BaseException:

@@ -24,6 +24,7 @@ version) with save and load side by side; nothing is pickled.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ class Handler:
     load_fn: Callable[[bytes, int], None]
     instance_id: int = 0
     capture_fn: Callable[[], Callable[[], bytes]] | None = None
+    prepare_fn: Callable[[bytes, int], Callable[[], None]] | None = None
 
     def save(self) -> bytes:
         return self.save_fn()
@@ -92,6 +94,12 @@ class Handler:
 
     def load(self, data: bytes, version_id: int) -> None:
         self.load_fn(data, version_id)
+
+    def prepare(self, data: bytes, version_id: int) -> Callable[[], None]:
+        """The load split in two (the mirror of capture()): decode now, apply later."""
+        if self.prepare_fn is not None:
+            return self.prepare_fn(data, version_id)
+        return lambda: self.load_fn(data, version_id)
 
 
 Captured = list[tuple[SaveHandler, Callable[[], bytes]]]
@@ -383,6 +391,29 @@ def apply_state(parsed: ParsedState, load_ram: Callable[[RamLayout], None] | Non
             raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
     if load_ram is not None and parsed.layout is not None:
         load_ram(parsed.layout)
+
+
+def prepare_state(parsed: ParsedState) -> Callable[[], None]:
+    """apply_state() without RAM, split in two: every payload decoded now (a bad one fails
+    here, before any stop), the returned function applies them (what a lazy load runs in its
+    downtime)."""
+    steps: list[tuple[str, Callable[[], None]]] = []
+    for h, payload, version in parsed.pending:
+        prep: Callable[[bytes, int], Callable[[], None]] | None = getattr(h, "prepare", None)
+        try:
+            step = prep(payload, version) if prep is not None else functools.partial(h.load, payload, version)
+        except (ValueError, struct.error) as err:
+            raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
+        steps.append((h.idstr, step))
+
+    def apply() -> None:
+        for idstr, step in steps:
+            try:
+                step()
+            except (ValueError, struct.error) as err:
+                raise LoadVMError(f"error while loading state for instance 0x0 of device '{idstr}': {err}") from err
+
+    return apply
 
 
 def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],

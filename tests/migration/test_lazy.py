@@ -176,3 +176,28 @@ def test_emptying_ram_swaps_the_mapping_and_keeps_it_registered() -> None:
     finally:
         wp.close()
         ram.close()
+
+
+def test_lazy_load_refuses_small_clusters_before_stopping(tmp_path: Path) -> None:
+    """A VM state lazy restore cannot read at random (clusters under 4 KiB) fails the job with
+    a clear error before any STOP; the guest keeps running and a blocking load still works."""
+    Qcow2Image.create(tmp_path / "d.qcow2", 64 << 20, cluster_size=2048).close()
+    g = BlockGraph()
+    g.add({"driver": "file", "filename": str(tmp_path / "d.qcow2"), "node-name": "f"})
+    g.add({"driver": "qcow2", "file": "f", "node-name": "disk0"})
+    m = Machine(MachineConfig(ram_size=64 << 20, workload=WorkloadSpec("dirty", seed=3, working_set=8 << 20),
+                              disks=[DiskSpec("disk0")]), g)
+    try:
+        q = _running_with_snapshot(m)
+        q.events()
+        q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "lazy"})
+        info = q.wait_job("l", 60)
+        assert info["error"] == "lazy restore needs a cluster size of at least 4 KiB, not 2048"
+        assert not [e for e in q.events() if e.event in ("STOP", "RESUME")]
+        assert q.execute("query-status")["status"] == "running"
+        q.execute("snapshot-load", {"job-id": "b", "tag": "t", "vmstate": "disk0", "devices": ["disk0"]})
+        assert "error" not in q.wait_job("b", 60)
+    finally:
+        m.close()
+        g.close()

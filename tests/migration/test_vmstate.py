@@ -134,3 +134,37 @@ def test_sparse_stream_data_offset_is_aligned_and_loads(align: int) -> None:
     load_state(buf, size, "m", [h], got.append)
     assert list(np.flatnonzero(got[0].nonzero)) == [7]
     assert buf.read(int(got[0].page_offset[7]), PAGE)[1] == 7
+
+
+def test_prepared_cpu_state_is_written_only_when_applied(make_vm) -> None:  # type: ignore[no-untyped-def]
+    """A lazy load decodes the CPU state before its stop and writes it inside: the prepared write
+    changes nothing until it runs, and then gives exactly what set_state gives."""
+    m = make_vm()
+    m.stop()
+    now = m.cpu.get_state()
+    want = dict(now, RAX=0x1234_5678_9ABC, R15=7, XMM3=(1 << 100) | 5, ST2=0)
+    write = m.cpu.prepare_state(want)
+    assert m.cpu.get_state() == now
+    write()
+    assert m.cpu.get_state() == want
+    m.cpu.set_state(now)
+    assert m.cpu.get_state() == now
+
+
+def test_prepare_state_refuses_a_bad_payload_before_anything_is_applied() -> None:
+    from emulator.migration.vmstate import ParsedState, prepare_state
+
+    applied: list[str] = []
+
+    def bad_prepare(d: bytes, v: int):  # type: ignore[no-untyped-def]
+        raise ValueError("cpu state is 3 bytes, expected 700")
+
+    good = Handler("clock", 1, lambda: b"", lambda d, v: applied.append("clock"))
+    bad = Handler("cpu", 1, lambda: b"", lambda d, v: applied.append("cpu"), prepare_fn=bad_prepare)
+    with pytest.raises(LoadVMError, match="device 'cpu': cpu state is 3 bytes"):
+        prepare_state(ParsedState([(good, b"", 1), (bad, b"xyz", 1)], None))
+    assert applied == []
+    apply = prepare_state(ParsedState([(good, b"", 1)], None))
+    assert applied == []
+    apply()
+    assert applied == ["clock"]
