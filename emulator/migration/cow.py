@@ -5,14 +5,19 @@ one UFFDIO_WRITEPROTECT; resume; freeze the disks (pending qcow2 snapshots) whil
 drained, so they are the stop instant's (savevm.py).  From then on:
 
 * a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
-  saved it copies the chunk (still the stop-instant content), releases its protection (which
-  wakes the writer) and queues the copy; a fault on a chunk already saved is only woken
-  (UFFDIO_WAKE: no page-table change, so no huge page is split);
+  saved it copies the chunk (still the stop-instant content) into a warm buffer, releases its
+  protection (which wakes the writer) and queues the copy; a fault on a chunk already saved is
+  only woken (UFFDIO_WAKE: no page-table change, so no huge page is split).  When every buffer
+  is queued (:func:`fault_buffers`), the fault waits for the writer, and the background saver
+  turns writer too until it is served;
 * a **background saver** walks the chunks in order and writes every chunk nobody touched
   straight from RAM (still protected, so no copy is needed), then releases it;
 * a **writer** thread stores the queued copies into the frozen vmstate tree; all-zero chunks
-  stay holes; then the bitmap, and the snapshot table entries are written last.  Writeback
-  of the vmstate starts as it goes, so the final flush waits for the tail only.
+  stay holes; then the bitmap, and the snapshot table entries are written last.  Chunks are
+  whole clusters (the RAM data is cluster-aligned in the stream) written with O_DIRECT where
+  the file allows, and only their allocation holds the image lock
+  (:meth:`Qcow2Image.pending_save_vmstate_bulk`), so saver and writer keep the file busy
+  together.
 
 Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
 O(huge pages) (~0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
