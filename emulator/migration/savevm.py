@@ -466,6 +466,7 @@ class SnapshotController:
             "backend": protector.name, "backend_note": note,
             "arm_s": st.arm_s, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * (2 << 20),
+            "fault_buffer_bytes": saver.max_buffers * (2 << 20),  # held warm for the process's life
             "fault_latency_s": lat.tolist(), "populate_s": self.ram.populate_seconds if populate_before is None else 0.0,
         })
         self._remember(bs, name)

@@ -20,6 +20,7 @@ from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
 from emulator.guest import DATA_BASE, WorkloadSpec, expected_generations
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.migration.cow import fault_buffers
 from emulator.qmp.client import QMPClient
 from emulator.uffd import UffdUnavailable, UserFaultFD
 
@@ -58,6 +59,10 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
             assert met is not None and met.engine == "cow"
             assert met.extra["faults"] > 0  # the guest kept writing during the save
             assert met.downtime_s < 0.25
+            # every faulted chunk went through a warm buffer; never more than the save owns
+            assert met.extra["fault_buffer_bytes"] == fault_buffers(RAM) * (2 << 20)
+            assert 0 < met.extra["peak_extra_bytes"] <= met.extra["fault_buffer_bytes"]
+            assert met.extra["fault_chunks"] + met.extra["bg_chunks"] == RAM // (2 << 20)
         assert m.ram.huge_bytes() >= RAM // 2  # 2 MiB granularity left the huge pages alone
         running_iters = m.lab.last.iterations
         m.stop()
