@@ -166,6 +166,13 @@ class WriteProtector:
         self._thread = threading.Thread(target=self._serve, name="uffd-faults", daemon=True)
         self._thread.start()
 
+    def warm(self) -> None:
+        """Arm and disarm once: the first arm of fresh page tables is the slow one (0.4-0.6 ms
+        at 4 GiB against ~0.1 after), so it is paid outside any downtime.  A guest write in
+        between is released by the default handler."""
+        self.uffd.writeprotect(self.ram.addr, self.ram.span, True)
+        self.uffd.writeprotect(self.ram.addr, self.ram.span, False)
+
     def _serve(self) -> None:
         poller = select.poll()
         poller.register(self.uffd.fd, select.POLLIN)

@@ -307,10 +307,20 @@ class SnapshotController:
     def write_protector(self) -> WriteProtector:
         """userfaultfd on guest RAM, set up once (RAM populated first, outside any downtime)."""
         if self._wp is None:
-            self._wp = WriteProtector(self.ram)
-            _warm_code_paths()
-            workers.prestart(4)  # jobs, savers and page freeing start on warm threads
-            WARM_BUFFERS.reserve(fault_buffers(self.ram.size))  # a fault's copy never lands in fresh memory
+            wp = WriteProtector(self.ram)
+            try:
+                workers.prestart(4)  # jobs, savers and page freeing start on warm threads
+                WARM_BUFFERS.reserve(fault_buffers(self.ram.size))  # a fault's copy never lands in fresh memory
+                # Last, after the GiBs touched above: what a downtime runs, once, so that the first
+                # save's downtime is not a cold one (measured at 4 GiB: 1.3-1.5 ms, later ones 0.2).
+                _warm_code_paths()
+                encode_sections(capture_sections(self.handlers()))
+                self._save_instant(None)
+                wp.warm()
+            except BaseException:
+                wp.close()
+                raise
+            self._wp = wp
         return self._wp
 
     def _stop_for_save(self, images: list[Qcow2Image], stack: contextlib.ExitStack) -> float:
