@@ -96,6 +96,7 @@ class GuestRAM:
         self.span = span
         self.hugepages = hugepages and _libc.madvise(addr, span, MADV_HUGEPAGE) == 0
         self.populate_seconds: float | None = None
+        self._spare: int | None = None  # a reserved aside (reserve_aside)
         # Called before any host-side write (the software write-tracking fallback saves first).
         self.before_write: Callable[[int, int], None] | None = None
         self.array = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
@@ -187,11 +188,26 @@ class GuestRAM:
 
     def reserve_aside(self) -> int | None:
         """Address space for :meth:`discard_later` to move the populated pages to (PROT_NONE,
-        nothing committed); taken before a downtime, so the downtime does not pay for it."""
+        nothing committed); taken before a downtime, so the downtime does not pay for it.  The
+        one made when the previous aside was freed is handed out first (~0.3 ms at 4 GiB with
+        cold caches, off the load's path)."""
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            return spare
         return _map_aligned(self.span, self.align, PROT_NONE)
 
     def release_aside(self, aside: int) -> None:
+        """A reservation that was not used: kept for the next one."""
+        if self.addr and self._spare is None:
+            self._spare = aside
+        else:
+            _libc.munmap(aside, self.span)
+
+    def _free_aside(self, aside: int) -> None:
+        """Unmap the pages moved aside, and reserve the next aside right away."""
         _libc.munmap(aside, self.span)
+        if self.addr and self._spare is None:
+            self._spare = _map_aligned(self.span, self.align, PROT_NONE)
 
     def discard_later(self, aside: int | None = None) -> Callable[[], None] | None:
         """Empty RAM now, free the old pages later: the populated mapping is moved aside with
@@ -223,7 +239,7 @@ class GuestRAM:
             return None
         if self.hugepages:
             _libc.madvise(self.addr, span, MADV_HUGEPAGE)
-        return lambda: _libc.munmap(aside, span)
+        return lambda: self._free_aside(aside)
 
     def load_view(self) -> memoryview:
         """A writable view for bulk loads (preadv into RAM). Only while no write protection
@@ -243,3 +259,6 @@ class GuestRAM:
             del self.array
             _libc.munmap(self.addr, self.span)
             self.addr = 0
+        spare, self._spare = self._spare, None
+        if spare is not None:
+            _libc.munmap(spare, self.span)

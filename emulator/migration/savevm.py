@@ -597,6 +597,15 @@ class SnapshotController:
         self._parsed.move_to_end(key)
         return hit[1]
 
+    def _prepared_state(self, img: Qcow2Image, sn: Any, parsed: ParsedState) -> Callable[[], None]:
+        """prepare_state() of a snapshot's devices and CPU, remembered with its parsed state:
+        what a lazy load applies in its downtime."""
+        facts = self._snapshot_facts(img, sn)
+        apply: Callable[[], None] | None = facts.get("prepared")
+        if apply is None:
+            apply = facts["prepared"] = prepare_state(parsed)
+        return apply
+
     def _vmstate_map(self, img: Qcow2Image, sn: Any) -> tuple[np.ndarray, int]:
         facts = self._snapshot_facts(img, sn)
         if "cmap" not in facts:
@@ -625,7 +634,7 @@ class SnapshotController:
         sn = self._named(img, name)
         if sn is not None and sn.vm_state_size:
             try:
-                self._parsed_state(img, sn)
+                self._prepared_state(img, sn, self._parsed_state(img, sn))
                 self._vmstate_map(img, sn)
             except SnaplabError:
                 pass
@@ -662,7 +671,7 @@ class SnapshotController:
             images = [self._image(n) for n in nodes]
             self._goto_checked(name, nodes)
             cmap, base = self._vmstate_map(img, sn)
-            apply_devices = prepare_state(parsed)  # decoded now: the downtime only applies
+            apply_devices = self._prepared_state(img, sn, parsed)  # decoded: the downtime only applies
             lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
             lazy.reserve()
             t0 = time.perf_counter()
