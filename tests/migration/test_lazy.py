@@ -173,9 +173,24 @@ def test_emptying_ram_swaps_the_mapping_and_keeps_it_registered() -> None:
         wp.discard_ram()  # the same through the write protector, freeing in a thread
         assert ram.addr == addr and {"um", "uw"} <= _vmflags(addr)
         assert _read(ram, 8 << 20, 4096) == bytes(4096)
+        # Freeing the old pages reserves the next aside (off a load's path); it is handed out
+        # once, as reserved address space only (no access), and close() gives it back.
+        aside = ram.reserve_aside()
+        assert aside is not None
+        free_old = ram.discard_later(aside)
+        assert free_old is not None
+        free_old()
+        spare = ram._spare
+        assert spare is not None and spare != addr
+        assert not {"rd", "wr"} & _vmflags(spare)
+        assert ram.reserve_aside() == spare and ram._spare is None
+        ram.release_aside(spare)
+        assert ram._spare == spare
+        wp.resume()
     finally:
         wp.close()
         ram.close()
+    assert ram._spare is None and not Path("/proc/self/maps").read_text().count(f"{spare:x}-")
 
 
 def test_lazy_load_refuses_small_clusters_before_stopping(tmp_path: Path) -> None:
