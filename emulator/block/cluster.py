@@ -13,6 +13,7 @@ Imports neither unicorn nor asyncio.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
@@ -294,12 +295,19 @@ def _host_runs(s: Qcow2Image, sl: WriteSlice, edge: np.ndarray | None = None) ->
     return list(zip(starts.tolist(), np.append(starts[1:], n).tolist(), strict=True))
 
 
+def data_writer(s: Qcow2Image, direct: bool) -> Callable[[int, memoryview], None]:
+    """How data clusters are written: ``direct`` around the page cache where the file can
+    (:meth:`OsFile.pwrite_direct`), else an ordinary pwrite."""
+    fn: Callable[[int, memoryview], None] = getattr(s.file, "pwrite_direct", s.file.pwrite) if direct else s.file.pwrite
+    return fn
+
+
 def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | None = None,
                    direct: bool = False) -> None:
     """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part).
     ``direct``: whole data clusters go around the page cache where the file can (VM state)."""
     cs = s.cluster_size
-    write_data = getattr(s.file, "pwrite_direct", s.file.pwrite) if direct else s.file.pwrite
+    write_data = data_writer(s, direct)
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + data.nbytes
     pos = offset

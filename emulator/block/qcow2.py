@@ -556,7 +556,7 @@ class Qcow2Image:
             return
         with self._lock:
             slices = cluster.alloc_for_write(self, off, mv.nbytes, tree=p)
-        write = getattr(self.file, "pwrite_direct", self.file.pwrite)
+        write = cluster.data_writer(self, direct=True)
         for at, host, n in cluster.host_extents(self, slices):
             write(host, mv[at:at + n])
         with self._lock:

@@ -241,10 +241,14 @@ def snapshot_create(s: Qcow2Image, name: str, *, id_str: str | None, vm_state_si
     return sn
 
 
-def snapshot_goto_check(s: Qcow2Image, sn: QCowSnapshot) -> None:
-    """snapshot_goto()'s reads and checks, nothing written."""
+def _check_disk_size(s: Qcow2Image, sn: QCowSnapshot) -> None:
     if sn.disk_size is not None and sn.disk_size != s.size:
         raise SnapshotError("qcow2: Loading snapshots with different disk size is not implemented")
+
+
+def snapshot_goto_check(s: Qcow2Image, sn: QCowSnapshot) -> None:
+    """snapshot_goto()'s reads and checks, nothing written."""
+    _check_disk_size(s, sn)
     sn_l1 = read_snapshot_l1(s, sn)
     for i in range(min(s.l1_vm_state_index, len(sn_l1))):
         off = int(sn_l1[i]) & L1E_OFFSET_MASK
@@ -254,8 +258,7 @@ def snapshot_goto_check(s: Qcow2Image, sn: QCowSnapshot) -> None:
 
 def snapshot_goto(s: Qcow2Image, sn: QCowSnapshot) -> QCowSnapshot:
     """qcow2_snapshot_goto(): the active L1 becomes copies of the snapshot's disk L2 tables."""
-    if sn.disk_size is not None and sn.disk_size != s.size:
-        raise SnapshotError("qcow2: Loading snapshots with different disk size is not implemented")
+    _check_disk_size(s, sn)
     sn_l1 = read_snapshot_l1(s, sn)
     disk_l1 = min(s.l1_vm_state_index, len(sn_l1))
     new_l1 = np.zeros(max(s.l1_size, s.l1_vm_state_index), dtype=_U64)

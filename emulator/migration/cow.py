@@ -417,20 +417,30 @@ class CowSave:
             self.stats.peak_buffers = max(self.stats.peak_buffers, self._in_use)
         return b
 
-    def _save_chunk(self, c: int) -> bool:
-        """Copy chunk ``c`` if nobody has; True if this call saved it."""
+    def _claim(self, c: int) -> bool:
+        """Chunk ``c`` becomes this caller's to save (UNSAVED -> COPYING); False if taken."""
         with self.lock:
             if self.state[c] != UNSAVED:
                 return False
             self.state[c] = COPYING
-        buf = self._buffer()
-        off = c * CHUNK
-        n = min(CHUNK, self.ram.size - off)
-        ctypes.memmove(buf, self.ram.addr + off, n)  # still protected: the stop-instant bytes
+        return True
+
+    def _saved(self, c: int) -> None:
+        """Chunk ``c`` is saved: its protection released (which wakes the writers), waiters told."""
         self.protector.release(c)
         with self.lock:
             self.state[c] = SAVED
             self.saved_cond.notify_all()
+
+    def _save_chunk(self, c: int) -> bool:
+        """Copy chunk ``c`` if nobody has; True if this call saved it."""
+        if not self._claim(c):
+            return False
+        buf = self._buffer()
+        off = c * CHUNK
+        n = min(CHUNK, self.ram.size - off)
+        ctypes.memmove(buf, self.ram.addr + off, n)  # still protected: the stop-instant bytes
+        self._saved(c)
         self.queue.put((c, buf))
         return True
 
@@ -482,23 +492,14 @@ class CowSave:
                     return
                 while self._starved and self._write_queued():
                     pass
-                with self.lock:
-                    if self.state[c] != UNSAVED:
-                        continue
-                    self.state[c] = COPYING
+                if not self._claim(c):
+                    continue
                 self._store_from_ram(c)
-                self.protector.release(c)
-                with self.lock:
-                    self.state[c] = SAVED
-                    self.saved_cond.notify_all()
+                self._saved(c)
                 self.stats.bg_chunks += 1
         except BaseException as err:
             self.error = err
-            with self.lock:
-                self.state[:] = SAVED  # never leave the guest held back
-                self.saved_cond.notify_all()
-            for c in range(self.nchunks):
-                self.protector.release(c)
+            self.abandon()  # never leave the guest held back
         finally:
             self.queue.put(None)
 

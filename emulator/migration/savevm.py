@@ -597,22 +597,28 @@ class SnapshotController:
         self._parsed.move_to_end(key)
         return hit[1]
 
+    def _remembered(self, img: Qcow2Image, sn: Any, key: str, make: Callable[[], Any]) -> Any:
+        """One of a snapshot's facts: made once with ``make``, then remembered."""
+        facts = self._snapshot_facts(img, sn)
+        if key not in facts:
+            facts[key] = make()
+        return facts[key]
+
     def _prepared_state(self, img: Qcow2Image, sn: Any, parsed: ParsedState) -> Callable[[], None]:
         """prepare_state() of a snapshot's devices and CPU, remembered with its parsed state:
         what a lazy load applies in its downtime."""
-        facts = self._snapshot_facts(img, sn)
-        apply: Callable[[], None] | None = facts.get("prepared")
-        if apply is None:
-            apply = facts["prepared"] = prepare_state(parsed)
+        apply: Callable[[], None] = self._remembered(img, sn, "prepared", lambda: prepare_state(parsed))
         return apply
 
     def _vmstate_map(self, img: Qcow2Image, sn: Any) -> tuple[np.ndarray, int]:
-        facts = self._snapshot_facts(img, sn)
-        if "cmap" not in facts:
+        """The VM state's cluster map (checked for what lazy restore can read), remembered."""
+        def make() -> tuple[np.ndarray, int]:
             cmap, base = img.snapshot_vmstate_map(sn.id_str)
             check_cluster_map(cmap, img.cluster_size)
-            facts["cmap"] = (cmap, base)
-        return facts["cmap"]  # type: ignore[no-any-return]
+            return cmap, base
+
+        got: tuple[np.ndarray, int] = self._remembered(img, sn, "cmap", make)
+        return got
 
     def _goto_checked(self, name: str, nodes: list[BlockNode]) -> None:
         """snapshot_goto()'s checks for every node, once per snapshot (its tree never changes)."""
@@ -665,9 +671,7 @@ class SnapshotController:
             layout = parsed.layout
             if layout is None:
                 raise LoadVMError("the stream has no RAM section")
-            if layout.ram_size != self.ram.size:
-                raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
-                                  "Invalid argument")
+            self._check_ram_size(layout)
             images = [self._image(n) for n in nodes]
             self._goto_checked(name, nodes)
             cmap, base = self._vmstate_map(img, sn)
@@ -726,10 +730,14 @@ class SnapshotController:
         apply_state(parsed, lambda layout: self._load_ram(stream, layout))
         self.vm.set_vclock_ns(sn.vm_clock_nsec)
 
-    def _load_ram(self, stream: _QcowStream, layout: RamLayout) -> None:
+    def _check_ram_size(self, layout: RamLayout) -> None:
+        """ram_load()'s check of the RAM block length, in QEMU's words."""
         if layout.ram_size != self.ram.size:
             raise LoadVMError(f"Length mismatch: pc.ram: {layout.ram_size:#x} in != {self.ram.size:#x}: "
                               "Invalid argument")
+
+    def _load_ram(self, stream: _QcowStream, layout: RamLayout) -> None:
+        self._check_ram_size(layout)
         # Zero runs: MADV_DONTNEED is cheapest, but RAM registered for missing-page faults
         # (once a background engine was used) must never have missing pages outside a lazy
         # restore, so then they are cleared with memset.

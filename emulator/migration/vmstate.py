@@ -24,9 +24,10 @@ version) with save and load side by side; nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -385,10 +386,8 @@ def apply_state(parsed: ParsedState, load_ram: Callable[[RamLayout], None] | Non
     if load_ram is not None and parsed.layout is None:
         raise LoadVMError("the stream has no RAM section")
     for h, payload, version in parsed.pending:
-        try:
+        with _device_errors(h.idstr):
             h.load(payload, version)
-        except (ValueError, struct.error) as err:
-            raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
     if load_ram is not None and parsed.layout is not None:
         load_ram(parsed.layout)
 
@@ -400,20 +399,25 @@ def prepare_state(parsed: ParsedState) -> Callable[[], None]:
     steps: list[tuple[str, Callable[[], None]]] = []
     for h, payload, version in parsed.pending:
         prep: Callable[[bytes, int], Callable[[], None]] | None = getattr(h, "prepare", None)
-        try:
+        with _device_errors(h.idstr):
             step = prep(payload, version) if prep is not None else functools.partial(h.load, payload, version)
-        except (ValueError, struct.error) as err:
-            raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
         steps.append((h.idstr, step))
 
     def apply() -> None:
         for idstr, step in steps:
-            try:
+            with _device_errors(idstr):
                 step()
-            except (ValueError, struct.error) as err:
-                raise LoadVMError(f"error while loading state for instance 0x0 of device '{idstr}': {err}") from err
 
     return apply
+
+
+@contextlib.contextmanager
+def _device_errors(idstr: str) -> Iterator[None]:
+    """A device's bad payload as QEMU words it (vmstate_load_state's error report)."""
+    try:
+        yield
+    except (ValueError, struct.error) as err:
+        raise LoadVMError(f"error while loading state for instance 0x0 of device '{idstr}': {err}") from err
 
 
 def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],
