@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,6 +77,8 @@ class X86CPU:
 
     def __init__(self) -> None:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._tb_flush_pending = False
+        self.last_tb_flush_s = 0.0  # how long the last deferred flush took (on the running thread)
         self._power_on = self.uc.context_save()
         self.pending_fault: GuestFault | None = None
 
@@ -118,6 +121,11 @@ class X86CPU:
     def run(self, count: int = 0) -> GuestFault | None:
         """emu_start from the current pc until stopped (or ``count`` instructions)."""
         self.pending_fault = None
+        if self._tb_flush_pending:
+            self._tb_flush_pending = False
+            t0 = time.perf_counter()
+            self.uc.ctl_flush_tb()
+            self.last_tb_flush_s = time.perf_counter() - t0
         try:
             self.uc.emu_start(self.pc, UNTIL, 0, count)
         except UcError as err:
@@ -137,7 +145,12 @@ class X86CPU:
             return False
 
     def flush_translations(self) -> None:
-        self.uc.ctl_flush_tb()
+        """tb_flush(): every translated block is dropped before guest code runs again.  As in
+        QEMU (tb_flush() queues do_tb_flush with async_safe_run_on_cpu), the flush is done by
+        the thread that runs the guest, at the start of its next :meth:`run`, so a load's
+        downtime does not pay for it (0.01 ms with warm caches, 0.3-0.7 ms cold, 3.7 ms median
+        measured inside the lazy load's window on a busy host)."""
+        self._tb_flush_pending = True
 
     # -- software write tracking (the fallback when userfaultfd is unavailable) -----------
     def enable_tlb_tracking(self, perms_for: Callable[[int, bool], int]) -> None:

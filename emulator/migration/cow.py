@@ -199,19 +199,21 @@ class WriteProtector:
     def resume(self) -> None:
         self.uffd.register(self.ram.addr, self.ram.span, UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING)
 
-    def discard_ram(self, aside: int | None = None) -> None:
+    def discard_ram(self, aside: int | None = None) -> Callable[[], None] | None:
         """With the guest stopped: make RAM empty (every page missing) as fast as possible.
 
-        The populated mapping is swapped for an empty one and freed by a short-lived thread
-        (:meth:`GuestRAM.discard_later`, into ``aside`` if reserved); where that is refused,
-        ``MADV_DONTNEED`` in place.
+        The populated mapping is swapped for an empty one (:meth:`GuestRAM.discard_later`, into
+        ``aside`` if reserved) and the function that frees the old pages is returned, for the
+        caller to run in another thread once the guest runs (a thread woken inside the
+        downtime would lengthen it).  Where the swap is refused, ``MADV_DONTNEED`` in place,
+        and None.
         """
         free_old = self.ram.discard_later(aside)
         if free_old is None:
             self.ram.discard()
-            return
+            return None
         self.resume()  # register the new mapping with this userfaultfd
-        spawn(free_old)
+        return free_old
 
     def chunk_of(self, addr: int) -> int:
         return (addr - self.ram.addr) // CHUNK

@@ -19,6 +19,7 @@ import errno
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +30,7 @@ from emulator.memory import GuestRAM
 from emulator.migration.cow import CHUNK, WARM_BUFFERS, WriteProtector
 from emulator.migration.vmstate import PAGE, RamLayout
 from emulator.uffd import Fault
+from emulator.workers import spawn
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
 PAGES_PER_CHUNK = CHUNK // PAGE
@@ -52,19 +54,15 @@ def check_cluster_map(cluster_map: np.ndarray, cluster_size: int) -> None:
 
 
 class LazyLoad:
-    """One lazy restore.  ``cluster_map`` must have passed :func:`check_cluster_map` (the
-    controller checks it once per snapshot: no array scan between the command and RESUME)."""
+    """One lazy restore.  Made ahead of its load, with nothing but the guest's RAM known (the
+    next one is made when a load finishes); the load's own path only binds the snapshot to it.
+    ``cluster_map`` must have passed :func:`check_cluster_map` (the controller checks it once
+    per snapshot: no array scan between the command and RESUME)."""
 
-    def __init__(self, wp: WriteProtector, file: BlockFile, cluster_map: np.ndarray, cluster_size: int,
-                 stream_base: int, layout: RamLayout) -> None:
+    def __init__(self, wp: WriteProtector) -> None:
         self.wp = wp
         self.ram: GuestRAM = wp.ram
         self.uffd = wp.uffd
-        self.file = file
-        self.layout = layout
-        self.cluster_map = cluster_map
-        self.cluster_size = cluster_size
-        self.stream_base = stream_base
         self.nchunks = -(-self.ram.size // CHUNK)
         self.state = np.zeros(self.nchunks, dtype=np.int8)
         self.lock = threading.Lock()
@@ -73,6 +71,18 @@ class LazyLoad:
         self.error: BaseException | None = None
         self._buf, self._fill_buf = WARM_BUFFERS.take_n(2)  # fault service, filler
         self._aside: int | None = None
+        self._free_old: Callable[[], None] | None = None
+        self.armed = False
+
+    def bind(self, file: BlockFile, cluster_map: np.ndarray, cluster_size: int, stream_base: int,
+             layout: RamLayout) -> LazyLoad:
+        """The snapshot this load reads: its image file, VM-state cluster map and RAM layout."""
+        self.file = file
+        self.layout = layout
+        self.cluster_map = cluster_map
+        self.cluster_size = cluster_size
+        self.stream_base = stream_base
+        return self
 
     def _fill(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> bool:
         with self.lock:
@@ -140,10 +150,23 @@ class LazyLoad:
             self._aside = None
 
     def arm(self) -> None:
-        """With the guest stopped: empty RAM and route missing-page faults here."""
+        """With the guest stopped: empty RAM and route missing-page faults here.  The old
+        pages are freed by :meth:`free_old`, once the guest runs."""
+        self.armed = True
         self.wp.handler = self.on_fault
         aside, self._aside = self._aside, None
-        self.wp.discard_ram(aside)
+        self._free_old = self.wp.discard_ram(aside)
+
+    def free_old(self) -> None:
+        """After RESUME: hand the pages RAM had before the load to a thread that frees them."""
+        free, self._free_old = self._free_old, None
+        if free is not None:
+            spawn(free)
+
+    def close(self) -> None:
+        """A load that was never armed: its buffers go back to the pool."""
+        if not self.armed:
+            WARM_BUFFERS.give_back([self._buf, self._fill_buf])
 
     def fill_all(self) -> None:
         """The background filler; returns when every chunk is in guest RAM."""

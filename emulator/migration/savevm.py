@@ -171,6 +171,7 @@ class SnapshotController:
         self.busy_with = ""
         self.last: SnapshotMetrics | None = None
         self._wp: WriteProtector | None = None
+        self._lazy: LazyLoad | None = None  # the next lazy load's, made ahead
         self._parsed: collections.OrderedDict[tuple[Any, ...], tuple[Qcow2Image, dict[str, Any]]] = \
             collections.OrderedDict()
         # "auto": userfaultfd, else the Unicorn TLB fallback; or force one ("userfaultfd", "unicorn-tlb").
@@ -197,6 +198,9 @@ class SnapshotController:
             return False
         self._shut = True
         self.busy_with = "machine shutdown"
+        if self._lazy is not None:
+            self._lazy.close()
+            self._lazy = None
         if self._wp is not None:
             self._wp.close()
             self._wp = None
@@ -317,6 +321,7 @@ class SnapshotController:
                 encode_sections(capture_sections(self.handlers()))
                 self._save_instant(None)
                 wp.warm()
+                self._lazy = LazyLoad(wp)
             except BaseException:
                 wp.close()
                 raise
@@ -655,6 +660,15 @@ class SnapshotController:
             except SnaplabError as err:
                 raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
 
+    def _ready_lazy(self, wp: WriteProtector) -> LazyLoad:
+        """The LazyLoad made ahead for this load (a new one if there is none)."""
+        lazy, self._lazy = self._lazy, None
+        if lazy is not None and lazy.wp is wp:
+            return lazy
+        if lazy is not None:
+            lazy.close()
+        return LazyLoad(wp)
+
     def _load_lazy(self, name: str, vmstate: str | None, devices: list[str] | None, orig: RunState,
                    stop_first: bool) -> SnapshotMetrics:
         """The lazy load (postcopy.py).  Everything that can be is done before the stop: the
@@ -676,7 +690,7 @@ class SnapshotController:
             self._goto_checked(name, nodes)
             cmap, base = self._vmstate_map(img, sn)
             apply_devices = self._prepared_state(img, sn, parsed)  # decoded: the downtime only applies
-            lazy = LazyLoad(wp, img.file, cmap, img.cluster_size, base, layout)
+            lazy = self._ready_lazy(wp).bind(img.file, cmap, img.cluster_size, base, layout)
             lazy.reserve()
             t0 = time.perf_counter()
             try:
@@ -690,11 +704,14 @@ class SnapshotController:
                 lazy.arm()
             except BaseException:
                 drained.close()
+                if not lazy.armed:
+                    self._lazy = lazy  # untouched: the next load's
                 raise
             finally:
                 lazy.release()
             t_resume = time.perf_counter()
             self.vm.vm_resume(orig)
+        lazy.free_old()
         failed: BaseException | None = None
         with drained:
             try:
@@ -715,6 +732,7 @@ class SnapshotController:
         for im in images:  # the reverted disks' metadata becomes durable after the guest resumed
             im.flush()
         lazy.fill_all()
+        self._lazy = LazyLoad(wp)  # the next load's, made off its path
         st = lazy.stats
         m = SnapshotMetrics("lazy-load", t_resume - t0, time.perf_counter() - t0)
         m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,

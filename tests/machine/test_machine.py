@@ -336,3 +336,36 @@ def test_a_process_that_never_closes_its_running_machines_exits_cleanly() -> Non
     for _ in range(3):
         res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+
+
+def test_translation_flush_runs_on_the_next_guest_run() -> None:
+    """tb_flush() as QEMU queues it: flush_translations() only marks the flush, the next
+    run() does it before any guest instruction (so a load's downtime does not pay for it)."""
+    import ctypes
+    import mmap
+
+    import unicorn.x86_const as x86
+
+    from emulator.cpu import X86CPU
+
+    cpu = X86CPU()
+    mem = mmap.mmap(-1, 0x10000)
+    host = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    cpu.map_ram(0, 0x10000, host)
+
+    def mov_eax(value: int) -> None:  # written behind Unicorn's back, as a load fills RAM
+        ctypes.memmove(host + 0x1000, b"\xb8" + value.to_bytes(4, "little") + b"\x90" * 11, 16)
+
+    def run_at_0x1000() -> int:
+        cpu.pc = 0x1000
+        assert cpu.run(count=1) is None
+        return int(cpu.uc.reg_read(x86.UC_X86_REG_RAX))
+
+    mov_eax(1)
+    assert run_at_0x1000() == 1
+    mov_eax(2)
+    assert run_at_0x1000() == 1  # the block translated from the old bytes is still used
+    cpu.flush_translations()
+    assert cpu.last_tb_flush_s == 0.0  # nothing done yet: the flush waits for the next run
+    assert run_at_0x1000() == 2
+    assert cpu.last_tb_flush_s > 0.0

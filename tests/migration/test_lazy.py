@@ -170,8 +170,9 @@ def test_emptying_ram_swaps_the_mapping_and_keeps_it_registered() -> None:
         assert _read(ram, 0, 1 << 20) == bytes(1 << 20) and _read(ram, (64 << 20) - 4096, 4096) == bytes(4096)
         ctypes.memset(ram.addr + (8 << 20), 3, 4096)
         assert _read(ram, 8 << 20, 4097) == b"\x03" * 4096 + b"\x00"
-        wp.discard_ram()  # the same through the write protector, freeing in a thread
-        assert ram.addr == addr and {"um", "uw"} <= _vmflags(addr)
+        free_old = wp.discard_ram()  # the same through the write protector (freeing is the caller's)
+        assert free_old is not None and ram.addr == addr and {"um", "uw"} <= _vmflags(addr)
+        free_old()
         assert _read(ram, 8 << 20, 4096) == bytes(4096)
         # Freeing the old pages reserves the next aside (off a load's path); it is handed out
         # once, as reserved address space only (no access), and close() gives it back.
