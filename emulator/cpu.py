@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import unicorn
 import unicorn.x86_const as x86
@@ -211,18 +212,23 @@ class X86CPU:
         self.uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
         self._set_system_registers(regs)
 
+    @staticmethod
+    def _system_registers(regs: dict[str, int]) -> list[tuple[int, tuple[int, ...]]]:
+        """EFER, GDTR and IDTR as (register id, value) for reg_write, in the order written."""
+        return [(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))] + [
+            (getattr(x86, f"UC_X86_REG_{name}"), (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
+            for name in ("GDTR", "IDTR")]
+
     def _set_system_registers(self, regs: dict[str, int]) -> None:
-        self.uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
-        for name in ("GDTR", "IDTR"):
-            self.uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"),
-                              (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
+        for rid, value in self._system_registers(regs):
+            self.uc.reg_write(rid, value)
         self.flush_translations()
 
     def prepare_state(self, regs: dict[str, int]) -> Callable[[], None]:
         """set_state() split in two, the mirror of capture_state(): the register values are
         converted now into the C arrays ``uc_reg_write_batch`` takes (~0.3 ms of Python, more
-        with cold caches), and the returned function writes them with one call, inside a
-        downtime.  Uses the unicorn binding's own converters; if its internals ever move, the
+        with cold caches), and the returned function writes them, EFER, GDTR and IDTR included,
+        with one call inside a downtime.  Uses the unicorn binding's own converters; if its internals ever move, the
         returned function is plain set_state()."""
         uc = self.uc
         try:
@@ -230,9 +236,11 @@ class X86CPU:
             write_batch = uc._do_reg_write_batch
         except AttributeError:
             return lambda: self.set_state(regs)
-        values = [convert(uc._select_reg_class(rid), regs[name]) for name, rid, _ in REGISTERS]
+        writes: list[tuple[int, Any]] = [(rid, regs[name]) for name, rid, _ in REGISTERS]
+        writes += self._system_registers(regs)  # the same call writes them, after the others
+        values = [convert(uc._select_reg_class(rid), value) for rid, value in writes]
         n = len(values)
-        ids = (ctypes.c_int * n)(*(rid for _, rid, _ in REGISTERS))
+        ids = (ctypes.c_int * n)(*(rid for rid, _ in writes))
         ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(v) for v in values))
 
         def write() -> None:
@@ -240,7 +248,7 @@ class X86CPU:
             if status != unicorn.UC_ERR_OK:
                 raise UcError(status)
             _ = values  # the arrays point into these: they live as long as this function
-            self._set_system_registers(regs)
+            self.flush_translations()
 
         return write
 

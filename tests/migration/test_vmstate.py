@@ -142,7 +142,9 @@ def test_prepared_cpu_state_is_written_only_when_applied(make_vm) -> None:  # ty
     m = make_vm()
     m.stop()
     now = m.cpu.get_state()
-    want = dict(now, RAX=0x1234_5678_9ABC, R15=7, XMM3=(1 << 100) | 5, ST2=0)
+    want = dict(now, RAX=0x1234_5678_9ABC, R15=7, XMM3=(1 << 100) | 5, ST2=0,
+                GDTR_BASE=now["GDTR_BASE"] + 0x40, IDTR_LIMIT=0x7F)  # system registers too
+    assert want != now
     write = m.cpu.prepare_state(want)
     assert m.cpu.get_state() == now
     write()
