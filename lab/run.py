@@ -152,7 +152,11 @@ def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
 
 def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"), *, seed: int = 1,
                     repetitions: int = 2) -> list[dict[str, Any]]:
-    """Time from snapshot-load to RESUME for each load engine, on one running guest."""
+    """Time from snapshot-load to RESUME for each load engine, on one running guest.
+
+    Every load follows the same idle time (0.1 s), and so does a ``query-status`` timed just
+    before it: ``idle_query_ms``, the host's cost of waking this process for the smallest
+    command, measured in the same run (on a noisy VM it moves as much as the loads do)."""
     spec = ExperimentSpec(ram_mib=ram_mib, seed=seed, engine="blocking", dirty_rate_mib_s=0)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="snaplab-") as tmp:
@@ -168,6 +172,10 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"
             for rep in range(repetitions):
                 for eng in engines:
                     time.sleep(0.1)
+                    t_ref = time.perf_counter()
+                    q.execute("query-status")
+                    idle_query_ms = (time.perf_counter() - t_ref) * 1e3
+                    time.sleep(0.1)
                     q.events()
                     job = f"load-{eng}-{rep}"
                     args: dict[str, Any] = {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"]}
@@ -181,6 +189,7 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"
                     rows.append({"ram_mib": ram_mib, "engine": eng, "rep": rep, "seed": seed,
                                  "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,
                                  "command_to_resume_ms": (ev["RESUME"] - t0) * 1e3,
+                                 "idle_query_ms": idle_query_ms,
                                  "complete_s": stats["total-s"], "faults": stats.get("faults", 0),
                                  "vmstate_bytes": base_bytes})
             q.execute("quit")

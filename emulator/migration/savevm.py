@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -538,13 +538,26 @@ class SnapshotController:
         ``engine`` ``lazy`` resumes the guest before RAM is loaded (see postcopy.py); the
         operation ends when every page is in place.
         """
+        steps = self.load_snapshot_steps(name, vmstate, devices, stop_first=stop_first, engine=engine)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                metrics: SnapshotMetrics = done.value
+                return metrics
+
+    def load_snapshot_steps(self, name: str, vmstate: str | None, devices: list[str] | None, *,
+                            stop_first: bool = True,
+                            engine: str = "blocking") -> Generator[None, None, SnapshotMetrics]:
+        """:meth:`load_snapshot` in steps: a lazy load yields once, when the guest has resumed
+        (the job runs the rest on a thread of its own); a blocking load does not yield."""
         if engine not in LOAD_ENGINES:
             raise SnaplabError(f"Parameter 'engine' does not accept value '{engine}'")
         self._begin(f"snapshot load ({engine})")
         try:
             orig = self.vm.state
             if engine == "lazy":
-                return self._load_lazy(name, vmstate, devices, orig, stop_first)
+                return (yield from self._load_lazy(name, vmstate, devices, orig, stop_first))
             t0 = time.perf_counter()
             if stop_first:
                 self.vm.vm_stop(RunState.RESTORE_VM)
@@ -670,7 +683,7 @@ class SnapshotController:
         return LazyLoad(wp)
 
     def _load_lazy(self, name: str, vmstate: str | None, devices: list[str] | None, orig: RunState,
-                   stop_first: bool) -> SnapshotMetrics:
+                   stop_first: bool) -> Generator[None, None, SnapshotMetrics]:
         """The lazy load (postcopy.py).  Everything that can be is done before the stop: the
         checks and the parse (a bad request fails without a STOP; QEMU's blocking load stops
         first), the disks' revert checked, the VM-state cluster map, the address space RAM is
@@ -725,6 +738,9 @@ class SnapshotController:
                 for im in images:
                     im.io_error = f"snapshot '{name}' was not loaded: {err}"
                 failed = err
+        # The guest runs and the disks are reverted (the drained section, whose locks belong
+        # to this thread, is over): the pages may follow on another thread.
+        yield
         if failed is not None:
             self.vm.vm_stop(RunState.RESTORE_VM)  # as a failed QEMU load leaves it
             lazy.fill_all()

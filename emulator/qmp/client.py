@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
@@ -86,9 +86,18 @@ class QMPClient:
         return out
 
     def _dispatch(self, req: Request, timeout: float) -> bytes:
-        fut = self._pool.submit(self.monitor.handle, self.conn, req)
+        reply: Future[bytes] = Future()
+
+        def serve() -> None:
+            try:
+                self.monitor.dispatch(self.conn, req, reply.set_result)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller
+                if not reply.done():
+                    reply.set_exception(err)
+
+        self._pool.submit(serve)
         try:
-            return fut.result(timeout=timeout)
+            return reply.result(timeout=timeout)
         except FutureTimeout:
             raise QMPTimeout(f"QMP command '{req.execute}' did not answer within {timeout} s") from None
 

@@ -22,6 +22,7 @@ from emulator.errors import SnaplabError
 from emulator.qmp.jobs import JobManager
 from emulator.qmp.protocol import QMPConnection, Request
 from emulator.qmp.schema import Schema, default_schema
+from emulator.workers import spawn
 
 log = logging.getLogger(__name__)
 QEMU_VERSION = {"micro": 22, "minor": 2, "major": 7}
@@ -90,7 +91,8 @@ class Monitor:
         self.schema = schema or default_schema()
         self._subs: list[Subscriber] = []
         self._lock = threading.Lock()
-        self.jobs = JobManager(self.broadcast)
+        self._dispatching = threading.local()  # the bottom halves queued by the command in hand
+        self.jobs = JobManager(self.broadcast, self.bottom_half)
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "qmp_capabilities": self._capabilities_again,
             "query-version": lambda a: self.version(),
@@ -156,6 +158,31 @@ class Monitor:
 
     def new_connection(self) -> QMPConnection:
         return QMPConnection(self.version())
+
+    def dispatch(self, conn: QMPConnection, req: Request, send: Callable[[bytes], None]) -> None:
+        """qmp_dispatch() and then the main loop's next turn: the reply line is handed to
+        ``send``, then the bottom halves the command scheduled run on this thread."""
+        queued: list[Callable[[], None]] = []
+        self._dispatching.queue = queued
+        try:
+            reply = self.handle(conn, req)
+        finally:
+            self._dispatching.queue = None
+        send(reply)
+        for bh in queued:
+            try:
+                bh()
+            except Exception:  # a bottom half reports its own errors; this one is a bug
+                log.exception("bottom half of %s failed", req.execute)
+
+    def bottom_half(self, fn: Callable[[], None]) -> None:
+        """aio_bh_schedule_oneshot() on the main loop: ``fn`` runs after the reply of the
+        command being dispatched on this thread, on this thread; outside a dispatch, on a worker."""
+        queue: list[Callable[[], None]] | None = getattr(self._dispatching, "queue", None)
+        if queue is not None:
+            queue.append(fn)
+        else:
+            spawn(fn)
 
     def handle(self, conn: QMPConnection, req: Request) -> bytes:
         """Dispatch one request; always returns the reply line (qmp_dispatch)."""

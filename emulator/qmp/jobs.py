@@ -1,14 +1,18 @@
 """QEMU's job framework (job.c, qapi/job.json): states, verbs, manual dismiss, progress.
 
 A job runs its work function on its own thread, so the monitor keeps answering while it runs
-(QEMU 7.2 does not: its snapshot jobs run in the main loop).  Every transition emits
-JOB_STATUS_CHANGE; a failed job concludes with ``error`` in ``query-jobs``.
+(QEMU 7.2 does not: its snapshot jobs run in the main loop).  A work function that is a
+generator runs its first step as QEMU runs a snapshot job's bottom half: on the thread that
+dispatched the command, right after the reply went out (no thread to wake between the command
+and the job's start); the steps after its first ``yield`` go on a thread of their own.  Every
+transition emits JOB_STATUS_CHANGE; a failed job concludes with ``error`` in ``query-jobs``.
 """
 
 from __future__ import annotations
 
+import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -74,7 +78,7 @@ class JobCancelled(SnaplabError):
 class Job:
     id: str
     type: str
-    work: Callable[[Job], None]
+    work: Callable[[Job], Iterator[None] | None]  # a generator: see the module's docstring
     status: JobStatus = JobStatus.CREATED
     current_progress: int = 0
     total_progress: int = 0
@@ -98,8 +102,10 @@ class Job:
 class JobManager:
     """The job list of one VM (QEMU's global job list)."""
 
-    def __init__(self, emit: Callable[[str, dict[str, Any]], None]) -> None:
+    def __init__(self, emit: Callable[[str, dict[str, Any]], None],
+                 bottom_half: Callable[[Callable[[], None]], Any] = spawn) -> None:
         self._emit = emit
+        self._bottom_half = bottom_half
         self._jobs: dict[str, Job] = {}
         self._lock = threading.RLock()
 
@@ -111,7 +117,7 @@ class JobManager:
             job.status = to
         self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": to.value})
 
-    def create(self, job_id: str, job_type: str, work: Callable[[Job], None]) -> Job:
+    def create(self, job_id: str, job_type: str, work: Callable[[Job], Iterator[None] | None]) -> Job:
         """job_create() + job_start(): immediate errors for a bad or used id."""
         with self._lock:
             if not id_wellformed(job_id):
@@ -122,15 +128,40 @@ class JobManager:
             self._jobs[job_id] = job
         self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": JobStatus.CREATED.value})
         self._transition(job, JobStatus.RUNNING)  # job_start(): running before the command returns
-        spawn(self._run, job)
+        if inspect.isgeneratorfunction(job.work):
+            self._bottom_half(lambda: self._first_step(job))
+        else:
+            spawn(self._run, job)
         return job
 
-    def _run(self, job: Job) -> None:
+    def _first_step(self, job: Job) -> None:
+        """A generator job's first step, here; the rest on a worker."""
+        steps: Iterator[None] | None = None
+        first_error: Exception | None = None
         try:
             if job.cancelled:
                 raise JobCancelled("Operation canceled")
+            steps = job.work(job)
+            assert steps is not None
+            next(steps)
+        except StopIteration:
+            steps = iter(())
+        except Exception as err:  # concluded (with the error) on the worker, like any failure
+            first_error = err
+        spawn(self._run, job, steps, first_error)
+
+    def _run(self, job: Job, steps: Iterator[None] | None = None, first_error: Exception | None = None) -> None:
+        try:
+            if first_error is not None:
+                raise first_error
+            if job.cancelled:
+                raise JobCancelled("Operation canceled")
             job.total_progress = 1
-            job.work(job)
+            if steps is None:
+                job.work(job)
+            else:
+                for _ in steps:
+                    pass
             job.current_progress = 1
             if job.cancelled:
                 raise JobCancelled("Operation canceled")

@@ -8,6 +8,7 @@ stopped when the load fails).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from emulator.migration.savevm import SnapshotController
@@ -47,7 +48,12 @@ def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None
         def work(job: Job) -> None:
             m = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"], engine=a.get(ENGINE_MEMBER, "blocking"))
             job.result["metrics"] = m
-        monitor.jobs.create(a["job-id"], "snapshot-load", work)
+
+        def lazy_work(job: Job) -> Iterator[None]:
+            """Up to RESUME as the command's bottom half (no thread wakes in between), then a worker."""
+            job.result["metrics"] = yield from ctl.load_snapshot_steps(a["tag"], a["vmstate"], a["devices"],
+                                                                       engine="lazy")
+        monitor.jobs.create(a["job-id"], "snapshot-load", lazy_work if a.get(ENGINE_MEMBER) == "lazy" else work)
         return {}
 
     def delete(a: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from emulator.errors import SnaplabError
 from emulator.qmp.commands import Monitor
-from emulator.qmp.protocol import ConnState, Output, QMPConnection, Request
+from emulator.qmp.protocol import ConnState, Output
 
 log = logging.getLogger(__name__)
 MAX_OUTPUT_BUFFER = 16 << 20
@@ -116,8 +116,22 @@ class QMPServer:
                     else:
                         self._inflight += 1
                         try:
-                            reply = await loop.run_in_executor(self._lt.pool, self._handle, conn, item)
-                            send(reply)
+                            replied = loop.create_future()
+
+                            def reply(data: bytes, fut: asyncio.Future[None] = replied) -> None:
+                                def deliver() -> None:
+                                    send(data)
+                                    if not fut.done():
+                                        fut.set_result(None)
+                                loop.call_soon_threadsafe(deliver)
+
+                            done = loop.run_in_executor(self._lt.pool, self.monitor.dispatch, conn, item, reply)
+                            done.add_done_callback(lambda f: f.cancelled() or f.exception())
+                            # the next request waits for this reply only, not for the bottom
+                            # halves that run after it (a job's first step) ...
+                            await asyncio.wait([replied, done], return_when=asyncio.FIRST_COMPLETED)
+                            if not replied.done():
+                                await done  # ... unless dispatch failed before replying (raises)
                         finally:
                             self._inflight -= 1
                 await writer.drain()
@@ -130,9 +144,6 @@ class QMPServer:
             self._writers.discard(writer)
             with contextlib.suppress(Exception):
                 writer.close()
-
-    def _handle(self, conn: QMPConnection, req: Request) -> bytes:
-        return self.monitor.handle(conn, req)
 
     def close(self) -> None:
         """Stop listening; let commands in flight (``quit``) send their reply, then hang up."""

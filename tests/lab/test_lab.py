@@ -10,7 +10,7 @@ from emulator.uffd import UffdUnavailable, UserFaultFD
 from lab import plot, results
 from lab.cli import main
 from lab.reference import qemu_reference
-from lab.run import run_experiment
+from lab.run import load_experiment, run_experiment
 from lab.spec import ExperimentSpec, SpecError
 
 
@@ -88,3 +88,17 @@ def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # typ
     assert got["blocking save downtime"] > got["background snapshot downtime"] > 0
     assert got["background snapshot total"] > got["background snapshot downtime"]
     assert "qemu-system-x86_64" in meta["measured"]
+
+
+def test_load_experiment_rows_carry_their_same_run_reference() -> None:
+    try:
+        UserFaultFD().close()
+    except UffdUnavailable as err:
+        pytest.skip(f"the kernel refuses userfaultfd here: {err}")
+    rows = load_experiment(64, repetitions=1)
+    assert [r["engine"] for r in rows] == ["blocking", "lazy"]
+    for r in rows:
+        assert 0 < r["stopped_ms"] <= r["command_to_resume_ms"]
+        assert r["idle_query_ms"] > 0 and r["vmstate_bytes"] > 0
+    blocking, lazy = rows
+    assert lazy["stopped_ms"] < blocking["stopped_ms"]  # lazy leaves RAM for after RESUME

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import threading
 import time
 from pathlib import Path
 
@@ -67,10 +68,24 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
         q = _running_with_snapshot(m)
         time.sleep(0.1)
         q.events()
+        threads: dict[str, str] = {}
+
+        def traced(step: str):  # type: ignore[no-untyped-def]
+            f = getattr(m, step)
+
+            def call(*a):  # type: ignore[no-untyped-def]
+                threads[step] = threading.current_thread().name
+                return f(*a)
+            return call
+
+        for step in ("vm_stop", "vm_resume"):
+            setattr(m, step, traced(step))
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
                                     "__org.snaplab_engine": "lazy"})
         info = q.wait_job("l", 60)
         assert "error" not in info
+        # up to RESUME on the thread that dispatched the command (the job's bottom half)
+        assert threads["vm_stop"] == threads["vm_resume"] and threads["vm_stop"].startswith("qmp-client")
         evs = [e.event for e in q.events() if e.event in ("STOP", "RESUME")]
         assert evs == ["STOP", "RESUME"]
         stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "l"})

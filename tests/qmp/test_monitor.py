@@ -199,3 +199,39 @@ def test_hmp(vm: Machine) -> None:
     assert out.startswith("List of snapshots present on all disks:\r\nNone\r\n\r\n"
                           "List of partial (non-loadable) snapshots on '':\r\nID        TAG")
     assert "\r\n1         a                     0 B " in out
+
+
+def test_generator_job_first_step_is_the_commands_bottom_half() -> None:
+    """A generator job runs up to its first yield where the monitor dispatched the command,
+    after the reply was handed over; the rest on a worker.  A failing or cancelled first step
+    concludes the job with the error, as any failure does."""
+    from emulator.qmp.jobs import Job, JobManager
+
+    events: list[tuple[str, str]] = []
+    bottom_halves: list = []  # type: ignore[type-arg]
+    jobs = JobManager(lambda name, data: events.append((data["id"], data["status"])), bottom_halves.append)
+    where: dict[str, str] = {}
+
+    def steps(job: Job) -> Iterator[None]:
+        where["first"] = threading.current_thread().name
+        yield
+        where["rest"] = threading.current_thread().name
+
+    def fails(job: Job) -> Iterator[None]:
+        raise RuntimeError("boom")
+        yield
+
+    a = jobs.create("a", "test", steps)
+    assert where == {} and a.status.value == "running"  # nothing ran before the bottom half
+    bottom_halves.pop()()
+    assert where["first"] == threading.current_thread().name
+    assert a.done.wait(5) and where["rest"] != where["first"] and a.error is None
+    b = jobs.create("b", "test", fails)
+    bottom_halves.pop()()
+    assert b.done.wait(5) and b.error == "internal error: RuntimeError: boom"
+    c = jobs.create("c", "test", steps)
+    jobs.cancel("c")
+    where.clear()
+    bottom_halves.pop()()
+    assert c.done.wait(5) and c.error == "Operation canceled" and where == {}
+    assert [s for j, s in events if j == "b"][-2:] == ["aborting", "concluded"]

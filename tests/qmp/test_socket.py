@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -155,3 +156,64 @@ def test_tcp_monitor_on_loopback_only(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_lazy_load_replies_before_its_stop(tmp_path: Path) -> None:
+    """A lazy snapshot-load's first step runs as QEMU runs the job's bottom half, after the
+    reply has gone out: on the wire the return comes before STOP."""
+    from emulator.block import Qcow2Image
+
+    disk = tmp_path / "d.qcow2"
+    Qcow2Image.create(str(disk), 64 << 20).close()
+    sock = tmp_path / "q.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "64M", "-snaplab-workload", "dirty,seed=1",
+                             "-blockdev", f"driver=file,filename={disk},node-name=f0",
+                             "-blockdev", "driver=qcow2,file=f0,node-name=disk0",
+                             "-device", "virtio-blk-pci,drive=disk0,id=vd0",
+                             "-qmp", f"unix:{sock},server=on,wait=off"], stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 30
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(sock))
+        s.settimeout(30)
+        buf = b""
+
+        def until(pred) -> list[dict]:  # type: ignore[no-untyped-def,type-arg]
+            nonlocal buf
+            while True:
+                msgs = [json.loads(x) for x in buf.split(b"\r\n") if x.strip()]
+                if any(pred(m) for m in msgs):
+                    buf = b""
+                    return msgs
+                chunk = s.recv(65536)
+                assert chunk, "connection closed"
+                buf += chunk
+
+        def concluded(job: str):  # type: ignore[no-untyped-def]
+            return lambda m: m.get("event") == "JOB_STATUS_CHANGE" and m["data"] == {"id": job, "status": "concluded"}
+
+        until(lambda m: "QMP" in m)
+        s.sendall(b'{"execute": "qmp_capabilities"}\n')
+        until(lambda m: "return" in m)
+        s.sendall(b'{"execute": "snapshot-save", "arguments": {"job-id": "s", "tag": "t", "vmstate": "disk0", '
+                  b'"devices": ["disk0"]}}\n')
+        until(concluded("s"))
+        s.sendall(b'{"execute": "snapshot-load", "id": "L", "arguments": {"job-id": "l", "tag": "t", '
+                  b'"vmstate": "disk0", "devices": ["disk0"], "__org.snaplab_engine": "lazy"}}\n')
+        msgs = until(concluded("l"))
+        names = [m.get("event") or ("reply" if m.get("id") == "L" else "other") for m in msgs]
+        assert names.index("reply") < names.index("STOP") < names.index("RESUME")
+        changes = [i for i, m in enumerate(msgs) if m.get("event") == "JOB_STATUS_CHANGE"]
+        assert [msgs[i]["data"]["status"] for i in changes[:2]] == ["created", "running"]
+        assert changes[1] < names.index("reply")  # emitted by the command itself, as in QEMU
+        s.sendall(b'{"execute": "query-jobs", "id": 2}\n')
+        jobs = until(lambda m: m.get("id") == 2)[-1]["return"]
+        assert [(j["id"], j["status"], "error" in j) for j in jobs if j["id"] == "l"] == [("l", "concluded", False)]
+        s.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
