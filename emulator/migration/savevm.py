@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import gc
 import os
 import sys
 import threading
@@ -30,6 +29,7 @@ from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
 from emulator.errors import SnaplabError
+from emulator.gc_control import freeze_long_lived, gc_paused
 from emulator.memory import GuestRAM
 from emulator.migration.cow import (
     PROT_RWX,
@@ -113,14 +113,8 @@ def short_downtime(vm: VMOps) -> Iterator[None]:
     STOP/RESUME events raised inside are delivered after it (with the times they were raised),
     so no monitor thread wakes up to compete.  The blocking engine does not use it: its STOP
     must reach clients while it works."""
-    gc_on = gc.isenabled()
-    gc.disable()
-    try:
-        with vm.held_events(), _switch_interval(5e-5):
-            yield
-    finally:
-        if gc_on:
-            gc.enable()
+    with gc_paused(), vm.held_events(), _switch_interval(5e-5):
+        yield
 
 
 @dataclass
@@ -322,6 +316,7 @@ class SnapshotController:
                 self._save_instant(None)
                 wp.warm()
                 self._lazy = LazyLoad(wp)
+                freeze_long_lived()  # a full collection then walks only what came after (gc_control.py)
             except BaseException:
                 wp.close()
                 raise

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from emulator.block.info import info_dict
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.errors import SnaplabError
+from emulator.gc_control import gc_paused
 from emulator.qmp.jobs import JobManager
 from emulator.qmp.protocol import QMPConnection, Request
 from emulator.qmp.schema import Schema, default_schema
@@ -163,17 +164,18 @@ class Monitor:
         """qmp_dispatch() and then the main loop's next turn: the reply line is handed to
         ``send``, then the bottom halves the command scheduled run on this thread."""
         queued: list[Callable[[], None]] = []
-        self._dispatching.queue = queued
-        try:
-            reply = self.handle(conn, req)
-        finally:
-            self._dispatching.queue = None
-        send(reply)
-        for bh in queued:
+        with gc_paused():  # a collection lands after the command, not inside it (gc_control.py)
+            self._dispatching.queue = queued
             try:
-                bh()
-            except Exception:  # a bottom half reports its own errors; this one is a bug
-                log.exception("bottom half of %s failed", req.execute)
+                reply = self.handle(conn, req)
+            finally:
+                self._dispatching.queue = None
+            send(reply)
+            for bh in queued:
+                try:
+                    bh()
+                except Exception:  # a bottom half reports its own errors; this one is a bug
+                    log.exception("bottom half of %s failed", req.execute)
 
     def bottom_half(self, fn: Callable[[], None]) -> None:
         """aio_bh_schedule_oneshot() on the main loop: ``fn`` runs after the reply of the
