@@ -170,7 +170,10 @@ class Monitor:
                 reply = self.handle(conn, req)
             finally:
                 self._dispatching.queue = None
-            send(reply)
+            try:
+                send(reply)
+            except Exception:  # the peer is gone: the command's work still happens
+                log.exception("reply to %s could not be sent", req.execute)
             for bh in queued:
                 try:
                     bh()

@@ -154,13 +154,14 @@ class JobManager:
         try:
             if first_error is not None:
                 raise first_error
-            if job.cancelled:
-                raise JobCancelled("Operation canceled")
-            job.total_progress = 1
             if steps is None:
+                if job.cancelled:
+                    raise JobCancelled("Operation canceled")
+                job.total_progress = 1
                 job.work(job)
             else:
-                for _ in steps:
+                job.total_progress = 1
+                for _ in steps:  # started: it runs to its end (a cancel is reported after it)
                     pass
             job.current_progress = 1
             if job.cancelled:

@@ -235,3 +235,19 @@ def test_generator_job_first_step_is_the_commands_bottom_half() -> None:
     bottom_halves.pop()()
     assert c.done.wait(5) and c.error == "Operation canceled" and where == {}
     assert [s for j, s in events if j == "b"][-2:] == ["aborting", "concluded"]
+    # cancelled once its first step ran: the rest still runs (it holds what the first step
+    # took, e.g. the snapshot lock), then the job reports the cancel
+    gate = threading.Event()
+    where.clear()
+
+    def gated(job: Job) -> Iterator[None]:
+        where["first"] = "ran"
+        yield
+        gate.wait(5)
+        where["rest"] = "ran"
+
+    d = jobs.create("d", "test", gated)
+    bottom_halves.pop()()
+    jobs.cancel("d")
+    gate.set()
+    assert d.done.wait(5) and where == {"first": "ran", "rest": "ran"} and d.error == "Operation canceled"
