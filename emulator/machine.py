@@ -52,6 +52,7 @@ from emulator.devices.lab import LabPort
 from emulator.devices.serial import Serial, Sink
 from emulator.devices.timer import Timer
 from emulator.errors import SnaplabError
+from emulator.gc_control import freeze_long_lived
 from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
 from emulator.memory import GuestRAM
 from emulator.migration.migrate import Migration
@@ -120,6 +121,7 @@ class Machine:
 
     def __init__(self, config: MachineConfig | None = None, graph: BlockGraph | None = None,
                  serial: Sink | None = None) -> None:
+        freeze_long_lived()  # before any guest runs: the one full collection stalls nobody (gc_control.py)
         self.config = config = config or MachineConfig()
         self.graph = graph or BlockGraph()
         self.state = RunState.PRELAUNCH

@@ -29,7 +29,7 @@ from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
 from emulator.errors import SnaplabError
-from emulator.gc_control import freeze_long_lived, gc_paused
+from emulator.gc_control import gc_paused
 from emulator.memory import GuestRAM
 from emulator.migration.cow import (
     PROT_RWX,
@@ -316,7 +316,6 @@ class SnapshotController:
                 self._save_instant(None)
                 wp.warm()
                 self._lazy = LazyLoad(wp)
-                freeze_long_lived()  # a full collection then walks only what came after (gc_control.py)
             except BaseException:
                 wp.close()
                 raise
