@@ -166,7 +166,10 @@ class LazyLoad:
     def close(self) -> None:
         """A load that was never armed: its buffers go back to the pool."""
         if not self.armed:
-            WARM_BUFFERS.give_back([self._buf, self._fill_buf])
+            self._give_back_buffers()
+
+    def _give_back_buffers(self) -> None:
+        WARM_BUFFERS.give_back([self._buf, self._fill_buf])
 
     def fill_all(self) -> None:
         """The background filler; returns when every chunk is in guest RAM."""
@@ -181,6 +184,6 @@ class LazyLoad:
                     self.cond.wait(0.1)
         finally:
             self.wp.handler = None
-        WARM_BUFFERS.give_back([self._buf, self._fill_buf])  # every chunk is in: no fault uses them
+        self._give_back_buffers()  # every chunk is in: no fault uses them
         self.stats.fill_s = time.perf_counter() - t0
         self.ram.collapse()

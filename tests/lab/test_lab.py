@@ -14,6 +14,13 @@ from lab.run import load_experiment, run_experiment
 from lab.spec import ExperimentSpec, SpecError
 
 
+def need_userfaultfd() -> None:
+    try:
+        UserFaultFD().close()
+    except UffdUnavailable as err:
+        pytest.skip(f"the kernel refuses userfaultfd here: {err}")
+
+
 def test_spec_errors_name_the_field(tmp_path: Path) -> None:
     for kw, text in [({"engine": "magic"}, "spec field 'engine': 'magic' is not allowed; expected blocking, cow, precopy"),
                      ({"ram_mib": 4}, "spec field 'ram_mib'"),
@@ -31,10 +38,7 @@ def test_spec_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
-    try:
-        UserFaultFD().close()
-    except UffdUnavailable as err:
-        pytest.skip(f"the kernel refuses userfaultfd here: {err}")
+    need_userfaultfd()
     rows = []
     for eng in ("blocking", "cow"):
         rows += run_experiment(ExperimentSpec(ram_mib=64, engine=eng, repetitions=2, warmup_s=0.3, gap_s=0.05))
@@ -91,10 +95,7 @@ def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # typ
 
 
 def test_load_experiment_rows_carry_their_same_run_reference() -> None:
-    try:
-        UserFaultFD().close()
-    except UffdUnavailable as err:
-        pytest.skip(f"the kernel refuses userfaultfd here: {err}")
+    need_userfaultfd()
     rows = load_experiment(64, repetitions=1)
     assert [r["engine"] for r in rows] == ["blocking", "lazy"]
     for r in rows:

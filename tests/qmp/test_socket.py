@@ -21,18 +21,24 @@ from qemu.qmp import ExecuteError, QMPClient
 QMP_SHELL = shutil.which("qmp-shell")
 
 
-@pytest.fixture
-def system(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
-    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+def start_system(args: list[str], *sockets: Path) -> subprocess.Popen[bytes]:
+    """snaplab-system with a 64 MiB dirtying guest, ``args`` and one ``-qmp`` per socket,
+    returned once every socket is there."""
+    qmp = [x for sock in sockets for x in ("-qmp", f"unix:{sock},server=on,wait=off")]
     proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "64M", "-snaplab-workload", "dirty,seed=1",
-                             "-qmp", f"unix:{a},server=on,wait=off", "-qmp", f"unix:{b},server=on,wait=off",
-                             "-serial", f"file:{tmp_path / 'serial.log'}"],
-                            stderr=subprocess.PIPE)
+                             *qmp, *args], stderr=subprocess.PIPE)
     end = time.monotonic() + 30
-    while not (a.exists() and b.exists()):
+    while not all(sock.exists() for sock in sockets):
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
         assert time.monotonic() < end
         time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture
+def system(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    a, b = tmp_path / "a.sock", tmp_path / "b.sock"
+    proc = start_system(["-serial", f"file:{tmp_path / 'serial.log'}"], a, b)
     yield proc, a, b
     if proc.poll() is None:
         proc.kill()
@@ -166,17 +172,10 @@ def test_lazy_load_replies_before_its_stop(tmp_path: Path) -> None:
     disk = tmp_path / "d.qcow2"
     Qcow2Image.create(str(disk), 64 << 20).close()
     sock = tmp_path / "q.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "64M", "-snaplab-workload", "dirty,seed=1",
-                             "-blockdev", f"driver=file,filename={disk},node-name=f0",
-                             "-blockdev", "driver=qcow2,file=f0,node-name=disk0",
-                             "-device", "virtio-blk-pci,drive=disk0,id=vd0",
-                             "-qmp", f"unix:{sock},server=on,wait=off"], stderr=subprocess.PIPE)
+    proc = start_system(["-blockdev", f"driver=file,filename={disk},node-name=f0",
+                         "-blockdev", "driver=qcow2,file=f0,node-name=disk0",
+                         "-device", "virtio-blk-pci,drive=disk0,id=vd0"], sock)
     try:
-        end = time.monotonic() + 30
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-            assert time.monotonic() < end
-            time.sleep(0.05)
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(sock))
         s.settimeout(30)
