@@ -97,7 +97,7 @@ def main() -> None:
             src = "measured in this run"
         else:
             q_down, q_tot = RECORDED.get(mib, (float("nan"), float("nan")))
-            src = "RECORDED (QEMU not installed here)"
+            src = "RECORDED (--no-qemu)" if a.no_qemu else "RECORDED (QEMU or OVMF not installed here)"
         d_ms = [r["downtime"] * 1e3 for r in mine]
         print(f"{mib} MiB: snaplab cow downtime {', '.join(f'{x:.2f}' for x in d_ms)} ms "
               f"(median {np.median(d_ms):.2f}); total {np.median([r['total'] for r in mine]):.2f} s; "
