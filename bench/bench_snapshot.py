@@ -131,7 +131,8 @@ def main() -> None:
             results[side] = run(argv, sw / "q.sock", args.ram_mib, args.runs, settle)
     med = {s: {k: float(np.median(v)) for k, v in r.items()} for s, r in results.items()}
     ref = med.get("qemu", RECORDED)
-    src = "measured in this run" if "qemu" in med else "RECORDED in shared/reference (QEMU not installed here)"
+    why = "--no-qemu" if args.no_qemu else "QEMU or OVMF not installed here"
+    src = "measured in this run" if "qemu" in med else f"RECORDED in shared/reference ({why})"
     print(f"RAM {args.ram_mib} MiB, {args.runs} runs, QEMU figures {src}")
     for k in ("save", "load"):
         ours = results["snaplab"][k]
