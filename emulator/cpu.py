@@ -227,9 +227,9 @@ class X86CPU:
     def prepare_state(self, regs: dict[str, int]) -> Callable[[], None]:
         """set_state() split in two, the mirror of capture_state(): the register values are
         converted now into the C arrays ``uc_reg_write_batch`` takes (~0.3 ms of Python, more
-        with cold caches), and the returned function writes them, EFER, GDTR and IDTR included,
-        with one call inside a downtime.  Uses the unicorn binding's own converters; if its internals ever move, the
-        returned function is plain set_state()."""
+        with cold caches), and the returned function writes them, EFER, GDTR and IDTR
+        included, with one call inside a downtime.  Uses the unicorn binding's own converters;
+        if its internals ever move, the returned function is plain set_state()."""
         uc = self.uc
         try:
             convert = uc._RegStateManager__get_reg_write_arg  # type: ignore[attr-defined]
