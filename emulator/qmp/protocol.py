@@ -18,6 +18,7 @@ No sockets, threads or asyncio here (transport.py and client.py wrap it).
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,6 +30,7 @@ MAX_TOKENS = 2 << 20  # QEMU's MAX_TOKEN_COUNT
 
 _STRUCTURAL = set(b"[]{}:,")
 _WS = set(b" \t\r\n")
+_WS_TEXT = " \t\r\n"
 
 
 class _Tok(Enum):
@@ -80,10 +82,13 @@ class JSONStreamer:
         self._quote = 0
         self._escape = 0  # 0 none, 1 after backslash, 2.. inside \\uXXXX
         self._num = ""  # number sub-state
+        self.fast = True  # whole simple objects go through _feed_fast
 
     # -- lexer -------------------------------------------------------------------------
     def feed(self, data: bytes) -> list[ParseResult]:
         out: list[ParseResult] = []
+        if self.fast and self._state == "start" and not self._tokens:
+            data = self._feed_fast(data, out)
         i = 0
         n = len(data)
         while i < n:
@@ -168,6 +173,29 @@ class JSONStreamer:
                         self._lex_error(bytes(self._cur), out)
                 continue
         return out
+
+    def _feed_fast(self, data: bytes, out: list[ParseResult]) -> bytes:
+        """Whole objects at the start of ``data``, parsed by the C ``json`` scanner where it
+        cannot differ from QEMU's: ASCII, no escape and no single quote anywhere, shorter than
+        the size limit, fewer brackets than the nesting limit, and every number and keyword
+        accepted as QEMU accepts it.  Anything else (an error, a partial object, a value that
+        is not an object) is left, from its first byte, to the lexer: it gives QEMU's answer."""
+        if (len(data) >= self.max_message or not data.isascii() or b"\\" in data or b"'" in data
+                or data.count(b"{") + data.count(b"[") > self.max_nesting):
+            return data
+        text = data.decode("ascii")
+        pos, n = 0, len(text)
+        while True:
+            while pos < n and text[pos] in _WS_TEXT:
+                pos += 1
+            if pos == n or text[pos] != "{":
+                return data[pos:]
+            try:
+                value, end = _DECODER.raw_decode(text, pos)
+            except (ValueError, RecursionError, _ParseError):
+                return data[pos:]
+            out.append(ParseResult(value=value))
+            pos = end
 
     def _number_step(self, c: int) -> str:
         d = 0x30 <= c <= 0x39
@@ -310,17 +338,9 @@ class _Parser:
         if k == _Tok.STRING:
             return _string(t.text)
         if k == _Tok.INTEGER:
-            v = int(t.text)
-            if -(1 << 63) <= v < (1 << 63):
-                return v
-            if 0 <= v < (1 << 64):
-                return v  # QEMU keeps uint64 too
-            return float(v)
+            return _json_int(t.text.decode())
         if k == _Tok.FLOAT:
-            f = float(t.text)
-            if math.isinf(f):
-                raise _ParseError("number out of range")
-            return f
+            return _json_float(t.text.decode())
         if k == _Tok.KEYWORD:
             kw = t.text.decode()
             if kw == "true":
@@ -428,6 +448,26 @@ def _string(raw: bytes) -> str:
     return "".join(out)
 
 
+def _json_int(text: str) -> int | float:
+    """An integer as json-parser.c keeps it: int64, else uint64, else a double."""
+    v = int(text)
+    return v if -(1 << 63) <= v < (1 << 64) else float(v)
+
+
+def _json_float(text: str) -> float:
+    f = float(text)
+    if math.isinf(f):
+        raise _ParseError("number out of range")
+    return f
+
+
+def _json_constant(text: str) -> Any:
+    raise _ParseError(f"invalid keyword '{text}'")  # NaN, Infinity: QEMU has no such keyword
+
+
+_DECODER = json.JSONDecoder(parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+
+
 # -- output ------------------------------------------------------------------------------
 def dumps(obj: Any) -> str:
     """QEMU's qobject_to_json(): ASCII, uppercase \\uXXXX, ", " and ": " separators."""
@@ -475,6 +515,9 @@ _OUT_ESC = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r
 
 
 def _dump_str(s: str, out: list[str]) -> None:
+    if s.isascii() and s.isprintable() and '"' not in s and "\\" not in s:
+        out.append(f'"{s}"')  # nothing to escape: printable ASCII is written as it is
+        return
     out.append('"')
     for ch in s:
         e = _OUT_ESC.get(ch)
