@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -134,6 +135,7 @@ class Machine:
         self._stop_req = False
         self._parked = True
         self._quit = False
+        self._work: deque[_CpuWork] = deque()  # run_on_cpu() items for the vCPU thread
         self._panic_code: int | None = None
         self._thread: threading.Thread | None = None
         self._monitor: Monitor | None = None
@@ -305,17 +307,24 @@ class Machine:
             with self._cond:
                 self._parked = True
                 self._cond.notify_all()
-                while (not self._want_run or self._stop_req) and not self._quit:
+                while (not self._want_run or self._stop_req) and not self._quit and not self._work:
                     self._cond.wait()
                 if self._quit:
+                    for item in self._work:
+                        item.fail(SnaplabError("the machine quit"))
+                    self._work.clear()
                     return
-                self._parked = False
+                work = self._work.popleft() if self._work else None
+                self._parked = False  # a _park() from elsewhere waits for the work too
+            if work is not None:
+                work.run()
+                continue
             fault = self.cpu.run()
             if self._panic_code is not None:
                 code, self._panic_code = self._panic_code, None
                 fault = GuestFault(self.cpu.pc, f"guest reported panic code {code}", True)
             with self._cond:
-                stop_req = self._stop_req
+                stop_req = self._stop_req or bool(self._work)
             if fault is not None:
                 self._guest_stopped(fault)
                 continue
@@ -331,7 +340,7 @@ class Machine:
             wait = min(max((deadline - self.clock.now_ns()) / 1e9, 0.0), 1.0)
         if wait > 0:
             with self._cond:
-                if not self._stop_req and not self._quit:
+                if not self._stop_req and not self._quit and not self._work:
                     self._cond.wait(wait)
 
     def _guest_stopped(self, fault: GuestFault) -> None:
@@ -344,6 +353,31 @@ class Machine:
             self.emit("GUEST_PANICKED", {"action": "pause", "info": {"type": "snaplab", "pc": fault.pc,
                                                                   "cause": fault.cause}})
         self.emit("STOP")
+
+    def run_on_cpu(self, fn: Callable[[], None]) -> None:
+        """run_on_cpu(): ``fn`` runs on the vCPU thread, between two guest instructions, and
+        this returns when it has.  The vCPU leaves emu_start for it and goes back in after
+        (if still wanted), so a stop and resume done inside ``fn`` wake no thread: a downtime
+        spent there has no thread hand-off in it.  Its exception is raised here."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            fn()
+            return
+        item = _CpuWork(fn)
+        with self._cond:
+            if self._quit:
+                raise SnaplabError("the machine quit")
+            self._work.append(item)
+            self._cond.notify_all()
+        self.cpu.stop()
+        while not item.done.wait(0.002):  # a kick that landed before emu_start is lost: again
+            if not self._thread.is_alive():
+                raise SnaplabError("the vCPU thread is gone")
+            self.cpu.stop()
+        item.result()
+
+    def hold_block_io(self) -> Callable[[], None]:
+        """The guest's disk and flash accesses wait until the returned function is called."""
+        return self.bus.hold([self.disk, self.flash])
 
     def _park(self) -> None:
         """Stop the vCPU and wait until it is parked (no guest code, no device callback)."""
@@ -375,7 +409,11 @@ class Machine:
         """vm_stop(): park the vCPU, enter ``state`` and emit STOP; nothing if not running."""
         if self.state != RunState.RUNNING:
             return False
-        self._park()
+        if threading.current_thread() is self._thread:  # in run_on_cpu(): out of the guest already
+            with self._cond:
+                self._want_run = False
+        else:
+            self._park()
         self.clock.stop()
         self.serial.flush()
         self.state = state
@@ -567,6 +605,30 @@ def _park_all_vcpus() -> None:
                 m.quit("host-signal")
         except Exception:  # exiting anyway: never let one machine keep the others running
             pass
+
+
+class _CpuWork:
+    """One run_on_cpu() item: the function, and its outcome for the waiting thread."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self.fn = fn
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
+            self.error = err
+        self.done.set()
+
+    def fail(self, err: BaseException) -> None:
+        self.error = err
+        self.done.set()
+
+    def result(self) -> None:
+        if self.error is not None:
+            raise self.error
 
 
 class _FlashNode:

@@ -93,6 +93,10 @@ class VMOps(Protocol):
 
     def held_events(self) -> contextlib.AbstractContextManager[None]: ...
 
+    def run_on_cpu(self, fn: Callable[[], None]) -> None: ...
+
+    def hold_block_io(self) -> Callable[[], None]: ...
+
 
 @contextlib.contextmanager
 def _switch_interval(seconds: float) -> Iterator[None]:
@@ -681,12 +685,15 @@ class SnapshotController:
         """The lazy load (postcopy.py).  Everything that can be is done before the stop: the
         checks and the parse (a bad request fails without a STOP; QEMU's blocking load stops
         first), the disks' revert checked, the VM-state cluster map, the address space RAM is
-        moved to.  Stopped: devices loaded, disks drained, RAM emptied and armed for
-        missing-page faults.  Resumed: the disks are reverted while still drained (a guest
-        disk request waits for it, so the guest never sees the old disks), and the pages follow.
+        moved to.  Stopped, on the vCPU thread (``run_on_cpu``): the guest's block accesses
+        held, devices loaded, RAM emptied and armed for missing-page faults.  Resumed: the
+        disks are drained and reverted (a guest disk request waits for it, so the guest never
+        sees the old disks), and the pages follow.
         """
         wp = self.write_protector()  # set up once (populate, register), never in a downtime
         drained = contextlib.ExitStack()
+        times: list[float] = []
+        release_io: list[Callable[[], None]] = []
         with short_downtime(self.vm):
             nodes, img, sn, _, parsed = self._prepare_load(name, vmstate, devices)
             layout = parsed.layout
@@ -699,27 +706,40 @@ class SnapshotController:
             apply_devices = self._prepared_state(img, sn, parsed)  # decoded: the downtime only applies
             lazy = self._ready_lazy(wp).bind(img.file, cmap, img.cluster_size, base, layout)
             lazy.reserve()
-            t0 = time.perf_counter()
-            try:
+
+            def downtime() -> None:
+                # On the vCPU thread (run_on_cpu): it left the guest for this and goes back in
+                # at RESUME, so no thread is woken between the stop and the resume.
+                times.append(time.perf_counter())
                 if stop_first:
                     self.vm.vm_stop(RunState.RESTORE_VM)
-                for im in images:
-                    drained.enter_context(im.drained())
-                self.vm.reset_for_load()
-                apply_devices()
-                self.vm.set_vclock_ns(sn.vm_clock_nsec)
-                lazy.arm()
+                release = self.vm.hold_block_io()  # the disks are reverted after RESUME
+                try:
+                    self.vm.reset_for_load()
+                    apply_devices()
+                    self.vm.set_vclock_ns(sn.vm_clock_nsec)
+                    lazy.arm()
+                except BaseException:
+                    release()
+                    raise
+                release_io.append(release)
+                times.append(time.perf_counter())
+                self.vm.vm_resume(orig)
+
+            try:
+                self.vm.run_on_cpu(downtime)
             except BaseException:
-                drained.close()
                 if not lazy.armed:
                     self._lazy = lazy  # untouched: the next load's
                 raise
             finally:
                 lazy.release()
-            t_resume = time.perf_counter()
-            self.vm.vm_resume(orig)
+        t0, t_resume = times
         lazy.free_old()
         failed: BaseException | None = None
+        for im in images:
+            drained.enter_context(im.drained())
+        release_io[0]()  # guest disk requests now wait on the drained images (taken just above)
         with drained:
             try:
                 with contextlib.ExitStack() as stack:

@@ -369,3 +369,54 @@ def test_translation_flush_runs_on_the_next_guest_run() -> None:
     assert cpu.last_tb_flush_s == 0.0  # nothing done yet: the flush waits for the next run
     assert run_at_0x1000() == 2
     assert cpu.last_tb_flush_s > 0.0
+
+
+def test_run_on_cpu_and_held_block_io(tmp_path: Path) -> None:
+    """run_on_cpu(): the function runs on the vCPU thread, with the guest out of emu_start,
+    running or paused; its exception reaches the caller; the guest goes on after it; after
+    quit it is an error, not a hang.  hold_block_io(): the guest's disk requests wait (the
+    guest with them) until released, then go on."""
+    import threading
+
+    from emulator.errors import SnaplabError
+
+    g = graph_with(tmp_path, disk=64 << 20)
+    cfg = MachineConfig(ram_size=RAM, pflash1="fw-vars", disks=[DiskSpec("disk0", "disk0-dev")],
+                        workload=WorkloadSpec("disk", seed=5))
+    m = Machine(cfg, g)
+    try:
+        m.start()
+        wait_for(lambda: m.disk.requests >= 20)
+        seen: list[tuple[str, int, int]] = []
+
+        def probe() -> None:
+            it = m.lab.last.iterations
+            time.sleep(0.05)  # the guest does not run meanwhile
+            seen.append((threading.current_thread().name, it, m.lab.last.iterations))
+
+        m.run_on_cpu(probe)
+        name, before, after = seen[-1]
+        assert name == "vcpu" and before == after and m.running
+        with pytest.raises(ZeroDivisionError):
+            m.run_on_cpu(lambda: None if 1 // 0 else None)
+        it = m.lab.last.iterations
+        wait_for(lambda: m.lab.last.iterations > it + 5)  # it went back into the guest
+        m.stop()
+        m.run_on_cpu(probe)
+        assert seen[-1][0] == "vcpu" and m.state == RunState.PAUSED
+        m.cont()
+
+        release = m.hold_block_io()
+        time.sleep(0.05)  # a request already past the gate completes
+        reqs, it = m.disk.requests, m.lab.last.iterations
+        time.sleep(0.2)
+        assert m.disk.requests == reqs and m.lab.last.iterations <= it + 1
+        release()
+        wait_for(lambda: m.disk.requests > reqs + 20)
+        assert m.lab.last.errors == 0
+        m.quit()
+        with pytest.raises(SnaplabError):
+            m.run_on_cpu(probe)
+    finally:
+        m.close()
+        g.close()

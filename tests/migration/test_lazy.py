@@ -78,14 +78,16 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
                 return f(*a)
             return call
 
-        for step in ("vm_stop", "vm_resume"):
+        for step in ("vm_stop", "vm_resume", "run_on_cpu"):
             setattr(m, step, traced(step))
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
                                     "__org.snaplab_engine": "lazy"})
         info = q.wait_job("l", 60)
         assert "error" not in info
-        # up to RESUME on the thread that dispatched the command (the job's bottom half)
-        assert threads["vm_stop"] == threads["vm_resume"] and threads["vm_stop"].startswith("qmp-client")
+        # up to RESUME on the thread that dispatched the command (the job's bottom half), the
+        # stop and resume themselves on the vCPU thread (run_on_cpu: no thread hand-off between)
+        assert threads["run_on_cpu"].startswith("qmp-client")
+        assert threads["vm_stop"] == threads["vm_resume"] == "vcpu"
         evs = [e.event for e in q.events() if e.event in ("STOP", "RESUME")]
         assert evs == ["STOP", "RESUME"]
         stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "l"})
