@@ -21,12 +21,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 
-class PortHandler(Protocol):
-    def port_in(self, port: int, size: int) -> int: ...
-
-    def port_out(self, port: int, size: int, value: int) -> None: ...
-
-
 class Device(Protocol):
     """What the machine's port bus and the vmstate stream need from a device."""
 
@@ -49,57 +43,46 @@ class PortBus:
     """Dispatches IN/OUT to the device owning the port; unclaimed ports read all-ones."""
 
     def __init__(self) -> None:
-        self._map: dict[int, PortHandler] = {}
+        self._map: dict[int, Device] = {}
         self.devices: list[Device] = []
+        self._gate: threading.Event | None = None  # set while some devices are held (hold())
+        self._held_ports: frozenset[int] = frozenset()
 
     def add(self, dev: Device) -> None:
         for p in dev.ports:
-            other = next((d for d in self.devices if p in d.ports), None)
-            if other is not None:
-                raise ValueError(f"port {p:#x} claimed by {other.name} and {dev.name}")
+            if p in self._map:
+                raise ValueError(f"port {p:#x} claimed by {self._map[p].name} and {dev.name}")
             self._map[p] = dev
         self.devices.append(dev)
 
     def hold(self, devices: list[Device]) -> Callable[[], None]:
         """Guest accesses to these devices wait until the returned function is called: QEMU's
         bdrv_drained_begin()/end() seen from the guest, begun on one thread (the vCPU's, which
-        issues every device access) and ended on another.  Costs nothing until then: the
-        ports are routed through a waiting stand-in while held."""
+        issues every device access) and ended on another.  One attribute to set (an access
+        checks it), so it costs a downtime next to nothing."""
         gate = threading.Event()
-        held = {p: d for d in devices for p in d.ports}
-        for p, d in held.items():
-            self._map[p] = _Held(d, gate)
+        self._held_ports = frozenset(p for d in devices for p in d.ports)
+        self._gate = gate
 
         def release() -> None:
-            for p, d in held.items():
-                self._map[p] = d
+            self._gate = None
             gate.set()
 
         return release
 
     def port_in(self, port: int, size: int) -> int:
+        gate = self._gate
+        if gate is not None and port in self._held_ports:
+            gate.wait()
         dev = self._map.get(port)
         if dev is None:
             return (1 << (8 * size)) - 1
         return dev.port_in(port, size) & ((1 << (8 * size)) - 1)
 
     def port_out(self, port: int, size: int, value: int) -> None:
+        gate = self._gate
+        if gate is not None and port in self._held_ports:
+            gate.wait()
         dev = self._map.get(port)
         if dev is not None:
             dev.port_out(port, size, value)
-
-
-class _Held:
-    """A device whose accesses wait for a gate (:meth:`PortBus.hold`)."""
-
-    def __init__(self, dev: Device, gate: threading.Event) -> None:
-        self.dev = dev
-        self.gate = gate
-
-    def port_in(self, port: int, size: int) -> int:
-        self.gate.wait()
-        return self.dev.port_in(port, size)
-
-    def port_out(self, port: int, size: int, value: int) -> None:
-        self.gate.wait()
-        self.dev.port_out(port, size, value)
