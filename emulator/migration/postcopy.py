@@ -184,6 +184,7 @@ class LazyLoad:
                     self.cond.wait(0.1)
         finally:
             self.wp.handler = None
+            self.wp.unregister()  # every page is in: the next load moves RAM by whole tables
         self._give_back_buffers()  # every chunk is in: no fault uses them
         self.stats.fill_s = time.perf_counter() - t0
         self.ram.collapse()

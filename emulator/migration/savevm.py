@@ -347,9 +347,8 @@ class SnapshotController:
         nodes, bs = self._checks(name, overwrite, vmstate, devices)
         if self.ram.populate_seconds is None:
             self.ram.populate()
-        wp = self._wp
-        if wp is not None:
-            wp.suspend()  # a range belongs to one userfaultfd at a time
+        if self._wp is not None:
+            self._wp.unregister()  # a range belongs to one userfaultfd at a time (it is not ours now)
         img = self._image(bs)
         stream = _QcowStream(img)
         pre = Precopy(self.ram, stream, self.machine_name, [(h, h.save()) for h in self.handlers()], img)
@@ -379,8 +378,6 @@ class SnapshotController:
                 im.flush()
         finally:
             pre.close()
-            if wp is not None:
-                wp.resume()
             self.ram.collapse()
         st = pre.stats
         written = int(pre.nonzero.sum())
@@ -786,9 +783,9 @@ class SnapshotController:
 
     def _load_ram(self, stream: _QcowStream, layout: RamLayout) -> None:
         self._check_ram_size(layout)
-        # Zero runs: MADV_DONTNEED is cheapest, but RAM registered for missing-page faults
-        # (once a background engine was used) must never have missing pages outside a lazy
-        # restore, so then they are cleared with memset.
+        # Zero runs: MADV_DONTNEED is cheapest, but once a background engine was used RAM
+        # stays populated (write protection holds only on present pages, and a missing page
+        # would make a copy-on-write save's arm slow), so then they are cleared with memset.
         if self._wp is None:
             self.ram.discard()
         nz = layout.nonzero

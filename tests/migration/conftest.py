@@ -58,3 +58,15 @@ def make_vm(tmp_path: Path) -> Iterator[Factory]:
     for m, g in made:
         m.close()
         g.close()
+
+
+def vmflags(addr: int) -> set[str]:
+    """The VmFlags of the mapping that starts at ``addr`` (um/uw: userfaultfd missing/wp)."""
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if line.split("-", 1)[0] == f"{addr:x}" or line.split("-", 1)[0] == f"{addr:012x}":
+            for follow in lines[i + 1:]:
+                if follow.startswith("VmFlags:"):
+                    return set(follow.split()[1:])
+    raise AssertionError(f"no mapping starts at {addr:#x}")

@@ -23,6 +23,7 @@ from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.cow import fault_buffers
 from emulator.qmp.client import QMPClient
 from emulator.uffd import UffdUnavailable, UserFaultFD
+from tests.migration.conftest import vmflags
 
 RAM = 64 << 20
 
@@ -40,6 +41,7 @@ def machine(tmp_path: Path, spec: WorkloadSpec, ram: int = RAM) -> tuple[Machine
     g.add({"driver": "file", "filename": str(tmp_path / "d0.qcow2"), "node-name": "d0f"})
     g.add({"driver": "qcow2", "file": "d0f", "node-name": "disk0"})
     return Machine(MachineConfig(ram_size=ram, workload=spec, disks=[DiskSpec("disk0", "disk0-dev")]), g), g
+
 
 
 def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
@@ -63,6 +65,7 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
             assert met.extra["fault_buffer_bytes"] == fault_buffers(RAM) * (2 << 20)
             assert 0 < met.extra["peak_extra_bytes"] <= met.extra["fault_buffer_bytes"]
             assert met.extra["fault_chunks"] + met.extra["bg_chunks"] == RAM // (2 << 20)
+            assert not {"um", "uw"} & vmflags(m.ram.addr)  # registered for the save only
         assert m.ram.huge_bytes() >= RAM // 2  # 2 MiB granularity left the huge pages alone
         running_iters = m.lab.last.iterations
         m.stop()

@@ -18,6 +18,7 @@ from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.qmp.client import QMPClient
 from emulator.uffd import UffdUnavailable, UserFaultFD
+from tests.migration.conftest import vmflags
 
 RAM = 128 << 20
 
@@ -93,6 +94,8 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
         stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "l"})
         assert stats["engine"] == "lazy-load" and stats["faults"] > 0  # the guest ran during the fill
         assert stats["fault-chunks"] + stats["bg-chunks"] == RAM // (2 << 20)
+        # every page in: RAM is no longer registered (the next load moves it by whole tables)
+        assert not {"um", "uw"} & vmflags(m.ram.addr)
         it = m.lab.last.iterations
         time.sleep(0.1)
         assert m.lab.last.iterations > it and m.lab.last.errors == 0  # disk verify passes too
@@ -148,17 +151,6 @@ def _running_with_snapshot(m: Machine) -> QMPClient:
     return q
 
 
-def _vmflags(addr: int) -> set[str]:
-    with open("/proc/self/smaps") as f:
-        lines = f.read().splitlines()
-    for i, line in enumerate(lines):
-        if line.split("-", 1)[0] == f"{addr:x}" or line.split("-", 1)[0] == f"{addr:012x}":
-            for follow in lines[i + 1:]:
-                if follow.startswith("VmFlags:"):
-                    return set(follow.split()[1:])
-    raise AssertionError(f"no mapping starts at {addr:#x}")
-
-
 def _read(ram, off: int, n: int) -> bytes:  # type: ignore[no-untyped-def]
     """Read registered RAM without holding the GIL (ctypes.memmove releases it), so the
     fault-service thread can answer missing-page faults meanwhile."""
@@ -167,28 +159,33 @@ def _read(ram, off: int, n: int) -> bytes:  # type: ignore[no-untyped-def]
     return bytes(buf)
 
 
-def test_emptying_ram_swaps_the_mapping_and_keeps_it_registered() -> None:
+def test_emptying_ram_swaps_the_mapping_and_registers_it_for_the_window() -> None:
     from emulator.memory import GuestRAM
     from emulator.migration.cow import WriteProtector
+    from emulator.uffd import UFFDIO_REGISTER_MODE_MISSING
 
     ram = GuestRAM(64 << 20)
     ram.array[:] = 0x5A  # populated before registration: no faults from this thread
     wp = WriteProtector(ram)
     try:
         addr = ram.addr
-        assert {"um", "uw"} <= _vmflags(addr)
+        assert not {"um", "uw"} & vmflags(addr)  # registered only for an engine's window
+        wp.register()  # a copy-on-write save's
+        assert {"um", "uw"} <= vmflags(addr)
+        wp.unregister()
+        assert not {"um", "uw"} & vmflags(addr)
         free_old = ram.discard_later()
         assert free_old is not None and ram.addr == addr
-        assert not {"um", "uw"} & _vmflags(addr)  # a fresh mapping: registration is the caller's job
-        wp.resume()
+        assert not {"um", "uw"} & vmflags(addr)  # a fresh mapping: registration is the caller's job
+        wp.register(UFFDIO_REGISTER_MODE_MISSING)  # a lazy load's
         free_old()
-        assert {"um", "uw"} <= _vmflags(addr)
+        assert "um" in vmflags(addr) and "uw" not in vmflags(addr)
         # every page is missing and reads as zero (served by the missing-page handler)
         assert _read(ram, 0, 1 << 20) == bytes(1 << 20) and _read(ram, (64 << 20) - 4096, 4096) == bytes(4096)
         ctypes.memset(ram.addr + (8 << 20), 3, 4096)
         assert _read(ram, 8 << 20, 4097) == b"\x03" * 4096 + b"\x00"
         free_old = wp.discard_ram()  # the same through the write protector (freeing is the caller's)
-        assert free_old is not None and ram.addr == addr and {"um", "uw"} <= _vmflags(addr)
+        assert free_old is not None and ram.addr == addr and "um" in vmflags(addr)
         free_old()
         assert _read(ram, 8 << 20, 4096) == bytes(4096)
         # Freeing the old pages reserves the next aside (off a load's path); it is handed out
@@ -200,11 +197,12 @@ def test_emptying_ram_swaps_the_mapping_and_keeps_it_registered() -> None:
         free_old()
         spare = ram._spare
         assert spare is not None and spare != addr
-        assert not {"rd", "wr"} & _vmflags(spare)
+        assert not {"rd", "wr"} & vmflags(spare)
         assert ram.reserve_aside() == spare and ram._spare is None
         ram.release_aside(spare)
         assert ram._spare == spare
-        wp.resume()
+        wp.unregister()
+        assert not {"um", "uw"} & vmflags(addr)
     finally:
         wp.close()
         ram.close()
