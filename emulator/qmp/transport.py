@@ -63,15 +63,24 @@ class QMPServer:
                 if os.path.exists(path) and not os.path.isdir(path):
                     os.unlink(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # Bound under a temporary name and renamed once listening: a client that waits for
+            # the path to appear can connect at once (never "connection refused").
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}")
+            bound = tmp if len(os.fsencode(tmp)) < 108 else path
             old = os.umask(0o177)
             try:
-                sock.bind(path)
+                sock.bind(bound)
+                sock.listen(socket.SOMAXCONN)
+                if bound != path:
+                    os.rename(bound, path)
             except OSError as err:
                 sock.close()
+                with contextlib.suppress(OSError):
+                    if bound != path:
+                        os.unlink(bound)
                 raise SnaplabError(f"Failed to bind socket to {path}: {err.strerror}") from err
             finally:
                 os.umask(old)
-            os.chmod(path, 0o600)
             self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=READ_CHUNK)
         else:
             try:

@@ -216,3 +216,31 @@ def test_lazy_load_replies_before_its_stop(tmp_path: Path) -> None:
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_socket_that_exists_accepts_at_once(tmp_path: Path) -> None:
+    """A client that waits for the socket's path and connects the instant it appears is
+    never refused: the path appears only once the socket listens."""
+    import threading
+
+    from emulator.machine import Machine, MachineConfig
+    from emulator.qmp.transport import start_servers
+
+    with Machine(MachineConfig(ram_size=16 << 20)) as m:
+        for i in range(30):
+            path = tmp_path / f"m{i}.sock"
+            servers: list[object] = []
+            t = threading.Thread(target=lambda p=path: servers.extend(
+                start_servers(m.monitor, [{"kind": "unix", "path": str(p)}])))
+            t.start()
+            while not path.exists():
+                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
+                c.connect(str(path))  # ConnectionRefusedError if it was not listening yet
+                c.settimeout(10)
+                assert c.recv(4096).startswith(b'{"QMP"')
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            t.join(10)
+            for srv in servers:
+                srv.close()  # type: ignore[attr-defined]
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temporary name left
