@@ -230,7 +230,7 @@ def test_a_socket_that_exists_accepts_at_once(tmp_path: Path) -> None:
         for i in range(30):
             path = tmp_path / f"m{i}.sock"
             servers: list[object] = []
-            t = threading.Thread(target=lambda p=path: servers.extend(
+            t = threading.Thread(target=lambda p=path, out=servers: out.extend(
                 start_servers(m.monitor, [{"kind": "unix", "path": str(p)}])))
             t.start()
             while not path.exists():
