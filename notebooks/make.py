@@ -136,9 +136,9 @@ NOTEBOOKS.update({
     ],
     "07-lazy-restore.ipynb": [
         ("md", "# 7. Lazy restore\n\nWhat this shows: a blocking `snapshot-load` keeps the guest stopped until all RAM "
-               "is read back; the lazy engine reverts the disks, loads CPU and devices, empties RAM and resumes "
-               "at once; pages come back on first touch (userfaultfd missing-page faults) and from a background "
-               "filler.\n\nLab functions used: `lab.run.load_experiment`, `lab.plot.load_figure`."),
+               "is read back; the lazy engine loads CPU and devices, empties RAM and resumes at once (the disks "
+               "are reverted right after, before any guest disk access gets through); pages come back on first "
+               "touch (userfaultfd missing-page faults) and from a background filler.\n\nLab functions used: `lab.run.load_experiment`, `lab.plot.load_figure`."),
         ("code", "QUICK = True\nRAM_MIB = 128 if QUICK else 4096"),
         ("code", "# NBVAL_IGNORE_OUTPUT\nfrom lab.run import load_experiment\nrows = load_experiment(RAM_MIB, repetitions=2)\n"
                  "[(r['engine'], round(r['stopped_ms'], 2), round(r['complete_s'], 3), r['faults']) for r in rows]"),
