@@ -137,6 +137,7 @@ class Machine:
         self._quit = False
         self._work: deque[_CpuWork] = deque()  # run_on_cpu() items for the vCPU thread
         self._panic_code: int | None = None
+        self._host_error: str | None = None  # stop_on_host_error()'s cause, for the vCPU thread
         self._thread: threading.Thread | None = None
         self._monitor: Monitor | None = None
 
@@ -319,8 +320,11 @@ class Machine:
             if work is not None:
                 work.run()
                 continue
-            fault = self.cpu.run()
-            if self._panic_code is not None:
+            fault = self.cpu.run() if self._host_error is None else None
+            if self._host_error is not None:
+                cause, self._host_error = self._host_error, None
+                fault = GuestFault(self.cpu.pc, cause, False)
+            elif self._panic_code is not None:
                 code, self._panic_code = self._panic_code, None
                 fault = GuestFault(self.cpu.pc, f"guest reported panic code {code}", True)
             with self._cond:
@@ -374,6 +378,13 @@ class Machine:
                 raise SnaplabError("the vCPU thread is gone")
             self.cpu.stop()
         item.result()
+
+    def stop_on_host_error(self, cause: str) -> None:
+        """A host-side failure the guest must not run past (a lazy restore that cannot read the
+        snapshot): the vCPU stops at its next instruction boundary, in internal-error with
+        ``cause``, as for a guest fault (safe from any thread)."""
+        self._host_error = cause
+        self.cpu.stop()
 
     def hold_block_io(self) -> Callable[[], None]:
         """The guest's disk and flash accesses wait until the returned function is called."""

@@ -69,20 +69,33 @@ class LazyLoad:
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()
         self.error: BaseException | None = None
+        self.on_error: Callable[[str], None] | None = None
         self._buf, self._fill_buf = WARM_BUFFERS.take_n(2)  # fault service, filler
         self._aside: int | None = None
         self._free_old: Callable[[], None] | None = None
         self.armed = False
 
     def bind(self, file: BlockFile, cluster_map: np.ndarray, cluster_size: int, stream_base: int,
-             layout: RamLayout) -> LazyLoad:
-        """The snapshot this load reads: its image file, VM-state cluster map and RAM layout."""
+             layout: RamLayout, on_error: Callable[[str], None] | None = None) -> LazyLoad:
+        """The snapshot this load reads: its image file, VM-state cluster map and RAM layout.
+        ``on_error`` stops the guest when a chunk cannot be read (called once, with the cause)."""
         self.file = file
         self.layout = layout
         self.cluster_map = cluster_map
         self.cluster_size = cluster_size
         self.stream_base = stream_base
+        self.on_error = on_error
         return self
+
+    def _failed(self, err: BaseException) -> None:
+        """A chunk could not be read: the first error stops the guest (before any page that is
+        not the snapshot's can be installed), and ends the fill."""
+        with self.lock:
+            first = self.error is None
+            if first:
+                self.error = err
+        if first and self.on_error is not None:
+            self.on_error(f"lazy restore could not read the snapshot's RAM: {err}")
 
     def _fill(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> bool:
         with self.lock:
@@ -91,6 +104,27 @@ class LazyLoad:
             self.state[c] = FILLING
         off = c * CHUNK
         n = min(CHUNK, self.ram.size - off)
+        try:
+            self._read_chunk(off, n, buf)
+        except Exception as err:  # I/O error: the guest is stopped first, then gets zeros
+            self._failed(err)     # so that a vCPU blocked on this chunk can reach its stop
+            ctypes.memset(buf, 0, n)
+        got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
+        if got != n:
+            # Some pages were already there (a previous partial copy): install the rest one by one.
+            for p in range(0, n, PAGE):
+                r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
+                if r < 0 and r != -errno.EEXIST:
+                    raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
+        with self.lock:
+            self.state[c] = FILLED
+            self.cond.notify_all()
+        return True
+
+    def _read_chunk(self, off: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+        """The snapshot's bytes of RAM [off, off+n) into ``buf`` (zeros for zero pages)."""
+        if self.error is not None:
+            raise SnaplabError("an earlier chunk could not be read")
         ctypes.memset(buf, 0, n)
         mv = memoryview(buf).cast("B")
         first = off // PAGE
@@ -103,17 +137,6 @@ class LazyLoad:
                             strict=True):
                 p0 = int(idx[a]) * PAGE
                 self.file.preadinto(int(h[a]), mv[p0:p0 + (b - a) * PAGE])
-        got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
-        if got != n:
-            # Some pages were already there (a previous partial copy): install the rest one by one.
-            for p in range(0, n, PAGE):
-                r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
-                if r < 0 and r != -errno.EEXIST:
-                    raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
-        with self.lock:
-            self.state[c] = FILLED
-            self.cond.notify_all()
-        return True
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
@@ -177,14 +200,18 @@ class LazyLoad:
         buf = self._fill_buf
         try:
             for c in range(self.nchunks):
+                if self.error is not None:
+                    break
                 if self._fill(c, buf):
                     self.stats.bg_chunks += 1
             with self.lock:
-                while not (self.state == FILLED).all():
+                while not (self.state == FILLED).all() and self.error is None:
                     self.cond.wait(0.1)
         finally:
             self.wp.handler = None
             self.wp.unregister()  # every page is in: the next load moves RAM by whole tables
-        self._give_back_buffers()  # every chunk is in: no fault uses them
         self.stats.fill_s = time.perf_counter() - t0
+        if self.error is not None:
+            raise SnaplabError(f"lazy restore could not read the snapshot's RAM: {self.error}") from self.error
+        self._give_back_buffers()  # every chunk is in: no fault uses them
         self.ram.collapse()

@@ -97,6 +97,8 @@ class VMOps(Protocol):
 
     def hold_block_io(self) -> Callable[[], None]: ...
 
+    def stop_on_host_error(self, cause: str) -> None: ...
+
 
 @contextlib.contextmanager
 def _switch_interval(seconds: float) -> Iterator[None]:
@@ -701,7 +703,8 @@ class SnapshotController:
             self._goto_checked(name, nodes)
             cmap, base = self._vmstate_map(img, sn)
             apply_devices = self._prepared_state(img, sn, parsed)  # decoded: the downtime only applies
-            lazy = self._ready_lazy(wp).bind(img.file, cmap, img.cluster_size, base, layout)
+            lazy = self._ready_lazy(wp).bind(img.file, cmap, img.cluster_size, base, layout,
+                                             self.vm.stop_on_host_error)
             lazy.reserve()
 
             def downtime() -> None:

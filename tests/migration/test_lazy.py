@@ -141,6 +141,55 @@ def test_disk_revert_failing_after_resume_stops_the_guest_and_fences_the_disk(tm
         g.close()
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_an_unreadable_chunk_stops_the_guest_before_it_runs_on_wrong_pages(tmp_path: Path) -> None:
+    """A chunk of the VM state that cannot be read while the guest runs (an I/O error): the
+    guest is stopped in internal-error before the chunk's pages are installed (zeros, only so
+    that a vCPU blocked on it can reach its stop), the job reports the error, nothing hangs,
+    and the machine takes a reset and a new load."""
+    from emulator.migration.postcopy import LazyLoad
+
+    spec = WorkloadSpec("mixed", seed=9, working_set=96 << 20, pattern="random")
+    m, g = vm(tmp_path, spec)
+    real_hosts = LazyLoad._hosts
+    calls = [0]
+
+    def failing(self: LazyLoad, first: int, n: int) -> object:
+        calls[0] += 1
+        if calls[0] > 8:
+            raise OSError(5, "Input/output error")
+        return real_hosts(self, first, n)
+
+    try:
+        q = _running_with_snapshot(m)
+        q.events()
+        LazyLoad._hosts = failing  # type: ignore[method-assign]
+        q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "lazy"})
+        info = q.wait_job("l", 60)
+        LazyLoad._hosts = real_hosts  # type: ignore[method-assign]
+        assert "lazy restore could not read the snapshot's RAM: [Errno 5] Input/output error" in info["error"]
+        assert q.execute("query-status")["status"] == "internal-error"
+        assert m.fault is not None and "could not read the snapshot's RAM" in m.fault.cause
+        assert [e.event for e in q.events() if e.event in ("STOP", "RESUME")] == ["STOP", "RESUME", "STOP"]
+        it = m.lab.last.iterations
+        time.sleep(0.1)
+        assert m.lab.last.iterations == it  # really stopped
+        assert not {"um", "uw"} & vmflags(m.ram.addr)
+        q.execute("system_reset")
+        q.execute("snapshot-load", {"job-id": "l2", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
+                                    "__org.snaplab_engine": "lazy"})
+        assert "error" not in q.wait_job("l2", 60)
+        q.execute("cont")
+        it = m.lab.last.iterations
+        time.sleep(0.2)
+        assert m.lab.last.iterations > it and m.lab.last.errors == 0
+    finally:
+        LazyLoad._hosts = real_hosts  # type: ignore[method-assign]
+        m.close()
+        g.close()
+
+
 def _running_with_snapshot(m: Machine) -> QMPClient:
     """Start the guest, let it run a little, save snapshot "t" (blocking); the QMP client."""
     m.start()
