@@ -106,8 +106,10 @@ class LazyLoad:
         n = min(CHUNK, self.ram.size - off)
         try:
             self._read_chunk(off, n, buf)
-        except Exception as err:  # I/O error: the guest is stopped first, then gets zeros
-            self._failed(err)     # so that a vCPU blocked on this chunk can reach its stop
+        except Exception as err:
+            # An I/O error: the guest is stopped first, then the chunk gets zeros, only so
+            # that a vCPU blocked on it can reach its stop.
+            self._failed(err)
             ctypes.memset(buf, 0, n)
         got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
         if got != n:
