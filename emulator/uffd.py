@@ -28,6 +28,7 @@ UFFDIO_WAKE = 0x8010AA02
 UFFDIO_WRITEPROTECT = 0xC018AA06
 UFFDIO_COPY = 0xC028AA03
 UFFDIO_ZEROPAGE = 0xC020AA04
+UFFDIO_MOVE = 0xC028AA05
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFDIO_REGISTER_MODE_WP = 2
 UFFDIO_WRITEPROTECT_MODE_WP = 1
@@ -35,6 +36,7 @@ UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
 UFFD_FEATURE_EVENT_REMAP = 1 << 2
 UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
 UFFD_FEATURE_WP_ASYNC = 1 << 15
+UFFD_FEATURE_MOVE = 1 << 16
 PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
@@ -112,6 +114,17 @@ class UserFaultFD:
         copied, or -errno (e.g. -EEXIST where a page is already there)."""
         buf = ctypes.create_string_buffer(struct.pack("<QQQQq", dst, src, length, 0, 0), 40)
         if _libc.ioctl(self.fd, UFFDIO_COPY, buf) != 0:
+            e = ctypes.get_errno()
+            done = struct.unpack("<QQQQq", buf.raw)[4]
+            return int(done) if done > 0 else -e
+        return int(struct.unpack("<QQQQq", buf.raw)[4])
+
+    def move(self, dst: int, src: int, length: int) -> int:
+        """UFFDIO_MOVE (Linux 6.8): move the pages at ``src`` (this process's, anonymous) into
+        missing ``dst`` and wake; nothing is allocated or copied.  Returns bytes moved, or
+        -errno (e.g. -EBUSY for a page the kernel will not move)."""
+        buf = ctypes.create_string_buffer(struct.pack("<QQQQq", dst, src, length, 0, 0), 40)
+        if _libc.ioctl(self.fd, UFFDIO_MOVE, buf) != 0:
             e = ctypes.get_errno()
             done = struct.unpack("<QQQQq", buf.raw)[4]
             return int(done) if done > 0 else -e

@@ -50,10 +50,12 @@ from emulator.migration.vmstate import (
     finish_sparse_stream,
 )
 from emulator.uffd import (
+    UFFD_FEATURE_MOVE,
     UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFDIO_REGISTER_MODE_MISSING,
     UFFDIO_REGISTER_MODE_WP,
     Fault,
+    UffdUnavailable,
     UserFaultFD,
 )
 from emulator.workers import spawn
@@ -159,7 +161,11 @@ class WriteProtector:
 
     def __init__(self, ram: GuestRAM) -> None:
         self.ram = ram
-        self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        try:  # UFFDIO_MOVE lets a lazy load refill RAM with the old RAM's own pages
+            self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_MOVE)
+        except UffdUnavailable:
+            self.uffd = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+        self.can_move = bool(self.uffd.features & UFFD_FEATURE_MOVE)
         self.registered = 0  # the UFFDIO_REGISTER_MODE_* bits RAM is registered with
         if ram.populate_seconds is None:
             ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime

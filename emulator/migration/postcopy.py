@@ -38,6 +38,7 @@ PAGES_PER_CHUNK = CHUNK // PAGE
 
 @dataclass
 class LazyStats:
+    moved_chunks: int = 0  # refilled with the old RAM's own pages (UFFDIO_MOVE), not new ones
     faults: int = 0
     fault_chunks: int = 0
     bg_chunks: int = 0
@@ -72,6 +73,7 @@ class LazyLoad:
         self.on_error: Callable[[str], None] | None = None
         self._buf, self._fill_buf = WARM_BUFFERS.take_n(2)  # fault service, filler
         self._aside: int | None = None
+        self._src: int | None = None  # where the old RAM's pages are, while they are recycled
         self._free_old: Callable[[], None] | None = None
         self.armed = False
 
@@ -104,6 +106,9 @@ class LazyLoad:
             self.state[c] = FILLING
         off = c * CHUNK
         n = min(CHUNK, self.ram.size - off)
+        src = self._src
+        if src is not None:  # the old RAM's pages, at the same offset: read into them, move them
+            buf = (ctypes.c_char * n).from_address(src + off)
         try:
             self._read_chunk(off, n, buf)
         except Exception as err:
@@ -111,7 +116,15 @@ class LazyLoad:
             # that a vCPU blocked on it can reach its stop.
             self._failed(err)
             ctypes.memset(buf, 0, n)
-        got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
+        got = -1
+        if src is not None:
+            got = self.uffd.move(self.ram.addr + off, src + off, n)
+            if got == n:
+                self.stats.moved_chunks += 1
+            else:  # the kernel would not move some page: the rest is copied, as without a source
+                got = -1
+        if got == -1:
+            got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
         if got != n:
             # Some pages were already there (a previous partial copy): install the rest one by one.
             for p in range(0, n, PAGE):
@@ -181,9 +194,14 @@ class LazyLoad:
         self.wp.handler = self.on_fault
         aside, self._aside = self._aside, None
         self._free_old = self.wp.discard_ram(aside)
+        if self._free_old is not None and aside is not None and self.wp.can_move:
+            self._src = aside  # the fill reads each chunk into its old pages and moves them back
 
     def free_old(self) -> None:
-        """After RESUME: hand the pages RAM had before the load to a thread that frees them."""
+        """After RESUME: hand the pages RAM had before the load to a thread that frees them;
+        when they are being recycled into RAM, the (then empty) mapping goes after the fill."""
+        if self._src is not None:
+            return
         free, self._free_old = self._free_old, None
         if free is not None:
             spawn(free)
@@ -212,6 +230,12 @@ class LazyLoad:
         finally:
             self.wp.handler = None
             self.wp.unregister()  # every page is in: the next load moves RAM by whole tables
+            if self._src is not None:  # every old page was moved back (or is no longer needed)
+                with self.lock:
+                    while (self.state == FILLING).any():  # a fault's fill may still read into them
+                        self.cond.wait(0.1)
+                self._src = None
+                self.free_old()
         self.stats.fill_s = time.perf_counter() - t0
         if self.error is not None:
             raise SnaplabError(f"lazy restore could not read the snapshot's RAM: {self.error}") from self.error

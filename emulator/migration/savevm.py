@@ -767,6 +767,7 @@ class SnapshotController:
         m = SnapshotMetrics("lazy-load", t_resume - t0, time.perf_counter() - t0)
         m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,
                         "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
+                        "moved_chunks": st.moved_chunks,
                         "fault_latency_s": list(st.handler_s)})
         self.last = m
         return m
