@@ -1,11 +1,13 @@
 """Lazy restore (postcopy-style load): the guest resumes at once, RAM arrives on first touch.
 
 The disks are reverted and the CPU and devices loaded with the guest stopped; guest RAM is
-emptied (MADV_DONTNEED) and the guest resumed.  A missing-page fault on a 2 MiB chunk makes
-the fault-service thread read that chunk's pages from the snapshot and install them with
-UFFDIO_COPY (which wakes the guest); a background filler does the same for every chunk nobody
-touched.  The guest never sees a page that is not the snapshot's: a page is mapped only by
-UFFDIO_COPY of the snapshot's bytes (zeros for zero pages).
+emptied (its populated mapping moved aside) and the guest resumed.  A missing-page fault on a
+2 MiB chunk makes the fault-service thread read that chunk's pages from the snapshot and
+install them (which wakes the guest); a background filler does the same for every chunk
+nobody touched.  A chunk is read into the old RAM's own pages at the same offset and moved
+into place with UFFDIO_MOVE (nothing freed, allocated or copied), or, without that, read into
+a buffer and installed with UFFDIO_COPY.  The guest never sees a page that is not the
+snapshot's: a page is mapped only with the snapshot's bytes (zeros for zero pages).
 
 The VM state is read with plain preads of precomputed host offsets (the snapshot's clusters
 cannot change while it exists and the snapshot lock is held), never through the image lock:
