@@ -112,23 +112,21 @@ class UserFaultFD:
     def copy(self, dst: int, src: int, length: int) -> int:
         """UFFDIO_COPY: fill missing pages at ``dst`` from ``src`` and wake; returns bytes
         copied, or -errno (e.g. -EEXIST where a page is already there)."""
-        buf = ctypes.create_string_buffer(struct.pack("<QQQQq", dst, src, length, 0, 0), 40)
-        if _libc.ioctl(self.fd, UFFDIO_COPY, buf) != 0:
-            e = ctypes.get_errno()
-            done = struct.unpack("<QQQQq", buf.raw)[4]
-            return int(done) if done > 0 else -e
-        return int(struct.unpack("<QQQQq", buf.raw)[4])
+        return self._fill(UFFDIO_COPY, dst, src, length)
 
     def move(self, dst: int, src: int, length: int) -> int:
         """UFFDIO_MOVE (Linux 6.8): move the pages at ``src`` (this process's, anonymous) into
         missing ``dst`` and wake; nothing is allocated or copied.  Returns bytes moved, or
         -errno (e.g. -EBUSY for a page the kernel will not move)."""
+        return self._fill(UFFDIO_MOVE, dst, src, length)
+
+    def _fill(self, req: int, dst: int, src: int, length: int) -> int:
+        """struct uffdio_copy / uffdio_move (dst, src, len, mode, result): bytes done, or -errno."""
         buf = ctypes.create_string_buffer(struct.pack("<QQQQq", dst, src, length, 0, 0), 40)
-        if _libc.ioctl(self.fd, UFFDIO_MOVE, buf) != 0:
-            e = ctypes.get_errno()
-            done = struct.unpack("<QQQQq", buf.raw)[4]
-            return int(done) if done > 0 else -e
-        return int(struct.unpack("<QQQQq", buf.raw)[4])
+        failed = _libc.ioctl(self.fd, req, buf) != 0
+        e = ctypes.get_errno()
+        done = int(struct.unpack("<QQQQq", buf.raw)[4])
+        return done if done > 0 or not failed else -e
 
     def zeropage(self, dst: int, length: int) -> int:
         buf = ctypes.create_string_buffer(struct.pack("<QQQq", dst, length, 0, 0), 32)
