@@ -28,6 +28,8 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,7 +137,7 @@ class Machine:
         self._stop_req = False
         self._parked = True
         self._quit = False
-        self._work: deque[_CpuWork] = deque()  # run_on_cpu() items for the vCPU thread
+        self._work: deque[tuple[Callable[[], None], Future[None]]] = deque()  # run_on_cpu() items
         self._panic_code: int | None = None
         self._host_error: str | None = None  # stop_on_host_error()'s cause, for the vCPU thread
         self._thread: threading.Thread | None = None
@@ -311,14 +313,20 @@ class Machine:
                 while (not self._want_run or self._stop_req) and not self._quit and not self._work:
                     self._cond.wait()
                 if self._quit:
-                    for item in self._work:
-                        item.fail(SnaplabError("the machine quit"))
+                    for _, done in self._work:
+                        done.set_exception(SnaplabError("the machine quit"))
                     self._work.clear()
                     return
                 work = self._work.popleft() if self._work else None
                 self._parked = False  # a _park() from elsewhere waits for the work too
             if work is not None:
-                work.run()
+                fn, done = work
+                try:
+                    fn()
+                except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
+                    done.set_exception(err)
+                else:
+                    done.set_result(None)
                 continue
             fault = self.cpu.run() if self._host_error is None else None
             if self._host_error is not None:
@@ -366,18 +374,20 @@ class Machine:
         if self._thread is None or threading.current_thread() is self._thread:
             fn()
             return
-        item = _CpuWork(fn)
+        done: Future[None] = Future()
         with self._cond:
             if self._quit:
                 raise SnaplabError("the machine quit")
-            self._work.append(item)
+            self._work.append((fn, done))
             self._cond.notify_all()
         self.cpu.stop()
-        while not item.done.wait(0.002):  # a kick that landed before emu_start is lost: again
-            if not self._thread.is_alive():
-                raise SnaplabError("the vCPU thread is gone")
-            self.cpu.stop()
-        item.result()
+        while True:
+            try:
+                return done.result(timeout=0.002)
+            except FutureTimeout:  # a kick that landed before emu_start is lost: again
+                if not self._thread.is_alive():
+                    raise SnaplabError("the vCPU thread is gone") from None
+                self.cpu.stop()
 
     def stop_on_host_error(self, cause: str) -> None:
         """A host-side failure the guest must not run past (a lazy restore that cannot read the
@@ -616,30 +626,6 @@ def _park_all_vcpus() -> None:
                 m.quit("host-signal")
         except Exception:  # exiting anyway: never let one machine keep the others running
             pass
-
-
-class _CpuWork:
-    """One run_on_cpu() item: the function, and its outcome for the waiting thread."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self.fn = fn
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        try:
-            self.fn()
-        except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
-            self.error = err
-        self.done.set()
-
-    def fail(self, err: BaseException) -> None:
-        self.error = err
-        self.done.set()
-
-    def result(self) -> None:
-        if self.error is not None:
-            raise self.error
 
 
 class _FlashNode:

@@ -1,7 +1,8 @@
 """Lazy restore (postcopy-style load): the guest resumes at once, RAM arrives on first touch.
 
-The disks are reverted and the CPU and devices loaded with the guest stopped; guest RAM is
-emptied (its populated mapping moved aside) and the guest resumed.  A missing-page fault on a
+The CPU and devices are loaded with the guest stopped, guest RAM is emptied (its populated
+mapping moved aside) and the guest resumed; the disks are reverted right after, before any
+guest disk access gets through.  A missing-page fault on a
 2 MiB chunk makes the fault-service thread read that chunk's pages from the snapshot and
 install them (which wakes the guest); a background filler does the same for every chunk
 nobody touched.  A chunk is read into the old RAM's own pages at the same offset and moved
@@ -118,17 +119,11 @@ class LazyLoad:
             # that a vCPU blocked on it can reach its stop.
             self._failed(err)
             ctypes.memset(buf, 0, n)
-        got = -1
-        if src is not None:
-            got = self.uffd.move(self.ram.addr + off, src + off, n)
-            if got == n:
-                self.stats.moved_chunks += 1
-            else:  # the kernel would not move some page: the rest is copied, as without a source
-                got = -1
-        if got == -1:
-            got = self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n)
-        if got != n:
-            # Some pages were already there (a previous partial copy): install the rest one by one.
+        if src is not None and self.uffd.move(self.ram.addr + off, src + off, n) == n:
+            self.stats.moved_chunks += 1
+        elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
+            # Not moved whole (the kernel refused a page), or some pages were already there (a
+            # previous partial copy): install the rest one by one.
             for p in range(0, n, PAGE):
                 r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
                 if r < 0 and r != -errno.EEXIST:

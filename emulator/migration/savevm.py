@@ -690,7 +690,6 @@ class SnapshotController:
         sees the old disks), and the pages follow.
         """
         wp = self.write_protector()  # set up once (populate, register), never in a downtime
-        drained = contextlib.ExitStack()
         times: list[float] = []
         release_io: list[Callable[[], None]] = []
         with short_downtime(self.vm):
@@ -737,10 +736,10 @@ class SnapshotController:
         t0, t_resume = times
         lazy.free_old()
         failed: BaseException | None = None
-        for im in images:
-            drained.enter_context(im.drained())
-        release_io[0]()  # guest disk requests now wait on the drained images (taken just above)
-        with drained:
+        with contextlib.ExitStack() as drained:
+            for im in images:
+                drained.enter_context(im.drained())
+            release_io[0]()  # guest disk requests now wait on the drained images (taken just above)
             try:
                 with contextlib.ExitStack() as stack:
                     for im in images:
