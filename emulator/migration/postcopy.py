@@ -119,18 +119,22 @@ class LazyLoad:
             # that a vCPU blocked on it can reach its stop.
             self._failed(err)
             ctypes.memset(buf, 0, n)
-        if src is not None and self.uffd.move(self.ram.addr + off, src + off, n) == n:
-            self.stats.moved_chunks += 1
-        elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
-            # Not moved whole (the kernel refused a page), or some pages were already there (a
-            # previous partial copy): install the rest one by one.
-            for p in range(0, n, PAGE):
-                r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
-                if r < 0 and r != -errno.EEXIST:
-                    raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
-        with self.lock:
-            self.state[c] = FILLED
-            self.cond.notify_all()
+        try:
+            if src is not None and self.uffd.move(self.ram.addr + off, src + off, n) == n:
+                self.stats.moved_chunks += 1
+            elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
+                # Not moved whole (the kernel refused a page), or some pages were already there
+                # (a previous partial copy): install the rest one by one.
+                for p in range(0, n, PAGE):
+                    r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
+                    if r < 0 and r != -errno.EEXIST:
+                        raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
+        except OSError as err:  # not installed: the load has failed, as for an unreadable chunk
+            self._failed(err)
+        finally:  # never left FILLING: the fill's end waits for no chunk to be
+            with self.lock:
+                self.state[c] = FILLED
+                self.cond.notify_all()
         return True
 
     def _read_chunk(self, off: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> None:
@@ -225,12 +229,12 @@ class LazyLoad:
                 while not (self.state == FILLED).all() and self.error is None:
                     self.cond.wait(0.1)
         finally:
+            with self.lock:  # a fault's fill may still be under way (after an error)
+                while (self.state == FILLING).any():
+                    self.cond.wait(0.1)
             self.wp.handler = None
             self.wp.unregister()  # every page is in: the next load moves RAM by whole tables
             if self._src is not None:  # every old page was moved back (or is no longer needed)
-                with self.lock:
-                    while (self.state == FILLING).any():  # a fault's fill may still read into them
-                        self.cond.wait(0.1)
                 self._src = None
                 self.free_old()
         self.stats.fill_s = time.perf_counter() - t0
