@@ -760,7 +760,12 @@ class SnapshotController:
             raise failed
         for im in images:  # the reverted disks' metadata becomes durable after the guest resumed
             im.flush()
-        lazy.fill_all()
+        try:
+            lazy.fill_all()
+        except SnaplabError:
+            # The fill asked the vCPU to stop (stop_on_host_error); the job ends once it has.
+            self.vm.run_on_cpu(lambda: None)
+            raise
         self._lazy = LazyLoad(wp)  # the next load's, made off its path
         st = lazy.stats
         m = SnapshotMetrics("lazy-load", t_resume - t0, time.perf_counter() - t0)
