@@ -232,12 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine.add_listener(lambda name, data, ts: done.set() if name == "SHUTDOWN" else None)
     servers: list[Any] = []
     try:
+        if opts.loadvm:  # before any monitor serves: a command cannot race the load (QEMU's order)
+            machine.snapshots.load_snapshot(opts.loadvm, None, None)
         if opts.qmp:
             from emulator.qmp.transport import start_servers
 
             servers = start_servers(machine.monitor, opts.qmp)
-        if opts.loadvm:
-            machine.snapshots.load_snapshot(opts.loadvm, None, None)
         if opts.incoming is not None:
             # QEMU: wait in "inmigrate"; run once the stream is loaded unless -S was given.
             machine.state = RunState.INMIGRATE
