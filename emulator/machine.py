@@ -321,6 +321,7 @@ class Machine:
                 self._parked = False  # a _park() from elsewhere waits for the work too
             if work is not None:
                 fn, done = work
+                done.set_running_or_notify_cancel()  # taken: its caller stops kicking
                 try:
                     fn()
                 except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
@@ -383,11 +384,15 @@ class Machine:
         self.cpu.stop()
         while True:
             try:
-                return done.result(timeout=0.002)
-            except FutureTimeout:  # a kick that landed before emu_start is lost: again
+                # Kicked again every 2 ms until the vCPU took the work (a kick that landed
+                # before emu_start is lost), then left alone: a waiter that woke while ``fn``
+                # runs would take the GIL from it at each of its Unicorn calls.
+                return done.result(timeout=0.002 if not done.running() else 0.5)
+            except FutureTimeout:
                 if not self._thread.is_alive():
                     raise SnaplabError("the vCPU thread is gone") from None
-                self.cpu.stop()
+                if not done.running():
+                    self.cpu.stop()
 
     def stop_on_host_error(self, cause: str) -> None:
         """A host-side failure the guest must not run past (a lazy restore that cannot read the

@@ -394,9 +394,20 @@ def test_run_on_cpu_and_held_block_io(tmp_path: Path) -> None:
             time.sleep(0.05)  # the guest does not run meanwhile
             seen.append((threading.current_thread().name, it, m.lab.last.iterations))
 
+        kicks = 0
+        kick = m.cpu.stop
+
+        def counted_kick() -> None:
+            nonlocal kicks
+            kicks += 1
+            kick()
+
+        m.cpu.stop = counted_kick  # type: ignore[method-assign]
         m.run_on_cpu(probe)
+        m.cpu.stop = kick  # type: ignore[method-assign]
         name, before, after = seen[-1]
         assert name == "vcpu" and before == after and m.running
+        assert kicks <= 3  # not kicked again (every 2 ms) once the vCPU runs it: 50 ms here
         with pytest.raises(ZeroDivisionError):
             m.run_on_cpu(lambda: None if 1 // 0 else None)
         it = m.lab.last.iterations
