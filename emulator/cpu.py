@@ -9,13 +9,11 @@ addresses, as Unicorn sets it up.
 
 from __future__ import annotations
 
-import ctypes
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import unicorn
 import unicorn.x86_const as x86
@@ -29,6 +27,7 @@ from unicorn import (
     Uc,
     UcError,
 )
+from unicorn.unicorn import UcContext
 
 PROT_RX = UC_PROT_READ | UC_PROT_EXEC
 PROT_RWX = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
@@ -79,8 +78,10 @@ class X86CPU:
     def __init__(self) -> None:
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._tb_flush_pending = False
+        self._tlb_flush_pending = False
         self.last_tb_flush_s = 0.0  # how long the last deferred flush took (on the running thread)
         self._power_on = self.uc.context_save()
+        self._reset_at: dict[int, UcContext] = {}  # power-on context with pc = entry, per entry
         self.pending_fault: GuestFault | None = None
 
     # -- memory -------------------------------------------------------------------------
@@ -127,6 +128,9 @@ class X86CPU:
             t0 = time.perf_counter()
             self.uc.ctl_flush_tb()
             self.last_tb_flush_s = time.perf_counter() - t0
+        if self._tlb_flush_pending:
+            self._tlb_flush_pending = False
+            self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
         try:
             self.uc.emu_start(self.pc, UNTIL, 0, count)
         except UcError as err:
@@ -179,9 +183,15 @@ class X86CPU:
         self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
 
     def reset(self, entry: int) -> None:
-        """Power-on register state (QEMU's x86_cpu_reset), starting at ``entry``."""
-        self.uc.context_restore(self._power_on)
-        self.pc = entry
+        """Power-on register state (QEMU's x86_cpu_reset), starting at ``entry``: one context
+        restore (the context is made at the first reset to that entry)."""
+        ctx = self._reset_at.get(entry)
+        if ctx is None:
+            self.uc.context_restore(self._power_on)
+            self.pc = entry
+            self._reset_at[entry] = self.uc.context_save()
+        else:
+            self.uc.context_restore(ctx)
 
     # -- state --------------------------------------------------------------------------
     def get_state(self) -> dict[str, int]:
@@ -200,61 +210,57 @@ class X86CPU:
 
         def decode() -> dict[str, int]:
             with _SCRATCH_LOCK:
-                global _SCRATCH
-                if _SCRATCH is None:
-                    _SCRATCH = Uc(UC_ARCH_X86, UC_MODE_64)
-                _SCRATCH.context_restore(ctx)
-                return _read_registers(_SCRATCH)
+                scratch = _scratch()
+                scratch.context_restore(ctx)
+                return _read_registers(scratch)
 
         return decode
 
     def set_state(self, regs: dict[str, int]) -> None:
-        self.uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
-        self._set_system_registers(regs)
-
-    @staticmethod
-    def _system_registers(regs: dict[str, int]) -> list[tuple[int, tuple[int, ...]]]:
-        """EFER, GDTR and IDTR as (register id, value) for reg_write, in the order written."""
-        return [(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))] + [
-            (getattr(x86, f"UC_X86_REG_{name}"), (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
-            for name in ("GDTR", "IDTR")]
-
-    def _set_system_registers(self, regs: dict[str, int]) -> None:
-        for rid, value in self._system_registers(regs):
-            self.uc.reg_write(rid, value)
+        _write_registers(self.uc, regs)
         self.flush_translations()
 
     def prepare_state(self, regs: dict[str, int]) -> Callable[[], None]:
-        """set_state() split in two, the mirror of capture_state(): the register values are
-        converted now into the C arrays ``uc_reg_write_batch`` takes (~0.3 ms of Python, more
-        with cold caches), and the returned function writes them, EFER, GDTR and IDTR
-        included, with one call inside a downtime.  Uses the unicorn binding's own converters;
-        if its internals ever move, the returned function is plain set_state()."""
-        uc = self.uc
-        try:
-            convert = uc._RegStateManager__get_reg_write_arg  # type: ignore[attr-defined]
-            write_batch = uc._do_reg_write_batch
-        except AttributeError:
-            return lambda: self.set_state(regs)
-        writes: list[tuple[int, Any]] = [(rid, regs[name]) for name, rid, _ in REGISTERS]
-        writes += self._system_registers(regs)  # the same call writes them, after the others
-        values = [convert(uc._select_reg_class(rid), value) for rid, value in writes]
-        n = len(values)
-        ids = (ctypes.c_int * n)(*(rid for rid, _ in writes))
-        ptrs = (ctypes.c_void_p * n)(*(ctypes.addressof(v) for v in values))
+        """x86_cpu_reset() then set_state(), split in two for a load's downtime: the register
+        file is built now on a scratch engine (power-on context, then ``regs``) and saved as a
+        context; the returned function restores it with one ``uc_context_restore`` (a copy of
+        CPUX86State).  The softmmu TLB flush that writing CR0, CR3 and CR4 would do at once
+        (a memset of a table that grows with the guest's working set: ~0.3 ms each at 8 GiB
+        on a busy host) is queued for the vCPU's next :meth:`run`, as QEMU's cpu_post_load()
+        queues tlb_flush() to a vCPU from the loading thread.  The scratch engine is the same
+        CPU model, so CR4's feature masks and the derived flags (hflags) come out the same."""
+        with _SCRATCH_LOCK:
+            scratch = _scratch()
+            scratch.context_restore(self._power_on)
+            _write_registers(scratch, regs)
+            ctx = scratch.context_save()
 
         def write() -> None:
-            status = write_batch(ids, ptrs, ctypes.c_int(n))
-            if status != unicorn.UC_ERR_OK:
-                raise UcError(status)
-            _ = values  # the arrays point into these: they live as long as this function
+            self.uc.context_restore(ctx)
+            self._tlb_flush_pending = True
             self.flush_translations()
 
         return write
 
 
-_SCRATCH: Uc | None = None  # decodes captured contexts (capture_state), created on first use
+_SCRATCH: Uc | None = None  # decodes and builds contexts (capture_state, prepare_state)
 _SCRATCH_LOCK = threading.Lock()
+
+
+def _scratch() -> Uc:
+    """The scratch engine (created on first use); hold _SCRATCH_LOCK."""
+    global _SCRATCH
+    if _SCRATCH is None:
+        _SCRATCH = Uc(UC_ARCH_X86, UC_MODE_64)
+    return _SCRATCH
+
+
+def _write_registers(uc: Uc, regs: dict[str, int]) -> None:
+    """REGISTERS with one batch write, then EFER, GDTR and IDTR."""
+    uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
+    uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
+    for name in ("GDTR", "IDTR"):
+        uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"), (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
 
 
 def _read_registers(uc: Uc) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import struct
 
 import numpy as np
@@ -136,9 +137,21 @@ def test_sparse_stream_data_offset_is_aligned_and_loads(align: int) -> None:
     assert buf.read(int(got[0].page_offset[7]), PAGE)[1] == 7
 
 
+def _cpu_env(uc) -> bytes:  # type: ignore[no-untyped-def]
+    """The raw CPUX86State a context holds (struct uc_context: a 40-byte header, then data)."""
+    ctx = uc.context_save()
+    addr = ctypes.cast(ctx.context, ctypes.c_void_p).value
+    size = ctypes.c_size_t.from_address(addr).value
+    assert 0 < size < 1 << 20
+    return ctypes.string_at(addr + 40, size)
+
+
 def test_prepared_cpu_state_is_written_only_when_applied(make_vm) -> None:  # type: ignore[no-untyped-def]
-    """A lazy load decodes the CPU state before its stop and writes it inside: the prepared write
-    changes nothing until it runs, and then gives exactly what set_state gives."""
+    """A lazy load builds the CPU state before its stop and restores it inside: the prepared
+    write changes nothing until it runs, and then leaves exactly (every byte of CPUX86State)
+    what a reset followed by set_state leaves, its TLB flush queued for the next run."""
+    from emulator.guest import FW_ENTRY
+
     m = make_vm()
     m.stop()
     now = m.cpu.get_state()
@@ -147,8 +160,15 @@ def test_prepared_cpu_state_is_written_only_when_applied(make_vm) -> None:  # ty
     assert want != now
     write = m.cpu.prepare_state(want)
     assert m.cpu.get_state() == now
+    m.cpu.reset(FW_ENTRY)
+    m.cpu.set_state(want)
+    expected = _cpu_env(m.cpu.uc)
+    m.cpu.set_state(now)
+    assert _cpu_env(m.cpu.uc) != expected
     write()
     assert m.cpu.get_state() == want
+    assert _cpu_env(m.cpu.uc) == expected
+    assert m.cpu._tlb_flush_pending and m.cpu._tb_flush_pending
     m.cpu.set_state(now)
     assert m.cpu.get_state() == now
 
