@@ -41,7 +41,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mremap.restype = ctypes.c_void_p
 _libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP = 1, 2, 4
 MAP_FIXED_NOREPLACE = 0x100000
 PROT_NONE = 0
 MAP_FAILED = ctypes.c_void_p(-1).value
@@ -210,21 +210,25 @@ class GuestRAM:
             self._spare = _map_aligned(self.span, self.align, PROT_NONE)
 
     def discard_later(self, aside: int | None = None) -> Callable[[], None] | None:
-        """Empty RAM now, free the old pages later: the populated mapping is moved aside with
-        one ``mremap`` (page tables move whole: PUD entries when 1 GiB-aligned, else PMDs) and
-        a fresh empty mapping takes its place at the same address.  ``aside`` is a reservation
-        from :meth:`reserve_aside` (else one is made here).  Returns the function that unmaps
-        the old pages (run it in any thread, after the guest resumed), or None when the kernel
-        would not do it, in which case nothing changed and the caller discards in place.  Any
-        userfaultfd registration is dropped with the old mapping: the caller registers the
-        new one.
+        """Empty RAM now, free the old pages later: the populated pages are moved aside with
+        one ``mremap`` (page tables move whole: PUD entries when 1 GiB-aligned, else PMDs).
+        ``MREMAP_DONTUNMAP`` (Linux 5.7) leaves RAM's mapping in place, empty, with its flags
+        (huge pages advised); where the kernel refuses it, a fresh mapping is made in the hole.
+        ``aside`` is a reservation from :meth:`reserve_aside` (else one is made here).  Returns
+        the function that unmaps the old pages (run it in any thread, after the guest resumed),
+        or None when the kernel would not do it, in which case nothing changed and the caller
+        discards in place.  Unregister RAM from userfaultfd first: the pages moved aside must
+        not carry a registration, and a fresh mapping would not keep it.
         """
         span = self.span
         if aside is None:
             aside = self.reserve_aside()
             if aside is None:
                 return None
-        moved = _libc.mremap(self.addr, span, span, MREMAP_MAYMOVE | MREMAP_FIXED, aside)
+        flags = MREMAP_MAYMOVE | MREMAP_FIXED
+        if _libc.mremap(self.addr, span, span, flags | MREMAP_DONTUNMAP, aside) == aside:
+            return lambda: self._free_aside(aside)
+        moved = _libc.mremap(self.addr, span, span, flags, aside)
         if moved != aside:
             _libc.munmap(aside, span)
             return None
@@ -234,7 +238,7 @@ class GuestRAM:
             # Something else was mapped into the hole meanwhile: put the old RAM back.
             if fresh not in (None, MAP_FAILED):
                 _libc.munmap(fresh, span)
-            if _libc.mremap(aside, span, span, MREMAP_MAYMOVE | MREMAP_FIXED, self.addr) != self.addr:
+            if _libc.mremap(aside, span, span, flags, self.addr) != self.addr:
                 raise SnaplabError("guest RAM could not be moved back into place")
             return None
         if self.hugepages:

@@ -224,12 +224,10 @@ class WriteProtector:
         downtime would lengthen it).  Where the swap is refused, ``MADV_DONTNEED`` in place,
         and None.
         """
+        self.unregister()  # not registered here but after a window that was never closed
         free_old = self.ram.discard_later(aside)
         if free_old is None:
-            self.unregister()
             self.ram.discard()
-        else:
-            self.registered = 0  # a registration went with the mapping moved aside
         self.register(UFFDIO_REGISTER_MODE_MISSING)
         return free_old
 

@@ -227,9 +227,29 @@ def test_emptying_ram_swaps_the_mapping_and_registers_it_for_the_window() -> Non
         assert {"um", "uw"} <= vmflags(addr)
         wp.unregister()
         assert not {"um", "uw"} & vmflags(addr)
-        free_old = ram.discard_later()
+        import emulator.memory as memory
+
+        libc_mmap, mmaps = memory._libc.mmap, []
+        memory._libc.mmap = lambda *a: mmaps.append(a) or libc_mmap(*a)
+        try:
+            free_old = ram.discard_later()
+        finally:
+            memory._libc.mmap = libc_mmap
         assert free_old is not None and ram.addr == addr
-        assert not {"um", "uw"} & vmflags(addr)  # a fresh mapping: registration is the caller's job
+        assert not [a for a in mmaps if a[0] == addr]  # MREMAP_DONTUNMAP (Linux 5.7): RAM stayed mapped
+        assert "hg" in vmflags(addr)  # with its huge-page advice
+        assert not {"um", "uw"} & vmflags(addr)  # registration is the caller's job
+        free_old()
+        # A kernel without MREMAP_DONTUNMAP (an unknown flag: EINVAL): a fresh mapping instead.
+        ram.array[:1 << 20] = 0x5A
+        dontunmap, memory.MREMAP_DONTUNMAP = memory.MREMAP_DONTUNMAP, 1 << 30
+        memory._libc.mmap = lambda *a: mmaps.append(a) or libc_mmap(*a)
+        try:
+            free_old = ram.discard_later()
+        finally:
+            memory._libc.mmap, memory.MREMAP_DONTUNMAP = libc_mmap, dontunmap
+        assert free_old is not None and ram.addr == addr and [a for a in mmaps if a[0] == addr]
+        assert "hg" in vmflags(addr) and not ram.array[:1 << 20].any()
         wp.register(UFFDIO_REGISTER_MODE_MISSING)  # a lazy load's
         free_old()
         assert "um" in vmflags(addr) and "uw" not in vmflags(addr)
