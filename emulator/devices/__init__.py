@@ -47,6 +47,7 @@ class PortBus:
         self.devices: list[Device] = []
         self._gate: threading.Event | None = None  # set while some devices are held (hold())
         self._held_ports: frozenset[int] = frozenset()
+        self._ports_of: dict[tuple[int, ...], frozenset[int]] = {}  # hold()'s port sets, made once
 
     def add(self, dev: Device) -> None:
         for p in dev.ports:
@@ -61,7 +62,11 @@ class PortBus:
         issues every device access) and ended on another.  One attribute to set (an access
         checks it), so it costs a downtime next to nothing."""
         gate = threading.Event()
-        self._held_ports = frozenset(p for d in devices for p in d.ports)
+        key = tuple(id(d) for d in devices)
+        ports = self._ports_of.get(key)
+        if ports is None:
+            ports = self._ports_of[key] = frozenset(p for d in devices for p in d.ports)
+        self._held_ports = ports
         self._gate = gate
 
         def release() -> None:

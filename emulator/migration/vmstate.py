@@ -404,9 +404,12 @@ def prepare_state(parsed: ParsedState) -> Callable[[], None]:
         steps.append((h.idstr, step))
 
     def apply() -> None:
+        # A plain try per step (no context manager object): this runs inside a downtime.
         for idstr, step in steps:
-            with _device_errors(idstr):
+            try:
                 step()
+            except (ValueError, struct.error) as err:
+                raise _device_error(idstr, err) from err
 
     return apply
 
@@ -417,7 +420,11 @@ def _device_errors(idstr: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, struct.error) as err:
-        raise LoadVMError(f"error while loading state for instance 0x0 of device '{idstr}': {err}") from err
+        raise _device_error(idstr, err) from err
+
+
+def _device_error(idstr: str, err: Exception) -> LoadVMError:
+    return LoadVMError(f"error while loading state for instance 0x0 of device '{idstr}': {err}")
 
 
 def load_state(src: StreamReader, size: int, machine: str, handlers: list[SaveHandler],
