@@ -134,7 +134,7 @@ def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
     guest stopped for most of the window scores near 0 even if it sampled only after RESUME.
     """
     deadline = time.monotonic() + 0.2
-    while time.monotonic() < deadline and not any(s.host_ns > end_ns for s in m.lab.history()[-4:]):
+    while time.monotonic() < deadline and not any(s.host_ns > end_ns for s in m.lab.history(last=4)):
         time.sleep(0.005)  # wait for one sample past the window so its end is interpolated, not clamped
     samples = m.lab.history()
     if len(samples) < 2:

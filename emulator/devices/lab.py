@@ -4,6 +4,9 @@ The guest keeps counters in its lab page (RAM 0x7000: iterations, bytes dirtied,
 errors, workload id) and rings the doorbell (OUT 0x510) once per batch, so reporting costs one
 host call per batch, never one per store.  Each ring appends a sample (virtual ns, host
 monotonic ns, counters) to a bounded ring buffer the lab reads to plot progress and stalls.
+The ring is one numpy array, not a deque of objects: at ~10,000 samples a second a deque
+held up to a million objects the cyclic garbage collector walked in every full collection
+(measured 45 ms, with the GIL held, on the vCPU thread that allocated the sample).
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 LAB_PAGE = 0x7000
 
@@ -38,7 +42,8 @@ class LabPort:
         self._read = read_ram
         self._clock = clock_ns
         self._on_panic = on_panic
-        self.samples: deque[ProgressSample] = deque(maxlen=keep)  # read it through history()
+        self._ring = np.zeros((keep, 6), dtype=np.uint64)  # pages committed as they fill
+        self._count = 0  # samples ever appended; the ring holds the last min(count, keep)
         self._samples_lock = threading.Lock()
         self.listeners: list[Callable[[ProgressSample], None]] = []
         self.last = ProgressSample(0, 0, 0, 0, 0, 0)
@@ -54,14 +59,25 @@ class LabPort:
             s = ProgressSample(self._clock(), time.monotonic_ns(), it, dirtied, disk, errors)
             self.last = s
             with self._samples_lock:
-                self.samples.append(s)
+                self._ring[self._count % len(self._ring)] = (s.vclock_ns, s.host_ns, it, dirtied, disk, errors)
+                self._count += 1
             for cb in self.listeners:
                 cb(s)
 
-    def history(self) -> list[ProgressSample]:
-        """A copy of the samples, safe while the vCPU thread keeps appending."""
+    def history_array(self, last: int | None = None) -> np.ndarray:
+        """The samples (or the ``last`` ones), oldest first, as rows of the six fields of
+        :class:`ProgressSample`: a copy, safe while the vCPU thread keeps appending."""
         with self._samples_lock:
-            return list(self.samples)
+            n, keep = self._count, len(self._ring)
+            want = min(n, keep) if last is None else max(0, min(last, n, keep))
+            end = n % keep
+            if want <= end:
+                return self._ring[end - want:end].copy()
+            return np.concatenate((self._ring[keep - (want - end):], self._ring[:end]))
+
+    def history(self, last: int | None = None) -> list[ProgressSample]:
+        """The samples (or the ``last`` ones), oldest first."""
+        return [ProgressSample(*row) for row in self.history_array(last).tolist()]
 
     def reset(self) -> None:
         pass
