@@ -225,8 +225,8 @@ class X86CPU:
         file is built now on a scratch engine (power-on context, then ``regs``) and saved as a
         context; the returned function restores it with one ``uc_context_restore`` (a copy of
         CPUX86State).  The softmmu TLB flush that writing CR0, CR3 and CR4 would do at once
-        (a memset of a table that grows with the guest's working set: ~0.3 ms each at 8 GiB
-        on a busy host) is queued for the vCPU's next :meth:`run`, as QEMU's cpu_post_load()
+        (a memset of a table that grows with the guest's working set: 0.2-0.5 ms for the
+        first at 8 GiB on a busy host) is queued for the vCPU's next :meth:`run`, as QEMU's cpu_post_load()
         queues tlb_flush() to a vCPU from the loading thread.  The scratch engine is the same
         CPU model, so CR4's feature masks and the derived flags (hflags) come out the same."""
         with _SCRATCH_LOCK:

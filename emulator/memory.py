@@ -217,8 +217,8 @@ class GuestRAM:
         ``aside`` is a reservation from :meth:`reserve_aside` (else one is made here).  Returns
         the function that unmaps the old pages (run it in any thread, after the guest resumed),
         or None when the kernel would not do it, in which case nothing changed and the caller
-        discards in place.  Unregister RAM from userfaultfd first: the pages moved aside must
-        not carry a registration, and a fresh mapping would not keep it.
+        discards in place.  Call it with RAM unregistered from userfaultfd: a registration
+        would stay on RAM's range with ``MREMAP_DONTUNMAP`` and be lost with a fresh mapping.
         """
         span = self.span
         if aside is None:

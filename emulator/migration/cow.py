@@ -224,7 +224,7 @@ class WriteProtector:
         downtime would lengthen it).  Where the swap is refused, ``MADV_DONTNEED`` in place,
         and None.
         """
-        self.unregister()  # not registered here but after a window that was never closed
+        self.unregister()  # as discard_later() wants it (no-op unless a window was left open)
         free_old = self.ram.discard_later(aside)
         if free_old is None:
             self.ram.discard()
