@@ -130,7 +130,7 @@ class X86CPU:
             self.last_tb_flush_s = time.perf_counter() - t0
         if self._tlb_flush_pending:
             self._tlb_flush_pending = False
-            self.uc.ctl(unicorn.UC_CTL_TLB_FLUSH, unicorn.UC_CTL_IO_WRITE)
+            self.flush_tlb()
         try:
             self.uc.emu_start(self.pc, UNTIL, 0, count)
         except UcError as err:

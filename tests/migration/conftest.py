@@ -65,7 +65,8 @@ def vmflags(addr: int) -> set[str]:
     with open("/proc/self/smaps") as f:
         lines = f.read().splitlines()
     for i, line in enumerate(lines):
-        if line.split("-", 1)[0] == f"{addr:x}" or line.split("-", 1)[0] == f"{addr:012x}":
+        start = line.split("-", 1)[0]
+        if "-" in line and all(c in "0123456789abcdef" for c in start) and int(start, 16) == addr:
             for follow in lines[i + 1:]:
                 if follow.startswith("VmFlags:"):
                     return set(follow.split()[1:])

@@ -43,7 +43,6 @@ def machine(tmp_path: Path, spec: WorkloadSpec, ram: int = RAM) -> tuple[Machine
     return Machine(MachineConfig(ram_size=ram, workload=spec, disks=[DiskSpec("disk0", "disk0-dev")]), g), g
 
 
-
 def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
     uffd_or_skip()
     spec = WorkloadSpec("dirty", seed=9, working_set=RAM - DATA_BASE - (1 << 20), pattern="random", batch_pages=64)
