@@ -158,6 +158,12 @@ def test_prepared_cpu_state_is_written_only_when_applied(make_vm) -> None:  # ty
     want = dict(now, RAX=0x1234_5678_9ABC, R15=7, XMM3=(1 << 100) | 5, ST2=0,
                 GDTR_BASE=now["GDTR_BASE"] + 0x40, IDTR_LIMIT=0x7F)  # system registers too
     assert want != now
+    import unicorn.x86_const as x86
+
+    from emulator import cpu as cpu_mod
+
+    with cpu_mod._SCRATCH_LOCK:  # the scratch engine holds another context (as after a decode)
+        cpu_mod._scratch().reg_write(x86.UC_X86_REG_MSR, (0xC0000082, 0x1234_5000))  # LSTAR
     write = m.cpu.prepare_state(want)
     assert m.cpu.get_state() == now
     m.cpu.reset(FW_ENTRY)
