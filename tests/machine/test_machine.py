@@ -371,6 +371,44 @@ def test_translation_flush_runs_on_the_next_guest_run() -> None:
     assert cpu.last_tb_flush_s > 0.0
 
 
+def test_kick_keeps_the_gil() -> None:
+    """cpu.stop() is called with the GIL kept: a thread waiting for the GIL (as the vCPU
+    thread does when it leaves emu_start for the work it was kicked for) gets no turn in it,
+    and the kicker has no GIL to win back afterwards."""
+    import sys
+    import threading
+
+    from emulator.cpu import X86CPU
+
+    cpu = X86CPU()
+    turns = 0
+    go = threading.Event()
+    quit_ = False
+
+    def other() -> None:
+        nonlocal turns
+        go.set()
+        while not quit_:
+            turns += 1
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(0.25)  # the other thread runs only when this one lets go of the GIL
+    t = threading.Thread(target=other)
+    try:
+        t.start()
+        go.wait()
+        time.sleep(0.01)  # blocks: the other thread runs, then waits for the GIL
+        before = turns
+        for _ in range(200):
+            cpu.stop()
+        during = turns - before
+    finally:
+        quit_ = True
+        sys.setswitchinterval(old)
+        t.join()
+    assert during == 0, f"the other thread ran {during} times inside 200 kicks"
+
+
 def test_run_on_cpu_and_held_block_io(tmp_path: Path) -> None:
     """run_on_cpu(): the function runs on the vCPU thread, with the guest out of emu_start,
     running or paused; its exception reaches the caller; the guest goes on after it; after
