@@ -161,8 +161,9 @@ class Monitor:
         return QMPConnection(self.version())
 
     def dispatch(self, conn: QMPConnection, req: Request, send: Callable[[bytes], None]) -> None:
-        """qmp_dispatch() and then the main loop's next turn: the reply line is handed to
-        ``send``, then the bottom halves the command scheduled run on this thread."""
+        """qmp_dispatch(), then the main loop's next turn: the bottom halves the command
+        scheduled run on this thread, then the reply line goes to ``send``.  QEMU's monitor
+        output goes out after them too: its snapshot-load returns after STOP and RESUME."""
         queued: list[Callable[[], None]] = []
         with gc_paused():  # a collection lands after the command, not inside it (gc_control.py)
             self._dispatching.queue = queued
@@ -170,19 +171,20 @@ class Monitor:
                 reply = self.handle(conn, req)
             finally:
                 self._dispatching.queue = None
-            try:
-                send(reply)
-            except Exception:  # the peer is gone: the command's work still happens
-                log.exception("reply to %s could not be sent", req.execute)
             for bh in queued:
                 try:
                     bh()
                 except Exception:  # a bottom half reports its own errors; this one is a bug
                     log.exception("bottom half of %s failed", req.execute)
+            try:
+                send(reply)
+            except Exception:  # the peer is gone: the command's work still happened
+                log.exception("reply to %s could not be sent", req.execute)
 
     def bottom_half(self, fn: Callable[[], None]) -> None:
-        """aio_bh_schedule_oneshot() on the main loop: ``fn`` runs after the reply of the
-        command being dispatched on this thread, on this thread; outside a dispatch, on a worker."""
+        """aio_bh_schedule_oneshot() on the main loop: ``fn`` runs once the command being
+        dispatched on this thread has returned, on this thread, before its reply goes out;
+        outside a dispatch, on a worker."""
         queue: list[Callable[[], None]] | None = getattr(self._dispatching, "queue", None)
         if queue is not None:
             queue.append(fn)

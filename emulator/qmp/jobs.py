@@ -3,8 +3,8 @@
 A job runs its work function on its own thread, so the monitor keeps answering while it runs
 (QEMU 7.2 does not: its snapshot jobs run in the main loop).  A work function that is a
 generator runs its first step as QEMU runs a snapshot job's bottom half: on the thread that
-dispatched the command, right after the reply went out (no thread to wake between the command
-and the job's start); the steps after its first ``yield`` go on a thread of their own.  Every
+dispatched the command, before the reply goes out (no thread to wake between the command and
+the job's start); the steps after its first ``yield`` go on a thread of their own.  Every
 transition emits JOB_STATUS_CHANGE; a failed job concludes with ``error`` in ``query-jobs``.
 """
 

@@ -203,7 +203,7 @@ def test_hmp(vm: Machine) -> None:
 
 def test_generator_job_first_step_is_the_commands_bottom_half() -> None:
     """A generator job runs up to its first yield where the monitor dispatched the command,
-    after the reply was handed over; the rest on a worker.  A failing or cancelled first step
+    as the command's bottom half; the rest on a worker.  A failing or cancelled first step
     concludes the job with the error, as any failure does."""
     from emulator.qmp.jobs import Job, JobManager
 
