@@ -138,6 +138,7 @@ class Machine:
         self._parked = True
         self._quit = False
         self._work: deque[tuple[Callable[[], None], Future[None]]] = deque()  # run_on_cpu() items
+        self._handlers: list[SaveHandler] | None = None  # savevm_handlers(), made once
         self._panic_code: int | None = None
         self._host_error: str | None = None  # stop_on_host_error()'s cause, for the vCPU thread
         self._thread: threading.Thread | None = None
@@ -488,7 +489,13 @@ class Machine:
     MACHINE_NAME = "snaplab-pc-1.0"
 
     def savevm_handlers(self) -> list[SaveHandler]:
-        """One handler per component, in stream order; RAM is streamed separately."""
+        """One handler per component, in stream order; RAM is streamed separately.  Made
+        once: the device set is fixed when the machine is built (a load binds to this list)."""
+        if self._handlers is None:
+            self._handlers = self._make_savevm_handlers()
+        return self._handlers
+
+    def _make_savevm_handlers(self) -> list[SaveHandler]:
         hs: list[SaveHandler] = [
             Handler("machine", 1, self._save_machine, self._load_machine),
             Handler("cpu", 1, lambda: pack_cpu_state(self.cpu.get_state()),

@@ -592,12 +592,15 @@ class SnapshotController:
         and checked once: right after the save that wrote it, or at its first load."""
         handlers = self.handlers()
         hit = self._snapshot_facts(img, sn)
-        cached: ParsedState | None = hit.get("parsed")
-        if cached is not None:
-            return cached.rebind(handlers)
-        parsed = parse_state(_QcowStream(img, sn.id_str), sn.vm_state_size, self.machine_name, handlers)
-        hit["parsed"] = parsed
-        return parsed
+        cached: tuple[list[SaveHandler], ParsedState] | None = hit.get("parsed")  # (bound to, state)
+        if cached is None:
+            state = parse_state(_QcowStream(img, sn.id_str), sn.vm_state_size, self.machine_name, handlers)
+        elif cached[0] is handlers:  # the machine makes its list once: nothing to rebind
+            return cached[1]
+        else:
+            state = cached[1].rebind(handlers)
+        hit["parsed"] = (handlers, state)
+        return state
 
     def _snapshot_facts(self, img: Qcow2Image, sn: Any) -> dict[str, Any]:
         """What was read and checked about one snapshot of one image (its parsed VM state,
