@@ -71,7 +71,13 @@ class RawQMP:
 
     def job(self, cmd: str, args: dict[str, Any]) -> float:
         """A snapshot job to its end; STOP -> RESUME seconds (0 when the VM did not stop)."""
+        return self.job_times(cmd, args)[1]
+
+    def job_times(self, cmd: str, args: dict[str, Any]) -> tuple[float, float]:
+        """A snapshot job to its end; (command -> RESUME, STOP -> RESUME) seconds, from the
+        send time and the events' timestamps (both the host's wall clock; 0 without a stop)."""
         self.events.clear()
+        sent = time.time()
         self.cmd(cmd, args)
         self.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["status"] == "concluded")
         info = [j for j in self.cmd("query-jobs") if j["id"] == args["job-id"]][0]
@@ -79,7 +85,9 @@ class RawQMP:
         if "error" in info:
             raise RuntimeError(info["error"])
         ts = {e["event"]: self.ts(e) for e in self.events if e["event"] in ("STOP", "RESUME")}
-        return ts["RESUME"] - ts["STOP"] if len(ts) == 2 else 0.0
+        if len(ts) != 2:
+            return 0.0, 0.0
+        return ts["RESUME"] - sent, ts["RESUME"] - ts["STOP"]
 
 
 def fill_files(w: Path, mib: int, seed: int = 0) -> list[str]:
@@ -161,6 +169,18 @@ def background_snapshots(q: RawQMP, w: Path, runs: int, gap: float = 1.0) -> lis
         out.append((ts.get("RESUME", 0.0) - ts.get("STOP", 0.0), ts["completed"] - ts.get("setup", ts["completed"])))
         (w / f"bg{i}.bin").unlink(missing_ok=True)
         time.sleep(gap)
+    return out
+
+
+def snapshot_loads(q: RawQMP, runs: int, idle: float = 0.1) -> list[tuple[float, float]]:
+    """One snapshot-save, then ``runs`` blocking snapshot-loads of it, each after ``idle`` s:
+    (command -> RESUME, STOP -> RESUME) seconds each."""
+    base = {"tag": "loadref", "vmstate": "disk0", "devices": ["disk0"]}
+    q.job("snapshot-save", {"job-id": "loadref", **base})
+    out = []
+    for i in range(runs):
+        time.sleep(idle)
+        out.append(q.job_times("snapshot-load", {"job-id": f"loadref{i}", **base}))
     return out
 
 
