@@ -90,19 +90,25 @@ class RawQMP:
         return ts["RESUME"] - sent, ts["RESUME"] - ts["STOP"]
 
 
+LOADER_FILE_MAX_MIB = 1024  # QEMU's ROM loader reads a file with one read(), which stops at 2 GiB
+
+
 def fill_files(w: Path, mib: int, seed: int = 0) -> list[str]:
-    """Random fill files and the -device loader arguments (two when q35 splits RAM at 2 GiB)."""
+    """Random fill files and their -device loader arguments: RAM below 2 GiB, and above 4 GiB
+    when q35 splits RAM there, in files of at most 1 GiB each."""
     rng = np.random.default_rng(seed)
-    parts = [(0x1000000, min(mib, 2048) - 64)]
+    regions = [(0x1000000, min(mib, 2048) - 64)]
     if mib > 2816:
-        parts.append((0x100000000, mib - 2048 - 48))
+        regions.append((0x100000000, mib - 2048 - 48))
     args: list[str] = []
-    for i, (addr, size) in enumerate(parts):
-        f = w / f"rand{i}.bin"
-        with open(f, "wb") as out:
-            for _ in range(size >> 4):
-                out.write(rng.integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
-        args += ["-device", f"loader,file={f},addr={addr:#x},force-raw=on"]
+    for addr, size in regions:
+        for off in range(0, size, LOADER_FILE_MAX_MIB):
+            part = min(LOADER_FILE_MAX_MIB, size - off)
+            f = w / f"rand{len(args) // 2}.bin"
+            with open(f, "wb") as out:
+                for _ in range(part >> 4):
+                    out.write(rng.integers(0, 256, 16 << 20, dtype=np.uint8).tobytes())
+            args += ["-device", f"loader,file={f},addr={addr + (off << 20):#x},force-raw=on"]
     return args
 
 
