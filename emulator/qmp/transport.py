@@ -125,22 +125,13 @@ class QMPServer:
                     else:
                         self._inflight += 1
                         try:
-                            replied = loop.create_future()
+                            # The reply is the dispatch's last step (after its bottom halves),
+                            # and reaches the loop before the dispatch's end does: the next
+                            # request is read once this one has been answered.
+                            def reply(data: bytes) -> None:
+                                loop.call_soon_threadsafe(send, data)
 
-                            def reply(data: bytes, fut: asyncio.Future[None] = replied) -> None:
-                                def deliver() -> None:
-                                    send(data)
-                                    if not fut.done():
-                                        fut.set_result(None)
-                                loop.call_soon_threadsafe(deliver)
-
-                            done = loop.run_in_executor(self._lt.pool, self.monitor.dispatch, conn, item, reply)
-                            done.add_done_callback(lambda f: f.cancelled() or f.exception())
-                            # the next request waits for this reply only, not for the bottom
-                            # halves that run after it (a job's first step) ...
-                            await asyncio.wait([replied, done], return_when=asyncio.FIRST_COMPLETED)
-                            if not replied.done():
-                                await done  # ... unless dispatch failed before replying (raises)
+                            await loop.run_in_executor(self._lt.pool, self.monitor.dispatch, conn, item, reply)
                         finally:
                             self._inflight -= 1
                 await writer.drain()
