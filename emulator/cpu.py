@@ -100,8 +100,7 @@ class X86CPU:
         self._power_on = self.uc.context_save()
         self._reset_at: dict[int, UcContext] = {}  # power-on context with pc = entry, per entry
         self.pending_fault: GuestFault | None = None
-        self._emu_stop = _EMU_STOP_KEEP_GIL
-        self._uch = self.uc._uch
+        self._uch = self.uc._uch  # the engine handle stop() passes to uc_emu_stop
 
     # -- memory -------------------------------------------------------------------------
     def map_ram(self, addr: int, size: int, host_ptr: int) -> None:
@@ -164,9 +163,9 @@ class X86CPU:
         kick through the binding's ``CDLL`` let go of the GIL and had to win it back from the
         vCPU thread, which by then ran the work it was kicked for (``run_on_cpu``): measured,
         up to 4.1 ms, and a 1 GiB lazy load's command to RESUME at 5.26 ms; kept, 12-15 us."""
-        if self._emu_stop is None:
+        if _EMU_STOP_KEEP_GIL is None:
             self.uc.emu_stop()
-        elif (err := self._emu_stop(self._uch)) != unicorn.UC_ERR_OK:
+        elif (err := _EMU_STOP_KEEP_GIL(self._uch)) != unicorn.UC_ERR_OK:
             raise UcError(err)
 
     def halted(self) -> bool:
