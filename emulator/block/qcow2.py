@@ -139,17 +139,15 @@ class Qcow2Image:
         self.l2_bits = h.cluster_bits - 3
         self.l2_size = 1 << self.l2_bits
         self.size = h.size
+        grows = isinstance(self.file, OsFile) and not self.read_only
         self.refcounts = Refcounts(self.file, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-                                   h.refcount_table_clusters, read_only=self.read_only)
-        self.refcounts._write_pointers_cb = lambda off, n: self._write_pointers(refcount_table_offset=off,
-                                                                                refcount_table_clusters=n)
+                                   h.refcount_table_clusters, read_only=self.read_only,
+                                   write_pointers=self._write_reftable_pointers, sync=self.sync_point,
+                                   on_alloc=self._grow_file if grows else None)
         self._file_size = fsize
         self._grown = False
         self._defer = 0
         self._flush_pending = False
-        self.refcounts.sync = self.sync_point  # type: ignore[method-assign]
-        if isinstance(self.file, OsFile) and not self.read_only:
-            self.refcounts.on_alloc = self._grow_file  # type: ignore[method-assign]
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
         if not self.read_only:
@@ -355,6 +353,10 @@ class Qcow2Image:
         self.sync_point()
         self.header = h
         self.metadata_changed()
+
+    def _write_reftable_pointers(self, offset: int, clusters: int) -> None:
+        """A commit that moves only the refcount table (refcount block creation)."""
+        self._write_pointers(refcount_table_offset=offset, refcount_table_clusters=clusters)
 
     def commit(self, txn: RefcountTxn, **fields: int) -> None:
         """Commit a refcount shadow transaction together with header pointer changes."""

@@ -32,6 +32,10 @@ from emulator.errors import ImageCorruptError, ImageFormatError, UnsupportedFeat
 _DTYPES = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
 
 
+def _no_hook(end: int) -> None:
+    """The default ``on_alloc``: nothing to do."""
+
+
 def size_to_clusters(cluster_size: int, size: int) -> int:
     return -(-size // cluster_size)
 
@@ -40,7 +44,13 @@ class Refcounts:
     """The refcount table and its blocks for one image (part of BDRVQcow2State)."""
 
     def __init__(self, file: BlockFile, cluster_bits: int, refcount_order: int,
-                 table_offset: int, table_clusters: int, *, read_only: bool) -> None:
+                 table_offset: int, table_clusters: int, *, read_only: bool,
+                 write_pointers: Callable[[int, int], None], sync: Callable[[], None],
+                 on_alloc: Callable[[int], None] | None = None) -> None:
+        """``write_pointers(reftable_offset, reftable_clusters)`` writes the header pointers of a
+        commit (header bytes 36..71, one write); ``sync`` is the durability point before that
+        write (the image may defer it); ``on_alloc`` is called with the end offset of every
+        allocation (the image may grow the file ahead)."""
         if refcount_order not in _DTYPES:
             raise UnsupportedFeatureError(
                 f"refcount_order {refcount_order} ({1 << refcount_order}-bit refcounts) is not supported; "
@@ -63,6 +73,9 @@ class Refcounts:
         self.blocks: dict[int, np.ndarray] = {}
         self.free_hint = 0
         self.txn: RefcountTxn | None = None
+        self.write_pointers = write_pointers
+        self.sync = sync
+        self.on_alloc: Callable[[int], None] = on_alloc if on_alloc is not None else _no_hook
 
     # -- lookup ---------------------------------------------------------------
     def block_offset(self, b: int) -> int:
@@ -174,22 +187,12 @@ class Refcounts:
             txn = RefcountTxn(self)
             for b in missing:
                 txn.touch(b)
-            txn.commit(self._write_pointers_cb)
+            txn.commit(self.write_pointers)
         self.update_range(start, n, +1)
         if start == self.free_hint:
             self.free_hint = start + n
         self.on_alloc((start + n) << self.cluster_bits)
         return start << self.cluster_bits
-
-    # Set by the image: writes header pointers with a new refcount table location.
-    _write_pointers_cb: Callable[[int, int], None]
-
-    def sync(self) -> None:
-        """The durability point before a commit's header write (the image may defer it)."""
-        self.file.flush()
-
-    def on_alloc(self, end: int) -> None:
-        """Called with the end offset of every allocation (the image may grow the file ahead)."""
 
     def highest_used(self) -> int:
         """End offset of the last cluster with a non-zero refcount."""
