@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from emulator.block.node import BlockGraph, _split_keyval, parse_blockdev
+from emulator.block.node import BlockGraph, parse_blockdev, split_keyval
 from emulator.errors import SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
@@ -52,7 +52,7 @@ class Options:
 
 def _kv(arg: str, opt: str, implied: str | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
-    for i, part in enumerate(_split_keyval(arg)):
+    for i, part in enumerate(split_keyval(arg)):
         if "=" not in part:
             if i == 0 and implied:
                 out[implied] = part

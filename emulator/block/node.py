@@ -72,7 +72,7 @@ def parse_blockdev(arg: str) -> dict[str, Any]:
             raise BlockError("-blockdev: expected a JSON object")
         return opts
     out: dict[str, Any] = {}
-    for part in _split_keyval(arg):
+    for part in split_keyval(arg):
         if "=" not in part:
             raise BlockError(f"-blockdev: Expected '=' after parameter '{part}'")
         key, val = part.split("=", 1)
@@ -87,7 +87,7 @@ def parse_blockdev(arg: str) -> dict[str, Any]:
     return out
 
 
-def _split_keyval(arg: str) -> list[str]:
+def split_keyval(arg: str) -> list[str]:
     """Split on commas; ',,' is a literal comma (QEMU's keyval syntax)."""
     parts, cur, i = [], [], 0
     while i < len(arg):
