@@ -216,7 +216,6 @@ class MemoryFile:
 
     def __init__(self, data: Buffer = b"") -> None:
         self.data = bytearray(data)
-        self.flushes = 0
 
     def pread(self, offset: int, length: int) -> bytes:
         chunk = bytes(self.data[offset:offset + length])
@@ -233,7 +232,7 @@ class MemoryFile:
         self.data[offset:end] = mv
 
     def flush(self) -> None:
-        self.flushes += 1
+        pass  # nothing in memory to make durable
 
     def size(self) -> int:
         return len(self.data)

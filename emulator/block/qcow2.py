@@ -147,7 +147,6 @@ class Qcow2Image:
         self._file_size = fsize
         self._grown = False
         self._defer = 0
-        self._flush_pending = False
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
         if not self.read_only:
@@ -285,9 +284,7 @@ class Qcow2Image:
 
     def sync_point(self) -> None:
         """fdatasync at a commit, unless inside :meth:`deferred_flush`."""
-        if self._defer:
-            self._flush_pending = True
-        else:
+        if not self._defer:
             self.file.flush()
 
     @contextlib.contextmanager
@@ -469,7 +466,6 @@ class Qcow2Image:
     @_locked
     def flush(self) -> None:
         self.file.flush()
-        self._flush_pending = False
 
     @_locked
     def close(self) -> None:
@@ -563,10 +559,6 @@ class Qcow2Image:
             write(host, mv[at:at + n])
         with self._lock:
             cluster.link_for_write(self, slices, tree=p)
-
-    @_locked
-    def pending_load_vmstate(self, p: snapshot.PendingSnapshot, pos: int, buf: memoryview | bytearray) -> None:
-        cluster.read_through(self, p.table, self.vm_state_offset + pos, memoryview(buf).cast("B"))
 
     @_locked
     def snapshot_finish(self, p: snapshot.PendingSnapshot, name: str, **kw: int) -> QCowSnapshot:

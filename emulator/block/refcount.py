@@ -119,9 +119,6 @@ class Refcounts:
             out[sel] = blk[clusters[sel] & (self.entries_per_block - 1)]
         return out
 
-    def covered_clusters(self) -> int:
-        return len(self.table) * self.entries_per_block
-
     def all_refcounts(self, nb_clusters: int) -> np.ndarray:
         """Stored refcounts of clusters [0, nb_clusters) as int64 (for check)."""
         out = np.zeros(nb_clusters, dtype=np.int64)
@@ -262,9 +259,6 @@ class Refcounts:
     def free_clusters(self, offset: int, n: int) -> None:
         """QEMU's qcow2_free_clusters() for ``n`` clusters at byte ``offset``."""
         self.update_range(offset >> self.cluster_bits, n, -1)
-
-    def drop_cache(self) -> None:
-        self.blocks.clear()
 
 
 class RefcountTxn:
