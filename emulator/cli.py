@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emulator.block.node import BlockGraph, parse_blockdev, split_keyval
-from emulator.errors import SnaplabError
+from emulator.errors import SnaplabError, UsageError
 from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
 from emulator.machine import DiskSpec, Machine, MachineConfig
@@ -28,10 +28,6 @@ from emulator.runstate import RunState
 PROG = "snaplab-system"
 _IGNORED_WITH_ARG = {"-accel": {"tcg"}, "-display": {"none"}}
 _IGNORED_FLAGS = {"-nographic", "-nodefaults", "-no-user-config"}
-
-
-class UsageError(SnaplabError):
-    pass
 
 
 @dataclass

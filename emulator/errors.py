@@ -4,7 +4,7 @@ Every error snaplab raises on purpose derives from :class:`SnaplabError` and
 carries the QMP error class QEMU would answer with (``qmp_class``), so the QMP
 layer can turn any of them into ``{"error": {"class": ..., "desc": ...}}``
 without a table of its own (the idea of h11's ``error_status_hint`` and of
-qemu.qmp's ``error.py``)::
+qemu.qmp's ``error.py``).  Every class is defined here, none elsewhere::
 
     SnaplabError                      GenericError
     ├── BlockError                    GenericError
@@ -17,7 +17,20 @@ qemu.qmp's ``error.py``)::
     │   └── SnapshotError             snapshot table operations
     │       ├── SnapshotNotFoundError
     │       └── SnapshotExistsError
-    └── DeviceNotFoundError           DeviceNotFound (QMP)
+    ├── DeviceNotFoundError           DeviceNotFound (QMP)
+    ├── LoadVMError                   GenericError: a VM state that does not fit this machine
+    ├── SnapshotBusyError             GenericError: another snapshot operation is running
+    ├── MigrationCancelled            GenericError: migrate_cancel reached the stream
+    ├── UffdUnavailable               GenericError: the kernel refused userfaultfd
+    ├── GuestMemoryError              GenericError: a host access outside guest RAM
+    ├── VarstoreError                 GenericError (also a ValueError): a bad UEFI varstore
+    ├── UsageError                    GenericError: a bad snaplab-system command line
+    └── AssemblyError                 GenericError: a guest program did not assemble
+
+    lab.spec.SpecError                (SnaplabError and ValueError) a bad experiment spec
+
+Outside the tree on purpose: ``PowerCut`` (emulator/block/io.py), the fault-injection
+file's simulated process death, which nothing in snaplab may catch.
 
 This module imports nothing from the rest of snaplab.
 """
@@ -84,3 +97,40 @@ class DeviceNotFoundError(SnaplabError):
     """A named device or node does not exist."""
 
     qmp_class = "DeviceNotFound"
+
+
+class LoadVMError(SnaplabError):
+    """The stream does not match this machine (qemu_loadvm_state failing with -EINVAL)."""
+
+    def __init__(self, detail: str, errno: int = -22) -> None:
+        self.detail = detail
+        self.errno = errno
+        super().__init__(f"Error {errno} while loading VM state: {detail}")
+
+
+class SnapshotBusyError(SnaplabError):
+    """A snapshot operation was asked for while another one runs (one at a time per VM)."""
+
+
+class MigrationCancelled(SnaplabError):
+    """``migrate_cancel`` was seen by the outgoing stream."""
+
+
+class UffdUnavailable(SnaplabError):
+    """The kernel refused userfaultfd (not Linux, no permission, feature missing)."""
+
+
+class GuestMemoryError(SnaplabError):
+    """A host-side access outside guest RAM."""
+
+
+class VarstoreError(SnaplabError, ValueError):
+    """The UEFI-style variable store is malformed (bad magic, header or record)."""
+
+
+class UsageError(SnaplabError):
+    """A ``snaplab-system`` command-line option is wrong (QEMU's one-line error, exit 1)."""
+
+
+class AssemblyError(SnaplabError):
+    """A guest program did not assemble (build time only)."""

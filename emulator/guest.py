@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from emulator.errors import AssemblyError
+
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 FIRMWARE_BIN = DATA_DIR / "firmware" / "snaplab-fw.bin"
 FW_BASE = 0x10_0000_0000
@@ -30,10 +32,6 @@ LAB_PAGE = 0x7000
 PAGE = 4096
 WORKLOADS = ("idle", "dirty", "disk", "mixed")
 PATTERNS = ("sequential", "random", "hot-cold")
-
-
-class AssemblyError(Exception):
-    pass
 
 
 def _assemble(text: str, base: int) -> bytes:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from emulator.errors import SnaplabError
+from emulator.errors import GuestMemoryError, SnaplabError
 
 HUGE = 2 << 20
 GIB = 1 << 30
@@ -72,10 +72,6 @@ def map_populated(span: int) -> int:
     if _libc.madvise(addr, span, MADV_POPULATE_WRITE) != 0:
         ctypes.memset(addr, 0, span)  # older kernels: one GIL-free memset
     return addr
-
-
-class GuestMemoryError(SnaplabError):
-    """A host-side access outside guest RAM."""
 
 
 class GuestRAM:

@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from emulator.errors import SnaplabError
+from emulator.errors import UffdUnavailable
 
 SYS_userfaultfd = 323  # x86-64
 UFFD_API = 0xAA
@@ -50,10 +50,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.syscall.restype = ctypes.c_long
 _libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 _libc.ioctl.restype = ctypes.c_int
-
-
-class UffdUnavailable(SnaplabError):
-    """The kernel refused userfaultfd (not Linux, no permission, feature missing)."""
 
 
 def _ioctl(fd: int, req: int, buf: ctypes.Array[ctypes.c_char]) -> None:

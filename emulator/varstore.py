@@ -23,6 +23,8 @@ import struct
 import uuid
 from dataclasses import dataclass
 
+from emulator.errors import VarstoreError
+
 STORE_SIZE = 128 * 1024
 HEADER = struct.Struct("<4sIII")
 HEADER_SIZE = 64
@@ -48,10 +50,6 @@ class Variable:
     @property
     def live(self) -> bool:
         return self.state == VAR_ADDED
-
-
-class VarstoreError(ValueError):
-    pass
 
 
 def parse(store: bytes) -> list[Variable]:

@@ -39,7 +39,8 @@ def metadata(seed: int | None = None) -> dict[str, Any]:
 
 def _backend() -> str:
     """userfaultfd if this kernel grants it to us, else the Unicorn TLB fallback."""
-    from emulator.uffd import UffdUnavailable, UserFaultFD
+    from emulator.errors import UffdUnavailable
+    from emulator.uffd import UserFaultFD
 
     try:
         UserFaultFD().close()

@@ -41,6 +41,7 @@ import numpy as np
 
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
+from emulator.errors import UffdUnavailable
 from emulator.memory import GuestRAM, map_populated
 from emulator.migration.vmstate import (
     PAGE,
@@ -55,7 +56,6 @@ from emulator.uffd import (
     UFFDIO_REGISTER_MODE_MISSING,
     UFFDIO_REGISTER_MODE_WP,
     Fault,
-    UffdUnavailable,
     UserFaultFD,
 )
 from emulator.workers import spawn
@@ -64,6 +64,7 @@ CHUNK = 2 << 20
 WRITEBACK_STEP = 64 << 20  # start writeback of the vmstate every this many bytes
 PROT_RX = 1 | 4  # UC_PROT_READ | UC_PROT_EXEC (unicorn's values; cpu.py owns the constants)
 PROT_RWX = 1 | 2 | 4
+WP_BACKENDS = ("auto", "userfaultfd", "unicorn-tlb")  # auto: userfaultfd, else the Unicorn TLB fallback
 UNSAVED, COPYING, SAVED = 0, 1, 2
 
 log = logging.getLogger(__name__)

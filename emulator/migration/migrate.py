@@ -13,25 +13,21 @@ everything is streamed, and it stays stopped in ``postmigrate``, as after a QEMU
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import threading
 import time
 from collections.abc import Callable
+from enum import StrEnum
 from typing import IO, Any
 
 import numpy as np
 
-from emulator.errors import SnaplabError
+from emulator.errors import MigrationCancelled, SnaplabError
 from emulator.migration.cow import CHUNK, CowSave
-from emulator.migration.savevm import SnapshotController, short_downtime
-from emulator.migration.vmstate import (
-    PAGE,
-    SequentialStream,
-    capture_sections,
-    encode_sections,
-    load_sequential,
-    nonzero_pages,
-)
+from emulator.migration.engines.save_cow import arm_in_window
+from emulator.migration.savevm import SnapshotController
+from emulator.migration.vmstate import PAGE, SequentialStream, load_sequential, nonzero_pages
 from emulator.runstate import RunState
 
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
@@ -40,12 +36,27 @@ CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compr
                 "background-snapshot", "zero-copy-send", "postcopy-preempt")
 BG_INCOMPATIBLE = ("postcopy-ram", "compress", "xbzrle", "multifd", "auto-converge", "release-ram", "return-path",
                    "dirty-bitmaps", "late-block-activate", "validate-uuid", "pause-before-switchover")
-ACTIVE = ("setup", "active", "cancelling", "device", "pre-switchover")
 IN_PROGRESS = "There's a migration process in progress"
 
 
-class MigrationCancelled(SnaplabError):
-    pass
+class MigrationStatus(StrEnum):
+    """qapi/migration.json ``MigrationStatus`` (the values QEMU 7.2 reports here)."""
+
+    NONE = "none"
+    SETUP = "setup"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ACTIVE = "active"
+    DEVICE = "device"
+    PRE_SWITCHOVER = "pre-switchover"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def active(self) -> bool:
+        """migration_is_active()'s states: a new migrate or capability change is refused."""
+        return self in (MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
+                        MigrationStatus.DEVICE, MigrationStatus.PRE_SWITCHOVER)
 
 
 def _open_uri(uri: str, mode: str) -> tuple[IO[bytes], subprocess.Popen[bytes] | None]:
@@ -82,7 +93,7 @@ class Migration:
         self.ctl = ctl
         self.emit = emit
         self.caps = dict.fromkeys(CAPABILITIES, False)
-        self.status = "none"
+        self.status = MigrationStatus.NONE
         self.info: dict[str, Any] = {}
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,7 +102,7 @@ class Migration:
 
     # -- capabilities ---------------------------------------------------------------------------
     def set_capabilities(self, caps: list[dict[str, Any]]) -> None:
-        if self.status in ACTIVE:
+        if self.status.active:
             raise SnaplabError(IN_PROGRESS)
         new = dict(self.caps)
         for c in caps:
@@ -105,40 +116,45 @@ class Migration:
     def query_capabilities(self) -> list[dict[str, Any]]:
         return [{"state": v, "capability": k} for k, v in self.caps.items()]
 
-    def _set(self, status: str) -> None:
+    def _set(self, status: MigrationStatus) -> None:
         self.status = status
         if self.caps["events"]:
-            self.emit("MIGRATION", {"status": status})
+            self.emit("MIGRATION", {"status": status.value})
 
     # -- outgoing -----------------------------------------------------------------------------------
     def migrate(self, uri: str) -> None:
-        if self.status in ACTIVE:
+        if self.status.active:
             raise SnaplabError(IN_PROGRESS)
         if not (uri.startswith("exec:") or uri.startswith("file:")):
             raise SnaplabError("Parameter 'uri' expects a valid migration protocol")
         self._cancel.clear()
         self.info = {}
-        self._set("setup")
+        self._set(MigrationStatus.SETUP)
         self._thread = threading.Thread(target=self._outgoing, args=(uri,), name="migration", daemon=True)
         self._thread.start()
 
     def cancel(self) -> None:
-        if self.status in ACTIVE:
-            self._set("cancelling")
+        if self.status.active:
+            self._set(MigrationStatus.CANCELLING)
             self._cancel.set()
 
     def _outgoing(self, uri: str) -> None:
+        """migration_thread(): the whole outgoing migration, on its own thread, as the VM's
+        one snapshot operation; its final status is set before that is over."""
         t0 = time.perf_counter()
-        ctl = self.ctl
-        try:
-            ctl._begin("migration")
-        except SnaplabError as err:
-            self.info["error-desc"] = str(err)
-            self._set("failed")
-            return
+        with contextlib.ExitStack() as busy:
+            try:
+                busy.enter_context(self.ctl.exclusive("migration"))
+                self._send(uri, t0)
+            except MigrationCancelled:
+                self._set(MigrationStatus.CANCELLED)
+            except BaseException as err:
+                self.info["error-desc"] = str(err)
+                self._set(MigrationStatus.FAILED)
+
+    def _send(self, uri: str, t0: float) -> None:
         f: IO[bytes] | None = None
         proc = None
-        stop_t = resume_t = 0.0
         try:
             f, proc = _open_uri(uri, "w")
             out = f
@@ -150,80 +166,77 @@ class Migration:
 
             stream = SequentialStream(write)
             self.info["setup-time"] = int((time.perf_counter() - t0) * 1000)
-            if self.caps["background-snapshot"]:
-                protector, _ = ctl._protector(ctl.wp_backend)
-                saved = ctl.vm.state
-                saver = CowSave(protector, ctl.ram, None, None, ctl.machine_name, [], sink=stream)
-                saver.prepare()
-                with short_downtime(ctl.vm):
-                    ctl.vm.vm_stop(RunState.FINISH_MIGRATE)
-                    stop_t = time.perf_counter()
-                    try:
-                        captured = capture_sections(ctl.handlers())
-                        saver.arm()
-                    finally:
-                        resume_t = time.perf_counter()
-                        ctl.vm.vm_resume(saved if saved != RunState.FINISH_MIGRATE else RunState.RUNNING)
-                saver.sections = encode_sections(captured)
-                self._set("active")
-                try:
-                    saver.run()
-                finally:
-                    protector.disarm()
-                pages = ctl.ram.size // PAGE
-                normal = saver.stats.bytes_written // PAGE
-            else:
-                was = ctl.vm.state
-                ctl.vm.vm_stop(RunState.FINISH_MIGRATE)
-                stop_t = time.perf_counter()
-                self._set("active")
-                try:
-                    sections = [(h, h.save()) for h in ctl.handlers()]
-                    stream.begin(ctl.machine_name, sections, ctl.ram.size)
-                    nz = nonzero_pages(ctl.ram.array)
-                    idx = np.flatnonzero(nz)
-                    mv = memoryview(ctl.ram.array.data).cast("B")
-                    if len(idx):
-                        brk = np.flatnonzero(np.diff(idx) != 1) + 1
-                        for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(),
-                                        strict=True):
-                            for p in range(int(idx[a]), int(idx[b - 1]) + 1, CHUNK // PAGE):
-                                q = min(p + CHUNK // PAGE, int(idx[b - 1]) + 1)
-                                stream.pages(p, mv[p * PAGE:q * PAGE])
-                    stream.end()
-                except BaseException:
-                    ctl.vm.vm_resume(was)
-                    raise
-                resume_t = time.perf_counter()
-                pages, normal = ctl.ram.size // PAGE, int(nz.sum())
-                ctl.vm.vm_resume(RunState.POSTMIGRATE)  # the source stays stopped after a migration
+            save = self._background if self.caps["background-snapshot"] else self._stop_and_copy
+            stopped_s, normal = save(stream)
             f.close()
             f = None
             if proc is not None and proc.wait(60) != 0:
                 raise SnaplabError(f"the migration command exited with status {proc.returncode}")
-            total = time.perf_counter() - t0
-            self.info.update({
-                "total-time": int(total * 1000), "downtime": int((resume_t - stop_t) * 1000),
-                "ram": {"total": ctl.ram.size, "transferred": stream.size, "remaining": 0,
-                        "duplicate": pages - normal, "normal": normal, "normal-bytes": normal * PAGE,
-                        "mbps": round(stream.size * 8 / 1e6 / max(total, 1e-9), 2),
-                        "pages-per-second": int(normal / max(total, 1e-9)), "dirty-sync-count": 1},
-            })
-            self._set("completed")
-        except MigrationCancelled:
-            self._set("cancelled")
-        except BaseException as err:
-            self.info["error-desc"] = str(err)
-            self._set("failed")
+            self._completed(time.perf_counter() - t0, stopped_s, stream.size, normal)
         finally:
             _close_uri(f, proc)
-            ctl._end()
+
+    def _background(self, stream: SequentialStream) -> tuple[float, int]:
+        """background-snapshot: the copy-on-write engine's stop (engines/save_cow.py), then
+        RAM streamed while the guest runs.  Returns (seconds stopped, pages sent)."""
+        ctx = self.ctl.ctx
+        protector, _ = ctx.protector()
+        saved = ctx.vm.state
+        saver = CowSave(protector, ctx.ram, None, None, ctx.machine_name, [], sink=stream)
+        saver.prepare()
+        with contextlib.ExitStack() as stack:
+            w = arm_in_window(ctx, saver, RunState.FINISH_MIGRATE,
+                              saved if saved != RunState.FINISH_MIGRATE else RunState.RUNNING, [], stack)
+        saver.sections = w.sections
+        self._set(MigrationStatus.ACTIVE)
+        try:
+            saver.run()
+        finally:
+            protector.disarm()
+        return w.t_resume - w.t_stop, saver.stats.bytes_written // PAGE
+
+    def _stop_and_copy(self, stream: SequentialStream) -> tuple[float, int]:
+        """A plain migration: the guest stopped, everything streamed, the guest left stopped
+        in ``postmigrate`` as after a QEMU migration.  Returns (seconds stopped, pages sent)."""
+        ctx = self.ctl.ctx
+        was = ctx.vm.state
+        ctx.vm.vm_stop(RunState.FINISH_MIGRATE)
+        stop_t = time.perf_counter()
+        self._set(MigrationStatus.ACTIVE)
+        try:
+            stream.begin(ctx.machine_name, ctx.capture(), ctx.ram.size)
+            nz = nonzero_pages(ctx.ram.array)
+            mv = memoryview(ctx.ram.array.data).cast("B")
+            step = CHUNK // PAGE
+            for first, end in _runs(nz):
+                for p in range(first, end, step):
+                    q = min(p + step, end)
+                    stream.pages(p, mv[p * PAGE:q * PAGE])
+            stream.end()
+        except BaseException:
+            ctx.vm.vm_resume(was)
+            raise
+        resume_t = time.perf_counter()
+        ctx.vm.vm_resume(RunState.POSTMIGRATE)  # the source stays stopped after a migration
+        return resume_t - stop_t, int(nz.sum())
+
+    def _completed(self, total: float, stopped_s: float, transferred: int, normal: int) -> None:
+        """query-migrate's figures of a completed migration, then the COMPLETED status."""
+        pages = self.ctl.ctx.ram_pages()
+        self.info.update({
+            "total-time": int(total * 1000), "downtime": int(stopped_s * 1000),
+            "ram": {"total": self.ctl.ctx.ram.size, "transferred": transferred, "remaining": 0,
+                    "duplicate": pages - normal, "normal": normal, "normal-bytes": normal * PAGE,
+                    "mbps": round(transferred * 8 / 1e6 / max(total, 1e-9), 2),
+                    "pages-per-second": int(normal / max(total, 1e-9)), "dirty-sync-count": 1},
+        })
+        self._set(MigrationStatus.COMPLETED)
 
     def query(self) -> dict[str, Any]:
-        if self.status == "none":
+        if self.status == MigrationStatus.NONE:
             return {}
-        out: dict[str, Any] = {"status": self.status}
-        if self.status in ACTIVE:
+        out: dict[str, Any] = {"status": self.status.value}
+        if self.status.active:
             out["expected-downtime"] = 300
         out.update(self.info)
         return out
@@ -246,22 +259,28 @@ class Migration:
         self._thread.start()
 
     def _incoming(self, uri: str) -> None:
-        ctl = self.ctl
-        self._set("setup")
+        ctx = self.ctl.ctx
+        self._set(MigrationStatus.SETUP)
         f: IO[bytes] | None = None
         proc = None
         try:
             f, proc = _open_uri(uri, "r")
-            self._set("active")
-            ram = ctl.ram
+            self._set(MigrationStatus.ACTIVE)
+            ram = ctx.ram
             ram.fill(0, 0, ram.size)
-            ctl.vm.reset_for_load()
-            load_sequential(f.read, ctl.machine_name, ctl.handlers(),
+            ctx.vm.reset_for_load()
+            load_sequential(f.read, ctx.machine_name, ctx.handlers(),
                             lambda first, data: ram.write(first * PAGE, data), ram.size)
-            self._set("completed")
-            ctl.vm.vm_resume(RunState.RUNNING if self.autostart else RunState.PAUSED)
+            self._set(MigrationStatus.COMPLETED)
+            ctx.vm.vm_resume(RunState.RUNNING if self.autostart else RunState.PAUSED)
         except BaseException as err:
             self.info["error-desc"] = str(err)
-            self._set("failed")
+            self._set(MigrationStatus.FAILED)
         finally:
             _close_uri(f, proc)
+
+
+def _runs(nonzero: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of consecutive True pages, as (first, end) page numbers."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], nonzero, [False])).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))

@@ -33,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from emulator.errors import SnaplabError
+from emulator.errors import LoadVMError
 
 QEVM_MAGIC = 0x5145564D
 QEVM_VERSION = 3
@@ -49,15 +49,6 @@ RAM_IDSTR = "ram"
 RAM_VERSION = 1
 _RAM_HEADER = struct.Struct(">QIIQQ")
 RAM_FLAG_SPARSE = 1  # page i at data offset + 4096 i (background engines); else packed
-
-
-class LoadVMError(SnaplabError):
-    """The stream does not match this machine (qemu_loadvm_state failing with -EINVAL)."""
-
-    def __init__(self, detail: str, errno: int = -22) -> None:
-        self.detail = detail
-        self.errno = errno
-        super().__init__(f"Error {errno} while loading VM state: {detail}")
 
 
 class SaveHandler(Protocol):

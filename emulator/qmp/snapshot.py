@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from emulator.migration.cow import WP_BACKENDS
+from emulator.migration.engines import load_engine, load_engine_names, save_engine_names
 from emulator.migration.savevm import SnapshotController
 from emulator.qmp.commands import Monitor
 from emulator.qmp.jobs import Job
@@ -30,30 +32,31 @@ SNAPSHOT_COMMANDS = [
 
 
 def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
-    monitor.schema.add_enum(EnumType("SnaplabSaveEngine", ("blocking", "cow", "precopy")))
-    monitor.schema.add_enum(EnumType("SnaplabLoadEngine", ("blocking", "lazy")))
-    monitor.schema.add_enum(EnumType("SnaplabWpBackend", ("auto", "userfaultfd", "unicorn-tlb")))
+    monitor.schema.add_enum(EnumType("SnaplabSaveEngine", save_engine_names()))
+    monitor.schema.add_enum(EnumType("SnaplabLoadEngine", load_engine_names()))
+    monitor.schema.add_enum(EnumType("SnaplabWpBackend", WP_BACKENDS))
     for cmd in SNAPSHOT_COMMANDS:
         monitor.schema.add_command(cmd)
 
     def save(a: dict[str, Any]) -> dict[str, Any]:
         def work(job: Job) -> None:
-            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"], a.get(ENGINE_MEMBER, "blocking"),
+            m = ctl.save_snapshot(a["tag"], False, a["vmstate"], a["devices"], a.get(ENGINE_MEMBER, save_engine_names()[0]),
                                   a.get(BACKEND_MEMBER))
             job.result["metrics"] = m
         monitor.jobs.create(a["job-id"], "snapshot-save", work)
         return {}
 
     def load(a: dict[str, Any]) -> dict[str, Any]:
-        def work(job: Job) -> None:
-            m = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"], engine=a.get(ENGINE_MEMBER, "blocking"))
-            job.result["metrics"] = m
+        engine = a.get(ENGINE_MEMBER, load_engine_names()[0])  # the first is QEMU's own
 
-        def lazy_work(job: Job) -> Iterator[None]:
+        def work(job: Job) -> None:
+            job.result["metrics"] = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"], engine=engine)
+
+        def early_work(job: Job) -> Iterator[None]:
             """Up to RESUME as the command's bottom half (no thread wakes in between), then a worker."""
             job.result["metrics"] = yield from ctl.load_snapshot_steps(a["tag"], a["vmstate"], a["devices"],
-                                                                       engine="lazy")
-        monitor.jobs.create(a["job-id"], "snapshot-load", lazy_work if a.get(ENGINE_MEMBER) == "lazy" else work)
+                                                                       engine=engine)
+        monitor.jobs.create(a["job-id"], "snapshot-load", early_work if load_engine(engine).resumes_early else work)
         return {}
 
     def delete(a: dict[str, Any]) -> dict[str, Any]:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from emulator.uffd import UffdUnavailable, UserFaultFD
+from emulator.errors import UffdUnavailable
+from emulator.uffd import UserFaultFD
 from lab import plot, results
 from lab.cli import main
 from lab.reference import qemu_reference

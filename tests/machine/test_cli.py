@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from emulator.block import Qcow2Image
-from emulator.cli import UsageError, build_machine, parse_args
+from emulator.cli import build_machine, parse_args
+from emulator.errors import UsageError
 from emulator.guest import DATA_DIR, FIRMWARE_BIN
 
 REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "transcripts"

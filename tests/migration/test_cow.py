@@ -18,11 +18,12 @@ import pytest
 
 from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
+from emulator.errors import UffdUnavailable
 from emulator.guest import DATA_BASE, WorkloadSpec, expected_generations
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.cow import fault_buffers
 from emulator.qmp.client import QMPClient
-from emulator.uffd import UffdUnavailable, UserFaultFD
+from emulator.uffd import UserFaultFD
 from tests.migration.conftest import vmflags
 
 RAM = 64 << 20

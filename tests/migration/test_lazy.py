@@ -13,11 +13,11 @@ import pytest
 
 from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
-from emulator.errors import BlockIOError
+from emulator.errors import BlockIOError, UffdUnavailable
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.qmp.client import QMPClient
-from emulator.uffd import UffdUnavailable, UserFaultFD
+from emulator.uffd import UserFaultFD
 from tests.migration.conftest import vmflags
 
 RAM = 128 << 20

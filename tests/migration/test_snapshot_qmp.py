@@ -176,7 +176,7 @@ def test_hmp_with_raw_and_qcow2_varstore(make_vm) -> None:  # type: ignore[no-un
 def test_second_snapshot_operation_while_one_runs(make_vm) -> None:  # type: ignore[no-untyped-def]
     m = make_vm()
     q = m.qmp()
-    ctl = m.snapshots
+    ctl = m.snapshots.ctx  # the engines read the save handlers from here
     gate = threading.Event()
     orig = ctl.handlers
 

@@ -8,10 +8,10 @@ import struct
 import numpy as np
 import pytest
 
+from emulator.errors import LoadVMError
 from emulator.migration.vmstate import (
     PAGE,
     Handler,
-    LoadVMError,
     RamLayout,
     load_state,
     nonzero_pages,

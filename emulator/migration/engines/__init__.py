@@ -1,0 +1,54 @@
+"""The registry of snapshot engines: the one place that lists them.
+
+Each engine is one module beside this one (a :class:`~emulator.migration.engine.SaveEngine`
+or :class:`~emulator.migration.engine.LoadEngine` subclass); adding one is that module plus
+one line below.  Everything else reads this registry: the QMP schema's
+``SnaplabSaveEngine`` / ``SnaplabLoadEngine`` enums, the snapshot controller's dispatch,
+``lab.spec``, the plots and the widgets.  QEMU lists its migration capabilities and
+``register_savevm_live()`` handlers the same way.  The first engine of each list is the
+default, QEMU's own.
+"""
+
+from __future__ import annotations
+
+from emulator.errors import SnaplabError
+from emulator.migration.engine import LoadEngine, SaveEngine
+from emulator.migration.engines.load_blocking import BlockingLoad
+from emulator.migration.engines.load_lazy import LazyLoadEngine
+from emulator.migration.engines.save_blocking import BlockingSave
+from emulator.migration.engines.save_cow import CowSaveEngine
+from emulator.migration.engines.save_precopy import PrecopySave
+
+SAVE_ENGINES: list[type[SaveEngine]] = [
+    BlockingSave,
+    CowSaveEngine,
+    PrecopySave,
+]
+LOAD_ENGINES: list[type[LoadEngine]] = [
+    BlockingLoad,
+    LazyLoadEngine,
+]
+
+
+def save_engine_names() -> tuple[str, ...]:
+    return tuple(e.name for e in SAVE_ENGINES)
+
+
+def load_engine_names() -> tuple[str, ...]:
+    return tuple(e.name for e in LOAD_ENGINES)
+
+
+def save_engine(name: str) -> type[SaveEngine]:
+    """The save engine of that name; QEMU's error for an enum value it does not know."""
+    for e in SAVE_ENGINES:
+        if e.name == name:
+            return e
+    raise SnaplabError(f"Parameter 'engine' does not accept value '{name}'")
+
+
+def load_engine(name: str) -> type[LoadEngine]:
+    """The load engine of that name; QEMU's error for an enum value it does not know."""
+    for e in LOAD_ENGINES:
+        if e.name == name:
+            return e
+    raise SnaplabError(f"Parameter 'engine' does not accept value '{name}'")

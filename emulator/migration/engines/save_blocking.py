@@ -1,0 +1,50 @@
+"""The blocking save: QEMU's ``savevm``.
+
+Stop the guest, write the device sections and every non-zero RAM page to the VM-state area,
+add a snapshot table entry on every node, resume; the disks are flushed after the resume.
+The guest is stopped for the whole save (migration/savevm.c ``save_snapshot()``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import ClassVar
+
+from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics
+from emulator.migration.vmstate import nonzero_pages, save_state
+from emulator.migration.vmstate_io import VMStateStream
+
+
+class BlockingSave(SaveEngine):
+    name: ClassVar[str] = "blocking"
+    title: ClassVar[str] = "blocking (QEMU's savevm)"
+    guest_runs: ClassVar[bool] = False
+
+    def save(self, req: SaveRequest) -> SnapshotMetrics:
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        target = ctx.save_checks(req)
+        saved_state = ctx.vm.state
+        images = target.images
+        stack = contextlib.ExitStack()
+        try:
+            t_stop = ctx.stop_for_save(images, stack)
+            at = ctx.save_instant(req.name)
+            t_scan = time.perf_counter()
+            nz = nonzero_pages(ctx.ram.array)
+            t_write = time.perf_counter()
+            st = save_state(VMStateStream(target.vmstate_image), ctx.machine_name, ctx.handlers(), ctx.ram.array,
+                            nz=nz)
+            t_commit = time.perf_counter()
+            ctx.commit(target, at, st.size)
+        finally:
+            t_resume = ctx.resume(saved_state)
+            stack.close()
+        t_flush = time.perf_counter()
+        ctx.flush(images)
+        m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, st.size, st.nonzero,
+                            ctx.ram_pages() - st.nonzero)
+        m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": t_write - t_scan,
+                        "write_s": t_commit - t_write, "commit_s": t_resume - t_commit})
+        return ctx.saved(m, target, at.name)

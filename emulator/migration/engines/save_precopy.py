@@ -1,0 +1,65 @@
+"""The pre-copy save: dirty-logging rounds while the guest runs, then a short stop.
+
+RAM is written in rounds while the guest runs (each round rewrites what the last one saw
+dirtied, precopy.py); when a round is small enough, or after the last round, the guest is
+stopped for the remaining dirty pages, the device sections and the snapshot table entries.
+QEMU's live migration (migration/ram.c ``ram_save_iterate``) applied to an internal snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import ClassVar
+
+from emulator.errors import SnaplabError
+from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics, short_downtime
+from emulator.migration.precopy import Precopy
+from emulator.migration.vmstate import begin_sparse_stream, finish_sparse_stream
+from emulator.migration.vmstate_io import VMStateStream
+
+
+class PrecopySave(SaveEngine):
+    name: ClassVar[str] = "precopy"
+    title: ClassVar[str] = "pre-copy (dirty logging)"
+    guest_runs: ClassVar[bool] = True
+
+    def save(self, req: SaveRequest) -> SnapshotMetrics:
+        ctx = self.ctx
+        t0 = time.perf_counter()
+        target = ctx.save_checks(req)
+        if ctx.ram.populate_seconds is None:
+            ctx.ram.populate()
+        if ctx.wp is not None:
+            ctx.wp.unregister()  # a range belongs to one userfaultfd at a time (it is not ours now)
+        stream = VMStateStream(target.vmstate_image)
+        pre = Precopy(ctx.ram, stream, ctx.machine_name, ctx.capture(), target.vmstate_image)
+        try:
+            pre.iterate()
+            images = target.images
+            saved_state = ctx.vm.state
+            with contextlib.ExitStack() as stack, short_downtime(ctx.vm):
+                t_stop = ctx.stop_for_save(images, stack)
+                try:
+                    at = ctx.save_instant(req.name)
+                    pre.final()
+                    head = begin_sparse_stream(stream, ctx.machine_name, ctx.capture(), ctx.ram.size,
+                                               min_data_offset=pre.sparse.data_offset)
+                    if head.data_offset != pre.sparse.data_offset:
+                        raise SnaplabError("device state outgrew the room reserved for it in the VM state")
+                    size = finish_sparse_stream(stream, pre.sparse, pre.nonzero)
+                    ctx.commit(target, at, size)
+                finally:
+                    t_resume = ctx.resume(saved_state)
+            ctx.flush(images)
+        finally:
+            pre.close()
+            ctx.ram.collapse()
+        st = pre.stats
+        written = int(pre.nonzero.sum())
+        m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, size, written,
+                            ctx.ram_pages() - written)
+        m.extra.update({"iterations": len(st.rounds), "bytes_per_round": st.rounds,
+                        "bytes_written": sum(st.rounds), "dirty_final_bytes": st.dirty_final,
+                        "scan_s": st.scan_s})
+        return ctx.saved(m, target, at.name)
