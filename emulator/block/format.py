@@ -197,9 +197,23 @@ def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
 def parse_header(buf: bytes, file_size: int) -> QCowHeader:
     """Parse and validate a header; errors name the offending field.
 
-    Mirrors the checks at the top of QEMU's qcow2_do_open(), with its bounds.
-    ``buf`` must hold at least the first cluster or the whole file if smaller.
+    Mirrors the checks at the top of QEMU's qcow2_do_open(), with its bounds, in its order:
+    the version-independent fields, the version 3 fields, the feature-independent field
+    checks, the metadata tables, then the header extensions.  ``buf`` must hold at least the
+    first cluster or the whole file if smaller.
     """
+    h = _parse_v2_fields(buf)
+    if h.version == 3:
+        h = _parse_v3_fields(buf, h)
+    _check_fields(h)
+    _check_tables(h, file_size)
+    if h.version == 3:
+        h = replace(h, extensions=_parse_extensions(buf, h.header_length, h.backing_file_offset, h.cluster_size))
+    return h
+
+
+def _parse_v2_fields(buf: bytes) -> QCowHeader:
+    """Bytes 0..71, present in every version: magic, version and cluster size are checked."""
     if len(buf) < HEADER_V2_SIZE:
         raise ImageFormatError("magic", "Image is not in qcow2 format: file too short for a header")
     (
@@ -223,58 +237,6 @@ def parse_header(buf: bytes, file_size: int) -> QCowHeader:
         raise ImageFormatError("version", f"Unsupported qcow2 version {version}")
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
         raise ImageFormatError("cluster_bits", f"Unsupported cluster size: 2^{cluster_bits}")
-    cluster_size = 1 << cluster_bits
-    incompat = compat = autoclear = 0
-    refcount_order = 4
-    header_length = HEADER_V2_SIZE
-    compression_type = 0
-    if version == 3:
-        if len(buf) < HEADER_V3_SIZE:
-            raise ImageFormatError("header_length", "qcow2 header is truncated")
-        incompat, compat, autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(buf, HEADER_V2_SIZE)
-        if header_length < HEADER_V3_SIZE:
-            raise ImageFormatError("header_length", "qcow2 header too short")
-        if header_length > cluster_size:
-            raise ImageFormatError("header_length", "qcow2 header exceeds cluster size")
-        if header_length > len(buf):
-            raise ImageFormatError("header_length", "qcow2 header is truncated")
-        if header_length > HEADER_V3_SIZE:
-            compression_type = buf[HEADER_V3_SIZE]
-    if refcount_order > 6:
-        raise ImageFormatError("refcount_order", "Reference count entry width too large; may not exceed 64 bits")
-    if crypt_method != 0:
-        raise ImageFormatError("crypt_method", f"Unsupported encryption method: {crypt_method}")
-    if backing_file_offset:
-        if backing_file_offset > cluster_size or backing_file_size > 1023 or backing_file_offset + backing_file_size > cluster_size:
-            raise ImageFormatError("backing_file_offset", "Backing file name too long or outside the header cluster")
-    # Refcount table (qcow2_do_open: "Reference count table too large", "...offset invalid")
-    if refcount_table_clusters == 0:
-        raise ImageFormatError("refcount_table_clusters", "Image does not contain a reference count table")
-    if refcount_table_clusters * cluster_size > QCOW_MAX_REFTABLE_SIZE:
-        raise ImageFormatError("refcount_table_clusters", "Reference count table too large")
-    _check_table("refcount_table_offset", "Reference count table", refcount_table_offset,
-                 refcount_table_clusters * cluster_size, cluster_size, file_size)
-    # Snapshot table
-    if nb_snapshots > QCOW_MAX_SNAPSHOTS:
-        raise ImageFormatError("nb_snapshots", "Snapshot table too large")
-    if nb_snapshots:
-        _check_table("snapshots_offset", "Snapshot table", snapshots_offset,
-                     nb_snapshots * SNAPSHOT_HEADER.size, cluster_size, file_size)
-    elif snapshots_offset % cluster_size:
-        raise ImageFormatError("snapshots_offset", "Snapshot table offset invalid")
-    # L1 table
-    if l1_size * 8 > QCOW_MAX_L1_SIZE:
-        raise ImageFormatError("l1_size", "Active L1 table too large")
-    l2_bits = cluster_bits - 3
-    shift = cluster_bits + l2_bits
-    min_l1 = -(-size // (1 << shift))
-    if size > (1 << 62) or min_l1 * 8 > QCOW_MAX_L1_SIZE:
-        raise ImageFormatError("size", "Image is too big")
-    if l1_size < min_l1:
-        raise ImageFormatError("l1_size", "L1 table is too small")
-    if l1_size:
-        _check_table("l1_table_offset", "Active L1 table", l1_table_offset, l1_size * 8, cluster_size, file_size)
-    extensions = _parse_extensions(buf, header_length, backing_file_offset, cluster_size) if version == 3 else ()
     return QCowHeader(
         version=version,
         cluster_bits=cluster_bits,
@@ -288,14 +250,70 @@ def parse_header(buf: bytes, file_size: int) -> QCowHeader:
         backing_file_offset=backing_file_offset,
         backing_file_size=backing_file_size,
         crypt_method=crypt_method,
-        incompatible_features=incompat,
-        compatible_features=compat,
-        autoclear_features=autoclear,
-        refcount_order=refcount_order,
-        header_length=header_length,
-        compression_type=compression_type,
-        extensions=extensions,
+        refcount_order=4,
+        header_length=HEADER_V2_SIZE,
     )
+
+
+def _parse_v3_fields(buf: bytes, h: QCowHeader) -> QCowHeader:
+    """Bytes 72..103 (feature bits, refcount_order, header_length) and the compression type."""
+    if len(buf) < HEADER_V3_SIZE:
+        raise ImageFormatError("header_length", "qcow2 header is truncated")
+    incompat, compat, autoclear, refcount_order, header_length = _HEADER_V3.unpack_from(buf, HEADER_V2_SIZE)
+    if header_length < HEADER_V3_SIZE:
+        raise ImageFormatError("header_length", "qcow2 header too short")
+    if header_length > h.cluster_size:
+        raise ImageFormatError("header_length", "qcow2 header exceeds cluster size")
+    if header_length > len(buf):
+        raise ImageFormatError("header_length", "qcow2 header is truncated")
+    compression_type = buf[HEADER_V3_SIZE] if header_length > HEADER_V3_SIZE else 0
+    return replace(h, incompatible_features=incompat, compatible_features=compat, autoclear_features=autoclear,
+                   refcount_order=refcount_order, header_length=header_length, compression_type=compression_type)
+
+
+def _check_fields(h: QCowHeader) -> None:
+    """refcount_order, encryption and the backing file name's place."""
+    if h.refcount_order > 6:
+        raise ImageFormatError("refcount_order", "Reference count entry width too large; may not exceed 64 bits")
+    if h.crypt_method != 0:
+        raise ImageFormatError("crypt_method", f"Unsupported encryption method: {h.crypt_method}")
+    cluster_size = h.cluster_size
+    if h.backing_file_offset:
+        if (h.backing_file_offset > cluster_size or h.backing_file_size > 1023
+                or h.backing_file_offset + h.backing_file_size > cluster_size):
+            raise ImageFormatError("backing_file_offset", "Backing file name too long or outside the header cluster")
+
+
+def _check_tables(h: QCowHeader, file_size: int) -> None:
+    """The refcount table, the snapshot table and the active L1 table: sizes and places."""
+    cluster_size = h.cluster_size
+    # Refcount table (qcow2_do_open: "Reference count table too large", "...offset invalid")
+    if h.refcount_table_clusters == 0:
+        raise ImageFormatError("refcount_table_clusters", "Image does not contain a reference count table")
+    if h.refcount_table_clusters * cluster_size > QCOW_MAX_REFTABLE_SIZE:
+        raise ImageFormatError("refcount_table_clusters", "Reference count table too large")
+    _check_table("refcount_table_offset", "Reference count table", h.refcount_table_offset,
+                 h.refcount_table_clusters * cluster_size, cluster_size, file_size)
+    # Snapshot table
+    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+        raise ImageFormatError("nb_snapshots", "Snapshot table too large")
+    if h.nb_snapshots:
+        _check_table("snapshots_offset", "Snapshot table", h.snapshots_offset,
+                     h.nb_snapshots * SNAPSHOT_HEADER.size, cluster_size, file_size)
+    elif h.snapshots_offset % cluster_size:
+        raise ImageFormatError("snapshots_offset", "Snapshot table offset invalid")
+    # L1 table
+    if h.l1_size * 8 > QCOW_MAX_L1_SIZE:
+        raise ImageFormatError("l1_size", "Active L1 table too large")
+    l2_bits = h.cluster_bits - 3
+    shift = h.cluster_bits + l2_bits
+    min_l1 = -(-h.size // (1 << shift))
+    if h.size > (1 << 62) or min_l1 * 8 > QCOW_MAX_L1_SIZE:
+        raise ImageFormatError("size", "Image is too big")
+    if h.l1_size < min_l1:
+        raise ImageFormatError("l1_size", "L1 table is too small")
+    if h.l1_size:
+        _check_table("l1_table_offset", "Active L1 table", h.l1_table_offset, h.l1_size * 8, cluster_size, file_size)
 
 
 def _check_table(fieldname: str, what: str, offset: int, length: int, cluster_size: int, file_size: int) -> None:
