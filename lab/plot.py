@@ -12,7 +12,27 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 from matplotlib.patches import Patch
 
-STYLE = {"blocking": ("o", "-"), "cow": ("s", "--"), "precopy": ("^", ":")}
+from lab.spec import load_engines, save_engines, write_protects
+
+MARKERS = ("o", "s", "^", "v", "D", "P")
+LINES = ("-", "--", ":", "-.")
+HATCHES = ("", "//", "..", "xx", "\\\\")
+
+
+def _index(engine: str) -> int:
+    """The engine's place in the registry (save engines, then load engines): its style."""
+    names = [*save_engines(), *load_engines()]
+    return names.index(engine) if engine in names else len(names)
+
+
+def style(engine: str) -> tuple[str, str]:
+    """(marker, line style) of an engine, by its place in the registry."""
+    i = _index(engine)
+    return MARKERS[i % len(MARKERS)], LINES[i % len(LINES)]
+
+
+def hatch(engine: str) -> str:
+    return HATCHES[_index(engine) % len(HATCHES)]
 
 
 def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
@@ -27,7 +47,7 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
                 by_ram.setdefault(int(r["ram_mib"]), []).append(float(r["downtime_ms"]))
         xs = sorted(by_ram)
         ys = [sorted(by_ram[x])[len(by_ram[x]) // 2] for x in xs]
-        marker, ls = STYLE.get(eng, ("x", "-."))
+        marker, ls = style(eng)
         ax.plot(xs, ys, marker=marker, linestyle=ls, color="black", label=f"snaplab {eng}")
     for name, pts in (reference or {}).items():
         xs = sorted(pts)
@@ -49,19 +69,18 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
 
 def engines_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
     """Blocking vs copy-on-write vs pre-copy in one figure: downtime, total time, guest progress."""
-    engines = [e for e in ("blocking", "cow", "precopy") if any(r["engine"] == e for r in rows)]
+    engines = [e for e in save_engines() if any(r["engine"] == e for r in rows)]
 
     def med(eng: str, key: str) -> float:
         vals = sorted(float(r[key]) for r in rows if r["engine"] == eng)
         return vals[len(vals) // 2] if vals else float("nan")
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
-    hatches = {"blocking": "", "cow": "//", "precopy": ".."}
     panels = [("downtime_ms", "downtime (ms, log)", True), ("total_s", "total time (s)", False),
               ("progress_during_save", "guest progress during save\n(fraction of normal)", False)]
     for ax, (key, label, log) in zip(axes, panels, strict=True):
         vals = [med(e, key) for e in engines]
-        ax.bar(engines, vals, color="white", edgecolor="black", hatch=[hatches[e] for e in engines])
+        ax.bar(engines, vals, color="white", edgecolor="black", hatch=[hatch(e) for e in engines])
         ax.set_ylabel(label)
         if log:
             ax.set_yscale("log")
@@ -81,7 +100,7 @@ def engines_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -
 def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
     """Blocking load vs lazy restore: how long the guest is stopped, and until all RAM is back."""
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
-    engines = [e for e in ("blocking", "lazy") if any(r["engine"] == e for r in rows)]
+    engines = [e for e in load_engines() if any(r["engine"] == e for r in rows)]
     for i, key in enumerate(("stopped_ms", "complete_s")):
         vals = []
         for e in engines:
@@ -174,15 +193,15 @@ def throughput_bars(save_rows: list[dict[str, Any]], load_rows: list[dict[str, A
     """
     bars: list[tuple[str, str, float]] = []
     mib = float(1 << 20)
-    blk = [r for r in save_rows if r["engine"] == "blocking"]
-    cow = [r for r in save_rows if r["engine"] == "cow"]
+    blk = [r for r in save_rows if r["engine"] == save_engines()[0]]  # QEMU's savevm
+    cow = [r for r in save_rows if write_protects(str(r["engine"]))]
     if blk:
         bars.append(("blocking save", "snaplab",
                      _median([r["vmstate_bytes"] / mib / (r["downtime_ms"] / 1e3) for r in blk])))
     if cow:
         bars.append(("background save (whole job)", "snaplab",
                      _median([r["vmstate_bytes"] / mib / r["total_s"] for r in cow])))
-    lb = [r for r in (load_rows or []) if r["engine"] == "blocking"]
+    lb = [r for r in (load_rows or []) if r["engine"] == load_engines()[0]]  # QEMU's loadvm
     if lb:
         bars.append(("blocking load", "snaplab",
                      _median([r["vmstate_bytes"] / mib / (r["stopped_ms"] / 1e3) for r in lb])))

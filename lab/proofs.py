@@ -9,9 +9,10 @@ import numpy as np
 
 from emulator.guest import DATA_BASE, expected_generations
 from lab.session import default_machine
+from lab.spec import DEFAULT_ENGINE, guest_runs
 
 
-def stop_instant_proof(engine: str = "cow", *, ram_mib: int = 64, seed: int = 7, run_s: float = 0.3) -> dict[str, Any]:
+def stop_instant_proof(engine: str = DEFAULT_ENGINE, *, ram_mib: int = 64, seed: int = 7, run_s: float = 0.3) -> dict[str, Any]:
     """Snapshot a guest that keeps overwriting pages, load it, and compare every page's
     generation stamp with the host model at the guest's own iteration counter (RBX... R13)."""
     s = default_machine(ram_mib=ram_mib, seed=seed, dirty_rate_mib_s=0)
@@ -20,9 +21,8 @@ def stop_instant_proof(engine: str = "cow", *, ram_mib: int = 64, seed: int = 7,
         m.start()
         time.sleep(run_s)
         q = m.qmp()
-        args = {"job-id": "proof", "tag": "proof", "vmstate": "disk0", "devices": ["disk0"]}
-        if engine != "blocking":
-            args["__org.snaplab_engine"] = engine
+        args = {"job-id": "proof", "tag": "proof", "vmstate": "disk0", "devices": ["disk0"],
+                "__org.snaplab_engine": engine}
         q.execute("snapshot-save", args)
         info = q.wait_job("proof", 120)
         stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "proof"})
@@ -39,7 +39,7 @@ def stop_instant_proof(engine: str = "cow", *, ram_mib: int = 64, seed: int = 7,
         in_flight = all(stamps[d] == counter + 1 for d in diff) and len(diff) <= 1
         return {"engine": engine, "job error": info.get("error"), "pages checked": int(n),
                 "pages as at the snapshot instant": int(n - len(diff) + (len(diff) if in_flight else 0)),
-                "guest wrote during the save": bool(stats.get("faults", 0) > 0 or engine == "blocking"),
+                "guest wrote during the save": bool(stats.get("faults", 0) > 0 or not guest_runs(engine)),
                 "exact": bool(in_flight)}
     finally:
         s.close()

@@ -18,7 +18,7 @@ from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
-from lab.spec import ExperimentSpec
+from lab.spec import ExperimentSpec, compare_engines, load_engines, write_protects
 
 ENGINE_ARG = "__org.snaplab_engine"
 
@@ -51,10 +51,9 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
             for rep in range(spec.repetitions):
                 q.events()
                 job = f"save{rep}"
-                args = {"job-id": job, "tag": f"{spec.engine}-{rep}", "vmstate": "disk0", "devices": ["disk0"]}
-                if spec.engine != "blocking":
-                    args[ENGINE_ARG] = spec.engine
-                if spec.engine == "cow" and spec.wp_backend != "auto":
+                args = {"job-id": job, "tag": f"{spec.engine}-{rep}", "vmstate": "disk0", "devices": ["disk0"],
+                        ENGINE_ARG: spec.engine}
+                if write_protects(spec.engine) and spec.wp_backend != "auto":
                     args["__org.snaplab_wp-backend"] = spec.wp_backend
                 t0 = time.time()
                 m0 = time.monotonic_ns()
@@ -113,13 +112,14 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
         return rows
 
 
-def compare(ram_sizes: list[int], engines: tuple[str, ...] = ("blocking", "cow"), *, seed: int = 1,
+def compare(ram_sizes: list[int], engines: tuple[str, ...] | None = None, *, seed: int = 1,
             repetitions: int = 2, base: ExperimentSpec | None = None, progress: Any = None) -> list[dict[str, Any]]:
-    """The main job: blocking vs copy-on-write downtime over RAM sizes, on the default guest."""
+    """The main job: blocking vs copy-on-write downtime over RAM sizes, on the default guest
+    (``engines``: default :func:`lab.spec.compare_engines`)."""
     base = base or ExperimentSpec(seed=seed, repetitions=repetitions)
     rows: list[dict[str, Any]] = []
     for ram in ram_sizes:
-        for eng in engines:
+        for eng in engines or compare_engines():
             spec = base.with_(ram_mib=ram, engine=eng)
             rows += run_experiment(spec)
             if progress is not None:
@@ -150,14 +150,14 @@ def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
     return float(r1 / r0) if r0 > 0 else float("nan")
 
 
-def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"), *, seed: int = 1,
+def load_experiment(ram_mib: int, engines: tuple[str, ...] | None = None, *, seed: int = 1,
                     repetitions: int = 2) -> list[dict[str, Any]]:
     """Time from snapshot-load to RESUME for each load engine, on one running guest.
 
     Every load follows the same idle time (0.1 s), and so does a ``query-status`` timed just
     before it: ``idle_query_ms``, the host's cost of waking this process for the smallest
     command, measured in the same run (on a noisy VM it moves as much as the loads do)."""
-    spec = ExperimentSpec(ram_mib=ram_mib, seed=seed, engine="blocking", dirty_rate_mib_s=0)
+    spec = ExperimentSpec(ram_mib=ram_mib, seed=seed, dirty_rate_mib_s=0)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="snaplab-") as tmp:
         m, g = build_machine(spec, Path(tmp))
@@ -170,7 +170,7 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"
             q.wait_job("s")
             base_bytes = int(q.execute("__org.snaplab_query-snapshot-stats", {"id": "s"})["vmstate-bytes"])
             for rep in range(repetitions):
-                for eng in engines:
+                for eng in engines or load_engines():
                     time.sleep(0.1)
                     t_ref = time.perf_counter()
                     q.execute("query-status")
@@ -178,9 +178,8 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] = ("blocking", "lazy"
                     time.sleep(0.1)
                     q.events()
                     job = f"load-{eng}-{rep}"
-                    args: dict[str, Any] = {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"]}
-                    if eng != "blocking":
-                        args[ENGINE_ARG] = eng
+                    args: dict[str, Any] = {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],
+                                            ENGINE_ARG: eng}
                     t0 = time.time()
                     q.execute("snapshot-load", args)
                     q.wait_job(job, 300)

@@ -7,13 +7,54 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("blocking", "cow", "precopy")
+from emulator.errors import SnaplabError
+from emulator.migration.cow import WP_BACKENDS
+from emulator.migration.engines import (
+    LOAD_ENGINES,
+    SAVE_ENGINES,
+    load_engine_names,
+    save_engine_names,
+)
+
+
+def save_engines() -> tuple[str, ...]:
+    """The save engines, from the registry (emulator/migration/engines); the first is QEMU's."""
+    return save_engine_names()
+
+
+def load_engines() -> tuple[str, ...]:
+    """The load engines, from the registry; the first is QEMU's."""
+    return load_engine_names()
+
+
+def engine_title(name: str) -> str:
+    """A few words that say what the engine does, for legends and widgets."""
+    titles = {e.name: e.title for e in SAVE_ENGINES} | {e.name: e.title for e in LOAD_ENGINES}
+    return titles.get(name, name)
+
+
+def guest_runs(engine: str) -> bool:
+    """Whether the guest keeps running during most of a save with this engine."""
+    return any(e.name == engine and e.guest_runs for e in SAVE_ENGINES)
+
+
+def write_protects(engine: str) -> bool:
+    """Whether this save engine uses a write-protect backend (``wp_backend`` applies)."""
+    return any(e.name == engine and e.write_protects for e in SAVE_ENGINES)
+
+
+DEFAULT_ENGINE = next(e.name for e in SAVE_ENGINES if e.write_protects)  # an experiment's: copy-on-write
+
+
+def compare_engines() -> tuple[str, ...]:
+    """The main job's engines: QEMU's blocking save and every write-protecting (copy-on-write) one."""
+    return tuple(e.name for i, e in enumerate(SAVE_ENGINES) if i == 0 or e.write_protects)
+
 WORKLOADS = ("idle", "dirty", "disk", "mixed")
 PATTERNS = ("sequential", "random", "hot-cold")
-WP_BACKENDS = ("auto", "userfaultfd", "unicorn-tlb")
 
 
-class SpecError(ValueError):
+class SpecError(SnaplabError, ValueError):
     """A spec field is wrong; the message names it and what it accepts."""
 
 
@@ -22,7 +63,7 @@ class ExperimentSpec:
     """One snapshot experiment: a guest, an engine, how often."""
 
     ram_mib: int = 256
-    engine: str = "cow"
+    engine: str = DEFAULT_ENGINE
     workload: str = "dirty"
     dirty_rate_mib_s: int = 100  # 0 = unthrottled
     working_set_mib: int = 0  # 0 = half of RAM
@@ -37,8 +78,8 @@ class ExperimentSpec:
         def bad(field: str, value: Any, allowed: str) -> SpecError:
             return SpecError(f"spec field '{field}': {value!r} is not allowed; expected {allowed}")
 
-        if self.engine not in ENGINES:
-            raise bad("engine", self.engine, ", ".join(ENGINES))
+        if self.engine not in save_engines():
+            raise bad("engine", self.engine, ", ".join(save_engines()))
         if self.wp_backend not in WP_BACKENDS:
             raise bad("wp_backend", self.wp_backend, ", ".join(WP_BACKENDS))
         if self.workload not in WORKLOADS:

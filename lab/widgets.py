@@ -10,6 +10,7 @@ from typing import Any
 import ipywidgets as w
 
 from lab.session import Session, default_machine
+from lab.spec import DEFAULT_ENGINE, load_engines, save_engines
 
 ENGINE_ARG = "__org.snaplab_engine"
 
@@ -21,8 +22,8 @@ class Dashboard:
         self.ram = w.SelectionSlider(options=[64, 128, 256, 512, 1024, 2048, 4096], value=128, description="RAM MiB")
         self.workload = w.Dropdown(options=["dirty", "mixed", "disk", "idle"], value="dirty", description="workload")
         self.rate = w.IntSlider(value=100, min=0, max=2000, step=50, description="MiB/s")
-        self.engine = w.Dropdown(options=["blocking", "cow", "precopy"], value="cow", description="save engine")
-        self.load_engine = w.Dropdown(options=["blocking", "lazy"], value="blocking", description="load engine")
+        self.engine = w.Dropdown(options=list(save_engines()), value=DEFAULT_ENGINE, description="save engine")
+        self.load_engine = w.Dropdown(options=list(load_engines()), value=load_engines()[0], description="load engine")
         self.tag = w.Text(value="snap1", description="tag")
         self.boot_btn = w.Button(description="boot")
         self.save_btn = w.Button(description="take snapshot")
@@ -75,15 +76,13 @@ class Dashboard:
         return t
 
     def save(self) -> threading.Thread:
-        args: dict[str, Any] = {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"]}
-        if self.engine.value != "blocking":
-            args[ENGINE_ARG] = self.engine.value
+        args: dict[str, Any] = {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"],
+                                ENGINE_ARG: self.engine.value}
         return self._job("snapshot-save", args)
 
     def load(self) -> threading.Thread:
-        args: dict[str, Any] = {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"]}
-        if self.load_engine.value != "blocking":
-            args[ENGINE_ARG] = self.load_engine.value
+        args: dict[str, Any] = {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"],
+                                ENGINE_ARG: self.load_engine.value}
         return self._job("snapshot-load", args)
 
     def delete(self) -> threading.Thread:

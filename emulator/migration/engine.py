@@ -110,7 +110,7 @@ def short_downtime(vm: VMOps) -> Iterator[None]:
 class SnapshotMetrics:
     """What one snapshot operation cost (reported by jobs and the lab)."""
 
-    engine: str = "blocking"
+    engine: str  # the engine's name (a load's: NAME-load)
     downtime_s: float = 0.0  # vm stopped (STOP..RESUME) as the VM saw it
     total_s: float = 0.0
     vmstate_bytes: int = 0

@@ -116,15 +116,17 @@ class SnapshotController:
 
     # -- the operations -------------------------------------------------------------------------------
     def save_snapshot(self, name: str | None, overwrite: bool, vmstate: str | None,
-                      devices: list[str] | None, engine: str = "blocking",
+                      devices: list[str] | None, engine: str | None = None,
                       wp_backend: str | None = None) -> SnapshotMetrics:
-        """save_snapshot() with the named engine (engines/__init__.py lists them)."""
+        """save_snapshot() with the named engine (engines/__init__.py lists them; the first,
+        QEMU's own, by default)."""
+        engine = engine or SAVE_ENGINES[0].name
         eng = self._save_engine(engine)
         with self.exclusive(f"snapshot save ({engine})"):
             return eng.save(SaveRequest(name, overwrite, vmstate, devices, wp_backend or self.ctx.wp_backend))
 
     def load_snapshot(self, name: str, vmstate: str | None, devices: list[str] | None,
-                      *, stop_first: bool = True, engine: str = "blocking") -> SnapshotMetrics:
+                      *, stop_first: bool = True, engine: str | None = None) -> SnapshotMetrics:
         """The snapshot-load job's work: load_snapshot() with the named engine, run to its end."""
         steps = self.load_snapshot_steps(name, vmstate, devices, stop_first=stop_first, engine=engine)
         while True:
@@ -136,9 +138,10 @@ class SnapshotController:
 
     def load_snapshot_steps(self, name: str, vmstate: str | None, devices: list[str] | None, *,
                             stop_first: bool = True,
-                            engine: str = "blocking") -> Generator[None, None, SnapshotMetrics]:
+                            engine: str | None = None) -> Generator[None, None, SnapshotMetrics]:
         """:meth:`load_snapshot` in steps: an engine that resumes early yields once, when the
         guest has resumed (the job runs the rest on a thread of its own); others do not yield."""
+        engine = engine or LOAD_ENGINES[0].name
         eng = self._load_engine(engine)
         with self.exclusive(f"snapshot load ({engine})"):
             orig = self.ctx.vm.state
