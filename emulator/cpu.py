@@ -159,10 +159,9 @@ class X86CPU:
     def stop(self) -> None:
         """uc_emu_stop(): safe from another thread; emu_start returns within ~0.1 ms.
 
-        Called with the GIL kept (a ``PyDLL`` function): uc_emu_stop only sets two flags.  A
-        kick through the binding's ``CDLL`` let go of the GIL and had to win it back from the
-        vCPU thread, which by then ran the work it was kicked for (``run_on_cpu``): measured,
-        up to 4.1 ms, and a 1 GiB lazy load's command to RESUME at 5.26 ms; kept, 12-15 us."""
+        Called with the GIL kept (a ``PyDLL`` function): uc_emu_stop only sets two flags, and
+        a caller that let go of the GIL would have to win it back from the vCPU thread, which
+        by then runs the very work it was kicked for (``run_on_cpu``)."""
         if _EMU_STOP_KEEP_GIL is None:
             self.uc.emu_stop()
         elif (err := _EMU_STOP_KEEP_GIL(self._uch)) != unicorn.UC_ERR_OK:
@@ -179,8 +178,7 @@ class X86CPU:
         """tb_flush(): every translated block is dropped before guest code runs again.  As in
         QEMU (tb_flush() queues do_tb_flush with async_safe_run_on_cpu), the flush is done by
         the thread that runs the guest, at the start of its next :meth:`run`, so a load's
-        downtime does not pay for it (0.01 ms with warm caches, 0.3-0.7 ms cold, 3.7 ms median
-        measured inside the lazy load's window on a busy host)."""
+        downtime does not pay for it (a cold flush costs tenths of a millisecond)."""
         self._tb_flush_pending = True
 
     # -- software write tracking (the fallback when userfaultfd is unavailable) -----------

@@ -5,8 +5,8 @@ errors, workload id) and rings the doorbell (OUT 0x510) once per batch, so repor
 host call per batch, never one per store.  Each ring appends a sample (virtual ns, host
 monotonic ns, counters) to a bounded ring buffer the lab reads to plot progress and stalls.
 The ring is one numpy array, not a deque of objects: at ~10,000 samples a second a deque
-held up to a million objects the cyclic garbage collector walked in every full collection
-(measured 45 ms, with the GIL held, on the vCPU thread that allocated the sample).
+would hold up to a million objects for the cyclic garbage collector to walk in every full
+collection, with the GIL held, on whichever thread allocated.
 """
 
 from __future__ import annotations

@@ -126,8 +126,8 @@ def fault_buffers(ram_size: int) -> int:
     A guest that writes all over its working set faults on nearly every chunk of it at once;
     it is held back until each is copied (~0.4 ms) or, once the buffers are full, written
     (~0.9 ms, and the device is shared with the background saver).  So its progress during
-    the save is about buffers / working set: measured at 1 GiB with 512 MiB written at
-    random, 64 buffers gave 36% of its normal rate and 128 gave 72%.
+    the save is about buffers / working set (at 1 GiB with 512 MiB written at random, 64
+    buffers give about a third of its normal rate and 128 about three quarters).
     """
     return max(16, min(256, ram_size // 4 // CHUNK))
 
@@ -154,8 +154,7 @@ class WriteProtector:
     copy-on-write save (:meth:`register`, before its stop), missing-page mode for a lazy load
     (its fresh mapping, in its downtime), unregistered when the window is over.  The kernel
     moves a registered mapping one huge-page entry at a time, an unregistered one by whole
-    page-table levels: the next lazy load's ``mremap`` of RAM (measured at 4 GiB: 0.5-0.7 ms
-    registered, 0.07 ms not).  The engines install a handler for their window
+    page-table levels, about ten times faster (the next lazy load's ``mremap`` of RAM).  The engines install a handler for their window
     (:attr:`handler`); without one a write fault releases its 2 MiB chunk and a missing-page
     fault gets zeros, so the guest can never stay blocked.
     """
@@ -594,8 +593,7 @@ class CowSave:
         self.out.write_bulk(self.sparse.data_offset + off, mv)  # only the allocation is serialised
         if kick:
             # Start writeback as we go (what O_DIRECT leaves dirty: metadata, or everything on
-            # a file system without it): the flush at the end then waits for the tail only
-            # (measured at 1 GiB with buffered writes: snapshot_finish 195 ms -> 4 ms).
+            # a file system without it): the flush at the end then waits for the tail only.
             start = getattr(self.out.img.file, "start_writeback", None)
             if start is not None:
                 start()
