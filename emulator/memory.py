@@ -166,12 +166,6 @@ class GuestRAM:
         else:
             ctypes.memmove(self.addr + addr, ctypes.addressof(ctypes.c_char.from_buffer(mv)), mv.nbytes)
 
-    def write_from_address(self, addr: int, src_addr: int, n: int) -> None:
-        self.check(addr, n)
-        if self.before_write is not None:
-            self.before_write(addr, n)
-        ctypes.memmove(self.addr + addr, src_addr, n)
-
     def fill(self, addr: int, byte: int, n: int) -> None:
         self.check(addr, n)
         if self.before_write is not None:

@@ -163,21 +163,6 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
     return fig
 
 
-def precopy_rounds(row: dict[str, Any], path: str | Path | None = None) -> Any:
-    """Bytes written per pre-copy round (the last one with the guest stopped)."""
-    rounds = row["details"]["bytes_per_round"]
-    fig, ax = plt.subplots(figsize=(6.0, 3.2))
-    ax.bar(range(1, len(rounds) + 1), [b / 2**20 for b in rounds], color="white", edgecolor="black")
-    ax.set_xlabel("round (last: guest stopped)")
-    ax.set_ylabel("written (MiB)")
-    ax.set_title("Pre-copy: each round writes what the guest dirtied during the previous one")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
-
-
 def _median(vals: list[float]) -> float:
     vals = sorted(vals)
     return vals[len(vals) // 2] if vals else float("nan")

@@ -598,7 +598,7 @@ class CowSave:
             if start is not None:
                 start()
 
-    def run(self, on_progress: Callable[[int], None] | None = None) -> int:
+    def run(self) -> int:
         """Start the threads, wait for the last chunk, finish the stream; returns its size.
 
         The stream header (device sections taken at the stop instant) is written here, after

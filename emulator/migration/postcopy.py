@@ -36,7 +36,6 @@ from emulator.uffd import Fault
 from emulator.workers import spawn
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
-PAGES_PER_CHUNK = CHUNK // PAGE
 
 
 @dataclass

@@ -153,7 +153,7 @@ class SavedState:
 
 
 def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram: np.ndarray | None,
-               ram_base: int = 0, nz: np.ndarray | None = None) -> SavedState:
+               nz: np.ndarray | None = None) -> SavedState:
     """qemu_savevm_state(): the configuration, every device section, RAM, EOF."""
     head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
     name = machine.encode()
