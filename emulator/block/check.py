@@ -8,23 +8,23 @@ stored refcounts (leaks: stored > counted; errors: stored < counted), and
 (check_oflag_copied).  Counting is vectorised with numpy.
 
 Repair ("leaks" or "all") rewrites refcounts with one shadow commit, so a repair
-interrupted at any point leaves the image as it was.  Imports neither unicorn
-nor asyncio.
+interrupted at any point leaves the image as it was.
+
+Works on the image through :class:`~emulator.block.state.Qcow2State`; imports
+cluster.py and snapshot.py but not qcow2.py, and neither unicorn nor asyncio.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emulator.block import cluster
+import emulator.block.cluster as cluster
 from emulator.block.format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED
 from emulator.block.refcount import RefcountTxn, size_to_clusters
-
-if TYPE_CHECKING:
-    from emulator.block.qcow2 import Qcow2Image
+from emulator.block.snapshot import read_snapshot_l1, table_bytes
+from emulator.block.state import Qcow2State
 
 
 @dataclass
@@ -50,7 +50,7 @@ class CheckResult:
 
 
 class _Counter:
-    def __init__(self, s: Qcow2Image, res: CheckResult, file_clusters: int) -> None:
+    def __init__(self, s: Qcow2State, res: CheckResult, file_clusters: int) -> None:
         self.s = s
         self.res = res
         self.file_clusters = file_clusters
@@ -75,7 +75,7 @@ class _Counter:
         self.add(np.arange(offset >> cb, ((offset + nbytes - 1) >> cb) + 1, dtype=np.int64))
 
 
-def _walk_l1(s: Qcow2Image, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_offset: int,
+def _walk_l1(s: Qcow2State, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_offset: int,
              active: bool) -> None:
     cs = s.cluster_size
     cnt.add_range(l1_offset, len(l1) * 8)
@@ -114,7 +114,7 @@ def _walk_l1(s: Qcow2Image, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_
                 res.fragmented_clusters += int((h[1:] != h[:-1] + cs).sum())
 
 
-def _oflag_copied(s: Qcow2Image, res: CheckResult) -> None:
+def _oflag_copied(s: Qcow2State, res: CheckResult) -> None:
     rc = s.refcounts
     for i, ent in enumerate(s.l1_table.tolist()):
         off = ent & L1E_OFFSET_MASK
@@ -138,7 +138,7 @@ def _oflag_copied(s: Qcow2Image, res: CheckResult) -> None:
         res.corruptions += len(bad)
 
 
-def _count(s: Qcow2Image) -> tuple[CheckResult, np.ndarray, np.ndarray, int]:
+def _count(s: Qcow2State) -> tuple[CheckResult, np.ndarray, np.ndarray, int]:
     res = CheckResult()
     cs: int = s.cluster_size
     file_clusters = size_to_clusters(cs, s.file.size())
@@ -156,8 +156,6 @@ def _count(s: Qcow2Image) -> tuple[CheckResult, np.ndarray, np.ndarray, int]:
             res.corruptions += 1
             continue
         cnt.add(np.array([off >> s.cluster_bits]))
-    from emulator.block.snapshot import read_snapshot_l1, table_bytes
-
     if s.snapshots:
         cnt.add_range(s.header.snapshots_offset, table_bytes(s.snapshots))
     _walk_l1(s, cnt, res, s.l1_table, s.l1_table_offset, True)
@@ -169,7 +167,7 @@ def _count(s: Qcow2Image) -> tuple[CheckResult, np.ndarray, np.ndarray, int]:
     return res, counted, stored, file_clusters
 
 
-def check_image(s: Qcow2Image, repair: str | None) -> CheckResult:
+def check_image(s: Qcow2State, repair: str | None) -> CheckResult:
     res, counted, stored, file_clusters = _count(s)
     leaks = np.flatnonzero(stored > counted)
     errors = np.flatnonzero(stored < counted)

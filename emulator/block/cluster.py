@@ -7,14 +7,15 @@ of clusters with numpy instead of one cluster at a time.
 
 Ordering on the write path (what makes a killed process leave only leaks):
 refcount +1 of new clusters -> data -> L2 entry -> refcount -1 of replaced ones.
-Imports neither unicorn nor asyncio.
+Works on the image through :class:`~emulator.block.state.Qcow2State`; imports
+neither qcow2.py, snapshot.py nor check.py, and neither unicorn nor asyncio.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -27,10 +28,8 @@ from emulator.block.format import (
 )
 from emulator.block.io import zero_fill
 from emulator.block.refcount import RefcountTxn, size_to_clusters
+from emulator.block.state import Qcow2State
 from emulator.errors import ImageCorruptError
-
-if TYPE_CHECKING:
-    from emulator.block.qcow2 import Qcow2Image
 
 # Cluster kinds (QEMU's QCow2ClusterType, folded)
 UNALLOCATED = 0
@@ -46,7 +45,7 @@ _ZERO = _U64(QCOW_OFLAG_ZERO)
 _L2_MASK = _U64(L2E_OFFSET_MASK)
 
 
-def cluster_kinds(s: Qcow2Image, ents: np.ndarray) -> np.ndarray:
+def cluster_kinds(s: Qcow2State, ents: np.ndarray) -> np.ndarray:
     """Vectorised qcow2_get_cluster_type()."""
     kinds = np.full(len(ents), UNALLOCATED, dtype=np.int8)
     comp = (ents & _COMPRESSED) != 0
@@ -59,7 +58,7 @@ def cluster_kinds(s: Qcow2Image, ents: np.ndarray) -> np.ndarray:
     return kinds
 
 
-def compressed_clusters(s: Qcow2Image, ent: int) -> tuple[int, int, np.ndarray]:
+def compressed_clusters(s: Qcow2State, ent: int) -> tuple[int, int, np.ndarray]:
     """Host offset, byte length and host clusters of a compressed descriptor."""
     x = 62 - (s.cluster_bits - 8)
     host = ent & ((1 << x) - 1)
@@ -70,7 +69,7 @@ def compressed_clusters(s: Qcow2Image, ent: int) -> tuple[int, int, np.ndarray]:
     return host, length, np.arange(first, last + 1, dtype=np.int64)
 
 
-def referenced_clusters(s: Qcow2Image, ents: np.ndarray) -> np.ndarray:
+def referenced_clusters(s: Qcow2State, ents: np.ndarray) -> np.ndarray:
     """Host clusters an array of L2 entries holds a reference to (one per reference)."""
     kinds = cluster_kinds(s, ents)
     plain = (kinds == NORMAL) | (kinds == ZERO_ALLOC)
@@ -80,7 +79,7 @@ def referenced_clusters(s: Qcow2Image, ents: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if len(out) > 1 else out[0]
 
 
-def load_l2(s: Qcow2Image, l2_offset: int, l1_index: int) -> np.ndarray:
+def load_l2(s: Qcow2State, l2_offset: int, l1_index: int) -> np.ndarray:
     """Read (or take from the cache) the L2 table at ``l2_offset``."""
     if l2_offset & (s.cluster_size - 1):
         raise ImageCorruptError(f"L2 table offset {l2_offset:#x} unaligned (L1 index: {l1_index:#x})")
@@ -97,7 +96,7 @@ def load_l2(s: Qcow2Image, l2_offset: int, l1_index: int) -> np.ndarray:
     return arr
 
 
-def read_through(s: Qcow2Image, l1: np.ndarray, offset: int, buf: memoryview) -> None:
+def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview) -> None:
     """Fill ``buf`` with guest bytes from ``offset`` as mapped by ``l1`` (active or a snapshot's)."""
     cs = s.cluster_size
     span = 1 << (s.cluster_bits + s.l2_bits)
@@ -148,7 +147,7 @@ def read_through(s: Qcow2Image, l1: np.ndarray, offset: int, buf: memoryview) ->
         pos = slice_end
 
 
-def decompress_cluster(s: Qcow2Image, ent: int) -> bytes:
+def decompress_cluster(s: Qcow2State, ent: int) -> bytes:
     """qcow2_co_decompress(): raw deflate, zlib compression type only."""
     host, length, _ = compressed_clusters(s, ent)
     raw = s.file.pread(host, length)
@@ -162,12 +161,12 @@ def decompress_cluster(s: Qcow2Image, ent: int) -> bytes:
     return out
 
 
-def set_l1_entry(s: Qcow2Image, l1i: int, value: int) -> None:
+def set_l1_entry(s: Qcow2State, l1i: int, value: int) -> None:
     s.l1_table[l1i] = value
     s.file.pwrite(s.l1_table_offset + 8 * l1i, int(value).to_bytes(8, "big"))
 
 
-def grow_l1_table(s: Qcow2Image, min_size: int) -> None:
+def grow_l1_table(s: Qcow2State, min_size: int) -> None:
     """qcow2_grow_l1_table(): a new, larger active L1, switched in by a shadow commit."""
     new_size = max(min_size, s.l1_size + s.l1_size // 2, 1)
     if new_size * 8 > (32 << 20):
@@ -198,7 +197,7 @@ class L1Tree(Protocol):
     def ensure(self, size: int) -> None: ...
 
 
-def writable_l2(s: Qcow2Image, l1i: int, tree: L1Tree | None = None) -> tuple[int, np.ndarray]:
+def writable_l2(s: Qcow2State, l1i: int, tree: L1Tree | None = None) -> tuple[int, np.ndarray]:
     """An L2 table for ``l1i`` that may be modified in place (l2_allocate / COW)."""
     if tree is not None:
         tree.ensure(l1i + 1)
@@ -231,7 +230,7 @@ def writable_l2(s: Qcow2Image, l1i: int, tree: L1Tree | None = None) -> tuple[in
     return new, table
 
 
-def write_l2_range(s: Qcow2Image, l2_off: int, l2: np.ndarray, lo: int, hi: int) -> None:
+def write_l2_range(s: Qcow2State, l2_off: int, l2: np.ndarray, lo: int, hi: int) -> None:
     s.file.pwrite(l2_off + 8 * lo, l2[lo:hi].astype(">u8").tobytes())
 
 
@@ -246,7 +245,7 @@ class WriteSlice(NamedTuple):
     replaced: np.ndarray  # the L2 entries those replace
 
 
-def _alloc_slice(s: Qcow2Image, pos: int, end: int, tree: L1Tree | None) -> WriteSlice:
+def _alloc_slice(s: Qcow2State, pos: int, end: int, tree: L1Tree | None) -> WriteSlice:
     """[pos, end) inside one L2 table: clusters writable in place keep their host offset, the
     others get new ones (refcount +1; qcow2_alloc_host_offset)."""
     span = 1 << (s.cluster_bits + s.l2_bits)
@@ -268,7 +267,7 @@ def _alloc_slice(s: Qcow2Image, pos: int, end: int, tree: L1Tree | None) -> Writ
     return WriteSlice(l1i, c0, hosts, need, ents[need])
 
 
-def _link_slice(s: Qcow2Image, sl: WriteSlice, tree: L1Tree | None) -> None:
+def _link_slice(s: Qcow2State, sl: WriteSlice, tree: L1Tree | None) -> None:
     """After the data: the new clusters into the L2 table, then the replaced ones released
     (qcow2_alloc_cluster_link_l2)."""
     if not len(sl.need):
@@ -283,7 +282,7 @@ def _link_slice(s: Qcow2Image, sl: WriteSlice, tree: L1Tree | None) -> None:
         s.refcounts.update_clusters(old, -1)
 
 
-def _host_runs(s: Qcow2Image, sl: WriteSlice, edge: np.ndarray | None = None) -> list[tuple[int, int]]:
+def _host_runs(s: Qcow2State, sl: WriteSlice, edge: np.ndarray | None = None) -> list[tuple[int, int]]:
     """Cluster index ranges [a, b) of ``sl`` contiguous on the host (``edge`` clusters alone)."""
     n = len(sl.hosts)
     brk = np.ones(n, dtype=bool)
@@ -295,14 +294,14 @@ def _host_runs(s: Qcow2Image, sl: WriteSlice, edge: np.ndarray | None = None) ->
     return list(zip(starts.tolist(), np.append(starts[1:], n).tolist(), strict=True))
 
 
-def data_writer(s: Qcow2Image, direct: bool) -> Callable[[int, memoryview], None]:
+def data_writer(s: Qcow2State, direct: bool) -> Callable[[int, memoryview], None]:
     """How data clusters are written: ``direct`` around the page cache where the file can
     (:meth:`OsFile.pwrite_direct`), else an ordinary pwrite."""
     fn: Callable[[int, memoryview], None] = getattr(s.file, "pwrite_direct", s.file.pwrite) if direct else s.file.pwrite
     return fn
 
 
-def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | None = None,
+def write_clusters(s: Qcow2State, offset: int, data: memoryview, tree: L1Tree | None = None,
                    direct: bool = False) -> None:
     """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part).
     ``direct``: whole data clusters go around the page cache where the file can (VM state)."""
@@ -345,7 +344,7 @@ def write_clusters(s: Qcow2Image, offset: int, data: memoryview, tree: L1Tree | 
         pos = slice_end
 
 
-def alloc_for_write(s: Qcow2Image, offset: int, nbytes: int, tree: L1Tree | None = None) -> list[WriteSlice]:
+def alloc_for_write(s: Qcow2State, offset: int, nbytes: int, tree: L1Tree | None = None) -> list[WriteSlice]:
     """The first half of a write of whole clusters: where every cluster goes on the host, new
     ones allocated (refcount +1) but not linked yet.  The caller writes the data (without the
     image lock if it likes: nobody else knows these clusters) and then calls
@@ -363,7 +362,7 @@ def alloc_for_write(s: Qcow2Image, offset: int, nbytes: int, tree: L1Tree | None
     return out
 
 
-def host_extents(s: Qcow2Image, slices: list[WriteSlice]) -> list[tuple[int, int, int]]:
+def host_extents(s: Qcow2State, slices: list[WriteSlice]) -> list[tuple[int, int, int]]:
     """(offset into the write's data, host offset, bytes) of each host-contiguous run."""
     cs = s.cluster_size
     out = []
@@ -375,13 +374,13 @@ def host_extents(s: Qcow2Image, slices: list[WriteSlice]) -> list[tuple[int, int
     return out
 
 
-def link_for_write(s: Qcow2Image, slices: list[WriteSlice], tree: L1Tree | None = None) -> None:
+def link_for_write(s: Qcow2State, slices: list[WriteSlice], tree: L1Tree | None = None) -> None:
     """The second half (after the data): :func:`alloc_for_write`'s clusters linked."""
     for sl in slices:
         _link_slice(s, sl, tree)
 
 
-def zeroize(s: Qcow2Image, offset: int, length: int, *, discard: bool) -> int:
+def zeroize(s: Qcow2State, offset: int, length: int, *, discard: bool) -> int:
     """Whole clusters in [offset, offset+length) become zero (or unallocated when
     ``discard``); returns the bytes affected.  qcow2_cluster_zeroize/discard."""
     cs = s.cluster_size
@@ -412,7 +411,7 @@ def zeroize(s: Qcow2Image, offset: int, length: int, *, discard: bool) -> int:
     return done
 
 
-def host_map(s: Qcow2Image, l1: np.ndarray, offset: int, length: int) -> np.ndarray:
+def host_map(s: Qcow2State, l1: np.ndarray, offset: int, length: int) -> np.ndarray:
     """Host offset of every cluster of [offset, offset+length) under ``l1``: 0 where it reads as
     zeros, -1 where it is compressed.  Lets a reader fetch data with plain preads and no image
     lock (lazy restore reads a snapshot's VM state this way)."""
@@ -435,3 +434,4 @@ def host_map(s: Qcow2Image, l1: np.ndarray, offset: int, length: int) -> np.ndar
         vals = np.where(kinds == COMPRESSED, -1, vals)
         out[a - first:b - first] = vals
     return out
+

@@ -12,7 +12,7 @@ from typing import Any
 
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
-from emulator.block.snapshot import QCowSnapshot
+from emulator.block.state import QCowSnapshot
 
 
 def snapshot_json(sn: QCowSnapshot) -> dict[str, Any]:

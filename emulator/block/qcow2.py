@@ -25,7 +25,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 
-from emulator.block import cluster, snapshot
+import emulator.block.cluster as cluster
+import emulator.block.snapshot as snapshot
 from emulator.block.check import CheckResult, check_image
 from emulator.block.format import (
     DEFAULT_CLUSTER_BITS,
@@ -49,7 +50,7 @@ from emulator.block.format import (
 )
 from emulator.block.io import BlockFile, MemoryFile, OsFile, as_block_file
 from emulator.block.refcount import Refcounts, RefcountTxn, size_to_clusters
-from emulator.block.snapshot import QCowSnapshot
+from emulator.block.state import QCowSnapshot
 from emulator.errors import (
     BlockIOError,
     ImageCorruptError,

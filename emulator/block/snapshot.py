@@ -11,28 +11,30 @@ at any instant leaves either the old image or the new one, plus leaks at most.
 Unlike QEMU, snapshot_create gives the new active L1 its own copies of the
 (disk) L2 tables instead of sharing them; the snapshot keeps the old active
 L1 in place.  The format is the same; only which clusters are shared differs.
-Imports neither unicorn nor asyncio.
+Works on the image through :class:`~emulator.block.state.Qcow2State`; imports
+cluster.py but neither qcow2.py nor check.py, and neither unicorn nor asyncio.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from emulator.block import cluster
+import emulator.block.cluster as cluster
 from emulator.block.format import (
     L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_SNAPSHOTS,
     QCOW_MAX_SNAPSHOTS_SIZE,
     QCOW_OFLAG_COPIED,
-    QCowSnapshotHeader,
     parse_snapshot_table,
 )
 from emulator.block.refcount import RefcountTxn, size_to_clusters
+from emulator.block.state import Qcow2State
+from emulator.block.state import QCowSnapshot as QCowSnapshot  # re-exported for callers
 from emulator.errors import (
     ImageFormatError,
     SnapshotError,
@@ -40,45 +42,16 @@ from emulator.errors import (
     SnapshotNotFoundError,
 )
 
-if TYPE_CHECKING:
-    from emulator.block.qcow2 import Qcow2Image
-
 _U64 = np.uint64
 _COPIED = _U64(QCOW_OFLAG_COPIED)
-
-
-@dataclass(frozen=True)
-class QCowSnapshot:
-    """A snapshot as the driver knows it (QEMU's QCowSnapshot / QEMUSnapshotInfo)."""
-
-    id_str: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    vm_state_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    disk_size: int | None
-    icount: int | None
-    unknown_extra: bytes = b""
-
-    def to_header(self) -> QCowSnapshotHeader:
-        return QCowSnapshotHeader(self.l1_table_offset, self.l1_size, self.id_str, self.name, self.date_sec,
-                                  self.date_nsec, self.vm_clock_nsec, self.vm_state_size, self.disk_size,
-                                  self.icount, self.unknown_extra)
-
-    @classmethod
-    def from_header(cls, h: QCowSnapshotHeader) -> QCowSnapshot:
-        return cls(h.id_str, h.name, h.l1_table_offset, h.l1_size, h.vm_state_size, h.date_sec, h.date_nsec,
-                   h.vm_clock_nsec, h.disk_size, h.icount, h.unknown_extra)
+_L2_MASK = _U64(L2E_OFFSET_MASK)
 
 
 def table_bytes(snaps: list[QCowSnapshot]) -> int:
     return sum(len(sn.to_header().pack()) for sn in snaps)
 
 
-def read_snapshots(s: Qcow2Image, file_size: int) -> list[QCowSnapshot]:
+def read_snapshots(s: Qcow2State, file_size: int) -> list[QCowSnapshot]:
     """qcow2_read_snapshots(): parse the table with every length bounded."""
     h = s.header
     if h.nb_snapshots == 0:
@@ -109,13 +82,13 @@ def read_snapshots(s: Qcow2Image, file_size: int) -> list[QCowSnapshot]:
     return snaps
 
 
-def read_snapshot_l1(s: Qcow2Image, sn: QCowSnapshot) -> np.ndarray:
+def read_snapshot_l1(s: Qcow2State, sn: QCowSnapshot) -> np.ndarray:
     if sn.l1_size == 0:
         return np.zeros(0, dtype=_U64)
     return np.frombuffer(s.file.pread(sn.l1_table_offset, sn.l1_size * 8), ">u8").astype(_U64)
 
 
-def find_snapshot(s: Qcow2Image, id_or_name: str) -> QCowSnapshot:
+def find_snapshot(s: Qcow2State, id_or_name: str) -> QCowSnapshot:
     """find_snapshot_by_id_or_name(): an id matches first, then a name."""
     for sn in s.snapshots:
         if sn.id_str == id_or_name:
@@ -126,7 +99,7 @@ def find_snapshot(s: Qcow2Image, id_or_name: str) -> QCowSnapshot:
     raise SnapshotNotFoundError(f"Can't find the snapshot '{id_or_name}'")
 
 
-def find_snapshot_by_id_and_name(s: Qcow2Image, id_str: str | None, name: str | None) -> QCowSnapshot:
+def find_snapshot_by_id_and_name(s: Qcow2State, id_str: str | None, name: str | None) -> QCowSnapshot:
     """find_snapshot_by_id_and_name(): both given must match; one given matches it alone."""
     for sn in s.snapshots:
         if id_str is not None and sn.id_str != id_str:
@@ -139,7 +112,7 @@ def find_snapshot_by_id_and_name(s: Qcow2Image, id_str: str | None, name: str | 
     raise SnapshotNotFoundError("Can't find the snapshot")
 
 
-def find_new_snapshot_id(s: Qcow2Image) -> str:
+def find_new_snapshot_id(s: Qcow2State) -> str:
     best = 0
     for sn in s.snapshots:
         try:
@@ -149,7 +122,7 @@ def find_new_snapshot_id(s: Qcow2Image) -> str:
     return str(best + 1)
 
 
-def _write_table(s: Qcow2Image, txn: RefcountTxn, snaps: list[QCowSnapshot]) -> tuple[int, int]:
+def _write_table(s: Qcow2State, txn: RefcountTxn, snaps: list[QCowSnapshot]) -> tuple[int, int]:
     """qcow2_write_snapshots(): the new table in fresh clusters; the old one freed at commit."""
     data = b"".join(sn.to_header().pack() for sn in snaps)
     if len(data) > QCOW_MAX_SNAPSHOTS_SIZE:
@@ -165,7 +138,7 @@ def _write_table(s: Qcow2Image, txn: RefcountTxn, snaps: list[QCowSnapshot]) -> 
     return off, len(snaps)
 
 
-def _write_l1(s: Qcow2Image, txn: RefcountTxn, l1: np.ndarray) -> int:
+def _write_l1(s: Qcow2State, txn: RefcountTxn, l1: np.ndarray) -> int:
     if len(l1) == 0:
         return 0
     n = size_to_clusters(s.cluster_size, len(l1) * 8)
@@ -174,19 +147,19 @@ def _write_l1(s: Qcow2Image, txn: RefcountTxn, l1: np.ndarray) -> int:
     return off
 
 
-def _copied_flags(s: Qcow2Image, txn: RefcountTxn, l2: np.ndarray) -> np.ndarray:
+def _copied_flags(s: Qcow2State, txn: RefcountTxn, l2: np.ndarray) -> np.ndarray:
     """L2 entries with QCOW_OFLAG_COPIED set exactly where the final refcount is 1."""
     out = l2 & ~_COPIED
     kinds = cluster.cluster_kinds(s, l2)
     plain = np.flatnonzero((kinds == cluster.NORMAL) | (kinds == cluster.ZERO_ALLOC))
     if len(plain):
-        rc = txn.refcounts_after((l2[plain] & cluster._L2_MASK).astype(np.int64) >> s.cluster_bits)
+        rc = txn.refcounts_after((l2[plain] & _L2_MASK).astype(np.int64) >> s.cluster_bits)
         one = plain[rc == 1]
         out[one] |= _COPIED
     return out
 
 
-def _drop_tree(s: Qcow2Image, txn: RefcountTxn, l1: np.ndarray, l1_offset: int) -> None:
+def _drop_tree(s: Qcow2State, txn: RefcountTxn, l1: np.ndarray, l1_offset: int) -> None:
     """Defer -1 on every L2 table of ``l1``, and on the data of those that reach 0."""
     l2_offs = [(i, int(e) & L1E_OFFSET_MASK) for i, e in enumerate(l1) if int(e) & L1E_OFFSET_MASK]
     if l2_offs:
@@ -200,7 +173,7 @@ def _drop_tree(s: Qcow2Image, txn: RefcountTxn, l1: np.ndarray, l1_offset: int) 
         txn.decref_range(l1_offset, size_to_clusters(s.cluster_size, len(l1) * 8))
 
 
-def snapshot_create(s: Qcow2Image, name: str, *, id_str: str | None, vm_state_size: int, date_sec: int | None,
+def snapshot_create(s: Qcow2State, name: str, *, id_str: str | None, vm_state_size: int, date_sec: int | None,
                     date_nsec: int | None, vm_clock_nsec: int, icount: int) -> QCowSnapshot:
     """qcow2_snapshot_create(): the snapshot keeps the active L1; the guest gets copies.
 
@@ -241,12 +214,12 @@ def snapshot_create(s: Qcow2Image, name: str, *, id_str: str | None, vm_state_si
     return sn
 
 
-def _check_disk_size(s: Qcow2Image, sn: QCowSnapshot) -> None:
+def _check_disk_size(s: Qcow2State, sn: QCowSnapshot) -> None:
     if sn.disk_size is not None and sn.disk_size != s.size:
         raise SnapshotError("qcow2: Loading snapshots with different disk size is not implemented")
 
 
-def snapshot_goto_check(s: Qcow2Image, sn: QCowSnapshot) -> None:
+def snapshot_goto_check(s: Qcow2State, sn: QCowSnapshot) -> None:
     """snapshot_goto()'s reads and checks, nothing written."""
     _check_disk_size(s, sn)
     sn_l1 = read_snapshot_l1(s, sn)
@@ -256,7 +229,7 @@ def snapshot_goto_check(s: Qcow2Image, sn: QCowSnapshot) -> None:
             cluster.referenced_clusters(s, cluster.load_l2(s, off, i))
 
 
-def snapshot_goto(s: Qcow2Image, sn: QCowSnapshot) -> QCowSnapshot:
+def snapshot_goto(s: Qcow2State, sn: QCowSnapshot) -> QCowSnapshot:
     """qcow2_snapshot_goto(): the active L1 becomes copies of the snapshot's disk L2 tables."""
     _check_disk_size(s, sn)
     sn_l1 = read_snapshot_l1(s, sn)
@@ -290,7 +263,7 @@ def snapshot_goto(s: Qcow2Image, sn: QCowSnapshot) -> QCowSnapshot:
     return sn
 
 
-def _fix_active_flags(s: Qcow2Image, txn: RefcountTxn) -> tuple[dict[str, int], np.ndarray, dict[int, np.ndarray]]:
+def _fix_active_flags(s: Qcow2State, txn: RefcountTxn) -> tuple[dict[str, int], np.ndarray, dict[int, np.ndarray]]:
     """After refcounts drop, QCOW_OFLAG_COPIED must be set again where they reach 1: rewrite
     (into new clusters) the active L2 tables and L1 whose flags change."""
     fields: dict[str, int] = {}
@@ -323,14 +296,14 @@ def _fix_active_flags(s: Qcow2Image, txn: RefcountTxn) -> tuple[dict[str, int], 
     return fields, new_l1, copies
 
 
-def _install(s: Qcow2Image, fields: dict[str, int], new_l1: np.ndarray, copies: dict[int, np.ndarray]) -> None:
+def _install(s: Qcow2State, fields: dict[str, int], new_l1: np.ndarray, copies: dict[int, np.ndarray]) -> None:
     if "l1_table_offset" in fields:
         s.l1_table = new_l1
     s.l2_cache.clear()
     s.l2_cache.update(copies)
 
 
-def snapshot_delete(s: Qcow2Image, sn: QCowSnapshot) -> QCowSnapshot:
+def snapshot_delete(s: Qcow2State, sn: QCowSnapshot) -> QCowSnapshot:
     """qcow2_snapshot_delete(): free what only the snapshot held, fix COPIED flags."""
     snaps = [x for x in s.snapshots if x is not sn]
     txn = RefcountTxn(s.refcounts)
@@ -370,7 +343,7 @@ class PendingSnapshot:
             self.table = np.concatenate([self.table, grow])
 
 
-def _give_guest_l2_copies(s: Qcow2Image, txn: RefcountTxn, disk_l1: int, new_l1: np.ndarray,
+def _give_guest_l2_copies(s: Qcow2State, txn: RefcountTxn, disk_l1: int, new_l1: np.ndarray,
                           copies: dict[int, np.ndarray]) -> None:
     """The snapshot keeps the active disk L2 tables; the guest gets fresh copies of them
     (their clusters gain a reference, QCOW_OFLAG_COPIED cleared) in ``new_l1``."""
@@ -387,7 +360,7 @@ def _give_guest_l2_copies(s: Qcow2Image, txn: RefcountTxn, disk_l1: int, new_l1:
         copies[new] = copy
 
 
-def snapshot_prepare(s: Qcow2Image) -> PendingSnapshot:
+def snapshot_prepare(s: Qcow2State) -> PendingSnapshot:
     """The first half of snapshot_create: freeze the active tree, give the guest copies."""
     disk_l1 = min(s.l1_vm_state_index, s.l1_size)
     new_l1 = np.zeros(max(s.l1_size, s.l1_vm_state_index), dtype=_U64)
@@ -411,7 +384,7 @@ def snapshot_prepare(s: Qcow2Image) -> PendingSnapshot:
     return pending
 
 
-def _drop_vmstate_entries(s: Qcow2Image, txn: RefcountTxn, entries: np.ndarray) -> None:
+def _drop_vmstate_entries(s: Qcow2State, txn: RefcountTxn, entries: np.ndarray) -> None:
     offs = [int(e) & L1E_OFFSET_MASK for e in entries if int(e) & L1E_OFFSET_MASK]
     if offs:
         idx = np.array(offs, dtype=np.int64) >> s.cluster_bits
@@ -422,7 +395,7 @@ def _drop_vmstate_entries(s: Qcow2Image, txn: RefcountTxn, entries: np.ndarray) 
                 txn.decref(cluster.referenced_clusters(s, cluster.load_l2(s, off, 0)))
 
 
-def snapshot_finish(s: Qcow2Image, p: PendingSnapshot, name: str, *, vm_state_size: int, date_sec: int,
+def snapshot_finish(s: Qcow2State, p: PendingSnapshot, name: str, *, vm_state_size: int, date_sec: int,
                     date_nsec: int, vm_clock_nsec: int, icount: int = -1) -> QCowSnapshot:
     """The second half: the frozen tree (with its VM state) gets its table entry, last."""
     if any(sn.name == name for sn in s.snapshots):
@@ -445,7 +418,7 @@ def snapshot_finish(s: Qcow2Image, p: PendingSnapshot, name: str, *, vm_state_si
     return sn
 
 
-def snapshot_abort(s: Qcow2Image, p: PendingSnapshot) -> None:
+def snapshot_abort(s: Qcow2State, p: PendingSnapshot) -> None:
     """Give back everything a pending snapshot held."""
     txn = RefcountTxn(s.refcounts)
     try:
