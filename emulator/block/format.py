@@ -194,6 +194,65 @@ def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
     return names
 
 
+def new_image_layout(size: int, cluster_size: int, refcount_bits: int, version: int) -> list[tuple[int, bytes]]:
+    """What qcow2_co_create() writes for a new, empty image: (offset, bytes) in write order.
+
+    Laid out as qemu-img 7.2 does: the header (with the feature name table on v3) padded to
+    a cluster, the refcount table in cluster 1, the refcount blocks after it, then a zeroed
+    L1 table.  Options QEMU refuses raise ImageFormatError naming the option.
+    """
+    if cluster_size & (cluster_size - 1) or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS):
+        raise ImageFormatError("cluster_size", "Cluster size must be a power of two between 512 and 2048k")
+    if refcount_bits not in (8, 16, 32, 64):
+        raise ImageFormatError("refcount_bits", "Refcount width must be 8, 16, 32 or 64 bits in snaplab")
+    if version not in (2, 3):
+        raise ImageFormatError("version", f"Unsupported qcow2 version {version}")
+    if version == 2 and refcount_bits != 16:
+        raise ImageFormatError("refcount_bits", "Different refcount widths than 16 bits require compatibility level 1.1 or above")
+    if size < 0 or size % 512:
+        raise ImageFormatError("size", "Image size must be a non-negative multiple of 512 bytes")
+    cbits = cluster_size.bit_length() - 1
+    order = refcount_bits.bit_length() - 1
+    l2_bits = cbits - 3
+    l1_size = -(-size // (1 << (cbits + l2_bits)))
+    if l1_size * 8 > (32 << 20):
+        raise ImageFormatError("size", "Image is too big for this cluster size")
+    l1_clusters = -(-(l1_size * 8) // cluster_size)
+    epb = 1 << (cbits + 3 - order)  # refcount entries per block
+    rt_clusters = 1
+    nblocks = 1
+    while True:  # the refcount blocks must count themselves and the table
+        total = 1 + rt_clusters + nblocks + l1_clusters
+        need_blocks = -(-total // epb)
+        need_rt = -(-(need_blocks * 8) // cluster_size)
+        if need_blocks == nblocks and need_rt == rt_clusters:
+            break
+        nblocks, rt_clusters = need_blocks, need_rt
+    rt_off = cluster_size
+    rb_off = rt_off + rt_clusters * cluster_size
+    l1_off = rb_off + nblocks * cluster_size
+    exts = (feature_table_extension(),) if version == 3 else ()
+    header = QCowHeader(
+        version=version, cluster_bits=cbits, size=size, l1_size=l1_size,
+        l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=rt_off,
+        refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
+        refcount_order=order, header_length=112 if version == 3 else 72, extensions=exts)
+    raw = header.pack()
+    if len(raw) > cluster_size:
+        raw = replace(header, extensions=()).pack()
+    table = b"".join((rb_off + i * cluster_size).to_bytes(8, "big") for i in range(nblocks))
+    entry = refcount_bits // 8
+    used = 1 + rt_clusters + nblocks + l1_clusters
+    writes = [
+        (0, raw + bytes(cluster_size - len(raw))),
+        (rt_off, table + bytes(rt_clusters * cluster_size - len(table))),
+        (rb_off, (1).to_bytes(entry, "big") * used + bytes((nblocks * epb - used) * entry)),
+    ]
+    if l1_clusters:
+        writes.append((l1_off, bytes(l1_clusters * cluster_size)))
+    return writes
+
+
 def parse_header(buf: bytes, file_size: int) -> QCowHeader:
     """Parse and validate a header; errors name the offending field.
 

@@ -43,8 +43,7 @@ from emulator.block.format import (
     QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_DIRTY,
     QCOW2_INCOMPAT_EXTL2,
-    QCowHeader,
-    feature_table_extension,
+    new_image_layout,
     parse_feature_table,
     parse_header,
 )
@@ -175,51 +174,13 @@ class Qcow2Image:
     @classmethod
     def create(cls, target: str | os.PathLike[str] | BlockFile | Any, size: int, *, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
                refcount_bits: int = 16, version: int = 3) -> Qcow2Image:
-        """qcow2_co_create(): header, refcount table, one refcount block, empty L1.
+        """qcow2_co_create(): header, refcount table, refcount block(s), empty L1.
 
-        Lays the image out as qemu-img 7.2 does: refcount table in cluster 1,
-        the first refcount block in cluster 2, the L1 table from cluster 3.
+        Lays the image out as qemu-img 7.2 does (:func:`~emulator.block.format.new_image_layout`):
+        refcount table in cluster 1, the first refcount block in cluster 2, the L1 table from
+        cluster 3.
         """
-        if cluster_size & (cluster_size - 1) or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS):
-            raise ImageFormatError("cluster_size", "Cluster size must be a power of two between 512 and 2048k")
-        if refcount_bits not in (8, 16, 32, 64):
-            raise ImageFormatError("refcount_bits", "Refcount width must be 8, 16, 32 or 64 bits in snaplab")
-        if version not in (2, 3):
-            raise ImageFormatError("version", f"Unsupported qcow2 version {version}")
-        if version == 2 and refcount_bits != 16:
-            raise ImageFormatError("refcount_bits", "Different refcount widths than 16 bits require compatibility level 1.1 or above")
-        if size < 0 or size % 512:
-            raise ImageFormatError("size", "Image size must be a non-negative multiple of 512 bytes")
-        cbits = cluster_size.bit_length() - 1
-        order = refcount_bits.bit_length() - 1
-        l2_bits = cbits - 3
-        l1_size = -(-size // (1 << (cbits + l2_bits)))
-        if l1_size * 8 > (32 << 20):
-            raise ImageFormatError("size", "Image is too big for this cluster size")
-        l1_clusters = size_to_clusters(cluster_size, l1_size * 8)
-        epb = 1 << (cbits + 3 - order)
-        rt_clusters = 1
-        nblocks = 1
-        while True:
-            total = 1 + rt_clusters + nblocks + l1_clusters
-            need_blocks = -(-total // epb)
-            need_rt = size_to_clusters(cluster_size, need_blocks * 8)
-            if need_blocks == nblocks and need_rt == rt_clusters:
-                break
-            nblocks, rt_clusters = need_blocks, need_rt
-        rt_off = cluster_size
-        rb_off = rt_off + rt_clusters * cluster_size
-        l1_off = rb_off + nblocks * cluster_size
-        exts = (feature_table_extension(),) if version == 3 else ()
-        header = QCowHeader(
-            version=version, cluster_bits=cbits, size=size, l1_size=l1_size,
-            l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=rt_off,
-            refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
-            refcount_order=order, header_length=112 if version == 3 else 72, extensions=exts)
-        raw = header.pack()
-        if len(raw) > cluster_size:
-            header = QCowHeader(**{**header.__dict__, "extensions": ()})
-            raw = header.pack()
+        writes = new_image_layout(size, cluster_size, refcount_bits, version)
         close_on_fail = False
         if isinstance(target, (str, os.PathLike)):
             f: BlockFile = OsFile.open(target, create=True)
@@ -230,16 +191,8 @@ class Qcow2Image:
             filename = ""
         try:
             f.truncate(0)
-            f.pwrite(0, raw + bytes(cluster_size - len(raw)))
-            table = np.zeros(rt_clusters * cluster_size // 8, dtype=np.uint64)
-            table[:nblocks] = rb_off + np.arange(nblocks, dtype=np.uint64) * cluster_size
-            f.pwrite(rt_off, table.astype(">u8").tobytes())
-            dt = np.dtype(f">u{refcount_bits // 8}")
-            counts = np.zeros(nblocks * epb, dtype=dt)
-            counts[:1 + rt_clusters + nblocks + l1_clusters] = 1
-            f.pwrite(rb_off, counts.tobytes())
-            if l1_clusters:
-                f.pwrite(l1_off, bytes(l1_clusters * cluster_size))
+            for offset, data in writes:
+                f.pwrite(offset, data)
             f.flush()
         except BaseException:
             if close_on_fail:
