@@ -2,9 +2,10 @@
 
 Mirrors QEMU's monitor/qmp-cmds.c, block/qapi.c (query-block, query-named-block-nodes) and
 job-qmp.c.  The monitor acts on the VM through the narrow :class:`VMControl` protocol, never
-on the machine's parts; every handler validates its arguments through the schema before any
-side effect; any exception a handler did not mean becomes a GenericError reply and the
-monitor keeps serving.
+on the machine's parts; its human monitor (hmp.py) is handed the VM, the version and the job
+list, never the monitor (hmp.py does not import this module).  Every handler validates its
+arguments through the schema before any side effect; any exception a handler did not mean
+becomes a GenericError reply and the monitor keeps serving.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from emulator.block.info import info_dict
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.errors import SnaplabError
 from emulator.gc_control import gc_paused
+from emulator.qmp.hmp import HMP
 from emulator.qmp.jobs import JobManager
 from emulator.qmp.protocol import QMPConnection, Request
 from emulator.qmp.schema import Schema, default_schema
@@ -114,9 +116,7 @@ class Monitor:
             "job-complete": lambda a: self._job_verb(a["id"], "complete"),
             "job-finalize": lambda a: self._job_verb(a["id"], "finalize"),
         }
-        from emulator.qmp.hmp import HMP
-
-        self.hmp = HMP(self)
+        self.hmp = HMP(vm, self.version, self.jobs.query)
         self.handlers["human-monitor-command"] = lambda a: self.hmp.execute(a["command-line"])
         vm.add_listener(self._on_vm_event)
 

@@ -4,29 +4,59 @@ Output uses ``\\r\\n`` line ends, as QEMU's monitor sends it; an error is a succ
 reply whose text starts with ``Error: `` (QEMU's error_report inside HMP).  Commands register
 in :attr:`HMP.commands`; the snapshot commands (savevm, loadvm, delvm) are added by the
 migration package.
+
+Imports nothing of the QMP monitor (commands.py builds an :class:`HMP` and hands it the VM as
+the narrow :class:`HMPTarget`, its version and its job list), so the two do not import each
+other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from emulator.block.info import snapshot_dump, snapshot_dump_header
-from emulator.block.node import BlockNode
+from emulator.block.node import BlockGraph, BlockNode
 from emulator.errors import SnaplabError
-
-if TYPE_CHECKING:
-    from emulator.qmp.commands import Monitor
 
 HmpCommand = Callable[[list[str]], str]
 
 
-def snapshot_nodes(monitor: Monitor) -> list[BlockNode]:
+class Backend(Protocol):
+    """A BlockBackend as HMP shows it (the monitor's Attachment)."""
+
+    @property
+    def qdev(self) -> str: ...
+
+    @property
+    def node(self) -> BlockNode: ...
+
+
+class HMPTarget(Protocol):
+    """What the human monitor acts on: the VM's run state and block backends."""
+
+    @property
+    def graph(self) -> BlockGraph: ...
+
+    def stop(self) -> None: ...
+
+    def cont(self) -> None: ...
+
+    def system_reset(self, reason: str = ...) -> None: ...
+
+    def quit(self, reason: str = ...) -> None: ...
+
+    def query_status(self) -> dict[str, Any]: ...
+
+    def block_attachments(self) -> Sequence[Backend]: ...
+
+
+def snapshot_nodes(vm: HMPTarget) -> list[BlockNode]:
     """bdrv_all_get_snapshot_devices() without a list: writable nodes that a device uses or
     that have no parent (bdrv_all_snapshots_includes_bs)."""
-    nodes = list(monitor.vm.graph.nodes.values())
-    attached = {a.node.node_name for a in monitor.vm.block_attachments()}
+    nodes = list(vm.graph.nodes.values())
+    attached = {a.node.node_name for a in vm.block_attachments()}
     parents = {c.node_name for n in nodes for c in n.children.values()}
     return [n for n in nodes if not n.read_only and (n.node_name in attached or n.node_name not in parents)]
 
@@ -61,17 +91,22 @@ def hmp_split(line: str) -> list[str]:
 
 
 class HMP:
-    def __init__(self, monitor: Monitor) -> None:
-        self.monitor = monitor
+    """One human monitor: ``version`` is query-version's answer, ``query_jobs`` query-jobs'."""
+
+    def __init__(self, vm: HMPTarget, version: Callable[[], dict[str, Any]],
+                 query_jobs: Callable[[], list[dict[str, Any]]]) -> None:
+        self.vm = vm
+        self._version = version
+        self._query_jobs = query_jobs
         self.commands: dict[str, tuple[HmpCommand, str, str]] = {}
         self._aliases: dict[str, str] = {}
         self.register("help", self._help, "[cmd]", "show the help", aliases=("?",))
         self.register("info", self._info, "[subcommand]", "show various information about the system state")
-        self.register("stop", lambda a: self._call(monitor.vm.stop), "", "stop emulation", aliases=("s",))
-        self.register("cont", lambda a: self._call(monitor.vm.cont), "", "resume emulation", aliases=("c",))
-        self.register("system_reset", lambda a: self._call(lambda: monitor.vm.system_reset("host-qmp-system-reset")),
+        self.register("stop", lambda a: self._call(vm.stop), "", "stop emulation", aliases=("s",))
+        self.register("cont", lambda a: self._call(vm.cont), "", "resume emulation", aliases=("c",))
+        self.register("system_reset", lambda a: self._call(lambda: vm.system_reset("host-qmp-system-reset")),
                       "", "reset the system")
-        self.register("quit", lambda a: self._call(lambda: monitor.vm.quit("host-qmp-quit")), "",
+        self.register("quit", lambda a: self._call(lambda: vm.quit("host-qmp-quit")), "",
                       "quit the emulator", aliases=("q",))
         self.info_commands: dict[str, tuple[HmpCommand, str]] = {
             "status": (self._info_status, "show the current VM status (running|paused)"),
@@ -132,19 +167,19 @@ class HMP:
         return entry[0](args[1:])
 
     def _info_status(self, args: list[str]) -> str:
-        st = self.monitor.vm.query_status()
+        st = self.vm.query_status()
         text = "VM status: " + ("running" if st["running"] else "paused")
         if not st["running"] and st["status"] != "paused":
             text += f" ({st['status']})"
         return text + "\n"
 
     def _info_version(self, args: list[str]) -> str:
-        v = self.monitor.version()
+        v = self._version()
         q = v["qemu"]
         return f"{q['major']}.{q['minor']}.{q['micro']} ({v['package']})\n"
 
     def _info_jobs(self, args: list[str]) -> str:
-        jobs = self.monitor.jobs.query()
+        jobs = self._query_jobs()
         if not jobs:
             return "No active jobs\n"
         return "".join(f"Type {j['type']}, device {j['id']}: Completed {j['current-progress']} of "
@@ -152,7 +187,7 @@ class HMP:
 
     def _info_block(self, args: list[str]) -> str:
         blocks = []
-        for att in self.monitor.vm.block_attachments():
+        for att in self.vm.block_attachments():
             n = att.node
             flags = n.driver + (", read-only" if n.read_only else "")
             blocks.append(f"{n.node_name}: {n.filename} ({flags})\n"
@@ -162,7 +197,7 @@ class HMP:
 
     def _info_snapshots(self, args: list[str]) -> str:
         """hmp_info_snapshots(): snapshots present on all disks, then partial ones per image."""
-        nodes = snapshot_nodes(self.monitor)
+        nodes = snapshot_nodes(self.vm)
         capable = [n for n in nodes if n.can_snapshot]
         if not capable:
             raise SnaplabError("No block device can accept snapshots")
