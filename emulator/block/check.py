@@ -10,6 +10,8 @@ stored refcounts (leaks: stored > counted; errors: stored < counted), and
 Repair ("leaks" or "all") rewrites refcounts with one shadow commit, so a repair
 interrupted at any point leaves the image as it was.
 
+Also here, from the same file of QEMU: the set of metadata clusters that the
+overlap check (qcow2_check_metadata_overlap) keeps guest data away from.
 Works on the image through :class:`~emulator.block.state.Qcow2State`; imports
 cluster.py and snapshot.py but not qcow2.py, and neither unicorn nor asyncio.
 """
@@ -73,6 +75,30 @@ class _Counter:
             return
         cb = self.s.cluster_bits
         self.add(np.arange(offset >> cb, ((offset + nbytes - 1) >> cb) + 1, dtype=np.int64))
+
+
+def metadata_clusters(s: Qcow2State) -> np.ndarray:
+    """Sorted host cluster indices holding metadata: the header, the refcount table and
+    blocks, the active L1 and L2 tables, the snapshot table and the snapshots' L1 tables
+    (the set qcow2_check_metadata_overlap() checks a write against)."""
+    cb = s.cluster_bits
+    parts = [np.array([0], dtype=np.int64)]
+
+    def rng(off: int, nbytes: int) -> None:
+        if off and nbytes:
+            parts.append(np.arange(off >> cb, (off + nbytes - 1 >> cb) + 1, dtype=np.int64))
+
+    rc = s.refcounts
+    rng(rc.table_offset, rc.table_clusters * s.cluster_size)
+    t = rc.table[rc.table != 0].astype(np.int64)
+    parts.append(t >> cb)
+    rng(s.l1_table_offset, s.l1_size * 8)
+    l2 = (s.l1_table & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
+    parts.append(l2[l2 != 0] >> cb)
+    rng(s.header.snapshots_offset, table_bytes(s.snapshots))
+    for sn in s.snapshots:
+        rng(sn.l1_table_offset, sn.l1_size * 8)
+    return np.unique(np.concatenate(parts))
 
 
 def _walk_l1(s: Qcow2State, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_offset: int,

@@ -435,3 +435,18 @@ def host_map(s: Qcow2State, l1: np.ndarray, offset: int, length: int) -> np.ndar
         out[a - first:b - first] = vals
     return out
 
+
+def allocation_map(s: Qcow2State) -> np.ndarray:
+    """Per guest cluster: True where the active L1 maps data, not zeros or nothing (what
+    qcow2_co_block_status() reports as BDRV_BLOCK_DATA, one cluster at a time)."""
+    nclusters = size_to_clusters(s.cluster_size, s.size)
+    out = np.zeros(nclusters, dtype=bool)
+    for i in range(min(s.l1_vm_state_index, s.l1_size)):
+        off = int(s.l1_table[i]) & L1E_OFFSET_MASK
+        if not off:
+            continue
+        k = cluster_kinds(s, load_l2(s, off, i))
+        lo = i * s.l2_size
+        hi = min(lo + s.l2_size, nclusters)
+        out[lo:hi] = ((k == NORMAL) | (k == COMPRESSED))[:hi - lo]
+    return out

@@ -27,14 +27,13 @@ import numpy as np
 
 import emulator.block.cluster as cluster
 import emulator.block.snapshot as snapshot
-from emulator.block.check import CheckResult, check_image
+from emulator.block.check import CheckResult, check_image, metadata_clusters
 from emulator.block.format import (
     DEFAULT_CLUSTER_BITS,
     FEATURE_TYPE_INCOMPATIBLE,
     HEADER_AUTOCLEAR_OFFSET,
     HEADER_INCOMPAT_OFFSET,
     HEADER_POINTERS_OFFSET,
-    L1E_OFFSET_MASK,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
     QCOW2_EXT_MAGIC_FEATURE_TABLE,
@@ -48,7 +47,7 @@ from emulator.block.format import (
     parse_header,
 )
 from emulator.block.io import BlockFile, MemoryFile, OsFile, as_block_file
-from emulator.block.refcount import Refcounts, RefcountTxn, size_to_clusters
+from emulator.block.refcount import Refcounts, RefcountTxn
 from emulator.block.state import QCowSnapshot
 from emulator.errors import (
     BlockIOError,
@@ -319,33 +318,11 @@ class Qcow2Image:
         self.file.flush()
         self.header = self.header.with_pointers(incompatible_features=bits)
 
-    def metadata_clusters(self) -> np.ndarray:
-        """Sorted host cluster indices holding metadata (QEMU's overlap-check set)."""
-        if self._meta is None:
-            cb = self.cluster_bits
-            parts = [np.array([0], dtype=np.int64)]
-
-            def rng(off: int, nbytes: int) -> None:
-                if off and nbytes:
-                    parts.append(np.arange(off >> cb, (off + nbytes - 1 >> cb) + 1, dtype=np.int64))
-
-            rc = self.refcounts
-            rng(rc.table_offset, rc.table_clusters * self.cluster_size)
-            t = rc.table[rc.table != 0].astype(np.int64)
-            parts.append(t >> cb)
-            rng(self.l1_table_offset, self.l1_size * 8)
-            l2 = (self.l1_table & np.uint64(L1E_OFFSET_MASK)).astype(np.int64)
-            parts.append(l2[l2 != 0] >> cb)
-            rng(self.header.snapshots_offset, snapshot.table_bytes(self.snapshots))
-            for sn in self.snapshots:
-                rng(sn.l1_table_offset, sn.l1_size * 8)
-            self._meta = np.unique(np.concatenate(parts))
-        return self._meta
-
     def check_overlap(self, clusters: np.ndarray) -> None:
         """qcow2_pre_write_overlap_check() for data written in place."""
-        meta = self.metadata_clusters()
-        hit = np.isin(clusters, meta)
+        if self._meta is None:
+            self._meta = metadata_clusters(self)
+        hit = np.isin(clusters, self._meta)
         if hit.any():
             c = int(clusters[np.flatnonzero(hit)[0]])
             self.signal_corruption(f"Preventing invalid write on metadata (overlaps with cluster {c})")
@@ -436,17 +413,7 @@ class Qcow2Image:
 
     def allocation_map(self) -> np.ndarray:
         """Per guest cluster: True where the active L1 maps data (not zero/unallocated)."""
-        nclusters = size_to_clusters(self.cluster_size, self.size)
-        out = np.zeros(nclusters, dtype=bool)
-        for i in range(min(self.l1_vm_state_index, self.l1_size)):
-            off = int(self.l1_table[i]) & L1E_OFFSET_MASK
-            if not off:
-                continue
-            k = cluster.cluster_kinds(self, cluster.load_l2(self, off, i))
-            lo = i * self.l2_size
-            hi = min(lo + self.l2_size, nclusters)
-            out[lo:hi] = ((k == cluster.NORMAL) | (k == cluster.COMPRESSED))[:hi - lo]
-        return out
+        return cluster.allocation_map(self)
 
     # -- VM state (qcow2_save_vmstate / qcow2_load_vmstate) -----------------------
     @_locked
