@@ -1,10 +1,21 @@
 """The qcow2 format driver: open, create, read, write, snapshots, check.
 
-Mirrors QEMU's block/qcow2.c (``qcow2_do_open``, ``qcow2_co_create``,
-``qcow2_co_preadv_part``, ``qcow2_co_pwritev_part``, ``qcow2_save_vmstate``,
-``qcow2_load_vmstate``).  The live state here plays BDRVQcow2State; the mapping
-lives in cluster.py, refcounts in refcount.py, snapshots in snapshot.py and
-the consistency check in check.py, as QEMU splits qcow2*.c.
+Mirrors QEMU's block/qcow2.c, in two classes, one per concern:
+
+* :class:`Qcow2Metadata` is BDRVQcow2State with the code that keeps it: opening
+  (``qcow2_do_open``: header, feature bits, refcount table, L1 table, snapshot table, the
+  dirty and autoclear bits), header updates and metadata commits (``qcow2_update_header``),
+  ``qcow2_mark_corrupt``/``qcow2_signal_corruption``, the overlap check and the durability
+  points.  It implements :class:`~emulator.block.state.Qcow2State`.
+* :class:`Qcow2Image` is the BlockDriver: ``qcow2_co_create``, guest I/O
+  (``qcow2_co_preadv_part``, ``qcow2_co_pwritev_part``, ``qcow2_co_pwrite_zeroes``,
+  ``qcow2_co_pdiscard``), the VM state area (``qcow2_save_vmstate``,
+  ``qcow2_load_vmstate``), the snapshot callbacks and ``qcow2_co_check``.
+
+The mapping lives in cluster.py, refcounts in refcount.py, snapshots in snapshot.py and
+the consistency check in check.py, as QEMU splits qcow2*.c; they see the image only as a
+:class:`~emulator.block.state.Qcow2State` (state.py, QEMU's qcow2.h) and never import
+this module.
 
 Streams in, paths as a classmethod: ``Qcow2Image(file)`` takes a BlockFile or a
 Python file object; ``Qcow2Image.open(path)`` and ``Qcow2Image.create(path, size)``
@@ -21,7 +32,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 
 import numpy as np
 
@@ -42,6 +53,7 @@ from emulator.block.format import (
     QCOW2_INCOMPAT_DATA_FILE,
     QCOW2_INCOMPAT_DIRTY,
     QCOW2_INCOMPAT_EXTL2,
+    QCowHeader,
     new_image_layout,
     parse_feature_table,
     parse_header,
@@ -69,19 +81,48 @@ _INCOMPAT_NAMES = {
 
 
 def _locked(fn: Callable[P, R]) -> Callable[P, R]:
+    """The method runs holding the image lock."""
+
     @wraps(fn)
     def inner(*args: P.args, **kwargs: P.kwargs) -> R:
-        self = args[0]
-        with self._lock:  # type: ignore[attr-defined]
+        with cast(Qcow2Metadata, args[0])._lock:
             return fn(*args, **kwargs)
 
     return inner
 
 
-class Qcow2Image:
-    """An open qcow2 image (BlockDriverState + BDRVQcow2State for format qcow2)."""
+def _check_features(h: QCowHeader) -> None:
+    """qcow2_do_open()'s feature checks (report_unsupported_feature): what snaplab cannot
+    open, named from the image's feature name table where it has one."""
+    names = {}
+    for ext in h.extensions:
+        if ext.magic == QCOW2_EXT_MAGIC_FEATURE_TABLE:
+            names = parse_feature_table(ext.data)
+    unknown = h.incompatible_features & ~_KNOWN_INCOMPAT
+    if unknown:
+        feats = []
+        for bit in range(64):
+            if unknown >> bit & 1:
+                name = names.get((FEATURE_TYPE_INCOMPATIBLE, bit)) or _INCOMPAT_NAMES.get(1 << bit)
+                feats.append(name or f"Unknown incompatible feature: {1 << bit:x}")
+        raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(feats))
+    if h.compression_type != 0:
+        raise UnsupportedFeatureError(
+            f"Unsupported qcow2 feature(s): compression type {h.compression_type} (only zlib is supported)")
+    if h.backing_file_offset:
+        raise UnsupportedFeatureError("Unsupported qcow2 feature(s): backing file (snaplab images stand alone)")
 
-    driver = "qcow2"
+
+class Qcow2Metadata:
+    """An open image's metadata and the code that keeps it consistent and durable.
+
+    BDRVQcow2State with qcow2.c's ``qcow2_do_open``, ``qcow2_update_header``,
+    ``qcow2_mark_corrupt`` and ``qcow2_signal_corruption``; implements
+    :class:`~emulator.block.state.Qcow2State` for cluster.py, snapshot.py and check.py.
+    Nothing here takes the image lock: :class:`Qcow2Image`'s public methods hold it.
+    """
+
+    GROW_STEP = 256 << 20
 
     def __init__(self, file: BlockFile | Any, *, read_only: bool = False, strict_barriers: bool = False,
                  filename: str = "") -> None:
@@ -99,32 +140,11 @@ class Qcow2Image:
         self._meta: np.ndarray | None = None
         self._open()
 
-    # -- opening ------------------------------------------------------------------
+    # -- opening (qcow2_do_open) ------------------------------------------------------
     def _open(self) -> None:
         fsize = self.file.size()
-        head = self.file.pread(0, min(max(fsize, 0), 1 << MIN_CLUSTER_BITS << 7))
-        if len(head) >= 24:
-            cbits = int.from_bytes(head[20:24], "big")
-            if MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS and len(head) < (1 << cbits) <= fsize:
-                head = self.file.pread(0, 1 << cbits)
-        h = parse_header(head, fsize)
-        names = {}
-        for ext in h.extensions:
-            if ext.magic == QCOW2_EXT_MAGIC_FEATURE_TABLE:
-                names = parse_feature_table(ext.data)
-        unknown = h.incompatible_features & ~_KNOWN_INCOMPAT
-        if unknown:
-            feats = []
-            for bit in range(64):
-                if unknown >> bit & 1:
-                    name = names.get((FEATURE_TYPE_INCOMPATIBLE, bit)) or _INCOMPAT_NAMES.get(1 << bit)
-                    feats.append(name or f"Unknown incompatible feature: {1 << bit:x}")
-            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): " + ", ".join(feats))
-        if h.compression_type != 0:
-            raise UnsupportedFeatureError(
-                f"Unsupported qcow2 feature(s): compression type {h.compression_type} (only zlib is supported)")
-        if h.backing_file_offset:
-            raise UnsupportedFeatureError("Unsupported qcow2 feature(s): backing file (snaplab images stand alone)")
+        h = parse_header(self._read_header_cluster(fsize), fsize)
+        _check_features(h)
         if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only:
             self.read_only = True
             msg = ("qcow2: Image is corrupt (the corrupt bit is set); opened read-only. "
@@ -149,18 +169,32 @@ class Qcow2Image:
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
         if not self.read_only:
-            if h.autoclear_features:
-                # QEMU clears autoclear bits it does not know; we know none.
-                self.file.pwrite(HEADER_AUTOCLEAR_OFFSET, bytes(8))
-                self.header = self.header.with_pointers(autoclear_features=0)
-            if h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
-                # As QEMU: refcounts may be stale (lazy refcounts); rebuild them, then clear the bit.
-                self.messages.append("qcow2: the dirty bit is set; repairing refcounts")
-                res = self.check(repair="all")
-                final = res.repaired or res
-                if final.corruptions or final.check_errors:
-                    self.signal_corruption("refcounts could not be repaired after an unclean shutdown")
-                self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
+            self._clear_open_bits(h)
+
+    def _read_header_cluster(self, fsize: int) -> bytes:
+        """The first cluster (or the whole file if smaller): the header and its extensions."""
+        head = self.file.pread(0, min(max(fsize, 0), 1 << MIN_CLUSTER_BITS << 7))
+        if len(head) >= 24:
+            cbits = int.from_bytes(head[20:24], "big")
+            if MIN_CLUSTER_BITS <= cbits <= MAX_CLUSTER_BITS and len(head) < (1 << cbits) <= fsize:
+                head = self.file.pread(0, 1 << cbits)
+        return head
+
+    def _clear_open_bits(self, h: QCowHeader) -> None:
+        """What a writable open changes: unknown autoclear bits cleared, and after an unclean
+        shutdown (the dirty bit) refcounts rebuilt, then the bit cleared, as QEMU does."""
+        if h.autoclear_features:
+            # QEMU clears autoclear bits it does not know; we know none.
+            self.file.pwrite(HEADER_AUTOCLEAR_OFFSET, bytes(8))
+            self.header = self.header.with_pointers(autoclear_features=0)
+        if h.incompatible_features & QCOW2_INCOMPAT_DIRTY:
+            # Refcounts may be stale (lazy refcounts): rebuild them, then clear the bit.
+            self.messages.append("qcow2: the dirty bit is set; repairing refcounts")
+            res = check_image(self, "all")
+            final = res.repaired or res
+            if final.corruptions or final.check_errors:
+                self.signal_corruption("refcounts could not be repaired after an unclean shutdown")
+            self._set_incompat(self.header.incompatible_features & ~QCOW2_INCOMPAT_DIRTY)
 
     def _read_l1(self, offset: int, n: int, fieldname: str) -> np.ndarray:
         if n == 0:
@@ -169,51 +203,7 @@ class Qcow2Image:
             raise ImageFormatError(fieldname, "L1 table offset invalid")
         return np.frombuffer(self.file.pread(offset, n * 8), ">u8").astype(np.uint64)
 
-    # -- creating -----------------------------------------------------------------
-    @classmethod
-    def create(cls, target: str | os.PathLike[str] | BlockFile | Any, size: int, *, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
-               refcount_bits: int = 16, version: int = 3) -> Qcow2Image:
-        """qcow2_co_create(): header, refcount table, refcount block(s), empty L1.
-
-        Lays the image out as qemu-img 7.2 does (:func:`~emulator.block.format.new_image_layout`):
-        refcount table in cluster 1, the first refcount block in cluster 2, the L1 table from
-        cluster 3.
-        """
-        writes = new_image_layout(size, cluster_size, refcount_bits, version)
-        close_on_fail = False
-        if isinstance(target, (str, os.PathLike)):
-            f: BlockFile = OsFile.open(target, create=True)
-            close_on_fail = True
-            filename = os.fspath(target)
-        else:
-            f = as_block_file(target)
-            filename = ""
-        try:
-            f.truncate(0)
-            for offset, data in writes:
-                f.pwrite(offset, data)
-            f.flush()
-        except BaseException:
-            if close_on_fail:
-                f.close()
-            raise
-        return cls(f, filename=filename)
-
-    @classmethod
-    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, no_flush: bool = False) -> Qcow2Image:
-        f = OsFile.open(path, read_only=read_only, no_flush=no_flush)
-        try:
-            return cls(f, read_only=read_only, filename=os.fspath(path))
-        except BaseException:
-            f.close()
-            raise
-
-    @classmethod
-    def in_memory(cls, size: int, **kw: int) -> Qcow2Image:
-        """A new image held in memory (tests, notebooks)."""
-        return cls.create(MemoryFile(), size, **kw)
-
-    # -- state helpers used by cluster/snapshot/check ------------------------------
+    # -- geometry ---------------------------------------------------------------------
     @property
     def l1_size(self) -> int:
         return len(self.l1_table)
@@ -235,6 +225,7 @@ class Qcow2Image:
     def file_size_hint(self) -> int:
         return self.file.size()
 
+    # -- durability -------------------------------------------------------------------
     def sync_point(self) -> None:
         """fdatasync at a commit, unless inside :meth:`deferred_flush`."""
         if not self._defer:
@@ -256,18 +247,10 @@ class Qcow2Image:
             with self._lock:
                 self._defer -= 1
 
-    @contextlib.contextmanager
-    def drained(self) -> Iterator[None]:
-        """bdrv_drained_begin()/bdrv_drained_end(): no request from another thread gets in
-        until the section ends (they wait on the image's lock); the holder's own calls go on.
-
-        The copy-on-write engine enters it inside its downtime and freezes the disk after the
-        guest resumed: a guest request in between waits, so the disk stays at the stop instant.
-        """
-        with self._lock:
-            yield
-
-    GROW_STEP = 256 << 20
+    def barrier(self) -> None:
+        """An ordering point between dependent writes; fdatasync when strict_barriers."""
+        if self.strict_barriers:
+            self.file.flush()
 
     def _grow_file(self, end: int) -> None:
         """Extend the file ahead of allocations (ftruncate, sparse): writes inside i_size are
@@ -288,11 +271,7 @@ class Qcow2Image:
             self._file_size = self.file.size()
             self._grown = False
 
-    def barrier(self) -> None:
-        """An ordering point between dependent writes; fdatasync when strict_barriers."""
-        if self.strict_barriers:
-            self.file.flush()
-
+    # -- header updates and corruption --------------------------------------------------
     def metadata_changed(self) -> None:
         self._meta = None
 
@@ -337,6 +316,61 @@ class Qcow2Image:
                 self.refcounts.read_only = True
         raise ImageCorruptError(f"qcow2: Marking image as corrupt: {msg}; further corruption events will be suppressed")
 
+
+class Qcow2Image(Qcow2Metadata):
+    """An open qcow2 image (BlockDriverState + the qcow2 BlockDriver's callbacks).
+
+    Every public method takes the image lock; the metadata it works on is
+    :class:`Qcow2Metadata`'s.
+    """
+
+    driver = "qcow2"
+
+    # -- creating and opening -------------------------------------------------------
+    @classmethod
+    def create(cls, target: str | os.PathLike[str] | BlockFile | Any, size: int, *, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
+               refcount_bits: int = 16, version: int = 3) -> Qcow2Image:
+        """qcow2_co_create(): header, refcount table, refcount block(s), empty L1.
+
+        Lays the image out as qemu-img 7.2 does (:func:`~emulator.block.format.new_image_layout`):
+        refcount table in cluster 1, the first refcount block in cluster 2, the L1 table from
+        cluster 3.
+        """
+        writes = new_image_layout(size, cluster_size, refcount_bits, version)
+        close_on_fail = False
+        if isinstance(target, (str, os.PathLike)):
+            f: BlockFile = OsFile.open(target, create=True)
+            close_on_fail = True
+            filename = os.fspath(target)
+        else:
+            f = as_block_file(target)
+            filename = ""
+        try:
+            f.truncate(0)
+            for offset, data in writes:
+                f.pwrite(offset, data)
+            f.flush()
+        except BaseException:
+            if close_on_fail:
+                f.close()
+            raise
+        return cls(f, filename=filename)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, no_flush: bool = False) -> Qcow2Image:
+        f = OsFile.open(path, read_only=read_only, no_flush=no_flush)
+        try:
+            return cls(f, read_only=read_only, filename=os.fspath(path))
+        except BaseException:
+            f.close()
+            raise
+
+    @classmethod
+    def in_memory(cls, size: int, **kw: int) -> Qcow2Image:
+        """A new image held in memory (tests, notebooks)."""
+        return cls.create(MemoryFile(), size, **kw)
+
+    # -- request checks ---------------------------------------------------------------
     def _check_rw(self) -> None:
         if self.read_only:
             raise ReadOnlyError(f"Block node is read-only{': ' + self.filename if self.filename else ''}")
@@ -346,11 +380,11 @@ class Qcow2Image:
         if offset < 0 or length < 0 or offset + length > lim:
             raise OutOfRangeError(f"Request at offset {offset} of {length} bytes is outside the disk ({lim} bytes)")
 
-    # -- guest I/O ------------------------------------------------------------------
     def _check_io(self) -> None:
         if self.io_error is not None:
             raise BlockIOError(f"Input/output error: {self.io_error}")
 
+    # -- guest I/O ------------------------------------------------------------------
     @_locked
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         mv = memoryview(buf).cast("B")
@@ -394,6 +428,17 @@ class Qcow2Image:
         self._check_range(offset, length)
         return cluster.zeroize(self, offset, length, discard=True)
 
+    @contextlib.contextmanager
+    def drained(self) -> Iterator[None]:
+        """bdrv_drained_begin()/bdrv_drained_end(): no request from another thread gets in
+        until the section ends (they wait on the image's lock); the holder's own calls go on.
+
+        The copy-on-write engine enters it inside its downtime and freezes the disk after the
+        guest resumed: a guest request in between waits, so the disk stays at the stop instant.
+        """
+        with self._lock:
+            yield
+
     @_locked
     def flush(self) -> None:
         self.file.flush()
@@ -432,6 +477,19 @@ class Qcow2Image:
         mv = memoryview(buf).cast("B")
         l1 = self.l1_table if snapshot_id is None else snapshot.read_snapshot_l1(self, self.find_snapshot(snapshot_id))
         cluster.read_through(self, l1, self.vm_state_offset + pos, mv)
+
+    @_locked
+    def vmstate_host_map(self, length: int) -> np.ndarray:
+        """Per cluster of the active VM-state area: host offset (0 unallocated, -1 compressed)."""
+        return cluster.host_map(self, self.l1_table, self.vm_state_offset, length)
+
+    @_locked
+    def snapshot_vmstate_map(self, id_or_name: str) -> tuple[np.ndarray, int]:
+        """Per cluster of a snapshot's VM state: host offset (0 zero, -1 compressed); and the
+        byte offset of the VM state's first cluster boundary (the stream starts there)."""
+        sn = self.find_snapshot(id_or_name)
+        l1 = snapshot.read_snapshot_l1(self, sn)
+        return cluster.host_map(self, l1, self.vm_state_offset, sn.vm_state_size), self.vm_state_offset
 
     # -- snapshots --------------------------------------------------------------------
     def snapshot_list(self) -> list[QCowSnapshot]:
@@ -507,19 +565,6 @@ class Qcow2Image:
     def snapshot_delete(self, id_str: str | None = None, name: str | None = None) -> QCowSnapshot:
         self._check_rw()
         return snapshot.snapshot_delete(self, snapshot.find_snapshot_by_id_and_name(self, id_str, name))
-
-    @_locked
-    def vmstate_host_map(self, length: int) -> np.ndarray:
-        """Per cluster of the active VM-state area: host offset (0 unallocated, -1 compressed)."""
-        return cluster.host_map(self, self.l1_table, self.vm_state_offset, length)
-
-    @_locked
-    def snapshot_vmstate_map(self, id_or_name: str) -> tuple[np.ndarray, int]:
-        """Per cluster of a snapshot's VM state: host offset (0 zero, -1 compressed); and the
-        byte offset of the VM state's first cluster boundary (the stream starts there)."""
-        sn = self.find_snapshot(id_or_name)
-        l1 = snapshot.read_snapshot_l1(self, sn)
-        return cluster.host_map(self, l1, self.vm_state_offset, sn.vm_state_size), self.vm_state_offset
 
     @_locked
     def snapshot_read(self, id_or_name: str, offset: int, buf: memoryview | bytearray) -> None:
