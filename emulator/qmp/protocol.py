@@ -52,6 +52,45 @@ class _Token:
     text: bytes
 
 
+class _Lex(Enum):
+    """The lexer's state (json-lexer.c's IN_START, IN_DQ_STRING/IN_SQ_STRING, the number
+    states, IN_KEYWORD, IN_RECOVERY)."""
+
+    START = "start"
+    STRING = "string"
+    NUMBER = "number"
+    KEYWORD = "keyword"
+    RECOVERY = "recovery"
+
+
+class _Num(Enum):
+    """Where a number token is (json-lexer.c's number states), and the two ends of one:
+    DONE (the character after it ends it) and ERROR (the character cannot follow)."""
+
+    SIGN = "sign"  # IN_SIGN: '-'
+    ZERO = "zero"  # IN_ZERO: a leading 0
+    DIGITS = "digits"  # IN_DIGITS
+    MANTISSA = "mantissa"  # IN_MANTISSA: after '.'
+    MANTISSA_DIGITS = "mantissa digits"  # IN_MANTISSA_DIGITS
+    EXP_E = "exp e"  # IN_EXP_E: after 'e' or 'E'
+    EXP_SIGN = "exp sign"  # IN_EXP_SIGN
+    EXP_DIGITS = "exp digits"  # IN_EXP_DIGITS
+    DONE = "done"
+    ERROR = "error"
+
+
+# The members as module constants: the lexer compares them per byte, and a global is several
+# times quicker to load than an Enum class attribute.
+_START, _STRING, _NUMBER, _KEYWORD, _RECOVERY = (_Lex.START, _Lex.STRING, _Lex.NUMBER, _Lex.KEYWORD,
+                                                 _Lex.RECOVERY)
+_SIGN, _ZERO, _DIGITS, _MANTISSA, _MANTISSA_DIGITS = (_Num.SIGN, _Num.ZERO, _Num.DIGITS, _Num.MANTISSA,
+                                                      _Num.MANTISSA_DIGITS)
+_EXP_E, _EXP_SIGN, _EXP_DIGITS, _DONE, _ERROR = (_Num.EXP_E, _Num.EXP_SIGN, _Num.EXP_DIGITS, _Num.DONE,
+                                                 _Num.ERROR)
+_FLOAT_END = frozenset({_MANTISSA_DIGITS, _EXP_DIGITS})  # a number that stops here is a float
+_NUMBER_END = frozenset({_ZERO, _DIGITS, _MANTISSA_DIGITS, _EXP_DIGITS})  # a complete number
+
+
 class LimitExceeded(Exception):
     """A peer exceeded a protocol limit; the connection should be closed after the error."""
 
@@ -78,101 +117,136 @@ class JSONStreamer:
         self._brace = 0
         self._bracket = 0
         self._cur = bytearray()  # text of the token being lexed
-        self._state = "start"  # start, string, number, keyword, recovery
+        self._state = _START
         self._quote = 0
         self._escape = 0  # 0 none, 1 after backslash, 2.. inside \\uXXXX
-        self._num = ""  # number sub-state
+        self._num = _DIGITS  # where a number token is (in the NUMBER state)
         self.fast = True  # whole simple objects go through _feed_fast
 
-    # -- lexer -------------------------------------------------------------------------
+    # -- lexer (json_lexer_feed_char) ---------------------------------------------------
     def feed(self, data: bytes) -> list[ParseResult]:
+        """Every message (or error) that ``data`` completes, in order."""
         out: list[ParseResult] = []
-        if self.fast and self._state == "start" and not self._tokens:
+        if self.fast and self._state is _START and not self._tokens:
             data = self._feed_fast(data, out)
         i = 0
         n = len(data)
+        while i < n:  # each step lexes bytes until the state changes
+            st = self._state
+            if st is _START:
+                i = self._lex_start(data, i, out)
+            elif st is _STRING:
+                i = self._lex_string(data, i, out)
+            elif st is _NUMBER:
+                i = self._lex_number(data, i, out)
+            elif st is _KEYWORD:
+                i = self._lex_keyword(data, i, out)
+            else:
+                i = self._lex_recovery(data, i)
+        return out
+
+    def _lex_recovery(self, data: bytes, i: int) -> int:
+        """After a stray byte: skip to a structural or control byte, which starts a token."""
+        n = len(data)
         while i < n:
             c = data[i]
-            st = self._state
-            if st == "recovery":
-                if c in _STRUCTURAL or c < 0x20 or c >= 0xFE:
-                    self._state = "start"
-                    continue  # lookahead: reprocess as a token start
-                i += 1
+            if c in _STRUCTURAL or c < 0x20 or c >= 0xFE:
+                self._state = _START
+                return i  # lookahead: lexed again as a token start
+            i += 1
+        return i
+
+    def _lex_start(self, data: bytes, i: int, out: list[ParseResult]) -> int:
+        """Between tokens: white space, a structural character, or the first byte of a token."""
+        n = len(data)
+        while i < n and self._state is _START:
+            c = data[i]
+            i += 1
+            if c in _WS:
                 continue
-            if st == "start":
-                i += 1
-                if c in _WS:
-                    continue
-                if c in _STRUCTURAL:
-                    self._emit(_Token(_Tok(chr(c)), bytes([c])), out)
-                elif c in (0x22, 0x27):
-                    self._state, self._quote, self._escape = "string", c, 0
-                    self._cur = bytearray([c])
-                elif c == 0x2D or 0x30 <= c <= 0x39:
-                    self._state = "number"
-                    self._cur = bytearray([c])
-                    self._num = "neg" if c == 0x2D else ("zero" if c == 0x30 else "int")
-                elif 0x61 <= c <= 0x7A:
-                    self._state = "keyword"
-                    self._cur = bytearray([c])
+            if c in _STRUCTURAL:
+                self._emit(_Token(_Tok(chr(c)), bytes([c])), out)
+            elif c in (0x22, 0x27):
+                self._state, self._quote, self._escape = _STRING, c, 0
+                self._cur = bytearray([c])
+            elif c == 0x2D or 0x30 <= c <= 0x39:
+                self._state = _NUMBER
+                self._cur = bytearray([c])
+                self._num = _SIGN if c == 0x2D else (_ZERO if c == 0x30 else _DIGITS)
+            elif 0x61 <= c <= 0x7A:
+                self._state = _KEYWORD
+                self._cur = bytearray([c])
+            else:
+                self._lex_error(bytes([c]), out)
+        return i
+
+    def _lex_string(self, data: bytes, i: int, out: list[ParseResult]) -> int:
+        """Inside a double- or single-quoted string, escapes included."""
+        n = len(data)
+        while i < n and self._state is _STRING:
+            c = data[i]
+            i += 1
+            self._cur.append(c)
+            if len(self._cur) > self.max_message:
+                self._limit("JSON token size limit exceeded", out)
+                continue
+            if self._escape == 1:
+                if c in b"\"'\\/bfnrt":
+                    self._escape = 0
+                elif c == 0x75:
+                    self._escape = 2
                 else:
-                    self._lex_error(bytes([c]), out)
+                    self._lex_error(bytes(self._cur), out)
+            elif self._escape >= 2:
+                if chr(c) in "0123456789abcdefABCDEF":
+                    self._escape = 0 if self._escape == 5 else self._escape + 1
+                else:
+                    self._lex_error(bytes(self._cur), out)
+            elif c == 0x5C:
+                self._escape = 1
+            elif c == self._quote:
+                self._state = _START
+                self._emit(_Token(_Tok.STRING, bytes(self._cur)), out)
+            elif c < 0x20 or c >= 0xFE:
+                self._lex_error(bytes(self._cur), out)
+        return i
+
+    def _lex_keyword(self, data: bytes, i: int, out: list[ParseResult]) -> int:
+        """Lower-case letters; the first other byte ends the keyword and is lexed again."""
+        n = len(data)
+        while i < n and self._state is _KEYWORD:
+            c = data[i]
+            if 0x61 <= c <= 0x7A:
+                self._cur.append(c)
+                i += 1
+                if len(self._cur) > 64:
+                    self._lex_error(bytes(self._cur), out)
                 continue
-            if st == "string":
+            self._state = _START
+            self._emit(_Token(_Tok.KEYWORD, bytes(self._cur)), out)
+        return i
+
+    def _lex_number(self, data: bytes, i: int, out: list[ParseResult]) -> int:
+        """A number, through :meth:`_number_step`; the byte that ends it is lexed again."""
+        n = len(data)
+        while i < n and self._state is _NUMBER:
+            c = data[i]
+            nxt = self._number_step(c)
+            if nxt is _ERROR:
                 i += 1
                 self._cur.append(c)
-                if len(self._cur) > self.max_message:
-                    self._limit("JSON token size limit exceeded", out)
-                    continue
-                if self._escape == 1:
-                    if c in b"\"'\\/bfnrt":
-                        self._escape = 0
-                    elif c == 0x75:
-                        self._escape = 2
-                    else:
-                        self._lex_error(bytes(self._cur), out)
-                elif self._escape >= 2:
-                    if chr(c) in "0123456789abcdefABCDEF":
-                        self._escape = 0 if self._escape == 5 else self._escape + 1
-                    else:
-                        self._lex_error(bytes(self._cur), out)
-                elif c == 0x5C:
-                    self._escape = 1
-                elif c == self._quote:
-                    self._state = "start"
-                    self._emit(_Token(_Tok.STRING, bytes(self._cur)), out)
-                elif c < 0x20 or c >= 0xFE:
+                self._lex_error(bytes(self._cur), out)
+            elif nxt is _DONE:
+                self._state = _START
+                kind = _Tok.FLOAT if self._num in _FLOAT_END else _Tok.INTEGER
+                self._emit(_Token(kind, bytes(self._cur)), out)
+            else:
+                self._num = nxt
+                self._cur.append(c)
+                i += 1
+                if len(self._cur) > 1024:
                     self._lex_error(bytes(self._cur), out)
-                continue
-            if st == "keyword":
-                if 0x61 <= c <= 0x7A:
-                    self._cur.append(c)
-                    i += 1
-                    if len(self._cur) > 64:
-                        self._lex_error(bytes(self._cur), out)
-                    continue
-                self._state = "start"
-                self._emit(_Token(_Tok.KEYWORD, bytes(self._cur)), out)
-                continue
-            if st == "number":
-                nxt = self._number_step(c)
-                if nxt == "error":
-                    i += 1
-                    self._cur.append(c)
-                    self._lex_error(bytes(self._cur), out)
-                elif nxt == "done":
-                    self._state = "start"
-                    kind = _Tok.FLOAT if self._num in ("frac", "exp") else _Tok.INTEGER
-                    self._emit(_Token(kind, bytes(self._cur)), out)
-                else:
-                    self._num = nxt
-                    self._cur.append(c)
-                    i += 1
-                    if len(self._cur) > 1024:
-                        self._lex_error(bytes(self._cur), out)
-                continue
-        return out
+        return i
 
     def _feed_fast(self, data: bytes, out: list[ParseResult]) -> bytes:
         """Whole objects at the start of ``data``, parsed by the C ``json`` scanner where it
@@ -197,68 +271,69 @@ class JSONStreamer:
             out.append(ParseResult(value=value))
             pos = end
 
-    def _number_step(self, c: int) -> str:
+    def _number_step(self, c: int) -> _Num:
+        """The number state after byte ``c`` (json-lexer.c's number transitions)."""
         d = 0x30 <= c <= 0x39
         s = self._num
-        if s == "neg":
-            return "zero" if c == 0x30 else ("int" if d else "error")
-        if s == "zero":
+        if s is _SIGN:
+            return _ZERO if c == 0x30 else (_DIGITS if d else _ERROR)
+        if s is _ZERO:
             if c == 0x2E:
-                return "dot"
+                return _MANTISSA
             if c in (0x65, 0x45):
-                return "e"
-            return "done"
-        if s == "int":
+                return _EXP_E
+            return _DONE
+        if s is _DIGITS:
             if d:
-                return "int"
+                return _DIGITS
             if c == 0x2E:
-                return "dot"
+                return _MANTISSA
             if c in (0x65, 0x45):
-                return "e"
-            return "done"
-        if s == "dot":
-            return "frac" if d else "error"
-        if s == "frac":
+                return _EXP_E
+            return _DONE
+        if s is _MANTISSA:
+            return _MANTISSA_DIGITS if d else _ERROR
+        if s is _MANTISSA_DIGITS:
             if d:
-                return "frac"
+                return _MANTISSA_DIGITS
             if c in (0x65, 0x45):
-                return "e"
-            return "done"
-        if s == "e":
+                return _EXP_E
+            return _DONE
+        if s is _EXP_E:
             if c in (0x2B, 0x2D):
-                return "esign"
-            return "exp" if d else "error"
-        if s == "esign":
-            return "exp" if d else "error"
-        if s == "exp":
-            return "exp" if d else "done"
-        return "error"
+                return _EXP_SIGN
+            return _EXP_DIGITS if d else _ERROR
+        if s is _EXP_SIGN:
+            return _EXP_DIGITS if d else _ERROR
+        if s is _EXP_DIGITS:
+            return _EXP_DIGITS if d else _DONE
+        return _ERROR
 
     def end_of_input(self) -> list[ParseResult]:
         """The peer closed: flush a pending token and parse what is left (json_lexer_flush)."""
         out: list[ParseResult] = []
-        if self._state == "string" or (self._state == "number" and self._num in ("neg", "dot", "e", "esign")):
+        if self._state is _STRING or (self._state is _NUMBER and self._num not in _NUMBER_END):
             # QEMU flushes its lexer with a NUL byte, which no pending token accepts.
             self._lex_error(bytes(self._cur), out)
-            self._state = "start"
-        elif self._state == "keyword":
-            self._state = "start"
+            self._state = _START
+        elif self._state is _KEYWORD:
+            self._state = _START
             self._emit(_Token(_Tok.KEYWORD, bytes(self._cur)), out)
-        elif self._state == "number" and self._num in ("zero", "int", "frac", "exp"):
-            self._state = "start"
-            kind = _Tok.FLOAT if self._num in ("frac", "exp") else _Tok.INTEGER
+        elif self._state is _NUMBER:
+            self._state = _START
+            kind = _Tok.FLOAT if self._num in _FLOAT_END else _Tok.INTEGER
             self._emit(_Token(kind, bytes(self._cur)), out)
         if self._tokens:
             out.append(self._parse_and_reset())
         return out
 
     def _lex_error(self, text: bytes, out: list[ParseResult]) -> None:
-        self._state = "recovery"
+        self._state = _RECOVERY
         self._reset()
         out.append(ParseResult(error=f"JSON parse error, stray '{text.decode('utf-8', 'replace')}'"))
 
     def _limit(self, msg: str, out: list[ParseResult]) -> None:
-        self._state = "recovery"
+        self._state = _RECOVERY
         self._reset()
         out.append(ParseResult(error=msg, fatal=True))
 
@@ -297,13 +372,8 @@ class JSONStreamer:
     def _parse_and_reset(self) -> ParseResult:
         toks = self._tokens
         self._reset()
-        p = _Parser(toks)
-        try:
-            val = p.value()
-            if p.pos < len(toks):
-                # QEMU parses one value and ignores the rest of the tokens of this message.
-                pass
-            return ParseResult(value=val)
+        try:  # one value: QEMU ignores the rest of the message's tokens
+            return ParseResult(value=_Parser(toks).value())
         except _ParseError as err:
             return ParseResult(error=f"JSON parse error, {err}")
 
@@ -542,11 +612,15 @@ class ConnState(Enum):
     CLOSED = "closed"
 
 
-# Which commands each state dispatches (QEMU: qmp_cap_negotiation_commands vs qmp_commands).
-ALLOWED: dict[ConnState, str] = {
-    ConnState.NEGOTIATING: "only qmp_capabilities; everything else: CommandNotFound 'Expecting capabilities negotiation'",
-    ConnState.COMMANDS: "every command; qmp_capabilities again: CommandNotFound 'already complete'",
-    ConnState.CLOSED: "nothing",
+# The negotiation states in one table: the commands a state takes, None for every command
+# (QEMU's monitor_qmp_dispatch looks them up in qmp_cap_negotiation_commands until
+# qmp_capabilities succeeds, then in qmp_commands, where qmp_capabilities again is the
+# # monitor's to refuse: CommandNotFound 'already complete').  A CLOSED connection parses no
+# input at all, so takes no command.
+ALLOWED: dict[ConnState, frozenset[str] | None] = {
+    ConnState.NEGOTIATING: frozenset({"qmp_capabilities"}),
+    ConnState.COMMANDS: None,
+    ConnState.CLOSED: frozenset(),
 }
 
 
@@ -654,12 +728,13 @@ class QMPConnection:
         if cmd is None:
             return Output(self.error(req, "GenericError", "QMP input lacks member 'execute'"))
         req.execute = cmd
+        allowed = ALLOWED[self.state]
+        if allowed is not None and cmd not in allowed:
+            return Output(self.error(req, "CommandNotFound",
+                                     "Expecting capabilities negotiation with 'qmp_capabilities'"))
         if self.state == ConnState.NEGOTIATING:
-            if cmd != "qmp_capabilities":
-                return Output(self.error(req, "CommandNotFound",
-                                         "Expecting capabilities negotiation with 'qmp_capabilities'"))
             return self._negotiate(req)
-        return req  # qmp_capabilities again: the monitor validates, then refuses it
+        return req  # to the monitor (qmp_capabilities again: it validates, then refuses it)
 
     def _negotiate(self, req: Request) -> Output:
         args = req.arguments
