@@ -22,7 +22,7 @@ from emulator.block.node import BlockGraph, BlockNode
 from emulator.errors import SnaplabError
 from emulator.gc_control import gc_paused
 from emulator.qmp.hmp import HMP
-from emulator.qmp.jobs import JobManager
+from emulator.qmp.jobs import JobManager, JobVerb
 from emulator.qmp.protocol import QMPConnection, Request
 from emulator.qmp.schema import Schema, default_schema
 from emulator.workers import spawn
@@ -109,21 +109,21 @@ class Monitor:
             "query-block": lambda a: self.query_block(),
             "query-named-block-nodes": lambda a: self.query_named_block_nodes(),
             "query-jobs": lambda a: self.jobs.query(),
-            "job-dismiss": lambda a: self._job_verb(a["id"], "dismiss"),
-            "job-cancel": lambda a: self._job_verb(a["id"], "cancel"),
-            "job-pause": lambda a: self._job_verb(a["id"], "pause"),
-            "job-resume": lambda a: self._job_verb(a["id"], "resume"),
-            "job-complete": lambda a: self._job_verb(a["id"], "complete"),
-            "job-finalize": lambda a: self._job_verb(a["id"], "finalize"),
+            "job-dismiss": lambda a: self._job_verb(a["id"], JobVerb.DISMISS),
+            "job-cancel": lambda a: self._job_verb(a["id"], JobVerb.CANCEL),
+            "job-pause": lambda a: self._job_verb(a["id"], JobVerb.PAUSE),
+            "job-resume": lambda a: self._job_verb(a["id"], JobVerb.RESUME),
+            "job-complete": lambda a: self._job_verb(a["id"], JobVerb.COMPLETE),
+            "job-finalize": lambda a: self._job_verb(a["id"], JobVerb.FINALIZE),
         }
         self.hmp = HMP(vm, self.version, self.jobs.query)
         self.handlers["human-monitor-command"] = lambda a: self.hmp.execute(a["command-line"])
         vm.add_listener(self._on_vm_event)
 
-    def _job_verb(self, job_id: str, verb: str) -> dict[str, Any]:
-        if verb == "dismiss":
+    def _job_verb(self, job_id: str, verb: JobVerb) -> dict[str, Any]:
+        if verb is JobVerb.DISMISS:
             self.jobs.dismiss(job_id)
-        elif verb == "cancel":
+        elif verb is JobVerb.CANCEL:
             self.jobs.cancel(job_id)
         else:
             self.jobs.verb(job_id, verb)

@@ -35,6 +35,19 @@ class JobStatus(Enum):
     NULL = "null"
 
 
+class JobVerb(Enum):
+    """What a client asks of a job (qapi/job.json JobVerb); the values are QEMU's names."""
+
+    CANCEL = "cancel"
+    PAUSE = "pause"
+    RESUME = "resume"
+    SET_SPEED = "set-speed"
+    COMPLETE = "complete"
+    FINALIZE = "finalize"
+    DISMISS = "dismiss"
+    CHANGE = "change"
+
+
 _S = list(JobStatus)
 # job.c JobSTT: allowed transitions, rows = from, columns = to (U C R P Y S W D X E N)
 _STT = {
@@ -52,14 +65,14 @@ _STT = {
 }
 # job.c JobVerbTable: in which states each verb is accepted (U C R P Y S W D X E N)
 _VERBS = {
-    "cancel": "01111111000",
-    "pause": "01111100000",
-    "resume": "01111100000",
-    "set-speed": "01111100000",
-    "complete": "00001000000",
-    "finalize": "00000001000",
-    "dismiss": "00000000010",
-    "change": "01111100000",
+    JobVerb.CANCEL: "01111111000",
+    JobVerb.PAUSE: "01111100000",
+    JobVerb.RESUME: "01111100000",
+    JobVerb.SET_SPEED: "01111100000",
+    JobVerb.COMPLETE: "00001000000",
+    JobVerb.FINALIZE: "00000001000",
+    JobVerb.DISMISS: "00000000010",
+    JobVerb.CHANGE: "01111100000",
 }
 
 
@@ -93,10 +106,6 @@ class Job:
         if self.error is not None:
             d["error"] = self.error
         return d
-
-    def check_cancelled(self) -> None:
-        if self.cancelled:
-            raise JobCancelled("Operation canceled")
 
 
 class JobManager:
@@ -185,30 +194,27 @@ class JobManager:
             raise SnaplabError("Job not found")
         return job
 
-    def _verb(self, job: Job, verb: str) -> None:
+    def _verb(self, job: Job, verb: JobVerb) -> None:
         if _VERBS[verb][_S.index(job.status)] != "1":
-            raise SnaplabError(f"Job '{job.id}' in state '{job.status.value}' cannot accept command verb '{verb}'")
+            raise SnaplabError(f"Job '{job.id}' in state '{job.status.value}' cannot accept command verb "
+                               f"'{verb.value}'")
 
     def dismiss(self, job_id: str) -> None:
         job = self.find(job_id)
         with self._lock:
-            self._verb(job, "dismiss")
+            self._verb(job, JobVerb.DISMISS)
             self._jobs.pop(job_id, None)
         self._transition(job, JobStatus.NULL)
 
     def cancel(self, job_id: str) -> None:
         job = self.find(job_id)
-        self._verb(job, "cancel")
+        self._verb(job, JobVerb.CANCEL)
         job.cancelled = True
 
-    def verb(self, job_id: str, verb: str) -> None:
+    def verb(self, job_id: str, verb: JobVerb) -> None:
         """pause/resume/complete/finalize: snapshot jobs never reach the states that use them."""
         self._verb(self.find(job_id), verb)
 
     def query(self) -> list[dict[str, Any]]:
         with self._lock:
             return [j.info() for j in reversed(list(self._jobs.values()))]
-
-    def active(self) -> list[Job]:
-        with self._lock:
-            return [j for j in self._jobs.values() if j.status not in (JobStatus.CONCLUDED, JobStatus.NULL)]
