@@ -28,19 +28,15 @@ READ_CHUNK = 64 << 10
 
 
 class _LoopThread:
+    """The event loop every endpoint shares, on its own thread, and the command workers."""
+
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="qmp-loop", daemon=True)
-        self.thread.start()
+        threading.Thread(target=self.loop.run_forever, name="qmp-loop", daemon=True).start()
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qmp-cmd")
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
-
-    def stop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class QMPServer:
