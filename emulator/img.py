@@ -3,6 +3,7 @@
 ``create``, ``info``, ``check``, ``snapshot -l/-c/-a/-d`` and ``convert``, with
 qemu-img 7.2's output formats (qemu-img.c, block/qapi.c ``bdrv_snapshot_dump``,
 util/cutils.c ``size_to_str``), so the two can be diffed on the same image.
+Uses the block layer only: never the machine, unicorn or asyncio.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _locked(fn: Callable[P, R]) -> Callable[P, R]:
 def _check_features(h: QCowHeader) -> None:
     """qcow2_do_open()'s feature checks (report_unsupported_feature): what snaplab cannot
     open, named from the image's feature name table where it has one."""
-    names = {}
+    names: dict[tuple[int, int], str] = {}
     for ext in h.extensions:
         if ext.magic == QCOW2_EXT_MAGIC_FEATURE_TABLE:
             names = parse_feature_table(ext.data)
