@@ -16,7 +16,9 @@ Mirrors QEMU's block/qcow2-refcount.c: ``alloc_clusters``, ``update_refcount``,
   so snaplab commits them together (see docs/deviations.md).
 
 Refcount blocks are cached as native numpy arrays; the table is a numpy array.
-Imports neither unicorn nor asyncio.
+The image is reached only through the callbacks :class:`Refcounts` is built with
+(write the header pointers, sync, grow the file).  Imports none of the other qcow2
+modules but format.py and io.py, and neither unicorn nor asyncio.
 """
 
 from __future__ import annotations
