@@ -3,24 +3,26 @@
 The parts it puts together, each in its own module: the board (board.py: RAM, firmware,
 flash, devices, disks, the savevm handler list), the run control (runctl.py: the vCPU thread,
 the run state, the virtual clock), the QMP monitor (qmp/), snapshots and migration
-(migration/).  None of them imports this module or another of them; they meet here, through
-narrow callables.
+(migration/).  None of them imports this module, and the board and the run control do not
+import each other: they meet here, through narrow callables.
 
 Threading rule (the one place it is written down):
 
 * The vCPU runs ``emu_start`` on its own thread (``vcpu``), with the GIL released by ctypes.
   Device callbacks run on that thread, inside ``emu_start``.
 * Every other thread (monitor, snapshot jobs, notebooks) changes the run state only through
-  the run control, bound on the machine as :meth:`Machine.stop`, ``cont``, ``system_reset``,
-  ``quit``, ``vm_stop``/``vm_resume`` and ``run_on_cpu``.  ``stop`` sets a flag and calls
-  ``uc.emu_stop`` until the vCPU thread reports itself parked (~0.1 ms), so when it returns
-  no guest instruction and no device callback is running: CPU registers, RAM, devices and
-  disks (the board) are quiescent and may be read or replaced by the caller, who then calls
-  ``cont``.
-* Every cross-thread hand-off is in :class:`~emulator.runctl.RunControl`, and only there:
-  its ``_cond`` guards the hand-off flags (``_want_run``, ``_stop_req``, ``_parked``,
-  ``_quit``) and the run_on_cpu() queue; nothing is held across ``emu_start``.  The board has
-  no thread and no lock of its own for the run state.
+  the run control (:class:`~emulator.runctl.RunControl`), whose verbs the machine binds as
+  its own: ``stop``, ``cont``, ``system_reset``, ``quit``, ``vm_stop``/``vm_resume``,
+  ``run_on_cpu``, ``stop_on_host_error``.  ``stop`` sets a flag and calls ``uc.emu_stop``
+  until the vCPU thread reports itself parked (~0.1 ms), so when it returns no guest
+  instruction and no device callback is running: CPU registers, RAM, devices and disks (the
+  :class:`~emulator.board.Board`) are quiescent and may be read or replaced by the caller,
+  who then calls ``cont``.
+* Every cross-thread hand-off is in runctl.py and nowhere else: ``RunControl._cond`` guards
+  the hand-off flags (``_want_run``, ``_stop_req``, ``_parked``, ``_quit``) and the
+  run_on_cpu() queue; the host-error and guest-panic latches are read by the vCPU thread
+  when it leaves ``emu_start``; nothing is held across ``emu_start``.  The board has no
+  thread and takes no lock for the run state.
 * Events (STOP, RESUME, RESET, SHUTDOWN, GUEST_PANICKED) go to listeners registered with
   :meth:`Machine.add_listener`; they may be called from any thread and must not block.
 """
@@ -67,6 +69,7 @@ class Machine:
         self._monitor: Monitor | None = None
 
         self.board = board = Board(config, self.graph, serial, self.clock, self._guest_panic)
+        # The parts and services of the board that the machine's users reach for.
         self.ram = board.ram
         self.cpu = board.cpu
         self.serial = board.serial
