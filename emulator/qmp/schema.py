@@ -4,7 +4,9 @@ From it come argument checking with QEMU's texts and order (qapi/qobject-input-v
 "Parameter 'x' is missing", "Invalid parameter type for 'x', expected: string",
 "Parameter 'x' is unexpected", "Parameter 'x' does not accept value 'y'"), ``query-commands``
 and ``query-qmp-schema`` in QEMU's SchemaInfo format (qapi/introspect.json), with type names
-masked to numbers as QEMU does.  Pure data and functions: no I/O.
+masked to numbers as QEMU does.  The RunState and JobStatus enums are read from the Enums
+the run control and the job list run on, so a state has one spelling.  Pure data and
+functions: no I/O.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emulator.errors import SnaplabError
+from emulator.qmp.jobs import JobStatus
+from emulator.runstate import RunState
 
 
 class ArgumentError(SnaplabError):
@@ -59,13 +63,10 @@ _EXPECTED = {"str": "string", "int": "integer", "bool": "boolean", "number": "nu
 
 M = Member
 ENUMS = [
-    EnumType("RunState", ("debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate", "prelaunch",
-                          "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog",
-                          "guest-panicked", "colo")),
+    EnumType("RunState", tuple(s.value for s in RunState)),
     EnumType("JobType", ("commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save",
                          "snapshot-delete")),
-    EnumType("JobStatus", ("undefined", "created", "running", "paused", "ready", "standby", "waiting", "pending",
-                           "aborting", "concluded", "null")),
+    EnumType("JobStatus", tuple(s.value for s in JobStatus)),
     EnumType("QMPCapability", ("oob",)),
     EnumType("ShutdownCause", ("none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal",
                                "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset",
