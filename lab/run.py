@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from emulator.block import Qcow2Image
-from emulator.block.node import BlockGraph
+from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab.spec import ExperimentSpec, compare_engines, load_engines, write_protects

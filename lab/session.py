@@ -8,8 +8,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from emulator.block import Qcow2Image
-from emulator.block.node import BlockGraph
+from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import DATA_DIR, FIRMWARE_BIN, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 
