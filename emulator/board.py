@@ -8,7 +8,8 @@ savevm handlers (one per component, in stream order).  It has no thread and no r
 the guest may run is the run control's business (runctl.py), and the board is told only
 through the callables it is built with (the virtual clock, the guest-panic latch).
 
-Must not import emulator.machine or emulator.runctl; machine.py composes the two.
+Must not import emulator.machine, emulator.runctl or the QMP monitor (which reads the
+attachments through its own protocol); machine.py composes them.
 
 Mirrors QEMU's hw/i386/pc.c and pc_piix.c (the PC machine's RAM, devices and
 ``MachineClass`` name), hw/i386/pc_sysfw.c (pflash0/pflash1 as the firmware and its variable
@@ -48,7 +49,6 @@ from emulator.errors import SnaplabError
 from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
 from emulator.memory import GuestRAM
 from emulator.migration.vmstate import Handler, SaveHandler
-from emulator.qmp.commands import Attachment
 
 MACHINE_NAME = "snaplab-pc-1.0"  # the machine type a vmstate stream names
 
@@ -70,6 +70,15 @@ class MachineConfig:
     disks: list[DiskSpec] = field(default_factory=list)
     loaders: list[tuple[str, int]] = field(default_factory=list)  # (file, guest address)
     hugepages: bool = True
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A BlockBackend: a device's view of a node (query-block)."""
+
+    qdev: str
+    node: BlockNode
+    virtio: bool
 
 
 class GuestClock(Protocol):

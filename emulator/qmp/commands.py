@@ -13,8 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from emulator.block.info import info_dict
@@ -42,13 +41,17 @@ class DeviceNotActiveError(SnaplabError):
     qmp_class = "DeviceNotActive"
 
 
-@dataclass(frozen=True)
-class Attachment:
-    """A BlockBackend: a device's view of a node (query-block)."""
+class BlockBackend(Protocol):
+    """A device's view of a node, as query-block shows it (the board's Attachment)."""
 
-    qdev: str
-    node: BlockNode
-    virtio: bool
+    @property
+    def qdev(self) -> str: ...
+
+    @property
+    def node(self) -> BlockNode: ...
+
+    @property
+    def virtio(self) -> bool: ...
 
 
 class VMControl(Protocol):
@@ -68,7 +71,7 @@ class VMControl(Protocol):
 
     def query_status(self) -> dict[str, Any]: ...
 
-    def block_attachments(self) -> list[Attachment]: ...
+    def block_attachments(self) -> Sequence[BlockBackend]: ...
 
 
 def block_device_info(node: BlockNode) -> dict[str, Any]:

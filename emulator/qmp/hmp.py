@@ -24,7 +24,7 @@ HmpCommand = Callable[[list[str]], str]
 
 
 class Backend(Protocol):
-    """A BlockBackend as HMP shows it (the monitor's Attachment)."""
+    """A BlockBackend as HMP shows it (the board's Attachment)."""
 
     @property
     def qdev(self) -> str: ...
