@@ -25,7 +25,13 @@ qemu.qmp's ``error.py``).  Every class is defined here, none elsewhere::
     ├── GuestMemoryError              GenericError: a host access outside guest RAM
     ├── VarstoreError                 GenericError (also a ValueError): a bad UEFI varstore
     ├── UsageError                    GenericError: a bad snaplab-system command line
-    └── AssemblyError                 GenericError: a guest program did not assemble
+    ├── AssemblyError                 GenericError: a guest program did not assemble
+    ├── JSONParseError                GenericError: a QMP input that is not JSON (QEMU's parser texts)
+    ├── ArgumentError                 GenericError: a QMP argument that fails the schema
+    ├── CommandNotFoundError          CommandNotFound (QMP)
+    ├── JobCancelled                  GenericError: a job's work saw its cancellation
+    ├── QMPError                      the class the monitor answered (client side)
+    └── QMPTimeout                    GenericError: no answer in time (client side)
 
     lab.spec.SpecError                (SnaplabError and ValueError) a bad experiment spec
 
@@ -134,3 +140,34 @@ class UsageError(SnaplabError):
 
 class AssemblyError(SnaplabError):
     """A guest program did not assemble (build time only)."""
+
+
+class JSONParseError(SnaplabError):
+    """QMP input that QEMU's JSON parser rejects; the text is the parser's (json-parser.c)."""
+
+
+class ArgumentError(SnaplabError):
+    """An argument failed validation (GenericError, QEMU's wording)."""
+
+
+class CommandNotFoundError(SnaplabError):
+    """An unknown command, or one not allowed in this negotiation state."""
+
+    qmp_class = "CommandNotFound"
+
+
+class JobCancelled(SnaplabError):
+    """Raised inside a job's work function when it notices it was cancelled."""
+
+
+class QMPError(SnaplabError):
+    """The monitor answered with an error; ``error_class`` and ``desc`` are QEMU's."""
+
+    def __init__(self, error_class: str, desc: str) -> None:
+        super().__init__(desc)
+        self.error_class = error_class
+        self.qmp_class = error_class
+
+
+class QMPTimeout(SnaplabError):
+    """The monitor did not answer, or an event did not come, within the time given."""

@@ -18,24 +18,11 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
-from emulator.errors import SnaplabError
+from emulator.errors import QMPError, QMPTimeout
 from emulator.qmp.commands import Monitor
 from emulator.qmp.protocol import Output, Request
 
 DEFAULT_TIMEOUT = 60.0
-
-
-class QMPError(SnaplabError):
-    """The monitor answered with an error; ``error_class`` and ``desc`` are QEMU's."""
-
-    def __init__(self, error_class: str, desc: str) -> None:
-        super().__init__(desc)
-        self.error_class = error_class
-        self.qmp_class = error_class
-
-
-class QMPTimeout(SnaplabError):
-    pass
 
 
 @dataclass(frozen=True)

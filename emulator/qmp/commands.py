@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from emulator.block.info import info_dict
 from emulator.block.node import BlockGraph, BlockNode
-from emulator.errors import SnaplabError
+from emulator.errors import CommandNotFoundError, SnaplabError
 from emulator.gc_control import gc_paused
 from emulator.qmp.hmp import HMP
 from emulator.qmp.jobs import JobManager, JobVerb
@@ -31,14 +31,6 @@ QEMU_VERSION = {"micro": 22, "minor": 2, "major": 7}
 PACKAGE = "snaplab 0.1.0"
 
 Subscriber = Callable[[str, "dict[str, Any] | None", int, int], None]
-
-
-class CommandNotFoundError(SnaplabError):
-    qmp_class = "CommandNotFound"
-
-
-class DeviceNotActiveError(SnaplabError):
-    qmp_class = "DeviceNotActive"
 
 
 class BlockBackend(Protocol):

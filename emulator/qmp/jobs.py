@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from emulator.errors import SnaplabError
+from emulator.errors import JobCancelled, SnaplabError
 from emulator.workers import spawn
 
 
@@ -81,10 +81,6 @@ def id_wellformed(ident: str) -> bool:
     if not ident or not ident[0].isascii() or not ident[0].isalpha():
         return False
     return all(c.isascii() and (c.isalnum() or c in "-._") for c in ident[1:])
-
-
-class JobCancelled(SnaplabError):
-    """Raised inside a job's work function when it notices it was cancelled."""
 
 
 @dataclass

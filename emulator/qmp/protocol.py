@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from emulator.errors import JSONParseError
+
 MAX_MESSAGE = 16 << 20  # bytes in one JSON message
 MAX_NESTING = 1024  # QEMU's MAX_NESTING
 MAX_TOKENS = 2 << 20  # QEMU's MAX_TOKEN_COUNT
@@ -91,19 +93,11 @@ _FLOAT_END = frozenset({_MANTISSA_DIGITS, _EXP_DIGITS})  # a number that stops h
 _NUMBER_END = frozenset({_ZERO, _DIGITS, _MANTISSA_DIGITS, _EXP_DIGITS})  # a complete number
 
 
-class LimitExceeded(Exception):
-    """A peer exceeded a protocol limit; the connection should be closed after the error."""
-
-
 @dataclass
 class ParseResult:
     value: Any = None
     error: str | None = None
     fatal: bool = False  # a limit was exceeded: reply, then close
-
-
-class _ParseError(Exception):
-    pass
 
 
 class JSONStreamer:
@@ -266,7 +260,7 @@ class JSONStreamer:
                 return data[pos:]
             try:
                 value, end = _DECODER.raw_decode(text, pos)
-            except (ValueError, RecursionError, _ParseError):
+            except (ValueError, RecursionError, JSONParseError):
                 return data[pos:]
             out.append(ParseResult(value=value))
             pos = end
@@ -374,7 +368,7 @@ class JSONStreamer:
         self._reset()
         try:  # one value: QEMU ignores the rest of the message's tokens
             return ParseResult(value=_Parser(toks).value())
-        except _ParseError as err:
+        except JSONParseError as err:
             return ParseResult(error=f"JSON parse error, {err}")
 
 
@@ -397,7 +391,7 @@ class _Parser:
     def value(self) -> Any:
         t = self.pop()
         if t is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         k = t.kind
         if k == _Tok.LCURLY:
             self.pos -= 1
@@ -419,20 +413,20 @@ class _Parser:
                 return False
             if kw == "null":
                 return None
-            raise _ParseError(f"invalid keyword '{kw}'")
-        raise _ParseError("expecting value")
+            raise JSONParseError(f"invalid keyword '{kw}'")
+        raise JSONParseError("expecting value")
 
     def pair(self, d: dict[str, Any]) -> None:
         if self.peek() is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         key = self.value()
         if not isinstance(key, str):
-            raise _ParseError("key is not a string in object")
+            raise JSONParseError("key is not a string in object")
         t = self.pop()
         if t is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         if t.kind != _Tok.COLON:
-            raise _ParseError("missing : in object pair")
+            raise JSONParseError("missing : in object pair")
         d[key] = self.value()
 
     def obj(self) -> dict[str, Any]:
@@ -440,21 +434,21 @@ class _Parser:
         d: dict[str, Any] = {}
         t = self.peek()
         if t is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         if t.kind == _Tok.RCURLY:
             self.pop()
             return d
         self.pair(d)
         t = self.pop()
         if t is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         while t.kind != _Tok.RCURLY:
             if t.kind != _Tok.COMMA:
-                raise _ParseError("expected separator in dict")
+                raise JSONParseError("expected separator in dict")
             self.pair(d)
             t = self.pop()
             if t is None:
-                raise _ParseError("premature EOI")
+                raise JSONParseError("premature EOI")
         return d
 
     def arr(self) -> list[Any]:
@@ -462,21 +456,21 @@ class _Parser:
         out: list[Any] = []
         t = self.peek()
         if t is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         if t.kind == _Tok.RSQUARE:
             self.pop()
             return out
         out.append(self.value())
         t = self.pop()
         if t is None:
-            raise _ParseError("premature EOI")
+            raise JSONParseError("premature EOI")
         while t.kind != _Tok.RSQUARE:
             if t.kind != _Tok.COMMA:
-                raise _ParseError("expected separator in array")
+                raise JSONParseError("expected separator in array")
             out.append(self.value())
             t = self.pop()
             if t is None:
-                raise _ParseError("premature EOI")
+                raise JSONParseError("premature EOI")
         return out
 
 
@@ -489,7 +483,7 @@ def _string(raw: bytes) -> str:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise _ParseError("invalid UTF-8 sequence in string") from None
+        raise JSONParseError("invalid UTF-8 sequence in string") from None
     out: list[str] = []
     i = 0
     while i < len(text):
@@ -508,9 +502,9 @@ def _string(raw: bytes) -> str:
                     cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
                     i += 6
             if cp == 0:
-                raise _ParseError("\\u0000 is not supported")
+                raise JSONParseError("\\u0000 is not supported")
             if 0xD800 <= cp < 0xE000:
-                raise _ParseError("invalid \\u escape (unpaired surrogate)")
+                raise JSONParseError("invalid \\u escape (unpaired surrogate)")
             out.append(chr(cp))
         else:
             out.append(_ESC[e])
@@ -527,12 +521,12 @@ def _json_int(text: str) -> int | float:
 def _json_float(text: str) -> float:
     f = float(text)
     if math.isinf(f):
-        raise _ParseError("number out of range")
+        raise JSONParseError("number out of range")
     return f
 
 
 def _json_constant(text: str) -> Any:
-    raise _ParseError(f"invalid keyword '{text}'")  # NaN, Infinity: QEMU has no such keyword
+    raise JSONParseError(f"invalid keyword '{text}'")  # NaN, Infinity: QEMU has no such keyword
 
 
 _DECODER = json.JSONDecoder(parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)

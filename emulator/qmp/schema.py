@@ -14,13 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from emulator.errors import SnaplabError
+from emulator.errors import ArgumentError
 from emulator.qmp.jobs import JobStatus
 from emulator.runstate import RunState
-
-
-class ArgumentError(SnaplabError):
-    """An argument failed validation (GenericError, QEMU's wording)."""
 
 
 @dataclass(frozen=True)
