@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from emulator.block.check import CheckResult
-from emulator.block.info import info_dict, size_to_str, snapshot_dump, snapshot_dump_header
+from emulator.block.info import (
+    full_backing_filename,
+    info_dict,
+    size_to_str,
+    snapshot_dump,
+    snapshot_dump_header,
+)
+from emulator.block.node import BlockGraph, BlockNode, probe_format
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
 from emulator.errors import SnaplabError
@@ -43,15 +50,42 @@ def parse_size(text: str) -> int:
     return size
 
 
-def _open(path: str, fmt: str | None, read_only: bool = True) -> Qcow2Image | RawImage:
-    if fmt is None:
-        with open(path, "rb") as f:
-            fmt = "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    if fmt == "qcow2":
-        return Qcow2Image.open(path, read_only=read_only)
-    if fmt == "raw":
-        return RawImage.open(path, read_only=read_only)
-    raise SnaplabError(f"Unknown file format '{fmt}'")
+class Opened:
+    """An image opened as qemu-img opens one: the image, over its backing chain (the node
+    graph that holds the chain's nodes; closing closes them all)."""
+
+    def __init__(self, path: str, fmt: str | None, read_only: bool = True, backing: bool = True) -> None:
+        self.graph = BlockGraph()
+        fmt = fmt or probe_format(path)
+        if fmt not in ("qcow2", "raw"):
+            raise SnaplabError(f"Unknown file format '{fmt}'")
+        opts: dict[str, Any] = {"driver": fmt, "read-only": read_only,
+                                "file": {"driver": "file", "filename": path, "read-only": read_only}}
+        if not backing and fmt == "qcow2":
+            opts["backing"] = None
+        try:
+            node = self.graph.add(opts)
+        except SnaplabError:
+            self.graph.close()
+            raise
+        img = node.image
+        assert isinstance(img, (Qcow2Image, RawImage))
+        self.image: Qcow2Image | RawImage = img
+        self.node = node
+
+    def chain(self) -> list[tuple[str, Qcow2Image | RawImage]]:
+        """(filename, image) from this image down its backing files."""
+        out: list[tuple[str, Qcow2Image | RawImage]] = []
+        node: BlockNode | None = self.node
+        while node is not None:
+            img = node.image
+            assert isinstance(img, (Qcow2Image, RawImage))
+            out.append((node.filename, img))
+            node = node.children.get("backing")
+        return out
+
+    def close(self) -> None:
+        self.graph.close()
 
 
 def info_human(d: dict[str, Any]) -> str:
@@ -60,29 +94,42 @@ def info_human(d: dict[str, Any]) -> str:
              f"disk size: {size_to_str(d['actual-size'])}"]
     if "cluster-size" in d:
         lines.append(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        lines.append(f"backing file: {d['backing-filename']}")
+        if d["full-backing-filename"] != d["backing-filename"]:
+            lines[-1] += f" (actual path: {d['full-backing-filename']})"
+    if "backing-filename-format" in d:
+        lines.append(f"backing file format: {d['backing-filename-format']}")
     return "\n".join(lines) + "\n"
 
 
+def _info_text(img: Qcow2Image | RawImage, d: dict[str, Any]) -> str:
+    out = info_human(d)
+    if isinstance(img, Qcow2Image):
+        if img.snapshots:
+            out += "Snapshot list:\n" + snapshot_dump_header() + "\n"
+            out += "".join(snapshot_dump(sn) + "\n" for sn in img.snapshots)
+        out += "Format specific information:\n"
+        for k, v in d["format-specific"]["data"].items():
+            vv = ("true" if v else "false") if isinstance(v, bool) else v
+            out += f"    {k.replace('-', ' ')}: {vv}\n"
+    return out
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    img = _open(args.filename, args.f)
+    """img_info(); ``--backing-chain`` walks the chain (collect_image_info_list)."""
+    opened = Opened(args.filename, args.f, backing=args.backing_chain)
     try:
-        d = info_dict(img, args.filename)
+        infos = [(img, info_dict(img, name)) for name, img in
+                 (opened.chain() if args.backing_chain else [(args.filename, opened.image)])]
         if args.output == "json":
-            print(json.dumps(d, indent=4))
+            ds = [d for _, d in infos]
+            print(json.dumps(ds if args.backing_chain else ds[0], indent=4))
             return 0
-        out = info_human(d)
-        if isinstance(img, Qcow2Image):
-            if img.snapshots:
-                out += "Snapshot list:\n" + snapshot_dump_header() + "\n"
-                out += "".join(snapshot_dump(sn) + "\n" for sn in img.snapshots)
-            out += "Format specific information:\n"
-            for k, v in d["format-specific"]["data"].items():
-                vv = ("true" if v else "false") if isinstance(v, bool) else v
-                out += f"    {k.replace('-', ' ')}: {vv}\n"
-        sys.stdout.write(out)
+        sys.stdout.write("\n".join(_info_text(img, d) for img, d in infos))
         return 0
     finally:
-        img.close()
+        opened.close()
 
 
 def _check_report(res: CheckResult) -> str:
@@ -150,9 +197,10 @@ def _exit_code(res: CheckResult) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    img = _open(args.filename, args.f, read_only=args.r is None)
+    opened = Opened(args.filename, args.f, read_only=args.r is None, backing=False)
+    img = opened.image
     if not isinstance(img, Qcow2Image):
-        img.close()
+        opened.close()
         print("This image format does not support checks", file=sys.stderr)
         return 63
     try:
@@ -175,13 +223,14 @@ def cmd_check(args: argparse.Namespace) -> int:
             sys.stdout.write(_check_report(final))
         return _exit_code(final)
     finally:
-        img.close()
+        opened.close()
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    img = _open(args.filename, args.f, read_only=args.l)
+    opened = Opened(args.filename, args.f, read_only=args.l, backing=False)
+    img = opened.image
     if not isinstance(img, Qcow2Image):
-        img.close()
+        opened.close()
         raise SnaplabError(f"Could not open '{args.filename}': this format does not support snapshots")
     try:
         if args.l:
@@ -205,16 +254,44 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
                 raise SnaplabError(f"Could not delete snapshot '{args.d}': {err}") from err
         return 0
     finally:
-        img.close()
+        opened.close()
+
+
+def _backing_size(args: argparse.Namespace) -> int:
+    """img_create()'s look at the backing file: it must open (its chain too), and gives the
+    size when none is given; ``-u`` skips the look (and then a size is needed)."""
+    path = full_backing_filename(args.filename, args.b)
+    if args.u:
+        if args.size is None:
+            raise SnaplabError(f"{args.filename}: Could not open '{path}': size unknown and -u given")
+        return parse_size(args.size)
+    try:
+        opened = Opened(path, args.F)
+    except SnaplabError as err:
+        raise SnaplabError(f"{args.filename}: {err}\nCould not open backing image.") from err
+    try:
+        return parse_size(args.size) if args.size is not None else opened.image.size
+    finally:
+        opened.close()
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    size = parse_size(args.size)
     opts: dict[str, str] = {}
     for o in args.o or []:
         for kv in o.split(","):
             k, _, v = kv.partition("=")
             opts[k] = v
+    backing = args.b or opts.pop("backing_file", "")
+    backing_fmt = args.F or opts.pop("backing_fmt", "")
+    args.b, args.F = backing, backing_fmt or None
+    if backing and not backing_fmt:
+        raise SnaplabError(f"{args.filename}: Backing file specified without backing format")
+    if backing:
+        size = _backing_size(args)
+    elif args.size is None:
+        raise SnaplabError("Expecting image size")
+    else:
+        size = parse_size(args.size)
     if args.f == "raw":
         print(f"Formatting '{args.filename}', fmt=raw size={size}")
         RawImage.create(args.filename, size).close()
@@ -230,15 +307,18 @@ def cmd_create(args: argparse.Namespace) -> int:
     if version is None:
         raise SnaplabError(f"Invalid compatibility level: '{compat}'")
     extra = " compat=0.10" if version == 2 else ""
+    if backing:
+        extra += f" backing_file={backing} backing_fmt={backing_fmt}"
     print(f"Formatting '{args.filename}', fmt=qcow2 cluster_size={cluster_size} extended_l2=off "
           f"compression_type=zlib size={size}{extra} lazy_refcounts=off refcount_bits={refcount_bits}")
     Qcow2Image.create(args.filename, size, cluster_size=cluster_size, refcount_bits=refcount_bits,
-                      version=version).close()
+                      version=version, backing_file=backing, backing_fmt=backing_fmt).close()
     return 0
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    src = _open(args.src, args.f)
+    opened = Opened(args.src, args.f)
+    src = opened.image
     snap: str | None = None
     if args.l:
         for part in args.l.split(","):
@@ -269,7 +349,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             dst.close()
         return 0
     finally:
-        src.close()
+        opened.close()
 
 
 def copy_image(src: Qcow2Image | RawImage, dst: Qcow2Image | RawImage, size: int, snap: str | None,
@@ -309,13 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("create", help="create an image")
     c.add_argument("-f", default="raw")
     c.add_argument("-o", action="append")
+    c.add_argument("-b", metavar="BACKING_FILE")
+    c.add_argument("-F", metavar="BACKING_FMT")
+    c.add_argument("-u", action="store_true", help="do not open the backing file")
     c.add_argument("filename")
-    c.add_argument("size")
+    c.add_argument("size", nargs="?")
     c.set_defaults(fn=cmd_create)
     i = sub.add_parser("info", help="show image information")
     i.add_argument("-f")
     i.add_argument("-U", action="store_true", help="accepted for qemu-img compatibility")
     i.add_argument("--output", choices=["human", "json"], default="human")
+    i.add_argument("--backing-chain", action="store_true")
     i.add_argument("filename")
     i.set_defaults(fn=cmd_info)
     k = sub.add_parser("check", help="check an image for consistency")

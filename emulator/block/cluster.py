@@ -108,7 +108,7 @@ def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview) ->
         dst = buf[pos - offset:slice_end - offset]
         l2_off = int(l1[l1i]) & L1E_OFFSET_MASK if l1i < len(l1) else 0
         if l2_off == 0:
-            zero_fill(dst)
+            read_backing(s, pos, dst)
             pos = slice_end
             continue
         l2 = load_l2(s, l2_off, l1i)
@@ -123,7 +123,7 @@ def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview) ->
             i = int(np.flatnonzero(normal & ((hosts & (cs - 1)) != 0))[0])
             raise ImageCorruptError(f"Cluster allocation offset {hosts[i]:#x} unaligned "
                                     f"(L2 offset: {l2_off:#x}, L2 index: {c0 + i:#x})")
-        readable = np.where(kinds == ZERO_ALLOC, UNALLOCATED, np.where(kinds == ZERO_PLAIN, UNALLOCATED, kinds))
+        readable = np.where(kinds == ZERO_ALLOC, ZERO_PLAIN, kinds)
         n = len(ents)
         brk = np.ones(n, dtype=bool)
         if n > 1:
@@ -142,9 +142,22 @@ def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview) ->
                 data = decompress_cluster(s, int(ents[a]))
                 inner = g0 - base - (c0 + a) * cs
                 d[:] = data[inner:inner + (g1 - g0)]
+            elif kind == UNALLOCATED:
+                read_backing(s, g0, d)
             else:
                 zero_fill(d)
         pos = slice_end
+
+
+def read_backing(s: Qcow2State, offset: int, buf: memoryview) -> None:
+    """Unallocated clusters read from the backing file (qcow2_co_preadv_task's
+    QCOW2_SUBCLUSTER_UNALLOCATED_PLAIN case), as zeros past its end or without one."""
+    b = s.backing
+    n = max(0, min(buf.nbytes, b.size - offset)) if b is not None else 0
+    if b is not None and n:
+        b.readinto(offset, buf[:n])
+    if n < buf.nbytes:
+        zero_fill(buf[n:])
 
 
 def decompress_cluster(s: Qcow2State, ent: int) -> bytes:
@@ -393,14 +406,16 @@ def zeroize(s: Qcow2State, offset: int, length: int, *, discard: bool) -> int:
         l1i = (c * cs) // span
         base_c = l1i * (span // cs)
         hi = min(last, base_c + s.l2_size)
-        if l1i >= s.l1_size or not int(s.l1_table[l1i]) & L1E_OFFSET_MASK:
-            c = hi  # no L2 table: already reads as zeros (no backing files)
+        if (l1i >= s.l1_size or not int(s.l1_table[l1i]) & L1E_OFFSET_MASK) and (s.backing is None or discard):
+            c = hi  # no L2 table: already reads as zeros (or from the backing file, for a discard)
             continue
         l2_off, l2 = writable_l2(s, l1i)
         lo_i, hi_i = c - base_c, hi - base_c
         ents = l2[lo_i:hi_i].copy()
         old = referenced_clusters(s, ents)
-        new_val = _U64(0) if (discard or s.version < 3) else _ZERO
+        # qcow2_cluster_discard: over a backing file a discarded cluster reads as zeros, not as
+        # the backing file's data (v2 has no zero flag: Qcow2Image.write_zeroes writes zeros)
+        new_val = _U64(0) if (s.version < 3 or (discard and s.backing is None)) else _ZERO
         l2[lo_i:hi_i] = new_val
         write_l2_range(s, l2_off, l2, lo_i, hi_i)
         if len(old):
@@ -449,4 +464,23 @@ def allocation_map(s: Qcow2State) -> np.ndarray:
         lo = i * s.l2_size
         hi = min(lo + s.l2_size, nclusters)
         out[lo:hi] = ((k == NORMAL) | (k == COMPRESSED))[:hi - lo]
+    return out
+
+
+def allocated_here(s: Qcow2State, offset: int, length: int) -> np.ndarray:
+    """Per cluster of [offset, offset+length) under the active L1: True where the image holds
+    the data (normal, compressed or zero clusters), False where reads go to the backing file."""
+    cs = s.cluster_size
+    first = offset // cs
+    last = -(-(offset + length) // cs)
+    out = np.zeros(last - first, dtype=bool)
+    per = s.l2_size
+    for l1i in range(first // per, (last - 1) // per + 1 if last > first else first // per):
+        off = int(s.l1_table[l1i]) & L1E_OFFSET_MASK if l1i < s.l1_size else 0
+        if not off:
+            continue
+        a = max(first, l1i * per)
+        b = min(last, (l1i + 1) * per)
+        kinds = cluster_kinds(s, load_l2(s, off, l1i)[a - l1i * per:b - l1i * per])
+        out[a - first:b - first] = kinds != UNALLOCATED
     return out

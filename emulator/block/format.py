@@ -124,6 +124,15 @@ class QCowHeader:
     header_length: int = 112
     compression_type: int = 0
     extensions: tuple[HeaderExtension, ...] = field(default=())
+    backing_file: str = ""  # the name at backing_file_offset (qcow2 spec: "Header", bytes 8-15)
+
+    @property
+    def backing_format(self) -> str:
+        """The backing file format header extension's text ("" when absent)."""
+        for ext in self.extensions:
+            if ext.magic == QCOW2_EXT_MAGIC_BACKING_FORMAT:
+                return ext.data.decode("utf-8", "replace")
+        return ""
 
     @property
     def cluster_size(self) -> int:
@@ -194,12 +203,15 @@ def parse_feature_table(data: bytes) -> dict[tuple[int, int], str]:
     return names
 
 
-def new_image_layout(size: int, cluster_size: int, refcount_bits: int, version: int) -> list[tuple[int, bytes]]:
+def new_image_layout(size: int, cluster_size: int, refcount_bits: int, version: int,
+                     backing_file: str = "", backing_fmt: str = "") -> list[tuple[int, bytes]]:
     """What qcow2_co_create() writes for a new, empty image: (offset, bytes) in write order.
 
-    Laid out as qemu-img 7.2 does: the header (with the feature name table on v3) padded to
-    a cluster, the refcount table in cluster 1, the refcount blocks after it, then a zeroed
-    L1 table.  Options QEMU refuses raise ImageFormatError naming the option.
+    Laid out as qemu-img 7.2 does: the header (with the backing format extension, then the
+    feature name table on v3, then the backing file name right after the end marker, as
+    qcow2_update_header() places them) padded to a cluster, the refcount table in cluster 1,
+    the refcount blocks after it, then a zeroed L1 table.  Options QEMU refuses raise
+    ImageFormatError naming the option.
     """
     if cluster_size & (cluster_size - 1) or not (1 << MIN_CLUSTER_BITS) <= cluster_size <= (1 << MAX_CLUSTER_BITS):
         raise ImageFormatError("cluster_size", "Cluster size must be a power of two between 512 and 2048k")
@@ -231,15 +243,24 @@ def new_image_layout(size: int, cluster_size: int, refcount_bits: int, version: 
     rt_off = cluster_size
     rb_off = rt_off + rt_clusters * cluster_size
     l1_off = rb_off + nblocks * cluster_size
-    exts = (feature_table_extension(),) if version == 3 else ()
+    exts: tuple[HeaderExtension, ...] = (feature_table_extension(),) if version == 3 else ()
+    if backing_fmt:
+        exts = (HeaderExtension(QCOW2_EXT_MAGIC_BACKING_FORMAT, backing_fmt.encode()), *exts)
+    name = backing_file.encode()
+    if len(name) > 1023:
+        raise ImageFormatError("backing_file", "Backing file name too long")
     header = QCowHeader(
         version=version, cluster_bits=cbits, size=size, l1_size=l1_size,
         l1_table_offset=l1_off if l1_size else 0, refcount_table_offset=rt_off,
         refcount_table_clusters=rt_clusters, nb_snapshots=0, snapshots_offset=0,
         refcount_order=order, header_length=112 if version == 3 else 72, extensions=exts)
     raw = header.pack()
-    if len(raw) > cluster_size:
-        raw = replace(header, extensions=()).pack()
+    if len(raw) + len(name) > cluster_size:
+        header = replace(header, extensions=tuple(e for e in exts if e.magic != QCOW2_EXT_MAGIC_FEATURE_TABLE))
+        raw = header.pack()
+    if name:
+        header = replace(header, backing_file_offset=len(raw), backing_file_size=len(name), backing_file=backing_file)
+        raw = header.pack() + name
     table = b"".join((rb_off + i * cluster_size).to_bytes(8, "big") for i in range(nblocks))
     entry = refcount_bits // 8
     used = 1 + rt_clusters + nblocks + l1_clusters
@@ -268,6 +289,17 @@ def parse_header(buf: bytes, file_size: int) -> QCowHeader:
     _check_tables(h, file_size)
     if h.version == 3:
         h = replace(h, extensions=_parse_extensions(buf, h.header_length, h.backing_file_offset, h.cluster_size))
+    elif h.backing_file_offset:  # qcow2_do_open() reads a version 2 image's extensions too
+        try:
+            h = replace(h, extensions=_parse_extensions(buf, 72, h.backing_file_offset, h.cluster_size))
+        except ImageFormatError:
+            pass  # an old image with its backing name right after the header: no extensions
+    if h.backing_file_offset:
+        raw = bytes(buf[h.backing_file_offset:h.backing_file_offset + h.backing_file_size])
+        try:
+            h = replace(h, backing_file=raw.decode())
+        except UnicodeDecodeError as err:
+            raise ImageFormatError("backing_file_offset", "Backing file name is not valid UTF-8") from err
     return h
 
 

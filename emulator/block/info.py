@@ -7,9 +7,11 @@ Shared by snaplab-img (``info --output=json``) and QMP (``query-block``,
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
+from emulator.block.copy_on_read import CopyOnRead
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
 from emulator.block.state import QCowSnapshot
@@ -31,10 +33,22 @@ def snapshot_json(sn: QCowSnapshot) -> dict[str, Any]:
     return d
 
 
-def info_dict(img: Qcow2Image | RawImage, path: str) -> dict[str, Any]:
+def full_backing_filename(overlay: str, name: str) -> str:
+    """bdrv_get_full_backing_filename(): a relative name is relative to the overlay's directory."""
+    if not name or os.path.isabs(name) or not os.path.dirname(overlay):
+        return name
+    return os.path.join(os.path.dirname(overlay), name)
+
+
+def info_dict(img: Qcow2Image | RawImage | CopyOnRead, path: str) -> dict[str, Any]:
     d: dict[str, Any] = {}
+    if isinstance(img, CopyOnRead):  # a filter: what it filters, under its own driver name
+        d = {"virtual-size": img.size, "filename": path, "format": img.driver, "dirty-flag": False}
+        return d
     if isinstance(img, Qcow2Image) and img.snapshots:
         d["snapshots"] = [snapshot_json(sn) for sn in img.snapshots]
+    if isinstance(img, Qcow2Image) and img.backing_format:
+        d["backing-filename-format"] = img.backing_format
     d["virtual-size"] = img.size
     d["filename"] = path
     if isinstance(img, Qcow2Image):
@@ -50,6 +64,9 @@ def info_dict(img: Qcow2Image | RawImage, path: str) -> dict[str, Any]:
             data["corrupt"] = bool(img.header.incompatible_features & 2)
             data["extended-l2"] = False
         d["format-specific"] = {"type": "qcow2", "data": data}
+        if img.backing_file:
+            d["full-backing-filename"] = full_backing_filename(path, img.backing_file)
+            d["backing-filename"] = img.backing_file
     d["dirty-flag"] = False
     return d
 

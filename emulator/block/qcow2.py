@@ -60,7 +60,7 @@ from emulator.block.format import (
 )
 from emulator.block.io import BlockFile, MemoryFile, OsFile, as_block_file
 from emulator.block.refcount import Refcounts, RefcountTxn
-from emulator.block.state import QCowSnapshot
+from emulator.block.state import BackingReader, QCowSnapshot
 from emulator.errors import (
     BlockIOError,
     ImageCorruptError,
@@ -109,8 +109,6 @@ def _check_features(h: QCowHeader) -> None:
     if h.compression_type != 0:
         raise UnsupportedFeatureError(
             f"Unsupported qcow2 feature(s): compression type {h.compression_type} (only zlib is supported)")
-    if h.backing_file_offset:
-        raise UnsupportedFeatureError("Unsupported qcow2 feature(s): backing file (snaplab images stand alone)")
 
 
 class Qcow2Metadata:
@@ -138,6 +136,7 @@ class Qcow2Metadata:
         self.l2_cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.l2_cache_max = 4096
         self._meta: np.ndarray | None = None
+        self.backing: BackingReader | None = None  # set by the opener (bdrv_open_backing_file)
         self._open()
 
     # -- opening (qcow2_do_open) ------------------------------------------------------
@@ -329,14 +328,16 @@ class Qcow2Image(Qcow2Metadata):
     # -- creating and opening -------------------------------------------------------
     @classmethod
     def create(cls, target: str | os.PathLike[str] | BlockFile | Any, size: int, *, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS,
-               refcount_bits: int = 16, version: int = 3) -> Qcow2Image:
+               refcount_bits: int = 16, version: int = 3, backing_file: str = "",
+               backing_fmt: str = "") -> Qcow2Image:
         """qcow2_co_create(): header, refcount table, refcount block(s), empty L1.
 
         Lays the image out as qemu-img 7.2 does (:func:`~emulator.block.format.new_image_layout`):
         refcount table in cluster 1, the first refcount block in cluster 2, the L1 table from
-        cluster 3.
+        cluster 3.  ``backing_file``/``backing_fmt`` are only written into the header; the
+        opener attaches the backing image (:attr:`backing`).
         """
-        writes = new_image_layout(size, cluster_size, refcount_bits, version)
+        writes = new_image_layout(size, cluster_size, refcount_bits, version, backing_file, backing_fmt)
         close_on_fail = False
         if isinstance(target, (str, os.PathLike)):
             f: BlockFile = OsFile.open(target, create=True)
@@ -366,9 +367,28 @@ class Qcow2Image(Qcow2Metadata):
             raise
 
     @classmethod
-    def in_memory(cls, size: int, **kw: int) -> Qcow2Image:
+    def in_memory(cls, size: int, *, cluster_size: int = 1 << DEFAULT_CLUSTER_BITS, refcount_bits: int = 16,
+                  version: int = 3) -> Qcow2Image:
         """A new image held in memory (tests, notebooks)."""
-        return cls.create(MemoryFile(), size, **kw)
+        return cls.create(MemoryFile(), size, cluster_size=cluster_size, refcount_bits=refcount_bits, version=version)
+
+    # -- the backing file ------------------------------------------------------------
+    @property
+    def backing_file(self) -> str:
+        """The backing file name in the header ("" without one)."""
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str:
+        """The backing file format extension ("" when absent: the opener probes)."""
+        return self.header.backing_format
+
+    @_locked
+    def is_allocated(self, offset: int, length: int) -> np.ndarray:
+        """Per cluster of [offset, offset+length): True where this image has the data itself
+        (data or a zero flag), False where it reads from the backing file
+        (bdrv_is_allocated(), one cluster at a time)."""
+        return cluster.allocated_here(self, offset, length)
 
     # -- request checks ---------------------------------------------------------------
     def _check_rw(self) -> None:
@@ -408,10 +428,15 @@ class Qcow2Image(Qcow2Metadata):
 
     @_locked
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Whole clusters get the zero flag (v3); partial ones are written with zeros."""
+        """Whole clusters get the zero flag (v3); partial ones are written with zeros (and
+        everything is, on a v2 image over a backing file: it has no zero flag)."""
         self._check_rw()
         self._check_range(offset, length)
         cs = self.cluster_size
+        if self.backing is not None and self.version < 3:
+            for pos in range(offset, offset + length, 1 << 20):
+                cluster.write_clusters(self, pos, memoryview(bytes(min(1 << 20, offset + length - pos))))
+            return
         head_end = min(offset + length, -(-offset // cs) * cs)
         tail_start = max(head_end, (offset + length) // cs * cs)
         if head_end > offset:

@@ -51,6 +51,15 @@ class QCowSnapshot:
                    h.vm_clock_nsec, h.disk_size, h.icount, h.unknown_extra)
 
 
+class BackingReader(Protocol):
+    """A backing file as the overlay reads it (the ``backing`` child: bs->backing)."""
+
+    @property
+    def size(self) -> int: ...
+
+    def readinto(self, offset: int, buf: memoryview | bytearray) -> None: ...
+
+
 class Qcow2State(Protocol):
     """What the mapping, snapshot and check code needs of an open image (BDRVQcow2State).
 
@@ -70,6 +79,7 @@ class Qcow2State(Protocol):
     l2_cache_max: int
     refcounts: Refcounts
     snapshots: list[QCowSnapshot]
+    backing: BackingReader | None  # where unallocated clusters read from (None: zeros)
 
     @property
     def l1_size(self) -> int: ...

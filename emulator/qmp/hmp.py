@@ -199,20 +199,20 @@ class HMP:
         """hmp_info_snapshots(): snapshots present on all disks, then partial ones per image."""
         nodes = snapshot_nodes(self.vm)
         capable = [n for n in nodes if n.can_snapshot]
-        if not capable:
-            raise SnaplabError("No block device can accept snapshots")
+        if not capable:  # bdrv_all_find_vmstate_bs()'s error, reported without "Error: "
+            return "no block device can store vmstate for snapshot\n"
         vm_bs = capable[0]
         images = []
         for n in nodes:
             if n.can_snapshot:
-                sns = n.format_image.snapshot_list()  # type: ignore[union-attr]
+                sns = n.snapshot_image.snapshot_list()
                 if sns:
-                    images.append(("", list(sns)))
+                    images.append((n.backend, list(sns)))
         if not images:
             return "There is no snapshot available.\n"
         global_sns = []
-        for sn in vm_bs.format_image.snapshot_list():  # type: ignore[union-attr]
-            everywhere = all(n.can_snapshot and any(s.name == sn.name for s in n.format_image.snapshot_list())  # type: ignore[union-attr]
+        for sn in vm_bs.snapshot_image.snapshot_list():
+            everywhere = all(n.can_snapshot and any(s.name == sn.name for s in n.snapshot_image.snapshot_list())
                              for n in nodes)
             if everywhere:
                 global_sns.append(sn)
