@@ -16,9 +16,7 @@ from emulator.errors import SnaplabError
 
 def image(n: BlockNode) -> Qcow2Image:
     """The qcow2 image of a node that can snapshot (checked by :func:`can_snapshot`)."""
-    img = n.image
-    assert isinstance(img, Qcow2Image)
-    return img
+    return n.snapshot_image  # a filter's snapshots are its child's (bdrv_snapshot_fallback)
 
 
 def named(img: Qcow2Image, name: str) -> QCowSnapshot | None:
@@ -51,8 +49,8 @@ def can_snapshot(nodes: list[BlockNode]) -> None:
     for n in nodes:
         if not n.can_snapshot:
             if n.read_only:
-                raise SnaplabError(f"Device '{n.node_name}' is read-only and does not support snapshots")
-            raise SnaplabError(f"Device '{n.node_name}' is writable but does not support snapshots")
+                raise SnaplabError(f"Device '{n.device_or_node_name}' is read-only and does not support snapshots")
+            raise SnaplabError(f"Device '{n.device_or_node_name}' is writable but does not support snapshots")
 
 
 def has_snapshot(name: str, nodes: list[BlockNode]) -> bool:
@@ -90,7 +88,7 @@ def delete_all(name: str, nodes: list[BlockNode]) -> None:
             try:
                 img.snapshot_delete(s.id_str, s.name)
             except SnaplabError as err:
-                raise SnaplabError(f"Could not delete snapshot '{name}' on '{n.node_name}': {err}") from err
+                raise SnaplabError(f"Could not delete snapshot '{name}' on '{n.device_or_node_name}': {err}") from err
 
 
 def goto_all(name: str, nodes: list[BlockNode], *, check_only: bool = False) -> None:
@@ -102,4 +100,4 @@ def goto_all(name: str, nodes: list[BlockNode], *, check_only: bool = False) -> 
             else:
                 image(n).snapshot_goto(name)
         except SnaplabError as err:
-            raise SnaplabError(f"Could not load snapshot '{name}' on '{n.node_name}': {err}") from err
+            raise SnaplabError(f"Could not load snapshot '{name}' on '{n.device_or_node_name}': {err}") from err
