@@ -70,6 +70,7 @@ class MachineConfig:
     disks: list[DiskSpec] = field(default_factory=list)
     loaders: list[tuple[str, int]] = field(default_factory=list)  # (file, guest address)
     hugepages: bool = True
+    accel: str = "tcg"  # "qtest": no guest code runs, the virtual clock stays at 0 (emulator/qtest.py)
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from emulator.qmp.client import QMPClient
 from emulator.qmp.commands import Monitor
 from emulator.qmp.migration import install_migration_commands
 from emulator.qmp.snapshot import install_snapshot_commands
+from emulator.qtest import QtestClock, QtestCPU
 from emulator.runctl import RunControl, VirtualClock
 from emulator.runstate import RunState
 
@@ -63,7 +64,7 @@ class Machine:
         freeze_long_lived()  # before any guest runs: the one full collection stalls nobody (gc_control.py)
         self.config = config = config or MachineConfig()
         self.graph = graph or BlockGraph()
-        self.clock = VirtualClock()
+        self.clock = QtestClock() if config.accel == "qtest" else VirtualClock()
         self._listeners: list[Listener] = []
         self._held: list[tuple[str, dict[str, Any], int]] | None = None
         self._monitor: Monitor | None = None
@@ -80,7 +81,7 @@ class Machine:
         self.savevm_handlers = board.savevm_handlers
         self.hold_block_io = board.hold_block_io
 
-        self.runctl = rc = RunControl(board.cpu, self.clock, self.emit, reset=board.reset,
+        self.runctl = rc = RunControl(QtestCPU(board.cpu) if config.accel == "qtest" else board.cpu, self.clock, self.emit, reset=board.reset,
                                       flush_output=board.serial.flush, take_deadline=board.timer.take_deadline)
         # Bound once, so a call goes straight to the run control: no extra frame on
         # run_on_cpu's path, or around a downtime's vm_stop and vm_resume.
