@@ -10,19 +10,27 @@ Threading rule (the one place it is written down):
 
 * The vCPU runs ``emu_start`` on its own thread (``vcpu``), with the GIL released by ctypes.
   Device callbacks run on that thread, inside ``emu_start``.
-* Every other thread (monitor, snapshot jobs, notebooks) changes the run state only through
-  the run control (:class:`~emulator.runctl.RunControl`), whose verbs the machine binds as
-  its own: ``stop``, ``cont``, ``system_reset``, ``quit``, ``vm_stop``/``vm_resume``,
-  ``run_on_cpu``, ``stop_on_host_error``.  ``stop`` sets a flag and calls ``uc.emu_stop``
-  until the vCPU thread reports itself parked (~0.1 ms), so when it returns no guest
-  instruction and no device callback is running: CPU registers, RAM, devices and disks (the
+* Every other thread (monitor, snapshot jobs, notebooks, the signal thread) changes the run
+  state only through the run control (:class:`~emulator.runctl.RunControl`), whose verbs the
+  machine binds as its own: ``stop``, ``cont``, ``system_reset``, ``quit``,
+  ``vm_stop``/``vm_resume``, ``run_on_cpu``, ``stop_on_host_error``.  Verbs happen one at a
+  time, each whole (the run control's ``_bql``, QEMU's big lock for the run state): a
+  snapshot job's ``vm_stop`` ... ``vm_resume`` and a ``quit`` on another thread never
+  interleave, and after ``quit`` no verb makes the guest run again.  ``stop`` returns when
+  the vCPU is out of ``emu_start`` and cannot go back in, so no guest instruction and no
+  device callback is running: CPU registers, RAM, devices and disks (the
   :class:`~emulator.board.Board`) are quiescent and may be read or replaced by the caller,
   who then calls ``cont``.
 * Every cross-thread hand-off is in runctl.py and nowhere else: ``RunControl._cond`` guards
-  the hand-off flags (``_want_run``, ``_stop_req``, ``_parked``, ``_quit``) and the
-  run_on_cpu() queue; the host-error and guest-panic latches are read by the vCPU thread
-  when it leaves ``emu_start``; nothing is held across ``emu_start``.  The board has no
-  thread and takes no lock for the run state.
+  the flags the vCPU thread reads (``_want_run``, ``_holds``, ``_in_guest``, ``_quit``) and
+  the run_on_cpu() queue; the vCPU enters the guest only when allowed, saying so under the
+  same lock, so what a verb waits for (``_in_guest`` false) stays true until it lets go.
+  run_on_cpu() work and a guest fault's state change run on the vCPU thread inside a verb;
+  the host-error and guest-panic latches are read by the vCPU thread when it leaves
+  ``emu_start``; nothing is held across ``emu_start``.  The board has no thread and takes
+  no lock for the run state.
+* Signals (SIGTERM, SIGINT, SIGHUP in ``snaplab-system``) are a shutdown request
+  (emulator/termsig.py): the handler only wakes a thread, which quits the machine.
 * Events (STOP, RESUME, RESET, SHUTDOWN, GUEST_PANICKED) go to listeners registered with
   :meth:`Machine.add_listener`; they may be called from any thread and must not block.
 """
@@ -59,9 +67,15 @@ class Machine:
     """A small x86-64 PC (the :class:`~emulator.board.Board`) with its vCPU thread, QMP
     monitor, snapshots and migration."""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Machine:
+        # Before any guest runs, the one full collection stalls nobody (gc_control.py); and
+        # before this machine exists, so that it is not frozen with the rest: a machine is a
+        # web of reference cycles, and a frozen one would never be freed.
+        freeze_long_lived()
+        return super().__new__(cls)
+
     def __init__(self, config: MachineConfig | None = None, graph: BlockGraph | None = None,
                  serial: Sink | None = None) -> None:
-        freeze_long_lived()  # before any guest runs: the one full collection stalls nobody (gc_control.py)
         self.config = config = config or MachineConfig()
         self.graph = graph or BlockGraph()
         self.clock = QtestClock() if config.accel == "qtest" else VirtualClock()

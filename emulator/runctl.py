@@ -20,11 +20,12 @@ cpu_disable_ticks: QEMU_CLOCK_VIRTUAL).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
@@ -85,6 +86,18 @@ class RunControl:
     ``reset`` puts the CPU and the devices back to power-on (no event), ``flush_output``
     pushes the console's pending output out, ``take_deadline`` is the guest timer's next
     deadline (virtual ns; 0: none) for a halted vCPU's wait.
+
+    The hand-off, in two locks.  ``_bql`` (QEMU's big lock, for the run state only) is held
+    by every verb from start to end, so verbs on different threads happen one after the
+    other, never interleaved: a snapshot job's vm_stop + vm_resume and a quit on another
+    thread are two sequences, and after a quit nothing runs the guest again.  ``_cond``
+    guards the flags the vCPU thread reads: it enters the guest only while ``_want_run``
+    (the run state is running) and no verb holds it out (``_holds``), and says so in
+    ``_in_guest`` under the same lock; a verb that wants it out clears one of the two and
+    waits for ``_in_guest`` to drop, kicking it (``emu_stop``) meanwhile.  Because the
+    vCPU cannot re-enter until the verb lets go, what the verb sees stays true: no
+    transient flag has to be caught.  run_on_cpu() work runs on the vCPU thread under
+    ``_bql`` too (its verbs nest), and a guest fault is turned into a run state under it.
     """
 
     def __init__(self, cpu: VCPU, clock: VirtualClock, emit: Emit, *, reset: Callable[[], None],
@@ -97,16 +110,29 @@ class RunControl:
         self._reset = reset
         self._flush_output = flush_output
         self._take_deadline = take_deadline
+        self._bql = threading.RLock()  # one verb at a time (re-entered by nested verbs)
+        self._owner: int | None = None  # the thread inside a verb (run_on_cpu() must not queue)
         self._cond = threading.Condition()
         self._want_run = False
-        self._stop_req = False
-        self._parked = True
+        self._holds = 0
+        self._in_guest = False
         self._quit = False
         self._work: deque[tuple[Callable[[], None], Future[None]]] = deque()  # run_on_cpu() items
         self._panic_code: int | None = None  # guest_panic()'s code, for the vCPU thread
         self._host_error: str | None = None  # stop_on_host_error()'s cause, for the vCPU thread
+        self._overtaken: GuestFault | None = None  # a fault a verb got ahead of: the next run's
         self._thread: threading.Thread | None = None
         _track(self)
+
+    @contextlib.contextmanager
+    def _verb(self) -> Iterator[None]:
+        """The run-state lock, with its owner remembered (re-entrant)."""
+        with self._bql:
+            outer, self._owner = self._owner, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = outer
 
     # -- the vCPU thread ---------------------------------------------------------------------
     def _ensure_thread(self) -> None:
@@ -114,12 +140,13 @@ class RunControl:
             self._thread = threading.Thread(target=self._vcpu_main, name="vcpu", daemon=True)
             self._thread.start()
 
+    def _may_run(self) -> bool:
+        return self._want_run and self._holds == 0 and not self._quit and not self._work
+
     def _vcpu_main(self) -> None:
         while True:
             with self._cond:
-                self._parked = True
-                self._cond.notify_all()
-                while (not self._want_run or self._stop_req) and not self._quit and not self._work:
+                while not self._may_run() and not self._quit and not self._work:
                     self._cond.wait()
                 if self._quit:
                     for _, done in self._work:
@@ -127,33 +154,54 @@ class RunControl:
                     self._work.clear()
                     return
                 work = self._work.popleft() if self._work else None
-                self._parked = False  # a _park() from elsewhere waits for the work too
-            if work is not None:
-                fn, done = work
-                done.set_running_or_notify_cancel()  # taken: its caller stops kicking
-                try:
-                    fn()
-                except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
-                    done.set_exception(err)
+                if work is None:
+                    self._in_guest = True
                 else:
-                    done.set_result(None)
+                    work[1].set_running_or_notify_cancel()  # taken: its caller stops kicking
+            if work is not None:
+                self._run_work(*work)
                 continue
-            fault = self._cpu.run() if self._host_error is None else None
-            if self._host_error is not None:
-                cause, self._host_error = self._host_error, None
-                fault = GuestFault(self._cpu.pc, cause, False)
-            elif self._panic_code is not None:
-                code, self._panic_code = self._panic_code, None
-                fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)
-            with self._cond:
-                stop_req = self._stop_req or bool(self._work)
+            try:
+                fault = self._run_guest()
+            finally:
+                with self._cond:
+                    self._in_guest = False
+                    self._cond.notify_all()
             if fault is not None:
                 self._guest_stopped(fault)
                 continue
-            if stop_req:
-                continue
-            if self._cpu.halted():
+            with self._cond:
+                idle = self._may_run()
+            if idle and self._cpu.halted():
                 self._halt_wait()
+
+    def _run_work(self, fn: Callable[[], None], done: Future[None]) -> None:
+        with self._verb():
+            if self._quit:
+                done.set_exception(SnaplabError("the machine quit"))
+                return
+            try:
+                fn()
+            except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
+                done.set_exception(err)
+            else:
+                done.set_result(None)
+
+    def _run_guest(self) -> GuestFault | None:
+        """One emu_start (unless a latch or an overtaken fault is due); the fault it ended in."""
+        if self._overtaken is not None:
+            overtaken, self._overtaken = self._overtaken, None
+            return overtaken
+        fault: GuestFault | None = None
+        if self._host_error is None and self._panic_code is None:  # a latch set while stopped: no run
+            fault = self._cpu.run()
+        if self._host_error is not None:
+            cause, self._host_error = self._host_error, None
+            fault = GuestFault(self._cpu.pc, cause, False)
+        elif self._panic_code is not None:
+            code, self._panic_code = self._panic_code, None
+            fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)
+        return fault
 
     def _halt_wait(self) -> None:
         deadline = self._take_deadline()
@@ -162,19 +210,27 @@ class RunControl:
             wait = min(max((deadline - self._clock.now_ns()) / 1e9, 0.0), 1.0)
         if wait > 0:
             with self._cond:
-                if not self._stop_req and not self._quit and not self._work:
+                if self._may_run():
                     self._cond.wait(wait)
 
     def _guest_stopped(self, fault: GuestFault) -> None:
-        with self._cond:
-            self._want_run = False
-        self._clock.stop()
-        self.fault = fault
-        self.state = RunState.GUEST_PANICKED if fault.panicked else RunState.INTERNAL_ERROR
-        if fault.panicked:
-            self._emit("GUEST_PANICKED", {"action": "pause", "info": {"type": "snaplab", "pc": fault.pc,
-                                                                   "cause": fault.cause}})
-        self._emit("STOP", None)
+        """The guest faulted: internal-error or guest-panicked, unless a verb got in first
+        (then the fault is the next run's: a stopped guest does not change state)."""
+        with self._verb():
+            if self._quit:
+                return
+            if self.state != RunState.RUNNING:
+                self._overtaken = fault
+                return
+            with self._cond:
+                self._want_run = False
+            self._clock.stop()
+            self.fault = fault
+            self.state = RunState.GUEST_PANICKED if fault.panicked else RunState.INTERNAL_ERROR
+            if fault.panicked:
+                self._emit("GUEST_PANICKED", {"action": "pause", "info": {"type": "snaplab", "pc": fault.pc,
+                                                                       "cause": fault.cause}})
+            self._emit("STOP", None)
 
     def vcpu_alive(self) -> bool:
         """The vCPU thread was started and has not ended."""
@@ -185,9 +241,13 @@ class RunControl:
         """run_on_cpu(): ``fn`` runs on the vCPU thread, between two guest instructions, and
         this returns when it has.  The vCPU leaves emu_start for it and goes back in after
         (if still wanted), so a stop and resume done inside ``fn`` wake no thread: a downtime
-        spent there has no thread hand-off in it.  Its exception is raised here."""
+        spent there has no thread hand-off in it.  Its exception is raised here.  Called
+        inside a verb (which the vCPU would wait for), ``fn`` runs here with the vCPU held out."""
         if self._thread is None or threading.current_thread() is self._thread:
             fn()
+            return
+        if self._owner == threading.get_ident():
+            self.while_parked(fn)
             return
         done: Future[None] = Future()
         with self._cond:
@@ -221,112 +281,129 @@ class RunControl:
         self._panic_code = code
         self._cpu.stop()
 
-    def _park(self) -> None:
-        """Stop the vCPU and wait until it is parked (no guest code, no device callback)."""
+    def _out_of_guest(self) -> None:
+        """Wait (kicking every 2 ms: a kick that lands before emu_start is lost) until the
+        vCPU is out of the guest.  Inside a verb, with ``_want_run`` cleared or a hold taken,
+        so it cannot go back in: no guest code, no device callback until the verb lets go."""
         with self._cond:
-            self._stop_req = True
-            self._want_run = False
-            self._cond.notify_all()
-        if self._thread is not None:
-            while True:
+            while self._in_guest:
                 self._cpu.stop()
-                with self._cond:
-                    if self._cond.wait_for(lambda: self._parked, timeout=0.002):
-                        break
-        with self._cond:
-            self._stop_req = False
+                self._cond.wait(0.002)
 
-    def _unpark(self) -> None:
-        """Let the vCPU go back into the guest."""
+    @contextlib.contextmanager
+    def _held_out(self) -> Iterator[None]:
+        """The vCPU out of the guest for the block, whatever the run state (inside a verb)."""
         with self._cond:
-            self._want_run = True
-            self._cond.notify_all()
+            self._holds += 1
+        try:
+            self._out_of_guest()
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
 
     def while_parked(self, fn: Callable[[], None]) -> None:
-        """``fn`` with the vCPU parked for an instant if it runs (no event, no state change)."""
-        if self.state == RunState.RUNNING:
-            self._park()
-            try:
-                fn()
-            finally:
-                self._unpark()
-        else:
+        """``fn`` with the vCPU out of the guest for an instant (no event, no state change)."""
+        with self._verb(), self._held_out():
             fn()
 
     # -- run state (QMP stop/cont/system_reset/quit) -----------------------------------------
     def start(self, *, paused: bool = False) -> None:
-        """Power on: prelaunch with ``paused`` (``-S``), else running."""
-        self._ensure_thread()
+        """Power on: prelaunch with ``paused`` (``-S``), else running.  A shutdown requested
+        before (a signal while the process set up) is carried out now, as QEMU's main loop
+        does on its first turn."""
+        with self._verb():
+            if self._quit:
+                return
+            self._ensure_thread()
+        if _shutdown_reason is not None:
+            self.quit(_shutdown_reason)
+            return
         if not paused:
             self.cont()
 
     def vm_stop(self, state: RunState = RunState.PAUSED) -> bool:
         """vm_stop(): park the vCPU, enter ``state`` and emit STOP; nothing if not running."""
-        if self.state != RunState.RUNNING:
-            return False
-        if threading.current_thread() is self._thread:  # in run_on_cpu(): out of the guest already
+        with self._verb():
+            if self.state != RunState.RUNNING:
+                return False
             with self._cond:
                 self._want_run = False
-        else:
-            self._park()
-        self._clock.stop()
-        self._flush_output()
-        self.state = state
-        self._emit("STOP", None)
-        return True
+            self._out_of_guest()
+            self._clock.stop()
+            self._flush_output()
+            self.state = state
+            self._emit("STOP", None)
+            return True
 
     def vm_resume(self, state: RunState) -> None:
-        """vm_resume(): run again if ``state`` was running, else just go back to ``state``."""
-        if state == RunState.RUNNING:
-            self.state = RunState.PAUSED
-            self.cont()
-        else:
-            self.state = state
+        """vm_resume(): run again if ``state`` was running, else just go back to ``state``.
+        Nothing after a quit: a machine that shut down stays down."""
+        with self._verb():
+            if self._quit:
+                return
+            if state == RunState.RUNNING:
+                self.state = RunState.PAUSED
+                self.cont()
+            else:
+                self.state = state
 
     def stop(self) -> None:
         self.vm_stop(RunState.PAUSED)
 
     def cont(self) -> None:
         """vm_start(): refused in states that need a reset, as QEMU's qmp_cont."""
-        if self.state.needs_reset:
-            raise SnaplabError("Resetting the Virtual Machine is required")
-        if self.state == RunState.RUNNING:
-            return
-        self._ensure_thread()
-        self.state = RunState.RUNNING
-        self._clock.start()
-        self._emit("RESUME", None)
-        self._unpark()
+        with self._verb():
+            if self.state.needs_reset:
+                raise SnaplabError("Resetting the Virtual Machine is required")
+            if self.state == RunState.RUNNING or self._quit:
+                return
+            self._ensure_thread()
+            self.state = RunState.RUNNING
+            self._clock.start()
+            self._emit("RESUME", None)
+            with self._cond:
+                self._want_run = True
+                self._cond.notify_all()
 
     def system_reset(self, reason: str = "host-qmp-system-reset") -> None:
-        was_running = self.state == RunState.RUNNING
-        if was_running:
-            self._park()
-        self._reset()
-        self.fault = None
-        self._emit("RESET", {"guest": False, "reason": reason})
-        if was_running:
-            self._unpark()
-        else:
-            self.state = RunState.PRELAUNCH
+        with self._verb():
+            if self._quit:
+                return
+            with self._held_out():
+                self._reset()
+                self.fault = self._overtaken = None
+                self._emit("RESET", {"guest": False, "reason": reason})
+            if self.state != RunState.RUNNING:
+                self.state = RunState.PRELAUNCH
 
     def reset_for_load(self) -> None:
         """qemu_system_reset(SHUTDOWN_CAUSE_SNAPSHOT_LOAD): devices and CPU, no RESET event."""
-        self._reset()
-        self.fault = None
+        with self._verb(), self._held_out():
+            self._reset()
+            self.fault = self._overtaken = None
 
     def quit(self, reason: str = "host-qmp-quit") -> None:
-        if self.state == RunState.RUNNING:
-            self._park()
-            self._clock.stop()
-        self.state = RunState.SHUTDOWN
-        self._flush_output()
-        self._emit("SHUTDOWN", {"guest": False, "reason": reason})
-        with self._cond:
-            self._quit = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        """Shut down for good (once: a second quit does nothing): the vCPU thread ends, and no
+        verb makes the guest run again."""
+        with self._verb():
+            if self._quit:
+                return
+            if self.state == RunState.RUNNING:
+                with self._cond:
+                    self._want_run = False
+                self._out_of_guest()
+                self._clock.stop()
+            self.state = RunState.SHUTDOWN
+            self._flush_output()
+            self._emit("SHUTDOWN", {"guest": False, "reason": reason})
+            with self._cond:
+                self._quit = True
+                self._cond.notify_all()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
 
     def query_status(self) -> dict[str, Any]:
         """query-status in QEMU 7.2's shape."""
@@ -337,17 +414,31 @@ class RunControl:
 
         Deterministic stepping for tests and experiments (``emu_start(count=N)``).
         """
-        if self.state == RunState.RUNNING:
-            raise SnaplabError("run_instructions needs a stopped machine")
-        fault = self._cpu.run(count)
-        if self._panic_code is not None:
-            code, self._panic_code = self._panic_code, None
-            fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)
-        return fault
+        with self._verb(), self._held_out():
+            if self.state == RunState.RUNNING:
+                raise SnaplabError("run_instructions needs a stopped machine")
+            fault = self._cpu.run(count)
+            if self._panic_code is not None:
+                code, self._panic_code = self._panic_code, None
+                fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)
+            return fault
 
 
 _LIVE: weakref.WeakSet[RunControl] = weakref.WeakSet()
 _exit_hook = False
+_shutdown_reason: str | None = None  # request_shutdown()'s reason, once one came
+
+
+def request_shutdown(reason: str = "host-signal") -> None:
+    """qemu_system_shutdown_request() for the whole process (a SIGTERM, SIGINT or SIGHUP):
+    every started machine quits with ``reason`` (SHUTDOWN event), and one not yet started
+    quits when it is.  Blocks until they have: call it from a thread of its own, never
+    from a signal handler (the interrupted code may be inside a verb)."""
+    global _shutdown_reason
+    _shutdown_reason = reason
+    for rc in list(_LIVE):
+        if rc.vcpu_alive():
+            rc.quit(reason)
 
 
 def _track(rc: RunControl) -> None:

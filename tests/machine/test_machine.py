@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import random
 import shutil
 import statistics
+import subprocess
+import sys
+import threading
 import time
+import weakref
 from pathlib import Path
 
 import keystone
@@ -505,3 +511,94 @@ def test_lab_port_keeps_its_samples_in_a_ring_the_collector_never_walks() -> Non
     assert lab.history(last=0) == [] and len(lab.history(last=100)) == 8
     del got
     assert alive() == before + 1  # lab.last only
+
+
+def test_quit_racing_a_snapshot_jobs_stop_and_resume_shuts_the_machine_down() -> None:
+    """Issue #20's recipe: 200 machines of 64 MiB with a dirty guest; a job thread stops and
+    resumes the VM (a snapshot's downtime, over and over) while ``quit`` runs on another
+    thread at a random point.  quit returns, the machine stays shut down (the job's resume
+    after it does nothing), the vCPU thread ends.  Before the fix quit could spin forever
+    in the park loop, or the job's resume restarted a machine that had quit."""
+    rng = random.Random(20)
+    for i in range(200):
+        m = Machine(MachineConfig(ram_size=64 << 20, workload=WorkloadSpec("dirty", seed=i)))
+        m.start()
+        stop_job = threading.Event()
+
+        def job(m: Machine = m, stop_job: threading.Event = stop_job) -> None:
+            while not stop_job.is_set():
+                if m.vm_stop(RunState.SAVE_VM):
+                    m.vm_resume(RunState.RUNNING)
+
+        t = threading.Thread(target=job, daemon=True)
+        t.start()
+        time.sleep(rng.random() * 0.003)  # a random point in the job's stop/resume cycle
+        q = threading.Thread(target=m.quit, daemon=True)
+        q.start()
+        q.join(30)
+        assert not q.is_alive(), f"iteration {i}: quit hung in {m.query_status()}"
+        stop_job.set()
+        t.join(30)
+        assert not t.is_alive(), f"iteration {i}: the job's stop/resume hung"
+        assert m.state == RunState.SHUTDOWN, f"iteration {i}: {m.state} after quit"
+        assert not m.runctl.vcpu_alive()
+        m.close()
+
+
+def test_verbs_after_quit_leave_the_machine_down() -> None:
+    with Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("dirty", seed=3))) as m:
+        events: list[str] = []
+        m.add_listener(lambda name, data, ts: events.append(name))
+        m.start()
+        m.quit()
+        m.quit()  # a second quit: nothing (one SHUTDOWN)
+        m.vm_resume(RunState.RUNNING)
+        m.system_reset()
+        m.start()
+        with pytest.raises(Exception, match="Resetting the Virtual Machine is required"):
+            m.cont()
+        with pytest.raises(Exception, match="quit"):
+            m.run_on_cpu(lambda: None)
+        assert m.state == RunState.SHUTDOWN and not m.runctl.vcpu_alive()
+        assert events.count("SHUTDOWN") == 1 and "RESET" not in events
+
+
+def test_a_panic_latched_while_stopped_is_reported_at_the_next_cont() -> None:
+    """A guest fault that a verb got ahead of does not change the stopped state; cont runs
+    into it (here: the panic latch, set while stopped) and the machine ends guest-panicked."""
+    with Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("dirty", seed=4))) as m:
+        m.start()
+        m.stop()
+        m.runctl.guest_panic(7)  # as the lab port would, while the machine is stopped
+        assert m.state == RunState.PAUSED
+        m.cont()
+        wait_for(lambda: m.state == RunState.GUEST_PANICKED)
+        assert m.fault is not None and "panic code 7" in m.fault.cause
+
+
+def test_the_first_machine_of_a_process_is_freed() -> None:
+    """gc.freeze() runs before the first machine exists, so that machine (a web of reference
+    cycles) is not frozen with the process's long-lived objects: closed and dropped, it is
+    collected.  In a fresh process: this one has made machines already."""
+    code = (
+        "import gc, weakref\n"
+        "from emulator.machine import Machine, MachineConfig\n"
+        "m = Machine(MachineConfig(ram_size=16 << 20))\n"
+        "m.start(); m.qmp().execute('query-status'); m.close()\n"
+        "r = weakref.ref(m); del m; gc.collect()\n"
+        "print('freed' if r() is None else 'kept')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "freed"
+
+
+def test_a_closed_machine_is_freed() -> None:
+    m = Machine(MachineConfig(ram_size=16 << 20, workload=WorkloadSpec("dirty", seed=5)))
+    m.start()
+    m.qmp().execute("query-status")
+    m.close()
+    r = weakref.ref(m)
+    del m
+    gc.collect()
+    assert r() is None

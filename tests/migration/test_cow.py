@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -280,4 +282,28 @@ def test_cow_after_loads_keeps_huge_pages_and_a_short_arm(tmp_path: Path) -> Non
             assert m.ram.huge_bytes() >= ram - (4 << 20), engine
     finally:
         m.close()
+        g.close()
+
+
+def test_close_right_after_a_cow_save_returns(tmp_path: Path) -> None:
+    """Issue #20: closing a machine right after a copy-on-write snapshot-save could hang (the
+    job's vm_stop + vm_resume raced the close's quit).  Thirty machines, each closed at a random
+    point of the save, on a thread with a generous bound: every close returns, the machine
+    is shut down and its vCPU thread has ended."""
+    uffd_or_skip()
+    spec = WorkloadSpec("dirty", seed=20, working_set=16 << 20, pattern="random", batch_pages=64)
+    rng = random.Random(20)
+    for i in range(30):
+        sub = tmp_path / f"m{i}"
+        sub.mkdir()
+        m, g = machine(sub, spec)
+        m.start()
+        m.qmp().execute("snapshot-save", {"job-id": "s", "tag": "s", "vmstate": "disk0", "devices": ["disk0"],
+                                          "__org.snaplab_engine": "cow"})
+        time.sleep(rng.random() * 0.01)  # a random point in the save (not asserted)
+        closer = threading.Thread(target=m.close, daemon=True)
+        closer.start()
+        closer.join(120)
+        assert not closer.is_alive(), f"iteration {i}: close hung in {m.query_status()}"
+        assert m.state.value == "shutdown" and not m.runctl.vcpu_alive()
         g.close()
