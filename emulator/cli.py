@@ -24,6 +24,7 @@ from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.runstate import RunState
+from emulator.termsig import setup_signal_handling
 
 PROG = "snaplab-system"
 _IGNORED_WITH_ARG = {"-accel": {"tcg"}, "-display": {"none"}}
@@ -218,6 +219,7 @@ def build_machine(opts: Options) -> tuple[Machine, Callable[[], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    setup_signal_handling()  # SIGTERM/SIGINT/SIGHUP: a shutdown request from here on (emulator/termsig.py)
     try:
         opts = parse_args(list(sys.argv[1:] if argv is None else argv))
         machine, close_sink = build_machine(opts)
