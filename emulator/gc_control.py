@@ -5,11 +5,12 @@ loaded that is ~40,000 objects and 13-19 ms on this workplace's VMs, during whic
 held: a lazy load's command waits, and so does every guest fault the Python fault thread
 serves.  Two tools:
 
-* :func:`freeze_long_lived` (``gc.freeze()`` after one collection), once per process, when
-  the first machine is made and before any guest runs (that collection stalls nobody): what
-  exists then (modules, classes, the lab's imports) is never walked again, so a later full
-  collection only walks what came after.  Frozen objects are still freed by reference
-  counting; only a reference cycle among them that becomes garbage later is kept.
+* :func:`freeze_long_lived` (``gc.freeze()`` after one collection), once per process, just
+  before the first machine object exists (``Machine.__new__``) and before any guest runs
+  (that collection stalls nobody): what exists then (modules, classes, the lab's imports) is
+  never walked again, so a later full collection only walks what came after.  Frozen objects
+  are still freed by reference counting; only a reference cycle among them that becomes
+  garbage later is kept, which is why the machine itself (all cycles) must not be frozen.
 * :func:`gc_paused`: no collection inside the block (nested and thread-safe: collection is
   back on when the last block on any thread ends).
 """

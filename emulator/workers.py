@@ -18,6 +18,10 @@ from typing import Any
 _IDLE_S = 60.0  # an idle worker exits after this long
 
 
+def _nothing() -> None:
+    pass
+
+
 class _Task:
     __slots__ = ("fn", "args", "done")
 
@@ -68,9 +72,13 @@ class Pool:
             except BaseException:  # noqa: BLE001 - the callee reports its own errors
                 pass
             finally:
+                # An idle worker keeps nothing of its last task alive (the callee's bound
+                # method, its arguments: a whole machine for a snapshot job).
+                task.fn, task.args = _nothing, ()
                 with self._lock:
                     self._idle += 1  # idle before the caller hears it is done: its next task reuses us
                 task.done.set()
+                del task
 
 
 _POOL = Pool("snaplab-worker")

@@ -63,3 +63,21 @@ def test_chunk_buffers_are_page_aligned_warm_and_reused() -> None:
     WARM_BUFFERS.reserve(total)
     assert WARM_BUFFERS.total == total  # reserve never shrinks nor makes more than asked
     assert fault_buffers(64 << 20) == 16 and fault_buffers(1 << 30) == 128 and fault_buffers(64 << 30) == 256
+
+
+def test_an_idle_worker_keeps_nothing_of_its_last_task() -> None:
+    """A worker waiting for its next task (up to a minute) must not keep the last one's
+    callable and arguments alive: for a snapshot job that is a whole machine."""
+    import gc
+    import weakref
+
+    class Payload:
+        def run(self, other: object) -> None:
+            pass
+
+    p, arg = Payload(), Payload()
+    refs = [weakref.ref(p), weakref.ref(arg)]
+    assert workers.spawn(p.run, arg).wait(5)
+    del p, arg
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
