@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from emulator.block.copy_on_read import CopyOnRead
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
@@ -246,7 +247,7 @@ class Board:
 class _FlashNode:
     """Adapts a format image to what the flash controller writes through to."""
 
-    def __init__(self, img: Qcow2Image | RawImage) -> None:
+    def __init__(self, img: Qcow2Image | RawImage | CopyOnRead) -> None:
         self.img = img
         self.size = img.size
 

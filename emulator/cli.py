@@ -1,12 +1,21 @@
 """snaplab-system: a command line that mirrors qemu-system-x86_64's.
 
-Options (QEMU's spelling): ``-m``, ``-machine``/``-M`` (``pflash0=``, ``pflash1=``), ``-blockdev``
-(JSON or key=value), ``-device virtio-blk-pci,drive=,id=`` and ``-device loader,file=,addr=,force-raw=on``,
-``-qmp unix:PATH,server=on,wait=off`` (repeatable; ``tcp:`` only on loopback), ``-S``,
-``-loadvm TAG``, ``-serial file:PATH|stdio|none``; accepted and ignored: ``-accel tcg``,
-``-nographic``, ``-display none``, ``-nodefaults``, ``-enable-kvm`` is refused.  snaplab's own
-options carry a ``-snaplab-`` prefix: ``-snaplab-workload NAME[,seed=N,ws=SIZE,rate=SIZE/s,
-pattern=P,batch=N]`` and ``-snaplab-no-hugepages``.
+Options (QEMU's spelling): ``-m``, ``-machine``/``-M`` (``pflash0=``, ``pflash1=``; ``help``
+lists the machines), ``-accel tcg|qtest`` (qtest: no guest code runs and the virtual clock
+stays at 0, as qemu-iotests expect), ``-blockdev`` (JSON or key=value), the legacy ``-drive``
+(``if=none|virtio|ide``, ``file=``, ``driver=``, ``format=``, ``id=``, ``cache=``, ``aio=``,
+``readonly=``, ``media=disk``, ``index=``, and format or protocol options; ``format=help``), a
+bare image file (``hda``), ``-device virtio-blk-pci``/``virtio-blk``, ``virtio-scsi-pci``/
+``virtio-scsi``, ``scsi-hd``, ``loader,file=,addr=,force-raw=on`` (``help`` lists them),
+``-object iothread,id=``, ``-set device.ID.PROP=VALUE``, ``-qmp unix:PATH,server=on,wait=off``
+or ``tcp:[HOST]:PORT`` (repeatable; TCP on loopback only, 127.0.0.1 when no host is given),
+``-monitor stdio|none`` (the human monitor on stdin/stdout: emulator/qmp/readline.py), ``-S``,
+``-loadvm TAG``, ``-serial file:PATH|stdio|none``; accepted and ignored: ``-nographic``,
+``-display none``, ``-nodefaults``, ``-no-user-config``; ``-enable-kvm`` is refused.
+snaplab's own options carry a ``-snaplab-`` prefix: ``-snaplab-workload NAME[,seed=N,ws=SIZE,
+rate=SIZE/s,pattern=P,batch=N]`` and ``-snaplab-no-hugepages``.
+
+Errors are one line, ``snaplab-system: -OPTION ARG: text`` with QEMU's text, and exit status 1.
 """
 
 from __future__ import annotations
@@ -18,17 +27,33 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from emulator.block.node import BlockGraph, parse_blockdev, split_keyval
+from emulator.block.node import FORMATS, BlockGraph, parse_blockdev, probe_format, split_keyval
 from emulator.errors import SnaplabError, UsageError
 from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.qmp.readline import serve_stdio
+from emulator.qtest import ACCELERATORS
 from emulator.runstate import RunState
-from emulator.termsig import setup_signal_handling
 
 PROG = "snaplab-system"
-_IGNORED_WITH_ARG = {"-accel": {"tcg"}, "-display": {"none"}}
+_IGNORED_WITH_ARG = {"-display": {"none"}}
 _IGNORED_FLAGS = {"-nographic", "-nodefaults", "-no-user-config"}
+# -machine help (hw/core/machine-qmp... machine_help_func): name, description, marks
+MACHINES = (("pc", "snaplab PC (alias of snaplab)"), ("q35", "snaplab PC (alias of snaplab)"),
+            ("snaplab", "snaplab PC: x86-64, flat memory, port I/O devices (default)"),
+            ("none", "empty machine"))
+# -device help (qdev_device_help's list): category, then (name, bus, alias, description)
+DEVICES = (("Storage devices", (("loader", "", "", "Generic Loader"),
+                                ("scsi-hd", "SCSI", "", "virtual SCSI disk"),
+                                ("virtio-blk-pci", "PCI", "virtio-blk", ""),
+                                ("virtio-scsi-pci", "PCI", "virtio-scsi", ""))),)
+_DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-scsi": "virtio-scsi-pci"}
+_CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
+_AIO_MODES = ("threads", "native", "io_uring")
+# -drive's own keys (blockdev.c drive_config / drive_new); the rest go to the format driver
+_DRIVE_KEYS = {"if", "index", "bus", "unit", "media", "id", "file", "format", "driver", "cache", "aio",
+               "readonly", "read-only", "snapshot", "node-name", "werror", "rerror", "discard", "detect-zeroes"}
 
 
 @dataclass
@@ -45,6 +70,32 @@ class Options:
     serial: str = "none"
     workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec("idle"))
     hugepages: bool = True
+    accel: str = "tcg"
+    monitor: str = "none"  # -monitor stdio: HMP on stdin/stdout
+    drives: list[DriveSpec] = field(default_factory=list)
+    devices: list[DeviceOpts] = field(default_factory=list)
+    iothreads: list[str] = field(default_factory=list)
+    help: str | None = None  # machine, device or drive-format: print that list and exit
+
+
+@dataclass
+class DriveSpec:
+    """One -drive: its BlockBackend name and the node it makes (built when the machine is)."""
+
+    arg: str
+    backend: str
+    file: str
+    driver: str | None  # None: probe the format
+    node_opts: dict[str, Any]
+
+
+@dataclass
+class DeviceOpts:
+    """One -device's options, kept until every -set has been applied (QemuOpts)."""
+
+    arg: str
+    driver: str
+    props: dict[str, str]
 
 
 def _kv(arg: str, opt: str, implied: str | None = None) -> dict[str, str]:
@@ -86,28 +137,166 @@ def _workload(arg: str) -> WorkloadSpec:
         raise UsageError(f"-snaplab-workload {arg}: {err}") from err
 
 
+def _device_help() -> str:
+    out = []
+    for category, devs in DEVICES:
+        out.append(f"{category}:")
+        for name, bus, alias, desc in devs:
+            line = f'name "{name}"' + (f", bus {bus}" if bus else "")
+            line += f', alias "{alias}"' if alias else ""
+            out.append(line + (f', desc "{desc}"' if desc else ""))
+    return "\n".join(out) + "\n"
+
+
 def _device(arg: str, opts: Options) -> None:
+    """Remember a -device; :func:`_realize_devices` creates them after every -set."""
     kv = _kv(arg, "-device", "driver")
     driver = kv.pop("driver", "")
-    if driver == "virtio-blk-pci":
-        if "drive" not in kv:
-            raise UsageError(f"-device {arg}: Parameter 'drive' is missing")
-        opts.disks.append(DiskSpec(kv.pop("drive"), kv.pop("id", "")))
-        kv.pop("bus", None)
-    elif driver == "loader":
-        if "file" not in kv or "addr" not in kv:
-            raise UsageError(f"-device {arg}: loader needs file= and addr=")
-        try:
-            addr = int(kv.pop("addr"), 0)
-        except ValueError as err:
-            raise UsageError(f"-device {arg}: Parameter 'addr' expects a number") from err
-        opts.loaders.append((kv.pop("file"), addr))
-        kv.pop("force-raw", None)
-        kv.pop("id", None)
-    else:
-        raise UsageError(f"-device {arg}: '{driver}' is not a valid device model name")
+    if driver == "help":
+        opts.help = "device"
+        return
+    opts.devices.append(DeviceOpts(arg, _DEVICE_ALIASES.get(driver, driver), kv))
+
+
+def _set(arg: str, opts: Options) -> None:
+    """-set GROUP.ID.PROP=VALUE (vl.c qemu_set_option), for devices."""
+    target, eq, value = arg.partition("=")
+    parts = target.split(".", 2)
+    if not eq or len(parts) != 3:
+        raise UsageError(f"-set {arg}: Invalid -set parameter: {arg}")
+    group, ident, prop = parts
+    if group != "device":
+        raise UsageError(f"-set {arg}: there is no option group '{group}'")
+    dev = next((d for d in opts.devices if d.props.get("id") == ident), None)
+    if dev is None:
+        raise UsageError(f'-set {arg}: there is no {group} "{ident}" defined')
+    dev.props[prop] = value
+
+
+def _realize_devices(opts: Options) -> None:
+    """qdev_device_add() for each -device, in order: disks for the board, the rest checked."""
+    scsi_bus = False
+    for dev in opts.devices:
+        kv = dict(dev.props)
+        where = f"-device {dev.arg}"
+        if dev.driver in ("virtio-blk-pci", "scsi-hd"):
+            if dev.driver == "scsi-hd" and not scsi_bus:
+                raise UsageError(f"{where}: No 'SCSI' bus found for device 'scsi-hd'")
+            if "drive" not in kv:
+                raise UsageError(f"{where}: Parameter 'drive' is missing")
+            opts.disks.append(DiskSpec(kv.pop("drive"), kv.pop("id", "")))
+            for k in ("bus", "iothread", "scsi-id", "lun", "channel", "addr", "serial"):
+                kv.pop(k, None)
+        elif dev.driver == "virtio-scsi-pci":
+            scsi_bus = True
+            iothread = kv.pop("iothread", None)
+            if iothread is not None and iothread not in opts.iothreads:
+                raise UsageError(f"{where}: Device '{iothread}' not found")
+            kv.pop("id", None)
+            kv.pop("bus", None)
+        elif dev.driver == "loader":
+            if "file" not in kv or "addr" not in kv:
+                raise UsageError(f"{where}: loader needs file= and addr=")
+            try:
+                addr = int(kv.pop("addr"), 0)
+            except ValueError as err:
+                raise UsageError(f"{where}: Parameter 'addr' expects a number") from err
+            opts.loaders.append((kv.pop("file"), addr))
+            kv.pop("force-raw", None)
+            kv.pop("id", None)
+        else:
+            raise UsageError(f"{where}: '{dev.driver}' is not a valid device model name")
+        if kv:
+            raise UsageError(f"{where}: Property '{dev.driver}.{next(iter(kv))}' not found")
+
+
+def _object(arg: str, opts: Options) -> None:
+    """-object iothread,id=ID (an IOThread: snaplab's block I/O has no thread of its own)."""
+    kv = _kv(arg, "-object", "qom-type")
+    qom_type = kv.pop("qom-type", "")
+    if qom_type != "iothread":
+        raise UsageError(f"-object {arg}: Parameter 'qom-type' does not accept value '{qom_type}'")
+    if "id" not in kv:
+        raise UsageError(f"-object {arg}: Parameter 'id' is missing")
+    opts.iothreads.append(kv.pop("id"))
+    for k in ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"):
+        kv.pop(k, None)
     if kv:
-        raise UsageError(f"-device {arg}: Property '{driver}.{next(iter(kv))}' not found")
+        raise UsageError(f"-object {arg}: Property 'iothread.{next(iter(kv))}' not found")
+
+
+def _drive(arg: str, opts: Options) -> None:
+    """drive_new(): a BlockBackend named by ``id`` (or ``if`` and its index, as QEMU names
+    them) over a format node over a file node, both with generated node names; ``if=virtio``
+    and ``if=ide`` also plug a disk in."""
+    kv = _kv(arg, "-drive")
+    where = f"-drive {arg}"
+    if kv.get("format") == "help":
+        opts.help = "drive-format"
+        return
+    bus = kv.pop("if", "ide")
+    if bus not in ("none", "virtio", "ide"):
+        raise UsageError(f"{where}: unsupported bus type '{bus}'" if bus not in ("scsi", "floppy", "pflash", "sd",
+                         "mtd", "xen") else f"{where}: if={bus} is not emulated by snaplab (use if=virtio or if=none)")
+    index = int(kv.pop("index", "-1"))
+    same = [d for d in opts.drives if d.node_opts.get("_if") == bus]
+    index = index if index >= 0 else len(same)
+    backend = kv.pop("id", None) or {"none": f"none{len(same)}", "virtio": f"virtio{index}",
+                                     "ide": f"ide{index // 2}-hd{index % 2}"}[bus]
+    if any(d.backend == backend for d in opts.drives):
+        raise UsageError(f"{where}: Duplicate ID '{backend}' for drive")
+    driver, fmt = kv.pop("driver", None), kv.pop("format", None)
+    if driver and fmt:
+        raise UsageError(f"{where}: Cannot specify both 'driver' and 'format'")
+    cache = kv.pop("cache", "writeback")
+    if cache not in _CACHE_MODES:
+        raise UsageError(f"{where}: invalid cache option")
+    if kv.pop("aio", "threads") not in _AIO_MODES:
+        raise UsageError(f"{where}: invalid aio option")
+    if kv.pop("media", "disk") != "disk":
+        raise UsageError(f"{where}: snaplab has no CD-ROM (media=disk only)")
+    read_only = kv.pop("readonly", kv.pop("read-only", "off")) in ("on", "true", "yes")
+    for k in ("bus", "unit", "werror", "rerror", "snapshot"):
+        kv.pop(k, None)
+    if "file" not in kv:
+        raise UsageError(f"{where}: snaplab needs file= (an empty drive has no medium to snapshot)")
+    node_opts: dict[str, Any] = {"read-only": read_only, "_if": bus}
+    if cache == "unsafe":
+        node_opts["cache"] = {"no-flush": True}
+    for k, v in kv.items():  # format (and file.) options, as dotted keys
+        cur = node_opts
+        keys = k.split(".")
+        for key in keys[:-1]:
+            cur = cur.setdefault(key, {})
+        cur[keys[-1]] = v
+    opts.drives.append(DriveSpec(arg, backend, str(node_opts.pop("file")), driver or fmt, node_opts))
+    if bus != "none":
+        opts.disks.append(DiskSpec(backend, ""))
+
+
+def _open_drive(graph: BlockGraph, d: DriveSpec) -> None:
+    """The -drive's nodes: ``driver=file`` alone, else a format node (probed when not given)
+    over a file node.  Errors read as QEMU's, after the -drive they belong to."""
+    where = f"-drive {d.arg}"
+    opts = {k: v for k, v in d.node_opts.items() if k != "_if"}
+    file_opts = opts.pop("file", {}) if isinstance(opts.get("file"), dict) else {}
+    try:
+        driver = d.driver
+        if driver is None:
+            driver = probe_format(d.file)
+            if driver == "raw":
+                print(f"WARNING: Image format was not specified for '{d.file}' and probing guessed raw.\n"
+                      "         Automatically detecting the format is dangerous for raw images, "
+                      "write operations on block 0 will be restricted.\n"
+                      "         Specify the 'raw' format explicitly to remove the restrictions.", file=sys.stderr)
+        if driver == "file":
+            node = graph.add({**opts, "driver": "file", "filename": d.file})
+        else:
+            file_node = {**file_opts, "driver": "file", "filename": d.file, "read-only": opts.get("read-only", False)}
+            node = graph.add({**opts, "driver": driver, "file": file_node})
+    except SnaplabError as err:
+        raise UsageError(f"{where}: {err.desc}") from err
+    node.backend = d.backend
 
 
 def _qmp(arg: str) -> dict[str, Any]:
@@ -125,65 +314,106 @@ def _qmp(arg: str) -> dict[str, Any]:
         return {"kind": "unix", "path": addr[5:], "wait": wait == "on"}
     if addr.startswith("tcp:"):
         host, _, port = addr[4:].rpartition(":")
-        host = host or "127.0.0.1"
+        host = host or "127.0.0.1"  # QEMU listens on every address when none is given; we do not
         if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
             raise UsageError(f"-qmp {arg}: TCP monitors are bound to loopback only (not '{host}')")
         return {"kind": "tcp", "host": host.strip("[]"), "port": int(port), "wait": wait == "on"}
     raise UsageError(f"-qmp {arg}: expected unix:PATH or tcp:HOST:PORT")
 
 
+def _machine(arg: str, opts: Options, opt: str = "-machine") -> None:
+    kv = _kv(arg, opt, "type")
+    for k in kv:
+        if k not in ("type", "pflash0", "pflash1", "accel"):
+            raise UsageError(f"{opt} {arg}: Property '{k}' not found")
+    mtype = kv.get("type", "snaplab")
+    if mtype == "help":
+        opts.help = "machine"
+        return
+    if mtype not in [m for m, _ in MACHINES]:
+        raise UsageError(f"{opt} {arg}: unsupported machine type '{mtype}' (q35 is emulated as snaplab's PC)")
+    if "accel" in kv:
+        _accel(kv.pop("accel"), opts)
+    opts.machine.update(kv)
+
+
+def _accel(arg: str, opts: Options) -> None:
+    accel = arg.split(",")[0]
+    if accel not in ACCELERATORS:
+        raise UsageError(f"-accel {arg}: only {'/'.join(ACCELERATORS)} is supported")
+    opts.accel = accel
+
+
+def _incoming(arg: str, opts: Options) -> None:
+    if not (arg == "defer" or arg.startswith(("exec:", "file:"))):
+        raise UsageError(f"-incoming {arg}: expected defer, exec:CMD or file:PATH")
+    opts.incoming = arg
+
+
+def _serial(arg: str, opts: Options) -> None:
+    if not (arg in ("stdio", "none", "null") or arg.startswith("file:")):
+        raise UsageError(f"-serial {arg}: expected file:PATH, stdio or none")
+    opts.serial = arg
+
+
+def _monitor(arg: str, opts: Options) -> None:
+    if arg not in ("stdio", "none"):
+        raise UsageError(f"-monitor {arg}: snaplab's human monitor runs on stdio only (QMP: -qmp)")
+    opts.monitor = arg
+
+
+def _ignored(opt: str) -> Callable[[str, Options], None]:
+    def check(v: str, opts: Options) -> None:
+        if v.split(",")[0] not in _IGNORED_WITH_ARG[opt]:
+            raise UsageError(f"{opt} {v}: only {'/'.join(sorted(_IGNORED_WITH_ARG[opt]))} is supported")
+    return check
+
+
+def _hda(arg: str, opts: Options) -> None:
+    """A bare image file: -hda (vl.c drive_add(IF_DEFAULT, 0, ..., HD_OPTS))."""
+    _drive("index=0,media=disk,file=" + arg.replace(",", ",,"), opts)
+
+
+_WITH_ARG: dict[str, Callable[[str, Options], None]] = {
+    "-m": lambda a, o: setattr(o, "ram_size", _ram_size(a)),
+    "-machine": _machine, "-M": lambda a, o: _machine(a, o, "-M"),
+    "-accel": _accel,
+    "-blockdev": lambda a, o: o.blockdevs.append(a),
+    "-drive": _drive, "-hda": _hda,
+    "-device": _device, "-set": _set, "-object": _object,
+    "-qmp": lambda a, o: o.qmp.append(_qmp(a)),
+    "-monitor": _monitor,
+    "-loadvm": lambda a, o: setattr(o, "loadvm", a),
+    "-incoming": _incoming,
+    "-serial": _serial,
+    "-snaplab-workload": lambda a, o: setattr(o, "workload", _workload(a)),
+    **{k: _ignored(k) for k in _IGNORED_WITH_ARG},
+}
+
+
 def parse_args(argv: Sequence[str]) -> Options:
+    """The command line, in order, as vl.c's qemu_init() reads it; devices are created last
+    (after every ``-set``)."""
     opts = Options()
     it = iter(argv)
     for a in it:
         opt = "-" + a.lstrip("-") if a.startswith("--") else a
-
-        def arg(opt: str = opt) -> str:
+        if not a.startswith("-"):
+            _hda(a, opts)
+        elif opt in _WITH_ARG:
             try:
-                return next(it)
+                value = next(it)
             except StopIteration:
                 raise UsageError(f"{opt}: requires an argument") from None
-
-        if opt == "-m":
-            opts.ram_size = _ram_size(arg())
-        elif opt in ("-machine", "-M"):
-            kv = _kv(arg(), opt, "type")
-            for k in kv:
-                if k not in ("type", "pflash0", "pflash1", "accel"):
-                    raise UsageError(f"{opt}: Property '{k}' not found")
-            if kv.get("type", "q35") not in ("q35", "pc", "snaplab"):
-                raise UsageError(f"{opt}: unsupported machine type '{kv['type']}' (q35 is emulated as snaplab's PC)")
-            opts.machine.update(kv)
-        elif opt == "-blockdev":
-            opts.blockdevs.append(arg())
-        elif opt == "-device":
-            _device(arg(), opts)
-        elif opt == "-qmp":
-            opts.qmp.append(_qmp(arg()))
+            _WITH_ARG[opt](value, opts)
         elif opt == "-S":
             opts.paused = True
-        elif opt == "-loadvm":
-            opts.loadvm = arg()
-        elif opt == "-incoming":
-            opts.incoming = arg()
-            if not (opts.incoming == "defer" or opts.incoming.startswith(("exec:", "file:"))):
-                raise UsageError(f"-incoming {opts.incoming}: expected defer, exec:CMD or file:PATH")
-        elif opt == "-serial":
-            opts.serial = arg()
-            if not (opts.serial in ("stdio", "none", "null") or opts.serial.startswith("file:")):
-                raise UsageError(f"-serial {opts.serial}: expected file:PATH, stdio or none")
-        elif opt == "-snaplab-workload":
-            opts.workload = _workload(arg())
         elif opt == "-snaplab-no-hugepages":
             opts.hugepages = False
-        elif opt in _IGNORED_WITH_ARG:
-            v = arg()
-            if v.split(",")[0] not in _IGNORED_WITH_ARG[opt]:
-                raise UsageError(f"{opt} {v}: only {'/'.join(sorted(_IGNORED_WITH_ARG[opt]))} is supported")
-        elif opt in _IGNORED_FLAGS:
-            pass
-        else:
+        elif opt not in _IGNORED_FLAGS:
             raise UsageError(f"{a}: invalid option")
+    if opts.help is None:
+        _realize_devices(opts)
     return opts
 
 
@@ -203,15 +433,52 @@ def _serial_sink(spec: str) -> tuple[Callable[[bytes], None] | None, Callable[[]
     return write, f.close
 
 
+def _help_text(what: str) -> str:
+    """``-machine help``, ``-device help``, ``-drive format=help``, as QEMU prints them."""
+    if what == "machine":
+        return "Supported machines are:\n" + "".join(f"{name:<20} {desc}\n" for name, desc in MACHINES)
+    if what == "device":
+        return _device_help()
+    return f"Supported formats: {' '.join(FORMATS)}\n"
+
+
+def start_stdio_monitor(machine: Machine) -> threading.Lock:
+    """``-monitor stdio``: the human monitor on stdin/stdout, on a thread of its own (QEMU
+    runs it in the main loop; commands still run one at a time, in input order).  The lock
+    returned is held while a command runs: ``quit`` ends the process only once it returned."""
+    ver = machine.monitor.version()["qemu"]
+    version = f"{ver['major']}.{ver['minor']}.{ver['micro']}"
+    running = threading.Lock()
+
+    def execute(line: str) -> str:
+        with running:
+            return machine.monitor.hmp.execute(line)
+
+    threading.Thread(target=serve_stdio, name="hmp-stdio", daemon=True,
+                     args=(execute, version, lambda: machine.state == RunState.SHUTDOWN)).start()
+    return running
+
+
 def build_machine(opts: Options) -> tuple[Machine, Callable[[], None]]:
     graph = BlockGraph()
     try:
-        for bd in opts.blockdevs:
-            graph.add(parse_blockdev(bd))
+        for bd in opts.blockdevs:  # QEMU opens -blockdev before -drive (configure_blockdev)
+            try:
+                graph.add(parse_blockdev(bd))
+            except SnaplabError as err:
+                raise UsageError(f"-blockdev {bd}: {err.desc}") from err
+        for d in opts.drives:
+            _open_drive(graph, d)
+        for disk in opts.disks:
+            if disk.drive not in graph.nodes and not any(n.backend == disk.drive for n in graph.nodes.values()):
+                dev = "virtio-blk-device" if disk.drive not in [d.backend for d in opts.drives] else "drive"
+                raise UsageError(f"-device drive={disk.drive}: Property '{dev}.drive' can't find value '{disk.drive}'")
+        if opts.monitor == "stdio" and opts.serial == "stdio":
+            raise UsageError("-serial stdio: cannot use stdio by multiple character devices")
         sink, close_sink = _serial_sink(opts.serial)
         cfg = MachineConfig(ram_size=opts.ram_size, workload=opts.workload, pflash0=opts.machine.get("pflash0"),
                             pflash1=opts.machine.get("pflash1"), disks=opts.disks, loaders=opts.loaders,
-                            hugepages=opts.hugepages)
+                            hugepages=opts.hugepages, accel=opts.accel)
         return Machine(cfg, graph, serial=sink), close_sink
     except BaseException:
         graph.close()
@@ -219,9 +486,11 @@ def build_machine(opts: Options) -> tuple[Machine, Callable[[], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    setup_signal_handling()  # SIGTERM/SIGINT/SIGHUP: a shutdown request from here on (emulator/termsig.py)
     try:
         opts = parse_args(list(sys.argv[1:] if argv is None else argv))
+        if opts.help is not None:
+            sys.stdout.write(_help_text(opts.help))
+            return 0
         machine, close_sink = build_machine(opts)
     except SnaplabError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
@@ -229,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     done = threading.Event()
     machine.add_listener(lambda name, data, ts: done.set() if name == "SHUTDOWN" else None)
     servers: list[Any] = []
+    hmp_running = threading.Lock()
     try:
         if opts.loadvm:  # before any monitor serves: a command cannot race the load (QEMU's order)
             machine.snapshots.load_snapshot(opts.loadvm, None, None)
@@ -246,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 machine.migration.incoming(opts.incoming)
         else:
             machine.start(paused=opts.paused)
+        if opts.monitor == "stdio":
+            hmp_running = start_stdio_monitor(machine)
     except SnaplabError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         machine.close()
@@ -258,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     while not done.wait(0.2):
+        pass
+    with hmp_running:  # a monitor's quit has returned (the vCPU thread has ended)
         pass
     for s in servers:
         s.close()
