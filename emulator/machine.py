@@ -204,8 +204,7 @@ class Machine:
         images, unmap guest RAM.  RAM is unmapped only when no thread can touch it any more:
         if the vCPU or a snapshot operation is still running after the grace time, it is left
         mapped (and reported on stderr) rather than pulled from under them."""
-        if self.state != RunState.SHUTDOWN:
-            self.quit()
+        self.quit()  # once only; every caller waits for the vCPU thread's end
         self.migration.cancel()
         idle = self.snapshots.shutdown(timeout=60)
         for node in self.graph.format_nodes():

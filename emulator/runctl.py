@@ -388,22 +388,24 @@ class RunControl:
         """Shut down for good (once: a second quit does nothing): the vCPU thread ends, and no
         verb makes the guest run again."""
         with self._verb():
-            if self._quit:
-                return
-            if self.state == RunState.RUNNING:
-                with self._cond:
-                    self._want_run = False
-                self._out_of_guest()
-                self._clock.stop()
-            self.state = RunState.SHUTDOWN
-            self._flush_output()
-            self._emit("SHUTDOWN", {"guest": False, "reason": reason})
-            with self._cond:
-                self._quit = True
-                self._cond.notify_all()
-        thread = self._thread
+            if not self._quit:
+                self._shut_down(reason)
+        thread = self._thread  # every caller waits for the vCPU thread's end (bounded)
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
+
+    def _shut_down(self, reason: str) -> None:
+        if self.state == RunState.RUNNING:
+            with self._cond:
+                self._want_run = False
+            self._out_of_guest()
+            self._clock.stop()
+        self.state = RunState.SHUTDOWN
+        self._flush_output()
+        self._emit("SHUTDOWN", {"guest": False, "reason": reason})
+        with self._cond:
+            self._quit = True
+            self._cond.notify_all()
 
     def query_status(self) -> dict[str, Any]:
         """query-status in QEMU 7.2's shape."""
