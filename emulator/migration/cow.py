@@ -411,6 +411,12 @@ class CowSave:
             self.state[:] = SAVED
             self.saved_cond.notify_all()
         self.protector.release_all()
+        self.give_back_buffers()
+
+    def give_back_buffers(self) -> None:
+        """The chunk buffers back to the process's pool (once; no save runs any more)."""
+        owned, self._owned = self._owned, []
+        WARM_BUFFERS.give_back(owned)
 
     # -- arming (inside the downtime) --------------------------------------------------------
     def prepare(self) -> None:
@@ -604,19 +610,20 @@ class CowSave:
         The stream header (device sections taken at the stop instant) is written here, after
         the guest resumed: nothing but the arming happens in the downtime.
         """
-        if self.sink is not None:
-            self.sink.begin(self.machine, self.sections, self.ram.size)
-        else:
-            assert self.out is not None
-            self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size,
-                                              align=max(PAGE, self.out.img.cluster_size))
-        wr = spawn(self.writer)
-        bg = spawn(self.background)
-        bg.wait()
-        wr.wait()
-        self._stop.set()
-        WARM_BUFFERS.give_back(self._owned)
-        self._owned = []
+        try:
+            if self.sink is not None:
+                self.sink.begin(self.machine, self.sections, self.ram.size)
+            else:
+                assert self.out is not None
+                self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size,
+                                                  align=max(PAGE, self.out.img.cluster_size))
+            wr = spawn(self.writer)
+            bg = spawn(self.background)
+            bg.wait()
+            wr.wait()
+        finally:  # a stream that failed to begin (a cancelled migration) gives them back too
+            self._stop.set()
+            self.give_back_buffers()
         if self.error is not None:
             raise self.error
         if self.sink is not None:

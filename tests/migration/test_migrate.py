@@ -116,3 +116,23 @@ def test_cancel_and_errors(tmp_path: Path) -> None:
         assert q.execute("query-status")["status"] == "running"
         with pytest.raises(QMPError, match="not been found"):
             q.execute("migrate-cancel")  # 7.2's name is migrate_cancel
+
+
+def test_closing_during_a_background_migrations_setup_gives_the_chunk_buffers_back(tmp_path: Path) -> None:
+    """A background migration cancelled before its stream began (the machine closed at once)
+    used to keep its 2 MiB chunk buffers: a RAM's worth of memory per cancelled migration."""
+    from emulator.migration.cow import WARM_BUFFERS
+    from tests.stress.cycles import stress_machine
+
+    totals = []
+    for i in range(4):
+        (tmp_path / f"m{i}").mkdir()
+        m, g = stress_machine(tmp_path / f"m{i}", i)
+        m.start()
+        q = m.qmp()
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+        q.execute("migrate", {"uri": f"file:{tmp_path / f'm{i}' / 'mig.bin'}"})
+        m.close()
+        g.close()
+        totals.append(WARM_BUFFERS.total)
+    assert totals[-1] == totals[1], totals

@@ -47,7 +47,8 @@ def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState, resu
                   images: list[Qcow2Image], stack: contextlib.ExitStack, name: str | None = None) -> Window:
     """The copy-on-write stop, shared by the engine and ``migrate``'s background snapshot:
     vm_stop, the instant, the device sections captured, ``images`` drained (until ``stack``
-    closes), RAM write-protected, vm_resume.  If arming fails the saver is abandoned."""
+    closes), RAM write-protected, vm_resume.  If arming fails the saver is abandoned (its
+    chunk buffers go back to the pool either way)."""
     armed = False
     try:
         with short_downtime(ctx.vm):
@@ -64,6 +65,8 @@ def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState, resu
     except BaseException:
         if armed:
             saver.abandon()
+        else:
+            saver.give_back_buffers()
         raise
     return Window(at, encode_sections(captured), t_stop, t_resume)
 
@@ -92,6 +95,7 @@ class CowSaveEngine(SaveEngine):
         except BaseException:
             if w is not None:
                 saver.abandon()
+            saver.give_back_buffers()  # (once: abandon may have)
             protector.disarm()
             ctx.abort(target, pendings)
             raise
