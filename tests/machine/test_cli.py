@@ -15,6 +15,7 @@ from emulator.block import Qcow2Image
 from emulator.cli import build_machine, parse_args
 from emulator.errors import UsageError
 from emulator.guest import DATA_DIR, FIRMWARE_BIN
+from emulator.qmp.readline import ReadlineState
 
 REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "transcripts"
 
@@ -70,7 +71,7 @@ def test_options_and_errors() -> None:
         (["-snaplab-workload", "dirty,pattern=zigzag"], "pattern must be one of sequential, random, hot-cold"),
         (["-snaplab-workload", "wat"], "workload must be one of idle, dirty, disk, mixed"),
         (["-qmp", "tcp:0.0.0.0:4444,server=on,wait=off"], "loopback only"),
-        (["-accel", "kvm"], "only tcg is supported"),
+        (["-accel", "kvm"], "only tcg/qtest is supported"),
         (["-m"], "-m: requires an argument"),
     ]:
         with pytest.raises(UsageError, match=text):
@@ -82,3 +83,106 @@ def test_entry_point_reports_errors_cleanly() -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 1
     assert res.stderr.startswith("snaplab-system: ") and "Traceback" not in res.stderr
+
+
+# -- what qemu-iotests use (issue #21) ---------------------------------------------------------
+
+def snaplab(*argv: str, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "emulator.cli", *argv], input=stdin, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_help_lists_as_the_iotests_harness_reads_them() -> None:
+    machines = snaplab("-machine", "help").stdout.splitlines()
+    assert machines[0] == "Supported machines are:"
+    default = next(m for m in machines if m.endswith(" (default)")).split(" ", 1)[0]  # testenv.py's reading
+    assert default == "snaplab" and any(m.endswith(f"(alias of {default})") for m in machines)
+    devices = snaplab("-M", "none", "-device", "help").stdout
+    assert 'name "virtio-blk-pci", bus PCI, alias "virtio-blk"' in devices and 'name "scsi-hd"' in devices
+    assert " copy-on-read " in snaplab("-drive", "format=help").stdout.split(":", 1)[1] + " "
+
+
+def test_drives_get_qemus_blockbackend_names_and_devices() -> None:
+    o = parse_args(["-drive", "file=a.qcow2,if=none", "-drive", "file=b.qcow2,if=none,format=qcow2",
+                    "-drive", "driver=file,file=c.raw,if=virtio", "d.qcow2",
+                    "-device", "virtio-scsi,id=hba0", "-object", "iothread,id=io0", "-set", "device.hba0.iothread=io0",
+                    "-device", "scsi-hd,drive=none1", "-device", "virtio-blk,drive=none0"])
+    assert [d.backend for d in o.drives] == ["none0", "none1", "virtio0", "ide0-hd0"]
+    assert [d.drive for d in o.disks] == ["virtio0", "ide0-hd0", "none1", "none0"]
+    assert o.devices[0].props["iothread"] == "io0"
+
+
+@pytest.mark.parametrize(("argv", "text"), [
+    (["-drive", "file=IMG,if=none,foo=bar"], "-drive file=IMG,if=none,foo=bar: Block format 'qcow2' does not "
+                                             "support the option 'foo'"),
+    (["-drive", "driver=file,file=IMG,foo=bar"], "Block protocol 'file' doesn't support the option 'foo'"),
+    (["-drive", "file=IMG,if=none,cache=bogus"], "-drive file=IMG,if=none,cache=bogus: invalid cache option"),
+    (["-device", "nosuchdev"], "-device nosuchdev: 'nosuchdev' is not a valid device model name"),
+    (["-device", "scsi-hd,drive=x"], "-device scsi-hd,drive=x: No 'SCSI' bus found for device 'scsi-hd'"),
+    (["-set", "device.hba0.iothread=x"], '-set device.hba0.iothread=x: there is no device "hba0" defined'),
+    (["-drive", "file=MISSING,if=none"], "Could not open backing file: Could not open '"),
+    (["-drive", "file=LOOP,if=none"], "Could not open backing file: Backing file '"),
+])
+def test_bad_input_is_one_line_in_qemus_words(tmp_path: Path, argv: list[str], text: str) -> None:
+    img, missing, loop_a, loop_b = (tmp_path / n for n in ("t.qcow2", "m.qcow2", "a.qcow2", "b.qcow2"))
+    Qcow2Image.create(img, 1 << 20).close()
+    Qcow2Image.create(missing, 1 << 20, backing_file="gone.qcow2", backing_fmt="qcow2").close()
+    Qcow2Image.create(loop_a, 1 << 20, backing_file="b.qcow2", backing_fmt="qcow2").close()
+    Qcow2Image.create(loop_b, 1 << 20, backing_file="a.qcow2", backing_fmt="qcow2").close()
+    subst = {"IMG": str(img), "MISSING": str(missing), "LOOP": str(loop_a)}
+    for k, v in subst.items():
+        argv = [a.replace(k, v) for a in argv]
+        text = text.replace(k, v)
+    res = snaplab("-accel", "qtest", *argv)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert res.stderr.startswith("snaplab-system: ") and text in res.stderr, res.stderr
+
+
+def test_readline_echo_is_qemus() -> None:
+    """Bytes recorded from qemu-system-x86_64 7.2 for ``info``+Enter typed on -monitor stdio."""
+    rs = ReadlineState()
+    echo = rs.show_prompt() + "".join(rs.readline_handle_byte(c)[0] for c in b"info\n")
+    assert echo == "(qemu) i\x1b[K\x1b[Din\x1b[K\x1b[D\x1b[Dinf\x1b[K\x1b[D\x1b[D\x1b[Dinfo\x1b[K\r\n"
+    rs.readline_handle_byte(ord("x"))
+    rs.readline_handle_byte(8)
+    assert rs.readline_handle_byte(ord("\n"))[1] == ""  # backspace edited the line away
+
+
+def test_monitor_stdio_under_qtest_saves_with_the_clock_at_zero(tmp_path: Path) -> None:
+    img = tmp_path / "t.qcow2"
+    Qcow2Image.create(img, 64 << 20).close()
+    res = subprocess.run([sys.executable, "-m", "emulator.cli", "-nodefaults", "-display", "none", "-accel", "qtest",
+                          "-nographic", "-monitor", "stdio", "-serial", "none", str(img)],
+                         input=b"savevm s1\ninfo status\ninfo snapshots\nquit\n", capture_output=True, timeout=60)
+    assert res.returncode == 0 and res.stderr == b""
+    lines = res.stdout.decode().split("\r\n")
+    assert lines[0] == "QEMU 7.2.22 monitor - type 'help' for more information"
+    assert lines[1].startswith("(qemu) s\x1b[K") and lines[1].endswith("savevm s1\x1b[K")
+    assert "VM status: running" in lines
+    row = next(ln for ln in lines if ln.startswith("--        s1"))
+    assert " 00:00:00.000 " in row  # qtest: the virtual clock never moved
+    assert lines[-2].startswith("(qemu) q") and lines[-2].endswith("quit\x1b[K") and lines[-1] == ""  # then exit
+    assert "s1" in Qcow2Image.open(img, read_only=True).snapshot_list()[0].name
+
+
+def test_qmp_tcp_listens_on_loopback_unless_told(tmp_path: Path) -> None:
+    assert parse_args(["-qmp", "tcp::4444,server=on,wait=off"]).qmp[0]["host"] == "127.0.0.1"
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-accel", "qtest", "-m", "32M",
+                             "-qmp", f"tcp::{port},server=on,wait=off"], stderr=subprocess.PIPE)
+    try:
+        listening: list[str] = []
+        for _ in range(200):
+            listening = [ln.split()[1] for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                         if ln.split()[3] == "0A" and int(ln.split()[1].split(":")[1], 16) == port]
+            if listening:
+                break
+            time.sleep(0.05)
+        assert listening == [f"0100007F:{port:04X}"]  # 127.0.0.1, not 0.0.0.0
+    finally:
+        proc.terminate()
+        proc.wait(20)
