@@ -18,6 +18,7 @@ qemu.qmp's ``error.py``).  Every class is defined here, none elsewhere::
     │       ├── SnapshotNotFoundError
     │       └── SnapshotExistsError
     ├── DeviceNotFoundError           DeviceNotFound (QMP)
+    ├── DeviceNotActiveError          DeviceNotActive (QMP): no such block job
     ├── LoadVMError                   GenericError: a VM state that does not fit this machine
     ├── SnapshotBusyError             GenericError: another snapshot operation is running
     ├── MigrationCancelled            GenericError: migrate_cancel reached the stream
@@ -103,6 +104,13 @@ class DeviceNotFoundError(SnaplabError):
     """A named device or node does not exist."""
 
     qmp_class = "DeviceNotFound"
+
+
+class DeviceNotActiveError(SnaplabError):
+    """A block-job command named no block job (QEMU's find_block_job: snapshot jobs are not
+    block jobs)."""
+
+    qmp_class = "DeviceNotActive"
 
 
 class LoadVMError(SnaplabError):

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from emulator.block.info import info_dict
 from emulator.block.node import BlockGraph, BlockNode
-from emulator.errors import CommandNotFoundError, SnaplabError
+from emulator.errors import CommandNotFoundError, DeviceNotActiveError, SnaplabError
 from emulator.gc_control import gc_paused
 from emulator.qmp.hmp import HMP
 from emulator.qmp.jobs import JobManager, JobVerb
@@ -110,10 +110,20 @@ class Monitor:
             "job-resume": lambda a: self._job_verb(a["id"], JobVerb.RESUME),
             "job-complete": lambda a: self._job_verb(a["id"], JobVerb.COMPLETE),
             "job-finalize": lambda a: self._job_verb(a["id"], JobVerb.FINALIZE),
+            # snaplab has no block jobs (a snapshot job is not one): QEMU's find_block_job answers.
+            "query-block-jobs": lambda a: [],
+            **{cmd: lambda a: self._no_block_job(a.get("device", a.get("id", ""))) for cmd in (
+                "block-job-set-speed", "block-job-cancel", "block-job-pause", "block-job-resume",
+                "block-job-complete", "block-job-dismiss", "block-job-finalize")},
         }
         self.hmp = HMP(vm, self.version, self.jobs.query)
         self.handlers["human-monitor-command"] = lambda a: self.hmp.execute(a["command-line"])
         vm.add_listener(self._on_vm_event)
+
+    @staticmethod
+    def _no_block_job(job_id: str) -> dict[str, Any]:
+        """blockdev.c find_block_job_locked(): every id, a snapshot job's included."""
+        raise DeviceNotActiveError(f"Block job '{job_id}' not found")
 
     def _job_verb(self, job_id: str, verb: JobVerb) -> dict[str, Any]:
         if verb is JobVerb.DISMISS:

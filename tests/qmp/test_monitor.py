@@ -251,3 +251,30 @@ def test_generator_job_first_step_is_the_commands_bottom_half() -> None:
     jobs.cancel("d")
     gate.set()
     assert d.done.wait(5) and where == {"first": "ran", "rest": "ran"} and d.error == "Operation canceled"
+
+
+def test_block_job_commands_on_a_snapshot_job_answer_as_qemu(vm: Machine) -> None:
+    """QEMU 7.2 (shared/reference/qemu-7.2-qmp.md, "block-job-cancel on snapshot job id"): a
+    snapshot job is not a block job, so every block-job-* command answers find_block_job's
+    DeviceNotActive "Block job 'X' not found", for a running or concluded job's id and for an
+    unknown one; query-block-jobs lists none; the job-* commands still reach the job."""
+    q = vm.qmp()
+    gate = threading.Event()
+    vm.monitor.jobs.create("save1", "snapshot-save", lambda job: gate.wait(5))
+    by_device = [("block-job-cancel", {}), ("block-job-cancel", {"force": True}), ("block-job-pause", {}),
+                 ("block-job-resume", {}), ("block-job-complete", {}), ("block-job-set-speed", {"speed": 0})]
+    by_id = ["block-job-dismiss", "block-job-finalize"]
+    for phase in ("running", "concluded"):
+        for job_id in ("save1", "nope"):
+            for cmd, extra in by_device:
+                assert err(q, cmd, {"device": job_id, **extra}) == ("DeviceNotActive", f"Block job '{job_id}' not found")
+            for cmd in by_id:
+                assert err(q, cmd, {"id": job_id}) == ("DeviceNotActive", f"Block job '{job_id}' not found")
+        assert q.execute("query-block-jobs") == []
+        assert q.execute("query-jobs")[0]["status"] == phase
+        gate.set()
+        q.wait_job("save1", 5) if phase == "running" else None
+    assert err(q, "block-job-cancel", {}) == ("GenericError", "Parameter 'device' is missing")
+    assert err(q, "block-job-set-speed", {"device": "save1"}) == ("GenericError", "Parameter 'speed' is missing")
+    q.execute("job-dismiss", {"id": "save1"})
+    assert q.execute("query-jobs") == []
