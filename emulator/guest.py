@@ -34,7 +34,8 @@ WORKLOADS = ("idle", "dirty", "disk", "mixed")
 PATTERNS = ("sequential", "random", "hot-cold")
 
 
-def _assemble(text: str, base: int) -> bytes:
+def assemble(text: str, base: int) -> bytes:
+    """x86-64 assembly (Intel syntax) at ``base``, with keystone."""
     import keystone  # build-time only
 
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
@@ -45,13 +46,20 @@ def _assemble(text: str, base: int) -> bytes:
     return bytes(enc or b"")
 
 
-def _strip(text: str) -> str:
+def strip_comments(text: str) -> str:
     return "\n".join(line.split(";", 1)[0].rstrip() for line in text.splitlines())
+
+
+def platform_text() -> str:
+    """The code appended to every program on snaplab's machine: the shared helpers, then
+    snaplab's platform functions (data/qemu/platform.inc has QEMU's)."""
+    return (DATA_DIR / "firmware" / "common.inc").read_text() + "\n" + \
+        (DATA_DIR / "firmware" / "platform.inc").read_text()
 
 
 def build_workloads() -> dict[str, bytes]:
     src = (DATA_DIR / "guest" / "workloads.asm").read_text()
-    common = (DATA_DIR / "firmware" / "common.inc").read_text()
+    common = platform_text()
     parts = re.split(r"^;@(workload \w+|shared)\s*$", src, flags=re.M)
     pieces: dict[str, str] = {}
     shared = ""
@@ -62,18 +70,18 @@ def build_workloads() -> dict[str, bytes]:
             pieces[tag.split()[1]] = body
     out = {}
     for name in WORKLOADS:
-        out[name] = _assemble(_strip(pieces[name] + "\n" + shared + "\n" + common), WORKLOAD_BASE)
+        out[name] = assemble(strip_comments(pieces[name] + "\n" + shared + "\n" + common), WORKLOAD_BASE)
     return out
 
 
 def build_firmware() -> bytes:
     """The pflash0 image: header page, firmware code at 0x1000, workloads after it."""
     src = (DATA_DIR / "firmware" / "firmware.asm").read_text()
-    common = (DATA_DIR / "firmware" / "common.inc").read_text()
+    common = platform_text()
     text = src.replace("; include: common.inc is appended here by the build", common)
     for name, val in (("FW_BASE_PLUS_16", FW_BASE + 16), ("FW_BASE_PLUS_8", FW_BASE + 8), ("FW_BASE_0", FW_BASE)):
         text = text.replace(name, hex(val))
-    code = _assemble(_strip(text), FW_ENTRY)
+    code = assemble(strip_comments(text), FW_ENTRY)
     image = bytearray(0x1000) + code
     table: list[tuple[int, int]] = []
     blobs = build_workloads()

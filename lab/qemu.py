@@ -11,12 +11,16 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from emulator.guest import WorkloadSpec
+from emulator.qemu_guest import PROGRESS_PORT, configured_image, parse_progress
 
 OVMF = Path("/usr/share/OVMF")
 
@@ -210,3 +214,96 @@ def measure(sizes: list[int], runs: int = 3, settle: float = 4.0) -> list[dict[s
                 rows.append({"measurement": "background snapshot total", "ram_mib": mib, "run": i,
                              "seconds": total})
     return rows
+
+
+class ProgressReader:
+    """The guest's progress reports (data/qemu/platform.inc) from QEMU's debug console, each
+    timestamped on the host (``time.monotonic_ns``) when it arrives: what snaplab's lab port
+    records, for QEMU.  A thread drains the socket so QEMU's vCPU never waits on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.samples: list[tuple[int, int]] = []  # (host monotonic ns, iterations)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="qemu-progress", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        tail = b""
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                return
+            if not data:
+                return
+            now = time.monotonic_ns()
+            its, tail = parse_progress(tail + data)
+            with self._lock:
+                self.samples.extend((now, i) for i in its)
+
+    def history(self) -> list[tuple[int, int]]:
+        with self._lock:
+            return list(self.samples)
+
+
+def guest_argv(w: Path, mib: int, spec: WorkloadSpec, loaders: list[str]) -> list[str]:
+    """qemu-system-x86_64 running snaplab's own guest program (emulator/qemu_guest.py): the
+    configured multiboot image, a 1 GiB qcow2 disk for the VM state, progress on a debug
+    console chardev (``w/progress.sock``, which the host listens on), QMP on ``w/q.sock``."""
+    (w / "guest.mb").write_bytes(configured_image(spec, mib << 20))
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "disk0.qcow2"), "1G"], check=True)
+    return ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", f"{mib}M",
+            "-nodefaults", "-display", "none", "-serial", "none", "-kernel", str(w / "guest.mb"),
+            "-device", "pvpanic",
+            "-chardev", f"socket,id=progress,path={w / 'progress.sock'}",
+            "-device", f"isa-debugcon,iobase={PROGRESS_PORT:#x},chardev=progress",
+            "-blockdev", json.dumps({"driver": "file", "filename": str(w / "disk0.qcow2"), "node-name": "disk0-file"}),
+            "-blockdev", json.dumps({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"}),
+            "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev", *loaders,
+            "-qmp", f"unix:{w / 'q.sock'},server=on,wait=off"]
+
+
+@contextlib.contextmanager
+def running_guest(w: Path, mib: int, spec: WorkloadSpec, *, random_fill: bool = False,
+                  seed: int = 0) -> Iterator[tuple[RawQMP, ProgressReader, list[str]]]:
+    """QEMU running snaplab's guest program ``spec`` in ``mib`` MiB (RAM filled with random
+    bytes first when ``random_fill``); yields its QMP, its progress and its command line."""
+    argv = guest_argv(w, mib, spec, fill_files(w, mib, seed) if random_fill else [])
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(w / "progress.sock"))
+    listener.listen(1)
+    listener.settimeout(60)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    conn: socket.socket | None = None
+    try:
+        try:
+            conn, _ = listener.accept()
+        except TimeoutError:
+            raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc)}") from None
+        progress = ProgressReader(conn)
+        end = time.monotonic() + 60
+        while not (w / "q.sock").exists():
+            if proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc)}")
+            time.sleep(0.05)
+        q = RawQMP(w / "q.sock")
+        yield q, progress, argv
+        with contextlib.suppress(OSError, EOFError, RuntimeError):
+            q.cmd("quit")
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if conn is not None:
+            conn.close()
+        listener.close()
+
+
+def _stderr(proc: subprocess.Popen[bytes]) -> str:
+    if proc.poll() is None:
+        proc.kill()
+    _, err = proc.communicate(timeout=10)
+    return err.decode(errors="replace").strip()[-500:]

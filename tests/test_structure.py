@@ -12,9 +12,10 @@ PACKAGES = ("emulator", "lab")
 MAX_CLASS = 400
 MAX_FUNCTION = 80
 # What the lab may import from the emulator: the machine and its configuration, the block
-# layer's package exports (what the README shows a user), the guest programs, the engine
+# layer's package exports (what the README shows a user), the guest programs (for snaplab and
+# as QEMU's boot image), the engine
 # registry and write-protect backends, the error tree, and userfaultfd's availability probe.
-LAB_MAY_IMPORT = {"emulator.machine", "emulator.block", "emulator.guest", "emulator.migration.engines",
+LAB_MAY_IMPORT = {"emulator.machine", "emulator.block", "emulator.guest", "emulator.qemu_guest", "emulator.migration.engines",
                   "emulator.migration.cow", "emulator.errors", "emulator.uffd"}
 
 
