@@ -35,6 +35,7 @@ from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.qmp.readline import serve_stdio
 from emulator.qtest import ACCELERATORS
 from emulator.runstate import RunState
+from emulator.termsig import setup_signal_handling
 
 PROG = "snaplab-system"
 _IGNORED_WITH_ARG = {"-display": {"none"}}
@@ -486,6 +487,7 @@ def build_machine(opts: Options) -> tuple[Machine, Callable[[], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    setup_signal_handling()  # SIGTERM/SIGINT/SIGHUP: a shutdown request from here on (emulator/termsig.py)
     try:
         opts = parse_args(list(sys.argv[1:] if argv is None else argv))
         if opts.help is not None:
