@@ -16,11 +16,12 @@ snaplab's own options carry a ``-snaplab-`` prefix: ``-snaplab-workload NAME[,se
 rate=SIZE/s,pattern=P,batch=N]`` and ``-snaplab-no-hugepages``.
 
 Errors are one line, ``snaplab-system: -OPTION ARG: text`` with QEMU's text, and exit status 1.
+SIGTERM, SIGINT and SIGHUP are a shutdown request from main()'s first line (emulator/termsig.py,
+QEMU's termsig_handler): SHUTDOWN event with reason host-signal, then the monitors close, exit 0.
 """
 
 from __future__ import annotations
 
-import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -526,11 +527,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         close_sink()
         return 1
 
-    def on_signal(signum: int, frame: object) -> None:
-        done.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    # Signals stay termsig's (main()'s first line): a shutdown request quits the machine, whose
+    # SHUTDOWN event reaches the clients and sets ``done``; only then do the monitors close.
     while not done.wait(0.2):
         pass
     with hmp_running:  # a monitor's quit has returned (the vCPU thread has ended)

@@ -255,24 +255,38 @@ class Migration:
         if not (uri.startswith("exec:") or uri.startswith("file:")):
             raise SnaplabError("Parameter 'uri' expects a valid migration protocol")
         self.incoming_uri = uri
+        self._cancel.clear()
+        self._set(MigrationStatus.SETUP)
         self._thread = threading.Thread(target=self._incoming, args=(uri,), name="incoming", daemon=True)
         self._thread.start()
 
     def _incoming(self, uri: str) -> None:
+        """process_incoming_migration_co(), as the VM's one snapshot operation: the machine's
+        teardown cancels it and waits for its end before guest RAM is unmapped (a SIGTERM
+        during ``-incoming file:`` used to unmap RAM under the loading thread)."""
         ctx = self.ctl.ctx
-        self._set(MigrationStatus.SETUP)
         f: IO[bytes] | None = None
         proc = None
         try:
-            f, proc = _open_uri(uri, "r")
-            self._set(MigrationStatus.ACTIVE)
-            ram = ctx.ram
-            ram.fill(0, 0, ram.size)
-            ctx.vm.reset_for_load()
-            load_sequential(f.read, ctx.machine_name, ctx.handlers(),
-                            lambda first, data: ram.write(first * PAGE, data), ram.size)
-            self._set(MigrationStatus.COMPLETED)
-            ctx.vm.vm_resume(RunState.RUNNING if self.autostart else RunState.PAUSED)
+            with self.ctl.exclusive("incoming migration"):
+                f, proc = _open_uri(uri, "r")
+                src = f
+
+                def read(n: int) -> bytes:
+                    if self._cancel.is_set():
+                        raise MigrationCancelled("migration cancelled")
+                    return src.read(n)
+
+                self._set(MigrationStatus.ACTIVE)
+                ram = ctx.ram
+                ram.fill(0, 0, ram.size)
+                ctx.vm.reset_for_load()
+                load_sequential(read, ctx.machine_name, ctx.handlers(),
+                                lambda first, data: ram.write(first * PAGE, data), ram.size)
+                self._set(MigrationStatus.COMPLETED)
+                ctx.vm.vm_resume(RunState.RUNNING if self.autostart else RunState.PAUSED)
+        except MigrationCancelled:
+            self._set(MigrationStatus.CANCELLED)
         except BaseException as err:
             self.info["error-desc"] = str(err)
             self._set(MigrationStatus.FAILED)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +18,7 @@ from emulator.block import Qcow2Image
 from emulator.cli import build_machine, parse_args
 from emulator.errors import UsageError
 from emulator.guest import DATA_DIR, FIRMWARE_BIN
+from emulator.machine import Machine, MachineConfig
 from emulator.qmp.readline import ReadlineState
 
 REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "transcripts"
@@ -168,7 +172,6 @@ def test_monitor_stdio_under_qtest_saves_with_the_clock_at_zero(tmp_path: Path) 
 
 def test_qmp_tcp_listens_on_loopback_unless_told(tmp_path: Path) -> None:
     assert parse_args(["-qmp", "tcp::4444,server=on,wait=off"]).qmp[0]["host"] == "127.0.0.1"
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -186,3 +189,67 @@ def test_qmp_tcp_listens_on_loopback_unless_told(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# -- a termination signal in every way snaplab-system serves (issue #20) ------------------------
+
+def _saved_image(tmp_path: Path) -> Path:
+    """An image whose snapshot s1 was saved by snaplab-system itself (-monitor stdio)."""
+    img = tmp_path / "t.qcow2"
+    Qcow2Image.create(img, 16 << 20).close()
+    res = snaplab("-m", "32M", "-monitor", "stdio", "-serial", "none", str(img), stdin="savevm s1\nquit\n")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    return img
+
+
+def _migration_file(tmp_path: Path) -> Path:
+    out = tmp_path / "m.bin"
+    with Machine(MachineConfig(ram_size=32 << 20)) as m:
+        m.start()
+        m.qmp().execute("migrate", {"uri": f"file:{out}"})
+        m.migration.wait(60)
+        assert m.migration.status == "completed"
+    return out
+
+
+@pytest.mark.parametrize("how", ["qmp", "monitor-stdio", "loadvm", "incoming-file", "incoming-defer", "paused"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_shuts_down_cleanly_however_it_serves(tmp_path: Path, how: str, sig: signal.Signals) -> None:
+    """QEMU's termsig_handler from main()'s first line, whatever else runs: the QMP client sees
+    SHUTDOWN {"guest": false, "reason": "host-signal"} before the socket closes, exit status 0,
+    nothing on stderr.  (cli.py's old handler closed the monitors first: no SHUTDOWN, fails here.)"""
+    sock = tmp_path / "q.sock"
+    extra = {"qmp": [], "monitor-stdio": ["-monitor", "stdio"], "paused": ["-S"],
+             "incoming-defer": ["-incoming", "defer"]}.get(how, [])
+    if how == "loadvm":
+        extra = ["-loadvm", "s1", str(_saved_image(tmp_path))]
+    elif how == "incoming-file":
+        extra = ["-incoming", f"file:{_migration_file(tmp_path)}"]
+    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "32M", *extra,
+                             "-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        end = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < end, proc.stderr.read() if proc.stderr else b""
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(60)
+            s.connect(str(sock))
+            f = s.makefile("rwb")
+            f.readline()
+            f.write(b'{"execute": "qmp_capabilities"}\n')
+            f.flush()
+            assert "return" in json.loads(f.readline())
+            proc.send_signal(sig)  # stdin stays open: -monitor stdio has not seen EOF
+            events = [json.loads(line) for line in f]
+        assert proc.wait(60) == 0
+        assert proc.stderr is not None and proc.stderr.read() == b""
+        shutdown = [e["data"] for e in events if e.get("event") == "SHUTDOWN"]
+        assert shutdown == [{"guest": False, "reason": "host-signal"}], events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(60)
+        if proc.stdin is not None:
+            proc.stdin.close()

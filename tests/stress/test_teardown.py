@@ -64,15 +64,7 @@ def test_snaplab_system_signalled_at_random_points_exits_cleanly(tmp_path: Path)
     assert tally.hangs == 0 and tally.signal_deaths == 0 and tally.bad_exits == 0, tally
 
 
-@pytest.mark.parametrize("sig", [
-    pytest.param(signal.SIGTERM, marks=pytest.mark.xfail(
-        reason="cli.py installs its own SIGTERM/SIGINT handler once serving (closes the monitors "
-               "before quitting): no SHUTDOWN event reaches the client; issue #20, owner of cli.py",
-        strict=False)),
-    pytest.param(signal.SIGINT, marks=pytest.mark.xfail(
-        reason="as SIGTERM: cli.py's own handler replaces emulator/termsig.py's", strict=False)),
-    signal.SIGHUP,
-])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_is_a_shutdown_request_as_in_qemu(tmp_path: Path, sig: signal.Signals) -> None:
     """QEMU's termsig_handler: SHUTDOWN {"guest": false, "reason": "host-signal"}, exit 0."""
     sock = tmp_path / "qmp.sock"
