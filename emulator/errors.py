@@ -35,6 +35,7 @@ qemu.qmp's ``error.py``).  Every class is defined here, none elsewhere::
     └── QMPTimeout                    GenericError: no answer in time (client side)
 
     lab.spec.SpecError                (SnaplabError and ValueError) a bad experiment spec
+    lab.reproduce.ReproError          (SnaplabError and ValueError) a bad `snaplab reproduce` argument
 
 Outside the tree on purpose: ``PowerCut`` (emulator/block/io.py), the fault-injection
 file's simulated process death, which nothing in snaplab may catch.

@@ -95,7 +95,47 @@ def cmd_reference(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from lab import repro_report
+    from lab.reproduce import QUICK_REPS, QUICK_SIZES, ReproSpec, parse_sizes, reproduce
+
+    sizes = parse_sizes(a.ram) if a.ram else (QUICK_SIZES if a.quick else ReproSpec().ram_mib)
+    reps = a.reps if a.reps is not None else (QUICK_REPS if a.quick else ReproSpec().reps)
+    conditions = tuple(c.strip() for c in a.conditions.split(",") if c.strip())
+    spec = ReproSpec(ram_mib=sizes, reps=reps, conditions=conditions, dirty_rate_mib_s=a.rate,
+                     working_set_mib=a.ws, seed=a.seed, with_qemu=not a.no_qemu)
+    committed = None
+    if a.compare:
+        committed = repro_report.load_runs(a.compare)  # fail on a bad directory before measuring
+    out = Path(a.out)
+    print(f"snaplab reproduce: RAM {list(spec.ram_mib)} MiB, {spec.reps} repetitions, {', '.join(conditions)}, "
+          f"seed {spec.seed}, {'with' if spec.with_qemu else 'without'} QEMU -> {out}", flush=True)
+    t0 = time.monotonic()
+    reproduce(spec, out, log=lambda s: print(f"  {s}", flush=True))
+    rows, meta = repro_report.load_runs(out)
+    print(repro_report.table(rows))
+    repro_report.figure(rows, meta, out / "downtime.png")
+    if committed is not None:
+        print(repro_report.compare_text(rows, committed[0], repro_report.source_label(committed[1], True)))
+    print(f"runs: {out / 'runs.csv'}, metadata: {out / 'metadata.json'}, figure: {out / 'downtime.png'}; "
+          f"{time.monotonic() - t0:.0f} s")
+    return 0
+
+
 def cmd_plot(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    if Path(a.results).is_dir():  # a reproduction's directory
+        from lab import repro_report
+
+        rows, meta = repro_report.load_runs(a.results)
+        png = a.png if a.png != "out/plot.png" else str(Path(a.results) / "downtime.png")
+        repro_report.figure(rows, meta, png, committed=a.committed)
+        print(repro_report.table(rows))
+        print(f"plot: {png} ({repro_report.source_label(meta, a.committed)})")
+        return 0
     rows, meta = results.load(a.results)
     plot.downtime_vs_ram(rows, a.png, QEMU_REFERENCE)
     print(results.table(rows))
@@ -132,14 +172,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     f.add_argument("--runs", type=int, default=3)
     f.add_argument("--out", default="data/reference/qemu-measured.csv")
     f.set_defaults(fn=cmd_reference)
-    p = sub.add_parser("plot", help="re-plot saved results")
+    p = sub.add_parser("plot", help="re-plot saved results (a CSV, or a reproduction's directory)")
     p.add_argument("results")
     p.add_argument("--png", default="out/plot.png")
+    p.add_argument("--committed", action="store_true", help="label the figure as committed data")
     p.set_defaults(fn=cmd_plot)
+    e = sub.add_parser("reproduce", help="snaplab beside the real QEMU 7.2: same guest, same sizes, same definitions")
+    e.add_argument("--quick", action="store_true", help="256 and 1024 MiB, 3 repetitions")
+    e.add_argument("--out", default="out/reproduction")
+    e.add_argument("--ram", default="", help="RAM sizes in MiB, comma-separated (default 256,1024,4096)")
+    e.add_argument("--reps", type=int, default=None, help="repetitions (default 5; --quick 3)")
+    e.add_argument("--conditions", default="idle-random,dirty", help="idle-random, dirty")
+    e.add_argument("--rate", type=int, default=100, help="the dirty workload's rate, MiB/s")
+    e.add_argument("--ws", type=int, default=256, help="the dirty workload's working set, MiB")
+    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--no-qemu", action="store_true", help="measure snaplab only")
+    e.add_argument("--compare", default="", help="a committed reproduction to compare the ratios with")
+    e.set_defaults(fn=cmd_reproduce)
     a = ap.parse_args(argv)
     try:
         return int(a.fn(a))
-    except SpecError as err:
+    except FileNotFoundError as err:
+        print(f"snaplab: {err.strerror}: '{err.filename}'", file=sys.stderr)
+        return 2
+    except (SpecError, ValueError) as err:
         print(f"snaplab: {err}", file=sys.stderr)
         return 2
 

@@ -97,13 +97,16 @@ class RawQMP:
 LOADER_FILE_MAX_MIB = 1024  # QEMU's ROM loader reads a file with one read(), which stops at 2 GiB
 
 
-def fill_files(w: Path, mib: int, seed: int = 0) -> list[str]:
+def fill_files(w: Path, mib: int, seed: int = 0, *, contiguous: bool = False) -> list[str]:
     """Random fill files and their -device loader arguments: RAM below 2 GiB, and above 4 GiB
-    when q35 splits RAM there, in files of at most 1 GiB each."""
+    when q35 splits RAM there, in files of at most 1 GiB each.  ``contiguous``: the same
+    amount of random bytes in one region from 16 MiB on (snaplab's RAM has no PCI hole)."""
     rng = np.random.default_rng(seed)
     regions = [(0x1000000, min(mib, 2048) - 64)]
     if mib > 2816:
         regions.append((0x100000000, mib - 2048 - 48))
+    if contiguous:
+        regions = [(0x1000000, sum(size for _, size in regions))]
     args: list[str] = []
     for addr, size in regions:
         for off in range(0, size, LOADER_FILE_MAX_MIB):

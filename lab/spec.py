@@ -38,6 +38,11 @@ def guest_runs(engine: str) -> bool:
     return any(e.name == engine and e.guest_runs for e in SAVE_ENGINES)
 
 
+def resumes_early(engine: str) -> bool:
+    """Whether a load with this engine resumes the guest before RAM is all back."""
+    return any(e.name == engine and e.resumes_early for e in LOAD_ENGINES)
+
+
 def write_protects(engine: str) -> bool:
     """Whether this save engine uses a write-protect backend (``wp_backend`` applies)."""
     return any(e.name == engine and e.write_protects for e in SAVE_ENGINES)

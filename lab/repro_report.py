@@ -1,0 +1,141 @@
+"""Tables, ratios and figures from a reproduction's ``runs.csv`` (lab/reproduce.py).
+
+Every figure compares like with like: one panel per (condition, operation), the same sizes on
+both systems, medians with their interquartile range drawn as error bars, points and lines on
+log axes (no bars), the legend outside the data, the conditions in the title, and where the
+data came from (measured now, or committed with its date and host) in the figure's caption.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import matplotlib.ticker
+
+from lab.stats import Summary, summarize
+
+NUMERIC = {"ram_mib": int, "dirty_rate_mib_s": int, "working_set_mib": int, "rep": int, "downtime_ms": float,
+           "total_s": float, "progress_ratio": float, "vmstate_bytes": int, "started_at": float}
+Key = tuple[str, str, str, str, int]  # workload, op, engine, system, ram
+
+
+def load_runs(directory: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of ``DIR/runs.csv`` with their types, and ``DIR/metadata.json`` (or {})."""
+    d = Path(directory)
+    rows: list[dict[str, Any]] = []
+    with open(d / "runs.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            row: dict[str, Any] = dict(r)
+            for k, conv in NUMERIC.items():
+                row[k] = conv(r[k]) if r.get(k, "") not in ("", None) else float("nan")
+            row["steady"] = r.get("steady") == "True"
+            rows.append(row)
+    meta_path = d / "metadata.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return rows, meta
+
+
+def summaries(rows: list[dict[str, Any]], field: str) -> dict[Key, Summary]:
+    groups: dict[Key, list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r["workload"], r["op"], r["engine"], r["system"], r["ram_mib"])].append(float(r[field]))
+    return {k: summarize(v) for k, v in sorted(groups.items())}
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], float]:
+    """QEMU's median downtime over snaplab's, for every engine both systems ran."""
+    s = summaries(rows, "downtime_ms")
+    out = {}
+    for (wl, op, eng, system, ram), q in s.items():
+        ours = s.get((wl, op, eng, "snaplab", ram))
+        if system == "qemu" and ours is not None and ours.median > 0:
+            out[(wl, op, eng, ram)] = q.median / ours.median
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """One line per (condition, op, engine, system, RAM): medians with their spread."""
+    down, total, prog = summaries(rows, "downtime_ms"), summaries(rows, "total_s"), summaries(rows, "progress_ratio")
+    lines = [f"{'workload':<12}{'op':<5}{'engine':<11}{'system':<8}{'RAM':>6} {'n':>2}  "
+             f"{'downtime ms (spread)':<44}{'total s':>8}  {'progress':>8}"]
+    for k, s in down.items():
+        wl, op, eng, system, ram = k
+        p = prog[k].median
+        lines.append(f"{wl:<12}{op:<5}{eng:<11}{system:<8}{ram:>6} {s.n:>2}  {f'{s.median:.3g} ({s.spread()})':<44}"
+                     f"{total[k].median:>8.3g}  {'' if math.isnan(p) else f'{p:.0%}':>8}")
+    r = ratios(rows)
+    if r:
+        lines.append("QEMU / snaplab, median downtime: " + ", ".join(
+            f"{wl} {op} {eng} {ram} MiB {v:.1f}x" for (wl, op, eng, ram), v in sorted(r.items())))
+    return "\n".join(lines)
+
+
+def compare_text(new: list[dict[str, Any]], committed: list[dict[str, Any]], label: str) -> str:
+    """Per (condition, op, engine, RAM): the new QEMU/snaplab ratio beside the committed one."""
+    a, b = ratios(new), ratios(committed)
+    lines = [f"QEMU / snaplab median downtime: this run vs {label}"]
+    for k in sorted(set(a) | set(b)):
+        wl, op, eng, ram = k
+        lines.append(f"  {wl:<12}{op:<5}{eng:<11}{ram:>6} MiB  now {a.get(k, float('nan')):7.1f}x   "
+                     f"committed {b.get(k, float('nan')):7.1f}x")
+    return "\n".join(lines)
+
+
+def source_label(meta: dict[str, Any], committed: bool) -> str:
+    when = str(meta.get("started", "?"))[:10]
+    where = meta.get("host", "?")
+    return f"{'committed data' if committed else 'measured'} {when} on {where}"
+
+
+def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | None = None,
+           committed: bool = False) -> Any:
+    """Downtime against RAM, one panel per (condition, operation): both systems' engines,
+    medians with IQR error bars."""
+    panels = sorted({(r["workload"], r["op"]) for r in rows})
+    s = summaries(rows, "downtime_ms")
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.4), squeeze=False)
+    styles = {"qemu": ("D", "--", "0.45"), "snaplab": ("o", "-", "black")}
+    markers = ["o", "s", "^", "v", "P", "X"]
+    for ax, (wl, op) in zip(axes[0], panels, strict=False):
+        series = sorted({(k[2], k[3]) for k in s if k[0] == wl and k[1] == op}, key=lambda x: (x[1], x[0]))
+        for i, (eng, system) in enumerate(series):
+            pts = sorted((k[4], v) for k, v in s.items() if k[:4] == (wl, op, eng, system))
+            xs = [x for x, _ in pts]
+            ys = [v.median for _, v in pts]
+            lo = [max(v.median - v.q1, 0) for _, v in pts]
+            hi = [max(v.q3 - v.median, 0) for _, v in pts]
+            _, ls, color = styles.get(system, ("x", ":", "blue"))
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], linestyle=ls, color=color,
+                        capsize=3, label=f"{system} {eng}")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({k[4] for k in s}))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_yscale("log")
+        ax.set_xlabel("guest RAM (MiB)")
+        ax.set_ylabel("downtime, STOP to RESUME (ms)")
+        cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
+                _dirty_label(rows, wl))
+        ax.set_title(f"{op}: {cond}", fontsize=9)
+        ax.grid(True, which="both", linewidth=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=2)
+    fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR "
+                 f"({source_label(meta, committed)})", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return fig
+
+
+def _dirty_label(rows: list[dict[str, Any]], wl: str) -> str:
+    mine = [r for r in rows if r["workload"] == wl]
+    sets = sorted({(r["ram_mib"], r["working_set_mib"]) for r in mine})
+    ws = ", ".join(f"{w} MiB at {ram}" for ram, w in sets) if len({w for _, w in sets}) > 1 else f"{sets[0][1]} MiB"
+    return f"dirtying {mine[0]['dirty_rate_mib_s']} MiB/s over {ws}"

@@ -1,0 +1,429 @@
+"""``snaplab reproduce``: snaplab beside the real QEMU 7.2, same guest, same sizes, same definitions.
+
+Both systems run snaplab's own guest program (on QEMU as the multiboot image of
+emulator/qemu_guest.py), in the same conditions:
+
+* ``idle-random``: the idle workload with RAM filled with random bytes through ``-device
+  loader`` (QEMU's reference measurement, shared/reference/qemu-7.2-qmp.md);
+* ``dirty``: the dirty workload at a stated rate over a stated working set (random pattern).
+
+For each RAM size and condition, each system gets a fresh machine (memory warmed and the page
+cache dropped before each, systems alternated ABBA from one block to the next) and, once its
+guest is in steady state (its progress rate at the configured rate, seen on its progress
+channel; the idle guest halts, so it gets a fixed settle time), ``reps`` repetitions of:
+blocking ``snapshot-save`` then ``snapshot-load`` of it; the background snapshot through
+``migrate-set-capabilities background-snapshot`` + ``migrate`` to a file; and on snaplab its
+own engines (every save engine whose guest runs, every load engine that resumes early).
+Repetitions inside a machine are its documented warm state: the steady state is waited for
+again before every operation.
+
+Definitions, the same on both systems (docs/reproduction.md says what each includes):
+``downtime_ms`` STOP -> RESUME from the QMP events' timestamps; ``total_s`` from the command
+(host wall clock when sent) to the completion event's timestamp (the job's ``concluded``, or
+MIGRATION ``completed``); ``progress_ratio`` the guest's progress rate between the command and
+the completion / its rate in the second before (host-timestamped progress samples; saves of
+the paced dirty guest only: the idle guest has no pace, and a load sets the counter back).
+
+Every row is appended to ``runs.csv`` as soon as it is measured, so a run that fails part way
+keeps what it measured; ``metadata.json`` says where and how.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from emulator.block import BlockGraph, Qcow2Image
+from emulator.errors import SnaplabError
+from emulator.guest import WorkloadSpec
+from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab import qemu as qemu_lab
+from lab.spec import engine_title, guest_runs, load_engines, resumes_early, save_engines
+
+CONDITIONS = ("idle-random", "dirty")
+SYSTEMS = ("snaplab", "qemu")
+BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems
+COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mib_s", "working_set_mib", "rep",
+           "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at")
+FULL_SIZES, FULL_REPS = (256, 1024, 4096), 5
+QUICK_SIZES, QUICK_REPS = (256, 1024), 3
+IDLE_SETTLE_S = 1.0
+STEADY_TIMEOUT_S = 30.0
+MIN_RAM_MIB, MAX_RAM_MIB = 64, 16384
+
+
+class ReproError(SnaplabError, ValueError):
+    """A bad ``snaplab reproduce`` argument; the message names it and what it accepts."""
+
+
+@dataclass(frozen=True)
+class ReproSpec:
+    """What one reproduction measures (see the module docstring)."""
+
+    ram_mib: tuple[int, ...] = FULL_SIZES
+    reps: int = FULL_REPS
+    conditions: tuple[str, ...] = CONDITIONS
+    dirty_rate_mib_s: int = 100
+    working_set_mib: int = 256
+    seed: int = 1
+    with_qemu: bool = True
+
+    def __post_init__(self) -> None:
+        for r in self.ram_mib:
+            if not MIN_RAM_MIB <= r <= MAX_RAM_MIB:
+                raise ReproError(f"--ram: {r} MiB is not allowed; expected sizes from {MIN_RAM_MIB} to {MAX_RAM_MIB} MiB")
+        if not self.ram_mib:
+            raise ReproError("--ram: no size given; expected sizes such as 256,1024,4096")
+        if not 1 <= self.reps <= 100:
+            raise ReproError(f"--reps: {self.reps} is not allowed; expected 1 to 100")
+        for c in self.conditions:
+            if c not in CONDITIONS:
+                raise ReproError(f"--conditions: {c!r} is not allowed; expected {', '.join(CONDITIONS)}")
+        if self.dirty_rate_mib_s <= 0:
+            raise ReproError("--rate: expected a positive rate in MiB/s")
+        if self.working_set_mib < 1:
+            raise ReproError("--ws: expected a positive working set in MiB")
+
+    def working_set(self, ram_mib: int) -> int:
+        """The dirty workload's working set at this RAM size: as asked, or half of RAM where
+        that does not fit (the rows record the one used)."""
+        return min(self.working_set_mib, ram_mib // 2)
+
+    def workload(self, condition: str, ram_mib: int) -> WorkloadSpec:
+        if condition == "dirty":
+            return WorkloadSpec("dirty", seed=self.seed, working_set=self.working_set(ram_mib) << 20,
+                                rate=self.dirty_rate_mib_s << 20, pattern="random")
+        return WorkloadSpec("idle", seed=self.seed)
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ReproError(f"--ram: {text!r} is not a list of sizes; expected MiB such as 256,1024,4096") from None
+
+
+class QMP(Protocol):
+    """What a measurement needs of a QMP connection (lab.qemu.RawQMP, or snaplab's in-process one)."""
+
+    events: list[dict[str, Any]]
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any: ...
+
+    def wait_event(self, pred: Any, timeout: float = 600) -> dict[str, Any]: ...
+
+
+class SnaplabQMP:
+    """snaplab's in-process QMP client with RawQMP's shape: events kept as QEMU's JSON."""
+
+    def __init__(self, machine: Machine) -> None:
+        self.client = machine.qmp()
+        self.events: list[dict[str, Any]] = []
+
+    def _pull(self) -> None:
+        for e in self.client.events():
+            sec = int(e.timestamp)
+            self.events.append({"event": e.event, "data": e.data,
+                                "timestamp": {"seconds": sec, "microseconds": round((e.timestamp - sec) * 1e6)}})
+
+    def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        out = self.client.execute(name, args or {})
+        self._pull()
+        return out
+
+    def wait_event(self, pred: Any, timeout: float = 600) -> dict[str, Any]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            self._pull()
+            for i, e in enumerate(self.events):
+                if pred(e):
+                    return self.events.pop(i)
+            time.sleep(0.002)
+        raise TimeoutError("no such event")
+
+
+@dataclass
+class Guest:
+    """One running system: its QMP, its progress samples (host monotonic ns, iterations)."""
+
+    system: str
+    qmp: QMP
+    progress: Callable[[], list[tuple[int, int]]]
+    workdir: Path
+    argv: list[str] = field(default_factory=list)
+
+
+def _ts(e: dict[str, Any]) -> float:
+    return float(e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6)
+
+
+def _rate(samples: list[tuple[int, int]], start_ns: int, end_ns: int) -> float:
+    """Iterations per second over [start, end], interpolated between samples (nan without them)."""
+    if len(samples) < 2:
+        return float("nan")
+    ts = np.array([s[0] for s in samples], dtype=np.float64)
+    its = np.array([s[1] for s in samples], dtype=np.float64)
+    if ts[0] > start_ns or ts[-1] < end_ns or end_ns <= start_ns:
+        return float("nan")
+    a, b = np.interp([start_ns, end_ns], ts, its)
+    return float((b - a) / ((end_ns - start_ns) / 1e9))
+
+
+def wait_steady(g: Guest, spec: WorkloadSpec) -> bool:
+    """Until the guest's progress over the last second (the window a progress ratio compares
+    with) runs forward at its configured rate, within 10% (pages a second); the idle guest
+    halts and has no rate: a fixed settle time."""
+    if spec.rate == 0:
+        time.sleep(IDLE_SETTLE_S)
+        return True
+    want = spec.rate / 4096
+    end = time.monotonic() + STEADY_TIMEOUT_S
+    while time.monotonic() < end:
+        time.sleep(0.1)
+        now = time.monotonic_ns()
+        start, end = now - 1_100_000_000, now - 100_000_000
+        window = [i for t, i in g.progress() if start <= t <= end]
+        forward = all(b >= a for a, b in zip(window, window[1:], strict=False))  # no load's rewind in it
+        if forward and abs(_rate(g.progress(), start, end) - want) <= 0.1 * want:
+            return True
+    return False
+
+
+def _progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
+    deadline = time.monotonic() + 0.3
+    while time.monotonic() < deadline and not any(s[0] > t1_ns for s in g.progress()[-4:]):
+        time.sleep(0.005)  # one sample past the window, so its end is interpolated
+    before = _rate(g.progress(), t0_ns - 1_000_000_000, t0_ns)
+    during = _rate(g.progress(), t0_ns, t1_ns)
+    return during / before if before > 0 else float("nan")
+
+
+def _stopped(events: list[dict[str, Any]]) -> float:
+    ts = {e["event"]: _ts(e) for e in events if e["event"] in ("STOP", "RESUME")}
+    return (ts["RESUME"] - ts["STOP"]) * 1e3 if len(ts) == 2 else 0.0
+
+
+def _job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int, int]:
+    """A snapshot job to its end: (downtime ms, total s, command monotonic ns, done monotonic ns)."""
+    q = g.qmp
+    q.events.clear()
+    sent, t0 = time.time(), time.monotonic_ns()
+    q.cmd(cmd, args)
+    done = q.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == args["job-id"]
+                        and e["data"]["status"] == "concluded")
+    t1 = time.monotonic_ns()
+    info = [j for j in q.cmd("query-jobs") if j["id"] == args["job-id"]][0]
+    q.cmd("job-dismiss", {"id": args["job-id"]})
+    if "error" in info:
+        raise RuntimeError(f"{g.system} {cmd} failed: {info['error']}")
+    return _stopped(q.events), _ts(done) - sent, t0, t1
+
+
+def _background(g: Guest, path: Path) -> tuple[float, float, int, int]:
+    """migrate with background-snapshot to a file: (downtime ms, total s, command ns, done ns)."""
+    q = g.qmp
+    q.events.clear()
+    sent, t0 = time.time(), time.monotonic_ns()
+    q.cmd("migrate", {"uri": f"exec:cat > {path}"})
+    done = q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
+    t1 = time.monotonic_ns()
+    if done["data"]["status"] != "completed":
+        raise RuntimeError(f"{g.system} background snapshot failed: {q.cmd('query-migrate')}")
+    return _stopped(q.events), _ts(done) - sent, t0, t1
+
+
+def _vmstate_bytes(g: Guest, tag: str) -> int:
+    for n in g.qmp.cmd("query-named-block-nodes"):
+        if n["node-name"] == "disk0":
+            for s in n["image"].get("snapshots", []):
+                if s["name"] == tag:
+                    return int(s["vm-state-size"])
+    return 0
+
+
+def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
+                  emit: Callable[[dict[str, Any]], None]) -> None:
+    """Every operation ``spec.reps`` times on one running guest; each row goes to ``emit``."""
+    w = spec.workload(condition, ram)
+    blocking_save, blocking_load = save_engines()[0], load_engines()[0]
+    base = {"vmstate": "disk0", "devices": ["disk0"]}
+    g.qmp.cmd("migrate-set-capabilities", {"capabilities": [
+        {"capability": "background-snapshot", "state": True}, {"capability": "events", "state": True}]})
+
+    def row(engine: str, op: str, rep: int, steady: bool, m: tuple[float, float, int, int], vm: int) -> None:
+        # Progress has a meaning only for a paced guest, and only for a save: a load puts the
+        # guest's counter back to the snapshot's (load metrics are the restore issue's).
+        paced = condition == "dirty" and op == "save"
+        emit({"system": g.system, "engine": engine, "op": op, "ram_mib": ram, "workload": condition,
+              "dirty_rate_mib_s": spec.dirty_rate_mib_s if condition == "dirty" else 0,
+              "working_set_mib": spec.working_set(ram) if condition == "dirty" else 0, "rep": rep,
+              "downtime_ms": m[0], "total_s": m[1], "progress_ratio": _progress_ratio(g, m[2], m[3]) if paced else float("nan"),
+              "vmstate_bytes": vm, "steady": steady, "started_at": time.time()})
+
+    ours_save = [e for e in save_engines()[1:] if guest_runs(e)] if g.system == "snaplab" else []
+    ours_load = [e for e in load_engines()[1:] if resumes_early(e)] if g.system == "snaplab" else []
+    for rep in range(spec.reps):
+        tag = f"r{rep}"
+        steady = wait_steady(g, w)
+        row(blocking_save, "save", rep, steady, _job(g, "snapshot-save", {"job-id": f"s{rep}", "tag": tag, **base}),
+            _vmstate_bytes(g, tag))
+        steady = wait_steady(g, w)
+        row(blocking_load, "load", rep, steady, _job(g, "snapshot-load", {"job-id": f"l{rep}", "tag": tag, **base}),
+            _vmstate_bytes(g, tag))
+        for eng in ours_load:
+            steady = wait_steady(g, w)
+            args = {"job-id": f"l{rep}-{eng}", "tag": tag, **base, "__org.snaplab_engine": eng}
+            row(eng, "load", rep, steady, _job(g, "snapshot-load", args), _vmstate_bytes(g, tag))
+        _job(g, "snapshot-delete", {"job-id": f"d{rep}", "tag": tag, "devices": ["disk0"]})
+        for eng in ours_save:
+            steady = wait_steady(g, w)
+            t = f"{tag}-{eng}"
+            m = _job(g, "snapshot-save", {"job-id": f"s{rep}-{eng}", "tag": t, **base, "__org.snaplab_engine": eng})
+            row(eng, "save", rep, steady, m, _vmstate_bytes(g, t))
+            _job(g, "snapshot-delete", {"job-id": f"d{rep}-{eng}", "tag": t, "devices": ["disk0"]})
+        steady = wait_steady(g, w)
+        out = g.workdir / f"background{rep}.bin"
+        m = _background(g, out)
+        row(BACKGROUND, "save", rep, steady, m, out.stat().st_size)
+        out.unlink()
+
+
+# -- the two systems --------------------------------------------------------------------------------
+def drop_caches() -> None:
+    """Give clean page cache back to the free pool (root only), so each side starts alike."""
+    os.sync()
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def warm_memory(nbytes: int) -> None:
+    """Touch and free ``nbytes`` of host memory, so neither system pays for first-touch zeroing."""
+    a = np.ones(nbytes, dtype=np.uint8)
+    del a
+
+
+@contextlib.contextmanager
+def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, random_fill: bool, seed: int) -> Iterator[Guest]:
+    disk = w / "disk0.qcow2"
+    Qcow2Image.create(disk, 1 << 30).close()
+    g = BlockGraph()
+    g.add({"driver": "file", "filename": str(disk), "node-name": "disk0-file"})
+    g.add({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"})
+    loaders = qemu_lab.fill_files(w, ram_mib, seed, contiguous=True) if random_fill else []
+    files = [(a.split("file=")[1].split(",")[0], int(a.split("addr=")[1].split(",")[0], 16)) for a in loaders[1::2]]
+    m = Machine(MachineConfig(ram_size=ram_mib << 20, workload=spec, disks=[DiskSpec("disk0", "disk0-dev")],
+                              loaders=files), g)
+    try:
+        m.start()
+        yield Guest("snaplab", SnaplabQMP(m), lambda: [(s.host_ns, s.iterations) for s in m.lab.history()], w,
+                    [f"snaplab in-process Machine: ram {ram_mib} MiB, workload {spec}, loaders {len(files)}"])
+    finally:
+        m.close()
+        g.close()
+
+
+@contextlib.contextmanager
+def qemu_guest(w: Path, ram_mib: int, spec: WorkloadSpec, random_fill: bool, seed: int) -> Iterator[Guest]:
+    with qemu_lab.running_guest(w, ram_mib, spec, random_fill=random_fill, seed=seed) as (q, progress, argv):
+        yield Guest("qemu", q, progress.history, w, argv)
+
+
+def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Measure everything ``spec`` asks for into ``out/runs.csv`` + ``out/metadata.json``."""
+    if spec.with_qemu and not shutil.which("qemu-system-x86_64"):
+        raise ReproError("qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 "
+                         "(apt-get install qemu-system-x86), or pass --no-qemu")
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = out / "runs.csv"
+    meta = metadata(spec, out)
+    systems = SYSTEMS if spec.with_qemu else SYSTEMS[:1]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+
+        def emit(r: dict[str, Any]) -> None:
+            writer.writerow(r)
+            f.flush()
+
+        block = 0
+        for ram in spec.ram_mib:
+            for condition in spec.conditions:
+                order = systems if block % 2 == 0 else tuple(reversed(systems))  # ABBA
+                block += 1
+                for system in order:
+                    log(f"{system}: {ram} MiB, {condition}")
+                    meta["blocks"].append(_one_block(spec, system, ram, condition, emit))
+                    _write_json(out / "metadata.json", meta)
+    meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    _write_json(out / "metadata.json", meta)
+    return csv_path
+
+
+def _one_block(spec: ReproSpec, system: str, ram: int, condition: str,
+               emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    warm_memory(ram << 20)
+    drop_caches()
+    start = qemu_guest if system == "qemu" else snaplab_guest
+    with tempfile.TemporaryDirectory(prefix="snaplab-repro-", dir="/var/tmp") as d, \
+            start(Path(d), ram, spec.workload(condition, ram), condition == "idle-random", spec.seed) as g:
+        measure_block(g, spec, condition, ram, emit)
+        return {"system": system, "ram_mib": ram, "workload": condition, "command": g.argv}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
+    """Where and how: host, kernel, CPU, memory, storage, versions, the command line."""
+    from importlib import metadata as md
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    qemu = ""
+    if shutil.which("qemu-system-x86_64"):
+        qemu = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    mem = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")), "")
+    usage = shutil.disk_usage(out)
+    fs = subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True, text=True).stdout.strip()
+    return {
+        "spec": asdict(spec), "command": " ".join(["snaplab", "reproduce", *sys.argv[2:]]) if sys.argv else "",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
+        "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "memory": mem,
+        "storage": {"workdir": "/var/tmp", "filesystem": fs, "free_bytes": usage.free},
+        "page_cache": "os.sync() then /proc/sys/vm/drop_caches=3 before each block (root), after touching "
+                      "and freeing as much host memory as the guest's RAM",
+        "versions": {"snaplab": version("snaplab"), "unicorn": version("unicorn"),
+                     "python": platform.python_version(), "qemu": qemu},
+        "definitions": {"downtime_ms": "STOP -> RESUME, QMP event timestamps",
+                        "total_s": "command sent (host wall clock) -> JOB_STATUS_CHANGE concluded or "
+                                   "MIGRATION completed (event timestamp)",
+                        "progress_ratio": "guest progress rate between command and completion / rate in "
+                                          "the second before (host-timestamped progress samples)"},
+        "engines": {name: engine_title(name) for name in (*save_engines(), *load_engines())},
+        "blocks": [],
+    }

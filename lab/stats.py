@@ -1,0 +1,87 @@
+"""Summary statistics for repeated measurements: medians done right, and their spread.
+
+The median of an even number of values is the midpoint of the two middle ones (not the upper
+one); the spread is the interquartile range (linear interpolation between order statistics,
+numpy's default, so it matches what a reader computes by hand), a bootstrap 95% confidence
+interval of the median (percentile method, a fixed seed so tables are reproducible), and
+min-max, which is what a table shows when there are fewer than five values.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def median(values: Sequence[float]) -> float:
+    """The median; the midpoint of the two middle values when there are an even number."""
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    n = len(s)
+    mid = n // 2
+    return float(s[mid]) if n % 2 else (float(s[mid - 1]) + float(s[mid])) / 2
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """(first quartile, third quartile), linear interpolation between order statistics."""
+    if not values:
+        return float("nan"), float("nan")
+    q1, q3 = np.percentile(np.asarray(values, dtype=float), [25, 75])
+    return float(q1), float(q3)
+
+
+def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap confidence interval of the median (nan for fewer than 2 values)."""
+    if len(values) < 2:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    a = np.asarray(values, dtype=float)
+    draws = a[rng.integers(0, len(a), size=(resamples, len(a)))]
+    meds = np.median(draws, axis=1)
+    lo, hi = np.percentile(meds, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """n, median, quartiles, bootstrap CI of the median, min and max of one set of values."""
+
+    n: int
+    median: float
+    q1: float
+    q3: float
+    ci_lo: float
+    ci_hi: float
+    min: float
+    max: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def spread(self) -> str:
+        """The spread a table shows: IQR and the CI from five values on, min-max below that."""
+        if self.n < 5:
+            return f"min-max {_fmt(self.min)}-{_fmt(self.max)}"
+        return f"IQR {_fmt(self.q1)}-{_fmt(self.q3)}, 95% CI {_fmt(self.ci_lo)}-{_fmt(self.ci_hi)}"
+
+
+def summarize(values: Sequence[float]) -> Summary:
+    vals = [float(v) for v in values if not math.isnan(float(v))]
+    if not vals:
+        nan = float("nan")
+        return Summary(0, nan, nan, nan, nan, nan, nan, nan)
+    q1, q3 = quartiles(vals)
+    lo, hi = bootstrap_ci(vals)
+    return Summary(len(vals), median(vals), q1, q3, lo, hi, min(vals), max(vals))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"

@@ -1,0 +1,119 @@
+"""snaplab reproduce: the statistics against hand-computed values, the CSV schema and metadata of
+a one-size end-to-end run against the real QEMU, bad input, and a run that fails part way."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab import repro_report, reproduce
+from lab.cli import main
+from lab.stats import bootstrap_ci, median, quartiles, summarize
+
+
+def test_median_of_an_even_count_is_the_midpoint() -> None:
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.5
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([10.0, 20.0]) == 15.0
+    assert math.isnan(median([]))
+
+
+def test_quartiles_and_spread_by_hand() -> None:
+    assert quartiles([1.0, 2.0, 3.0, 4.0]) == (1.75, 3.25)  # linear: 1 + 0.75*(2-1), 3 + 0.25*(4-3)
+    assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
+    s = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (s.n, s.median, s.q1, s.q3, s.iqr, s.min, s.max) == (5, 3.0, 2.0, 4.0, 2.0, 1.0, 5.0)
+    assert s.spread().startswith("IQR 2-4, 95% CI ")
+    assert summarize([2.0, 1.0]).spread() == "min-max 1-2"  # fewer than five values: min-max
+    assert summarize([1.0, float("nan"), 3.0]).n == 2  # nan (no measurement) is left out
+
+
+def test_bootstrap_ci_of_the_median() -> None:
+    vals = [1.0, 2.0, 3.0, 4.0, 100.0]
+    lo, hi = bootstrap_ci(vals)
+    assert (lo, hi) == bootstrap_ci(vals)  # a fixed seed: the same table every time
+    assert 1.0 <= lo <= 3.0 <= hi <= 100.0
+    assert bootstrap_ci([7.0] * 6) == (7.0, 7.0)
+    assert all(math.isnan(x) for x in bootstrap_ci([1.0]))
+
+
+@pytest.mark.parametrize(("kw", "text"), [
+    ({"ram_mib": (8,)}, "--ram: 8 MiB is not allowed; expected sizes from 64 to 16384 MiB"),
+    ({"ram_mib": ()}, "--ram: no size given"),
+    ({"reps": 0}, "--reps: 0 is not allowed; expected 1 to 100"),
+    ({"conditions": ("busy",)}, "--conditions: 'busy' is not allowed; expected idle-random, dirty"),
+    ({"working_set_mib": 0}, "--ws: expected a positive working set in MiB"),
+])
+def test_bad_input_names_the_field(kw: dict[str, Any], text: str) -> None:
+    with pytest.raises(reproduce.ReproError, match=text.replace("(", r"\(").replace(")", r"\)")):
+        reproduce.ReproSpec(**kw)
+
+
+def test_cli_bad_input_and_missing_qemu(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                        tmp_path: Path) -> None:
+    assert main(["reproduce", "--ram", "64,abc", "--out", str(tmp_path / "x")]) == 2
+    assert "--ram: '64,abc' is not a list of sizes" in capsys.readouterr().err
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["reproduce", "--ram", "64", "--ws", "16", "--reps", "1", "--out", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert "qemu-system-x86_64 is not installed" in err and "--no-qemu" in err
+    assert main(["reproduce", "--compare", str(tmp_path / "nothing"), "--no-qemu", "--ram", "64"]) == 2
+    assert "No such file or directory" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_part_way_keeps_its_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    @contextlib.contextmanager
+    def broken(*_: Any) -> Iterator[Any]:
+        raise RuntimeError("qemu-system-x86_64 did not start: (simulated)")
+        yield
+
+    monkeypatch.setattr(reproduce, "qemu_guest", broken)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16)
+    with pytest.raises(RuntimeError, match="simulated"):
+        reproduce.reproduce(spec, tmp_path, log=lambda s: None)
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    assert rows and {r["system"] for r in rows} == {"snaplab"}  # the first block's rows are kept
+    assert [b["system"] for b in json.loads((tmp_path / "metadata.json").read_text())["blocks"]] == ["snaplab"]
+
+
+def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path) -> None:
+    if shutil.which("qemu-system-x86_64") is None:
+        if os.environ.get("CI"):
+            pytest.fail("qemu-system-x86_64 is missing in CI (.ci/run installs qemu-system-x86)")
+        pytest.skip("qemu-system-x86_64 is not installed")
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--ram", "64", "--reps", "1", "--ws", "16", "--out", str(out)]) == 0
+    with open(out / "runs.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames or ()) == reproduce.COLUMNS
+        raw = list(reader)
+    rows, meta = repro_report.load_runs(out)
+    have = {(r["system"], r["engine"], r["op"], r["workload"]) for r in rows}
+    for wl in ("idle-random", "dirty"):
+        for system in ("snaplab", "qemu"):
+            assert {(system, "blocking", "save", wl), (system, "blocking", "load", wl),
+                    (system, "background", "save", wl)} <= have
+        assert {("snaplab", "cow", "save", wl), ("snaplab", "precopy", "save", wl),
+                ("snaplab", "lazy", "load", wl)} <= have
+    assert not any(r["system"] == "qemu" and r["engine"] in ("cow", "precopy", "lazy") for r in rows)
+    assert all(r["downtime_ms"] > 0 and r["total_s"] > 0 and r["vmstate_bytes"] > 0 for r in rows), raw
+    assert all(r["steady"] for r in rows)  # both guests reached their configured pace
+    paced = [r for r in rows if r["workload"] == "dirty" and r["op"] == "save"]
+    assert paced and all(not math.isnan(r["progress_ratio"]) for r in paced)
+    for key in ("host", "kernel", "cpu", "memory", "storage", "page_cache", "versions", "definitions"):
+        assert meta[key], key
+    assert meta["versions"]["qemu"].startswith("QEMU emulator version")
+    assert len(meta["blocks"]) == 4 and any("qemu-system-x86_64" in b["command"] for b in meta["blocks"])
+    assert (out / "downtime.png").stat().st_size > 10_000
+    assert main(["plot", str(out), "--png", str(tmp_path / "again.png"), "--committed"]) == 0
+    assert "QEMU / snaplab" in repro_report.compare_text(rows, rows, "itself")
