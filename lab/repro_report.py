@@ -128,6 +128,8 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
     fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR "
                  f"({source_label(meta, committed)})", fontsize=9)
     fig.tight_layout()
+    fig.text(0.5, -0.12, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
+             "flushes after RESUME (in total time, not downtime). docs/reproduction.md", ha="center", fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
