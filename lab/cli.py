@@ -6,32 +6,50 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # the CLI only writes PNG files
 
 from lab import plot, results  # noqa: E402
-from lab.run import compare, run_experiment  # noqa: E402
+from lab.run import run_experiment  # noqa: E402
 from lab.spec import ExperimentSpec, SpecError  # noqa: E402
 
-QEMU_REFERENCE = {  # shared/reference/qemu-7.2-qmp.md, blocking snapshot-save downtime medians (ms)
-    "QEMU 7.2 savevm, RAM full of random data (recorded)": {256: 810.0, 1024: 3300.0, 2048: 7100.0, 4096: 10500.0},
-}
+COMMITTED = Path(__file__).resolve().parents[1] / "data" / "results" / "reproduction"
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
-    sizes = [int(x) for x in a.ram.split(",")]
-    print(f"snaplab compare: blocking vs copy-on-write snapshot-save, RAM {sizes} MiB, seed {a.seed}, "
-          f"{a.repetitions} repetitions, dirty workload at {a.rate} MiB/s")
+    """The README's main job: the dirty guest's snapshot downtime on snaplab and on QEMU 7.2,
+    same guest program, same sizes; QEMU measured now when it is installed, else the committed
+    reproduction's QEMU rows for the same conditions, labelled so."""
+    from lab import qemu, repro_report
+    from lab.reproduce import ReproSpec, parse_sizes, reproduce
+
+    with_qemu = qemu.available_guest() and not a.no_qemu
+    spec = ReproSpec(ram_mib=parse_sizes(a.ram), reps=a.repetitions, conditions=("dirty",),
+                     dirty_rate_mib_s=a.rate, working_set_mib=a.ws, seed=a.seed, with_qemu=with_qemu)
+    out = Path(a.out)
+    print(f"snaplab compare: snapshot downtime of the dirty guest ({a.rate} MiB/s over {a.ws} MiB), RAM "
+          f"{list(spec.ram_mib)} MiB, seed {a.seed}, {a.repetitions} repetitions; QEMU 7.2 "
+          f"{'measured now' if with_qemu else 'from the committed reproduction'}", flush=True)
     t0 = time.monotonic()
-    base = ExperimentSpec(seed=a.seed, repetitions=a.repetitions, dirty_rate_mib_s=a.rate)
-    rows = compare(sizes, seed=a.seed, repetitions=a.repetitions, base=base,
-                   progress=lambda s: print(f"  done: {s.ram_mib} MiB {s.engine}", flush=True))
-    out = results.save(rows, a.out, results.metadata(a.seed))
-    plot.downtime_vs_ram(rows, a.png, QEMU_REFERENCE)
-    print(results.table(rows))
-    print(f"results: {out} (+ .json metadata); plot: {a.png}; {time.monotonic() - t0:.0f} s")
+    reproduce(spec, out, log=lambda s: print(f"  {s}", flush=True))
+    rows, meta = repro_report.load_runs(out)
+    qemu_rows: list[dict[str, object]] = []
+    label = "measured now"
+    if not with_qemu and (COMMITTED / "runs.csv").exists():
+        old, old_meta = repro_report.load_runs(COMMITTED)
+        qemu_rows = [r for r in old if r["system"] == "qemu" and r["workload"] == "dirty"
+                     and r["dirty_rate_mib_s"] == a.rate and r["ram_mib"] in spec.ram_mib
+                     and r["working_set_mib"] == spec.working_set(int(r["ram_mib"]))]
+        label = repro_report.source_label(old_meta, committed=True)
+        if not qemu_rows:
+            print("  the committed reproduction has no QEMU rows for these sizes and this workload: "
+                  "snaplab only", flush=True)
+    repro_report.main_figure(rows, meta, a.png, qemu_rows, label)
+    print(repro_report.table(rows + qemu_rows))
+    print(f"results: {out / 'runs.csv'} (+ metadata.json); plot: {a.png}; {time.monotonic() - t0:.0f} s")
     return 0
 
 
@@ -137,7 +155,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
         print(f"plot: {png} ({repro_report.source_label(meta, a.committed)})")
         return 0
     rows, meta = results.load(a.results)
-    plot.downtime_vs_ram(rows, a.png, QEMU_REFERENCE)
+    plot.downtime_vs_ram(rows, a.png)  # snaplab only: QEMU beside it comes from a reproduction (same guest)
     print(results.table(rows))
     print(f"plot: {a.png} (data from {meta.get('date', '?')}, seed {meta.get('seed')})")
     return 0
@@ -146,12 +164,14 @@ def cmd_plot(a: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="snaplab", description="VM snapshot experiments")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    c = sub.add_parser("compare", help="blocking vs copy-on-write downtime over RAM sizes")
-    c.add_argument("--ram", default="128,256,512", help="RAM sizes in MiB, comma-separated")
+    c = sub.add_parser("compare", help="snapshot downtime, snaplab beside QEMU 7.2, same guest and sizes")
+    c.add_argument("--ram", default="256,1024", help="RAM sizes in MiB, comma-separated")
     c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--repetitions", type=int, default=2)
-    c.add_argument("--rate", type=int, default=100, help="guest dirty rate, MiB/s (0: unthrottled)")
-    c.add_argument("--out", default="out/compare.csv")
+    c.add_argument("--repetitions", type=int, default=3)
+    c.add_argument("--rate", type=int, default=100, help="the guest's dirty rate, MiB/s")
+    c.add_argument("--ws", type=int, default=256, help="the guest's working set, MiB")
+    c.add_argument("--no-qemu", action="store_true", help="do not run QEMU (use the committed data)")
+    c.add_argument("--out", default="out/compare")
     c.add_argument("--png", default="out/compare.png")
     c.set_defaults(fn=cmd_compare)
     r = sub.add_parser("run", help="run one experiment from a TOML spec")

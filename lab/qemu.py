@@ -139,6 +139,11 @@ def available() -> bool:
     return bool(shutil.which("qemu-system-x86_64")) and (OVMF / "OVMF_CODE.fd").exists()
 
 
+def available_guest() -> bool:
+    """QEMU can run snaplab's own guest program (it needs no OVMF)."""
+    return bool(shutil.which("qemu-system-x86_64"))
+
+
 @contextlib.contextmanager
 def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
     """qemu-system-x86_64 with ``mib`` MiB of random RAM in work dir ``w``; quit (or killed) after."""

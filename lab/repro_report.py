@@ -141,3 +141,45 @@ def _dirty_label(rows: list[dict[str, Any]], wl: str) -> str:
     sets = sorted({(r["ram_mib"], r["working_set_mib"]) for r in mine})
     ws = ", ".join(f"{w} MiB at {ram}" for ram, w in sets) if len({w for _, w in sets}) > 1 else f"{sets[0][1]} MiB"
     return f"dirtying {mine[0]['dirty_rate_mib_s']} MiB/s over {ws}"
+
+
+def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | None = None,
+                qemu_rows: list[dict[str, Any]] | None = None, qemu_label: str = "measured now") -> Any:
+    """The README's main figure: saves of the dirty guest, downtime against RAM, snaplab's
+    blocking and copy-on-write saves and background snapshot beside QEMU's blocking save and
+    background snapshot of the same guest; medians with IQR bars."""
+    from lab.spec import save_engines, write_protects
+
+    saves = [r for r in rows + (qemu_rows or []) if r["op"] == "save" and r["workload"] == "dirty"]
+    keep = {save_engines()[0], "background"} | {e for e in save_engines() if write_protects(e)}
+    s = summaries([r for r in saves if r["engine"] in keep], "downtime_ms")
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    styles = {"qemu": ("--", "0.45"), "snaplab": ("-", "black")}
+    markers = {"blocking": "o", "background": "D"}
+    for eng, system in sorted({(k[2], k[3]) for k in s}, key=lambda x: (x[1], x[0])):
+        pts = sorted((k[4], v) for k, v in s.items() if (k[2], k[3]) == (eng, system))
+        ls, color = styles.get(system, (":", "blue"))
+        ax.errorbar([x for x, _ in pts], [v.median for _, v in pts],
+                    yerr=[[max(v.median - v.q1, 0) for _, v in pts], [max(v.q3 - v.median, 0) for _, v in pts]],
+                    marker=markers.get(eng, "s"), linestyle=ls, color=color, capsize=3,
+                    label=f"{'QEMU 7.2' if system == 'qemu' else 'snaplab'} {eng}"
+                          + (f" ({qemu_label})" if system == "qemu" else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted({k[4] for k in s}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yscale("log")
+    ax.set_xlabel("guest RAM (MiB)")
+    ax.set_ylabel("downtime, STOP to RESUME (ms)")
+    n = max((v.n for v in s.values()), default=0)
+    ax.set_title(f"snapshot-save and background snapshot, same guest on both\n{_dirty_label(saves, 'dirty')}; "
+                 f"medians, bars = IQR, n = {n} each", fontsize=9)
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=2)
+    fig.text(0.5, -0.2, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
+             "flushes after RESUME. docs/reproduction.md", ha="center", fontsize=7)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    return fig
