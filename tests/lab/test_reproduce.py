@@ -86,7 +86,8 @@ def test_a_run_that_fails_part_way_keeps_its_rows(monkeypatch: pytest.MonkeyPatc
     assert [b["system"] for b in json.loads((tmp_path / "metadata.json").read_text())["blocks"]] == ["snaplab"]
 
 
-def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path) -> None:
+def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     if shutil.which("qemu-system-x86_64") is None:
         if os.environ.get("CI"):
             pytest.fail("qemu-system-x86_64 is missing in CI (.ci/run installs qemu-system-x86)")
@@ -117,3 +118,15 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path) -> None:
     assert (out / "downtime.png").stat().st_size > 10_000
     assert main(["plot", str(out), "--png", str(tmp_path / "again.png"), "--committed"]) == 0
     assert "QEMU / snaplab" in repro_report.compare_text(rows, rows, "itself")
+    # The README's main job without QEMU: snaplab measured now, QEMU's rows from committed data.
+    import lab.cli
+
+    monkeypatch.setattr(lab.cli, "COMMITTED", out)
+    capsys.readouterr()
+    png = tmp_path / "compare.png"
+    assert main(["compare", "--no-qemu", "--ram", "64", "--ws", "16", "--repetitions", "1",
+                 "--out", str(tmp_path / "cmp"), "--png", str(png)]) == 0
+    text = capsys.readouterr().out
+    assert "from the committed reproduction" in text
+    assert any(line.startswith("dirty") and " qemu " in line for line in text.splitlines())
+    assert png.stat().st_size > 10_000
