@@ -182,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.add_argument("--axis", action="append", default=[], help="FIELD=V1,V2,... (repeatable), e.g. ram_mib=64,128")
     w.add_argument("--spec", help="a TOML spec for the fixed fields")
     w.add_argument("--repetitions", type=int, default=2)
-    w.add_argument("--workers", type=int, default=None, help="local processes (default: one per CPU)")
+    w.add_argument("--workers", type=int, default=1,
+                   help="local processes (default 1: one timed experiment at a time; more spoil the timings)")
     w.add_argument("--scheduler", help="a dask.distributed scheduler address")
     w.add_argument("--out", default="out/sweep.csv")
     w.set_defaults(fn=cmd_sweep)

@@ -1,6 +1,10 @@
-"""Sweeps over any spec field: resumable, parallel over local processes, or on a Dask cluster.
+"""Sweeps over any spec field: resumable, one timed experiment at a time per host.
 
-Each point of the grid is an :class:`~lab.spec.ExperimentSpec`; its rows are appended to the
+Two timed runs on one host spoil each other, so a sweep runs its points one after another by
+default; ``workers`` > 1 runs local processes in parallel (for quick functional sweeps, not
+for figures).  Parallelism belongs across hosts: on a Dask cluster every point needs the
+worker resource ``timed`` (start each worker with ``--resources timed=1``), so each worker runs
+one timed experiment at a time, and every row records the host it ran on.  Each point of the grid is an :class:`~lab.spec.ExperimentSpec`; its rows are appended to the
 results CSV as soon as it finishes, under a ``point`` key, so a sweep that stops can be run
 again and only the missing points run.  Progress shows as a tqdm bar in a terminal and as an
 ipywidgets bar in a notebook (``tqdm.auto``).
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
+import socket
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -35,12 +39,24 @@ def point_key(spec: ExperimentSpec) -> str:
     return json.dumps(spec.as_dict(), sort_keys=True)
 
 
+TIMED = "timed"  # the Dask worker resource a timed experiment holds
+
+
 def _run_point(spec_dict: dict[str, Any]) -> list[dict[str, Any]]:
     spec = ExperimentSpec.from_dict(spec_dict)
     rows = run_experiment(spec)
+    host = socket.gethostname()
     for r in rows:
         r["point"] = point_key(spec)
+        r["host"] = host
     return rows
+
+
+def _check_timed_resource(client: Any) -> None:
+    workers = client.scheduler_info().get("workers", {})
+    if not any(w.get("resources", {}).get(TIMED, 0) >= 1 for w in workers.values()):
+        raise SpecError(f"no Dask worker offers the '{TIMED}' resource: start each worker with "
+                        f"--resources {TIMED}=1 (one timed experiment at a time per host)")
 
 
 def sweep(points: list[ExperimentSpec], out: str | Path, *, workers: int | None = None, client: Any = None,
@@ -74,14 +90,15 @@ def sweep(points: list[ExperimentSpec], out: str | Path, *, workers: int | None 
         if client is not None:
             from distributed import as_completed as dask_completed
 
-            futures = client.map(_run_point, [p.as_dict() for p in todo], pure=False)
+            _check_timed_resource(client)
+            futures = client.map(_run_point, [p.as_dict() for p in todo], pure=False, resources={TIMED: 1})
             for fut in dask_completed(futures):
                 finished(fut.result())
-        elif (workers or os.cpu_count() or 1) == 1:
+        elif (workers or 1) == 1:
             for p in todo:
                 finished(_run_point(p.as_dict()))
         else:
-            with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
                 futs = [pool.submit(_run_point, p.as_dict()) for p in todo]
                 for f in as_completed(futs):
                     finished(f.result())

@@ -38,9 +38,16 @@ def test_local_processes_and_resume(tmp_path: Path) -> None:
 
 
 def test_dask_local_cluster(tmp_path: Path) -> None:
+    import socket
+
     distributed = pytest.importorskip("distributed")  # in the [test] extra; installed in CI
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             distributed.Client(cluster) as client:
+        with pytest.raises(SpecError, match="no Dask worker offers the 'timed' resource: start each worker "
+                                            "with --resources timed=1"):
+            sweep(grid(BASE, {"seed": [5]}), tmp_path / "none.csv", client=client, progress=False)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  resources={"timed": 1}) as cluster, distributed.Client(cluster) as client:
         rows = sweep(grid(BASE, {"seed": [5, 6]}), tmp_path / "d.csv", client=client, progress=False)
     assert sorted(r["seed"] for r in rows) == [5, 6]
-    assert all(r["downtime_ms"] > 0 for r in rows)
+    assert all(r["downtime_ms"] > 0 and r["host"] == socket.gethostname() for r in rows)
