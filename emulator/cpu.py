@@ -241,6 +241,13 @@ class X86CPU:
         return decode
 
     def set_state(self, regs: dict[str, int]) -> None:
+        """Write the register file; one the CPU model refuses (ValueError) is found on the
+        scratch engine first, so a bad state changes nothing here."""
+        ctx = self.uc.context_save()
+        with _SCRATCH_LOCK:
+            scratch = _scratch()
+            scratch.context_restore(ctx)
+            _write_registers(scratch, regs)
         _write_registers(self.uc, regs)
         self.flush_translations()
 
@@ -280,11 +287,16 @@ def _scratch() -> Uc:
 
 
 def _write_registers(uc: Uc, regs: dict[str, int]) -> None:
-    """REGISTERS with one batch write, then EFER, GDTR and IDTR."""
-    uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
-    uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
-    for name in ("GDTR", "IDTR"):
-        uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"), (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
+    """REGISTERS with one batch write, then EFER, GDTR and IDTR.  A value the CPU model
+    refuses (a reserved CR0/CR4/EFER bit: x86_cpu's checks raise an exception inside the
+    write) is a ValueError, as a load reports a bad device payload."""
+    try:
+        uc.reg_write_batch([(rid, regs[name]) for name, rid, _ in REGISTERS])
+        uc.reg_write(x86.UC_X86_REG_MSR, (MSR_EFER, regs["EFER"]))
+        for name in ("GDTR", "IDTR"):
+            uc.reg_write(getattr(x86, f"UC_X86_REG_{name}"), (0, regs[f"{name}_BASE"], regs[f"{name}_LIMIT"], 0))
+    except UcError as err:
+        raise ValueError(f"register state refused by the CPU model ({err})") from err
 
 
 def _read_registers(uc: Uc) -> dict[str, int]:

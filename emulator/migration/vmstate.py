@@ -49,6 +49,12 @@ RAM_IDSTR = "ram"
 RAM_VERSION = 1
 _RAM_HEADER = struct.Struct(">QIIQQ")
 RAM_FLAG_SPARSE = 1  # page i at data offset + 4096 i (background engines); else packed
+# Bounds on what a stream declares, checked before anything is read or allocated (STYLE.md:
+# bound everything a peer controls).  snaplab's sections carry a u32 payload length that
+# QEMU's vmstate fields do not; no device of this machine saves more than a few hundred bytes.
+MAX_SECTION_SIZE = 16 << 20
+MAX_NAME_SIZE = 256  # the configuration section's machine name
+MAX_RAM_SIZE = 1 << 40  # a RAM section's declared size (its bitmap is at most 32 MiB)
 
 
 class SaveHandler(Protocol):
@@ -346,7 +352,7 @@ def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveH
         if kind == QEMU_VM_EOF:
             break
         if kind == QEMU_VM_CONFIGURATION:
-            name = cur.take(cur.u32()).decode(errors="replace")
+            name = cur.take(_bounded(cur.u32(), MAX_NAME_SIZE, "machine name")).decode(errors="replace")
             if name != machine:
                 raise LoadVMError(f"Machine type received is '{name}' and local is '{machine}'")
             continue
@@ -361,7 +367,7 @@ def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveH
             seen.add((idstr, instance))
             continue
         h = _section_handler(by_id, idstr, instance, version)
-        payload = cur.take(cur.u32())
+        payload = cur.take(_bounded(cur.u32(), MAX_SECTION_SIZE, f"section '{idstr}'"))
         if cur.u8() != QEMU_VM_SECTION_FOOTER or cur.u32() != sid:
             raise LoadVMError(f"Missing section footer for {idstr}")
         pending.append((h, payload, version))
@@ -370,6 +376,13 @@ def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveH
     if missing:
         raise LoadVMError(f"the stream has no section for '{missing[0][0]}' {missing[0][1]}")
     return ParsedState(pending, layout)
+
+
+def _bounded(n: int, limit: int, what: str) -> int:
+    """A length the stream declares, refused past ``limit`` before anything is read."""
+    if n > limit:
+        raise LoadVMError(f"{what} length {n} exceeds the limit of {limit} bytes")
+    return n
 
 
 def apply_state(parsed: ParsedState, load_ram: Callable[[RamLayout], None] | None) -> None:
@@ -434,7 +447,7 @@ def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
     if cur.u32() != _RAM_HEADER.size:
         raise LoadVMError("bad RAM section header")
     ram_size, page, _flags, pages, data_offset = _RAM_HEADER.unpack(cur.take(_RAM_HEADER.size))
-    if page != PAGE or pages * PAGE != ram_size:
+    if page != PAGE or pages * PAGE != ram_size or ram_size > MAX_RAM_SIZE:
         raise LoadVMError(f"bad RAM geometry (page {page}, {pages} pages, {ram_size} bytes)")
     if cur.u8() != QEMU_VM_SECTION_PART or cur.u32() != sid:
         raise LoadVMError("bad RAM bitmap part")
@@ -530,6 +543,7 @@ def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray) 
 
 # -- the sequential form (migration streams: exec:, file:) -------------------------------------
 RAM_FLAG_STREAMED = 2  # RAM as PART records (u64 first page, u32 pages, data), in any page order
+_RECORD_CHUNK = 4096  # pages read and placed at a time (16 MiB), whatever a record declares
 
 
 class SequentialStream:
@@ -592,7 +606,7 @@ def load_sequential(read: Callable[[int], bytes], machine: str, handlers: list[S
         if kind == QEMU_VM_EOF:
             break
         if kind == QEMU_VM_CONFIGURATION:
-            name = take(struct.unpack(">I", take(4))[0]).decode(errors="replace")
+            name = take(_bounded(struct.unpack(">I", take(4))[0], MAX_NAME_SIZE, "machine name")).decode(errors="replace")
             if name != machine:
                 raise LoadVMError(f"Machine type received is '{name}' and local is '{machine}'")
             continue
@@ -623,15 +637,13 @@ def load_sequential(read: Callable[[int], bytes], machine: str, handlers: list[S
                 first, n = struct.unpack(">QI", take(12))
                 if (first + n) * PAGE > ram_size:
                     raise LoadVMError(f"RAM record past the end of RAM (page {first}+{n})")
-                place(first, take(n * PAGE))
+                for done in range(0, n, _RECORD_CHUNK):  # never a whole record in one buffer
+                    k = min(_RECORD_CHUNK, n - done)
+                    place(first + done, take(k * PAGE))
             continue
         h = _section_handler(by_id, idstr, instance, version)
-        payload = take(struct.unpack(">I", take(4))[0])
+        payload = take(_bounded(struct.unpack(">I", take(4))[0], MAX_SECTION_SIZE, f"section '{idstr}'"))
         if take(1)[0] != QEMU_VM_SECTION_FOOTER or struct.unpack(">I", take(4))[0] != sid:
             raise LoadVMError(f"Missing section footer for {idstr}")
         pending.append((h, payload, version))
-    for h, payload, version in pending:
-        try:
-            h.load(payload, version)
-        except (ValueError, struct.error) as err:
-            raise LoadVMError(f"error while loading state for instance 0x0 of device '{h.idstr}': {err}") from err
+    prepare_state(ParsedState(pending, None))()  # every payload decoded before any is applied

@@ -1,8 +1,9 @@
 """The blocking load: QEMU's ``loadvm``.
 
-Stop the guest, check the request and the VM state, revert every disk, reset, load the devices
-and every RAM page, resume (migration/savevm.c ``load_snapshot()``).  A load that fails leaves
-the guest stopped, as QEMU's does.
+Stop the guest, check the request and the VM state (the stream's framing and every device's
+payload, decoded), revert every disk, reset, load the devices and every RAM page, resume
+(migration/savevm.c ``load_snapshot()``).  A load that fails leaves the guest stopped, as
+QEMU's does; one that fails a check leaves it otherwise untouched.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 
 from emulator.migration import group
 from emulator.migration.engine import LoadEngine, LoadRequest, SnapshotMetrics
-from emulator.migration.vmstate import PAGE, RamLayout, apply_state
+from emulator.migration.vmstate import PAGE, RamLayout
 from emulator.migration.vmstate_io import VMStateStream
 from emulator.runstate import RunState
 
@@ -30,10 +31,14 @@ class BlockingLoad(LoadEngine):
         if req.stop_first:
             ctx.vm.vm_stop(RunState.RESTORE_VM)
         src = ctx.load_checks(req)
+        layout = ctx.check_ram_size(src.parsed.layout)
+        # Every device payload decoded before the disks are reverted: a damaged VM state fails
+        # here and leaves the guest as the stop left it (QEMU reverts the disks first).
+        apply_devices = ctx.facts.prepared_state(src.img, src.sn, src.parsed)
         group.goto_all(req.name, src.nodes)
         ctx.vm.reset_for_load()
-        stream = VMStateStream(src.img, src.sn.id_str)
-        apply_state(src.parsed, lambda layout: self.load_ram(stream, layout))
+        apply_devices()
+        self.load_ram(VMStateStream(src.img, src.sn.id_str), layout)
         ctx.vm.set_vclock_ns(src.sn.vm_clock_nsec)
         t1 = time.perf_counter()
         ctx.vm.vm_resume(orig)
