@@ -41,7 +41,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     if not with_qemu and (COMMITTED / "runs.csv").exists():
         old, old_meta = repro_report.load_runs(COMMITTED)
         qemu_rows = [r for r in old if r["system"] == "qemu" and r["workload"] == "dirty"
-                     and r["dirty_rate_mib_s"] == a.rate and r["ram_mib"] in spec.ram_mib
+                     and r["dirty_rate_mibs"] == a.rate and r["ram_mib"] in spec.ram_mib
                      and r["working_set_mib"] == spec.working_set(int(r["ram_mib"]))]
         label = repro_report.source_label(old_meta, committed=True)
         if not qemu_rows:

@@ -13,6 +13,7 @@ import matplotlib.ticker
 from matplotlib.patches import Patch
 
 from lab.spec import load_engines, save_engines, write_protects
+from lab.stats import median
 
 MARKERS = ("o", "s", "^", "v", "D", "P")
 LINES = ("-", "--", ":", "-.")
@@ -46,7 +47,7 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
             if r["engine"] == eng:
                 by_ram.setdefault(int(r["ram_mib"]), []).append(float(r["downtime_ms"]))
         xs = sorted(by_ram)
-        ys = [sorted(by_ram[x])[len(by_ram[x]) // 2] for x in xs]
+        ys = [median(by_ram[x]) for x in xs]
         marker, ls = style(eng)
         ax.plot(xs, ys, marker=marker, linestyle=ls, color="black", label=f"snaplab {eng}")
     for name, pts in (reference or {}).items():
@@ -72,8 +73,7 @@ def engines_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -
     engines = [e for e in save_engines() if any(r["engine"] == e for r in rows)]
 
     def med(eng: str, key: str) -> float:
-        vals = sorted(float(r[key]) for r in rows if r["engine"] == eng)
-        return vals[len(vals) // 2] if vals else float("nan")
+        return median([float(r[key]) for r in rows if r["engine"] == eng])
 
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
     panels = [("downtime_ms", "downtime (ms, log)", True), ("total_s", "total time (s)", False),
@@ -105,7 +105,7 @@ def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> A
         vals = []
         for e in engines:
             v = sorted(float(r[key]) * (1000.0 if key == "complete_s" else 1.0) for r in rows if r["engine"] == e)
-            vals.append(v[len(v) // 2])
+            vals.append(median(v))
         ax.bar([x + 0.38 * i for x in range(len(engines))], vals, width=0.36, color="white", edgecolor="black",
                hatch="" if i == 0 else "//", label="guest stopped" if i == 0 else "all RAM loaded")
     ax.set_xticks([x + 0.19 for x in range(len(engines))], engines)
@@ -164,8 +164,7 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
 
 
 def _median(vals: list[float]) -> float:
-    vals = sorted(vals)
-    return vals[len(vals) // 2] if vals else float("nan")
+    return median(vals)
 
 
 def throughput_bars(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] | None = None,

@@ -62,12 +62,22 @@ class RawQMP:
 
     def wait_event(self, pred: Any, timeout: float = 600) -> dict[str, Any]:
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            for i, e in enumerate(self.events):
-                if pred(e):
-                    return self.events.pop(i)
-            self.events.append(self.line())
-        raise TimeoutError
+        try:
+            while True:
+                for i, e in enumerate(self.events):
+                    if pred(e):
+                        return self.events.pop(i)
+                left = end - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"QEMU sent no such event within {timeout} s "
+                                       f"(last events: {[e['event'] for e in self.events[-5:]]})")
+                self.s.settimeout(left)
+                self.events.append(self.line())
+        finally:
+            self.s.settimeout(600)
+
+    def close(self) -> None:
+        self.s.close()
 
     @staticmethod
     def ts(e: dict[str, Any]) -> float:
@@ -102,8 +112,9 @@ def fill_files(w: Path, mib: int, seed: int = 0, *, contiguous: bool = False) ->
     when q35 splits RAM there, in files of at most 1 GiB each.  ``contiguous``: the same
     amount of random bytes in one region from 16 MiB on (snaplab's RAM has no PCI hole)."""
     rng = np.random.default_rng(seed)
-    regions = [(0x1000000, min(mib, 2048) - 64)]
-    if mib > 2816:
+    low = 2048 if mib >= 2816 else mib  # q35 keeps 2 GiB below 4 GiB from 2816 MiB of RAM on
+    regions = [(0x1000000, low - 64)]
+    if mib >= 2816:
         regions.append((0x100000000, mib - 2048 - 48))
     if contiguous:
         regions = [(0x1000000, sum(size for _, size in regions))]
@@ -273,27 +284,30 @@ def guest_argv(w: Path, mib: int, spec: WorkloadSpec, loaders: list[str]) -> lis
 
 
 @contextlib.contextmanager
-def running_guest(w: Path, mib: int, spec: WorkloadSpec, *, random_fill: bool = False,
-                  seed: int = 0) -> Iterator[tuple[RawQMP, ProgressReader, list[str]]]:
-    """QEMU running snaplab's guest program ``spec`` in ``mib`` MiB (RAM filled with random
-    bytes first when ``random_fill``); yields its QMP, its progress and its command line."""
-    argv = guest_argv(w, mib, spec, fill_files(w, mib, seed) if random_fill else [])
+def running_guest(w: Path, mib: int, spec: WorkloadSpec, *,
+                  loaders: list[str] | None = None) -> Iterator[tuple[RawQMP, ProgressReader, list[str]]]:
+    """QEMU running snaplab's guest program ``spec`` in ``mib`` MiB (``loaders``: the
+    ``-device loader`` arguments of :func:`fill_files`, made beforehand); yields its QMP, its
+    progress and its command line.  QEMU's stderr goes to ``w/qemu.stderr``."""
+    argv = guest_argv(w, mib, spec, loaders or [])
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(w / "progress.sock"))
     listener.listen(1)
     listener.settimeout(60)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    errlog = open(w / "qemu.stderr", "wb")  # noqa: SIM115 - closed in the finally below
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=errlog)
     conn: socket.socket | None = None
+    q: RawQMP | None = None
     try:
         try:
             conn, _ = listener.accept()
         except TimeoutError:
-            raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc)}") from None
+            raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc, w)}") from None
         progress = ProgressReader(conn)
         end = time.monotonic() + 60
         while not (w / "q.sock").exists():
             if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc)}")
+                raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc, w)}")
             time.sleep(0.05)
         q = RawQMP(w / "q.sock")
         yield q, progress, argv
@@ -305,13 +319,16 @@ def running_guest(w: Path, mib: int, spec: WorkloadSpec, *, random_fill: bool = 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if q is not None:
+            q.close()
         if conn is not None:
             conn.close()
         listener.close()
+        errlog.close()
 
 
-def _stderr(proc: subprocess.Popen[bytes]) -> str:
+def _stderr(proc: subprocess.Popen[bytes], w: Path) -> str:
     if proc.poll() is None:
         proc.kill()
-    _, err = proc.communicate(timeout=10)
-    return err.decode(errors="replace").strip()[-500:]
+    proc.wait(10)
+    return (w / "qemu.stderr").read_bytes().decode(errors="replace").strip()[-500:]

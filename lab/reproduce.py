@@ -58,11 +58,12 @@ from lab.spec import engine_title, guest_runs, load_engines, resumes_early, save
 CONDITIONS = ("idle-random", "dirty")
 SYSTEMS = ("snaplab", "qemu")
 BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems
-COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mib_s", "working_set_mib", "rep",
+COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mibs", "working_set_mib", "rep",
            "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at")
 FULL_SIZES, FULL_REPS = (256, 1024, 4096), 5
 QUICK_SIZES, QUICK_REPS = (256, 1024), 3
 IDLE_SETTLE_S = 1.0
+RECENT_SAMPLES = 4096  # progress samples a measurement reads: ~40 s at 100 reports a second
 STEADY_TIMEOUT_S = 30.0
 MIN_RAM_MIB, MAX_RAM_MIB = 64, 16384
 
@@ -192,14 +193,15 @@ def wait_steady(g: Guest, spec: WorkloadSpec) -> bool:
         time.sleep(IDLE_SETTLE_S)
         return True
     want = spec.rate / 4096
-    end = time.monotonic() + STEADY_TIMEOUT_S
-    while time.monotonic() < end:
+    deadline = time.monotonic() + STEADY_TIMEOUT_S
+    while time.monotonic() < deadline:
         time.sleep(0.1)
         now = time.monotonic_ns()
-        start, end = now - 1_100_000_000, now - 100_000_000
-        window = [i for t, i in g.progress() if start <= t <= end]
+        lo, hi = now - 1_100_000_000, now - 100_000_000
+        samples = g.progress()
+        window = [i for t, i in samples if lo <= t <= hi]
         forward = all(b >= a for a, b in zip(window, window[1:], strict=False))  # no load's rewind in it
-        if forward and abs(_rate(g.progress(), start, end) - want) <= 0.1 * want:
+        if forward and abs(_rate(samples, lo, hi) - want) <= 0.1 * want:
             return True
     return False
 
@@ -214,8 +216,10 @@ def _progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
 
 
 def _stopped(events: list[dict[str, Any]]) -> float:
-    ts = {e["event"]: _ts(e) for e in events if e["event"] in ("STOP", "RESUME")}
-    return (ts["RESUME"] - ts["STOP"]) * 1e3 if len(ts) == 2 else 0.0
+    """STOP -> RESUME in ms (the first STOP and the last RESUME); nan if the guest never stopped."""
+    stops = [_ts(e) for e in events if e["event"] == "STOP"]
+    resumes = [_ts(e) for e in events if e["event"] == "RESUME"]
+    return (resumes[-1] - stops[0]) * 1e3 if stops and resumes else float("nan")
 
 
 def _job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int, int]:
@@ -270,7 +274,7 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
         # guest's counter back to the snapshot's (load metrics are the restore issue's).
         paced = condition == "dirty" and op == "save"
         emit({"system": g.system, "engine": engine, "op": op, "ram_mib": ram, "workload": condition,
-              "dirty_rate_mib_s": spec.dirty_rate_mib_s if condition == "dirty" else 0,
+              "dirty_rate_mibs": spec.dirty_rate_mib_s if condition == "dirty" else 0,
               "working_set_mib": spec.working_set(ram) if condition == "dirty" else 0, "rep": rep,
               "downtime_ms": m[0], "total_s": m[1], "progress_ratio": _progress_ratio(g, m[2], m[3]) if paced else float("nan"),
               "vmstate_bytes": vm, "steady": steady, "started_at": time.time()})
@@ -311,26 +315,36 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def warm_memory(nbytes: int) -> None:
-    """Touch and free ``nbytes`` of host memory, so neither system pays for first-touch zeroing."""
-    a = np.ones(nbytes, dtype=np.uint8)
+def warm_memory(ram_bytes: int) -> int:
+    """Touch and free host memory (three times the guest's RAM and 2 GiB more, as
+    bench/bench_snapshot.py does, within what the host has free less 2 GiB), so neither system
+    pays the kernel's first-touch zeroing; returns the bytes touched."""
+    avail = next((int(ln.split()[1]) << 10 for ln in Path("/proc/meminfo").read_text().splitlines()
+                  if ln.startswith("MemAvailable")), ram_bytes)
+    n = max(0, min(3 * ram_bytes + (2 << 30), avail - (2 << 30)))
+    a = np.ones(n, dtype=np.uint8)
     del a
+    return n
 
 
 @contextlib.contextmanager
-def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, random_fill: bool, seed: int) -> Iterator[Guest]:
+def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str]) -> Iterator[Guest]:
+    """snaplab's Machine in this process, with ``loaders`` (:func:`lab.qemu.fill_files`'s)."""
     disk = w / "disk0.qcow2"
     Qcow2Image.create(disk, 1 << 30).close()
     g = BlockGraph()
     g.add({"driver": "file", "filename": str(disk), "node-name": "disk0-file"})
     g.add({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"})
-    loaders = qemu_lab.fill_files(w, ram_mib, seed, contiguous=True) if random_fill else []
     files = [(a.split("file=")[1].split(",")[0], int(a.split("addr=")[1].split(",")[0], 16)) for a in loaders[1::2]]
     m = Machine(MachineConfig(ram_size=ram_mib << 20, workload=spec, disks=[DiskSpec("disk0", "disk0-dev")],
                               loaders=files), g)
     try:
         m.start()
-        yield Guest("snaplab", SnaplabQMP(m), lambda: [(s.host_ns, s.iterations) for s in m.lab.history()], w,
+        def recent() -> list[tuple[int, int]]:
+            rows = m.lab.history_array(last=RECENT_SAMPLES)  # columns: vclock, host ns, iterations, ...
+            return list(zip(rows[:, 1].tolist(), rows[:, 2].tolist(), strict=True))
+
+        yield Guest("snaplab", SnaplabQMP(m), recent, w,
                     [f"snaplab in-process Machine: ram {ram_mib} MiB, workload {spec}, loaders {len(files)}"])
     finally:
         m.close()
@@ -338,8 +352,8 @@ def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, random_fill: bool, 
 
 
 @contextlib.contextmanager
-def qemu_guest(w: Path, ram_mib: int, spec: WorkloadSpec, random_fill: bool, seed: int) -> Iterator[Guest]:
-    with qemu_lab.running_guest(w, ram_mib, spec, random_fill=random_fill, seed=seed) as (q, progress, argv):
+def qemu_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str]) -> Iterator[Guest]:
+    with qemu_lab.running_guest(w, ram_mib, spec, loaders=loaders) as (q, progress, argv):
         yield Guest("qemu", q, progress.history, w, argv)
 
 
@@ -360,11 +374,10 @@ def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print) ->
             writer.writerow(r)
             f.flush()
 
-        block = 0
-        for ram in spec.ram_mib:
-            for condition in spec.conditions:
-                order = systems if block % 2 == 0 else tuple(reversed(systems))  # ABBA
-                block += 1
+        for i, ram in enumerate(spec.ram_mib):
+            for j, condition in enumerate(spec.conditions):
+                # ABBA: the first system alternates from one size to the next, for every condition
+                order = systems if (i + j) % 2 == 0 else tuple(reversed(systems))
                 for system in order:
                     log(f"{system}: {ram} MiB, {condition}")
                     meta["blocks"].append(_one_block(spec, system, ram, condition, emit))
@@ -376,13 +389,19 @@ def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print) ->
 
 def _one_block(spec: ReproSpec, system: str, ram: int, condition: str,
                emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    warm_memory(ram << 20)
-    drop_caches()
     start = qemu_guest if system == "qemu" else snaplab_guest
-    with tempfile.TemporaryDirectory(prefix="snaplab-repro-", dir="/var/tmp") as d, \
-            start(Path(d), ram, spec.workload(condition, ram), condition == "idle-random", spec.seed) as g:
-        measure_block(g, spec, condition, ram, emit)
-        return {"system": system, "ram_mib": ram, "workload": condition, "command": g.argv}
+    with tempfile.TemporaryDirectory(prefix="snaplab-repro-", dir="/var/tmp") as d:
+        w = Path(d)
+        # The fill files are written before the page cache is dropped, so no writeback of them
+        # falls into either system's measurements.
+        loaders = (qemu_lab.fill_files(w, ram, spec.seed, contiguous=system == "snaplab")
+                   if condition == "idle-random" else [])
+        warmed = warm_memory(ram << 20)
+        drop_caches()
+        with start(w, ram, spec.workload(condition, ram), loaders) as g:
+            measure_block(g, spec, condition, ram, emit)
+            return {"system": system, "ram_mib": ram, "workload": condition, "command": g.argv,
+                    "warmed_bytes": warmed}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -408,15 +427,16 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
                 if ln.startswith("model name")), platform.processor())
     mem = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/meminfo").read_text().splitlines()
                 if ln.startswith("MemTotal")), "")
-    usage = shutil.disk_usage(out)
+    usage = shutil.disk_usage("/var/tmp")
     fs = subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True, text=True).stdout.strip()
     return {
         "spec": asdict(spec), "command": " ".join(["snaplab", "reproduce", *sys.argv[2:]]) if sys.argv else "",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
         "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "memory": mem,
         "storage": {"workdir": "/var/tmp", "filesystem": fs, "free_bytes": usage.free},
-        "page_cache": "os.sync() then /proc/sys/vm/drop_caches=3 before each block (root), after touching "
-                      "and freeing as much host memory as the guest's RAM",
+        "page_cache": "fill files written, then host memory touched and freed (3 x RAM + 2 GiB, within what "
+                      "is free), os.sync() and /proc/sys/vm/drop_caches=3 before each block"
+                      + ("" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else " (NOT dropped: not root)"),
         "versions": {"snaplab": version("snaplab"), "unicorn": version("unicorn"),
                      "python": platform.python_version(), "qemu": qemu},
         "definitions": {"downtime_ms": "STOP -> RESUME, QMP event timestamps",

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lab.stats import median
+
 
 def metadata(seed: int | None = None) -> dict[str, Any]:
     import unicorn
@@ -88,9 +90,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         groups.setdefault((int(r["ram_mib"]), str(r["engine"])), []).append(r)
     lines = [f"{'RAM MiB':>8} {'engine':<9} {'downtime ms':>12} {'total s':>8} {'faults':>7} {'vmstate MiB':>12}"]
     for (ram, eng), rs in sorted(groups.items()):
-        med = sorted(float(r["downtime_ms"]) for r in rs)[len(rs) // 2]
-        tot = sorted(float(r["total_s"]) for r in rs)[len(rs) // 2]
-        faults = sorted(int(r["faults"]) for r in rs)[len(rs) // 2]
-        vm = sorted(int(r["vmstate_bytes"]) for r in rs)[len(rs) // 2] / 2**20
-        lines.append(f"{ram:>8} {eng:<9} {med:>12.2f} {tot:>8.3f} {faults:>7} {vm:>12.1f}")
+        med = median([float(r["downtime_ms"]) for r in rs])
+        tot = median([float(r["total_s"]) for r in rs])
+        faults = median([int(r["faults"]) for r in rs])
+        vm = median([int(r["vmstate_bytes"]) for r in rs]) / 2**20
+        lines.append(f"{ram:>8} {eng:<9} {med:>12.2f} {tot:>8.3f} {faults:>7g} {vm:>12.1f}")
     return "\n".join(lines)

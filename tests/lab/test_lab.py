@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 import pytest
@@ -64,7 +65,7 @@ def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
     assert main(["plot", str(path), "--png", str(tmp_path / "q.png")]) == 0
     ref = qemu_reference()
     bars = {(g, who[:4]): v for g, who, v in plot.throughput_bars(rows, None, ref)}
-    med = sorted(r["vmstate_bytes"] / 2**20 / (r["downtime_ms"] / 1e3) for r in blk)[1]
+    med = statistics.median(r["vmstate_bytes"] / 2**20 / (r["downtime_ms"] / 1e3) for r in blk)  # midpoint for even n
     assert bars[("blocking save", "snap")] == pytest.approx(med)
     ram = max(ref["blocking save downtime"])
     assert bars[("blocking save", "QEMU")] == pytest.approx(ram / ref["blocking save downtime"][ram])
