@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -71,3 +72,17 @@ def vmflags(addr: int) -> set[str]:
                 if follow.startswith("VmFlags:"):
                     return set(follow.split()[1:])
     raise AssertionError(f"no mapping starts at {addr:#x}")
+
+
+def wait_until(cond: Callable[[], bool], what: str = "a condition", timeout: float = 60) -> None:
+    """Wait (generously) for a behaviour instead of sleeping a fixed time and hoping."""
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.005)
+
+
+def progresses(m: Machine, timeout: float = 60) -> None:
+    """The guest runs: its iteration counter moves on (within a generous timeout)."""
+    it = m.lab.last.iterations
+    wait_until(lambda: m.lab.last.iterations > it, "the guest to make progress", timeout)

@@ -26,7 +26,7 @@ from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.cow import fault_buffers
 from emulator.qmp.client import QMPClient
 from emulator.uffd import UserFaultFD
-from tests.migration.conftest import vmflags
+from tests.migration.conftest import progresses, vmflags, wait_until
 
 RAM = 64 << 20
 
@@ -62,7 +62,7 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
             met = m.snapshots.last
             assert met is not None and met.engine == "cow"
             assert met.extra["faults"] > 0  # the guest kept writing during the save
-            assert met.downtime_s < 0.25
+            assert 0 < met.downtime_s <= met.total_s  # how short: bench/timing.py
             # every faulted chunk went through a warm buffer; never more than the save owns
             assert met.extra["fault_buffer_bytes"] == fault_buffers(RAM) * (2 << 20)
             assert 0 < met.extra["peak_extra_bytes"] <= met.extra["fault_buffer_bytes"]
@@ -82,8 +82,7 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
         assert len(diff) <= 1 and all(stamps[d] == r13 + 1 for d in diff)
         assert m.cpu.get_state()["R13"] == r13
         m.cont()
-        time.sleep(0.05)
-        assert m.lab.last.iterations > r13  # and it runs on from there
+        wait_until(lambda: m.lab.last.iterations > r13, "the guest to run on from there")
     finally:
         m.close()
         g.close()
@@ -225,9 +224,7 @@ def test_both_write_protect_backends_give_the_stop_instant(tmp_path: Path, backe
         assert len(diff) <= 1 and all(stamps[d] == r13 + 1 for d in diff)
         # the machine runs normally afterwards (Unicorn's own TLB is back)
         m.cont()
-        it = m.lab.last.iterations
-        time.sleep(0.1)
-        assert m.lab.last.iterations > it
+        progresses(m)
     finally:
         m.close()
         g.close()
@@ -277,8 +274,9 @@ def test_cow_after_loads_keeps_huge_pages_and_a_short_arm(tmp_path: Path) -> Non
                                         "devices": ["disk0"], "__org.snaplab_engine": "cow"})
             assert "error" not in q.wait_job(f"c{i + 1}", 60)
             st = q.execute("__org.snaplab_query-snapshot-stats", {"id": f"c{i + 1}"})
-            # 64 huge pages arm in ~25 us; split into 32k small pages, in ~1.6 ms (measured)
-            assert st["arm-s"] < max(10 * first["arm-s"], 1e-3), (engine, st["arm-s"], first["arm-s"])
+            assert st["arm-s"] > 0 and first["arm-s"] > 0
+            # 64 huge pages arm in ~25 us; split into 32k small pages, in ~1.6 ms: bench/timing.py
+            # compares the times; here, what makes the arm slow must not happen (RAM split).
             assert m.ram.huge_bytes() >= ram - (4 << 20), engine
     finally:
         m.close()

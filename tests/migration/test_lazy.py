@@ -18,7 +18,7 @@ from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.qmp.client import QMPClient
 from emulator.uffd import UserFaultFD
-from tests.migration.conftest import vmflags
+from tests.migration.conftest import progresses, vmflags, wait_until
 
 RAM = 128 << 20
 
@@ -51,8 +51,8 @@ def test_lazy_load_is_exact_and_runs_like_a_blocking_load(tmp_path: Path) -> Non
             m.run_instructions(1_000_000)  # move away from the snapshot
             met = m.snapshots.load_snapshot("t", "disk0", ["disk0"], engine=engine)
             assert hashlib.sha256(m.ram.read(0, RAM)).hexdigest() == saved, engine
-            if engine == "lazy":
-                assert met.extra["time_to_resume_s"] < 0.1
+            if engine == "lazy":  # how soon it resumes is a figure of bench/timing.py
+                assert 0 < met.extra["time_to_resume_s"] <= met.total_s
             assert m.run_instructions(2_000_000) is None
             runs[engine] = (hashlib.sha256(m.ram.read(0, RAM)).hexdigest(), m.cpu.get_state(), m.lab.last.iterations,
                             hashlib.sha256(m.disk_nodes[0].format_image.read(0, 256 << 20)).hexdigest())
@@ -100,9 +100,8 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
         assert stats["moved-chunks"] == moved
         # every page in: RAM is no longer registered (the next load moves it by whole tables)
         assert not {"um", "uw"} & vmflags(m.ram.addr)
-        it = m.lab.last.iterations
-        time.sleep(0.1)
-        assert m.lab.last.iterations > it and m.lab.last.errors == 0  # disk verify passes too
+        progresses(m)
+        assert m.lab.last.errors == 0  # disk verify passes too
     finally:
         m.close()
         g.close()
@@ -138,8 +137,8 @@ def test_disk_revert_failing_after_resume_stops_the_guest_and_fences_the_disk(tm
         assert q.execute("query-status")["status"] == "restore-vm"  # QEMU: a load keeps a stopped VM stopped
         q.execute("cont")
         it = m.lab.last.iterations
-        time.sleep(0.2)
-        assert m.lab.last.iterations > it and m.lab.last.errors == 0
+        wait_until(lambda: m.lab.last.iterations > it, "the guest to run on")
+        assert m.lab.last.errors == 0
     finally:
         m.close()
         g.close()
@@ -186,8 +185,8 @@ def test_an_unreadable_chunk_stops_the_guest_before_it_runs_on_wrong_pages(tmp_p
         assert "error" not in q.wait_job("l2", 60)
         q.execute("cont")
         it = m.lab.last.iterations
-        time.sleep(0.2)
-        assert m.lab.last.iterations > it and m.lab.last.errors == 0
+        wait_until(lambda: m.lab.last.iterations > it, "the guest to run on")
+        assert m.lab.last.errors == 0
     finally:
         LazyLoad._hosts = real_hosts  # type: ignore[method-assign]
         m.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from emulator.guest import DATA_BASE, WorkloadSpec, expected_generations
+from tests.migration.conftest import wait_until
 
 RAM = 32 << 20
 
@@ -55,10 +56,8 @@ def test_generation_stamps_after_load(make_vm) -> None:  # type: ignore[no-untyp
     saved_iters = m.ram.read_u64(0x7000)
     stamps_at_save = np.frombuffer(m.ram.read(DATA_BASE, spec.pages(RAM) * 4096), np.uint64)[::512].copy()
     m.start()  # the guest keeps overwriting pages
-    import time
-    time.sleep(0.3)
+    wait_until(lambda: m.ram.read_u64(0x7000) > saved_iters + 10_000, "the guest to overwrite pages")
     m.stop()
-    assert m.ram.read_u64(0x7000) > saved_iters + 10_000
     m.snapshots.load_snapshot("gen", "disk0", ["disk0"])
     n = spec.pages(RAM)
     stamps = np.frombuffer(m.ram.read(DATA_BASE, n * 4096), np.uint64).reshape(n, 512)[:, 0]

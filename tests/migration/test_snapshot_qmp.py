@@ -181,13 +181,15 @@ def test_second_snapshot_operation_while_one_runs(make_vm) -> None:  # type: ign
     orig = ctl.handlers
 
     def slow_handlers():  # type: ignore[no-untyped-def]
-        gate.wait(10)
+        gate.wait(120)
         return orig()
 
     ctl.handlers = slow_handlers
     q.execute("snapshot-save", {**A, "job-id": "first", "tag": "a"})
-    time.sleep(0.1)
-    assert q.execute("query-jobs")[0]["status"] == "running"  # the monitor answers meanwhile
+    end = time.monotonic() + 60  # the monitor answers meanwhile; the job waits at the gate
+    while q.execute("query-jobs")[0]["status"] != "running":
+        assert time.monotonic() < end
+        time.sleep(0.005)
     q.execute("snapshot-save", {**A, "job-id": "second", "tag": "b", "vmstate": "disk1", "devices": ["disk1"]})
     info = q.wait_job("second", 10)
     assert "Another snapshot operation is in progress" in info["error"]
