@@ -165,7 +165,7 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     s = summaries([r for r in saves if r["engine"] in keep], "downtime_ms")
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     styles = {"qemu": ("--", "0.45"), "snaplab": ("-", "black")}
-    markers = {"blocking": "o", "background": "D"}
+    markers = {save_engines()[0]: "o", "background": "D"}
     for eng, system in sorted({(k[2], k[3]) for k in s}, key=lambda x: (x[1], x[0])):
         pts = sorted((k[4], v) for k, v in s.items() if (k[2], k[3]) == (eng, system))
         ls, color = styles.get(system, (":", "blue"))
