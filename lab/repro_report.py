@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,12 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
     medians with IQR error bars."""
     panels = sorted({(r["workload"], r["op"]) for r in rows})
     s = summaries(rows, "downtime_ms")
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.6 * max(1, len(panels)), 4.4), squeeze=False)
+    ncol = min(2, max(1, len(panels)))
+    nrow = (max(1, len(panels)) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 5.0 * nrow), squeeze=False)
     styles = {"qemu": ("D", "--", "0.45"), "snaplab": ("o", "-", "black")}
     markers = ["o", "s", "^", "v", "P", "X"]
-    for ax, (wl, op) in zip(axes[0], panels, strict=False):
+    for ax, (wl, op) in zip(axes.flat, panels, strict=False):
         series = sorted({(k[2], k[3]) for k in s if k[0] == wl and k[1] == op}, key=lambda x: (x[1], x[0]))
         for i, (eng, system) in enumerate(series):
             pts = sorted((k[4], v) for k, v in s.items() if k[:4] == (wl, op, eng, system))
@@ -136,14 +139,15 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
         why = [w for (a, b, _), w in NOT_COMPARABLE.items() if (a, b) == (wl, op)]
-        caveat = f"\n(QEMU blocking not like with like: {why[0]})" if why else ""
-        ax.set_title(f"{op}: {cond}{caveat}", fontsize=9)
+        caveat = f"\n(QEMU blocking: not like with like, {why[0]})" if why else ""
+        lines = textwrap.wrap(f"{op}: {cond}", 60) + textwrap.wrap(caveat.strip(), 60)
+        ax.set_title("\n".join(lines), fontsize=9)
         ax.grid(True, which="both", linewidth=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=2)
     fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR "
                  f"({source_label(meta, committed)})", fontsize=9)
     fig.tight_layout()
-    fig.text(0.5, -0.12, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
+    fig.text(0.5, -0.02, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
              "flushes after RESUME (in total time, not downtime). docs/reproduction.md", ha="center", fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
