@@ -19,6 +19,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
+from lab.spec import load_engines, save_engines, write_protects
 from lab.stats import Summary, summarize
 
 NUMERIC = {"ram_mib": int, "dirty_rate_mibs": int, "working_set_mib": int, "rep": int, "downtime_ms": float,
@@ -53,10 +54,12 @@ def summaries(rows: list[dict[str, Any]], field: str) -> dict[Key, Summary]:
 # its internal snapshot stores them beside RAM (its VM state is twice snaplab's, measured), and
 # its load's reset copies them back into RAM (hw/core/loader.c rom_reset).  Those ratios are not
 # like with like and are left out; the migrate stream (background) carries RAM only on both.
-NOT_COMPARABLE = {
-    ("idle-random", "save", "blocking"): "QEMU's snapshot also stores the loader files: twice the bytes",
-    ("idle-random", "load", "blocking"): "QEMU's load re-copies the loader files at its reset",
-}
+def not_comparable() -> dict[tuple[str, str, str], str]:
+    """(condition, op, engine) -> why QEMU's figure cannot be set beside snaplab's."""
+    return {
+        ("idle-random", "save", save_engines()[0]): "QEMU's snapshot also stores the loader files: twice the bytes",
+        ("idle-random", "load", load_engines()[0]): "QEMU's load re-copies the loader files at its reset",
+    }
 
 
 def ratios(rows: list[dict[str, Any]], field: str = "downtime_ms") -> dict[tuple[str, str, str, int], float]:
@@ -65,7 +68,7 @@ def ratios(rows: list[dict[str, Any]], field: str = "downtime_ms") -> dict[tuple
     out = {}
     for (wl, op, eng, system, ram), q in s.items():
         ours = s.get((wl, op, eng, "snaplab", ram))
-        if system == "qemu" and ours is not None and ours.median > 0 and (wl, op, eng) not in NOT_COMPARABLE:
+        if system == "qemu" and ours is not None and ours.median > 0 and (wl, op, eng) not in not_comparable():
             out[(wl, op, eng, ram)] = q.median / ours.median
     return out
 
@@ -85,7 +88,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append("QEMU / snaplab, medians (downtime; total time):")
         lines += [f"  {wl:<12}{op:<5}{eng:<11}{ram:>6} MiB  {v:7.1f}x  {rt.get((wl, op, eng, ram), float('nan')):6.1f}x"
                   for (wl, op, eng, ram), v in sorted(r.items())]
-    lines += [f"  not compared: {wl} {op} {eng} ({why})" for (wl, op, eng), why in NOT_COMPARABLE.items()
+    lines += [f"  not compared: {wl} {op} {eng} ({why})" for (wl, op, eng), why in not_comparable().items()
               if any((x["workload"], x["op"], x["engine"], x["system"]) == (wl, op, eng, "qemu") for x in rows)]
     return "\n".join(lines)
 
@@ -138,7 +141,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         ax.set_ylabel("downtime, STOP to RESUME (ms)")
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
-        why = [w for (a, b, _), w in NOT_COMPARABLE.items() if (a, b) == (wl, op)]
+        why = [w for (a, b, _), w in not_comparable().items() if (a, b) == (wl, op)]
         caveat = f"\n(QEMU blocking: not like with like, {why[0]})" if why else ""
         lines = textwrap.wrap(f"{op}: {cond}", 60) + textwrap.wrap(caveat.strip(), 60)
         ax.set_title("\n".join(lines), fontsize=9)
@@ -167,7 +170,6 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     """The README's main figure: saves of the dirty guest, downtime against RAM, snaplab's
     blocking and copy-on-write saves and background snapshot beside QEMU's blocking save and
     background snapshot of the same guest; medians with IQR bars."""
-    from lab.spec import save_engines, write_protects
 
     saves = [r for r in rows + (qemu_rows or []) if r["op"] == "save" and r["workload"] == "dirty"]
     keep = {save_engines()[0], "background"} | {e for e in save_engines() if write_protects(e)}
