@@ -132,13 +132,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
             _, ls, color = styles.get(system, ("x", ":", "blue"))
             ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], linestyle=ls, color=color,
                         capsize=3, label=f"{system} {eng}")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({k[4] for k in s}))
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.set_yscale("log")
-        ax.set_xlabel("guest RAM (MiB)")
-        ax.set_ylabel("downtime, STOP to RESUME (ms)")
+        _downtime_axes(ax, sorted({k[4] for k in s}))
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
         why = [w for (a, b, _), w in not_comparable().items() if (a, b) == (wl, op)]
@@ -156,6 +150,17 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
     return fig
+
+
+def _downtime_axes(ax: Any, sizes: list[int]) -> None:
+    """Log-log axes: RAM sizes as plain MiB ticks, downtime in ms."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_yscale("log")
+    ax.set_xlabel("guest RAM (MiB)")
+    ax.set_ylabel("downtime, STOP to RESUME (ms)")
 
 
 def _dirty_label(rows: list[dict[str, Any]], wl: str) -> str:
@@ -185,13 +190,7 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
                     marker=markers.get(eng, "s"), linestyle=ls, color=color, capsize=3,
                     label=f"{'QEMU 7.2' if system == 'qemu' else 'snaplab'} {eng}"
                           + (f" ({qemu_label})" if system == "qemu" else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted({k[4] for k in s}))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_yscale("log")
-    ax.set_xlabel("guest RAM (MiB)")
-    ax.set_ylabel("downtime, STOP to RESUME (ms)")
+    _downtime_axes(ax, sorted({k[4] for k in s}))
     ns = sorted({v.n for v in s.values()})
     n = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}" if ns else "0"
     ax.set_title(f"snapshot-save and background snapshot, same guest on both\n{_dirty_label(saves, 'dirty')}; "
