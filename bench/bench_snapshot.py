@@ -29,19 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from lab.qemu import OVMF
+from lab.reproduce import drop_caches  # noqa: F401 - the other benches import it from here
 from lab.qemu import RawQMP as Raw
 
 RECORDED = {"save": 3.3, "load": 1.07}  # QEMU 7.2, 1 GiB, medians from the reference
-
-
-def drop_caches() -> None:
-    """Give clean page cache back to the free pool (root only), so each side starts alike."""
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 def warm_memory(nbytes: int) -> float:

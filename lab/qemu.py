@@ -261,9 +261,10 @@ class ProgressReader:
             with self._lock:
                 self.samples.extend((now, i) for i in its)
 
-    def history(self) -> list[tuple[int, int]]:
+    def history(self, last: int | None = None) -> list[tuple[int, int]]:
+        """The samples (or the ``last`` ones), oldest first."""
         with self._lock:
-            return list(self.samples)
+            return list(self.samples if last is None else self.samples[-last:])
 
 
 def guest_argv(w: Path, mib: int, spec: WorkloadSpec, loaders: list[str]) -> list[str]:

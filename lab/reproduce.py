@@ -354,7 +354,7 @@ def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str])
 @contextlib.contextmanager
 def qemu_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str]) -> Iterator[Guest]:
     with qemu_lab.running_guest(w, ram_mib, spec, loaders=loaders) as (q, progress, argv):
-        yield Guest("qemu", q, progress.history, w, argv)
+        yield Guest("qemu", q, lambda: progress.history(last=RECENT_SAMPLES), w, argv)
 
 
 def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print) -> Path:
