@@ -41,6 +41,7 @@ from emulator.devices.fwcfg import (
     KEY_SEED,
     KEY_WORKING_SET,
     KEY_WORKLOAD,
+    KEY_WS_OFFSET,
     FwCfg,
 )
 from emulator.devices.lab import LabPort
@@ -133,6 +134,7 @@ class Board:
             KEY_PATTERN: PATTERNS.index(w.pattern),
             KEY_DISK_SECTORS: self.disk.sectors(0),
             KEY_BATCH_PAGES: w.batch_pages,
+            KEY_WS_OFFSET: w.ws_offset,
         })
         self.bus = PortBus()
         for dev in (self.serial, self.lab, self.timer, self.disk, self.flash, self.fwcfg):

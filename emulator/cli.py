@@ -124,7 +124,7 @@ def _ram_size(arg: str) -> int:
 
 def _workload(arg: str) -> WorkloadSpec:
     kv = _kv(arg, "-snaplab-workload", "name")
-    allowed = {"name", "seed", "ws", "rate", "pattern", "batch"}
+    allowed = {"name", "seed", "ws", "ws-offset", "rate", "pattern", "batch"}
     for k in kv:
         if k not in allowed:
             raise UsageError(f"-snaplab-workload: unknown key '{k}' (allowed: {', '.join(sorted(allowed))})")
@@ -134,7 +134,8 @@ def _workload(arg: str) -> WorkloadSpec:
             name=kv.get("name", "dirty"), seed=int(kv.get("seed", "0"), 0),
             working_set=parse_size(kv["ws"]) if "ws" in kv else 0,
             rate=parse_size(rate) if rate not in ("0", "") else 0,
-            pattern=kv.get("pattern", "random"), batch_pages=int(kv.get("batch", "256"), 0))
+            pattern=kv.get("pattern", "random"), batch_pages=int(kv.get("batch", "256"), 0),
+            ws_offset=parse_size(kv["ws-offset"]) if "ws-offset" in kv else 0)
     except (ValueError, SnaplabError) as err:
         raise UsageError(f"-snaplab-workload {arg}: {err}") from err
 

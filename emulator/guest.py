@@ -120,6 +120,7 @@ class WorkloadSpec:
     rate: int = 0  # bytes/s; 0 = unthrottled
     pattern: str = "random"
     batch_pages: int = 256
+    ws_offset: int = 0  # bytes from DATA_BASE to the working set's first page (page-aligned)
 
     def __post_init__(self) -> None:
         if self.name not in WORKLOADS:
@@ -130,9 +131,19 @@ class WorkloadSpec:
             raise ValueError("batch_pages must be between 1 and 1048576")
         if self.rate < 0 or self.working_set < 0 or not 0 <= self.seed < 1 << 64:
             raise ValueError("rate, working_set and seed must be non-negative (seed < 2**64)")
+        if self.ws_offset < 0 or self.ws_offset % PAGE:
+            raise ValueError("ws_offset must be a non-negative multiple of 4096")
+
+    @property
+    def base(self) -> int:
+        """Guest-physical address of the working set's first page (page 0 of the model)."""
+        return DATA_BASE + self.ws_offset
 
     def pages(self, ram_size: int) -> int:
-        avail = max((ram_size - DATA_BASE) // PAGE, 1)
+        """Pages in the working set for a guest of ``ram_size`` bytes (at least one)."""
+        if self.ws_offset and DATA_BASE + self.ws_offset >= ram_size:
+            raise ValueError(f"ws_offset {self.ws_offset:#x} leaves no working set in {ram_size >> 20} MiB of RAM")
+        avail = max((ram_size - DATA_BASE - self.ws_offset) // PAGE, 1)
         ws = self.working_set // PAGE if self.working_set else avail
         return max(1, min(ws, avail))
 

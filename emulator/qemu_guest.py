@@ -119,6 +119,7 @@ def configured_image(spec: WorkloadSpec, ram_size: int) -> bytes:
     keys[6] = PATTERNS.index(spec.pattern)
     keys[7] = 0
     keys[8] = spec.batch_pages
+    keys[9] = spec.ws_offset
     img = bytearray(IMAGE.read_bytes())
     struct.pack_into("<16Q", img, CONFIG - LOAD, *keys)
     return bytes(img)

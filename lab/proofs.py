@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from emulator.guest import DATA_BASE, expected_generations
+from emulator.guest import expected_generations
 from lab.session import default_machine
 from lab.spec import DEFAULT_ENGINE, guest_runs
 
@@ -33,7 +33,7 @@ def stop_instant_proof(engine: str = DEFAULT_ENGINE, *, ram_mib: int = 64, seed:
         spec = m.config.workload
         ram = m.config.ram_size
         n = spec.pages(ram)
-        stamps = np.frombuffer(m.ram.read(DATA_BASE, n * 4096), np.uint64).reshape(n, 512)[:, 0]
+        stamps = np.frombuffer(m.ram.read(spec.base, n * 4096), np.uint64).reshape(n, 512)[:, 0]
         exp = expected_generations(spec, ram, counter)
         diff = np.flatnonzero(stamps != exp)
         in_flight = all(stamps[d] == counter + 1 for d in diff) and len(diff) <= 1

@@ -7,7 +7,8 @@
 ; Data pages start at 0x200000; page p is stamped [+0] = generation (iteration + 1) and
 ; [+8] = p, so a restored snapshot can be checked page by page against splitmix64(seed + i).
 ; fw_cfg keys: 3 seed, 4 working-set bytes, 5 ns per batch (0 = unthrottled), 6 pattern
-; (0 sequential, 1 random, 2 hot-cold), 7 disk sectors, 8 batch pages.
+; (0 sequential, 1 random, 2 hot-cold), 7 disk sectors, 8 batch pages, 9 working-set offset
+; (bytes from 0x200000 to the working set's first page; 0 = the working set starts at 0x200000).
 
 ;@workload idle
     mov rsp, 0x80000
@@ -80,7 +81,10 @@ dirty_ws_ok:
     jnz dirty_bp_ok
     mov ebp, 256
 dirty_bp_ok:
-    mov r12, 0x200000
+    mov eax, 9
+    call fwcfg
+    add rax, 0x200000
+    mov r12, rax
     xor r13, r13
     xor r14, r14
     call timer_now
