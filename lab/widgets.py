@@ -1,113 +1,278 @@
-"""An ipywidgets dashboard: pick the guest and the engine, take / load / delete snapshots on a
-live machine, watch guest progress and the QMP event log."""
+"""An ipywidgets dashboard: pick the guest (RAM, workload, dirty rate, working set, pattern) and
+the engines, take / load / delete snapshots on a live machine, watch the guest's progress and the
+QMP event log.
+
+Every action goes through QMP (the in-process client).  The engines are read from the registry
+(:func:`lab.spec.save_engines`, :func:`lab.spec.load_engines`), never spelled here.  What the front
+end must show after a click's request has ended (a job runs on a thread) is written as widget
+state: the log is a ``Textarea``'s value and the plot an ``Image``'s PNG bytes, which the front end
+applies whenever they arrive; output printed into an ``Output`` widget from another thread would
+be dropped by JupyterLab.  Bad input (a RAM size the machine cannot give, a load of a missing tag)
+ends in the log as the machine's or QEMU's error text, never as a traceback.
+
+Imports: the lab's session-free pieces and the emulator's public rooms (``emulator.machine``,
+``emulator.guest``, ``emulator.block``, ``emulator.errors``).
+"""
 
 from __future__ import annotations
 
+import io
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as w
+import numpy as np
 
-from lab.session import Session, default_machine
-from lab.spec import DEFAULT_ENGINE, load_engines, save_engines
+from emulator.block import BlockGraph, Qcow2Image
+from emulator.errors import QMPError, SnaplabError
+from emulator.guest import WorkloadSpec
+from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab.spec import DEFAULT_ENGINE, PATTERNS, WORKLOADS, engine_title, load_engines, save_engines
 
 ENGINE_ARG = "__org.snaplab_engine"
+STATS = "__org.snaplab_query-snapshot-stats"
+MAX_LOG_LINES = 400
+JOB_TIMEOUT_S = 600.0
+
+
+class LiveMachine:
+    """A running machine for the dashboard: one qcow2 disk (``disk0``) in a scratch directory,
+    the guest described by the controls, the machine's start as the log's time zero."""
+
+    def __init__(self, ram_mib: int, workload: WorkloadSpec) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="snaplab-dash-"))
+        try:
+            Qcow2Image.create(self.workdir / "disk0.qcow2", 1 << 30).close()
+            self.graph = BlockGraph()
+            self.graph.add({"driver": "file", "filename": str(self.workdir / "disk0.qcow2"), "node-name": "disk0-file"})
+            self.graph.add({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"})
+            cfg = MachineConfig(ram_size=ram_mib << 20, workload=workload, disks=[DiskSpec("disk0", "disk0-dev")])
+            self.machine = Machine(cfg, self.graph)
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
+        self.t0_wall_us = 0
+        self.t0_mono_ns = 0
+
+    def start(self) -> Any:
+        """Power on; returns the QMP client."""
+        self.t0_wall_us = time.time_ns() // 1000
+        self.t0_mono_ns = time.monotonic_ns()
+        self.machine.start()
+        return self.machine.qmp()
+
+    def close(self) -> None:
+        self.machine.close()
+        self.graph.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, float | None]],
+                 now_s: float) -> bytes:
+    """The guest's speed (iterations per second) against seconds since the machine started, the
+    stopped windows shaded; a PNG.  ``samples`` are the lab port's rows (host_ns in column 1,
+    iterations in column 2)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 2.6), dpi=90)
+    ax = fig.add_subplot()
+    if len(samples) >= 2:
+        t = (samples[:, 1].astype(np.int64) - t0_mono_ns) / 1e9
+        it = samples[:, 2].astype(np.float64)
+        edges = np.arange(0.0, max(now_s, t[-1]) + 0.1, 0.1)
+        cum = np.interp(edges, t, it, left=0.0)
+        ax.step(edges[1:], np.diff(cum) / 0.1, where="pre", color="black", lw=1)
+    for i, (a, b) in enumerate(stops):
+        ax.axvspan(a, now_s if b is None else b, color="tab:red", alpha=0.3, lw=0,
+                   label="guest stopped" if i == 0 else None)
+    ax.set_xlim(0, max(now_s, 1.0))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("seconds since the machine started")
+    ax.set_ylabel("guest iterations / s")
+    ax.set_title("guest progress (0.1 s bins)" + ("" if len(samples) >= 2 else ": no samples yet"), fontsize=10)
+    if stops:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 class Dashboard:
     """``Dashboard().widget`` in a notebook cell; every action goes through QMP."""
 
     def __init__(self) -> None:
-        self.ram = w.SelectionSlider(options=[64, 128, 256, 512, 1024, 2048, 4096], value=128, description="RAM MiB")
-        self.workload = w.Dropdown(options=["dirty", "mixed", "disk", "idle"], value="dirty", description="workload")
-        self.rate = w.IntSlider(value=100, min=0, max=2000, step=50, description="MiB/s")
-        self.engine = w.Dropdown(options=list(save_engines()), value=DEFAULT_ENGINE, description="save engine")
-        self.load_engine = w.Dropdown(options=list(load_engines()), value=load_engines()[0], description="load engine")
+        self.ram = w.IntText(value=128, description="RAM MiB")
+        self.workload = w.Dropdown(options=list(WORKLOADS), value="dirty", description="workload")
+        self.rate = w.IntSlider(value=100, min=0, max=2000, step=50, description="dirty MiB/s")
+        self.working_set = w.IntText(value=64, description="working set MiB")
+        self.pattern = w.Dropdown(options=list(PATTERNS), value="random", description="pattern")
+        self.engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in save_engines()],
+                                 value=DEFAULT_ENGINE, description="save engine")
+        self.load_engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in load_engines()],
+                                      value=load_engines()[0], description="load engine")
         self.tag = w.Text(value="snap1", description="tag")
-        self.boot_btn = w.Button(description="boot")
+        self.boot_btn = w.Button(description="boot", button_style="primary")
         self.save_btn = w.Button(description="take snapshot")
         self.load_btn = w.Button(description="load snapshot")
         self.del_btn = w.Button(description="delete snapshot")
-        self.log = w.Textarea(value="", layout=w.Layout(width="100%", height="160px"), description="events")
-        self.plot = w.Output()
+        self.cont_btn = w.Button(description="continue", tooltip="QMP cont: a failed load leaves the guest stopped, as in QEMU")
+        self.log = w.Textarea(value="", layout=w.Layout(width="100%", height="180px"), description="events")
+        self.plot = w.Image(format="png", layout=w.Layout(width="675px"))
         self.boot_btn.on_click(lambda _: self.boot())
         self.save_btn.on_click(lambda _: self.save())
         self.load_btn.on_click(lambda _: self.load())
         self.del_btn.on_click(lambda _: self.delete())
-        self.session: Session | None = None
+        self.cont_btn.on_click(lambda _: self.cont())
+        for b in (self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn):
+            b.add_class("snaplab-" + b.description.replace(" ", "-"))
+        self.log.add_class("snaplab-log")
+        self.plot.add_class("snaplab-plot")
+        self.live: LiveMachine | None = None
         self.q: Any = None
+        self.errors: list[str] = []
+        self._lines: list[str] = []
+        self._stops: list[tuple[float, float | None]] = []
+        self._lock = threading.Lock()
+        self._draw_lock = threading.Lock()
         self._jobs = 0
         self.widget = w.VBox([
             w.HBox([self.ram, self.workload, self.rate]),
-            w.HBox([self.boot_btn, self.engine, self.load_engine, self.tag]),
-            w.HBox([self.save_btn, self.load_btn, self.del_btn]),
+            w.HBox([self.working_set, self.pattern]),
+            w.HBox([self.engine, self.load_engine, self.tag]),
+            w.HBox([self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn]),
             self.plot, self.log])
+        self.draw()
 
-    def _say(self, line: str) -> None:
-        self.log.value += line + "\n"
+    # -- the log ---------------------------------------------------------------------------
 
-    def boot(self) -> None:
+    def _rel(self, wall_us: int | None = None) -> str:
+        if self.live is None:
+            return "+0.000 s"
+        us = (time.time_ns() // 1000 if wall_us is None else wall_us) - self.live.t0_wall_us
+        return f"+{us / 1e6:.3f} s"
+
+    def _say(self, line: str, wall_us: int | None = None) -> None:
+        with self._lock:
+            self._lines.append(f"{self._rel(wall_us)} {line}")
+            del self._lines[:-MAX_LOG_LINES]
+            self.log.value = "\n".join(self._lines) + "\n"
+
+    def _error(self, what: str, text: str) -> None:
+        self.errors.append(text)
+        self._say(f"{what}: error: {text}")
+
+    def _on_event(self, name: str, data: dict[str, Any] | None, secs: int, usecs: int) -> None:
+        wall_us = secs * 1_000_000 + usecs
+        live = self.live
+        if live is not None and name in ("STOP", "RESUME"):
+            t = (wall_us - live.t0_wall_us) / 1e6
+            with self._lock:
+                if name == "STOP":
+                    self._stops.append((t, None))
+                elif self._stops and self._stops[-1][1] is None:
+                    self._stops[-1] = (self._stops[-1][0], t)
+        self._say(f"{name} {data or ''}".rstrip(), wall_us)
+
+    def lines(self) -> list[str]:
+        """The log's lines (each starts with the time since the machine started)."""
+        with self._lock:
+            return list(self._lines)
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def boot(self) -> bool:
+        """A new machine from the controls (the old one goes only when the new one exists)."""
+        try:
+            spec = WorkloadSpec(self.workload.value, seed=1, working_set=self.working_set.value << 20,
+                                rate=self.rate.value << 20, pattern=self.pattern.value)
+            live = LiveMachine(self.ram.value, spec)
+        except (SnaplabError, ValueError, OSError, MemoryError) as err:
+            self._error("boot", str(err))
+            return False
         self.close()
-        self.session = default_machine(ram_mib=self.ram.value, workload=self.workload.value,
-                                       dirty_rate_mib_s=self.rate.value)
-        m = self.session.machine
-        m.start()
-        self.q = m.qmp()
-        m.monitor.subscribe(lambda name, data, s, us: self._say(f"{s}.{us:06d} {name} {data or ''}"))
-        self._say(f"booted {self.ram.value} MiB, {self.workload.value} at {self.rate.value} MiB/s")
+        with self._lock:
+            self._lines, self._stops = [], []
+        self.live = live
+        live.machine.monitor.subscribe(self._on_event)
+        self.q = live.start()
+        self._say(f"booted {self.ram.value} MiB, {self.workload.value} at {self.rate.value} MiB/s, "
+                  f"working set {self.working_set.value} MiB, {self.pattern.value}")
+        self.draw()
+        return True
 
     def _job(self, cmd: str, args: dict[str, Any]) -> threading.Thread:
         self._jobs += 1
         job = f"{cmd}-{self._jobs}"
         args = {"job-id": job, **args}
+        q = self.q
 
         def run() -> None:
-            self.q.execute(cmd, args)
-            info = self.q.wait_job(job, 600)
-            stats = self.q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
-            self.q.execute("job-dismiss", {"id": job})
-            cost = f"downtime {stats['downtime-s'] * 1e3:.2f} ms" if "downtime-s" in stats else ""
-            self._say(f"{cmd} {args.get('tag')}: {info.get('error', 'done')} {cost}")
+            if q is None:
+                self._error(cmd, "no machine: press boot first")
+                return
+            try:
+                q.execute(cmd, args)
+                info = q.wait_job(job, JOB_TIMEOUT_S)
+                stats = q.execute(STATS, {"id": job})
+                q.execute("job-dismiss", {"id": job})
+            except QMPError as err:
+                self._error(f"{cmd} {args.get('tag')}", f"{err.qmp_class}: {err}")
+                return
+            except SnaplabError as err:  # the machine went away under the job, a timeout
+                self._error(f"{cmd} {args.get('tag')}", str(err))
+                return
+            if "error" in info:
+                self._error(f"{cmd} {args.get('tag')}", str(info["error"]))
+            else:
+                cost = f" downtime {stats['downtime-s'] * 1e3:.2f} ms" if "downtime-s" in stats else ""
+                self._say(f"{cmd} {args.get('tag')}: done{cost}")
             self.draw()
 
-        t = threading.Thread(target=run, daemon=True)
+        t = threading.Thread(target=run, name=f"dashboard-{job}", daemon=True)
         t.start()
         return t
 
+    def _target(self) -> dict[str, Any]:
+        return {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"]}
+
     def save(self) -> threading.Thread:
-        args: dict[str, Any] = {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"],
-                                ENGINE_ARG: self.engine.value}
-        return self._job("snapshot-save", args)
+        return self._job("snapshot-save", {**self._target(), ENGINE_ARG: self.engine.value})
 
     def load(self) -> threading.Thread:
-        args: dict[str, Any] = {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"],
-                                ENGINE_ARG: self.load_engine.value}
-        return self._job("snapshot-load", args)
+        return self._job("snapshot-load", {**self._target(), ENGINE_ARG: self.load_engine.value})
 
     def delete(self) -> threading.Thread:
         return self._job("snapshot-delete", {"tag": self.tag.value, "devices": ["disk0"]})
 
-    def draw(self, seconds: float = 10.0) -> None:
-        """Guest progress over the last ``seconds`` (from the lab port)."""
-        if self.session is None:
+    def cont(self) -> None:
+        """QMP ``cont``: the guest runs again (after a failed load QEMU leaves it stopped)."""
+        if self.q is None:
+            self._error("cont", "no machine: press boot first")
             return
-        import matplotlib.pyplot as plt
+        try:
+            self.q.execute("cont")
+        except QMPError as err:
+            self._error("cont", f"{err.qmp_class}: {err}")
 
-        samples = self.session.machine.lab.history()
-        if not samples:
-            return
-        now = time.monotonic_ns()
-        pts = [((s.host_ns - now) / 1e9, s.iterations) for s in samples if now - s.host_ns <= seconds * 1e9]
-        self.plot.clear_output(wait=True)
-        with self.plot:
-            fig, ax = plt.subplots(figsize=(6, 2.5))
-            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="black")
-            ax.set_xlabel("seconds ago")
-            ax.set_ylabel("guest iterations")
-            plt.show()
+    def draw(self) -> None:
+        """Redraw the plot: the guest's progress since the machine started, stops shaded."""
+        with self._draw_lock:
+            live = self.live
+            if live is None:
+                png = progress_png(np.zeros((0, 6), dtype=np.uint64), 0, [], 1.0)
+            else:
+                with self._lock:
+                    stops = list(self._stops)
+                now_s = (time.monotonic_ns() - live.t0_mono_ns) / 1e9
+                png = progress_png(live.machine.lab.history_array(), live.t0_mono_ns, stops, now_s)
+            self.plot.value = png
 
     def close(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
+        live, self.live, self.q = self.live, None, None
+        if live is not None:
+            live.close()

@@ -1,24 +1,91 @@
-"""The dashboard drives a live machine through QMP."""
+"""The dashboard drives a live machine through QMP; bad input ends in its log, not in a traceback."""
 
 from __future__ import annotations
 
+import re
+import threading
+
+import ipywidgets as w
+import pytest
+
+from lab.spec import PATTERNS, load_engines, save_engines
 from lab.widgets import Dashboard
 
+PNG = b"\x89PNG\r\n\x1a\n"
+JOIN_S = 120
 
-def test_dashboard_take_load_delete() -> None:
+
+def finish(t: threading.Thread) -> None:
+    t.join(JOIN_S)
+    assert not t.is_alive(), f"{t.name} did not end within {JOIN_S} s"
+
+
+@pytest.fixture
+def dash() -> Dashboard:
     d = Dashboard()
     d.ram.value = 64
-    d.engine.value = "blocking"
-    d.boot()
-    try:
-        d.save().join(60)
-        d.load().join(60)
-        d.delete().join(60)
-        log = d.log.value
-        assert "booted 64 MiB" in log
-        assert "snapshot-save snap1: done downtime" in log
-        assert "snapshot-load snap1: done" in log and "snapshot-delete snap1: done" in log
-        assert "STOP" in log and "RESUME" in log and "JOB_STATUS_CHANGE" in log
-        d.draw()
-    finally:
-        d.close()
+    yield d
+    d.close()
+
+
+def test_the_controls_come_from_the_registry_and_the_guest_spec(dash: Dashboard) -> None:
+    assert [v for _, v in dash.engine.options] == list(save_engines())
+    assert [v for _, v in dash.load_engine.options] == list(load_engines())
+    assert list(dash.pattern.options) == list(PATTERNS)
+    assert isinstance(dash.working_set, w.IntText) and isinstance(dash.ram, w.IntText)
+    assert isinstance(dash.plot, w.Image) and bytes(dash.plot.value).startswith(PNG)
+
+
+@pytest.mark.parametrize("engine", save_engines())
+def test_take_load_delete_with_each_save_engine(dash: Dashboard, engine: str) -> None:
+    dash.engine.value = engine
+    dash.load_engine.value = load_engines()[-1]
+    dash.working_set.value = 16
+    dash.pattern.value = PATTERNS[0]
+    assert dash.boot()
+    before = bytes(dash.plot.value)
+    finish(dash.save())
+    assert bytes(dash.plot.value) != bytes(before) and bytes(dash.plot.value).startswith(PNG)
+    finish(dash.load())
+    finish(dash.delete())
+    lines = dash.lines()
+    text = "\n".join(lines)
+    assert f"booted 64 MiB, dirty at 100 MiB/s, working set 16 MiB, {PATTERNS[0]}" in text
+    assert "snapshot-save snap1: done downtime" in text
+    assert "snapshot-load snap1: done" in text and "snapshot-delete snap1: done" in text
+    assert "STOP" in text and "RESUME" in text and "JOB_STATUS_CHANGE" in text
+    # times are relative to the machine's start, not epoch seconds
+    assert all(re.match(r"\+\d{1,4}\.\d{3} s ", line) for line in lines), lines
+    assert dash.errors == []
+
+
+def test_a_ram_size_the_machine_cannot_give_is_logged_and_keeps_the_old_machine(dash: Dashboard) -> None:
+    assert dash.boot()
+    old = dash.live
+    dash.ram.value = 8
+    assert not dash.boot()
+    assert dash.live is old
+    assert dash.errors == ["RAM size 8388608 must be a multiple of 4 KiB between 16 MiB and 64 GiB"]
+    assert dash.lines()[-1].endswith("boot: error: " + dash.errors[0])
+    dash.ram.value = 70000 * 1024
+    assert not dash.boot() and "between 16 MiB and 64 GiB" in dash.errors[-1]
+
+
+def test_a_load_of_a_missing_tag_shows_qemus_error_and_continue_resumes(dash: Dashboard) -> None:
+    assert dash.boot()
+    dash.tag.value = "nope"
+    finish(dash.load())
+    assert dash.errors == ["Snapshot 'nope' does not exist in one or more devices"]
+    assert "snapshot-load nope: error: Snapshot 'nope' does not exist" in dash.lines()[-1]
+    assert dash.q.execute("query-status")["status"] == "restore-vm"  # QEMU leaves it stopped
+    dash.cont()
+    assert dash.q.execute("query-status")["status"] == "running"
+
+
+def test_actions_before_boot_and_a_bad_workload_are_logged(dash: Dashboard) -> None:
+    finish(dash.save())
+    dash.cont()
+    assert dash.errors == ["no machine: press boot first"] * 2
+    dash.working_set.value = -1
+    assert not dash.boot()
+    assert "non-negative" in dash.errors[-1]
