@@ -19,6 +19,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import matplotlib.ticker
 
+from lab.reproduce import MIGRATE_BACKGROUND
 from lab.spec import load_engines, save_engines, write_protects
 from lab.stats import Summary, summarize
 
@@ -177,11 +178,11 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     background snapshot of the same guest; medians with IQR bars."""
 
     saves = [r for r in rows + (qemu_rows or []) if r["op"] == "save" and r["workload"] == "dirty"]
-    keep = {save_engines()[0], "background"} | {e for e in save_engines() if write_protects(e)}
+    keep = {save_engines()[0], MIGRATE_BACKGROUND} | {e for e in save_engines() if write_protects(e)}
     s = summaries([r for r in saves if r["engine"] in keep], "downtime_ms")
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     styles = {"qemu": ("--", "0.45"), "snaplab": ("-", "black")}
-    markers = {save_engines()[0]: "o", "background": "D"}
+    markers = {save_engines()[0]: "o", MIGRATE_BACKGROUND: "D"}
     for eng, system in sorted({(k[2], k[3]) for k in s}, key=lambda x: (x[1], x[0])):
         pts = sorted((k[4], v) for k, v in s.items() if (k[2], k[3]) == (eng, system))
         ls, color = styles.get(system, (":", "blue"))

@@ -53,11 +53,18 @@ from emulator.errors import SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab import qemu as qemu_lab
-from lab.spec import engine_title, guest_runs, load_engines, resumes_early, save_engines
+from lab.spec import (
+    engine_title,
+    guest_runs,
+    load_engines,
+    resumes_early,
+    save_engines,
+    waits_for_complete,
+)
 
 CONDITIONS = ("idle-random", "dirty")
 SYSTEMS = ("snaplab", "qemu")
-BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems
+MIGRATE_BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems (not an engine)
 COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mibs", "working_set_mib", "rep",
            "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at")
 FULL_SIZES, FULL_REPS = (256, 1024, 4096), 5
@@ -280,7 +287,7 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
               "vmstate_bytes": vm, "steady": steady, "started_at": time.time()})
 
     ours_save = [e for e in save_engines()[1:] if guest_runs(e)] if g.system == "snaplab" else []
-    ours_load = [e for e in load_engines()[1:] if resumes_early(e)] if g.system == "snaplab" else []
+    ours_load = [e for e in load_engines()[1:] if resumes_early(e) and not waits_for_complete(e)] if g.system == "snaplab" else []
     for rep in range(spec.reps):
         tag = f"r{rep}"
         steady = wait_steady(g, w)
@@ -301,9 +308,9 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
             row(eng, "save", rep, steady, m, _vmstate_bytes(g, t))
             _job(g, "snapshot-delete", {"job-id": f"d{rep}-{eng}", "tag": t, "devices": ["disk0"]})
         steady = wait_steady(g, w)
-        out = g.workdir / f"background{rep}.bin"
+        out = g.workdir / f"migrate{rep}.bin"
         m = _background(g, out)
-        row(BACKGROUND, "save", rep, steady, m, out.stat().st_size)
+        row(MIGRATE_BACKGROUND, "save", rep, steady, m, out.stat().st_size)
         out.unlink()
 
 

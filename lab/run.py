@@ -181,7 +181,7 @@ def load_experiment(ram_mib: int, engines: tuple[str, ...] | None = None, *, see
                                             ENGINE_ARG: eng}
                     t0 = time.time()
                     q.execute("snapshot-load", args)
-                    q.wait_job(job, 300)
+                    q.wait_job(job, 300, complete=True)
                     stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
                     ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
                     rows.append({"ram_mib": ram_mib, "engine": eng, "rep": rep, "seed": seed,

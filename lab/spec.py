@@ -10,6 +10,7 @@ from typing import Any
 from emulator.errors import SnaplabError
 from emulator.migration.cow import WP_BACKENDS
 from emulator.migration.engines import (
+    LOAD_ALIASES,
     LOAD_ENGINES,
     SAVE_ENGINES,
     load_engine_names,
@@ -30,7 +31,7 @@ def load_engines() -> tuple[str, ...]:
 def engine_title(name: str) -> str:
     """A few words that say what the engine does, for legends and widgets."""
     titles = {e.name: e.title for e in SAVE_ENGINES} | {e.name: e.title for e in LOAD_ENGINES}
-    return titles.get(name, name)
+    return titles.get(LOAD_ALIASES.get(name, name), name)
 
 
 def guest_runs(engine: str) -> bool:
@@ -41,6 +42,12 @@ def guest_runs(engine: str) -> bool:
 def resumes_early(engine: str) -> bool:
     """Whether a load with this engine resumes the guest before RAM is all back."""
     return any(e.name == engine and e.resumes_early for e in LOAD_ENGINES)
+
+
+def waits_for_complete(engine: str) -> bool:
+    """Whether a load with this engine is ready after RESUME and fills the rest of RAM only
+    once told to (``job-complete``)."""
+    return any(e.name == engine and e.waits_for_complete for e in LOAD_ENGINES)
 
 
 def write_protects(engine: str) -> bool:

@@ -67,6 +67,7 @@ from emulator.errors import (
     ImageFormatError,
     OutOfRangeError,
     ReadOnlyError,
+    SnapshotError,
     UnsupportedFeatureError,
 )
 
@@ -534,6 +535,34 @@ class Qcow2Image(Qcow2Metadata):
 
     @_locked
     def snapshot_prepare(self) -> snapshot.PendingSnapshot:
+    @_locked
+    def snapshot_vmstate_rewrite(self, id_or_name: str, pos: int, data: bytes) -> None:
+        """Overwrite bytes of a snapshot's VM state in place (snaplab's loading set, recorded
+        after the snapshot was taken; QEMU never changes a snapshot).  Only where every cluster
+        is allocated and owned by that snapshot alone (refcount 1): nothing shared, no
+        metadata changed.  :class:`SnapshotError` names what is refused."""
+        self._check_rw()
+        sn = self.find_snapshot(id_or_name)
+        if pos < 0 or pos + len(data) > sn.vm_state_size:
+            raise SnapshotError(f"VM state range {pos}+{len(data)} is outside snapshot '{sn.name}' "
+                                f"({sn.vm_state_size} bytes)")
+        l1 = snapshot.read_snapshot_l1(self, sn)
+        cs = self.cluster_size
+        start = self.vm_state_offset + pos
+        hosts = cluster.host_map(self, l1, start, len(data))
+        if (hosts <= 0).any():
+            raise SnapshotError(f"snapshot '{sn.name}': VM state bytes {pos}+{len(data)} are not plainly allocated")
+        refs = self.refcounts.get_refcounts(hosts // cs)
+        if (refs != 1).any():
+            raise SnapshotError(f"snapshot '{sn.name}': VM state bytes {pos}+{len(data)} are shared (refcount "
+                                f"{int(refs.max())})")
+        done = 0
+        for i, host in enumerate(hosts.tolist()):
+            within = (start + done) % cs if i == 0 else 0
+            n = min(cs - within, len(data) - done)
+            self.file.pwrite(host + within, data[done:done + n])
+            done += n
+
         """Freeze the disk state now; see :class:`~emulator.block.snapshot.PendingSnapshot`."""
         self._check_rw()
         return snapshot.snapshot_prepare(self)

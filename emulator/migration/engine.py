@@ -198,20 +198,36 @@ class SaveEngine:
         """Machine teardown: give back what the engine keeps between operations."""
 
 
+class Completable(Protocol):
+    """What a load yields when its job becomes *ready* (QEMU's job_transition_to_ready(), as
+    a mirror job in sync): ``job-complete`` calls :meth:`complete`."""
+
+    def complete(self) -> None: ...
+
+
+LoadSteps = Generator[Completable | None, None, SnapshotMetrics]
+
+
 class LoadEngine:
     """A way to load an internal snapshot.  :meth:`load_steps` is a generator: an engine that
-    resumes the guest before it has finished (``resumes_early``) yields once, right after the
-    resume, and the job runs the rest on a worker; others do not yield."""
+    resumes the guest before it has finished (``resumes_early``) yields None once, right after
+    the resume, and the job runs the rest on a worker; others do not yield.  An engine that
+    waits to be told to finish yields a :class:`Completable` after that (the job is then
+    ``ready`` until ``job-complete``)."""
 
     name: ClassVar[str]
     title: ClassVar[str]
     resumes_early: ClassVar[bool] = False
+    waits_for_complete: ClassVar[bool] = False  # ready after RESUME until job-complete
 
     def __init__(self, ctx: EngineContext) -> None:
         self.ctx = ctx
 
-    def load_steps(self, req: LoadRequest, orig: RunState) -> Generator[None, None, SnapshotMetrics]:
+    def load_steps(self, req: LoadRequest, orig: RunState) -> LoadSteps:
         raise NotImplementedError
+
+    def hurry(self) -> None:
+        """Finish the running load as soon as possible (the machine shuts down)."""
 
     def on_write_protector(self, wp: WriteProtector) -> None:
         """The VM's userfaultfd was set up: prepare ahead whatever a load would otherwise make."""

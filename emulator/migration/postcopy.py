@@ -46,6 +46,9 @@ class LazyStats:
     bg_chunks: int = 0
     handler_s: list[float] = field(default_factory=list)
     fill_s: float = 0.0
+    bytes_read: int = 0  # from the image (zero pages are not read)
+    resident_at: float = 0.0  # perf_counter() when the last chunk was in
+    prefetched_chunks: int = 0  # filled from the loading set, ahead of the rest
 
 
 def check_cluster_map(cluster_map: np.ndarray, cluster_size: int) -> None:
@@ -78,6 +81,9 @@ class LazyLoad:
         self._src: int | None = None  # where the old RAM's pages are, while they are recycled
         self._free_old: Callable[[], None] | None = None
         self.armed = False
+        self._hurry = False  # job-complete, quit: fill the rest now
+        self.touched: list[tuple[float, int]] = []  # (perf_counter, chunk) of each chunk's first fault
+        self._seen = np.zeros(self.nchunks, dtype=bool)
 
     def bind(self, file: BlockFile, cluster_map: np.ndarray, cluster_size: int, stream_base: int,
              layout: RamLayout, on_error: Callable[[str], None] | None = None) -> LazyLoad:
@@ -152,6 +158,7 @@ class LazyLoad:
                             strict=True):
                 p0 = int(idx[a]) * PAGE
                 self.file.preadinto(int(h[a]), mv[p0:p0 + (b - a) * PAGE])
+            self.stats.bytes_read += len(idx) * PAGE
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
@@ -168,6 +175,9 @@ class LazyLoad:
         t0 = time.perf_counter()
         self.stats.faults += 1
         c = (f.address - self.ram.addr) // CHUNK
+        if not self._seen[c]:
+            self._seen[c] = True
+            self.touched.append((t0, c))
         if self._fill(c, self._buf):
             self.stats.fault_chunks += 1
         else:
@@ -214,19 +224,50 @@ class LazyLoad:
     def _give_back_buffers(self) -> None:
         WARM_BUFFERS.give_back([self._buf, self._fill_buf])
 
-    def fill_all(self) -> None:
-        """The background filler; returns when every chunk is in guest RAM."""
+    def complete(self) -> None:
+        """Fill the rest now (job-complete on an on-demand load, or the machine's shutdown)."""
+        with self.lock:
+            self._hurry = True
+            self.cond.notify_all()
+
+    def _all_in(self) -> bool:
+        return bool((self.state == FILLED).all())
+
+    def _wait_faults_only(self, until: float | None) -> None:
+        """Serve faults only: until :meth:`complete`, every chunk is in, an error, or ``until``
+        (perf_counter; None: no limit)."""
+        with self.lock:
+            while not (self._hurry or self.error is not None or self._all_in()):
+                left = None if until is None else until - time.perf_counter()
+                if left is not None and left <= 0:
+                    return
+                self.cond.wait(0.1 if left is None else min(left, 0.1))
+
+    def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0) -> None:
+        """The filler; returns when every chunk is in guest RAM.  ``order``: chunks to fill
+        first (a loading set, in first-touch order), then the rest by address.
+        ``faults_only_until``: serve only faults until then (perf_counter; None: until
+        :meth:`complete` or until the guest has touched every chunk)."""
         t0 = time.perf_counter()
         buf = self._fill_buf
         try:
+            if faults_only_until is None or faults_only_until > t0:
+                self._wait_faults_only(faults_only_until)
+            if order is not None:
+                for c in order.tolist():
+                    if self.error is not None:
+                        break
+                    if 0 <= c < self.nchunks and self._fill(c, buf):
+                        self.stats.prefetched_chunks += 1
             for c in range(self.nchunks):
                 if self.error is not None:
                     break
                 if self._fill(c, buf):
                     self.stats.bg_chunks += 1
             with self.lock:
-                while not (self.state == FILLED).all() and self.error is None:
+                while not self._all_in() and self.error is None:
                     self.cond.wait(0.1)
+                self.stats.resident_at = time.perf_counter()
         finally:
             with self.lock:  # a fault's fill may still be under way (after an error)
                 while (self.state == FILLING).any():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 
 from emulator.block.node import BlockGraph
 from emulator.errors import SnapshotBusyError
@@ -25,6 +25,7 @@ from emulator.migration.engine import (
     EngineContext,
     LoadEngine,
     LoadRequest,
+    LoadSteps,
     SaveEngine,
     SaveRequest,
     SnapshotMetrics,
@@ -76,9 +77,10 @@ class SnapshotController:
         return eng
 
     def _load_engine(self, name: str) -> LoadEngine:
-        eng = self._load.get(name)
+        cls = load_engine(name)  # an alias (LOAD_ALIASES) gives the engine it names
+        eng = self._load.get(cls.name)
         if eng is None:
-            eng = self._load[name] = load_engine(name)(self.ctx)
+            eng = self._load[cls.name] = cls(self.ctx)
             self.ctx.on_write_protector.append(eng.on_write_protector)
         return eng
 
@@ -103,6 +105,8 @@ class SnapshotController:
         running after ``timeout`` seconds: then guest RAM must stay mapped."""
         if self._shut:
             return True
+        for load in self._load.values():
+            load.hurry()  # a load that fills RAM only on demand fills the rest now
         if not self._busy.acquire(timeout=timeout):
             return False
         self._shut = True
@@ -127,23 +131,25 @@ class SnapshotController:
 
     def load_snapshot(self, name: str, vmstate: str | None, devices: list[str] | None,
                       *, stop_first: bool = True, engine: str | None = None) -> SnapshotMetrics:
-        """The snapshot-load job's work: load_snapshot() with the named engine, run to its end."""
+        """load_snapshot() with the named engine, run to its end (no job: an engine that would
+        wait for ``job-complete`` is told to finish at once)."""
         steps = self.load_snapshot_steps(name, vmstate, devices, stop_first=stop_first, engine=engine)
         while True:
             try:
-                next(steps)
+                step = next(steps)
+                if step is not None:
+                    step.complete()
             except StopIteration as done:
                 metrics: SnapshotMetrics = done.value
                 return metrics
 
     def load_snapshot_steps(self, name: str, vmstate: str | None, devices: list[str] | None, *,
                             stop_first: bool = True,
-                            engine: str | None = None) -> Generator[None, None, SnapshotMetrics]:
+                            engine: str | None = None) -> LoadSteps:
         """:meth:`load_snapshot` in steps: an engine that resumes early yields once, when the
         guest has resumed (the job runs the rest on a thread of its own); others do not yield."""
-        engine = engine or LOAD_ENGINES[0].name
-        eng = self._load_engine(engine)
-        with self.exclusive(f"snapshot load ({engine})"):
+        eng = self._load_engine(engine or LOAD_ENGINES[0].name)
+        with self.exclusive(f"snapshot load ({eng.name})"):
             orig = self.ctx.vm.state
             return (yield from eng.load_steps(LoadRequest(name, vmstate, devices, stop_first), orig))
 

@@ -15,6 +15,8 @@ Layout (all integers big-endian, as QEMU's QEMUFile)::
                        non-zero page in page order (zero pages are recorded by the bitmap only),
                    u8 0x03 END, u32 section id, u8 0x7E footer, u32 section id
     u8 0x10 EOF
+    the loading-set trailer (loading_set.py): snaplab's, past EOF, so readers that stop at
+    EOF never see it
 
 Every non-zero page therefore lies at ``data offset + 4096 * (number of non-zero pages before
 it)``: any page can be read at random (lazy restore), and a blocking load is one large read
@@ -34,6 +36,13 @@ from typing import Protocol
 import numpy as np
 
 from emulator.errors import LoadVMError
+from emulator.migration.loading_set import (
+    HEAD_SIZE,
+    LoadingSet,
+    capacity_for,
+    empty_trailer,
+    parse_trailer,
+)
 
 QEVM_MAGIC = 0x5145564D
 QEVM_VERSION = 3
@@ -207,7 +216,7 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
                 out.write(pos, memoryview(np.take(pages_view, sel, axis=0).data).cast("B"))
             pos += len(sel) * PAGE
         tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
-        tail += struct.pack(">B", QEMU_VM_EOF)
+        tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(ram.size)
         out.write(pos, tail)
         pos += len(tail)
     else:
@@ -310,6 +319,7 @@ class ParsedState:
 
     pending: list[tuple[SaveHandler, bytes, int]]
     layout: RamLayout | None
+    loading_set: LoadingSet | None = None  # the trailer past EOF, if the stream has one
 
     def rebind(self, handlers: list[SaveHandler]) -> ParsedState:
         """The same state for another set of handler objects of the same machine."""
@@ -320,7 +330,7 @@ class ParsedState:
             raise LoadVMError(f"Unknown savevm section or instance '{err.args[0][0]}' {err.args[0][1]}") from err
         if len(pending) + (self.layout is not None) != len(by_id) + (self.layout is not None):
             raise LoadVMError("the stream's sections do not match this machine's devices")
-        return ParsedState(pending, self.layout)
+        return ParsedState(pending, self.layout, self.loading_set)
 
 
 def _section_handler(by_id: dict[tuple[str, int], SaveHandler], idstr: str, instance: int,
@@ -375,7 +385,11 @@ def parse_state(src: StreamReader, size: int, machine: str, handlers: list[SaveH
     missing = [k for k in by_id if k not in seen]
     if missing:
         raise LoadVMError(f"the stream has no section for '{missing[0][0]}' {missing[0][1]}")
-    return ParsedState(pending, layout)
+    lset = None
+    if layout is not None and cur.pos < size:
+        n = min(size - cur.pos, HEAD_SIZE + 4 * capacity_for(layout.ram_size))
+        lset = parse_trailer(src.read(cur.pos, n), cur.pos, layout.ram_size)
+    return ParsedState(pending, layout, lset)
 
 
 def _bounded(n: int, limit: int, what: str) -> int:
@@ -536,7 +550,7 @@ def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray) 
     bitmap = np.packbits(nonzero, bitorder="little").tobytes()
     out.write(sp.bitmap_offset, bitmap + bytes(sp.bitmap_len - len(bitmap)))
     tail = struct.pack(">BI", QEMU_VM_SECTION_END, sp.sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sp.sid)
-    tail += struct.pack(">B", QEMU_VM_EOF)
+    tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(sp.ram_size)
     out.write(sp.end, tail)
     return sp.end + len(tail)
 

@@ -125,13 +125,32 @@ class QMPClient:
                     raise QMPTimeout(f"no {name or 'event'} within {timeout} s")
                 self._cond.wait(left)
 
-    def wait_job(self, job_id: str, timeout: float = DEFAULT_TIMEOUT) -> dict[str, Any]:
-        """Wait until a job concludes; returns its query-jobs entry (with ``error`` if it failed)."""
+    def wait_job(self, job_id: str, timeout: float = DEFAULT_TIMEOUT, *, complete: bool = False) -> dict[str, Any]:
+        """Wait until a job concludes; returns its query-jobs entry (with ``error`` if it failed).
+        ``complete``: a job that becomes ready (an on-demand load) is sent ``job-complete``.
+        Only the ``concluded`` event is taken from the queue."""
+        if complete:
+            self._complete_when_ready(job_id, timeout)
         self.wait_event("JOB_STATUS_CHANGE", timeout, {"id": job_id, "status": "concluded"})
         for j in self.execute("query-jobs"):
             if j["id"] == job_id:
                 return dict(j)
         raise QMPError("GenericError", "Job not found")
+
+    def _complete_when_ready(self, job_id: str, timeout: float) -> None:
+        """Send job-complete once the job is ready; return at once if it concludes first."""
+        def seen(status: str) -> bool:
+            return any(ev.event == "JOB_STATUS_CHANGE" and ev.data.get("id") == job_id
+                       and ev.data.get("status") == status for ev in self._events)
+
+        end = time.monotonic() + timeout
+        with self._cond:
+            while not seen("ready"):
+                left = end - time.monotonic()
+                if seen("concluded") or left <= 0:
+                    return
+                self._cond.wait(left)
+        self.execute("job-complete", {"id": job_id})
 
     def close(self) -> None:
         self.monitor.unsubscribe(self._on_event)

@@ -4,7 +4,9 @@ A job runs its work function on its own thread, so the monitor keeps answering w
 (QEMU 7.2 does not: its snapshot jobs run in the main loop).  A work function that is a
 generator runs its first step as QEMU runs a snapshot job's bottom half: on the thread that
 dispatched the command, before the reply goes out (no thread to wake between the command and
-the job's start); the steps after its first ``yield`` go on a thread of their own.  Every
+the job's start); the steps after its first ``yield`` go on a thread of their own.  A later
+step that yields an object with a ``complete()`` method makes the job *ready*
+(job_transition_to_ready(), as a mirror job in sync) and ``job-complete`` calls it.  Every
 transition emits JOB_STATUS_CHANGE; a failed job concludes with ``error`` in ``query-jobs``.
 """
 
@@ -87,7 +89,7 @@ def id_wellformed(ident: str) -> bool:
 class Job:
     id: str
     type: str
-    work: Callable[[Job], Iterator[None] | None]  # a generator: see the module's docstring
+    work: Callable[[Job], Iterator[Any] | None]  # a generator: see the module's docstring
     status: JobStatus = JobStatus.CREATED
     current_progress: int = 0
     total_progress: int = 0
@@ -95,6 +97,7 @@ class Job:
     cancelled: bool = False
     result: dict[str, Any] = field(default_factory=dict)  # extra data a job reports (metrics)
     done: threading.Event = field(default_factory=threading.Event)
+    completion: Any = None  # what job-complete calls .complete() on, while ready
 
     def info(self) -> dict[str, Any]:
         d: dict[str, Any] = {"current-progress": self.current_progress, "status": self.status.value,
@@ -122,7 +125,7 @@ class JobManager:
             job.status = to
         self._emit("JOB_STATUS_CHANGE", {"id": job.id, "status": to.value})
 
-    def create(self, job_id: str, job_type: str, work: Callable[[Job], Iterator[None] | None]) -> Job:
+    def create(self, job_id: str, job_type: str, work: Callable[[Job], Iterator[Any] | None]) -> Job:
         """job_create() + job_start(): immediate errors for a bad or used id."""
         with self._lock:
             if not id_wellformed(job_id):
@@ -141,7 +144,7 @@ class JobManager:
 
     def _first_step(self, job: Job) -> None:
         """A generator job's first step, here; the rest on a worker."""
-        steps: Iterator[None] | None = None
+        steps: Iterator[Any] | None = None
         first_error: Exception | None = None
         try:
             if job.cancelled:
@@ -155,7 +158,7 @@ class JobManager:
             first_error = err
         spawn(self._run, job, steps, first_error)
 
-    def _run(self, job: Job, steps: Iterator[None] | None = None, first_error: Exception | None = None) -> None:
+    def _run(self, job: Job, steps: Iterator[Any] | None = None, first_error: Exception | None = None) -> None:
         try:
             if first_error is not None:
                 raise first_error
@@ -166,8 +169,10 @@ class JobManager:
                 job.work(job)
             else:
                 job.total_progress = 1
-                for _ in steps:  # started: it runs to its end (a cancel is reported after it)
-                    pass
+                for step in steps:  # started: it runs to its end (a cancel is reported after it)
+                    if step is not None and job.status == JobStatus.RUNNING:
+                        job.completion = step
+                        self._transition(job, JobStatus.READY)
             job.current_progress = 1
             if job.cancelled:
                 raise JobCancelled("Operation canceled")
@@ -206,10 +211,16 @@ class JobManager:
         job = self.find(job_id)
         self._verb(job, JobVerb.CANCEL)
         job.cancelled = True
+        if job.completion is not None:  # a ready load cannot be undone: it finishes, then reports the cancel
+            job.completion.complete()
 
     def verb(self, job_id: str, verb: JobVerb) -> None:
-        """pause/resume/complete/finalize: snapshot jobs never reach the states that use them."""
-        self._verb(self.find(job_id), verb)
+        """pause/resume/finalize: snapshot jobs never reach the states that use them; complete:
+        a ready job (an on-demand load) is told to finish."""
+        job = self.find(job_id)
+        self._verb(job, verb)
+        if verb == JobVerb.COMPLETE and job.completion is not None:
+            job.completion.complete()
 
     def query(self) -> list[dict[str, Any]]:
         with self._lock:

@@ -12,7 +12,12 @@ from collections.abc import Iterator
 from typing import Any
 
 from emulator.migration.cow import WP_BACKENDS
-from emulator.migration.engines import load_engine, load_engine_names, save_engine_names
+from emulator.migration.engines import (
+    load_engine,
+    load_engine_names,
+    load_engine_values,
+    save_engine_names,
+)
 from emulator.migration.savevm import SnapshotController
 from emulator.qmp.commands import Monitor
 from emulator.qmp.jobs import Job
@@ -33,7 +38,7 @@ SNAPSHOT_COMMANDS = [
 
 def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None:
     monitor.schema.add_enum(EnumType("SnaplabSaveEngine", save_engine_names()))
-    monitor.schema.add_enum(EnumType("SnaplabLoadEngine", load_engine_names()))
+    monitor.schema.add_enum(EnumType("SnaplabLoadEngine", load_engine_values()))
     monitor.schema.add_enum(EnumType("SnaplabWpBackend", WP_BACKENDS))
     for cmd in SNAPSHOT_COMMANDS:
         monitor.schema.add_command(cmd)
@@ -52,7 +57,7 @@ def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None
         def work(job: Job) -> None:
             job.result["metrics"] = ctl.load_snapshot(a["tag"], a["vmstate"], a["devices"], engine=engine)
 
-        def early_work(job: Job) -> Iterator[None]:
+        def early_work(job: Job) -> Iterator[Any]:
             """Up to RESUME as the command's bottom half (no thread wakes in between), then a worker."""
             job.result["metrics"] = yield from ctl.load_snapshot_steps(a["tag"], a["vmstate"], a["devices"],
                                                                        engine=engine)

@@ -47,16 +47,16 @@ def test_lazy_load_is_exact_and_runs_like_a_blocking_load(tmp_path: Path) -> Non
         saved = hashlib.sha256(m.ram.read(0, RAM)).hexdigest()
         m.snapshots.save_snapshot("t", False, "disk0", ["disk0"])
         runs = {}
-        for engine in ("blocking", "lazy", "lazy"):
+        for engine in ("blocking", "background", "background"):
             m.run_instructions(1_000_000)  # move away from the snapshot
             met = m.snapshots.load_snapshot("t", "disk0", ["disk0"], engine=engine)
             assert hashlib.sha256(m.ram.read(0, RAM)).hexdigest() == saved, engine
-            if engine == "lazy":  # how soon it resumes is a figure of bench/timing.py
+            if engine == "background":  # how soon it resumes is a figure of bench/timing.py
                 assert 0 < met.extra["time_to_resume_s"] <= met.total_s
             assert m.run_instructions(2_000_000) is None
             runs[engine] = (hashlib.sha256(m.ram.read(0, RAM)).hexdigest(), m.cpu.get_state(), m.lab.last.iterations,
                             hashlib.sha256(m.disk_nodes[0].format_image.read(0, 256 << 20)).hexdigest())
-        assert runs["blocking"] == runs["lazy"]
+        assert runs["blocking"] == runs["background"]
     finally:
         m.close()
         g.close()
@@ -82,7 +82,7 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
         for step in ("vm_stop", "vm_resume", "run_on_cpu"):
             setattr(m, step, traced(step))
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "lazy"})
+                                    "__org.snaplab_engine": "background"})
         info = q.wait_job("l", 60)
         assert "error" not in info
         # up to RESUME on the thread that dispatched the command (the job's bottom half), the
@@ -92,7 +92,7 @@ def test_running_guest_faults_pages_in(tmp_path: Path) -> None:
         evs = [e.event for e in q.events() if e.event in ("STOP", "RESUME")]
         assert evs == ["STOP", "RESUME"]
         stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "l"})
-        assert stats["engine"] == "lazy-load" and stats["faults"] > 0  # the guest ran during the fill
+        assert stats["engine"] == "background-load" and stats["faults"] > 0  # the guest ran during the fill
         assert stats["fault-chunks"] + stats["bg-chunks"] == RAM // (2 << 20)
         # the old RAM's own pages were read into and moved back (UFFDIO_MOVE, Linux 6.8):
         # nothing freed, nothing allocated; without the feature every chunk is copied
@@ -124,7 +124,7 @@ def test_disk_revert_failing_after_resume_stops_the_guest_and_fences_the_disk(tm
 
         img.snapshot_goto = broken  # type: ignore[method-assign]
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "lazy"})
+                                    "__org.snaplab_engine": "background"})
         info = q.wait_job("l", 60)
         assert "injected write failure" in info["error"]
         assert q.execute("query-status")["status"] == "restore-vm"
@@ -168,7 +168,7 @@ def test_an_unreadable_chunk_stops_the_guest_before_it_runs_on_wrong_pages(tmp_p
         q.events()
         LazyLoad._hosts = failing  # type: ignore[method-assign]
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "lazy"})
+                                    "__org.snaplab_engine": "background"})
         info = q.wait_job("l", 60)
         LazyLoad._hosts = real_hosts  # type: ignore[method-assign]
         assert "lazy restore could not read the snapshot's RAM: [Errno 5] Input/output error" in info["error"]
@@ -181,7 +181,7 @@ def test_an_unreadable_chunk_stops_the_guest_before_it_runs_on_wrong_pages(tmp_p
         assert not {"um", "uw"} & vmflags(m.ram.addr)
         q.execute("system_reset")
         q.execute("snapshot-load", {"job-id": "l2", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "lazy"})
+                                    "__org.snaplab_engine": "background"})
         assert "error" not in q.wait_job("l2", 60)
         q.execute("cont")
         it = m.lab.last.iterations
@@ -294,7 +294,7 @@ def test_lazy_load_refuses_small_clusters_before_stopping(tmp_path: Path) -> Non
         q = _running_with_snapshot(m)
         q.events()
         q.execute("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "disk0", "devices": ["disk0"],
-                                    "__org.snaplab_engine": "lazy"})
+                                    "__org.snaplab_engine": "background"})
         info = q.wait_job("l", 60)
         assert info["error"] == "lazy restore needs a cluster size of at least 4 KiB, not 2048"
         assert not [e for e in q.events() if e.event in ("STOP", "RESUME")]

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from emulator.errors import SnaplabError
 from emulator.migration.engine import LoadEngine, SaveEngine
+from emulator.migration.engines.load_background import BackgroundLoad
 from emulator.migration.engines.load_blocking import BlockingLoad
-from emulator.migration.engines.load_lazy import LazyLoadEngine
+from emulator.migration.engines.load_ondemand import OnDemandLoad
+from emulator.migration.engines.load_prefetch import PrefetchLoad
 from emulator.migration.engines.save_blocking import BlockingSave
 from emulator.migration.engines.save_cow import CowSaveEngine
 from emulator.migration.engines.save_precopy import PrecopySave
@@ -26,8 +28,12 @@ SAVE_ENGINES: list[type[SaveEngine]] = [
 ]
 LOAD_ENGINES: list[type[LoadEngine]] = [
     BlockingLoad,
-    LazyLoadEngine,
+    OnDemandLoad,
+    BackgroundLoad,
+    PrefetchLoad,
 ]
+# Names a load engine was known by before: still accepted, mapped to today's engine.
+LOAD_ALIASES: dict[str, str] = {"lazy": "background"}
 
 
 def save_engine_names() -> tuple[str, ...]:
@@ -36,6 +42,11 @@ def save_engine_names() -> tuple[str, ...]:
 
 def load_engine_names() -> tuple[str, ...]:
     return tuple(e.name for e in LOAD_ENGINES)
+
+
+def load_engine_values() -> tuple[str, ...]:
+    """What ``__org.snaplab_engine`` of snapshot-load accepts: the engines, then the aliases."""
+    return load_engine_names() + tuple(LOAD_ALIASES)
 
 
 def save_engine(name: str) -> type[SaveEngine]:
@@ -48,6 +59,7 @@ def save_engine(name: str) -> type[SaveEngine]:
 
 def load_engine(name: str) -> type[LoadEngine]:
     """The load engine of that name; QEMU's error for an enum value it does not know."""
+    name = LOAD_ALIASES.get(name, name)
     for e in LOAD_ENGINES:
         if e.name == name:
             return e

@@ -1,4 +1,6 @@
-"""The lazy load: resume first, fill RAM after (postcopy.py does the filling).
+"""The background load (snaplab's lazy load): resume first, faults served first, a filler
+reads the rest (postcopy.py does the filling).  The on-demand and prefetch loads subclass it
+and change only what the filler does after RESUME (:meth:`BackgroundLoad.fill_plan`).
 
 Everything that can be is done before the stop: the checks and the parse (a bad request fails
 without a STOP; QEMU's blocking load stops first), the disks' revert checked, the VM-state
@@ -13,25 +15,60 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import ClassVar
+
+import numpy as np
 
 from emulator.block.node import BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.errors import SnaplabError
 from emulator.migration import group
 from emulator.migration.cow import WriteProtector
-from emulator.migration.engine import LoadEngine, LoadRequest, SnapshotMetrics, short_downtime
+from emulator.migration.engine import (
+    LoadEngine,
+    LoadRequest,
+    LoadSource,
+    LoadSteps,
+    SnapshotMetrics,
+    short_downtime,
+)
+from emulator.migration.loading_set import SOURCE_RESTORE
 from emulator.migration.postcopy import LazyLoad
 from emulator.runstate import RunState
 
 
-class LazyLoadEngine(LoadEngine):
-    name: ClassVar[str] = "lazy"
-    title: ClassVar[str] = "lazy (resume first, fill after)"
+@dataclass
+class FillPlan:
+    """What the filler does once the guest runs: serve only faults until ``faults_only_until``
+    (seconds after RESUME; None: until job-complete or every chunk was touched), then fill
+    ``order`` first, then the rest; ``record`` keeps the chunks touched in the first
+    ``record_s`` seconds as the snapshot's loading set.  An engine with ``waits_for_complete``
+    makes its job ready after RESUME."""
+
+    faults_only_s: float | None = 0.0
+    order: np.ndarray | None = None
+    record_s: float = 0.0
+
+
+class BackgroundLoad(LoadEngine):
+    name: ClassVar[str] = "background"
+    title: ClassVar[str] = "background (resume, faults first, a filler reads the rest)"
     resumes_early: ClassVar[bool] = True
 
     _ready: LazyLoad | None = None  # the next load's, made ahead
+    _active: LazyLoad | None = None  # the load filling now
+
+    def fill_plan(self, src: LoadSource) -> FillPlan:
+        """Background: the filler starts at once, by address."""
+        return FillPlan()
+
+    def hurry(self) -> None:
+        """Fill the rest now (job-complete, machine shutdown)."""
+        active = self._active
+        if active is not None:
+            active.complete()
 
     def on_write_protector(self, wp: WriteProtector) -> None:
         self._ready = LazyLoad(wp)
@@ -50,7 +87,7 @@ class LazyLoadEngine(LoadEngine):
             lazy.close()
         return LazyLoad(wp)
 
-    def load_steps(self, req: LoadRequest, orig: RunState) -> Generator[None, None, SnapshotMetrics]:
+    def load_steps(self, req: LoadRequest, orig: RunState) -> LoadSteps:
         ctx = self.ctx
         wp = ctx.write_protector()  # set up once (populate, register), never in a downtime
         times: list[float] = []
@@ -94,31 +131,68 @@ class LazyLoadEngine(LoadEngine):
                 lazy.release()
         t0, t_resume = times
         lazy.free_old()
+        plan = self.fill_plan(src)
+        self._active = lazy
         images = src.images
         failed = self._revert_disks(req.name, src.nodes, images, release_io[0])
         # The guest runs and the disks are reverted (the drained section, whose locks belong
         # to this thread, is over): the pages may follow on another thread.
-        yield
+        yield None
         if failed is not None:
             ctx.vm.vm_stop(RunState.RESTORE_VM)  # as a failed QEMU load leaves it
             lazy.fill_all()
+            self._active = None
             raise failed
         ctx.flush(images)  # the reverted disks' metadata becomes durable after the guest resumed
+        if self.waits_for_complete:
+            yield lazy  # the job is ready: job-complete (lazy.complete) asks for the rest
+        until = None if plan.faults_only_s is None else t_resume + plan.faults_only_s
         try:
-            lazy.fill_all()
+            lazy.fill_all(plan.order, until)
         except SnaplabError:
             # The fill asked the vCPU to stop (stop_on_host_error); the job ends once it has.
             ctx.vm.run_on_cpu(lambda: None)
             raise
+        finally:
+            self._active = None
         self._ready = LazyLoad(wp)  # the next load's, made off its path
+        m = self._metrics(lazy, t0, t_resume, plan)
+        m.extra["recorded_chunks"] = self._record(src, lazy, t_resume, plan.record_s, m) if plan.record_s > 0 else 0
+        ctx.saved(m)
+        return m
+
+    def _metrics(self, lazy: LazyLoad, t0: float, t_resume: float, plan: FillPlan) -> SnapshotMetrics:
         st = lazy.stats
         m = SnapshotMetrics(f"{self.name}-load", t_resume - t0, time.perf_counter() - t0)
         m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,
                         "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
-                        "moved_chunks": st.moved_chunks,
+                        "prefetched_chunks": st.prefetched_chunks, "moved_chunks": st.moved_chunks,
+                        "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
+                        "loading_set_chunks": 0 if plan.order is None else len(plan.order),
                         "fault_latency_s": list(st.handler_s)})
-        ctx.saved(m)
         return m
+
+    @staticmethod
+    def _record(src: LoadSource, lazy: LazyLoad, t_resume: float, window_s: float, m: SnapshotMetrics) -> int:
+        """Store the chunks the guest touched in its first ``window_s`` after RESUME as the
+        snapshot's loading set, in place (loading_set.py); a snapshot that cannot take it
+        (shared clusters, a read-only image, no trailer) keeps none, and the load still
+        succeeds."""
+        lset = src.parsed.loading_set
+        if lset is None or lset.recorded:
+            return 0
+        chunks = np.array([c for t, c in lazy.touched if t - t_resume <= window_s], dtype=np.uint32)
+        if not len(chunks):
+            return 0
+        lset.chunks, lset.source, lset.window_ms = chunks, SOURCE_RESTORE, int(window_s * 1000)
+        try:
+            src.img.snapshot_vmstate_rewrite(src.sn.id_str, lset.pos, lset.encode())
+            src.img.flush()
+        except SnaplabError as err:
+            lset.chunks = np.zeros(0, dtype=np.uint32)
+            m.extra["loading_set_error"] = str(err)
+            return 0
+        return len(chunks)
 
     @staticmethod
     def _revert_disks(name: str, nodes: list[BlockNode], images: list[Qcow2Image],

@@ -9,13 +9,12 @@ QEMU's does; one that fails a check leaves it otherwise untouched.
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
 from typing import ClassVar
 
 import numpy as np
 
 from emulator.migration import group
-from emulator.migration.engine import LoadEngine, LoadRequest, SnapshotMetrics
+from emulator.migration.engine import LoadEngine, LoadRequest, LoadSteps, SnapshotMetrics
 from emulator.migration.vmstate import PAGE, RamLayout
 from emulator.migration.vmstate_io import VMStateStream
 from emulator.runstate import RunState
@@ -25,7 +24,7 @@ class BlockingLoad(LoadEngine):
     name: ClassVar[str] = "blocking"
     title: ClassVar[str] = "blocking (QEMU's loadvm)"
 
-    def load_steps(self, req: LoadRequest, orig: RunState) -> Generator[None, None, SnapshotMetrics]:
+    def load_steps(self, req: LoadRequest, orig: RunState) -> LoadSteps:
         ctx = self.ctx
         t0 = time.perf_counter()
         if req.stop_first:

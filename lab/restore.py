@@ -1,0 +1,207 @@
+"""Restore to full speed: every load policy on one snapshot, measured to the guest's full speed.
+
+A guest whose RAM is full (random bytes everywhere) runs a workload that, after a restore,
+touches a working set placed at a seeded random offset of RAM.  One snapshot is taken; each
+load policy (the registry's load engines) then restores it ``runs`` times, policies
+interleaved.  For every load, from the command on: when the guest resumed (RESUME), when it
+first reported progress, when its progress rate first reached 50% and 90% of its rate in the
+second before the command (the lab port's samples: each is one batch of page stamps), the
+faults and how long each one stalled the guest, when RAM was all resident, the bytes read.
+
+Definitions (the same for every policy):
+- ``rate_before``: guest iterations per second over the half second before the command;
+- ``toX_ms``: command -> the first instant ``t`` at which the iterations over [t, t + window]
+  reach X of ``rate_before`` (window 20 ms), found on a 1 ms grid of the interpolated samples;
+- ``resume_ms``: command -> RESUME (the events' timestamps);
+- ``resident_s``: RESUME -> the last chunk of RAM in place (a blocking load: 0).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emulator.block import BlockGraph, Qcow2Image
+from emulator.guest import DATA_BASE, WorkloadSpec
+from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab.spec import load_engines, waits_for_complete
+
+ENGINE_ARG = "__org.snaplab_engine"
+WINDOW_NS = 20_000_000
+GRID_NS = 1_000_000
+CHUNK = 2 << 20
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    """One restore experiment; ``seed`` fixes the RAM contents, the working set's place and
+    the guest's page sequence."""
+
+    ram_mib: int = 1024
+    ws_mib: int = 64
+    runs: int = 3
+    seed: int = 1
+    horizon_s: float = 5.0  # how long after the command progress is watched
+    settle_s: float = 1.0  # the guest runs this long between loads (steady again)
+    policies: tuple[str, ...] = ()  # default: every load engine
+
+    def workload(self) -> WorkloadSpec:
+        span = (self.ram_mib << 20) - DATA_BASE - (self.ws_mib << 20)
+        rng = np.random.default_rng(self.seed)
+        offset = int(rng.integers(0, max(span // CHUNK, 1))) * CHUNK
+        return WorkloadSpec("dirty", seed=self.seed, working_set=self.ws_mib << 20, rate=0, pattern="random",
+                            batch_pages=64, ws_offset=offset)
+
+
+def rate_between(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
+    """Guest iterations per second over [t0, t1] (host monotonic ns), from lab-port samples
+    (rows: vclock, host_ns, iterations, ...) interpolated at both ends."""
+    ts, its = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
+    keep = (ts >= t0_ns - 50e6) & (ts <= t1_ns + 50e6)
+    if keep.sum() < 2:
+        return float("nan")
+    i0, i1 = np.interp([t0_ns, t1_ns], ts[keep], its[keep])
+    return float((i1 - i0) / ((t1_ns - t0_ns) / 1e9))
+
+
+def recovery_ms(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float,
+                levels: tuple[float, ...] = (0.5, 0.9)) -> dict[str, float]:
+    """Command -> first progress, and command -> the rate reaching each level of ``rate0``
+    (see the module docstring); NaN where it was not reached within the samples."""
+    ts, its = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
+    after = ts >= resume_ns
+    out = {"first_progress_ms": float((ts[after][0] - cmd_ns) / 1e6) if after.any() else float("nan")}
+    ts, its = ts[after], its[after]
+    if len(ts) < 2 or not rate0 > 0:
+        return out | {f"to{int(lv * 100)}_ms": float("nan") for lv in levels}
+    grid = np.arange(resume_ns, ts[-1] - WINDOW_NS, GRID_NS, dtype=np.float64)
+    rate = (np.interp(grid + WINDOW_NS, ts, its) - np.interp(grid, ts, its)) / (WINDOW_NS / 1e9)
+    for lv in levels:
+        hit = np.flatnonzero(rate >= lv * rate0)
+        out[f"to{int(lv * 100)}_ms"] = float((grid[hit[0]] - cmd_ns) / 1e6) if len(hit) else float("nan")
+    return out
+
+
+def stall_histogram(latencies_s: list[float]) -> dict[str, Any]:
+    """Per-fault stalls: percentiles and counts in log-spaced bins (10 us .. 1 s)."""
+    lat = np.asarray(latencies_s, dtype=np.float64)
+    edges = np.logspace(-5, 0, 11)
+    counts = np.histogram(np.clip(lat, edges[0], edges[-1]), bins=edges)[0] if len(lat) else np.zeros(10, int)
+
+    def pct(q: float) -> float:
+        return float(np.percentile(lat, q) * 1e3) if len(lat) else 0.0
+
+    return {"stall_p50_ms": pct(50), "stall_p99_ms": pct(99), "stall_max_ms": pct(100),
+            "stall_total_ms": float(lat.sum() * 1e3), "stall_bins_s": edges.tolist(),
+            "stall_counts": counts.tolist()}
+
+
+def _fill_random(m: Machine, seed: int) -> None:
+    """Random bytes over every data page (the guest's code and stack below DATA_BASE stay)."""
+    rng = np.random.default_rng(seed + 1)
+    step = 64 << 20
+    for addr in range(DATA_BASE, m.config.ram_size, step):
+        n = min(step, m.config.ram_size - addr)
+        m.ram.write(addr, rng.integers(0, 1 << 63, n // 8, dtype=np.int64).tobytes())
+
+
+def _machine(spec: RestoreSpec, wd: Path) -> tuple[Machine, BlockGraph]:
+    disk = wd / "disk0.qcow2"
+    Qcow2Image.create(disk, 1 << 30).close()
+    g = BlockGraph()
+    g.add({"driver": "file", "filename": str(disk), "node-name": "disk0-file"})
+    g.add({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"})
+    cfg = MachineConfig(ram_size=spec.ram_mib << 20, workload=spec.workload(),
+                        disks=[DiskSpec("disk0", "disk0-dev")])
+    return Machine(cfg, g), g
+
+
+def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
+    """One snapshot-load of 'base' with ``policy``, watched to the horizon."""
+    q = m.qmp()
+    q.events()
+    cmd_ns = time.monotonic_ns()
+    rate0 = rate_between(m.lab.history_array(), cmd_ns - 500_000_000, cmd_ns)
+    epoch_off = time.time() - time.monotonic()
+    q.execute("snapshot-load", {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],
+                                ENGINE_ARG: policy})
+    if waits_for_complete(policy):  # on demand: faults only until the horizon, then the rest
+        time.sleep(max(0.0, spec.horizon_s - (time.monotonic_ns() - cmd_ns) / 1e9))
+        info = q.wait_job(job, 600, complete=True)
+    else:
+        info = q.wait_job(job, 600)
+        time.sleep(max(0.0, spec.horizon_s - (time.monotonic_ns() - cmd_ns) / 1e9))
+    if "error" in info:
+        raise RuntimeError(f"snapshot-load ({policy}) failed: {info['error']}")
+    stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
+    q.execute("job-dismiss", {"id": job})
+    ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
+    resume_ns = int((ev["RESUME"] - epoch_off) * 1e9)
+    samples = m.lab.history_array()
+    row: dict[str, Any] = {"policy": policy, "rate_before": rate0,
+                           "resume_ms": (resume_ns - cmd_ns) / 1e6,
+                           "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,
+                           **recovery_ms(samples, cmd_ns, resume_ns, rate0),
+                           "faults": int(stats.get("faults", 0)),
+                           "resident_s": float(stats.get("resident-s", 0.0)),
+                           "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
+                           "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
+                           "recorded_chunks": int(stats.get("recorded-chunks", 0)),
+                           "total_s": float(stats["total-s"])}
+    return row | stall_histogram(list(stats.get("fault-latency-s", [])))
+
+
+def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], None] | None = None,
+                       workdir: str | Path | None = None) -> dict[str, Any]:
+    """Every policy loaded ``spec.runs`` times on one snapshot; returns the spec, the rows and
+    the recording load of the prefetch policy (the first one, which records its loading set)."""
+    policies = spec.policies or load_engines()
+    with tempfile.TemporaryDirectory(prefix="snaplab-restore-", dir=workdir or "/var/tmp") as tmp:
+        m, g = _machine(spec, Path(tmp))
+        rows: list[dict[str, Any]] = []
+        try:
+            _fill_random(m, spec.seed)
+            m.start()
+            m.snapshots.write_protector()  # one-time userfaultfd setup, not part of any load
+            q = m.qmp()
+            time.sleep(1.0 + spec.settle_s)
+            q.execute("snapshot-save", {"job-id": "save", "tag": "base", "vmstate": "disk0", "devices": ["disk0"]})
+            if "error" in (info := q.wait_job("save", 600)):
+                raise RuntimeError(f"snapshot-save failed: {info['error']}")
+            q.execute("job-dismiss", {"id": "save"})
+            warm = []
+            for p in policies:  # one untimed load each: the first prefetch load records the loading set
+                time.sleep(spec.settle_s)
+                warm.append(_load_once(m, p, f"warm-{p}", spec) | {"run": -1})
+            for run in range(spec.runs):
+                order = policies[run % len(policies):] + policies[:run % len(policies)]
+                for p in order:
+                    time.sleep(spec.settle_s)
+                    row = _load_once(m, p, f"load-{p}-{run}", spec) | {"run": run}
+                    rows.append(row)
+                    if progress is not None:
+                        progress(row)
+            q.execute("quit")
+        finally:
+            m.close()
+            g.close()
+    return {"spec": asdict(spec) | {"ws_offset": spec.workload().ws_offset}, "rows": rows, "warm": warm}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per policy: medians of the figures the bench prints."""
+    out: dict[str, dict[str, float]] = {}
+    for p in dict.fromkeys(r["policy"] for r in rows):
+        rs = [r for r in rows if r["policy"] == p]
+        med = {k: float(np.nanmedian([r[k] for r in rs])) for k in
+               ("resume_ms", "first_progress_ms", "to50_ms", "to90_ms", "faults", "resident_s", "bytes_read",
+                "stall_p99_ms")}
+        med["to90_iqr_ms"] = float(np.subtract(*np.nanpercentile([r["to90_ms"] for r in rs], [75, 25])))
+        out[p] = med
+    return out

@@ -1,0 +1,175 @@
+"""Load policies: on demand, background fill, working-set prefetch, and the loading set they
+record and use (emulator/migration/engines/load_*.py, loading_set.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from emulator.errors import QMPError
+from emulator.guest import DATA_BASE, WorkloadSpec
+from emulator.machine import MACHINE_NAME
+from emulator.migration import engines as registry
+from emulator.migration.loading_set import LSET_CHUNK, LoadingSet, empty_trailer, parse_trailer
+from emulator.migration.vmstate import parse_state
+from emulator.migration.vmstate_io import VMStateStream
+from tests.migration.conftest import Factory, wait_until
+
+RAM = 64 << 20
+WS_OFFSET = 40 << 20  # the working set: 4 MiB at 0x200000 + 40 MiB, chunks 21..22
+LAZY = [e.name for e in registry.LOAD_ENGINES if e.resumes_early]
+ARGS = {"vmstate": "disk0", "devices": ["disk0"]}
+
+
+def _spec() -> WorkloadSpec:
+    return WorkloadSpec("dirty", seed=3, working_set=4 << 20, pattern="random", batch_pages=64, ws_offset=WS_OFFSET)
+
+
+def _ram_digest(m) -> str:  # type: ignore[no-untyped-def]
+    return hashlib.sha256(m.ram.read(0, RAM)).hexdigest()
+
+
+def _save(q, tag: str = "t") -> None:  # type: ignore[no-untyped-def]
+    q.execute("snapshot-save", {"job-id": f"s-{tag}", "tag": tag, **ARGS})
+    assert "error" not in q.wait_job(f"s-{tag}", 60)
+
+
+def _load(q, job: str, engine: str, complete: bool = True) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    q.execute("snapshot-load", {"job-id": job, "tag": "t", **ARGS, "__org.snaplab_engine": engine})
+    info = q.wait_job(job, 120, complete=complete)
+    assert "error" not in info, info
+    return dict(q.execute("__org.snaplab_query-snapshot-stats", {"id": job}))
+
+
+def _qemu_img_check(path: Path) -> None:
+    r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_the_schema_lists_every_policy_and_the_old_name() -> None:
+    assert [e.name for e in registry.LOAD_ENGINES][:1] == ["blocking"]
+    assert {"ondemand", "background", "prefetch"} <= set(registry.load_engine_names())
+    assert "lazy" in registry.load_engine_values() and registry.load_engine("lazy").name == "background"
+
+
+@pytest.mark.parametrize("engine", LAZY)
+def test_every_lazy_policy_restores_the_snapshot_bit_for_bit(make_vm: Factory, engine: str) -> None:
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 50_000, "the guest to dirty its working set")
+    q.execute("stop")
+    saved = _ram_digest(m)
+    _save(q)
+    q.execute("cont")
+    wait_until(lambda: _ram_digest(m) != saved, "the guest to change RAM")
+    q.execute("stop")  # a stopped guest stays stopped: RAM is the snapshot's once the job is over
+    stats = _load(q, "l", engine)
+    assert q.execute("query-status")["status"] == "paused"
+    assert _ram_digest(m) == saved
+    assert stats["engine"] == f"{engine}-load" and stats["resident-s"] >= 0
+    assert stats["bytes-read"] > 0
+
+
+def test_an_on_demand_load_is_ready_until_job_complete_and_refuses_other_operations(make_vm: Factory) -> None:
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 20_000, "the guest to run")
+    _save(q)
+    q.events()
+    q.execute("snapshot-load", {"job-id": "od", "tag": "t", **ARGS, "__org.snaplab_engine": "ondemand"})
+    q.wait_event("JOB_STATUS_CHANGE", 60, {"id": "od", "status": "ready"})
+    assert [j["status"] for j in q.execute("query-jobs") if j["id"] == "od"] == ["ready"]
+    before = m.lab.last.iterations
+    wait_until(lambda: m.lab.last.iterations > before + 10_000, "the guest to run on faulted-in chunks")
+    q.execute("snapshot-save", {"job-id": "s2", "tag": "t2", **ARGS})
+    info = q.wait_job("s2", 60)
+    assert info["error"].startswith("Another snapshot operation is in progress (snapshot load (ondemand))")
+    q.execute("job-complete", {"id": "od"})
+    assert "error" not in q.wait_job("od", 120)
+    stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "od"})
+    assert stats["faults"] > 0 and stats["fault-chunks"] > 0
+    assert stats["fault-chunks"] + stats["bg-chunks"] == RAM // LSET_CHUNK
+    with pytest.raises(QMPError, match="cannot accept command verb 'complete'"):
+        q.execute("job-complete", {"id": "od"})
+
+
+def test_quit_during_an_on_demand_load_does_not_hang(make_vm: Factory) -> None:
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 20_000, "the guest to run")
+    _save(q)
+    q.execute("snapshot-load", {"job-id": "od", "tag": "t", **ARGS, "__org.snaplab_engine": "ondemand"})
+    q.wait_event("JOB_STATUS_CHANGE", 60, {"id": "od", "status": "ready"})
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    closer.join(120)
+    assert not closer.is_alive(), "close() hung during an on-demand load"
+
+
+def test_the_first_load_records_a_loading_set_the_next_prefetch_uses(make_vm: Factory, tmp_path: Path) -> None:
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 50_000, "the guest to dirty its working set")
+    _save(q)
+    img = m.disk_nodes[0].format_image
+    sn = img.find_snapshot("t")
+    first = parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size, MACHINE_NAME, m.savevm_handlers())
+    assert first.loading_set is not None and not first.loading_set.recorded
+
+    rec = _load(q, "rec", "prefetch")  # no set yet: faults only for a while, recorded, then filled
+    assert rec["recorded-chunks"] > 0 and rec["prefetched-chunks"] == 0
+    sn = img.find_snapshot("t")
+    stored = parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size, MACHINE_NAME, m.savevm_handlers())
+    lset = stored.loading_set
+    assert lset is not None and len(lset.chunks) == rec["recorded-chunks"]
+    ws_chunks = set(range((DATA_BASE + WS_OFFSET) // LSET_CHUNK, (DATA_BASE + WS_OFFSET + (4 << 20)) // LSET_CHUNK))
+    assert ws_chunks <= set(lset.chunks.tolist())  # the working set was touched, so it was recorded
+    assert len(set(lset.chunks.tolist())) == len(lset.chunks)
+
+    again = _load(q, "pf", "prefetch")
+    assert again["loading-set-chunks"] == len(lset.chunks) and again["recorded-chunks"] == 0
+    assert again["prefetched-chunks"] + again["fault-chunks"] >= len(ws_chunks)
+    q.execute("quit")
+    m.close()
+    _qemu_img_check(tmp_path / "w" / "disk0.qcow2")
+    r = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / "w" / "disk0.qcow2")],
+                       capture_output=True, text=True, check=True)
+    assert " t " in r.stdout
+
+
+def test_a_loading_set_lies_past_eof_so_a_reader_that_stops_there_sees_none() -> None:
+    trailer = empty_trailer(RAM)
+    assert parse_trailer(b"", 0, RAM) is None
+    empty = parse_trailer(trailer, 100, RAM)
+    assert empty is not None and not empty.recorded and empty.capacity == RAM // LSET_CHUNK
+    full = LoadingSet(100, empty.capacity, np.array([5, 2, 9], dtype=np.uint32), 1, 500).encode()
+    got = parse_trailer(full, 100, RAM)
+    assert got is not None and got.chunks.tolist() == [5, 2, 9] and got.window_ms == 500
+    damaged = bytearray(full)
+    damaged[0] ^= 0xFF
+    assert parse_trailer(bytes(damaged), 100, RAM) is None  # a damaged trailer is absent, never an error
+    out_of_range = LoadingSet(100, empty.capacity, np.array([empty.capacity], dtype=np.uint32)).encode()
+    assert parse_trailer(out_of_range, 100, RAM) is None
+    assert parse_trailer(full, 100, RAM * 2) is None  # made for another RAM size
+
+
+def test_a_vm_state_read_up_to_eof_has_no_loading_set(make_vm: Factory) -> None:
+    """What an older snaplab reads (it stops at EOF): the same state, no loading set."""
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 20_000, "the guest to run")
+    _save(q)
+    img = m.disk_nodes[0].format_image
+    sn = img.find_snapshot("t")
+    parsed = parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size, MACHINE_NAME, m.savevm_handlers())
+    assert parsed.loading_set is not None
+    eof = parsed.loading_set.pos
+    cut = parse_state(VMStateStream(img, sn.id_str), eof, MACHINE_NAME, m.savevm_handlers())
+    assert cut.loading_set is None and cut.layout is not None and parsed.layout is not None
+    assert cut.layout.data_offset == parsed.layout.data_offset and (cut.layout.bits == parsed.layout.bits).all()
+    assert [(h.idstr, p) for h, p, _ in cut.pending] == [(h.idstr, p) for h, p, _ in parsed.pending]
