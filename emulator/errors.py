@@ -88,6 +88,15 @@ class OutOfRangeError(BlockError):
 class BlockIOError(BlockError):
     """The underlying file failed; the OSError is kept as ``__cause__``."""
 
+    @property
+    def strerror(self) -> str:
+        """The cause's strerror() ("No space left on device"), as QEMU's error_setg_errno()
+        appends it; "Input/output error" when the cause is not an OSError."""
+        cause = self.__cause__
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        return "Input/output error"
+
 
 class SnapshotError(BlockError):
     """An internal snapshot operation failed."""

@@ -29,7 +29,7 @@ from emulator.block.format import (
 from emulator.block.io import zero_fill
 from emulator.block.refcount import RefcountTxn, size_to_clusters
 from emulator.block.state import Qcow2State
-from emulator.errors import ImageCorruptError
+from emulator.errors import BlockIOError, ImageCorruptError
 
 # Cluster kinds (QEMU's QCow2ClusterType, folded)
 UNALLOCATED = 0
@@ -175,8 +175,19 @@ def decompress_cluster(s: Qcow2State, ent: int) -> bytes:
 
 
 def set_l1_entry(s: Qcow2State, l1i: int, value: int) -> None:
-    s.l1_table[l1i] = value
+    """One active L1 entry, on disk first (a failed write changes nothing)."""
     s.file.pwrite(s.l1_table_offset + 8 * l1i, int(value).to_bytes(8, "big"))
+    s.l1_table[l1i] = value
+
+
+def free_quietly(s: Qcow2State, clusters: np.ndarray) -> None:
+    """Refcount -1 on clusters nothing points at any more; an I/O error only leaks them
+    (qcow2_free_clusters() reports and goes on)."""
+    if len(clusters):
+        try:
+            s.refcounts.update_clusters(np.asarray(clusters, dtype=np.int64), -1)
+        except BlockIOError:
+            s.messages.append(f"qcow2: {len(clusters)} cluster(s) leaked: could not free them")
 
 
 def grow_l1_table(s: Qcow2State, min_size: int) -> None:
@@ -229,17 +240,21 @@ def writable_l2(s: Qcow2State, l1i: int, tree: L1Tree | None = None) -> tuple[in
     else:
         table = np.zeros(s.l2_size, dtype=_U64)
     new = s.refcounts.alloc_clusters(1)
-    s.file.pwrite(new, table.astype(">u8").tobytes())
-    s.barrier()
-    if tree is not None:
-        tree.set_entry(l1i, new | QCOW_OFLAG_COPIED)
-    else:
-        set_l1_entry(s, l1i, new | QCOW_OFLAG_COPIED)
+    try:
+        s.file.pwrite(new, table.astype(">u8").tobytes())
+        s.barrier()
+        if tree is not None:
+            tree.set_entry(l1i, new | QCOW_OFLAG_COPIED)
+        else:
+            set_l1_entry(s, l1i, new | QCOW_OFLAG_COPIED)
+    except BaseException:
+        free_quietly(s, np.array([new >> s.cluster_bits]))  # l2_allocate()'s fail path
+        raise
     s.l2_cache[new] = table
     s.metadata_changed()
     if off:
         s.barrier()
-        s.refcounts.free_clusters(off, 1)
+        free_quietly(s, np.array([off >> s.cluster_bits]))
     return new, table
 
 
@@ -287,12 +302,26 @@ def _link_slice(s: Qcow2State, sl: WriteSlice, tree: L1Tree | None) -> None:
         return
     s.barrier()
     l2_off, l2 = writable_l2(s, sl.l1i, tree)
-    l2[sl.c0 + sl.need] = sl.hosts[sl.need].astype(_U64) | _COPIED
-    write_l2_range(s, l2_off, l2, sl.c0 + int(sl.need[0]), sl.c0 + int(sl.need[-1]) + 1)
+    idx = sl.c0 + sl.need
+    before = l2[idx].copy()
+    l2[idx] = sl.hosts[sl.need].astype(_U64) | _COPIED
+    try:
+        write_l2_range(s, l2_off, l2, sl.c0 + int(sl.need[0]), sl.c0 + int(sl.need[-1]) + 1)
+    except BaseException:
+        l2[idx] = before  # the table in the cache stays what is on disk
+        raise
     old = referenced_clusters(s, sl.replaced)
     if len(old):
         s.barrier()
-        s.refcounts.update_clusters(old, -1)
+        free_quietly(s, old)
+
+
+def abort_slices(s: Qcow2State, slices: list[WriteSlice]) -> None:
+    """A write that failed before its clusters were linked gives them back
+    (qcow2_alloc_cluster_abort()): nothing points at them, so refcount -1 is all."""
+    for sl in slices:
+        if len(sl.need):
+            free_quietly(s, sl.hosts[sl.need] >> s.cluster_bits)
 
 
 def _host_runs(s: Qcow2State, sl: WriteSlice, edge: np.ndarray | None = None) -> list[tuple[int, int]]:
@@ -318,43 +347,55 @@ def write_clusters(s: Qcow2State, offset: int, data: memoryview, tree: L1Tree | 
                    direct: bool = False) -> None:
     """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part).
     ``direct``: whole data clusters go around the page cache where the file can (VM state)."""
-    cs = s.cluster_size
     write_data = data_writer(s, direct)
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + data.nbytes
     pos = offset
     while pos < end:
         slice_end = min(end, (pos // span + 1) * span)
-        base = pos // span * span
         sl = _alloc_slice(s, pos, slice_end, tree)
-        c0, n = sl.c0, len(sl.hosts)
-        moved = np.zeros(n, dtype=bool)
-        moved[sl.need] = True
-        first_partial = (pos - base) % cs != 0 or (n == 1 and slice_end - base - c0 * cs < cs)
-        last_partial = (slice_end - base) % cs != 0
-        # Old contents of partially written clusters that move (copy-on-write).
-        cow: dict[int, bytearray] = {}
-        for i in {0 if first_partial else -1, n - 1 if last_partial else -1} - {-1}:
-            if moved[i]:
-                buf = bytearray(cs)
-                read_through(s, s.l1_table if tree is None else tree.table, base + (c0 + i) * cs, memoryview(buf))
-                cow[i] = buf
-        edge = np.zeros(n, dtype=bool)
-        edge[list(cow)] = True
-        # Data: runs of clusters contiguous on the host, one write each.
-        for a, b in _host_runs(s, sl, edge):
-            g0 = max(pos, base + (c0 + a) * cs)
-            g1 = min(slice_end, base + (c0 + b) * cs)
-            src = data[g0 - offset:g1 - offset]
-            if a in cow:
-                buf = cow[a]
-                inner = g0 - base - (c0 + a) * cs
-                buf[inner:inner + src.nbytes] = src
-                s.file.pwrite(int(sl.hosts[a]), buf)
-            else:
-                write_data(int(sl.hosts[a]) + (g0 - base - (c0 + a) * cs), src)
-        _link_slice(s, sl, tree)
+        try:
+            _write_slice(s, sl, offset, data, pos, slice_end, tree, write_data)
+            _link_slice(s, sl, tree)
+        except BaseException:
+            abort_slices(s, [sl])
+            raise
         pos = slice_end
+
+
+def _write_slice(s: Qcow2State, sl: WriteSlice, offset: int, data: memoryview, pos: int, slice_end: int,
+                 tree: L1Tree | None, write_data: Callable[[int, memoryview], None]) -> None:
+    """The data of ``sl`` (one L2 table's part of a write), old contents of partially written
+    clusters that move copied in (copy-on-write)."""
+    cs = s.cluster_size
+    span = 1 << (s.cluster_bits + s.l2_bits)
+    base = pos // span * span
+    c0, n = sl.c0, len(sl.hosts)
+    moved = np.zeros(n, dtype=bool)
+    moved[sl.need] = True
+    first_partial = (pos - base) % cs != 0 or (n == 1 and slice_end - base - c0 * cs < cs)
+    last_partial = (slice_end - base) % cs != 0
+    # Old contents of partially written clusters that move (copy-on-write).
+    cow: dict[int, bytearray] = {}
+    for i in {0 if first_partial else -1, n - 1 if last_partial else -1} - {-1}:
+        if moved[i]:
+            buf = bytearray(cs)
+            read_through(s, s.l1_table if tree is None else tree.table, base + (c0 + i) * cs, memoryview(buf))
+            cow[i] = buf
+    edge = np.zeros(n, dtype=bool)
+    edge[list(cow)] = True
+    # Data: runs of clusters contiguous on the host, one write each.
+    for a, b in _host_runs(s, sl, edge):
+        g0 = max(pos, base + (c0 + a) * cs)
+        g1 = min(slice_end, base + (c0 + b) * cs)
+        src = data[g0 - offset:g1 - offset]
+        if a in cow:
+            buf = cow[a]
+            inner = g0 - base - (c0 + a) * cs
+            buf[inner:inner + src.nbytes] = src
+            s.file.pwrite(int(sl.hosts[a]), buf)
+        else:
+            write_data(int(sl.hosts[a]) + (g0 - base - (c0 + a) * cs), src)
 
 
 def alloc_for_write(s: Qcow2State, offset: int, nbytes: int, tree: L1Tree | None = None) -> list[WriteSlice]:
@@ -388,9 +429,38 @@ def host_extents(s: Qcow2State, slices: list[WriteSlice]) -> list[tuple[int, int
 
 
 def link_for_write(s: Qcow2State, slices: list[WriteSlice], tree: L1Tree | None = None) -> None:
-    """The second half (after the data): :func:`alloc_for_write`'s clusters linked."""
-    for sl in slices:
-        _link_slice(s, sl, tree)
+    """The second half (after the data): :func:`alloc_for_write`'s clusters linked; those of
+    a slice that could not be linked, and of every slice after it, are given back."""
+    for k, sl in enumerate(slices):
+        try:
+            _link_slice(s, sl, tree)
+        except BaseException:
+            abort_slices(s, slices[k:])
+            raise
+
+
+def drop_vmstate(s: Qcow2State) -> int:
+    """The active L1's entries past the disk cleared (each on disk before its refcounts drop),
+    their L2 tables freed, and the data of those that reach refcount 0; returns the clusters
+    freed.  What a failed save gives back."""
+    freed = 0
+    for l1i in range(s.l1_vm_state_index, s.l1_size):
+        off = int(s.l1_table[l1i]) & L1E_OFFSET_MASK
+        if not off:
+            continue
+        l2 = load_l2(s, off, l1i)
+        set_l1_entry(s, l1i, 0)
+        s.barrier()
+        c = off >> s.cluster_bits
+        if s.refcounts.get_refcount(c) == 1:
+            data = referenced_clusters(s, l2)
+            free_quietly(s, data)
+            freed += len(data)
+        free_quietly(s, np.array([c]))
+        s.l2_cache.pop(off, None)
+        freed += 1
+    s.metadata_changed()
+    return freed
 
 
 def zeroize(s: Qcow2State, offset: int, length: int, *, discard: bool) -> int:
@@ -417,10 +487,14 @@ def zeroize(s: Qcow2State, offset: int, length: int, *, discard: bool) -> int:
         # the backing file's data (v2 has no zero flag: Qcow2Image.write_zeroes writes zeros)
         new_val = _U64(0) if (s.version < 3 or (discard and s.backing is None)) else _ZERO
         l2[lo_i:hi_i] = new_val
-        write_l2_range(s, l2_off, l2, lo_i, hi_i)
+        try:
+            write_l2_range(s, l2_off, l2, lo_i, hi_i)
+        except BaseException:
+            l2[lo_i:hi_i] = ents
+            raise
         if len(old):
             s.barrier()
-            s.refcounts.update_clusters(old, -1)
+            free_quietly(s, old)
         done += (hi - c) * cs
         c = hi
     return done

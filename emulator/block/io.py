@@ -1,9 +1,9 @@
 """The byte layer under a format driver: positional reads and writes on a file.
 
 A format driver (qcow2, raw) talks to a :class:`BlockFile`, never to a path, so
-tests can hand it memory (:class:`MemoryFile`) or a file that "loses power" after
-the N-th write (:class:`FaultInjectionFile`), and users a real file
-(:class:`OsFile`).  This plays the part of QEMU's ``file`` protocol driver
+tests can hand it memory (:class:`MemoryFile`), a file that "loses power" after
+the N-th write (:class:`FaultInjectionFile`) or one that fails like a full or broken
+disk (:class:`BlkdebugFile`, QEMU's blkdebug), and users a real file (:class:`OsFile`).  This plays the part of QEMU's ``file`` protocol driver
 (block/file-posix.c).  Imports neither unicorn nor asyncio.
 """
 
@@ -352,9 +352,113 @@ class FaultInjectionFile:
         pass
 
 
+class BlkdebugFile:
+    """A BlockFile that fails like a full or broken disk: QEMU's blkdebug driver
+    (block/blkdebug.c ``inject-error``) as the file below an image, for tests.
+
+    Two kinds of rule, any number of each:
+
+    * :meth:`fail_nth`: the ``nth`` operation of the kinds named (``pwrite``, ``truncate``,
+      ``flush``, ``pread``), counted from now, fails with ``err``; ``times`` failures in a row
+      (None: every later one too), as blkdebug's ``once=on|off``;
+    * :meth:`fill_at`: the disk holds ``limit`` bytes of file offsets; a write that reaches
+      past it writes what fits below and fails with ENOSPC, as a kernel's short write then
+      ``ENOSPC`` does.  Truncating past it succeeds (a sparse file takes no room).
+
+    Errors are raised as :class:`OsFile` raises them (BlockIOError with the OSError as cause),
+    so everything above sees what a real full or failing disk gives it.
+    """
+
+    KINDS = ("pwrite", "truncate", "flush", "pread")
+
+    def __init__(self, inner: BlockFile) -> None:
+        self.inner = inner
+        self.counts = dict.fromkeys(self.KINDS, 0)
+        self.failures = 0  # operations failed so far
+        self.limit: int | None = None
+        self._rules: list[tuple[frozenset[str], int, int, int | None]] = []  # kinds, nth, errno, times
+
+    # -- rules ------------------------------------------------------------------------------
+    def fail_nth(self, nth: int, err: int = errno.ENOSPC, kinds: tuple[str, ...] = ("pwrite", "truncate", "flush"),
+                 times: int | None = 1) -> None:
+        """The ``nth`` (1-based, counted from now over ``kinds``) operation fails with ``err``."""
+        unknown = set(kinds) - set(self.KINDS)
+        if unknown or nth < 1:
+            raise ValueError(f"bad rule: nth={nth}, kinds={kinds}")
+        total = sum(self.counts[k] for k in kinds)
+        self._rules.append((frozenset(kinds), total + nth, err, times))
+
+    def fill_at(self, limit: int | None) -> None:
+        """The disk is full at ``limit`` bytes of file offsets (None: room again)."""
+        self.limit = limit
+
+    def clear(self) -> None:
+        """Every rule dropped: the disk works again."""
+        self._rules.clear()
+        self.limit = None
+
+    def _check(self, kind: str, what: str) -> None:
+        self.counts[kind] += 1
+        for kinds, at, err, times in self._rules:
+            if kind not in kinds:
+                continue
+            n = sum(self.counts[k] for k in kinds)
+            if n >= at and (times is None or n < at + times):
+                self.failures += 1
+                raise BlockIOError(f"{what}: {os.strerror(err)}") from OSError(err, os.strerror(err))
+
+    # -- the BlockFile protocol ---------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        self._check("pread", f"Could not read at offset {offset}")
+        return self.inner.pread(offset, length)
+
+    def preadinto(self, offset: int, buf: memoryview) -> None:
+        self._check("pread", f"Could not read at offset {offset}")
+        self.inner.preadinto(offset, buf)
+
+    def pwrite(self, offset: int, data: Buffer) -> None:
+        self._check("pwrite", f"Could not write at offset {offset}")
+        mv = memoryview(data).cast("B")
+        if self.limit is not None and offset + mv.nbytes > self.limit:
+            fits = max(0, self.limit - offset)
+            if fits:
+                self.inner.pwrite(offset, mv[:fits])
+            self.failures += 1
+            err = errno.ENOSPC
+            raise BlockIOError(f"Could not write at offset {offset + fits}: {os.strerror(err)}") from OSError(
+                err, os.strerror(err))
+        self.inner.pwrite(offset, mv)
+
+    def pwrite_direct(self, offset: int, data: Buffer) -> None:
+        """O_DIRECT where the file below has it; the same rules apply."""
+        self.pwrite(offset, data)
+
+    def start_writeback(self) -> None:
+        start = getattr(self.inner, "start_writeback", None)
+        if start is not None:
+            start()
+
+    def flush(self) -> None:
+        self._check("flush", "Could not flush")
+        self.inner.flush()
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    def truncate(self, size: int) -> None:
+        self._check("truncate", f"Could not truncate to {size}")
+        self.inner.truncate(size)
+
+    def allocated_bytes(self) -> int:
+        return self.inner.allocated_bytes()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
 def as_block_file(obj: object, *, read_only: bool = False) -> BlockFile:
     """Accept a BlockFile, a bytes-like object, or a seekable Python file object."""
-    if isinstance(obj, (OsFile, MemoryFile, PyFile, FaultInjectionFile)):
+    if isinstance(obj, (OsFile, MemoryFile, PyFile, FaultInjectionFile, BlkdebugFile)):
         return obj
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return MemoryFile(obj)

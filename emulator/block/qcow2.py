@@ -225,6 +225,15 @@ class Qcow2Metadata:
     def file_size_hint(self) -> int:
         return self.file.size()
 
+    def replace_file(self, file: BlockFile) -> BlockFile:
+        """Put ``file`` below the open image in place of the current one and return that one
+        (a test inserts a :class:`~emulator.block.io.BlkdebugFile`, as QEMU's blkdebug is
+        inserted as a qcow2 node's file child)."""
+        with self._lock:
+            old, self.file = self.file, file
+            self.refcounts.file = file
+            return old
+
     # -- durability -------------------------------------------------------------------
     def sync_point(self) -> None:
         """fdatasync at a commit, unless inside :meth:`deferred_flush`."""
@@ -498,6 +507,15 @@ class Qcow2Image(Qcow2Metadata):
             cluster.write_clusters(self, self.vm_state_offset + pos, mv)
 
     @_locked
+    def discard_vmstate(self) -> int:
+        """Give back the VM state a failed save left in the active L1 (its L2 tables and data
+        clusters); returns the clusters freed.  Each L1 entry is cleared before the refcounts
+        drop, so a process killed in between leaves leaks, never corruption.  QEMU keeps such
+        a VM state allocated until the next snapshot (see docs/deviations.md)."""
+        self._check_rw()
+        return cluster.drop_vmstate(self)
+
+    @_locked
     def load_vmstate(self, pos: int, buf: memoryview | bytearray, snapshot_id: str | None = None) -> None:
         """Read VM state into ``buf``: of a snapshot (by id) or from the active L1."""
         mv = memoryview(buf).cast("B")
@@ -517,24 +535,6 @@ class Qcow2Image(Qcow2Metadata):
         l1 = snapshot.read_snapshot_l1(self, sn)
         return cluster.host_map(self, l1, self.vm_state_offset, sn.vm_state_size), self.vm_state_offset
 
-    # -- snapshots --------------------------------------------------------------------
-    def snapshot_list(self) -> list[QCowSnapshot]:
-        """qcow2_snapshot_list()."""
-        return list(self.snapshots)
-
-    def find_snapshot(self, id_or_name: str) -> QCowSnapshot:
-        return snapshot.find_snapshot(self, id_or_name)
-
-    @_locked
-    def snapshot_create(self, name: str, *, id_str: str | None = None, vm_state_size: int = 0,
-                        date_sec: int | None = None, date_nsec: int | None = None, vm_clock_nsec: int = 0,
-                        icount: int = -1) -> QCowSnapshot:
-        self._check_rw()
-        return snapshot.snapshot_create(self, name, id_str=id_str, vm_state_size=vm_state_size, date_sec=date_sec,
-                                        date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec, icount=icount)
-
-    @_locked
-    def snapshot_prepare(self) -> snapshot.PendingSnapshot:
     @_locked
     def snapshot_vmstate_rewrite(self, id_or_name: str, pos: int, data: bytes) -> None:
         """Overwrite bytes of a snapshot's VM state in place (snaplab's loading set, recorded
@@ -563,6 +563,24 @@ class Qcow2Image(Qcow2Metadata):
             self.file.pwrite(host + within, data[done:done + n])
             done += n
 
+    # -- snapshots --------------------------------------------------------------------
+    def snapshot_list(self) -> list[QCowSnapshot]:
+        """qcow2_snapshot_list()."""
+        return list(self.snapshots)
+
+    def find_snapshot(self, id_or_name: str) -> QCowSnapshot:
+        return snapshot.find_snapshot(self, id_or_name)
+
+    @_locked
+    def snapshot_create(self, name: str, *, id_str: str | None = None, vm_state_size: int = 0,
+                        date_sec: int | None = None, date_nsec: int | None = None, vm_clock_nsec: int = 0,
+                        icount: int = -1) -> QCowSnapshot:
+        self._check_rw()
+        return snapshot.snapshot_create(self, name, id_str=id_str, vm_state_size=vm_state_size, date_sec=date_sec,
+                                        date_nsec=date_nsec, vm_clock_nsec=vm_clock_nsec, icount=icount)
+
+    @_locked
+    def snapshot_prepare(self) -> snapshot.PendingSnapshot:
         """Freeze the disk state now; see :class:`~emulator.block.snapshot.PendingSnapshot`."""
         self._check_rw()
         return snapshot.snapshot_prepare(self)
@@ -588,8 +606,13 @@ class Qcow2Image(Qcow2Metadata):
         with self._lock:
             slices = cluster.alloc_for_write(self, off, mv.nbytes, tree=p)
         write = cluster.data_writer(self, direct=True)
-        for at, host, n in cluster.host_extents(self, slices):
-            write(host, mv[at:at + n])
+        try:
+            for at, host, n in cluster.host_extents(self, slices):
+                write(host, mv[at:at + n])
+        except BaseException:
+            with self._lock:
+                cluster.abort_slices(self, slices)
+            raise
         with self._lock:
             cluster.link_for_write(self, slices, tree=p)
 

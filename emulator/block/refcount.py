@@ -187,10 +187,10 @@ class Refcounts:
             for b in missing:
                 txn.touch(b)
             txn.commit(self.write_pointers)
+        self.on_alloc((start + n) << self.cluster_bits)  # the file grown first: a failure leaks nothing
         self.update_range(start, n, +1)
         if start == self.free_hint:
             self.free_hint = start + n
-        self.on_alloc((start + n) << self.cluster_bits)
         return start << self.cluster_bits
 
     def highest_used(self) -> int:
@@ -214,8 +214,9 @@ class Refcounts:
         if len(bad):
             raise ImageCorruptError(f"Refcount of cluster {start + int(bad[0])} would become "
                                     f"{int(vals[bad[0]])}, outside [0, {self.max_refcount}]")
+        # On disk first: a failed write leaves the cached block what the disk holds.
+        self.file.pwrite(self.block_offset(b) + lo * self.entry_bytes, vals.astype(self.disk_dtype).tobytes())
         blk[lo:lo + n] = vals.astype(self.dtype)
-        self.file.pwrite(self.block_offset(b) + lo * self.entry_bytes, blk[lo:lo + n].astype(self.disk_dtype).tobytes())
         if delta < 0:
             self.free_hint = min(self.free_hint, start)
 
@@ -251,10 +252,13 @@ class Refcounts:
                     f"{int(new[bad])}, outside [0, {self.max_refcount}]")
             plans.append((b, blk, touched, vals))
         for b, blk, touched, vals in plans:
-            blk[touched] = vals.astype(self.dtype)
+            # On disk first: a failed write leaves the cached block what the disk holds.
+            new = blk.copy()
+            new[touched] = vals.astype(self.dtype)
             lo, hi = int(touched[0]), int(touched[-1]) + 1
             self.file.pwrite(self.block_offset(b) + lo * self.entry_bytes,
-                             blk[lo:hi].astype(self.disk_dtype).tobytes())
+                             new[lo:hi].astype(self.disk_dtype).tobytes())
+            blk[touched] = new[touched]
         if delta < 0:
             self.free_hint = min(self.free_hint, int(clusters.min()))
 

@@ -418,8 +418,33 @@ def snapshot_finish(s: Qcow2State, p: PendingSnapshot, name: str, *, vm_state_si
     return sn
 
 
+def _free_pending_vmstate(s: Qcow2State, p: PendingSnapshot) -> None:
+    """The pending tree's VM state freed in place: its L2 tables and data are referenced by
+    nothing on disk (the pending L1 is written only by snapshot_finish), so refcount 1 -> 0
+    leaves no reference behind at any instant, and needs no free cluster (a full disk)."""
+    disk_l1 = min(s.l1_vm_state_index, len(p.table))
+    for i in range(disk_l1, len(p.table)):
+        off = int(p.table[i]) & L1E_OFFSET_MASK
+        if not off:
+            continue
+        c = off >> s.cluster_bits
+        if s.refcounts.get_refcount(c) != 1:
+            continue  # shared: left to the shadow commit
+        data = cluster.referenced_clusters(s, cluster.load_l2(s, off, i))
+        only = data[s.refcounts.get_refcounts(data) == 1] if len(data) else data
+        if len(only) != len(data):
+            continue
+        s.refcounts.update_clusters(data, -1)
+        s.refcounts.update_clusters(np.array([c]), -1)
+        s.l2_cache.pop(off, None)
+        p.table[i] = 0
+
+
 def snapshot_abort(s: Qcow2State, p: PendingSnapshot) -> None:
-    """Give back everything a pending snapshot held."""
+    """Give back everything a pending snapshot held: its VM state in place first (so a full
+    disk has the clusters back), the rest (the frozen disk tree, QCOW_OFLAG_COPIED of the
+    guest's tables) with one shadow commit."""
+    _free_pending_vmstate(s, p)
     txn = RefcountTxn(s.refcounts)
     try:
         _drop_tree(s, txn, p.table, 0)

@@ -80,6 +80,7 @@ class Qcow2State(Protocol):
     refcounts: Refcounts
     snapshots: list[QCowSnapshot]
     backing: BackingReader | None  # where unallocated clusters read from (None: zeros)
+    messages: list[str]  # warnings for the user (a repair, clusters leaked by an I/O error)
 
     @property
     def l1_size(self) -> int: ...

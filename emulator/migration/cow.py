@@ -387,7 +387,7 @@ class CowSave:
         self.sparse: SparseRam | None = None
         self.nonzero = np.zeros(self.ram.size // PAGE, dtype=bool)
         self.queue: queue.Queue[tuple[int, ctypes.Array[ctypes.c_char]] | None] = queue.Queue()
-        self.pool: queue.Queue[ctypes.Array[ctypes.c_char]] = queue.Queue()
+        self.pool: queue.Queue[ctypes.Array[ctypes.c_char] | None] = queue.Queue()  # None: the save failed
         self.max_buffers = fault_buffers(ram.size) if max_buffers is None else max_buffers
         # Every buffer this save may use, warm, taken before the stop and returned at the end.
         self._owned = WARM_BUFFERS.take_n(self.max_buffers)
@@ -413,6 +413,18 @@ class CowSave:
         self.protector.release_all()
         self.give_back_buffers()
 
+    def fail(self, err: BaseException) -> None:
+        """A write failed (a full or failing disk): the first error is kept for :meth:`run`,
+        the saver stops, every chunk is let go, and a fault waiting for a buffer is woken
+        (it lets its chunk go unsaved): the guest is never left held back, and the fault
+        thread never left waiting for a writer that is gone."""
+        with self.lock:
+            if self.error is None:
+                self.error = err
+        self._stop.set()
+        self.abandon()
+        self.pool.put(None)
+
     def give_back_buffers(self) -> None:
         """The chunk buffers back to the process's pool (once; no save runs any more)."""
         owned, self._owned = self._owned, []
@@ -432,9 +444,9 @@ class CowSave:
         self.stats.arm_s = time.perf_counter() - t0
 
     # -- chunk claiming ------------------------------------------------------------------------
-    def _buffer(self) -> ctypes.Array[ctypes.c_char]:
+    def _buffer(self) -> ctypes.Array[ctypes.c_char] | None:
         """A free chunk buffer (waiting for the writer when all ``max_buffers`` are queued:
-        back-pressure)."""
+        back-pressure); None once the save has failed."""
         try:
             b = self.pool.get_nowait()
         except queue.Empty:
@@ -443,6 +455,9 @@ class CowSave:
             b = self.pool.get()
             with self.lock:
                 self._starved -= 1
+        if b is None:
+            self.pool.put(None)  # for the next one waiting
+            return None
         with self.lock:
             self._in_use += 1
             self.stats.peak_buffers = max(self.stats.peak_buffers, self._in_use)
@@ -468,6 +483,8 @@ class CowSave:
         if not self._claim(c):
             return False
         buf = self._buffer()
+        if buf is None:
+            return True  # the save failed (fail() let every chunk go): nothing to copy
         off = c * CHUNK
         n = min(CHUNK, self.ram.size - off)
         ctypes.memmove(buf, self.ram.addr + off, n)  # still protected: the stop-instant bytes
@@ -529,8 +546,7 @@ class CowSave:
                 self._saved(c)
                 self.stats.bg_chunks += 1
         except BaseException as err:
-            self.error = err
-            self.abandon()  # never leave the guest held back
+            self.fail(err)  # never leave the guest held back
         finally:
             self.queue.put(None)
 
@@ -562,7 +578,7 @@ class CowSave:
                             self._write(*item)
                 self._write(*item)
         except BaseException as err:
-            self.error = err
+            self.fail(err)
 
     def _write(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> None:
         n = min(CHUNK, self.ram.size - c * CHUNK)

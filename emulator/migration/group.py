@@ -11,7 +11,7 @@ from __future__ import annotations
 from emulator.block.node import BlockGraph, BlockNode
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import QCowSnapshot
-from emulator.errors import SnaplabError
+from emulator.errors import BlockIOError, SnaplabError
 
 
 def image(n: BlockNode) -> Qcow2Image:
@@ -87,6 +87,9 @@ def delete_all(name: str, nodes: list[BlockNode]) -> None:
         if s is not None:
             try:
                 img.snapshot_delete(s.id_str, s.name)
+            except BlockIOError as err:  # qcow2_snapshot_delete()'s first write is the table's
+                raise SnaplabError(f"Could not delete snapshot '{name}' on '{n.device_or_node_name}': "
+                                   f"Failed to remove snapshot from snapshot list: {err.strerror}") from err
             except SnaplabError as err:
                 raise SnaplabError(f"Could not delete snapshot '{name}' on '{n.device_or_node_name}': {err}") from err
 
@@ -99,5 +102,8 @@ def goto_all(name: str, nodes: list[BlockNode], *, check_only: bool = False) -> 
                 image(n).snapshot_goto_check(name)
             else:
                 image(n).snapshot_goto(name)
+        except BlockIOError as err:  # bdrv_snapshot_goto()'s error_setg_errno(errp, ret, "Failed to load snapshot")
+            raise SnaplabError(f"Could not load snapshot '{name}' on '{n.device_or_node_name}': "
+                               f"Failed to load snapshot: {err.strerror}") from err
         except SnaplabError as err:
             raise SnaplabError(f"Could not load snapshot '{name}' on '{n.device_or_node_name}': {err}") from err

@@ -14,6 +14,7 @@ everything is streamed, and it stays stopped in ``postmigrate``, as after a QEMU
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import threading
 import time
@@ -167,12 +168,24 @@ class Migration:
             stream = SequentialStream(write)
             self.info["setup-time"] = int((time.perf_counter() - t0) * 1000)
             save = self._background if self.caps["background-snapshot"] else self._stop_and_copy
-            stopped_s, normal = save(stream)
-            f.close()
+            try:
+                stopped_s, normal = save(stream)
+                f.close()
+            except OSError as err:  # QIOChannel's "Unable to write to file" / "... to command"
+                kind = "file" if uri.startswith("file:") else "command"
+                raise SnaplabError(f"Unable to write to {kind}: {err.strerror}") from err
             f = None
             if proc is not None and proc.wait(60) != 0:
                 raise SnaplabError(f"the migration command exited with status {proc.returncode}")
             self._completed(time.perf_counter() - t0, stopped_s, stream.size, normal)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _close_uri(f, proc)
+            f = None
+            if uri.startswith("file:"):  # what the failed migration wrote is given back
+                with contextlib.suppress(OSError):
+                    os.truncate(uri[5:], 0)
+            raise
         finally:
             _close_uri(f, proc)
 

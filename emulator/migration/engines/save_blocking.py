@@ -2,7 +2,8 @@
 
 Stop the guest, write the device sections and every non-zero RAM page to the VM-state area,
 add a snapshot table entry on every node, resume; the disks are flushed after the resume.
-The guest is stopped for the whole save (migration/savevm.c ``save_snapshot()``).
+The guest is stopped for the whole save (migration/savevm.c ``save_snapshot()``).  A save that
+fails (a full or failing disk) gives back the VM state it wrote and resumes the guest.
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ import contextlib
 import time
 from typing import ClassVar
 
+from emulator.errors import SnaplabError
 from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics
+from emulator.migration.savefail import (
+    create_error,
+    flush_or_undo,
+    give_back_vmstate,
+    writing_vmstate,
+)
 from emulator.migration.vmstate import nonzero_pages, save_state
 from emulator.migration.vmstate_io import VMStateStream
 
@@ -34,15 +42,23 @@ class BlockingSave(SaveEngine):
             t_scan = time.perf_counter()
             nz = nonzero_pages(ctx.ram.array)
             t_write = time.perf_counter()
-            st = save_state(VMStateStream(target.vmstate_image), ctx.machine_name, ctx.handlers(), ctx.ram.array,
-                            nz=nz)
-            t_commit = time.perf_counter()
-            ctx.commit(target, at, st.size)
+            try:
+                with writing_vmstate():
+                    st = save_state(VMStateStream(target.vmstate_image), ctx.machine_name, ctx.handlers(),
+                                    ctx.ram.array, nz=nz)
+                t_commit = time.perf_counter()
+                try:
+                    ctx.commit(target, at, st.size)
+                except SnaplabError as err:
+                    raise create_error(err) from err
+            except BaseException:
+                give_back_vmstate(target.vmstate_image)  # then the guest resumes, as QEMU's the_end
+                raise
         finally:
             t_resume = ctx.resume(saved_state)
             stack.close()
         t_flush = time.perf_counter()
-        ctx.flush(images)
+        flush_or_undo(target.nodes, at.name)
         m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, st.size, st.nonzero,
                             ctx.ram_pages() - st.nonzero)
         m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": t_write - t_scan,

@@ -19,16 +19,20 @@ import numpy as np
 
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
+from emulator.errors import BlockIOError, SnaplabError
+from emulator.migration import group
 from emulator.migration.cow import CHUNK, CowSave
 from emulator.migration.engine import (
     EngineContext,
     Instant,
     SaveEngine,
     SaveRequest,
+    SaveTarget,
     SnapshotMetrics,
     short_downtime,
     switch_interval,
 )
+from emulator.migration.savefail import delete_quietly, flush_or_undo, writing_vmstate
 from emulator.migration.vmstate import SaveHandler, capture_sections, encode_sections
 from emulator.runstate import RunState
 
@@ -90,28 +94,28 @@ class CowSaveEngine(SaveEngine):
         try:
             with contextlib.ExitStack() as stack:  # flushes deferred, disks drained until frozen
                 w = arm_in_window(ctx, saver, RunState.SAVE_VM, ctx.vm.state, target.images, stack, req.name)
-                pendings = ctx.freeze(target)
+                pendings = freeze(ctx, target, w.at)
             saver.attach(target.vmstate_image, pendings[target.bs.node_name], w.sections)
         except BaseException:
             if w is not None:
                 saver.abandon()
             saver.give_back_buffers()  # (once: abandon may have)
             protector.disarm()
-            ctx.abort(target, pendings)
+            abort_quietly(ctx, target, pendings)
             raise
         try:
             try:
                 # A guest write to an unsaved chunk waits for the fault-service thread, which
                 # needs the GIL: the saver threads hand it over within 0.1 ms, not 5 ms.
-                with switch_interval(1e-4):
+                with switch_interval(1e-4), writing_vmstate():
                     size = saver.run()
             finally:
                 protector.disarm()
         except BaseException:
-            ctx.abort(target, pendings)
+            abort_quietly(ctx, target, pendings)
             raise
-        ctx.finish(target, pendings, w.at, size)
-        ctx.flush(target.images)
+        finish(ctx, target, pendings, w.at, size)
+        flush_or_undo(target.nodes, w.at.name)
         st = saver.stats
         written = int(saver.nonzero.sum())
         lat = np.array(st.handler_s) if st.handler_s else np.zeros(0)
@@ -126,3 +130,43 @@ class CowSaveEngine(SaveEngine):
             "populate_s": ctx.ram.populate_seconds if populate_before is None else 0.0,
         })
         return ctx.saved(m, target, w.at.name)
+
+
+def abort_quietly(ctx: EngineContext, target: SaveTarget, pendings: dict[str, PendingSnapshot]) -> None:
+    """A failed save gives back its pending snapshots; if the disk refuses that too, their
+    clusters leak (``qemu-img check`` calls them leaks) and the save's own error is reported."""
+    with contextlib.suppress(SnaplabError):
+        ctx.abort(target, pendings)
+
+
+def finish(ctx: EngineContext, target: SaveTarget, pendings: dict[str, PendingSnapshot], at: Instant,
+           size: int) -> None:
+    """The table entries (:meth:`EngineContext.finish`).  On failure the entries made on
+    other nodes are deleted again (save_snapshot() deletes them), and a write the disk refused
+    is bdrv_all_create_snapshot()'s "Could not create snapshot" on the node that failed."""
+    try:
+        ctx.finish(target, pendings, at, size)
+    except SnaplabError as err:
+        failed = next((n for n in target.nodes if group.named(group.image(n), at.name) is None), target.bs)
+        delete_quietly(target.nodes, at.name)  # save_snapshot()'s cleanup: the entries made on other nodes
+        if isinstance(err, BlockIOError):
+            raise SnaplabError(f"Could not create snapshot '{at.name}' on '{failed.device_or_node_name}': "
+                               f"{err.strerror}") from err
+        raise
+
+
+def freeze(ctx: EngineContext, target: SaveTarget, at: Instant) -> dict[str, PendingSnapshot]:
+    """The disks frozen one node at a time (:meth:`EngineContext.freeze`); if one fails, what
+    the others took is given back, and a write the disk refused is bdrv_all_create_snapshot()'s
+    "Could not create snapshot" on that node."""
+    pendings: dict[str, PendingSnapshot] = {}
+    for n in target.nodes:
+        try:
+            pendings.update(ctx.freeze(SaveTarget([n], n)))
+        except SnaplabError as err:
+            abort_quietly(ctx, target, pendings)
+            if isinstance(err, BlockIOError):
+                raise SnaplabError(f"Could not create snapshot '{at.name}' on '{n.device_or_node_name}': "
+                                   f"{err.strerror}") from err
+            raise
+    return pendings

@@ -15,6 +15,12 @@ from typing import ClassVar
 from emulator.errors import SnaplabError
 from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics, short_downtime
 from emulator.migration.precopy import Precopy
+from emulator.migration.savefail import (
+    create_error,
+    flush_or_undo,
+    give_back_vmstate,
+    writing_vmstate,
+)
 from emulator.migration.vmstate import begin_sparse_stream, finish_sparse_stream
 from emulator.migration.vmstate_io import VMStateStream
 
@@ -33,25 +39,38 @@ class PrecopySave(SaveEngine):
         if ctx.wp is not None:
             ctx.wp.unregister()  # a range belongs to one userfaultfd at a time (it is not ours now)
         stream = VMStateStream(target.vmstate_image)
-        pre = Precopy(ctx.ram, stream, ctx.machine_name, ctx.capture(), target.vmstate_image)
+        with writing_vmstate():
+            try:
+                pre = Precopy(ctx.ram, stream, ctx.machine_name, ctx.capture(), target.vmstate_image)
+            except BaseException:
+                give_back_vmstate(target.vmstate_image)
+                raise
         try:
-            pre.iterate()
+            with writing_vmstate():
+                pre.iterate()
             images = target.images
             saved_state = ctx.vm.state
             with contextlib.ExitStack() as stack, short_downtime(ctx.vm):
                 t_stop = ctx.stop_for_save(images, stack)
                 try:
                     at = ctx.save_instant(req.name)
-                    pre.final()
-                    head = begin_sparse_stream(stream, ctx.machine_name, ctx.capture(), ctx.ram.size,
-                                               min_data_offset=pre.sparse.data_offset)
-                    if head.data_offset != pre.sparse.data_offset:
-                        raise SnaplabError("device state outgrew the room reserved for it in the VM state")
-                    size = finish_sparse_stream(stream, pre.sparse, pre.nonzero)
-                    ctx.commit(target, at, size)
+                    with writing_vmstate():
+                        pre.final()
+                        head = begin_sparse_stream(stream, ctx.machine_name, ctx.capture(), ctx.ram.size,
+                                                   min_data_offset=pre.sparse.data_offset)
+                        if head.data_offset != pre.sparse.data_offset:
+                            raise SnaplabError("device state outgrew the room reserved for it in the VM state")
+                        size = finish_sparse_stream(stream, pre.sparse, pre.nonzero)
+                    try:
+                        ctx.commit(target, at, size)
+                    except SnaplabError as err:
+                        raise create_error(err) from err
                 finally:
                     t_resume = ctx.resume(saved_state)
-            ctx.flush(images)
+            flush_or_undo(target.nodes, at.name)
+        except BaseException:
+            give_back_vmstate(target.vmstate_image)  # (nothing left there once committed)
+            raise
         finally:
             pre.close()
             ctx.ram.collapse()

@@ -1,0 +1,93 @@
+"""Storage faults: helpers shared by the tests of this directory.
+
+A machine is the one of tests/migration (read-only firmware, a raw varstore, two qcow2 disks);
+a fault is put below a node's qcow2 image with :class:`~emulator.block.io.BlkdebugFile`
+(QEMU's blkdebug), and everything after it is checked the same way: QEMU's error class and
+text, the run state, the snapshots listed before, no leaked clusters, ``qemu-img check``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulator.block import Qcow2Image
+from emulator.block.io import BlkdebugFile
+from emulator.errors import SnaplabError
+from emulator.machine import Machine
+from tests.migration.conftest import make_vm, wait_until
+
+__all__ = ["make_vm", "wait_until"]
+
+RAM = 32 << 20
+DISKS = ("disk0", "disk1")
+
+
+def image(m: Machine, node: str) -> Qcow2Image:
+    return m.graph[node].snapshot_image
+
+
+def blkdebug(m: Machine, node: str) -> BlkdebugFile:
+    """A BlkdebugFile below ``node``'s image (inserted once, then reused)."""
+    img = image(m, node)
+    if isinstance(img.file, BlkdebugFile):
+        return img.file
+    f = BlkdebugFile(img.file)
+    img.replace_file(f)
+    return f
+
+
+def names(m: Machine) -> dict[str, list[str]]:
+    """Every disk's snapshot names, in table order."""
+    return {d: [s.name for s in image(m, d).snapshot_list()] for d in DISKS}
+
+
+def fingerprint(m: Machine) -> dict[str, str]:
+    """RAM and both disks, hashed (the guest must be stopped)."""
+    out = {"ram": hashlib.sha256(m.ram.read(0, m.ram.size)).hexdigest()}
+    for d in DISKS:
+        img = image(m, d)
+        out[d] = hashlib.sha256(img.read(0, img.size)).hexdigest()
+    return out
+
+
+def progress(m: Machine) -> int:
+    """The guest's iteration counter (the lab page)."""
+    return int(m.ram.read_u64(0x7000))
+
+
+def assert_runs(m: Machine) -> None:
+    """The guest is running and making progress."""
+    assert m.state.value == "running", m.state
+    start = progress(m)
+    wait_until(lambda: progress(m) > start, "the guest to make progress")
+
+
+def fails(fn: Callable[[], Any], pattern: str) -> SnaplabError:
+    """``fn`` fails with QEMU's class (GenericError) and a text matching ``pattern``."""
+    with pytest.raises(SnaplabError) as info:
+        fn()
+    err = info.value
+    assert err.qmp_class == "GenericError", (type(err), err)
+    assert re.fullmatch(pattern, str(err)), str(err)
+    return err
+
+
+def no_leaks(m: Machine, qemu_img: Callable[..., Any], files: dict[str, Path]) -> None:
+    """Our check and the real ``qemu-img check`` find no leak and no corruption (guest stopped
+    by the caller, so nothing is written meanwhile)."""
+    for d, path in files.items():
+        res = image(m, d).check()
+        assert (res.leaks, res.corruptions, res.check_errors) == (0, 0, 0), (d, res.messages[:5])
+        out = qemu_img("check", "-U", str(path))
+        assert out.returncode == 0, (d, out.stdout, out.stderr)
+        assert "No errors were found" in out.stdout, (d, out.stdout)
+
+
+def disk_files(tmp_path: Path, sub: str = "w") -> dict[str, Path]:
+    return {d: tmp_path / sub / f"{d}.qcow2" for d in DISKS}
