@@ -360,10 +360,13 @@ class BlkdebugFile:
 
     * :meth:`fail_nth`: the ``nth`` operation of the kinds named (``pwrite``, ``truncate``,
       ``flush``, ``pread``), counted from now, fails with ``err``; ``times`` failures in a row
-      (None: every later one too), as blkdebug's ``once=on|off``;
-    * :meth:`fill_at`: the disk holds ``limit`` bytes of file offsets; a write that reaches
-      past it writes what fits below and fails with ENOSPC, as a kernel's short write then
-      ``ENOSPC`` does.  Truncating past it succeeds (a sparse file takes no room).
+      (None: every later one too), as blkdebug's ``once=on|off``; with ``span`` only reads
+      and writes touching those file offsets count (blkdebug's ``sector``);
+    * :meth:`fill`: the file system has ``room`` bytes left.  A write into blocks the file
+      already has (rewriting data, or clusters the image freed but kept) needs no room; one
+      into a hole (past the end, or the sparse tail an image grows ahead) takes 4 KiB blocks
+      from ``room`` and fails with ENOSPC, writing nothing, when there are not enough.
+      Truncating succeeds (a sparse file takes no room).
 
     Errors are raised as :class:`OsFile` raises them (BlockIOError with the OSError as cause),
     so everything above sees what a real full or failing disk gives it.
@@ -375,58 +378,85 @@ class BlkdebugFile:
         self.inner = inner
         self.counts = dict.fromkeys(self.KINDS, 0)
         self.failures = 0  # operations failed so far
-        self.limit: int | None = None
-        self._rules: list[tuple[frozenset[str], int, int, int | None]] = []  # kinds, nth, errno, times
+        self.room: int | None = None  # bytes the file system has left (None: no limit)
+        # kinds, nth, errno, times, span; and how many operations each rule has counted
+        self._rules: list[tuple[frozenset[str], int, int, int | None, tuple[int, int] | None]] = []
+        self._seen: list[int] = []
 
     # -- rules ------------------------------------------------------------------------------
     def fail_nth(self, nth: int, err: int = errno.ENOSPC, kinds: tuple[str, ...] = ("pwrite", "truncate", "flush"),
-                 times: int | None = 1) -> None:
-        """The ``nth`` (1-based, counted from now over ``kinds``) operation fails with ``err``."""
+                 times: int | None = 1, span: tuple[int, int] | None = None) -> None:
+        """The ``nth`` (1-based, counted from now over ``kinds``, and ``span`` if given)
+        operation fails with ``err``."""
         unknown = set(kinds) - set(self.KINDS)
         if unknown or nth < 1:
             raise ValueError(f"bad rule: nth={nth}, kinds={kinds}")
-        total = sum(self.counts[k] for k in kinds)
-        self._rules.append((frozenset(kinds), total + nth, err, times))
+        self._rules.append((frozenset(kinds), nth, err, times, span))
+        self._seen.append(0)
 
-    def fill_at(self, limit: int | None) -> None:
-        """The disk is full at ``limit`` bytes of file offsets (None: room again)."""
-        self.limit = limit
+    def fill(self, room: int | None = 0) -> None:
+        """The file system has ``room`` bytes left for new blocks (0: full; None: no limit)."""
+        self.room = room
 
     def clear(self) -> None:
         """Every rule dropped: the disk works again."""
         self._rules.clear()
-        self.limit = None
+        self._seen.clear()
+        self.room = None
 
-    def _check(self, kind: str, what: str) -> None:
+    def _new_blocks(self, offset: int, end: int) -> int:
+        """Bytes of 4 KiB blocks in [offset, end) the file does not have yet (its holes)."""
+        lo, hi = offset // 4096 * 4096, -(-end // 4096) * 4096
+        fd = getattr(self.inner, "fd", -1)
+        if not isinstance(fd, int) or fd < 0:
+            return max(0, hi - max(lo, -(-self.inner.size() // 4096) * 4096))
+        n, pos = 0, lo
+        while pos < hi:
+            try:
+                hole = os.lseek(fd, pos, os.SEEK_HOLE)
+            except OSError:  # ENXIO: past the end, all hole
+                hole = pos
+            if hole >= hi:
+                break
+            try:
+                data = os.lseek(fd, hole, os.SEEK_DATA)
+            except OSError:
+                data = hi
+            n += min(data, hi) - hole
+            pos = data
+        return n
+
+    def _check(self, kind: str, what: str, offset: int = 0, length: int = 0) -> None:
         self.counts[kind] += 1
-        for kinds, at, err, times in self._rules:
-            if kind not in kinds:
+        for i, (kinds, at, err, times, span) in enumerate(self._rules):
+            if kind not in kinds or (span is not None and not (offset < span[1] and span[0] < offset + length)):
                 continue
-            n = sum(self.counts[k] for k in kinds)
+            self._seen[i] += 1
+            n = self._seen[i]
             if n >= at and (times is None or n < at + times):
                 self.failures += 1
                 raise BlockIOError(f"{what}: {os.strerror(err)}") from OSError(err, os.strerror(err))
 
     # -- the BlockFile protocol ---------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        self._check("pread", f"Could not read at offset {offset}")
+        self._check("pread", f"Could not read at offset {offset}", offset, length)
         return self.inner.pread(offset, length)
 
     def preadinto(self, offset: int, buf: memoryview) -> None:
-        self._check("pread", f"Could not read at offset {offset}")
+        self._check("pread", f"Could not read at offset {offset}", offset, buf.nbytes)
         self.inner.preadinto(offset, buf)
 
     def pwrite(self, offset: int, data: Buffer) -> None:
-        self._check("pwrite", f"Could not write at offset {offset}")
         mv = memoryview(data).cast("B")
-        if self.limit is not None and offset + mv.nbytes > self.limit:
-            fits = max(0, self.limit - offset)
-            if fits:
-                self.inner.pwrite(offset, mv[:fits])
-            self.failures += 1
-            err = errno.ENOSPC
-            raise BlockIOError(f"Could not write at offset {offset + fits}: {os.strerror(err)}") from OSError(
-                err, os.strerror(err))
+        self._check("pwrite", f"Could not write at offset {offset}", offset, mv.nbytes)
+        if self.room is not None and mv.nbytes:
+            need = self._new_blocks(offset, offset + mv.nbytes)
+            if need > self.room:
+                self.failures += 1
+                err = errno.ENOSPC
+                raise BlockIOError(f"Could not write at offset {offset}: {os.strerror(err)}") from OSError(
+                    err, os.strerror(err))
+            self.room -= need
         self.inner.pwrite(offset, mv)
 
     def pwrite_direct(self, offset: int, data: Buffer) -> None:

@@ -2,11 +2,21 @@
 
 Reads and writes go to the image's vmstate area, past the end of the virtual disk
 (``bdrv_save_vmstate`` / ``bdrv_load_vmstate``); a snapshot id reads a snapshot's VM state.
+A read the file refuses is QEMU's ``Error -5 while loading VM state`` (the QEMUFile's error).
 """
 
 from __future__ import annotations
 
 from emulator.block.qcow2 import Qcow2Image
+from emulator.errors import BlockIOError, LoadVMError
+
+
+def load_error(err: BlockIOError) -> LoadVMError:
+    """qemu_loadvm_state()'s result when the file below fails: ``Error -5 while loading VM
+    state`` (-errno of the failed read), with the cause (docs/deviations.md, 22)."""
+    cause = err.__cause__
+    code = cause.errno if isinstance(cause, OSError) and cause.errno else 5
+    return LoadVMError(err.strerror, -code)
 
 
 class VMStateStream:
@@ -21,8 +31,11 @@ class VMStateStream:
 
     def read(self, pos: int, n: int) -> bytes:
         buf = bytearray(n)
-        self.img.load_vmstate(pos, buf, self.snapshot_id)
+        self.readinto(pos, memoryview(buf))
         return bytes(buf)
 
     def readinto(self, pos: int, buf: memoryview) -> None:
-        self.img.load_vmstate(pos, buf, self.snapshot_id)
+        try:
+            self.img.load_vmstate(pos, buf, self.snapshot_id)
+        except BlockIOError as err:
+            raise load_error(err) from err

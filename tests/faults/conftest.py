@@ -89,5 +89,14 @@ def no_leaks(m: Machine, qemu_img: Callable[..., Any], files: dict[str, Path]) -
         assert "No errors were found" in out.stdout, (d, out.stdout)
 
 
+def used(m: Machine) -> dict[str, int]:
+    """Clusters in use (refcount > 0) per disk: what a failed operation must leave as it was."""
+    out = {}
+    for d in DISKS:
+        img = image(m, d)
+        out[d] = int((img.refcounts.all_refcounts(img.refcounts.highest_used() // img.cluster_size) > 0).sum())
+    return out
+
+
 def disk_files(tmp_path: Path, sub: str = "w") -> dict[str, Path]:
     return {d: tmp_path / sub / f"{d}.qcow2" for d in DISKS}
