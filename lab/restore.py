@@ -126,9 +126,9 @@ def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str
     """One snapshot-load of 'base' with ``policy``, watched to the horizon."""
     q = m.qmp()
     q.events()
-    cmd_ns = time.monotonic_ns()
-    rate0 = rate_between(m.lab.history_array(), cmd_ns - 500_000_000, cmd_ns)
+    before = m.lab.history_array(200_000)  # read before the command: the copy is not timed
     epoch_off = time.time() - time.monotonic()
+    cmd_ns = time.monotonic_ns()
     q.execute("snapshot-load", {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],
                                 ENGINE_ARG: policy})
     if waits_for_complete(policy):  # on demand: faults only until the horizon, then the rest
@@ -144,6 +144,7 @@ def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str
     ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
     resume_ns = int((ev["RESUME"] - epoch_off) * 1e9)
     samples = m.lab.history_array()
+    rate0 = rate_between(before, cmd_ns - 500_000_000, cmd_ns)
     row: dict[str, Any] = {"policy": policy, "rate_before": rate0,
                            "resume_ms": (resume_ns - cmd_ns) / 1e6,
                            "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,

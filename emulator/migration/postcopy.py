@@ -17,12 +17,13 @@ the vCPU may be blocked on a missing page while holding it for a disk request.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,25 @@ class LazyStats:
     bytes_read: int = 0  # from the image (zero pages are not read)
     resident_at: float = 0.0  # perf_counter() when the last chunk was in
     prefetched_chunks: int = 0  # filled from the loading set, ahead of the rest
+
+
+@contextlib.contextmanager
+def idle_priority(on: bool) -> Iterator[None]:
+    """The calling thread at SCHED_IDLE for the block (Linux applies sched_setscheduler(0) to
+    the calling thread only), then back to the policy it had."""
+    if not on:
+        yield
+        return
+    before = os.sched_getscheduler(0)
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        before = -1
+    try:
+        yield
+    finally:
+        if before >= 0:
+            os.sched_setscheduler(0, before, os.sched_param(0))
 
 
 def check_cluster_map(cluster_map: np.ndarray, cluster_size: int) -> None:
@@ -243,9 +263,11 @@ class LazyLoad:
                     return
                 self.cond.wait(0.1 if left is None else min(left, 0.1))
 
-    def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0) -> None:
+    def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0,
+                 rest_idle: bool = False) -> None:
         """The filler; returns when every chunk is in guest RAM.  ``order``: chunks to fill
-        first (a loading set, in first-touch order), then the rest by address.
+        first (a loading set, in first-touch order), then the rest by address (``rest_idle``:
+        at SCHED_IDLE priority, so that it takes no CPU time the guest could use).
         ``faults_only_until``: serve only faults until then (perf_counter; None: until
         :meth:`complete` or until the guest has touched every chunk)."""
         t0 = time.perf_counter()
@@ -259,11 +281,12 @@ class LazyLoad:
                         break
                     if 0 <= c < self.nchunks and self._fill(c, buf):
                         self.stats.prefetched_chunks += 1
-            for c in range(self.nchunks):
-                if self.error is not None:
-                    break
-                if self._fill(c, buf):
-                    self.stats.bg_chunks += 1
+            with idle_priority(rest_idle):
+                for c in range(self.nchunks):
+                    if self.error is not None:
+                        break
+                    if self._fill(c, buf):
+                        self.stats.bg_chunks += 1
             with self.lock:
                 while not self._all_in() and self.error is None:
                     self.cond.wait(0.1)

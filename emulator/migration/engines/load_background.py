@@ -50,6 +50,7 @@ class FillPlan:
     faults_only_s: float | None = 0.0
     order: np.ndarray | None = None
     record_s: float = 0.0
+    rest_idle: bool = False  # the chunks after ``order`` at SCHED_IDLE (the guest has what it needs)
 
 
 class BackgroundLoad(LoadEngine):
@@ -148,7 +149,7 @@ class BackgroundLoad(LoadEngine):
             yield lazy  # the job is ready: job-complete (lazy.complete) asks for the rest
         until = None if plan.faults_only_s is None else t_resume + plan.faults_only_s
         try:
-            lazy.fill_all(plan.order, until)
+            lazy.fill_all(plan.order, until, plan.rest_idle)
         except SnaplabError:
             # The fill asked the vCPU to stop (stop_on_host_error); the job ends once it has.
             ctx.vm.run_on_cpu(lambda: None)

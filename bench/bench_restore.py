@@ -1,0 +1,98 @@
+"""Benchmark: restore to full speed, every load policy on one snapshot (issue #19).
+
+    python bench/bench_restore.py [--quick] [--ram-mib N] [--ws-mib N] [--runs N] [--seed S]
+                                  [--no-qemu] [--out FILE]
+
+A guest whose RAM is full of random bytes (4 GiB; --quick 1 GiB) runs the dirty workload,
+unthrottled, over a working set (256 MiB; --quick 64 MiB) at a seeded random place in RAM.
+One blocking snapshot; then each policy of the registry loads it once untimed (the first
+on-demand or prefetch load records the snapshot's loading set) and ``--runs`` times timed
+(5; --quick 3), policies interleaved.  Definitions in lab/restore.py: ``resume_ms`` command
+-> RESUME; ``to50_ms``/``to90_ms`` command -> the guest's progress rate back at 50%/90% of
+its rate in the half second before the command; ``resident_s`` RESUME -> all of RAM in place.
+Medians; the VM state is read through the page cache, warm (it was just written).  When
+QEMU 7.2 is installed, its blocking load of a guest of the same size is measured in the same
+run (its RAM filled with -device loader files, which its reset copies again: an upper bound,
+see data/results/reproduction/README.md).  Raw rows go to --out (JSON).  The last line
+printed is one JSON object:
+{"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
+"resident_s": z}, ...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lab import qemu as qemu_lab
+from lab.restore import RestoreSpec, restore_experiment, summarize
+from lab.spec import load_engines
+
+GOAL_PREFETCH_VS_BLOCKING = 5.0
+GOAL_PREFETCH_VS_BACKGROUND = 2.0
+GOAL_RESUME_MS = 1.0
+
+
+def qemu_load_ms(mib: int, runs: int) -> float:
+    """QEMU 7.2's blocking snapshot-load, command to RESUME, median ms (same host, same run)."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d, qemu_lab.running(Path(d), mib) as q:
+        return float(np.median([c2r for c2r, _ in qemu_lab.snapshot_loads(q, runs)])) * 1e3
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    print(f"  run {r['run']} {r['policy']:>10}: resume {r['resume_ms']:7.2f} ms  to50 {r['to50_ms']:8.1f} ms  "
+          f"to90 {r['to90_ms']:8.1f} ms  faults {r['faults']:5d}  resident {r['resident_s']:6.3f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--ram-mib", type=int)
+    ap.add_argument("--ws-mib", type=int)
+    ap.add_argument("--runs", type=int)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--out", default="out/bench_restore.json")
+    a = ap.parse_args()
+    spec = RestoreSpec(ram_mib=a.ram_mib or (1024 if a.quick else 4096), ws_mib=a.ws_mib or (64 if a.quick else 256),
+                       runs=a.runs or (3 if a.quick else 5), seed=a.seed)
+    print(f"restore to full speed: {spec.ram_mib} MiB guest (random RAM), working set {spec.ws_mib} MiB at "
+          f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy; "
+          f"VM state in the page cache (warm)", flush=True)
+    res = restore_experiment(spec, progress=_print_row)
+    summary = summarize(res["rows"])
+    print(f"{'policy':>10} {'resume':>9} {'first':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'faults':>7} "
+          f"{'stall p99':>9} {'resident':>9} {'read':>9}")
+    for p, s in summary.items():
+        print(f"{p:>10} {s['resume_ms']:7.2f}ms {s['first_progress_ms']:7.1f}ms {s['to50_ms']:7.1f}ms "
+              f"{s['to90_ms']:7.1f}ms {s['to90_iqr_ms']:7.1f}ms {s['faults']:7.0f} {s['stall_p99_ms']:7.2f}ms "
+              f"{s['resident_s']:8.3f}s {s['bytes_read'] / 2**20:6.0f}MiB")
+    blocking, *lazy = load_engines()
+    pf, bg = "prefetch", "background"  # the issue's goals name them
+    ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],
+              "background_over_prefetch_to90": summary[bg]["to90_ms"] / summary[pf]["to90_ms"]}
+    print(f"to90: {blocking}/{pf} = {ratios['blocking_over_prefetch_to90']:.1f}x "
+          f"(goal >= {GOAL_PREFETCH_VS_BLOCKING}), {bg}/{pf} = {ratios['background_over_prefetch_to90']:.1f}x "
+          f"(goal >= {GOAL_PREFETCH_VS_BACKGROUND}); lazy resume medians "
+          + ", ".join(f"{p} {summary[p]['resume_ms']:.2f} ms" for p in lazy) + f" (goal <= {GOAL_RESUME_MS} ms)")
+    out: dict[str, Any] = {"ram_mib": spec.ram_mib, "ws_mib": spec.ws_mib, "seed": spec.seed, "runs": spec.runs,
+                           "policies": {p: {k: round(v, 3) for k, v in s.items()} for p, s in summary.items()},
+                           "ratios": {k: round(v, 2) for k, v in ratios.items()}}
+    if qemu_lab.available() and not a.no_qemu:
+        out["qemu_blocking_load_resume_ms"] = round(qemu_load_ms(spec.ram_mib, 3), 1)
+        print(f"QEMU 7.2 blocking load, command -> RESUME (OVMF guest, loader-filled RAM: an upper bound): "
+              f"{out['qemu_blocking_load_resume_ms']} ms", flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res | {"summary": out}, indent=1, default=float))
+    print(f"raw rows: {a.out}", file=sys.stderr)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
