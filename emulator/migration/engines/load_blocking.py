@@ -42,7 +42,8 @@ class BlockingLoad(LoadEngine):
         t1 = time.perf_counter()
         ctx.vm.vm_resume(orig)
         m = SnapshotMetrics(f"{self.name}-load", time.perf_counter() - t0, time.perf_counter() - t0)
-        m.extra["load_s"] = t1 - t0
+        m.extra.update({"load_s": t1 - t0, "faults": 0, "resident_s": 0.0,  # all of RAM is in at RESUME
+                        "bytes_read": int(layout.nonzero.sum()) * PAGE})
         ctx.saved(m)
         return m
         yield  # a generator that never yields: the whole load runs before the job's first step ends
