@@ -106,22 +106,29 @@ class Dashboard:
     """``Dashboard().widget`` in a notebook cell; every action goes through QMP."""
 
     def __init__(self) -> None:
-        self.ram = w.IntText(value=128, description="RAM MiB")
-        self.workload = w.Dropdown(options=list(WORKLOADS), value="dirty", description="workload")
-        self.rate = w.IntSlider(value=100, min=0, max=2000, step=50, description="dirty MiB/s")
-        self.working_set = w.IntText(value=64, description="working set MiB")
-        self.pattern = w.Dropdown(options=list(PATTERNS), value="random", description="pattern")
+        label = {"description_width": "110px"}
+        narrow, wide = w.Layout(width="260px"), w.Layout(width="520px")
+        self.ram = w.IntText(value=128, description="RAM MiB", style=label, layout=narrow)
+        self.workload = w.Dropdown(options=list(WORKLOADS), value="dirty", description="workload", style=label,
+                                   layout=narrow)
+        self.rate = w.IntSlider(value=100, min=0, max=2000, step=50, description="dirty MiB/s", style=label,
+                                layout=w.Layout(width="360px"))
+        self.working_set = w.IntText(value=64, description="working set MiB", style=label, layout=narrow)
+        self.pattern = w.Dropdown(options=list(PATTERNS), value="random", description="pattern", style=label,
+                                  layout=narrow)
+        self.tag = w.Text(value="snap1", description="tag", style=label, layout=narrow)
         self.engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in save_engines()],
-                                 value=DEFAULT_ENGINE, description="save engine")
+                                 value=DEFAULT_ENGINE, description="save engine", style=label, layout=wide)
         self.load_engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in load_engines()],
-                                      value=load_engines()[0], description="load engine")
-        self.tag = w.Text(value="snap1", description="tag")
+                                      value=load_engines()[0], description="load engine", style=label, layout=wide)
         self.boot_btn = w.Button(description="boot", button_style="primary")
         self.save_btn = w.Button(description="take snapshot")
         self.load_btn = w.Button(description="load snapshot")
         self.del_btn = w.Button(description="delete snapshot")
         self.cont_btn = w.Button(description="continue", tooltip="QMP cont: a failed load leaves the guest stopped, as in QEMU")
-        self.log = w.Textarea(value="", layout=w.Layout(width="100%", height="180px"), description="events")
+        self.log = w.Textarea(value="", layout=w.Layout(width="100%", height="180px"),
+                              description="events", tooltip="QMP events and job results, newest first",
+                              style=label)
         self.plot = w.Image(format="png", layout=w.Layout(width="675px"))
         self.boot_btn.on_click(lambda _: self.boot())
         self.save_btn.on_click(lambda _: self.save())
@@ -130,8 +137,8 @@ class Dashboard:
         self.cont_btn.on_click(lambda _: self.cont())
         for b in (self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn):
             b.add_class("snaplab-" + b.description.replace(" ", "-"))
-        self.log.add_class("snaplab-log")
-        self.plot.add_class("snaplab-plot")
+        for name in ("ram", "workload", "rate", "working_set", "pattern", "engine", "load_engine", "tag", "log", "plot"):
+            getattr(self, name).add_class("snaplab-" + name.replace("_", "-"))
         self.live: LiveMachine | None = None
         self.q: Any = None
         self.errors: list[str] = []
@@ -142,8 +149,8 @@ class Dashboard:
         self._jobs = 0
         self.widget = w.VBox([
             w.HBox([self.ram, self.workload, self.rate]),
-            w.HBox([self.working_set, self.pattern]),
-            w.HBox([self.engine, self.load_engine, self.tag]),
+            w.HBox([self.working_set, self.pattern, self.tag]),
+            w.HBox([self.engine, self.load_engine]),
             w.HBox([self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn]),
             self.plot, self.log])
         self.draw()
@@ -160,7 +167,7 @@ class Dashboard:
         with self._lock:
             self._lines.append(f"{self._rel(wall_us)} {line}")
             del self._lines[:-MAX_LOG_LINES]
-            self.log.value = "\n".join(self._lines) + "\n"
+            self.log.value = "\n".join(reversed(self._lines))  # newest first: seen without scrolling
 
     def _error(self, what: str, text: str) -> None:
         self.errors.append(text)
@@ -217,7 +224,7 @@ class Dashboard:
                 return
             try:
                 q.execute(cmd, args)
-                info = q.wait_job(job, JOB_TIMEOUT_S)
+                info = q.wait_job(job, JOB_TIMEOUT_S, complete=True)  # an on-demand load: job-complete when ready
                 stats = q.execute(STATS, {"id": job})
                 q.execute("job-dismiss", {"id": job})
             except QMPError as err:
@@ -275,4 +282,5 @@ class Dashboard:
     def close(self) -> None:
         live, self.live, self.q = self.live, None, None
         if live is not None:
+            live.machine.monitor.unsubscribe(self._on_event)  # its SHUTDOWN is not the next one's
             live.close()

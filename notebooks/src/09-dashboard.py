@@ -6,7 +6,7 @@ CELLS: list[tuple[str, str]] = [
 Learning goals: take, load and delete snapshots of a running guest with buttons, and read what each
 engine costs the guest from two views of the same run:
 
-* **the event log**: every QMP event the machine sends (`STOP`, `RESUME`, `JOB_STATUS_CHANGE`), each
+* **the event log** (newest line first): every QMP event the machine sends (`STOP`, `RESUME`, `JOB_STATUS_CHANGE`), each
   with its time since the machine started (`+1.234 s`); the time from `STOP` to `RESUME` is the
   downtime, and each job's line ends with the downtime `__org.snaplab_query-snapshot-stats` measured;
 * **the plot**: the guest's speed (workload iterations per second, from the lab port) since the
@@ -23,7 +23,8 @@ from lab.widgets import Dashboard
 d = Dashboard()
 d.widget"""),
     ("md", """Press **boot**, then **take snapshot**: the log gets the job's events and its downtime, and
-the plot is redrawn. The controls: RAM size, workload, dirty rate (MiB/s the guest writes; 0 means
+the plot is redrawn. A second save to the same tag is refused with QEMU 7.2's error (`snapshot-save`
+never overwrites: delete the snapshot first, or change the tag). The controls: RAM size, workload, dirty rate (MiB/s the guest writes; 0 means
 as fast as it can), working set (how much of RAM it writes) and pattern (in which order), the save and
 load engines, and the tag. A change to the guest's controls takes effect at the next **boot**.
 

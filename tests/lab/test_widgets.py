@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterator
 
 import ipywidgets as w
 import pytest
@@ -21,7 +22,7 @@ def finish(t: threading.Thread) -> None:
 
 
 @pytest.fixture
-def dash() -> Dashboard:
+def dash() -> Iterator[Dashboard]:
     d = Dashboard()
     d.ram.value = 64
     yield d
@@ -56,6 +57,17 @@ def test_take_load_delete_with_each_save_engine(dash: Dashboard, engine: str) ->
     assert "STOP" in text and "RESUME" in text and "JOB_STATUS_CHANGE" in text
     # times are relative to the machine's start, not epoch seconds
     assert all(re.match(r"\+\d{1,4}\.\d{3} s ", line) for line in lines), lines
+    assert dash.errors == []
+
+
+@pytest.mark.parametrize("engine", load_engines())
+def test_load_with_each_load_engine(dash: Dashboard, engine: str) -> None:
+    dash.load_engine.value = engine
+    assert dash.boot()
+    finish(dash.save())
+    finish(dash.load())
+    assert "snapshot-load snap1: done" in dash.lines()[-1], dash.lines()
+    assert dash.q.execute("query-status")["status"] == "running"
     assert dash.errors == []
 
 

@@ -1,0 +1,165 @@
+"""Every notebook opened in JupyterLab in headless Chromium, all cells run, no error output; the
+dashboard rendered, its take-snapshot button clicked, its event log and plot updated.
+Screenshots go to out/ui/: one per notebook after its run, and the dashboard before and after
+the click and after a bad RAM size."""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.ui.conftest import OUT, ROOT, Lab
+
+Keys = pytest.importorskip("selenium.webdriver.common.keys").Keys
+WAIT_S = 300  # generous: a notebook's cells, or a snapshot job, on a busy 2-core host
+DASHBOARD = "09-dashboard"
+
+
+def _order() -> list[str]:
+    spec = importlib.util.spec_from_file_location("notebooks_make", ROOT / "notebooks" / "make.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return list(mod.ORDER)
+
+
+ORDER = _order()
+
+# The notebook panel in front, its kernel connected and idle.
+READY_JS = """
+const app = window.jupyterapp;
+if (!app || !app.started) return false;
+const w = app.shell.currentWidget;
+if (!w || !w.context || !w.context.isReady || !w.sessionContext) return false;
+const k = w.sessionContext.session && w.sessionContext.session.kernel;
+return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
+"""
+
+RUN_ALL_JS = """
+const done = arguments[arguments.length - 1];
+window.jupyterapp.commands.execute('notebook:run-all-cells').then(() => done('ok'), e => done('failed: ' + e));
+"""
+
+# Every code cell executed, the kernel idle: [cells run, code cells, errors as "cell N: ename: evalue"].
+STATE_JS = """
+const w = window.jupyterapp.shell.currentWidget;
+let ran = 0, code = 0; const errors = [];
+const cells = w.content.model.cells;
+for (let i = 0; i < cells.length; i++) {
+  const c = cells.get(i);
+  if (c.type !== 'code') continue;
+  code += 1;
+  if (c.executionCount) ran += 1;
+  for (let j = 0; j < c.outputs.length; j++) {
+    const o = c.outputs.get(j).toJSON();
+    if (o.output_type === 'error') errors.push('cell ' + i + ': ' + o.ename + ': ' + o.evalue);
+  }
+}
+return [ran, code, errors, w.sessionContext.session.kernel.status];
+"""
+
+SAVE_AND_SHUTDOWN_JS = """
+const done = arguments[arguments.length - 1];
+const app = window.jupyterapp, w = app.shell.currentWidget;
+app.commands.execute('docmanager:save').then(() => w.sessionContext.shutdown()).then(() => done('ok'), e => done('failed: ' + e));
+"""
+
+
+def wait_for(what: str, cond: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() > end:
+            raise AssertionError(f"waited {timeout} s for {what}")
+        time.sleep(0.2)
+
+
+def open_and_run(driver: Any, lab: Lab, stem: str) -> None:
+    driver.get(f"{lab.url}/lab/tree/{stem}.ipynb?reset&token={lab.token}")
+    wait_for(f"{stem} open with an idle kernel", lambda: driver.execute_script(READY_JS))
+    assert driver.execute_async_script(RUN_ALL_JS) == "ok"
+
+    def finished() -> Any:
+        ran, code, errors, status = driver.execute_script(STATE_JS)
+        return (ran, code, errors) if ran == code and status == "idle" else None
+
+    ran, code, errors = wait_for(f"every cell of {stem} run", finished)
+    assert code > 0 and not errors, "\n".join(errors)
+
+
+def shot(driver: Any, name: str) -> None:
+    """A screenshot of the browser's window into out/ui/ (look at them)."""
+    path = OUT / f"{name}.png"
+    assert driver.save_screenshot(str(path)) and path.read_bytes().startswith(b"\x89PNG"), path
+
+
+def close(driver: Any) -> None:
+    assert driver.execute_async_script(SAVE_AND_SHUTDOWN_JS) == "ok"
+
+
+@pytest.mark.parametrize("stem", [s for s in ORDER if s != DASHBOARD])
+def test_notebook_runs_in_the_browser_without_errors(jupyterlab: Lab, browser: Any, stem: str) -> None:
+    open_and_run(browser, jupyterlab, stem)
+    shot(browser, stem)
+    close(browser)
+
+
+def _dashboard_view(driver: Any) -> dict[str, Any]:
+    """What the browser shows of the dashboard: the log's text, the plot's source and size."""
+    return driver.execute_script("""
+const img = document.querySelector('img.snaplab-plot');
+const log = document.querySelector('.snaplab-log textarea');
+const btn = document.querySelector('button.snaplab-take-snapshot');
+return {log: log ? log.value : null, src: img ? img.src : null, width: img ? img.naturalWidth : 0,
+        complete: img ? img.complete : false, button: !!btn && btn.offsetParent !== null,
+        widgets: document.querySelectorAll('.jp-OutputArea-output .jupyter-widgets').length};
+""")
+
+
+def test_dashboard_take_snapshot_updates_log_and_plot(jupyterlab: Lab, browser: Any) -> None:
+    assert DASHBOARD in ORDER
+    open_and_run(browser, jupyterlab, DASHBOARD)
+    browser.execute_script("""
+const w = window.jupyterapp.shell.currentWidget;
+w.content.activeCellIndex = 1;
+w.content.scrollToItem(1, 'start');""")
+    view = wait_for("the dashboard's widgets rendered",
+                    lambda: (v := _dashboard_view(browser))["button"] and v["width"] > 0 and v["log"] and v)
+    assert view["widgets"] > 5
+    assert view["log"].count("snapshot-save snap1: done") == 1  # the notebook's own save
+    tag = browser.find_element("css selector", ".snaplab-tag input")
+    tag.send_keys(Keys.CONTROL, "a")
+    tag.send_keys("snap2", Keys.TAB)  # QEMU's snapshot-save refuses an existing tag
+    wait_for("the tag synced to the kernel", lambda: browser.execute_script(
+        "return document.querySelector('.snaplab-tag input').value") == "snap2")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})",
+                           browser.find_element("css selector", ".snaplab-ram"))  # controls, plot and log in view
+    shot(browser, "dashboard-before")
+    browser.find_element("css selector", ".snaplab-take-snapshot").click()
+    after = wait_for("the log and the plot updated after the click", lambda: (
+        "snapshot-save snap2: done" in (v := _dashboard_view(browser))["log"]
+        and v["src"] != view["src"] and v["complete"] and v["width"] > 0 and v))
+    new = "\n".join(after["log"].split("\n")[:after["log"].count("\n") - view["log"].count("\n")])  # newest first
+    assert "STOP" in new and "RESUME" in new and "error" not in new, new
+    shot(browser, "dashboard-after")
+
+    # bad input: a RAM size the machine cannot give, typed in and booted, ends in the log
+    ram = browser.find_element("css selector", ".snaplab-ram input")
+    ram.send_keys(Keys.CONTROL, "a")
+    ram.send_keys("8", Keys.TAB)  # an IntText sends its value when it loses the focus
+    assert ram.get_attribute("value") == "8"
+    refused = "boot: error: RAM size 8388608 must be a multiple"
+    assert _dashboard_view(browser)["log"].count(refused) == 1  # the notebook's own try
+    browser.find_element("css selector", ".snaplab-boot").click()
+    wait_for("the machine's error in the log", lambda: _dashboard_view(browser)["log"].count(refused) == 2)
+    assert "snapshot-save snap2: done" in _dashboard_view(browser)["log"]  # the running machine stays
+    ran, code, errors, _ = browser.execute_script(STATE_JS)
+    assert not errors, errors
+    shot(browser, "dashboard-bad-input")
+    close(browser)
