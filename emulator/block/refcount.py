@@ -23,13 +23,19 @@ modules but format.py and io.py, and neither unicorn nor asyncio.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import numpy as np
 
 from emulator.block.format import REFT_OFFSET_MASK
 from emulator.block.io import BlockFile
-from emulator.errors import ImageCorruptError, ImageFormatError, UnsupportedFeatureError
+from emulator.errors import (
+    BlockIOError,
+    ImageCorruptError,
+    ImageFormatError,
+    UnsupportedFeatureError,
+)
 
 _DTYPES = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
 
@@ -74,6 +80,10 @@ class Refcounts:
         self.table = np.frombuffer(raw, ">u8").astype(np.uint64)
         self.blocks: dict[int, np.ndarray] = {}
         self.free_hint = 0
+        # Clusters the last metadata commit freed (written, so the file system holds their
+        # blocks), kept for the next commit: a load or delete on a full file system then
+        # finds room for its new metadata.  Free (refcount 0) on disk; data never takes them.
+        self.spare: list[int] = []
         self.txn: RefcountTxn | None = None
         self.write_pointers = write_pointers
         self.sync = sync
@@ -168,6 +178,27 @@ class Refcounts:
                 return run_start
             idx = (b + 1) * epb
 
+    def find_free_data(self, n: int) -> int:
+        """:meth:`find_free` for data: the spare clusters of metadata commits are skipped."""
+        start = self.find_free(n, self.free_hint)
+        while self.spare:
+            hit = [c for c in self.spare if start <= c < start + n]
+            if not hit:
+                break
+            start = self.find_free(n, hit[-1] + 1)
+        return start
+
+    def take_spare(self, n: int) -> int | None:
+        """``n`` consecutive spare clusters for a metadata commit (taken off the spare list),
+        or None."""
+        sp = self.spare
+        for i in range(len(sp) - n + 1):
+            if sp[i + n - 1] - sp[i] == n - 1:
+                start = sp[i]
+                del sp[i:i + n]
+                return start
+        return None
+
     def alloc_clusters(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters (refcount 0 -> 1); returns the byte offset.
 
@@ -177,7 +208,7 @@ class Refcounts:
         if self.txn is not None:
             return self.txn.reserve(n)
         while True:
-            start = self.find_free(n, self.free_hint)
+            start = self.find_free_data(n)
             first_b = start >> self.block_bits
             last_b = (start + n - 1) >> self.block_bits
             missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
@@ -284,6 +315,8 @@ class RefcountTxn:
         self.saved_table_loc = (rc.table_offset, rc.table_clusters)
         self.saved_blocks: dict[int, np.ndarray | None] = {}
         self.saved_hint = rc.free_hint
+        self.saved_spare = list(rc.spare)
+        self.reserved = 0  # clusters this commit allocates (how many the next one may need)
         self.dirty: set[int] = set()
         self.pending: list[np.ndarray] = []
         rc.txn = self
@@ -315,8 +348,12 @@ class RefcountTxn:
     def reserve(self, n: int) -> int:
         """Allocate ``n`` contiguous clusters for new metadata; returns the byte offset."""
         rc = self.rc
-        start = rc.find_free(n, rc.free_hint)
+        start = rc.take_spare(n)
+        if start is None:
+            start = rc.find_free(n, rc.free_hint)
+            rc.spare = [c for c in rc.spare if not start <= c < start + n]
         self._add(np.arange(start, start + n, dtype=np.int64), +1)
+        self.reserved += n
         if start == rc.free_hint:
             rc.free_hint = start + n
         rc.on_alloc((start + n) << rc.cluster_bits)
@@ -421,6 +458,27 @@ class RefcountTxn:
         rc.table_offset = table_off
         rc.table_clusters = table_clusters
         rc.txn = None
+        self._keep_spare()
+
+    def _keep_spare(self) -> None:
+        """The clusters this commit freed become spare for the next commit, topped up to a
+        little more than this one allocated with free clusters written with zeros now, so the
+        file system holds their blocks.  A full file system only leaves the spare short."""
+        rc = self.rc
+        want = max(4, self.reserved + 2)
+        spare = set(rc.spare)
+        if self.pending:
+            freed = np.unique(np.concatenate(self.pending))
+            spare |= set(freed[rc.get_refcounts(freed) == 0][:want].tolist())
+        rc.spare = sorted(spare)[:max(want, len(rc.spare))]
+        while len(rc.spare) < want:
+            c = rc.find_free_data(1)
+            try:
+                rc.on_alloc((c + 1) << rc.cluster_bits)
+                rc.file.pwrite(c << rc.cluster_bits, bytes(rc.cluster_size))
+            except BlockIOError:
+                return
+            bisect.insort(rc.spare, c)
 
     def rollback(self) -> None:
         """Forget every change: the committed state on disk is untouched."""
@@ -433,4 +491,5 @@ class RefcountTxn:
             else:
                 rc.blocks[b] = saved
         rc.free_hint = self.saved_hint
+        rc.spare = self.saved_spare
         rc.txn = None
