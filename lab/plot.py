@@ -230,3 +230,45 @@ def throughput(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] 
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
+
+
+def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, title: str = "") -> Any:
+    """Restore to full speed (lab.restore rows): left, the guest's progress rate after the
+    command, median over the runs of each policy with its interquartile band; right, command
+    -> 50% and 90% of the rate before, medians with IQR bars."""
+    import numpy as np
+
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    for p in policies:
+        rs = [r for r in rows if r["policy"] == p]
+        t = np.array(rs[0]["timeline"]["t_ms"])
+        fr = np.array([r["timeline"]["rate_frac"] for r in rs])
+        q1, med, q3 = np.nanpercentile(fr, [25, 50, 75], axis=0)
+        marker, line = style(p)
+        ax.plot(t, med, line, label=p, lw=1.4)
+        ax.fill_between(t, q1, q3, alpha=0.15)
+    for lv in (0.5, 0.9):
+        ax.axhline(lv, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel("time since the snapshot-load command (ms)")
+    ax.set_ylabel("guest progress rate / rate before")
+    ax.set_ylim(0, 1.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("progress after the command (median, IQR band)", fontsize=10)
+    x = np.arange(len(policies))
+    for k, (key, h) in enumerate((("to50_ms", "//"), ("to90_ms", ""))):
+        vals = [np.array([r[key] for r in rows if r["policy"] == p], dtype=float) for p in policies]
+        med = [float(np.nanmedian(v)) for v in vals]
+        err = np.array([[m - np.nanpercentile(v, 25), np.nanpercentile(v, 75) - m] for m, v in zip(med, vals, strict=True)]).T
+        bx.bar(x + (k - 0.5) * 0.38, med, 0.38, yerr=err, capsize=3, hatch=h, fill=bool(k), color="0.55",
+               edgecolor="black", label=f"to {key[2:4]}% of the rate before")
+    bx.set_xticks(x, policies, fontsize=8)
+    bx.set_ylabel("ms after the command (median, IQR)")
+    bx.legend(fontsize=8)
+    bx.set_title("back to speed", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig

@@ -88,6 +88,22 @@ def recovery_ms(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float,
     return out
 
 
+def timeline(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float, step_ms: float = 5.0,
+             span_ms: tuple[float, float] = (-200.0, 3000.0)) -> dict[str, list[float]]:
+    """The guest's progress rate as a fraction of ``rate0``, in ``step_ms`` bins from
+    ``span_ms[0]`` to ``span_ms[1]`` after the command (0 while it is stopped: no samples; a
+    bin after the command counts only samples after RESUME, as the load resets the counter)."""
+    ts, its = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
+    edges = cmd_ns + np.arange(span_ms[0], span_ms[1] + step_ms, step_ms) * 1e6
+    lo = np.where(edges[1:] > cmd_ns, np.maximum(edges[:-1], resume_ns), edges[:-1])
+    i0 = np.searchsorted(ts, lo, "left")
+    i1 = np.searchsorted(ts, edges[1:], "left") - 1
+    ok = (i1 > i0) & (i0 < len(ts))
+    done = np.where(ok, its[np.clip(i1, 0, len(ts) - 1)] - its[np.clip(i0, 0, len(ts) - 1)], 0.0)
+    frac = done / (step_ms / 1e3) / rate0 if rate0 > 0 else np.full(len(done), np.nan)
+    return {"t_ms": ((edges[:-1] - cmd_ns) / 1e6).round(3).tolist(), "rate_frac": np.round(frac, 4).tolist()}
+
+
 def stall_histogram(latencies_s: list[float]) -> dict[str, Any]:
     """Per-fault stalls: percentiles and counts in log-spaced bins (10 us .. 1 s)."""
     lat = np.asarray(latencies_s, dtype=np.float64)
@@ -154,7 +170,8 @@ def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str
                            "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
                            "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
                            "recorded_chunks": int(stats.get("recorded-chunks", 0)),
-                           "total_s": float(stats["total-s"])}
+                           "total_s": float(stats["total-s"]),
+                           "timeline": timeline(samples, cmd_ns, resume_ns, rate0)}
     return row | stall_histogram(list(stats.get("fault-latency-s", [])))
 
 

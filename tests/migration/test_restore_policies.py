@@ -132,6 +132,7 @@ def test_the_first_load_records_a_loading_set_the_next_prefetch_uses(make_vm: Fa
 
     again = _load(q, "pf", "prefetch")
     assert again["loading-set-chunks"] == len(lset.chunks) and again["recorded-chunks"] == 0
+    assert again["loading-set"] == rec["recorded-set"] == lset.chunks.tolist()
     assert again["prefetched-chunks"] + again["fault-chunks"] >= len(ws_chunks)
     q.execute("quit")
     m.close()

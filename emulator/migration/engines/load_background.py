@@ -170,6 +170,7 @@ class BackgroundLoad(LoadEngine):
                         "prefetched_chunks": st.prefetched_chunks, "moved_chunks": st.moved_chunks,
                         "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
                         "loading_set_chunks": 0 if plan.order is None else len(plan.order),
+                        "loading_set": [] if plan.order is None else plan.order.tolist(),
                         "fault_latency_s": list(st.handler_s)})
         return m
 
@@ -186,6 +187,7 @@ class BackgroundLoad(LoadEngine):
         if not len(chunks):
             return 0
         lset.chunks, lset.source, lset.window_ms = chunks, SOURCE_RESTORE, int(window_s * 1000)
+        m.extra["recorded_set"] = chunks.tolist()
         try:
             src.img.snapshot_vmstate_rewrite(src.sn.id_str, lset.pos, lset.encode())
             src.img.flush()
