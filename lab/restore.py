@@ -170,6 +170,8 @@ def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str
                            "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
                            "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
                            "recorded_chunks": int(stats.get("recorded-chunks", 0)),
+                           "recorded_set": list(stats.get("recorded-set", [])),
+                           "loading_set": list(stats.get("loading-set", [])),
                            "total_s": float(stats["total-s"]),
                            "timeline": timeline(samples, cmd_ns, resume_ns, rate0)}
     return row | stall_histogram(list(stats.get("fault-latency-s", [])))

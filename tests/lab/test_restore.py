@@ -1,0 +1,76 @@
+"""lab.restore: the definitions of the restore figures, and one small run of every policy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lab.restore import (
+    CHUNK,
+    RestoreSpec,
+    rate_between,
+    recovery_ms,
+    restore_experiment,
+    summarize,
+    timeline,
+)
+from lab.spec import load_engines, resumes_early, waits_for_complete
+
+
+def _samples(points: list[tuple[float, float]]) -> np.ndarray:
+    """Lab-port rows (vclock, host_ns, iterations, ...) from (seconds, iterations) points."""
+    arr = np.zeros((len(points), 6), dtype=np.uint64)
+    for i, (t, it) in enumerate(points):
+        arr[i, 1], arr[i, 2] = int(t * 1e9), int(it)
+    return arr
+
+
+def test_recovery_is_the_first_window_at_the_level() -> None:
+    # 1000 it/s until t=1 (the command); stopped until 1.1 (RESUME); 200 it/s until 1.3; then 1000 it/s
+    pts = [(t / 1000, t) for t in range(0, 1001)]
+    base = 900
+    pts += [(1.1 + k / 1000, base + 0.2 * k) for k in range(0, 201)]
+    pts += [(1.3 + k / 1000, base + 40 + k) for k in range(1, 701)]
+    s = _samples(pts)
+    rate0 = rate_between(s, int(0.5e9), int(1e9))
+    assert abs(rate0 - 1000) < 1
+    r = recovery_ms(s, int(1e9), int(1.1e9), rate0)
+    assert abs(r["first_progress_ms"] - 100) < 1.5
+    # the 20 ms window first reaches 90% when at least 18 of its ms run at full speed: t = 1.3 - 2 ms
+    assert 295 <= r["to90_ms"] <= 300
+    assert 285 <= r["to50_ms"] <= 300
+    tl = timeline(s, int(1e9), int(1.1e9), rate0, step_ms=50, span_ms=(-100, 500))
+    assert tl["t_ms"][0] == -100 and tl["rate_frac"][0] > 0.9  # before the command: full speed
+    assert tl["rate_frac"][2] == 0.0  # stopped
+    assert 0.1 < tl["rate_frac"][5] < 0.3 and tl["rate_frac"][-1] > 0.9
+
+
+def test_a_level_never_reached_is_nan() -> None:
+    s = _samples([(t / 1000, t) for t in range(0, 1001)] + [(1.1 + k / 1000, 900 + 0.1 * k) for k in range(300)])
+    r = recovery_ms(s, int(1e9), int(1.1e9), 1000.0)
+    assert np.isnan(r["to90_ms"]) and np.isnan(r["to50_ms"])
+
+
+def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
+    spec = RestoreSpec(ram_mib=96, ws_mib=8, runs=1, seed=4, horizon_s=0.6, settle_s=0.3)
+    res = restore_experiment(spec)
+    rows = res["rows"]
+    assert [r["policy"] for r in rows] == list(load_engines())
+    ws = spec.workload()
+    assert ws.ws_offset % CHUNK == 0 and ws.base + (8 << 20) <= 96 << 20
+    want = set(range(ws.base // CHUNK, (ws.base + (8 << 20)) // CHUNK))
+    recorded = [r for r in res["warm"] if r["recorded_set"]]
+    assert len(recorded) == 1 and want <= set(recorded[0]["recorded_set"])  # the first restore records
+    for r in rows:
+        assert r["resume_ms"] <= r["first_progress_ms"]
+        assert r["stopped_ms"] <= r["resume_ms"]
+        if not resumes_early(r["policy"]):
+            assert r["faults"] == 0 and r["resident_s"] == 0.0
+        else:
+            assert r["faults"] > 0 and r["bytes_read"] > 0
+        if r["loading_set"]:
+            assert r["loading_set"] == recorded[0]["recorded_set"]
+    assert any(r["loading_set"] for r in rows)  # prefetch used what was recorded
+    for r in rows:  # an on-demand load fills the rest only once told to, at the horizon
+        if waits_for_complete(r["policy"]):
+            assert r["resident_s"] >= spec.horizon_s - r["resume_ms"] / 1e3 - 0.01
+    assert set(summarize(rows)) == set(load_engines())
