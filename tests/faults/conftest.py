@@ -78,15 +78,28 @@ def fails(fn: Callable[[], Any], pattern: str) -> SnaplabError:
     return err
 
 
+def reported_leaks(img: Qcow2Image) -> int:
+    """Clusters the image said it could not free (a write failed while freeing them, as
+    QEMU's qcow2_free_clusters() reports and goes on)."""
+    return sum(int(msg.split()[1]) for msg in img.messages if msg.endswith("leaked: could not free them"))
+
+
 def no_leaks(m: Machine, qemu_img: Callable[..., Any], files: dict[str, Path]) -> None:
-    """Our check and the real ``qemu-img check`` find no leak and no corruption (guest stopped
-    by the caller, so nothing is written meanwhile)."""
+    """Our check and the real ``qemu-img check`` find no corruption, and no leak but those the
+    image reported when a write failed while freeing (guest stopped by the caller, so nothing
+    is written meanwhile); those are repaired, as ``qemu-img check -r leaks`` would."""
     for d, path in files.items():
-        res = image(m, d).check()
-        assert (res.leaks, res.corruptions, res.check_errors) == (0, 0, 0), (d, res.messages[:5])
+        img = image(m, d)
+        res = img.check()
+        assert (res.corruptions, res.check_errors) == (0, 0), (d, res.messages[:5])
+        assert res.leaks <= reported_leaks(img), (d, res.messages[:5])
         out = qemu_img("check", "-U", str(path))
-        assert out.returncode == 0, (d, out.stdout, out.stderr)
-        assert "No errors were found" in out.stdout, (d, out.stdout)
+        assert out.returncode in (0, 3) and "ERROR" not in out.stdout, (d, out.stdout, out.stderr)
+        if res.leaks:
+            img.check(repair="leaks")
+            img.messages.clear()
+        else:
+            assert "No errors were found" in out.stdout, (d, out.stdout)
 
 
 def used(m: Machine) -> dict[str, int]:

@@ -78,11 +78,13 @@ def test_a_failed_save_changes_nothing(engine: type[SaveEngine], make_vm, qemu_i
     q.execute("cont")
 
     # The VM-state node's writes vary with the guest (pre-copy rounds): its second point is early.
-    cases = [("disk0", 1, errno.EIO), ("disk0", min(writes["disk0"] // 2, 9), errno.ENOSPC),
-             ("disk1", 1, errno.ENOSPC), ("disk1", writes["disk1"] // 2, errno.EIO),
-             ("disk1", writes["disk1"], errno.EIO)]
-    for node, nth, err in cases:
-        f[node].fail_nth(nth, err)
+    # The other node (commit writes only): its first, third and first flush (the commit's, or
+    # the one after it).
+    cases = [("disk0", 1, errno.EIO, WRITES), ("disk0", min(writes["disk0"] // 2, 9), errno.ENOSPC, WRITES),
+             ("disk1", 1, errno.ENOSPC, WRITES), ("disk1", 3, errno.EIO, WRITES),
+             ("disk1", 1, errno.EIO, ("flush",))]
+    for node, nth, err, kinds in cases:
+        f[node].fail_nth(nth, err, kinds)
         fired = f[node].failures
         if node == "disk1":
             pattern = rf"Could not create snapshot 'bad' on 'disk1': {os.strerror(err)}"
