@@ -12,7 +12,8 @@ A notebook is ``notebooks/src/<stem>.py`` defining ``CELLS: list[tuple[str, str]
 
 Freshness: when a notebook is executed, its metadata gets ``snaplab.sources``: a SHA-256 of
 the contents of every git-tracked file under each of :data:`DEPENDS_ON` (path and bytes; no
-mtimes, so a fresh clone gives the same digest), and of the notebook's own cell list.  ``--check``
+mtimes, so a fresh clone gives the same digest), and of the notebook's own cell list; beside it, for
+people, the commit it was executed at (``+uncommitted`` when those trees had changes).  ``--check``
 recomputes them and reports a notebook as stale when any differs, when it is missing, when it was
 never executed by this script, or when its cells are not its source's.  ``tests/
 test_notebooks_fresh.py`` runs the check, so the README's test command fails on stale notebooks:
@@ -99,6 +100,14 @@ def tree_digest(root: Path, top: str) -> str:
     return h.hexdigest()
 
 
+def git_state(root: Path = ROOT) -> tuple[str, list[str]]:
+    """HEAD's commit, and the paths under :data:`DEPENDS_ON` with uncommitted changes."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=60)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *DEPENDS_ON],
+                           cwd=root, capture_output=True, text=True, timeout=60)
+    return head.stdout.strip(), [line[3:] for line in dirty.stdout.splitlines()]
+
+
 def sources_digest(cells: list[tuple[str, str]], root: Path = ROOT) -> dict[str, str]:
     """What is recorded in a notebook's metadata when it is executed."""
     return {**{top: tree_digest(root, top) for top in DEPENDS_ON}, "cells": cells_digest(cells)}
@@ -128,7 +137,8 @@ def build(stem: str) -> float:
     took = time.monotonic() - t0
     if sources_digest(cells) != before:
         raise SystemExit(f"{stem}: lab/, emulator/ or data/ changed while it ran; run make.py again")
-    nb.metadata[META_KEY] = {"sources": before}
+    head, dirty = git_state()
+    nb.metadata[META_KEY] = {"sources": before, "commit": head + ("+uncommitted" if dirty else "")}
     nbformat.write(nb, HERE / f"{stem}.ipynb")
     return took
 
@@ -162,6 +172,9 @@ def stale(stems: list[str] | None = None, nb_dir: Path = HERE, src_dir: Path = S
         elif stored != cells:
             why.append(f"its cells were edited by hand (they differ from src/{stem}.py)")
         why += [f"{top}/ changed since it was executed" for top in DEPENDS_ON if recorded.get(top) != trees[top]]
+        commit = nb.metadata[META_KEY].get("commit")
+        if why and commit:
+            why[-1] += f" (executed at {commit[:12]})"
         if why:
             out.append((stem, "; ".join(why)))
     if stems is ORDER:
@@ -192,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"fresh: {len(args.only or ORDER)} notebooks")
         return 0
+    _, dirty = git_state()
+    if dirty:
+        print(f"warning: uncommitted changes in {', '.join(dirty)}: the notebooks record them, so they are "
+              "stale for --check until exactly these contents are committed", file=sys.stderr)
     total = 0.0
     for stem in args.only or ORDER:
         took = build(stem)
