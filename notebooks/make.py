@@ -52,6 +52,8 @@ ORDER: list[str] = [
 DEPENDS_ON = ("lab", "emulator", "data")
 META_KEY = "snaplab"
 TIMEOUT_S = 600  # per cell
+# Quick mode's budget (issue #17): every commit to lab/, emulator/ or data/ re-executes them all.
+BUDGET_ONE_S, BUDGET_ALL_S = 60.0, 480.0
 
 
 def cells_of(stem: str, src_dir: Path = SRC) -> list[tuple[str, str]]:
@@ -214,7 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         took = build(stem)
         total += took
         print(f"wrote {stem}.ipynb ({took:.1f} s)", flush=True)
+        if took > BUDGET_ONE_S:
+            print(f"warning: {stem} took {took:.0f} s, over quick mode's {BUDGET_ONE_S:.0f} s: make its "
+                  "QUICK parameters smaller", file=sys.stderr)
     print(f"executed in {total:.1f} s")
+    if total > BUDGET_ALL_S and not args.only:
+        print(f"warning: all notebooks took {total:.0f} s, over quick mode's {BUDGET_ALL_S:.0f} s", file=sys.stderr)
     return 0
 
 
