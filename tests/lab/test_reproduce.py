@@ -105,8 +105,10 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
             assert {(system, "blocking", "save", wl), (system, "blocking", "load", wl),
                     (system, "background", "save", wl)} <= have
         assert {("snaplab", "cow", "save", wl), ("snaplab", "precopy", "save", wl),
-                ("snaplab", "lazy", "load", wl)} <= have
-    assert not any(r["system"] == "qemu" and r["engine"] in ("cow", "precopy", "lazy") for r in rows)
+                ("snaplab", "background", "load", wl), ("snaplab", "prefetch", "load", wl)} <= have
+        assert ("snaplab", "ondemand", "load", wl) not in have  # it waits for job-complete: not in the reproduction
+    assert not any(r["system"] == "qemu" and r["engine"] in ("cow", "precopy", "prefetch") for r in rows)
+    assert not any(r["system"] == "qemu" and r["op"] == "load" and r["engine"] == "background" for r in rows)
     assert all(r["downtime_ms"] > 0 and r["total_s"] > 0 and r["vmstate_bytes"] > 0 for r in rows), raw
     assert all(r["steady"] for r in rows)  # both guests reached their configured pace
     paced = [r for r in rows if r["workload"] == "dirty" and r["op"] == "save"]
@@ -130,3 +132,21 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
     assert "from the committed reproduction" in text
     assert any(line.startswith("dirty") and " qemu " in line for line in text.splitlines())
     assert png.stat().st_size > 10_000
+
+
+def test_a_qemu_snapshot_that_stored_the_loader_files_is_left_out_with_its_load() -> None:
+    def row(system: str, op: str, rep: int, mib: int, wl: str = "idle-random") -> dict[str, Any]:
+        return {"system": system, "engine": "blocking", "op": op, "workload": wl, "ram_mib": 256, "rep": rep,
+                "vmstate_bytes": mib << 20, "downtime_ms": 10.0 * (rep + 1)}
+
+    rows = [row("snaplab", "save", r, 192) for r in range(3)] + [row("snaplab", "load", r, 192) for r in range(3)]
+    rows += [row("qemu", "save", 0, 386), row("qemu", "load", 0, 386)]  # the first: loader files stored too
+    rows += [row("qemu", "save", r, 193) for r in (1, 2)] + [row("qemu", "load", r, 193) for r in (1, 2)]
+    rows += [row("qemu", "save", 0, 400, "dirty"), row("snaplab", "save", 0, 200, "dirty")]  # no loader there
+    repro_report.mark_excluded(rows)
+    out = {(r["system"], r["op"], r["rep"], r["workload"]) for r in rows if r["excluded"]}
+    assert out == {("qemu", "save", 0, "idle-random"), ("qemu", "load", 0, "idle-random")}
+    s = repro_report.summaries(rows, "downtime_ms")
+    assert s[("idle-random", "save", "blocking", "qemu", 256)].n == 2
+    assert ("idle-random", "save", "blocking", 256) in repro_report.ratios(rows)
+    assert ("idle-random", "load", "blocking", 256) not in repro_report.ratios(rows)
