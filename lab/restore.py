@@ -225,3 +225,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         med["to90_iqr_ms"] = float(np.subtract(*np.nanpercentile([r["to90_ms"] for r in rs], [75, 25])))
         out[p] = med
     return out
+
+
+def table(summary: dict[str, dict[str, float]], cols: tuple[str, ...] = (
+        "resume_ms", "first_progress_ms", "to50_ms", "to90_ms", "to90_iqr_ms", "faults", "stall_p99_ms",
+        "resident_s"), digits: int = 1) -> str:
+    """:func:`summarize`'s medians as a fixed-width text table, one policy per row."""
+    head = f"{'policy':>10} " + " ".join(f"{c:>17}" for c in cols)
+    lines = [head] + [f"{p:>10} " + " ".join(f"{v[c]:>17.{digits}f}" for c in cols) for p, v in summary.items()]
+    return "\n".join(lines)

@@ -1,23 +1,88 @@
-"""Notebook 07-lazy-restore: 7. Lazy restore"""
+"""Notebook 07-lazy-restore: 7. Restore to full speed: load policies side by side"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 7. Lazy restore
+    ("md", """# 7. Restore to full speed: load policies side by side
 
-What this shows: a blocking `snapshot-load` keeps the guest stopped until all RAM is read back; the lazy load engines (every one after the first in the registry: on demand, background, prefetch) load CPU and devices, empty RAM and resume at once (the disks are reverted right after, before any guest disk access gets through); pages come back on first touch (userfaultfd missing-page faults), and, depending on the engine, from a background filler or a prefetch of the snapshot's recorded loading set.
+**Learning goals.** After this notebook you can
+1. say what a *lazy* restore does with userfaultfd missing-page faults, and why "the guest has resumed" is not "the guest is back to full speed";
+2. tell the four load policies apart (blocking, on demand, background fill, working-set prefetch) by what brings RAM back and when;
+3. read a restore as a progress curve: command → RESUME → first progress → 50% and 90% of the guest's speed → all of RAM resident;
+4. explain how a *loading set* recorded at one restore (REAP, ASPLOS'21) makes the next one faster.
 
-Lab functions used: `lab.run.load_experiment`, `lab.plot.load_figure`, `lab.spec.resumes_early`."""),
+**Prerequisites.** Notebook 5 (copy-on-write: userfaultfd write protection) and the userfaultfd notebook; what a page fault is.
+
+**What to look at.** The progress curves in the figures (not only the resume times), the `to90_ms` column, the number of faults and how long each one stalled the guest, and `resident_s`.
+
+Lab functions used: `lab.restore.RestoreSpec`, `lab.restore.restore_experiment`, `lab.restore.summarize`, `lab.plot.restore_figure`; the committed run is in `data/results/restore/`."""),
+    ("md", """## What QEMU does, and what the policies do
+
+QEMU 7.2 has one way to load an internal snapshot: `loadvm` / `snapshot-load` stop the guest, revert the disks, read the whole VM state (devices and every RAM page) and only then resume (`load_snapshot()` in `migration/savevm.c`). Its lazy machinery, `postcopy-ram`, exists only for live *migration*, where the source VM still holds the pages.
+
+snaplab's lazy policies load the CPU and devices with the guest stopped, empty guest RAM and resume at once; from then on a guest access to a missing page is a userfaultfd *missing* fault, served by reading that page's 2 MiB chunk from the snapshot and installing it (`UFFDIO_MOVE` or `UFFDIO_COPY`). What differs is what else reads RAM back:
+
+| policy | after RESUME | the model |
+|---|---|---|
+| `blocking` | nothing: all of RAM was read before RESUME | QEMU's `loadvm` |
+| `ondemand` | faults only; the job is *ready* until `job-complete` | Firecracker's userfaultfd handler, left at its simplest |
+| `background` | faults first, a filler reads the rest by address | Cloud Hypervisor's prefault thread |
+| `prefetch` | the snapshot's loading set first, in first-touch order, then the rest at idle priority | REAP (ASPLOS'21), FaaSnap (EuroSys'22) |
+
+The experiment below fills all of a guest's RAM with random bytes (so every page must be read back), runs the `dirty` workload over a small working set placed at a seeded random offset of RAM, takes one snapshot, and loads it with every policy, interleaved. Each figure's definition is in `lab/restore.py`: `toX_ms` is the time from the command until the guest's progress over a 20 ms window first reaches X of its rate in the half second before the command."""),
     ("code", """QUICK = True
-RAM_MIB = 128 if QUICK else 4096"""),
+from lab.restore import RestoreSpec
+spec = RestoreSpec(ram_mib=256, ws_mib=32, runs=3, seed=1, horizon_s=1.5) if QUICK else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1)
+w = spec.workload()
+print(f'seed {spec.seed}: {spec.ram_mib} MiB of RAM, working set {spec.ws_mib} MiB at guest address {w.base:#x}')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-from lab.run import load_experiment
-rows = load_experiment(RAM_MIB, repetitions=2)
-[(r['engine'], round(r['stopped_ms'], 2), round(r['complete_s'], 3), r['faults']) for r in rows]"""),
+from lab.restore import restore_experiment, summarize, table
+res = restore_experiment(spec)
+print(table(summarize(res['rows']), digits=2))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-from lab import plot
-fig = plot.load_figure(rows)"""),
-    ("code", """from lab.spec import resumes_early
-lazy = [r for r in rows if resumes_early(r['engine'])]
-blocking = [r for r in rows if not resumes_early(r['engine'])]
-print('every lazy load resumed the guest sooner than every blocking load:',
-      max(r['stopped_ms'] for r in lazy) < min(r['stopped_ms'] for r in blocking))"""),
+from lab.plot import restore_figure
+fig = restore_figure(res['rows'], title=f'live run, {spec.ram_mib} MiB, working set {spec.ws_mib} MiB, seed {spec.seed} (timings vary per host)')"""),
+    ("md", """Read the live run against these expectations (the committed run below checks them on a quiet host at 4 GiB):
+- the blocking load's curve is 0 until RESUME and then at full speed at once: its `to90_ms` is its resume time;
+- every lazy policy resumes within milliseconds, but the guest then *waits on faults* until its working set is in: the first progress comes later than RESUME;
+- `ondemand` reads only what the guest touches, so nothing competes with the guest once its working set is in; its `resident_s` is long because the rest is read only when asked (`job-complete`);
+- `background`'s filler reads all of RAM by address at normal priority, competing with the guest while it runs;
+- `prefetch` reads the recorded working set first, then the rest at idle priority."""),
+    ("md", """## How the loading set is recorded
+
+Every save ends its VM state with an empty *loading-set trailer* past the stream's EOF marker (`emulator/migration/loading_set.py`; a reader that stops at EOF, such as an older snaplab, sees none). The first on-demand or prefetch load of a snapshot notes the chunk of every missing-page fault in the order they come, and writes that list into the trailer, in place (`docs/deviations.md` 50). The next prefetch load reads those chunks first. The experiment's first untimed loads did this; here is what was recorded, against where the working set is:"""),
+    ("code", """CHUNK = 2 << 20
+recorded = next(r['recorded_set'] for r in res['warm'] if r['recorded_set'])
+ws_chunks = set(range(w.base // CHUNK, (w.base + (spec.ws_mib << 20)) // CHUNK))
+print('chunks recorded:', len(recorded), '| working-set chunks:', len(ws_chunks))
+print('every working-set chunk recorded:', ws_chunks <= set(recorded))
+print('recorded chunks outside the working set:', sorted(set(recorded) - ws_chunks))"""),
+    ("code", """used = [r['loading_set'] for r in res['rows'] if r['loading_set']]
+print('prefetch loads that used the recorded set, in its order:', len(used), all(u == recorded for u in used))"""),
+    ("md", """The chunks outside the working set are the guest's code, stack and lab page (the first chunks of RAM): the workload touches them on every batch, so they are recorded too, and first."""),
+    ("md", """## The committed run: 4 GiB, working set 256 MiB, 5 loads per policy
+
+`python bench/bench_restore.py` on a quiet host (the machine and its load are in the file's `host` entry); the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
+    ("code", """import json
+from pathlib import Path
+import lab
+committed = json.loads((Path(lab.__file__).resolve().parents[1] / 'data' / 'results' / 'restore' / 'bench_restore.json').read_text())
+print({k: committed['spec'][k] for k in ('ram_mib', 'ws_mib', 'runs', 'seed', 'ws_offset')})
+print(table(summarize(committed['rows'])))"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+fig = restore_figure(committed['rows'], title='committed run: 4 GiB random RAM, working set 256 MiB, 5 loads per policy (medians, IQR)')"""),
+    ("code", """s = summarize(committed['rows'])
+print(f"to 90% of speed: blocking / prefetch = {s['blocking']['to90_ms'] / s['prefetch']['to90_ms']:.1f}x, "
+      f"background / prefetch = {s['background']['to90_ms'] / s['prefetch']['to90_ms']:.1f}x")
+print(f"all of RAM resident after RESUME: background {s['background']['resident_s']:.2f} s, prefetch {s['prefetch']['resident_s']:.2f} s, "
+      f"a blocking load had it all at RESUME ({s['blocking']['resume_ms']:.0f} ms after the command)")"""),
+    ("md", """## Exercises: predict, then measure
+
+1. **A working set four times larger.** Predict how `to90_ms` of `ondemand` and `prefetch` change with `ws_mib` 4× larger (same RAM), and whether `blocking` changes. Then run `restore_experiment(RestoreSpec(ram_mib=256, ws_mib=128, runs=3, seed=1, horizon_s=1.5))`.
+2. **Where the working set lies.** The `background` filler reads RAM by address. Predict its `to90_ms` if the working set started at the beginning of RAM instead of a random offset. Measure it with a spec whose `workload()` has `ws_offset=0` (subclass `RestoreSpec` or build the `WorkloadSpec` yourself).
+3. **Why not always on demand?** `ondemand` gets back to speed soonest here. Predict what happens to a *later* phase of the guest that touches memory it did not touch in its first seconds, and what `resident_s` means for the next snapshot you take (`docs/deviations.md` 49)."""),
+    ("md", """<details><summary>Worked solutions (open after predicting)</summary>
+
+1. Every lazy policy must read the working set before the guest runs at speed, so their `to90_ms` grows roughly with the working set's size (4× more chunks to fault or prefetch); `blocking` reads all of RAM either way, so it does not change: the advantage of the lazy policies shrinks as the working set approaches RAM.
+2. With the working set at the start of RAM the background filler reaches it first, so `background` behaves almost like `prefetch`; at a random offset the filler spends its time on chunks the guest does not need while the guest waits on its own faults.
+3. Each chunk the guest first touches later stalls it once, for a read of 2 MiB from the image (the stall histogram's scale). While the on-demand job is ready, no other snapshot operation can run (`Another snapshot operation is in progress`): `job-complete` (or the lab's `wait_job(..., complete=True)`) makes it read the rest first. `background` and `prefetch` avoid both by reading everything eventually on their own.
+</details>"""),
 ]
