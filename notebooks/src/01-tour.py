@@ -3,24 +3,65 @@
 CELLS: list[tuple[str, str]] = [
     ("md", """# 1. A tour of the machine
 
-What this shows: the guest boots from snaplab's firmware, counts its boots in a UEFI-style variable store, starts its workload, and is driven through QMP (`query-status`, `query-block`, `stop`/`cont`) exactly as QEMU would be.
+**Learning goals.** After this notebook you can
+1. name the parts of snaplab's machine: firmware (read-only flash), variable store (writable flash), a qcow2 disk, one vCPU running a guest program;
+2. drive the machine through QMP, QEMU's JSON monitor protocol: the greeting, `query-status`, `query-block`, `stop`/`cont`, and read the events they cause;
+3. tell what is QEMU's here (the protocol, the command names, the reply shapes) from what is snaplab's own (the machine itself).
 
-Lab functions used: `lab.session.default_machine`, `lab.session.wait_for_serial`; the QMP client is `machine.qmp()` (in process, no sockets)."""),
+**Prerequisites.** Python; what a virtual machine is. No QEMU knowledge needed.
+
+**What to look at.** The `BootCount` line on the serial port, the `ro` (read-only) column of `query-block`, and which events `stop` and `cont` produce.
+
+The QMP client here is `machine.qmp()`: the same protocol core as the unix socket, in process. Lab functions used: `lab.session.default_machine`, `lab.session.wait_for_serial`."""),
     ("code", r"""from lab.session import default_machine, wait_for_serial
 
 session = default_machine(ram_mib=64, seed=1)   # quick mode; try ram_mib=1024
 m = session.machine
 m.start()
 print(wait_for_serial(m, 'starting workload 1\n'))"""),
+    ("md", """The firmware printed its version, the boot order and a boot count, then started the workload. The boot count is read from the variable store and written back, so the variable store is guest state that lives on a *writable* block device, like OVMF's `OVMF_VARS.fd`; exercise 2 below shows it changing. Notebook 3 shows why a writable firmware file matters for snapshots."""),
     ("code", """q = m.qmp()
 q.greeting['QMP']['version']"""),
+    ("md", """The greeting carries QEMU 7.2.22's version triple, so that clients which check it (qmp-shell's banner does) treat snaplab as QEMU 7.2, while `package` says what it really is (docs/deviations.md, entry 18). The greeting's shape, `{"QMP": {"version": ..., "capabilities": [...]}}`, is QEMU's (docs/interop/qmp-spec.rst, "Server Greeting")."""),
     ("code", """q.execute('query-status')"""),
     ("code", """[(b['inserted']['node-name'], b['inserted']['drv'], b['inserted']['ro'], b['qdev']) for b in q.execute('query-block')]"""),
-    ("code", """q.execute('stop')
+    ("md", """Three block nodes, as on the QEMU command line this lab copies (`-blockdev` nodes `fw-code`, `fw-vars`, `disk0`; shared/reference/qemu-7.2-qmp.md section 2): the firmware code is read-only (`ro` True), while the variable store and the disk are writable. Both writable ones are raw or qcow2 *format* nodes; only qcow2 can hold snapshots (notebook 3).
+
+What is **not** QEMU's: the machine. It is a small flat 64-bit x86 machine emulated with Unicorn, not a q35 PC, and it runs snaplab's firmware instead of OVMF (docs/deviations.md, entry 12)."""),
+    ("code", """q.events()   # forget what came before
+q.execute('stop')
 print(q.execute('query-status'))
 q.execute('cont')
 [e.event for e in q.events()]"""),
+    ("md", """`stop` paused the vCPU (`status: paused`, `running: False`) and `cont` resumed it; each emitted one event, `STOP` then `RESUME`. In QEMU these events are emitted whenever the VM stops or resumes, whatever the cause (qapi/run-state.json: STOP, RESUME). Every snapshot notebook measures *downtime* as the time from the STOP event to the RESUME event.
+
+The same facts in human form, through HMP (the human monitor) tunnelled in QMP's `human-monitor-command`, as libvirt does it:"""),
     ("code", """print(q.hmp('info status'))
 print(q.hmp('info block'))"""),
+    ("md", """## Exercises: predict, then measure
+
+Write your prediction down before you run each cell.
+
+1. **A paused guest.** While the VM is stopped for 0.3 s, by how much does the guest's iteration counter (reported through the lab port, `m.lab.last.iterations`) advance? And after `cont` and another 0.3 s?
+2. **Reset.** After `system_reset`, which boot count will the firmware print, and which event will QMP deliver?
+3. **Twice stopped.** `stop`, `stop`, `cont`: how many STOP events?"""),
+    ("code", """import time
+q.execute('stop'); a = m.lab.last.iterations; time.sleep(0.3); b = m.lab.last.iterations
+q.execute('cont'); time.sleep(0.3); c = m.lab.last.iterations
+print('advanced while stopped:', b - a, '| advanced after cont:', c - b > 0)"""),
+    ("code", """q.events()
+q.execute('system_reset')
+text = wait_for_serial(m, 'BootCount: 2\\n')
+print([line for line in text.splitlines() if line.startswith('BootCount')][-1])
+[e.event for e in q.events()]"""),
+    ("code", """q.events()
+q.execute('stop'); q.execute('stop'); q.execute('cont')
+[e.event for e in q.events()]"""),
+    ("md", """<details><summary>Worked solutions (open after you have predicted and run the cells)</summary>
+
+1. **0 while stopped**: the vCPU thread is parked, so no guest instruction runs and the counter stands still (the first cell's output: `advanced while stopped: 0`). After `cont` it advances again (`True`). This is what "downtime" means for the guest: time in which it makes no progress.
+2. **`BootCount: 2`** and one **`RESET`** event. The reset restarts the firmware, but the flash is a block device and is not reset: the variable store kept the count written at the first boot, and the firmware incremented it. State that survives a reset on a writable device is state a snapshot must cover (notebook 3).
+3. **One STOP.** Stopping a stopped VM changes no run state, so there is nothing to announce; QEMU's `do_vm_stop` (softmmu/cpus.c) likewise sends STOP only when the VM was running. One RESUME follows the `cont`.
+</details>"""),
     ("code", """session.close()"""),
 ]

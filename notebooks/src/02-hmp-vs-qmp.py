@@ -1,40 +1,112 @@
 """Notebook 02-hmp-vs-qmp: 2. HMP vs QMP"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 2. HMP vs QMP
+    ("md", """# 2. HMP vs QMP: what moving savevm to QMP fixed, and what it did not
 
-What this shows: the four problems the 2020 qemu-devel thread "migration: bring savevm/loadvm/delvm over to QMP" set out to fix, live: HMP reports errors as successful text, checks no types, cannot be introspected, and `savevm` blocks the monitor; QMP's `snapshot-save` has error classes, typed arguments, `query-qmp-schema`, and runs as a job.
+**Learning goals.** After this notebook you can
+1. name the four problems of HMP's `savevm`/`loadvm`/`delvm` that the 2020 qemu-devel series "migration: bring savevm/loadvm/delvm over to QMP" (Daniel P. Berrangé; the commands exist since QEMU 6.0, qapi/job.json) discussed: errors reported as successful text, no type checking, no introspection, and a monitor blocked while the command runs;
+2. show the three the series fixed, live: QMP's `snapshot-save`/`-load`/`-delete` report errors as data, check argument types, and are described by `query-qmp-schema`;
+3. show, by measuring the real QEMU 7.2, that the fourth was **not** fixed: `snapshot-save` is a job, but the job still runs in QEMU's main loop, and the monitor answers nothing until the save is over;
+4. say what snaplab does differently there (its monitor answers during a save) and why that is snaplab's improvement, not QMP's.
 
-Lab functions used: `lab.session.default_machine`, `lab.demo.monitor_during_save`."""),
+**Prerequisites.** Notebook 1 (QMP commands, STOP/RESUME events).
+
+**What to look at.** The `return` wrapper around an HMP error; the error *class* of a QMP type error; the schema table; and, in the race table, *when* `query-status` was answered relative to RESUME, on QEMU and on snaplab.
+
+**Source.** The series' last patch says it in its commit message: "While this design uses the generic job framework, the current impl is still blocking. The intention that the blocking problem is fixed later." ([PATCH v4 9/9] "migration: introduce snapshot-{save, load, delete} QMP commands", 2020-09-15, patchwork.ozlabs.org/project/qemu-devel/patch/20200915113523.2520317-10-berrange@redhat.com). The same message gives the reasons HMP savevm was never converted before: "they blocked execution of the event thread, and the semantics around choice of disks were ill-defined" (the second reason is notebook 3's subject).
+
+Lab functions used: `lab.session.default_machine`, `lab.teach.monitor_race_snaplab`, `lab.teach.monitor_race_qemu` (runs `qemu-system-x86_64`), `lab.teach.spread_table`."""),
     ("code", """from lab.session import default_machine
 
 s = default_machine(ram_mib=64, varstore='qcow2')
 s.machine.start()
 q = s.machine.qmp()
-# 1. error reporting: HMP answers *success* with an error text inside
+# Problem 1, error reporting: HMP answers *success* with an error text inside
 reply = q.raw(b'{"execute": "human-monitor-command", "arguments": {"command-line": "loadvm nope"}}')
 reply"""),
-    ("code", """# QMP: a job whose failure is data, with QEMU's wording
-q.execute('cont')
+    ("md", """The reply is a QMP *success* (`return`), and the failure is only visible as text starting with `Error:`; a program has to parse English to notice. QEMU 7.2 answers exactly so (shared/reference/qemu-7.2-qmp.md section 5: "an HMP error is a *successful* QMP reply whose string starts with `Error: `")."""),
+    ("code", """# QMP: the failure is data in the job's query-jobs entry, with QEMU's wording
 q.execute('snapshot-load', {'job-id': 'l', 'tag': 'nope', 'vmstate': 'disk0', 'devices': ['disk0']})
 q.wait_job('l')['error']"""),
-    ("code", """# 2. type checking: HMP takes anything as a tag; QMP checks before any side effect
-q.execute('cont')
+    ("code", """q.execute('cont')   # a failed load leaves the VM stopped, in QEMU as here (shared/reference/qemu-7.2-qmp.md section 6)
+# Problem 2, type checking: HMP takes anything as a tag; QMP checks before any side effect
 print(repr(q.hmp('savevm 42')))
 try:
     q.execute('snapshot-save', {'job-id': 'j', 'tag': 42, 'vmstate': 'disk0', 'devices': ['disk0']})
 except Exception as err:
     print(err.error_class, '-', err)"""),
-    ("code", """# 3. introspection: what does snapshot-save take?
+    ("md", """HMP's `savevm 42` succeeded silently (an empty string), creating a snapshot named `42`; QMP refused the integer `42` with a `GenericError` before doing anything, in QEMU's words."""),
+    ("code", """# Problem 3, introspection: what does snapshot-save take?
 schema = {e['name']: e for e in q.execute('query-qmp-schema')}
 def kind(t):
     e = schema[t]
     return t if e['meta-type'] in ('builtin', 'array') else e['meta-type'] + ' ' + str(e.get('values', ''))
 [(m['name'], kind(m['type']), 'optional' if 'default' in m else 'required')
  for m in schema[schema['snapshot-save']['arg-type']]['members']]"""),
-    ("code", """s.close()
-# 4. blocking: the monitor answers while a save runs
-from lab.demo import monitor_during_save
-r = monitor_during_save(ram_mib=256)
-{k: r[k] for k in ('job error', 'answered before the guest resumed')}"""),
+    ("md", """A client can learn from the server itself that `snapshot-save` takes four required arguments, as QEMU 7.2's schema says (shared/reference/qemu-7.2-qmp.md section 7). The two optional members with the `__org.snaplab_` prefix are snaplab's downstream extensions (QAPI's naming rule for downstream additions; docs/deviations.md entry 27): they choose the save engine of notebooks 5-7. QEMU 7.2 does not have them."""),
+    ("code", """s.close()"""),
+    ("md", """## Problem 4: does the monitor answer while a save runs?
+
+The experiment, the same on both: a guest with 128 MiB of RAM, 64 MiB of it random bytes (so the save has real work to do), one qcow2 disk. Send `snapshot-save` and, at once, `query-status`; note when each reply arrives and when the RESUME event says the guest ran again. Three repetitions each. On QEMU both commands go out in one `sendall`, so the second is already waiting in the socket when the first starts.
+
+QEMU runs with TCG and OVMF (`lab.qemu`, the set-up of shared/reference/qemu-7.2-qmp.md); its VM state also holds OVMF's and the devices' state, hence a larger `vmstate_mib`."""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+from lab import teach
+from lab.qemu import available
+REPS = 3
+rows = teach.monitor_race_snaplab(ram_mib=128, fill_mib=64, reps=REPS)
+if available():
+    rows += teach.monitor_race_qemu(ram_mib=128, reps=REPS)
+for key in ('stopped_s', 'save_reply_s', 'status_reply_s'):
+    print(key, '(ms)')
+    print(teach.spread_table(rows, key, by=('who',), scale=1e3, digits=1))
+    print()
+[(r['who'], r['status_seen']) for r in rows]"""),
+    ("code", """# the deterministic part of the same measurement
+{who: {'saves without error': all(r['job error'] is None for r in rows if r['who'] == who),
+       'query-status answered before RESUME': sorted({r['status_answered_before_resume'] for r in rows if r['who'] == who})}
+ for who in sorted({r['who'] for r in rows})}"""),
+    ("md", """What the tables show:
+
+* **QEMU 7.2**: the `snapshot-save` reply arrives only after the guest has resumed (its `save_reply_s` is at least its `stopped_s`), and `query-status`, sent at the same moment, is answered after that too, never before RESUME; it then says `running`, because by then the save is over. The monitor was blocked for the whole save: the job's work is a bottom half in the main loop (migration/savevm.c, `snapshot_save_job_bh`), and the monitor is served by the same loop. The recorded QEMU transcripts show the same at 2 GiB: a `query-status` written with the save was answered 2.63 s later, right after RESUME (shared/reference/qemu-7.2-qmp.md section 6.2).
+* **snaplab**: the `snapshot-save` reply and the `query-status` reply both come within a few milliseconds, before RESUME; `query-status` may say `save-vm` (the VM is stopped and saving), a state a QEMU 7.2 client never sees answered. snaplab runs each job on its own thread and keeps serving the monitor (docs/deviations.md entry 15).
+
+So the responsive monitor is **snaplab's improvement over QEMU 7.2**, not something moving savevm to QMP achieved: QMP made the commands *jobs* so that a later QEMU *could* run them without blocking, as the commit message above says. The guest's stop is a separate matter: both stop the guest for the whole blocking save (`stopped_s`); notebooks 5-7 shorten that.
+
+Consequence for a client: QEMU 7.2 cannot report a save's progress or accept a second command during it; snaplab answers, and refuses a second snapshot operation with `Another snapshot operation is in progress` (docs/deviations.md entry 25), where QEMU would simply run it afterwards."""),
+    ("md", """## Exercises: predict, then measure
+
+1. **A second save, sent during the first.** On snaplab, start a blocking save of 64 MiB of random RAM and immediately send a second `snapshot-save` with another job id. Predict: does the second job fail, wait, or run alongside? What would QEMU 7.2 do?
+2. **HMP savevm of an existing name.** Run HMP `savevm dup` twice, then QMP `snapshot-save` with tag `dup`. Predict both outcomes.
+3. **Bigger save, same monitor.** Double the random part (`fill_mib=96`, RAM 128 MiB). Predict how snaplab's `status_reply_s` and QEMU's change."""),
+    ("code", """# Exercise 1
+from lab.teach import fill_random
+s = default_machine(ram_mib=128, workload='idle', varstore='qcow2')
+fill_random(s.machine, 64, 1)
+s.machine.start(); q = s.machine.qmp()
+args = {'vmstate': 'disk0', 'devices': ['disk0']}
+q.execute('snapshot-save', {'job-id': 'first', 'tag': 'first', **args})
+q.execute('snapshot-save', {'job-id': 'second', 'tag': 'second', **args})
+print('first:', q.wait_job('first').get('error'))
+print('second:', q.wait_job('second').get('error'))"""),
+    ("code", """# Exercise 2
+q.execute('cont') if not q.execute('query-status')['running'] else None
+print(repr(q.hmp('savevm dup')), repr(q.hmp('savevm dup')))
+q.execute('snapshot-save', {'job-id': 'dup', 'tag': 'dup', **args})
+print(q.wait_job('dup').get('error'))
+print(sum(line.split()[1:2] == ['dup'] for line in q.hmp('info snapshots').splitlines()), 'snapshot named dup')"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# Exercise 3
+s.close()
+big = teach.monitor_race_snaplab(ram_mib=128, fill_mib=96, reps=REPS)
+if available():
+    big += teach.monitor_race_qemu(ram_mib=160, reps=REPS)   # QEMU's filler: RAM minus 64 MiB
+print(teach.spread_table(big, 'stopped_s', by=('who',), scale=1e3, digits=1))
+print(teach.spread_table(big, 'status_reply_s', by=('who',), scale=1e3, digits=1))"""),
+    ("md", """<details><summary>Worked solutions</summary>
+
+1. On snaplab the second job **fails** at once with `Another snapshot operation is in progress (...)` (its error printed above) while the first completes without error. QEMU 7.2 would not even read the second command until the first finished, then run it: two jobs never overlap there (shared/reference/qemu-7.2-qmp.md section 6.2, where `ja2` started right after `ja1` concluded). snaplab cannot wait silently because its monitor is answering, so it refuses (docs/deviations.md entry 25).
+2. HMP `savevm dup` succeeds twice (two empty strings): HMP **overwrites** a snapshot of the same name. QMP refuses: `Snapshot 'dup' already exists in one or more devices`; one snapshot named `dup` remains. Both are QEMU 7.2's behaviour (shared/reference/qemu-7.2-qmp.md section 14, item 3).
+3. The stop grows with the bytes to write (notebook 5 makes this precise). snaplab's `status_reply_s` stays at a few milliseconds: it does not depend on the save. QEMU's `status_reply_s` grows with its stop, because the reply waits for the save to end.
+</details>"""),
 ]

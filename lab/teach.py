@@ -1,0 +1,273 @@
+"""Measurements the teaching notebooks make, each returning plain rows a notebook prints.
+
+* :func:`spread_table`: n, median, interquartile range and min-max of repeated measurements;
+* :func:`monitor_race_snaplab` / :func:`monitor_race_qemu`: a ``snapshot-save`` followed at once
+  by ``query-status``, on snaplab and on the real QEMU 7.2, with the arrival time of each reply
+  (when does the monitor answer while a save runs?);
+* :func:`ram_in_use_sweep`: blocking saves where the RAM size and the RAM in use vary apart;
+* :func:`saved_instants`: which instant each save engine's snapshot holds, told apart by the
+  guest's own iteration counter in the loaded state against the progress samples it sent.
+
+Engines are never spelled here: the callers pass the registry's names (``lab.spec``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lab.run import ENGINE_ARG, run_experiment
+from lab.session import default_machine
+from lab.spec import ExperimentSpec
+from lab.stats import summarize
+
+
+def spread_table(rows: Sequence[dict[str, Any]], key: str, by: Sequence[str] = ("ram_mib", "engine"),
+                 scale: float = 1.0, digits: int = 2) -> str:
+    """One line per group of ``by``: n, median, IQR (first to third quartile) and min-max of
+    ``key`` (times ``scale``)."""
+    groups: dict[tuple[Any, ...], list[float]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(float(r[key]) * scale)
+    head = [*(f"{k:>12}" for k in by), f"{'n':>3}", f"{'median':>10}", f"{'IQR':>21}", f"{'min-max':>21}"]
+    lines = [" ".join(head)]
+    f = f"{{:.{digits}f}}"
+    for g, vals in groups.items():
+        s = summarize(vals)
+        lines.append(" ".join([*(f"{str(v):>12}" for v in g), f"{s.n:>3}", f"{f.format(s.median):>10}",
+                               f"{f.format(s.q1) + ' - ' + f.format(s.q3):>21}",
+                               f"{f.format(s.min) + ' - ' + f.format(s.max):>21}"]))
+    return "\n".join(lines)
+
+
+def group_median(rows: Sequence[dict[str, Any]], key: str, **where: Any) -> float:
+    """The median of ``key`` over the rows whose fields equal ``where``."""
+    return summarize([float(r[key]) for r in rows if all(r[k] == v for k, v in where.items())]).median
+
+
+# -- when does the monitor answer? ------------------------------------------------------------------
+
+def fill_random(m: Any, fill_mib: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    chunk = 16 << 20
+    for off in range(16 << 20, (16 << 20) + (fill_mib << 20), chunk):
+        m.ram.write(off, rng.integers(0, 256, chunk, dtype=np.uint8).tobytes())
+
+
+def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, seed: int = 1) -> list[dict[str, Any]]:
+    """snaplab: ``snapshot-save`` (QEMU's blocking engine, the default) of an idle guest with
+    ``fill_mib`` MiB of random bytes, then ``query-status`` at once; ``reps`` times.
+
+    Times are seconds from sending ``snapshot-save``; ``stopped_s`` is STOP to RESUME."""
+    s = default_machine(ram_mib=ram_mib, seed=seed, workload="idle")
+    m = s.machine
+    rows: list[dict[str, Any]] = []
+    try:
+        fill_random(m, fill_mib, seed)
+        m.start()
+        q = m.qmp()
+        time.sleep(0.2)
+        for rep in range(reps):
+            q.events()
+            job = f"race{rep}"
+            t0 = time.time()
+            q.execute("snapshot-save", {"job-id": job, "tag": job, "vmstate": "disk0", "devices": ["disk0"]})
+            t_save = time.time()
+            status = q.execute("query-status")["status"]
+            t_status = time.time()
+            info = q.wait_job(job, 300)
+            ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
+            vm = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})["vmstate-bytes"]
+            q.execute("job-dismiss", {"id": job})
+            rows.append(_race_row("snaplab", rep, t0, t_save, t_status, status, ev, info.get("error"), vm))
+            time.sleep(0.2)
+    finally:
+        s.close()
+    return rows
+
+
+def monitor_race_qemu(ram_mib: int = 128, reps: int = 3, settle: float = 2.0) -> list[dict[str, Any]]:
+    """The real QEMU 7.2 (TCG, q35, OVMF), RAM from 16 MiB on filled with random bytes by
+    ``-device loader`` (lab.qemu): ``snapshot-save`` and ``query-status`` written in one
+    ``sendall``, each reply timed as it arrives; ``reps`` times in one QEMU process."""
+    from lab.qemu import running
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="snaplab-race-") as tmp, running(Path(tmp), ram_mib, settle) as q:
+        for rep in range(reps):
+            job = f"race{rep}"
+            save = {"execute": "snapshot-save", "id": "save",
+                    "arguments": {"job-id": job, "tag": job, "vmstate": "disk0", "devices": ["disk0"]}}
+            status = {"execute": "query-status", "id": "status"}
+            q.events.clear()
+            t0 = time.time()
+            q.s.sendall((json.dumps(save) + "\n" + json.dumps(status) + "\n").encode())
+            got: dict[str, tuple[float, Any]] = {}
+            while len(got) < 2:
+                msg = q.line()
+                if "event" in msg:
+                    q.events.append(msg)
+                else:
+                    got[str(msg.get("id"))] = (time.time(), msg.get("return", msg.get("error")))
+            q.wait_event(lambda e, j=job: e["event"] == "JOB_STATUS_CHANGE" and e["data"] == {"status": "concluded", "id": j})
+            info = [j for j in q.cmd("query-jobs") if j["id"] == job][0]
+            q.cmd("job-dismiss", {"id": job})
+            ev = {e["event"]: q.ts(e) for e in q.events if e["event"] in ("STOP", "RESUME")}
+            vm = _qemu_vmstate_bytes(Path(tmp) / "disk0.qcow2", job)
+            rows.append(_race_row("QEMU 7.2", rep, t0, got["save"][0], got["status"][0], got["status"][1]["status"],
+                                  ev, info.get("error"), vm))
+            time.sleep(0.5)
+    return rows
+
+
+def _qemu_vmstate_bytes(path: Path, tag: str) -> int:
+    import subprocess
+
+    out = subprocess.run(["qemu-img", "info", "-U", "--output=json", str(path)], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return next(int(s["vm-state-size"]) for s in json.loads(out).get("snapshots", []) if s["name"] == tag)
+
+
+def _race_row(who: str, rep: int, t0: float, t_save: float, t_status: float, status: str,
+              ev: dict[str, float], error: Any, vmstate: int) -> dict[str, Any]:
+    resume = ev.get("RESUME", math.nan)
+    return {"who": who, "rep": rep, "job error": error, "vmstate_mib": vmstate / 2**20,
+            "stopped_s": resume - ev.get("STOP", math.nan),
+            "save_reply_s": t_save - t0, "status_reply_s": t_status - t0,
+            "status_seen": status, "status_answered_before_resume": t_status < resume}
+
+
+# -- what sets a blocking save's stop? --------------------------------------------------------------
+
+def ram_in_use_sweep(engine: str, ram_sizes: Sequence[int], in_use: Sequence[int], *, fixed_ram: int,
+                     fixed_in_use: int, reps: int = 3, seed: int = 1) -> list[dict[str, Any]]:
+    """Two sweeps of ``engine`` saves on the dirty guest, unthrottled, so that its working set
+    is all written before the first save: RAM size varies with the RAM in use fixed
+    (``fixed_in_use`` MiB written), then the RAM in use varies with the RAM size fixed."""
+    rows: list[dict[str, Any]] = []
+    plan = [("RAM size varies", mib, fixed_in_use) for mib in ram_sizes] + \
+           [("RAM in use varies", fixed_ram, ws) for ws in in_use]
+    for sweep, mib, ws in plan:
+        spec = ExperimentSpec(ram_mib=mib, engine=engine, working_set_mib=ws, dirty_rate_mib_s=0,
+                              seed=seed, repetitions=reps, warmup_s=0.3)
+        for r in run_experiment(spec):
+            rows.append({**r, "sweep": sweep, "vmstate_mib": r["vmstate_bytes"] / 2**20})
+    return rows
+
+
+# -- which instant does a snapshot hold? ------------------------------------------------------------
+
+def saved_instants(engines: Sequence[str], *, ram_mib: int = 128, reps: int = 3, seed: int = 7,
+                   dirty_rate_mib_s: int = 50, gap_s: float = 0.3) -> list[dict[str, Any]]:
+    """Save with each engine ``reps`` times on one running guest, then load each snapshot and
+    read the guest's iteration counter (R13) from it.  The guest reports its counter every 256
+    iterations through the lab port, with the host's monotonic time, so the saved counter is
+    bracketed by two samples: the last one below it (``lo``) and the first one above it (``hi``).
+
+    Times in a row are milliseconds from sending ``snapshot-save``: ``stop_ms``/``resume_ms``
+    (the STOP and RESUME events), ``end_ms`` (the job concluded), ``saved_lo_ms``/``saved_hi_ms``."""
+    s = default_machine(ram_mib=ram_mib, seed=seed, dirty_rate_mib_s=dirty_rate_mib_s)
+    m = s.machine
+    todo: list[dict[str, Any]] = []
+    try:
+        m.start()
+        q = m.qmp()
+        m.snapshots.write_protector()  # one-time userfaultfd set-up, outside every measurement
+        time.sleep(0.5)
+        wall_minus_mono = time.time() - time.monotonic()
+        for rep in range(reps):
+            for eng in engines:
+                q.events()
+                tag = f"{eng}-{rep}"
+                t0 = time.monotonic()
+                q.execute("snapshot-save", {"job-id": tag, "tag": tag, "vmstate": "disk0", "devices": ["disk0"],
+                                            ENGINE_ARG: eng})
+                info = q.wait_job(tag, 300)
+                t1 = time.monotonic()
+                q.execute("job-dismiss", {"id": tag})
+                ev = {e.event: e.timestamp - wall_minus_mono for e in q.events() if e.event in ("STOP", "RESUME")}
+                todo.append({"engine": eng, "rep": rep, "tag": tag, "t0": t0, "job error": info.get("error"),
+                             "stop_ms": (ev["STOP"] - t0) * 1e3, "resume_ms": (ev["RESUME"] - t0) * 1e3,
+                             "end_ms": (t1 - t0) * 1e3})
+                time.sleep(gap_s)
+        time.sleep(0.1)
+        hist = m.lab.history_array()
+        m.stop()
+        for row in todo:
+            m.snapshots.load_snapshot(row["tag"], "disk0", ["disk0"])
+            row["counter"] = int(m.cpu.get_state()["R13"])
+    finally:
+        s.close()
+    host_ns = hist[:, 1].astype(np.int64)
+    its = hist[:, 2].astype(np.int64)
+    out = []
+    for row in todo:
+        c, t0 = row.pop("counter"), row.pop("t0")
+        below, above = np.flatnonzero(its < c), np.flatnonzero(its > c)
+        lo = (host_ns[below[-1]] / 1e9 - t0) * 1e3 if len(below) else math.nan
+        hi = (host_ns[above[0]] / 1e9 - t0) * 1e3 if len(above) else math.nan
+        out.append({**row, "saved_lo_ms": lo, "saved_hi_ms": hi,
+                    "stop_inside_saved_bracket": bool(lo <= row["stop_ms"] <= hi),
+                    "stop_at": "start" if row["stop_ms"] < row["end_ms"] - row["stop_ms"] else "end"})
+    return out
+
+
+def per_mib_costs(rows: Sequence[dict[str, Any]], key: str = "downtime_ms") -> dict[str, float]:
+    """Least squares ``key = a + b * (MiB in use) + c * (MiB of RAM)`` over the rows: the cost
+    of one more MiB in use and of one more MiB of (zero) RAM, in ``key``'s unit."""
+    x = np.array([[1.0, float(r["vmstate_mib"]), float(r["ram_mib"])] for r in rows])
+    y = np.array([float(r[key]) for r in rows])
+    (a, b, c), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return {"fixed": float(a), "per MiB in use": float(b), "per MiB of RAM": float(c)}
+
+
+def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, float]] | None = None,
+                path: str | Path | None = None) -> Any:
+    """Left: blocking-save downtime against RAM size, one line per sweep; right: against the
+    VM state written (MiB), with QEMU 7.2's recorded saves ({RAM MiB: (vmstate MiB, s)}).
+    Medians with interquartile bars."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (sweep, marker), ax_x in zip((("RAM size varies", "o"), ("RAM in use varies", "s")), (0, 1), strict=True):
+        del ax_x
+        mine = [r for r in rows if r["sweep"] == sweep]
+        for ax, xkey in zip(axes, ("ram_mib", "vmstate_mib"), strict=True):
+            xs = sorted({round(float(r[xkey]), 1) for r in mine})
+            sums = [summarize([r["downtime_ms"] for r in mine if round(float(r[xkey]), 1) == x]) for x in xs]
+            meds = [s.median for s in sums]
+            err = [[s.median - s.q1 for s in sums], [s.q3 - s.median for s in sums]]
+            fixed = "in use fixed" if sweep == "RAM size varies" else "RAM size fixed"
+            ax.errorbar(xs, meds, yerr=err, marker=marker, color="black", capsize=3,
+                        linestyle="-" if marker == "o" else "--", label=f"snaplab: {sweep.lower()} ({fixed})")
+    if qemu:
+        qx = sorted(qemu)
+        axes[1].plot([qemu[x][0] for x in qx], [qemu[x][1] * 1e3 for x in qx], marker="D", color="grey",
+                     linestyle="-.", label="QEMU 7.2 savevm, RAM full of random bytes (recorded, median of 3)")
+    for ax, label in zip(axes, ("guest RAM (MiB)", "VM state written (MiB) = RAM in use"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("downtime, STOP to RESUME (ms)")
+        ax.grid(True, which="both", linewidth=0.3)
+    axes[0].set_title("against RAM size")
+    axes[1].set_title("against RAM in use")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+QEMU_RECORDED_SAVES = {256: (257677170 / 2**20, 0.812), 1024: (1043832381 / 2**20, 3.288),
+                       2048: (2119672617 / 2**20, 7.090), 4096: (4221033351 / 2**20, 10.547)}
+"""QEMU 7.2 blocking snapshot-save on this host, RAM filled with random bytes: {RAM MiB: (VM
+state MiB, median downtime s)} (shared/reference/qemu-7.2-qmp.md, "Blocking snapshot-save")."""
