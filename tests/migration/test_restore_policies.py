@@ -50,10 +50,15 @@ def _qemu_img_check(path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_the_schema_lists_every_policy_and_the_old_name() -> None:
+def test_the_schema_lists_every_policy_and_the_old_name(make_vm: Factory) -> None:
     assert [e.name for e in registry.LOAD_ENGINES][:1] == ["blocking"]
     assert {"ondemand", "background", "prefetch"} <= set(registry.load_engine_names())
     assert "lazy" in registry.load_engine_values() and registry.load_engine("lazy").name == "background"
+    q = make_vm(start=False).qmp()
+    schema = {t["name"]: t for t in q.execute("query-qmp-schema")}
+    cmd = next(t for t in schema.values() if t["meta-type"] == "command" and t["name"] == "snapshot-load")
+    member = next(mb for mb in schema[cmd["arg-type"]]["members"] if mb["name"] == "__org.snaplab_engine")
+    assert schema[member["type"]]["values"] == ["blocking", "ondemand", "background", "prefetch", "lazy"]
 
 
 @pytest.mark.parametrize("engine", registry.load_engine_names())
