@@ -91,11 +91,11 @@ class BlockIOError(BlockError):
     @property
     def strerror(self) -> str:
         """The cause's strerror() ("No space left on device"), as QEMU's error_setg_errno()
-        appends it; "Input/output error" when the cause is not an OSError."""
+        appends it; this error's own text when the cause is not an OSError."""
         cause = self.__cause__
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
-        return "Input/output error"
+        return str(self)
 
 
 class SnapshotError(BlockError):
