@@ -58,11 +58,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--no-fill", action="store_true", help="leave RAM as the guest writes it (mostly zero): a scale test")
     ap.add_argument("--out", default="out/bench_restore.json")
     a = ap.parse_args()
     spec = RestoreSpec(ram_mib=a.ram_mib or (1024 if a.quick else 4096), ws_mib=a.ws_mib or (64 if a.quick else 256),
-                       runs=a.runs or (3 if a.quick else 5), seed=a.seed)
-    print(f"restore to full speed: {spec.ram_mib} MiB guest (random RAM), working set {spec.ws_mib} MiB at "
+                       runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill)
+    print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM), working set {spec.ws_mib} MiB at "
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy; "
           f"VM state in the page cache (warm)", flush=True)
     res = restore_experiment(spec, progress=_print_row)

@@ -50,6 +50,7 @@ class RestoreSpec:
     horizon_s: float = 5.0  # how long after the command progress is watched
     settle_s: float = 1.0  # the guest runs this long between loads (steady again)
     policies: tuple[str, ...] = ()  # default: every load engine
+    fill_random: bool = True  # RAM full of random bytes before boot (else only what the guest writes)
 
     def workload(self) -> WorkloadSpec:
         span = (self.ram_mib << 20) - DATA_BASE - (self.ws_mib << 20)
@@ -186,7 +187,8 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
         m, g = _machine(spec, Path(tmp))
         rows: list[dict[str, Any]] = []
         try:
-            _fill_random(m, spec.seed)
+            if spec.fill_random:
+                _fill_random(m, spec.seed)
             m.start()
             m.snapshots.write_protector()  # one-time userfaultfd setup, not part of any load
             q = m.qmp()
