@@ -16,7 +16,7 @@ snapshot tables as ``qemu-img snapshot -l`` lists them, disk1 and every snapshot
 the host RAM pages, the RAM stamps against the counter (``expected_generations``) and disk0
 against what the guest wrote since its base (tests/model/guestdisk.py).
 
-CI-sized by default (5 examples of up to 12 steps).  A longer run:
+CI-sized by default (8 examples of up to 20 steps).  A longer run:
 ``SNAPLAB_MODEL_EXAMPLES=100 SNAPLAB_MODEL_STEPS=50 python -m pytest tests/model``.
 """
 
@@ -50,8 +50,8 @@ HOST_PAGES = 8  # at the top of RAM, above the workload's data pages
 HOST_BASE = RAM - HOST_PAGES * PAGE
 SPEC = WorkloadSpec("mixed", seed=29, working_set=4 << 20, batch_pages=16, rate=32 << 20)
 BOUND_S = 60.0
-EXAMPLES = int(os.environ.get("SNAPLAB_MODEL_EXAMPLES", "5"))
-STEPS = int(os.environ.get("SNAPLAB_MODEL_STEPS", "12"))
+EXAMPLES = int(os.environ.get("SNAPLAB_MODEL_EXAMPLES", "8"))
+STEPS = int(os.environ.get("SNAPLAB_MODEL_STEPS", "20"))
 
 
 @dataclass(frozen=True)
@@ -139,17 +139,20 @@ class SnapshotModel(RuleBasedStateMachine):
         assert err is None, err
         self.snaps[tag] = Snap(vmstate, dict(self.host_ram), bytes(self.disk1), self.base0, lo, self._counter())
 
-    def _restored(self, tag: str) -> None:
-        """The model after a load of ``tag``; the counter is checked against the save's window."""
+    def _restored(self, tag: str, paused: bool) -> None:
+        """The model after a load of ``tag``.  Loaded into a paused VM, the counter must fall
+        in the save's window; into a running one, the guest has run on from there since."""
         s = self.snaps[tag]
         self.host_ram, self.disk1, self.base0 = dict(s.host_ram), bytearray(s.disk1), s.base0
-        self.m.stop()
+        if not paused:
+            self.m.stop()
         try:
             n = self._counter()
-            assert s.counter_lo <= n <= s.counter_hi, (tag, s.counter_lo, n, s.counter_hi)
+            assert s.counter_lo <= n and (n <= s.counter_hi or not paused), (tag, s.counter_lo, n, s.counter_hi)
             self._check_guest(n)
         finally:
-            self.m.cont()
+            if not paused:
+                self.m.cont()
 
     # -- rules --------------------------------------------------------------------------------
     @rule(tag=st.sampled_from(TAGS), engine=st.sampled_from(SAVE_ENGINES), vmstate=st.sampled_from(DISKS))
@@ -174,16 +177,24 @@ class SnapshotModel(RuleBasedStateMachine):
             del self.snaps[tag]
         self._save(tag, engine.name, "disk1")
 
-    @rule(tag=st.sampled_from(TAGS), engine=st.sampled_from(LOAD_ENGINES))
-    def load(self, tag: str, engine: Any) -> None:
+    @rule(tag=st.sampled_from(TAGS), engine=st.sampled_from(LOAD_ENGINES), paused=st.booleans())
+    def load(self, tag: str, engine: Any, paused: bool) -> None:
+        """A load into the running VM, or into a stopped one (which stays stopped, as in QEMU)."""
         vmstate = self.snaps[tag].vmstate if tag in self.snaps else "disk0"
-        err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
-                                          "__org.snaplab_engine": engine.name})
-        if tag not in self.snaps:
-            assert err is not None
-            return
-        assert err is None, err
-        self._restored(tag)
+        if paused:
+            self.m.stop()
+        try:
+            err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
+                                              "__org.snaplab_engine": engine.name})
+            if tag not in self.snaps:
+                assert err is not None
+                return
+            assert err is None, err
+            assert self.m.running != paused, self.m.state
+            self._restored(tag, paused)
+        finally:
+            if paused:
+                self.m.cont()
 
     @rule(tag=st.sampled_from(TAGS))
     def delete(self, tag: str) -> None:
@@ -223,8 +234,8 @@ class SnapshotModel(RuleBasedStateMachine):
         err = self._job("snapshot-load", {"tag": tag, "vmstate": self.snaps[tag].vmstate, "devices": list(DISKS),
                                           "__org.snaplab_engine": engine.name})
         assert err is None, err
+        self._restored(tag, paused=True)
         self.m.start()
-        self._restored(tag)
 
     # -- checks -------------------------------------------------------------------------------
     def _check_guest(self, counter: int) -> None:
