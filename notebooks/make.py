@@ -211,9 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     if dirty:
         print(f"warning: uncommitted changes in {', '.join(dirty)}: the notebooks record them, so they are "
               "stale for --check until exactly these contents are committed", file=sys.stderr)
-    total = 0.0
+    from nbclient.exceptions import CellExecutionError
+
+    total, failed = 0.0, []
     for stem in args.only or ORDER:
-        took = build(stem)
+        try:
+            took = build(stem)
+        except CellExecutionError as err:  # the others are still built; this one keeps its old file
+            failed.append(stem)
+            print(f"FAILED {stem}: {err.ename}: {err.evalue} (notebooks/{stem}.ipynb left as it was)", flush=True)
+            continue
         total += took
         print(f"wrote {stem}.ipynb ({took:.1f} s)", flush=True)
         if took > BUDGET_ONE_S:
@@ -222,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"executed in {total:.1f} s")
     if total > BUDGET_ALL_S and not args.only:
         print(f"warning: all notebooks took {total:.0f} s, over quick mode's {BUDGET_ALL_S:.0f} s", file=sys.stderr)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+        return 1
     return 0
 
 
