@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print("rebuild with: python notebooks/make.py" + "".join(f" --only {s}" for s, _ in bad if s in ORDER))
             return 1
-        print(f"fresh: {len(args.only or ORDER)} notebooks")
+        print(f"fresh: {', '.join(args.only or ORDER)}")
         return 0
     _, dirty = git_state()
     if dirty:

@@ -41,10 +41,15 @@ def test_every_source_is_listed_and_every_listed_notebook_exists() -> None:
 
 @pytest.fixture
 def copy(tmp_path: Path) -> Path:
-    """notebooks/ (sources and notebooks) copied aside, to be spoiled."""
+    """notebooks/ (sources and notebooks) copied aside and made fresh (cells from the sources, the
+    digests of this checkout), to be spoiled: these tests do not depend on the committed ones."""
+    m = make()
     shutil.copytree(ROOT / "notebooks" / "src", tmp_path / "src")
-    for nb in (ROOT / "notebooks").glob("*.ipynb"):
-        shutil.copy(nb, tmp_path / nb.name)
+    for stem in m.ORDER:
+        cells = m.cells_of(stem)
+        nb = m.notebook_from(cells)
+        nb.metadata["snaplab"] = {"sources": m.sources_digest(cells), "commit": "0" * 40}
+        (tmp_path / f"{stem}.ipynb").write_text(json.dumps(nb))
     return tmp_path
 
 
@@ -95,3 +100,13 @@ def test_the_digest_is_of_tracked_contents_not_mtimes(tmp_path: Path) -> None:
     assert m.tree_digest(tmp_path, "lab") == before
     (tmp_path / "lab" / "a.py").write_text("x = 2\n")
     assert m.tree_digest(tmp_path, "lab") != before
+
+
+def test_only_takes_a_listed_stem() -> None:
+    res = subprocess.run([sys.executable, str(MAKE), "--check", "--only", "nope"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2 and "not in ORDER: nope" in res.stderr, res.stderr
+    first = make().ORDER[0]
+    res = subprocess.run([sys.executable, str(MAKE), "--check", "--only", first], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode in (0, 1) and first in res.stdout and "02-" not in res.stdout, res.stdout
