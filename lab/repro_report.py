@@ -52,8 +52,8 @@ def mark_excluded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Set ``excluded`` (a reason, or "") on every row: in the ``idle-random`` condition (RAM
     filled through ``-device loader``), a QEMU save whose VM state is more than
     :data:`LARGER_STATE` times snaplab's median at the same engine and size (QEMU's first
-    internal snapshot after boot also stores the loader files: measured, its later ones do not),
-    and the load of that snapshot."""
+    internal snapshot after boot held twice the bytes, measured; its later ones did not), and
+    the load of that snapshot."""
     ours: dict[tuple[str, str, int], list[int]] = defaultdict(list)
     for r in rows:
         if r["system"] == "snaplab" and r["op"] == "save":
@@ -64,11 +64,11 @@ def mark_excluded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         mine = ours.get((r["workload"], r["engine"], r["ram_mib"]))
         if r["system"] == "qemu" and r["op"] == "save" and r["workload"] == "idle-random" and mine and \
                 r["vmstate_bytes"] > LARGER_STATE * float(np.median(mine)):
-            r["excluded"] = "VM state larger than snaplab's: QEMU stored the loader files too"
+            r["excluded"] = "VM state more than 1.5x snaplab's (QEMU's first snapshot after boot)"
             big.add((r["workload"], r["ram_mib"], r["rep"]))
     for r in rows:
         if r["system"] == "qemu" and r["op"] == "load" and (r["workload"], r["ram_mib"], r["rep"]) in big:
-            r["excluded"] = "the load of a snapshot that stored the loader files too"
+            r["excluded"] = "the load of that larger snapshot"
     return rows
 
 
@@ -81,15 +81,15 @@ def summaries(rows: list[dict[str, Any]], field: str) -> dict[Key, Summary]:
     return {k: summarize(v) for k, v in sorted(groups.items())}
 
 
-# The random fill comes in through -device loader, and QEMU keeps the loader files as ROM blobs.
-# Its first snapshot after boot stores them beside RAM (VM state twice snaplab's; later ones
-# have the same size as snaplab's, measured): mark_excluded leaves those rows out.  Its load's
-# reset may copy the blobs into RAM again (hw/core/loader.c rom_reset): the blocking load of
-# that condition is not shown to be the same work, and is left out.
+# The random fill comes in through -device loader.  QEMU's first snapshot after boot held twice
+# snaplab's VM state (later ones the same size, measured): mark_excluded leaves those rows out.
+# Its load resets the machine first, and the reset copies every loader file into RAM again
+# (hw/core/loader.c rom_reset; `info roms` still lists the file after a loadvm): more work than
+# snaplab's load does, so the blocking load of that condition is left out.
 def not_comparable() -> dict[tuple[str, str, str], str]:
     """(condition, op, engine) -> why QEMU's figure cannot be set beside snaplab's."""
     return {
-        ("idle-random", "load", load_engines()[0]): "QEMU's load may copy the loader files again at its reset",
+        ("idle-random", "load", load_engines()[0]): "QEMU's load resets first, and its reset copies the loader files into RAM again",
     }
 
 
@@ -196,7 +196,7 @@ def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:
     mine = [r for r in rows if (r["workload"], r["op"], r["engine"]) == (wl, op, blocking)]
     notes = []
     if any(r["excluded"] for r in mine if "excluded" in r):
-        notes.append("QEMU's first snapshot after boot left out: it stored the loader files too")
+        notes.append("QEMU's first snapshot after boot left out: twice the VM state")
     st = summaries(mine, "vmstate_bytes")
     ratio = [v.median / st[(wl, op, blocking, "snaplab", k[4])].median for k, v in st.items()
              if k[3] == "qemu" and (wl, op, blocking, "snaplab", k[4]) in st]
