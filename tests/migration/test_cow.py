@@ -54,6 +54,7 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
         m.start()
         time.sleep(0.2)
         q = m.qmp()
+        faults: list[int] = []
         for i in range(3):  # repeated snapshots: arming stays cheap, huge pages stay intact
             q.execute("snapshot-save", {"job-id": f"c{i}", "tag": f"c{i}", "vmstate": "disk0", "devices": ["disk0"],
                                         "__org.snaplab_engine": "cow"})
@@ -61,13 +62,16 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
             q.execute("job-dismiss", {"id": f"c{i}"})
             met = m.snapshots.last
             assert met is not None and met.engine == "cow"
-            assert met.extra["faults"] > 0  # the guest kept writing during the save
+            faults.append(met.extra["faults"])
             assert 0 < met.downtime_s <= met.total_s  # how short: bench/timing.py
             # every faulted chunk went through a warm buffer; never more than the save owns
             assert met.extra["fault_buffer_bytes"] == fault_buffers(RAM) * (2 << 20)
             assert 0 < met.extra["peak_extra_bytes"] <= met.extra["fault_buffer_bytes"]
             assert met.extra["fault_chunks"] + met.extra["bg_chunks"] == RAM // (2 << 20)
             assert not {"um", "uw"} & vmflags(m.ram.addr)  # registered for the save only
+        # the guest kept writing during the saves (one save may end before the vCPU is scheduled
+        # on a loaded host; three in a row do not)
+        assert sum(faults) > 0, faults
         assert m.ram.huge_bytes() >= RAM // 2  # 2 MiB granularity left the huge pages alone
         running_iters = m.lab.last.iterations
         m.stop()
