@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from emulator.block import Qcow2Image
@@ -47,12 +48,22 @@ def names(m: Machine) -> dict[str, list[str]]:
     return {d: [s.name for s in image(m, d).snapshot_list()] for d in DISKS}
 
 
+def disk_hash(img: Qcow2Image) -> str:
+    """A disk's content, hashed: which clusters hold data, and that data (the rest reads as
+    zeros: these images have no backing file)."""
+    amap = img.allocation_map()
+    h = hashlib.sha256(amap.tobytes())
+    cs = img.cluster_size
+    for c in np.flatnonzero(amap).tolist():
+        h.update(img.read(c * cs, min(cs, img.size - c * cs)))
+    return h.hexdigest()
+
+
 def fingerprint(m: Machine) -> dict[str, str]:
     """RAM and both disks, hashed (the guest must be stopped)."""
     out = {"ram": hashlib.sha256(m.ram.read(0, m.ram.size)).hexdigest()}
     for d in DISKS:
-        img = image(m, d)
-        out[d] = hashlib.sha256(img.read(0, img.size)).hexdigest()
+        out[d] = disk_hash(image(m, d))
     return out
 
 
@@ -106,8 +117,9 @@ def used(m: Machine) -> dict[str, int]:
     """Clusters in use (refcount > 0) per disk: what a failed operation must leave as it was."""
     out = {}
     for d in DISKS:
-        img = image(m, d)
-        out[d] = int((img.refcounts.all_refcounts(img.refcounts.highest_used() // img.cluster_size) > 0).sum())
+        rc = image(m, d).refcounts
+        blocks = int(np.flatnonzero(rc.table)[-1]) + 1
+        out[d] = int((rc.all_refcounts(blocks * rc.entries_per_block) > 0).sum())
     return out
 
 

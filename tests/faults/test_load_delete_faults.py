@@ -38,7 +38,7 @@ from tests.faults.conftest import (
     wait_until,
 )
 
-DIRTY = WorkloadSpec("dirty", seed=9, working_set=8 << 20, batch_pages=16)
+DIRTY = WorkloadSpec("dirty", seed=9, working_set=4 << 20, batch_pages=16)
 IO = "Input/output error"
 
 
@@ -63,7 +63,7 @@ def reload_base(m: Machine, engine: str, base: dict[str, str]) -> None:
 @pytest.mark.parametrize("engine", LOAD_ENGINES, ids=lambda e: e.name)
 def test_a_failed_load_stops_the_vm_and_changes_no_snapshot(engine: type[LoadEngine], make_vm, qemu_img,  # type: ignore[no-untyped-def]
                                                             tmp_path: Path) -> None:
-    m = make_vm(workload=DIRTY)
+    m = make_vm(workload=DIRTY, ram=16 << 20)
     q = m.qmp()
     files = disk_files(tmp_path)
     wait_until(lambda: progress(m) > 2000, "the guest to dirty its working set")
@@ -101,7 +101,7 @@ def test_a_failed_load_stops_the_vm_and_changes_no_snapshot(engine: type[LoadEng
 
 
 def test_a_failed_delete_keeps_the_snapshot(make_vm, qemu_img, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    m = make_vm(workload=DIRTY)
+    m = make_vm(workload=DIRTY, ram=16 << 20)
     q = m.qmp()
     files = disk_files(tmp_path)
     q.execute("stop")

@@ -34,7 +34,7 @@ from tests.faults.conftest import (
 )
 
 WRITES = ("pwrite", "truncate", "flush")
-DIRTY = WorkloadSpec("dirty", seed=7, working_set=8 << 20, batch_pages=16)  # RAM only: disk writes are the save's
+DIRTY = WorkloadSpec("dirty", seed=7, working_set=4 << 20, batch_pages=16)  # RAM only: disk writes are the save's
 
 
 def failed_save(node: str, strerror: str) -> str:
@@ -44,7 +44,7 @@ def failed_save(node: str, strerror: str) -> str:
 
 @pytest.mark.parametrize("engine", SAVE_ENGINES, ids=lambda e: e.name)
 def test_a_failed_save_changes_nothing(engine: type[SaveEngine], make_vm, qemu_img, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    m = make_vm(workload=DIRTY)
+    m = make_vm(workload=DIRTY, ram=16 << 20)
     q = m.qmp()
     files = disk_files(tmp_path)
     save_bad = lambda: m.snapshots.save_snapshot("bad", False, "disk0", list(DISKS), engine.name)  # noqa: E731
