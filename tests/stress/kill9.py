@@ -71,7 +71,7 @@ class Tally:
     mid_op: int = 0  # the operation had not concluded when the kill came
     corrupted: int = 0
     leaky: int = 0  # kills after which qemu-img check found leaks
-    leaked_clusters: int = 0
+    leaked_clusters: int = 0  # summed over those checks (a leak stays until the images are reset)
     unloadable: int = 0
     wrong_content: int = 0
     missing: int = 0  # an earlier snapshot no longer listed
@@ -190,7 +190,8 @@ class Campaign:
             if cmd is not None:
                 f.write(json.dumps(cmd).encode() + b"\n")
                 f.flush()
-            time.sleep(self.rng.uniform(0, 1.3 * self.took.get(scenario, FIRST_GUESS_S)))
+            delay = self.rng.uniform(0, 1.3 * self.took.get(scenario, FIRST_GUESS_S))
+            time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait(BOUND_S)
             done = _concluded_at(f)
@@ -205,6 +206,8 @@ class Campaign:
                 proc.stderr.close()
         if done is not None:
             self.took[scenario] = max(done - sent, 0.001)
+        elif cmd is not None:  # it takes at least that long: the next delays reach further
+            self.took[scenario] = max(self.took.get(scenario, FIRST_GUESS_S), delay)
         return cmd is None or done is not None
 
     def _check_images(self, scenario: str) -> bool:
