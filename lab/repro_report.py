@@ -21,7 +21,7 @@ import matplotlib.ticker
 import numpy as np
 
 from lab.reproduce import MIGRATE_BACKGROUND
-from lab.spec import load_engines, save_engines, write_protects
+from lab.spec import canonical_engine, load_engines, save_engines, write_protects
 from lab.stats import Summary, summarize
 
 NUMERIC = {"ram_mib": int, "dirty_rate_mibs": int, "working_set_mib": int, "rep": int, "downtime_ms": float,
@@ -39,6 +39,8 @@ def load_runs(directory: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
             for k, conv in NUMERIC.items():
                 row[k] = conv(r[k]) if r.get(k, "") not in ("", None) else float("nan")
             row["steady"] = r.get("steady") == "True"
+            if row["op"] == "load":
+                row["engine"] = canonical_engine(row["engine"])  # data recorded under a former name
             rows.append(row)
     meta_path = d / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

@@ -28,6 +28,11 @@ def load_engines() -> tuple[str, ...]:
     return load_engine_names()
 
 
+def canonical_engine(name: str) -> str:
+    """Today's name of an engine (a former name, in data recorded before a rename, maps to it)."""
+    return LOAD_ALIASES.get(name, name)
+
+
 def engine_title(name: str) -> str:
     """A few words that say what the engine does, for legends and widgets."""
     titles = {e.name: e.title for e in SAVE_ENGINES} | {e.name: e.title for e in LOAD_ENGINES}
