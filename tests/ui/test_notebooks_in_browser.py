@@ -29,24 +29,39 @@ def _order() -> list[str]:
 
 ORDER = _order()
 
-# The notebook panel in front, its kernel connected and idle.
-READY_JS = """
+# JupyterLab is loaded once; each notebook is opened in it (docmanager:open) as window.__nb.
+APP_JS = """
+const a = window.jupyterapp;
+if (!a) return false;
+if (!a.__snaplab_restored) a.restored.then(() => { a.__snaplab_restored = true; });
+return !!a.__snaplab_restored && a.commands.hasCommand('docmanager:open');
+"""
+
+OPEN_JS = """
+const path = arguments[0], done = arguments[arguments.length - 1];
 const app = window.jupyterapp;
-if (!app || !app.started) return false;
-const w = app.shell.currentWidget;
-if (!w || !w.context || !w.context.isReady || !w.sessionContext) return false;
+app.commands.execute('docmanager:open', {path: path, factory: 'Notebook'})
+  .then(w => { window.__nb = w; app.shell.activateById(w.id); return w.context.ready; })
+  .then(() => done('ok'), e => done('failed: ' + e));
+"""
+
+# Its kernel connected and idle.
+READY_JS = """
+const w = window.__nb;
+if (!w || !w.context.isReady || !w.sessionContext) return false;
 const k = w.sessionContext.session && w.sessionContext.session.kernel;
 return !!k && k.connectionStatus === 'connected' && k.status === 'idle';
 """
 
 RUN_ALL_JS = """
 const done = arguments[arguments.length - 1];
+window.jupyterapp.shell.activateById(window.__nb.id);
 window.jupyterapp.commands.execute('notebook:run-all-cells').then(() => done('ok'), e => done('failed: ' + e));
 """
 
 # Every code cell executed, the kernel idle: [cells run, code cells, errors as "cell N: ename: evalue"].
 STATE_JS = """
-const w = window.jupyterapp.shell.currentWidget;
+const w = window.__nb;
 let ran = 0, code = 0; const errors = [];
 const cells = w.content.model.cells;
 for (let i = 0; i < cells.length; i++) {
@@ -62,10 +77,10 @@ for (let i = 0; i < cells.length; i++) {
 return [ran, code, errors, w.sessionContext.session.kernel.status];
 """
 
-SAVE_AND_SHUTDOWN_JS = """
+SAVE_SHUTDOWN_CLOSE_JS = """
 const done = arguments[arguments.length - 1];
-const app = window.jupyterapp, w = app.shell.currentWidget;
-app.commands.execute('docmanager:save').then(() => w.sessionContext.shutdown()).then(() => done('ok'), e => done('failed: ' + e));
+const w = window.__nb;
+w.context.save().then(() => w.sessionContext.shutdown()).then(() => { w.dispose(); done('ok'); }, e => done('failed: ' + e));
 """
 
 
@@ -81,7 +96,10 @@ def wait_for(what: str, cond: Callable[[], Any], timeout: float = WAIT_S) -> Any
 
 
 def open_and_run(driver: Any, lab: Lab, stem: str) -> None:
-    driver.get(f"{lab.url}/lab/tree/{stem}.ipynb?reset&token={lab.token}")
+    if not driver.execute_script(APP_JS):  # the first notebook of the session (or after a failure)
+        driver.get(f"{lab.url}/lab?reset&token={lab.token}")
+        wait_for("JupyterLab started", lambda: driver.execute_script(APP_JS))
+    assert driver.execute_async_script(OPEN_JS, f"{stem}.ipynb") == "ok"
     wait_for(f"{stem} open with an idle kernel", lambda: driver.execute_script(READY_JS))
     assert driver.execute_async_script(RUN_ALL_JS) == "ok"
 
@@ -100,7 +118,7 @@ def shot(driver: Any, name: str) -> None:
 
 
 def close(driver: Any) -> None:
-    assert driver.execute_async_script(SAVE_AND_SHUTDOWN_JS) == "ok"
+    assert driver.execute_async_script(SAVE_SHUTDOWN_CLOSE_JS) == "ok"
 
 
 @pytest.mark.parametrize("stem", [s for s in ORDER if s != DASHBOARD])
@@ -126,7 +144,7 @@ def test_dashboard_take_snapshot_updates_log_and_plot(jupyterlab: Lab, browser: 
     assert DASHBOARD in ORDER
     open_and_run(browser, jupyterlab, DASHBOARD)
     browser.execute_script("""
-const w = window.jupyterapp.shell.currentWidget;
+const w = window.__nb;
 w.content.activeCellIndex = 1;
 w.content.scrollToItem(1, 'start');""")
     view = wait_for("the dashboard's widgets rendered",
