@@ -30,7 +30,9 @@ from tests.faults.conftest import (
     fingerprint,
     names,
     no_leaks,
+    progress,
     used,
+    wait_until,
 )
 
 WRITES = ("pwrite", "truncate", "flush")
@@ -48,6 +50,7 @@ def test_a_failed_save_changes_nothing(engine: type[SaveEngine], make_vm, qemu_i
     q = m.qmp()
     files = disk_files(tmp_path)
     save_bad = lambda: m.snapshots.save_snapshot("bad", False, "disk0", list(DISKS), engine.name)  # noqa: E731
+    wait_until(lambda: progress(m) > 2000, "the guest to dirty its working set")  # VM states of MiBs
     q.execute("stop")
     m.snapshots.save_snapshot("base", False, "disk0", list(DISKS))
     base = fingerprint(m)
@@ -60,8 +63,8 @@ def test_a_failed_save_changes_nothing(engine: type[SaveEngine], make_vm, qemu_i
     listed = names(m)
     in_use = used(m)
 
-    # The VM-state disk's file system is full (the image has no free cluster to reuse that
-    # would hold the VM state), and stays full.
+    # The VM-state disk's file system is full (the image's free clusters cannot hold the VM
+    # state), and stays full.
     f["disk0"].fill(0)
     fails(save_bad, failed_save("disk0", "No space left on device"))
     assert names(m) == listed
