@@ -16,6 +16,8 @@ import os
 import struct
 from dataclasses import dataclass
 
+import numpy as np
+
 from emulator.errors import UffdUnavailable
 
 SYS_userfaultfd = 323  # x86-64
@@ -180,10 +182,12 @@ class DirtyScanner:
     def arm(self) -> None:
         self.uffd.writeprotect(self.start, self.length, True)
 
-    def scan(self) -> list[tuple[int, int]]:
-        """Ranges (offset, length) written since the last scan; they are protected again."""
-        out: list[tuple[int, int]] = []
+    def scan(self) -> np.ndarray:
+        """Ranges written since the last scan, as rows (offset, length) of an int64 array;
+        they are protected again.  The regions are copied out of the ioctl's vector in bulk."""
+        parts: list[np.ndarray] = []
         pos, end = self.start, self.start + self.length
+        vec = np.ctypeslib.as_array(self.vec)
         while pos < end:
             arg = _PmScanArg(ctypes.sizeof(_PmScanArg), PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, pos, end, 0,
                              ctypes.addressof(self.vec), self.max_regions, 0, 0, PAGE_IS_WRITTEN, 0, PAGE_IS_WRITTEN)
@@ -191,13 +195,12 @@ class DirtyScanner:
             if n < 0:
                 e = ctypes.get_errno()
                 raise OSError(e, f"PAGEMAP_SCAN: {os.strerror(e)}")
-            regions = list(self.vec[: 3 * n])
-            for i in range(n):
-                out.append((regions[3 * i] - self.start, regions[3 * i + 1] - regions[3 * i]))
+            regions = vec[: 3 * n].reshape(n, 3).astype(np.int64)
+            parts.append(np.stack((regions[:, 0] - self.start, regions[:, 1] - regions[:, 0]), axis=1))
             if arg.walk_end <= pos:
                 break
             pos = arg.walk_end
-        return out
+        return np.concatenate(parts) if parts else np.zeros((0, 2), dtype=np.int64)
 
     def close(self) -> None:
         try:

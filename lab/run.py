@@ -94,6 +94,9 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "details": {
                         "fault_latency_ms": [x * 1e3 for x in stats.get("fault-latency-s", [])],
                         "bytes_per_round": stats.get("bytes-per-round", []),
+                        "round_s": stats.get("round-s", []),
+                        "scan_s": stats.get("scan-s", []),
+                        "max_rounds": stats.get("max-rounds", 0),
                         "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.history()
                                      if m0 - 1_000_000_000 <= smp.host_ns <= m1 + 300_000_000],
                         "job_s": (m1 - m0) / 1e9,

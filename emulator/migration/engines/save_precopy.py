@@ -14,7 +14,7 @@ from typing import ClassVar
 
 from emulator.errors import SnaplabError
 from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics, short_downtime
-from emulator.migration.precopy import Precopy
+from emulator.migration.precopy import MAX_ROUNDS, THRESHOLD, Precopy
 from emulator.migration.savefail import (
     create_error,
     flush_or_undo,
@@ -79,6 +79,8 @@ class PrecopySave(SaveEngine):
         m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, size, written,
                             ctx.ram_pages() - written)
         m.extra.update({"iterations": len(st.rounds), "bytes_per_round": st.rounds,
-                        "bytes_written": sum(st.rounds), "dirty_final_bytes": st.dirty_final,
-                        "scan_s": st.scan_s})
+                        "written_per_round": st.written,
+                        "bytes_written": sum(st.written), "dirty_final_bytes": st.dirty_final,
+                        "round_s": st.round_s, "scan_s": st.scan_s, "max_rounds": MAX_ROUNDS,
+                        "threshold_bytes": THRESHOLD})
         return ctx.saved(m, target, at.name)
