@@ -16,7 +16,8 @@ long that operation last took, so most kills land inside it.  Then, on the files
   wrote from the disk it booted on up to that counter, and disk1 is what the host wrote there
   before that boot (tests/model/guestdisk.py).
 
-The images live on across kills (a campaign), with fresh ones every ``reset_every`` kills.
+The images live on across kills (a campaign), with fresh ones (of a random layout: cluster
+size, refcount width) every ``reset_every`` kills and after a corruption.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ DISK = 8 << 20
 DISKS = ("disk0", "disk1")
 MAX_SNAPS = 4
 SPEC = WorkloadSpec("mixed", seed=41, working_set=4 << 20, batch_pages=16, rate=32 << 20)
-FIRST_GUESS_S = 0.2  # how long an operation takes, until one has been seen to end
+FIRST_GUESS_S = 0.2
+# each campaign's images: (cluster size, refcount bits); small clusters put a snapshot's VM
+# state in many L2 tables and refcount blocks (4 KiB: the smallest a resume-first load reads)
+LAYOUTS = [(65536, 16), (4096, 16), (16384, 64), (4096, 8)]  # how long an operation takes, until one has been seen to end
 
 
 def scenarios() -> list[str]:
@@ -133,8 +137,10 @@ class Campaign:
     def reset(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
+        cluster_size, refcount_bits = self.rng.choice(LAYOUTS)
         for d in DISKS:
-            Qcow2Image.create(self.work / f"{d}.qcow2", DISK).close()
+            Qcow2Image.create(self.work / f"{d}.qcow2", DISK, cluster_size=cluster_size,
+                              refcount_bits=refcount_bits).close()
         self.snaps = {}
 
     def pick(self) -> str:
