@@ -213,7 +213,7 @@ def wait_steady(g: Guest, spec: WorkloadSpec) -> bool:
     return False
 
 
-def _progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
+def progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline and not any(s[0] > t1_ns for s in g.progress()[-4:]):
         time.sleep(0.005)  # one sample past the window, so its end is interpolated
@@ -229,7 +229,7 @@ def _stopped(events: list[dict[str, Any]]) -> float:
     return (resumes[-1] - stops[0]) * 1e3 if stops and resumes else float("nan")
 
 
-def _job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int, int]:
+def run_job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int, int]:
     """A snapshot job to its end: (downtime ms, total s, command monotonic ns, done monotonic ns)."""
     q = g.qmp
     q.events.clear()
@@ -245,7 +245,7 @@ def _job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int, i
     return _stopped(q.events), _ts(done) - sent, t0, t1
 
 
-def _background(g: Guest, path: Path) -> tuple[float, float, int, int]:
+def background_snapshot(g: Guest, path: Path) -> tuple[float, float, int, int]:
     """migrate with background-snapshot to a file: (downtime ms, total s, command ns, done ns)."""
     q = g.qmp
     q.events.clear()
@@ -258,7 +258,7 @@ def _background(g: Guest, path: Path) -> tuple[float, float, int, int]:
     return _stopped(q.events), _ts(done) - sent, t0, t1
 
 
-def _vmstate_bytes(g: Guest, tag: str) -> int:
+def vmstate_bytes(g: Guest, tag: str) -> int:
     for n in g.qmp.cmd("query-named-block-nodes"):
         if n["node-name"] == "disk0":
             for s in n["image"].get("snapshots", []):
@@ -283,7 +283,7 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
         emit({"system": g.system, "engine": engine, "op": op, "ram_mib": ram, "workload": condition,
               "dirty_rate_mibs": spec.dirty_rate_mib_s if condition == "dirty" else 0,
               "working_set_mib": spec.working_set(ram) if condition == "dirty" else 0, "rep": rep,
-              "downtime_ms": m[0], "total_s": m[1], "progress_ratio": _progress_ratio(g, m[2], m[3]) if paced else float("nan"),
+              "downtime_ms": m[0], "total_s": m[1], "progress_ratio": progress_ratio(g, m[2], m[3]) if paced else float("nan"),
               "vmstate_bytes": vm, "steady": steady, "started_at": time.time()})
 
     ours_save = [e for e in save_engines()[1:] if guest_runs(e)] if g.system == "snaplab" else []
@@ -291,25 +291,25 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
     for rep in range(spec.reps):
         tag = f"r{rep}"
         steady = wait_steady(g, w)
-        row(blocking_save, "save", rep, steady, _job(g, "snapshot-save", {"job-id": f"s{rep}", "tag": tag, **base}),
-            _vmstate_bytes(g, tag))
+        row(blocking_save, "save", rep, steady, run_job(g, "snapshot-save", {"job-id": f"s{rep}", "tag": tag, **base}),
+            vmstate_bytes(g, tag))
         steady = wait_steady(g, w)
-        row(blocking_load, "load", rep, steady, _job(g, "snapshot-load", {"job-id": f"l{rep}", "tag": tag, **base}),
-            _vmstate_bytes(g, tag))
+        row(blocking_load, "load", rep, steady, run_job(g, "snapshot-load", {"job-id": f"l{rep}", "tag": tag, **base}),
+            vmstate_bytes(g, tag))
         for eng in ours_load:
             steady = wait_steady(g, w)
             args = {"job-id": f"l{rep}-{eng}", "tag": tag, **base, "__org.snaplab_engine": eng}
-            row(eng, "load", rep, steady, _job(g, "snapshot-load", args), _vmstate_bytes(g, tag))
-        _job(g, "snapshot-delete", {"job-id": f"d{rep}", "tag": tag, "devices": ["disk0"]})
+            row(eng, "load", rep, steady, run_job(g, "snapshot-load", args), vmstate_bytes(g, tag))
+        run_job(g, "snapshot-delete", {"job-id": f"d{rep}", "tag": tag, "devices": ["disk0"]})
         for eng in ours_save:
             steady = wait_steady(g, w)
             t = f"{tag}-{eng}"
-            m = _job(g, "snapshot-save", {"job-id": f"s{rep}-{eng}", "tag": t, **base, "__org.snaplab_engine": eng})
-            row(eng, "save", rep, steady, m, _vmstate_bytes(g, t))
-            _job(g, "snapshot-delete", {"job-id": f"d{rep}-{eng}", "tag": t, "devices": ["disk0"]})
+            m = run_job(g, "snapshot-save", {"job-id": f"s{rep}-{eng}", "tag": t, **base, "__org.snaplab_engine": eng})
+            row(eng, "save", rep, steady, m, vmstate_bytes(g, t))
+            run_job(g, "snapshot-delete", {"job-id": f"d{rep}-{eng}", "tag": t, "devices": ["disk0"]})
         steady = wait_steady(g, w)
         out = g.workdir / f"migrate{rep}.bin"
-        m = _background(g, out)
+        m = background_snapshot(g, out)
         row(MIGRATE_BACKGROUND, "save", rep, steady, m, out.stat().st_size)
         out.unlink()
 
