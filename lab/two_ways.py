@@ -59,7 +59,7 @@ def snapshot_two_ways(system: str, ram_mib: int = 128, seed: int = 1, rate_mib_s
         wait_steady(g, spec)
         stream = g.workdir / "background.bin"
         b = background_snapshot(g, stream)
-        out["background"] = {"downtime_ms": b[0], "total_s": b[1], "progress": progress_ratio(g, b[2], b[3]),
+        out["migrate"] = {"downtime_ms": b[0], "total_s": b[1], "progress": progress_ratio(g, b[2], b[3]),
                              "file_bytes": stream.stat().st_size}
         out["snapshots"] = _qemu_img("snapshot", "-l", "-U", str(disk))
         out["disk_after"] = _qemu_img("info", "-U", str(disk))

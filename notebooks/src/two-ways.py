@@ -28,7 +28,7 @@ print('systems:', SYSTEMS, '| guest: 128 MiB, the dirty workload at 50 MiB/s ove
 results = {s: snapshot_two_ways(s, ram_mib=128, seed=1) for s in SYSTEMS}
 print(f"{'system':>8} {'operation':>10} {'downtime ms':>12} {'total s':>8} {'guest progress':>15} {'stored':>22}")
 for s, r in results.items():
-    i, b = r['internal'], r['background']
+    i, b = r['internal'], r['migrate']
     print(f"{s:>8} {'internal':>10} {i['downtime_ms']:12.2f} {i['total_s']:8.3f} {i['progress']:15.0%} {i['vmstate_bytes'] / 2**20:9.1f} MiB in qcow2")
     print(f"{s:>8} {'background':>10} {b['downtime_ms']:12.2f} {b['total_s']:8.3f} {b['progress']:15.0%} {b['file_bytes'] / 2**20:9.1f} MiB in a file")"""),
     ("md", """Read the table: the internal snapshot stops the guest for the whole save on both systems (its progress during the operation is a small fraction of its rate before); the background snapshot stops it only to arm the write protection, and the guest keeps most of its speed while the stream is written. QEMU's background stop also sends the device state; snaplab's holds only the CPU context, the device sections and one `UFFDIO_WRITEPROTECT` (`docs/deviations.md` 34)."""),
@@ -38,7 +38,7 @@ for s, r in results.items():
     names = [line.split()[1] for line in r['snapshots'].strip().splitlines()[2:]]
     print('snapshots in the image:', names)
     print('the background snapshot left no snapshot in the image:', names == ['internal'])
-    print('it wrote its stream to a file of its own:', r['background']['file_bytes'] > 0)"""),
+    print('it wrote its stream to a file of its own:', r['migrate']['file_bytes'] > 0)"""),
     ("md", """Only the internal snapshot is in the image. The background snapshot's stream is a file beside it, and the disks it would need are wherever you put them. The internal snapshot's VM state is inside `disk0.qcow2`, past the end of its 1 GiB virtual disk: `qemu-img info` lists the snapshot with its VM-state size (`VM SIZE`), and the image's allocated size grew by about that much:"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 for s, r in results.items():

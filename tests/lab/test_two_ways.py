@@ -10,6 +10,6 @@ def test_internal_snapshot_in_the_image_background_snapshot_in_a_file() -> None:
     names = [line.split()[1] for line in r["snapshots"].strip().splitlines()[2:]]
     assert names == ["internal"]  # the background snapshot adds nothing to the image
     assert r["internal"]["vmstate_bytes"] > 4 << 20  # the pages the guest dirtied are in it
-    assert r["background"]["file_bytes"] > 4 << 20
+    assert r["migrate"]["file_bytes"] > 4 << 20
     assert r["disk_allocated_bytes"] >= r["internal"]["vmstate_bytes"]  # the VM state lives in the image
     assert r["steady"]
