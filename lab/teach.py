@@ -156,13 +156,19 @@ def ram_in_use_sweep(engine: str, ram_sizes: Sequence[int], in_use: Sequence[int
            [("RAM in use varies", fixed_ram, ws) for ws in in_use]
     for sweep, mib, ws in plan:
         spec = ExperimentSpec(ram_mib=mib, engine=engine, working_set_mib=ws, dirty_rate_mib_s=0,
-                              seed=seed, repetitions=reps, warmup_s=0.3)
+                              seed=seed, repetitions=reps, warmup_s=0.6)
         for r in run_experiment(spec):
             rows.append({**r, "sweep": sweep, "vmstate_mib": r["vmstate_bytes"] / 2**20})
     return rows
 
 
 # -- which instant does a snapshot hold? ------------------------------------------------------------
+
+PROMPT_MS = 25.0
+"""A stop this soon after the command is "at the request": the command's own handling takes a
+few ms (1-5 ms measured for the blocking and copy-on-write engines), while an engine that copies
+RAM before its stop needs tens of ms for 128 MiB."""
+
 
 def saved_instants(engines: Sequence[str], *, ram_mib: int = 128, reps: int = 3, seed: int = 7,
                    dirty_rate_mib_s: int = 50, gap_s: float = 0.3) -> list[dict[str, Any]]:
@@ -215,7 +221,7 @@ def saved_instants(engines: Sequence[str], *, ram_mib: int = 128, reps: int = 3,
         hi = (host_ns[above[0]] / 1e9 - t0) * 1e3 if len(above) else math.nan
         out.append({**row, "saved_lo_ms": lo, "saved_hi_ms": hi,
                     "stop_inside_saved_bracket": bool(lo <= row["stop_ms"] <= hi),
-                    "stop_at": "start" if row["stop_ms"] < row["end_ms"] - row["stop_ms"] else "end"})
+                    "stopped": "at the request" if row["stop_ms"] < PROMPT_MS else "after copying RAM"})
     return out
 
 
@@ -230,38 +236,46 @@ def per_mib_costs(rows: Sequence[dict[str, Any]], key: str = "downtime_ms") -> d
 
 def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, float]] | None = None,
                 path: str | Path | None = None) -> Any:
-    """Left: blocking-save downtime against RAM size, one line per sweep; right: against the
-    VM state written (MiB), with QEMU 7.2's recorded saves ({RAM MiB: (vmstate MiB, s)}).
-    Medians with interquartile bars."""
+    """Left: blocking-save downtime against RAM size with the RAM in use fixed; right: against
+    the VM state written (MiB) with the RAM size fixed, beside QEMU 7.2's recorded saves
+    ({RAM MiB: (VM state MiB, s)}).  Medians with interquartile bars."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (sweep, marker), ax_x in zip((("RAM size varies", "o"), ("RAM in use varies", "s")), (0, 1), strict=True):
-        del ax_x
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    panels = (("RAM size varies", "ram_mib", "o", "-"), ("RAM in use varies", "working_set_mib", "s", "--"))
+    for ax, (sweep, gkey, marker, ls) in zip(axes, panels, strict=True):
         mine = [r for r in rows if r["sweep"] == sweep]
-        for ax, xkey in zip(axes, ("ram_mib", "vmstate_mib"), strict=True):
-            xs = sorted({round(float(r[xkey]), 1) for r in mine})
-            sums = [summarize([r["downtime_ms"] for r in mine if round(float(r[xkey]), 1) == x]) for x in xs]
-            meds = [s.median for s in sums]
-            err = [[s.median - s.q1 for s in sums], [s.q3 - s.median for s in sums]]
-            fixed = "in use fixed" if sweep == "RAM size varies" else "RAM size fixed"
-            ax.errorbar(xs, meds, yerr=err, marker=marker, color="black", capsize=3,
-                        linestyle="-" if marker == "o" else "--", label=f"snaplab: {sweep.lower()} ({fixed})")
+        keys = sorted({r[gkey] for r in mine})
+        xkey = "ram_mib" if gkey == "ram_mib" else "vmstate_mib"
+        xs = [summarize([float(r[xkey]) for r in mine if r[gkey] == k]).median for k in keys]
+        sums = [summarize([r["downtime_ms"] for r in mine if r[gkey] == k]) for k in keys]
+        err = [[s.median - s.q1 for s in sums], [s.q3 - s.median for s in sums]]
+        fixed = f"{mine[0]['working_set_mib']} MiB in use" if gkey == "ram_mib" else f"{mine[0]['ram_mib']} MiB of RAM"
+        ax.errorbar(xs, [s.median for s in sums], yerr=err, marker=marker, color="black", capsize=3, linestyle=ls,
+                    label=f"snaplab blocking save, {fixed} (median, IQR)")
     if qemu:
         qx = sorted(qemu)
         axes[1].plot([qemu[x][0] for x in qx], [qemu[x][1] * 1e3 for x in qx], marker="D", color="grey",
-                     linestyle="-.", label="QEMU 7.2 savevm, RAM full of random bytes (recorded, median of 3)")
-    for ax, label in zip(axes, ("guest RAM (MiB)", "VM state written (MiB) = RAM in use"), strict=True):
+                     linestyle="-.", label="QEMU 7.2 savevm, RAM filled with random bytes (recorded, median of 3)")
+    titles = ("RAM size varies, RAM in use fixed", "RAM in use varies, RAM size fixed")
+    for ax, label, title in zip(axes, ("guest RAM (MiB)", "VM state written (MiB) = RAM in use"), titles, strict=True):
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if ax is axes[1]:
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("downtime, STOP to RESUME (ms)")
+        ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", linewidth=0.3)
-    axes[0].set_title("against RAM size")
-    axes[1].set_title("against RAM in use")
-    handles, labels = axes[1].get_legend_handles_labels()
+    handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
+    labels = [lab for ax in axes for lab in ax.get_legend_handles_labels()[1]]
     fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.2, 1, 1))
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
@@ -271,3 +285,42 @@ QEMU_RECORDED_SAVES = {256: (257677170 / 2**20, 0.812), 1024: (1043832381 / 2**2
                        2048: (2119672617 / 2**20, 7.090), 4096: (4221033351 / 2**20, 10.547)}
 """QEMU 7.2 blocking snapshot-save on this host, RAM filled with random bytes: {RAM MiB: (VM
 state MiB, median downtime s)} (shared/reference/qemu-7.2-qmp.md, "Blocking snapshot-save")."""
+
+
+def slope(rows: Sequence[dict[str, Any]], xkey: str, ykey: str) -> float:
+    """The least-squares slope of ``ykey`` against ``xkey`` over the rows."""
+    x = np.array([float(r[xkey]) for r in rows])
+    y = np.array([float(r[ykey]) for r in rows])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def engines_spread_figure(rows: Sequence[dict[str, Any]], engines: Sequence[str], path: str | Path | None = None) -> Any:
+    """Per engine: downtime (log), time until the snapshot exists, and the guest's speed during
+    the save; every repetition a dot, the median a bar, the interquartile range a line."""
+    import matplotlib.pyplot as plt
+
+    panels = [("downtime_ms", "downtime, STOP to RESUME (ms, log)", True),
+              ("total_s", "until the snapshot exists (s)", False),
+              ("progress_during_save", "guest speed during the save\n(1 = its speed before)", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.6))
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for i, eng in enumerate(engines):
+            vals = [float(r[key]) for r in rows if r["engine"] == eng]
+            s = summarize(vals)
+            ax.bar(i, s.median, width=0.6, color="white", edgecolor="black")
+            ax.plot([i, i], [s.q1, s.q3], color="black", linewidth=3)
+            ax.scatter([i - 0.15 + 0.3 * j / max(1, len(vals) - 1) for j in range(len(vals))], vals,
+                       color="grey", s=14, zorder=3)
+        ax.set_xticks(range(len(engines)), list(engines))
+        ax.set_ylabel(label, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(True, axis="y", linewidth=0.3)
+    n = summarize([1.0 for r in rows if r["engine"] == engines[0]]).n
+    ram = sorted({r["ram_mib"] for r in rows})
+    fig.suptitle(f"{n} saves per engine, {', '.join(map(str, ram))} MiB guest: bar = median, "
+                 "black line = interquartile range, dots = each save", fontsize=9)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
