@@ -195,9 +195,10 @@ def qemu_img_info(path: str | Path) -> dict[str, Any]:
     return dict(json.loads(qemu_img("info", "-U", "--output=json", str(path))))
 
 
-def make_example(workdir: str | Path, ram_mib: int = 64, seed: int = 1) -> Path:
+def make_example(workdir: str | Path, ram_mib: int = 64, seed: int = 1, fill_mib: int = 8) -> Path:
     """A 1 GiB qcow2 disk with 0x11 in its first cluster and 0x55 at 600 MiB (a second L2
-    table), then one ``snapshot-save`` (VM state included) of a running guest on it.
+    table), then one ``snapshot-save`` (VM state included) of a running idle guest on it whose
+    RAM holds ``fill_mib`` MiB of 0x5a from 16 MiB on (so the VM state has a known size).
 
     The disk is written through snaplab's qcow2 driver (the public ``Qcow2Image`` API), the
     snapshot through QMP; the file is left closed for reading."""
@@ -211,8 +212,9 @@ def make_example(workdir: str | Path, ram_mib: int = 64, seed: int = 1) -> Path:
     img.write(0, b"\x11" * 65536)
     img.write(600 << 20, b"\x55" * 65536)
     img.close()
-    m, g = build_machine(ExperimentSpec(ram_mib=ram_mib, seed=seed, dirty_rate_mib_s=50), wd)
+    m, g = build_machine(ExperimentSpec(ram_mib=ram_mib, seed=seed, workload="idle"), wd)
     try:
+        m.ram.write(16 << 20, b"\x5a" * (fill_mib << 20))
         m.start()
         q = m.qmp()
         import time

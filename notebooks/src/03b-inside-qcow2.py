@@ -1,0 +1,100 @@
+"""Notebook 03b-inside-qcow2: 3b. Inside a qcow2 file"""
+
+CELLS: list[tuple[str, str]] = [
+    ("md", """# 3b. Inside a qcow2 file: tables, refcounts, snapshots, and where the VM state lives
+
+**Learning goals.** After this notebook you can
+1. read a qcow2 header and find the L1 table, the refcount table and the snapshot table from it;
+2. translate a guest (virtual) offset into a file offset through the L1 and L2 tables;
+3. explain what a refcount of 2 and the `COPIED` flag mean for a snapshot, and what happens on the next guest write (copy-on-write at the cluster level);
+4. find a snapshot's **VM state**: in clusters mapped by the snapshot's own L1 table at guest offsets *past the end of the virtual disk*.
+
+**Prerequisites.** Notebook 3 (internal snapshots, `qemu-img snapshot -l`). Hexadecimal.
+
+**What to look at.** The header fields, the layout table (which cluster is what), the refcounts of data clusters before and after one write, and the first bytes at the VM-state offset.
+
+**Reference.** QEMU's `docs/interop/qcow2.txt` (sections "Header", "Host cluster management", "Cluster mapping", "Snapshots"); summarised in shared/reference/qemu-internals.md section 5. Everything below is read with Python's `struct` by `lab.qcow2_view`, written from that text and independent of snaplab's driver, and checked against the real `qemu-img` 7.2.
+
+**The image.** A 1 GiB qcow2 disk, written through snaplab's driver with `0x11` in its first cluster and `0x55` at 600 MiB, then one `snapshot-save` (with VM state) of a running 64 MiB guest running the `idle` workload, with 8 MiB of its RAM set to `0x5a` (so the VM state has a known size and the image is the same at every run).
+
+Lab functions used: `lab.qcow2_view.make_example`, `Qcow2View`, `qemu_img`, `write_through_driver`."""),
+    ("code", """import tempfile
+from pathlib import Path
+from lab import qcow2_view as qv
+work = Path(tempfile.mkdtemp(prefix='snaplab-nb-'))
+path = qv.make_example(work)
+v = qv.Qcow2View.open(path)
+v.header"""),
+    ("md", """The header (qcow2.txt "Header"): `QFI\\xfb` and version 3; `cluster_bits` 16, so clusters are 64 KiB; `size` is the virtual disk, 1 GiB; `refcount_order` 4, so refcounts are 16-bit; the L1 table, the refcount table and the snapshot table are at the offsets given, and there is `nb_snapshots` 1. Each L2 table is one cluster of 8-byte entries, so it maps 8192 clusters = 512 MiB, and a 1 GiB disk needs 2 L1 entries; `l1_size` says 3: the third is for the VM state (below)."""),
+    ("code", """print(qv.qemu_img('info', str(path)))"""),
+    ("code", """for off, what in v.layout():
+    print(f'{off:#10x}  refcount {v.refcount(off)}  {what}')"""),
+    ("md", """Every metadata structure is a cluster with refcount 1. Clusters not listed are data clusters or VM state. The snapshot has its **own** L1 table and, in snaplab, its own L2 tables; QEMU's snapshot would share the L2 tables with the active L1 (refcount 2) and copy one only when it is written. snaplab gives the active L1 fresh L2 copies at snapshot time instead (docs/deviations.md entry 2; exercise 3 shows QEMU's way on the same image)."""),
+    ("code", """# the active L1: each entry = an L2 table's offset, bit 63 = COPIED
+[hex(e) for e in v.l1()]"""),
+    ("code", """# the data clusters the active L1 reaches, and their refcounts
+[(c['guest_offset'] >> 20, hex(c['host_offset']), 'COPIED' if c['COPIED'] else 'shared', v.refcount(c['host_offset']))
+ for c in v.mapped(v.l1())]"""),
+    ("md", """Two data clusters, at guest offsets 0 and 600 MiB (listed in MiB), through two different L2 tables (600 MiB is in the second 512 MiB). Each has refcount **2**: the active disk and the snapshot both point to it, so the L2 entries do not carry `COPIED` (qcow2.txt: bit 63 is set only "if its refcount is exactly one"). A guest write to such a cluster must not change it in place."""),
+    ("code", """snap = v.snapshots()[0]
+print({k: getattr(snap, k) for k in ('entry_offset', 'l1_table_offset', 'l1_size', 'id', 'name', 'vm_state_size',
+                                      'disk_size', 'entry_bytes')})
+print('VM state = the 8 MiB of non-zero RAM plus', snap.vm_state_size - (8 << 20), 'bytes of stream, CPU and devices')
+print(qv.qemu_img('snapshot', '-l', str(path)))"""),
+    ("md", """The snapshot table entry (qcow2.txt "Snapshot table entry"): its L1 table's offset and size, id `1`, name `snap1`, the VM-state size (the 64-bit field of the extra data, bytes 40-47) and the disk size (bytes 48-55); the entry takes 72 bytes with its names and padding to a multiple of 8. The date and the VM clock are in it too (not printed: they change at every run). `qemu-img snapshot -l` reads the same entry (its `VM SIZE` is this byte count in binary units). The VM state is the non-zero RAM (the 8 MiB of `0x5a`, and the zero pages are not stored) plus a little more for the stream's framing, the page bitmap, the CPU and the devices.
+
+## Where the VM state lives
+
+QEMU puts the VM state at the guest offset of the first L1 entry past the disk: `qcow2_vm_state_offset = l1_vm_state_index << (cluster_bits + l2_bits)` (block/qcow2.h; shared/reference/qemu-internals.md section 5). For a 1 GiB disk that is L1 index 2, guest offset 1 GiB: just past the end of the disk, where no guest write can reach."""),
+    ("code", """snap_l1 = v.l1(snap.l1_table_offset, snap.l1_size)
+vm_off = v.vm_state_offset()
+print('VM state at guest offset', hex(vm_off), '= the disk size:', vm_off == v.header['size'])
+print('snapshot L1:', [hex(e) for e in snap_l1])
+print('active L1 entry for the VM state:', hex(v.l1()[vm_off >> 29]))
+host = v.host_offset(vm_off, snap_l1)
+print('first bytes there:', v.read(host, 4))
+clusters = [c for c in v.mapped(snap_l1) if c['guest_offset'] >= vm_off]
+print('VM-state clusters:', len(clusters), '; enough for vm_state_size:', len(clusters) * v.cluster_size >= snap.vm_state_size)"""),
+    ("md", """The snapshot's L1 has a third entry, an L2 table that maps the VM state; the active L1's third entry is 0. Through it, the first bytes at the VM-state offset are `QEVM`, the magic of the VM-state stream (QEMU's framing; snaplab's stream inside it is its own, docs/deviations.md entry 23). The VM state is stored exactly like disk contents, only at offsets the guest's disk never reaches (qcow2.txt, snapshot table entry bytes 32-35: "VM state is stored like guest disk content, except that it is stored at offsets that are larger than the virtual disk presented to the guest").
+
+QEMU also removes the VM state from the active L1 after creating a snapshot: "The VM state isn't needed any more in the active L1 table; in fact, it hurts by causing expensive COW for the next snapshot" (block/qcow2-snapshot.c `qcow2_snapshot_create`, reference section 5). Both agree here: the active entry is 0."""),
+    ("code", """print(qv.qemu_img('check', str(path)))"""),
+    ("md", """`qemu-img check` recomputes every refcount from the L1/L2 tables of the active image and of every snapshot and compares it with the refcount blocks (QEMU's block/qcow2-refcount.c, `qcow2_check_refcounts`): no errors, no leaks.
+
+## Exercises: predict, then measure
+
+1. **One guest write.** Write `0x22` over the first cluster of the disk (through snaplab's driver). Predict: the refcount of the old data cluster, whether the active L2 entry now points elsewhere, and the `COPIED` flag of the new entry.
+2. **A second write to the same cluster.** Predict whether a second write allocates again.
+3. **QEMU's own snapshot of the same image.** Copy the image, create a disk-only snapshot with `qemu-img snapshot -c`, and predict the refcount of the active L2 tables afterwards."""),
+    ("code", """v.close()
+qv.write_through_driver(path, 0, b'\\x22' * 65536)
+v = qv.Qcow2View.open(path)
+old = qv.Qcow2View.open(path).mapped(v.l1(snap.l1_table_offset, snap.l1_size))[0]
+new = v.mapped(v.l1())[0]
+print('old cluster', hex(old['host_offset']), 'refcount now', v.refcount(old['host_offset']))
+print('active entry moved:', new['host_offset'] != old['host_offset'], '| new refcount', v.refcount(new['host_offset']),
+      '| COPIED', new['COPIED'])
+print('snapshot still reads 0x11:', v.read(old['host_offset'], 4), '| active reads:', v.read(new['host_offset'], 4))"""),
+    ("code", """before = v.header['size'], len(v.refcounts())
+v.close()
+qv.write_through_driver(path, 0, b'\\x33' * 65536)
+v = qv.Qcow2View.open(path)
+print('clusters in use unchanged by the second write:', len(v.refcounts()) == before[1])
+print(qv.qemu_img('check', str(path)).splitlines()[0])"""),
+    ("code", """import shutil
+qpath = work / 'qemu-copy.qcow2'
+shutil.copy(path, qpath)
+print(repr(qv.qemu_img('snapshot', '-c', 'byqemu', str(qpath))))
+q = qv.Qcow2View.open(qpath)
+print('active L2 tables and their refcounts:', [(hex(e & qv.OFFSET_MASK), q.refcount(e & qv.OFFSET_MASK)) for e in q.l1() if e & qv.OFFSET_MASK])
+print(qv.qemu_img('check', str(qpath)).splitlines()[0])
+q.close()"""),
+    ("md", """<details><summary>Worked solutions</summary>
+
+1. The cluster was shared (refcount 2), so the write is **copy-on-write at the cluster level**: a new cluster is allocated for the active disk (refcount 1, `COPIED` set, so later writes go in place), the active L2 entry points to it, and the old cluster's refcount drops to **1**: only the snapshot uses it now, and it still holds `0x11`.
+2. **No** new cluster: the entry is `COPIED` (refcount 1), so the second write goes in place; the number of clusters in use is unchanged, and `qemu-img check` stays clean.
+3. QEMU's `qemu-img snapshot -c` copies only the L1 table and raises the refcount of everything it reaches, so the active L1's **L2 tables now have refcount 2**: shared with the new snapshot until the next write to each, which then copies that L2 table. snaplab avoids that first-write copy by giving the active L1 its own L2 tables at snapshot time (docs/deviations.md entry 2). Both images are valid for `qemu-img check`.
+</details>"""),
+    ("code", """v.close()
+shutil.rmtree(work)"""),
+]
