@@ -5,7 +5,7 @@ two qcow2 disks through QMP: ``snapshot-save`` with every save engine of the reg
 on either disk), ``snapshot-load`` with every load engine, ``snapshot-delete``, overwriting a
 tag (HMP ``savevm`` or delete + save), host writes to RAM and to disk1, and closing the machine
 and reopening the images from their files (then either loading a snapshot, as ``-loadvm``, or
-booting afresh).  All the while the guest (the ``mixed`` workload) stamps RAM pages and writes
+booting afresh; meanwhile the real qemu-img may take, delete or read snapshots of disk1).  All the while the guest (the ``mixed`` workload) stamps RAM pages and writes
 disk0, so the saves run against a guest that writes both.
 
 The model (pure Python) knows, for every snapshot: which disk holds its VM state, the host RAM
@@ -46,6 +46,7 @@ RAM = 32 << 20
 DISK = 8 << 20
 DISKS = ("disk0", "disk1")
 TAGS = ("a", "b", "c")
+EXT = "offline"  # the disk-only snapshot the real qemu-img takes of disk1
 HOST_PAGES = 8  # at the top of RAM, above the workload's data pages
 HOST_BASE = RAM - HOST_PAGES * PAGE
 SPEC = WorkloadSpec("mixed", seed=29, working_set=4 << 20, batch_pages=16, rate=32 << 20)
@@ -101,6 +102,7 @@ class SnapshotModel(RuleBasedStateMachine):
         self.jobs = 0
         self.booted = False
         self.cluster_size: dict[str, int] = {}
+        self.ext: bytes | None = None  # disk1 at qemu-img's disk-only snapshot EXT
 
     @initialize(layouts=st.lists(st.sampled_from(LAYOUTS), min_size=len(DISKS), max_size=len(DISKS)))
     def boot(self, layouts: list[tuple[int, int, int, bool]]) -> None:
@@ -251,6 +253,7 @@ class SnapshotModel(RuleBasedStateMachine):
         for d in DISKS:
             out = qemu_img("check", str(self.work / f"{d}.qcow2"))
             assert out.returncode == 0, out.stdout + out.stderr
+        self._offline(data.draw(st.sampled_from(["none", "create", "delete", "read"])))
         self.m, self.g = self._open()
         self.q = self.m.qmp()
         tag = data.draw(st.sampled_from(sorted(self.snaps)) if self.snaps and data.draw(st.booleans()) else st.none())
@@ -272,6 +275,25 @@ class SnapshotModel(RuleBasedStateMachine):
         assert err is None, err
         self._restored(tag, paused=True)
         self.m.start()
+
+    def _offline(self, action: str) -> None:
+        """While the machine is away, the real qemu-img takes, deletes or reads snapshots of
+        disk1: a disk-only snapshot (``EXT``) beside the machine's, or any snapshot's bytes."""
+        path = str(self.work / "disk1.qcow2")
+        if action == "create" and self.ext is None:
+            assert qemu_img("snapshot", "-c", EXT, path).returncode == 0
+            self.ext = bytes(self.disk1)
+        elif action == "delete" and self.ext is not None:
+            assert qemu_img("snapshot", "-d", EXT, path).returncode == 0
+            self.ext = None
+        elif action == "read":
+            want = {t: s.disk1 for t, s in self.snaps.items()} | ({EXT: self.ext} if self.ext is not None else {})
+            for tag, content in want.items():
+                raw = self.work / "snap.raw"
+                out = qemu_img("convert", "-f", "qcow2", "-O", "raw", "-l", f"snapshot.name={tag}", path, str(raw))
+                assert out.returncode == 0, out.stderr
+                assert raw.read_bytes() == content, tag
+                raw.unlink()
 
     # -- checks -------------------------------------------------------------------------------
     def _check_guest(self, counter: int) -> None:
@@ -300,7 +322,9 @@ class SnapshotModel(RuleBasedStateMachine):
                 out = qemu_img("check", "-U", str(path))
                 assert out.returncode == 0, out.stdout + out.stderr
                 tags = listed_tags(path)
-                assert set(tags) == set(self.snaps), (d, tags)
+                ext = {EXT} if d == "disk1" and self.ext is not None else set()
+                assert set(tags) == set(self.snaps) | ext, (d, tags)
+                assert not ext or tags[EXT] == "0B", tags
                 for tag, s in self.snaps.items():
                     assert (tags[tag] != "0B") == (s.vmstate == d), (d, tag, tags[tag])
             for tag, s in self.snaps.items():
