@@ -4,7 +4,7 @@ outputs nbval compares, and say whether the stored outputs are still those of th
 Run from anywhere:
 
     python notebooks/make.py              # rebuild and execute every notebook (quick mode)
-    python notebooks/make.py --only 01-tour --only 09-dashboard
+    python notebooks/make.py --only 01-tour --only 13-dashboard
     python notebooks/make.py --check      # exit 1 naming each stale notebook and why
 
 A notebook is ``notebooks/src/<stem>.py`` defining ``CELLS: list[tuple[str, str]]`` (``("md" |
@@ -40,14 +40,16 @@ ORDER: list[str] = [
     "01-tour",
     "02-hmp-vs-qmp",
     "03-ovmf-varstore",
-    "03b-inside-qcow2",
-    "04-blocking-savevm",
-    "04b-userfaultfd",
-    "05-copy-on-write",
-    "06-engines",
-    "07-lazy-restore",
-    "08-reproduction",
-    "09-dashboard",
+    "04-inside-qcow2",
+    "05-blocking-savevm",
+    "06-userfaultfd",
+    "07-copy-on-write",
+    "08-precopy",
+    "09-engines",
+    "10-two-ways",
+    "11-lazy-restore",
+    "12-reproduction",
+    "13-dashboard",
 ]
 
 # What the notebooks' outputs depend on besides their own cells (git-tracked files only).

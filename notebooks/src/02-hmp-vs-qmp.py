@@ -43,7 +43,7 @@ def kind(t):
     return t if e['meta-type'] in ('builtin', 'array') else e['meta-type'] + ' ' + str(e.get('values', ''))
 [(m['name'], kind(m['type']), 'optional' if 'default' in m else 'required')
  for m in schema[schema['snapshot-save']['arg-type']]['members']]"""),
-    ("md", """A client can learn from the server itself that `snapshot-save` takes four required arguments, as QEMU 7.2's schema says (shared/reference/qemu-7.2-qmp.md section 7). The two optional members with the `__org.snaplab_` prefix are snaplab's downstream extensions (QAPI's naming rule for downstream additions; docs/deviations.md entry 27): they choose the save engine of notebooks 5-7. QEMU 7.2 does not have them."""),
+    ("md", """A client can learn from the server itself that `snapshot-save` takes four required arguments, as QEMU 7.2's schema says (shared/reference/qemu-7.2-qmp.md section 7). The two optional members with the `__org.snaplab_` prefix are snaplab's downstream extensions (QAPI's naming rule for downstream additions; docs/deviations.md entry 27): they choose the save engine of notebooks 7-9. QEMU 7.2 does not have them."""),
     ("code", """s.close()"""),
     ("md", """## Problem 4: does the monitor answer while a save runs?
 
@@ -72,7 +72,7 @@ print('vmstate_mib'); print(teach.spread_table(rows, 'vmstate_mib', by=('who',),
 * **QEMU 7.2**: the `snapshot-save` reply arrives only after the guest has resumed (its `save_reply_s` is at least its `stopped_s`), and `query-status`, sent at the same moment, is answered after that too, never before RESUME; it then says `running`, because by then the save is over. The monitor was blocked for the whole save: the job's work is a bottom half in the main loop (migration/savevm.c, `snapshot_save_job_bh`), and the monitor is served by the same loop. The recorded QEMU transcripts show the same at 2 GiB: a `query-status` written with the save was answered 2.63 s later, right after RESUME (shared/reference/qemu-7.2-qmp.md section 6.2).
 * **snaplab**: the `snapshot-save` reply and the `query-status` reply both come within a few milliseconds, before RESUME; `query-status` may say `save-vm` (the VM is stopped and saving), a state a QEMU 7.2 client never sees answered. snaplab runs each job on its own thread and keeps serving the monitor (docs/deviations.md entry 15).
 
-So the responsive monitor is **snaplab's improvement over QEMU 7.2**, not something moving savevm to QMP achieved: QMP made the commands *jobs* so that a later QEMU *could* run them without blocking, as the commit message above says. The guest's stop is a separate matter: both stop the guest for the whole blocking save (`stopped_s`); notebooks 5-7 shorten that.
+So the responsive monitor is **snaplab's improvement over QEMU 7.2**, not something moving savevm to QMP achieved: QMP made the commands *jobs* so that a later QEMU *could* run them without blocking, as the commit message above says. The guest's stop is a separate matter: both stop the guest for the whole blocking save (`stopped_s`); notebooks 7-9 shorten that.
 
 Consequence for a client: QEMU 7.2 cannot report a save's progress or accept a second command during it; snaplab answers, and refuses a second snapshot operation with `Another snapshot operation is in progress` (docs/deviations.md entry 25), where QEMU would simply run it afterwards."""),
     ("md", """## Exercises: predict, then measure

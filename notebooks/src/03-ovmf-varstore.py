@@ -49,7 +49,7 @@ print(repr(q2.hmp('savevm snap1')))
 print(q2.hmp('info snapshots'))"""),
     ("code", """for image in ('vars.qcow2', 'disk0.qcow2'):
     print(image, qemu_img('snapshot', '-U', '-l', str(q2s.workdir / image)))"""),
-    ("md", """`snap1` is now "present on all disks", and `qemu-img` shows where the VM state went: into **`vars.qcow2`**, the variable store (non-zero `VM SIZE`), while `disk0.qcow2` got a disk-only snapshot (`0 B`). HMP took the first snapshot-capable device, and the flash comes before the disk. A 128 KiB firmware image now holds megabytes of RAM contents, past the end of its virtual size (notebook 3b shows how a qcow2 image stores VM state past the end of the disk).
+    ("md", """`snap1` is now "present on all disks", and `qemu-img` shows where the VM state went: into **`vars.qcow2`**, the variable store (non-zero `VM SIZE`), while `disk0.qcow2` got a disk-only snapshot (`0 B`). HMP took the first snapshot-capable device, and the flash comes before the disk. A 128 KiB firmware image now holds megabytes of RAM contents, past the end of its virtual size (notebook 4 shows how a qcow2 image stores VM state past the end of the disk).
 
 QEMU 7.2 does the same: "HMP savevm put the vmstate on the first snapshot-capable node, which was the qcow2 varstore `fw-vars`" (shared/reference/qemu-7.2-qmp.md section 5.2). libvirt hit the consequence: its own choice of the VM-state device differed from QEMU's "on VMs with UEFI firmware with NVRAM image in qcow2 format", so it switched to `snapshot-load` (libvirt commit 2ed93e1a, "qemu: monitor: Add monitor infrastructure for 'snapshot-load' QMP command", Peter Krempa).
 

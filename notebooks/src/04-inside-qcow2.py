@@ -1,7 +1,7 @@
-"""Notebook 03b-inside-qcow2: 3b. Inside a qcow2 file"""
+"""Notebook 04-inside-qcow2: 3b. Inside a qcow2 file"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 3b. Inside a qcow2 file: tables, refcounts, snapshots, and where the VM state lives
+    ("md", """# 4. Inside a qcow2 file: tables, refcounts, snapshots, and where the VM state lives
 
 **Learning goals.** After this notebook you can
 1. read a qcow2 header and find the L1 table, the refcount table and the snapshot table from it;

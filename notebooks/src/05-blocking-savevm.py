@@ -1,7 +1,7 @@
-"""Notebook 04-blocking-savevm: 4. Blocking savevm"""
+"""Notebook 05-blocking-savevm: 4. Blocking savevm"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 4. Blocking savevm: what sets the length of the stop
+    ("md", """# 5. Blocking savevm: what sets the length of the stop
 
 **Learning goals.** After this notebook you can
 1. list what a blocking save does while the guest is stopped: scan RAM for zero pages, write the non-zero pages into the qcow2 image, commit the snapshot's metadata; and what it does after RESUME (flush);

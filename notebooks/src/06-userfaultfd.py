@@ -1,7 +1,7 @@
-"""Notebook 04b-userfaultfd: 4b. userfaultfd step by step"""
+"""Notebook 06-userfaultfd: 4b. userfaultfd step by step"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 4b. userfaultfd step by step: write protection, the fault loop, filling missing pages
+    ("md", """# 6. userfaultfd step by step: write protection, the fault loop, filling missing pages
 
 **Learning goals.** After this notebook you can
 1. name the steps of a userfaultfd write-protect window: create the descriptor and negotiate features (`UFFDIO_API`), register a range (`UFFDIO_REGISTER`), protect it (`UFFDIO_WRITEPROTECT`), serve faults in a loop, release, unregister;
@@ -10,7 +10,7 @@ CELLS: list[tuple[str, str]] = [
 4. fill missing pages three ways (`UFFDIO_COPY`, `UFFDIO_ZEROPAGE`, `UFFDIO_MOVE`) and say which lazy restore uses when;
 5. say which write-protect backend snaplab uses for guest RAM, and why.
 
-**Prerequisites.** Notebook 4 (what a blocking save does); virtual memory and page faults at the level of "a page table entry can forbid writes".
+**Prerequisites.** Notebook 5 (what a blocking save does); virtual memory and page faults at the level of "a page table entry can forbid writes".
 
 **What to look at.** The feature list the kernel grants; `faults` and `service_us` for the two granules; `ms_per_MiB` of the fill ioctls.
 
@@ -48,7 +48,7 @@ A range registered in *missing* mode faults on first access to a page that has n
 fills = us.fill_costs(reps=REPS)
 print(teach.spread_table(fills, 'ms_per_MiB', by=('ioctl', 'step'), digits=3))"""),
     ("code", """sorted({(r['ioctl'], r['step'], r['bytes_filled'] == 32 << 20, r['contents_right']) for r in fills})"""),
-    ("md", """Every fill put the right contents in all 32 MiB. Per MiB, 2 MiB calls are much cheaper than 4 KiB calls for all three: the per-call cost (a system call, a page-table walk) is paid 512 times less often, and a zero or moved huge page can be installed as one huge-page entry. `UFFDIO_MOVE` of whole huge pages is the cheapest because nothing is copied. snaplab's lazy load engines fill RAM in 2 MiB chunks: they read a chunk into the old RAM's pages set aside and move them in with `UFFDIO_MOVE` where the kernel allows it, and fall back to `UFFDIO_COPY` otherwise (emulator/migration/postcopy.py `_fill`). Notebook 7 measures the lazy loads.
+    ("md", """Every fill put the right contents in all 32 MiB. Per MiB, 2 MiB calls are much cheaper than 4 KiB calls for all three: the per-call cost (a system call, a page-table walk) is paid 512 times less often, and a zero or moved huge page can be installed as one huge-page entry. `UFFDIO_MOVE` of whole huge pages is the cheapest because nothing is copied. snaplab's lazy load engines fill RAM in 2 MiB chunks: they read a chunk into the old RAM's pages set aside and move them in with `UFFDIO_MOVE` where the kernel allows it, and fall back to `UFFDIO_COPY` otherwise (emulator/migration/postcopy.py `_fill`). Notebook 11 measures the lazy loads.
 
 ## Which write-protect backend does snaplab use, and why?"""),
     ("code", """from lab.spec import WP_BACKENDS, ExperimentSpec, compare_engines

@@ -1,7 +1,7 @@
-"""Notebook 05-copy-on-write: 5. Copy-on-write snapshots"""
+"""Notebook 07-copy-on-write: 5. Copy-on-write snapshots"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 5. Copy-on-write snapshots
+    ("md", """# 7. Copy-on-write snapshots
 
 **Learning goals.** After this notebook you can
 1. explain how a copy-on-write snapshot keeps the guest stopped only to write-protect RAM, and saves RAM while the guest runs, still holding the stop instant's contents;
@@ -9,9 +9,9 @@ CELLS: list[tuple[str, str]] = [
 3. say what QEMU 7.2 has of this (the `background-snapshot` migration capability) and what snaplab does differently (an internal qcow2 snapshot through `snapshot-save`, 2 MiB chunks);
 4. predict the fault count and the VM-state size of a copy-on-write save from the guest's working set.
 
-**Prerequisites.** Notebook 4 (what a blocking save does in its stop) and notebook 4b (userfaultfd write protection).
+**Prerequisites.** Notebook 5 (what a blocking save does in its stop) and notebook 6 (userfaultfd write protection).
 
-**The guest.** The `dirty` workload, unthrottled, writing pages at random in a 32 MiB working set: the RAM in use is the same 32 MiB at every RAM size (notebook 4), and every 2 MiB chunk of the working set is written again and again during the save.
+**The guest.** The `dirty` workload, unthrottled, writing pages at random in a 32 MiB working set: the RAM in use is the same 32 MiB at every RAM size (notebook 5), and every 2 MiB chunk of the working set is written again and again during the save.
 
 **What to look at.** The downtime table (medians and IQR, both engines), the faults and where the pages came from (`pages_by_fault` vs `pages_by_background`), and the progress timeline: the guest keeps running, slowed, through the window.
 
@@ -61,7 +61,7 @@ fig = plot.fault_latency(one)"""),
     ("md", """**Is the saved state really the stop instant?** The `dirty` guest stamps each page it writes with its iteration number, and the host can compute, from the guest's own iteration counter, which stamp every page must carry (emulator/guest.py `expected_generations`). Load the snapshot and compare all pages: a snapshot mixing pages from before and after the stop would fail."""),
     ("code", """from lab.proofs import stop_instant_proof
 stop_instant_proof(COW, seed=SEED)"""),
-    ("md", """Every page matches the iteration counter saved with the CPU state, although the guest wrote during the save (it took faults). This shows the snapshot is *consistent* (one instant for RAM and CPU); notebook 6 shows *which* instant it is.
+    ("md", """Every page matches the iteration counter saved with the CPU state, although the guest wrote during the save (it took faults). This shows the snapshot is *consistent* (one instant for RAM and CPU); notebook 9 shows *which* instant it is.
 
 **What QEMU 7.2 does, and what snaplab does differently.**
 * QEMU: `migrate-set-capabilities background-snapshot` then `migrate` to a file or pipe; the result is a migration stream, not a qcow2 snapshot, and the disks are not snapshotted with it (shared/reference/qemu-internals.md section 4.1; recorded on this host: 2.8 ms STOP-to-RESUME at 256 MiB, shared/reference/qemu-7.2-qmp.md "Background snapshot"). It protects and saves 4 KiB pages.

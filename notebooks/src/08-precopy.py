@@ -1,14 +1,14 @@
-"""Notebook precopy: Pre-copy: rounds, dirty rate against write bandwidth, convergence"""
+"""Notebook 08-precopy: Pre-copy: rounds, dirty rate against write bandwidth, convergence"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# Pre-copy: rounds, dirty rate against write bandwidth, and why some guests never converge
+    ("md", """# 8. Pre-copy: rounds, dirty rate against write bandwidth, and why some guests never converge
 
 **Learning goals.** After this notebook you can
 1. describe a pre-copy save round by round: copy everything while the guest runs, then copy again what it dirtied meanwhile, until the rest is small enough to copy with the guest stopped;
 2. predict the rounds from three numbers (the guest's dirty rate `D`, the write bandwidth `W`, a fixed cost `c` per round) and the working set `S`, and check the prediction against measured rounds;
 3. explain why a guest that dirties faster than the save writes never converges, and what that costs in downtime.
 
-**Prerequisites.** Notebook 4 (the blocking save) and the copy-on-write notebook (write protection); what a dirty page is.
+**Prerequisites.** Notebooks 5 (the blocking save), 6 (userfaultfd) and 7 (copy-on-write); what a dirty page is.
 
 **What to look at.** The bytes of each round (measured bars beside the model's line), whether they shrink under the threshold, the final round (written with the guest stopped: the downtime), and how the picture changes when `D` grows.
 
@@ -61,7 +61,7 @@ for name, rows in (('100 MiB/s', slow), ('1000 MiB/s', fast)):
     print(f"{name}: final round median {np.median([r['rounds_mib'][-1] for r in rows]):.1f} MiB, "
           f"downtime median {np.median([r['downtime_ms'] for r in rows]):.1f} ms "
           f"(IQR {np.percentile([r['downtime_ms'] for r in rows], 25):.1f}-{np.percentile([r['downtime_ms'] for r in rows], 75):.1f})")"""),
-    ("md", """At 1000 MiB/s the guest re-dirties most of its working set during every round: the rounds stay near `S`, the engine gives up after its round limit, and the stop has to write about a working set. QEMU would keep iterating until its downtime limit is met (forever, here) unless auto-converge slows the guest down; snaplab's copy-on-write engine avoids the question altogether: it freezes RAM in one instant with write protection and copies a page before the guest's first write to it, so its stop does not depend on `D` (notebook 5)."""),
+    ("md", """At 1000 MiB/s the guest re-dirties most of its working set during every round: the rounds stay near `S`, the engine gives up after its round limit, and the stop has to write about a working set. QEMU would keep iterating until its downtime limit is met (forever, here) unless auto-converge slows the guest down; snaplab's copy-on-write engine avoids the question altogether: it freezes RAM in one instant with write protection and copies a page before the guest's first write to it, so its stop does not depend on `D` (notebook 7)."""),
     ("md", """## Exercises: predict, then measure
 
 1. **Three times the dirty rate.** With `D = 300 MiB/s` (about the fitted `W` on this project's machines), predict how many rounds run and how big the last one is. Compare `model_rounds(RAM_MIB * 2**20, W, c, 300 * 2**20, WS_MIB * 2**20, 8 * 2**20, 10)` with `precopy_rows(RAM_MIB, 300, WS_MIB)`.

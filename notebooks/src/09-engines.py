@@ -1,18 +1,18 @@
-"""Notebook 06-engines: 6. Blocking vs copy-on-write vs pre-copy"""
+"""Notebook 09-engines: 6. Blocking vs copy-on-write vs pre-copy"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 6. Blocking vs copy-on-write vs pre-copy: cost, and which instant is saved
+    ("md", """# 9. Blocking vs copy-on-write vs pre-copy: cost, and which instant is saved
 
 **Learning goals.** After this notebook you can
 1. compare the three save engines on one guest by downtime, time until the snapshot exists, and guest speed meanwhile, with their spread;
 2. determine **which instant** a snapshot holds, by experiment: the instant the engine stopped the guest, and when that stop comes (at the request for blocking and copy-on-write, after copying RAM for pre-copy);
 3. say which of these QEMU 7.2 offers, and how.
 
-**Prerequisites.** Notebooks 4 (blocking save) and 5 (copy-on-write).
+**Prerequisites.** Notebooks 5 (blocking save) and 7 (copy-on-write).
 
 **What to look at.** The spread tables; in the instants tables, `stop_ms` (how long after the request the guest was stopped) and the bracket `saved_lo_ms`..`saved_hi_ms` around the saved instant.
 
-**The three engines.** *Blocking* (QEMU's savevm): everything inside one stop. *Copy-on-write*: a short stop to write-protect RAM, then RAM saved while the guest runs (notebook 5). *Pre-copy*: rounds that copy RAM while the guest runs and track what it dirties, then a short stop for what is left (emulator/migration/precopy.py). Pre-copy is how live migration works; Stefan Hajnoczi pointed out why it does not make a point-in-time snapshot: "The user has no control over *when* live migration captures the guest state" (qemu-devel, "Async savevm using userfaultfd(2)", 2016-10-12; shared/reference/qemu-internals.md section 4.2).
+**The three engines.** *Blocking* (QEMU's savevm): everything inside one stop. *Copy-on-write*: a short stop to write-protect RAM, then RAM saved while the guest runs (notebook 7), *pre-copy* (notebook 8): rounds that copy RAM while the guest runs and track what it dirties, then a short stop for what is left (emulator/migration/precopy.py). Pre-copy is how live migration works; Stefan Hajnoczi pointed out why it does not make a point-in-time snapshot: "The user has no control over *when* live migration captures the guest state" (qemu-devel, "Async savevm using userfaultfd(2)", 2016-10-12; shared/reference/qemu-internals.md section 4.2).
 
 Lab functions used: `lab.run.run_experiment`, `lab.teach.spread_table`, `lab.teach.engines_spread_figure`, `lab.teach.saved_instants`."""),
     ("code", """QUICK = True
@@ -33,7 +33,7 @@ for key, title in (('downtime_ms', 'downtime (ms)'), ('total_s', 'until the snap
     print(teach.spread_table(rows, key, by=('engine',), digits=3))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 fig = teach.engines_spread_figure(rows, ENGINES)"""),
-    ("md", """Each dot is one save, each bar a median, each black line an interquartile range. Blocking: the stop is most of the save, and the guest's speed over the job is lowest. Copy-on-write: the shortest stop; the guest runs, slowed by its faults. Pre-copy: a stop for the pages dirtied during the last round, much longer than copy-on-write's, and the longest median time until the snapshot exists, because it copies RAM in rounds while the guest keeps dirtying it. The VM-state sizes differ by layout: the blocking stream holds the written pages only; the copy-on-write and pre-copy streams are about the size of RAM (notebook 5 explains copy-on-write's page-indexed layout)."""),
+    ("md", """Each dot is one save, each bar a median, each black line an interquartile range. Blocking: the stop is most of the save, and the guest's speed over the job is lowest. Copy-on-write: the shortest stop; the guest runs, slowed by its faults. Pre-copy: a stop for the pages dirtied during the last round, much longer than copy-on-write's, and the longest median time until the snapshot exists, because it copies RAM in rounds while the guest keeps dirtying it. The VM-state sizes differ by layout: the blocking stream holds the written pages only; the copy-on-write and pre-copy streams are about the size of RAM (notebook 7 explains copy-on-write's page-indexed layout)."""),
     ("md", """## Which instant does each snapshot hold?
 
 The previous version of this notebook checked `stop_instant_proof` for each engine. That check loads the snapshot and compares every page's stamp with the guest's iteration counter *saved in the same snapshot*: it shows that RAM and CPU belong to **one** instant, but any instant passes, the start or the end of the job alike.
@@ -60,7 +60,7 @@ print('pre-copy stops later after the request than blocking and copy-on-write (m
 
 For a snapshot ("the machine as it was when I clicked") the instant of the request is what one wants. QEMU's background snapshot, built on copy-on-write, promises exactly that: "the migration stream will be a snapshot of the VM exactly at the point when the migration procedure starts" (qapi/migration.json, `background-snapshot`; shared/reference/qemu-internals.md section 4.1). Proxmox's savevm-async, pre-copy style, says the opposite of its own result: "the saved state will be the one right before the snapshot finished, not the one when the snapshot started" (Fiona Ebner, qemu-devel, 2023-05; same file, section 4.2).
 
-**QEMU 7.2** offers the blocking engine as `snapshot-save`, copy-on-write only as a migration to a file (`background-snapshot`, notebook 5), and pre-copy only as live migration; snaplab offers all three behind `snapshot-save` (docs/deviations.md entry 27)."""),
+**QEMU 7.2** offers the blocking engine as `snapshot-save`, copy-on-write only as a migration to a file (`background-snapshot`, notebook 10), and pre-copy only as live migration; snaplab offers all three behind `snapshot-save` (docs/deviations.md entry 27)."""),
     ("md", """## Exercises: predict, then measure
 
 1. **Faster writer.** Run the instants experiment again with the guest writing 200 MiB/s instead of 50. Predict the effect on pre-copy's downtime and time to the end, and on copy-on-write's downtime.

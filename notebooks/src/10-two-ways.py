@@ -1,14 +1,14 @@
-"""Notebook two-ways: QEMU's background snapshot beside an internal snapshot"""
+"""Notebook 10-two-ways: QEMU's background snapshot beside an internal snapshot"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# Two ways to snapshot a running VM: an internal snapshot and QEMU's background snapshot
+    ("md", """# 10. Two ways to snapshot a running VM: an internal snapshot and QEMU's background snapshot
 
 **Learning goals.** After this notebook you can
 1. say what an internal snapshot (`snapshot-save`, HMP `savevm`) stores and where: the VM state inside the qcow2 image, past the end of the virtual disk, and a copy of every disk's L1 table;
 2. say what a background snapshot (`migrate-set-capabilities background-snapshot` + `migrate`) stores and where: a migration stream of the VM state in a file of your choice, and *no* disk state;
 3. compare the two on the same guest, on QEMU 7.2 and on snaplab: downtime, total time, and how much the guest kept running.
 
-**Prerequisites.** Notebook 3 (the OVMF varstore: which devices a snapshot covers) and the qcow2 notebook (L1 tables, the VM-state area); notebook 5 for write protection.
+**Prerequisites.** Notebooks 3 (the OVMF varstore: which devices a snapshot covers), 4 (inside a qcow2 file: L1 tables, the VM-state area) and 7 (copy-on-write).
 
 **What to look at.** The `qemu-img snapshot -l` listing after both operations, the file the background snapshot wrote, and the table of downtimes and progress.
 

@@ -1,7 +1,7 @@
-"""Notebook 07-lazy-restore: 7. Restore to full speed: load policies side by side"""
+"""Notebook 11-lazy-restore: 7. Restore to full speed: load policies side by side"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 7. Restore to full speed: load policies side by side
+    ("md", """# 11. Restore to full speed: load policies side by side
 
 **Learning goals.** After this notebook you can
 1. say what a *lazy* restore does with userfaultfd missing-page faults, and why "the guest has resumed" is not "the guest is back to full speed";
@@ -9,7 +9,7 @@ CELLS: list[tuple[str, str]] = [
 3. read a restore as a progress curve: command → RESUME → first progress → 50% and 90% of the guest's speed → all of RAM resident;
 4. explain how a *loading set* recorded at one restore (REAP, ASPLOS'21) makes the next one faster.
 
-**Prerequisites.** Notebook 5 (copy-on-write: userfaultfd write protection) and the userfaultfd notebook; what a page fault is.
+**Prerequisites.** Notebooks 6 (userfaultfd) and 7 (copy-on-write); what a page fault is.
 
 **What to look at.** The progress curves in the figures (not only the resume times), the `to90_ms` column, the number of faults and how long each one stalled the guest, and `resident_s`.
 

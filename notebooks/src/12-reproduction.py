@@ -1,14 +1,14 @@
-"""Notebook 08-reproduction: 8. Reproduction: snaplab beside QEMU 7.2, like with like"""
+"""Notebook 12-reproduction: 8. Reproduction: snaplab beside QEMU 7.2, like with like"""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 8. Reproduction: snaplab beside QEMU 7.2, like with like
+    ("md", """# 12. Reproduction: snaplab beside QEMU 7.2, like with like
 
 **Learning goals.** After this notebook you can
 1. read a side-by-side comparison of two snapshot implementations and say what makes it *like with like*: the same guest program, the same RAM sizes, the same workload, the same definitions, measured in one run, with spread;
 2. say what each system's *downtime* and *total time* include, and where they differ;
 3. recognise a comparison that is not like with like (here: QEMU storing and re-copying `-device loader` files) and leave it out instead of quoting it.
 
-**Prerequisites.** Notebooks 4 (blocking savevm), 5 (copy-on-write) and 6 (engines).
+**Prerequisites.** Notebooks 5 (blocking savevm), 7 (copy-on-write), 9 (engines) and 10 (QEMU's background snapshot).
 
 **What to look at.** The committed table (medians with IQR and a bootstrap 95% CI), the ratio list, the excluded comparisons and why, and the caveat under the figure.
 

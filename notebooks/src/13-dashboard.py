@@ -1,7 +1,7 @@
-"""Notebook 09-dashboard: snapshots by hand, with the dashboard widget (lab.widgets.Dashboard)."""
+"""Notebook 13-dashboard: snapshots by hand, with the dashboard widget (lab.widgets.Dashboard)."""
 
 CELLS: list[tuple[str, str]] = [
-    ("md", """# 9. The dashboard: snapshots by hand
+    ("md", """# 13. The dashboard: snapshots by hand
 
 Learning goals: take, load and delete snapshots of a running guest with buttons, and read what each
 engine costs the guest from two views of the same run:

@@ -16,7 +16,7 @@ from tests.ui.conftest import OUT, ROOT, Lab
 
 Keys = pytest.importorskip("selenium.webdriver.common.keys").Keys
 WAIT_S = 300  # generous: a notebook's cells, or a snapshot job, on a busy 2-core host
-DASHBOARD = "09-dashboard"
+DASHBOARD = "13-dashboard"
 
 
 def _order() -> list[str]:
