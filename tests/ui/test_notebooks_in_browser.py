@@ -16,7 +16,6 @@ from tests.ui.conftest import OUT, ROOT, Lab
 
 Keys = pytest.importorskip("selenium.webdriver.common.keys").Keys
 WAIT_S = 300  # generous: a notebook's cells, or a snapshot job, on a busy 2-core host
-DASHBOARD = "13-dashboard"
 
 
 def _order() -> list[str]:
@@ -28,6 +27,7 @@ def _order() -> list[str]:
 
 
 ORDER = _order()
+DASHBOARD = next((s for s in ORDER if s.endswith("-dashboard")), "dashboard notebook missing from ORDER")
 
 # JupyterLab is loaded once; each notebook is opened in it (docmanager:open) as window.__nb.
 APP_JS = """
