@@ -124,7 +124,7 @@ def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> A
 def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> Any:
     """Guest progress (iterations) over time around one snapshot; the job and the stop shaded."""
     d = row["details"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
     t = [x for x, _ in d["timeline"]]
     it = [y for _, y in d["timeline"]]
     ax.step(t, it, where="post", color="black", linewidth=1, label="guest iterations (lab port samples)")
@@ -134,7 +134,9 @@ def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> An
     ax.set_xlabel("time since snapshot-save (s)")
     ax.set_ylabel("iterations done by the guest")
     ax.set_title(f"Guest progress around a {row['engine']} snapshot ({row['ram_mib']} MiB)")
-    ax.legend(loc="upper left")
+    if t:
+        ax.set_xlim(min(t[0], 0.0) - 0.02, max(t[-1], d["job_s"]) + 0.05)  # the whole job in view
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -152,6 +154,9 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
     if len(lat):
         ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", color="black")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
     ax.set_xlabel("fault service time: read to wake (ms, log)")
     ax.set_ylabel("fraction of faults")
     ax.set_title(f"Copy-on-write faults ({len(lat)} faults)")
