@@ -49,6 +49,7 @@ DISKS = ("disk0", "disk1")
 MAX_SNAPS = 4
 SPEC = WorkloadSpec("mixed", seed=41, working_set=4 << 20, batch_pages=16, rate=32 << 20)
 FIRST_GUESS_S = 0.2
+LONGEST_S = 3.0  # an on-demand load waits for job-complete: its delays stop growing here
 # each campaign's images: (cluster size, refcount bits); small clusters put a snapshot's VM
 # state in many L2 tables and refcount blocks (4 KiB: the smallest a resume-first load reads)
 LAYOUTS = [(65536, 16), (4096, 16), (16384, 64), (4096, 8)]  # how long an operation takes, until one has been seen to end
@@ -213,7 +214,7 @@ class Campaign:
         if done is not None:
             self.took[scenario] = max(done - sent, 0.001)
         elif cmd is not None:  # it takes at least that long: the next delays reach further
-            self.took[scenario] = max(self.took.get(scenario, FIRST_GUESS_S), delay)
+            self.took[scenario] = min(max(self.took.get(scenario, FIRST_GUESS_S), delay), LONGEST_S)
         return cmd is None or done is not None
 
     def _check_images(self, scenario: str) -> bool:
