@@ -160,15 +160,16 @@ def _copied_flags(s: Qcow2State, txn: RefcountTxn, l2: np.ndarray) -> np.ndarray
 
 
 def _drop_tree(s: Qcow2State, txn: RefcountTxn, l1: np.ndarray, l1_offset: int) -> None:
-    """Defer -1 on every L2 table of ``l1``, and on the data of those that reach 0."""
+    """Defer -1 on every L2 table of ``l1`` and on every cluster those tables reference, as
+    QEMU's update_snapshot_refcount(addend=-1): a refcount counts paths from every L1, so an L2
+    table that qemu-img's snapshot shares between two L1s (refcount 2) holds its data at 2 too,
+    and dropping one L1 takes one from each (not only from the data of tables that reach 0)."""
     l2_offs = [(i, int(e) & L1E_OFFSET_MASK) for i, e in enumerate(l1) if int(e) & L1E_OFFSET_MASK]
     if l2_offs:
         idx = np.array([o for _, o in l2_offs], dtype=np.int64) >> s.cluster_bits
         txn.decref(idx)
-        after = txn.refcounts_after(idx)
-        for (i, off), rc in zip(l2_offs, after.tolist(), strict=True):
-            if rc == 0:
-                txn.decref(cluster.referenced_clusters(s, cluster.load_l2(s, off, i)))
+        for i, off in l2_offs:
+            txn.decref(cluster.referenced_clusters(s, cluster.load_l2(s, off, i)))
     if l1_offset and len(l1):
         txn.decref_range(l1_offset, size_to_clusters(s.cluster_size, len(l1) * 8))
 
