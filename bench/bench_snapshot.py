@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from lab.qemu import OVMF
-from lab.reproduce import drop_caches  # noqa: F401 - the other benches import it from here
 from lab.qemu import RawQMP as Raw
+from lab.reproduce import drop_caches  # noqa: F401 - the other benches import it from here
 
 RECORDED = {"save": 3.3, "load": 1.07}  # QEMU 7.2, 1 GiB, medians from the reference
 
