@@ -40,7 +40,7 @@ print(table(summarize(res['rows']), digits=2))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.plot import restore_figure
 fig = restore_figure(res['rows'], title=f'live run, {spec.ram_mib} MiB, working set {spec.ws_mib} MiB, seed {spec.seed} (timings vary per host)')"""),
-    ("md", """Read the live run against these expectations (the committed run below checks them on a quiet host at 4 GiB):
+    ("md", """Read the live run against these expectations (the committed run below checks them at 4 GiB):
 - the blocking load's curve is 0 until RESUME and then at full speed at once: its `to90_ms` is its resume time;
 - every lazy policy resumes within milliseconds, but the guest then *waits on faults* until its working set is in: the first progress comes later than RESUME;
 - `ondemand` reads only what the guest touches, so nothing competes with the guest once its working set is in; its `resident_s` is long because the rest is read only when asked (`job-complete`);
@@ -60,7 +60,7 @@ print('prefetch loads that used the recorded set, in its order:', len(used), all
     ("md", """The chunks outside the working set are the guest's code, stack and lab page (the first chunks of RAM): the workload touches them on every batch, so they are recorded too, and first."""),
     ("md", """## The committed run: 4 GiB, working set 256 MiB, 5 loads per policy
 
-`python bench/bench_restore.py` on a quiet host (the machine and its load are in the file's `host` entry); the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
+`python bench/bench_restore.py --no-qemu` with no other job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`); the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
     ("code", """import json
 from pathlib import Path
 import lab
