@@ -19,7 +19,7 @@ QEMU's live migration is pre-copy (`migration/ram.c`, `ram_save_iterate`): it se
 
 QEMU 7.2's `savevm` does not use these rounds: it stops the guest first. snaplab's `precopy` save engine applies them to an internal snapshot: dirty tracking by userfaultfd's asynchronous write protection (`UFFD_FEATURE_WP_ASYNC` + the `PAGEMAP_SCAN` ioctl: no fault reaches user space; `emulator/migration/precopy.py`), rounds written into the snapshot's VM-state area, and the stop when a round is at most a byte threshold or after a round limit (both in the job's stats). Unlike QEMU it has no bandwidth estimate or downtime limit, and no auto-converge.
 
-The model (derivation in `lab/precopy.py`): a round of `B` bytes lasts `c + B / W`, and the next round is the distinct pages dirtied meanwhile, `S * (1 - exp(-D * (c + B / W) / S))`. With `D < W` the rounds shrink geometrically towards a floor near `D * c / (1 - D / W)`; with `D >= W` they stay near the working set `S`."""),
+The model (derivation in `lab/precopy.py`): a round of `B` bytes lasts `c + B / W`, and the next round is the distinct pages dirtied meanwhile, `S * (1 - exp(-D * (c + B / W) / S))`. With `D < W` the rounds shrink geometrically towards a floor near `D * c / (1 - D / W)`; with `D >= W` they stop shrinking and level off at a large fraction of the working set `S`."""),
     ("code", """QUICK = True
 RAM_MIB, WS_MIB, SEED, REPS = 256, 64, 1, 3
 from lab.precopy import precopy_rows, fit_rounds, model_rounds
@@ -61,16 +61,16 @@ for name, rows in (('100 MiB/s', slow), ('1000 MiB/s', fast)):
     print(f"{name}: final round median {np.median([r['rounds_mib'][-1] for r in rows]):.1f} MiB, "
           f"downtime median {np.median([r['downtime_ms'] for r in rows]):.1f} ms "
           f"(IQR {np.percentile([r['downtime_ms'] for r in rows], 25):.1f}-{np.percentile([r['downtime_ms'] for r in rows], 75):.1f})")"""),
-    ("md", """At 1000 MiB/s the guest re-dirties most of its working set during every round: the rounds stay near `S`, the engine gives up after its round limit, and the stop has to write about a working set. QEMU would keep iterating until its downtime limit is met (forever, here) unless auto-converge slows the guest down; snaplab's copy-on-write engine avoids the question altogether: it freezes RAM in one instant with write protection and copies a page before the guest's first write to it, so its stop does not depend on `D` (notebook 7)."""),
+    ("md", """At 1000 MiB/s the rounds stop shrinking and level off well above the threshold: the engine gives up after its round limit, and the stop writes the last level, several times the slow guest's last round. The measured level can sit below the model's line: the model takes the guest's nominal 1000 MiB/s, and whether the guest keeps that rate while a save competes with it for the host is what exercise 2 measures. QEMU would keep iterating until its downtime limit is met unless auto-converge slows the guest down; snaplab's copy-on-write engine avoids the question altogether: it freezes RAM in one instant with write protection and copies a page before the guest's first write to it, so its stop does not depend on `D` (notebook 7)."""),
     ("md", """## Exercises: predict, then measure
 
 1. **Three times the dirty rate.** With `D = 300 MiB/s` (about the fitted `W` on this project's machines), predict how many rounds run and how big the last one is. Compare `model_rounds(RAM_MIB * 2**20, W, c, 300 * 2**20, WS_MIB * 2**20, 8 * 2**20, 10)` with `precopy_rows(RAM_MIB, 300, WS_MIB)`.
-2. **Where does it stop converging?** From the model, at which dirty rate do the rounds stop shrinking? Measure one rate below and one above it.
+2. **Where does it stop converging?** From the model, at which dirty rate do the rounds stop shrinking? Measure one rate below and one above it, and measure the guest's own dirty rate during the save (`m.lab.history()`: pages stamped per second) to see whether it kept its nominal rate.
 3. **A fixed cost per round.** Suppose finding the dirty pages cost `c = 50 ms` per round (a dirty bitmap walked page by page in Python would). Predict the floor for `D = 100` and `150 MiB/s`, and whether each still reaches the 8 MiB threshold; check with `model_rounds(..., round_cost_s=0.05, ...)`."""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
 1. With `D` close to `W` the ratio `D / W` is close to 1: the rounds shrink slowly (the model with `W = 298 MiB/s`: 63, 40, 30, 24, 20 ... 11 MiB) and never reach 8 MiB, so the engine runs all 10 rounds and the stop writes about 11 MiB.
-2. The rounds shrink only while `D < W`; at `D >= W` each round is the guest's whole working set again (the 1000 MiB/s run above), whatever the number of rounds.
+2. In the model the rounds shrink only while `D < W`; at `D >= W` each round stays at a level set by the working set and the round's length, whatever the number of rounds. If the measured level is below the model's, the guest's dirty rate during the save was below its nominal rate: the stamps it reported while the rounds ran give the real `D`.
 3. The floor `D * c / (1 - D / W)`: with `c = 0.05 s` and `W = 298 MiB/s`, about 7.5 MiB at 100 MiB/s (just under the threshold: the model stops after 4 rounds) and 15 MiB at 150 MiB/s (never under it: 10 rounds, a 12 MiB stop). A per-round cost, not only the bandwidth, decides whether a guest converges: it is why snaplab finds dirty pages with one ioctl and writes them in numpy-grouped runs.
 </details>"""),
 ]
