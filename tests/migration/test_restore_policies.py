@@ -45,6 +45,14 @@ def _load(q, job: str, engine: str, complete: bool = True) -> dict:  # type: ign
     return dict(q.execute("__org.snaplab_query-snapshot-stats", {"id": job}))
 
 
+def _parsed(m, size: int | None = None):  # type: ignore[no-untyped-def]
+    """The parsed VM state of snapshot 't' on disk0 (read up to ``size`` bytes, default all)."""
+    img = m.disk_nodes[0].format_image
+    sn = img.find_snapshot("t")
+    return parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size if size is None else size,
+                       MACHINE_NAME, m.savevm_handlers())
+
+
 def _qemu_img_check(path: Path) -> None:
     r = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -120,15 +128,12 @@ def test_the_first_load_records_a_loading_set_the_next_prefetch_uses(make_vm: Fa
     q = m.qmp()
     wait_until(lambda: m.lab.last.iterations > 50_000, "the guest to dirty its working set")
     _save(q)
-    img = m.disk_nodes[0].format_image
-    sn = img.find_snapshot("t")
-    first = parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size, MACHINE_NAME, m.savevm_handlers())
+    first = _parsed(m)
     assert first.loading_set is not None and not first.loading_set.recorded
 
     rec = _load(q, "rec", "prefetch")  # no set yet: faults only for a while, recorded, then filled
     assert rec["recorded-chunks"] > 0 and rec["prefetched-chunks"] == 0
-    sn = img.find_snapshot("t")
-    stored = parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size, MACHINE_NAME, m.savevm_handlers())
+    stored = _parsed(m)
     lset = stored.loading_set
     assert lset is not None and len(lset.chunks) == rec["recorded-chunks"]
     ws_chunks = set(range((DATA_BASE + WS_OFFSET) // LSET_CHUNK, (DATA_BASE + WS_OFFSET + (4 << 20)) // LSET_CHUNK))
@@ -169,12 +174,10 @@ def test_a_vm_state_read_up_to_eof_has_no_loading_set(make_vm: Factory) -> None:
     q = m.qmp()
     wait_until(lambda: m.lab.last.iterations > 20_000, "the guest to run")
     _save(q)
-    img = m.disk_nodes[0].format_image
-    sn = img.find_snapshot("t")
-    parsed = parse_state(VMStateStream(img, sn.id_str), sn.vm_state_size, MACHINE_NAME, m.savevm_handlers())
+    parsed = _parsed(m)
     assert parsed.loading_set is not None
     eof = parsed.loading_set.pos
-    cut = parse_state(VMStateStream(img, sn.id_str), eof, MACHINE_NAME, m.savevm_handlers())
+    cut = _parsed(m, eof)
     assert cut.loading_set is None and cut.layout is not None and parsed.layout is not None
     assert cut.layout.data_offset == parsed.layout.data_offset and (cut.layout.bits == parsed.layout.bits).all()
     assert [(h.idstr, p) for h, p, _ in cut.pending] == [(h.idstr, p) for h, p, _ in parsed.pending]
