@@ -1,6 +1,6 @@
 """An ipywidgets dashboard: pick the guest (RAM, workload, dirty rate, working set, pattern) and
-the engines, take / load / delete snapshots on a live machine, watch the guest's progress and the
-QMP event log.
+the engines, take / load / delete snapshots on a live machine, watch the guest's progress (redrawn
+every second while "live plot" is ticked) and the QMP event log.
 
 Every action goes through QMP (the in-process client).  The engines are read from the registry
 (:func:`lab.spec.save_engines`, :func:`lab.spec.load_engines`), never spelled here.  What the front
@@ -37,6 +37,8 @@ ENGINE_ARG = "__org.snaplab_engine"
 STATS = "__org.snaplab_query-snapshot-stats"
 MAX_LOG_LINES = 400
 JOB_TIMEOUT_S = 600.0
+LIVE_PERIOD_S = 1.0  # the plot's redraw period while "live plot" is ticked
+WINDOW_S = 60.0  # the plot shows the last minute once the machine has run longer
 
 
 class LiveMachine:
@@ -57,6 +59,7 @@ class LiveMachine:
             raise
         self.t0_wall_us = 0
         self.t0_mono_ns = 0
+        self.closed = threading.Event()
 
     def start(self) -> Any:
         """Power on; returns the QMP client."""
@@ -66,6 +69,7 @@ class LiveMachine:
         return self.machine.qmp()
 
     def close(self) -> None:
+        self.closed.set()
         self.machine.close()
         self.graph.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
@@ -83,15 +87,20 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
     if len(samples) >= 2:
         t = (samples[:, 1].astype(np.int64) - t0_mono_ns) / 1e9
         it = samples[:, 2].astype(np.float64)
-        edges = np.arange(0.0, max(now_s, t[-1]) + 0.1, 0.1)
+        # from the first sample kept (the ring forgets old ones) or the window's start, up to the
+        # last report: no false dip while the next batch is on its way
+        start = np.floor(max(t[0], now_s - WINDOW_S - 0.1) * 10) / 10
+        edges = np.arange(start, t[-1], 0.1)
         cum = np.interp(edges, t, it, left=0.0)
-        ax.step(edges[1:], np.diff(cum) / 0.1, where="pre", color="black", lw=1)
+        if len(edges) >= 2:
+            # a load puts the guest's counter back: that bin's drop is not negative speed
+            ax.step(edges[1:], np.maximum(np.diff(cum), 0.0) / 0.1, where="pre", color="black", lw=1)
     for i, (a, b) in enumerate(stops):
         ax.axvspan(a, now_s if b is None else b, color="tab:red", alpha=0.3, lw=0,
                    label="guest stopped" if i == 0 else None)
-    ax.set_xlim(0, max(now_s, 1.0))
+    ax.set_xlim(max(0.0, now_s - WINDOW_S), max(now_s, 1.0))
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("seconds since the machine started")
+    ax.set_xlabel("seconds since the machine started" + (f" (the last {WINDOW_S:.0f} s)" if now_s > WINDOW_S else ""))
     ax.set_ylabel("guest iterations / s")
     ax.set_title("guest progress (0.1 s bins)" + ("" if len(samples) >= 2 else ": no samples yet"), fontsize=10)
     if stops:
@@ -130,6 +139,8 @@ class Dashboard:
                               description="events", tooltip="QMP events and job results, newest first",
                               style=label)
         self.plot = w.Image(format="png", layout=w.Layout(width="675px"))
+        self.live_plot = w.Checkbox(value=True, description="live plot", indent=False,
+                                    tooltip=f"redraw the plot every {LIVE_PERIOD_S:g} s while a machine runs")
         self.boot_btn.on_click(lambda _: self.boot())
         self.save_btn.on_click(lambda _: self.save())
         self.load_btn.on_click(lambda _: self.load())
@@ -137,7 +148,8 @@ class Dashboard:
         self.cont_btn.on_click(lambda _: self.cont())
         for b in (self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn):
             b.add_class("snaplab-" + b.description.replace(" ", "-"))
-        for name in ("ram", "workload", "rate", "working_set", "pattern", "engine", "load_engine", "tag", "log", "plot"):
+        for name in ("ram", "workload", "rate", "working_set", "pattern", "engine", "load_engine", "tag", "log", "plot",
+                     "live_plot"):
             getattr(self, name).add_class("snaplab-" + name.replace("_", "-"))
         self.live: LiveMachine | None = None
         self.q: Any = None
@@ -147,11 +159,12 @@ class Dashboard:
         self._lock = threading.Lock()
         self._draw_lock = threading.Lock()
         self._jobs = 0
+        self.redraws = 0  # plots drawn, by any thread (the tests watch it)
         self.widget = w.VBox([
             w.HBox([self.ram, self.workload, self.rate]),
             w.HBox([self.working_set, self.pattern, self.tag]),
             w.HBox([self.engine, self.load_engine]),
-            w.HBox([self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn]),
+            w.HBox([self.boot_btn, self.save_btn, self.load_btn, self.del_btn, self.cont_btn, self.live_plot]),
             self.plot, self.log])
         self.draw()
 
@@ -210,7 +223,22 @@ class Dashboard:
         self._say(f"booted {self.ram.value} MiB, {self.workload.value} at {self.rate.value} MiB/s, "
                   f"working set {self.working_set.value} MiB, {self.pattern.value}")
         self.draw()
+        threading.Thread(target=self._refresh, args=(live,), name="dashboard-plot", daemon=True).start()
         return True
+
+    def _refresh(self, live: LiveMachine) -> None:
+        """Redraw the plot every LIVE_PERIOD_S while ``live`` is this dashboard's machine and "live
+        plot" is ticked.  The PNG goes out as widget state, which the front end applies whenever it
+        arrives (printing from this thread into an Output widget would be dropped)."""
+        while not live.closed.wait(LIVE_PERIOD_S):
+            if self.live is not live:
+                return
+            if self.live_plot.value:
+                try:
+                    self.draw()
+                except Exception as err:  # noqa: BLE001 - shown once in the log, the refresher stops
+                    self._error("plot", f"{type(err).__name__}: {err}")
+                    return
 
     def _job(self, cmd: str, args: dict[str, Any]) -> threading.Thread:
         self._jobs += 1
@@ -278,6 +306,7 @@ class Dashboard:
                 now_s = (time.monotonic_ns() - live.t0_mono_ns) / 1e9
                 png = progress_png(live.machine.lab.history_array(), live.t0_mono_ns, stops, now_s)
             self.plot.value = png
+            self.redraws += 1
 
     def close(self) -> None:
         live, self.live, self.q = self.live, None, None

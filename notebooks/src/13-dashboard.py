@@ -10,7 +10,9 @@ engine costs the guest from two views of the same run:
   with its time since the machine started (`+1.234 s`); the time from `STOP` to `RESUME` is the
   downtime, and each job's line ends with the downtime `__org.snaplab_query-snapshot-stats` measured;
 * **the plot**: the guest's speed (workload iterations per second, from the lab port) since the
-  machine started, with the windows in which the guest was stopped shaded.
+  machine started (the last minute once it has run longer), with the windows in which the guest was
+  stopped shaded. It is redrawn every second while **live plot** is ticked, so a copy-on-write
+  save's slower guest or a lazy load's recovery can be watched as it happens.
 
 QEMU has no such dashboard: everything here is QMP (`snapshot-save`, `snapshot-load`,
 `snapshot-delete`, `cont`) with snaplab's engine extension `__org.snaplab_engine`; the engines in the
@@ -23,7 +25,7 @@ from lab.widgets import Dashboard
 d = Dashboard()
 d.widget"""),
     ("md", """Press **boot**, then **take snapshot**: the log gets the job's events and its downtime, and
-the plot is redrawn. A second save to the same tag is refused with QEMU 7.2's error (`snapshot-save`
+the plot shows the stop. A second save to the same tag is refused with QEMU 7.2's error (`snapshot-save`
 never overwrites: delete the snapshot first, or change the tag). The controls: RAM size, workload, dirty rate (MiB/s the guest writes; 0 means
 as fast as it can), working set (how much of RAM it writes) and pattern (in which order), the save and
 load engines, and the tag. A change to the guest's controls takes effect at the next **boot**.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 import ipywidgets as w
 import pytest
 
 from lab.spec import PATTERNS, load_engines, save_engines
-from lab.widgets import Dashboard
+from lab.widgets import LIVE_PERIOD_S, Dashboard
 
 PNG = b"\x89PNG\r\n\x1a\n"
 JOIN_S = 120
@@ -101,3 +102,33 @@ def test_actions_before_boot_and_a_bad_workload_are_logged(dash: Dashboard) -> N
     dash.working_set.value = -1
     assert not dash.boot()
     assert "non-negative" in dash.errors[-1]
+
+
+def _wait(what: str, cond: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout_s} s"
+        time.sleep(0.05)
+
+
+def test_the_plot_redraws_by_itself_while_live_is_ticked(dash: Dashboard) -> None:
+    assert dash.boot()
+    n = dash.redraws
+    png = bytes(dash.plot.value)
+    _wait("two redraws without any action", lambda: dash.redraws >= n + 2)
+    assert bytes(dash.plot.value) != png and bytes(dash.plot.value).startswith(PNG)
+    dash.live_plot.value = False
+    time.sleep(LIVE_PERIOD_S)  # a redraw already under way may still land
+    n = dash.redraws
+    time.sleep(3 * LIVE_PERIOD_S)
+    assert dash.redraws == n, "redrawn while live plot is off"
+    dash.live_plot.value = True
+    _wait("redrawn again once ticked", lambda: dash.redraws > n)
+    old = dash.live
+    assert old is not None
+    dash.close()
+    assert old.closed.is_set()
+    n = dash.redraws
+    time.sleep(2 * LIVE_PERIOD_S)
+    assert dash.redraws == n, "redrawn after the machine was closed"
+    assert dash.errors == []

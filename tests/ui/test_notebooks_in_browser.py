@@ -150,6 +150,8 @@ w.content.scrollToItem(1, 'start');""")
     view = wait_for("the dashboard's widgets rendered",
                     lambda: (v := _dashboard_view(browser))["button"] and v["width"] > 0 and v["log"] and v)
     assert view["widgets"] > 5
+    view = wait_for("the plot redrawn in the browser with no click (live plot)", lambda: (
+        (v := _dashboard_view(browser))["src"] != view["src"] and v["complete"] and v["width"] > 0 and v))
     assert view["log"].count("snapshot-save snap1: done") == 1  # the notebook's own save
     tag = browser.find_element("css selector", ".snaplab-tag input")
     tag.send_keys(Keys.CONTROL, "a")
