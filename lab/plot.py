@@ -135,8 +135,49 @@ def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> An
     ax.set_ylabel("iterations done by the guest")
     ax.set_title(f"Guest progress around a {row['engine']} snapshot ({row['ram_mib']} MiB)")
     if t:
-        ax.set_xlim(min(t[0], 0.0) - 0.02, max(t[-1], d["job_s"]) + 0.05)  # the whole job in view
+        # the whole job in view, and nothing past the last sample (the samples end soon after the job)
+        ax.set_xlim(min(t[0], 0.0) - 0.02, max(t[-1], d["job_s"]) + 0.005)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], conditions: str,
+                          path: str | Path | None = None) -> Any:
+    """Per engine: downtime (log axis), time until the snapshot exists, and the guest's speed
+    during the save; every save a grey dot, the median a black diamond, the interquartile range
+    a black line (points, not bars: a bar's length means nothing on a log axis).  ``conditions``
+    (guest, rate, RAM) goes into the title."""
+    import numpy as np
+
+    panels = [("downtime_ms", "downtime, STOP to RESUME (ms, log)", True),
+              ("total_s", "until the snapshot exists (s)", False),
+              ("progress_during_save", "guest speed during the save\n(1 = its speed before)", False)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.8))
+    n = 0
+    for ax, (key, label, log) in zip(axes, panels, strict=True):
+        for i, eng in enumerate(engines):
+            vals = [float(r[key]) for r in rows if r["engine"] == eng]
+            if not vals:
+                continue
+            n = max(n, len(vals))
+            q1, med, q3 = np.percentile(vals, [25, 50, 75])
+            ax.scatter([i - 0.15 + 0.3 * j / max(1, len(vals) - 1) for j in range(len(vals))], vals,
+                       color="0.6", s=14, zorder=2, label="each save" if i == 0 else None)
+            ax.plot([i + 0.25, i + 0.25], [q1, q3], color="black", linewidth=2, zorder=3,
+                    label="interquartile range" if i == 0 else None)
+            ax.scatter([i + 0.25], [med], marker="D", color="black", s=30, zorder=4, label="median" if i == 0 else None)
+        ax.set_xticks(range(len(engines)), list(engines))
+        ax.set_xlim(-0.5, len(engines) - 0.5)
+        ax.set_ylabel(label, fontsize=9)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(True, axis="y", which="both", linewidth=0.3)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{n} saves per engine; {conditions}", fontsize=9)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
