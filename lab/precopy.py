@@ -33,41 +33,58 @@ def precopy_engine() -> str:
 
 
 def model_rounds(first_bytes: float, write_bps: float, round_cost_s: float, dirty_bps: float, ws_bytes: float,
-                 threshold: float, max_rounds: int) -> list[float]:
-    """The rounds the model predicts: round 0 (``first_bytes``), then each next round from the
-    last one's duration, until one is at most ``threshold`` (left for the stop) or
-    ``max_rounds`` more were written; the last entry is what the stop writes."""
+                 threshold: float, max_rounds: int, first_s: float | None = None) -> list[float]:
+    """The rounds the model predicts, laid out as the engine's ``bytes_per_round``: round 0
+    (``first_bytes``), then each next round from the last one's duration, until one is at most
+    ``threshold`` (left for the stop, the last entry) or ``max_rounds`` more were written (then
+    the last entry is what was dirtied during the last of them, written by the stop).
+    Round 0 lasts ``first_s`` when given (it writes all of RAM by another path than the later
+    rounds, so its duration is measured apart), else ``round_cost_s + first_bytes / write_bps``."""
     rounds = [float(first_bytes)]
+    last_s = first_s if first_s is not None else round_cost_s + first_bytes / write_bps
     for _ in range(max_rounds):
-        last_s = round_cost_s + rounds[-1] / write_bps
         nxt = ws_bytes * (1.0 - math.exp(-dirty_bps * last_s / ws_bytes))
         rounds.append(nxt)
         if nxt <= threshold:
             return rounds
+        last_s = round_cost_s + nxt / write_bps
+    rounds.append(ws_bytes * (1.0 - math.exp(-dirty_bps * last_s / ws_bytes)))  # the stop's round
     return rounds
 
 
 def fit_rounds(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(write bandwidth in dirty bytes saved per s, fixed cost per round in s), measured: the
-    dirty bytes of every iterative round over the time spent writing them, and the median time
-    to find a round's dirty pages (round 0, which writes all of RAM by another path, and the
-    final round, written with the guest stopped, are left out)."""
-    b = sum(x for r in rows for x in r["details"]["bytes_per_round"][1:-1])
-    t = sum(x for r in rows for x in r["details"]["round_s"][1:-1])
+    """(write bandwidth in dirty bytes saved per s, fixed cost per round in s), measured: for
+    each save, the dirty bytes of its iterative rounds over the time spent writing them, and
+    the median over the saves (one slow save does not set it); and the median time to find a
+    round's dirty pages.  Round 0 (all of RAM, by another path: ``first_round_s``) and the
+    final round (written with the guest stopped) are left out."""
+    per_save = []
+    for r in rows:
+        b = sum(r["details"]["bytes_per_round"][1:-1])
+        t = sum(r["details"]["round_s"][1:-1])
+        if b and t:
+            per_save.append(b / t)
     scans = [x for r in rows for x in r["details"]["scan_s"]]
-    if not b or not t or not scans:
+    if not per_save or not scans:
         return float("nan"), float("nan")
-    return b / t, float(np.median(scans))
+    return float(np.median(per_save)), float(np.median(scans))
+
+
+def first_round_s(rows: list[dict[str, Any]]) -> float:
+    """The median duration of round 0 (all of RAM written while the guest runs) over the saves."""
+    return float(np.median([r["details"]["round_s"][0] for r in rows]))
 
 
 def precopy_rows(ram_mib: int, rate_mib_s: int, ws_mib: int, seed: int = 1, repetitions: int = 3) -> list[dict[str, Any]]:
     """``repetitions`` pre-copy saves of a dirty guest; each row has its rounds (bytes and
-    seconds), the measured write bandwidth of its rounds, downtime and total."""
+    seconds; ``round0_s``: how long round 0 took), the measured write bandwidth of its rounds,
+    downtime and total."""
     spec = ExperimentSpec(ram_mib=ram_mib, engine=precopy_engine(), dirty_rate_mib_s=rate_mib_s,
                           working_set_mib=ws_mib, seed=seed, repetitions=repetitions, warmup_s=0.5)
     rows = run_experiment(spec)
     for r in rows:
         b, t = r["details"]["bytes_per_round"], r["details"]["round_s"]
         r["rounds_mib"] = [x / 2**20 for x in b]
+        r["round0_s"] = t[0]
         r["write_mib_s"] = (sum(b[:-1]) / sum(t[:-1])) / 2**20 if len(b) > 1 and sum(t[:-1]) > 0 else float("nan")
     return rows
