@@ -151,30 +151,34 @@ def source_label(meta: dict[str, Any], committed: bool) -> str:
 def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | None = None,
            committed: bool = False) -> Any:
     """Downtime against RAM, one panel per (condition, operation): both systems' engines,
-    medians with IQR error bars."""
+    medians with IQR error bars.  Each series keeps its marker and line in every panel
+    (``SERIES_STYLE``), series are spread a little along the RAM axis so that equal values stay
+    apart, and a QEMU series that :func:`not_comparable` rules out is not drawn (the panel's
+    title says so)."""
     panels = sorted({(r["workload"], r["op"]) for r in rows})
     s = summaries(rows, "downtime_ms")
     ncol = min(2, max(1, len(panels)))
     nrow = (max(1, len(panels)) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 5.0 * nrow), squeeze=False)
-    styles = {"qemu": ("D", "--", "0.45"), "snaplab": ("o", "-", "black")}
-    markers = ["o", "s", "^", "v", "P", "X"]
     for ax, (wl, op) in zip(axes.flat, panels, strict=False):
         series = sorted({(k[2], k[3]) for k in s if k[0] == wl and k[1] == op}, key=lambda x: (x[1], x[0]))
+        series = [(eng, system) for eng, system in series
+                  if not (system == "qemu" and (wl, op, eng) in not_comparable())]
         for i, (eng, system) in enumerate(series):
             pts = sorted((k[4], v) for k, v in s.items() if k[:4] == (wl, op, eng, system))
-            xs = [x for x, _ in pts]
+            dodge = 2 ** (0.07 * (i - (len(series) - 1) / 2))  # a small offset on the log2 RAM axis
+            xs = [x * dodge for x, _ in pts]
             ys = [v.median for _, v in pts]
             lo = [max(v.median - v.q1, 0) for _, v in pts]
             hi = [max(v.q3 - v.median, 0) for _, v in pts]
-            _, ls, color = styles.get(system, ("x", ":", "blue"))
-            ax.errorbar(xs, ys, yerr=[lo, hi], marker=markers[i % len(markers)], linestyle=ls, color=color,
-                        capsize=3, label=f"{system} {eng}")
+            marker, ls, color = SERIES_STYLE.get((system, op, eng), ("x", ":", "blue"))
+            ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=ls, color=color, capsize=3,
+                        markerfacecolor="white" if system == "qemu" else color, label=series_label(system, op, eng))
         _downtime_axes(ax, sorted({k[4] for k in s}))
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
         why = [w for (a, b, _), w in not_comparable().items() if (a, b) == (wl, op)]
-        caveat = f"\n(QEMU blocking: not like with like, {why[0]})" if why else ""
+        caveat = f"\n(QEMU blocking {op} not drawn, not like with like: {why[0]})" if why else ""
         caveat += _state_note(rows, wl, op)
         lines = textwrap.wrap(f"{op}: {cond}", 60) + textwrap.wrap(caveat.strip(), 60)
         ax.set_title("\n".join(lines), fontsize=9)
@@ -189,6 +193,31 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
     return fig
+
+
+SERIES_STYLE: dict[tuple[str, str, str], tuple[str, str, str]] = {
+    # (system, op, engine): (marker, line style, colour), the same in every panel
+    ("snaplab", "save", "blocking"): ("o", "-", "black"),
+    ("snaplab", "save", "cow"): ("s", "-.", "black"),
+    ("snaplab", "save", "background"): ("^", ":", "0.25"),
+    ("snaplab", "save", "precopy"): ("v", (0, (5, 1, 1, 1, 1, 1)), "0.35"),
+    ("snaplab", "load", "blocking"): ("o", "-", "black"),
+    ("snaplab", "load", "background"): ("P", ":", "0.25"),
+    ("qemu", "save", "blocking"): ("D", "--", "0.45"),
+    ("qemu", "save", "background"): ("^", "--", "0.45"),
+    ("qemu", "load", "blocking"): ("D", "--", "0.45"),
+}
+
+
+def series_label(system: str, op: str, engine: str) -> str:
+    """A legend entry that says which mechanism a series is: "background" is QEMU's migrate
+    background snapshot among saves, and snaplab's background-fill lazy load among loads."""
+    names = {("save", "blocking"): "blocking snapshot-save", ("save", "cow"): "copy-on-write snapshot-save",
+             ("save", "precopy"): "pre-copy snapshot-save",
+             ("save", "background"): "background snapshot (migrate)",
+             ("load", "blocking"): "blocking snapshot-load",
+             ("load", "background"): "lazy load, background fill"}
+    return f"{'QEMU' if system == 'qemu' else system} {names.get((op, engine), engine)}"
 
 
 def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:
