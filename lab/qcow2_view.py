@@ -224,11 +224,33 @@ def make_example(workdir: str | Path, ram_mib: int = 64, seed: int = 1, fill_mib
         info = q.wait_job("s", 120)
         if "error" in info:
             raise RuntimeError(info["error"])
+        stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": "s"})
+        (wd / STATS_NAME).write_text(json.dumps({"ram_mib": ram_mib, "fill_mib": fill_mib, **stats}))
         q.execute("quit")
     finally:
         m.close()
         g.close()
     return path
+
+
+STATS_NAME = "snap1-stats.json"  # what the engine reported for make_example's snapshot
+
+
+def vmstate_parts(path: str | Path) -> dict[str, int]:
+    """What the VM state of :func:`make_example`'s snapshot is made of, from the engine's own
+    statistics saved beside the image: the non-zero RAM pages written (the ``0x5a`` fill and the
+    guest's own non-zero pages: code, stack, the lab page), the page bitmap (one bit per page of
+    RAM), and the rest (stream framing, CPU and devices)."""
+    st = json.loads((Path(path).parent / STATS_NAME).read_text())
+    page = 4096
+    pages = int(st["ram-pages-written"])
+    fill_pages = (int(st["fill_mib"]) << 20) // page
+    bitmap = (int(st["ram_mib"]) << 20) // page // 8
+    return {"RAM pages written": pages, "of them the 0x5a fill": fill_pages,
+            "of them the guest's own non-zero pages": pages - fill_pages,
+            "page bitmap bytes": bitmap,
+            "rest: framing, CPU, devices (bytes)": int(st["vmstate-bytes"]) - pages * page - bitmap,
+            "vm_state_size": int(st["vmstate-bytes"])}
 
 
 def write_through_driver(path: str | Path, offset: int, data: bytes) -> None:

@@ -61,11 +61,20 @@ def fill_random(m: Any, fill_mib: int, seed: int) -> None:
         m.ram.write(off, rng.integers(0, 256, chunk, dtype=np.uint8).tobytes())
 
 
-def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, seed: int = 1) -> list[dict[str, Any]]:
+def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, seed: int = 1,
+                         poll_s: float = 0.002) -> list[dict[str, Any]]:
     """snaplab: ``snapshot-save`` (QEMU's blocking engine, the default) of an idle guest with
-    ``fill_mib`` MiB of random bytes, then ``query-status`` at once; ``reps`` times.
+    ``fill_mib`` MiB of random bytes, then ``query-status`` at once and again every ``poll_s``
+    until the guest runs again; ``reps`` times.
 
-    Times are seconds from sending ``snapshot-save``; ``stopped_s`` is STOP to RESUME."""
+    The client is in process (``Machine.qmp()``): ``query-status`` goes out when the
+    ``snapshot-save`` reply has come back, whereas :func:`monitor_race_qemu` writes both
+    commands at once to QEMU's socket.  Every ``query-status`` reply is timed against the STOP
+    and RESUME events, so a row says how many answers came while the guest was stopped.
+
+    Times are seconds from sending ``snapshot-save``; ``stopped_s`` is STOP to RESUME; the
+    phases of the stop (``zero_scan_ms``, ``write_ms``, ``commit_ms``) and the flush after it
+    (``flush_ms``) come from the engine's own statistics."""
     s = default_machine(ram_mib=ram_mib, seed=seed, workload="idle")
     m = s.machine
     rows: list[dict[str, Any]] = []
@@ -80,23 +89,39 @@ def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, 
             t0 = time.time()
             q.execute("snapshot-save", {"job-id": job, "tag": job, "vmstate": "disk0", "devices": ["disk0"]})
             t_save = time.time()
-            status = q.execute("query-status")["status"]
-            t_status = time.time()
+            answers: list[tuple[float, str]] = []
+            while time.time() - t0 < 300:
+                status = q.execute("query-status")["status"]
+                answers.append((time.time(), status))
+                if status != "save-vm" and any(a[1] == "save-vm" for a in answers):
+                    break
+                if status != "save-vm" and len(answers) > 1 and "concluded" in _job_status(q, job):
+                    break
+                time.sleep(poll_s)
             info = q.wait_job(job, 300)
             ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
-            vm = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})["vmstate-bytes"]
+            st = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
             q.execute("job-dismiss", {"id": job})
-            rows.append(_race_row("snaplab", rep, t0, t_save, t_status, status, ev, info.get("error"), vm))
+            row = _race_row("snaplab", rep, t0, t_save, answers, ev, info.get("error"), st["vmstate-bytes"])
+            row.update({"zero_scan_ms": st.get("zero-scan-s", math.nan) * 1e3, "write_ms": st.get("write-s", math.nan) * 1e3,
+                        "commit_ms": st.get("commit-s", math.nan) * 1e3, "flush_ms": st.get("flush-s", math.nan) * 1e3})
+            rows.append(row)
             time.sleep(0.2)
     finally:
         s.close()
     return rows
 
 
+def _job_status(q: Any, job: str) -> str:
+    return " ".join(str(j.get("status")) for j in q.execute("query-jobs") if j.get("id") == job)
+
+
 def monitor_race_qemu(ram_mib: int = 128, reps: int = 3, settle: float = 2.0) -> list[dict[str, Any]]:
     """The real QEMU 7.2 (TCG, q35, OVMF), RAM from 16 MiB on filled with random bytes by
     ``-device loader`` (lab.qemu): ``snapshot-save`` and ``query-status`` written in one
-    ``sendall``, each reply timed as it arrives; ``reps`` times in one QEMU process."""
+    ``sendall``, each reply timed as it arrives; ``reps`` times in one QEMU process.  Only one
+    ``query-status`` is sent: QEMU reads the next command only after the save (its monitor and
+    the save share the main loop), so polling would measure nothing more."""
     from lab.qemu import running
 
     rows: list[dict[str, Any]] = []
@@ -121,7 +146,7 @@ def monitor_race_qemu(ram_mib: int = 128, reps: int = 3, settle: float = 2.0) ->
             q.cmd("job-dismiss", {"id": job})
             ev = {e["event"]: q.ts(e) for e in q.events if e["event"] in ("STOP", "RESUME")}
             vm = _qemu_vmstate_bytes(Path(tmp) / "disk0.qcow2", job)
-            rows.append(_race_row("QEMU 7.2", rep, t0, got["save"][0], got["status"][0], got["status"][1]["status"],
+            rows.append(_race_row("QEMU 7.2", rep, t0, got["save"][0], [(got["status"][0], got["status"][1]["status"])],
                                   ev, info.get("error"), vm))
             time.sleep(0.5)
     return rows
@@ -135,13 +160,21 @@ def _qemu_vmstate_bytes(path: Path, tag: str) -> int:
     return next(int(s["vm-state-size"]) for s in json.loads(out).get("snapshots", []) if s["name"] == tag)
 
 
-def _race_row(who: str, rep: int, t0: float, t_save: float, t_status: float, status: str,
+def _race_row(who: str, rep: int, t0: float, t_save: float, answers: Sequence[tuple[float, str]],
               ev: dict[str, float], error: Any, vmstate: int) -> dict[str, Any]:
-    resume = ev.get("RESUME", math.nan)
+    """One repetition of the race: ``answers`` are the (arrival time, status) of every
+    ``query-status`` reply; each is placed against the STOP and RESUME events."""
+    stop, resume = ev.get("STOP", math.nan), ev.get("RESUME", math.nan)
+    t_status, status = answers[0]
+    during = [t for t, st in answers if stop < t < resume and st == "save-vm"]
     return {"who": who, "rep": rep, "job error": error, "vmstate_mib": vmstate / 2**20,
-            "stopped_s": resume - ev.get("STOP", math.nan),
+            "stopped_s": resume - stop,
             "save_reply_s": t_save - t0, "status_reply_s": t_status - t0,
-            "status_seen": status, "status_answered_before_resume": t_status < resume}
+            "status_after_stop_ms": (t_status - stop) * 1e3,
+            "status_seen": status, "statuses_seen": sorted({st for _, st in answers}),
+            "status_answered_before_resume": t_status < resume,
+            "answers_while_stopped": len(during),
+            "first_answer_while_stopped_ms": (during[0] - stop) * 1e3 if during else math.nan}
 
 
 # -- what sets a blocking save's stop? --------------------------------------------------------------
@@ -160,6 +193,50 @@ def ram_in_use_sweep(engine: str, ram_sizes: Sequence[int], in_use: Sequence[int
         for r in run_experiment(spec):
             rows.append({**r, "sweep": sweep, "vmstate_mib": r["vmstate_bytes"] / 2**20})
     return rows
+
+
+def theil_sen(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    """A robust line ``y = a + b x``: ``b`` is the median of the slopes between every pair of
+    points with different x (Theil-Sen), ``a`` the median of ``y - b x``.  One outlier moves
+    it far less than least squares."""
+    x, y = np.asarray(xs, float), np.asarray(ys, float)
+    i, j = np.triu_indices(len(x), 1)
+    keep = x[j] != x[i]
+    if not keep.any():
+        raise ValueError("theil_sen needs at least two different x values")
+    b = float(np.median((y[j] - y[i])[keep] / (x[j] - x[i])[keep]))
+    return float(np.median(y - b * x)), b
+
+
+def stop_model(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The two-term model of a blocking save's stop, fitted phase by phase (Theil-Sen over
+    every repetition): ``zero_scan_ms = scan_ms + scan_ms_per_mib_ram * RAM MiB``,
+    ``write_ms = write_ms + write_ms_per_mib_in_use * MiB in use``, and the commit's median."""
+    a_s, b_s = theil_sen([r["ram_mib"] for r in rows], [r["zero_scan_ms"] for r in rows])
+    a_w, b_w = theil_sen([r["vmstate_mib"] for r in rows], [r["write_ms"] for r in rows])
+    return {"scan_ms": a_s, "scan_ms_per_mib_ram": b_s, "write_ms": a_w, "write_ms_per_mib_in_use": b_w,
+            "commit_ms": summarize([float(r["commit_ms"]) for r in rows]).median}
+
+
+def predict_stop(model: dict[str, float], ram_mib: float, in_use_mib: float) -> dict[str, float]:
+    """The stop the two-term model predicts, by phase (ms)."""
+    scan = model["scan_ms"] + model["scan_ms_per_mib_ram"] * ram_mib
+    write = model["write_ms"] + model["write_ms_per_mib_in_use"] * in_use_mib
+    return {"zero_scan_ms": scan, "write_ms": write, "commit_ms": model["commit_ms"],
+            "downtime_ms": scan + write + model["commit_ms"]}
+
+
+def ram_in_use_predicted(working_set_mib: float, written_mib: float) -> float:
+    """MiB of a working set touched after ``written_mib`` MiB of page writes, each to a page
+    drawn uniformly at random (with repeats): ``ws * (1 - exp(-written / ws))``."""
+    return working_set_mib * (1.0 - math.exp(-written_mib / working_set_mib))
+
+
+def written_before_save_mib(row: dict[str, Any]) -> float:
+    """MiB the dirty guest had stamped (one 4 KiB page per iteration) when the save was sent:
+    its iteration counter at the last progress sample before the command (``details.timeline``)."""
+    before = [it for t, it in row["details"]["timeline"] if t <= 0]
+    return (max(before) if before else 0) * 4096 / 2**20
 
 
 # -- which instant does a snapshot hold? ------------------------------------------------------------
@@ -284,7 +361,75 @@ def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, flo
 QEMU_RECORDED_SAVES = {256: (257677170 / 2**20, 0.812), 1024: (1043832381 / 2**20, 3.288),
                        2048: (2119672617 / 2**20, 7.090), 4096: (4221033351 / 2**20, 10.547)}
 """QEMU 7.2 blocking snapshot-save on this host, RAM filled with random bytes: {RAM MiB: (VM
-state MiB, median downtime s)} (shared/reference/qemu-7.2-qmp.md, "Blocking snapshot-save")."""
+state MiB, median downtime s)} (docs/reference/qemu-7.2-qmp.md, "Blocking snapshot-save")."""
+
+
+QEMU_RECORDED_SAVE_SPREAD = {
+    256: {"vmstate_mib": 257677170 / 2**20, "downtime_s": (0.798, 0.812, 0.814), "total_s": (0.798, 0.812, 0.816)},
+    1024: {"vmstate_mib": 1043832381 / 2**20, "downtime_s": (3.198, 3.288, 4.757), "total_s": (3.199, 3.290, 4.759)},
+    2048: {"vmstate_mib": 2119672617 / 2**20, "downtime_s": (6.826, 7.090, 7.095), "total_s": (6.828, 7.097, 7.097)},
+    4096: {"vmstate_mib": 4221033351 / 2**20, "downtime_s": (4.913, 10.547, 14.020), "total_s": (4.914, 10.549, 14.022)},
+}
+"""The same saves with their spread: {RAM MiB: VM state MiB, (min, median, max) of the downtime
+(STOP to RESUME) and of the job's wall time (created to concluded, which includes the flush)},
+3 runs each (docs/reference/qemu-7.2-qmp.md, "Blocking snapshot-save")."""
+
+
+def mib_per_s(rows: Sequence[dict[str, Any]], key: str = "total_s") -> list[float]:
+    """Per row: MiB of VM state written per second of ``key`` (``total_s`` in s, or a ``*_ms``)."""
+    div = 1e3 if key.endswith("_ms") else 1.0
+    return [float(r["vmstate_bytes"]) / 2**20 / (float(r[key]) / div) for r in rows]
+
+
+def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[str, Any]] | None = None,
+                           path: str | Path | None = None) -> Any:
+    """snaplab's blocking saves beside QEMU 7.2's recorded ones, on what both measure alike:
+    the time until the snapshot exists (``total_s``; flush included on both) and, for
+    reference, the downtime (which holds the flush only on QEMU).  x = VM state written.
+    snaplab: median with min-max bars per configuration; QEMU: median with min-max bars."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    qemu = QEMU_RECORDED_SAVE_SPREAD if qemu is None else qemu
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = sorted({(r["ram_mib"], r["working_set_mib"]) for r in rows})
+    for key, scale, marker, fill, name in (("total_s", 1e3, "o", "black", "until the snapshot exists (total_s)"),
+                                           ("downtime_ms", 1.0, "o", "white", "downtime (no flush)")):
+        xs, med, lo, hi = [], [], [], []
+        for g in groups:
+            mine = [r for r in rows if (r["ram_mib"], r["working_set_mib"]) == g]
+            s = summarize([float(r[key]) * scale for r in mine])
+            xs.append(summarize([float(r["vmstate_bytes"]) / 2**20 for r in mine]).median)
+            med.append(s.median)
+            lo.append(s.median - s.min)
+            hi.append(s.max - s.median)
+        ax.errorbar(xs, med, yerr=[lo, hi], marker=marker, mfc=fill, color="black", capsize=3, linestyle="-",
+                    label=f"snaplab blocking save, {name}")
+    qx = sorted(qemu)
+    for key, fill, name in (("total_s", "grey", "job wall time (flush included)"), ("downtime_s", "white", "downtime (flush included)")):
+        med = [qemu[x][key][1] * 1e3 for x in qx]
+        ax.errorbar([qemu[x]["vmstate_mib"] for x in qx], med,
+                    yerr=[[m - qemu[x][key][0] * 1e3 for m, x in zip(med, qx, strict=True)],
+                          [qemu[x][key][2] * 1e3 - m for m, x in zip(med, qx, strict=True)]],
+                    marker="D", mfc=fill, color="grey", capsize=3, linestyle="-.", label=f"QEMU 7.2 savevm, {name}")
+    ns = sorted({summarize([1.0 for r in rows if (r["ram_mib"], r["working_set_mib"]) == g]).n for g in groups})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("VM state written (MiB)")
+    ax.set_ylabel("time (ms)")
+    ax.set_title("Blocking save, median and min-max.\n"
+                 f"snaplab: Unicorn guest, RAM in use = working set of the dirty guest, {'/'.join(map(str, ns))} saves per point, "
+                 "measured now\nQEMU 7.2: TCG, q35, OVMF idle, RAM filled with random bytes, 3 saves per point, "
+                 "recorded on this host (docs/reference)", fontsize=8)
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def slope(rows: Sequence[dict[str, Any]], xkey: str, ykey: str) -> float:

@@ -5,7 +5,7 @@ The steps run on a scratch anonymous mapping made like guest RAM (private, anony
 aligned, ``MADV_HUGEPAGE``), through ``emulator.uffd`` (the ioctls the snapshot engines use).
 The writer that takes the faults is a thread calling ``ctypes.memset``: a foreign call that
 releases the GIL, as the vCPU's ``emu_start`` does; a Python thread that wrote protected memory
-while holding the GIL would deadlock the handler (shared/reference/unicorn-notes.md).
+while holding the GIL would deadlock the handler (docs/reference/unicorn-notes.md).
 """
 
 from __future__ import annotations
@@ -44,12 +44,12 @@ IOCTL_NAMES = {0: "UFFDIO_REGISTER", 1: "UFFDIO_UNREGISTER", 2: "UFFDIO_WAKE", 3
 class Scratch:
     """An anonymous private mapping, 2 MiB aligned, advised for huge pages (like guest RAM)."""
 
-    def __init__(self, size: int, populate: bool = True) -> None:
+    def __init__(self, size: int, populate: bool = True, huge: bool = True) -> None:
         self.mm = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         self.skip = -base % HUGE
         self.addr, self.size = base + self.skip, size
-        self.mm.madvise(mmap.MADV_HUGEPAGE, self.skip, size)
+        self.mm.madvise(mmap.MADV_HUGEPAGE if huge else mmap.MADV_NOHUGEPAGE, self.skip, size)
         if populate:
             ctypes.memset(self.addr, 1, size)
 
@@ -94,7 +94,8 @@ def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, see
     pages while this thread serves its faults: for each, copy the ``granule`` around the page
     (what a snapshot must keep), then release that granule's protection, which wakes the writer.
 
-    Returns the arm time, the faults, the pages copied and each fault's service time."""
+    Returns the arm time, the faults, the bytes copied (and in MiB), the writer's time and each
+    fault's service time (from reading the fault to releasing it)."""
     s = Scratch(size)
     u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
     keep = (ctypes.c_char * granule)()
@@ -136,45 +137,59 @@ def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, see
         u.close()
         s.close()
     return {"granule": granule, "register_ms": register_s * 1e3, "arm_ms": arm_s * 1e3, "writes": writes,
-            "faults": len(service), "bytes_copied": len(service) * granule, "writer_ms": writer_s * 1e3,
+            "faults": len(service), "bytes_copied": len(service) * granule,
+            "MiB_copied": len(service) * granule / 2**20, "writer_ms": writer_s * 1e3,
             "service_us": [x * 1e6 for x in service]}
+
+
+def range_holds(addr: int, size: int, byte: int) -> bool:
+    """Whether every byte of [addr, addr + size) equals ``byte`` (one bulk numpy comparison)."""
+    return bool(np.all(np.frombuffer((ctypes.c_char * size).from_address(addr), dtype=np.uint8) == byte))
+
+
+FILL_CASES = [(op, step, True) for op in ("UFFDIO_COPY", "UFFDIO_ZEROPAGE", "UFFDIO_MOVE") for step in (PAGE, HUGE)] + \
+    [("UFFDIO_MOVE", PAGE, False)]
+"""(ioctl, step, source on huge pages): every ioctl in both steps from a huge-page source, and
+UFFDIO_MOVE in 4 KiB steps from a source mapped with 4 KiB pages (``MADV_NOHUGEPAGE``), which
+tells apart the cost of splitting the source's huge pages."""
 
 
 def fill_costs(size: int = 32 << 20, reps: int = 3) -> list[dict[str, Any]]:
     """Fill a missing-registered range with UFFDIO_COPY, UFFDIO_ZEROPAGE and UFFDIO_MOVE in
-    4 KiB and 2 MiB steps; one row per (ioctl, step, repetition) with the time per MiB."""
+    4 KiB and 2 MiB steps (:data:`FILL_CASES`); one row per (case, repetition) with the time per
+    MiB, and whether every byte of the filled range is right (``contents_right``)."""
     rows: list[dict[str, Any]] = []
     for rep in range(reps):
-        for op in ("UFFDIO_COPY", "UFFDIO_ZEROPAGE", "UFFDIO_MOVE"):
-            for step in (PAGE, HUGE):
-                dst = Scratch(size, populate=False)
-                src = Scratch(size) if op != "UFFDIO_ZEROPAGE" else None
-                try:
-                    u = UserFaultFD(UFFD_FEATURE_MOVE if op == "UFFDIO_MOVE" else 0)
-                except UffdUnavailable:
-                    dst.close()
-                    continue
-                try:
-                    u.register(dst.addr, size, UFFDIO_REGISTER_MODE_MISSING)
-                    t = time.perf_counter()
-                    done, err = 0, 0
-                    for off in range(0, size, step):
-                        if op == "UFFDIO_COPY" and src is not None:
-                            n = u.copy(dst.addr + off, src.addr + off, step)
-                        elif op == "UFFDIO_MOVE" and src is not None:
-                            n = u.move(dst.addr + off, src.addr + off, step)
-                        else:
-                            n = u.zeropage(dst.addr + off, step)
-                        done, err = (done + n, err) if n > 0 else (done, n)
-                    took = time.perf_counter() - t
-                    ok = ctypes.string_at(dst.addr + size - PAGE, 1) == (b"\x00" if op == "UFFDIO_ZEROPAGE" else b"\x01")
-                    u.unregister(dst.addr, size)
-                finally:
-                    u.close()
-                    dst.close()
-                    if src is not None:
-                        src.close()
-                rows.append({"ioctl": op, "step": "4 KiB" if step == PAGE else "2 MiB", "rep": rep,
-                             "calls": size // step, "bytes_filled": done, "error": err, "contents_right": ok,
-                             "ms_per_MiB": took * 1e3 / (size >> 20)})
+        for op, step, src_huge in FILL_CASES:
+            dst = Scratch(size, populate=False)
+            src = Scratch(size, huge=src_huge) if op != "UFFDIO_ZEROPAGE" else None
+            try:
+                u = UserFaultFD(UFFD_FEATURE_MOVE if op == "UFFDIO_MOVE" else 0)
+            except UffdUnavailable:
+                dst.close()
+                continue
+            try:
+                u.register(dst.addr, size, UFFDIO_REGISTER_MODE_MISSING)
+                t = time.perf_counter()
+                done, err = 0, 0
+                for off in range(0, size, step):
+                    if op == "UFFDIO_COPY" and src is not None:
+                        n = u.copy(dst.addr + off, src.addr + off, step)
+                    elif op == "UFFDIO_MOVE" and src is not None:
+                        n = u.move(dst.addr + off, src.addr + off, step)
+                    else:
+                        n = u.zeropage(dst.addr + off, step)
+                    done, err = (done + n, err) if n > 0 else (done, n)
+                took = time.perf_counter() - t
+                u.unregister(dst.addr, size)  # first: a page left missing now reads as zero, not blocks
+                ok = range_holds(dst.addr, size, 0 if op == "UFFDIO_ZEROPAGE" else 1)
+            finally:
+                u.close()
+                dst.close()
+                if src is not None:
+                    src.close()
+            label = "4 KiB" if step == PAGE else "2 MiB"
+            rows.append({"ioctl": op, "step": label if src_huge else label + ", source in 4 KiB pages", "rep": rep,
+                         "calls": size // step, "bytes_filled": done, "error": err, "contents_right": ok,
+                         "ms_per_MiB": took * 1e3 / (size >> 20)})
     return rows

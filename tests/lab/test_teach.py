@@ -1,0 +1,54 @@
+"""The model and fit helpers notebook 5 teaches with (lab.teach), without timing anything."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lab import teach
+
+
+def test_theil_sen_ignores_one_outlier() -> None:
+    xs = [1, 2, 3, 4, 5, 6]
+    ys = [3 + 2 * x for x in xs]
+    ys[2] = 500.0  # one slow repetition
+    a, b = teach.theil_sen(xs, ys)
+    assert b == pytest.approx(2.0) and a == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="two different x"):
+        teach.theil_sen([1, 1], [2, 3])
+
+
+def test_stop_model_and_prediction() -> None:
+    rows = [{"ram_mib": ram, "vmstate_mib": use, "zero_scan_ms": 1 + 0.05 * ram, "write_ms": 2 + 0.5 * use,
+             "commit_ms": 3.0} for ram in (64, 128, 256) for use in (16, 32)]
+    m = teach.stop_model(rows)
+    assert m["scan_ms_per_mib_ram"] == pytest.approx(0.05) and m["write_ms_per_mib_in_use"] == pytest.approx(0.5)
+    p = teach.predict_stop(m, 4096, 64)
+    assert p["zero_scan_ms"] == pytest.approx(1 + 0.05 * 4096) and p["write_ms"] == pytest.approx(34)
+    assert p["downtime_ms"] == pytest.approx(p["zero_scan_ms"] + p["write_ms"] + 3.0)
+
+
+def test_ram_in_use_model() -> None:
+    assert teach.ram_in_use_predicted(32, 0) == 0
+    assert teach.ram_in_use_predicted(32, 52) == pytest.approx(32 * (1 - math.exp(-52 / 32)))
+    assert teach.ram_in_use_predicted(256, 1) == pytest.approx(1, rel=0.01)  # few repeats in a large set
+    assert teach.ram_in_use_predicted(16, 1000) == pytest.approx(16)
+
+
+def test_written_before_save_and_rates() -> None:
+    row = {"details": {"timeline": [(-0.2, 256), (-0.01, 512), (0.05, 1024)]}, "vmstate_bytes": 64 << 20,
+           "total_s": 0.5, "downtime_ms": 250.0}
+    assert teach.written_before_save_mib(row) == pytest.approx(2.0)
+    assert teach.mib_per_s([row]) == [pytest.approx(128.0)]
+    assert teach.mib_per_s([row], "downtime_ms") == [pytest.approx(256.0)]
+
+
+def test_race_row_counts_answers_while_stopped() -> None:
+    ev = {"STOP": 10.0, "RESUME": 10.5}
+    answers = [(9.99, "running"), (10.1, "save-vm"), (10.2, "save-vm"), (10.6, "running")]
+    r = teach._race_row("snaplab", 0, 9.98, 9.985, answers, ev, None, 1 << 20)
+    assert r["status_seen"] == "running" and r["answers_while_stopped"] == 2
+    assert r["first_answer_while_stopped_ms"] == pytest.approx(100.0)
+    q = teach._race_row("QEMU 7.2", 0, 9.9, 10.6, [(10.6, "running")], ev, None, 1 << 20)
+    assert q["answers_while_stopped"] == 0 and not q["status_answered_before_resume"]
