@@ -364,7 +364,7 @@ QEMU_RECORDED_SAVES = {256: (257677170 / 2**20, 0.812), 1024: (1043832381 / 2**2
 state MiB, median downtime s)} (docs/reference/qemu-7.2-qmp.md, "Blocking snapshot-save")."""
 
 
-QEMU_RECORDED_SAVE_SPREAD = {
+QEMU_RECORDED_SAVE_SPREAD: dict[int, dict[str, Any]] = {
     256: {"vmstate_mib": 257677170 / 2**20, "downtime_s": (0.798, 0.812, 0.814), "total_s": (0.798, 0.812, 0.816)},
     1024: {"vmstate_mib": 1043832381 / 2**20, "downtime_s": (3.198, 3.288, 4.757), "total_s": (3.199, 3.290, 4.759)},
     2048: {"vmstate_mib": 2119672617 / 2**20, "downtime_s": (6.826, 7.090, 7.095), "total_s": (6.828, 7.097, 7.097)},

@@ -144,7 +144,7 @@ def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, see
 
 def range_holds(addr: int, size: int, byte: int) -> bool:
     """Whether every byte of [addr, addr + size) equals ``byte`` (one bulk numpy comparison)."""
-    return bool(np.all(np.frombuffer((ctypes.c_char * size).from_address(addr), dtype=np.uint8) == byte))
+    return bool(np.all(np.frombuffer(memoryview((ctypes.c_char * size).from_address(addr)).cast("B"), dtype=np.uint8) == byte))
 
 
 FILL_CASES = [(op, step, True) for op in ("UFFDIO_COPY", "UFFDIO_ZEROPAGE", "UFFDIO_MOVE") for step in (PAGE, HUGE)] + \
