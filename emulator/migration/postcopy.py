@@ -50,6 +50,7 @@ class LazyStats:
     bytes_read: int = 0  # from the image (zero pages are not read)
     resident_at: float = 0.0  # perf_counter() when the last chunk was in
     prefetched_chunks: int = 0  # filled from the loading set, ahead of the rest
+    paced_s: float = 0.0  # the filler's pauses between chunks of the rest (a paced fill)
 
 
 @contextlib.contextmanager
@@ -263,11 +264,21 @@ class LazyLoad:
                     return
                 self.cond.wait(0.1 if left is None else min(left, 0.1))
 
+    def _pace(self, busy_s: float, duty: float) -> None:
+        """After ``busy_s`` of filling, wait so that the filler is busy ``duty`` of the wall
+        time; :meth:`complete` (or an error) ends the wait and the pacing."""
+        t = time.perf_counter()
+        with self.lock:
+            if not (self._hurry or self.error is not None):
+                self.cond.wait(busy_s * (1.0 / duty - 1.0))
+        self.stats.paced_s += time.perf_counter() - t
+
     def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0,
-                 rest_idle: bool = False) -> None:
+                 rest_idle: bool = False, rest_duty: float = 1.0) -> None:
         """The filler; returns when every chunk is in guest RAM.  ``order``: chunks to fill
         first (a loading set, in first-touch order), then the rest by address (``rest_idle``:
-        at SCHED_IDLE priority, so that it takes no CPU time the guest could use).
+        at SCHED_IDLE priority; ``rest_duty`` < 1: busy only that fraction of the wall time,
+        until :meth:`complete`).
         ``faults_only_until``: serve only faults until then (perf_counter; None: until
         :meth:`complete` or until the guest has touched every chunk)."""
         t0 = time.perf_counter()
@@ -285,8 +296,11 @@ class LazyLoad:
                 for c in range(self.nchunks):
                     if self.error is not None:
                         break
+                    t = time.perf_counter()
                     if self._fill(c, buf):
                         self.stats.bg_chunks += 1
+                        if rest_duty < 1.0 and not self._hurry:
+                            self._pace(time.perf_counter() - t, rest_duty)
             with self.lock:
                 while not self._all_in() and self.error is None:
                     self.cond.wait(0.1)

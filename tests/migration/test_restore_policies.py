@@ -181,3 +181,22 @@ def test_a_vm_state_read_up_to_eof_has_no_loading_set(make_vm: Factory) -> None:
     assert cut.loading_set is None and cut.layout is not None and parsed.layout is not None
     assert cut.layout.data_offset == parsed.layout.data_offset and (cut.layout.bits == parsed.layout.bits).all()
     assert [(h.idstr, p) for h, p, _ in cut.pending] == [(h.idstr, p) for h, p, _ in parsed.pending]
+
+
+def test_prefetch_paces_the_rest_and_quit_ends_the_pacing(make_vm: Factory) -> None:
+    """After the loading set, prefetch's filler pauses between chunks (background's never does);
+    closing the machine during the paced fill fills the rest at once: no hang."""
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 50_000, "the guest to dirty its working set")
+    _save(q)
+    _load(q, "rec", "prefetch")  # records the loading set
+    paced = _load(q, "pf", "prefetch")
+    assert paced["paced-s"] > 0 and paced["bg-chunks"] > 0
+    assert _load(q, "bg", "background")["paced-s"] == 0
+    q.execute("snapshot-load", {"job-id": "pf2", "tag": "t", **ARGS, "__org.snaplab_engine": "prefetch"})
+    q.wait_event("RESUME", 60)
+    closer = threading.Thread(target=m.close)
+    closer.start()
+    closer.join(120)
+    assert not closer.is_alive(), "close() hung during a paced prefetch fill"

@@ -51,6 +51,7 @@ class FillPlan:
     order: np.ndarray | None = None
     record_s: float = 0.0
     rest_idle: bool = False  # the chunks after ``order`` at SCHED_IDLE (the guest has what it needs)
+    rest_duty: float = 1.0  # ... and busy only this fraction of the wall time (until job-complete/quit)
 
 
 class BackgroundLoad(LoadEngine):
@@ -149,7 +150,7 @@ class BackgroundLoad(LoadEngine):
             yield lazy  # the job is ready: job-complete (lazy.complete) asks for the rest
         until = None if plan.faults_only_s is None else t_resume + plan.faults_only_s
         try:
-            lazy.fill_all(plan.order, until, plan.rest_idle)
+            lazy.fill_all(plan.order, until, plan.rest_idle, plan.rest_duty)
         except SnaplabError:
             # The fill asked the vCPU to stop (stop_on_host_error); the job ends once it has.
             ctx.vm.run_on_cpu(lambda: None)
@@ -168,6 +169,7 @@ class BackgroundLoad(LoadEngine):
         m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,
                         "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
                         "prefetched_chunks": st.prefetched_chunks, "moved_chunks": st.moved_chunks,
+                        "paced_s": st.paced_s,
                         "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
                         "loading_set_chunks": 0 if plan.order is None else len(plan.order),
                         "loading_set": [] if plan.order is None else plan.order.tolist(),
