@@ -93,7 +93,8 @@ def timeline(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float, ste
              span_ms: tuple[float, float] = (-200.0, 3000.0)) -> dict[str, list[float]]:
     """The guest's progress rate as a fraction of ``rate0``, in ``step_ms`` bins from
     ``span_ms[0]`` to ``span_ms[1]`` after the command (0 while it is stopped: no samples; a
-    bin after the command counts only samples after RESUME, as the load resets the counter)."""
+    bin after the command counts only samples after RESUME, as the load resets the counter;
+    NaN after the last sample: the guest was no longer watched)."""
     ts, its = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
     edges = cmd_ns + np.arange(span_ms[0], span_ms[1] + step_ms, step_ms) * 1e6
     lo = np.where(edges[1:] > cmd_ns, np.maximum(edges[:-1], resume_ns), edges[:-1])
@@ -102,6 +103,7 @@ def timeline(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float, ste
     ok = (i1 > i0) & (i0 < len(ts))
     done = np.where(ok, its[np.clip(i1, 0, len(ts) - 1)] - its[np.clip(i0, 0, len(ts) - 1)], 0.0)
     frac = done / (step_ms / 1e3) / rate0 if rate0 > 0 else np.full(len(done), np.nan)
+    frac = np.where(edges[1:] > ts[-1], np.nan, frac) if len(ts) else frac  # past the last sample: not watched
     return {"t_ms": ((edges[:-1] - cmd_ns) / 1e6).round(3).tolist(), "rate_frac": np.round(frac, 4).tolist()}
 
 
@@ -148,19 +150,18 @@ def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str
     cmd_ns = time.monotonic_ns()
     q.execute("snapshot-load", {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],
                                 ENGINE_ARG: policy})
-    if waits_for_complete(policy):  # on demand: faults only until the horizon, then the rest
-        time.sleep(max(0.0, spec.horizon_s - (time.monotonic_ns() - cmd_ns) / 1e9))
-        info = q.wait_job(job, 600, complete=True)
-    else:
-        info = q.wait_job(job, 600)
-        time.sleep(max(0.0, spec.horizon_s - (time.monotonic_ns() - cmd_ns) / 1e9))
+    # The guest is watched to the horizon; its samples are taken then (a paced fill can run for
+    # far longer than the lab port's ring keeps them).  On demand: faults only until then, then
+    # job-complete has the rest filled.
+    time.sleep(max(0.0, spec.horizon_s - (time.monotonic_ns() - cmd_ns) / 1e9))
+    samples = m.lab.history_array()
+    info = q.wait_job(job, 3600, complete=waits_for_complete(policy))
     if "error" in info:
         raise RuntimeError(f"snapshot-load ({policy}) failed: {info['error']}")
     stats = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
     q.execute("job-dismiss", {"id": job})
     ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
     resume_ns = int((ev["RESUME"] - epoch_off) * 1e9)
-    samples = m.lab.history_array()
     rate0 = rate_between(before, cmd_ns - 500_000_000, cmd_ns)
     row: dict[str, Any] = {"policy": policy, "rate_before": rate0,
                            "resume_ms": (resume_ns - cmd_ns) / 1e6,

@@ -42,6 +42,10 @@ def test_recovery_is_the_first_window_at_the_level() -> None:
     assert tl["t_ms"][0] == -100 and tl["rate_frac"][0] > 0.9  # before the command: full speed
     assert tl["rate_frac"][2] == 0.0  # stopped
     assert 0.1 < tl["rate_frac"][5] < 0.3 and tl["rate_frac"][-1] > 0.9
+    longer = timeline(s, int(1e9), int(1.1e9), rate0, step_ms=50, span_ms=(-100, 1500))
+    frac = np.array(longer["rate_frac"])
+    t = np.array(longer["t_ms"])
+    assert np.isnan(frac[t >= 1000]).all() and not np.isnan(frac[t < 950]).any()  # the samples end at +1 s
 
 
 def test_a_level_never_reached_is_nan() -> None:
