@@ -23,9 +23,9 @@ snaplab's lazy policies load the CPU and devices with the guest stopped, empty g
 | policy | after RESUME | the model |
 |---|---|---|
 | `blocking` | nothing: all of RAM was read before RESUME | QEMU's `loadvm` |
-| `ondemand` | faults only; the job is *ready* until `job-complete` | Firecracker's userfaultfd handler, left at its simplest |
-| `background` | faults first, a filler reads the rest by address | Cloud Hypervisor's prefault thread |
-| `prefetch` | the snapshot's loading set first, in first-touch order, then the rest at idle priority | REAP (ASPLOS'21), FaaSnap (EuroSys'22) |
+| `ondemand` | faults only; the job is *ready* until `job-complete` | Firecracker's userfaultfd handler at its simplest; Cloud Hypervisor's `memory_restore_mode=ondemand` (its `docs/snapshot_restore.md`) |
+| `background` | faults first, a filler reads the rest by address | CRIU's lazy-pages daemon, which "copies the task's remaining memory pages in the background" (criu.org/Userfaultfd); QEMU's postcopy migration, whose source keeps sending pages |
+| `prefetch` | the snapshot's loading set first, in first-touch order, then the rest *slowly*: at idle priority, busy 5% of the time | REAP (ASPLOS'21), FaaSnap (EuroSys'22) for the set; the pacing is snaplab's (`docs/deviations.md` 51) |
 
 The experiment below fills all of a guest's RAM with random bytes (so every page must be read back), runs the `dirty` workload over a small working set placed at a seeded random offset of RAM, takes one snapshot, and loads it with every policy, interleaved. Each figure's definition is in `lab/restore.py`: `toX_ms` is the time from the command until the guest's progress over a 20 ms window first reaches X of its rate in the half second before the command."""),
     ("code", """QUICK = True
@@ -45,7 +45,9 @@ fig = restore_figure(res['rows'], title=f'live run, {spec.ram_mib} MiB, working 
 - every lazy policy resumes within milliseconds, but the guest then *waits on faults* until its working set is in: the first progress comes later than RESUME;
 - `ondemand` reads only what the guest touches, so nothing competes with the guest once its working set is in; its `resident_s` is long because the rest is read only when asked (`job-complete`);
 - `background`'s filler reads all of RAM by address at normal priority, competing with the guest while it runs;
-- `prefetch` reads the recorded working set first, then the rest at idle priority."""),
+- `prefetch` reads the recorded working set first, then the rest slowly, so that the guest keeps its speed: its `resident_s` is the longest of the lazy policies (in the quick run it may be cut short: the next load ends the pacing).
+
+Why slowly? A filler is not free even on another CPU: it reads 2 MiB chunks from the page cache and installs them, which costs memory bandwidth, shared caches and, in snaplab's Python process, the interpreter lock the vCPU thread needs for its device callbacks. On this project's 2-vCPU machine a filler reading at full speed held the guest near half its speed, at `SCHED_IDLE` priority too (`data/results/restore/README.md`); `background` shows it in the figures below. The price of pacing is the time until all of RAM is resident."""),
     ("md", """## How the loading set is recorded
 
 Every save ends its VM state with an empty *loading-set trailer* past the stream's EOF marker (`emulator/migration/loading_set.py`; a reader that stops at EOF, such as an older snaplab, sees none). The first on-demand or prefetch load of a snapshot notes the chunk of every missing-page fault in the order they come, and writes that list into the trailer, in place (`docs/deviations.md` 50). The next prefetch load reads those chunks first. The experiment's first untimed loads did this; here is what was recorded, against where the working set is:"""),
@@ -54,10 +56,11 @@ recorded = next(r['recorded_set'] for r in res['warm'] if r['recorded_set'])
 ws_chunks = set(range(w.base // CHUNK, (w.base + (spec.ws_mib << 20)) // CHUNK))
 print('chunks recorded:', len(recorded), '| working-set chunks:', len(ws_chunks))
 print('every working-set chunk recorded:', ws_chunks <= set(recorded))
-print('recorded chunks outside the working set:', sorted(set(recorded) - ws_chunks))"""),
+print('recorded chunks outside the working set:', sorted(set(recorded) - ws_chunks))
+print('the first five chunks in recorded (first-touch) order:', recorded[:5])"""),
     ("code", """used = [r['loading_set'] for r in res['rows'] if r['loading_set']]
 print('prefetch loads that used the recorded set, in its order:', len(used), all(u == recorded for u in used))"""),
-    ("md", """The chunks outside the working set are the guest's code, stack and lab page (the first chunks of RAM): the workload touches them on every batch, so they are recorded too, and first."""),
+    ("md", """The chunk outside the working set is chunk 0, the first 2 MiB of RAM: the guest's code, stack and lab page, touched on every batch, so it is recorded, and (see the order printed above) first."""),
     ("md", """## The committed run: 4 GiB, working set 256 MiB, 5 loads per policy
 
 `python bench/bench_restore.py --no-qemu` with no other job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`); the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
@@ -81,8 +84,10 @@ print(f"all of RAM resident after RESUME: background {s['background']['resident_
 3. **Why not always on demand?** `ondemand` gets back to speed soonest here. Predict what happens to a *later* phase of the guest that touches memory it did not touch in its first seconds, and what `resident_s` means for the next snapshot you take (`docs/deviations.md` 49)."""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
+These are reasoned from the mechanism; exercises 1 and 2 are not executed in this notebook (each takes about a minute): run them and compare.
+
 1. Every lazy policy must read the working set before the guest runs at speed, so their `to90_ms` grows roughly with the working set's size (4× more chunks to fault or prefetch); `blocking` reads all of RAM either way, so it does not change: the advantage of the lazy policies shrinks as the working set approaches RAM.
-2. With the working set at the start of RAM the background filler reaches it first, so `background` behaves almost like `prefetch`; at a random offset the filler spends its time on chunks the guest does not need while the guest waits on its own faults.
+2. With the working set at the start of RAM the background filler reaches it first, so the guest's own faults end sooner and `to50_ms` drops towards `prefetch`'s; but the filler then goes on reading the rest at full speed, so the guest stays slowed until the fill ends and `to90_ms` hardly moves. At a random offset the filler also spends its first chunks on RAM the guest does not need.
 3. Each chunk the guest first touches later stalls it once, for a read of 2 MiB from the image (the stall histogram's scale). While the on-demand job is ready, no other snapshot operation can run (`Another snapshot operation is in progress`): `job-complete` (or the lab's `wait_job(..., complete=True)`) makes it read the rest first. `background` and `prefetch` avoid both by reading everything eventually on their own.
 </details>"""),
 ]
