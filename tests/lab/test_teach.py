@@ -20,7 +20,7 @@ def test_theil_sen_ignores_one_outlier() -> None:
 
 
 def test_stop_model_and_prediction() -> None:
-    rows = [{"ram_mib": ram, "vmstate_mib": use, "zero_scan_ms": 1 + 0.05 * ram, "write_ms": 2 + 0.5 * use,
+    rows = [{"ram_mib": ram, "working_set_mib": use, "vmstate_mib": use, "zero_scan_ms": 1 + 0.05 * ram, "write_ms": 2 + 0.5 * use,
              "commit_ms": 3.0} for ram in (64, 128, 256) for use in (16, 32)]
     m = teach.stop_model(rows)
     assert m["scan_ms_per_mib_ram"] == pytest.approx(0.05) and m["write_ms_per_mib_in_use"] == pytest.approx(0.5)
@@ -52,3 +52,10 @@ def test_race_row_counts_answers_while_stopped() -> None:
     assert r["first_answer_while_stopped_ms"] == pytest.approx(100.0)
     q = teach._race_row("QEMU 7.2", 0, 9.9, 10.6, [(10.6, "running")], ev, None, 1 << 20)
     assert q["answers_while_stopped"] == 0 and not q["status_answered_before_resume"]
+
+
+def test_undisturbed_takes_the_fastest_repetition() -> None:
+    rows = [{"ram_mib": 64, "working_set_mib": 16, "vmstate_mib": 16.0, "zero_scan_ms": z, "write_ms": w, "commit_ms": 2.0}
+            for z, w in ((5, 9), (6, 400), (7, 8))]
+    (p,) = teach.undisturbed(rows)
+    assert (p["zero_scan_ms"], p["write_ms"], p["n"]) == (5, 8, 3)
