@@ -13,7 +13,7 @@ CELLS: list[tuple[str, str]] = [
 
 **What to look at.** The error text of HMP `savevm`; the two lists of `info snapshots`; the `VM SIZE` column of `qemu-img snapshot -l` for each image.
 
-**Background.** A snapshot is taken of every device you include, and a qcow2 image keeps its snapshots inside itself; raw images cannot hold any. HMP `savevm` includes every writable block device and writes the VM state (RAM, CPU, devices) to the first one that can hold snapshots (migration/savevm.c `save_snapshot` with no device list: `bdrv_all_can_snapshot`, `bdrv_all_find_vmstate_bs`; shared/reference/qemu-internals.md section 3). The 2020 QMP series gave the reason plainly: "the semantics around choice of disks were ill-defined", and made the new commands "require the caller to be explicit about all the block device nodes used in the snapshot operations, with no built-in default heuristics in use" ([PATCH v4 9/9], 2020-09-15, see notebook 2).
+**Background.** A snapshot is taken of every device you include, and a qcow2 image keeps its snapshots inside itself; raw images cannot hold any. HMP `savevm` includes every writable block device and writes the VM state (RAM, CPU, devices) to the first one that can hold snapshots (migration/savevm.c `save_snapshot` with no device list: `bdrv_all_can_snapshot`, `bdrv_all_find_vmstate_bs`; docs/reference/qemu-internals.md section 3). The 2020 QMP series gave the reason plainly: "the semantics around choice of disks were ill-defined", and made the new commands "require the caller to be explicit about all the block device nodes used in the snapshot operations, with no built-in default heuristics in use" ([PATCH v4 9/9], 2020-09-15, see notebook 2).
 
 Lab functions used: `lab.session.default_machine` (`varstore='raw'` or `'qcow2'`), `lab.qcow2_view.qemu_img` (runs the real `qemu-img`)."""),
     ("md", """## A raw variable store"""),
@@ -24,7 +24,7 @@ raw = default_machine(ram_mib=64, varstore='raw')
 raw.machine.start()
 q = raw.machine.qmp()
 print(q.hmp('savevm snap1'))"""),
-    ("md", """HMP refused: the variable store `fw-vars` is writable, so `savevm` must include it, and as a raw image it cannot hold a snapshot. QEMU 7.2 answers with the same text (shared/reference/qemu-7.2-qmp.md section 5.1). Nothing can be snapshotted with HMP on such a machine, although the disk could hold a snapshot perfectly well.
+    ("md", """HMP refused: the variable store `fw-vars` is writable, so `savevm` must include it, and as a raw image it cannot hold a snapshot. QEMU 7.2 answers with the same text (docs/reference/qemu-7.2-qmp.md section 5.1). Nothing can be snapshotted with HMP on such a machine, although the disk could hold a snapshot perfectly well.
 
 QMP names what to include. Only `disk0`, which also receives the VM state:"""),
     ("code", """q.execute('snapshot-save', {'job-id': 'j1', 'tag': 'snap1', 'vmstate': 'disk0', 'devices': ['disk0']})
@@ -34,13 +34,13 @@ q.execute('snapshot-save', {'job-id': 'j2', 'tag': 'snap2', 'vmstate': 'disk0', 
 q.wait_job('j2')['error']"""),
     ("code", """print(q.hmp('info snapshots'))
 print(qemu_img('snapshot', '-U', '-l', str(raw.workdir / 'disk0.qcow2')))"""),
-    ("md", """`info snapshots` has **two lists**. The first, "present on all disks", holds the snapshots that every snapshot-capable writable device has; the raw variable store has none, so that list is empty. The second, "partial (non-loadable)", holds those only some devices have, here `snap1` on `disk0`. `qemu-img` reads the disk image itself and finds `snap1` there with a non-zero `VM SIZE`: the VM state went into `disk0`, as `vmstate` said. (QEMU prints the same two headings: migration/savevm.c `hmp_info_snapshots`, shared/reference/qemu-internals.md section 3.6.)
+    ("md", """`info snapshots` has **two lists**. The first, "present on all disks", holds the snapshots that **every** writable device has, whether or not it can hold snapshots at all (QEMU walks all of them with `bdrv_all_has_snapshot`, as `savevm` checks all of them with `bdrv_all_can_snapshot`); the raw variable store is writable and can have none, so that list is empty, and stays empty on this machine whatever is saved. The second, "partial (non-loadable)", holds those only some devices have, here `snap1`. Its heading ends `on ''`: the list is that of one device, the first that can hold snapshots (`bdrv_all_find_vmstate_bs`), here `disk0`, and QEMU names it by its BlockBackend name (`bdrv_get_device_name`); and disks attached with `-blockdev` and `-device`, as on this lab's command line, have none, so the name is empty (QEMU 7.2 prints the same: docs/reference/qemu-7.2-qmp.md section 2). `qemu-img` reads the disk image itself and finds `snap1` there with a non-zero `VM SIZE`: the VM state went into `disk0`, as `vmstate` said. (QEMU prints the same two headings: migration/savevm.c `hmp_info_snapshots`, docs/reference/qemu-internals.md section 3.6.)
 
 What the snapshot leaves out: the variable store is not in it. Loading `snap1` brings back RAM, CPU and disk, but the variables keep whatever the firmware wrote since; for OVMF that is the price of a raw `OVMF_VARS.fd`."""),
     ("code", """raw.close()"""),
     ("md", """## A qcow2 variable store
 
-Converting the variable store to qcow2 (QEMU 7.2 accepted it for pflash: shared/reference/qemu-7.2-qmp.md section 2) makes HMP `savevm` work again. Where does the VM state go now?"""),
+Converting the variable store to qcow2 (QEMU 7.2 accepted it for pflash: docs/reference/qemu-7.2-qmp.md section 2) makes HMP `savevm` work again. Where does the VM state go now?"""),
     ("code", """q2s = default_machine(ram_mib=64, varstore='qcow2')
 q2s.machine.start()
 q2 = q2s.machine.qmp()
@@ -51,7 +51,7 @@ print(q2.hmp('info snapshots'))"""),
     print(image, qemu_img('snapshot', '-U', '-l', str(q2s.workdir / image)))"""),
     ("md", """`snap1` is now "present on all disks", and `qemu-img` shows where the VM state went: into **`vars.qcow2`**, the variable store (non-zero `VM SIZE`), while `disk0.qcow2` got a disk-only snapshot (`0 B`). HMP took the first snapshot-capable device, and the flash comes before the disk. A 128 KiB firmware image now holds megabytes of RAM contents, past the end of its virtual size (notebook 4 shows how a qcow2 image stores VM state past the end of the disk).
 
-QEMU 7.2 does the same: "HMP savevm put the vmstate on the first snapshot-capable node, which was the qcow2 varstore `fw-vars`" (shared/reference/qemu-7.2-qmp.md section 5.2). libvirt hit the consequence: its own choice of the VM-state device differed from QEMU's "on VMs with UEFI firmware with NVRAM image in qcow2 format", so it switched to `snapshot-load` (libvirt commit 2ed93e1a, "qemu: monitor: Add monitor infrastructure for 'snapshot-load' QMP command", Peter Krempa).
+QEMU 7.2 does the same: "HMP savevm put the vmstate on the first snapshot-capable node, which was the qcow2 varstore `fw-vars`" (docs/reference/qemu-7.2-qmp.md section 5.2). libvirt hit the consequence: its own choice of the VM-state device differed from QEMU's "on VMs with UEFI firmware with NVRAM image in qcow2 format", so it switched to `snapshot-load` (libvirt commit 2ed93e1a, "qemu: monitor: Add monitor infrastructure for 'snapshot-load' QMP command", Peter Krempa).
 
 With QMP the caller decides: include the variable store in `devices`, and put the VM state on the disk:"""),
     ("code", """q2.execute('snapshot-save', {'job-id': 'j', 'tag': 'snap2', 'vmstate': 'disk0', 'devices': ['disk0', 'fw-vars']})
@@ -77,12 +77,13 @@ for image in ('vars.qcow2', 'disk0.qcow2'):
     ("code", """q2.execute('snapshot-save', {'job-id': 'j4', 'tag': 'snap4', 'vmstate': 'disk0', 'devices': ['disk0']})
 print(q2.wait_job('j4').get('error'))
 print(q2.hmp('info snapshots'))
-print(repr(q2.hmp('loadvm snap4')))"""),
+print(repr(q2.hmp('loadvm snap4')))
+print('status after the failed loadvm:', q2.execute('query-status')['status'])"""),
     ("md", """<details><summary>Worked solutions</summary>
 
 1. **Yes.** The file holds the VM state of `snap1` (megabytes, see its `VM SIZE` above) beyond the 128 KiB of variables; a qcow2 image grows with what its snapshots keep, whatever its virtual size.
 2. **`vars.qcow2`** shows the non-zero VM size, `disk0.qcow2` shows `0 B`: `vmstate` alone decides where the state goes, among the devices listed.
-3. `snap4` appears only under **"partial (non-loadable)"**: the variable store does not have it. HMP `loadvm snap4` then fails (its text is printed above): HMP `loadvm` works on all writable devices and `fw-vars` has no `snap4`. QMP `snapshot-load` with `devices: ['disk0']` could load it, because it names the devices.
+3. `snap4` appears only under **"partial (non-loadable)"**: the variable store does not have it. HMP `loadvm snap4` then fails (its text is printed above): HMP `loadvm` works on all writable devices and `fw-vars` has no `snap4`. The failure is not harmless: the VM is left stopped, in `restore-vm` (printed above), as QEMU 7.2 leaves it (docs/reference/qemu-7.2-qmp.md section 14, item 2); a client must `cont` or load another snapshot. QMP `snapshot-load` with `devices: ['disk0']` could load it, because it names the devices.
 </details>"""),
     ("code", """q2s.close()"""),
 ]

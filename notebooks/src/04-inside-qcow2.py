@@ -13,7 +13,7 @@ CELLS: list[tuple[str, str]] = [
 
 **What to look at.** The header fields, the layout table (which cluster is what), the refcounts of data clusters before and after one write, and the first bytes at the VM-state offset.
 
-**Reference.** QEMU's `docs/interop/qcow2.txt` (sections "Header", "Host cluster management", "Cluster mapping", "Snapshots"); summarised in shared/reference/qemu-internals.md section 5. Everything below is read with Python's `struct` by `lab.qcow2_view`, written from that text and independent of snaplab's driver, and checked against the real `qemu-img` 7.2.
+**Reference.** QEMU's `docs/interop/qcow2.txt` (sections "Header", "Host cluster management", "Cluster mapping", "Snapshots"); summarised in docs/reference/qemu-internals.md section 5. Everything below is read with Python's `struct` by `lab.qcow2_view`, written from that text and independent of snaplab's driver, and checked against the real `qemu-img` 7.2.
 
 **The image.** A 1 GiB qcow2 disk, written through snaplab's driver with `0x11` in its first cluster and `0x55` at 600 MiB, then one `snapshot-save` (with VM state) of a running 64 MiB guest running the `idle` workload, with 8 MiB of its RAM set to `0x5a` (so the VM state has a known size and the image is the same at every run).
 
@@ -39,13 +39,15 @@ v.header"""),
     ("code", """snap = v.snapshots()[0]
 print({k: getattr(snap, k) for k in ('entry_offset', 'l1_table_offset', 'l1_size', 'id', 'name', 'vm_state_size',
                                       'disk_size', 'entry_bytes')})
-print('VM state = the 8 MiB of non-zero RAM plus', snap.vm_state_size - (8 << 20), 'bytes of stream, CPU and devices')
+parts = qv.vmstate_parts(path)   # the engine's own count of what it wrote
+print(parts)
+print('the parts add up to vm_state_size:', parts['vm_state_size'] == snap.vm_state_size)
 print(qv.qemu_img('snapshot', '-l', str(path)))"""),
-    ("md", """The snapshot table entry (qcow2.txt "Snapshot table entry"): its L1 table's offset and size, id `1`, name `snap1`, the VM-state size (the 64-bit field of the extra data, bytes 40-47) and the disk size (bytes 48-55); the entry takes 72 bytes with its names and padding to a multiple of 8. The date and the VM clock are in it too (not printed: they change at every run). `qemu-img snapshot -l` reads the same entry (its `VM SIZE` is this byte count in binary units). The VM state is the non-zero RAM (the 8 MiB of `0x5a`, and the zero pages are not stored) plus a little more for the stream's framing, the page bitmap, the CPU and the devices.
+    ("md", """The snapshot table entry (qcow2.txt "Snapshot table entry"): its L1 table's offset and size, id `1`, name `snap1`, the VM-state size (the 64-bit field of the extra data, bytes 40-47) and the disk size (bytes 48-55); the entry takes 72 bytes with its names and padding to a multiple of 8. The date and the VM clock are in it too (not printed: they change at every run). `qemu-img snapshot -l` reads the same entry (its `VM SIZE` is this byte count in binary units). The VM state is the non-zero RAM pages (the zero pages are not stored): the 2048 pages of `0x5a` **and** a few pages the guest itself made non-zero (its code, its stack, the lab device's page; emulator/guest.py), counted separately above; then the page bitmap, one bit per page of the 64 MiB of RAM (2 KiB, docs/deviations.md entry 23); and what remains is the stream's framing, the CPU and the devices, also printed.
 
 ## Where the VM state lives
 
-QEMU puts the VM state at the guest offset of the first L1 entry past the disk: `qcow2_vm_state_offset = l1_vm_state_index << (cluster_bits + l2_bits)` (block/qcow2.h; shared/reference/qemu-internals.md section 5). For a 1 GiB disk that is L1 index 2, guest offset 1 GiB: just past the end of the disk, where no guest write can reach."""),
+QEMU puts the VM state at the guest offset of the first L1 entry past the disk: `qcow2_vm_state_offset = l1_vm_state_index << (cluster_bits + l2_bits)` (block/qcow2.h; docs/reference/qemu-internals.md section 5). For a 1 GiB disk that is L1 index 2, guest offset 1 GiB: just past the end of the disk, where no guest write can reach."""),
     ("code", """snap_l1 = v.l1(snap.l1_table_offset, snap.l1_size)
 vm_off = v.vm_state_offset()
 print('VM state at guest offset', hex(vm_off), '= the disk size:', vm_off == v.header['size'])
