@@ -65,3 +65,21 @@ def snapshot_two_ways(system: str, ram_mib: int = 128, seed: int = 1, rate_mib_s
         out["disk_after"] = _qemu_img("info", "-U", str(disk))
         out["disk_allocated_bytes"] = disk.stat().st_blocks * 512  # what the file system holds
     return out
+
+
+def two_ways_rows(system: str, reps: int = 3, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``reps`` runs of :func:`snapshot_two_ways` on ``system``, each on a freshly booted guest:
+    one row per run and operation (``op`` "internal" or "background": downtime, total, guest
+    progress, MiB stored), for medians with spread; and the first run's full result (its
+    ``qemu-img`` listings)."""
+    rows: list[dict[str, Any]] = []
+    first: dict[str, Any] = {}
+    for rep in range(reps):
+        r = snapshot_two_ways(system, **kw)
+        first = first or r
+        i, b = r["internal"], r["migrate"]
+        rows.append({"system": system, "op": "internal", "rep": rep, "downtime_ms": i["downtime_ms"],
+                     "total_s": i["total_s"], "progress": i["progress"], "stored_mib": i["vmstate_bytes"] / 2**20})
+        rows.append({"system": system, "op": "background", "rep": rep, "downtime_ms": b["downtime_ms"],
+                     "total_s": b["total_s"], "progress": b["progress"], "stored_mib": b["file_bytes"] / 2**20})
+    return rows, first
