@@ -361,6 +361,8 @@ def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, flo
         fixed = f"{mine[0]['working_set_mib']} MiB in use" if gkey == "ram_mib" else f"{mine[0]['ram_mib']} MiB of RAM"
         ax.errorbar(xs, [s.median for s in sums], yerr=err, marker=marker, color="black", capsize=3, linestyle=ls,
                     label=f"snaplab blocking save, {fixed} (median, IQR)")
+        ax.scatter([float(r[xkey]) * (1 + 0.03 * (r["rep"] - 2)) for r in mine], [r["downtime_ms"] for r in mine],
+                   s=12, color="grey", zorder=3, label="each save" if ax is axes[1] else None)
     if qemu:
         qx = sorted(qemu)
         axes[1].plot([qemu[x][0] for x in qx], [qemu[x][1] * 1e3 for x in qx], marker="D", color="grey",
@@ -375,6 +377,8 @@ def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, flo
         for axis in (ax.xaxis, ax.yaxis):
             axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             axis.set_minor_formatter(NullFormatter())
+        if ax is axes[1]:
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
         ax.set_xlabel(label)
         ax.set_ylabel("downtime, STOP to RESUME (ms)")
         ax.set_title(title, fontsize=10)
@@ -433,15 +437,18 @@ def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[
             med.append(s.median)
             lo.append(s.median - s.min)
             hi.append(s.max - s.median)
-        ax.errorbar(xs, med, yerr=[lo, hi], marker=marker, mfc=fill, color="black", capsize=3, linestyle="-",
+        # one point per configuration (several RAM sizes can share an x): no connecting line
+        ax.errorbar(xs, med, yerr=[lo, hi], marker=marker, mfc=fill, color="black", capsize=3, linestyle="none",
                     label=f"snaplab blocking save, {name}")
     qx = sorted(qemu)
-    for key, fill, name in (("total_s", "grey", "job wall time (flush included)"), ("downtime_s", "white", "downtime (flush included)")):
+    for key, fill, name in (("downtime_s", "white", "downtime (flush included)"),
+                            ("total_s", "grey", "job wall time (flush included; equal to the downtime within 10 ms)")):
         med = [qemu[x][key][1] * 1e3 for x in qx]
         ax.errorbar([qemu[x]["vmstate_mib"] for x in qx], med,
                     yerr=[[m - qemu[x][key][0] * 1e3 for m, x in zip(med, qx, strict=True)],
                           [qemu[x][key][2] * 1e3 - m for m, x in zip(med, qx, strict=True)]],
-                    marker="D", mfc=fill, color="grey", capsize=3, linestyle="-.", label=f"QEMU 7.2 savevm, {name}")
+                    marker="D", mfc=fill, color="grey", capsize=3, linestyle="-.",
+                    markersize=9 if key == "downtime_s" else 5, label=f"QEMU 7.2 savevm, {name}")
     ns = sorted({summarize([1.0 for r in rows if (r["ram_mib"], r["working_set_mib"]) == g]).n for g in groups})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
