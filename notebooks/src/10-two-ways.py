@@ -10,9 +10,9 @@ CELLS: list[tuple[str, str]] = [
 
 **Prerequisites.** Notebooks 3 (the OVMF varstore: which devices a snapshot covers), 4 (inside a qcow2 file: L1 tables, the VM-state area) and 7 (copy-on-write).
 
-**What to look at.** The `qemu-img snapshot -l` listing after both operations, the file the background snapshot wrote, and the table of downtimes and progress.
+**What to look at.** The `qemu-img snapshot -l` listing after both operations, the file the background snapshot wrote, and the tables of downtimes, total times and progress (medians with IQR over three runs per system).
 
-Lab function used: `lab.two_ways.snapshot_two_ways`."""),
+Lab functions used: `lab.two_ways.snapshot_two_ways`, `two_ways_rows`; `lab.teach.spread_table`."""),
     ("md", """## The two mechanisms
 
 *Internal snapshot.* QEMU's `save_snapshot()` (`migration/savevm.c`) stops the guest, writes the VM state (devices and every RAM page) into the qcow2 image's VM-state area (`bdrv_save_vmstate`: it lies past the end of the virtual disk, so the guest never sees it), creates a snapshot table entry on every disk (each keeps a copy of its L1 table; the clusters become shared and copy-on-write), then resumes. Everything is in the images; `qemu-img snapshot -l` lists it; `snapshot-load` (or `loadvm`) brings the whole VM back.
@@ -21,19 +21,30 @@ Lab function used: `lab.two_ways.snapshot_two_ways`."""),
 
 snaplab implements both with QEMU's interface: the same QMP commands below run against QEMU 7.2 and against snaplab's machine, with the same guest program (the dirty workload; `emulator/qemu_guest.py` builds it for QEMU)."""),
     ("code", """import shutil
-from lab.two_ways import snapshot_two_ways
+from lab.two_ways import two_ways_rows
+from lab import teach
 SYSTEMS = ['snaplab'] + (['qemu'] if shutil.which('qemu-system-x86_64') else [])
-print('systems:', SYSTEMS, '| guest: 128 MiB, the dirty workload at 50 MiB/s over 32 MiB, seed 1')"""),
+REPS = 3
+print('systems:', SYSTEMS, f'| guest: 128 MiB, the dirty workload at 50 MiB/s over 32 MiB, seed 1 | {REPS} runs per system, each on a fresh guest')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-results = {s: snapshot_two_ways(s, ram_mib=128, seed=1) for s in SYSTEMS}
-print(f"{'system':>8} {'operation':>10} {'downtime ms':>12} {'total s':>8} {'guest progress':>15} {'stored':>22}")
-for s, r in results.items():
-    i, b = r['internal'], r['migrate']
-    print(f"{s:>8} {'internal':>10} {i['downtime_ms']:12.2f} {i['total_s']:8.3f} {i['progress']:15.0%} {i['vmstate_bytes'] / 2**20:9.1f} MiB in qcow2")
-    print(f"{s:>8} {'background':>10} {b['downtime_ms']:12.2f} {b['total_s']:8.3f} {b['progress']:15.0%} {b['file_bytes'] / 2**20:9.1f} MiB in a file")"""),
-    ("md", """Read the table: the internal snapshot stops the guest for the whole save on both systems (its progress during the operation is a small fraction of its rate before); the background snapshot stops it only to arm the write protection, and the guest keeps most of its speed while the stream is written. QEMU's background stop also sends the device state; snaplab's holds only the CPU context, the device sections and one `UFFDIO_WRITEPROTECT` (`docs/deviations.md` 34)."""),
+rows, results = [], {}
+for s in SYSTEMS:
+    rs, results[s] = two_ways_rows(s, reps=REPS, ram_mib=128, seed=1)
+    rows += rs
+for key, title in (('downtime_ms', 'downtime, STOP to RESUME (ms)'), ('total_s', 'total (s)'),
+                   ('progress', 'guest progress during the operation (1 = its rate before)'),
+                   ('stored_mib', 'stored (MiB: internal in the qcow2 image, background in a file)')):
+    print(title); print(teach.spread_table(rows, key, by=('system', 'op'), digits=3))
+for s in SYSTEMS:
+    med = {k: teach.group_median(rows, k, system=s, op='internal') for k in ('downtime_ms', 'total_s')}
+    print(f"{s}: internal snapshot, downtime / total (medians) = {med['downtime_ms'] / (med['total_s'] * 1e3):.0%}")"""),
+    ("md", """Read the tables with what each number includes:
+
+* **Internal snapshot.** Both systems write the VM state with the guest stopped, but the stops do not hold the same work: QEMU flushes the image inside its stop, while snaplab resumes the guest first and flushes after RESUME, so the flush is in snaplab's total time and not in its downtime (`docs/deviations.md` 24). The last lines give each system's downtime as a share of its total: snaplab's share leaves out its flush and the job's start and end, which come outside the stop; in both, the guest keeps only part of its rate over the whole operation, the part it ran outside the stop (the progress table).
+* **Background snapshot.** Both stops hold the same kind of work: the CPU and device state and the arming of the write protection. QEMU's `bg_migration_thread()` (`migration/migration.c`) stops the VM, writes the non-RAM state into a buffer (`qemu_savevm_state_complete_precopy_non_iterable`), calls `ram_write_tracking_start()` and restarts the VM from a bottom half; snaplab's stop takes the CPU context and device sections and write-protects RAM with one `UFFDIO_WRITEPROTECT` (`emulator/migration/cow.py`). After the stop, both write RAM with the guest running, which keeps more of its rate than during the internal snapshot (the progress table).
+* Each row is three runs on fresh guests; with three runs the IQR is the middle of three values, so read the min-max too before calling a difference real."""),
     ("code", """for s, r in results.items():
-    print(f'--- {s}: qemu-img snapshot -l after both operations')
+    print(f'--- {s} (first run): qemu-img snapshot -l after both operations')
     print(r['snapshots'].strip().splitlines()[0])
     names = [line.split()[1] for line in r['snapshots'].strip().splitlines()[2:]]
     print('snapshots in the image:', names)
@@ -46,13 +57,13 @@ for s, r in results.items():
     print('\\n'.join(line for line in r['disk_after'].splitlines() if 'snapshot' in line.lower() or 'internal' in line))"""),
     ("md", """## Exercises: predict, then measure
 
-1. **A faster writer.** Predict how the background snapshot's guest progress changes on each system if the guest dirties 200 MiB/s instead of 50 (each first write to a page waits for that page, or on snaplab its 2 MiB chunk, to be copied). Run `snapshot_two_ways(s, rate_mib_s=200)`.
+1. **A faster writer.** Predict how the background snapshot's guest progress changes on each system if the guest dirties 200 MiB/s instead of 50 (each first write to a page waits for that page, or on snaplab its 2 MiB chunk, to be copied). Check with `two_ways_rows(s, rate_mib_s=200)` (not run here).
 2. **What you need to restore.** List what a restore from the background snapshot's file needs that a `snapshot-load` of the internal one does not, and which QMP commands do each (`migrate-incoming`; `snapshot-load`).
-3. **Bigger RAM.** Predict which of the four downtimes grow with RAM, then run `snapshot_two_ways(s, ram_mib=512)`."""),
+3. **Bigger RAM.** Predict which of the four downtimes grow with RAM, then check with `two_ways_rows(s, ram_mib=512)` (not run here)."""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
-1. More writes per second means more first writes to not-yet-copied memory during the save, so the guest waits more: its progress during the background snapshot drops on both systems. QEMU copies a 4 KiB page per fault; snaplab copies the whole 2 MiB chunk into a warm buffer (`docs/deviations.md` 38), so it takes fewer faults but each one copies more.
-2. The internal snapshot has everything in the image: `snapshot-load` reverts the disks and loads the VM state. The background snapshot has only the VM state: you need disks at the same instant (QEMU 7.2 takes none; an external snapshot, `blockdev-snapshot-sync`, started at the same time is the usual answer), a VM started with `-incoming defer`, and `migrate-incoming` with the file.
-3. The internal snapshots' downtimes grow with the RAM written (every non-zero page is written inside the stop); the background snapshots' stops grow much less: arming write protection is one call over all of RAM, and the pages are written after the guest resumed.
+1. *A prediction, not measured in this notebook:* more writes per second means more first writes to not-yet-copied memory during the save, so the guest should wait more and its progress during the background snapshot should drop on both systems. QEMU copies a 4 KiB page per fault; snaplab copies the whole 2 MiB chunk into a warm buffer (`docs/deviations.md` 38), so it takes fewer faults but each one copies more. Whether the drop shows beyond the run-to-run spread is what the suggested run checks.
+2. The internal snapshot has everything in the image: `snapshot-load` reverts the disks and loads the VM state. The background snapshot has only the VM state: you need disks as they were at the same instant, which QEMU 7.2's background snapshot does not take. One way is an external snapshot of each disk taken at that moment (`blockdev-snapshot-sync`, `qapi/block-core.json`: "Takes a synchronous snapshot of a block device": new writes go to a new overlay image, so the old image keeps the disk as it was); a VM started with `-incoming defer`, and `migrate-incoming` with the file, then load the stream over those disks. Making the two coincide exactly is not something the `migrate` command does for you.
+3. *A prediction, not measured in this notebook:* the internal snapshots' downtimes should grow with the RAM written (every non-zero page is written inside the stop, and snaplab also scans all of RAM for zero pages there), the background snapshots' stops much less: arming write protection is one call over all of RAM, and the pages are written after the guest resumed.
 </details>"""),
 ]
