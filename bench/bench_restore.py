@@ -9,7 +9,7 @@ One blocking snapshot; then each policy of the registry loads it once untimed (t
 on-demand or prefetch load records the snapshot's loading set) and ``--runs`` times timed
 (5; --quick 3), policies interleaved.  Definitions in lab/restore.py: ``resume_ms`` command
 -> RESUME; ``to50_ms``/``to90_ms`` command -> the guest's progress rate back at 50%/90% of
-its rate in the half second before the command; ``resident_s`` RESUME -> all of RAM in place.
+its steady rate before the command (median of 20 ms windows over the 2 s settle); ``resident_s`` RESUME -> all of RAM in place.
 Medians; the VM state is read through the page cache, warm (it was just written).  When
 QEMU 7.2 is installed, its blocking load of a guest of the same size is measured in the same
 run (its RAM filled with -device loader files, which its reset copies again: an upper bound,

@@ -27,10 +27,10 @@ snaplab's lazy policies load the CPU and devices with the guest stopped, empty g
 | `background` | faults first, a filler reads the rest by address | CRIU's lazy-pages daemon, which "copies the task's remaining memory pages in the background" (criu.org/Userfaultfd); QEMU's postcopy migration, whose source keeps sending pages |
 | `prefetch` | the snapshot's loading set first, in first-touch order, then the rest *slowly*: at idle priority, busy 5% of the time | REAP (ASPLOS'21), FaaSnap (EuroSys'22) for the set; the pacing is snaplab's (`docs/deviations.md` 51) |
 
-The experiment below fills all of a guest's RAM with random bytes (so every page must be read back), runs the `dirty` workload over a small working set placed at a seeded random offset of RAM, takes one snapshot, and loads it with every policy, interleaved. Each figure's definition is in `lab/restore.py`: `toX_ms` is the time from the command until the guest's progress over a 20 ms window first reaches X of its rate in the half second before the command."""),
+The experiment below fills all of a guest's RAM with random bytes (so every page must be read back), runs the `dirty` workload over a small working set placed at a seeded random offset of RAM, takes one snapshot, and loads it with every policy, interleaved. Each figure's definition is in `lab/restore.py`: `toX_ms` is the time from the command until the guest's progress over a 20 ms window first reaches X of its steady rate before the command (the median of its 20 ms-window rates over the `settle_s` before it: the guest's rate wanders by about a quarter from one half second to the next, so a mean over a short span is a noisy reference)."""),
     ("code", """QUICK = True
 from lab.restore import RestoreSpec
-spec = RestoreSpec(ram_mib=256, ws_mib=32, runs=3, seed=1, horizon_s=1.5) if QUICK else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1)
+spec = RestoreSpec(ram_mib=256, ws_mib=32, runs=3, seed=1, horizon_s=1.5, settle_s=1.0) if QUICK else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1)
 w = spec.workload()
 print(f'seed {spec.seed}: {spec.ram_mib} MiB of RAM, working set {spec.ws_mib} MiB at guest address {w.base:#x}')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT

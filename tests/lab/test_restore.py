@@ -10,6 +10,7 @@ from lab.restore import (
     rate_between,
     recovery_ms,
     restore_experiment,
+    steady_rate,
     summarize,
     timeline,
 )
@@ -78,3 +79,16 @@ def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
         if waits_for_complete(r["policy"]):
             assert r["resident_s"] >= spec.horizon_s - r["resume_ms"] / 1e3 - 0.01
     assert set(summarize(rows)) == set(load_engines())
+
+
+def test_the_steady_rate_is_a_median_of_short_windows() -> None:
+    # 1000 it/s for a second, except 100 ms at 3000 it/s: the mean over the span is 1200 it/s,
+    # the steady rate (median of 20 ms windows) is 1000
+    pts, it = [], 0.0
+    for k in range(0, 1001):
+        pts.append((k / 1000, it))
+        it += 3.0 if 400 <= k < 500 else 1.0
+    s = _samples(pts)
+    assert abs(rate_between(s, 0, int(1e9)) - 1200) < 5
+    assert abs(steady_rate(s, 0, int(1e9)) - 1000) < 5
+    assert np.isnan(steady_rate(s, int(2e9), int(3e9)))  # no samples there

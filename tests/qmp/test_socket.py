@@ -133,35 +133,51 @@ def test_raw_socket_wire_format_and_limits(system: tuple[subprocess.Popen[bytes]
     t.close()
 
 
-def test_tcp_monitor_on_loopback_only(tmp_path: Path) -> None:
+def _free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+    port = int(s.getsockname()[1])
     s.close()
-    proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "32M",
-                             "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"], stderr=subprocess.PIPE)
-    try:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                c = socket.create_connection(("127.0.0.1", port), timeout=5)
-                break
-            except OSError:
-                assert time.monotonic() < end and proc.poll() is None
-                time.sleep(0.05)
-        assert c.recv(4096).startswith(b'{"QMP": ')
-        c.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n')
-        data = b""
-        while True:
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        assert b'"SHUTDOWN"' in data and b'{"return": {}}' in data
-        assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    return port
+
+
+def test_tcp_monitor_on_loopback_only(tmp_path: Path) -> None:
+    # The port is free when picked but another process may take it before ours binds: then
+    # ours exits saying so, and the test picks another (up to three times).
+    for _attempt in range(3):
+        port = _free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "emulator.cli", "-m", "32M",
+                                 "-qmp", f"tcp:127.0.0.1:{port},server=on,wait=off"], stderr=subprocess.PIPE)
+        try:
+            end = time.monotonic() + 120  # a loaded CI host: the interpreter's start can be slow
+            c = None
+            while c is None and proc.poll() is None:
+                try:
+                    c = socket.create_connection(("127.0.0.1", port), timeout=30)
+                except OSError:
+                    assert time.monotonic() < end, "the monitor did not listen within 120 s"
+                    time.sleep(0.05)
+            if c is None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                assert "Address already in use" in err, err
+                continue
+            c.settimeout(60)
+            assert c.recv(4096).startswith(b'{"QMP": ')
+            c.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n')
+            data = b""
+            while True:
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            assert b'"SHUTDOWN"' in data and b'{"return": {}}' in data
+            assert proc.wait(60) == 0
+            return
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    raise AssertionError("three ports taken by others in a row")
 
 
 def test_lazy_load_replies_after_its_resume(tmp_path: Path) -> None:
