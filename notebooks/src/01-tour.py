@@ -25,7 +25,7 @@ q.greeting['QMP']['version']"""),
     ("md", """The greeting carries QEMU 7.2.22's version triple, so that clients which check it (qmp-shell's banner does) treat snaplab as QEMU 7.2, while `package` says what it really is (docs/deviations.md, entry 18). The greeting's shape, `{"QMP": {"version": ..., "capabilities": [...]}}`, is QEMU's (docs/interop/qmp-spec.rst, "Server Greeting")."""),
     ("code", """q.execute('query-status')"""),
     ("code", """[(b['inserted']['node-name'], b['inserted']['drv'], b['inserted']['ro'], b['qdev']) for b in q.execute('query-block')]"""),
-    ("md", """Three block nodes, as on the QEMU command line this lab copies (`-blockdev` nodes `fw-code`, `fw-vars`, `disk0`; shared/reference/qemu-7.2-qmp.md section 2): the firmware code is read-only (`ro` True), while the variable store and the disk are writable. Both writable ones are raw or qcow2 *format* nodes; only qcow2 can hold snapshots (notebook 3).
+    ("md", """Three block nodes, as on the QEMU command line this lab copies (`-blockdev` nodes `fw-code`, `fw-vars`, `disk0`; docs/reference/qemu-7.2-qmp.md section 2): the firmware code is read-only (`ro` True), while the variable store and the disk are writable. Both writable ones are raw or qcow2 *format* nodes; only qcow2 can hold snapshots (notebook 3).
 
 What is **not** QEMU's: the machine. It is a small flat 64-bit x86 machine emulated with Unicorn, not a q35 PC, and it runs snaplab's firmware instead of OVMF (docs/deviations.md, entry 12)."""),
     ("code", """q.events()   # forget what came before

@@ -12,9 +12,9 @@ CELLS: list[tuple[str, str]] = [
 
 **Prerequisites.** Notebook 5 (what a blocking save does); virtual memory and page faults at the level of "a page table entry can forbid writes".
 
-**What to look at.** The feature list the kernel grants; `faults` and `service_us` for the two granules; `ms_per_MiB` of the fill ioctls.
+**What to look at.** The feature list the kernel grants; `faults`, `MiB_copied` and `service_us` for the two granules, with many writes and with few; `ms_per_MiB` of the fill ioctls.
 
-**Sources.** Linux `Documentation/admin-guide/mm/userfaultfd.rst` and `include/uapi/linux/userfaultfd.h` for the interface; emulator/uffd.py wraps exactly these ioctls with ctypes; emulator/migration/cow.py uses them for the copy-on-write engine. The first proposal to use it for savevm: "Async savevm must copy-on-write guest RAM ... Rik van Riel suggested using userfaultfd(2) ... UFFDIO_REGISTER_MODE_WP" (Stefan Hajnoczi, qemu-devel, 2016-10-12; shared/reference/qemu-internals.md section 4.2).
+**Sources.** Linux `Documentation/admin-guide/mm/userfaultfd.rst` and `include/uapi/linux/userfaultfd.h` for the interface; emulator/uffd.py wraps exactly these ioctls with ctypes; emulator/migration/cow.py uses them for the copy-on-write engine. The first proposal to use it for savevm: "Async savevm must copy-on-write guest RAM ... Rik van Riel suggested using userfaultfd(2) ... UFFDIO_REGISTER_MODE_WP" (Stefan Hajnoczi, qemu-devel, 2016-10-12; docs/reference/qemu-internals.md section 4.2).
 
 The experiments run on a scratch mapping made like snaplab's guest RAM (anonymous, private, 2 MiB aligned, advised for transparent huge pages). The thread that writes is a `ctypes.memset` caller, which releases Python's GIL while it is blocked, as the vCPU thread does inside Unicorn's `emu_start`.
 
@@ -26,29 +26,50 @@ offer"""),
 
 ## A write-protect window, served in Python
 
-`write_fault_loop(granule)` registers 64 MiB, protects it with one `UFFDIO_WRITEPROTECT` (`arm_ms`), and starts a writer that stores one byte into each of 2000 random pages. Each store to a protected page blocks the writer in the kernel and queues a fault message; the loop reads it (`read_faults`), copies the granule around the page (the contents a snapshot must keep, still unchanged), then releases the granule's protection, which wakes the writer to retry its store. Three repetitions per granule."""),
+`write_fault_loop(granule, writes=...)` registers 64 MiB, protects it with one `UFFDIO_WRITEPROTECT` (`arm_ms`), and starts a writer that stores one byte into each of `writes` random pages. Each store to a protected page blocks the writer in the kernel and queues a fault message; the loop reads it (`read_faults`), copies the granule around the page (the contents a snapshot must keep, still unchanged), then releases the granule's protection, which wakes the writer to retry its store. Two writers: a busy one (2000 writes) and a sparse one (10 writes); three repetitions per granule each. `service_us` is the handler's time per fault (read to release); `writer_us_per_fault` is the writer's whole run divided by its faults, what a fault costs the thread that takes it."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 REPS = 3
-runs = [us.write_fault_loop(g, seed=rep) for g in (4096, 2 << 20) for rep in range(REPS)]
+runs = [us.write_fault_loop(g, writes=w, seed=rep) for w in (2000, 10) for g in (4096, 2 << 20) for rep in range(REPS)]
 rows = [{**{k: v for k, v in r.items() if k != 'service_us'}, 'granule': '4 KiB' if r['granule'] == 4096 else '2 MiB',
-         'service_us_median': teach.group_median([{'x': x} for x in r['service_us']], 'x')} for r in runs]
-for key in ('arm_ms', 'faults', 'service_us_median', 'writer_ms'):
+         'service_us_median': teach.group_median([{'x': x} for x in r['service_us']], 'x'),
+         'writer_us_per_fault': r['writer_ms'] * 1e3 / max(r['faults'], 1)} for r in runs]
+for key in ('arm_ms', 'faults', 'MiB_copied', 'service_us_median', 'writer_ms', 'writer_us_per_fault'):
     print(key)
-    print(teach.spread_table(rows, key, by=('granule',)))"""),
-    ("code", """by = {g: [r for r in rows if r['granule'] == g] for g in ('4 KiB', '2 MiB')}
-print('2 MiB granules: at most 32 faults (64 MiB / 2 MiB):', all(r['faults'] <= 32 for r in by['2 MiB']))
-print('4 KiB granules: more faults than 2 MiB ones, every run:', min(r['faults'] for r in by['4 KiB']) > max(r['faults'] for r in by['2 MiB']))
-print('4 KiB granules copy fewer bytes:', max(r['bytes_copied'] for r in by['4 KiB']) < min(r['bytes_copied'] for r in by['2 MiB']))"""),
-    ("md", """**4 KiB against 2 MiB.** Arming costs the same for both (one ioctl over the range, before any granule matters). With 4 KiB granules every distinct page written takes a fault (2000 writes hit a little under 2000 distinct pages), each fault is cheap to serve (a 4 KiB copy) but costs a round trip through the kernel and the Python loop, and the writer is slowed by all of them. With 2 MiB granules a fault copies 512 times as much, so each takes longer, but there are at most 32 faults for 64 MiB, and every later write to the chunk goes through unhindered. Releasing 4 KiB inside a transparent huge page also forces the kernel to split it into 4 KiB entries. snaplab's copy-on-write engine uses 2 MiB chunks for these reasons (docs/deviations.md entry 32; emulator/migration/cow.py docstring); QEMU's background snapshot saves the faulting page itself ("finding respective RAM block and saving faulting page to the migration stream", shared/reference/qemu-internals.md section 4.1).
+    print(teach.spread_table(rows, key, by=('writes', 'granule')))"""),
+    ("code", """by = {(w, g): [r for r in rows if r['granule'] == g and r['writes'] == w] for w in (2000, 10) for g in ('4 KiB', '2 MiB')}
+print('2000 writes, 2 MiB granules: at most 32 faults (64 MiB / 2 MiB):', all(r['faults'] <= 32 for r in by[2000, '2 MiB']))
+print('2000 writes: 4 KiB granules take more faults than 2 MiB ones, every run:',
+      min(r['faults'] for r in by[2000, '4 KiB']) > max(r['faults'] for r in by[2000, '2 MiB']))
+print('2000 writes, 2 MiB granules copied all 64 MiB, every run:', all(r['MiB_copied'] == 64 for r in by[2000, '2 MiB']))
+print('10 writes: at most 10 faults with either granule:', all(r['faults'] <= 10 for w, g in by if w == 10 for r in by[w, g]))
+print('4 KiB granules copy fewer bytes, with both writers:',
+      all(max(r['bytes_copied'] for r in by[w, '4 KiB']) < min(r['bytes_copied'] for r in by[w, '2 MiB']) for w in (2000, 10)))
+{w: {g: sorted({round(r['MiB_copied'], 2) for r in by[w, g]}) for g in ('4 KiB', '2 MiB')} for w in (2000, 10)}"""),
+    ("md", """**4 KiB against 2 MiB.** Arming costs the same for both (one ioctl over the range, before any granule matters). With 4 KiB granules every distinct page written takes a fault (2000 writes hit a little under 2000 distinct pages), each fault is cheap to serve (a 4 KiB copy) but costs a round trip through the kernel and the Python loop, and the writer is slowed by all of them. With 2 MiB granules a fault copies 512 times as much, so each takes longer, but there are at most 32 faults for 64 MiB, and every later write to the chunk goes through unhindered.
+
+The bytes copied tell the other side (the `MiB_copied` lines, exact and deterministic for these seeds). 2000 random writes over only 32 chunks hit every chunk, so 2 MiB granules copied all 64 MiB (checked), while 4 KiB granules copied only the pages written, under 8 MiB. The busy writer thus favours 2 MiB granules: fewer faults for the same chunks. The sparse writer reverses it: 10 writes take at most 10 faults with either granule (checked; fewer with 2 MiB when two writes share a chunk), so the fault count no longer favours 2 MiB, while each 2 MiB fault copies 512 times as many bytes (MiB against KiB above). Which granule wins depends on how many writes land in each chunk during the window. Releasing 4 KiB inside a transparent huge page also forces the kernel to split it into 4 KiB entries, and the splits stay: the next snapshot's arm then walks 4 KiB entries again (docs/reference/unicorn-notes.md, addendum section 1). snaplab's copy-on-write engine uses 2 MiB chunks for these reasons (docs/deviations.md entry 32; emulator/migration/cow.py docstring); QEMU's background snapshot saves the faulting page itself ("finding respective RAM block and saving faulting page to the migration stream", docs/reference/qemu-internals.md section 4.1).
 
 ## Filling missing pages: what lazy restore does
 
-A range registered in *missing* mode faults on first access to a page that has no page table entry. The handler fills it: `UFFDIO_COPY` copies from a buffer, `UFFDIO_ZEROPAGE` maps zeros, `UFFDIO_MOVE` (Linux 6.8) moves the pages of another anonymous range of the same process in, without copying. Each call also wakes the thread that waited. `fill_costs` fills 32 MiB with each, in 4 KiB and in 2 MiB calls, and checks the contents."""),
+A range registered in *missing* mode faults on first access to a page that has no page table entry. The handler fills it: `UFFDIO_COPY` copies from a buffer, `UFFDIO_ZEROPAGE` maps zeros, `UFFDIO_MOVE` (Linux 6.8) moves the pages of another anonymous range of the same process in, without copying. Each call also wakes the thread that waited. `fill_costs` fills 32 MiB with each, in 4 KiB and in 2 MiB calls, and checks every byte of the filled range (one numpy comparison over the mapping). One more row moves 4 KiB at a time from a source mapped with 4 KiB pages instead of huge pages."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 fills = us.fill_costs(reps=REPS)
-print(teach.spread_table(fills, 'ms_per_MiB', by=('ioctl', 'step'), digits=3))"""),
-    ("code", """sorted({(r['ioctl'], r['step'], r['bytes_filled'] == 32 << 20, r['contents_right']) for r in fills})"""),
-    ("md", """Every fill put the right contents in all 32 MiB. Per MiB, 2 MiB calls are much cheaper than 4 KiB calls for all three: the per-call cost (a system call, a page-table walk) is paid 512 times less often, and a zero or moved huge page can be installed as one huge-page entry. `UFFDIO_MOVE` of whole huge pages is the cheapest because nothing is copied. snaplab's lazy load engines fill RAM in 2 MiB chunks: they read a chunk into the old RAM's pages set aside and move them in with `UFFDIO_MOVE` where the kernel allows it, and fall back to `UFFDIO_COPY` otherwise (emulator/migration/postcopy.py `_fill`). Notebook 11 measures the lazy loads.
+print(teach.spread_table(fills, 'ms_per_MiB', by=('ioctl', 'step'), digits=3))
+def fill_med(op, step):
+    return teach.group_median(fills, 'ms_per_MiB', ioctl=op, step=step)
+for op in ('UFFDIO_COPY', 'UFFDIO_ZEROPAGE', 'UFFDIO_MOVE'):
+    print(f"{op}: 4 KiB calls cost {fill_med(op, '4 KiB') / fill_med(op, '2 MiB'):.0f}x as much per MiB as 2 MiB calls")
+print(f"UFFDIO_MOVE in 4 KiB calls, huge-page source over 4 KiB-page source: "
+      f"{fill_med('UFFDIO_MOVE', '4 KiB') / fill_med('UFFDIO_MOVE', '4 KiB, source in 4 KiB pages'):.1f}x")"""),
+    ("code", """# (ioctl, step, calls, all 32 MiB filled, every byte right)
+sorted({(r['ioctl'], r['step'], r['calls'], r['bytes_filled'] == 32 << 20, r['contents_right']) for r in fills})"""),
+    ("md", """Every fill reported all 32 MiB filled, and every byte of the range held what it should (zeros, or the source's `0x01`): the last column above. Per MiB, 2 MiB calls are much cheaper than 4 KiB calls for all three (the ratios printed under the table). Why differs by ioctl, and the kernel source says how (mm/userfaultfd.c):
+
+* `UFFDIO_COPY` and `UFFDIO_ZEROPAGE` on an anonymous private range fill **one 4 KiB page-table entry at a time** whatever the length of the call (`mfill_atomic` loops over the range in `PAGE_SIZE` steps; only hugetlbfs ranges are filled in huge pages). A 2 MiB call does the same 512 entries of work as 512 calls of 4 KiB; what it saves is the 511 other system calls and their set-up. So 32 MiB is 16 calls instead of 8192 (the `calls` column), and that is where the gain comes from; `UFFDIO_ZEROPAGE` maps the shared zero page into each entry, `UFFDIO_COPY` allocates and copies a page for each.
+* `UFFDIO_MOVE` (`move_pages`) is the only one that moves a whole huge page: when source and destination are 2 MiB aligned, the length covers the huge page and the source is mapped by one huge-page entry, it moves that entry (`move_pages_huge_pmd`), so nothing is copied and one entry changes per 2 MiB. That is why it is the cheapest fill per MiB.
+* A 4 KiB `UFFDIO_MOVE` out of a huge page cannot move the huge entry: the kernel first **splits** it (`split_huge_pmd`; "The folio will be split by move_pages_pte()") and then moves 4 KiB entries one by one. Is that split why 4 KiB `UFFDIO_MOVE` is the slowest row? The extra row tests it: the same 4 KiB moves from a source mapped with 4 KiB pages from the start, where there is nothing to split. The split costs only what the printed ratio exceeds 1; when this notebook was written that ratio was close to 1, so the split is **not** the main cost. What makes a 4 KiB move dearer than a 4 KiB copy is not established here; a candidate is the work `move_pages_pte` does per page that filling an empty destination does not: it takes the page tables of both ranges, clears the source entry (which needs a TLB flush) and re-points the page's reverse mapping.
+
+snaplab's lazy load engines fill RAM in 2 MiB chunks: they read a chunk into the old RAM's pages set aside and move them in with `UFFDIO_MOVE` where the kernel allows it, and fall back to `UFFDIO_COPY` otherwise (emulator/migration/postcopy.py `_fill`). Notebook 11 measures the lazy loads.
 
 ## Which write-protect backend does snaplab use, and why?"""),
     ("code", """from lab.spec import WP_BACKENDS, ExperimentSpec, compare_engines
@@ -61,7 +82,15 @@ print('auto chose:', sorted({r['wp_backend_used'] for r in auto}), '| forced:', 
     ("code", """# NBVAL_IGNORE_OUTPUT
 print(teach.spread_table(auto + tlb, 'downtime_ms', by=('wp_backend',), digits=3))
 print(teach.spread_table(auto + tlb, 'progress_during_save', by=('wp_backend',), digits=3))"""),
-    ("md", """`auto` chose **userfaultfd**, because this kernel grants it (the first cell). The alternative, `unicorn-tlb`, is a fallback for hosts without userfaultfd: it switches Unicorn to a software TLB with a Python hook for the snapshot window and catches writes there (emulator/migration/engine.py `protector`; docs/deviations.md entry 31). The feasibility probe behind that choice measured userfaultfd arming at 1.2 ms per 64 MiB and about 61-66 us per fault served from Python, while the TLB hook costs a Python call on every TLB miss for the whole window, slowing TLB-heavy guests from 60 M to 3.5 M instructions per second (shared/reference/unicorn-notes.md, TL;DR). Per-page `uc.mem_protect` was ruled out there (30 ms per call, it splits regions). The two rows above are both measured here, on the default guest throttled to 100 MiB/s: on such a guest the two are close (compare their downtime and the guest's speed during the save); the probe's slowdown concerns guests that miss Unicorn's TLB often, and the fallback also replaces the guest MMU (no guest paging), which is why it is only the fallback.
+    ("md", """`auto` chose **userfaultfd**, because this kernel grants it (the first cell). The alternative, `unicorn-tlb`, is a fallback for hosts without userfaultfd: it switches Unicorn to a software TLB with a Python hook for the snapshot window and catches writes there (emulator/migration/engine.py `protector`; docs/deviations.md entry 31).
+
+The project's feasibility probe measured both (docs/reference/unicorn-notes.md, TL;DR), and the trade is not one-sided:
+
+* **Per write fault, the TLB fallback is far cheaper**: about 2.5 us per copy-on-write fault, copy included, against about 61-66 us end to end for a userfaultfd fault served by a Python thread. The probe's figure is what the faulting thread waits, so it compares with `writer_us_per_fault` above, not with `service_us_median`: the handler's own work is only part of it; the rest is the kernel's fault delivery, waking the handler thread, and waking the writer again (and here the handler also polls with a timeout and shares the GIL with the writer's Python loop, so the two tables need not agree with the probe's figure).
+* **Per instruction, userfaultfd is free and the TLB fallback is not**: with the hook every miss of Unicorn's software TLB costs a Python call (about 1.1 us) for the whole window, so guests that miss the TLB often dropped from 60 M to 3.5 M instructions per second in the probe, and the hook replaces the guest MMU (no guest paging). userfaultfd costs nothing until a protected page is written.
+* **Arming**: the probe armed 64 MiB in 1.2 ms, on 4 KiB pages (its kernel had transparent huge pages in `madvise` mode and its mapping was not advised: "anon mmap gets 4 KiB pages", docs/reference/unicorn-notes.md section 5); on huge pages its second probe measured about 0.11 us per 2 MiB entry, 55 us per GiB (addendum section 1). snaplab's RAM and this notebook's scratch mapping are advised for huge pages, which is why `arm_ms` above is in hundredths of a millisecond.
+
+Per-page `uc.mem_protect` was ruled out (30 ms per call, it splits regions). The two rows above are both measured here, on the default guest throttled to 100 MiB/s: on such a guest the two backends are close (compare their downtime and the guest's speed during the save); guests with many writes per window favour the fallback's cheap faults, guests with many TLB misses favour userfaultfd, and only userfaultfd keeps guest paging, which is why it is the default and the TLB hook only the fallback.
 
 ## Exercises: predict, then measure
 
@@ -88,8 +117,8 @@ t.join(); u.unregister(few.addr, few.size); u.close(); few.close()
 print('faults:', faults)"""),
     ("md", """<details><summary>Worked solutions</summary>
 
-1. About the **same**, a few hundredths of a millisecond for both (printed above): with transparent huge pages, 256 MiB is only 128 page-table entries to mark, so the system call itself dominates. With 4 KiB page tables it would grow with the size: the probe measured 1.2 ms per 64 MiB and 15 ms per GiB (shared/reference/unicorn-notes.md), and snaplab arms about 0.1 ms per GiB with huge pages (emulator/migration/cow.py docstring).
+1. About the **same**, a few hundredths of a millisecond for both (printed above): with transparent huge pages, 256 MiB is only 128 page-table entries to mark, so the system call itself dominates. With 4 KiB pages it would grow with the size: the first probe, whose mapping got 4 KiB pages, measured 1.2 ms per 64 MiB and 15 ms per GiB; its second probe, on huge pages, 55 us per GiB (docs/reference/unicorn-notes.md, TL;DR and addendum section 1); snaplab arms about 0.1 ms per GiB with huge pages (emulator/migration/cow.py docstring).
 2. **10**: the first write to each page faults; the handler releases that page, so the other 1990 writes go straight through.
-3. No: `UFFDIO_ZEROPAGE` maps the shared zero page (or a zero huge page) without copying, while `UFFDIO_COPY` copies 4 KiB or 2 MiB of zeros into freshly allocated memory; compare the two rows of the fill table at the same step.
+3. No: `UFFDIO_ZEROPAGE` maps the shared zero page into each 4 KiB entry without allocating or copying, while `UFFDIO_COPY` allocates a page for each entry and copies 4 KiB of zeros into it; both fill one 4 KiB entry at a time on this anonymous mapping, whatever the call's length (mm/userfaultfd.c `mfill_atomic`), so the difference is the allocation and the copy, at either step. Compare the two rows of the fill table at the same step.
 </details>"""),
 ]
