@@ -10,20 +10,21 @@ CELLS: list[tuple[str, str]] = [
 
 **Prerequisites.** Notebooks 5 (blocking savevm), 7 (copy-on-write), 9 (engines) and 10 (QEMU's background snapshot).
 
-**What to look at.** The committed table (medians with IQR and a bootstrap 95% CI), the ratio list, the excluded comparisons and why, and the caveat under the figure.
+**What to look at.** The committed table (medians with IQR and a bootstrap 95% CI of the median), the ratio list, the excluded comparisons and why, and the caveat under the figure.
 
 Lab functions used: `lab.repro_report.load_runs`, `table`, `ratios`, `not_comparable`, `figure`, `compare_text`; `lab.reproduce.ReproSpec`, `reproduce`. The method is in `docs/reproduction.md`."""),
     ("md", """## How the data was made
 
-`snaplab reproduce` boots the *same guest program* on both machines: snaplab's own firmware workloads, assembled a second time as a multiboot image that `qemu-system-x86_64 -machine q35 -accel tcg` runs (`emulator/qemu_guest.py`, `data/qemu/`). Both guests pace their page writes by a clock both machines have, and report their progress on a port the host timestamps (the lab port on snaplab, a debug console on QEMU). For each RAM size and condition it measures, on both systems, a blocking `snapshot-save` then `snapshot-load`, and the background snapshot through `migrate-set-capabilities background-snapshot` + `migrate` to a file; on snaplab also its own engines. Downtime is STOP → RESUME from the QMP events' timestamps on both systems. The committed run is 256, 1024 and 4096 MiB, 5 repetitions, two conditions: `idle-random` (an idle guest whose RAM is full of random bytes, as QEMU's reference set-up) and `dirty` (100 MiB/s over 256 MiB)."""),
+`snaplab reproduce` boots the *same guest program* on both machines: snaplab's own firmware workloads, assembled a second time as a multiboot image that `qemu-system-x86_64 -machine q35 -accel tcg` runs (`emulator/qemu_guest.py`, `data/qemu/`). Both guests pace their page writes by a clock both machines have, and report their progress on a port the host timestamps (the lab port on snaplab, a debug console on QEMU). For each RAM size and condition it measures, on both systems, a blocking `snapshot-save` then `snapshot-load`, and the background snapshot through `migrate-set-capabilities background-snapshot` + `migrate` to a file; on snaplab also its own engines. Downtime is STOP → RESUME from the QMP events' timestamps on both systems. The committed run is 256, 1024 and 4096 MiB, 5 repetitions, two conditions: `idle-random` (an idle guest whose RAM is full of random bytes, as QEMU's reference set-up) and `dirty` (100 MiB/s over half of RAM, at most 256 MiB: 128 MiB at 256 MiB of RAM, 256 MiB at 1024 and 4096, as the figure's panel titles give it; printed below)."""),
     ("code", """from pathlib import Path
 import lab
 from lab import repro_report
 DATA = Path(lab.__file__).resolve().parents[1] / 'data' / 'results' / 'reproduction'
 rows, meta = repro_report.load_runs(DATA)
 print(len(rows), 'runs;', {k: meta[k] for k in ('host', 'kernel') if k in meta})
+print('dirty condition (MiB/s, RAM MiB, working set MiB):', sorted({(r['dirty_rate_mibs'], r['ram_mib'], r['working_set_mib']) for r in rows if r['workload'] == 'dirty'}))
 print(repro_report.table([r for r in rows if r['workload'] == 'dirty']))"""),
-    ("md", """Read the table before the ratios: the IQR is the middle half of the five runs, and the bootstrap 95% CI of the median is wide where one run was slow (the host is a shared VM). A ratio of medians hides that; keep both in view."""),
+    ("md", """Read the table before the ratios: the IQR is the middle half of the five runs. The bootstrap 95% CI of the median says little more than the range here: with five runs, a resampled median can only be one of the five values, so the interval is close to the min-max (compare it with the IQR: it is wide exactly where one run was slow, the host being a shared VM). Read it as the spread of the runs, not as a statement about a true median. A ratio of medians hides that spread; keep both in view."""),
     ("code", """r = repro_report.ratios(rows)
 for (wl, op, eng, ram), v in sorted(r.items()):
     print(f'{wl:<12} {op:<5} {eng:<11} {ram:>5} MiB   QEMU / snaplab = {v:6.1f}x')"""),
@@ -43,11 +44,12 @@ print(sum(1 for r in rows if r['excluded']), 'rows left out:', sorted({(r['workl
 fig = repro_report.figure(rows, meta, committed=True)"""),
     ("md", """What the figure shows, and what it does not:
 - *Blocking save:* QEMU's downtime includes its flushes of the image; snaplab flushes after RESUME, so that cost is in its total time, not its downtime (`docs/deviations.md` 24). Compare the `total s` column too.
-- *Background snapshot:* both systems use the same QMP interface; QEMU's stop includes sending the device state, snaplab's only the CPU context, the device sections and one `UFFDIO_WRITEPROTECT`.
+- *Background snapshot:* both systems use the same QMP interface, and both stops hold the device state and the arming of write protection: QEMU's `bg_migration_thread()` (`migration/migration.c`) writes the non-RAM state into a buffer and calls `ram_write_tracking_start()` with the VM stopped; snaplab takes the CPU context and device sections and issues one `UFFDIO_WRITEPROTECT`.
+- *Markers:* each series keeps its marker in every panel (QEMU's hollow, snaplab's filled), and the series are spread a little along the RAM axis so that equal values stay apart; "background" is QEMU's or snaplab's migrate background snapshot among the saves, and snaplab's background-fill lazy load among the loads (the legend says which).
 - *Lazy load:* QEMU 7.2 has no lazy load of an internal snapshot, so there is no QEMU point; the fair reference for it is QEMU's blocking load of the same guest (the `load blocking` rows)."""),
     ("md", """## A quick live run beside the committed one
 
-The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's."""),
+The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Expect differences of up to an order of magnitude in either direction: on this shared host, writing tens to hundreds of MiB into an image sometimes takes ten times longer than usual (notebook 8 measures it for pre-copy's first round; in one execution of this notebook the live blocking save's total was 2.05 s against the committed 0.299 s). The cause is not established; the min-max column shows whether this run met such a moment."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 import tempfile
 from lab.reproduce import ReproSpec, reproduce
@@ -63,13 +65,26 @@ for key in sorted({(r['op'], r['engine']) for r in live}):
     print(f'{key[1]:>11} {key[0]}: now median {now[len(now) // 2]:8.2f} ms   committed median {then[len(then) // 2] if then else float("nan"):8.2f} ms')"""),
     ("md", """## Exercises: predict, then measure
 
-1. **Where does the blocking save's advantage go at 4 GiB?** From the table, predict the QEMU/snaplab ratio of the dirty blocking save at 8 GiB (the ratio list above has it at 256, 1024 and 4096 MiB): where is it heading, and why? Hint: which part of each system's stop grows with the bytes written, and which is fixed? Measure snaplab's side with `reproduce(ReproSpec(ram_mib=(256, 1024), reps=3, conditions=('dirty',), with_qemu=False), ...)`.
-2. **Progress during a background snapshot.** QEMU's guest kept 91-93% of its rate during its background snapshot, snaplab's 63-93%. Predict which way each system's figure moves if the dirty rate doubles (`ReproSpec(dirty_rate_mib_s=200, ...)`), then measure snaplab's.
+1. **Where does the blocking save's advantage go at 8 GiB?** From the table, predict the QEMU/snaplab ratio of the dirty blocking save at 8 GiB (the ratio list above has it at 256, 1024 and 4096 MiB): where is it heading, and why? Hint: between 1024 and 4096 MiB the working set, and so the bytes written, hardly change (the `state MiB` column); what grows, and with what? The cell below extrapolates both systems' downtimes linearly in RAM size from 1024 to 4096 MiB. Measuring it needs an 8 GiB run of both systems (`reproduce(ReproSpec(ram_mib=(8192,), reps=3, conditions=('dirty',)), ...)`, several minutes; not run here).
+2. **Progress during a background snapshot.** QEMU's guest kept 91-93% of its rate during its background snapshot, snaplab's 63-93% (the `progress` column). Predict which way each system's figure moves if the dirty rate doubles; `ReproSpec(dirty_rate_mib_s=200, ...)` would measure it (not run here).
 3. **A comparison you would refuse.** Explain why quoting 'QEMU's idle-random blocking save is Nx slower' from the *first* repetition alone would be wrong, using the VM-state sizes printed above, and what you would measure to settle whether the later loads are like with like."""),
+    ("code", """# exercise 1: the dirty blocking save, from the committed medians
+from lab.repro_report import summaries
+sv = summaries([r for r in rows if (r['workload'], r['op'], r['engine']) == ('dirty', 'save', 'blocking')], 'downtime_ms')
+st = summaries([r for r in rows if (r['workload'], r['op'], r['engine']) == ('dirty', 'save', 'blocking')], 'vmstate_bytes')
+pred = {}
+for system in ('qemu', 'snaplab'):
+    d = {ram: sv[('dirty', 'save', 'blocking', system, ram)].median for ram in (256, 1024, 4096)}
+    mib = {ram: st[('dirty', 'save', 'blocking', system, ram)].median / 2**20 for ram in (1024, 4096)}
+    per_gib = (d[4096] - d[1024]) / 3
+    pred[system] = d[4096] + 4 * per_gib
+    print(f"{system:>8}: downtime {d[1024]:.0f} ms at 1024 MiB ({mib[1024]:.0f} MiB state), {d[4096]:.0f} ms at 4096 ({mib[4096]:.0f} MiB state): "
+          f"+{per_gib:.0f} ms per GiB of RAM; linear to 8192 MiB: {pred[system]:.0f} ms")
+print(f"predicted QEMU / snaplab at 8192 MiB: {pred['qemu'] / pred['snaplab']:.1f}x")"""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
-1. snaplab's blocking stop is dominated by writing the non-zero pages, QEMU's by writing every page through its migration stream plus its flushes; both grow with the bytes written, so the ratio tends to a constant set by the two write paths' throughput; the fixed costs (device state, snapshot table) matter at 256 MiB and fade at 4 GiB. That is why the ratio measured at 4 GiB is well below the one at 256 MiB and 1 GiB, and why it should level off rather than keep falling.
-2. Doubling the dirty rate means more write faults per second during the window on both systems: each fault stalls the guest for a page (QEMU) or a 2 MiB chunk copy (snaplab), so both figures drop; snaplab's drop is larger where its copy buffers run out (`docs/deviations.md` 38).
+1. Between 1024 and 4096 MiB snaplab writes about the same bytes (its `state MiB` barely moves), yet its downtime grows (the cell above): its stop has a part proportional to the RAM size, not to the bytes written. That part is the scan of all of RAM for zero pages, done inside the stop (notebook 5 measures it as `zero_scan_ms`). QEMU's downtime grows too, with a VM state that grows a little, and by fewer ms per GiB of RAM in this data. So the ratio falls as RAM grows, because snaplab's per-GiB cost is the larger one, and the linear extrapolation above puts it near the printed value at 8 GiB, close to parity. It rests on two points per system and on a straight line, so treat it as a prediction to measure, not a result.
+2. *A prediction, not measured in this notebook:* doubling the dirty rate means more write faults per second during the window on both systems: each fault stalls the guest for a page (QEMU) or a 2 MiB chunk copy (snaplab), so both figures should drop; snaplab's could drop more where its copy buffers run out (`docs/deviations.md` 38). The run named in the exercise would show whether the drop exceeds the spread between repetitions.
 3. QEMU's first snapshot after boot is twice snaplab's VM state at every size: its save does twice the work, so a ratio of that repetition's downtimes measures the extra work, not the speed of the same work. The later repetitions store the same bytes. For the loads, measure what QEMU's reset does: compare a QEMU load of a guest filled by the guest program itself (no loader files) with one filled by `-device loader`, same size; if they match, the loads compare too.
 </details>"""),
 ]
