@@ -3,10 +3,10 @@
 CELLS: list[tuple[str, str]] = [
     ("md", """# 13. The dashboard: snapshots by hand
 
-Learning goals: take, load and delete snapshots of a running guest with buttons, and read what each
-engine costs the guest from two views of the same run:
+**Learning goals.** After this notebook you can take, load and delete snapshots of a running guest
+with buttons, and read what each engine costs the guest from two views of the same run:
 
-* **the event log** (newest line first): every QMP event the machine sends (`STOP`, `RESUME`, `JOB_STATUS_CHANGE`), each
+* **the event log** (in the widget, newest line first): every QMP event the machine sends (`STOP`, `RESUME`, `JOB_STATUS_CHANGE`), each
   with its time since the machine started (`+1.234 s`); the time from `STOP` to `RESUME` is the
   downtime, and each job's line ends with the downtime `__org.snaplab_query-snapshot-stats` measured;
 * **the plot**: the guest's speed (workload iterations per second, from the lab port) since the
@@ -17,6 +17,13 @@ engine costs the guest from two views of the same run:
 QEMU has no such dashboard: everything here is QMP (`snapshot-save`, `snapshot-load`,
 `snapshot-delete`, `cont`) with snaplab's engine extension `__org.snaplab_engine`; the engines in the
 drop-downs are read from the engine registry, so a new engine shows up here by itself.
+
+**Prerequisites.** Notebooks 5 (the blocking save), 7 (copy-on-write), 8 (pre-copy) and 11 (lazy
+loads): the dashboard runs the engines they measure, one save or load at a time.
+
+**What to look at.** In the scripted run below: the `STOP` and `RESUME` lines of each job and the
+downtime at the end of its `done` line; which engine each job used (printed with the run); in the
+plot, the shaded stops and the guest's speed just after each `RESUME`.
 
 Lab functions used: `lab.widgets.Dashboard`."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -31,13 +38,41 @@ as fast as it can), working set (how much of RAM it writes) and pattern (in whic
 load engines, and the tag. A change to the guest's controls takes effect at the next **boot**.
 
 The cell below does from code what the buttons do (quick mode: 128 MiB), so that this notebook
-shows a run."""),
+shows a run: a save with the dashboard's default save engine (copy-on-write) to `snap1` and a load of
+it with the default load engine (blocking), then the same with the blocking save engine to `snap2`.
+The log is printed as the widget shows it, newest line first; the plot below it is the dashboard's
+plot as it stood after the run (the widget itself does not show in a static rendering)."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
+from IPython.display import Image, display
 d.ram.value = 128
 d.boot()
-d.save().join(120)   # take snapshot: a job on a thread, as the button starts it
-d.load().join(120)   # load snapshot
-print(*d.lines(), sep='\\n')"""),
+runs = []
+for engine, tag in ((d.engine.value, 'snap1'), ('blocking', 'snap2')):
+    d.engine.value, d.tag.value = engine, tag
+    d.save().join(120)   # take snapshot: a job on a thread, as the button starts it
+    d.load().join(120)   # load snapshot, with the load engine in the drop-down
+    runs.append((tag, engine, d.load_engine.value))
+for tag, save_eng, load_eng in runs:
+    print(f'{tag}: saved with {save_eng}, loaded with {load_eng}')
+print(d.log.value)       # the widget's log: newest line first
+d.draw()
+display(Image(d.plot.value))"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# the downtimes from the log's 'done' lines (oldest first)
+done = [line.split(' ', 2)[2] for line in d.lines() if ': done downtime' in line]
+print(*done, sep='\\n')
+ms = {line.split(':')[0]: float(line.rsplit(' ', 2)[1]) for line in done}
+print('blocking load of the copy-on-write snapshot slower than of the blocking one:',
+      ms['snapshot-load snap1'] > ms['snapshot-load snap2'])"""),
+    ("md", """The two loads use the same engine (blocking) and the same guest, but not the same snapshot.
+A copy-on-write snapshot's VM state is as large as RAM and is written around the page cache
+(`O_DIRECT`, `docs/deviations.md` 39), so a blocking load reads it back from the disk; a blocking
+snapshot holds only the non-zero pages, written through the page cache, where the load finds them.
+That is the likely reason the first load's downtime is the longer one in the lines above (the
+printed boolean says whether it was in this run); this notebook does not time the disk reads
+themselves, so take it as an explanation consistent with the run, not a measurement of it. It is
+also why a blocking load here can take far longer than the blocking loads of notebook 12, which
+load blocking snapshots."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
 machine's error (and the running machine stays), a load of a tag that does not exist is QEMU's error.
 As in QEMU 7.2, a failed `snapshot-load` leaves the guest stopped (its `snapshot_load_job_bh`
@@ -54,6 +89,9 @@ d.ram.value = 128
 d.q.execute('query-status')['status']"""),
     ("md", """## Predict, then measure
 
+These are by hand, with the buttons; the worked solutions say what to expect and which notebook
+measured it.
+
 1. With the first save engine in the list (QEMU's blocking save) and then with the copy-on-write one,
    take a snapshot at 128 MiB and at 1024 MiB. Predict which one's shaded window grows with the RAM
    size, and which one's guest keeps running (at what speed?) while the job is still running.
@@ -61,8 +99,24 @@ d.q.execute('query-status')['status']"""),
    of 500 MiB/s. Predict which needs the longer stop at the end, and check the downtime in the log.
 3. Load a snapshot with each load engine. Predict how long the guest is stopped with each, and look
    at the speed right after the `RESUME` of the engine that resumes first and fills RAM afterwards.
-4. Switch the pattern from `random` to `sequential` and to `hot-cold` with the copy-on-write engine:
-   which pattern slows the guest least during the save, and why?
 
 When you are done: `d.close()` stops the machine and removes its scratch files."""),
+    ("md", """<details><summary>Worked solutions (open after predicting)</summary>
+
+1. The blocking save's shaded window grows with the RAM size: it writes the non-zero pages and scans
+   all of RAM for zero pages inside the stop (notebook 5 measures both parts). The copy-on-write
+   save's window is a thin line at both sizes (a fraction of a millisecond in notebook 7's table),
+   and its guest keeps running during the job, slower than before while its writes fault on chunks
+   not yet saved (notebook 7's `progress_during_save`).
+2. The whole-RAM working set: at 500 MiB/s over 16 MiB the guest keeps rewriting the same few
+   chunks, so each round's dirty set is at most 16 MiB, while over the whole RAM each round finds
+   more distinct pages dirty and the rounds level off higher (notebook 8's model: a round holds
+   `S * (1 - exp(-D * t / S))`, which grows with `S`); the stop writes the last round, so its
+   downtime is the longer one.
+3. The blocking load stops the guest until all of RAM is read (and longer for a copy-on-write
+   snapshot, read from the disk: above); the lazy loads resume after a short stop and fill RAM
+   afterwards, on demand or in the background, so the guest runs slowly right after `RESUME` while
+   its first touches wait for chunks (notebook 11 measures stop, time to full speed and faults per
+   engine).
+</details>"""),
 ]
