@@ -14,10 +14,16 @@ CELLS: list[tuple[str, str]] = [
 
 **The three engines.** *Blocking* (QEMU's savevm): everything inside one stop. *Copy-on-write*: a short stop to write-protect RAM, then RAM saved while the guest runs (notebook 7), *pre-copy* (notebook 8): rounds that copy RAM while the guest runs and track what it dirties, then a short stop for what is left (emulator/migration/precopy.py). Pre-copy is how live migration works; Stefan Hajnoczi pointed out why it does not make a point-in-time snapshot: "The user has no control over *when* live migration captures the guest state" (qemu-devel, "Async savevm using userfaultfd(2)", 2016-10-12; shared/reference/qemu-internals.md section 4.2).
 
-Lab functions used: `lab.run.run_experiment`, `lab.teach.spread_table`, `lab.teach.engines_spread_figure`, `lab.teach.saved_instants`."""),
+**The guests.** The first part uses the lab's default experiment guest: the `dirty` workload at 100 MiB/s over half of RAM (`ExperimentSpec`'s defaults, printed below). The instants experiment uses `lab.teach.saved_instants`' guest: the same workload at 50 MiB/s over half of RAM.
+
+Lab functions used: `lab.run.run_experiment`, `lab.teach.spread_table`, `lab.plot.engines_spread_points`, `lab.teach.saved_instants`."""),
     ("code", """QUICK = True
 RAM_MIB = 128 if QUICK else 1024
-REPS = 3 if QUICK else 5"""),
+REPS = 3 if QUICK else 5
+from lab.spec import ExperimentSpec
+_d = ExperimentSpec(ram_mib=RAM_MIB)
+GUEST = f"{_d.workload} guest at {_d.dirty_rate_mib_s} MiB/s over {_d.working_set_mib or RAM_MIB // 2} MiB of {RAM_MIB} MiB RAM"
+print('first part:', GUEST)"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.run import run_experiment
 from lab.spec import ExperimentSpec, save_engines
@@ -28,22 +34,29 @@ for eng in ENGINES:
     rows += run_experiment(ExperimentSpec(ram_mib=RAM_MIB, engine=eng, repetitions=REPS))
 for key, title in (('downtime_ms', 'downtime (ms)'), ('total_s', 'until the snapshot exists (s)'),
                    ('progress_during_save', 'guest speed during the save (1 = normal)'),
-                   ('vmstate_bytes', 'VM state (bytes)')):
+                   ('vmstate_bytes', 'VM state (MiB)')):
     print(title)
-    print(teach.spread_table(rows, key, by=('engine',), digits=3))"""),
+    print(teach.spread_table(rows, key, by=('engine',), digits=3, scale=2**-20 if key == 'vmstate_bytes' else 1))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-fig = teach.engines_spread_figure(rows, ENGINES)"""),
-    ("md", """Each dot is one save, each bar a median, each black line an interquartile range. Blocking: the stop is most of the save, and the guest's speed over the job is lowest. Copy-on-write: the shortest stop; the guest runs, slowed by its faults. Pre-copy: a stop for the pages dirtied during the last round, much longer than copy-on-write's, and the longest median time until the snapshot exists, because it copies RAM in rounds while the guest keeps dirtying it. The VM-state sizes differ by layout: the blocking stream holds the written pages only; the copy-on-write and pre-copy streams are about the size of RAM (notebook 7 explains copy-on-write's page-indexed layout)."""),
+from lab import plot
+fig = plot.engines_spread_points(rows, ENGINES, GUEST)"""),
+    ("code", """dt = {eng: teach.group_median(rows, 'downtime_ms', engine=eng) for eng in ENGINES}
+print("copy-on-write's median downtime is the shortest of the three:", dt[ENGINES[1]] < min(dt[ENGINES[0]], dt[ENGINES[2]]))"""),
+    ("md", """Each grey dot is one save, each diamond a median, each black line an interquartile range. Blocking: everything is written inside the stop. Copy-on-write: the shortest stop (checked above), only the write protection and the device state; the guest runs, slowed by its faults. Pre-copy: a stop for the pages dirtied during the last round (up to the engine's 8 MiB threshold, or more after its round limit); before it, round 0 writes all of RAM while the guest runs, so its time until the snapshot exists is at least that one copy of RAM. Read the guest-speed and total-time panels with their spread: with three saves on a shared host one slow save moves a median (notebook 8 shows how much a pre-copy save's duration can vary from run to run). The VM-state sizes differ by layout: the blocking stream holds the written pages only; the copy-on-write and pre-copy streams are about the size of RAM (notebook 7 explains copy-on-write's page-indexed layout)."""),
     ("md", """## Which instant does each snapshot hold?
 
 The previous version of this notebook checked `stop_instant_proof` for each engine. That check loads the snapshot and compares every page's stamp with the guest's iteration counter *saved in the same snapshot*: it shows that RAM and CPU belong to **one** instant, but any instant passes, the start or the end of the job alike.
 
-To tell the instants apart, compare the saved counter with the **time** at which the guest had that counter. The guest reports its counter every 256 iterations through the lab port, stamped with the host's clock; the saved counter `c` lies between the last report below `c` (`saved_lo_ms`) and the first report above it (`saved_hi_ms`). All times are milliseconds after `snapshot-save` was sent; `stop_ms` is the STOP event, `end_ms` the job's conclusion. Three saves per engine on one running guest (the write protector set up before, so the first save is not a cold one). A stop less than 25 ms after the request counts as "at the request" (`lab.teach.PROMPT_MS`: handling the command takes a few ms, copying 128 MiB of RAM takes tens)."""),
+To tell the instants apart, compare the saved counter with the **time** at which the guest had that counter. The guest reports its counter every 256 iterations through the lab port, stamped with the host's clock; the saved counter `c` lies between the last report below `c` (`saved_lo_ms`) and the first report above it (`saved_hi_ms`). All times are milliseconds after `snapshot-save` was sent; `stop_ms` is the STOP event, `end_ms` the job's conclusion (for blocking it includes the image flush after RESUME, `docs/deviations.md` 24). Guest: the `dirty` workload at 50 MiB/s over half of RAM. Three saves per engine on one running guest, all kept in the image (the write protector set up before, so the first save is not a cold one). A stop less than 25 ms after the request counts as "at the request" (`lab.teach.PROMPT_MS`: handling the command takes a few ms, copying 128 MiB of RAM takes tens)."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 inst = teach.saved_instants(ENGINES, ram_mib=RAM_MIB, reps=REPS, gap_s=0.15)
 for key in ('stop_ms', 'end_ms', 'saved_lo_ms', 'saved_hi_ms'):
     print(key)
     print(teach.spread_table(inst, key, by=('engine',), digits=1))"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# the blocking save's job, timed in both experiments: end_ms here, total_s in the first part (median, ms)
+print(f"blocking: end_ms {teach.group_median(inst, 'end_ms', engine=ENGINES[0]):.1f} here, total_s {teach.group_median(rows, 'total_s', engine=ENGINES[0]) * 1e3:.1f} in the first part")"""),
+    ("md", """Both numbers time a blocking save of a guest of the same RAM size (written at 100 MiB/s in the first part and 50 MiB/s here, so the VM states differ somewhat; `end_ms` also includes the QMP round trips of waiting for the job). Where they differ by a large factor, one experiment met a slow moment of the host: the job's end includes writing the VM state and flushing the image (after RESUME), and on this shared host the time to write a few tens of MiB into the image file varies by up to an order of magnitude between runs (notebook 8, first section; the cause is not established)."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 # each save, classified by lab.teach.PROMPT_MS (a loaded host can delay even a prompt stop)
 [(r['engine'], r['rep'], round(r['stop_ms'], 1), r['stopped']) for r in inst]"""),
@@ -56,14 +69,14 @@ print('pre-copy stops later after the request than blocking and copy-on-write (m
     ("md", """Every snapshot holds the instant its engine **stopped** the guest: the STOP event falls inside the bracket of the saved counter for every save. What differs is when that stop comes:
 
 * **blocking** and **copy-on-write** stop *at the request* (STOP a few ms after the command, before any RAM is copied): the snapshot is the moment you asked for it;
-* **pre-copy** stops only *after copying RAM* in rounds, tens to hundreds of milliseconds later (its `stop_ms` above), and how much later depends on how fast the guest dirties memory (exercise 1): you cannot choose the instant in advance.
+* **pre-copy** stops only *after copying RAM*: round 0 writes all of RAM, then come the rounds needed until the pages dirtied meanwhile fit under the engine's threshold (8 MiB, `emulator/migration/precopy.py`; at most 10 rounds). Its `stop_ms` above is therefore at least the time to write all of RAM into the image, plus more rounds the faster the guest dirties memory (exercise 1), and it varies from run to run with how fast the host writes at that moment (in one earlier execution of this notebook all three pre-copy stops here came more than a second after the request; in a separate run of the same experiment, all under a tenth of a second). You cannot choose the instant in advance.
 
 For a snapshot ("the machine as it was when I clicked") the instant of the request is what one wants. QEMU's background snapshot, built on copy-on-write, promises exactly that: "the migration stream will be a snapshot of the VM exactly at the point when the migration procedure starts" (qapi/migration.json, `background-snapshot`; shared/reference/qemu-internals.md section 4.1). Proxmox's savevm-async, pre-copy style, says the opposite of its own result: "the saved state will be the one right before the snapshot finished, not the one when the snapshot started" (Fiona Ebner, qemu-devel, 2023-05; same file, section 4.2).
 
 **QEMU 7.2** offers the blocking engine as `snapshot-save`, copy-on-write only as a migration to a file (`background-snapshot`, notebook 10), and pre-copy only as live migration; snaplab offers all three behind `snapshot-save` (docs/deviations.md entry 27)."""),
     ("md", """## Exercises: predict, then measure
 
-1. **Faster writer.** Run the instants experiment again with the guest writing 200 MiB/s instead of 50. Predict the effect on pre-copy's downtime and time to the end, and on copy-on-write's downtime.
+1. **Faster writer.** Run the instants experiment again with the guest writing 200 MiB/s instead of 50. Predict the effect on pre-copy's downtime and time to the end, and on copy-on-write's downtime. (The cell after it also runs three pre-copy saves at each rate through `run_experiment`, whose rows give each save's rounds.)
 2. **Where is pre-copy's instant at a higher rate?** In the same run, predict when pre-copy's stop comes, and whether its snapshot still holds the instant of that stop.
 3. **An idle guest.** With the `idle` workload, predict pre-copy's total time compared with the `dirty` one."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -72,16 +85,25 @@ both = [{**r, 'MiB/s': rate, 'downtime_ms': r['resume_ms'] - r['stop_ms']}
         for rate, rs in ((50, inst), (200, inst_fast)) for r in rs if r['engine'] != ENGINES[0]]
 for key in ('downtime_ms', 'stop_ms', 'end_ms'):
     print(key); print(teach.spread_table(both, key, by=('engine', 'MiB/s'), digits=1))"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# pre-copy's rounds at each rate (same RAM and working set): round 0 time, then the MiB of each round
+for rate in (50, 200):
+    for r in run_experiment(ExperimentSpec(ram_mib=RAM_MIB, engine=ENGINES[2], dirty_rate_mib_s=rate,
+                                           working_set_mib=RAM_MIB // 2, repetitions=REPS)):
+        d = r['details']
+        print(f"{rate:>4} MiB/s: round 0 {d['round_s'][0] * 1e3:6.1f} ms, rounds (MiB) {[round(b / 2**20, 1) for b in d['bytes_per_round']]}, "
+              f"downtime {r['downtime_ms']:.1f} ms")"""),
     ("code", """print('every save at 200 MiB/s holds the instant of its stop:', all(r['stop_inside_saved_bracket'] for r in inst_fast))
 print('pre-copy still stops later than copy-on-write (medians):',
       teach.group_median(inst_fast, 'stop_ms', engine=ENGINES[2]) > teach.group_median(inst_fast, 'stop_ms', engine=ENGINES[1]))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 idle = run_experiment(ExperimentSpec(ram_mib=RAM_MIB, engine=ENGINES[2], workload='idle', repetitions=REPS))
-print(teach.spread_table(rows + idle, 'total_s', by=('engine', 'workload'), digits=3))"""),
+print(teach.spread_table(rows + idle, 'total_s', by=('engine', 'workload'), digits=3))
+print(f"pre-copy, idle / dirty (medians): {teach.group_median(idle, 'total_s', engine=ENGINES[2]) / teach.group_median(rows, 'total_s', engine=ENGINES[2]):.2f}")"""),
     ("md", """<details><summary>Worked solutions</summary>
 
-1. Pre-copy: more pages are dirtied per round, so rounds converge more slowly and more is left for the final stop: expect a later stop, a later end and a downtime at least as long (compare the rows printed above). Copy-on-write's stop does not depend on the write rate (it only protects RAM) and still comes at the request; its faults do depend on it.
-2. Still **after copying RAM**, and later than at 100 MiB/s (more rounds); the snapshot still holds the instant of that stop (both printed above). A faster writer moves the saved instant further from the request.
-3. Shorter: an idle guest dirties almost nothing, so the first round copies RAM once and nearly nothing is left; the rounds end quickly.
+1. Pre-copy's stop comes after round 0 (all of RAM) and the rounds that follow until a round's dirty pages fit under 8 MiB. Round 1 holds what the guest dirtied while round 0 was written, so a faster writer fills it faster: it needs more rounds (the last cell prints each save's rounds), leaves more for the stop (a longer downtime), and, with round 0 taking the same time, stops and ends later. But round 0's time is not the same from run to run on this host: it can be an order of magnitude longer when the host writes slowly, and then that dominates both `stop_ms` and `end_ms` whatever the rate (the round-0 times printed with the rounds show it). So compare the two rates' rows above together with the round-0 times: if round 0 took about as long at both rates, the faster writer's stop and end come later; if not, the slower round 0 decides. Copy-on-write's stop does not depend on the write rate (it only protects RAM) and still comes at the request; its faults, and so its end, do depend on it.
+2. Still **after copying RAM**, when the rounds have converged (or after the round limit), and the snapshot still holds the instant of that stop (both printed as booleans above, on every run). How far from the request that instant lies is set by round 0's duration plus the added rounds, so it cannot be chosen in advance, and a faster writer can only add rounds to it.
+3. About the same: pre-copy's round 0 writes all of RAM, zero pages or not (`_write_all` in `emulator/migration/precopy.py`), whatever the guest does, and that dominates the total; the idle guest then has almost nothing dirty, the dirty guest at most a short round more. Expect a ratio near 1 (printed under the table), with either one the shorter from run to run; a ratio far from 1 means one of the two met a slow moment of the host (its min-max shows it), not a difference between the guests.
 </details>"""),
 ]
