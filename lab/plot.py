@@ -289,7 +289,9 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
     for p in policies:
         rs = [r for r in rows if r["policy"] == p]
         t = np.array(rs[0]["timeline"]["t_ms"])
-        fr = np.array([r["timeline"]["rate_frac"] for r in rs])
+        fr = np.array([r["timeline"]["rate_frac"] for r in rs], dtype=float)
+        watched = ~np.isnan(fr).all(axis=0)  # past every load's horizon: not drawn
+        t, fr = t[watched], fr[:, watched]
         q1, med, q3 = np.nanpercentile(fr, [25, 50, 75], axis=0)
         marker, line = style(p)
         ax.plot(t, med, line, label=p, lw=1.4)

@@ -30,7 +30,7 @@ snaplab's lazy policies load the CPU and devices with the guest stopped, empty g
 The experiment below fills all of a guest's RAM with random bytes (so every page must be read back), runs the `dirty` workload over a small working set placed at a seeded random offset of RAM, takes one snapshot, and loads it with every policy, interleaved. Each figure's definition is in `lab/restore.py`: `toX_ms` is the time from the command until the guest's progress over a 20 ms window first reaches X of its steady rate before the command (the median of its 20 ms-window rates over the `settle_s` before it: the guest's rate wanders by about a quarter from one half second to the next, so a mean over a short span is a noisy reference)."""),
     ("code", """QUICK = True
 from lab.restore import RestoreSpec
-spec = RestoreSpec(ram_mib=256, ws_mib=32, runs=3, seed=1, horizon_s=1.5, settle_s=1.0) if QUICK else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1)
+spec = RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=1.0) if QUICK else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1)
 w = spec.workload()
 print(f'seed {spec.seed}: {spec.ram_mib} MiB of RAM, working set {spec.ws_mib} MiB at guest address {w.base:#x}')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -63,7 +63,7 @@ print('prefetch loads that used the recorded set, in its order:', len(used), all
     ("md", """The chunk outside the working set is chunk 0, the first 2 MiB of RAM: the guest's code, stack and lab page, touched on every batch, so it is recorded, and (see the order printed above) first."""),
     ("md", """## The committed run: 4 GiB, working set 256 MiB, 5 loads per policy
 
-`python bench/bench_restore.py --no-qemu` with no other job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`); the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
+`python bench/bench_restore.py --no-qemu` with no other timed job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`), 2 s of settling between loads; the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
     ("code", """import json
 from pathlib import Path
 import lab
@@ -75,11 +75,22 @@ fig = restore_figure(committed['rows'], title='committed run: 4 GiB random RAM, 
     ("code", """s = summarize(committed['rows'])
 print(f"to 90% of speed: blocking / prefetch = {s['blocking']['to90_ms'] / s['prefetch']['to90_ms']:.1f}x, "
       f"background / prefetch = {s['background']['to90_ms'] / s['prefetch']['to90_ms']:.1f}x")
+print(f"prefetch's to90 against the blocking load's RESUME (the earliest it could be back): {s['blocking']['resume_ms'] / s['prefetch']['to90_ms']:.1f}x")
 print(f"all of RAM resident after RESUME: background {s['background']['resident_s']:.2f} s, prefetch {s['prefetch']['resident_s']:.2f} s, "
-      f"a blocking load had it all at RESUME ({s['blocking']['resume_ms']:.0f} ms after the command)")"""),
+      f"a blocking load had it all at RESUME ({s['blocking']['resume_ms']:.0f} ms after the command)")
+rows = committed['rows']
+pf_max = max(r['to90_ms'] for r in rows if r['policy'] == 'prefetch')
+print('every prefetch to90 below every blocking RESUME:', pf_max < min(r['resume_ms'] for r in rows if r['policy'] == 'blocking'))
+rb = [r['rate_before'] / 1e6 for r in rows]
+print(f"the guest's steady rate before each load: {min(rb):.2f} - {max(rb):.2f} M iterations/s")"""),
+    ("md", """What the committed run shows (the lines above):
+- **prefetch** is back to 90% of the guest's speed several times sooner than `blocking` and `background`, and each of its loads got there before any blocking load had even resumed. Its loading set (the working set's chunks and chunk 0) is read right after RESUME; the rest is read slowly, so all of RAM is resident only after about a minute: the price of keeping the guest at speed.
+- **background** has all of RAM resident within a few seconds, but in the figure its guest stays near half speed while the filler reads: it reaches 90% only about when the fill ends.
+- **ondemand** reads only what the guest touches: back to speed soon, and the rest of RAM is read only when asked (`job-complete`).
+- The spread is wide: the guest's own steady rate differed by almost 2x from one load to the next (the last line), with nothing else running, so a load that lands in a slower spell reaches "90% of before" late whatever the policy. Read the medians with their IQR, and the figure's bands."""),
     ("md", """## Exercises: predict, then measure
 
-1. **A working set four times larger.** Predict how `to90_ms` of `ondemand` and `prefetch` change with `ws_mib` 4× larger (same RAM), and whether `blocking` changes. Then run `restore_experiment(RestoreSpec(ram_mib=256, ws_mib=128, runs=3, seed=1, horizon_s=1.5))`.
+1. **A working set four times larger.** Predict how `to90_ms` of `ondemand` and `prefetch` change with `ws_mib` 4× larger (same RAM), and whether `blocking` changes. Then run `restore_experiment(RestoreSpec(ram_mib=128, ws_mib=64, runs=3, seed=1, horizon_s=1.0, settle_s=1.0))`.
 2. **Where the working set lies.** The `background` filler reads RAM by address. Predict its `to90_ms` if the working set started at the beginning of RAM instead of a random offset. Measure it with a spec whose `workload()` has `ws_offset=0` (subclass `RestoreSpec` or build the `WorkloadSpec` yourself).
 3. **Why not always on demand?** `ondemand` gets back to speed soonest here. Predict what happens to a *later* phase of the guest that touches memory it did not touch in its first seconds, and what `resident_s` means for the next snapshot you take (`docs/deviations.md` 49)."""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
