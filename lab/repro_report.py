@@ -195,7 +195,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
     return fig
 
 
-SERIES_STYLE: dict[tuple[str, str, str], tuple[str, str, str]] = {
+SERIES_STYLE: dict[tuple[str, str, str], tuple[str, Any, str]] = {
     # (system, op, engine): (marker, line style, colour), the same in every panel
     ("snaplab", "save", "blocking"): ("o", "-", "black"),
     ("snaplab", "save", "cow"): ("s", "-.", "black"),
