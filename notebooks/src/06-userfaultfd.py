@@ -82,7 +82,9 @@ print('auto chose:', sorted({r['wp_backend_used'] for r in auto}), '| forced:', 
     ("code", """# NBVAL_IGNORE_OUTPUT
 print(teach.spread_table(auto + tlb, 'downtime_ms', by=('wp_backend',), digits=3))
 print(teach.spread_table(auto + tlb, 'progress_during_save', by=('wp_backend',), digits=3))"""),
-    ("md", """`auto` chose **userfaultfd**, because this kernel grants it (the first cell). The alternative, `unicorn-tlb`, is a fallback for hosts without userfaultfd: it switches Unicorn to a software TLB with a Python hook for the snapshot window and catches writes there (emulator/migration/engine.py `protector`; docs/deviations.md entry 31).
+    ("md", """(`progress_during_save`: the guest's speed while the save ran, over its speed before it; 1 means unslowed. This guest is throttled to a fixed rate, so after a short stall it catches up and a value a little above 1 is noise, not a faster guest.)
+
+`auto` chose **userfaultfd**, because this kernel grants it (the first cell). The alternative, `unicorn-tlb`, is a fallback for hosts without userfaultfd: it switches Unicorn to a software TLB with a Python hook for the snapshot window and catches writes there (emulator/migration/engine.py `protector`; docs/deviations.md entry 31).
 
 The project's feasibility probe measured both (docs/reference/unicorn-notes.md, TL;DR), and the trade is not one-sided:
 

@@ -40,8 +40,8 @@ print(table(summarize(res['rows']), digits=2))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.plot import restore_figure
 fig = restore_figure(res['rows'], title=f'live run, {spec.ram_mib} MiB, working set {spec.ws_mib} MiB, seed {spec.seed} (timings vary per host)')"""),
-    ("md", """Read the live run against these expectations (the committed run below checks them at 4 GiB):
-- the blocking load's curve is 0 until RESUME and then at full speed at once: its `to90_ms` is its resume time;
+    ("md", """Read the live run against these expectations (the committed run below shows them at 4 GiB):
+- the blocking load's curve is 0 until RESUME; then the guest runs from RAM that is all in place, so its `to90_ms` is its resume time or a little later (in the committed run it is later: the guest's own rate wanders, see there);
 - every lazy policy resumes within milliseconds, but the guest then *waits on faults* until its working set is in: the first progress comes later than RESUME;
 - `ondemand` reads only what the guest touches, so nothing competes with the guest once its working set is in; its `resident_s` is long because the rest is read only when asked (`job-complete`);
 - `background`'s filler reads all of RAM by address at normal priority, competing with the guest while it runs;
@@ -92,7 +92,7 @@ print(f"the guest's steady rate before each load: {min(rb):.2f} - {max(rb):.2f} 
 
 1. **A working set four times larger.** Predict how `to90_ms` of `ondemand` and `prefetch` change with `ws_mib` 4× larger (same RAM), and whether `blocking` changes. Then run `restore_experiment(RestoreSpec(ram_mib=128, ws_mib=64, runs=3, seed=1, horizon_s=1.0, settle_s=1.0))`.
 2. **Where the working set lies.** The `background` filler reads RAM by address. Predict its `to90_ms` if the working set started at the beginning of RAM instead of a random offset. Measure it with a spec whose `workload()` has `ws_offset=0` (subclass `RestoreSpec` or build the `WorkloadSpec` yourself).
-3. **Why not always on demand?** `ondemand` gets back to speed soonest here. Predict what happens to a *later* phase of the guest that touches memory it did not touch in its first seconds, and what `resident_s` means for the next snapshot you take (`docs/deviations.md` 49)."""),
+3. **Why not always on demand?** `ondemand` gets back to speed without reading anything it does not need, and `prefetch` needs a loading set recorded by an earlier load. Predict what happens to a *later* phase of the guest that touches memory it did not touch in its first seconds, and what `resident_s` means for the next snapshot you take (`docs/deviations.md` 49)."""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
 These are reasoned from the mechanism; exercises 1 and 2 are not executed in this notebook (each takes about a minute): run them and compare.

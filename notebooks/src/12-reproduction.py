@@ -49,7 +49,7 @@ fig = repro_report.figure(rows, meta, committed=True)"""),
 - *Lazy load:* QEMU 7.2 has no lazy load of an internal snapshot, so there is no QEMU point; the fair reference for it is QEMU's blocking load of the same guest (the `load blocking` rows)."""),
     ("md", """## A quick live run beside the committed one
 
-The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Expect differences of up to an order of magnitude in either direction: on this shared host, writing tens to hundreds of MiB into an image sometimes takes ten times longer than usual (notebook 8 measures it for pre-copy's first round; in one execution of this notebook the live blocking save's total was 2.05 s against the committed 0.299 s). The cause is not established; the min-max column shows whether this run met such a moment."""),
+The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Expect differences of up to an order of magnitude in either direction: on this shared host, writing tens to hundreds of MiB into an image sometimes takes ten times longer than usual (notebook 5 shows it for blocking saves of random bytes, notebook 8 for pre-copy's first round). The cause is not established; the min-max column shows whether this run met such a moment."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 import tempfile
 from lab.reproduce import ReproSpec, reproduce

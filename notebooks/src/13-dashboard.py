@@ -70,9 +70,10 @@ A copy-on-write snapshot's VM state is as large as RAM and is written around the
 snapshot holds only the non-zero pages, written through the page cache, where the load finds them.
 That is the likely reason the first load's downtime is the longer one in the lines above (the
 printed boolean says whether it was in this run); this notebook does not time the disk reads
-themselves, so take it as an explanation consistent with the run, not a measurement of it. It is
-also why a blocking load here can take far longer than the blocking loads of notebook 12, which
-load blocking snapshots."""),
+themselves, so take it as an explanation consistent with the run, not a measurement of it. Even
+the load of the blocking snapshot here can take several times longer than the committed blocking
+loads of notebook 12 (at twice the RAM): this dashboard's guest keeps running and being redrawn
+beside the load, on a host busy with other work; the cause of that difference is not established."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
 machine's error (and the running machine stays), a load of a tag that does not exist is QEMU's error.
 As in QEMU 7.2, a failed `snapshot-load` leaves the guest stopped (its `snapshot_load_job_bh`
