@@ -310,7 +310,14 @@ def running_guest(w: Path, mib: int, spec: WorkloadSpec, *,
             if proc.poll() is not None or time.monotonic() > end:
                 raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc, w)}")
             time.sleep(0.05)
-        q = RawQMP(w / "q.sock")
+        while True:  # the socket file exists from bind(), connections from listen(): a moment later
+            try:
+                q = RawQMP(w / "q.sock")
+                break
+            except ConnectionRefusedError:
+                if proc.poll() is not None or time.monotonic() > end:
+                    raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc, w)}") from None
+                time.sleep(0.05)
         yield q, progress, argv
         with contextlib.suppress(OSError, EOFError, RuntimeError):
             q.cmd("quit")

@@ -21,7 +21,14 @@ import matplotlib.ticker
 import numpy as np
 
 from lab.reproduce import MIGRATE_BACKGROUND
-from lab.spec import canonical_engine, load_engines, save_engines, write_protects
+from lab.spec import (
+    canonical_engine,
+    guest_runs,
+    load_engines,
+    resumes_early,
+    save_engines,
+    write_protects,
+)
 from lab.stats import Summary, summarize
 
 NUMERIC = {"ram_mib": int, "dirty_rate_mibs": int, "working_set_mib": int, "rep": int, "downtime_ms": float,
@@ -152,7 +159,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
            committed: bool = False) -> Any:
     """Downtime against RAM, one panel per (condition, operation): both systems' engines,
     medians with IQR error bars.  Each series keeps its marker and line in every panel
-    (``SERIES_STYLE``), series are spread a little along the RAM axis so that equal values stay
+    (:func:`series_style`), series are spread a little along the RAM axis so that equal values stay
     apart, and a QEMU series that :func:`not_comparable` rules out is not drawn (the panel's
     title says so)."""
     panels = sorted({(r["workload"], r["op"]) for r in rows})
@@ -171,7 +178,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
             ys = [v.median for _, v in pts]
             lo = [max(v.median - v.q1, 0) for _, v in pts]
             hi = [max(v.q3 - v.median, 0) for _, v in pts]
-            marker, ls, color = SERIES_STYLE.get((system, op, eng), ("x", ":", "blue"))
+            marker, ls, color = series_style(system, op, eng)
             ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=ls, color=color, capsize=3,
                         markerfacecolor="white" if system == "qemu" else color, label=series_label(system, op, eng))
         _downtime_axes(ax, sorted({k[4] for k in s}))
@@ -195,28 +202,44 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
     return fig
 
 
-SERIES_STYLE: dict[tuple[str, str, str], tuple[str, Any, str]] = {
-    # (system, op, engine): (marker, line style, colour), the same in every panel
-    ("snaplab", "save", "blocking"): ("o", "-", "black"),
-    ("snaplab", "save", "cow"): ("s", "-.", "black"),
-    ("snaplab", "save", "background"): ("^", ":", "0.25"),
-    ("snaplab", "save", "precopy"): ("v", (0, (5, 1, 1, 1, 1, 1)), "0.35"),
-    ("snaplab", "load", "blocking"): ("o", "-", "black"),
-    ("snaplab", "load", "background"): ("P", ":", "0.25"),
-    ("qemu", "save", "blocking"): ("D", "--", "0.45"),
-    ("qemu", "save", "background"): ("^", "--", "0.45"),
-    ("qemu", "load", "blocking"): ("D", "--", "0.45"),
-}
+def _engine_roles() -> dict[str, str]:
+    """The registry's engines by the role a figure gives them (no engine spelled here): the
+    blocking save and load, copy-on-write, the other save engine (pre-copy), the background
+    fill (what the old name ``lazy`` means), and QEMU's migrate label."""
+    blocking_save = next(e for e in save_engines() if not guest_runs(e))
+    cow = next(e for e in save_engines() if write_protects(e))
+    precopy = next(e for e in save_engines() if e not in (blocking_save, cow))
+    return {"blocking-save": blocking_save, "copy-on-write": cow, "pre-copy": precopy,
+            "blocking-load": next(e for e in load_engines() if not resumes_early(e)),
+            "background-load": canonical_engine("lazy"), "migrate": MIGRATE_BACKGROUND}
+
+
+def series_style(system: str, op: str, engine: str) -> tuple[str, Any, str]:
+    """(marker, line style, colour) of a series, the same in every panel."""
+    r = _engine_roles()
+    table: dict[tuple[str, str, str], tuple[str, Any, str]] = {
+        ("snaplab", "save", r["blocking-save"]): ("o", "-", "black"),
+        ("snaplab", "save", r["copy-on-write"]): ("s", "-.", "black"),
+        ("snaplab", "save", r["migrate"]): ("^", ":", "0.25"),
+        ("snaplab", "save", r["pre-copy"]): ("v", (0, (5, 1, 1, 1, 1, 1)), "0.35"),
+        ("snaplab", "load", r["blocking-load"]): ("o", "-", "black"),
+        ("snaplab", "load", r["background-load"]): ("P", ":", "0.25"),
+        ("qemu", "save", r["blocking-save"]): ("D", "--", "0.45"),
+        ("qemu", "save", r["migrate"]): ("^", "--", "0.45"),
+        ("qemu", "load", r["blocking-load"]): ("D", "--", "0.45"),
+    }
+    return table.get((system, op, engine), ("x", ":", "blue"))
 
 
 def series_label(system: str, op: str, engine: str) -> str:
     """A legend entry that says which mechanism a series is: "background" is QEMU's migrate
     background snapshot among saves, and snaplab's background-fill lazy load among loads."""
-    names = {("save", "blocking"): "blocking snapshot-save", ("save", "cow"): "copy-on-write snapshot-save",
-             ("save", "precopy"): "pre-copy snapshot-save",
-             ("save", "background"): "background snapshot (migrate)",
-             ("load", "blocking"): "blocking snapshot-load",
-             ("load", "background"): "lazy load, background fill"}
+    r = _engine_roles()
+    names = {("save", r["blocking-save"]): "blocking snapshot-save", ("save", r["copy-on-write"]): "copy-on-write snapshot-save",
+             ("save", r["pre-copy"]): "pre-copy snapshot-save",
+             ("save", r["migrate"]): "background snapshot (migrate)",
+             ("load", r["blocking-load"]): "blocking snapshot-load",
+             ("load", r["background-load"]): "lazy load, background fill"}
     return f"{'QEMU' if system == 'qemu' else system} {names.get((op, engine), engine)}"
 
 

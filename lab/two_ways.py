@@ -15,6 +15,7 @@ from typing import Any
 
 from emulator.guest import WorkloadSpec
 from lab.reproduce import (
+    MIGRATE_BACKGROUND,
     Guest,
     background_snapshot,
     progress_ratio,
@@ -80,6 +81,6 @@ def two_ways_rows(system: str, reps: int = 3, **kw: Any) -> tuple[list[dict[str,
         i, b = r["internal"], r["migrate"]
         rows.append({"system": system, "op": "internal", "rep": rep, "downtime_ms": i["downtime_ms"],
                      "total_s": i["total_s"], "progress": i["progress"], "stored_mib": i["vmstate_bytes"] / 2**20})
-        rows.append({"system": system, "op": "background", "rep": rep, "downtime_ms": b["downtime_ms"],
+        rows.append({"system": system, "op": MIGRATE_BACKGROUND, "rep": rep, "downtime_ms": b["downtime_ms"],
                      "total_s": b["total_s"], "progress": b["progress"], "stored_mib": b["file_bytes"] / 2**20})
     return rows, first

@@ -57,10 +57,10 @@ ws_chunks = set(range(w.base // CHUNK, (w.base + (spec.ws_mib << 20)) // CHUNK))
 print('chunks recorded:', len(recorded), '| working-set chunks:', len(ws_chunks))
 print('every working-set chunk recorded:', ws_chunks <= set(recorded))
 print('recorded chunks outside the working set:', sorted(set(recorded) - ws_chunks))
-print('the first five chunks in recorded (first-touch) order:', recorded[:5])"""),
+print('the first chunk recorded (the first the guest touched after RESUME):', recorded[0])"""),
     ("code", """used = [r['loading_set'] for r in res['rows'] if r['loading_set']]
 print('prefetch loads that used the recorded set, in its order:', len(used), all(u == recorded for u in used))"""),
-    ("md", """The chunk outside the working set is chunk 0, the first 2 MiB of RAM: the guest's code, stack and lab page, touched on every batch, so it is recorded, and (see the order printed above) first."""),
+    ("md", """The chunk outside the working set is chunk 0, the first 2 MiB of RAM: the guest's code, stack and lab page, touched on every batch and by the very first instruction after RESUME, so it is recorded, and first (printed above)."""),
     ("md", """## The committed run: 4 GiB, working set 256 MiB, 5 loads per policy
 
 `python bench/bench_restore.py --no-qemu` with no other timed job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`), 2 s of settling between loads; the VM state was read through the page cache (warm). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),

@@ -155,15 +155,15 @@ w.content.scrollToItem(1, 'start');""")
     assert view["log"].count("snapshot-save snap1: done") == 1  # the notebook's own save
     tag = browser.find_element("css selector", ".snaplab-tag input")
     tag.send_keys(Keys.CONTROL, "a")
-    tag.send_keys("snap2", Keys.TAB)  # QEMU's snapshot-save refuses an existing tag
+    tag.send_keys("ui-snap", Keys.TAB)  # a tag the notebook did not use: snapshot-save refuses an existing one
     wait_for("the tag synced to the kernel", lambda: browser.execute_script(
-        "return document.querySelector('.snaplab-tag input').value") == "snap2")
+        "return document.querySelector('.snaplab-tag input').value") == "ui-snap")
     browser.execute_script("arguments[0].scrollIntoView({block: 'start'})",
                            browser.find_element("css selector", ".snaplab-ram"))  # controls, plot and log in view
     shot(browser, "dashboard-before")
     browser.find_element("css selector", ".snaplab-take-snapshot").click()
     after = wait_for("the log and the plot updated after the click", lambda: (
-        "snapshot-save snap2: done" in (v := _dashboard_view(browser))["log"]
+        "snapshot-save ui-snap: done" in (v := _dashboard_view(browser))["log"]
         and v["src"] != view["src"] and v["complete"] and v["width"] > 0 and v))
     new = "\n".join(after["log"].split("\n")[:after["log"].count("\n") - view["log"].count("\n")])  # newest first
     assert "STOP" in new and "RESUME" in new and "error" not in new, new
@@ -178,7 +178,7 @@ w.content.scrollToItem(1, 'start');""")
     assert _dashboard_view(browser)["log"].count(refused) == 1  # the notebook's own try
     browser.find_element("css selector", ".snaplab-boot").click()
     wait_for("the machine's error in the log", lambda: _dashboard_view(browser)["log"].count(refused) == 2)
-    assert "snapshot-save snap2: done" in _dashboard_view(browser)["log"]  # the running machine stays
+    assert "snapshot-save ui-snap: done" in _dashboard_view(browser)["log"]  # the running machine stays
     ran, code, errors, _ = browser.execute_script(STATE_JS)
     assert not errors, errors
     shot(browser, "dashboard-bad-input")
