@@ -117,13 +117,7 @@ def test_raw_socket_wire_format_and_limits(system: tuple[subprocess.Popen[bytes]
                            b'{"return": {"status": "running", "singlestep": false, "running": true}, "id": 42}',
                            b'{"error": {"class": "GenericError", "desc": "JSON parse error, stray \'@\'"}}']
     s.sendall(b"[" * 2000)  # over the nesting limit: an error, then the connection closes
-    rest = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        rest += chunk
-    assert b"JSON nesting depth limit exceeded" in rest
+    assert b"JSON nesting depth limit exceeded" in _until_eof(s)
     s.close()
     t = socket.socket(socket.AF_UNIX)  # the server is unharmed
     t.connect(str(b))
@@ -131,6 +125,14 @@ def test_raw_socket_wire_format_and_limits(system: tuple[subprocess.Popen[bytes]
     t.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "query-status"}\n')
     assert b'"status": "running"' in lines(t, 2)[1]
     t.close()
+
+
+def _until_eof(s: socket.socket) -> bytes:
+    """Everything the peer sends until it closes the connection."""
+    data = b""
+    while chunk := s.recv(65536):
+        data += chunk
+    return data
 
 
 def _free_port() -> int:
@@ -164,12 +166,7 @@ def test_tcp_monitor_on_loopback_only(tmp_path: Path) -> None:
             c.settimeout(60)
             assert c.recv(4096).startswith(b'{"QMP": ')
             c.sendall(b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n')
-            data = b""
-            while True:
-                chunk = c.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = _until_eof(c)
             assert b'"SHUTDOWN"' in data and b'{"return": {}}' in data
             assert proc.wait(60) == 0
             return
