@@ -5,6 +5,7 @@ No backend is forced: a notebook shows the figures inline, the CLI (lab/cli.py) 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -292,8 +293,11 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
         fr = np.array([r["timeline"]["rate_frac"] for r in rs], dtype=float)
         watched = ~np.isnan(fr).all(axis=0)  # past every load's horizon: not drawn
         t, fr = t[watched], fr[:, watched]
-        q1, med, q3 = np.nanpercentile(fr, [25, 50, 75], axis=0)
         marker, line = style(p)
+        if not len(t):  # no load of this policy had a reference rate: say so, draw nothing
+            ax.plot([], [], line, label=f"{p} (no reference rate)", lw=1.4)
+            continue
+        q1, med, q3 = np.nanpercentile(fr, [25, 50, 75], axis=0)
         ax.plot(t, med, line, label=p, lw=1.4)
         ax.fill_between(t, q1, q3, alpha=0.15)
     for lv in (0.5, 0.9):
@@ -306,8 +310,12 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
     x = np.arange(len(policies))
     for k, (key, h) in enumerate((("to50_ms", "//"), ("to90_ms", ""))):
         vals = [np.array([r[key] for r in rows if r["policy"] == p], dtype=float) for p in policies]
-        med = [float(np.nanmedian(v)) for v in vals]
-        err = np.array([[m - np.nanpercentile(v, 25), np.nanpercentile(v, 75) - m] for m, v in zip(med, vals, strict=True)]).T
+        vals = [v if np.isfinite(v).any() else np.array([np.nan, np.nan]) for v in vals]
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a policy never back to speed: NaN, no bar
+            med = [float(np.nanmedian(v)) for v in vals]
+            err = np.array([[m - np.nanpercentile(v, 25), np.nanpercentile(v, 75) - m]
+                            for m, v in zip(med, vals, strict=True)]).T
         bx.bar(x + (k - 0.5) * 0.38, med, 0.38, yerr=err, capsize=3, hatch=h, fill=bool(k), color="0.55",
                edgecolor="black", label=f"to {key[2:4]}% of the rate before")
     bx.set_xticks(x, policies, fontsize=8)

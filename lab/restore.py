@@ -75,17 +75,25 @@ def rate_between(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
     return float((i1 - i0) / ((t1_ns - t0_ns) / 1e9))
 
 
+def _window_rates(ts: np.ndarray, its: np.ndarray, start: float, stop: float) -> tuple[np.ndarray, np.ndarray]:
+    """The grid (GRID_NS apart, from ``start`` while a whole WINDOW_NS fits before ``stop``) and the
+    rate (iterations per second) over [t, t + WINDOW_NS] at each of its points, interpolated."""
+    grid = np.arange(start, stop - WINDOW_NS, GRID_NS, dtype=np.float64)
+    return grid, (np.interp(grid + WINDOW_NS, ts, its) - np.interp(grid, ts, its)) / (WINDOW_NS / 1e9)
+
+
 def steady_rate(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
     """The median over [t0, t1] of the guest's rate in WINDOW_NS windows on a GRID_NS grid
-    (iterations per second; NaN without samples over the span)."""
+    (iterations per second).  The windows end at the last sample before ``t1``: the guest may
+    not have reported in the last milliseconds (measured on a 2-core host: up to 200 ms
+    without a sample before a command).  NaN unless the samples start by ``t0`` and cover at
+    least half the span."""
     ts, its = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
-    keep = (ts >= t0_ns - 50e6) & (ts <= t1_ns + 50e6)
-    if keep.sum() < 2 or ts[keep][0] > t0_ns or ts[keep][-1] < t1_ns - WINDOW_NS:
+    keep = (ts >= t0_ns - 50e6) & (ts < t1_ns)  # after t1 the load may have reset the counter
+    if keep.sum() < 2 or ts[keep][0] > t0_ns or ts[keep][-1] - t0_ns < (t1_ns - t0_ns) / 2:
         return float("nan")
     ts, its = ts[keep], its[keep]
-    grid = np.arange(t0_ns, t1_ns - WINDOW_NS, GRID_NS, dtype=np.float64)
-    rate = (np.interp(grid + WINDOW_NS, ts, its) - np.interp(grid, ts, its)) / (WINDOW_NS / 1e9)
-    return float(np.median(rate))
+    return float(np.median(_window_rates(ts, its, t0_ns, ts[-1])[1]))
 
 
 def recovery_ms(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float,
@@ -98,8 +106,7 @@ def recovery_ms(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float,
     ts, its = ts[after], its[after]
     if len(ts) < 2 or not rate0 > 0:
         return out | {f"to{int(lv * 100)}_ms": float("nan") for lv in levels}
-    grid = np.arange(resume_ns, ts[-1] - WINDOW_NS, GRID_NS, dtype=np.float64)
-    rate = (np.interp(grid + WINDOW_NS, ts, its) - np.interp(grid, ts, its)) / (WINDOW_NS / 1e9)
+    grid, rate = _window_rates(ts, its, resume_ns, ts[-1])
     for lv in levels:
         hit = np.flatnonzero(rate >= lv * rate0)
         out[f"to{int(lv * 100)}_ms"] = float((grid[hit[0]] - cmd_ns) / 1e6) if len(hit) else float("nan")

@@ -92,3 +92,28 @@ def test_the_steady_rate_is_a_median_of_short_windows() -> None:
     assert abs(rate_between(s, 0, int(1e9)) - 1200) < 5
     assert abs(steady_rate(s, 0, int(1e9)) - 1000) < 5
     assert np.isnan(steady_rate(s, int(2e9), int(3e9)))  # no samples there
+
+
+def test_the_steady_rate_needs_no_sample_right_at_the_command() -> None:
+    # 1000 it/s for a second, then no sample in the last 200 ms before the command (a 2-core
+    # host did this): the reference is still the rate, and a load's reset counter after the
+    # command (iterations back to 0) is not part of it
+    pts = [(k / 1000, float(k)) for k in range(0, 801)] + [(1.0 + k / 1000, float(k)) for k in range(1, 50)]
+    s = _samples(pts)
+    assert abs(steady_rate(s, 0, int(1e9)) - 1000) < 5
+    assert np.isnan(steady_rate(s[:801], 0, int(2e9)))  # samples over less than half the span
+
+
+def test_the_restore_figure_draws_a_policy_without_reference_as_absent() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lab.plot import restore_figure
+
+    t = {"t_ms": [0.0, 5.0, 10.0], "rate_frac": [0.5, 1.0, 1.0]}
+    none = {"t_ms": [0.0, 5.0, 10.0], "rate_frac": [float("nan")] * 3}
+    rows = [{"policy": "blocking", "timeline": none, "to50_ms": float("nan"), "to90_ms": float("nan")},
+            {"policy": "prefetch", "timeline": t, "to50_ms": 1.0, "to90_ms": 6.0}]
+    fig = restore_figure(rows)
+    labels = [h.get_label() for h in fig.axes[0].get_legend().get_lines()]
+    assert labels == ["blocking (no reference rate)", "prefetch"]
