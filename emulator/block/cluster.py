@@ -96,8 +96,10 @@ def load_l2(s: Qcow2State, l2_offset: int, l1_index: int) -> np.ndarray:
     return arr
 
 
-def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview) -> None:
-    """Fill ``buf`` with guest bytes from ``offset`` as mapped by ``l1`` (active or a snapshot's)."""
+def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview, direct: bool = False) -> None:
+    """Fill ``buf`` with guest bytes from ``offset`` as mapped by ``l1`` (active or a snapshot's);
+    ``direct``: data clusters around the page cache where the file can (VM state)."""
+    read_data = getattr(s.file, "preadinto_direct", s.file.preadinto) if direct else s.file.preadinto
     cs = s.cluster_size
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + buf.nbytes
@@ -137,7 +139,7 @@ def read_through(s: Qcow2State, l1: np.ndarray, offset: int, buf: memoryview) ->
             d = dst[g0 - pos:g1 - pos]
             kind = readable[a]
             if kind == NORMAL:
-                s.file.preadinto(int(hosts[a]) + (g0 - base - (c0 + a) * cs), d)
+                read_data(int(hosts[a]) + (g0 - base - (c0 + a) * cs), d)
             elif kind == COMPRESSED:
                 data = decompress_cluster(s, int(ents[a]))
                 inner = g0 - base - (c0 + a) * cs

@@ -144,9 +144,10 @@ class OsFile:
         if self._direct is None:
             self._direct = -1
             flag = getattr(os, "O_DIRECT", 0)
-            if flag and not self.read_only and self.fd >= 0:
+            if flag and self.fd >= 0:
+                mode = os.O_RDONLY if self.read_only else os.O_RDWR
                 try:
-                    self._direct = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | flag | os.O_CLOEXEC)
+                    self._direct = os.open(f"/proc/self/fd/{self.fd}", mode | flag | os.O_CLOEXEC)
                 except OSError:
                     pass  # no /proc, or a file system without O_DIRECT (older tmpfs)
         return self._direct
@@ -161,7 +162,7 @@ class OsFile:
         file and of memory, and be whole 4 KiB blocks; anything else goes the buffered way.
         """
         mv = memoryview(data).cast("B")
-        dfd = self._direct_fd()
+        dfd = self._direct_fd() if not self.read_only else -1
         if dfd >= 0 and offset % 4096 == 0 and mv.nbytes % 4096 == 0:
             done = 0
             try:
@@ -173,6 +174,30 @@ class OsFile:
                     raise BlockIOError(f"Could not write at offset {offset}: {err.strerror}") from err
                 # EINVAL before any byte: the memory is not aligned for O_DIRECT
         self.pwrite(offset, mv)
+
+    def preadinto_direct(self, offset: int, buf: memoryview) -> None:
+        """Read around the page cache (O_DIRECT) where the file system and the alignment allow
+        (offset, address and length on 4 KiB), otherwise, or for what is left after a short
+        read, an ordinary :meth:`preadinto`.  For large reads into memory that keeps them
+        (guest RAM): no page-cache pages to allocate, which on this VM host cost several
+        times the read itself (docs/deviations.md)."""
+        mv = memoryview(buf).cast("B")
+        dfd = self._direct_fd()
+        done = 0
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(mv)) if mv.nbytes and not mv.readonly else 1
+        if dfd >= 0 and offset % 4096 == 0 and mv.nbytes % 4096 == 0 and addr % 4096 == 0:
+            try:
+                while done < mv.nbytes:
+                    got = os.preadv(dfd, [mv[done:]], offset + done)
+                    if got <= 0 or got % 4096:
+                        done += max(got, 0)
+                        break  # the end of the file: the rest the ordinary way
+                    done += got
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    raise BlockIOError(f"Could not read at offset {offset + done}: {err.strerror}") from err
+        if done < mv.nbytes:
+            self.preadinto(offset + done, mv[done:])
 
     def flush(self) -> None:
         if self.no_flush or self.read_only:

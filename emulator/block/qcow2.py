@@ -497,14 +497,15 @@ class Qcow2Image(Qcow2Metadata):
 
     # -- VM state (qcow2_save_vmstate / qcow2_load_vmstate) -----------------------
     @_locked
-    def save_vmstate(self, pos: int, data: bytes | bytearray | memoryview) -> None:
-        """Write VM state at ``pos`` of the vmstate area, through the active L1."""
+    def save_vmstate(self, pos: int, data: bytes | bytearray | memoryview, direct: bool = False) -> None:
+        """Write VM state at ``pos`` of the vmstate area, through the active L1 (qcow2_save_vmstate);
+        ``direct``: whole aligned clusters around the page cache where the file allows."""
         self._check_rw()
         mv = memoryview(data).cast("B")
         if pos < 0:
             raise OutOfRangeError("negative vmstate position")
         if mv.nbytes:
-            cluster.write_clusters(self, self.vm_state_offset + pos, mv)
+            cluster.write_clusters(self, self.vm_state_offset + pos, mv, direct=direct)
 
     @_locked
     def discard_vmstate(self) -> int:
@@ -516,11 +517,13 @@ class Qcow2Image(Qcow2Metadata):
         return cluster.drop_vmstate(self)
 
     @_locked
-    def load_vmstate(self, pos: int, buf: memoryview | bytearray, snapshot_id: str | None = None) -> None:
-        """Read VM state into ``buf``: of a snapshot (by id) or from the active L1."""
+    def load_vmstate(self, pos: int, buf: memoryview | bytearray, snapshot_id: str | None = None,
+                     direct: bool = False) -> None:
+        """Read VM state into ``buf``: of a snapshot (by id) or from the active L1 (qcow2_load_vmstate);
+        ``direct``: around the page cache where the file and the alignment allow."""
         mv = memoryview(buf).cast("B")
         l1 = self.l1_table if snapshot_id is None else snapshot.read_snapshot_l1(self, self.find_snapshot(snapshot_id))
-        cluster.read_through(self, l1, self.vm_state_offset + pos, mv)
+        cluster.read_through(self, l1, self.vm_state_offset + pos, mv, direct=direct)
 
     @_locked
     def vmstate_host_map(self, length: int) -> np.ndarray:

@@ -167,6 +167,13 @@ class SavedState:
     machine: str
 
 
+def _aligned_pages(n: int) -> np.ndarray:
+    """An (n, PAGE) uint8 array whose first byte is on a page boundary."""
+    raw = np.empty((n + 1) * PAGE, dtype=np.uint8)
+    skip = -raw.ctypes.data % PAGE
+    return raw[skip:skip + n * PAGE].reshape(n, PAGE)
+
+
 def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram: np.ndarray | None,
                nz: np.ndarray | None = None) -> SavedState:
     """qemu_savevm_state(): the configuration, every device section, RAM, EOF."""
@@ -202,18 +209,24 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
         out.write(0, bytes(head))
         pos = ram_offset
         # Non-zero pages go out in 32 MiB writes: straight from guest RAM where they are
-        # contiguous, gathered (one numpy take) where they are scattered.
+        # contiguous, gathered (one numpy take) where they are scattered, into one reused
+        # page-aligned buffer (so that a stream writing around the page cache can take it, and
+        # no fresh 32 MiB is allocated per write).
         idx = np.flatnonzero(nz)
         mv = memoryview(ram.data).cast("B")
         pages_view = ram[: pages * PAGE].reshape(pages, PAGE)
         step = 8192
+        gather: np.ndarray | None = None
         for s0 in range(0, len(idx), step):
             sel = idx[s0:s0 + step]
             first, last = int(sel[0]), int(sel[-1])
             if last - first == len(sel) - 1:
                 out.write(pos, mv[first * PAGE:(last + 1) * PAGE])
             else:
-                out.write(pos, memoryview(np.take(pages_view, sel, axis=0).data).cast("B"))
+                if gather is None:
+                    gather = _aligned_pages(min(step, len(idx)))
+                got = np.take(pages_view, sel, axis=0, out=gather[:len(sel)])
+                out.write(pos, memoryview(got.data).cast("B"))
             pos += len(sel) * PAGE
         tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
         tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(ram.size)

@@ -22,12 +22,13 @@ def load_error(err: BlockIOError) -> LoadVMError:
 class VMStateStream:
     """The vmstate area of ``img`` (or of one of its snapshots) as a positioned stream."""
 
-    def __init__(self, img: Qcow2Image, snapshot_id: str | None = None) -> None:
+    def __init__(self, img: Qcow2Image, snapshot_id: str | None = None, direct: bool = False) -> None:
         self.img = img
         self.snapshot_id = snapshot_id
+        self.direct = direct  # reads and writes around the page cache (Qcow2Image.save_vmstate, load_vmstate)
 
     def write(self, pos: int, data: bytes | memoryview) -> None:
-        self.img.save_vmstate(pos, data)
+        self.img.save_vmstate(pos, data, direct=self.direct)
 
     def read(self, pos: int, n: int) -> bytes:
         buf = bytearray(n)
@@ -36,6 +37,6 @@ class VMStateStream:
 
     def readinto(self, pos: int, buf: memoryview) -> None:
         try:
-            self.img.load_vmstate(pos, buf, self.snapshot_id)
+            self.img.load_vmstate(pos, buf, self.snapshot_id, direct=self.direct)
         except BlockIOError as err:
             raise load_error(err) from err

@@ -95,3 +95,48 @@ def test_refcount_range_update_refuses_to_go_below_zero() -> None:
     with pytest.raises(ImageCorruptError, match=r"Refcount of cluster 5 would become -1"):
         img.refcounts.update_range(5, 3, -1)
     assert img.refcounts.get_refcount(0) == before and img.check().clean
+
+
+def _resident_pages(path: Path, offset: int, length: int) -> int:
+    """How many pages of [offset, offset+length) of ``path`` are in the page cache (mincore)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    with open(path, "r+b") as fh:
+        m = mmap.mmap(fh.fileno(), offset + length)
+        try:
+            buf = (ctypes.c_char * (offset + length)).from_buffer(m)
+            vec = (ctypes.c_ubyte * ((offset + length + 4095) // 4096))()
+            if libc.mincore(ctypes.addressof(buf), offset + length, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            del buf
+            return sum(v & 1 for v in vec[offset // 4096:])
+        finally:
+            m.close()
+
+
+def test_preadinto_direct_reads_around_the_page_cache_and_falls_back(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    f = OsFile.open(path, create=True)
+    try:
+        f.pwrite_direct(1 * MiB, _aligned(MiB, 0xAB))
+        f.pwrite(2 * MiB, b"\x07" * 5000)  # the file ends inside a page
+        if f._direct is None or f._direct < 0:
+            pytest.skip("this file system refuses O_DIRECT")
+        os.posix_fadvise(f.fd, 0, MiB * 2, os.POSIX_FADV_DONTNEED)
+        assert _resident_pages(path, MiB, MiB) == 0
+        got = _aligned(MiB, 0)
+        f.preadinto_direct(1 * MiB, got)
+        assert bytes(got) == b"\xab" * MiB
+        assert _resident_pages(path, MiB, MiB) == 0  # read from the disk, nothing cached
+        tail = _aligned(3 * 4096, 0xFF)  # across the end of the file: the rest is zeros
+        f.preadinto_direct(2 * MiB, tail)
+        assert bytes(tail) == b"\x07" * 5000 + bytes(3 * 4096 - 5000)
+        odd = bytearray(5000)  # unaligned length (and maybe memory): the ordinary read
+        f.preadinto_direct(1 * MiB + 4096, memoryview(odd))
+        assert odd == b"\xab" * 5000
+        f.preadinto(1 * MiB, _aligned(MiB, 0))
+        assert _resident_pages(path, MiB, MiB) == MiB // 4096  # the buffered read cached them
+    finally:
+        f.close()

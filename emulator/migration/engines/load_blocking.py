@@ -2,7 +2,8 @@
 
 Stop the guest, check the request and the VM state (the stream's framing and every device's
 payload, decoded), revert every disk, reset, load the devices and every RAM page, resume
-(migration/savevm.c ``load_snapshot()``).  A load that fails leaves the guest stopped, as
+(migration/savevm.c ``load_snapshot()``).  RAM pages are read around the page cache
+(O_DIRECT where the file allows; see docs/deviations.md).  A load that fails leaves the guest stopped, as
 QEMU's does; one that fails a check leaves it otherwise untouched.
 """
 
@@ -37,7 +38,7 @@ class BlockingLoad(LoadEngine):
         group.goto_all(req.name, src.nodes)
         ctx.vm.reset_for_load()
         apply_devices()
-        self.load_ram(VMStateStream(src.img, src.sn.id_str), layout)
+        self.load_ram(VMStateStream(src.img, src.sn.id_str, direct=True), layout)
         ctx.vm.set_vclock_ns(src.sn.vm_clock_nsec)
         t1 = time.perf_counter()
         ctx.vm.vm_resume(orig)

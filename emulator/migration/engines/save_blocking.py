@@ -2,6 +2,8 @@
 
 Stop the guest, write the device sections and every non-zero RAM page to the VM-state area,
 add a snapshot table entry on every node, resume; the disks are flushed after the resume.
+The RAM pages are written around the page cache (O_DIRECT where the file allows; see
+docs/deviations.md), as the copy-on-write save writes its chunks.
 The guest is stopped for the whole save (migration/savevm.c ``save_snapshot()``).  A save that
 fails (a full or failing disk) gives back the VM state it wrote and resumes the guest.
 """
@@ -44,7 +46,7 @@ class BlockingSave(SaveEngine):
             t_write = time.perf_counter()
             try:
                 with writing_vmstate():
-                    st = save_state(VMStateStream(target.vmstate_image), ctx.machine_name, ctx.handlers(),
+                    st = save_state(VMStateStream(target.vmstate_image, direct=True), ctx.machine_name, ctx.handlers(),
                                     ctx.ram.array, nz=nz)
                 t_commit = time.perf_counter()
                 try:
