@@ -10,7 +10,8 @@ into place with UFFDIO_MOVE (nothing freed, allocated or copied), or, without th
 a buffer and installed with UFFDIO_COPY.  The guest never sees a page that is not the
 snapshot's: a page is mapped only with the snapshot's bytes (zeros for zero pages).
 
-The VM state is read with plain preads of precomputed host offsets (the snapshot's clusters
+The VM state is read with plain preads of precomputed host offsets, around the page cache
+where the file allows (O_DIRECT, docs/deviations.md 57; the snapshot's clusters
 cannot change while it exists and the snapshot lock is held), never through the image lock:
 the vCPU may be blocked on a missing page while holding it for a disk request.
 """
@@ -111,6 +112,8 @@ class LazyLoad:
         """The snapshot this load reads: its image file, VM-state cluster map and RAM layout.
         ``on_error`` stops the guest when a chunk cannot be read (called once, with the cause)."""
         self.file = file
+        # Around the page cache where the file allows, as the blocking load (deviation 57).
+        self._read: Callable[[int, memoryview], None] = getattr(file, "preadinto_direct", file.preadinto)
         self.layout = layout
         self.cluster_map = cluster_map
         self.cluster_size = cluster_size
@@ -146,7 +149,7 @@ class LazyLoad:
             self._failed(err)
             ctypes.memset(buf, 0, n)
         try:
-            if src is not None and self.uffd.move(self.ram.addr + off, src + off, n) == n:
+            if src is not None and self._move(off, src, n):
                 self.stats.moved_chunks += 1
             elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
                 # Not moved whole (the kernel refused a page), or some pages were already there
@@ -163,6 +166,22 @@ class LazyLoad:
                 self.cond.notify_all()
         return True
 
+    def _move(self, off: int, src: int, n: int) -> bool:
+        """UFFDIO_MOVE of RAM [off, off+n) from the old RAM at ``src``; True if all of it moved.
+        A page an O_DIRECT read has just filled may still be pinned for a moment (the kernel
+        releases such pages from a workqueue): the move refuses it with EBUSY and is tried
+        again, from where it stopped, a few times before the caller copies the rest."""
+        done = 0
+        for attempt in range(20):
+            r = self.uffd.move(self.ram.addr + off + done, src + off + done, n - done)
+            done += max(r, 0)
+            if done >= n:
+                return True
+            if r < 0 and r != -errno.EBUSY:
+                return False
+            time.sleep(0 if attempt < 10 else 1e-4)
+        return False
+
     def _read_chunk(self, off: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> None:
         """The snapshot's bytes of RAM [off, off+n) into ``buf`` (zeros for zero pages)."""
         if self.error is not None:
@@ -178,7 +197,7 @@ class LazyLoad:
             for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(),
                             strict=True):
                 p0 = int(idx[a]) * PAGE
-                self.file.preadinto(int(h[a]), mv[p0:p0 + (b - a) * PAGE])
+                self._read(int(h[a]), mv[p0:p0 + (b - a) * PAGE])
             self.stats.bytes_read += len(idx) * PAGE
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
