@@ -65,7 +65,7 @@ def main() -> None:
                        runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill)
     print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM), working set {spec.ws_mib} MiB at "
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy; "
-          f"VM state in the page cache (warm)", flush=True)
+          f"VM state read around the page cache (O_DIRECT, docs/deviations.md 57)", flush=True)
     res = restore_experiment(spec, progress=_print_row)
     summary = summarize(res["rows"])
     print(f"{'policy':>10} {'resume':>9} {'first':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'faults':>7} "

@@ -443,7 +443,9 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
         "storage": {"workdir": "/var/tmp", "filesystem": fs, "free_bytes": usage.free},
         "page_cache": "fill files written, then host memory touched and freed (3 x RAM + 2 GiB, within what "
                       "is free), os.sync() and /proc/sys/vm/drop_caches=3 before each block"
-                      + ("" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else " (NOT dropped: not root)"),
+                      + ("" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else " (NOT dropped: not root)")
+                      + "; snaplab's VM state written and read around the page cache (O_DIRECT, docs/deviations.md 57),"
+                      " QEMU's through it (its default cache.direct=off)",
         "versions": {"snaplab": version("snaplab"), "unicorn": version("unicorn"),
                      "python": platform.python_version(), "qemu": qemu},
         "definitions": {"downtime_ms": "STOP -> RESUME, QMP event timestamps",

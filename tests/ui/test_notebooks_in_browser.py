@@ -1,12 +1,17 @@
-"""Every notebook opened in JupyterLab in headless Chromium, all cells run, no error output; the
-dashboard rendered, its take-snapshot button clicked, its event log and plot updated.
+"""Every notebook opened in JupyterLab in headless Chromium: the quick ones with all cells run,
+no error output; the long ones (more than RUN_BUDGET_S of cells when last executed, and no
+widget: nbval executes those already) with their committed outputs rendered, every image
+decoded, no error output.  The dashboard rendered, its take-snapshot button clicked, its event
+log and plot updated.
 Screenshots go to out/ui/: one per notebook after its run, and the dashboard before and after
 the click and after a bad RAM size."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
+from datetime import datetime
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +32,24 @@ def _order() -> list[str]:
 
 
 ORDER = _order()
+RUN_BUDGET_S = 20.0
+
+
+def _executed_s(stem: str) -> float:
+    """Seconds the notebook's cells took when it was last executed (make.py), from the cells'
+    execution timestamps; infinite without them."""
+    cells = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())["cells"]
+    stamps = [c.get("metadata", {}).get("execution", {}) for c in cells if c["cell_type"] == "code"]
+    try:
+        t0 = datetime.fromisoformat(stamps[0]["iopub.execute_input"].replace("Z", "+00:00"))
+        t1 = datetime.fromisoformat(stamps[-1]["iopub.status.idle"].replace("Z", "+00:00"))
+    except (IndexError, KeyError):
+        return float("inf")
+    return (t1 - t0).total_seconds()
+
+
+def _has_widgets(stem: str) -> bool:
+    return "application/vnd.jupyter.widget-view+json" in (ROOT / "notebooks" / f"{stem}.ipynb").read_text()
 DASHBOARD = next((s for s in ORDER if s.endswith("-dashboard")), "dashboard notebook missing from ORDER")
 
 # JupyterLab is loaded once; each notebook is opened in it (docmanager:open) as window.__nb.
@@ -121,11 +144,56 @@ def close(driver: Any) -> None:
     assert driver.execute_async_script(SAVE_SHUTDOWN_CLOSE_JS) == "ok"
 
 
-@pytest.mark.parametrize("stem", [s for s in ORDER if s != DASHBOARD])
+# The committed outputs as the browser shows them: [image outputs in the model, <img> elements
+# decoded with a size, errors as "cell N: ename: evalue", output areas in the page].
+RENDERED_JS = """
+const w = window.__nb;
+const cells = w.content.model.cells;
+let images = 0; const errors = [];
+for (let i = 0; i < cells.length; i++) {
+  const c = cells.get(i);
+  if (c.type !== 'code') continue;
+  for (let j = 0; j < c.outputs.length; j++) {
+    const o = c.outputs.get(j).toJSON();
+    if (o.output_type === 'error') errors.push('cell ' + i + ': ' + o.ename + ': ' + o.evalue);
+    if (o.data && o.data['image/png']) images += 1;
+  }
+}
+const shown = Array.from(w.node.querySelectorAll('.jp-RenderedImage img')).filter(i => i.complete && i.naturalWidth > 0);
+return [images, shown.length, errors, w.node.querySelectorAll('.jp-OutputArea-output').length];
+"""
+
+RUN = [s for s in ORDER if s != DASHBOARD and (_executed_s(s) <= RUN_BUDGET_S or _has_widgets(s))]
+RENDER = [s for s in ORDER if s != DASHBOARD and s not in RUN]
+
+
+@pytest.mark.parametrize("stem", RUN)
 def test_notebook_runs_in_the_browser_without_errors(jupyterlab: Lab, browser: Any, stem: str) -> None:
     open_and_run(browser, jupyterlab, stem)
     shot(browser, stem)
     close(browser)
+
+
+@pytest.mark.parametrize("stem", RENDER)
+def test_long_notebook_renders_its_outputs_in_the_browser(jupyterlab: Lab, browser: Any, stem: str) -> None:
+    driver = browser
+    if not driver.execute_script(APP_JS):
+        driver.get(f"{jupyterlab.url}/lab?reset&token={jupyterlab.token}")
+        wait_for("JupyterLab started", lambda: driver.execute_script(APP_JS))
+    assert driver.execute_async_script(OPEN_JS, f"{stem}.ipynb") == "ok"
+    # JupyterLab renders cells as they scroll into view: walk to the end, then count.
+    driver.execute_script("const w = window.__nb; w.content.scrollToItem(w.content.widgets.length - 1, 'end');")
+    images, shown, errors, areas = wait_for(f"{stem}'s outputs shown, its images decoded", lambda: (
+        (v := driver.execute_script(RENDERED_JS))[3] > 0 and v[1] >= v[0] and v), timeout=60)
+    assert not errors, "\n".join(errors)
+    assert shown >= images and areas > 0
+    shot(driver, stem)
+    close(driver)
+
+
+def test_the_split_leaves_no_notebook_out() -> None:
+    assert sorted(RUN + RENDER + [DASHBOARD]) == sorted(ORDER)
+    assert all(_executed_s(s) < float("inf") for s in ORDER)  # every committed notebook was executed
 
 
 def _dashboard_view(driver: Any) -> dict[str, Any]:
