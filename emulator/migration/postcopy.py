@@ -33,9 +33,12 @@ from emulator.block.io import BlockFile
 from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
 from emulator.migration.cow import CHUNK, WARM_BUFFERS, WriteProtector
-from emulator.migration.vmstate import PAGE, RamLayout
+from emulator.migration.vmstate import PAGE, RamLayout, aligned_pages
 from emulator.uffd import Fault
 from emulator.workers import spawn
+
+READ_GAP = 256 << 10  # bytes between two pages of a chunk in the file that one read reads through
+BOUNCE_BYTES = 2 * (CHUNK + READ_GAP)  # the most one such read brings in
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
 
@@ -96,6 +99,7 @@ class LazyLoad:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()
+        self._tls = threading.local()  # per reading thread: its bounce buffer
         self.error: BaseException | None = None
         self.on_error: Callable[[str], None] | None = None
         self._buf, self._fill_buf = WARM_BUFFERS.take_n(2)  # fault service, filler
@@ -183,7 +187,11 @@ class LazyLoad:
         return False
 
     def _read_chunk(self, off: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> None:
-        """The snapshot's bytes of RAM [off, off+n) into ``buf`` (zeros for zero pages)."""
+        """The snapshot's bytes of RAM [off, off+n) into ``buf`` (zeros for zero pages).  Pages
+        that lie near each other in the file (at most READ_GAP apart: a blocking save's stream
+        holds a chunk's non-zero pages side by side, a copy-on-write save's by page index)
+        come in with one read into a bounce buffer and are copied into place: around the page
+        cache every read is a request to the disk."""
         if self.error is not None:
             raise SnaplabError("an earlier chunk could not be read")
         ctypes.memset(buf, 0, n)
@@ -191,14 +199,37 @@ class LazyLoad:
         first = off // PAGE
         hosts = self._hosts(first, n // PAGE)
         idx = np.flatnonzero(hosts)
-        if len(idx):
-            h = hosts[idx]
-            brk = np.flatnonzero((np.diff(idx) != 1) | (np.diff(h) != PAGE)) + 1
-            for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(),
-                            strict=True):
-                p0 = int(idx[a]) * PAGE
-                self._read(int(h[a]), mv[p0:p0 + (b - a) * PAGE])
-            self.stats.bytes_read += len(idx) * PAGE
+        if not len(idx):
+            return
+        h = hosts[idx]
+        step = np.diff(h)
+        brk = np.flatnonzero((step < PAGE) | (step > PAGE + READ_GAP)) + 1  # a new extent of the file
+        bounce: np.ndarray | None = None
+        for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(), strict=True):
+            lo, hi = int(h[a]), int(h[b - 1]) + PAGE
+            if hi - lo == (b - a) * PAGE and (b - a == 1 or bool((np.diff(idx[a:b]) == 1).all())):
+                p0 = int(idx[a]) * PAGE  # one run, contiguous in RAM and in the file
+                self._read(lo, mv[p0:p0 + (b - a) * PAGE])
+                continue
+            if hi - lo > BOUNCE_BYTES:  # too spread for the bounce buffer: page by page
+                for page, at in zip(idx[a:b].tolist(), h[a:b].tolist(), strict=True):
+                    self._read(int(at), mv[page * PAGE:(page + 1) * PAGE])
+                continue
+            if bounce is None:
+                bounce = self._bounce()
+            self._read(lo, memoryview(bounce.data)[:hi - lo])
+            src = bounce.ctypes.data - lo
+            dst = ctypes.addressof(buf)
+            for page, at in zip(idx[a:b].tolist(), h[a:b].tolist(), strict=True):
+                ctypes.memmove(dst + page * PAGE, src + at, PAGE)
+        self.stats.bytes_read += len(idx) * PAGE
+
+    def _bounce(self) -> np.ndarray:
+        """This thread's page-aligned bounce buffer (fault service and filler each have one)."""
+        b = getattr(self._tls, "bounce", None)
+        if b is None:
+            b = self._tls.bounce = aligned_pages(BOUNCE_BYTES // PAGE).reshape(-1)
+        return b
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""

@@ -167,7 +167,7 @@ class SavedState:
     machine: str
 
 
-def _aligned_pages(n: int) -> np.ndarray:
+def aligned_pages(n: int) -> np.ndarray:
     """An (n, PAGE) uint8 array whose first byte is on a page boundary."""
     raw = np.empty((n + 1) * PAGE, dtype=np.uint8)
     skip = -raw.ctypes.data % PAGE
@@ -224,7 +224,7 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
                 out.write(pos, mv[first * PAGE:(last + 1) * PAGE])
             else:
                 if gather is None:
-                    gather = _aligned_pages(min(step, len(idx)))
+                    gather = aligned_pages(min(step, len(idx)))
                 got = np.take(pages_view, sel, axis=0, out=gather[:len(sel)])
                 out.write(pos, memoryview(got.data).cast("B"))
             pos += len(sel) * PAGE
