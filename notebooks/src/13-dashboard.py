@@ -65,15 +65,14 @@ ms = {line.split(':')[0]: float(line.rsplit(' ', 2)[1]) for line in done}
 print('blocking load of the copy-on-write snapshot slower than of the blocking one:',
       ms['snapshot-load snap1'] > ms['snapshot-load snap2'])"""),
     ("md", """The two loads use the same engine (blocking) and the same guest, but not the same snapshot.
-A copy-on-write snapshot's VM state is as large as RAM and is written around the page cache
-(`O_DIRECT`, `docs/deviations.md` 39), so a blocking load reads it back from the disk; a blocking
-snapshot holds only the non-zero pages, written through the page cache, where the load finds them.
-That is the likely reason the first load's downtime is the longer one in the lines above (the
-printed boolean says whether it was in this run); this notebook does not time the disk reads
-themselves, so take it as an explanation consistent with the run, not a measurement of it. Even
-the load of the blocking snapshot here can take several times longer than the committed blocking
-loads of notebook 12 (at twice the RAM): this dashboard's guest keeps running and being redrawn
-beside the load, on a host busy with other work; the cause of that difference is not established."""),
+A copy-on-write snapshot's VM state is laid out by page index, as large as RAM (chunks with no
+data left as holes), while a blocking snapshot holds only the non-zero pages, side by side. Both
+are read back from the disk around the page cache (`O_DIRECT`, `docs/deviations.md` 39 and 57),
+and the load reads pages that lie near each other in the file with one read, so both loads read
+about the same bytes in a few large reads: expect their downtimes to be of the same order (the
+printed boolean says which was longer in this run; the notebook does not time the reads
+themselves). Before the loads grouped their reads, each run of non-zero pages was a request of
+its own, and this cell's loads took over a second for a 128 MiB guest (`docs/deviations.md` 57)."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
 machine's error (and the running machine stays), a load of a tag that does not exist is QEMU's error.
 As in QEMU 7.2, a failed `snapshot-load` leaves the guest stopped (its `snapshot_load_job_bh`
