@@ -33,7 +33,7 @@ from emulator.block.io import BlockFile
 from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
 from emulator.migration.cow import CHUNK, WARM_BUFFERS, WriteProtector
-from emulator.migration.vmstate import PAGE, RamLayout, aligned_pages
+from emulator.migration.vmstate import PAGE, WARM_PAGES, RamLayout
 from emulator.uffd import Fault
 from emulator.workers import spawn
 
@@ -99,7 +99,6 @@ class LazyLoad:
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()
-        self._tls = threading.local()  # per reading thread: its bounce buffer
         self.error: BaseException | None = None
         self.on_error: Callable[[str], None] | None = None
         self._buf, self._fill_buf = WARM_BUFFERS.take_n(2)  # fault service, filler
@@ -116,6 +115,7 @@ class LazyLoad:
         """The snapshot this load reads: its image file, VM-state cluster map and RAM layout.
         ``on_error`` stops the guest when a chunk cannot be read (called once, with the cause)."""
         self.file = file
+        WARM_PAGES.warm(BOUNCE_BYTES // PAGE, count=2)  # fault service and filler: touched before the stop
         # Around the page cache where the file allows, as the blocking load (deviation 57).
         self._read: Callable[[int, memoryview], None] = getattr(file, "preadinto_direct", file.preadinto)
         self.layout = layout
@@ -204,7 +204,13 @@ class LazyLoad:
         h = hosts[idx]
         step = np.diff(h)
         brk = np.flatnonzero((step < PAGE) | (step > PAGE + READ_GAP)) + 1  # a new extent of the file
-        bounce: np.ndarray | None = None
+        with WARM_PAGES.take(BOUNCE_BYTES // PAGE) as pages:
+            self._read_extents(idx, h, brk, mv, ctypes.addressof(buf), pages.reshape(-1))
+        self.stats.bytes_read += len(idx) * PAGE
+
+    def _read_extents(self, idx: np.ndarray, h: np.ndarray, brk: np.ndarray, mv: memoryview, dst: int,
+                      bounce: np.ndarray) -> None:
+        """_read_chunk's reads: one per extent of the file (see there)."""
         for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(), strict=True):
             lo, hi = int(h[a]), int(h[b - 1]) + PAGE
             if hi - lo == (b - a) * PAGE and (b - a == 1 or bool((np.diff(idx[a:b]) == 1).all())):
@@ -215,21 +221,10 @@ class LazyLoad:
                 for page, at in zip(idx[a:b].tolist(), h[a:b].tolist(), strict=True):
                     self._read(int(at), mv[page * PAGE:(page + 1) * PAGE])
                 continue
-            if bounce is None:
-                bounce = self._bounce()
             self._read(lo, memoryview(bounce.data)[:hi - lo])
             src = bounce.ctypes.data - lo
-            dst = ctypes.addressof(buf)
             for page, at in zip(idx[a:b].tolist(), h[a:b].tolist(), strict=True):
                 ctypes.memmove(dst + page * PAGE, src + at, PAGE)
-        self.stats.bytes_read += len(idx) * PAGE
-
-    def _bounce(self) -> np.ndarray:
-        """This thread's page-aligned bounce buffer (fault service and filler each have one)."""
-        b = getattr(self._tls, "bounce", None)
-        if b is None:
-            b = self._tls.bounce = aligned_pages(BOUNCE_BYTES // PAGE).reshape(-1)
-        return b
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from emulator.migration import group
 from emulator.migration.engine import LoadEngine, LoadRequest, LoadSteps, SnapshotMetrics
-from emulator.migration.vmstate import PAGE, RamLayout, aligned_pages
+from emulator.migration.vmstate import PAGE, WARM_PAGES, RamLayout
 from emulator.migration.vmstate_io import VMStateStream
 from emulator.runstate import RunState
 
@@ -32,6 +32,7 @@ class BlockingLoad(LoadEngine):
     def load_steps(self, req: LoadRequest, orig: RunState) -> LoadSteps:
         ctx = self.ctx
         t0 = time.perf_counter()
+        WARM_PAGES.warm(BOUNCE // PAGE)  # the bounce buffer touched before the stop, not in it
         if req.stop_first:
             ctx.vm.vm_stop(RunState.RESTORE_VM)
         src = ctx.load_checks(req)
@@ -56,9 +57,9 @@ class BlockingLoad(LoadEngine):
     def load_ram(self, stream: VMStateStream, layout: RamLayout) -> None:
         """ram_load(): every non-zero page read into place.  Runs of pages that follow each
         other in the stream, or nearly (GAP), are read together, up to BOUNCE bytes, with one
-        read into a bounce buffer and copied into place (a blocking save writes the non-zero
-        pages in order, so scattered pages of RAM lie side by side in its stream); a run of BOUNCE or more is read
-        straight into RAM.  The reads go around the page cache, so one large read costs what
+        read into a warm bounce buffer and copied into place (a blocking save writes the
+        non-zero pages in order, so scattered pages of RAM lie side by side in its stream); a
+        run of BOUNCE or more is read straight into RAM.  The reads go around the page cache, so one large read costs what
         the disk needs and many small ones would each pay a request."""
         ctx = self.ctx
         ctx.check_ram_size(layout)
@@ -71,7 +72,6 @@ class BlockingLoad(LoadEngine):
         nz = layout.nonzero
         edges = np.flatnonzero(np.diff(np.concatenate(([False], nz, [False])).astype(np.int8)))
         starts, ends = edges[0::2], edges[1::2]
-        view = ctx.ram.load_view()
         offs = layout.page_offset[starts].astype(np.int64)  # computed once: O(pages), not per run
         lens = (ends - starts).astype(np.int64) * PAGE
         # A new group where a run does not follow the previous one in the stream within GAP
@@ -79,7 +79,18 @@ class BlockingLoad(LoadEngine):
         gap = np.zeros(len(starts), dtype=np.int64)
         gap[1:] = offs[1:] - (offs[:-1] + lens[:-1])
         follows = (gap >= 0) & (gap <= GAP)
-        bounce: np.ndarray | None = None
+        with WARM_PAGES.take(BOUNCE // PAGE) as pages:
+            self._read_runs(stream, starts, ends, offs, lens, follows, pages.reshape(-1), populated)
+        if len(starts) and int(ends[-1]) < layout.pages and populated:
+            ctx.ram.fill(int(ends[-1]) * PAGE, 0, (layout.pages - int(ends[-1])) * PAGE)
+        elif not len(starts) and populated:
+            ctx.ram.fill(0, 0, layout.pages * PAGE)
+
+    def _read_runs(self, stream: VMStateStream, starts: np.ndarray, ends: np.ndarray, offs: np.ndarray,
+                   lens: np.ndarray, follows: np.ndarray, bounce: np.ndarray, populated: bool) -> None:
+        """load_ram's reads: one per group of runs (see there), zero gaps cleared if populated."""
+        ctx = self.ctx
+        view = ctx.ram.load_view()
         pos, i, n = 0, 0, len(starts)
         s_l, e_l, o_l, n_l, f_l = starts.tolist(), ends.tolist(), offs.tolist(), lens.tolist(), follows.tolist()
         while i < n:
@@ -94,8 +105,6 @@ class BlockingLoad(LoadEngine):
                 pos = e_l[i]
                 i = j
                 continue
-            if bounce is None:
-                bounce = aligned_pages(BOUNCE // PAGE).reshape(-1)
             stream.readinto(o_l[i], memoryview(bounce.data)[:end - o_l[i]])
             base = bounce.ctypes.data - o_l[i]
             for k in range(i, j):
@@ -104,5 +113,3 @@ class BlockingLoad(LoadEngine):
                 ctypes.memmove(ctx.ram.addr + s_l[k] * PAGE, base + o_l[k], n_l[k])  # releases the GIL
                 pos = e_l[k]
             i = j
-        if pos < layout.pages and populated:
-            ctx.ram.fill(pos * PAGE, 0, (layout.pages - pos) * PAGE)

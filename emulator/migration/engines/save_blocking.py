@@ -22,7 +22,7 @@ from emulator.migration.savefail import (
     give_back_vmstate,
     writing_vmstate,
 )
-from emulator.migration.vmstate import nonzero_pages, save_state
+from emulator.migration.vmstate import GATHER_PAGES, WARM_PAGES, nonzero_pages, save_state
 from emulator.migration.vmstate_io import VMStateStream
 
 
@@ -39,6 +39,7 @@ class BlockingSave(SaveEngine):
         images = target.images
         stack = contextlib.ExitStack()
         try:
+            WARM_PAGES.warm(GATHER_PAGES)  # the gather buffer touched before the stop, not in it
             t_stop = ctx.stop_for_save(images, stack)
             at = ctx.save_instant(req.name)
             t_scan = time.perf_counter()
