@@ -49,7 +49,7 @@ fig = repro_report.figure(rows, meta, committed=True)"""),
 - *Lazy load:* QEMU 7.2 has no lazy load of an internal snapshot, so there is no QEMU point; the fair reference for it is QEMU's blocking load of the same guest (the `load blocking` rows)."""),
     ("md", """## A quick live run beside the committed one
 
-The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Expect differences of up to an order of magnitude in either direction: on this shared host, writing tens to hundreds of MiB into an image sometimes takes ten times longer than usual (notebook 5 shows it for blocking saves of random bytes, notebook 8 for pre-copy's first round). The cause is not established; the min-max column shows whether this run met such a moment."""),
+The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Expect differences of up to an order of magnitude in either direction: the committed snaplab rows predate `docs/deviations.md` 57: their VM state went through the page cache, where a write into new clusters was sometimes ten times slower than usual on this host and a load could read what the save had left cached; the live rows go around it (notebook 5's exercise 1 explains the difference). The min-max column shows how much this run varied."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 import tempfile
 from lab.reproduce import ReproSpec, reproduce

@@ -72,7 +72,7 @@ and the load reads pages that lie near each other in the file with one read, so 
 about the same bytes in a few large reads: expect their downtimes to be of the same order (the
 printed boolean says which was longer in this run; the notebook does not time the reads
 themselves). Before the loads grouped their reads, each run of non-zero pages was a request of
-its own, and this cell's loads took over a second for a 128 MiB guest (`docs/deviations.md` 57)."""),
+its own, and a blocking load of the default 128 MiB guest took 540-566 ms (`docs/deviations.md` 57)."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
 machine's error (and the running machine stays), a load of a tag that does not exist is QEMU's error.
 As in QEMU 7.2, a failed `snapshot-load` leaves the guest stopped (its `snapshot_load_job_bh`
@@ -105,7 +105,7 @@ When you are done: `d.close()` stops the machine and removes its scratch files."
 
 1. The blocking save's shaded window grows with the RAM size: it writes the non-zero pages and scans
    all of RAM for zero pages inside the stop (notebook 5 measures both parts). The copy-on-write
-   save's window is a thin line at both sizes (a fraction of a millisecond in notebook 7's table),
+   save's window is a thin line at both sizes (a few milliseconds at most in notebook 7's table, often a fraction of one),
    and its guest keeps running during the job, slower than before while its writes fault on chunks
    not yet saved (notebook 7's `progress_during_save`).
 2. The whole-RAM working set: at 500 MiB/s over 16 MiB the guest keeps rewriting the same few
@@ -113,8 +113,8 @@ When you are done: `d.close()` stops the machine and removes its scratch files."
    more distinct pages dirty and the rounds level off higher (notebook 8's model: a round holds
    `S * (1 - exp(-D * t / S))`, which grows with `S`); the stop writes the last round, so its
    downtime is the longer one.
-3. The blocking load stops the guest until all of RAM is read (and longer for a copy-on-write
-   snapshot, read from the disk: above); the lazy loads resume after a short stop and fill RAM
+3. The blocking load stops the guest until every saved page is read (for the two snapshots above
+   expect the same order: both are read from the disk); the lazy loads resume after a short stop and fill RAM
    afterwards, on demand or in the background, so the guest runs slowly right after `RESUME` while
    its first touches wait for chunks (notebook 11 measures stop, time to full speed and faults per
    engine).

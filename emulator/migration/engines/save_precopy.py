@@ -38,7 +38,7 @@ class PrecopySave(SaveEngine):
             ctx.ram.populate()
         if ctx.wp is not None:
             ctx.wp.unregister()  # a range belongs to one userfaultfd at a time (it is not ours now)
-        stream = VMStateStream(target.vmstate_image)
+        stream = VMStateStream(target.vmstate_image, direct=True)  # around the page cache (deviation 57)
         with writing_vmstate():
             try:
                 pre = Precopy(ctx.ram, stream, ctx.machine_name, ctx.capture(), target.vmstate_image)
