@@ -36,6 +36,18 @@ def build_machine(spec: ExperimentSpec, workdir: Path) -> tuple[Machine, BlockGr
     return Machine(MachineConfig(ram_size=ram, workload=w, disks=[DiskSpec("disk0", "disk0-dev")]), g), g
 
 
+def wait_for_progress(m: Machine, timeout_s: float = 60.0) -> float:
+    """Wait until the guest has reported progress on the lab port (its workload runs), at most
+    ``timeout_s``; returns the seconds waited.  The warm-up counts from then: on a host where
+    fresh memory is slow to touch (docs/deviations.md 57) a 512 MiB guest measured here reported
+    nothing for its first two seconds, so a fixed warm-up from boot saved a guest that had not
+    started yet."""
+    t0 = time.monotonic()
+    while not len(m.lab.history_array(1)) and time.monotonic() - t0 < timeout_s:
+        time.sleep(0.01)
+    return time.monotonic() - t0
+
+
 def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> list[dict[str, Any]]:
     """Take ``repetitions`` snapshots with ``engine`` on a running guest; one row per snapshot."""
     with tempfile.TemporaryDirectory(prefix="snaplab-") as tmp:
@@ -46,6 +58,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
         try:
             m.start()
             q = m.qmp()
+            wait_for_progress(m)
             time.sleep(spec.warmup_s)
             for rep in range(spec.repetitions):
                 q.events()

@@ -105,3 +105,17 @@ def test_load_experiment_rows_carry_their_same_run_reference() -> None:
         assert r["idle_query_ms"] > 0 and r["vmstate_bytes"] > 0
     blocking, *lazy = rows
     assert blocking["faults"] == 0 and all(r["faults"] > 0 for r in lazy)  # they leave RAM for after RESUME
+
+
+def test_the_warm_up_counts_from_the_guests_first_progress(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from lab.run import build_machine, wait_for_progress
+
+    m, g = build_machine(ExperimentSpec(ram_mib=64, dirty_rate_mib_s=100), tmp_path)
+    try:
+        assert not len(m.lab.history_array(1))  # nothing before it runs
+        m.start()
+        waited = wait_for_progress(m, timeout_s=60)
+        assert waited < 60 and len(m.lab.history_array(1)) == 1
+    finally:
+        m.close()
+        g.close()
