@@ -32,7 +32,7 @@ def _order() -> list[str]:
 
 
 ORDER = _order()
-RUN_BUDGET_S = 20.0
+RUN_BUDGET_S = 15.0  # 02 (real QEMU beside snaplab, ~18 s) renders: nbval runs it already
 
 
 def _executed_s(stem: str) -> float:
@@ -169,9 +169,11 @@ RENDER = [s for s in ORDER if s != DASHBOARD and s not in RUN]
 
 @pytest.mark.parametrize("stem", RUN)
 def test_notebook_runs_in_the_browser_without_errors(jupyterlab: Lab, browser: Any, stem: str) -> None:
-    open_and_run(browser, jupyterlab, stem)
-    shot(browser, stem)
-    close(browser)
+    try:
+        open_and_run(browser, jupyterlab, stem)
+        shot(browser, stem)
+    finally:  # a failed notebook's kernel is shut down too, so the next notebook starts clean
+        close(browser)
 
 
 @pytest.mark.parametrize("stem", RENDER)
