@@ -33,7 +33,7 @@ from emulator.block.io import BlockFile
 from emulator.errors import SnaplabError
 from emulator.memory import GuestRAM
 from emulator.migration.cow import CHUNK, WARM_BUFFERS, WriteProtector
-from emulator.migration.vmstate import PAGE, WARM_PAGES, RamLayout
+from emulator.migration.vmstate import PAGE, WARM_PAGES, RamLayout, read_grouped
 from emulator.uffd import Fault
 from emulator.workers import spawn
 
@@ -202,29 +202,14 @@ class LazyLoad:
         if not len(idx):
             return
         h = hosts[idx]
-        step = np.diff(h)
-        brk = np.flatnonzero((step < PAGE) | (step > PAGE + READ_GAP)) + 1  # a new extent of the file
-        with WARM_PAGES.take(BOUNCE_BYTES // PAGE) as pages:
-            self._read_extents(idx, h, brk, mv, ctypes.addressof(buf), pages.reshape(-1))
+        # Runs: pages next to each other both in RAM and in the file.
+        cut = np.flatnonzero((np.diff(idx) != 1) | (np.diff(h) != PAGE)) + 1
+        first_pages = np.concatenate(([0], cut))
+        lens = np.diff(np.concatenate((first_pages, [len(idx)]))).astype(np.int64) * PAGE
+        with WARM_PAGES.take(BOUNCE_BYTES // PAGE) as bounce:
+            read_grouped(self._read, mv, ctypes.addressof(buf), idx[first_pages].astype(np.int64) * PAGE,
+                         h[first_pages].astype(np.int64), lens, bounce, READ_GAP)
         self.stats.bytes_read += len(idx) * PAGE
-
-    def _read_extents(self, idx: np.ndarray, h: np.ndarray, brk: np.ndarray, mv: memoryview, dst: int,
-                      bounce: np.ndarray) -> None:
-        """_read_chunk's reads: one per extent of the file (see there)."""
-        for a, b in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(idx)])).tolist(), strict=True):
-            lo, hi = int(h[a]), int(h[b - 1]) + PAGE
-            if hi - lo == (b - a) * PAGE and (b - a == 1 or bool((np.diff(idx[a:b]) == 1).all())):
-                p0 = int(idx[a]) * PAGE  # one run, contiguous in RAM and in the file
-                self._read(lo, mv[p0:p0 + (b - a) * PAGE])
-                continue
-            if hi - lo > BOUNCE_BYTES:  # too spread for the bounce buffer: page by page
-                for page, at in zip(idx[a:b].tolist(), h[a:b].tolist(), strict=True):
-                    self._read(int(at), mv[page * PAGE:(page + 1) * PAGE])
-                continue
-            self._read(lo, memoryview(bounce.data)[:hi - lo])
-            src = bounce.ctypes.data - lo
-            for page, at in zip(idx[a:b].tolist(), h[a:b].tolist(), strict=True):
-                ctypes.memmove(dst + page * PAGE, src + at, PAGE)
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
