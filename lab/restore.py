@@ -165,11 +165,23 @@ def _machine(spec: RestoreSpec, wd: Path) -> tuple[Machine, BlockGraph]:
     return Machine(cfg, g), g
 
 
+def _samples_since(m: Machine, t0_ns: int) -> np.ndarray:
+    """The lab port's samples from ``t0_ns`` (host monotonic ns) on, and a few before: the
+    last N, N doubled until the oldest is older (a fast guest reports ~100,000 a second, so
+    a fixed N may not reach back over the settle span)."""
+    n = 65536
+    while True:
+        got = m.lab.history_array(n)
+        if len(got) < n or not len(got) or int(got[0, 1]) <= t0_ns:
+            return got
+        n *= 2
+
+
 def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
     """One snapshot-load of 'base' with ``policy``, watched to the horizon."""
     q = m.qmp()
     q.events()
-    before = m.lab.history_array(200_000)  # read before the command: the copy is not timed
+    before = _samples_since(m, time.monotonic_ns() - int((spec.settle_s + 0.2) * 1e9))  # not timed
     epoch_off = time.time() - time.monotonic()
     cmd_ns = time.monotonic_ns()
     q.execute("snapshot-load", {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],

@@ -41,13 +41,13 @@ print(table(summarize(res['rows']), digits=2))"""),
 from lab.plot import restore_figure
 fig = restore_figure(res['rows'], title=f'live run, {spec.ram_mib} MiB, working set {spec.ws_mib} MiB, seed {spec.seed} (timings vary per host)')"""),
     ("md", """Read the live run against these expectations (the committed run below shows them at 4 GiB):
-- the blocking load's curve is 0 until RESUME; then the guest runs from RAM that is all in place, so its `to90_ms` is its resume time or a little later (in the committed run it is later: after RESUME the median blocking curve stays below 0.9 for about a second; the cause was not measured);
+- the blocking load's curve is 0 until RESUME; then the guest runs from RAM that is all in place, so its `to90_ms` is its resume time or a little later (in the committed run below, about ten milliseconds later at the median);
 - every lazy policy resumes within milliseconds, but the guest then *waits on faults* until its working set is in: the first progress comes later than RESUME;
 - `ondemand` reads only what the guest touches, so nothing competes with the guest once its working set is in; its `resident_s` is long because the rest is read only when asked (`job-complete`);
 - `background`'s filler reads all of RAM by address at normal priority, competing with the guest while it runs;
 - `prefetch` reads the recorded working set first, then the rest slowly, so that the guest keeps most of its speed: its `resident_s` is the longest of the lazy policies (in the quick run it may be cut short: the next load ends the pacing).
 
-Why slowly? A filler is not free even on another CPU: it reads 2 MiB chunks from the disk and installs them, which costs memory bandwidth, shared caches and, in snaplab's Python process, the interpreter lock the vCPU thread needs for its device callbacks. On this project's 2-vCPU machine a filler reading at full speed held the guest near half its speed, at `SCHED_IDLE` priority too (`data/results/restore/README.md`, measured when the filler read a warm page cache, before `docs/deviations.md` 57); `background` shows it in the figures below. The price of pacing is the time until all of RAM is resident."""),
+Why slowly? A filler is not free even on another CPU: it reads 2 MiB chunks from the disk and installs them, which costs memory bandwidth, shared caches and, in snaplab's Python process, the interpreter lock the vCPU thread needs for its device callbacks. On this project's 2-vCPU machine a filler reading at full speed held the guest near half its speed, at `SCHED_IDLE` priority too (`data/results/restore/README.md`); `background` shows it in the figures below. So `prefetch` paces its filler to a twentieth of a CPU, counted in CPU time: a read's wait for the disk takes nothing from the guest. The price of pacing is the time until all of RAM is resident."""),
     ("md", """## How the loading set is recorded
 
 Every save ends its VM state with an empty *loading-set trailer* past the stream's EOF marker (`emulator/migration/loading_set.py`; a reader that stops at EOF, such as an older snaplab, sees none). The first on-demand or prefetch load of a snapshot notes the chunk of every missing-page fault in the order they come, and writes that list into the trailer, in place (`docs/deviations.md` 50). The next prefetch load reads those chunks first. The experiment's first untimed loads did this; here is what was recorded, against where the working set is:"""),
@@ -63,7 +63,7 @@ print('prefetch loads that used the recorded set, in its order:', len(used), all
     ("md", """The chunk outside the working set is chunk 0, the first 2 MiB of RAM: the guest's code, stack and lab page, touched on every batch and by the very first instruction after RESUME, so it is recorded, and first (printed above)."""),
     ("md", """## The committed run: 4 GiB, working set 256 MiB, 5 loads per policy
 
-`python bench/bench_restore.py --no-qemu` with no other timed job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`), 2 s of settling between loads. This run predates `docs/deviations.md` 57: every policy then read the VM state through the page cache, warm (the save had just written it there). Today every load reads it from the disk, around the page cache, as the live run above did, so a re-run of the bench reads from the disk where this run read a warm cache, and its blocking loads and fault stalls will be longer than these (`docs/deviations.md` 57 has the measurements: against a cold cache, reading around it is the faster of the two). These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does."""),
+`python bench/bench_restore.py` with no other timed job on the host (this project's kind of machine: 2 vCPUs, 24 GiB; `data/results/restore/README.md`), 2 s of settling between loads. Every load read the VM state from the disk, around the page cache (`docs/deviations.md` 57), as the live run above did: no policy was helped by a cache the save left warm. These numbers come from `data/results/restore/bench_restore.json` and are compared by nbval: they change only when the data does. The same run measured QEMU 7.2's blocking load of a 4 GiB guest at about 7 s, an upper bound rather than a like-for-like figure (its load also copies the RAM fill file back in at reset; the README says why)."""),
     ("code", """import json
 from pathlib import Path
 import lab
@@ -71,7 +71,7 @@ committed = json.loads((Path(lab.__file__).resolve().parents[1] / 'data' / 'resu
 print({k: committed['spec'][k] for k in ('ram_mib', 'ws_mib', 'runs', 'seed', 'ws_offset')})
 print(table(summarize(committed['rows'])))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-fig = restore_figure(committed['rows'], title='committed run (page cache warm, before deviation 57): 4 GiB random RAM, working set 256 MiB, 5 loads per policy')"""),
+fig = restore_figure(committed['rows'], title='committed run: 4 GiB random RAM read from the disk, working set 256 MiB, 5 loads per policy')"""),
     ("code", """s = summarize(committed['rows'])
 print(f"to 90% of speed: blocking / prefetch = {s['blocking']['to90_ms'] / s['prefetch']['to90_ms']:.1f}x, "
       f"background / prefetch = {s['background']['to90_ms'] / s['prefetch']['to90_ms']:.1f}x")
@@ -81,13 +81,15 @@ print(f"all of RAM resident after RESUME: background {s['background']['resident_
 rows = committed['rows']
 pf_max = max(r['to90_ms'] for r in rows if r['policy'] == 'prefetch')
 print('every prefetch to90 below every blocking RESUME:', pf_max < min(r['resume_ms'] for r in rows if r['policy'] == 'blocking'))
+faults = {p: sorted(r['faults'] for r in rows if r['policy'] == p) for p in ('ondemand', 'prefetch')}
+print('faults per load, ondemand:', faults['ondemand'], ' prefetch:', faults['prefetch'])
 rb = [r['rate_before'] / 1e6 for r in rows]
 print(f"the guest's steady rate before each load: {min(rb):.2f} - {max(rb):.2f} M iterations/s")"""),
-    ("md", """What the committed run shows (the lines above; its loads read a warm page cache, see above):
-- **prefetch** is back to 90% of the guest's speed several times sooner than `blocking` and `background`, and each of its loads got there before any blocking load had even resumed. Its loading set (the working set's chunks and chunk 0) is read right after RESUME; the rest is read slowly, so all of RAM is resident only after about a minute: the price of keeping the guest at speed.
+    ("md", """What the committed run shows (the lines above):
+- **prefetch** is back to 90% of the guest's speed several times sooner than `blocking` and `background`, and each of its loads got there before any blocking load had even resumed. But it is not sooner than `ondemand`, and it faults about as often: its loading set (the working set's chunks and chunk 0) is read right after RESUME one 2 MiB read of the disk at a time, and the guest, running at once, touches those chunks faster than the filler brings them in, so it faults on most of them anyway. A loading set pays where the guest reaches its working set more slowly than the disk delivers it. The rest of RAM is read slowly (idle priority, a twentieth of a CPU), so all of RAM is resident only about half a minute later: the price of keeping the guest at speed.
 - **background** has all of RAM resident within a few seconds, but in the figure its guest stays near half speed while the filler reads: it reaches 90% only about when the fill ends.
 - **ondemand** reads only what the guest touches: back to speed soon, and the rest of RAM is read only when asked (`job-complete`).
-- The spread is wide: the guest's own steady rate differed by almost 2x from one load to the next (the last line), with nothing else running, so a load that lands in a slower spell reaches "90% of before" late whatever the policy. Read the medians with their IQR, and the figure's bands."""),
+- The guest's own steady rate differed by about a fifth from one load to the next (the last line), with nothing else running, so a load that lands in a slower spell reaches "90% of before" later whatever the policy: read the medians with their IQR, and the figure's bands. (In an earlier run on the same host it differed by almost 2x: the host's speed changes between runs, so compare policies within one run.)"""),
     ("md", """## Exercises: predict, then measure
 
 1. **A working set four times larger.** Predict how `to90_ms` of `ondemand` and `prefetch` change with `ws_mib` 4× larger (same RAM), and whether `blocking` changes. Then run `restore_experiment(RestoreSpec(ram_mib=128, ws_mib=64, runs=3, seed=1, horizon_s=1.0, settle_s=1.0))`.

@@ -7,6 +7,7 @@ import numpy as np
 from lab.restore import (
     CHUNK,
     RestoreSpec,
+    _samples_since,
     rate_between,
     recovery_ms,
     restore_experiment,
@@ -117,3 +118,26 @@ def test_the_restore_figure_draws_a_policy_without_reference_as_absent() -> None
     fig = restore_figure(rows)
     labels = [h.get_label() for h in fig.axes[0].get_legend().get_lines()]
     assert labels == ["blocking (no reference rate)", "prefetch"]
+
+
+def test_the_samples_before_a_command_reach_back_over_the_settle_span() -> None:
+    """A fast guest reports ~100,000 samples a second: a fixed count of the last samples (the
+    old 200,000) did not always reach back 2 s, and the reference rate came out NaN."""
+
+    class Lab:
+        def __init__(self, ts: np.ndarray) -> None:
+            self.rows = np.zeros((len(ts), 6), dtype=np.uint64)
+            self.rows[:, 1] = ts
+
+        def history_array(self, last: int | None = None) -> np.ndarray:
+            return self.rows[-last:] if last else self.rows
+
+    class M:
+        def __init__(self, lab: Lab) -> None:
+            self.lab = lab
+
+    ts = np.arange(1_000_000, dtype=np.uint64) * 10_000  # 100,000 a second over 10 s
+    got = _samples_since(M(Lab(ts)), int(ts[-1]) - 2_500_000_000)  # type: ignore[arg-type]
+    assert int(got[0, 1]) <= int(ts[-1]) - 2_500_000_000 and len(got) < len(ts)
+    few = ts[-1000:]
+    assert len(_samples_since(M(Lab(few)), 0)) == 1000  # type: ignore[arg-type]

@@ -51,7 +51,7 @@ class FillPlan:
     order: np.ndarray | None = None
     record_s: float = 0.0
     rest_idle: bool = False  # the chunks after ``order`` at SCHED_IDLE (the guest has what it needs)
-    rest_duty: float = 1.0  # ... and busy only this fraction of the wall time (until job-complete/quit)
+    rest_duty: float = 1.0  # ... and using only this fraction of a CPU (until job-complete/quit)
 
 
 class BackgroundLoad(LoadEngine):

@@ -4,9 +4,10 @@ REAP (ASPLOS'21) records the pages a function touches after its first restore an
 exactly those next time; FaaSnap (EuroSys'22) loads them in access order.  Here the set is
 the snapshot's loading set (loading_set.py), stored with its VM state: right after RESUME the
 filler reads those chunks in the order the guest first touched them, faults still served
-first, then every other chunk by address, slowly: at SCHED_IDLE priority and busy only
-REST_DUTY of the wall time (measured on a 2-vCPU host: a filler reading at full speed on the
-other vCPU held the guest near half its speed, at SCHED_IDLE too).  Once its working set is in,
+first, then every other chunk by address, slowly: at SCHED_IDLE priority and using only
+REST_DUTY of a CPU (its CPU time: a read's wait for the disk costs the guest nothing; measured
+on a 2-vCPU host: a filler reading at full speed on the other vCPU held the guest near half its
+speed, at SCHED_IDLE too).  Once its working set is in,
 the guest runs at full speed; RAM is all resident much later (a chunk needed before is read at
 its fault; quit fills the rest at once).  A snapshot without a loading set is loaded the
 first time as on demand for :data:`RECORD_S` seconds (the guest's faults alone decide what is
@@ -22,7 +23,7 @@ from emulator.migration.engine import LoadSource
 from emulator.migration.engines.load_background import BackgroundLoad, FillPlan
 
 RECORD_S = 0.5  # faults only, recording, on a snapshot's first prefetch load
-REST_DUTY = 0.05  # the rest of RAM: the filler busy a twentieth of the wall time
+REST_DUTY = 0.05  # the rest of RAM: the filler uses a twentieth of a CPU
 
 
 class PrefetchLoad(BackgroundLoad):
