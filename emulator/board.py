@@ -30,7 +30,7 @@ from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
 from emulator.cpu import X86CPU, GuestFault, pack_cpu_state, unpack_cpu_state
 from emulator.devices import PortBus
-from emulator.devices.disk import DiskController
+from emulator.devices.disk import DiskController, OnError
 from emulator.devices.flash import FlashBank, FlashController
 from emulator.devices.fwcfg import (
     KEY_BATCH_PAGES,
@@ -57,10 +57,18 @@ MACHINE_NAME = "snaplab-pc-1.0"  # the machine type a vmstate stream names
 
 @dataclass
 class DiskSpec:
-    """``-device virtio-blk-pci,drive=NODE,id=ID``."""
+    """``-device virtio-blk-pci,drive=NODE,id=ID,werror=...,rerror=...`` (``auto``: the
+    BlockBackend's, by default ``enospc`` for writes and ``report`` for reads)."""
 
     drive: str
     id: str = ""
+    werror: str = "auto"
+    rerror: str = "auto"
+
+    def policies(self) -> tuple[str, str]:
+        """(werror, rerror) with ``auto`` resolved (blkconf_apply_backend_options)."""
+        return (self.werror if self.werror != "auto" else "enospc",
+                self.rerror if self.rerror != "auto" else "report")
 
 
 @dataclass
@@ -82,6 +90,7 @@ class Attachment:
     qdev: str
     node: BlockNode
     virtio: bool
+    io_status: str = "ok"  # virtio-blk's (blk_iostatus): ok, failed, nospace
 
 
 class GuestClock(Protocol):
@@ -100,7 +109,7 @@ class Board:
     """
 
     def __init__(self, config: MachineConfig, graph: BlockGraph, serial: Sink | None, clock: GuestClock,
-                 on_panic: Callable[[int], None]) -> None:
+                 on_panic: Callable[[int], None], on_disk_error: OnError | None = None) -> None:
         self.config = config
         self.graph = graph
         self.clock = clock
@@ -123,7 +132,8 @@ class Board:
         self.timer = Timer(clock.now_ns)
         self.lab = LabPort(self.ram.read, clock.now_ns, on_panic)
         self.flash = FlashController(banks)
-        self.disk = DiskController(self.ram, [n.format_image for n in self.disk_nodes])
+        self.disk = DiskController(self.ram, [n.format_image for n in self.disk_nodes],
+                                   policies=[d.policies() for d in config.disks], on_error=on_disk_error)
         w = config.workload
         self.fwcfg = FwCfg({
             KEY_RAM_SIZE: config.ram_size,
@@ -206,7 +216,7 @@ class Board:
         for i, (spec, node) in enumerate(zip(self.config.disks, self.disk_nodes, strict=True)):
             qdev = (f"/machine/peripheral/{spec.id}/virtio-backend" if spec.id
                     else f"/machine/peripheral-anon/device[{i}]/virtio-backend")
-            out.append(Attachment(qdev, node, True))
+            out.append(Attachment(qdev, node, True, self.disk.io_status[i]))
         return out
 
     # -- VM state handlers (the sections of the vmstate stream) ---------------------------

@@ -53,6 +53,7 @@ DEVICES = (("Storage devices", (("loader", "", "", "Generic Loader"),
 _DEVICE_ALIASES = {"virtio-blk": "virtio-blk-pci", "virtio-scsi": "virtio-scsi-pci"}
 _CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 _AIO_MODES = ("threads", "native", "io_uring")
+_ON_ERROR = ("auto", "report", "ignore", "enospc", "stop")  # qdev's BlockdevOnError property values
 # -drive's own keys (blockdev.c drive_config / drive_new); the rest go to the format driver
 _DRIVE_KEYS = {"if", "index", "bus", "unit", "media", "id", "file", "format", "driver", "cache", "aio",
                "readonly", "read-only", "snapshot", "node-name", "werror", "rerror", "discard", "detect-zeroes"}
@@ -89,6 +90,8 @@ class DriveSpec:
     file: str
     driver: str | None  # None: probe the format
     node_opts: dict[str, Any]
+    werror: str = "auto"  # the BlockBackend's error policies (a -device's own ones win)
+    rerror: str = "auto"
 
 
 @dataclass
@@ -187,7 +190,15 @@ def _realize_devices(opts: Options) -> None:
                 raise UsageError(f"{where}: No 'SCSI' bus found for device 'scsi-hd'")
             if "drive" not in kv:
                 raise UsageError(f"{where}: Parameter 'drive' is missing")
-            opts.disks.append(DiskSpec(kv.pop("drive"), kv.pop("id", "")))
+            drive = kv.pop("drive")
+            policy = {}
+            for key in ("werror", "rerror"):
+                val = kv.pop(key, "auto")
+                if val not in _ON_ERROR:
+                    raise UsageError(f"{where}: Parameter '{key}' does not accept value '{val}'")
+                backend = next((d for d in opts.drives if d.backend == drive), None)
+                policy[key] = getattr(backend, key) if val == "auto" and backend is not None else val
+            opts.disks.append(DiskSpec(drive, kv.pop("id", ""), policy["werror"], policy["rerror"]))
             for k in ("bus", "iothread", "scsi-id", "lun", "channel", "addr", "serial"):
                 kv.pop(k, None)
         elif dev.driver == "virtio-scsi-pci":
@@ -259,7 +270,14 @@ def _drive(arg: str, opts: Options) -> None:
     if kv.pop("media", "disk") != "disk":
         raise UsageError(f"{where}: snaplab has no CD-ROM (media=disk only)")
     read_only = kv.pop("readonly", kv.pop("read-only", "off")) in ("on", "true", "yes")
-    for k in ("bus", "unit", "werror", "rerror", "snapshot"):
+    policy = {}
+    for key, is_read in (("werror", False), ("rerror", True)):
+        val = kv.pop(key, None)
+        # parse_block_error_action(): enospc is a write policy only
+        if val is not None and val not in (("ignore", "stop", "report") if is_read else ("ignore", "enospc", "stop", "report")):
+            raise UsageError(f"{where}: '{val}' invalid {'read' if is_read else 'write'} error action")
+        policy[key] = val or "auto"
+    for k in ("bus", "unit", "snapshot"):
         kv.pop(k, None)
     if "file" not in kv:
         raise UsageError(f"{where}: snaplab needs file= (an empty drive has no medium to snapshot)")
@@ -272,9 +290,10 @@ def _drive(arg: str, opts: Options) -> None:
         for key in keys[:-1]:
             cur = cur.setdefault(key, {})
         cur[keys[-1]] = v
-    opts.drives.append(DriveSpec(arg, backend, str(node_opts.pop("file")), driver or fmt, node_opts))
+    opts.drives.append(DriveSpec(arg, backend, str(node_opts.pop("file")), driver or fmt, node_opts,
+                                 policy["werror"], policy["rerror"]))
     if bus != "none":
-        opts.disks.append(DiskSpec(backend, ""))
+        opts.disks.append(DiskSpec(backend, "", policy["werror"], policy["rerror"]))
 
 
 def _open_drive(graph: BlockGraph, d: DriveSpec) -> None:

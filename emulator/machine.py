@@ -83,7 +83,7 @@ class Machine:
         self._held: list[tuple[str, dict[str, Any], int]] | None = None
         self._monitor: Monitor | None = None
 
-        self.board = board = Board(config, self.graph, serial, self.clock, self._guest_panic)
+        self.board = board = Board(config, self.graph, serial, self.clock, self._guest_panic, self._disk_error)
         # The parts and services of the board that the machine's users reach for.
         self.ram = board.ram
         self.cpu = board.cpu
@@ -96,12 +96,12 @@ class Machine:
         self.hold_block_io = board.hold_block_io
 
         self.runctl = rc = RunControl(QtestCPU(board.cpu) if config.accel == "qtest" else board.cpu, self.clock, self.emit, reset=board.reset,
-                                      flush_output=board.serial.flush, take_deadline=board.timer.take_deadline)
+                                      flush_output=board.serial.flush, take_deadline=board.timer.take_deadline,
+                                      before_run=board.disk.retry)
         # Bound once, so a call goes straight to the run control: no extra frame on
         # run_on_cpu's path, or around a downtime's vm_stop and vm_resume.
         self.start = rc.start
         self.stop = rc.stop
-        self.cont = rc.cont
         self.system_reset = rc.system_reset
         self.quit = rc.quit
         self.vm_stop = rc.vm_stop
@@ -127,6 +127,23 @@ class Machine:
     def _guest_panic(self, code: int) -> None:
         """The lab port's panic report, for the run control (built after the board)."""
         self.runctl.guest_panic(code)
+
+    def cont(self) -> None:
+        """qmp_cont(): every disk's io-status back to ``ok``, then vm_start() (refused in a
+        state that needs a reset)."""
+        if not self.runctl.state.needs_reset:
+            self.disk.reset_io_status()
+        self.runctl.cont()
+
+    def _disk_error(self, unit: int, operation: str, action: str, nospace: bool, reason: str) -> None:
+        """A guest disk request failed (on the vCPU thread): BLOCK_IO_ERROR in QEMU 7.2's shape
+        (blk_error_action()'s send_qmp_error_event), and an io-error stop for ``stop``."""
+        node = self.board.disk_nodes[unit]
+        self.emit("BLOCK_IO_ERROR", {"device": node.backend or "", "node-name": node.node_name,
+                                     "operation": operation, "action": action, "nospace": nospace,
+                                     "reason": reason})
+        if action == "stop":
+            self.runctl.io_error_stop()
 
     # -- run state ------------------------------------------------------------------------------
     @property

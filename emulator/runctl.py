@@ -101,7 +101,8 @@ class RunControl:
     """
 
     def __init__(self, cpu: VCPU, clock: VirtualClock, emit: Emit, *, reset: Callable[[], None],
-                 flush_output: Callable[[], None], take_deadline: Callable[[], int]) -> None:
+                 flush_output: Callable[[], None], take_deadline: Callable[[], int],
+                 before_run: Callable[[], None] | None = None) -> None:
         self.state = RunState.PRELAUNCH
         self.fault: GuestFault | None = None
         self._cpu = cpu
@@ -110,6 +111,7 @@ class RunControl:
         self._reset = reset
         self._flush_output = flush_output
         self._take_deadline = take_deadline
+        self._before_run = before_run  # on the vCPU thread before each emu_start (a device's retry)
         self._bql = threading.RLock()  # one verb at a time (re-entered by nested verbs)
         self._owner: int | None = None  # the thread inside a verb (run_on_cpu() must not queue)
         self._cond = threading.Condition()
@@ -120,6 +122,7 @@ class RunControl:
         self._work: deque[tuple[Callable[[], None], Future[None]]] = deque()  # run_on_cpu() items
         self._panic_code: int | None = None  # guest_panic()'s code, for the vCPU thread
         self._host_error: str | None = None  # stop_on_host_error()'s cause, for the vCPU thread
+        self._io_error = False  # io_error_stop()'s latch, for the vCPU thread
         self._overtaken: GuestFault | None = None  # a fault a verb got ahead of: the next run's
         self._thread: threading.Thread | None = None
         _track(self)
@@ -170,6 +173,9 @@ class RunControl:
             if fault is not None:
                 self._guest_stopped(fault)
                 continue
+            if self._io_error:
+                self._io_error_stopped()
+                continue
             with self._cond:
                 idle = self._may_run()
             if idle and self._cpu.halted():
@@ -193,7 +199,9 @@ class RunControl:
             overtaken, self._overtaken = self._overtaken, None
             return overtaken
         fault: GuestFault | None = None
-        if self._host_error is None and self._panic_code is None:  # a latch set while stopped: no run
+        if self._before_run is not None:
+            self._before_run()
+        if self._host_error is None and self._panic_code is None and not self._io_error:  # a latch: no run
             fault = self._cpu.run()
         if self._host_error is not None:
             cause, self._host_error = self._host_error, None
@@ -230,6 +238,22 @@ class RunControl:
             if fault.panicked:
                 self._emit("GUEST_PANICKED", {"action": "pause", "info": {"type": "snaplab", "pc": fault.pc,
                                                                        "cause": fault.cause}})
+            self._emit("STOP", None)
+
+    def _io_error_stopped(self) -> None:
+        """A device asked for an io-error stop (werror/rerror=stop): the VM stops in
+        ``io-error`` (STOP), as QEMU's qemu_system_vmstop_request(RUN_STATE_IO_ERROR); if a verb
+        stopped it first, it stays as that verb left it (the device keeps the request for the
+        next resume)."""
+        with self._verb():
+            self._io_error = False
+            if self._quit or self.state != RunState.RUNNING:
+                return
+            with self._cond:
+                self._want_run = False
+            self._clock.stop()
+            self._flush_output()
+            self.state = RunState.IO_ERROR
             self._emit("STOP", None)
 
     def vcpu_alive(self) -> bool:
@@ -273,6 +297,13 @@ class RunControl:
         snapshot): the vCPU stops at its next instruction boundary, in internal-error with
         ``cause``, as for a guest fault (safe from any thread)."""
         self._host_error = cause
+        self._cpu.stop()
+
+    def io_error_stop(self) -> None:
+        """A device failed a request under a ``stop`` policy (from a device callback, on the
+        vCPU thread): the vCPU stops at the end of its translation block and the VM enters
+        io-error."""
+        self._io_error = True
         self._cpu.stop()
 
     def guest_panic(self, code: int) -> None:
@@ -420,6 +451,7 @@ class RunControl:
             if self.state == RunState.RUNNING:
                 raise SnaplabError("run_instructions needs a stopped machine")
             fault = self._cpu.run(count)
+            self._io_error = False  # a stop policy's request stays pending: retried at the next run
             if self._panic_code is not None:
                 code, self._panic_code = self._panic_code, None
                 fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)

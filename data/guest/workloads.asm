@@ -245,6 +245,14 @@ disk_go:
     out dx, eax
     mov dx, 0x538
     out dx, eax
+    ; In flight until the device writes the status: a request the disk failed under
+    ; werror=stop (or rerror=stop) completes only after the VM is resumed.
+disk_go_wait:
+    cmp dword ptr [0x1018], 0xFFFFFFFF
+    jne disk_go_done
+    pause
+    jmp disk_go_wait
+disk_go_done:
     cmp dword ptr [0x1018], 0
     je disk_go_ok
     inc qword ptr [0x7018]

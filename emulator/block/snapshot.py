@@ -36,6 +36,7 @@ from emulator.block.refcount import RefcountTxn, size_to_clusters
 from emulator.block.state import Qcow2State
 from emulator.block.state import QCowSnapshot as QCowSnapshot  # re-exported for callers
 from emulator.errors import (
+    BlockIOError,
     ImageFormatError,
     SnapshotError,
     SnapshotExistsError,
@@ -452,8 +453,22 @@ def snapshot_abort(s: Qcow2State, p: PendingSnapshot) -> None:
         if p.old_l1_size:
             txn.decref_range(p.old_l1_offset, size_to_clusters(s.cluster_size, p.old_l1_size * 8))
         fields, new_l1, copies = _fix_active_flags(s, txn)
-    except BaseException:
+        held = len(np.unique(np.concatenate(txn.pending))) if txn.pending else 0
+    except BaseException as err:
+        held = len(np.unique(np.concatenate(txn.pending))) if txn.pending else 0
         txn.rollback()
+        _leaked(s, err, held)
         raise
-    s.commit(txn, **fields)
+    try:
+        s.commit(txn, **fields)
+    except BlockIOError as err:
+        _leaked(s, err, held)
+        raise
     _install(s, fields, new_l1, copies)
+
+
+def _leaked(s: Qcow2State, err: BaseException, held: int) -> None:
+    """A give-back the disk refused: what it would have freed stays referenced, a leak, said
+    so as :func:`cluster.free_quietly` says it (``qemu-img check`` counts the same clusters)."""
+    if isinstance(err, BlockIOError) and held:
+        s.messages.append(f"qcow2: {held} cluster(s) leaked: could not free them")

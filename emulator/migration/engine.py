@@ -43,6 +43,7 @@ from emulator.migration.cow import (
     fault_buffers,
 )
 from emulator.migration.facts import SnapshotFacts
+from emulator.migration.savefail import create_error, delete_quietly
 from emulator.migration.vmstate import (
     PAGE,
     ParsedState,
@@ -320,58 +321,67 @@ class EngineContext:
         return t
 
     # -- the qcow2 group commit (bdrv_all_create_snapshot) --------------------------------------
-    def commit(self, target: SaveTarget, at: Instant, vm_state_size: int) -> None:
-        """A snapshot table entry on every node (the VM state's size on ``bs`` only); if one
-        node fails, the entries already made are deleted again."""
-        created: list[tuple[Qcow2Image, str]] = []
-        for n in target.nodes:
-            im = group.image(n)
-            try:
-                sn = im.snapshot_create(at.name, vm_state_size=vm_state_size if n is target.bs else 0,
-                                        date_sec=at.wall_ns // 1_000_000_000,
-                                        date_nsec=at.wall_ns % 1_000_000_000,
-                                        vm_clock_nsec=at.vm_clock_ns, icount=-1)
-            except SnaplabError as err:
-                for done, ident in created:
-                    done.snapshot_delete(ident, at.name)
-                raise SnaplabError(f"Could not create snapshot '{at.name}' on '{n.node_name}': {err}") from err
-            created.append((im, sn.id_str))
+    # A failure on one node leaves no entry of the new snapshot on any node (save_snapshot()
+    # deletes the ones made), gives back what the failed save took (quietly: if the disk refuses
+    # that too, the clusters leak, and ``qemu-img check`` calls them leaks), and is reported as
+    # bdrv_all_create_snapshot()'s "Could not create snapshot 'x' on 'node': <cause>", the
+    # cause of a refused write being its strerror.
 
-    def freeze(self, target: SaveTarget) -> dict[str, PendingSnapshot]:
+    def commit(self, target: SaveTarget, at: Instant, vm_state_size: int) -> None:
+        """A snapshot table entry on every node (the VM state's size on ``bs`` only)."""
+        created: list[BlockNode] = []
+        for n in target.nodes:
+            try:
+                group.image(n).snapshot_create(at.name, vm_state_size=vm_state_size if n is target.bs else 0,
+                                               date_sec=at.wall_ns // 1_000_000_000,
+                                               date_nsec=at.wall_ns % 1_000_000_000,
+                                               vm_clock_nsec=at.vm_clock_ns, icount=-1)
+            except SnaplabError as err:
+                delete_quietly(created, at.name)
+                raise create_error(at.name, n, err) from err
+            created.append(n)
+
+    def freeze(self, target: SaveTarget, name: str) -> dict[str, PendingSnapshot]:
         """Every node's disk frozen as it is now (a pending snapshot: later guest writes go
         elsewhere); the entries are written by :meth:`finish`."""
         pendings: dict[str, PendingSnapshot] = {}
-        try:
-            for n in target.nodes:
+        for n in target.nodes:
+            try:
                 pendings[n.node_name] = group.image(n).snapshot_prepare()
-        except BaseException:
-            self.abort(target, pendings)
-            raise
+            except BaseException as err:
+                self.abort(target, pendings)
+                if isinstance(err, SnaplabError):
+                    raise create_error(name, n, err) from err
+                raise
         return pendings
 
     def finish(self, target: SaveTarget, pendings: dict[str, PendingSnapshot], at: Instant,
                vm_state_size: int) -> None:
-        """The frozen disks' snapshot table entries; on failure, every entry not yet written
-        is abandoned."""
-        try:
-            for n in target.nodes:
+        """The frozen disks' snapshot table entries."""
+        done: list[BlockNode] = []
+        for n in target.nodes:
+            try:
                 group.image(n).snapshot_finish(pendings[n.node_name], at.name,
                                                vm_state_size=vm_state_size if n is target.bs else 0,
                                                date_sec=at.wall_ns // 1_000_000_000,
                                                date_nsec=at.wall_ns % 1_000_000_000,
                                                vm_clock_nsec=at.vm_clock_ns)
-        except BaseException:
-            for n in target.nodes:
-                img = group.image(n)
-                if group.named(img, at.name) is None:
-                    img.snapshot_abort(pendings[n.node_name])
-            raise
+            except BaseException as err:
+                delete_quietly(done, at.name)
+                self.abort(target, {k: p for k, p in pendings.items()
+                                    if k not in {d.node_name for d in done}})
+                if isinstance(err, SnaplabError):
+                    raise create_error(at.name, n, err) from err
+                raise
+            done.append(n)
 
     def abort(self, target: SaveTarget, pendings: dict[str, PendingSnapshot]) -> None:
-        """Give back what :meth:`freeze` took, for a save that failed before :meth:`finish`."""
+        """Give back what :meth:`freeze` took, for a save that failed before :meth:`finish`;
+        never raises a block error (a refused give-back leaks, the save's own error counts)."""
         for n in target.nodes:
             if n.node_name in pendings:
-                group.image(n).snapshot_abort(pendings[n.node_name])
+                with contextlib.suppress(SnaplabError):
+                    group.image(n).snapshot_abort(pendings[n.node_name])
 
     @staticmethod
     def flush(images: list[Qcow2Image]) -> None:

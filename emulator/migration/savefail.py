@@ -37,14 +37,11 @@ def give_back_vmstate(img: Qcow2Image) -> None:
         img.discard_vmstate()
 
 
-def create_error(err: SnaplabError) -> SnaplabError:
-    """bdrv_all_create_snapshot()'s "Could not create snapshot 'x' on 'disk0': ..." with a
-    refused write's detail ("Could not write at offset ...") replaced by its strerror."""
-    cause = err.__cause__
-    text = str(err)
-    if isinstance(cause, BlockIOError) and text.endswith(str(cause)):
-        return SnaplabError(text[:len(text) - len(str(cause))] + cause.strerror)
-    return err
+def create_error(name: str, node: BlockNode, err: SnaplabError) -> SnaplabError:
+    """bdrv_all_create_snapshot()'s "Could not create snapshot 'x' on 'disk0': <cause>", where
+    a write the disk refused is told by its strerror (not the block layer's offset detail)."""
+    cause = err.strerror if isinstance(err, BlockIOError) else str(err)
+    return SnaplabError(f"Could not create snapshot '{name}' on '{node.device_or_node_name}': {cause}")
 
 
 def delete_quietly(nodes: list[BlockNode], name: str) -> None:

@@ -45,6 +45,9 @@ class BlockBackend(Protocol):
     @property
     def virtio(self) -> bool: ...
 
+    @property
+    def io_status(self) -> str: ...
+
 
 class VMControl(Protocol):
     """What the monitor needs from the VM."""
@@ -238,8 +241,8 @@ class Monitor:
         out = []
         for att in self.vm.block_attachments():
             d: dict[str, Any] = {}
-            if att.virtio:
-                d["io-status"] = "ok"
+            if att.virtio:  # blk_iostatus_enable(): virtio-blk reports it
+                d["io-status"] = att.io_status
             d.update({"device": "", "locked": False, "removable": False,
                       "inserted": block_device_info(att.node), "qdev": att.qdev, "type": "unknown"})
             out.append(d)

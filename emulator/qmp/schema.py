@@ -68,6 +68,8 @@ ENUMS = [
                                "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset",
                                "snapshot-load")),
     EnumType("GuestPanicAction", ("pause", "poweroff", "run")),
+    EnumType("IoOperationType", ("read", "write")),
+    EnumType("BlockErrorAction", ("ignore", "report", "stop")),
 ]
 OBJECTS = [
     ObjectType("VersionTriple", (M("major", "int"), M("minor", "int"), M("micro", "int"))),
@@ -134,6 +136,8 @@ EVENTS = [
     Event("SHUTDOWN", (M("guest", "bool"), M("reason", "ShutdownCause"))),
     Event("JOB_STATUS_CHANGE", (M("id", "str"), M("status", "JobStatus"))),
     Event("GUEST_PANICKED", (M("action", "GuestPanicAction"), M("info", "any", True))),
+    Event("BLOCK_IO_ERROR", (M("device", "str"), M("node-name", "str", True), M("operation", "IoOperationType"),
+                             M("action", "BlockErrorAction"), M("nospace", "bool", True), M("reason", "str"))),
 ]
 
 

@@ -1,9 +1,9 @@
 """Disk full and I/O errors under the guest's own disk writes, and ``migrate`` to a full file.
 
-Guest writes: the ``disk`` workload writes and reads back sectors of disk0; when the file
-system is full (or the file fails) its requests complete with an error status, the guest sees
-the mismatch (its error counter) and keeps running (docs/deviations.md: QEMU's default
-``werror=enospc`` would pause it), every cluster a failed write took is given back, and the
+Guest writes: the ``disk`` workload writes and reads back sectors of disk0; with
+``werror=report``, when the file system is full (or the file fails) its requests complete with
+an error status, the guest sees the mismatch (its error counter) and keeps running (the
+default, ``werror=enospc``, pauses it: test_werror.py), every cluster a failed write took is given back, and the
 snapshot saved before still loads, on the still-full disk.  Once the disk works again the
 guest's writes succeed again.
 
@@ -46,7 +46,7 @@ def guest_errors(m: Machine) -> int:
 
 
 def test_guest_disk_writes_fail_cleanly(make_vm, qemu_img, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    m = make_vm(workload=DISK)
+    m = make_vm(workload=DISK, werror="report")  # the default (enospc) pauses: test_werror.py
     q = m.qmp()
     files = disk_files(tmp_path)
     wait_until(lambda: disk_ops(m) > 20, "the guest to write its disk")

@@ -106,6 +106,15 @@ def test_help_lists_as_the_iotests_harness_reads_them() -> None:
     assert " copy-on-read " in snaplab("-drive", "format=help").stdout.split(":", 1)[1] + " "
 
 
+def test_error_policies_come_from_the_device_else_the_drive_else_qemus_defaults() -> None:
+    o = parse_args(["-drive", "file=a.qcow2,if=none,id=a,werror=stop,rerror=stop",
+                    "-drive", "file=b.qcow2,if=virtio,werror=report",
+                    "-drive", "file=c.qcow2,if=none,id=c",
+                    "-device", "virtio-blk-pci,drive=a,werror=ignore", "-device", "virtio-blk-pci,drive=c,rerror=enospc"])
+    assert [(d.drive, d.policies()) for d in o.disks] == [
+        ("virtio0", ("report", "report")), ("a", ("ignore", "stop")), ("c", ("enospc", "enospc"))]
+
+
 def test_drives_get_qemus_blockbackend_names_and_devices() -> None:
     o = parse_args(["-drive", "file=a.qcow2,if=none", "-drive", "file=b.qcow2,if=none,format=qcow2",
                     "-drive", "driver=file,file=c.raw,if=virtio", "d.qcow2",
@@ -126,6 +135,11 @@ def test_drives_get_qemus_blockbackend_names_and_devices() -> None:
     (["-set", "device.hba0.iothread=x"], '-set device.hba0.iothread=x: there is no device "hba0" defined'),
     (["-drive", "file=MISSING,if=none"], "Could not open backing file: Could not open '"),
     (["-drive", "file=LOOP,if=none"], "Could not open backing file: Backing file '"),
+    # the error policies, in QEMU 7.2's words (its replies to the same arguments)
+    (["-drive", "file=IMG,if=virtio,werror=foo"], "-drive file=IMG,if=virtio,werror=foo: 'foo' invalid write error action"),
+    (["-drive", "file=IMG,if=virtio,rerror=enospc"], "'enospc' invalid read error action"),
+    (["-drive", "file=IMG,if=none,id=d0", "-device", "virtio-blk-pci,drive=d0,werror=foo"],
+     "-device virtio-blk-pci,drive=d0,werror=foo: Parameter 'werror' does not accept value 'foo'"),
 ])
 def test_bad_input_is_one_line_in_qemus_words(tmp_path: Path, argv: list[str], text: str) -> None:
     img, missing, loop_a, loop_b = (tmp_path / n for n in ("t.qcow2", "m.qcow2", "a.qcow2", "b.qcow2"))

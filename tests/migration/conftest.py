@@ -22,7 +22,7 @@ def make_vm(tmp_path: Path) -> Iterator[Factory]:
     made: list[tuple[Machine, BlockGraph]] = []
 
     def make(*, vars_format: str = "raw", workload: WorkloadSpec | None = None, ram: int = 32 << 20,
-             start: bool = True, sub: str = "w") -> Machine:
+             start: bool = True, sub: str = "w", werror: str = "auto", rerror: str = "auto") -> Machine:
         w = tmp_path / sub
         w.mkdir(exist_ok=True)
         if vars_format == "raw":
@@ -47,7 +47,8 @@ def make_vm(tmp_path: Path) -> Iterator[Factory]:
             g.add({"driver": "file", "filename": str(w / f"{d}.qcow2"), "node-name": f"{d}-file"})
             g.add({"driver": "qcow2", "file": f"{d}-file", "node-name": d})
         cfg = MachineConfig(ram_size=ram, pflash0="fw-code", pflash1="fw-vars",
-                            disks=[DiskSpec("disk0", "disk0-dev"), DiskSpec("disk1", "disk1-dev")],
+                            disks=[DiskSpec("disk0", "disk0-dev", werror, rerror),
+                                   DiskSpec("disk1", "disk1-dev", werror, rerror)],
                             workload=workload or WorkloadSpec("mixed", seed=11, working_set=4 << 20, batch_pages=64))
         m = Machine(cfg, g)
         made.append((m, g))

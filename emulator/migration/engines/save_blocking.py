@@ -14,10 +14,8 @@ import contextlib
 import time
 from typing import ClassVar
 
-from emulator.errors import SnaplabError
 from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics
 from emulator.migration.savefail import (
-    create_error,
     flush_or_undo,
     give_back_vmstate,
     writing_vmstate,
@@ -50,10 +48,7 @@ class BlockingSave(SaveEngine):
                     st = save_state(VMStateStream(target.vmstate_image, direct=True), ctx.machine_name, ctx.handlers(),
                                     ctx.ram.array, nz=nz)
                 t_commit = time.perf_counter()
-                try:
-                    ctx.commit(target, at, st.size)
-                except SnaplabError as err:
-                    raise create_error(err) from err
+                ctx.commit(target, at, st.size)
             except BaseException:
                 give_back_vmstate(target.vmstate_image)  # then the guest resumes, as QEMU's the_end
                 raise

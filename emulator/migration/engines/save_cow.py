@@ -19,20 +19,17 @@ import numpy as np
 
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
-from emulator.errors import BlockIOError, SnaplabError
-from emulator.migration import group
 from emulator.migration.cow import CHUNK, CowSave
 from emulator.migration.engine import (
     EngineContext,
     Instant,
     SaveEngine,
     SaveRequest,
-    SaveTarget,
     SnapshotMetrics,
     short_downtime,
     switch_interval,
 )
-from emulator.migration.savefail import delete_quietly, flush_or_undo, writing_vmstate
+from emulator.migration.savefail import flush_or_undo, writing_vmstate
 from emulator.migration.vmstate import SaveHandler, capture_sections, encode_sections
 from emulator.runstate import RunState
 
@@ -94,14 +91,14 @@ class CowSaveEngine(SaveEngine):
         try:
             with contextlib.ExitStack() as stack:  # flushes deferred, disks drained until frozen
                 w = arm_in_window(ctx, saver, RunState.SAVE_VM, ctx.vm.state, target.images, stack, req.name)
-                pendings = freeze(ctx, target, w.at)
+                pendings = ctx.freeze(target, w.at.name)
             saver.attach(target.vmstate_image, pendings[target.bs.node_name], w.sections)
         except BaseException:
             if w is not None:
                 saver.abandon()
             saver.give_back_buffers()  # (once: abandon may have)
             protector.disarm()
-            abort_quietly(ctx, target, pendings)
+            ctx.abort(target, pendings)
             raise
         try:
             try:
@@ -112,9 +109,9 @@ class CowSaveEngine(SaveEngine):
             finally:
                 protector.disarm()
         except BaseException:
-            abort_quietly(ctx, target, pendings)
+            ctx.abort(target, pendings)
             raise
-        finish(ctx, target, pendings, w.at, size)
+        ctx.finish(target, pendings, w.at, size)
         flush_or_undo(target.nodes, w.at.name)
         st = saver.stats
         written = int(saver.nonzero.sum())
@@ -132,41 +129,3 @@ class CowSaveEngine(SaveEngine):
         return ctx.saved(m, target, w.at.name)
 
 
-def abort_quietly(ctx: EngineContext, target: SaveTarget, pendings: dict[str, PendingSnapshot]) -> None:
-    """A failed save gives back its pending snapshots; if the disk refuses that too, their
-    clusters leak (``qemu-img check`` calls them leaks) and the save's own error is reported."""
-    with contextlib.suppress(SnaplabError):
-        ctx.abort(target, pendings)
-
-
-def finish(ctx: EngineContext, target: SaveTarget, pendings: dict[str, PendingSnapshot], at: Instant,
-           size: int) -> None:
-    """The table entries (:meth:`EngineContext.finish`).  On failure the entries made on
-    other nodes are deleted again (save_snapshot() deletes them), and a write the disk refused
-    is bdrv_all_create_snapshot()'s "Could not create snapshot" on the node that failed."""
-    try:
-        ctx.finish(target, pendings, at, size)
-    except SnaplabError as err:
-        failed = next((n for n in target.nodes if group.named(group.image(n), at.name) is None), target.bs)
-        delete_quietly(target.nodes, at.name)  # save_snapshot()'s cleanup: the entries made on other nodes
-        if isinstance(err, BlockIOError):
-            raise SnaplabError(f"Could not create snapshot '{at.name}' on '{failed.device_or_node_name}': "
-                               f"{err.strerror}") from err
-        raise
-
-
-def freeze(ctx: EngineContext, target: SaveTarget, at: Instant) -> dict[str, PendingSnapshot]:
-    """The disks frozen one node at a time (:meth:`EngineContext.freeze`); if one fails, what
-    the others took is given back, and a write the disk refused is bdrv_all_create_snapshot()'s
-    "Could not create snapshot" on that node."""
-    pendings: dict[str, PendingSnapshot] = {}
-    for n in target.nodes:
-        try:
-            pendings.update(ctx.freeze(SaveTarget([n], n)))
-        except SnaplabError as err:
-            abort_quietly(ctx, target, pendings)
-            if isinstance(err, BlockIOError):
-                raise SnaplabError(f"Could not create snapshot '{at.name}' on '{n.device_or_node_name}': "
-                                   f"{err.strerror}") from err
-            raise
-    return pendings

@@ -16,7 +16,6 @@ from emulator.errors import SnaplabError
 from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics, short_downtime
 from emulator.migration.precopy import MAX_ROUNDS, THRESHOLD, Precopy
 from emulator.migration.savefail import (
-    create_error,
     flush_or_undo,
     give_back_vmstate,
     writing_vmstate,
@@ -61,10 +60,7 @@ class PrecopySave(SaveEngine):
                         if head.data_offset != pre.sparse.data_offset:
                             raise SnaplabError("device state outgrew the room reserved for it in the VM state")
                         size = finish_sparse_stream(stream, pre.sparse, pre.nonzero)
-                    try:
-                        ctx.commit(target, at, size)
-                    except SnaplabError as err:
-                        raise create_error(err) from err
+                    ctx.commit(target, at, size)
                 finally:
                     t_resume = ctx.resume(saved_state)
             flush_or_undo(target.nodes, at.name)
