@@ -202,6 +202,13 @@ class Board:
         for dev in self.bus.devices:
             dev.reset()
 
+    def retry_disk(self) -> None:
+        """The disk's request left in flight by a stop policy, done again as the guest
+        resumes (on the vCPU thread), after any drain a snapshot holds on the disk."""
+        if self.disk.pending is not None:
+            self.bus.wait_released(self.disk)
+            self.disk.retry()
+
     def hold_block_io(self) -> Callable[[], None]:
         """The guest's disk and flash accesses wait until the returned function is called."""
         return self.bus.hold([self.disk, self.flash])

@@ -97,7 +97,7 @@ class Machine:
 
         self.runctl = rc = RunControl(QtestCPU(board.cpu) if config.accel == "qtest" else board.cpu, self.clock, self.emit, reset=board.reset,
                                       flush_output=board.serial.flush, take_deadline=board.timer.take_deadline,
-                                      before_run=board.disk.retry)
+                                      before_run=board.retry_disk)
         # Bound once, so a call goes straight to the run control: no extra frame on
         # run_on_cpu's path, or around a downtime's vm_stop and vm_resume.
         self.start = rc.start

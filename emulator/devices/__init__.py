@@ -75,6 +75,13 @@ class PortBus:
 
         return release
 
+    def wait_released(self, dev: Device) -> None:
+        """Return once ``dev`` is not held (:meth:`hold`): for device work that does not come
+        through a port access, such as a request retried when the guest resumes."""
+        gate = self._gate
+        if gate is not None and dev.ports[0] in self._held_ports:
+            gate.wait()
+
     def port_in(self, port: int, size: int) -> int:
         gate = self._gate
         if gate is not None and port in self._held_ports:

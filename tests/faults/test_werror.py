@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from emulator.block.io import BlkdebugFile
 from emulator.guest import WorkloadSpec
 from emulator.machine import Machine
 from emulator.qmp.client import QMPClient
 from tests.faults.conftest import DISKS, assert_runs, blkdebug, disk_files, no_leaks, wait_until
+from tests.machine.test_machine import vcpu_waits_at_the_gate
 
 DISK = WorkloadSpec("disk", seed=3)
 
@@ -44,14 +46,19 @@ def error_event(q: QMPClient) -> dict[str, object]:
     return dict(q.wait_event("BLOCK_IO_ERROR", timeout=30).data)
 
 
+def running_disk_guest(m: Machine) -> tuple[QMPClient, BlkdebugFile, int]:
+    """The guest's disk writes under way; its client (events so far dropped), disk0's fault
+    layer, and the guest's error count."""
+    q = m.qmp()
+    wait_until(lambda: disk_ops(m) > 5, "the guest to use its disk")
+    q.events()
+    return q, blkdebug(m, "disk0"), guest_errors(m)
+
+
 def test_a_full_disk_pauses_the_guest_and_the_write_is_done_at_resume(make_vm, qemu_img,  # type: ignore[no-untyped-def]
                                                                       tmp_path: Path) -> None:
     m = make_vm(workload=DISK)
-    q = m.qmp()
-    wait_until(lambda: disk_ops(m) > 5, "the guest to write its disk")
-    errors = guest_errors(m)
-    q.events()
-    f = blkdebug(m, "disk0")
+    q, f, errors = running_disk_guest(m)
     f.fill(0)
     assert error_event(q) == {"device": "", "node-name": "disk0", "operation": "write", "action": "stop",
                               "nospace": True, "reason": "No space left on device"}
@@ -89,11 +96,7 @@ def test_a_full_disk_pauses_the_guest_and_the_write_is_done_at_resume(make_vm, q
 
 def test_other_errors_are_reported_to_the_guest_by_default(make_vm) -> None:  # type: ignore[no-untyped-def]
     m = make_vm(workload=DISK)
-    q = m.qmp()
-    wait_until(lambda: disk_ops(m) > 5, "the guest to write its disk")
-    errors = guest_errors(m)
-    q.events()
-    f = blkdebug(m, "disk0")
+    q, f, errors = running_disk_guest(m)
     f.fail_nth(1, errno.EIO, ("pwrite",))
     assert error_event(q) == {"device": "", "node-name": "disk0", "operation": "write", "action": "report",
                               "nospace": False, "reason": "Input/output error"}
@@ -106,11 +109,7 @@ def test_other_errors_are_reported_to_the_guest_by_default(make_vm) -> None:  # 
 @pytest.mark.parametrize(("policy", "kind", "operation"), [("werror", "pwrite", "write"), ("rerror", "pread", "read")])
 def test_stop_pauses_on_any_error(policy: str, kind: str, operation: str, make_vm) -> None:  # type: ignore[no-untyped-def]
     m = make_vm(workload=DISK, **{policy: "stop"})
-    q = m.qmp()
-    wait_until(lambda: disk_ops(m) > 5, "the guest to use its disk")
-    errors = guest_errors(m)
-    q.events()
-    f = blkdebug(m, "disk0")
+    q, f, errors = running_disk_guest(m)
     f.fail_nth(1, errno.EIO, (kind,), times=None)
     assert error_event(q) == {"device": "", "node-name": "disk0", "operation": operation, "action": "stop",
                               "nospace": False, "reason": "Input/output error"}
@@ -130,10 +129,7 @@ def test_stop_pauses_on_any_error(policy: str, kind: str, operation: str, make_v
 
 def test_ignore_completes_the_failed_request_as_done(make_vm) -> None:  # type: ignore[no-untyped-def]
     m = make_vm(workload=DISK, werror="ignore")
-    q = m.qmp()
-    wait_until(lambda: disk_ops(m) > 5, "the guest to write its disk")
-    q.events()
-    f = blkdebug(m, "disk0")
+    q, f, _ = running_disk_guest(m)
     f.fill(0)
     assert error_event(q)["action"] == "ignore"
     assert_runs(m)
@@ -143,9 +139,7 @@ def test_ignore_completes_the_failed_request_as_done(make_vm) -> None:  # type: 
 
 def test_a_reset_drops_the_request_in_flight(make_vm) -> None:  # type: ignore[no-untyped-def]
     m = make_vm(workload=DISK)
-    q = m.qmp()
-    wait_until(lambda: disk_ops(m) > 5, "the guest to write its disk")
-    f = blkdebug(m, "disk0")
+    q, f, _ = running_disk_guest(m)
     f.fill(0)
     wait_until(lambda: q.execute("query-status")["status"] == "io-error", "the VM to pause")
     assert m.disk.pending is not None
@@ -156,3 +150,23 @@ def test_a_reset_drops_the_request_in_flight(make_vm) -> None:  # type: ignore[n
     f.clear()
     q.execute("cont")
     wait_until(lambda: disk_ops(m) != ops, "the rebooted guest to write its disk")
+
+
+def test_a_retry_waits_while_a_snapshot_holds_the_disk(make_vm) -> None:  # type: ignore[no-untyped-def]
+    """The request is done again as the guest resumes, but not while the disk is drained
+    (hold_block_io, as a snapshot's freeze holds it): it waits like a guest access would."""
+    m = make_vm(workload=DISK)
+    q, f, errors = running_disk_guest(m)
+    f.fill(0)
+    wait_until(lambda: q.execute("query-status")["status"] == "io-error", "the VM to pause")
+    f.clear()
+    ops = disk_ops(m)
+    release = m.hold_block_io()
+    try:
+        q.execute("cont")
+        wait_until(vcpu_waits_at_the_gate, "the retry to wait for the drain")
+        assert m.disk.pending is not None and disk_ops(m) == ops
+    finally:
+        release()
+    wait_until(lambda: disk_ops(m) > ops + 5, "the guest to go on")
+    assert guest_errors(m) == errors
