@@ -469,7 +469,17 @@ class RefcountTxn:
         spare = set(rc.spare)
         if self.pending:
             freed = np.unique(np.concatenate(self.pending))
-            spare |= set(freed[rc.get_refcounts(freed) == 0][:want].tolist())
+            for c in freed[rc.get_refcounts(freed) == 0][:want].tolist():
+                if c in spare:
+                    continue
+                # A freed cluster may be a hole in the file (a sparse VM state's zero pages were
+                # never written): zeros written now make the file system hold its blocks, or,
+                # on a full one, leave it out.
+                try:
+                    rc.file.pwrite(c << rc.cluster_bits, bytes(rc.cluster_size))
+                except BlockIOError:
+                    continue
+                spare.add(c)
         rc.spare = sorted(spare)[:max(want, len(rc.spare))]
         while len(rc.spare) < want:
             c = rc.find_free_data(1)
