@@ -5,19 +5,19 @@ one UFFDIO_WRITEPROTECT; resume; freeze the disks (pending qcow2 snapshots) whil
 drained, so they are the stop instant's (savevm.py).  From then on:
 
 * a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
-  saved it copies the chunk (still the stop-instant content) into a warm buffer, releases its
-  protection (which wakes the writer) and queues the copy; a fault on a chunk already saved is
-  only woken (UFFDIO_WAKE: no page-table change, so no huge page is split).  When every buffer
-  is queued (:func:`fault_buffers`), the fault waits for the writer, and the background saver
-  turns writer too until it is served;
-* a **background saver** walks the chunks in order and writes every chunk nobody touched
-  straight from RAM (still protected, so no copy is needed), then releases it;
-* a **writer** thread stores the queued copies into the frozen vmstate tree; all-zero chunks
-  stay holes; then the bitmap, and the snapshot table entries are written last.  Chunks are
-  whole clusters (the RAM data is cluster-aligned in the stream) written with O_DIRECT where
-  the file allows, and only their allocation holds the image lock
-  (:meth:`Qcow2Image.pending_save_vmstate_bulk`), so saver and writer keep the file busy
-  together.
+  saved it copies the chunk (still the stop-instant content) into a warm buffer and releases its
+  protection (which wakes the writer); a fault on a chunk already saved is only woken
+  (UFFDIO_WAKE: no page-table change, so no huge page is split).  When every buffer holds a
+  chunk the saver has not reached yet (:func:`fault_buffers`), the fault waits for the saver;
+* a **saver** walks RAM in page order, 16 MiB at a time: the chunks nobody faulted on are read
+  straight from RAM (still protected, so no copy is needed), the others from their copies;
+  a vectorised scan per chunk finds its zero pages; the non-zero ones are gathered, in page
+  order, into a warm 32 MiB buffer, and the span is released.  The stream has the blocking
+  save's compact layout (non-zero pages in page order, none of a zero page), so the
+  copy-on-write snapshot is as small as a blocking one and a later load reads as much;
+* a **writer** thread writes each filled buffer (whole clusters: the RAM data starts on a
+  cluster of the image) around the page cache where the file allows, while the saver fills
+  the other one; then the bitmap, and the snapshot table entries are written last.
 
 Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
 O(huge pages) (~0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
@@ -26,6 +26,7 @@ addendum).  The result is the state at the stop instant, bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -45,6 +46,7 @@ from emulator.errors import UffdUnavailable
 from emulator.memory import GuestRAM, map_populated
 from emulator.migration.vmstate import (
     PAGE,
+    WARM_PAGES,
     SaveHandler,
     SparseRam,
     begin_sparse_stream,
@@ -266,6 +268,8 @@ class Protector(Protocol):
 
     def release(self, c: int) -> None: ...
 
+    def release_span(self, c: int, n: int) -> None: ...
+
     def wake(self, c: int) -> None: ...
 
     def release_all(self) -> None: ...
@@ -288,6 +292,9 @@ class UffdProtector:
 
     def release(self, c: int) -> None:
         self.wp.uffd.writeprotect(self.wp.ram.addr + c * CHUNK, CHUNK, False)  # also wakes waiters
+
+    def release_span(self, c: int, n: int) -> None:
+        self.wp.uffd.writeprotect(self.wp.ram.addr + c * CHUNK, min(n * CHUNK, self.wp.ram.span - c * CHUNK), False)
 
     def wake(self, c: int) -> None:
         self.wp.uffd.wake(self.wp.ram.addr + c * CHUNK, CHUNK)
@@ -345,6 +352,9 @@ class TlbProtector:
     def release(self, c: int) -> None:
         pass
 
+    def release_span(self, c: int, n: int) -> None:
+        pass
+
     def wake(self, c: int) -> None:
         pass
 
@@ -379,25 +389,19 @@ class CowSave:
         self.nchunks = -(-self.ram.size // CHUNK)
         self.state = np.zeros(self.nchunks, dtype=np.int8)
         self.lock = threading.Lock()
-        self.saved_cond = threading.Condition(self.lock)
+        self.saved_cond = threading.Condition(self.lock)  # a chunk saved, or a buffer given back
         self.stats = CowStats()
         self.out = _PendingStream(img, pending) if img is not None and pending is not None else None
         self.machine = machine
         self.sections = sections
         self.sparse: SparseRam | None = None
         self.nonzero = np.zeros(self.ram.size // PAGE, dtype=bool)
-        self.queue: queue.Queue[tuple[int, ctypes.Array[ctypes.c_char]] | None] = queue.Queue()
-        self.pool: queue.Queue[ctypes.Array[ctypes.c_char] | None] = queue.Queue()  # None: the save failed
         self.max_buffers = fault_buffers(ram.size) if max_buffers is None else max_buffers
         # Every buffer this save may use, warm, taken before the stop and returned at the end.
         self._owned = WARM_BUFFERS.take_n(self.max_buffers)
-        for b in self._owned:
-            self.pool.put(b)
-        self._in_use = 0
-        self._starved = 0  # fault-path callers waiting for a buffer
+        self._free = list(self._owned)  # under lock
+        self._copies: dict[int, ctypes.Array[ctypes.c_char]] = {}  # chunk -> its copy (under lock)
         self.error: BaseException | None = None
-        self._unflushed = 0
-        self._out_lock = threading.Lock()
         self._stop = threading.Event()
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
@@ -406,7 +410,8 @@ class CowSave:
         self.sections = sections
 
     def abandon(self) -> None:
-        """An armed save that will not run: let every chunk go."""
+        """An armed save that will not run: let every chunk go (and every fault waiting for a
+        buffer: its chunk is no longer unsaved)."""
         with self.lock:
             self.state[:] = SAVED
             self.saved_cond.notify_all()
@@ -415,19 +420,19 @@ class CowSave:
 
     def fail(self, err: BaseException) -> None:
         """A write failed (a full or failing disk): the first error is kept for :meth:`run`,
-        the saver stops, every chunk is let go, and a fault waiting for a buffer is woken
-        (it lets its chunk go unsaved): the guest is never left held back, and the fault
-        thread never left waiting for a writer that is gone."""
+        the saver stops and every chunk is let go: the guest is never left held back, and a
+        fault waiting for a buffer is let go with its chunk unsaved."""
         with self.lock:
             if self.error is None:
                 self.error = err
         self._stop.set()
         self.abandon()
-        self.pool.put(None)
 
     def give_back_buffers(self) -> None:
         """The chunk buffers back to the process's pool (once; no save runs any more)."""
-        owned, self._owned = self._owned, []
+        with self.lock:
+            owned, self._owned = self._owned, []
+            self._free, self._copies = [], {}
         WARM_BUFFERS.give_back(owned)
 
     # -- arming (inside the downtime) --------------------------------------------------------
@@ -443,62 +448,29 @@ class CowSave:
         self.protector.arm(self)
         self.stats.arm_s = time.perf_counter() - t0
 
-    # -- chunk claiming ------------------------------------------------------------------------
-    def _buffer(self) -> ctypes.Array[ctypes.c_char] | None:
-        """A free chunk buffer (waiting for the writer when all ``max_buffers`` are queued:
-        back-pressure); None once the save has failed."""
-        try:
-            b = self.pool.get_nowait()
-        except queue.Empty:
-            with self.lock:
-                self._starved += 1  # the background saver turns writer until this is served
-            b = self.pool.get()
-            with self.lock:
-                self._starved -= 1
-        if b is None:
-            self.pool.put(None)  # for the next one waiting
-            return None
+    # -- the fault path ------------------------------------------------------------------------
+    def _save_chunk(self, c: int) -> bool:
+        """Copy chunk ``c`` (still protected: the stop instant's bytes) into a free buffer and
+        let it go, if nobody has; True if this call saved it.  With every buffer holding a
+        chunk the saver has not reached yet, wait until it gives one back, or reaches ``c``
+        itself (back-pressure: the guest's write waits for the saver)."""
         with self.lock:
-            self._in_use += 1
-            self.stats.peak_buffers = max(self.stats.peak_buffers, self._in_use)
-        return b
-
-    def _claim(self, c: int) -> bool:
-        """Chunk ``c`` becomes this caller's to save (UNSAVED -> COPYING); False if taken."""
-        with self.lock:
+            while self.state[c] == UNSAVED and not self._free:
+                self.saved_cond.wait()
             if self.state[c] != UNSAVED:
                 return False
             self.state[c] = COPYING
-        return True
-
-    def _saved(self, c: int) -> None:
-        """Chunk ``c`` is saved: its protection released (which wakes the writers), waiters told."""
-        self.protector.release(c)
+            buf = self._free.pop()
+            self.stats.peak_buffers = max(self.stats.peak_buffers, len(self._owned) - len(self._free))
+        off = c * CHUNK
+        ctypes.memmove(buf, self.ram.addr + off, min(CHUNK, self.ram.size - off))  # releases the GIL
+        self.protector.release(c)  # also wakes the writer
         with self.lock:
-            self.state[c] = SAVED
+            if self.state[c] == COPYING:  # (not if the save failed meanwhile)
+                self._copies[c] = buf
+                self.state[c] = SAVED
             self.saved_cond.notify_all()
-
-    def _save_chunk(self, c: int) -> bool:
-        """Copy chunk ``c`` if nobody has; True if this call saved it."""
-        if not self._claim(c):
-            return False
-        buf = self._buffer()
-        if buf is None:
-            return True  # the save failed (fail() let every chunk go): nothing to copy
-        off = c * CHUNK
-        n = min(CHUNK, self.ram.size - off)
-        ctypes.memmove(buf, self.ram.addr + off, n)  # still protected: the stop-instant bytes
-        self._saved(c)
-        self.queue.put((c, buf))
         return True
-
-    def _store_from_ram(self, c: int) -> None:
-        """Store chunk ``c`` straight from guest RAM (still write-protected, so the stop
-        instant's bytes); made present first, as the zero scan reads it holding the GIL."""
-        off = c * CHUNK
-        n = min(CHUNK, self.ram.size - off)
-        self.ram.make_present(off, n)
-        self._store(c, memoryview((ctypes.c_char * n).from_address(self.ram.addr + off)).cast("B"))
 
     def save_or_wait(self, c: int) -> bool:
         """A write is about to hit chunk ``c``: save it, or wait until whoever is saving it is
@@ -511,7 +483,6 @@ class CowSave:
                 self.saved_cond.wait()
         return False
 
-    # -- threads ---------------------------------------------------------------------------------
     def on_fault(self, f: Fault) -> None:
         """Called on the fault-service thread for every fault during the window."""
         wp = self.protector.wp  # type: ignore[attr-defined]
@@ -529,96 +500,65 @@ class CowSave:
             self.stats.woken += 1
         self.stats.handler_s.append(time.perf_counter() - t0)
 
+    # -- the saver: every chunk in page order ----------------------------------------------------
+    def _take_span(self, c0: int, c1: int) -> tuple[np.ndarray, dict[int, ctypes.Array[ctypes.c_char]]]:
+        """Chunks [c0, c1) become the saver's: the unsaved ones claimed (their bytes are in RAM,
+        still protected), the fault-copied ones with their copies; waits for a copy in flight.
+        Returns which are read from RAM, and the copies."""
+        with self.lock:
+            while (self.state[c0:c1] == COPYING).any():
+                self.saved_cond.wait()
+            from_ram = self.state[c0:c1] == UNSAVED
+            self.state[c0:c1][from_ram] = COPYING
+            copies = {c: self._copies.pop(c) for c in range(c0, c1) if c in self._copies}
+        return from_ram, copies
+
+    def _let_go(self, c0: int, c1: int, from_ram: np.ndarray, copies: dict[int, ctypes.Array[ctypes.c_char]]) -> None:
+        """Chunks [c0, c1) are in the stream: the claimed ones released (one ioctl for the
+        span: releasing a chunk already released changes nothing), the copies' buffers free."""
+        if from_ram.any():
+            self.protector.release_span(c0, c1 - c0)
+        with self.lock:
+            if from_ram.any():
+                self.state[c0:c1][from_ram & (self.state[c0:c1] == COPYING)] = SAVED
+            if self._owned:  # (not once the buffers went back: the save failed)
+                self._free.extend(copies.values())
+            self.saved_cond.notify_all()
+
     def background(self) -> None:
-        """Every chunk nobody faulted on, in order, written straight from guest RAM: still
-        write-protected, so it holds the stop instant's bytes, and no copy is needed.  A guest
-        write to the chunk meanwhile waits (the chunk is COPYING) for one write, ~1 ms; the
-        fault path keeps its own buffers, so it never waits behind this thread's backlog."""
+        """Every chunk in page order, a span of :data:`SPAN` chunks at a time: the pages of the
+        chunks nobody faulted on read straight from guest RAM (still write-protected, so the stop
+        instant's bytes), the others from their copies; zero pages found (one vectorised scan
+        per span), the non-zero ones gathered into the stream in page order (the blocking save's
+        compact layout, no bytes for zero pages), the span let go.  A guest write to a claimed
+        chunk waits for the gather (no I/O: a writer thread writes the gathered data)."""
+        gather = _Gatherer(self)
+        span = 1 if self.sink is not None else SPAN  # a pipe may be slow: hold one chunk at a time
         try:
-            for c in range(self.nchunks):
+            for c0 in range(0, self.nchunks, span):
                 if self._stop.is_set():
                     return
-                while self._starved and self._write_queued():
-                    pass
-                if not self._claim(c):
-                    continue
-                self._store_from_ram(c)
-                self._saved(c)
-                self.stats.bg_chunks += 1
+                c1 = min(c0 + span, self.nchunks)
+                from_ram, copies = self._take_span(c0, c1)
+                try:
+                    if from_ram.any():
+                        self.ram.make_present(c0 * CHUNK, min(c1 * CHUNK, self.ram.size) - c0 * CHUNK)
+                    for c in range(c0, c1):
+                        if from_ram[c - c0]:
+                            self.stats.bg_chunks += 1
+                            src = self.ram.addr + c * CHUNK
+                        elif c in copies:
+                            src = ctypes.addressof(copies[c])
+                        else:
+                            continue  # let go unsaved: the save has failed
+                        gather.chunk(c, src)
+                finally:
+                    self._let_go(c0, c1, from_ram, copies)
+            gather.finish()
         except BaseException as err:
             self.fail(err)  # never leave the guest held back
         finally:
-            self.queue.put(None)
-
-    def _write_queued(self) -> bool:
-        """Write one chunk the fault path queued, if any (the background saver does this while
-        a fault waits for a buffer: two writers drain the queue twice as fast)."""
-        try:
-            item = self.queue.get_nowait()
-        except queue.Empty:
-            return False
-        if item is None:  # not ours to take: the end marker goes back
-            self.queue.put(None)
-            return False
-        self._write(*item)
-        return True
-
-    def writer(self) -> None:
-        try:
-            while True:
-                item = self.queue.get()
-                if item is None:
-                    # every chunk is saved: drain what the fault handler queued meanwhile
-                    while True:
-                        try:
-                            item = self.queue.get_nowait()
-                        except queue.Empty:
-                            return
-                        if item is not None:
-                            self._write(*item)
-                self._write(*item)
-        except BaseException as err:
-            self.fail(err)
-
-    def _write(self, c: int, buf: ctypes.Array[ctypes.c_char]) -> None:
-        n = min(CHUNK, self.ram.size - c * CHUNK)
-        self._store(c, memoryview(buf).cast("B")[:n])
-        with self.lock:
-            self._in_use -= 1
-        self.pool.put(buf)
-
-    def _store(self, c: int, mv: memoryview) -> None:
-        """Chunk ``c``'s stop-instant bytes into the stream (from the writer or the saver)."""
-        off = c * CHUNK
-        n = mv.nbytes
-        arr = np.frombuffer(mv, dtype=np.uint64, count=n // 8)
-        nz = np.asarray(arr.reshape(n // PAGE, PAGE // 8).any(axis=1), dtype=bool)
-        first = off // PAGE
-        self.nonzero[first:first + len(nz)] = nz
-        if not nz.any():
-            return  # chunks with no data at all stay holes
-        # One write per chunk: zero pages inside a non-empty chunk go out as zeros (the
-        # bitmap still says they are zero).
-        with self._out_lock:
-            if self.sink is not None:
-                idx = np.flatnonzero(nz)
-                lo, hi = int(idx[0]) * PAGE, (int(idx[-1]) + 1) * PAGE
-                self.sink.pages((off + lo) // PAGE, mv[lo:hi])
-                self.stats.bytes_written += hi - lo
-                return
-            assert self.sparse is not None and self.out is not None
-            self.stats.bytes_written += n
-            self._unflushed += n
-            kick = self._unflushed >= WRITEBACK_STEP
-            if kick:
-                self._unflushed = 0
-        self.out.write_bulk(self.sparse.data_offset + off, mv)  # only the allocation is serialised
-        if kick:
-            # Start writeback as we go (what O_DIRECT leaves dirty: metadata, or everything on
-            # a file system without it): the flush at the end then waits for the tail only.
-            start = getattr(self.out.img.file, "start_writeback", None)
-            if start is not None:
-                start()
+            gather.close()
 
     def run(self) -> int:
         """Start the threads, wait for the last chunk, finish the stream; returns its size.
@@ -632,12 +572,11 @@ class CowSave:
             else:
                 assert self.out is not None
                 self.sparse = begin_sparse_stream(self.out, self.machine, self.sections, self.ram.size,
-                                                  align=max(PAGE, self.out.img.cluster_size))
-            wr = spawn(self.writer)
-            bg = spawn(self.background)
-            bg.wait()
-            wr.wait()
-        finally:  # a stream that failed to begin (a cancelled migration) gives them back too
+                                                  align=max(PAGE, self.out.img.cluster_size), sparse=False)
+            spawn(self.background).wait()
+        except BaseException as err:
+            self.fail(err)  # a stream that failed to begin lets every chunk go too
+        finally:
             self._stop.set()
             self.give_back_buffers()
         if self.error is not None:
@@ -646,3 +585,123 @@ class CowSave:
             return self.sink.end()
         assert self.sparse is not None and self.out is not None
         return finish_sparse_stream(self.out, self.sparse, self.nonzero)
+
+
+SPAN = 8  # chunks the saver takes at a time (16 MiB: a guest write to one waits ~1 ms at most)
+GATHER = 32 << 20  # bytes per write of the gathered pages (two buffers: one filled, one written)
+
+
+class _Gatherer:
+    """The saver's output: non-zero pages gathered in page order into one warm 32 MiB buffer
+    while a writer thread writes the other (whole clusters, around the page cache where the
+    file allows); or, for a sequential stream, each chunk's run of pages as a record."""
+
+    def __init__(self, save: CowSave) -> None:
+        self.save = save
+        self.pos = save.sparse.data_offset if save.sparse is not None else 0
+        self.fill = 0
+        self.cluster = save.out.img.cluster_size if save.sink is None and save.out is not None else PAGE
+        self._bufs: queue.Queue[np.ndarray | None] = queue.Queue()
+        self._todo: queue.Queue[tuple[int, np.ndarray, int] | None] = queue.Queue()
+        self._held = contextlib.ExitStack()
+        self._writer: threading.Event | None = None
+        self.buf: np.ndarray | None = None
+        self._unflushed = 0
+        if save.sink is None:
+            for _ in range(2):
+                self._bufs.put(self._held.enter_context(WARM_PAGES.take(GATHER // PAGE)))
+            self.buf = self._bufs.get()
+            self._writer = spawn(self._write_loop)
+
+    def chunk(self, c: int, src: int) -> None:
+        """Chunk ``c``'s stop-instant bytes (at address ``src``) into the stream."""
+        save = self.save
+        off = c * CHUNK
+        n = min(CHUNK, save.ram.size - off)
+        pages = n // PAGE
+        arr = np.frombuffer(memoryview((ctypes.c_char * n).from_address(src)).cast("B"), dtype=np.uint64)
+        nz = arr.reshape(pages, PAGE // 8).any(axis=1)
+        save.nonzero[off // PAGE:off // PAGE + pages] = nz
+        if not nz.any():
+            return  # no data at all: nothing in the stream
+        idx = np.flatnonzero(nz)
+        if save.sink is not None:
+            lo, hi = int(idx[0]) * PAGE, (int(idx[-1]) + 1) * PAGE  # zero pages inside go as zeros
+            save.sink.pages((off + lo) // PAGE, memoryview((ctypes.c_char * (hi - lo)).from_address(src + lo)).cast("B"))
+            save.stats.bytes_written += hi - lo
+            return
+        assert self.buf is not None
+        if (self.fill + len(idx)) * PAGE > GATHER:
+            self._flush(final=False)
+        dst = self.buf[self.fill:self.fill + len(idx)]
+        if len(idx) == pages:
+            ctypes.memmove(dst.ctypes.data, src, n)
+        else:
+            np.take(arr.view(np.uint8).reshape(pages, PAGE), idx, axis=0, out=dst, mode="clip")
+        self.fill += len(idx)
+        save.stats.bytes_written += len(idx) * PAGE
+
+    def _flush(self, final: bool) -> None:
+        """Hand the filled buffer to the writer: whole clusters, or all of it at the end; the
+        part of a cluster left over moves to the front of the other buffer."""
+        assert self.buf is not None
+        nbytes = self.fill * PAGE
+        whole = nbytes if final else nbytes // self.cluster * self.cluster
+        nxt = None if final else self._next_buffer()
+        if nxt is not None and whole < nbytes:
+            nxt.reshape(-1)[:nbytes - whole] = self.buf.reshape(-1)[whole:nbytes]
+        if whole:
+            self._todo.put((self.pos, self.buf, whole))
+        else:
+            self._bufs.put(self.buf)
+        self.pos += whole
+        self.fill = (nbytes - whole) // PAGE
+        self.buf = nxt
+
+    def _next_buffer(self) -> np.ndarray:
+        b = self._bufs.get()
+        if b is None:  # the writer failed
+            self._bufs.put(None)
+            assert self.save.error is not None
+            raise self.save.error
+        return b
+
+    def _write_loop(self) -> None:
+        save = self.save
+        try:
+            while (item := self._todo.get()) is not None:
+                pos, buf, n = item
+                assert save.out is not None
+                save.out.write_bulk(pos, memoryview(buf.reshape(-1).data).cast("B")[:n])
+                self._unflushed += n
+                if self._unflushed >= WRITEBACK_STEP:
+                    # Start writeback as we go (what O_DIRECT leaves dirty: metadata, or
+                    # everything on a file system without it): the flush at the end then
+                    # waits for the tail only.
+                    self._unflushed = 0
+                    start = getattr(save.out.img.file, "start_writeback", None)
+                    if start is not None:
+                        start()
+                self._bufs.put(buf)
+        except BaseException as err:
+            save.fail(err)
+            self._bufs.put(None)
+
+    def finish(self) -> None:
+        """The last pages out, and wait until the writer has written everything."""
+        if self.save.sink is None and self.fill:
+            self._flush(final=True)
+        self._join()
+        if self.save.error is not None:
+            raise self.save.error
+
+    def _join(self) -> None:
+        if self._writer is not None:
+            self._todo.put(None)
+            self._writer.wait()
+            self._writer = None
+
+    def close(self) -> None:
+        """Writer stopped, gather buffers back to the process's pool (after any failure too)."""
+        self._join()
+        self._held.close()

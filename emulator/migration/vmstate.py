@@ -585,31 +585,42 @@ def _read_ram(cur: _Cursor, sid: int, version: int) -> RamLayout:
 
 @dataclass
 class SparseRam:
-    """Where a sparse RAM section's parts go (written by a background engine)."""
+    """Where a background engine's RAM section parts go: sparse (page *i* at data offset +
+    4096 *i*, for pre-copy's rounds, which rewrite pages in any order) or compact (the blocking
+    save's layout: non-zero pages in page order, for copy-on-write's in-order saver)."""
 
     sid: int
     bitmap_offset: int
     bitmap_len: int
     data_offset: int
     ram_size: int
+    sparse: bool = True
+    part_offset: int = 0  # the data PART record (its length is written last when compact)
 
     def page_offset(self, page: int) -> int:
         return self.data_offset + page * PAGE
 
+    def end_for(self, count: int) -> int:
+        """Where the RAM data ends: all of RAM when sparse, ``count`` pages when compact."""
+        return self.data_offset + (self.ram_size if self.sparse else count * PAGE)
+
     @property
     def end(self) -> int:
-        return self.data_offset + self.ram_size
+        return self.end_for(0)
 
 
 def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[SaveHandler, bytes]],
-                        ram_size: int, min_data_offset: int = 0, align: int = PAGE) -> SparseRam:
-    """The stream up to the RAM data, for an engine that saves pages in any order.
+                        ram_size: int, min_data_offset: int = 0, align: int = PAGE,
+                        sparse: bool = True) -> SparseRam:
+    """The stream up to the RAM data, for an engine that writes RAM after the stop instant.
 
-    Device payloads were taken at the stop instant (``sections``).  RAM layout flag SPARSE:
-    page *i* is at ``data offset + 4096 * i``; zero pages are never written (they read as zeros
-    and the bitmap, written last by :func:`finish_sparse_stream`, marks them).  ``align`` (a
-    multiple of the page size) rounds the data offset up: with the image's cluster size, every
-    2 MiB chunk of RAM is whole clusters, written without a read-modify-write of its edges.
+    Device payloads were taken at the stop instant (``sections``).  ``sparse``: layout flag
+    SPARSE, page *i* at ``data offset + 4096 * i``, zero pages never written (they read as
+    zeros), for an engine that saves pages in any order.  Otherwise the blocking save's compact
+    layout (non-zero pages in page order), whose data length is known only at the end.  Either
+    way the bitmap is written last (:func:`finish_sparse_stream`).  ``align`` (a multiple of
+    the page size) rounds the data offset up: with the image's cluster size, RAM data starts on
+    a cluster, so whole clusters are written without a read-modify-write of their edges.
     """
     head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
     name = machine.encode()
@@ -634,19 +645,23 @@ def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[Sa
         raise ValueError("data offset must be page-aligned")
     pad = data_offset - (part_at + 13)
     head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, pad + ram_size) + bytes(pad)
-    struct.pack_into(">QIIQQ", head, hdr_pos, ram_size, PAGE, RAM_FLAG_SPARSE, pages, data_offset)
+    struct.pack_into(">QIIQQ", head, hdr_pos, ram_size, PAGE, RAM_FLAG_SPARSE if sparse else 0, pages, data_offset)
     out.write(0, bytes(head))
-    return SparseRam(sid, bitmap_offset, blen, data_offset, ram_size)
+    return SparseRam(sid, bitmap_offset, blen, data_offset, ram_size, sparse, part_at)
 
 
 def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray) -> int:
-    """Write the bitmap and the end of the stream; returns the stream size."""
+    """Write the bitmap (and, compact, the data length) and the end of the stream; returns the
+    stream size."""
     bitmap = np.packbits(nonzero, bitorder="little").tobytes()
     out.write(sp.bitmap_offset, bitmap + bytes(sp.bitmap_len - len(bitmap)))
+    end = sp.end_for(int(np.count_nonzero(nonzero)))
+    if not sp.sparse:
+        out.write(sp.part_offset, struct.pack(">BIQ", QEMU_VM_SECTION_PART, sp.sid, end - (sp.part_offset + 13)))
     tail = struct.pack(">BI", QEMU_VM_SECTION_END, sp.sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sp.sid)
     tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(sp.ram_size)
-    out.write(sp.end, tail)
-    return sp.end + len(tail)
+    out.write(end, tail)
+    return end + len(tail)
 
 
 # -- the sequential form (migration streams: exec:, file:) -------------------------------------

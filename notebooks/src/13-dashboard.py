@@ -64,13 +64,13 @@ print(*done, sep='\\n')
 ms = {line.split(':')[0]: float(line.rsplit(' ', 2)[1]) for line in done}
 print('blocking load of the copy-on-write snapshot slower than of the blocking one:',
       ms['snapshot-load snap1'] > ms['snapshot-load snap2'])"""),
-    ("md", """The two loads use the same engine (blocking) and the same guest, but not the same snapshot.
-A copy-on-write snapshot's VM state is laid out by page index, as large as RAM (chunks with no
-data left as holes), while a blocking snapshot holds only the non-zero pages, side by side. Both
-are read back from the disk around the page cache (`O_DIRECT`, `docs/deviations.md` 39 and 57),
-and the load reads pages that lie near each other in the file with one read, so both loads read
-about the same bytes in a few large reads: expect their downtimes to be of the same order (the
-printed boolean says which was longer in this run; the notebook does not time the reads
+    ("md", """The two loads use the same engine (blocking) and the same guest, but not the same snapshot
+and not the same instant. Both snapshots hold only the non-zero pages, in page order (a
+copy-on-write save walks RAM in order for that, `docs/deviations.md` 33); both are read back from
+the disk around the page cache (`O_DIRECT`, `docs/deviations.md` 39 and 57), and the load reads
+pages that lie near each other in the file with one read. So expect their downtimes to be of the
+same order: the printed boolean says which was longer in this run, and either answer is within
+what the two snapshots' sizes and the host allow (the notebook does not time the reads
 themselves). Before the loads grouped their reads, each run of non-zero pages was a request of
 its own, and a blocking load of the default 128 MiB guest took 540-566 ms (`docs/deviations.md` 57)."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
