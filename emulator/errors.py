@@ -97,6 +97,12 @@ class BlockIOError(BlockError):
             return cause.strerror
         return str(self)
 
+    @property
+    def errno(self) -> int | None:
+        """The cause's errno (ENOSPC, EIO, ...), or None when the cause is not an OSError."""
+        cause = self.__cause__
+        return cause.errno if isinstance(cause, OSError) else None
+
 
 class SnapshotError(BlockError):
     """An internal snapshot operation failed."""

@@ -448,21 +448,25 @@ def snapshot_abort(s: Qcow2State, p: PendingSnapshot) -> None:
     guest's tables) with one shadow commit."""
     _free_pending_vmstate(s, p)
     txn = RefcountTxn(s.refcounts)
+
+    def held() -> int:  # the clusters this give-back would free
+        return len(np.unique(np.concatenate(txn.pending))) if txn.pending else 0
+
     try:
         _drop_tree(s, txn, p.table, 0)
         if p.old_l1_size:
             txn.decref_range(p.old_l1_offset, size_to_clusters(s.cluster_size, p.old_l1_size * 8))
         fields, new_l1, copies = _fix_active_flags(s, txn)
-        held = len(np.unique(np.concatenate(txn.pending))) if txn.pending else 0
     except BaseException as err:
-        held = len(np.unique(np.concatenate(txn.pending))) if txn.pending else 0
+        n = held()
         txn.rollback()
-        _leaked(s, err, held)
+        _leaked(s, err, n)
         raise
+    n = held()  # before the commit, which adds the old refcount table's clusters
     try:
         s.commit(txn, **fields)
     except BlockIOError as err:
-        _leaked(s, err, held)
+        _leaked(s, err, n)
         raise
     _install(s, fields, new_l1, copies)
 

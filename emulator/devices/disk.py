@@ -138,7 +138,7 @@ class DiskController:
 
     def _failed(self, unit: int, op: int, err: SnaplabError) -> int | None:
         """A request the disk failed: its status under the unit's policy (None: pending)."""
-        code = err.__cause__.errno if isinstance(err, BlockIOError) and isinstance(err.__cause__, OSError) else None
+        code = err.errno if isinstance(err, BlockIOError) else None
         code = code if code is not None else errno.EIO
         is_read = op == OP_READ
         action = error_action(self.policies[unit][1 if is_read else 0], code)

@@ -24,7 +24,7 @@ from emulator.guest import WorkloadSpec
 from emulator.machine import Machine
 from emulator.qmp.client import QMPClient
 from tests.faults.conftest import DISKS, assert_runs, blkdebug, disk_files, no_leaks, wait_until
-from tests.machine.test_machine import vcpu_waits_at_the_gate
+from tests.vcpu_stack import vcpu_waits_at_the_gate
 
 DISK = WorkloadSpec("disk", seed=3)
 

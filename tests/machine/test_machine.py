@@ -30,6 +30,7 @@ from emulator.guest import (
 )
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.runstate import RunState
+from tests.vcpu_stack import vcpu_waits_at_the_gate
 
 RAM = 32 << 20
 
@@ -411,21 +412,6 @@ def test_kick_keeps_the_gil() -> None:
         sys.setswitchinterval(old)
         t.join()
     assert during == 0, f"the other thread ran {during} times inside 200 kicks"
-
-
-def vcpu_waits_at_the_gate() -> bool:
-    """The vCPU thread is blocked in PortBus's gate (hold()), seen from its current stack."""
-    import sys
-    import threading
-
-    vcpu = next((t for t in threading.enumerate() if t.name == "vcpu"), None)
-    frame = sys._current_frames().get(vcpu.ident) if vcpu is not None and vcpu.ident else None
-    names = []
-    while frame is not None:
-        names.append(frame.f_code.co_name)
-        frame = frame.f_back
-    return any(a == "wait" and b in ("port_in", "port_out", "wait_released")
-               for a, b in zip(names, names[1:], strict=False))
 
 
 def test_run_on_cpu_and_held_block_io(tmp_path: Path) -> None:
