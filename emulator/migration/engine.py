@@ -32,6 +32,7 @@ from emulator.gc_control import gc_paused
 from emulator.memory import GuestRAM
 from emulator.migration import group
 from emulator.migration.cow import (
+    GATHER,
     PROT_RWX,
     PROT_RX,
     WARM_BUFFERS,
@@ -46,6 +47,7 @@ from emulator.migration.facts import SnapshotFacts
 from emulator.migration.savefail import create_error, delete_quietly
 from emulator.migration.vmstate import (
     PAGE,
+    WARM_PAGES,
     ParsedState,
     RamLayout,
     SaveHandler,
@@ -415,6 +417,7 @@ class EngineContext:
             try:
                 workers.prestart(4)  # jobs, savers and page freeing start on warm threads
                 WARM_BUFFERS.reserve(fault_buffers(self.ram.size))  # a fault's copy never lands in fresh memory
+                WARM_PAGES.warm(GATHER // PAGE, count=2)  # the saver's gather buffers, likewise
                 # Last, after the GiBs touched above: what a downtime runs, once, so that the
                 # first save's downtime is not a cold one.
                 warm_code_paths()

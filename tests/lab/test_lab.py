@@ -54,6 +54,10 @@ def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
                if r["downtime_ms"] / 1e3 > 0.5 * r["details"]["job_s"])
     assert min(r["progress_during_save"] for r in cow) > 0.5
     assert all(r["faults"] >= 0 and r["pages_by_fault"] + r["pages_by_background"] == 64 * 256 for r in cow)
+    # the engine's one-time setup ran before the first save, so no save populated RAM
+    assert all(r["setup_s"] > 0 and r["populate_s"] == 0 for r in cow) and all(r["setup_s"] == 0 for r in blk)
+    # both layouts hold the non-zero pages only (the stream: those pages plus headers, bitmap, trailer)
+    assert all(r["vmstate_bytes"] < r["pages_written"] * 4096 + (1 << 20) < 64 << 20 for r in rows)
     path = results.save(rows, tmp_path / "r.csv", results.metadata(1))
     back, meta = results.load(path)
     assert meta["seed"] == 1 and meta["write_protect_backend"] == "userfaultfd" and meta["unicorn"]
