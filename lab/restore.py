@@ -34,6 +34,7 @@ import numpy as np
 from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import DATA_BASE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.qmp.client import QMPClient
 from lab.spec import load_engines, waits_for_complete
 
 ENGINE_ARG = "__org.snaplab_engine"
@@ -178,8 +179,15 @@ def _samples_since(m: Machine, t0_ns: int) -> np.ndarray:
 
 
 def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
-    """One snapshot-load of 'base' with ``policy``, watched to the horizon."""
-    q = m.qmp()
+    """One snapshot-load of 'base' with ``policy``, watched to the horizon.  One client per
+    load, closed after it: a client left open stays subscribed, and every later event is
+    encoded for it too, inside the next loads' command-to-RESUME path (measured at 1 GiB over
+    ten loads: median 0.9 ms with one client, 1.2 ms with a new one left open per load)."""
+    with m.qmp() as q:
+        return _load_with(m, q, policy, job, spec)
+
+
+def _load_with(m: Machine, q: QMPClient, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
     q.events()
     before = _samples_since(m, time.monotonic_ns() - int((spec.settle_s + 0.2) * 1e9))  # not timed
     epoch_off = time.time() - time.monotonic()

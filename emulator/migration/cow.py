@@ -44,6 +44,7 @@ from emulator.block.qcow2 import Qcow2Image
 from emulator.block.snapshot import PendingSnapshot
 from emulator.errors import UffdUnavailable
 from emulator.memory import GuestRAM, map_populated
+from emulator.migration.loading_set import SOURCE_COW_WINDOW, WINDOW_S, recorded_trailer
 from emulator.migration.vmstate import (
     PAGE,
     WARM_PAGES,
@@ -82,6 +83,7 @@ class CowStats:
     bytes_written: int = 0
     peak_buffers: int = 0
     arm_s: float = 0.0
+    touched: list[int] = field(default_factory=list)  # chunks first written in the window's first WINDOW_S, in order
 
 
 class _WarmBuffers:
@@ -403,6 +405,7 @@ class CowSave:
         self._copies: dict[int, ctypes.Array[ctypes.c_char]] = {}  # chunk -> its copy (under lock)
         self.error: BaseException | None = None
         self._stop = threading.Event()
+        self._armed_at = 0.0
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
         """Where the state goes, once the disks are frozen (after the guest resumed)."""
@@ -445,6 +448,7 @@ class CowSave:
 
     def arm(self) -> None:
         t0 = time.perf_counter()
+        self._armed_at = t0
         self.protector.arm(self)
         self.stats.arm_s = time.perf_counter() - t0
 
@@ -474,9 +478,12 @@ class CowSave:
 
     def save_or_wait(self, c: int) -> bool:
         """A write is about to hit chunk ``c``: save it, or wait until whoever is saving it is
-        done. True if this call saved it (counted as a fault-saved chunk), False if it waited."""
+        done. True if this call saved it (counted as a fault-saved chunk), False if it waited.
+        A chunk first written within WINDOW_S of the stop goes into the loading set."""
         if self._save_chunk(c):
             self.stats.fault_chunks += 1
+            if time.perf_counter() - self._armed_at <= WINDOW_S:
+                self.stats.touched.append(c)
             return True
         with self.lock:
             while self.state[c] != SAVED:
@@ -584,7 +591,11 @@ class CowSave:
         if self.sink is not None:
             return self.sink.end()
         assert self.sparse is not None and self.out is not None
-        return finish_sparse_stream(self.out, self.sparse, self.nonzero)
+        # The chunks the guest wrote first, as the snapshot's loading set: a chunk a fault
+        # saved but that turned out all zeros would be read for nothing, so it is left out.
+        first = [c for c in self.stats.touched if self.nonzero[c * (CHUNK // PAGE):(c + 1) * (CHUNK // PAGE)].any()]
+        trailer = recorded_trailer(self.ram.size, first, SOURCE_COW_WINDOW, int(WINDOW_S * 1000)) if first else None
+        return finish_sparse_stream(self.out, self.sparse, self.nonzero, trailer)
 
 
 SPAN = 8  # chunks the saver takes at a time (16 MiB: a guest write to one waits ~1 ms at most)

@@ -12,10 +12,15 @@ like the rest of the stream::
     u32      version (1)
     u32      capacity: chunk entries reserved
     u32      count: entries recorded (0: none yet)
-    u32      source: 0 none, 1 recorded after a restore
+    u32      source: 0 none, 1 recorded after a restore, 2 recorded in a copy-on-write save's window
     u32      window: milliseconds after RESUME the recording covered
     u32      reserved (0)
     u32      chunk index, ``capacity`` times (the first ``count`` in first-touch order)
+
+A copy-on-write save records its set itself (source 2): the chunks the guest wrote in the first
+:data:`WINDOW_S` after the stop, in the order of their first write faults.  A restored guest
+starts from that same instant, so it touches them again first; a chunk it only reads is not in
+that set (write protection sees writes only), and it is read at its fault.
 
 A trailer that does not parse (damaged, or a newer version) reads as absent: the loading set
 only orders the fill, it never decides what RAM contains.
@@ -31,7 +36,8 @@ import numpy as np
 LSET_MAGIC = b"SNAPLSET"
 LSET_VERSION = 1
 LSET_CHUNK = 2 << 20  # the granularity of lazy restore (postcopy.py / cow.py CHUNK)
-SOURCE_NONE, SOURCE_RESTORE = 0, 1
+SOURCE_NONE, SOURCE_RESTORE, SOURCE_COW_WINDOW = 0, 1, 2
+WINDOW_S = 0.5  # how long after RESUME (or a copy-on-write save's stop) first touches are recorded
 _HEAD = struct.Struct(">8sIIIIII")
 HEAD_SIZE = _HEAD.size
 
@@ -65,6 +71,12 @@ def capacity_for(ram_size: int) -> int:
 def empty_trailer(ram_size: int) -> bytes:
     """What every save writes after EOF: room for every chunk, nothing recorded."""
     return LoadingSet(0, capacity_for(ram_size), np.zeros(0, dtype=np.uint32)).encode()
+
+
+def recorded_trailer(ram_size: int, chunks: list[int], source: int, window_ms: int) -> bytes:
+    """A trailer holding ``chunks`` (first-touch order) as the loading set, with room for every
+    chunk (so a later recording can be written in place too)."""
+    return LoadingSet(0, capacity_for(ram_size), np.array(chunks, dtype=np.uint32), source, window_ms).encode()
 
 
 def parse_trailer(data: bytes, pos: int, ram_size: int) -> LoadingSet | None:

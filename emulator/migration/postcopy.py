@@ -41,6 +41,7 @@ READ_GAP = 256 << 10  # bytes between two pages of a chunk in the file that one 
 BOUNCE_BYTES = 2 * (CHUNK + READ_GAP)  # the most one such read brings in
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
+PREFETCH_READERS = 4  # chunks of a loading set read at once (LazyLoad._prefetch)
 
 
 @dataclass
@@ -115,7 +116,8 @@ class LazyLoad:
         """The snapshot this load reads: its image file, VM-state cluster map and RAM layout.
         ``on_error`` stops the guest when a chunk cannot be read (called once, with the cause)."""
         self.file = file
-        WARM_PAGES.warm(BOUNCE_BYTES // PAGE, count=2)  # fault service and filler: touched before the stop
+        # Fault service and the filler's readers: touched before the stop.
+        WARM_PAGES.warm(BOUNCE_BYTES // PAGE, count=1 + PREFETCH_READERS)
         # Around the page cache where the file allows, as the blocking load (deviation 57).
         self._read: Callable[[int, memoryview], None] = getattr(file, "preadinto_direct", file.preadinto)
         self.layout = layout
@@ -154,7 +156,8 @@ class LazyLoad:
             ctypes.memset(buf, 0, n)
         try:
             if src is not None and self._move(off, src, n):
-                self.stats.moved_chunks += 1
+                with self.lock:  # (several readers)
+                    self.stats.moved_chunks += 1
             elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
                 # Not moved whole (the kernel refused a page), or some pages were already there
                 # (a previous partial copy): install the rest one by one.
@@ -209,7 +212,8 @@ class LazyLoad:
         with WARM_PAGES.take(BOUNCE_BYTES // PAGE) as bounce:
             read_grouped(self._read, mv, ctypes.addressof(buf), idx[first_pages].astype(np.int64) * PAGE,
                          h[first_pages].astype(np.int64), lens, bounce, READ_GAP)
-        self.stats.bytes_read += len(idx) * PAGE
+        with self.lock:  # (several readers)
+            self.stats.bytes_read += len(idx) * PAGE
 
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
@@ -306,6 +310,36 @@ class LazyLoad:
                 self.cond.wait(busy_s * (1.0 / duty - 1.0))
         self.stats.paced_s += time.perf_counter() - t
 
+    def _prefetch(self, order: np.ndarray, buf: ctypes.Array[ctypes.c_char]) -> None:
+        """The chunks of ``order`` (a loading set), taken in that order by
+        :data:`PREFETCH_READERS` readers at once (this thread one of them): around the page
+        cache each chunk is a disk read of a few milliseconds, and a guest that touches its
+        working set faster than one reader reads it faults on most of it anyway (measured at
+        4 GiB with one reader: 126 faults against on-demand's 129).  A chunk a fault reads
+        first is skipped; a fault on a chunk being read waits for that read."""
+        chunks = iter([c for c in order.tolist() if 0 <= c < self.nchunks])
+        take = threading.Lock()
+        # Reading into the old RAM's pages (UFFDIO_MOVE) needs no buffer; else one per reader.
+        extra = WARM_BUFFERS.take_n(PREFETCH_READERS - 1) if self._src is None else []
+
+        def reader(b: ctypes.Array[ctypes.c_char]) -> None:
+            while self.error is None:
+                with take:
+                    c = next(chunks, None)
+                if c is None:
+                    return
+                if self._fill(c, b):
+                    with take:
+                        self.stats.prefetched_chunks += 1
+
+        try:
+            done = [spawn(reader, extra[i] if i < len(extra) else buf) for i in range(PREFETCH_READERS - 1)]
+            reader(buf)
+            for d in done:
+                d.wait()
+        finally:
+            WARM_BUFFERS.give_back(extra)
+
     def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0,
                  rest_idle: bool = False, rest_duty: float = 1.0) -> None:
         """The filler; returns when every chunk is in guest RAM.  ``order``: chunks to fill
@@ -320,11 +354,7 @@ class LazyLoad:
             if faults_only_until is None or faults_only_until > t0:
                 self._wait_faults_only(faults_only_until)
             if order is not None:
-                for c in order.tolist():
-                    if self.error is not None:
-                        break
-                    if 0 <= c < self.nchunks and self._fill(c, buf):
-                        self.stats.prefetched_chunks += 1
+                self._prefetch(order, buf)
             with idle_priority(rest_idle):
                 for c in range(self.nchunks):
                     if self.error is not None:

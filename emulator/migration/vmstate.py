@@ -650,16 +650,16 @@ def begin_sparse_stream(out: StreamWriter, machine: str, sections: list[tuple[Sa
     return SparseRam(sid, bitmap_offset, blen, data_offset, ram_size, sparse, part_at)
 
 
-def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray) -> int:
-    """Write the bitmap (and, compact, the data length) and the end of the stream; returns the
-    stream size."""
+def finish_sparse_stream(out: StreamWriter, sp: SparseRam, nonzero: np.ndarray, trailer: bytes | None = None) -> int:
+    """Write the bitmap (and, compact, the data length) and the end of the stream, with
+    ``trailer`` after EOF (default: an empty loading set); returns the stream size."""
     bitmap = np.packbits(nonzero, bitorder="little").tobytes()
     out.write(sp.bitmap_offset, bitmap + bytes(sp.bitmap_len - len(bitmap)))
     end = sp.end_for(int(np.count_nonzero(nonzero)))
     if not sp.sparse:
         out.write(sp.part_offset, struct.pack(">BIQ", QEMU_VM_SECTION_PART, sp.sid, end - (sp.part_offset + 13)))
     tail = struct.pack(">BI", QEMU_VM_SECTION_END, sp.sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sp.sid)
-    tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(sp.ram_size)
+    tail += struct.pack(">B", QEMU_VM_EOF) + (empty_trailer(sp.ram_size) if trailer is None else trailer)
     out.write(end, tail)
     return end + len(tail)
 

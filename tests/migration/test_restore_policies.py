@@ -15,7 +15,14 @@ from emulator.errors import QMPError
 from emulator.guest import DATA_BASE, WorkloadSpec
 from emulator.machine import MACHINE_NAME
 from emulator.migration import engines as registry
-from emulator.migration.loading_set import LSET_CHUNK, LoadingSet, empty_trailer, parse_trailer
+from emulator.migration.loading_set import (
+    LSET_CHUNK,
+    SOURCE_COW_WINDOW,
+    WINDOW_S,
+    LoadingSet,
+    empty_trailer,
+    parse_trailer,
+)
 from emulator.migration.vmstate import parse_state
 from emulator.migration.vmstate_io import VMStateStream
 from tests.migration.conftest import Factory, wait_until
@@ -150,6 +157,34 @@ def test_the_first_load_records_a_loading_set_the_next_prefetch_uses(make_vm: Fa
     r = subprocess.run(["qemu-img", "snapshot", "-l", str(tmp_path / "w" / "disk0.qcow2")],
                        capture_output=True, text=True, check=True)
     assert " t " in r.stdout
+
+
+def test_a_copy_on_write_save_records_its_window_as_the_loading_set(make_vm: Factory, tmp_path: Path) -> None:
+    """The chunks the guest wrote first during a copy-on-write save's window are the
+    snapshot's loading set (source 2): its first prefetch load prefetches them, records
+    nothing, and restores the snapshot bit for bit."""
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 50_000, "the guest to dirty its working set")
+    q.execute("snapshot-save", {"job-id": "s-t", "tag": "t", **ARGS, "__org.snaplab_engine": "cow"})
+    assert "error" not in q.wait_job("s-t", 60)
+    saved = q.execute("__org.snaplab_query-snapshot-stats", {"id": "s-t"})
+    lset = _parsed(m).loading_set
+    assert lset is not None and lset.source == SOURCE_COW_WINDOW and lset.window_ms == WINDOW_S * 1000
+    chunks = lset.chunks.tolist()
+    ws_chunks = set(range((DATA_BASE + WS_OFFSET) // LSET_CHUNK, (DATA_BASE + WS_OFFSET + (4 << 20)) // LSET_CHUNK))
+    assert ws_chunks & set(chunks), chunks  # the guest writes its working set: some chunk of it faulted first
+    assert len(set(chunks)) == len(chunks) <= saved["fault-chunks"]  # faulted chunks only, once each
+    q.execute("stop")  # a stopped guest stays stopped: RAM is the snapshot's once a load is over
+    _load(q, "ref", "blocking")
+    want = _ram_digest(m)
+    pf = _load(q, "pf", "prefetch")
+    assert pf["loading-set"] == chunks and pf["recorded-chunks"] == 0
+    assert pf["prefetched-chunks"] >= 1
+    assert _ram_digest(m) == want
+    q.execute("quit")
+    m.close()
+    _qemu_img_check(tmp_path / "w" / "disk0.qcow2")
 
 
 def test_a_loading_set_lies_past_eof_so_a_reader_that_stops_there_sees_none() -> None:

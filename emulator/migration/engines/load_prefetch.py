@@ -2,8 +2,11 @@
 
 REAP (ASPLOS'21) records the pages a function touches after its first restore and prefetches
 exactly those next time; FaaSnap (EuroSys'22) loads them in access order.  Here the set is
-the snapshot's loading set (loading_set.py), stored with its VM state: right after RESUME the
-filler reads those chunks in the order the guest first touched them, faults still served
+the snapshot's loading set (loading_set.py), stored with its VM state: recorded by a first
+restore, or by the copy-on-write save itself (the chunks the guest wrote first in its window).
+Right after RESUME the filler reads those chunks in the order the guest first touched them,
+:data:`~emulator.migration.postcopy.PREFETCH_READERS` at once (one reader read the set more
+slowly than the guest came to it, so it faulted on most of it anyway), faults still served
 first, then every other chunk by address, slowly: at SCHED_IDLE priority and using only
 REST_DUTY of a CPU (its CPU time: a read's wait for the disk costs the guest nothing; measured
 on a 2-vCPU host: a filler reading at full speed on the other vCPU held the guest near half its
@@ -21,8 +24,9 @@ from typing import ClassVar
 
 from emulator.migration.engine import LoadSource
 from emulator.migration.engines.load_background import BackgroundLoad, FillPlan
+from emulator.migration.loading_set import WINDOW_S
 
-RECORD_S = 0.5  # faults only, recording, on a snapshot's first prefetch load
+RECORD_S = WINDOW_S  # faults only, recording, on a snapshot's first prefetch load
 REST_DUTY = 0.05  # the rest of RAM: the filler uses a twentieth of a CPU
 
 
