@@ -109,6 +109,7 @@ class Machine:
         self.reset_for_load = rc.reset_for_load
         self.run_on_cpu = rc.run_on_cpu
         self.stop_on_host_error = rc.stop_on_host_error
+        self.first_entry_ns = rc.first_entry_ns
         self.query_status = rc.query_status
         self.run_instructions = rc.run_instructions
         self.vclock_ns = self.clock.now_ns

@@ -125,6 +125,7 @@ class RunControl:
         self._io_error = False  # io_error_stop()'s latch, for the vCPU thread
         self._overtaken: GuestFault | None = None  # a fault a verb got ahead of: the next run's
         self._thread: threading.Thread | None = None
+        self._entry_ns = -1  # when the vCPU first entered the guest after the last RESUME (-1: not since)
         _track(self)
 
     @contextlib.contextmanager
@@ -202,6 +203,8 @@ class RunControl:
         if self._before_run is not None:
             self._before_run()
         if self._host_error is None and self._panic_code is None and not self._io_error:  # a latch: no run
+            if self._entry_ns < 0:
+                self._stamp_entry()
             fault = self._cpu.run()
         if self._host_error is not None:
             cause, self._host_error = self._host_error, None
@@ -210,6 +213,22 @@ class RunControl:
             code, self._panic_code = self._panic_code, None
             fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)
         return fault
+
+    def _stamp_entry(self) -> None:
+        """The first guest instruction since RESUME is about to run (monotonic ns)."""
+        with self._cond:
+            self._entry_ns = time.monotonic_ns()
+            self._cond.notify_all()
+
+    def first_entry_ns(self, timeout: float) -> int:
+        """When the vCPU first entered the guest after the last RESUME (``time.monotonic_ns()``,
+        taken just before its ``emu_start``: the first guest instruction after a load); waits up
+        to ``timeout`` seconds for it, 0 if it has not happened (a paused guest never enters)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._entry_ns < 0 and (left := end - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return max(self._entry_ns, 0)
 
     def _halt_wait(self) -> None:
         deadline = self._take_deadline()
@@ -395,6 +414,7 @@ class RunControl:
             self._clock.start()
             self._emit("RESUME", None)
             with self._cond:
+                self._entry_ns = -1
                 self._want_run = True
                 self._cond.notify_all()
 

@@ -17,6 +17,11 @@ Definitions (the same for every policy):
 - ``toX_ms``: command -> the first instant ``t`` at which the iterations over [t, t + window]
   reach X of ``rate_before`` (window 20 ms), found on a 1 ms grid of the interpolated samples;
 - ``resume_ms``: command -> RESUME (the events' timestamps);
+- ``first_instr_ms``: command -> the vCPU's first entry into the guest after RESUME (stamped
+  on the vCPU thread just before its ``emu_start``: the first guest instruction; a lazy load's
+  first instruction may fault at once);
+- ``first_progress_ms``: command -> the first progress sample after RESUME (the guest's first
+  finished batch);
 - ``resident_s``: RESUME -> the last chunk of RAM in place (a blocking load: 0).
 """
 
@@ -209,6 +214,8 @@ def _load_with(m: Machine, q: QMPClient, policy: str, job: str, spec: RestoreSpe
     rate0 = steady_rate(before, cmd_ns - int(spec.settle_s * 1e9), cmd_ns)
     row: dict[str, Any] = {"policy": policy, "rate_before": rate0,
                            "resume_ms": (resume_ns - cmd_ns) / 1e6,
+                           "first_instr_ms": ((int(stats["first-instruction-ns"]) - cmd_ns) / 1e6
+                                              if stats.get("first-instruction-ns") else float("nan")),
                            "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,
                            **recovery_ms(samples, cmd_ns, resume_ns, rate0),
                            "faults": int(stats.get("faults", 0)),
@@ -267,8 +274,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for p in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == p]
         med = {k: float(np.nanmedian([r[k] for r in rs])) for k in
-               ("resume_ms", "first_progress_ms", "to50_ms", "to90_ms", "faults", "resident_s", "bytes_read",
-                "stall_p99_ms")}
+               ("resume_ms", "first_instr_ms", "first_progress_ms", "to50_ms", "to90_ms", "faults", "resident_s",
+                "bytes_read", "stall_p99_ms")}
         med["to90_iqr_ms"] = float(np.subtract(*np.nanpercentile([r["to90_ms"] for r in rs], [75, 25])))
         out[p] = med
     return out

@@ -85,6 +85,11 @@ class VMOps(Protocol):
 
     def stop_on_host_error(self, cause: str) -> None: ...
 
+    def first_entry_ns(self, timeout: float) -> int: ...
+
+
+FIRST_ENTRY_WAIT_S = 1.0  # how long a load waits to see the guest's first instruction after RESUME
+
 
 @contextlib.contextmanager
 def switch_interval(seconds: float) -> Iterator[None]:

@@ -68,6 +68,8 @@ def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
     assert len(recorded) == 1 and want <= set(recorded[0]["recorded_set"])  # the first restore records
     for r in rows:
         assert r["resume_ms"] <= r["first_progress_ms"]
+        # the first instruction after RESUME was stamped, and it precedes the first progress
+        assert r["resume_ms"] <= r["first_instr_ms"] <= r["first_progress_ms"]
         assert r["stopped_ms"] <= r["resume_ms"]
         if not resumes_early(r["policy"]):
             assert r["faults"] == 0 and r["resident_s"] == 0.0

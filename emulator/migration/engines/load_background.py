@@ -27,6 +27,7 @@ from emulator.errors import SnaplabError
 from emulator.migration import group
 from emulator.migration.cow import WriteProtector
 from emulator.migration.engine import (
+    FIRST_ENTRY_WAIT_S,
     LoadEngine,
     LoadRequest,
     LoadSource,
@@ -146,6 +147,7 @@ class BackgroundLoad(LoadEngine):
             self._active = None
             raise failed
         ctx.flush(images)  # the reverted disks' metadata becomes durable after the guest resumed
+        first_ns = ctx.vm.first_entry_ns(FIRST_ENTRY_WAIT_S if orig == RunState.RUNNING else 0)
         if self.waits_for_complete:
             yield lazy  # the job is ready: job-complete (lazy.complete) asks for the rest
         until = None if plan.faults_only_s is None else t_resume + plan.faults_only_s
@@ -159,6 +161,7 @@ class BackgroundLoad(LoadEngine):
             self._active = None
         self._ready = LazyLoad(wp)  # the next load's, made off its path
         m = self._metrics(lazy, t0, t_resume, plan)
+        m.extra["first_instruction_ns"] = first_ns
         m.extra["recorded_chunks"] = self._record(src, lazy, t_resume, plan.record_s, m) if plan.record_s > 0 else 0
         ctx.saved(m)
         return m

@@ -15,7 +15,13 @@ from typing import ClassVar
 import numpy as np
 
 from emulator.migration import group
-from emulator.migration.engine import LoadEngine, LoadRequest, LoadSteps, SnapshotMetrics
+from emulator.migration.engine import (
+    FIRST_ENTRY_WAIT_S,
+    LoadEngine,
+    LoadRequest,
+    LoadSteps,
+    SnapshotMetrics,
+)
 from emulator.migration.vmstate import PAGE, WARM_PAGES, RamLayout, read_grouped
 from emulator.migration.vmstate_io import VMStateStream
 from emulator.runstate import RunState
@@ -48,7 +54,8 @@ class BlockingLoad(LoadEngine):
         ctx.vm.vm_resume(orig)
         m = SnapshotMetrics(f"{self.name}-load", time.perf_counter() - t0, time.perf_counter() - t0)
         m.extra.update({"load_s": t1 - t0, "faults": 0, "resident_s": 0.0,  # all of RAM is in at RESUME
-                        "bytes_read": int(layout.nonzero.sum()) * PAGE})
+                        "bytes_read": int(layout.nonzero.sum()) * PAGE,
+                        "first_instruction_ns": ctx.vm.first_entry_ns(FIRST_ENTRY_WAIT_S if orig == RunState.RUNNING else 0)})
         ctx.saved(m)
         return m
         yield  # a generator that never yields: the whole load runs before the job's first step ends
