@@ -33,7 +33,8 @@ from emulator.migration.engine import (
     LoadSource,
     LoadSteps,
     SnapshotMetrics,
-    short_downtime,
+    quiet_window,
+    switch_interval,
 )
 from emulator.migration.loading_set import SOURCE_RESTORE
 from emulator.migration.postcopy import LazyLoad
@@ -95,7 +96,7 @@ class BackgroundLoad(LoadEngine):
         wp = ctx.write_protector()  # set up once (populate, register), never in a downtime
         times: list[float] = []
         release_io: list[Callable[[], None]] = []
-        with short_downtime(ctx.vm):
+        with quiet_window(ctx.vm):  # the short switch interval only from the kick on
             src = ctx.load_checks(req)
             layout = ctx.check_ram_size(src.parsed.layout)
             ctx.facts.goto_checked(req.name, src.nodes)
@@ -125,7 +126,8 @@ class BackgroundLoad(LoadEngine):
                 ctx.vm.vm_resume(orig)
 
             try:
-                ctx.vm.run_on_cpu(downtime)
+                with switch_interval(5e-5):
+                    ctx.vm.run_on_cpu(downtime)
             except BaseException:
                 if not lazy.armed:
                     self._ready = lazy  # untouched: the next load's
