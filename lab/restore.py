@@ -39,7 +39,6 @@ import numpy as np
 from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import DATA_BASE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
-from emulator.qmp.client import QMPClient
 from lab.spec import load_engines, waits_for_complete
 
 ENGINE_ARG = "__org.snaplab_engine"
@@ -192,7 +191,7 @@ def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str
         return _load_with(m, q, policy, job, spec)
 
 
-def _load_with(m: Machine, q: QMPClient, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
+def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
     q.events()
     before = _samples_since(m, time.monotonic_ns() - int((spec.settle_s + 0.2) * 1e9))  # not timed
     epoch_off = time.time() - time.monotonic()
