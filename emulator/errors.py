@@ -36,6 +36,7 @@ qemu.qmp's ``error.py``).  Every class is defined here, none elsewhere::
 
     lab.spec.SpecError                (SnaplabError and ValueError) a bad experiment spec
     lab.reproduce.ReproError          (SnaplabError and ValueError) a bad `snaplab reproduce` argument
+    lab.qemu.QemuLost                 (SnaplabError and RuntimeError) the reference QEMU went away mid-run
 
 Outside the tree on purpose: ``PowerCut`` (emulator/block/io.py), the fault-injection
 file's simulated process death, which nothing in snaplab may catch.

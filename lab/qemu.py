@@ -19,10 +19,16 @@ from typing import Any
 
 import numpy as np
 
+from emulator.errors import SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.qemu_guest import PROGRESS_PORT, configured_image, parse_progress
 
 OVMF = Path("/usr/share/OVMF")
+
+
+class QemuLost(SnaplabError, RuntimeError):
+    """The reference QEMU went away in the middle of an experiment (its exit status and the
+    end of its stderr in the message)."""
 
 
 class RawQMP:
@@ -158,8 +164,9 @@ def available_guest() -> bool:
 @contextlib.contextmanager
 def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
     """qemu-system-x86_64 with ``mib`` MiB of random RAM in work dir ``w``; quit (or killed) after."""
-    proc = subprocess.Popen(qemu_argv(w, mib, fill_files(w, mib)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    err_path = w / "qemu.stderr"
+    with err_path.open("wb") as err:
+        proc = subprocess.Popen(qemu_argv(w, mib, fill_files(w, mib)), stdout=subprocess.DEVNULL, stderr=err)
     try:
         end = time.monotonic() + 120
         while not (w / "q.sock").exists():
@@ -168,7 +175,16 @@ def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
             time.sleep(0.1)
         q = RawQMP(w / "q.sock")
         time.sleep(settle)
-        yield q
+        try:
+            yield q
+        except (EOFError, ConnectionError) as lost:
+            try:
+                status: int | None = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                status = None
+            tail = err_path.read_bytes()[-400:].decode(errors="replace").strip()
+            raise QemuLost(f"qemu-system-x86_64 dropped its QMP connection ({type(lost).__name__}; exit status "
+                           f"{status}){': ' + tail if tail else ''}") from lost
         q.cmd("quit")
     finally:
         time.sleep(0.5)

@@ -137,6 +137,16 @@ def monitor_race_qemu(ram_mib: int = 128, reps: int = 3, settle: float = 2.0) ->
     ``sendall``, each reply timed as it arrives; ``reps`` times in one QEMU process.  Only one
     ``query-status`` is sent: QEMU reads the next command only after the save (its monitor and
     the save share the main loop), so polling would measure nothing more."""
+    from lab.qemu import QemuLost
+
+    try:
+        return _monitor_race_qemu(ram_mib, reps, settle)
+    except QemuLost as err:  # said, and run once more in a fresh QEMU (its rows only)
+        print(f"QEMU 7.2 went away during the run, which is run again in a fresh QEMU: {err}")
+        return _monitor_race_qemu(ram_mib, reps, settle)
+
+
+def _monitor_race_qemu(ram_mib: int, reps: int, settle: float) -> list[dict[str, Any]]:
     from lab.qemu import running
 
     rows: list[dict[str, Any]] = []

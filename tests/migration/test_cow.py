@@ -66,7 +66,10 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
             assert 0 < met.downtime_s <= met.total_s  # how short: bench/timing.py
             # every faulted chunk went through a warm buffer; never more than the save owns
             assert met.extra["fault_buffer_bytes"] == fault_buffers(RAM) * (2 << 20)
-            assert 0 < met.extra["peak_extra_bytes"] <= met.extra["fault_buffer_bytes"]
+            # (a buffer is used only by a fault that copies its chunk itself; a fault on a chunk
+            # the in-order saver has claimed waits for it instead, so none may have copied)
+            assert 0 <= met.extra["peak_extra_bytes"] <= met.extra["fault_buffer_bytes"]
+            assert (met.extra["peak_extra_bytes"] > 0) == (met.extra["fault_chunks"] > 0)
             assert met.extra["fault_chunks"] + met.extra["bg_chunks"] == RAM // (2 << 20)
             assert not {"um", "uw"} & vmflags(m.ram.addr)  # registered for the save only
         # the guest kept writing during the saves (one save may end before the vCPU is scheduled

@@ -5,7 +5,13 @@ two qcow2 disks through QMP: ``snapshot-save`` with every save engine of the reg
 on either disk), ``snapshot-load`` with every load engine, ``snapshot-delete``, overwriting a
 tag (HMP ``savevm`` or delete + save), host writes to RAM and to disk1, and closing the machine
 and reopening the images from their files (then either loading a snapshot, as ``-loadvm``, or
-booting afresh; meanwhile the real qemu-img may take, delete or read snapshots of disk1).  All the while the guest (the ``mixed`` workload) stamps RAM pages and writes
+booting afresh; meanwhile the real qemu-img may take, delete or read snapshots of disk1).
+Snapshots are taken of both disks or of disk0 alone (``devices``); a load of a disk0-only
+snapshot names disk0 alone too (naming both is refused: the tag is missing on disk1), and
+leaves disk1 as it is.  The machine also has a raw firmware variable store (pflash1, as
+OVMF_VARS.fd): every QMP operation names its devices, so it is left out, as the seed thread
+asks; HMP ``savevm`` (all writable devices) is refused because of it, with QEMU's error; and
+no snapshot operation changes it (only a boot does: the firmware counts boots in it).  All the while the guest (the ``mixed`` workload) stamps RAM pages and writes
 disk0, so the saves run against a guest that writes both.
 
 The model (pure Python) knows, for every snapshot: which disk holds its VM state, the host RAM
@@ -35,6 +41,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from emulator import varstore
 from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import PAGE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
@@ -46,6 +53,7 @@ RAM = 32 << 20
 DISK = 8 << 20
 DISKS = ("disk0", "disk1")
 TAGS = ("a", "b", "c")
+SUBSETS = (DISKS, ("disk0",))  # the disks a snapshot is taken of (the guest writes disk0)
 EXT = "offline"  # the disk-only snapshot the real qemu-img takes of disk1
 HOST_PAGES = 8  # at the top of RAM, above the workload's data pages
 HOST_BASE = RAM - HOST_PAGES * PAGE
@@ -64,6 +72,7 @@ class Snap:
     """What one snapshot must contain."""
 
     vmstate: str
+    devices: tuple[str, ...]
     host_ram: dict[int, int]
     disk1: bytes
     base0: bytes  # disk0 when the guest run it was taken in began
@@ -103,6 +112,7 @@ class SnapshotModel(RuleBasedStateMachine):
         self.booted = False
         self.cluster_size: dict[str, int] = {}
         self.ext: bytes | None = None  # disk1 at qemu-img's disk-only snapshot EXT
+        self.vars: bytes | None = None  # the variable store since the last boot's firmware wrote it
 
     @initialize(layouts=st.lists(st.sampled_from(LAYOUTS), min_size=len(DISKS), max_size=len(DISKS)))
     def boot(self, layouts: list[tuple[int, int, int, bool]]) -> None:
@@ -117,6 +127,7 @@ class SnapshotModel(RuleBasedStateMachine):
             else:
                 Qcow2Image.create(path, DISK, cluster_size=cluster_size, refcount_bits=refcount_bits,
                                   version=version).close()
+        (self.work / "vars.fd").write_bytes(varstore.template())
         self.m, self.g = self._open()
         self.m.start()
         self.q = self.m.qmp()
@@ -128,7 +139,10 @@ class SnapshotModel(RuleBasedStateMachine):
         for d in DISKS:
             g.add({"driver": "file", "filename": str(self.work / f"{d}.qcow2"), "node-name": f"{d}-file"})
             g.add({"driver": "qcow2", "file": f"{d}-file", "node-name": d})
-        cfg = MachineConfig(ram_size=RAM, workload=SPEC, disks=[DiskSpec(d, f"{d}-dev") for d in DISKS])
+        g.add({"driver": "file", "filename": str(self.work / "vars.fd"), "node-name": "vars-file"})
+        g.add({"driver": "raw", "file": "vars-file", "node-name": "vars"})
+        cfg = MachineConfig(ram_size=RAM, workload=SPEC, pflash1="vars",
+                            disks=[DiskSpec(d, f"{d}-dev") for d in DISKS])
         return Machine(cfg, g), g
 
     def _job(self, cmd: str, args: dict[str, Any]) -> str | None:
@@ -162,18 +176,23 @@ class SnapshotModel(RuleBasedStateMachine):
     def _counter(self) -> int:
         return self.m.ram.read_u64(LAB_COUNTER)
 
-    def _save(self, tag: str, engine: str, vmstate: str) -> None:
+    def _save(self, tag: str, engine: str, vmstate: str, devices: tuple[str, ...] = DISKS) -> None:
         lo = self._counter()
-        err = self._job("snapshot-save", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
+        err = self._job("snapshot-save", {"tag": tag, "vmstate": vmstate, "devices": list(devices),
                                           "__org.snaplab_engine": engine})
         assert err is None, err
-        self.snaps[tag] = Snap(vmstate, dict(self.host_ram), bytes(self.disk1), self.base0, lo, self._counter())
+        self.snaps[tag] = Snap(vmstate, devices, dict(self.host_ram), bytes(self.disk1), self.base0, lo,
+                               self._counter())
 
     def _restored(self, tag: str, paused: bool) -> None:
         """The model after a load of ``tag``.  Loaded into a paused VM, the counter must fall
         in the save's window; into a running one, the guest has run on from there since."""
         s = self.snaps[tag]
-        self.host_ram, self.disk1, self.base0 = dict(s.host_ram), bytearray(s.disk1), s.base0
+        self.host_ram, self.base0 = dict(s.host_ram), s.base0
+        if "disk1" in s.devices:  # a disk0-only snapshot leaves disk1 as it is
+            self.disk1 = bytearray(s.disk1)
+        if s.counter_lo == 0:  # saved before the workload ran: the firmware may write the store again
+            self.vars = None
         if not paused:
             self.m.stop()
         try:
@@ -185,22 +204,23 @@ class SnapshotModel(RuleBasedStateMachine):
                 self.m.cont()
 
     # -- rules --------------------------------------------------------------------------------
-    @rule(tag=st.sampled_from(TAGS), engine=st.sampled_from(SAVE_ENGINES), vmstate=st.sampled_from(DISKS))
-    def save(self, tag: str, engine: Any, vmstate: str) -> None:
-        if tag in self.snaps:
-            err = self._job("snapshot-save", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
+    @rule(tag=st.sampled_from(TAGS), engine=st.sampled_from(SAVE_ENGINES), vmstate=st.sampled_from(DISKS),
+          devices=st.sampled_from(SUBSETS))
+    def save(self, tag: str, engine: Any, vmstate: str, devices: tuple[str, ...]) -> None:
+        if vmstate not in devices:
+            vmstate = devices[0]
+        if tag in self.snaps:  # disk0 is in every subset, so the tag is found there
+            err = self._job("snapshot-save", {"tag": tag, "vmstate": vmstate, "devices": list(devices),
                                               "__org.snaplab_engine": engine.name})
             assert err == f"Snapshot '{tag}' already exists in one or more devices", err
             return
-        self._save(tag, engine.name, vmstate)
+        self._save(tag, engine.name, vmstate, devices)
 
     @rule(tag=st.sampled_from(TAGS), engine=st.sampled_from([None, *SAVE_ENGINES]))
     def overwrite(self, tag: str, engine: Any) -> None:
         """HMP ``savevm`` (QEMU's overwrite: VM state on the first disk), or delete + save."""
-        if engine is None:
-            lo = self._counter()
-            assert self.q.hmp(f"savevm {tag}") == ""
-            self.snaps[tag] = Snap("disk0", dict(self.host_ram), bytes(self.disk1), self.base0, lo, self._counter())
+        if engine is None:  # all writable devices: the raw variable store refuses (QEMU's text)
+            assert self.q.hmp(f"savevm {tag}") == "Error: Device 'vars' is writable but does not support snapshots\r\n"
             return
         if tag in self.snaps:
             assert self._job("snapshot-delete", {"tag": tag, "devices": list(DISKS)}) is None
@@ -211,10 +231,16 @@ class SnapshotModel(RuleBasedStateMachine):
     def load(self, tag: str, engine: Any, paused: bool) -> None:
         """A load into the running VM, or into a stopped one (which stays stopped, as in QEMU)."""
         vmstate = self.snaps[tag].vmstate if tag in self.snaps else "disk0"
+        devices = self.snaps[tag].devices if tag in self.snaps else DISKS
         if paused:
             self.m.stop()
         try:
-            err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
+            if devices != DISKS:  # naming a disk the snapshot is not on: refused, nothing changes
+                err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
+                                                  "__org.snaplab_engine": engine.name})
+                assert err == f"Snapshot '{tag}' does not exist in one or more devices", err
+                assert self.m.running != paused, self.m.state
+            err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(devices),
                                               "__org.snaplab_engine": engine.name})
             if tag not in self.snaps:
                 assert err is not None
@@ -261,15 +287,17 @@ class SnapshotModel(RuleBasedStateMachine):
             img = self.g["disk0"].format_image
             self.base0 = img.read(0, img.size)
             self.host_ram = {}
+            self.vars = None  # the firmware writes the variable store at boot
             self.m.start()
             return
         engine = data.draw(st.sampled_from(LOAD_ENGINES))
         vmstate = self.snaps[tag].vmstate
-        err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(DISKS),
+        err = self._job("snapshot-load", {"tag": tag, "vmstate": vmstate, "devices": list(self.snaps[tag].devices),
                                           "__org.snaplab_engine": engine.name})
         if self._refused(engine, vmstate, err):
             img = self.g["disk0"].format_image
             self.base0, self.host_ram = img.read(0, img.size), {}
+            self.vars = None
             self.m.start()
             return
         assert err is None, err
@@ -287,7 +315,8 @@ class SnapshotModel(RuleBasedStateMachine):
             assert qemu_img("snapshot", "-d", EXT, path).returncode == 0
             self.ext = None
         elif action == "read":
-            want = {t: s.disk1 for t, s in self.snaps.items()} | ({EXT: self.ext} if self.ext is not None else {})
+            want = ({t: s.disk1 for t, s in self.snaps.items() if "disk1" in s.devices}
+                    | ({EXT: self.ext} if self.ext is not None else {}))
             for tag, content in want.items():
                 raw = self.work / "snap.raw"
                 out = qemu_img("convert", "-f", "qcow2", "-O", "raw", "-l", f"snapshot.name={tag}", path, str(raw))
@@ -323,11 +352,19 @@ class SnapshotModel(RuleBasedStateMachine):
                 assert out.returncode == 0, out.stdout + out.stderr
                 tags = listed_tags(path)
                 ext = {EXT} if d == "disk1" and self.ext is not None else set()
-                assert set(tags) == set(self.snaps) | ext, (d, tags)
+                assert set(tags) == {t for t, s in self.snaps.items() if d in s.devices} | ext, (d, tags)
                 assert not ext or tags[EXT] == "0B", tags
                 for tag, s in self.snaps.items():
-                    assert (tags[tag] != "0B") == (s.vmstate == d), (d, tag, tags[tag])
+                    if d in s.devices:
+                        assert (tags[tag] != "0B") == (s.vmstate == d), (d, tag, tags[tag])
+            if self._counter() > 0:  # the workload runs: the firmware's boot write is done
+                cur = self.g["vars"].image.read(0, self.g["vars"].image.size)  # type: ignore[union-attr]
+                if self.vars is None:
+                    self.vars = cur
+                assert cur == self.vars, "a snapshot operation changed the variable store"
             for tag, s in self.snaps.items():
+                if "disk1" not in s.devices:
+                    continue
                 buf = bytearray(DISK)
                 self.g["disk1"].format_image.snapshot_read(tag, 0, buf)  # type: ignore[attr-defined]
                 assert buf == s.disk1, tag
