@@ -406,6 +406,7 @@ class CowSave:
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._armed_at = 0.0
+        self._seen = np.zeros(self.nchunks, dtype=bool)  # chunks already in stats.touched
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
         """Where the state goes, once the disks are frozen (after the guest resumed)."""
@@ -479,11 +480,13 @@ class CowSave:
     def save_or_wait(self, c: int) -> bool:
         """A write is about to hit chunk ``c``: save it, or wait until whoever is saving it is
         done. True if this call saved it (counted as a fault-saved chunk), False if it waited.
-        A chunk first written within WINDOW_S of the stop goes into the loading set."""
+        A chunk first written within WINDOW_S of the stop goes into the loading set, whether
+        this write copies it or waits for the saver."""
+        if not self._seen[c] and time.perf_counter() - self._armed_at <= WINDOW_S:
+            self._seen[c] = True  # (one fault-serving thread per backend: no race)
+            self.stats.touched.append(c)
         if self._save_chunk(c):
             self.stats.fault_chunks += 1
-            if time.perf_counter() - self._armed_at <= WINDOW_S:
-                self.stats.touched.append(c)
             return True
         with self.lock:
             while self.state[c] != SAVED:
