@@ -77,16 +77,11 @@ def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
 
 
 def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    import os
 
-    from lab import qemu
 
     assert main(["reference"]) == 0
     assert "blocking save downtime: 256 MiB 0.81 s" in capsys.readouterr().out
-    if not qemu.available():
-        if os.environ.get("CI"):
-            pytest.fail("qemu-system-x86 and ovmf must be installed by .ci/run")
-        pytest.skip("needs qemu-system-x86_64 and OVMF")
+    need_qemu()
     out = tmp_path / "q.csv"
     assert main(["reference", "--qemu", "--ram", "128", "--runs", "1", "--out", str(out)]) == 0
     rows, meta = results.load(out)
@@ -126,6 +121,18 @@ def test_the_warm_up_counts_from_the_guests_first_progress(tmp_path) -> None:  #
 def test_a_reference_qemu_that_goes_away_is_reported_with_its_status(tmp_path: Path) -> None:
     """lab.qemu.running: QEMU leaving mid-run is QemuLost, naming its exit status, not a bare
     ConnectionResetError (notebook 2 met one once, under load, with nothing to go on)."""
+    from lab import qemu
+
+    need_qemu()
+    with pytest.raises(qemu.QemuLost, match=r"dropped its QMP connection \(EOFError; exit status 0\)"):
+        with qemu.running(tmp_path, 64, settle=0.2) as q:
+            q.s.sendall(b'{"execute": "quit"}\n')
+            while True:
+                q.line()  # the reply, the SHUTDOWN event, then the end of the stream
+
+
+def need_qemu() -> None:
+    """The real QEMU 7.2 and OVMF: .ci/run installs them (a failure there), else a skip."""
     import os
 
     from lab import qemu
@@ -134,8 +141,3 @@ def test_a_reference_qemu_that_goes_away_is_reported_with_its_status(tmp_path: P
         if os.environ.get("CI"):
             pytest.fail("qemu-system-x86 and ovmf must be installed by .ci/run")
         pytest.skip("needs qemu-system-x86_64 and OVMF")
-    with pytest.raises(qemu.QemuLost, match=r"dropped its QMP connection \(EOFError; exit status 0\)"):
-        with qemu.running(tmp_path, 64, settle=0.2) as q:
-            q.s.sendall(b'{"execute": "quit"}\n')
-            while True:
-                q.line()  # the reply, the SHUTDOWN event, then the end of the stream
