@@ -124,11 +124,12 @@ def test_a_reference_qemu_that_goes_away_is_reported_with_its_status(tmp_path: P
     from lab import qemu
 
     need_qemu()
-    with pytest.raises(qemu.QemuLost, match=r"dropped its QMP connection \(EOFError; exit status 0\)"):
+    with pytest.raises(qemu.QemuLost, match=r"dropped its QMP connection \((EOFError|ConnectionResetError); exit status 0\)"):
         with qemu.running(tmp_path, 64, settle=0.2) as q:
             q.s.sendall(b'{"execute": "quit"}\n')
             while True:
-                q.line()  # the reply, the SHUTDOWN event, then the end of the stream
+                q.line()  # the reply, the SHUTDOWN event, then the end of the stream (or a reset:
+                # QEMU may exit with our bytes unread, measured once in CI)
 
 
 def need_qemu() -> None:
