@@ -292,8 +292,7 @@ def _alloc_slice(s: Qcow2State, pos: int, end: int, tree: L1Tree | None) -> Writ
         s.check_overlap(hosts[inplace] >> s.cluster_bits)
     need = np.flatnonzero(~inplace)
     if len(need):
-        start = s.refcounts.alloc_clusters(len(need))
-        hosts[need] = start + np.arange(len(need), dtype=np.int64) * s.cluster_size
+        hosts[need] = s.refcounts.alloc_cluster_runs(len(need)) << s.cluster_bits
     return WriteSlice(l1i, c0, hosts, need, ents[need])
 
 

@@ -124,14 +124,14 @@ class _WarmBuffers:
 
 
 def fault_buffers(ram_size: int) -> int:
-    """How many chunk buffers a copy-on-write save may fill before the guest waits for the
-    writer: a quarter of RAM, from 16 (32 MiB) to 256 (512 MiB).
+    """How many chunks a copy-on-write save may hold copied before a fault waits for the
+    saver: a quarter of RAM, from 16 (32 MiB) to 256 (512 MiB).
 
-    A guest that writes all over its working set faults on nearly every chunk of it at once;
-    it is held back until each is copied (~0.4 ms) or, once the buffers are full, written
-    (~0.9 ms, and the device is shared with the background saver).  So its progress during
-    the save is about buffers / working set (at 1 GiB with 512 MiB written at random, 64
-    buffers give about a third of its normal rate and 128 about three quarters).
+    A fault copies its chunk into a free buffer (~0.4 ms) and the guest goes on; the copy is
+    stored when the in-order saver reaches that chunk.  While every buffer holds a chunk the
+    saver has not reached yet, the next fault waits until the saver frees one or takes the
+    faulting chunk itself (deviation 38), so a guest writing all over a working set larger
+    than the buffers is paced by the saver's progress through RAM.
     """
     return max(16, min(256, ram_size // 4 // CHUNK))
 

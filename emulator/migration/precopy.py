@@ -67,9 +67,22 @@ class Precopy:
             self.out.write(self.sparse.data_offset + a, mv[a:b])
         if self.img is not None:
             m = self.img.vmstate_host_map(self.sparse.end)
-            if (m > 0).all():
+            if (m > 0).all() and self._pages_contiguous(m):
                 self.host = m
         return self.ram.size
+
+    def _pages_contiguous(self, host: np.ndarray) -> bool:
+        """Whether every RAM page lies in one run of host-contiguous clusters, as the direct
+        path's writes assume: with clusters smaller than a page (or pages not aligned on
+        clusters), a page can straddle two clusters the file put apart (data is allocated
+        first fit over the file's holes)."""
+        assert self.img is not None
+        cs = self.img.cluster_size
+        if len(host) < 2:
+            return True
+        apart = np.flatnonzero(host[1:] != host[:-1] + cs) + 1  # clusters starting a new run
+        inside = (apart * cs - self.sparse.data_offset) % PAGE != 0
+        return not inside.any()
 
     def _dirty_pages(self, ranges: np.ndarray) -> np.ndarray:
         """The sorted page indices the (offset, length) rows cover, within RAM (numpy, no loop)."""
