@@ -12,7 +12,7 @@ CELLS: list[tuple[str, str]] = [
 
 **What to look at.** The committed table (medians with IQR and a bootstrap 95% CI of the median), the ratio list, the excluded comparisons and why, and the caveat under the figure.
 
-Lab functions used: `lab.repro_report.load_runs`, `table`, `ratios`, `not_comparable`, `figure`, `compare_text`; `lab.reproduce.ReproSpec`, `reproduce`. The method is in `docs/reproduction.md`."""),
+Lab functions used: `lab.repro_report.load_runs`, `table`, `ratios`, `not_comparable`, `figure`, `compare_text`; `lab.reproduce.ReproSpec`, `reproduce`; `lab.two_ways.two_ways_rows` (exercise 2). The method is in `docs/reproduction.md`."""),
     ("md", """## How the data was made
 
 `snaplab reproduce` boots the *same guest program* on both machines: snaplab's own firmware workloads, assembled a second time as a multiboot image that `qemu-system-x86_64 -machine q35 -accel tcg` runs (`emulator/qemu_guest.py`, `data/qemu/`). Both guests pace their page writes by a clock both machines have, and report their progress on a port the host timestamps (the lab port on snaplab, a debug console on QEMU). For each RAM size and condition it measures, on both systems, a blocking `snapshot-save` then `snapshot-load`, and the background snapshot through `migrate-set-capabilities background-snapshot` + `migrate` to a file; on snaplab also its own engines. Downtime is STOP → RESUME from the QMP events' timestamps on both systems. The committed run is 256, 1024 and 4096 MiB, 5 repetitions, two conditions: `idle-random` (an idle guest whose RAM is full of random bytes, as QEMU's reference set-up) and `dirty` (100 MiB/s over half of RAM, at most 256 MiB: 128 MiB at 256 MiB of RAM, 256 MiB at 1024 and 4096, as the figure's panel titles give it; printed below)."""),
@@ -66,7 +66,7 @@ for key in sorted({(r['op'], r['engine']) for r in live}):
     ("md", """## Exercises: predict, then measure
 
 1. **Where does the blocking save's advantage go at 8 GiB?** From the table, predict the QEMU/snaplab ratio of the dirty blocking save at 8 GiB (the ratio list above has it at 256, 1024 and 4096 MiB): where is it heading, and why? Hint: between 1024 and 4096 MiB the working set, and so the bytes written, hardly change (the `state MiB` column); what grows, and with what? The cell below extrapolates both systems' downtimes linearly in RAM size from 1024 to 4096 MiB. Measuring it needs an 8 GiB run of both systems (`reproduce(ReproSpec(ram_mib=(8192,), reps=3, conditions=('dirty',)), ...)`, several minutes; not run here).
-2. **Progress during a background snapshot.** QEMU's guest kept 91-93% of its rate during its background snapshot, snaplab's 63-93% (the `progress` column). Predict which way each system's figure moves if the dirty rate doubles; `ReproSpec(dirty_rate_mib_s=200, ...)` would measure it (not run here).
+2. **Progress during a background snapshot.** QEMU's guest kept 91-93% of its rate during its background snapshot, snaplab's 63-93% (the `progress` column). Predict which way each system's figure moves if the dirty rate doubles. A full `ReproSpec(dirty_rate_mib_s=200, ...)` run measures every engine on both systems; the second cell below measures only the background snapshot, with notebook 10's `two_ways_rows` (the same QMP commands and the same progress figure, on a fresh guest after one internal snapshot): the dirty condition's 256 MiB guest at 100 and at 200 MiB/s, two guests per system and rate, in the same run, so the two rates are compared on the same host at the same time.
 3. **A comparison you would refuse.** Explain why quoting 'QEMU's idle-random blocking save is Nx slower' from the *first* repetition alone would be wrong, using the VM-state sizes printed above, and what you would measure to settle whether the later loads are like with like."""),
     ("code", """# exercise 1: the dirty blocking save, from the committed medians
 from lab.repro_report import summaries
@@ -81,10 +81,20 @@ for system in ('qemu', 'snaplab'):
     print(f"{system:>8}: downtime {d[1024]:.0f} ms at 1024 MiB ({mib[1024]:.0f} MiB state), {d[4096]:.0f} ms at 4096 ({mib[4096]:.0f} MiB state): "
           f"+{per_gib:.0f} ms per GiB of RAM; linear to 8192 MiB: {pred[system]:.0f} ms")
 print(f"predicted QEMU / snaplab at 8192 MiB: {pred['qemu'] / pred['snaplab']:.1f}x")"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# exercise 2: the background snapshot at 100 and at 200 MiB/s, 256 MiB (working set 128 MiB), two fresh guests per system and rate
+import shutil
+from lab.two_ways import two_ways_rows
+from lab import teach
+bg = [r | {'MiB/s': rate} for system in ['snaplab'] + (['qemu'] if shutil.which('qemu-system-x86_64') else [])
+      for rate in (100, 200) for r in two_ways_rows(system, reps=2, ram_mib=256, ws_mib=128, seed=1, rate_mib_s=rate)[0]
+      if r['op'] != 'internal']
+print('guest progress during the background snapshot (1 = its rate before)')
+print(teach.spread_table(bg, 'progress', by=('system', 'MiB/s'), digits=2))"""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
 1. Between 1024 and 4096 MiB snaplab writes about the same bytes (its `state MiB` barely moves), yet its downtime grows (the cell above): its stop has a part proportional to the RAM size, not to the bytes written. That part is the scan of all of RAM for zero pages, done inside the stop (notebook 5 measures it as `zero_scan_ms`). QEMU's downtime grows too, with a VM state that grows a little, and by fewer ms per GiB of RAM in this data. So the ratio falls as RAM grows, because snaplab's per-GiB cost is the larger one, and the linear extrapolation above puts it near the printed value at 8 GiB, close to parity. It rests on two points per system and on a straight line, so treat it as a prediction to measure, not a result.
-2. *A prediction, not measured in this notebook:* doubling the dirty rate means more write faults per second during the window on both systems: each fault stalls the guest for a page (QEMU) or a 2 MiB chunk copy (snaplab), so both figures should drop; snaplab's could drop more where its copy buffers run out (`docs/deviations.md` 38). The run named in the exercise would show whether the drop exceeds the spread between repetitions.
+2. Doubling the dirty rate means more write faults per second during the window on both systems: each fault stalls the guest for a page (QEMU) or a 2 MiB chunk copy (snaplab), so both figures should drop; snaplab's could drop more where its copy buffers run out (`docs/deviations.md` 38). The cell above measured it; compare each system's median at 200 MiB/s with its median at 100, and the min-max columns: with two guests per row, call a move real only if the two rates' ranges do not overlap. The values at 100 MiB/s need not match the committed `progress` column: there the background snapshot followed a blocking save and load on the same guest, here an internal snapshot on a fresh one, and the host differs from day to day; compare within the cell. And the guest is paced and catches up after a stall, so a value near or above 1 means it lost nothing overall by the end of the snapshot, whatever it waited during it.
 3. QEMU's first snapshot after boot is twice snaplab's VM state at every size: its save does twice the work, so a ratio of that repetition's downtimes measures the extra work, not the speed of the same work. The later repetitions store the same bytes. For the loads, measure what QEMU's reset does: compare a QEMU load of a guest filled by the guest program itself (no loader files) with one filled by `-device loader`, same size; if they match, the loads compare too.
 </details>"""),
 ]
