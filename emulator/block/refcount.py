@@ -207,8 +207,15 @@ class Refcounts:
         """
         if self.txn is not None:
             return self.txn.reserve(n)
+        start, _ = self._claim(lambda: (self.find_free_data(n), n))
+        return start << self.cluster_bits
+
+    def _claim(self, find: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+        """The run of free clusters ``find`` names, allocated (refcount 0 -> 1).  Refcount
+        blocks it lacks are created first with a shadow commit, which may take clusters, so
+        ``find`` is asked again after one.  Returns (first cluster, count)."""
         while True:
-            start = self.find_free_data(n)
+            start, n = find()
             first_b = start >> self.block_bits
             last_b = (start + n - 1) >> self.block_bits
             missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
@@ -222,7 +229,7 @@ class Refcounts:
         self.update_range(start, n, +1)
         if start == self.free_hint:
             self.free_hint = start + n
-        return start << self.cluster_bits
+        return start, n
 
     def _first_free_run(self, idx: int, cap: int) -> tuple[int, int]:
         """The first run of free, non-spare clusters at or after ``idx``, inside one refcount
@@ -267,22 +274,8 @@ class Refcounts:
         left = n
         try:
             while left:
-                while True:
-                    start, length = self._first_free_run(self.free_hint, left)
-                    first_b = start >> self.block_bits
-                    last_b = (start + length - 1) >> self.block_bits
-                    missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
-                    if not missing:
-                        break
-                    txn = RefcountTxn(self)
-                    for b in missing:
-                        txn.touch(b)
-                    txn.commit(self.write_pointers)
-                self.on_alloc((start + length) << self.cluster_bits)
-                self.update_range(start, length, +1)
+                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left))  # noqa: B023
                 parts.append(np.arange(start, start + length, dtype=np.int64))
-                if start == self.free_hint:
-                    self.free_hint = start + length
                 left -= length
         except BaseException:
             if parts:  # what this call took goes back (nothing points at it yet); a refused

@@ -8,9 +8,12 @@ text, the run state, the snapshots listed before, no leaked clusters, ``qemu-img
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
-from collections.abc import Callable
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,3 +128,36 @@ def used(m: Machine) -> dict[str, int]:
 
 def disk_files(tmp_path: Path, sub: str = "w") -> dict[str, Path]:
     return {d: tmp_path / sub / f"{d}.qcow2" for d in DISKS}
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's syntax, e.g. "64m") mounted at ``where`` (as root), unmounted
+    lazily after (a failed test may leave an image open on it); the test is skipped only when
+    the kernel refuses the mount, saying why."""
+    where.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                         capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        pytest.skip(f"mount -t tmpfs was refused: {(res.stderr or res.stdout).strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+
+
+def fill_up(path: Path) -> int:
+    """Write a file until the file system refuses (ENOSPC); returns the bytes it took."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    total = 0
+    try:
+        for block in (1 << 20, 4096):
+            while True:
+                try:
+                    total += os.write(fd, b"\xa5" * block)
+                except OSError as err:
+                    assert err.errno == 28, err
+                    break
+    finally:
+        os.close(fd)
+    return total

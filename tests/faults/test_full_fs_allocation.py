@@ -16,7 +16,6 @@ Skipped only when the kernel refuses the mount.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,23 +24,15 @@ import pytest
 
 from emulator.block import Qcow2Image
 from emulator.errors import BlockIOError
-from tests.faults.test_tmpfs_scenario import fill_up
+from tests.faults.conftest import fill_up, mounted_tmpfs
 
 MiB = 1 << 20
 
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"mount -t tmpfs was refused: {(res.stderr or res.stdout).strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "fs", "24m") as mnt:
         yield mnt
-    finally:  # lazily: a failed test may leave an image open on it
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
 
 
 def _state(seed: int, size: int) -> bytes:

@@ -13,8 +13,6 @@ nothing wrong.  Skipped only when the kernel refuses the mount.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +21,15 @@ import pytest
 from emulator.guest import WorkloadSpec
 from emulator.machine import Machine
 from emulator.migration.engines import LOAD_ENGINES, SAVE_ENGINES
-from tests.faults.conftest import DISKS, assert_runs, fingerprint, names, wait_until
+from tests.faults.conftest import (
+    DISKS,
+    assert_runs,
+    fill_up,
+    fingerprint,
+    mounted_tmpfs,
+    names,
+    wait_until,
+)
 
 SIZE = "64m"
 WORKLOAD = WorkloadSpec("mixed", seed=21, working_set=20 << 20, batch_pages=64)
@@ -31,35 +37,10 @@ WORKLOAD = WorkloadSpec("mixed", seed=21, working_set=20 << 20, batch_pages=64)
 
 @pytest.fixture
 def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB tmpfs mounted in the test's directory (unmounted after the machine closed:
-    requested before ``make_vm``, it is torn down after it)."""
-    mnt = tmp_path / "tmpfs"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SIZE}", "tmpfs", str(mnt)],
-                         capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        pytest.skip(f"mount -t tmpfs was refused: {(res.stderr or res.stdout).strip()}")
-    try:
+    """A 64 MiB tmpfs in the test's directory (requested before ``make_vm``, it is torn down
+    after the machine closed)."""
+    with mounted_tmpfs(tmp_path / "tmpfs", SIZE) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], capture_output=True, check=False)
-
-
-def fill_up(path: Path) -> int:
-    """Write a file until the file system refuses (ENOSPC); returns the bytes it took."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
-    total = 0
-    try:
-        for block in (1 << 20, 4096):
-            while True:
-                try:
-                    total += os.write(fd, b"\xa5" * block)
-                except OSError as err:
-                    assert err.errno == 28, err
-                    break
-    finally:
-        os.close(fd)
-    return total
 
 
 def save(m: Machine, tag: str, engine: str) -> str | None:
