@@ -127,7 +127,10 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "progress_during_save": _progress(m, m0, m1),
                     "details": {
                         "fault_latency_ms": [x * 1e3 for x in stats.get("fault-latency-s", [])],
+                        "fault_wait_ms": [x * 1e3 for x in stats.get("fault-wait-s", [])],  # of each fault's time:
+                        "fault_copy_ms": [x * 1e3 for x in stats.get("fault-copy-s", [])],  # waiting, copying
                         "bytes_per_round": stats.get("bytes-per-round", []),
+                        "written_per_round": stats.get("written-per-round", []),  # with clean gaps written through
                         "round_s": stats.get("round-s", []),
                         "scan_s": stats.get("scan-s", []),
                         "max_rounds": stats.get("max-rounds", 0),

@@ -80,6 +80,8 @@ class CowStats:
     bg_chunks: int = 0
     woken: int = 0
     handler_s: list[float] = field(default_factory=list)  # per fault: read -> wake, seconds
+    wait_s: list[float] = field(default_factory=list)  # per fault, of it: waiting (for a buffer, the saver or another copy)
+    copy_s: list[float] = field(default_factory=list)  # per fault, of it: copying its chunk (0 if it did not)
     bytes_written: int = 0
     peak_buffers: int = 0
     arm_s: float = 0.0
@@ -340,8 +342,9 @@ class TlbProtector:
             return self.rx
         t0 = time.perf_counter()
         save.stats.faults += 1
-        save.save_or_wait(c)
-        save.stats.handler_s.append(time.perf_counter() - t0)
+        cost: list[float] = []
+        save.save_or_wait(c, cost)
+        save.record_fault(t0, cost)
         return self.rwx
 
     def _host_write(self, addr: int, n: int) -> None:
@@ -454,44 +457,61 @@ class CowSave:
         self.stats.arm_s = time.perf_counter() - t0
 
     # -- the fault path ------------------------------------------------------------------------
-    def _save_chunk(self, c: int) -> bool:
+    def _save_chunk(self, c: int) -> tuple[bool, float, float]:
         """Copy chunk ``c`` (still protected: the stop instant's bytes) into a free buffer and
         let it go, if nobody has; True if this call saved it.  With every buffer holding a
         chunk the saver has not reached yet, wait until it gives one back, or reaches ``c``
-        itself (back-pressure: the guest's write waits for the saver)."""
+        itself (back-pressure: the guest's write waits for the saver).  Also returns the
+        seconds it waited for that and the seconds it copied."""
+        t0 = time.perf_counter()
         with self.lock:
             while self.state[c] == UNSAVED and not self._free:
                 self.saved_cond.wait()
+            waited = time.perf_counter() - t0
             if self.state[c] != UNSAVED:
-                return False
+                return False, waited, 0.0
             self.state[c] = COPYING
             buf = self._free.pop()
             self.stats.peak_buffers = max(self.stats.peak_buffers, len(self._owned) - len(self._free))
         off = c * CHUNK
+        t1 = time.perf_counter()
         ctypes.memmove(buf, self.ram.addr + off, min(CHUNK, self.ram.size - off))  # releases the GIL
+        copied = time.perf_counter() - t1
         self.protector.release(c)  # also wakes the writer
         with self.lock:
             if self.state[c] == COPYING:  # (not if the save failed meanwhile)
                 self._copies[c] = buf
                 self.state[c] = SAVED
             self.saved_cond.notify_all()
-        return True
+        return True, waited, copied
 
-    def save_or_wait(self, c: int) -> bool:
+    def save_or_wait(self, c: int, cost: list[float] | None = None) -> bool:
         """A write is about to hit chunk ``c``: save it, or wait until whoever is saving it is
         done. True if this call saved it (counted as a fault-saved chunk), False if it waited.
+        ``cost`` (a fault's) gets the seconds spent waiting and copying appended.
         A chunk first written within WINDOW_S of the stop goes into the loading set, whether
         this write copies it or waits for the saver."""
         if not self._seen[c] and time.perf_counter() - self._armed_at <= WINDOW_S:
             self._seen[c] = True  # (one fault-serving thread per backend: no race)
             self.stats.touched.append(c)
-        if self._save_chunk(c):
+        saved, waited, copied = self._save_chunk(c)
+        if saved:
             self.stats.fault_chunks += 1
-            return True
-        with self.lock:
-            while self.state[c] != SAVED:
-                self.saved_cond.wait()
-        return False
+        else:
+            t0 = time.perf_counter()
+            with self.lock:
+                while self.state[c] != SAVED:
+                    self.saved_cond.wait()
+            waited += time.perf_counter() - t0
+        if cost is not None:
+            cost += (waited, copied)
+        return saved
+
+    def record_fault(self, t0: float, cost: list[float]) -> None:
+        """One fault's handling time (from ``t0``) and, of it, the waiting and copying."""
+        self.stats.handler_s.append(time.perf_counter() - t0)
+        self.stats.wait_s.append(cost[0])
+        self.stats.copy_s.append(cost[1])
 
     def on_fault(self, f: Fault) -> None:
         """Called on the fault-service thread for every fault during the window."""
@@ -505,10 +525,11 @@ class CowSave:
         if not 0 <= c < self.nchunks:
             wp.default(f)
             return
-        if not self.save_or_wait(c):
+        cost: list[float] = []
+        if not self.save_or_wait(c, cost):
             self.protector.wake(c)
             self.stats.woken += 1
-        self.stats.handler_s.append(time.perf_counter() - t0)
+        self.record_fault(t0, cost)
 
     # -- the saver: every chunk in page order ----------------------------------------------------
     def _take_span(self, c0: int, c1: int) -> tuple[np.ndarray, dict[int, ctypes.Array[ctypes.c_char]]]:

@@ -43,7 +43,8 @@ def test_precopy_rounds_are_dirty_bytes_and_a_slow_guest_converges() -> None:
     for r in rows:
         d = r["details"]
         assert d["bytes_per_round"][0] == 64 * M  # round 0: all of RAM
-        assert len(d["bytes_per_round"]) == len(d["round_s"]) == r["iterations"]
+        assert len(d["bytes_per_round"]) == len(d["round_s"]) == len(d["written_per_round"]) == r["iterations"]
+        assert d["written_per_round"][0] == 64 * M  # round 0 writes all of RAM
         assert r["round0_s"] == d["round_s"][0] > 0
         assert all(b <= 16 * M + 2 * M for b in d["bytes_per_round"][1:])  # never more than the working set (+ code, stack)
         assert r["iterations"] < d["max_rounds"] + 2  # 20 MiB/s converges well before the round limit

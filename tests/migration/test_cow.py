@@ -220,6 +220,11 @@ def test_both_write_protect_backends_give_the_stop_instant(tmp_path: Path, backe
         time.sleep(0.2)
         met = m.snapshots.save_snapshot("w", False, "disk0", ["disk0"], "cow")
         assert met.extra["backend"] == backend and met.extra["faults"] > 0
+        # each fault's time, and of it the waiting and the copying, measured on its own thread
+        lat, wait, copy = (np.array(met.extra[k]) for k in ("fault_latency_s", "fault_wait_s", "fault_copy_s"))
+        assert 0 < len(lat) == len(wait) == len(copy) <= met.extra["faults"]
+        assert np.all(wait >= 0) and np.all(copy >= 0) and np.all(wait + copy <= lat)
+        assert np.count_nonzero(copy) <= met.extra["fault_chunks"]  # only a fault that saved its chunk copied
         time.sleep(0.1)
         assert m.lab.last.errors == 0  # device DMA during the window went through the same protection
         m.stop()

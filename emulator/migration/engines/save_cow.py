@@ -124,6 +124,7 @@ class CowSaveEngine(SaveEngine):
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * CHUNK,
             "fault_buffer_bytes": saver.max_buffers * CHUNK,  # held warm for the process's life
             "fault_latency_s": lat.tolist(),
+            "fault_wait_s": list(st.wait_s), "fault_copy_s": list(st.copy_s),  # of each fault's time
             "populate_s": ctx.ram.populate_seconds if populate_before is None else 0.0,
         })
         return ctx.saved(m, target, w.at.name)
