@@ -224,28 +224,6 @@ class OsFile:
         except OSError as err:
             raise BlockIOError(f"Could not truncate to {size}: {err.strerror}") from err
 
-    def data_extents(self, end: int) -> list[tuple[int, int]]:
-        """Byte ranges [start, stop) below ``end`` the file system holds blocks for
-        (SEEK_DATA/SEEK_HOLE, as file-posix's block_status); the whole range where it
-        cannot tell."""
-        out: list[tuple[int, int]] = []
-        pos = 0
-        try:
-            while pos < end:
-                try:
-                    start = os.lseek(self.fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:  # no data after pos
-                        break
-                    raise
-                if start >= end:
-                    break
-                pos = os.lseek(self.fd, start, os.SEEK_HOLE)
-                out.append((start, min(pos, end)))
-        except OSError:
-            return [(0, end)]
-        return out
-
     def allocated_bytes(self) -> int:
         return os.fstat(self.fd).st_blocks * 512
 

@@ -163,8 +163,6 @@ class Qcow2Metadata:
                                    h.refcount_table_clusters, read_only=self.read_only,
                                    write_pointers=self._write_reftable_pointers, sync=self.sync_point,
                                    on_alloc=self._grow_file if grows else None)
-        if grows and isinstance(self.file, OsFile):
-            self.refcounts.adopt_spare(fsize, self.file.data_extents(fsize))
         self._file_size = fsize
         self._grown = False
         self._defer = 0

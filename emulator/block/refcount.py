@@ -286,28 +286,6 @@ class Refcounts:
             raise
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def adopt_spare(self, file_size: int, data: list[tuple[int, int]]) -> None:
-        """At open: free clusters inside the file whose blocks the file system holds (``data``:
-        byte ranges, SEEK_DATA) become the spare of metadata commits, as many as a commit that
-        rewrites every refcount block and the table would take.  What earlier commits kept as
-        spare is free on disk, so without this a reopened image on a full file system would
-        have lost it (deviation 54)."""
-        if self.read_only:
-            return
-        nb = file_size >> self.cluster_bits
-        if nb == 0:
-            return
-        backed = np.zeros(nb, dtype=bool)
-        cs = self.cluster_size
-        for lo, hi in data:
-            c0, c1 = -(-lo // cs), min(nb, hi // cs)  # clusters wholly inside the range
-            if c0 < c1:
-                backed[c0:c1] = True
-        free = np.flatnonzero(backed & (self.all_refcounts(nb) == 0))
-        blocks = int(np.count_nonzero(self.table & REFT_OFFSET_MASK))
-        want = max(4, blocks + self.table_clusters + 2)
-        self.spare = sorted(set(self.spare) | set(free[:want].tolist()))
-
     def highest_used(self) -> int:
         """End offset of the last cluster with a non-zero refcount."""
         for b in range(len(self.table) - 1, -1, -1):

@@ -109,6 +109,7 @@ class SnapshotModel(RuleBasedStateMachine):
         self.base0 = bytes(DISK)
         self.snaps: dict[str, Snap] = {}
         self.jobs = 0
+        self.history: list[str] = []  # every job and reopen so far, for a failure's message
         self.booted = False
         self.cluster_size: dict[str, int] = {}
         self.ext: bytes | None = None  # disk1 at qemu-img's disk-only snapshot EXT
@@ -148,6 +149,7 @@ class SnapshotModel(RuleBasedStateMachine):
     def _job(self, cmd: str, args: dict[str, Any]) -> str | None:
         """Run a snapshot job to its end; its error, or None."""
         self.jobs += 1
+        self.history.append(f"{cmd} {args}")
         jid = f"j{self.jobs}"
         self.q.execute(cmd, {"job-id": jid, **args})
         while True:  # a load engine that waits for job-complete says so with 'ready'
@@ -180,7 +182,7 @@ class SnapshotModel(RuleBasedStateMachine):
         lo = self._counter()
         err = self._job("snapshot-save", {"tag": tag, "vmstate": vmstate, "devices": list(devices),
                                           "__org.snaplab_engine": engine})
-        assert err is None, err
+        assert err is None, (err, self.history)
         self.snaps[tag] = Snap(vmstate, devices, dict(self.host_ram), bytes(self.disk1), self.base0, lo,
                                self._counter())
 
@@ -250,7 +252,7 @@ class SnapshotModel(RuleBasedStateMachine):
                 return
             if self._refused(engine, vmstate, err):
                 return
-            assert err is None, err
+            assert err is None, (err, self.history)
             assert self.m.running != paused, self.m.state
             self._restored(tag, paused)
         finally:
@@ -277,6 +279,7 @@ class SnapshotModel(RuleBasedStateMachine):
     @rule(data=st.data())
     def reopen(self, data: st.DataObject) -> None:
         """Close the machine and the images, reopen them from the files; ``-loadvm`` or a boot."""
+        self.history.append("reopen")
         self.m.close()
         self.g.close()
         for d in DISKS:
@@ -303,7 +306,7 @@ class SnapshotModel(RuleBasedStateMachine):
             self.vars = None
             self.m.start()
             return
-        assert err is None, err
+        assert err is None, (err, self.history)
         self._restored(tag, paused=True)
         self.m.start()
 
