@@ -126,13 +126,10 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "iterations": stats.get("iterations", 1),
                     "progress_during_save": _progress(m, m0, m1),
                     "details": {
-                        "fault_latency_ms": [x * 1e3 for x in stats.get("fault-latency-s", [])],
-                        "fault_wait_ms": [x * 1e3 for x in stats.get("fault-wait-s", [])],  # of each fault's time:
-                        "fault_copy_ms": [x * 1e3 for x in stats.get("fault-copy-s", [])],  # waiting, copying
-                        "bytes_per_round": stats.get("bytes-per-round", []),
-                        "written_per_round": stats.get("written-per-round", []),  # with clean gaps written through
-                        "round_s": stats.get("round-s", []),
-                        "scan_s": stats.get("scan-s", []),
+                        # each fault's time, and of it the waiting and the copying
+                        **{f"fault_{k}_ms": [x * 1e3 for x in stats.get(f"fault-{k}-s", [])] for k in ("latency", "wait", "copy")},
+                        # pre-copy: dirty bytes, bytes written (clean gaps included), time per round; scans
+                        **{k.replace("-", "_"): stats.get(k, []) for k in ("bytes-per-round", "written-per-round", "round-s", "scan-s")},
                         "max_rounds": stats.get("max-rounds", 0),
                         "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.history()
                                      if m0 - 1_000_000_000 <= smp.host_ns <= m1 + 300_000_000],
