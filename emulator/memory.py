@@ -97,13 +97,21 @@ class GuestRAM:
         self.before_write: Callable[[int, int], None] | None = None
         self.array = np.ctypeslib.as_array((ctypes.c_uint8 * size).from_address(addr))
 
-    def populate(self) -> float:
-        """Fault in every page now (MADV_POPULATE_WRITE); returns the seconds it took."""
+    def populate(self, write: bool = True) -> float:
+        """Fault in every page now; returns the seconds it took.  ``write``: private pages
+        (MADV_POPULATE_WRITE); else read-mapped (MADV_POPULATE_READ): a page never written
+        maps the kernel's shared zero page (a huge zero page under THP), which is present, so
+        userfaultfd can write-protect it, costs no memory, and reads from cache; QEMU's
+        background snapshot populates the same way (migration/ram.c ram_block_populate_read)."""
         t0 = time.perf_counter()
-        if _libc.madvise(self.addr, self.span, MADV_POPULATE_WRITE) != 0:
-            # Older kernels: touch one byte per page with a GIL-free memset per huge page.
+        if _libc.madvise(self.addr, self.span, MADV_POPULATE_WRITE if write else MADV_POPULATE_READ) != 0:
+            # Older kernels: touch one byte per page with a GIL-free memset (or read) per huge page.
+            buf = (ctypes.c_char * 1)()
             for off in range(0, self.span, HUGE):
-                ctypes.memset(self.addr + off, 0, 1)
+                if write:
+                    ctypes.memset(self.addr + off, 0, 1)
+                else:
+                    ctypes.memmove(buf, self.addr + off, 1)
         self.populate_seconds = time.perf_counter() - t0
         return self.populate_seconds
 

@@ -601,13 +601,27 @@ class Qcow2Image(Qcow2Metadata):
         """A large run of VM state (whole clusters) into a pending snapshot, the data written
         without the image lock (and around the page cache where the file allows), so that
         several writers keep the file busy; only the allocation and the L2 link are locked."""
+        self._vmstate_bulk(p, pos, data)
+
+    def save_vmstate_bulk(self, pos: int, data: memoryview) -> None:
+        """:meth:`save_vmstate` (active L1, around the page cache) for a large run of whole
+        clusters, the data written without the image lock: several writers at once."""
+        self._check_rw()
+        if pos < 0:
+            raise OutOfRangeError("negative vmstate position")
+        self._vmstate_bulk(None, pos, data)
+
+    def _vmstate_bulk(self, tree: snapshot.PendingSnapshot | None, pos: int, data: memoryview) -> None:
         mv = memoryview(data).cast("B")
         off = self.vm_state_offset + pos
         if off % self.cluster_size or mv.nbytes % self.cluster_size:
-            self.pending_save_vmstate(p, pos, mv, direct=True)
+            if tree is None:
+                self.save_vmstate(pos, mv, direct=True)
+            else:
+                self.pending_save_vmstate(tree, pos, mv, direct=True)
             return
         with self._lock:
-            slices = cluster.alloc_for_write(self, off, mv.nbytes, tree=p)
+            slices = cluster.alloc_for_write(self, off, mv.nbytes, tree=tree)
         write = cluster.data_writer(self, direct=True)
         try:
             for at, host, n in cluster.host_extents(self, slices):
@@ -617,7 +631,7 @@ class Qcow2Image(Qcow2Metadata):
                 cluster.abort_slices(self, slices)
             raise
         with self._lock:
-            cluster.link_for_write(self, slices, tree=p)
+            cluster.link_for_write(self, slices, tree=tree)
 
     @_locked
     def snapshot_finish(self, p: snapshot.PendingSnapshot, name: str, **kw: int) -> QCowSnapshot:

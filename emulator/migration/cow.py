@@ -174,7 +174,9 @@ class WriteProtector:
         self.can_move = bool(self.uffd.features & UFFD_FEATURE_MOVE)
         self.registered = 0  # the UFFDIO_REGISTER_MODE_* bits RAM is registered with
         if ram.populate_seconds is None:
-            ram.populate()  # WP needs populated pages; the cost is paid once, outside downtime
+            # WP needs present pages: read-mapped, never-written memory stays the shared zero
+            # page (no memory, no first-touch cost, and a zero-page scan that reads from cache)
+            ram.populate(write=False)
         self.handler: Callable[[Fault], None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="uffd-faults", daemon=True)

@@ -28,7 +28,13 @@ from emulator.errors import MigrationCancelled, SnaplabError
 from emulator.migration.cow import CHUNK, CowSave
 from emulator.migration.engines.save_cow import arm_in_window
 from emulator.migration.savevm import SnapshotController
-from emulator.migration.vmstate import PAGE, SequentialStream, load_sequential, nonzero_pages
+from emulator.migration.vmstate import (
+    PAGE,
+    SequentialStream,
+    load_sequential,
+    nonzero_pages,
+    scan_threads,
+)
 from emulator.runstate import RunState
 
 CAPABILITIES = ("xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events", "postcopy-ram",
@@ -218,7 +224,7 @@ class Migration:
         self._set(MigrationStatus.ACTIVE)
         try:
             stream.begin(ctx.machine_name, ctx.capture(), ctx.ram.size)
-            nz = nonzero_pages(ctx.ram.array)
+            nz = nonzero_pages(ctx.ram.array, scan_threads())
             mv = memoryview(ctx.ram.array.data).cast("B")
             step = CHUNK // PAGE
             for first, end in _runs(nz):

@@ -80,9 +80,10 @@ class Precopy:
         cs = self.img.cluster_size
         if len(host) < 2:
             return True
-        apart = np.flatnonzero(host[1:] != host[:-1] + cs) + 1  # clusters starting a new run
-        inside = (apart * cs - self.sparse.data_offset) % PAGE != 0
-        return not inside.any()
+        starts = (np.flatnonzero(host[1:] != host[:-1] + cs) + 1) * cs  # stream offsets starting a new run
+        past = starts - self.sparse.data_offset
+        past = past[past > 0]  # a break inside the header, before the first page, splits no page
+        return not (past % PAGE).any()
 
     def _dirty_pages(self, ranges: np.ndarray) -> np.ndarray:
         """The sorted page indices the (offset, length) rows cover, within RAM (numpy, no loop)."""

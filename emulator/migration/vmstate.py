@@ -29,14 +29,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
+import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from emulator import workers
 from emulator.errors import LoadVMError
 from emulator.migration.loading_set import (
     HEAD_SIZE,
@@ -148,14 +152,45 @@ def _section_header(kind: int, sid: int, idstr: str, instance: int, version: int
     return struct.pack(">BIB", kind, sid, len(name)) + name + struct.pack(">II", instance, version)
 
 
-def nonzero_pages(ram: np.ndarray) -> np.ndarray:
-    """Boolean per 4 KiB page: True where the page has a non-zero byte (vectorised scan)."""
+SCAN_STEP = 1 << 10  # pages per reduction: 4 MiB, small temporaries
+
+
+def scan_threads() -> int:
+    """Threads for a zero-page scan while the guest is stopped: the CPUs this process may use,
+    at most 4 (the scan is memory-bound; measured on 2 vCPUs: 4 GiB in 0.30 s with one thread,
+    0.16 s with two, no better with four)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def nonzero_pages(ram: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Boolean per 4 KiB page: True where the page has a non-zero byte.
+
+    QEMU tests each page as it sends it (``buffer_is_zero()`` in ``save_zero_page()``); here
+    one vectorised OR per page, in ``threads`` threads over equal slices of RAM (numpy's
+    reductions release the GIL).  Use more than one thread only while the guest is stopped:
+    a running guest needs its CPU."""
     n = ram.size // PAGE
     view = ram[: n * PAGE].view(np.uint64).reshape(n, PAGE // 8)
     out = np.empty(n, dtype=bool)
-    step = 1 << 15  # 128 MiB at a time keeps the temporaries small
-    for i in range(0, n, step):
-        out[i:i + step] = view[i:i + step].any(axis=1)
+
+    def scan(lo: int, hi: int) -> None:
+        for i in range(lo, hi, SCAN_STEP):
+            j = min(hi, i + SCAN_STEP)
+            np.not_equal(np.bitwise_or.reduce(view[i:j], axis=1), 0, out=out[i:j])
+
+    per = -(-n // max(1, threads))
+    if threads <= 1 or per < 4 * SCAN_STEP:
+        scan(0, n)
+        return out
+    workers = [threading.Thread(target=scan, args=(k, min(n, k + per)), name="zero-scan")
+               for k in range(per, n, per)]
+    for t in workers:
+        t.start()
+    try:
+        scan(0, per)
+    finally:
+        for t in workers:
+            t.join()
     return out
 
 
@@ -167,6 +202,7 @@ class SavedState:
     ram_data_offset: int
     nonzero: int
     machine: str
+    scan_s: float = 0.0  # scanning RAM for zero pages
 
 
 def aligned_pages(n: int) -> np.ndarray:
@@ -257,8 +293,12 @@ GATHER_PAGES = 8192  # save_state gathers scattered pages 32 MiB at a time
 
 
 def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram: np.ndarray | None,
-               nz: np.ndarray | None = None) -> SavedState:
-    """qemu_savevm_state(): the configuration, every device section, RAM, EOF."""
+               nz: np.ndarray | None = None, align: int = PAGE, threads: int = 1) -> SavedState:
+    """qemu_savevm_state(): the configuration, every device section, RAM, EOF.  ``align``
+    (a multiple of the page size: the image's cluster size) rounds the RAM data's offset up,
+    so that the data goes out in whole clusters.  Without ``nz`` RAM is scanned for zero
+    pages window by window in ``threads`` threads, each window's pages written while the
+    next is scanned (:func:`_save_ram_pages`); the header with the bitmap goes last."""
     head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
     name = machine.encode()
     head += struct.pack(">BI", QEMU_VM_CONFIGURATION, len(name)) + name
@@ -269,55 +309,149 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
         head += struct.pack(">I", len(payload)) + payload
         head += struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
         sid += 1
-    pos = 0
-    ram_offset = 0
-    count = 0
-    if ram is not None:
-        pages = ram.size // PAGE
-        if nz is None:
-            nz = nonzero_pages(ram)
-        count = int(nz.sum())
-        bitmap = np.packbits(nz, bitorder="little").tobytes()
-        bitmap += bytes(-len(bitmap) % 8)
-        head += _section_header(QEMU_VM_SECTION_START, sid, RAM_IDSTR, 0, RAM_VERSION)
-        hdr_pos = len(head) + 4
-        head += struct.pack(">I", _RAM_HEADER.size) + bytes(_RAM_HEADER.size)
-        head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, len(bitmap)) + bitmap
-        part_at = len(head)
-        ram_offset = -(-(part_at + 13) // PAGE) * PAGE
-        pad = ram_offset - (part_at + 13)
-        head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, pad + count * PAGE) + bytes(pad)
-        struct.pack_into(">QIIQQ", head, hdr_pos, ram.size, PAGE, 0, pages, ram_offset)
-        out.write(0, bytes(head))
-        pos = ram_offset
-        # Non-zero pages go out in 32 MiB writes: straight from guest RAM where they are
-        # contiguous, gathered (one numpy take) where they are scattered, into a warm
-        # page-aligned buffer (WARM_PAGES: a stream writing around the page cache can take it,
-        # and no fresh memory is touched inside the stop).
-        idx = np.flatnonzero(nz)
-        mv = memoryview(ram.data).cast("B")
-        pages_view = ram[: pages * PAGE].reshape(pages, PAGE)
-        step = GATHER_PAGES
-        with WARM_PAGES.take(step) as gather:
-            for s0 in range(0, len(idx), step):
-                sel = idx[s0:s0 + step]
-                first, last = int(sel[0]), int(sel[-1])
-                if last - first == len(sel) - 1:
-                    out.write(pos, mv[first * PAGE:(last + 1) * PAGE])
-                else:
-                    # mode="clip": with the default "raise" numpy buffers ``out`` in a fresh array
-                    got = np.take(pages_view, sel, axis=0, out=gather[:len(sel)], mode="clip")
-                    out.write(pos, memoryview(got.data).cast("B"))
-                pos += len(sel) * PAGE
-        tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
-        tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(ram.size)
-        out.write(pos, tail)
-        pos += len(tail)
-    else:
+    if ram is None:
         head += struct.pack(">B", QEMU_VM_EOF)
         out.write(0, bytes(head))
-        pos = len(head)
-    return SavedState(pos, ram_offset, count, machine)
+        return SavedState(len(head), 0, 0, machine)
+    if align % PAGE:
+        raise ValueError("the RAM data's alignment must be a multiple of the page size")
+    pages = ram.size // PAGE
+    blen = -(-pages // 8)
+    blen += -blen % 8
+    head += _section_header(QEMU_VM_SECTION_START, sid, RAM_IDSTR, 0, RAM_VERSION)
+    hdr_pos = len(head) + 4
+    head += struct.pack(">I", _RAM_HEADER.size) + bytes(_RAM_HEADER.size)
+    part_at = len(head) + 13 + blen  # after the bitmap's part header and the bitmap
+    ram_offset = -(-(part_at + 13) // align) * align
+    pad = ram_offset - (part_at + 13)
+    pos, nz, scan_s = _save_ram_pages(out, ram, nz, ram_offset, threads)
+    count = (pos - ram_offset) // PAGE
+    bitmap = np.packbits(nz, bitorder="little").tobytes()
+    head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, blen) + bitmap + bytes(blen - len(bitmap))
+    head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, pad + count * PAGE) + bytes(pad)
+    struct.pack_into(">QIIQQ", head, hdr_pos, ram.size, PAGE, 0, pages, ram_offset)
+    out.write(0, bytes(head))
+    tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
+    tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(ram.size)
+    out.write(pos, tail)
+    return SavedState(pos + len(tail), ram_offset, count, machine, scan_s)
+
+
+SAVE_WRITERS = 2  # threads writing a blocking save's RAM data at once (a stream with write_bulk)
+SCAN_WINDOW = 32768  # pages (128 MiB) scanned for zero pages before their data is handed out
+
+
+def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, pos: int,
+                    threads: int) -> tuple[int, np.ndarray, float]:
+    """The non-zero pages of ``ram`` at ``pos`` in page order, in 32 MiB writes: straight
+    from guest RAM where they are contiguous, gathered (one numpy take) where they are
+    scattered, into warm page-aligned buffers (WARM_PAGES: no fresh memory is touched inside
+    the stop).  A stream with ``write_bulk`` (the qcow2 VM-state area) gets them from
+    SAVE_WRITERS threads while the next group is gathered and the next window scanned, the
+    data written without the image lock (a disk serves two requests faster than one:
+    measured here 1.9 against 2.4 GB/s around the page cache).  Returns the position after
+    the last page, the non-zero bitmap and the seconds spent scanning."""
+    pages_view = ram[: ram.size // PAGE * PAGE].reshape(-1, PAGE)
+    n = len(pages_view)
+    mv = memoryview(ram.data).cast("B")
+    bulk = getattr(out, "write_bulk", None)
+    step = GATHER_PAGES
+    found = np.zeros(n, dtype=bool) if nz is None else nz
+    scan_s = 0.0
+    with contextlib.ExitStack() as held:
+        writes = _Writes(bulk, SAVE_WRITERS) if bulk is not None else None
+        held.callback(lambda: writes.close() if writes is not None else None)
+        free: list[np.ndarray] = [held.enter_context(WARM_PAGES.take(step))
+                                  for _ in range(SAVE_WRITERS + 1 if writes is not None else 1)]
+
+        def emit(sel: np.ndarray) -> None:
+            nonlocal pos
+            first, last = int(sel[0]), int(sel[-1])
+            if last - first == len(sel) - 1:
+                data, buf = mv[first * PAGE:(last + 1) * PAGE], None
+            else:
+                buf = free.pop() if writes is None else writes.free_buffer(free)
+                # mode="clip": with the default "raise" numpy buffers ``out`` in a fresh array
+                got = np.take(pages_view, sel, axis=0, out=buf[:len(sel)], mode="clip")
+                data = memoryview(got.data).cast("B")
+            if writes is None:
+                out.write(pos, data)
+                if buf is not None:
+                    free.append(buf)
+            else:
+                writes.put(pos, data, buf)
+            pos += len(sel) * PAGE
+
+        carry = np.empty(0, dtype=np.int64)
+        window = n if nz is not None else SCAN_WINDOW
+        for w0 in range(0, n, window):
+            w1 = min(n, w0 + window)
+            if nz is None:
+                t = time.perf_counter()
+                found[w0:w1] = nonzero_pages(ram[w0 * PAGE:w1 * PAGE], threads)
+                scan_s += time.perf_counter() - t
+            idx = np.concatenate((carry, np.flatnonzero(found[w0:w1]) + w0))
+            whole = len(idx) // step * step if w1 < n else len(idx)
+            for s0 in range(0, whole, step):
+                emit(idx[s0:s0 + step])
+            carry = idx[whole:]
+        if writes is not None:
+            writes.finish()
+    return pos, found, scan_s
+
+
+class _Writes:
+    """``write(pos, data)`` calls run by ``n`` warm worker threads; a gather buffer comes back
+    to the free list once its write is done.  The first failure stops the others and is
+    raised by the next :meth:`put`, :meth:`free_buffer` or :meth:`finish`."""
+
+    def __init__(self, write: Callable[[int, memoryview], None], n: int) -> None:
+        self._write = write
+        self._todo: queue.Queue[tuple[int, memoryview, np.ndarray | None] | None] = queue.Queue(maxsize=n)
+        self._done: queue.Queue[np.ndarray | None] = queue.Queue()
+        self.error: BaseException | None = None
+        self._events = [workers.spawn(self._loop) for _ in range(n)]
+
+    def _loop(self) -> None:
+        while (item := self._todo.get()) is not None:
+            pos, data, buf = item
+            try:
+                if self.error is None:
+                    self._write(pos, data)
+            except BaseException as err:
+                self.error = self.error or err
+            self._done.put(buf)
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, pos: int, data: memoryview, buf: np.ndarray | None) -> None:
+        self._check()
+        self._todo.put((pos, data, buf))
+
+    def free_buffer(self, free: list[np.ndarray]) -> np.ndarray:
+        """A gather buffer whose write is done (waits for one when all are being written)."""
+        while not free:
+            buf = self._done.get()
+            if buf is not None:
+                free.append(buf)
+        self._check()
+        return free.pop()
+
+    def finish(self) -> None:
+        """Every write done; raises the first failure."""
+        self.close()
+        self._check()
+
+    def close(self) -> None:
+        """The workers stopped once their writes are done (after a failure too)."""
+        if self._events:
+            for _ in self._events:
+                self._todo.put(None)
+            for ev in self._events:
+                ev.wait()
+            self._events = []
 
 
 class _Cursor:

@@ -30,6 +30,14 @@ class VMStateStream:
     def write(self, pos: int, data: bytes | memoryview) -> None:
         self.img.save_vmstate(pos, data, direct=self.direct)
 
+    def write_bulk(self, pos: int, data: memoryview) -> None:
+        """A large run of RAM data: with ``direct``, whole clusters written without the image
+        lock, so that several writers keep the disk busy (Qcow2Image.save_vmstate_bulk)."""
+        if self.direct:
+            self.img.save_vmstate_bulk(pos, data)
+        else:
+            self.img.save_vmstate(pos, data)
+
     def read(self, pos: int, n: int) -> bytes:
         buf = bytearray(n)
         self.readinto(pos, memoryview(buf))

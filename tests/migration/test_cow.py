@@ -24,6 +24,7 @@ from emulator.errors import UffdUnavailable
 from emulator.guest import DATA_BASE, WorkloadSpec, expected_generations
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.cow import fault_buffers
+from emulator.migration.vmstate import nonzero_pages
 from emulator.qmp.client import QMPClient
 from emulator.uffd import UserFaultFD
 from tests.migration.conftest import progresses, vmflags, wait_until
@@ -52,7 +53,7 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
     m, g = machine(tmp_path, spec)
     try:
         m.start()
-        time.sleep(0.2)
+        progresses(m)  # steady state: the guest has reported, and runs on
         q = m.qmp()
         faults: list[int] = []
         for i in range(3):  # repeated snapshots: arming stays cheap, huge pages stay intact
@@ -76,6 +77,10 @@ def test_cow_snapshot_is_the_stop_instant_bit_for_bit(tmp_path: Path) -> None:
         # on a loaded host; three in a row do not)
         assert sum(faults) > 0, faults
         assert m.ram.huge_bytes() >= RAM // 2  # 2 MiB granularity left the huge pages alone
+        # two reports after the saves: the second counts more iterations than the first, which
+        # counts at least those of c1's stop instant (a report is the guest's counter when it is sent)
+        progresses(m)
+        progresses(m)
         running_iters = m.lab.last.iterations
         m.stop()
         m.snapshots.load_snapshot("c1", "disk0", ["disk0"])
@@ -217,7 +222,7 @@ def test_both_write_protect_backends_give_the_stop_instant(tmp_path: Path, backe
     try:
         m.snapshots.wp_backend = backend
         m.start()
-        time.sleep(0.2)
+        progresses(m)
         met = m.snapshots.save_snapshot("w", False, "disk0", ["disk0"], "cow")
         assert met.extra["backend"] == backend and met.extra["faults"] > 0
         # each fault's time, and of it the waiting and the copying, measured on its own thread
@@ -316,4 +321,40 @@ def test_close_right_after_a_cow_save_returns(tmp_path: Path) -> None:
         closer.join(120)
         assert not closer.is_alive(), f"iteration {i}: close hung in {m.query_status()}"
         assert m.state.value == "shutdown" and not m.runctl.vcpu_alive()
+        g.close()
+
+
+def _mapping_rss(addr: int) -> int:
+    """Rss of the host mapping that starts at ``addr`` (from /proc/self/smaps), in bytes."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not line[0].isupper():
+                inside = int(head.split("-")[0], 16) <= addr < int(head.split("-")[1], 16)
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no mapping at {addr:#x}")
+
+
+def test_write_protection_maps_never_written_ram_to_the_zero_page(tmp_path: Path) -> None:
+    """The copy-on-write engine's set-up read-populates RAM (as QEMU's
+    ram_block_populate_read): RAM the guest never wrote stays the kernel's shared zero page,
+    which costs no memory; the save still holds exactly the guest's non-zero pages."""
+    uffd_or_skip()
+    ram = 256 << 20
+    m, g = machine(tmp_path, WorkloadSpec("dirty", seed=4, working_set=16 << 20), ram)
+    try:
+        q, st = _save_running(m, 0.2, "c0", "c0", "cow")
+        assert st["populate-s"] is not None  # the set-up ran, in this save
+        assert not {"um", "uw"} & vmflags(m.ram.addr)
+        rss = _mapping_rss(m.ram.addr)
+        assert rss < ram // 2, rss  # all of RAM written by a write-populate would be 256 MiB
+        m.stop()
+        want = int(nonzero_pages(m.ram.array).sum())
+        q.execute("snapshot-save", {"job-id": "b", "tag": "b", "vmstate": "disk0", "devices": ["disk0"]})
+        assert "error" not in q.wait_job("b", 60)
+        assert m.snapshots.last is not None and m.snapshots.last.ram_pages_written == want
+    finally:
+        m.close()
         g.close()

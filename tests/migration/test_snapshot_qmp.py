@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from emulator.guest import WorkloadSpec
 from emulator.qmp.client import QMPClient
 
 A = {"job-id": "j0", "tag": "snapx", "vmstate": "disk0", "devices": ["disk0"]}
@@ -197,3 +198,28 @@ def test_second_snapshot_operation_while_one_runs(make_vm) -> None:  # type: ign
     assert "error" not in q.wait_job("first", 30)
     assert snaps(q, "disk0") == ["a"]
     assert snaps(q, "disk1") == []  # nothing half-written on disk1
+
+
+def test_background_snapshot_capability_leaves_the_internal_snapshot_alone(make_vm) -> None:  # type: ignore[no-untyped-def]
+    """docs/deviations.md 58: QEMU 7.2's savevm with background-snapshot on sends pages twice
+    (twice the VM state on a first snapshot); snaplab's snapshot-save stores each page once."""
+    q = make_vm(workload=WorkloadSpec("idle", seed=3), ram=64 << 20).qmp()
+
+    def state_size(tag: str) -> int:
+        for n in q.execute("query-named-block-nodes"):
+            if n["node-name"] == "disk0":
+                return next(s["vm-state-size"] for s in n["image"]["snapshots"] if s["name"] == tag)
+        raise AssertionError("disk0")
+
+    def save(tag: str, engine: str) -> int:
+        info, _ = run_job(q, "snapshot-save", {**A, "job-id": tag, "tag": tag, "__org.snaplab_engine": engine})
+        assert info["status"] == "concluded" and "error" not in info, info
+        return state_size(tag)
+
+    for engine in ("blocking", "cow"):
+        off = save(f"off-{engine}", engine)
+        assert off > 100 << 10  # the firmware's and the guest program's pages at least
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": True}]})
+        on = save(f"on-{engine}", engine)
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": False}]})
+        assert abs(on - off) <= 16 << 10, (engine, on, off)  # the idle guest's pages, once

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -70,6 +71,20 @@ def test_ram_layout_is_page_indexed_and_zero_pages_are_flags() -> None:
         page = buf.read(int(lay.page_offset[p]), PAGE)
         assert page[5] == p and page.count(0) == PAGE - 1
     assert nonzero_pages(ram).tolist() == lay.nonzero.tolist()
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 4])
+def test_the_zero_page_scan_is_exact_in_any_number_of_threads(threads: int) -> None:
+    pages = 4 * 4096 * 3 + 7  # slices that do not divide evenly, a tail page
+    ram = np.zeros(pages * PAGE, dtype=np.uint8)
+    rng = np.random.default_rng(5)
+    hit = rng.choice(pages, 500, replace=False)
+    hit = np.concatenate((hit, [0, pages - 1, 4096 * 4 - 1, 4096 * 4, 4096 * 8]))
+    ram[hit * PAGE + rng.integers(0, PAGE, hit.size)] = rng.integers(1, 256, hit.size, dtype=np.uint8)
+    want = np.zeros(pages, dtype=bool)
+    want[hit] = True
+    assert np.array_equal(nonzero_pages(ram, threads), want)
+    assert np.array_equal(nonzero_pages(ram[: 3 * PAGE], threads), want[:3])  # smaller than a step
 
 
 @pytest.mark.parametrize("mutate,text", [
@@ -228,3 +243,69 @@ def test_read_grouped_reads_nearby_runs_at_once_and_places_every_byte() -> None:
         assert np.array_equal(got[d:d + n], src[s:s + n]), (s, n, d)
     assert read_grouped(read, memoryview(dst).cast("B"), ctypes.addressof(dst), dst_offs[:0], src_offs[:0],
                         lens[:0], bounce, gap=8192) == 0
+
+
+def _patterned_ram(pages: int) -> np.ndarray:
+    """Scattered pages, whole runs, and runs that cross scan windows and gather groups."""
+    ram = np.zeros(pages * PAGE, dtype=np.uint8)
+    rng = np.random.default_rng(11)
+    hit = np.concatenate((rng.choice(pages, pages // 5, replace=False), np.arange(290, 420), [0, pages - 1]))
+    ram[hit * PAGE + rng.integers(0, PAGE, hit.size)] = rng.integers(1, 256, hit.size, dtype=np.uint8)
+    return ram
+
+
+@pytest.mark.parametrize("cluster_size", [2048, 4096, 65536])
+def test_windowed_scan_and_parallel_writers_write_the_same_stream(tmp_path, monkeypatch, cluster_size: int) -> None:  # type: ignore[no-untyped-def]
+    """A save that scans in windows and writes through several unlocked writers into a qcow2
+    VM-state area gives the very bytes of a one-pass, one-writer save, and loads back."""
+    from emulator.block import Qcow2Image
+    from emulator.migration import vmstate
+    from emulator.migration.vmstate_io import VMStateStream
+
+    pages = 2048 + 5
+    ram = _patterned_ram(pages)
+    h = Handler("dev", 2, lambda: b"state", lambda d, v: None)
+    align = max(PAGE, cluster_size)
+    one = Buf()
+    st_one = save_state(one, "m", [h], ram, nz=nonzero_pages(ram), align=align)
+    monkeypatch.setattr(vmstate, "SCAN_WINDOW", 300)  # windows end inside gather groups
+    monkeypatch.setattr(vmstate, "GATHER_PAGES", 64)
+    monkeypatch.setattr(vmstate, "SAVE_WRITERS", 3)
+    img = Qcow2Image.create(tmp_path / "d.qcow2", 1 << 20, cluster_size=cluster_size)
+    try:
+        bulk_calls: list[int] = []
+        stream = VMStateStream(img, direct=True)
+        real = stream.write_bulk
+        monkeypatch.setattr(stream, "write_bulk", lambda pos, data: (bulk_calls.append(pos), real(pos, data)))
+        st = save_state(stream, "m", [h], ram, align=align, threads=2)
+        assert (st.size, st.ram_data_offset, st.nonzero) == (st_one.size, st_one.ram_data_offset, st_one.nonzero)
+        assert st.ram_data_offset % align == 0 and len(bulk_calls) > 3
+        assert stream.read(0, st.size) == bytes(one.data[:st_one.size])
+        got: list[RamLayout] = []
+        load_state(stream, st.size, "m", [h], got.append)
+        assert np.array_equal(got[0].nonzero, nonzero_pages(ram))
+        assert img.check().corruptions == 0
+    finally:
+        img.close()
+
+
+def test_a_failing_writer_fails_the_save_and_stops_every_writer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from emulator.migration import vmstate
+
+    monkeypatch.setattr(vmstate, "GATHER_PAGES", 16)
+    ram = _patterned_ram(1024)
+
+    class Failing(Buf):
+        calls = 0
+
+        def write_bulk(self, pos: int, data: memoryview) -> None:
+            Failing.calls += 1
+            if Failing.calls == 3:
+                raise OSError(28, "No space left on device")
+            self.write(pos, data)
+
+    before = threading.active_count()
+    with pytest.raises(OSError, match="No space left"):
+        save_state(Failing(), "m", [], ram, threads=2)
+    assert threading.active_count() <= before + vmstate.SAVE_WRITERS  # idle warm workers at most
+    assert not [t for t in threading.enumerate() if t.name.startswith("zero-scan")]

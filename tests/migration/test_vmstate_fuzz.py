@@ -174,7 +174,7 @@ def snapshot_stream(handlers: list[SaveHandler]) -> bytes:
 
     class W:
         def write(self, pos: int, data: bytes | memoryview) -> None:
-            out[len(out):] = bytes(pos + len(data) - len(out))
+            out.extend(bytes(max(0, pos + len(data) - len(out))))  # the header is written last
             out[pos:pos + len(data)] = data
 
     st_ = save_state(W(), MACHINE_NAME, handlers, guest_ram())

@@ -20,7 +20,14 @@ from emulator.migration.savefail import (
     give_back_vmstate,
     writing_vmstate,
 )
-from emulator.migration.vmstate import GATHER_PAGES, WARM_PAGES, nonzero_pages, save_state
+from emulator.migration.vmstate import (
+    GATHER_PAGES,
+    PAGE,
+    SAVE_WRITERS,
+    WARM_PAGES,
+    save_state,
+    scan_threads,
+)
 from emulator.migration.vmstate_io import VMStateStream
 
 
@@ -37,16 +44,15 @@ class BlockingSave(SaveEngine):
         images = target.images
         stack = contextlib.ExitStack()
         try:
-            WARM_PAGES.warm(GATHER_PAGES)  # the gather buffer touched before the stop, not in it
+            WARM_PAGES.warm(GATHER_PAGES, SAVE_WRITERS + 1)  # gather buffers touched before the stop, not in it
             t_stop = ctx.stop_for_save(images, stack)
             at = ctx.save_instant(req.name)
-            t_scan = time.perf_counter()
-            nz = nonzero_pages(ctx.ram.array)
             t_write = time.perf_counter()
             try:
-                with writing_vmstate():
+                with writing_vmstate():  # the guest is stopped: the zero-page scan takes every CPU
                     st = save_state(VMStateStream(target.vmstate_image, direct=True), ctx.machine_name, ctx.handlers(),
-                                    ctx.ram.array, nz=nz)
+                                    ctx.ram.array, align=max(PAGE, target.vmstate_image.cluster_size),
+                                    threads=scan_threads())
                 t_commit = time.perf_counter()
                 ctx.commit(target, at, st.size)
             except BaseException:
@@ -59,6 +65,6 @@ class BlockingSave(SaveEngine):
         flush_or_undo(target.nodes, at.name)
         m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, st.size, st.nonzero,
                             ctx.ram_pages() - st.nonzero)
-        m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": t_write - t_scan,
-                        "write_s": t_commit - t_write, "commit_s": t_resume - t_commit})
+        m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": st.scan_s,
+                        "write_s": t_commit - t_write - st.scan_s, "commit_s": t_resume - t_commit})
         return ctx.saved(m, target, at.name)
