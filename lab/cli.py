@@ -28,18 +28,21 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
     with_qemu = qemu.available_guest() and not a.no_qemu
     spec = ReproSpec(ram_mib=parse_sizes(a.ram), reps=a.repetitions, conditions=("dirty",),
-                     dirty_rate_mib_s=a.rate, working_set_mib=a.ws, seed=a.seed, with_qemu=with_qemu)
+                     dirty_rate_mib_s=a.rate, working_set_mib=a.ws, seed=a.seed, with_qemu=with_qemu,
+                     qemu_cache=a.qemu_cache)
+    committed = COMMITTED if a.qemu_cache == "direct" else COMMITTED.parent / "reproduction-writeback"
     out = Path(a.out)
     print(f"snaplab compare: snapshot downtime of the dirty guest ({a.rate} MiB/s over {a.ws} MiB), RAM "
           f"{list(spec.ram_mib)} MiB, seed {a.seed}, {a.repetitions} repetitions; QEMU 7.2 "
-          f"{'measured now' if with_qemu else 'from the committed reproduction'}", flush=True)
+          f"{'measured now' if with_qemu else 'from the committed reproduction'}, "
+          f"{repro_report.qemu_cache_text(a.qemu_cache)}", flush=True)
     t0 = time.monotonic()
     reproduce(spec, out, log=lambda s: print(f"  {s}", flush=True))
     rows, meta = repro_report.load_runs(out)
     qemu_rows: list[dict[str, object]] = []
-    label = "measured now"
-    if not with_qemu and (COMMITTED / "runs.csv").exists():
-        old, old_meta = repro_report.load_runs(COMMITTED)
+    label = f"measured now, {repro_report.qemu_cache_text(a.qemu_cache)}"
+    if not with_qemu and (committed / "runs.csv").exists():
+        old, old_meta = repro_report.load_runs(committed)
         qemu_rows = [r for r in old if r["system"] == "qemu" and r["workload"] == "dirty"
                      and r["dirty_rate_mibs"] == a.rate and r["ram_mib"] in spec.ram_mib
                      and r["working_set_mib"] == spec.working_set(int(r["ram_mib"]))]
@@ -123,21 +126,31 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     reps = a.reps if a.reps is not None else (QUICK_REPS if a.quick else ReproSpec().reps)
     conditions = tuple(c.strip() for c in a.conditions.split(",") if c.strip())
     spec = ReproSpec(ram_mib=sizes, reps=reps, conditions=conditions, dirty_rate_mib_s=a.rate,
-                     working_set_mib=a.ws, seed=a.seed, with_qemu=not a.no_qemu)
+                     working_set_mib=a.ws, seed=a.seed, with_qemu=not a.no_qemu, qemu_cache=a.qemu_cache,
+                     touched_ws=a.touched)
     committed = None
     if a.compare:
         committed = repro_report.load_runs(a.compare)  # fail on a bad directory before measuring
     out = Path(a.out)
     print(f"snaplab reproduce: RAM {list(spec.ram_mib)} MiB, {spec.reps} repetitions, {', '.join(conditions)}, "
           f"seed {spec.seed}, {'with' if spec.with_qemu else 'without'} QEMU -> {out}", flush=True)
+    client = None
+    if a.scheduler:
+        from distributed import Client
+
+        client = Client(a.scheduler)
     t0 = time.monotonic()
-    reproduce(spec, out, log=lambda s: print(f"  {s}", flush=True))
+    try:
+        reproduce(spec, out, log=lambda s: print(f"  {s}", flush=True), client=client)
+    finally:
+        if client is not None:
+            client.close()
     rows, meta = repro_report.load_runs(out)
     print(repro_report.table(rows))
-    repro_report.figure(rows, meta, out / "downtime.png")
+    pngs = repro_report.figures(rows, meta, out)
     if committed is not None:
         print(repro_report.compare_text(rows, committed[0], repro_report.source_label(committed[1], True)))
-    print(f"runs: {out / 'runs.csv'}, metadata: {out / 'metadata.json'}, figure: {out / 'downtime.png'}; "
+    print(f"runs: {out / 'runs.csv'}, metadata: {out / 'metadata.json'}, figures: {', '.join(map(str, pngs))}; "
           f"{time.monotonic() - t0:.0f} s")
     return 0
 
@@ -149,10 +162,10 @@ def cmd_plot(a: argparse.Namespace) -> int:
         from lab import repro_report
 
         rows, meta = repro_report.load_runs(a.results)
-        png = a.png if a.png != "out/plot.png" else str(Path(a.results) / "downtime.png")
-        repro_report.figure(rows, meta, png, committed=a.committed)
+        where = Path(a.png).parent if a.png != "out/plot.png" else Path(a.results)
+        pngs = repro_report.figures(rows, meta, where, committed=a.committed)
         print(repro_report.table(rows))
-        print(f"plot: {png} ({repro_report.source_label(meta, a.committed)})")
+        print(f"plots: {', '.join(map(str, pngs))} ({repro_report.source_label(meta, a.committed)})")
         return 0
     rows, meta = results.load(a.results)
     plot.downtime_vs_ram(rows, a.png)  # snaplab only: QEMU beside it comes from a reproduction (same guest)
@@ -171,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--rate", type=int, default=100, help="the guest's dirty rate, MiB/s")
     c.add_argument("--ws", type=int, default=256, help="the guest's working set, MiB")
     c.add_argument("--no-qemu", action="store_true", help="do not run QEMU (use the committed data)")
+    c.add_argument("--qemu-cache", default="direct", choices=("direct", "writeback"),
+                   help="QEMU's image: direct (cache.direct=on, around the page cache as snaplab's VM state; "
+                        "data/results/reproduction) or writeback (QEMU's default; data/results/reproduction-writeback)")
     c.add_argument("--out", default="out/compare")
     c.add_argument("--png", default="out/compare.png")
     c.set_defaults(fn=cmd_compare)
@@ -209,6 +225,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--seed", type=int, default=1)
     e.add_argument("--no-qemu", action="store_true", help="measure snaplab only")
     e.add_argument("--compare", default="", help="a committed reproduction to compare the ratios with")
+    e.add_argument("--qemu-cache", default="direct", help="QEMU's image file node: direct (cache.direct=on, "
+                   "O_DIRECT as snaplab) or writeback (QEMU's default, through the page cache)")
+    e.add_argument("--touched", type=float, default=7.0, help="working sets' worth of pages the dirty guest "
+                   "writes before any measured operation, on both systems (7: 99.9%% of it touched)")
+    e.add_argument("--scheduler", default="", help="a dask.distributed scheduler address: each (size, condition) "
+                   "pair runs on one worker started with --resources timed=1")
     e.set_defaults(fn=cmd_reproduce)
     a = ap.parse_args(argv)
     try:

@@ -283,10 +283,15 @@ class ProgressReader:
             return list(self.samples if last is None else self.samples[-last:])
 
 
-def guest_argv(w: Path, mib: int, spec: WorkloadSpec, loaders: list[str]) -> list[str]:
+def guest_argv(w: Path, mib: int, spec: WorkloadSpec, loaders: list[str], cache_direct: bool = False) -> list[str]:
     """qemu-system-x86_64 running snaplab's own guest program (emulator/qemu_guest.py): the
     configured multiboot image, a 1 GiB qcow2 disk for the VM state, progress on a debug
-    console chardev (``w/progress.sock``, which the host listens on), QMP on ``w/q.sock``."""
+    console chardev (``w/progress.sock``, which the host listens on), QMP on ``w/q.sock``.
+    ``cache_direct``: the image's file node opened with ``cache.direct=on`` (O_DIRECT: the VM
+    state written and read around the host's page cache, as snaplab does)."""
+    disk_file: dict[str, Any] = {"driver": "file", "filename": str(w / "disk0.qcow2"), "node-name": "disk0-file"}
+    if cache_direct:
+        disk_file["cache"] = {"direct": True}
     (w / "guest.mb").write_bytes(configured_image(spec, mib << 20))
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(w / "disk0.qcow2"), "1G"], check=True)
     return ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", f"{mib}M",
@@ -294,19 +299,19 @@ def guest_argv(w: Path, mib: int, spec: WorkloadSpec, loaders: list[str]) -> lis
             "-device", "pvpanic",
             "-chardev", f"socket,id=progress,path={w / 'progress.sock'}",
             "-device", f"isa-debugcon,iobase={PROGRESS_PORT:#x},chardev=progress",
-            "-blockdev", json.dumps({"driver": "file", "filename": str(w / "disk0.qcow2"), "node-name": "disk0-file"}),
+            "-blockdev", json.dumps(disk_file),
             "-blockdev", json.dumps({"driver": "qcow2", "file": "disk0-file", "node-name": "disk0"}),
             "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev", *loaders,
             "-qmp", f"unix:{w / 'q.sock'},server=on,wait=off"]
 
 
 @contextlib.contextmanager
-def running_guest(w: Path, mib: int, spec: WorkloadSpec, *,
-                  loaders: list[str] | None = None) -> Iterator[tuple[RawQMP, ProgressReader, list[str]]]:
+def running_guest(w: Path, mib: int, spec: WorkloadSpec, *, loaders: list[str] | None = None,
+                  cache_direct: bool = False) -> Iterator[tuple[RawQMP, ProgressReader, list[str]]]:
     """QEMU running snaplab's guest program ``spec`` in ``mib`` MiB (``loaders``: the
     ``-device loader`` arguments of :func:`fill_files`, made beforehand); yields its QMP, its
     progress and its command line.  QEMU's stderr goes to ``w/qemu.stderr``."""
-    argv = guest_argv(w, mib, spec, loaders or [])
+    argv = guest_argv(w, mib, spec, loaders or [], cache_direct)
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(str(w / "progress.sock"))
     listener.listen(1)

@@ -29,10 +29,11 @@ from lab.spec import (
     save_engines,
     write_protects,
 )
-from lab.stats import Summary, summarize
+from lab.stats import Summary, fmt_with_spread, summarize
 
 NUMERIC = {"ram_mib": int, "dirty_rate_mibs": int, "working_set_mib": int, "rep": int, "downtime_ms": float,
-           "total_s": float, "progress_ratio": float, "vmstate_bytes": int, "started_at": float}
+           "total_s": float, "progress_ratio": float, "vmstate_bytes": int, "started_at": float,
+           "guest_iterations": float}  # guest_iterations: absent (nan) in runs made before it was recorded
 Key = tuple[str, str, str, str, int]  # workload, op, engine, system, ram
 
 
@@ -58,11 +59,11 @@ LARGER_STATE = 1.5  # a QEMU snapshot this many times snaplab's VM state is not 
 
 
 def mark_excluded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Set ``excluded`` (a reason, or "") on every row: in the ``idle-random`` condition (RAM
-    filled through ``-device loader``), a QEMU save whose VM state is more than
-    :data:`LARGER_STATE` times snaplab's median at the same engine and size (QEMU's first
-    internal snapshot after boot held twice the bytes, measured; its later ones did not), and
-    the load of that snapshot."""
+    """Set ``excluded`` (a reason, or "") on every row: a QEMU save whose VM state is more than
+    :data:`LARGER_STATE` times snaplab's median at the same condition, engine and size, and the
+    load of that snapshot: it did more work than snaplab's (QEMU 7.2's ``savevm`` with the
+    ``background-snapshot`` capability on stores pages twice, docs/reproduction.md; runs made
+    before 2026-12-04 10:50 had it on)."""
     ours: dict[tuple[str, str, int], list[int]] = defaultdict(list)
     for r in rows:
         if r["system"] == "snaplab" and r["op"] == "save":
@@ -71,9 +72,9 @@ def mark_excluded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         r["excluded"] = ""
         mine = ours.get((r["workload"], r["engine"], r["ram_mib"]))
-        if r["system"] == "qemu" and r["op"] == "save" and r["workload"] == "idle-random" and mine and \
+        if r["system"] == "qemu" and r["op"] == "save" and mine and \
                 r["vmstate_bytes"] > LARGER_STATE * float(np.median(mine)):
-            r["excluded"] = "VM state more than 1.5x snaplab's (QEMU's first snapshot after boot)"
+            r["excluded"] = "VM state more than 1.5x snaplab's"
             big.add((r["workload"], r["ram_mib"], r["rep"]))
     for r in rows:
         if r["system"] == "qemu" and r["op"] == "load" and (r["workload"], r["ram_mib"], r["rep"]) in big:
@@ -85,14 +86,13 @@ def summaries(rows: list[dict[str, Any]], field: str) -> dict[Key, Summary]:
     """Per (condition, op, engine, system, RAM): the summary of ``field`` over rows not excluded."""
     groups: dict[Key, list[float]] = defaultdict(list)
     for r in rows:
-        if not r.get("excluded"):
-            groups[(r["workload"], r["op"], r["engine"], r["system"], r["ram_mib"])].append(float(r[field]))
+        v = float(r.get(field, math.nan))
+        if not r.get("excluded") and not math.isnan(v):  # nan: not measured (e.g. a load's progress)
+            groups[(r["workload"], r["op"], r["engine"], r["system"], r["ram_mib"])].append(v)
     return {k: summarize(v) for k, v in sorted(groups.items())}
 
 
-# The random fill comes in through -device loader.  QEMU's first snapshot after boot held twice
-# snaplab's VM state (later ones the same size, measured): mark_excluded leaves those rows out.
-# Its load resets the machine first, and the reset copies every loader file into RAM again
+# The random fill comes in through -device loader.  QEMU's load resets the machine first, and the reset copies every loader file into RAM again
 # (hw/core/loader.c rom_reset; `info roms` still lists the file after a loadvm): more work than
 # snaplab's load does, so the blocking load of that condition is left out.
 def not_comparable() -> dict[tuple[str, str, str], str]:
@@ -118,11 +118,11 @@ def table(rows: list[dict[str, Any]]) -> str:
     down, total, prog = summaries(rows, "downtime_ms"), summaries(rows, "total_s"), summaries(rows, "progress_ratio")
     state = summaries(rows, "vmstate_bytes")
     lines = [f"{'workload':<12}{'op':<5}{'engine':<11}{'system':<8}{'RAM':>6} {'n':>2}  "
-             f"{'downtime ms (spread)':<44}{'total s':>8}  {'progress':>8}  {'state MiB':>9}"]
+             f"{'downtime ms (spread)':<46}{'total s':>8}  {'progress':>8}  {'state MiB':>9}"]
     for k, s in down.items():
         wl, op, eng, system, ram = k
-        p = prog[k].median
-        lines.append(f"{wl:<12}{op:<5}{eng:<11}{system:<8}{ram:>6} {s.n:>2}  {f'{s.median:.3g} ({s.spread()})':<44}"
+        p = prog[k].median if k in prog else math.nan
+        lines.append(f"{wl:<12}{op:<5}{eng:<11}{system:<8}{ram:>6} {s.n:>2}  {fmt_with_spread(s):<46}"
                      f"{total[k].median:>8.3g}  {'' if math.isnan(p) else f'{p:.0%}':>8}  "
                      f"{state[k].median / 2**20:>9.0f}")
     r, rt = ratios(rows), ratios(rows, "total_s")
@@ -149,21 +149,63 @@ def compare_text(new: list[dict[str, Any]], committed: list[dict[str, Any]], lab
     return "\n".join(lines)
 
 
+def qemu_side_by_side(runs: dict[str, list[dict[str, Any]]], field: str = "downtime_ms") -> str:
+    """QEMU's median ``field`` (with its spread) in each run of ``runs`` (label -> rows), and
+    the QEMU/snaplab ratio of each run against snaplab's rows of that same run: e.g. QEMU's
+    image with and without ``cache.direct``."""
+    sums = {label: summaries(rows, field) for label, rows in runs.items()}
+    rats = {label: ratios(rows, field) for label, rows in runs.items()}
+    keys = sorted({k for s in sums.values() for k in s if k[3] == "qemu"})
+    head = "".join(f"{label + ': QEMU (spread)':<46}{'ratio':>7}  " for label in runs)
+    lines = [f"{'workload':<12}{'op':<5}{'engine':<11}{'RAM':>6}  {head}"]
+    for wl, op, eng, _, ram in keys:
+        cells = ""
+        for label in runs:
+            q = sums[label].get((wl, op, eng, "qemu", ram))
+            r = rats[label].get((wl, op, eng, ram), math.nan)
+            ratio = "-" if math.isnan(r) else f"{r:.1f}x"  # "-": not comparable (not_comparable)
+            cells += f"{fmt_with_spread(q) if q else '-':<46}{ratio:>7}  "
+        lines.append(f"{wl:<12}{op:<5}{eng:<11}{ram:>6}  {cells}")
+    return "\n".join(lines)
+
+
+def qemu_cache_text(mode: str) -> str:
+    """How QEMU's image was opened, for labels: ``ReproSpec.qemu_cache``."""
+    return "QEMU cache.direct=on" if mode == "direct" else "QEMU through the page cache"
+
+
 def source_label(meta: dict[str, Any], committed: bool) -> str:
+    """Where a run's figures come from: measured or committed, its date and host, and QEMU's
+    cache mode (runs recorded before the mode existed went through the page cache)."""
     when = str(meta.get("started", "?"))[:10]
     where = meta.get("host", "?")
-    return f"{'committed data' if committed else 'measured'} {when} on {where}"
+    cache = qemu_cache_text(meta.get("spec", {}).get("qemu_cache", "writeback"))
+    return f"{'committed data' if committed else 'measured'} {when} on {where}, {cache}"
+
+
+FIELDS = {  # what a figure can draw: axis label, log axis, the caption's note
+    "downtime_ms": ("downtime, STOP to RESUME (ms)", True,
+                    "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab flushes "
+                    "after RESUME (in total time, not downtime). docs/reproduction.md"),
+    "total_s": ("total time, command to completion event (s)", True,
+                "Total: from the command to the job's concluded (or MIGRATION completed) event, flushes "
+                "included on both systems. docs/reproduction.md"),
+    "progress_ratio": ("guest progress during the operation / before it", False,
+                       "Progress: the dirty guest's page-write rate between command and completion over its "
+                       "rate in the second before (1 = unhindered). docs/reproduction.md"),
+}
 
 
 def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | None = None,
-           committed: bool = False) -> Any:
-    """Downtime against RAM, one panel per (condition, operation): both systems' engines,
+           committed: bool = False, field: str = "downtime_ms") -> Any:
+    """``field`` (downtime by default, or total time, or guest progress: :data:`FIELDS`)
+    against RAM, one panel per (condition, operation) that has it: both systems' engines,
     medians with IQR error bars.  Each series keeps its marker and line in every panel
     (:func:`series_style`), series are spread a little along the RAM axis so that equal values stay
     apart, and a QEMU series that :func:`not_comparable` rules out is not drawn (the panel's
     title says so)."""
-    panels = sorted({(r["workload"], r["op"]) for r in rows})
-    s = summaries(rows, "downtime_ms")
+    s = summaries(rows, field)
+    panels = sorted({(k[0], k[1]) for k in s})
     ncol = min(2, max(1, len(panels)))
     nrow = (max(1, len(panels)) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 5.0 * nrow), squeeze=False)
@@ -181,7 +223,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
             marker, ls, color = series_style(system, op, eng)
             ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=ls, color=color, capsize=3,
                         markerfacecolor="white" if system == "qemu" else color, label=series_label(system, op, eng))
-        _downtime_axes(ax, sorted({k[4] for k in s}))
+        _downtime_axes(ax, sorted({k[4] for k in s}), field)
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
         why = [w for (a, b, _), w in not_comparable().items() if (a, b) == (wl, op)]
@@ -191,15 +233,30 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         ax.set_title("\n".join(lines), fontsize=9)
         ax.grid(True, which="both", linewidth=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR "
                  f"({source_label(meta, committed)})", fontsize=9)
     fig.tight_layout()
-    fig.text(0.5, -0.02, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
-             "flushes after RESUME (in total time, not downtime). docs/reproduction.md", ha="center", fontsize=8)
+    fig.text(0.5, -0.02, FIELDS[field][2], ha="center", fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
     return fig
+
+
+def figures(rows: list[dict[str, Any]], meta: dict[str, Any], directory: str | Path,
+            committed: bool = False) -> list[Path]:
+    """``downtime.png``, ``total.png`` and ``progress.png`` in ``directory`` (:func:`figure`
+    of each field that has a value); returns the paths written."""
+    written = []
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for field, name in (("downtime_ms", "downtime"), ("total_s", "total"), ("progress_ratio", "progress")):
+        if summaries(rows, field):
+            path = Path(directory) / f"{name}.png"
+            figure(rows, meta, path, committed=committed, field=field)
+            written.append(path)
+    return written
 
 
 def _engine_roles() -> dict[str, str]:
@@ -250,7 +307,7 @@ def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:
     mine = [r for r in rows if (r["workload"], r["op"], r["engine"]) == (wl, op, blocking)]
     notes = []
     if any(r["excluded"] for r in mine if "excluded" in r):
-        notes.append("QEMU's first snapshot after boot left out: twice the VM state")
+        notes.append("QEMU saves with more than 1.5x snaplab's VM state left out")
     st = summaries(mine, "vmstate_bytes")
     ratio = [v.median / st[(wl, op, blocking, "snaplab", k[4])].median for k, v in st.items()
              if k[3] == "qemu" and (wl, op, blocking, "snaplab", k[4]) in st]
@@ -259,15 +316,20 @@ def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:
     return "".join(f"\n({n})" for n in notes)
 
 
-def _downtime_axes(ax: Any, sizes: list[int]) -> None:
-    """Log-log axes: RAM sizes as plain MiB ticks, downtime in ms."""
+def _downtime_axes(ax: Any, sizes: list[int], field: str = "downtime_ms") -> None:
+    """RAM sizes as plain MiB ticks on a log2 axis; the field's value on a log axis (times) or
+    a linear one from 0 (progress ratios)."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_yscale("log")
+    label, log, _ = FIELDS[field]
+    if log:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
     ax.set_xlabel("guest RAM (MiB)")
-    ax.set_ylabel("downtime, STOP to RESUME (ms)")
+    ax.set_ylabel(label)
 
 
 def _dirty_label(rows: list[dict[str, Any]], wl: str) -> str:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import os
 import platform
@@ -66,12 +67,15 @@ CONDITIONS = ("idle-random", "dirty")
 SYSTEMS = ("snaplab", "qemu")
 MIGRATE_BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems (not an engine)
 COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mibs", "working_set_mib", "rep",
-           "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at")
+           "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at",
+           "guest_iterations", "host")
+QEMU_CACHES = ("direct", "writeback")  # cache.direct=on / off on QEMU's image file node
 FULL_SIZES, FULL_REPS = (256, 1024, 4096), 5
 QUICK_SIZES, QUICK_REPS = (256, 1024), 3
 IDLE_SETTLE_S = 1.0
 RECENT_SAMPLES = 4096  # progress samples a measurement reads: ~40 s at 100 reports a second
 STEADY_TIMEOUT_S = 30.0
+TOUCHED_WS = 7.0  # working sets' worth of pages written before a measurement: 1 - e^-7 = 99.9% touched
 MIN_RAM_MIB, MAX_RAM_MIB = 64, 16384
 
 
@@ -90,6 +94,8 @@ class ReproSpec:
     working_set_mib: int = 256
     seed: int = 1
     with_qemu: bool = True
+    qemu_cache: str = "direct"
+    touched_ws: float = TOUCHED_WS
 
     def __post_init__(self) -> None:
         for r in self.ram_mib:
@@ -106,11 +112,24 @@ class ReproSpec:
             raise ReproError("--rate: expected a positive rate in MiB/s")
         if self.working_set_mib < 1:
             raise ReproError("--ws: expected a positive working set in MiB")
+        if self.qemu_cache not in QEMU_CACHES:
+            raise ReproError(f"--qemu-cache: {self.qemu_cache!r} is not allowed; expected {', '.join(QEMU_CACHES)}")
+        if not 0 <= self.touched_ws <= 50:
+            raise ReproError(f"--touched: {self.touched_ws} is not allowed; expected 0 to 50 working sets")
 
     def working_set(self, ram_mib: int) -> int:
         """The dirty workload's working set at this RAM size: as asked, or half of RAM where
         that does not fit (the rows record the one used)."""
         return min(self.working_set_mib, ram_mib // 2)
+
+    def min_iterations(self, condition: str, ram_mib: int) -> int:
+        """The guest iteration count (pages written) every measured operation of ``condition``
+        waits for, the same on both systems: ``touched_ws`` working sets' worth, so both guests
+        have touched the same share of their working set (the VM state's size depends on it;
+        the random pattern draws pages with replacement).  The idle guest writes nothing: 0."""
+        if condition != "dirty":
+            return 0
+        return int(self.touched_ws * (self.working_set(ram_mib) << 20) // 4096)
 
     def workload(self, condition: str, ram_mib: int) -> WorkloadSpec:
         if condition == "dirty":
@@ -192,14 +211,25 @@ def _rate(samples: list[tuple[int, int]], start_ns: int, end_ns: int) -> float:
     return float((b - a) / ((end_ns - start_ns) / 1e9))
 
 
-def wait_steady(g: Guest, spec: WorkloadSpec) -> bool:
-    """Until the guest's progress over the last second (the window a progress ratio compares
-    with) runs forward at its configured rate, within 10% (pages a second); the idle guest
-    halts and has no rate: a fixed settle time."""
+def iterations_now(g: Guest) -> int:
+    """The guest's iteration counter in its latest progress sample (0 before the first)."""
+    last = g.progress()[-1:]
+    return int(last[0][1]) if last else 0
+
+
+def wait_steady(g: Guest, spec: WorkloadSpec, min_iterations: int = 0) -> bool:
+    """Until the guest has run ``min_iterations`` iterations and its progress over the last
+    second (the window a progress ratio compares with) runs forward at its configured rate,
+    within 10% (pages a second); the idle guest halts and has no rate: a fixed settle time."""
     if spec.rate == 0:
         time.sleep(IDLE_SETTLE_S)
         return True
     want = spec.rate / 4096
+    end = time.monotonic() + STEADY_TIMEOUT_S + 2 * max(0, min_iterations - iterations_now(g)) / want
+    while iterations_now(g) < min_iterations and time.monotonic() < end:
+        time.sleep(0.05)
+    if iterations_now(g) < min_iterations:
+        return False
     deadline = time.monotonic() + STEADY_TIMEOUT_S
     while time.monotonic() < deadline:
         time.sleep(0.1)
@@ -246,13 +276,19 @@ def run_job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int
 
 
 def background_snapshot(g: Guest, path: Path) -> tuple[float, float, int, int]:
-    """migrate with background-snapshot to a file: (downtime ms, total s, command ns, done ns)."""
+    """migrate with background-snapshot to a file: (downtime ms, total s, command ns, done ns).
+
+    The capability is on only for this migration: QEMU 7.2's ``savevm`` reads it too (its RAM
+    setup skips the dirty-log start and first bitmap sync, ``ram_init_bitmaps()``), and an
+    internal snapshot taken with it on stores pages twice (docs/reproduction.md)."""
     q = g.qmp
+    q.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": True}]})
     q.events.clear()
     sent, t0 = time.time(), time.monotonic_ns()
     q.cmd("migrate", {"uri": f"exec:cat > {path}"})
     done = q.wait_event(lambda e: e["event"] == "MIGRATION" and e["data"]["status"] in ("completed", "failed"))
     t1 = time.monotonic_ns()
+    q.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": False}]})
     if done["data"]["status"] != "completed":
         raise RuntimeError(f"{g.system} background snapshot failed: {q.cmd('query-migrate')}")
     return _stopped(q.events), _ts(done) - sent, t0, t1
@@ -273,10 +309,17 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
     w = spec.workload(condition, ram)
     blocking_save, blocking_load = save_engines()[0], load_engines()[0]
     base = {"vmstate": "disk0", "devices": ["disk0"]}
-    g.qmp.cmd("migrate-set-capabilities", {"capabilities": [
-        {"capability": "background-snapshot", "state": True}, {"capability": "events", "state": True}]})
+    g.qmp.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
 
-    def row(engine: str, op: str, rep: int, steady: bool, m: tuple[float, float, int, int], vm: int) -> None:
+    least = spec.min_iterations(condition, ram)
+    host = socket.gethostname()
+
+    def ready() -> tuple[bool, int]:
+        """Steady, past the common iteration count; (steady, the iteration count now)."""
+        steady = wait_steady(g, w, least)
+        return steady, iterations_now(g)
+
+    def row(engine: str, op: str, rep: int, at: tuple[bool, int], m: tuple[float, float, int, int], vm: int) -> None:
         # Progress has a meaning only for a paced guest, and only for a save: a load puts the
         # guest's counter back to the snapshot's (load metrics are the restore issue's).
         paced = condition == "dirty" and op == "save"
@@ -284,33 +327,34 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
               "dirty_rate_mibs": spec.dirty_rate_mib_s if condition == "dirty" else 0,
               "working_set_mib": spec.working_set(ram) if condition == "dirty" else 0, "rep": rep,
               "downtime_ms": m[0], "total_s": m[1], "progress_ratio": progress_ratio(g, m[2], m[3]) if paced else float("nan"),
-              "vmstate_bytes": vm, "steady": steady, "started_at": time.time()})
+              "vmstate_bytes": vm, "steady": at[0], "started_at": time.time(), "guest_iterations": at[1],
+              "host": host})
 
     ours_save = [e for e in save_engines()[1:] if guest_runs(e)] if g.system == "snaplab" else []
     ours_load = [e for e in load_engines()[1:] if resumes_early(e) and not waits_for_complete(e)] if g.system == "snaplab" else []
     for rep in range(spec.reps):
         tag = f"r{rep}"
-        steady = wait_steady(g, w)
-        row(blocking_save, "save", rep, steady, run_job(g, "snapshot-save", {"job-id": f"s{rep}", "tag": tag, **base}),
+        at = ready()
+        row(blocking_save, "save", rep, at, run_job(g, "snapshot-save", {"job-id": f"s{rep}", "tag": tag, **base}),
             vmstate_bytes(g, tag))
-        steady = wait_steady(g, w)
-        row(blocking_load, "load", rep, steady, run_job(g, "snapshot-load", {"job-id": f"l{rep}", "tag": tag, **base}),
+        at = ready()
+        row(blocking_load, "load", rep, at, run_job(g, "snapshot-load", {"job-id": f"l{rep}", "tag": tag, **base}),
             vmstate_bytes(g, tag))
         for eng in ours_load:
-            steady = wait_steady(g, w)
+            at = ready()
             args = {"job-id": f"l{rep}-{eng}", "tag": tag, **base, "__org.snaplab_engine": eng}
-            row(eng, "load", rep, steady, run_job(g, "snapshot-load", args), vmstate_bytes(g, tag))
+            row(eng, "load", rep, at, run_job(g, "snapshot-load", args), vmstate_bytes(g, tag))
         run_job(g, "snapshot-delete", {"job-id": f"d{rep}", "tag": tag, "devices": ["disk0"]})
         for eng in ours_save:
-            steady = wait_steady(g, w)
+            at = ready()
             t = f"{tag}-{eng}"
             m = run_job(g, "snapshot-save", {"job-id": f"s{rep}-{eng}", "tag": t, **base, "__org.snaplab_engine": eng})
-            row(eng, "save", rep, steady, m, vmstate_bytes(g, t))
+            row(eng, "save", rep, at, m, vmstate_bytes(g, t))
             run_job(g, "snapshot-delete", {"job-id": f"d{rep}-{eng}", "tag": t, "devices": ["disk0"]})
-        steady = wait_steady(g, w)
+        at = ready()
         out = g.workdir / f"migrate{rep}.bin"
         m = background_snapshot(g, out)
-        row(MIGRATE_BACKGROUND, "save", rep, steady, m, out.stat().st_size)
+        row(MIGRATE_BACKGROUND, "save", rep, at, m, out.stat().st_size)
         out.unlink()
 
 
@@ -359,13 +403,23 @@ def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str])
 
 
 @contextlib.contextmanager
-def qemu_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str]) -> Iterator[Guest]:
-    with qemu_lab.running_guest(w, ram_mib, spec, loaders=loaders) as (q, progress, argv):
+def qemu_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str],
+               cache_direct: bool = True) -> Iterator[Guest]:
+    """QEMU running the same guest program; ``cache_direct``: its image's file node with
+    ``cache.direct=on`` (the VM state around the page cache, as snaplab's)."""
+    with qemu_lab.running_guest(w, ram_mib, spec, loaders=loaders,
+                                cache_direct=cache_direct) as (q, progress, argv):
         yield Guest("qemu", q, lambda: progress.history(last=RECENT_SAMPLES), w, argv)
 
 
-def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Measure everything ``spec`` asks for into ``out/runs.csv`` + ``out/metadata.json``."""
+def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print, client: Any = None) -> Path:
+    """Measure everything ``spec`` asks for into ``out/runs.csv`` + ``out/metadata.json``.
+
+    ``client``: a ``dask.distributed.Client``: each (size, condition) pair of blocks, both
+    systems in their ABBA order, runs on one worker holding the ``timed`` resource (one timed
+    experiment at a time per host, both systems on the same host); its rows arrive when the
+    pair ends, and a pair that fails keeps the rows it measured.  Without it, the pairs run
+    here one after another and every row is written as soon as it is measured."""
     if spec.with_qemu and not shutil.which("qemu-system-x86_64"):
         raise ReproError("qemu-system-x86_64 is not installed: install Debian's qemu-system-x86 "
                          "(apt-get install qemu-system-x86), or pass --no-qemu")
@@ -381,22 +435,65 @@ def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print) ->
             writer.writerow(r)
             f.flush()
 
-        for i, ram in enumerate(spec.ram_mib):
-            for j, condition in enumerate(spec.conditions):
-                # ABBA: the first system alternates from one size to the next, for every condition
-                order = systems if (i + j) % 2 == 0 else tuple(reversed(systems))
+        # ABBA: the first system alternates from one size to the next, for every condition
+        pairs = [(ram, condition, systems if (i + j) % 2 == 0 else tuple(reversed(systems)))
+                 for i, ram in enumerate(spec.ram_mib) for j, condition in enumerate(spec.conditions)]
+        if client is None:
+            for ram, condition, order in pairs:
                 for system in order:
                     log(f"{system}: {ram} MiB, {condition}")
                     meta["blocks"].append(_one_block(spec, system, ram, condition, emit))
                     _write_json(out / "metadata.json", meta)
+        else:
+            _on_dask(client, spec, pairs, emit, meta, out, log)
     meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     _write_json(out / "metadata.json", meta)
     return csv_path
 
 
+def _pair_task(spec: ReproSpec, ram: int, condition: str, order: tuple[str, ...]) -> dict[str, Any]:
+    """One Dask task: the blocks of one (size, condition), both systems in ``order``, on this
+    worker; the rows measured, the blocks' metadata, and the error that stopped it (or "")."""
+    rows: list[dict[str, Any]] = []
+    blocks: list[dict[str, Any]] = []
+    try:
+        for system in order:
+            blocks.append(_one_block(spec, system, ram, condition, rows.append))
+    except Exception as e:  # noqa: BLE001 - reported to the client with the rows kept
+        return {"rows": rows, "blocks": blocks, "error": f"{type(e).__name__}: {e}"}
+    return {"rows": rows, "blocks": blocks, "error": ""}
+
+
+def _on_dask(client: Any, spec: ReproSpec, pairs: list[tuple[int, str, tuple[str, ...]]],
+             emit: Callable[[dict[str, Any]], None], meta: dict[str, Any], out: Path,
+             log: Callable[[str], None]) -> None:
+    from distributed import as_completed as dask_completed
+
+    from lab.sweep import TIMED, check_timed_resource
+
+    check_timed_resource(client)
+    futures = [client.submit(_pair_task, spec, ram, cond, order, pure=False, resources={TIMED: 1})
+               for ram, cond, order in pairs]
+    failed = []
+    for fut in dask_completed(futures):
+        res = fut.result()
+        for r in res["rows"]:
+            emit(r)
+        meta["blocks"].extend(res["blocks"])
+        _write_json(out / "metadata.json", meta)
+        hosts = sorted({r["host"] for r in res["rows"]}) or ["?"]
+        log(f"pair done on {', '.join(hosts)}: {len(res['rows'])} rows" + (f"; failed: {res['error']}" if res["error"] else ""))
+        if res["error"]:
+            failed.append(res["error"])
+    if failed:
+        raise ReproError(f"{len(failed)} of {len(pairs)} (size, condition) pairs failed (their rows measured so far are kept "
+                         f"in {out / 'runs.csv'}): {failed[0]}")
+
+
 def _one_block(spec: ReproSpec, system: str, ram: int, condition: str,
                emit: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    start = qemu_guest if system == "qemu" else snaplab_guest
+    start = (functools.partial(qemu_guest, cache_direct=spec.qemu_cache == "direct") if system == "qemu"
+             else snaplab_guest)
     with tempfile.TemporaryDirectory(prefix="snaplab-repro-", dir="/var/tmp") as d:
         w = Path(d)
         # The fill files are written before the page cache is dropped, so no writeback of them
@@ -408,7 +505,7 @@ def _one_block(spec: ReproSpec, system: str, ram: int, condition: str,
         with start(w, ram, spec.workload(condition, ram), loaders) as g:
             measure_block(g, spec, condition, ram, emit)
             return {"system": system, "ram_mib": ram, "workload": condition, "command": g.argv,
-                    "warmed_bytes": warmed}
+                    "warmed_bytes": warmed, "host": socket.gethostname()}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -444,11 +541,14 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
         "page_cache": "fill files written, then host memory touched and freed (3 x RAM + 2 GiB, within what "
                       "is free), os.sync() and /proc/sys/vm/drop_caches=3 before each block"
                       + ("" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else " (NOT dropped: not root)")
-                      + "; snaplab's VM state written and read around the page cache (O_DIRECT, docs/deviations.md 57),"
-                      " QEMU's through it (its default cache.direct=off)",
+                      + "; snaplab's VM state written and read around the page cache (O_DIRECT, docs/deviations.md 57), "
+                      + ("QEMU's too (cache.direct=on on its image's file node)" if spec.qemu_cache == "direct" else
+                         "QEMU's through it (its default, cache.direct=off)"),
         "versions": {"snaplab": version("snaplab"), "unicorn": version("unicorn"),
                      "python": platform.python_version(), "qemu": qemu},
         "definitions": {"downtime_ms": "STOP -> RESUME, QMP event timestamps",
+                        "guest_iterations": "the guest's iteration counter (pages written) at the command; every "
+                                            "dirty-condition operation waits for spec.touched_ws working sets' worth",
                         "total_s": "command sent (host wall clock) -> JOB_STATUS_CHANGE concluded or "
                                    "MIGRATION completed (event timestamp)",
                         "progress_ratio": "guest progress rate between command and completion / rate in "

@@ -84,4 +84,10 @@ def summarize(values: Sequence[float]) -> Summary:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.3g}"
+    """Three significant digits, whole numbers from 1000 on (1090, not 1.09e+03)."""
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.3g}"
+
+
+def fmt_with_spread(s: Summary) -> str:
+    """``median (spread)``: the cell every table prints for a summary."""
+    return f"{_fmt(s.median)} ({s.spread()})"

@@ -52,7 +52,8 @@ def _run_point(spec_dict: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _check_timed_resource(client: Any) -> None:
+def check_timed_resource(client: Any) -> None:
+    """Refuse a cluster none of whose workers offers the ``timed`` resource."""
     workers = client.scheduler_info().get("workers", {})
     if not any(w.get("resources", {}).get(TIMED, 0) >= 1 for w in workers.values()):
         raise SpecError(f"no Dask worker offers the '{TIMED}' resource: start each worker with "
@@ -90,7 +91,7 @@ def sweep(points: list[ExperimentSpec], out: str | Path, *, workers: int | None 
         if client is not None:
             from distributed import as_completed as dask_completed
 
-            _check_timed_resource(client)
+            check_timed_resource(client)
             futures = client.map(_run_point, [p.as_dict() for p in todo], pure=False, resources={TIMED: 1})
             for fut in dask_completed(futures):
                 finished(fut.result())
