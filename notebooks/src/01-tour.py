@@ -42,12 +42,15 @@ print(q.hmp('info block'))"""),
 
 Write your prediction down before you run each cell.
 
-1. **A paused guest.** While the VM is stopped for 0.3 s, by how much does the guest's iteration counter (reported through the lab port, `m.lab.last.iterations`) advance? And after `cont` and another 0.3 s?
+1. **A paused guest.** While the VM is stopped for 0.3 s, by how much does the guest's iteration counter (reported through the lab port, `m.lab.last.iterations`) advance? And after `cont` (the cell waits for the guest's next report, at most 10 s)?
 2. **Reset.** After `system_reset`, which boot count will the firmware print, and which event will QMP deliver?
 3. **Twice stopped.** `stop`, `stop`, `cont`: how many STOP events?"""),
     ("code", """import time
 q.execute('stop'); a = m.lab.last.iterations; time.sleep(0.3); b = m.lab.last.iterations
-q.execute('cont'); time.sleep(0.3); c = m.lab.last.iterations
+q.execute('cont'); t0 = time.monotonic()
+while m.lab.last.iterations == b and time.monotonic() - t0 < 10:  # the guest's next report, not a fixed sleep
+    time.sleep(0.01)
+c = m.lab.last.iterations
 print('advanced while stopped:', b - a, '| advanced after cont:', c - b > 0)"""),
     ("code", """q.events()
 q.execute('system_reset')

@@ -69,7 +69,7 @@ print('the writes grow with the RAM in use (RAM size fixed):',
 print('every stop includes the zero scan, the writes and the commit:',
       all(r['downtime_internal_ms'] >= r['zero_scan_ms'] + r['write_ms'] for r in rows))
 print('both fitted slopes are positive:', model['scan_ms_per_mib_ram'] > 0 and model['write_ms_per_mib_in_use'] > 0)"""),
-    ("md", """**What happens, and why.** While the guest is stopped, the save reads every page of RAM once to find the zero ones (`zero_scan_ms`), then writes the non-zero pages into the image past the end of the virtual disk (`write_ms`), then commits the qcow2 snapshot (`commit_ms`: small and constant). So the stop has two terms that grow with two different sizes:
+    ("md", """**What happens, and why.** While the guest is stopped, the save reads every page of RAM once to find the zero ones (`zero_scan_ms`), writes the non-zero pages into the image past the end of the virtual disk (`write_ms`), then commits the qcow2 snapshot (`commit_ms`: small and constant). snaplab does the first two side by side: it scans RAM in 128 MiB windows and two threads write the pages of the windows already scanned while the next is scanned (`docs/deviations.md` 57), so `write_ms` is the part of the writing that the scan did not hide; QEMU tests and sends one page after another. So the stop has two terms that grow with two different sizes:
 
   stop ≈ (scan cost per MiB) × (MiB of RAM) + (write cost per MiB) × (MiB in use) + commit.
 
