@@ -184,6 +184,19 @@ class GuestRAM:
         """Give every page back to the kernel: RAM reads as zeros again (MADV_DONTNEED)."""
         _libc.madvise(self.addr, self.span, MADV_DONTNEED)
 
+    def zero_range(self, off: int, n: int) -> None:
+        """[off, off+n) (whole pages) reads as zeros and stays present without memory: its
+        pages are given back (MADV_DONTNEED) and read-mapped again (MADV_POPULATE_READ), so
+        they map the shared zero page (the huge one for whole 2 MiB chunks under THP), which
+        write protection holds like any present page.  A memset would make them real pages."""
+        self.check(off, n)
+        if self.before_write is not None:
+            self.before_write(off, n)
+        if _libc.madvise(self.addr + off, n, MADV_DONTNEED) != 0:
+            ctypes.memset(self.addr + off, 0, n)
+            return
+        self.make_present(off, n)
+
     def reserve_aside(self) -> int | None:
         """Address space for :meth:`discard_later` to move the populated pages to (PROT_NONE,
         nothing committed); taken before a downtime, so the downtime does not pay for it.  The
@@ -248,9 +261,19 @@ class GuestRAM:
         or missing-page registration is armed on this mapping (the loader's own rule)."""
         return memoryview(self.array.data).cast("B")
 
-    def collapse(self) -> bool:
-        """Rebuild transparent huge pages (MADV_COLLAPSE) after pages were installed one by one."""
-        return self.hugepages and _libc.madvise(self.addr, self.span, MADV_COLLAPSE) == 0
+    def collapse(self, off: int = 0, n: int | None = None) -> bool:
+        """Rebuild transparent huge pages (MADV_COLLAPSE) after pages were installed one by one
+        (all of RAM, or [off, off+n)).  A 2 MiB range of 4 KiB zero-page mappings becomes a real
+        zeroed huge page: leave such ranges out."""
+        n = self.span - off if n is None else n
+        return self.hugepages and _libc.madvise(self.addr + off, -(-n // HUGE) * HUGE, MADV_COLLAPSE) == 0
+
+    def collapse_chunks(self, data: np.ndarray) -> None:
+        """:meth:`collapse` over the 2 MiB chunks where ``data`` (one bool per chunk) is True,
+        one call per run of them: chunks that hold only zeros keep the shared zero page."""
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], data, [False])).astype(np.int8)))
+        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+            self.collapse(a * HUGE, min(b * HUGE, self.span) - a * HUGE)
 
     def view(self) -> memoryview:
         """A read-only view for bulk reads (saving); never write through it."""

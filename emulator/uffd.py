@@ -43,6 +43,8 @@ PAGEMAP_SCAN = 0xC0606610
 PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_HUGE = 1 << 6
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1
 UFFD_PAGEFAULT_FLAG_WP = 2
@@ -209,3 +211,28 @@ class DirtyScanner:
             pass
         self.uffd.close()
         os.close(self.pagemap)
+
+
+def small_mapped_bytes(start: int, length: int) -> int:
+    """Bytes of [start, start+length) mapped by 4 KiB page-table entries (PAGEMAP_SCAN: present
+    and not PAGE_IS_HUGE).  A 2 MiB entry (a transparent huge page, or the shared huge zero
+    page) is write-protected, moved or scanned at once; small ones cost per page."""
+    fd = os.open("/proc/self/pagemap", os.O_RDONLY)
+    try:
+        vec = (ctypes.c_uint64 * (3 * 4096))()
+        total, pos, end = 0, start, start + length
+        while pos < end:
+            arg = _PmScanArg(ctypes.sizeof(_PmScanArg), 0, pos, end, 0, ctypes.addressof(vec), 4096, 0,
+                             0, 0, PAGE_IS_PRESENT, PAGE_IS_HUGE)
+            n = _libc.ioctl(fd, PAGEMAP_SCAN, ctypes.byref(arg))
+            if n < 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"PAGEMAP_SCAN: {os.strerror(e)}")
+            r = np.ctypeslib.as_array(vec)[: 3 * n].reshape(n, 3)
+            total += int(((r[:, 1] - r[:, 0]) * ((r[:, 2] & PAGE_IS_HUGE) == 0)).sum())
+            if arg.walk_end <= pos:
+                break
+            pos = arg.walk_end
+        return total
+    finally:
+        os.close(fd)

@@ -47,6 +47,7 @@ PREFETCH_READERS = 4  # chunks of a loading set read at once (LazyLoad._prefetch
 @dataclass
 class LazyStats:
     moved_chunks: int = 0  # refilled with the old RAM's own pages (UFFDIO_MOVE), not new ones
+    zero_chunks: int = 0  # all zero in the snapshot: nothing read, nothing installed (_touch_zeros)
     faults: int = 0
     fault_chunks: int = 0
     bg_chunks: int = 0
@@ -97,6 +98,7 @@ class LazyLoad:
         self.uffd = wp.uffd
         self.nchunks = -(-self.ram.size // CHUNK)
         self.state = np.zeros(self.nchunks, dtype=np.int8)
+        self._zero = np.zeros(self.nchunks, dtype=bool)  # chunks installed as the zero page
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()
@@ -148,14 +150,19 @@ class LazyLoad:
         if src is not None:  # the old RAM's pages, at the same offset: read into them, move them
             buf = (ctypes.c_char * n).from_address(src + off)
         try:
-            self._read_chunk(off, n, buf)
+            hosts = self._hosts(off // PAGE, n // PAGE)
+            zero = not hosts.any()
+            if not zero:
+                self._read_chunk(off, n, buf, hosts)
         except Exception as err:
-            # An I/O error: the guest is stopped first, then the chunk gets zeros, only so
-            # that a vCPU blocked on it can reach its stop.
+            # An I/O error: the guest is stopped first; the chunk is then left as an all-zero
+            # one, only so that a vCPU blocked on it can reach its stop.
             self._failed(err)
-            ctypes.memset(buf, 0, n)
+            zero = True
         try:
-            if src is not None and self._move(off, src, n):
+            if zero:
+                pass  # nothing installed: see _touch_zeros and the fill's end
+            elif src is not None and self._move(off, src, n):
                 with self.lock:  # (several readers)
                     self.stats.moved_chunks += 1
             elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
@@ -167,11 +174,28 @@ class LazyLoad:
                         raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
         except OSError as err:  # not installed: the load has failed, as for an unreadable chunk
             self._failed(err)
+            zero = True
         finally:  # never left FILLING: the fill's end waits for no chunk to be
             with self.lock:
+                if zero:
+                    self._zero[c] = True
+                    self.stats.zero_chunks += 1
                 self.state[c] = FILLED
                 self.cond.notify_all()
         return True
+
+    def _touch_zeros(self, addr: int) -> None:
+        """A fault on an all-zero chunk.  Such a chunk is left missing by the fill: after the
+        load a missing page reads as zeros and the fill's end read-maps it to the shared huge
+        zero page (one 2 MiB entry: no memory, a cheap write-protect arm, a zero-page scan from
+        cache), where UFFDIO_ZEROPAGE would map 512 small zero pages.  A page touched during
+        the fill gets its zero page now (UFFDIO_ZEROPAGE, as QEMU's postcopy places a zero page,
+        ``postcopy_place_page_zero``), and the waiting thread is woken."""
+        page = addr & ~(PAGE - 1)
+        r = self.uffd.zeropage(page, PAGE)
+        if r < 0 and r != -errno.EEXIST:
+            raise OSError(-r, f"UFFDIO_ZEROPAGE failed: {os.strerror(-r)}")
+        self.uffd.wake(page, PAGE)
 
     def _move(self, off: int, src: int, n: int) -> bool:
         """UFFDIO_MOVE of RAM [off, off+n) from the old RAM at ``src``; True if all of it moved.
@@ -189,7 +213,7 @@ class LazyLoad:
             time.sleep(0 if attempt < 10 else 1e-4)
         return False
 
-    def _read_chunk(self, off: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> None:
+    def _read_chunk(self, off: int, n: int, buf: ctypes.Array[ctypes.c_char], hosts: np.ndarray) -> None:
         """The snapshot's bytes of RAM [off, off+n) into ``buf`` (zeros for zero pages).  Pages
         that lie near each other in the file (at most READ_GAP apart: a blocking save's stream
         holds a chunk's non-zero pages side by side, a copy-on-write save's by page index)
@@ -199,8 +223,6 @@ class LazyLoad:
             raise SnaplabError("an earlier chunk could not be read")
         ctypes.memset(buf, 0, n)
         mv = memoryview(buf).cast("B")
-        first = off // PAGE
-        hosts = self._hosts(first, n // PAGE)
         idx = np.flatnonzero(hosts)
         if not len(idx):
             return
@@ -233,12 +255,16 @@ class LazyLoad:
         if not self._seen[c]:
             self._seen[c] = True
             self.touched.append((t0, c))
-        if self._fill(c, self._buf):
+        filled = self._fill(c, self._buf)
+        if filled:
             self.stats.fault_chunks += 1
         else:
             with self.lock:
                 while self.state[c] != FILLED:
                     self.cond.wait()
+        if self._zero[c]:
+            self._touch_zeros(f.address)
+        elif not filled:
             self.uffd.wake(f.address & ~(PAGE - 1), PAGE)
         self.stats.handler_s.append(time.perf_counter() - t0)
 
@@ -374,6 +400,9 @@ class LazyLoad:
                     self.cond.wait(0.1)
             self.wp.handler = None
             self.wp.unregister()  # every page is in: the next load moves RAM by whole tables
+            # The all-zero chunks nobody touched: read-mapped, the shared huge zero page (RAM
+            # stays present for write protection; a guest write since then is left as it is).
+            self.ram.make_present(0, self.ram.size)
             if self._src is not None:  # every old page was moved back (or is no longer needed)
                 self._src = None
                 self.free_old()
@@ -381,4 +410,6 @@ class LazyLoad:
         if self.error is not None:
             raise SnaplabError(f"lazy restore could not read the snapshot's RAM: {self.error}") from self.error
         self._give_back_buffers()  # every chunk is in: no fault uses them
-        self.ram.collapse()
+        # Huge pages rebuilt where data was installed; never over the zero chunks, which a
+        # collapse would turn into real zeroed memory.
+        self.ram.collapse_chunks(~self._zero)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from emulator.block.qcow2 import Qcow2Image
-from emulator.memory import GuestRAM
+from emulator.memory import HUGE, GuestRAM
 from emulator.migration.vmstate import (
     PAGE,
     SaveHandler,
@@ -54,6 +54,13 @@ class Precopy:
         self.stats = PrecopyStats()
         self._pending = np.zeros((0, 2), dtype=np.int64)  # a small last dirty set, left for the stop
         self.scanner = DirtyScanner(ram.addr, ram.span)
+
+    def nonzero_chunks(self) -> np.ndarray:
+        """One bool per 2 MiB of RAM: whether any of its pages was saved as non-zero."""
+        per = HUGE // PAGE
+        nz = self.nonzero
+        padded = np.concatenate((nz, np.zeros(-len(nz) % per, dtype=bool)))
+        return np.asarray(padded.reshape(-1, per).any(axis=1))
 
     def _write_all(self) -> int:
         """Round 0: every page, zero or not, so the whole area is allocated; then map it."""

@@ -174,7 +174,7 @@ class BackgroundLoad(LoadEngine):
         m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,
                         "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
                         "prefetched_chunks": st.prefetched_chunks, "moved_chunks": st.moved_chunks,
-                        "paced_s": st.paced_s,
+                        "zero_chunks": st.zero_chunks, "paced_s": st.paced_s,
                         "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
                         "loading_set_chunks": 0 if plan.order is None else len(plan.order),
                         "loading_set": [] if plan.order is None else plan.order.tolist(),

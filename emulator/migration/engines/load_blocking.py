@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from emulator.memory import HUGE, GuestRAM
 from emulator.migration import group
 from emulator.migration.engine import (
     FIRST_ENTRY_WAIT_S,
@@ -69,7 +70,9 @@ class BlockingLoad(LoadEngine):
         ctx.check_ram_size(layout)
         # Zero runs: MADV_DONTNEED is cheapest, but once a background engine was used RAM
         # stays populated (write protection holds only on present pages, and a missing page
-        # would make a copy-on-write save's arm slow), so then they are cleared with memset.
+        # would make a copy-on-write save's arm slow): then their whole 2 MiB chunks are mapped
+        # to the shared zero page (GuestRAM.zero_range: no memory, and the next save's zero-page
+        # scan reads from cache) and only their ragged ends are cleared with memset.
         populated = ctx.wp is not None
         if not populated:
             ctx.ram.discard()
@@ -81,9 +84,22 @@ class BlockingLoad(LoadEngine):
             z1 = np.concatenate((starts, [layout.pages])).tolist()
             for a, b in zip(z0, z1, strict=True):
                 if b > a:
-                    ctx.ram.fill(a * PAGE, 0, (b - a) * PAGE)
+                    clear_zero_run(ctx.ram, a * PAGE, b * PAGE)
         offs = layout.page_offset[starts].astype(np.int64)  # computed once: O(pages), not per run
         lens = (ends - starts).astype(np.int64) * PAGE
         with WARM_PAGES.take(BOUNCE // PAGE) as bounce:
             read_grouped(stream.readinto, ctx.ram.load_view(), ctx.ram.addr, starts.astype(np.int64) * PAGE,
                          offs, lens, bounce, GAP)
+
+
+def clear_zero_run(ram: GuestRAM, lo: int, hi: int) -> None:
+    """RAM [lo, hi) reads as zeros: whole 2 MiB chunks mapped to the zero page, the ends memset."""
+    a, b = -(-lo // HUGE) * HUGE, hi // HUGE * HUGE
+    if b - a < HUGE:
+        ram.fill(lo, 0, hi - lo)
+        return
+    if a > lo:
+        ram.fill(lo, 0, a - lo)
+    ram.zero_range(a, b - a)
+    if hi > b:
+        ram.fill(b, 0, hi - b)

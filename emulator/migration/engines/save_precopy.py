@@ -33,8 +33,10 @@ class PrecopySave(SaveEngine):
         ctx = self.ctx
         t0 = time.perf_counter()
         target = ctx.save_checks(req)
-        if ctx.ram.populate_seconds is None:
-            ctx.ram.populate()
+        # Every page present before the rounds, mapped by reading: never-written RAM stays the
+        # shared zero page, as for copy-on-write (a write-populate here left 4 GiB of real
+        # zeroed pages for the next blocking save to scan); ~0.2 ms at 4 GiB once present
+        ctx.ram.populate(write=False)
         if ctx.wp is not None:
             ctx.wp.unregister()  # a range belongs to one userfaultfd at a time (it is not ours now)
         stream = VMStateStream(target.vmstate_image, direct=True)  # around the page cache (deviation 57)
@@ -69,7 +71,9 @@ class PrecopySave(SaveEngine):
             raise
         finally:
             pre.close()
-            ctx.ram.collapse()
+            # huge pages rebuilt where RAM holds data (dirty tracking split them); a chunk all
+            # zero keeps its zero-page mappings (a collapse would make it real memory)
+            ctx.ram.collapse_chunks(pre.nonzero_chunks())
         st = pre.stats
         written = int(pre.nonzero.sum())
         m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, size, written,
