@@ -82,7 +82,7 @@ print('auto chose:', sorted({r['wp_backend_used'] for r in auto}), '| forced:', 
     ("code", """# NBVAL_IGNORE_OUTPUT
 print(teach.spread_table(auto + tlb, 'downtime_ms', by=('wp_backend',), digits=3))
 print(teach.spread_table(auto + tlb, 'progress_during_save', by=('wp_backend',), digits=3))"""),
-    ("md", """(`progress_during_save`: the guest's speed while the save ran, over its speed before it; 1 means unslowed. This guest is throttled to a fixed rate, so after a short stall it catches up and a value a little above 1 is noise, not a faster guest.)
+    ("md", """(`progress_during_save`: the guest's speed while the save ran, over its speed before it; 1 means unslowed. This guest is throttled to a fixed rate and does not make up for a stall, so every wait lowers the figure, and a value a little above 1 is the noise of the two rate estimates, not a faster guest: `bench/pacing_stall.py` holds the vCPU for a while and shows the stall simply lost.)
 
 `auto` chose **userfaultfd**, because this kernel grants it (the first cell). The alternative, `unicorn-tlb`, is a fallback for hosts without userfaultfd: it switches Unicorn to a software TLB with a Python hook for the snapshot window and catches writes there (emulator/migration/engine.py `protector`; docs/deviations.md entry 31).
 
