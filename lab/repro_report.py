@@ -365,10 +365,12 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     ax.set_title(f"snapshot-save and background snapshot, same guest on both\n{_dirty_label(saves, 'dirty')}; "
                  f"medians, bars = IQR, n = {n} per point", fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=2)
-    fig.text(0.5, -0.2, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
-             "flushes after RESUME. docs/reproduction.md", ha="center", fontsize=7)
+    leg = ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, ncol=2)
     fig.tight_layout()
+    fig.canvas.draw()  # the legend's extent, to put the note right under it (not at a fixed offset)
+    under = leg.get_window_extent().transformed(fig.transFigure.inverted()).y0
+    fig.text(0.5, under - 0.02, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
+             "flushes after RESUME. docs/reproduction.md", ha="center", va="top", fontsize=7)
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
