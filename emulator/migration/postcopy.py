@@ -188,14 +188,18 @@ class LazyLoad:
         """A fault on an all-zero chunk.  Such a chunk is left missing by the fill: after the
         load a missing page reads as zeros and the fill's end read-maps it to the shared huge
         zero page (one 2 MiB entry: no memory, a cheap write-protect arm, a zero-page scan from
-        cache), where UFFDIO_ZEROPAGE would map 512 small zero pages.  A page touched during
-        the fill gets its zero page now (UFFDIO_ZEROPAGE, as QEMU's postcopy places a zero page,
-        ``postcopy_place_page_zero``), and the waiting thread is woken."""
-        page = addr & ~(PAGE - 1)
-        r = self.uffd.zeropage(page, PAGE)
-        if r < 0 and r != -errno.EEXIST:
-            raise OSError(-r, f"UFFDIO_ZEROPAGE failed: {os.strerror(-r)}")
-        self.uffd.wake(page, PAGE)
+        cache).  A chunk touched during the fill gets the zero page in all its 512 entries now
+        (one UFFDIO_ZEROPAGE, as QEMU's postcopy places a zero page,
+        ``postcopy_place_page_zero``), so its other pages do not fault one by one; pages
+        already there are left as they are.  The faulting thread is woken."""
+        off = (addr - self.ram.addr) // CHUNK * CHUNK
+        n = min(CHUNK, self.ram.size - off)
+        if self.uffd.zeropage(self.ram.addr + off, n) != n:
+            for p in range(0, n, PAGE):  # (some pages were there: an earlier touch, a host read)
+                r = self.uffd.zeropage(self.ram.addr + off + p, PAGE)
+                if r < 0 and r != -errno.EEXIST:
+                    raise OSError(-r, f"UFFDIO_ZEROPAGE failed: {os.strerror(-r)}")
+        self.uffd.wake(addr & ~(PAGE - 1), PAGE)
 
     def _move(self, off: int, src: int, n: int) -> bool:
         """UFFDIO_MOVE of RAM [off, off+n) from the old RAM at ``src``; True if all of it moved.
