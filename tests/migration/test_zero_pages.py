@@ -17,14 +17,12 @@ import numpy as np
 import pytest
 
 from emulator.block import Qcow2Image
-from emulator.block.node import BlockGraph
-from emulator.errors import UffdUnavailable
 from emulator.guest import WorkloadSpec
-from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.machine import Machine
 from emulator.memory import HUGE
 from emulator.migration.vmstate import PAGE, nonzero_pages
-from emulator.uffd import UserFaultFD, small_mapped_bytes
-from tests.migration.test_cow import _mapping_rss
+from emulator.uffd import small_mapped_bytes
+from tests.migration.test_cow import _mapping_rss, machine, uffd_or_skip
 
 RAM = 256 << 20
 WORKING_SET = 16 << 20
@@ -32,20 +30,12 @@ WORKING_SET = 16 << 20
 
 @pytest.fixture
 def vm(tmp_path: Path):  # type: ignore[no-untyped-def]
-    try:
-        UserFaultFD().close()
-    except UffdUnavailable as err:
-        pytest.skip(f"the kernel refuses userfaultfd here: {err}")
-    Qcow2Image.create(tmp_path / "d.qcow2", 64 << 20).close()
-    g = BlockGraph()
-    g.add({"driver": "file", "filename": str(tmp_path / "d.qcow2"), "node-name": "f"})
-    g.add({"driver": "qcow2", "file": "f", "node-name": "disk0"})
-    spec = WorkloadSpec("dirty", seed=6, working_set=WORKING_SET, pattern="random")
-    m = Machine(MachineConfig(ram_size=RAM, workload=spec, disks=[DiskSpec("disk0")]), g)
+    uffd_or_skip()
+    m, g = machine(tmp_path, WorkloadSpec("dirty", seed=6, working_set=WORKING_SET, pattern="random"), RAM)
     yield m
     m.close()
     g.close()
-    assert Qcow2Image.open(tmp_path / "d.qcow2").check().clean
+    assert Qcow2Image.open(tmp_path / "d0.qcow2").check().clean
 
 
 def _ram_hash(m: Machine) -> str:
