@@ -59,7 +59,7 @@ from emulator.block.format import (
     parse_header,
 )
 from emulator.block.io import BlockFile, MemoryFile, OsFile, as_block_file
-from emulator.block.refcount import Refcounts, RefcountTxn
+from emulator.block.refcount import Refcounts, RefcountTxn, size_to_clusters
 from emulator.block.state import BackingReader, QCowSnapshot
 from emulator.errors import (
     BlockIOError,
@@ -170,6 +170,18 @@ class Qcow2Metadata:
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
         if not self.read_only:
             self._clear_open_bits(h)
+            self.refcounts.spare_to_recover = (fsize >> self.cluster_bits, self._spare_wanted())
+
+    def _spare_wanted(self) -> int:
+        """How many spare clusters a reopened image looks for: what a snapshot goto or delete
+        commit can write (every refcount block shadowed, a new refcount table, L1 table,
+        snapshot table, and a copy of every L2 table the active L1 points at), as a commit's
+        own top-up keeps a little more than it took."""
+        cs = self.cluster_size
+        rc = self.refcounts
+        return max(4, int(np.count_nonzero(rc.table)) + rc.table_clusters
+                   + size_to_clusters(cs, self.l1_size * 8) + int(np.count_nonzero(self.l1_table))
+                   + size_to_clusters(cs, snapshot.table_bytes(self.snapshots)) + 2)
 
     def _read_header_cluster(self, fsize: int) -> bytes:
         """The first cluster (or the whole file if smaller): the header and its extensions."""

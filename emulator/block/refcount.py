@@ -84,6 +84,9 @@ class Refcounts:
         # blocks), kept for the next commit: a load or delete on a full file system then
         # finds room for its new metadata.  Free (refcount 0) on disk; data never takes them.
         self.spare: list[int] = []
+        # A reopened image knows no spare: (clusters in the file, how many) to find again
+        # among the file's free clusters before the first allocation (recover_spare()).
+        self.spare_to_recover: tuple[int, int] | None = None
         self.txn: RefcountTxn | None = None
         self.write_pointers = write_pointers
         self.sync = sync
@@ -188,6 +191,27 @@ class Refcounts:
             start = self.find_free(n, hit[-1] + 1)
         return start
 
+    def recover_spare(self) -> None:
+        """Find the spare again in a reopened image: free clusters inside the file, written
+        with zeros now so the file system holds their blocks (on a full one, a cluster that is
+        a hole is passed over).  The last commit before the image was closed left its spare
+        there, so a delete or load after the reopen finds room on a full file system, and
+        data allocated meanwhile does not take it (deviation 54).  Runs once, before the
+        first allocation after the open."""
+        if self.spare_to_recover is None:
+            return
+        file_clusters, want = self.spare_to_recover
+        self.spare_to_recover = None
+        free = np.flatnonzero(self.all_refcounts(file_clusters)[1:] == 0) + 1  # never cluster 0
+        for c in free[:64].tolist():  # a bounded number of tries: a full file system may refuse all
+            try:
+                self.file.pwrite(c << self.cluster_bits, bytes(self.cluster_size))
+            except BlockIOError:
+                continue
+            bisect.insort(self.spare, c)
+            if len(self.spare) >= want:
+                break
+
     def take_spare(self, n: int) -> int | None:
         """``n`` consecutive spare clusters for a metadata commit (taken off the spare list),
         or None."""
@@ -207,6 +231,7 @@ class Refcounts:
         """
         if self.txn is not None:
             return self.txn.reserve(n)
+        self.recover_spare()
         start, _ = self._claim(lambda: (self.find_free_data(n), n))
         return start << self.cluster_bits
 
@@ -270,6 +295,7 @@ class Refcounts:
         if self.txn is not None:
             start = self.txn.reserve(n) >> self.cluster_bits
             return np.arange(start, start + n, dtype=np.int64)
+        self.recover_spare()
         parts: list[np.ndarray] = []
         left = n
         try:
@@ -372,6 +398,7 @@ class RefcountTxn:
     def __init__(self, rc: Refcounts) -> None:
         if rc.txn is not None:
             raise RuntimeError("nested refcount transaction")
+        rc.recover_spare()
         self.rc = rc
         self.saved_table = rc.table.copy()
         self.saved_table_loc = (rc.table_offset, rc.table_clusters)
