@@ -33,7 +33,8 @@ from lab.stats import Summary, fmt_with_spread, summarize
 
 NUMERIC = {"ram_mib": int, "dirty_rate_mibs": int, "working_set_mib": int, "rep": int, "downtime_ms": float,
            "total_s": float, "progress_ratio": float, "vmstate_bytes": int, "started_at": float,
-           "guest_iterations": float}  # guest_iterations: absent (nan) in runs made before it was recorded
+           "guest_iterations": float, "rate_before": float, "rate_during": float}
+# guest_iterations, rate_before, rate_during: absent (nan) in runs made before they were recorded
 Key = tuple[str, str, str, str, int]  # workload, op, engine, system, ram
 
 

@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
     assert all(r["steady"] for r in rows)  # both guests reached their configured pace
     paced = [r for r in rows if r["workload"] == "dirty" and r["op"] == "save"]
     assert paced and all(not math.isnan(r["progress_ratio"]) for r in paced)
+    for r in paced:  # the ratio is the quotient of the two rates recorded beside it
+        assert r["progress_ratio"] == pytest.approx(r["rate_during"] / r["rate_before"]), r
+    assert not any(math.isnan(r["rate_before"]) for r in paced)
     for key in ("host", "kernel", "cpu", "memory", "storage", "page_cache", "versions", "definitions"):
         assert meta[key], key
     assert meta["versions"]["qemu"].startswith("QEMU emulator version")
@@ -220,3 +224,29 @@ def test_qemu_side_by_side_puts_each_runs_median_and_its_own_ratio_in_one_line()
     # medians 100 and 60 (the midpoint of 50 and 70); ratios against each run's own snaplab median
     assert "100 (" in line and "10.0x" in line and "60 (" in line and "6.0x" in line, text
     assert line.index("10.0x") < line.index("6.0x")
+
+
+def test_steady_means_the_last_second_is_within_the_tolerance_of_the_configured_rate() -> None:
+    """A guest still running 6% slow (as after a load or the page-cache drop) is not steady yet:
+    its last second is the progress ratio's denominator, and a slow one scores above 1 later.
+    A synthetic guest: 94% of its rate for 1.5 s, then its rate."""
+    from emulator.guest import WorkloadSpec
+
+    spec = WorkloadSpec("dirty", seed=1, rate=100 << 20, working_set=256 << 20)
+    want = spec.rate / 4096
+    t_start = time.monotonic_ns()
+    t_fast = t_start + 1_500_000_000
+
+    def its(t: int) -> float:
+        slow = min(t, t_fast) - t_start
+        return (0.94 * slow + max(0, t - t_fast)) * want / 1e9
+
+    def progress() -> list[tuple[int, int]]:
+        now = time.monotonic_ns()
+        return [(t, int(its(t))) for t in range(t_start - 2_000_000_000, now, 10_000_000)]
+
+    g = reproduce.Guest("synthetic", None, progress, Path("."))  # type: ignore[arg-type]
+    assert reproduce.wait_steady(g, spec)
+    now = time.monotonic_ns()
+    before, _ = reproduce.progress_rates(g, now - 1, now)
+    assert abs(before - want) <= reproduce.STEADY_TOLERANCE * want, before / want
