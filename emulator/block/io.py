@@ -13,6 +13,7 @@ import ctypes
 import errno
 import io
 import os
+from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
 from emulator.errors import BlockIOError
@@ -435,21 +436,7 @@ class BlkdebugFile:
         fd = getattr(self.inner, "fd", -1)
         if not isinstance(fd, int) or fd < 0:
             return max(0, hi - max(lo, -(-self.inner.size() // 4096) * 4096))
-        n, pos = 0, lo
-        while pos < hi:
-            try:
-                hole = os.lseek(fd, pos, os.SEEK_HOLE)
-            except OSError:  # ENXIO: past the end, all hole
-                hole = pos
-            if hole >= hi:
-                break
-            try:
-                data = os.lseek(fd, hole, os.SEEK_DATA)
-            except OSError:
-                data = hi
-            n += min(data, hi) - hole
-            pos = data
-        return n
+        return hi - lo - sum(e - s for s, e in data_extents(self.inner, lo, hi))
 
     def _check(self, kind: str, what: str, offset: int = 0, length: int = 0) -> None:
         self.counts[kind] += 1
@@ -509,6 +496,33 @@ class BlkdebugFile:
 
     def close(self) -> None:
         self.inner.close()
+
+
+def data_extents(f: BlockFile, start: int = 0, end: int | None = None) -> Iterator[tuple[int, int]]:
+    """The ranges of [start, end) where the file holds blocks (not holes), in order, from
+    ``lseek(SEEK_DATA/SEEK_HOLE)`` on the descriptor below any wrappers; a file without one
+    (in memory) holds blocks up to its size."""
+    size = f.size()
+    end = size if end is None else end
+    inner: object = f
+    while hasattr(inner, "inner"):
+        inner = inner.inner
+    fd = getattr(inner, "fd", -1)
+    if not isinstance(fd, int) or fd < 0:
+        if start < min(end, size):
+            yield start, min(end, size)
+        return
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: nothing but holes from here to the end of the file
+            return
+        if data >= end:
+            return
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        yield data, min(hole, end)
+        pos = hole
 
 
 def as_block_file(obj: object, *, read_only: bool = False) -> BlockFile:

@@ -170,17 +170,17 @@ class Qcow2Metadata:
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
         if not self.read_only:
             self._clear_open_bits(h)
-            self.refcounts.spare_to_recover = (fsize >> self.cluster_bits, self._spare_wanted())
+            self.refcounts.recover_spare(fsize >> self.cluster_bits, self._spare_wanted())
 
     def _spare_wanted(self) -> int:
         """How many spare clusters a reopened image looks for: what a snapshot goto or delete
-        commit can write (every refcount block shadowed, a new refcount table, L1 table,
-        snapshot table, and a copy of every L2 table the active L1 points at), as a commit's
-        own top-up keeps a little more than it took."""
+        commit can write (every refcount block shadowed, a new refcount table, L1 table and
+        snapshot table, and a copy of as many L2 tables as the largest L1 has entries), as a
+        commit's own top-up keeps a little more than it took."""
         cs = self.cluster_size
         rc = self.refcounts
-        return max(4, int(np.count_nonzero(rc.table)) + rc.table_clusters
-                   + size_to_clusters(cs, self.l1_size * 8) + int(np.count_nonzero(self.l1_table))
+        l1 = max([self.l1_size, *(sn.l1_size for sn in self.snapshots)])
+        return max(4, int(np.count_nonzero(rc.table)) + rc.table_clusters + size_to_clusters(cs, l1 * 8) + l1
                    + size_to_clusters(cs, snapshot.table_bytes(self.snapshots)) + 2)
 
     def _read_header_cluster(self, fsize: int) -> bytes:
@@ -286,7 +286,9 @@ class Qcow2Metadata:
 
     def _trim_file(self) -> None:
         if self._grown and not self.read_only:
-            end = max(self.refcounts.highest_used(), self.cluster_size)
+            # The spare stays in the file, for the next open to find (recover_spare()).
+            end = max(self.refcounts.highest_used(), self.cluster_size,
+                      (self.refcounts.spare[-1] + 1) * self.cluster_size if self.refcounts.spare else 0)
             if end < self.file.size():
                 self.file.truncate(end)
             self._file_size = self.file.size()

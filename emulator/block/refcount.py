@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from emulator.block.format import REFT_OFFSET_MASK
-from emulator.block.io import BlockFile
+from emulator.block.io import BlockFile, data_extents
 from emulator.errors import (
     BlockIOError,
     ImageCorruptError,
@@ -84,9 +84,6 @@ class Refcounts:
         # blocks), kept for the next commit: a load or delete on a full file system then
         # finds room for its new metadata.  Free (refcount 0) on disk; data never takes them.
         self.spare: list[int] = []
-        # A reopened image knows no spare: (clusters in the file, how many) to find again
-        # among the file's free clusters before the first allocation (recover_spare()).
-        self.spare_to_recover: tuple[int, int] | None = None
         self.txn: RefcountTxn | None = None
         self.write_pointers = write_pointers
         self.sync = sync
@@ -191,30 +188,34 @@ class Refcounts:
             start = self.find_free(n, hit[-1] + 1)
         return start
 
-    def recover_spare(self) -> None:
-        """Find the spare again in a reopened image: free clusters inside the file, written
-        with zeros now so the file system holds their blocks (on a full one, a cluster that is
-        a hole is passed over).  The last commit before the image was closed left its spare
-        there, so a delete or load after the reopen finds room on a full file system, and
-        data allocated meanwhile does not take it (deviation 54).  Runs once, before the
-        first allocation after the open."""
-        if self.spare_to_recover is None:
-            return
-        file_clusters, want = self.spare_to_recover
-        self.spare_to_recover = None
-        free = np.flatnonzero(self.all_refcounts(file_clusters)[1:] == 0) + 1  # never cluster 0
-        for c in free[:64].tolist():  # a bounded number of tries: a full file system may refuse all
-            try:
-                self.file.pwrite(c << self.cluster_bits, bytes(self.cluster_size))
-            except BlockIOError:
-                continue
-            bisect.insort(self.spare, c)
-            if len(self.spare) >= want:
+    def recover_spare(self, file_clusters: int, want: int) -> None:
+        """Find the spare again in a reopened image: free clusters inside the file whose blocks
+        the file system holds (not holes), the first ``want`` of them.  The last commit before
+        the image was closed left its spare there, so a delete or load after the reopen finds
+        room on a full file system, and data allocated meanwhile does not take it (deviation
+        54).  Nothing is written: a cluster becomes metadata only when a commit takes it, and
+        :meth:`take_spare` checks then that it is still free.  Clusters whose refcount block
+        is missing are not known to be free and are left alone."""
+        refs = self.all_refcounts(file_clusters)
+        for b in range(size_to_clusters(self.entries_per_block, file_clusters)):
+            if self.block_offset(b) == 0:
+                refs[b * self.entries_per_block:(b + 1) * self.entries_per_block] = 1
+        refs[:1] = 1  # the header
+        cb = self.cluster_bits
+        found: list[int] = []
+        for start, end in data_extents(self.file, 0, file_clusters << cb):
+            lo, hi = -(-start >> cb), end >> cb  # clusters wholly inside the extent
+            found.extend((np.flatnonzero(refs[lo:hi] == 0) + lo)[:want - len(found)].tolist())
+            if len(found) >= want:
                 break
+        self.spare = sorted(set(self.spare) | set(found))
 
     def take_spare(self, n: int) -> int | None:
         """``n`` consecutive spare clusters for a metadata commit (taken off the spare list),
-        or None."""
+        or None.  Spare clusters that are no longer free (a refcount repair found them in use)
+        are dropped first."""
+        if self.spare:
+            self.spare = [c for c, r in zip(self.spare, self.get_refcounts(np.array(self.spare)), strict=True) if r == 0]
         sp = self.spare
         for i in range(len(sp) - n + 1):
             if sp[i + n - 1] - sp[i] == n - 1:
@@ -231,7 +232,6 @@ class Refcounts:
         """
         if self.txn is not None:
             return self.txn.reserve(n)
-        self.recover_spare()
         start, _ = self._claim(lambda: (self.find_free_data(n), n))
         return start << self.cluster_bits
 
@@ -295,7 +295,6 @@ class Refcounts:
         if self.txn is not None:
             start = self.txn.reserve(n) >> self.cluster_bits
             return np.arange(start, start + n, dtype=np.int64)
-        self.recover_spare()
         parts: list[np.ndarray] = []
         left = n
         try:
@@ -398,7 +397,6 @@ class RefcountTxn:
     def __init__(self, rc: Refcounts) -> None:
         if rc.txn is not None:
             raise RuntimeError("nested refcount transaction")
-        rc.recover_spare()
         self.rc = rc
         self.saved_table = rc.table.copy()
         self.saved_table_loc = (rc.table_offset, rc.table_clusters)

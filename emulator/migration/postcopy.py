@@ -98,7 +98,7 @@ class LazyLoad:
         self.uffd = wp.uffd
         self.nchunks = -(-self.ram.size // CHUNK)
         self.state = np.zeros(self.nchunks, dtype=np.int8)
-        self._zero = np.zeros(self.nchunks, dtype=bool)  # all zero in the snapshot: left missing, zero page on first touch or at the fill's end
+        self._zero = np.zeros(self.nchunks, dtype=bool)  # all zero in the snapshot (or not installed: the load failed): left missing, zero page on first touch or at the fill's end
         self.lock = threading.Lock()
         self.cond = threading.Condition(self.lock)
         self.stats = LazyStats()

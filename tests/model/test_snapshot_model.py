@@ -43,6 +43,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from emulator import varstore
 from emulator.block import BlockGraph, Qcow2Image
+from emulator.errors import SnaplabError
 from emulator.guest import PAGE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.engines import LOAD_ENGINES, SAVE_ENGINES
@@ -128,6 +129,7 @@ class SnapshotModel(RuleBasedStateMachine):
             else:
                 Qcow2Image.create(path, DISK, cluster_size=cluster_size, refcount_bits=refcount_bits,
                                   version=version).close()
+        self.history.append(f"boot {layouts}")
         (self.work / "vars.fd").write_bytes(varstore.template())
         self.m, self.g = self._open()
         self.m.start()
@@ -347,35 +349,41 @@ class SnapshotModel(RuleBasedStateMachine):
             return
         self.m.stop()
         try:
-            for node in self.g.format_nodes():
-                node.image.flush()  # type: ignore[union-attr]
-            self._check_guest(self._counter())
-            img1 = self.g["disk1"].format_image
-            assert img1.read(0, DISK) == self.disk1
-            for d in DISKS:
-                path = self.work / f"{d}.qcow2"
-                out = qemu_img("check", "-U", str(path))
-                assert out.returncode == 0, out.stdout + out.stderr
-                tags = listed_tags(path)
-                ext = {EXT} if d == "disk1" and self.ext is not None else set()
-                assert set(tags) == {t for t, s in self.snaps.items() if d in s.devices} | ext, (d, tags)
-                assert not ext or tags[EXT] == "0B", tags
-                for tag, s in self.snaps.items():
-                    if d in s.devices:
-                        assert (tags[tag] != "0B") == (s.vmstate == d), (d, tag, tags[tag])
-            if self._counter() > 0:  # the workload runs: the firmware's boot write is done
-                cur = self.g["vars"].image.read(0, self.g["vars"].image.size)  # type: ignore[union-attr]
-                if self.vars is None:
-                    self.vars = cur
-                assert cur == self.vars, "a snapshot operation changed the variable store"
-            for tag, s in self.snaps.items():
-                if "disk1" not in s.devices:
-                    continue
-                buf = bytearray(DISK)
-                self.g["disk1"].format_image.snapshot_read(tag, 0, buf)  # type: ignore[attr-defined]
-                assert buf == s.disk1, tag
-        finally:
+            self._check_all()
             self.m.cont()
+        except (AssertionError, SnaplabError) as err:  # the whole history: hypothesis may not replay it
+            raise AssertionError(f"{type(err).__name__}: {err} (run state {self.m.state.value})\nafter:\n"
+                                 + "\n".join(self.history)) from err
+
+    def _check_all(self) -> None:
+        """Everything the model knows, against the machine, the images and qemu-img."""
+        for node in self.g.format_nodes():
+            node.image.flush()  # type: ignore[union-attr]
+        self._check_guest(self._counter())
+        img1 = self.g["disk1"].format_image
+        assert img1.read(0, DISK) == self.disk1
+        for d in DISKS:
+            path = self.work / f"{d}.qcow2"
+            out = qemu_img("check", "-U", str(path))
+            assert out.returncode == 0, out.stdout + out.stderr
+            tags = listed_tags(path)
+            ext = {EXT} if d == "disk1" and self.ext is not None else set()
+            assert set(tags) == {t for t, s in self.snaps.items() if d in s.devices} | ext, (d, tags)
+            assert not ext or tags[EXT] == "0B", tags
+            for tag, s in self.snaps.items():
+                if d in s.devices:
+                    assert (tags[tag] != "0B") == (s.vmstate == d), (d, tag, tags[tag])
+        if self._counter() > 0:  # the workload runs: the firmware's boot write is done
+            cur = self.g["vars"].image.read(0, self.g["vars"].image.size)  # type: ignore[union-attr]
+            if self.vars is None:
+                self.vars = cur
+            assert cur == self.vars, "a snapshot operation changed the variable store"
+        for tag, s in self.snaps.items():
+            if "disk1" not in s.devices:
+                continue
+            buf = bytearray(DISK)
+            self.g["disk1"].format_image.snapshot_read(tag, 0, buf)  # type: ignore[attr-defined]
+            assert buf == s.disk1, tag
 
     def teardown(self) -> None:
         try:

@@ -61,7 +61,9 @@ class PrecopySave(SaveEngine):
                                                    min_data_offset=pre.sparse.data_offset)
                         if head.data_offset != pre.sparse.data_offset:
                             raise SnaplabError("device state outgrew the room reserved for it in the VM state")
-                        size = finish_sparse_stream(stream, pre.sparse, pre.nonzero)
+                        # The device sections may have changed length since the rounds began:
+                        # the bitmap and the RAM section's records go where this header puts them.
+                        size = finish_sparse_stream(stream, head, pre.nonzero)
                     ctx.commit(target, at, size)
                 finally:
                     t_resume = ctx.resume(saved_state)
