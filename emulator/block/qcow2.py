@@ -81,6 +81,9 @@ _INCOMPAT_NAMES = {
 }
 
 
+MAX_RECOVERED_SPARE = 64  # spare clusters a writable open finds again at most (deviation 54)
+
+
 def _locked(fn: Callable[P, R]) -> Callable[P, R]:
     """The method runs holding the image lock."""
 
@@ -174,14 +177,14 @@ class Qcow2Metadata:
 
     def _spare_wanted(self) -> int:
         """How many spare clusters a reopened image looks for: what a snapshot goto or delete
-        commit can write (every refcount block shadowed, a new refcount table, L1 table and
-        snapshot table, and a copy of as many L2 tables as the largest L1 has entries), as a
-        commit's own top-up keeps a little more than it took."""
+        commit writes besides shadow refcount blocks for what it changes (a new refcount table,
+        L1 table and snapshot table, a few blocks), at most :data:`MAX_RECOVERED_SPARE`: every
+        spare cluster splits a free run the data allocation has to step over."""
         cs = self.cluster_size
         rc = self.refcounts
-        l1 = max([self.l1_size, *(sn.l1_size for sn in self.snapshots)])
-        return max(4, int(np.count_nonzero(rc.table)) + rc.table_clusters + size_to_clusters(cs, l1 * 8) + l1
-                   + size_to_clusters(cs, snapshot.table_bytes(self.snapshots)) + 2)
+        want = (rc.table_clusters + size_to_clusters(cs, self.l1_size * 8)
+                + size_to_clusters(cs, snapshot.table_bytes(self.snapshots)) + 4)
+        return min(MAX_RECOVERED_SPARE, want)
 
     def _read_header_cluster(self, fsize: int) -> bytes:
         """The first cluster (or the whole file if smaller): the header and its extensions."""

@@ -181,11 +181,12 @@ class Refcounts:
     def find_free_data(self, n: int) -> int:
         """:meth:`find_free` for data: the spare clusters of metadata commits are skipped."""
         start = self.find_free(n, self.free_hint)
-        while self.spare:
-            hit = [c for c in self.spare if start <= c < start + n]
-            if not hit:
+        sp = self.spare
+        while sp:
+            last = bisect.bisect_left(sp, start + n)  # spare clusters in [start, start + n): sp[i:last]
+            if last == bisect.bisect_left(sp, start):
                 break
-            start = self.find_free(n, hit[-1] + 1)
+            start = self.find_free(n, sp[last - 1] + 1)
         return start
 
     def recover_spare(self, file_clusters: int, want: int) -> None:
