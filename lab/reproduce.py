@@ -76,8 +76,8 @@ IDLE_SETTLE_S = 1.0
 RECENT_SAMPLES = 4096  # progress samples a measurement reads: ~40 s at 100 reports a second
 STEADY_TIMEOUT_S = 30.0
 # How close to its configured rate the guest's last second must be to count as steady: that
-# second is the progress ratio's denominator, so a loose tolerance lets a guest still slowed by
-# what came before (a load, the page-cache drop) enter with a low rate and score above 1.
+# second is the progress ratio's denominator, so a loose tolerance lets a measurement start
+# while the guest runs below its rate, and the ratio comes out too high.
 STEADY_TOLERANCE = 0.03
 TOUCHED_WS = 7.0  # working sets' worth of pages written before a measurement: 1 - e^-7 = 99.9% touched
 MIN_RAM_MIB, MAX_RAM_MIB = 64, 16384
@@ -258,9 +258,13 @@ def progress_rates(g: Guest, t0_ns: int, t1_ns: int) -> tuple[float, float]:
     return _rate(samples, t0_ns - 1_000_000_000, t0_ns), _rate(samples, t0_ns, t1_ns)
 
 
-def progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
-    before, during = progress_rates(g, t0_ns, t1_ns)
+def rate_ratio(before: float, during: float) -> float:
+    """``progress_ratio``: the rate during the operation over the rate before it (nan without one)."""
     return during / before if before > 0 else float("nan")
+
+
+def progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
+    return rate_ratio(*progress_rates(g, t0_ns, t1_ns))
 
 
 def _stopped(events: list[dict[str, Any]]) -> float:
@@ -344,7 +348,7 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
         emit({"system": g.system, "engine": engine, "op": op, "ram_mib": ram, "workload": condition,
               "dirty_rate_mibs": spec.dirty_rate_mib_s if condition == "dirty" else 0,
               "working_set_mib": spec.working_set(ram) if condition == "dirty" else 0, "rep": rep,
-              "downtime_ms": m[0], "total_s": m[1], "progress_ratio": during / before if before > 0 else float("nan"),
+              "downtime_ms": m[0], "total_s": m[1], "progress_ratio": rate_ratio(before, during),
               "vmstate_bytes": vm, "steady": at[0], "started_at": time.time(), "guest_iterations": at[1],
               "host": host, "rate_before": before, "rate_during": during})
 

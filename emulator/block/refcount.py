@@ -183,8 +183,8 @@ class Refcounts:
         start = self.find_free(n, self.free_hint)
         sp = self.spare
         while sp:
-            last = bisect.bisect_left(sp, start + n)  # spare clusters in [start, start + n): sp[i:last]
-            if last == bisect.bisect_left(sp, start):
+            first, last = bisect.bisect_left(sp, start), bisect.bisect_left(sp, start + n)
+            if first == last:  # no spare cluster in [start, start + n)
                 break
             start = self.find_free(n, sp[last - 1] + 1)
         return start
