@@ -27,10 +27,11 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=500)
     ap.add_argument("--seed", type=int, default=9)
     ap.add_argument("--reset-every", type=int, default=25, help="fresh images every N kills")
+    ap.add_argument("--keep", type=Path, help="copy the images of every failed content check here")
     args = ap.parse_args()
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="snaplab-kill9-") as root:
-        tally = run(args.kills, args.seed, Path(root), args.reset_every)
+        tally = run(args.kills, args.seed, Path(root), args.reset_every, args.keep)
     print(summary(tally, time.monotonic() - t0))
     return 1 if tally.bad() else 0
 

@@ -68,6 +68,7 @@ class Snap:
     vmstate: str
     base0: bytes
     disk1: bytes
+    origin: str = ""  # which kill made it: its number, scenario, layout, whether it ended first
 
 
 @dataclass
@@ -127,22 +128,28 @@ def system_argv(work: Path, sock: Path) -> list[str]:
 class Campaign:
     """Images that live across kills, and what their snapshots must contain."""
 
-    def __init__(self, root: Path, rng: random.Random, tally: Tally, reset_every: int = 25) -> None:
+    def __init__(self, root: Path, rng: random.Random, tally: Tally, reset_every: int = 25,
+                 keep: Path | None = None) -> None:
         self.root, self.rng, self.tally, self.reset_every = root, rng, tally, reset_every
+        self.keep = keep  # where the images of a failed check are copied, for a post-mortem
         self.work = root / "images"
         self.snaps: dict[str, Snap] = {}
         self.seq = 0
         self.took: dict[str, float] = {}  # scenario -> how long it last took, command to conclusion
+        self.history: list[str] = []  # the kills since the images were made, for a failure report
+        self.reported: set[str] = set()  # snapshots whose wrong content has been reported with history
         self.reset()
 
     def reset(self) -> None:
         shutil.rmtree(self.work, ignore_errors=True)
         self.work.mkdir(parents=True)
         cluster_size, refcount_bits = self.rng.choice(LAYOUTS)
+        self.layout = f"cluster {cluster_size}, refcount bits {refcount_bits}"
         for d in DISKS:
             Qcow2Image.create(self.work / f"{d}.qcow2", DISK, cluster_size=cluster_size,
                               refcount_bits=refcount_bits).close()
         self.snaps = {}
+        self.history = []
 
     def pick(self) -> str:
         """A scenario, moved to one that makes sense (nothing to load or delete: a save)."""
@@ -174,8 +181,11 @@ class Campaign:
         if not concluded:
             self.tally.mid_op += 1
             self.tally.mid_by_scenario[scenario] += 1
+        self.history.append(f"{self.tally.kills}:{scenario}:{tag}@{vmstate}{'' if concluded else '(mid)'}")
         if self._check_images(scenario):
-            new = Snap(vmstate, base0, base1) if scenario.startswith("save") else None
+            origin = (f"kill {self.tally.kills} ({scenario}, {'mid-operation' if not concluded else 'after it'}, "
+                      f"{self.layout})")
+            new = Snap(vmstate, base0, base1, origin) if scenario.startswith("save") else None
             self._check_snapshots(scenario, before, tag, new)
 
     def _run_and_kill(self, scenario: str, tag: str, vmstate: str) -> bool:
@@ -279,11 +289,27 @@ class Campaign:
                 problem = self._content_problem(m, g, s)
                 if problem is not None:
                     self.tally.wrong_content += 1
-                    self.tally.failures.append(f"{scenario}: snapshot {t}: {problem}")
+                    self.tally.failures.append(f"kill {self.tally.kills} {scenario}: snapshot {t} "
+                                               f"(made by {s.origin}, vmstate on {s.vmstate}): {problem}")
+                    if t not in self.reported:
+                        self.reported.add(t)
+                        self.tally.failures.append(f"  kills since the images were made: {' '.join(self.history)}")
+                    self._keep_images(t)
         finally:
             m.close()
             g.close()
             shutil.rmtree(copy, ignore_errors=True)
+
+    def _keep_images(self, tag: str) -> None:
+        """Copy the campaign's images (not the verified copies) aside, once per snapshot."""
+        if self.keep is None:
+            return
+        dest = self.keep / f"kill{self.tally.kills}-{tag}"
+        if any(self.keep.glob(f"kill*-{tag}")):
+            return
+        dest.mkdir(parents=True)
+        for d in DISKS:
+            shutil.copyfile(self.work / f"{d}.qcow2", dest / f"{d}.qcow2")
 
     @staticmethod
     def _content_problem(m: Machine, g: BlockGraph, s: Snap) -> str | None:
@@ -366,10 +392,10 @@ def summary(t: Tally, seconds: float) -> str:
     return "\n".join(rows + [f"  {x}" for x in t.failures[:20]])
 
 
-def run(kills: int, seed: int, root: Path, reset_every: int = 25) -> Tally:
-    """``kills`` kills in a campaign under ``root``."""
+def run(kills: int, seed: int, root: Path, reset_every: int = 25, keep: Path | None = None) -> Tally:
+    """``kills`` kills in a campaign under ``root`` (images of failed checks copied to ``keep``)."""
     tally = Tally()
-    camp = Campaign(root, random.Random(seed), tally, reset_every)
+    camp = Campaign(root, random.Random(seed), tally, reset_every, keep)
     while tally.kills < kills:
         camp.one_kill()
     os.sync()

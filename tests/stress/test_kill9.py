@@ -19,7 +19,7 @@ KILLS = 30
 def test_kill9_never_corrupts_an_image_or_loses_a_snapshot(tmp_path: Path) -> None:
     if shutil.which("qemu-img") is None:
         pytest.skip("qemu-img is not installed (apt-get install -y qemu-utils)")
-    tally = run(KILLS, seed=2026, root=tmp_path, reset_every=15)
+    tally = run(KILLS, seed=2026, root=tmp_path, reset_every=15, keep=tmp_path / "failed")
     report = summary(tally, 0)
     assert tally.kills == KILLS
     assert tally.bad() == 0, report
