@@ -158,7 +158,9 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
         assert meta[key], key
     assert meta["versions"]["qemu"].startswith("QEMU emulator version")
     assert len(meta["blocks"]) == 4 and any("qemu-system-x86_64" in b["command"] for b in meta["blocks"])
-    for name in ("downtime", "total", "progress"):
+    for r in paced:  # the guest time lost, derived from the recorded ratio and total
+        assert r["guest_lost_ms"] == pytest.approx((1 - r["progress_ratio"]) * r["total_s"] * 1e3), r
+    for name in ("downtime", "total", "progress", "lost"):
         assert (out / f"{name}.png").stat().st_size > 10_000, name
     assert main(["plot", str(out), "--png", str(tmp_path / "again" / "x.png"), "--committed"]) == 0
     assert (tmp_path / "again" / "total.png").exists()
@@ -189,6 +191,27 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
     assert "from the committed reproduction" in text
     assert any(line.startswith("dirty") and " qemu " in line for line in text.splitlines())
     assert png.stat().st_size > 10_000
+
+
+def test_guest_time_lost_by_hand(tmp_path: Path) -> None:
+    # a 0.4 s operation at 0.9 of the rate before lost 40 ms; a 1.2 s one at 0.95, 60 ms;
+    # noise above 1 comes out negative; a load (no progress ratio) has none
+    assert repro_report.guest_lost_ms(0.9, 0.4) == pytest.approx(40.0)
+    assert repro_report.guest_lost_ms(0.95, 1.2) == pytest.approx(60.0)
+    assert repro_report.guest_lost_ms(1.02, 0.5) == pytest.approx(-10.0)
+    assert math.isnan(repro_report.guest_lost_ms(math.nan, 0.5))
+    # load_runs derives it for every row, and the table shows its median
+    with open(tmp_path / "runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=reproduce.COLUMNS)
+        w.writeheader()
+        for rep, (ratio, total) in enumerate([(0.9, 0.4), (0.8, 0.5), (0.95, 0.6)]):
+            w.writerow({"system": "snaplab", "engine": "background", "op": "save", "ram_mib": 256, "workload": "dirty",
+                        "dirty_rate_mibs": 100, "working_set_mib": 128, "rep": rep, "downtime_ms": 0.3,
+                        "total_s": total, "progress_ratio": ratio, "vmstate_bytes": 1 << 27, "steady": True})
+    rows, _ = repro_report.load_runs(tmp_path)
+    assert sorted(round(r["guest_lost_ms"], 6) for r in rows) == [30.0, 40.0, 100.0]
+    line = next(x for x in repro_report.table(rows).splitlines() if x.startswith("dirty"))
+    assert line.split()[-2] == "40"  # the median of 40, 100 and 30 ms, before the state MiB
 
 
 def test_a_qemu_snapshot_that_stored_pages_twice_is_left_out_with_its_load() -> None:
