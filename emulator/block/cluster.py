@@ -352,16 +352,19 @@ def write_clusters(s: Qcow2State, offset: int, data: memoryview, tree: L1Tree | 
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + data.nbytes
     pos = offset
-    while pos < end:
-        slice_end = min(end, (pos // span + 1) * span)
-        sl = _alloc_slice(s, pos, slice_end, tree)
-        try:
-            _write_slice(s, sl, offset, data, pos, slice_end, tree, write_data)
-            _link_slice(s, sl, tree)
-        except BaseException:
-            abort_slices(s, [sl])
-            raise
-        pos = slice_end
+    # at most this many clusters are allocated: one per cluster written, one L2 table per slice
+    most = ((end - 1) >> s.cluster_bits) - (offset >> s.cluster_bits) + 1 + (end - 1) // span - offset // span + 1
+    with s.refcounts.allocating(most):
+        while pos < end:
+            slice_end = min(end, (pos // span + 1) * span)
+            sl = _alloc_slice(s, pos, slice_end, tree)
+            try:
+                _write_slice(s, sl, offset, data, pos, slice_end, tree, write_data)
+                _link_slice(s, sl, tree)
+            except BaseException:
+                abort_slices(s, [sl])
+                raise
+            pos = slice_end
 
 
 def _write_slice(s: Qcow2State, sl: WriteSlice, offset: int, data: memoryview, pos: int, slice_end: int,

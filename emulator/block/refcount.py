@@ -13,7 +13,8 @@ Mirrors QEMU's block/qcow2-refcount.c: ``alloc_clusters``, ``update_refcount``,
   and the switch happens in *one* write of header bytes 36..71.  Snapshot
   operations change refcounts and ``QCOW_OFLAG_COPIED`` flags in different
   clusters; no order of in-place writes keeps those consistent at every instant,
-  so snaplab commits them together (see docs/deviations.md).
+  so snaplab commits them together (see docs/deviations.md).  A large write
+  creates the refcount blocks of all of it in one such commit (``allocating``).
 
 Refcount blocks are cached as native numpy arrays; the table is a numpy array.
 The image is reached only through the callbacks :class:`Refcounts` is built with
@@ -24,7 +25,8 @@ modules but format.py and io.py, and neither unicorn nor asyncio.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -38,6 +40,9 @@ from emulator.errors import (
 )
 
 _DTYPES = {3: np.uint8, 4: np.uint16, 5: np.uint32, 6: np.uint64}
+
+
+MAX_BLOCKS_PER_COMMIT = 4096  # refcount blocks one allocation creates ahead at most (2 MiB of blocks at 512 B)
 
 
 def _no_hook(end: int) -> None:
@@ -80,6 +85,7 @@ class Refcounts:
         self.table = np.frombuffer(raw, ">u8").astype(np.uint64)
         self.blocks: dict[int, np.ndarray] = {}
         self.free_hint = 0
+        self.ahead_hint = 0  # clusters the allocation in progress may still take (allocating())
         # Clusters the last metadata commit freed (written, so the file system holds their
         # blocks), kept for the next commit: a load or delete on a full file system then
         # finds room for its new metadata.  Free (refcount 0) on disk; data never takes them.
@@ -233,21 +239,41 @@ class Refcounts:
         """
         if self.txn is not None:
             return self.txn.reserve(n)
-        start, _ = self._claim(lambda: (self.find_free_data(n), n))
+        start, _ = self._claim(lambda: (self.find_free_data(n), n), n)
         return start << self.cluster_bits
 
-    def _claim(self, find: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    @contextlib.contextmanager
+    def allocating(self, n: int) -> Iterator[None]:
+        """Allocations inside will take up to ``n`` clusters in all (a large write, run by
+        cluster.write_clusters() one L2 table at a time): the first that needs a refcount block
+        creates those of the rest too (:meth:`_claim`)."""
+        before, self.ahead_hint = self.ahead_hint, max(self.ahead_hint, n)
+        try:
+            yield
+        finally:
+            self.ahead_hint = before
+
+    def _claim(self, find: Callable[[], tuple[int, int]], ahead: int = 0) -> tuple[int, int]:
         """The run of free clusters ``find`` names, allocated (refcount 0 -> 1).  Refcount
         blocks it lacks are created first with a shadow commit, which may take clusters, so
-        ``find`` is asked again after one.  Returns (first cluster, count)."""
+        ``find`` is asked again after one.  Returns (first cluster, count).
+
+        ``ahead``: clusters the caller wants in all, this run included.  When a commit is
+        needed, it creates the missing blocks of the next ``ahead`` clusters too (at most
+        :data:`MAX_BLOCKS_PER_COMMIT`): a large request into fresh space makes one commit, not
+        one per block (with 512-byte clusters a block covers 128 KiB, and every commit writes
+        the whole refcount table again and flushes)."""
         while True:
             start, n = find()
             first_b = start >> self.block_bits
             last_b = (start + n - 1) >> self.block_bits
-            missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
-            if not missing:
+            if all(self.block_offset(b) != 0 for b in range(first_b, last_b + 1)):
                 break
+            ahead = max(ahead, self.ahead_hint)
+            last_b = max(last_b, min((start + ahead - 1) >> self.block_bits, first_b + MAX_BLOCKS_PER_COMMIT - 1))
+            missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
             txn = RefcountTxn(self)
+            txn.spare_discount = len(missing) - 1  # the next commit of a lone block needs no more spare
             for b in missing:
                 txn.touch(b)
             txn.commit(self.write_pointers)
@@ -300,7 +326,7 @@ class Refcounts:
         left = n
         try:
             while left:
-                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left))  # noqa: B023
+                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left), left)  # noqa: B023
                 parts.append(np.arange(start, start + length, dtype=np.int64))
                 left -= length
         except BaseException:
@@ -405,6 +431,7 @@ class RefcountTxn:
         self.saved_hint = rc.free_hint
         self.saved_spare = list(rc.spare)
         self.reserved = 0  # clusters this commit allocates (how many the next one may need)
+        self.spare_discount = 0  # of those, how many the spare need not cover (blocks made ahead of need)
         self.dirty: set[int] = set()
         self.pending: list[np.ndarray] = []
         rc.txn = self
@@ -553,7 +580,7 @@ class RefcountTxn:
         little more than this one allocated with free clusters written with zeros now, so the
         file system holds their blocks.  A full file system only leaves the spare short."""
         rc = self.rc
-        want = max(4, self.reserved + 2)
+        want = max(4, self.reserved - self.spare_discount + 2)
         spare = set(rc.spare)
         if self.pending:
             freed = np.unique(np.concatenate(self.pending))

@@ -184,3 +184,37 @@ def test_check_leaks_and_repair_match_qemu(tmp_path: Path, qemu_img, capsys) -> 
     rc, out, err = run_ours(capsys, "check", "-r", "leaks", str(tmp_path / "o.qcow2"))
     assert (rc, out, err) == (theirs.returncode, theirs.stdout, theirs.stderr)
     assert rc == 0 and "2 leaked clusters" in out
+
+
+def test_a_large_write_into_fresh_space_creates_its_refcount_blocks_in_one_commit(
+        tmp_path: Path, qemu_img, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """512-byte clusters, 16-bit refcounts: a refcount block covers 128 KiB, so 8 MiB of new
+    data (plus its L2 tables) needs 65+ new blocks.  They are made by one shadow commit (the
+    first allocation that lacks one creates those of the whole write), not one commit per
+    block; the image stays clean for the real qemu-img and reads back the same."""
+    from emulator.block import refcount
+
+    commits: list[int] = []
+    real = refcount.RefcountTxn.commit
+
+    def counting(self: refcount.RefcountTxn, write_pointers: object) -> None:
+        commits.append(sum(1 for b in self.dirty if self.saved_blocks.get(b, 0) is None))  # blocks it creates
+        real(self, write_pointers)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(refcount.RefcountTxn, "commit", counting)
+    path = tmp_path / "small.qcow2"
+    data = np.random.default_rng(3).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    with Qcow2Image.create(path, 16 << 20, cluster_size=512) as img:
+        commits.clear()
+        img.write(4 << 20, data)
+        creating = [n for n in commits if n]
+        assert len(creating) == 1 and creating[0] >= (8 << 20) // (256 * 512), commits
+        commits.clear()
+        img.save_vmstate(0, data[:4 << 20])  # the VM state area (its L1 grows first): the same path
+        creating = [n for n in commits if n]
+        assert len(creating) == 1 and creating[0] >= (4 << 20) // (256 * 512), commits
+    res = qemu_img("check", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    raw = tmp_path / "small.raw"
+    assert qemu_img("convert", "-O", "raw", str(path), str(raw)).returncode == 0
+    assert raw.read_bytes()[4 << 20:12 << 20] == data
