@@ -239,7 +239,7 @@ class Refcounts:
         """
         if self.txn is not None:
             return self.txn.reserve(n)
-        start, _ = self._claim(lambda: (self.find_free_data(n), n), n)
+        start, _ = self._claim(lambda: (self.find_free_data(n), n), n, first_fit=n == 1)
         return start << self.cluster_bits
 
     @contextlib.contextmanager
@@ -253,7 +253,7 @@ class Refcounts:
         finally:
             self.ahead_hint = before
 
-    def _claim(self, find: Callable[[], tuple[int, int]], ahead: int = 0) -> tuple[int, int]:
+    def _claim(self, find: Callable[[], tuple[int, int]], ahead: int = 0, first_fit: bool = False) -> tuple[int, int]:
         """The run of free clusters ``find`` names, allocated (refcount 0 -> 1).  Refcount
         blocks it lacks are created first with a shadow commit, which may take clusters, so
         ``find`` is asked again after one.  Returns (first cluster, count).
@@ -262,7 +262,11 @@ class Refcounts:
         needed, it creates the missing blocks of the next ``ahead`` clusters too (at most
         :data:`MAX_BLOCKS_PER_COMMIT`): a large request into fresh space makes one commit, not
         one per block (with 512-byte clusters a block covers 128 KiB, and every commit writes
-        the whole refcount table again and flushes)."""
+        the whole refcount table again and flushes).
+
+        ``first_fit``: ``find`` returns the first cluster at or after ``free_hint`` that data
+        may take, so everything before it is in use or spare and the hint moves past it (else
+        every allocation would scan again from a spare cluster near the start of the file)."""
         while True:
             start, n = find()
             first_b = start >> self.block_bits
@@ -279,7 +283,7 @@ class Refcounts:
             txn.commit(self.write_pointers)
         self.on_alloc((start + n) << self.cluster_bits)  # the file grown first: a failure leaks nothing
         self.update_range(start, n, +1)
-        if start == self.free_hint:
+        if start == self.free_hint or (first_fit and start > self.free_hint):
             self.free_hint = start + n
         return start, n
 
@@ -326,7 +330,8 @@ class Refcounts:
         left = n
         try:
             while left:
-                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left), left)  # noqa: B023
+                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left), left,  # noqa: B023
+                                            first_fit=True)
                 parts.append(np.arange(start, start + length, dtype=np.int64))
                 left -= length
         except BaseException:
@@ -595,7 +600,10 @@ class RefcountTxn:
                 except BlockIOError:
                     continue
                 spare.add(c)
-        rc.spare = sorted(spare)[:max(want, len(rc.spare))]
+        kept = sorted(spare)[:max(want, len(rc.spare))]
+        if len(kept) < len(spare):  # free clusters no longer spare: data may take them again
+            rc.free_hint = min(rc.free_hint, min(spare - set(kept)))
+        rc.spare = kept
         while len(rc.spare) < want:
             c = rc.find_free_data(1)
             try:

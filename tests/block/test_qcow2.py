@@ -198,3 +198,37 @@ def test_dirty_bit_is_repaired_on_open() -> None:
     assert any("dirty bit" in m for m in again.messages)
     assert again.check().clean and not again.header.incompatible_features & 1
     assert again.read(0, 20000) == b"x" * 20000
+
+
+def test_allocation_does_not_rescan_from_a_spare_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metadata commits keep spare clusters near the start of the file; data allocation skips
+    them, and its hint must move past them.  Left behind, every allocation scanned every refcount
+    block from there again: a 32 MiB VM state with 512-byte clusters took 10 s into the holes a
+    delete left, 0.35 s with the hint moving.  Counted as refcount blocks looked at, per L2
+    table's slice of the write (256 slices here): a few each, fresh space or holes."""
+    from emulator.block import refcount
+
+    calls = [0]
+    real = refcount.Refcounts.block
+
+    def counting(self: refcount.Refcounts, b: int) -> np.ndarray | None:
+        calls[0] += 1
+        return real(self, b)
+
+    monkeypatch.setattr(refcount.Refcounts, "block", counting)
+    data = np.random.default_rng(1).integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    img = Qcow2Image.in_memory(8 << 20, cluster_size=512)
+    slices = (8 << 20) // (512 * 64)
+    calls[0] = 0
+    img.save_vmstate(0, data)
+    assert calls[0] <= 8 * slices, calls
+    img.snapshot_create("a", vm_state_size=len(data))
+    img.snapshot_delete(name="a")
+    assert img.refcounts.spare and img.refcounts.spare[0] < 64  # spare clusters near the start
+    calls[0] = 0
+    img.save_vmstate(0, data)  # into the holes the delete left
+    assert calls[0] <= 8 * slices, calls
+    clean(img)
+    buf = bytearray(len(data))
+    img.load_vmstate(0, memoryview(buf))
+    assert bytes(buf) == data
