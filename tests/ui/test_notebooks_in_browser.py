@@ -8,6 +8,7 @@ the click and after a bad RAM size."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
@@ -126,11 +127,24 @@ def open_and_run(driver: Any, lab: Lab, stem: str) -> None:
     wait_for(f"{stem} open with an idle kernel", lambda: driver.execute_script(READY_JS))
     assert driver.execute_async_script(RUN_ALL_JS) == "ok"
 
+    seen: list[str] = []  # each change of (cells run, kernel status), timed: a failure report
+    prev: list[Any] = [None]
+    t0 = time.monotonic()
+
     def finished() -> Any:
         ran, code, errors, status = driver.execute_script(STATE_JS)
-        return (ran, code, errors) if ran == code and status == "idle" else None
+        if prev[0] != (ran, status):
+            prev[0] = (ran, status)
+            seen.append(f"{ran}/{code} {status} at {time.monotonic() - t0:.0f} s")
+        # run-all stops at a cell that raised: the cells after it never run, so an error ends the wait
+        return (ran, code, errors) if (ran == code or errors) and status == "idle" else None
 
-    ran, code, errors = wait_for(f"every cell of {stem} run", finished)
+    try:
+        ran, code, errors = wait_for(f"every cell of {stem} run", finished)
+    except AssertionError as err:  # where it stopped, a hang or a slow host (with a screenshot)
+        with contextlib.suppress(Exception):
+            shot(driver, f"FAILED-{stem}")
+        raise AssertionError(f"{err}; cells run, kernel: {', '.join(seen[-15:])}") from None
     assert code > 0 and not errors, "\n".join(errors)
 
 
