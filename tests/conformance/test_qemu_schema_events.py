@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import subprocess
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -38,14 +41,46 @@ def events(schema: list[dict[str, Any]]) -> dict[str, list[tuple[str, bool, Any]
     return out
 
 
+def qemu_schema(exe: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """QEMU's ``query-qmp-schema`` answer over ``-qmp stdio``.  ``quit`` is sent only once the
+    whole answer has been read: sent with the rest, it could end QEMU while the answer (over
+    200 KiB) still waited for room in the pipe, and the line came out cut at 64 KiB."""
+    proc = subprocess.Popen([exe, "-machine", "q35", "-accel", "tcg", "-display", "none", "-nodefaults", "-S",
+                             "-qmp", "stdio"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdin is not None and proc.stdout is not None
+    out = proc.stdout
+    lines: queue.Queue[bytes] = queue.Queue()
+
+    def read() -> None:  # whole lines, however long, as QEMU writes them
+        for ln in iter(out.readline, b""):
+            lines.put(ln)
+
+    threading.Thread(target=read, daemon=True).start()
+    end = time.monotonic() + timeout
+    try:
+        proc.stdin.write(b'{"execute":"qmp_capabilities"}\n{"execute":"query-qmp-schema"}\n')
+        proc.stdin.flush()
+        while True:
+            line = lines.get(timeout=max(0.0, end - time.monotonic()))
+            reply = json.loads(line)
+            if isinstance(reply.get("return"), list):
+                break
+        proc.stdin.write(b'{"execute":"quit"}\n')
+        proc.stdin.flush()
+        proc.wait(timeout=max(1.0, end - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    schema: list[dict[str, Any]] = reply["return"]
+    return schema
+
+
 @pytest.mark.skipif(QEMU is None and not os.environ.get("CI"), reason="qemu-system-x86_64 is not installed")
 def test_our_events_have_qemus_members() -> None:
     assert QEMU is not None, "CI needs qemu-system-x86_64 (apt-get install qemu-system-x86)"
-    script = b'{"execute":"qmp_capabilities"}\n{"execute":"query-qmp-schema"}\n{"execute":"quit"}\n'
-    res = subprocess.run([QEMU, "-machine", "q35", "-accel", "tcg", "-display", "none", "-nodefaults", "-S",
-                          "-qmp", "stdio"], input=script, capture_output=True, timeout=60, check=False)
-    replies = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
-    qemu = events(next(r["return"] for r in replies if isinstance(r.get("return"), list)))
+    qemu = events(qemu_schema(QEMU))
     ours = events(default_schema().introspect())
     assert "BLOCK_IO_ERROR" in ours
     for name, members in ours.items():
