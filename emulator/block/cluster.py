@@ -344,6 +344,13 @@ def data_writer(s: Qcow2State, direct: bool) -> Callable[[int, memoryview], None
     return fn
 
 
+def _most_clusters(s: Qcow2State, offset: int, end: int) -> int:
+    """The most clusters a write of [offset, end) allocates: one per cluster written, one L2
+    table per L2 table's slice (for Refcounts.allocating)."""
+    span = 1 << (s.cluster_bits + s.l2_bits)
+    return ((end - 1) >> s.cluster_bits) - (offset >> s.cluster_bits) + 1 + (end - 1) // span - offset // span + 1
+
+
 def write_clusters(s: Qcow2State, offset: int, data: memoryview, tree: L1Tree | None = None,
                    direct: bool = False) -> None:
     """Guest write through the active L1, or through ``tree`` (qcow2_co_pwritev_part).
@@ -352,9 +359,7 @@ def write_clusters(s: Qcow2State, offset: int, data: memoryview, tree: L1Tree | 
     span = 1 << (s.cluster_bits + s.l2_bits)
     end = offset + data.nbytes
     pos = offset
-    # at most this many clusters are allocated: one per cluster written, one L2 table per slice
-    most = ((end - 1) >> s.cluster_bits) - (offset >> s.cluster_bits) + 1 + (end - 1) // span - offset // span + 1
-    with s.refcounts.allocating(most):
+    with s.refcounts.allocating(_most_clusters(s, offset, end)):
         while pos < end:
             slice_end = min(end, (pos // span + 1) * span)
             sl = _alloc_slice(s, pos, slice_end, tree)
@@ -413,10 +418,11 @@ def alloc_for_write(s: Qcow2State, offset: int, nbytes: int, tree: L1Tree | None
     span = 1 << (s.cluster_bits + s.l2_bits)
     out = []
     pos, end = offset, offset + nbytes
-    while pos < end:
-        slice_end = min(end, (pos // span + 1) * span)
-        out.append(_alloc_slice(s, pos, slice_end, tree))
-        pos = slice_end
+    with s.refcounts.allocating(_most_clusters(s, offset, end)):
+        while pos < end:
+            slice_end = min(end, (pos // span + 1) * span)
+            out.append(_alloc_slice(s, pos, slice_end, tree))
+            pos = slice_end
     return out
 
 

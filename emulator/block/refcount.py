@@ -239,7 +239,7 @@ class Refcounts:
         """
         if self.txn is not None:
             return self.txn.reserve(n)
-        start, _ = self._claim(lambda: (self.find_free_data(n), n), n, first_fit=n == 1)
+        start, _ = self._claim(lambda: (self.find_free_data(n), n), first_fit=n == 1)
         return start << self.cluster_bits
 
     @contextlib.contextmanager
@@ -253,13 +253,13 @@ class Refcounts:
         finally:
             self.ahead_hint = before
 
-    def _claim(self, find: Callable[[], tuple[int, int]], ahead: int = 0, first_fit: bool = False) -> tuple[int, int]:
+    def _claim(self, find: Callable[[], tuple[int, int]], first_fit: bool = False) -> tuple[int, int]:
         """The run of free clusters ``find`` names, allocated (refcount 0 -> 1).  Refcount
         blocks it lacks are created first with a shadow commit, which may take clusters, so
         ``find`` is asked again after one.  Returns (first cluster, count).
 
-        ``ahead``: clusters the caller wants in all, this run included.  When a commit is
-        needed, it creates the missing blocks of the next ``ahead`` clusters too (at most
+        When a commit is needed inside :meth:`allocating`, it creates the missing blocks of
+        the clusters the write may still take too (at most
         :data:`MAX_BLOCKS_PER_COMMIT`): a large request into fresh space makes one commit, not
         one per block (with 512-byte clusters a block covers 128 KiB, and every commit writes
         the whole refcount table again and flushes).
@@ -273,8 +273,8 @@ class Refcounts:
             last_b = (start + n - 1) >> self.block_bits
             if all(self.block_offset(b) != 0 for b in range(first_b, last_b + 1)):
                 break
-            ahead = max(ahead, self.ahead_hint)
-            last_b = max(last_b, min((start + ahead - 1) >> self.block_bits, first_b + MAX_BLOCKS_PER_COMMIT - 1))
+            ahead = min((start + self.ahead_hint - 1) >> self.block_bits, first_b + MAX_BLOCKS_PER_COMMIT - 1)
+            last_b = max(last_b, ahead)
             missing = [b for b in range(first_b, last_b + 1) if self.block_offset(b) == 0]
             txn = RefcountTxn(self)
             txn.spare_discount = len(missing) - 1  # the next commit of a lone block needs no more spare
@@ -330,7 +330,7 @@ class Refcounts:
         left = n
         try:
             while left:
-                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left), left,  # noqa: B023
+                start, length = self._claim(lambda: self._first_free_run(self.free_hint, left),  # noqa: B023
                                             first_fit=True)
                 parts.append(np.arange(start, start + length, dtype=np.int64))
                 left -= length
