@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,7 @@ MADV_HUGEPAGE = 14
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
 MADV_COLLAPSE = 25
+COLLAPSE_TRIES = 5  # MADV_COLLAPSE attempts of a run of chunks while it answers EAGAIN
 MIN_RAM = 16 << 20
 MAX_RAM = 64 << 30
 
@@ -261,19 +263,31 @@ class GuestRAM:
         or missing-page registration is armed on this mapping (the loader's own rule)."""
         return memoryview(self.array.data).cast("B")
 
-    def collapse(self, off: int = 0, n: int | None = None) -> bool:
-        """Rebuild transparent huge pages (MADV_COLLAPSE) after pages were installed one by one
-        (all of RAM, or [off, off+n)).  A 2 MiB range of 4 KiB zero-page mappings becomes a real
-        zeroed huge page: leave such ranges out."""
-        n = self.span - off if n is None else n
-        return self.hugepages and _libc.madvise(self.addr + off, -(-n // HUGE) * HUGE, MADV_COLLAPSE) == 0
+    def _collapse_once(self, off: int, n: int) -> int:
+        """One MADV_COLLAPSE of [off, off+n): rebuild transparent huge pages after pages were
+        installed one by one; 0, or the errno it failed with.  A 2 MiB range of 4 KiB zero-page
+        mappings becomes a real zeroed huge page: leave such ranges out."""
+        if not self.hugepages:
+            return errno.EOPNOTSUPP
+        if _libc.madvise(self.addr + off, -(-n // HUGE) * HUGE, MADV_COLLAPSE) == 0:
+            return 0
+        return ctypes.get_errno()
 
     def collapse_chunks(self, data: np.ndarray) -> None:
-        """:meth:`collapse` over the 2 MiB chunks where ``data`` (one bool per chunk) is True,
-        one call per run of them: chunks that hold only zeros keep the shared zero page."""
+        """MADV_COLLAPSE over the 2 MiB chunks where ``data`` (one bool per chunk) is True,
+        one call per run of them: chunks that hold only zeros keep the shared zero page.  A run
+        refused with EAGAIN (a page busy for a moment: just faulted in by the running guest, not
+        yet on an LRU list, or locked) is tried again, up to :data:`COLLAPSE_TRIES` times in
+        all, 1 ms apart (the chunks already collapsed are skipped then)."""
         edges = np.flatnonzero(np.diff(np.concatenate(([False], data, [False])).astype(np.int8)))
-        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-            self.collapse(a * HUGE, min(b * HUGE, self.span) - a * HUGE)
+        runs = [(a * HUGE, min(b * HUGE, self.span) - a * HUGE)
+                for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True)]
+        for attempt in range(COLLAPSE_TRIES):
+            if attempt:
+                time.sleep(0.001)
+            runs = [(off, n) for off, n in runs if self._collapse_once(off, n) == errno.EAGAIN]
+            if not runs:
+                return
 
     def view(self) -> memoryview:
         """A read-only view for bulk reads (saving); never write through it."""

@@ -48,6 +48,7 @@ PREFETCH_READERS = 4  # chunks of a loading set read at once (LazyLoad._prefetch
 class LazyStats:
     moved_chunks: int = 0  # refilled with the old RAM's own pages (UFFDIO_MOVE), not new ones
     zero_chunks: int = 0  # all zero in the snapshot: nothing read, nothing installed (_touch_zeros)
+    zero_touched_chunks: int = 0  # of those, touched by the guest before the fill's end (collapsed then)
     faults: int = 0
     fault_chunks: int = 0
     bg_chunks: int = 0
@@ -112,6 +113,7 @@ class LazyLoad:
         self._hurry = False  # job-complete, quit: fill the rest now
         self.touched: list[tuple[float, int]] = []  # (perf_counter, chunk) of each chunk's first fault
         self._seen = np.zeros(self.nchunks, dtype=bool)
+        self._zero_touched = np.zeros(self.nchunks, dtype=bool)  # zero chunks mapped by _touch_zeros
 
     def bind(self, file: BlockFile, cluster_map: np.ndarray, cluster_size: int, stream_base: int,
              layout: RamLayout, on_error: Callable[[str], None] | None = None) -> LazyLoad:
@@ -191,9 +193,11 @@ class LazyLoad:
         cache).  A chunk touched during the fill gets the zero page in all its 512 entries now
         (one UFFDIO_ZEROPAGE, as QEMU's postcopy places a zero page,
         ``postcopy_place_page_zero``), so its other pages do not fault one by one; pages
-        already there are left as they are.  The faulting thread is woken."""
+        already there are left as they are.  The faulting thread is woken.  The fill's end
+        collapses such a chunk into a huge page: the guest is using it."""
         off = (addr - self.ram.addr) // CHUNK * CHUNK
         n = min(CHUNK, self.ram.size - off)
+        self._zero_touched[off // CHUNK] = True
         if self.uffd.zeropage(self.ram.addr + off, n) != n:
             for p in range(0, n, PAGE):  # (some pages were there: an earlier touch, a host read)
                 r = self.uffd.zeropage(self.ram.addr + off + p, PAGE)
@@ -411,9 +415,12 @@ class LazyLoad:
                 self._src = None
                 self.free_old()
         self.stats.fill_s = time.perf_counter() - t0
+        self.stats.zero_touched_chunks = int(self._zero_touched.sum())
         if self.error is not None:
             raise SnaplabError(f"lazy restore could not read the snapshot's RAM: {self.error}") from self.error
         self._give_back_buffers()  # every chunk is in: no fault uses them
-        # Huge pages rebuilt where data was installed; never over the zero chunks, which a
-        # collapse would turn into real zeroed memory.
-        self.ram.collapse_chunks(~self._zero)
+        # Huge pages rebuilt where data was installed, and over the zero chunks the guest
+        # touched during the fill (512 small zero-page entries each, which a write then splits
+        # into real small pages: the next arm would cost per page).  The zero chunks nobody
+        # touched keep the huge zero page (a collapse would make them real zeroed memory).
+        self.ram.collapse_chunks(~self._zero | self._zero_touched)
