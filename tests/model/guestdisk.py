@@ -12,6 +12,8 @@ stamp is as predicted, except the pages of the batch in flight, stamped past ``N
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from emulator.guest import PAGE, WorkloadSpec, dirty_pages_touched, expected_generations, splitmix64
@@ -19,6 +21,8 @@ from emulator.guest import PAGE, WorkloadSpec, dirty_pages_touched, expected_gen
 SECTOR = 512
 BLOCK_SECTORS = 8
 LAB_COUNTER = 0x7000
+LAB_DISK_OPS = 0x7010  # disk writes the guest read back intact (data/guest/workloads.asm, disk_op)
+LAB_ERRORS = 0x7018  # requests that failed, and read-backs that did not match
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -55,6 +59,61 @@ def expected_disk(spec: WorkloadSpec, base: bytes, counter: int, last_done: bool
 def disk_matches(spec: WorkloadSpec, base: bytes, counter: int, actual: bytes) -> bool:
     """The disk is what the run wrote from ``base`` up to ``counter`` (the last block done or not)."""
     return any(actual == expected_disk(spec, base, counter, done) for done in (True, False))
+
+
+def disk_difference(spec: WorkloadSpec, base: bytes, counter: int, actual: bytes, search: int = 1024) -> str:
+    """For a disk :func:`disk_matches` refused: which 4 KiB blocks differ from the model, what
+    they hold instead (the base's bytes, zeros, another block's pattern, something else), and
+    the nearest counter whose model the disk does match (lost or extra guest writes), if any
+    within ``search`` iterations.  A failure report, so the next one names its mechanism."""
+    exp = expected_disk(spec, base, counter, True)
+    blk = 4096
+    n = len(exp) // blk
+    a = np.frombuffer(actual[: n * blk], dtype=np.uint8).reshape(n, blk)
+    e = np.frombuffer(exp[: n * blk], dtype=np.uint8).reshape(n, blk)
+    b = np.frombuffer(base[: n * blk], dtype=np.uint8).reshape(n, blk)
+    bad = np.flatnonzero((a != e).any(axis=1))
+    kinds = []
+    for i in bad[:6].tolist():
+        if (a[i] == b[i]).all():
+            kinds.append(f"{i}:base")
+        elif not a[i].any():
+            kinds.append(f"{i}:zeros")
+        elif (a[i] != e[i]).sum() < blk:
+            kinds.append(f"{i}:{int((a[i] != e[i]).sum())}B-differ")
+        else:
+            kinds.append(f"{i}:other")
+    bp = spec.batch_pages
+    near = next((c for d in range(bp, search + 1, bp) for c in (counter - d, counter + d)
+                 if c >= 0 and disk_matches(spec, base, c, actual)), None)
+    where = f"; matches the model at counter {near}" if near is not None else "; matches no model within " \
+        f"{search} iterations"
+    return f"{len(bad)} of {n} 4 KiB blocks differ (block:holds {' '.join(kinds)}){where}"
+
+
+def lab_problems(spec: WorkloadSpec, counter: int, disk_ops: int, errors: int) -> str | None:
+    """What the guest's own lab page says went wrong: after ``counter`` iterations of the
+    mixed workload every batch end wrote its block and read it back intact, so the disk-op
+    count is the number of batch ends (the last one maybe not done yet) and no error was seen."""
+    ends = counter // spec.batch_pages
+    if errors:
+        return f"the guest counted {errors} disk errors (a failed request or a read-back that did not match)"
+    if disk_ops not in (ends, ends - 1):
+        return f"the guest counted {disk_ops} disk ops after {counter} iterations ({ends} batch ends)"
+    return None
+
+
+def disk0_problem(spec: WorkloadSpec, base: bytes, counter: int, read_u64: Callable[[int], int],
+                  disk0: bytes) -> str | None:
+    """What is wrong with disk0 after ``counter`` iterations from ``base``: first what the
+    guest's lab page says (:func:`lab_problems`, read with ``read_u64``), then the disk against
+    the model, told with :func:`disk_difference`; None when both agree."""
+    problem = lab_problems(spec, counter, read_u64(LAB_DISK_OPS), read_u64(LAB_ERRORS))
+    if problem is not None:
+        return f"lab page: {problem}"
+    if not disk_matches(spec, base, counter, disk0):
+        return f"disk0 is not what the guest wrote up to {counter}: {disk_difference(spec, base, counter, disk0)}"
+    return None
 
 
 def ram_problems(spec: WorkloadSpec, ram_size: int, data: bytes, counter: int) -> str | None:

@@ -40,7 +40,7 @@ from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.engines import LOAD_ENGINES, SAVE_ENGINES
-from tests.model.guestdisk import LAB_COUNTER, data_range, disk_matches, ram_problems
+from tests.model.guestdisk import LAB_COUNTER, data_range, disk0_problem, ram_problems
 
 BOUND_S = 60.0  # every wait on a process or a socket
 RAM = 32 << 20
@@ -84,13 +84,14 @@ class Tally:
     partial: int = 0
     unopenable: int = 0
     hangs: int = 0
+    io_errors: int = 0  # BLOCK_IO_ERROR events: a guest disk request the block layer failed
     by_scenario: Counter[str] = field(default_factory=Counter)
     mid_by_scenario: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
 
     def bad(self) -> int:
         return (self.corrupted + self.unloadable + self.wrong_content + self.missing + self.unopenable
-                + self.hangs)
+                + self.hangs + self.io_errors)
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -211,7 +212,10 @@ class Campaign:
             time.sleep(delay)
             proc.send_signal(signal.SIGKILL)
             proc.wait(BOUND_S)
-            done = _concluded_at(f)
+            done, io_errors = _concluded_at(f)
+            if io_errors:
+                self.tally.io_errors += len(io_errors)
+                self.tally.failures.append(f"kill {self.tally.kills + 1} {scenario}: BLOCK_IO_ERROR {io_errors[0]}")
         except (subprocess.TimeoutExpired, OSError) as err:
             self.tally.hangs += 1
             self.tally.failures.append(f"{scenario}: {err!r}")
@@ -319,8 +323,9 @@ class Campaign:
         if problem is not None:
             return f"RAM: {problem}"
         img0, img1 = g["disk0"].format_image, g["disk1"].format_image
-        if not disk_matches(SPEC, s.base0, n, img0.read(0, img0.size)):
-            return f"disk0 is not what the guest wrote up to {n}"
+        problem = disk0_problem(SPEC, s.base0, n, m.ram.read_u64, img0.read(0, img0.size))
+        if problem is not None:
+            return problem
         if img1.read(0, img1.size) != s.disk1:
             return "disk1 is not what the host wrote"
         return None
@@ -357,20 +362,26 @@ def _connect(proc: subprocess.Popen[bytes], sock: Path) -> Any:
     return f
 
 
-def _concluded_at(f: Any) -> float | None:
-    """After the kill: when the job concluded (its event's timestamp), from what was sent."""
+def _concluded_at(f: Any) -> tuple[float | None, list[str]]:
+    """After the kill, from what the process sent: when the job concluded (its event's
+    timestamp), and every BLOCK_IO_ERROR it reported (a guest disk write that failed is
+    dropped from the disk while the guest's counter goes on)."""
+    concluded = None
+    io_errors: list[str] = []
     try:
         for line in f:
             msg = json.loads(line)
             data = msg.get("data", {})
-            if msg.get("event") == "JOB_STATUS_CHANGE" and data.get("status") == "concluded":
+            if msg.get("event") == "BLOCK_IO_ERROR":
+                io_errors.append(json.dumps(data, sort_keys=True))
+            if concluded is None and msg.get("event") == "JOB_STATUS_CHANGE" and data.get("status") == "concluded":
                 ts = msg["timestamp"]
-                return float(ts["seconds"]) + ts["microseconds"] / 1e6
+                concluded = float(ts["seconds"]) + ts["microseconds"] / 1e6
     except (OSError, ValueError):
         pass
     finally:
         f.close()
-    return None
+    return concluded, io_errors
 
 
 def _tags(path: Path) -> set[str]:
@@ -388,7 +399,8 @@ def summary(t: Tally, seconds: float) -> str:
     rows.append(f"{'total':<22}{t.kills:>7}{t.mid_op:>8}")
     rows.append(f"corrupted images {t.corrupted}, kills leaving leaks {t.leaky} ({t.leaked_clusters} clusters), "
                 f"unloadable snapshots {t.unloadable}, wrong content {t.wrong_content}, missing {t.missing}, "
-                f"partial group snapshots {t.partial}, unopenable {t.unopenable}, hangs {t.hangs}; {seconds:.0f} s")
+                f"partial group snapshots {t.partial}, unopenable {t.unopenable}, hangs {t.hangs}, "
+                f"guest I/O errors {t.io_errors}; {seconds:.0f} s")
     return "\n".join(rows + [f"  {x}" for x in t.failures[:20]])
 
 
