@@ -1,7 +1,7 @@
 """Benchmark: restore to full speed, every load policy on one snapshot (issue #19).
 
     python bench/bench_restore.py [--quick] [--ram-mib N] [--ws-mib N] [--runs N] [--seed S]
-                                  [--no-qemu] [--out FILE]
+                                  [--horizon-s S] [--no-qemu] [--out FILE]
 
 A guest whose RAM is full of random bytes (4 GiB; --quick 1 GiB) runs the dirty workload,
 unthrottled, over a working set (256 MiB; --quick 64 MiB) at a seeded random place in RAM.
@@ -9,7 +9,9 @@ One blocking snapshot; then each policy of the registry loads it once untimed (t
 on-demand or prefetch load records the snapshot's loading set) and ``--runs`` times timed
 (5; --quick 3), policies interleaved.  Definitions in lab/restore.py: ``resume_ms`` command
 -> RESUME; ``first_instr_ms`` command -> the vCPU's first entry into the guest after it; ``to50_ms``/``to90_ms`` command -> the guest's progress rate back at 50%/90% of
-its steady rate before the command (median of 20 ms windows over the 2 s settle); ``resident_s`` RESUME -> all of RAM in place.
+its steady rate before the command (median of 20 ms windows over the 2 s settle), within the
+horizon (``--horizon-s``; by default 5 s, plus 0.5 s per GiB above 4 GiB, so that a blocking
+load of 16 GiB, 5-6 s here, is watched back to speed); ``resident_s`` RESUME -> all of RAM in place.
 Medians; the VM state is read through the page cache, warm (it was just written).  When
 QEMU 7.2 is installed, its blocking load of a guest of the same size is measured in the same
 run (its RAM filled with -device loader files, which its reset copies again: an upper bound,
@@ -57,14 +59,18 @@ def main() -> None:
     ap.add_argument("--ws-mib", type=int)
     ap.add_argument("--runs", type=int)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--horizon-s", type=float, help="how long each load is watched (default: see above)")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--no-fill", action="store_true", help="leave RAM as the guest writes it (mostly zero): a scale test")
     ap.add_argument("--out", default="out/bench_restore.json")
     a = ap.parse_args()
-    spec = RestoreSpec(ram_mib=a.ram_mib or (1024 if a.quick else 4096), ws_mib=a.ws_mib or (64 if a.quick else 256),
-                       runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill)
+    ram_mib = a.ram_mib or (1024 if a.quick else 4096)
+    horizon = a.horizon_s if a.horizon_s is not None else max(5.0, 3.0 + 0.5 * ram_mib / 1024)
+    spec = RestoreSpec(ram_mib=ram_mib, ws_mib=a.ws_mib or (64 if a.quick else 256),
+                       runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill, horizon_s=horizon)
     print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM), working set {spec.ws_mib} MiB at "
-          f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy; "
+          f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy, "
+          f"each watched {spec.horizon_s:g} s; "
           f"VM state read around the page cache (O_DIRECT, docs/deviations.md 57)", flush=True)
     res = restore_experiment(spec, progress=_print_row)
     summary = summarize(res["rows"])

@@ -4,6 +4,10 @@ It speaks the real protocol (requests are serialised to bytes, fed to a
 :class:`~emulator.qmp.protocol.QMPConnection`, replies parsed back), so notebooks and tests
 see exactly what a socket client sees, but never touch an event loop: it is safe inside
 Jupyter.  Every call has a timeout; a command that overruns it raises, and keeps running.
+The commands that only start a job (:data:`JOB_STARTERS`: their work runs on job threads)
+are dispatched on the calling thread instead, as QEMU's monitor dispatches on its main loop:
+no thread hand-off between the call and a lazy load's RESUME (0.2-0.3 ms measured, and up to
+2 ms beside a busy guest), and nothing for a timeout to guard.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from emulator.qmp.commands import Monitor
 from emulator.qmp.protocol import Output, Request
 
 DEFAULT_TIMEOUT = 60.0
+# Commands that return once their job has started; dispatched on the caller's thread.
+JOB_STARTERS = frozenset({"snapshot-save", "snapshot-load", "snapshot-delete"})
 
 
 @dataclass(frozen=True)
@@ -68,9 +74,17 @@ class QMPClient:
             for item in self.conn.receive(data):
                 if isinstance(item, Output):
                     out.append(json.loads(item.data))
+                elif item.execute in JOB_STARTERS:
+                    out.append(json.loads(self._dispatch_here(item)))
                 else:
                     out.append(json.loads(self._dispatch(item, timeout)))
         return out
+
+    def _dispatch_here(self, req: Request) -> bytes:
+        """Dispatch on this thread (a job-starting command: it returns once its job runs)."""
+        reply: list[bytes] = []
+        self.monitor.dispatch(self.conn, req, reply.append)
+        return reply[0]
 
     def _dispatch(self, req: Request, timeout: float) -> bytes:
         reply: Future[bytes] = Future()
