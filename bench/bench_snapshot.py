@@ -65,7 +65,7 @@ def run(argv: list[str], sock: Path, ram_mib: int, runs: int, settle: float) -> 
             out["load"].append(q.job("snapshot-load", {"job-id": f"l{i}", "tag": f"p{i}", **base}))
         for i in range(runs):
             q.job("snapshot-delete", {"job-id": f"d{i}", "tag": f"p{i}", "devices": ["disk0"]})
-        q.cmd("quit")
+        q.quit()
         return out
     finally:
         time.sleep(0.5)

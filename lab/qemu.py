@@ -82,6 +82,15 @@ class RawQMP:
         finally:
             self.s.settimeout(600)
 
+    def quit(self, timeout: float = 10.0) -> None:
+        """``quit``, waiting a little for the reply: QEMU 7.2 can hang in its own shutdown (a
+        vCPU in a synchronous pflash write, ``blk_pwrite`` -> ``aio_poll``, while the main
+        thread waits in ``pause_all_vcpus``), and its reply then never leaves the monitor; the
+        caller kills the process after this returns."""
+        self.s.settimeout(timeout)
+        with contextlib.suppress(OSError, EOFError, RuntimeError):  # (socket timeouts are OSErrors)
+            self.cmd("quit")
+
     def close(self) -> None:
         self.s.close()
 
@@ -185,7 +194,7 @@ def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
             tail = err_path.read_bytes()[-400:].decode(errors="replace").strip()
             raise QemuLost(f"qemu-system-x86_64 dropped its QMP connection ({type(lost).__name__}; exit status "
                            f"{status}){': ' + tail if tail else ''}") from lost
-        q.cmd("quit")
+        q.quit()
     finally:
         time.sleep(0.5)
         if proc.poll() is None:
@@ -340,8 +349,7 @@ def running_guest(w: Path, mib: int, spec: WorkloadSpec, *, loaders: list[str] |
                     raise RuntimeError(f"qemu-system-x86_64 did not start: {_stderr(proc, w)}") from None
                 time.sleep(0.05)
         yield q, progress, argv
-        with contextlib.suppress(OSError, EOFError, RuntimeError):
-            q.cmd("quit")
+        q.quit()
     finally:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(5)
