@@ -528,7 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.qmp:
             from emulator.qmp.transport import start_servers
 
-            servers = start_servers(machine.monitor, opts.qmp)
+            # Listening now (wait=on waits here for its client, before the guest starts, as
+            # QEMU's chardev does), answering only once the machine has started (QEMU serves
+            # its monitors from the main loop, entered after vm_start()).
+            servers = start_servers(machine.monitor, opts.qmp, held=True)
         if opts.incoming is not None:
             # QEMU: wait in "inmigrate"; run once the stream is loaded unless -S was given.
             machine.state = RunState.INMIGRATE
@@ -539,6 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 machine.migration.incoming(opts.incoming)
         else:
             machine.start(paused=opts.paused)
+        for srv in servers:
+            srv.open()
         if opts.monitor == "stdio":
             hmp_running = start_stdio_monitor(machine)
     except SnaplabError as err:

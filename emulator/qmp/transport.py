@@ -42,12 +42,15 @@ class _LoopThread:
 class QMPServer:
     """One listening endpoint."""
 
-    def __init__(self, monitor: Monitor, spec: dict[str, Any], loop: _LoopThread) -> None:
+    def __init__(self, monitor: Monitor, spec: dict[str, Any], loop: _LoopThread, held: bool = False) -> None:
         self.monitor = monitor
         self.spec = spec
         self._lt = loop
         self._server: asyncio.base_events.Server | None = None
         self.connected = threading.Event()
+        self._open = asyncio.Event()  # clients greeted and served (bound to the loop on first wait)
+        if not held:
+            self._open.set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._inflight = 0
         self._lt.run(self._start())
@@ -89,6 +92,7 @@ class QMPServer:
         conn = self.monitor.new_connection()
         self._writers.add(writer)
         self.connected.set()
+        await self._open.wait()  # a held server greets once the machine has started (open())
 
         def send(data: bytes) -> None:
             if writer.is_closing():
@@ -160,16 +164,24 @@ class QMPServer:
             with contextlib.suppress(OSError):
                 os.unlink(self.spec["path"])
 
+    def open(self) -> None:
+        """Greet and serve clients from now on: a held server (``start_servers(held=True)``)
+        accepts connections at once but answers nothing before this, as QEMU's monitors run
+        only once its main loop does, after ``vm_start()``: no command can see the machine
+        before it has started."""
+        self._lt.loop.call_soon_threadsafe(self._open.set)
+
 
 _shared: _LoopThread | None = None
 
 
-def start_servers(monitor: Monitor, specs: list[dict[str, Any]]) -> list[QMPServer]:
-    """Listen on every ``-qmp`` endpoint; with ``wait=on``, block until a client connects."""
+def start_servers(monitor: Monitor, specs: list[dict[str, Any]], held: bool = False) -> list[QMPServer]:
+    """Listen on every ``-qmp`` endpoint; with ``wait=on``, block until a client connects.
+    ``held``: greet nobody until each server's :meth:`QMPServer.open`."""
     global _shared
     if _shared is None:
         _shared = _LoopThread()
-    servers = [QMPServer(monitor, s, _shared) for s in specs]
+    servers = [QMPServer(monitor, s, _shared, held) for s in specs]
     for srv in servers:
         if srv.spec.get("wait"):
             srv.connected.wait()
