@@ -44,6 +44,7 @@ PM_SCAN_WP_MATCHING = 1 << 0
 PM_SCAN_CHECK_WPASYNC = 1 << 1
 PAGE_IS_WRITTEN = 1 << 1
 PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_PFNZERO = 1 << 5
 PAGE_IS_HUGE = 1 << 6
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1
@@ -213,26 +214,51 @@ class DirtyScanner:
         os.close(self.pagemap)
 
 
-def small_mapped_bytes(start: int, length: int) -> int:
-    """Bytes of [start, start+length) mapped by 4 KiB page-table entries (PAGEMAP_SCAN: present
-    and not PAGE_IS_HUGE).  A 2 MiB entry (a transparent huge page, or the shared huge zero
-    page) is write-protected, moved or scanned at once; small ones cost per page."""
+def _category_ranges(start: int, length: int, anyof: int, ret: int, regions: int = 4096) -> np.ndarray:
+    """PAGEMAP_SCAN over [start, start+length): rows (start, end, categories & ``ret``) of the
+    pages having any of the ``anyof`` categories, neighbours with equal categories merged.
+    A walk of the page tables that reads no page; raises OSError where the kernel lacks it."""
     fd = os.open("/proc/self/pagemap", os.O_RDONLY)
     try:
-        vec = (ctypes.c_uint64 * (3 * 4096))()
-        total, pos, end = 0, start, start + length
+        vec = (ctypes.c_uint64 * (3 * regions))()
+        parts: list[np.ndarray] = []
+        pos, end = start, start + length
         while pos < end:
-            arg = _PmScanArg(ctypes.sizeof(_PmScanArg), 0, pos, end, 0, ctypes.addressof(vec), 4096, 0,
-                             0, 0, PAGE_IS_PRESENT, PAGE_IS_HUGE)
+            arg = _PmScanArg(ctypes.sizeof(_PmScanArg), 0, pos, end, 0, ctypes.addressof(vec), regions, 0,
+                             0, 0, anyof, ret)
             n = _libc.ioctl(fd, PAGEMAP_SCAN, ctypes.byref(arg))
             if n < 0:
                 e = ctypes.get_errno()
                 raise OSError(e, f"PAGEMAP_SCAN: {os.strerror(e)}")
-            r = np.ctypeslib.as_array(vec)[: 3 * n].reshape(n, 3)
-            total += int(((r[:, 1] - r[:, 0]) * ((r[:, 2] & PAGE_IS_HUGE) == 0)).sum())
+            parts.append(np.ctypeslib.as_array(vec)[: 3 * n].reshape(n, 3).astype(np.int64))
             if arg.walk_end <= pos:
                 break
             pos = arg.walk_end
-        return total
+        return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
     finally:
         os.close(fd)
+
+
+def small_mapped_bytes(start: int, length: int) -> int:
+    """Bytes of [start, start+length) mapped by 4 KiB page-table entries (PAGEMAP_SCAN: present
+    and not PAGE_IS_HUGE).  A 2 MiB entry (a transparent huge page, or the shared huge zero
+    page) is write-protected, moved or scanned at once; small ones cost per page."""
+    r = _category_ranges(start, length, PAGE_IS_PRESENT, PAGE_IS_HUGE)
+    return int(((r[:, 1] - r[:, 0]) * ((r[:, 2] & PAGE_IS_HUGE) == 0)).sum())
+
+
+def zero_mapped_units(start: int, length: int, unit: int) -> np.ndarray:
+    """One bool per ``unit`` bytes of [start, start+length) (the last unit may be shorter):
+    True where every page is mapped to the shared zero page, small or huge (PAGEMAP_SCAN's
+    PAGE_IS_PFNZERO): memory read-mapped and never written since.  No page is read, so
+    knowing that a 16 GiB guest's untouched RAM is zero costs a page-table walk, not a scan
+    of 16 GiB.  Raises OSError where the kernel has no PAGEMAP_SCAN (before 6.7)."""
+    r = _category_ranges(start, length, PAGE_IS_PFNZERO, PAGE_IS_PFNZERO)
+    s, e = r[:, 0] - start, r[:, 1] - start  # sorted, disjoint
+    done = np.concatenate(([0], np.cumsum(e - s)))
+    bounds = np.minimum(np.arange(0, -(-length // unit) + 1, dtype=np.int64) * unit, length)
+    # zero-mapped bytes below each bound: the regions ending before it, and the one it cuts
+    k = np.searchsorted(e, bounds, side="right")
+    cut = np.where(k < len(s), np.clip(bounds - s[np.minimum(k, len(s) - 1)], 0, None), 0) if len(s) else 0
+    below = done[k] + cut
+    return np.asarray(np.diff(below) == np.diff(bounds), dtype=bool)

@@ -121,6 +121,7 @@ class CowSaveEngine(SaveEngine):
         m.extra.update({
             "backend": protector.name, "backend_note": note,
             "arm_s": st.arm_s, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
+            "zero_chunks": st.zero_chunks, "zero_map_s": st.zero_map_s,
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * CHUNK,
             "fault_buffer_bytes": saver.max_buffers * CHUNK,  # held warm for the process's life
             "fault_latency_s": lat.tolist(),
