@@ -62,7 +62,9 @@ def ours(mib: int, runs: int) -> list[dict[str, float]]:
                 out.append({"downtime": ev["RESUME"] - ev["STOP"], "total": st["total-s"], "bytes": st["vmstate-bytes"],
                             "thp_mib": m.ram.huge_bytes() >> 20,
                             "progress": rate / base_rate if base_rate else float("nan"),
-                            "faults": st["faults"], "arm_ms": st["arm-s"] * 1e3})
+                            "faults": st["faults"], "arm_ms": st["arm-s"] * 1e3,
+                            "zero_chunks": st.get("zero-chunks", 0), "chunks": mib // 2,
+                            "zero_map_ms": st.get("zero-map-s", 0.0) * 1e3})
                 q.execute("snapshot-delete", {"job-id": f"d{i}", "tag": f"c{i}", "devices": ["disk0"]})
                 q.wait_job(f"d{i}")
                 q.execute("job-dismiss", {"id": f"d{i}"})
@@ -125,7 +127,9 @@ def main() -> None:
               f"(median {np.median(d_ms):.2f}); total {np.median([r['total'] for r in mine]):.2f} s; "
               f"guest progress during the window {np.nanmedian([r['progress'] for r in mine]) * 100:.0f}% of normal; "
               f"arm {np.median([r['arm_ms'] for r in mine]):.3f} ms; "
-              f"huge pages behind RAM {min(r['thp_mib'] for r in mine)}-{max(r['thp_mib'] for r in mine)} MiB")
+              f"huge pages behind RAM {min(r['thp_mib'] for r in mine)}-{max(r['thp_mib'] for r in mine)} MiB; "
+              f"chunks known zero without a read {int(np.median([r['zero_chunks'] for r in mine]))} of {mine[0]['chunks']} "
+              f"(found in {np.median([r['zero_map_ms'] for r in mine]):.2f} ms)")
         cow_t, blk_t = np.median([r["total"] for r in mine]), np.median([r["blocking_total"] for r in mine])
         print(f"   same guest, same run: copy-on-write total {cow_t:.2f} s ({np.median([r['bytes'] for r in mine]) / 2**20:.0f} MiB) "
               f"vs blocking save total {blk_t:.2f} s ({np.median([r['blocking_bytes'] for r in mine]) / 2**20:.0f} MiB), "
