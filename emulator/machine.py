@@ -14,9 +14,12 @@ Threading rule (the one place it is written down):
   state only through the run control (:class:`~emulator.runctl.RunControl`), whose verbs the
   machine binds as its own: ``stop``, ``cont``, ``system_reset``, ``quit``,
   ``vm_stop``/``vm_resume``, ``run_on_cpu``, ``stop_on_host_error``.  Verbs happen one at a
-  time, each whole (the run control's ``_bql``, QEMU's big lock for the run state): a
-  snapshot job's ``vm_stop`` ... ``vm_resume`` and a ``quit`` on another thread never
-  interleave, and after ``quit`` no verb makes the guest run again.  ``stop`` returns when
+  time, each whole (the run control's ``_bql``, QEMU's big lock for the run state), and a
+  snapshot operation's or migration's stopped section (its ``vm_stop`` in ``save-vm``,
+  ``restore-vm`` or ``finish-migrate`` ... its ``vm_resume`` or its end) is whole too: a
+  ``stop``, ``cont`` or ``system_reset`` from another thread waits for its end, as QEMU's
+  monitor waits for savevm and loadvm in its main loop; after ``quit`` no verb makes the
+  guest run again.  ``stop`` returns when
   the vCPU is out of ``emu_start`` and cannot go back in, so no guest instruction and no
   device callback is running: CPU registers, RAM, devices and disks (the
   :class:`~emulator.board.Board`) are quiescent and may be read or replaced by the caller,
@@ -106,6 +109,7 @@ class Machine:
         self.quit = rc.quit
         self.vm_stop = rc.vm_stop
         self.vm_resume = rc.vm_resume
+        self.release_hold = rc.release_hold
         self.reset_for_load = rc.reset_for_load
         self.run_on_cpu = rc.run_on_cpu
         self.stop_on_host_error = rc.stop_on_host_error

@@ -35,6 +35,9 @@ from emulator.errors import SnaplabError
 from emulator.runstate import RunState
 
 Emit = Callable[[str, dict[str, Any] | None], None]  # an event's name and data (None: no data)
+# The states only a snapshot operation or a migration stops the VM in: from that vm_stop to
+# its vm_resume (or the operation's end) the VM is the operation's (OperationHold).
+OPERATION_STATES = frozenset({RunState.SAVE_VM, RunState.RESTORE_VM, RunState.FINISH_MIGRATE})
 
 
 class VirtualClock:
@@ -80,6 +83,50 @@ class VCPU(Protocol):
     def halted(self) -> bool: ...
 
 
+class OperationHold:
+    """A snapshot operation's or migration's stopped section, whole: from its vm_stop in an
+    operation state (running or not) to its vm_resume or its end, the VM is its thread's.
+    QEMU runs savevm and loadvm in its main loop, so a monitor's ``cont`` or ``stop`` is
+    carried out before or after them, never in between; here they run on job threads, and a
+    user's verb from another thread waits for the hold's end (:meth:`passed`)."""
+
+    def __init__(self, cond: threading.Condition, bql: threading.RLock, quitting: Callable[[], bool]) -> None:
+        self._cond = cond  # the run control's: its waiters are woken together
+        self._bql = bql
+        self._quitting = quitting
+        self.owner: int | None = None
+
+    def take(self) -> None:
+        """Inside the run-state lock (vm_stop): the calling thread holds the VM from now."""
+        with self._cond:
+            self.owner = threading.get_ident()
+
+    def release(self) -> None:
+        with self._cond:
+            if self.owner is not None:
+                self.owner = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def passed(self) -> Iterator[None]:
+        """For a user's verb (stop, cont, system_reset): the run-state lock held, with no hold
+        but the caller's own (or the machine quitting); checked under that lock, which
+        :meth:`take` runs under, so no hold begins in between."""
+        me, bql, quitting = threading.get_ident(), self._bql, self._quitting
+        while True:
+            with self._cond:
+                while self.owner not in (None, me) and not quitting():
+                    self._cond.wait()
+            bql.acquire()
+            if self.owner in (None, me) or quitting():
+                break
+            bql.release()
+        try:
+            yield
+        finally:
+            bql.release()
+
+
 class RunControl:
     """The vCPU thread and the VM's run state, for one vCPU.
 
@@ -88,16 +135,14 @@ class RunControl:
     deadline (virtual ns; 0: none) for a halted vCPU's wait.
 
     The hand-off, in two locks.  ``_bql`` (QEMU's big lock, for the run state only) is held
-    by every verb from start to end, so verbs on different threads happen one after the
-    other, never interleaved: a snapshot job's vm_stop + vm_resume and a quit on another
-    thread are two sequences, and after a quit nothing runs the guest again.  ``_cond``
-    guards the flags the vCPU thread reads: it enters the guest only while ``_want_run``
-    (the run state is running) and no verb holds it out (``_holds``), and says so in
-    ``_in_guest`` under the same lock; a verb that wants it out clears one of the two and
-    waits for ``_in_guest`` to drop, kicking it (``emu_stop``) meanwhile.  Because the
-    vCPU cannot re-enter until the verb lets go, what the verb sees stays true: no
-    transient flag has to be caught.  run_on_cpu() work runs on the vCPU thread under
-    ``_bql`` too (its verbs nest), and a guest fault is turned into a run state under it.
+    by every verb from start to end: verbs on different threads never interleave, a snapshot
+    operation's stopped section is whole against the user's verbs (:class:`OperationHold`),
+    and after a quit nothing runs the guest again.  ``_cond`` guards the flags the vCPU
+    thread reads: it enters the guest only while ``_want_run`` and no verb holds it out
+    (``_holds``), saying so in ``_in_guest`` under the same lock; a verb that wants it out
+    clears one of the two and waits for ``_in_guest`` to drop, kicking it meanwhile, and
+    what it sees stays true until it lets go.  run_on_cpu() work runs on the vCPU thread
+    under ``_bql`` too (its verbs nest), and a guest fault is turned into a run state under it.
     """
 
     def __init__(self, cpu: VCPU, clock: VirtualClock, emit: Emit, *, reset: Callable[[], None],
@@ -126,6 +171,8 @@ class RunControl:
         self._overtaken: GuestFault | None = None  # a fault a verb got ahead of: the next run's
         self._thread: threading.Thread | None = None
         self._entry_ns = -1  # when the vCPU first entered the guest after the last RESUME (-1: not since)
+        self._hold = OperationHold(self._cond, self._bql, lambda: self._quit)  # a snapshot operation's or migration's stopped section
+        self.release_hold = self._hold.release  # its end, resumed or not (a failed load stays stopped)
         _track(self)
 
     @contextlib.contextmanager
@@ -374,8 +421,10 @@ class RunControl:
             self.cont()
 
     def vm_stop(self, state: RunState = RunState.PAUSED) -> bool:
-        """vm_stop(): park the vCPU, enter ``state`` and emit STOP; nothing if not running."""
+        """vm_stop(): park the vCPU, enter ``state``, emit STOP (if running; :class:`OperationHold`)."""
         with self._verb():
+            if state in OPERATION_STATES:
+                self._hold.take()
             if self.state != RunState.RUNNING:
                 return False
             with self._cond:
@@ -391,20 +440,22 @@ class RunControl:
         """vm_resume(): run again if ``state`` was running, else just go back to ``state``.
         Nothing after a quit: a machine that shut down stays down."""
         with self._verb():
+            self._hold.release()
             if self._quit:
                 return
             if state == RunState.RUNNING:
                 self.state = RunState.PAUSED
-                self.cont()
+                self.cont()  # (the hold is released: no wait)
             else:
                 self.state = state
 
     def stop(self) -> None:
-        self.vm_stop(RunState.PAUSED)
+        with self._hold.passed(), self._verb():
+            self.vm_stop(RunState.PAUSED)
 
     def cont(self) -> None:
         """vm_start(): refused in states that need a reset, as QEMU's qmp_cont."""
-        with self._verb():
+        with self._hold.passed(), self._verb():
             if self.state.needs_reset:
                 raise SnaplabError("Resetting the Virtual Machine is required")
             if self.state == RunState.RUNNING or self._quit:
@@ -419,7 +470,7 @@ class RunControl:
                 self._cond.notify_all()
 
     def system_reset(self, reason: str = "host-qmp-system-reset") -> None:
-        with self._verb():
+        with self._hold.passed(), self._verb():
             if self._quit:
                 return
             with self._held_out():

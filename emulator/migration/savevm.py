@@ -97,6 +97,7 @@ class SnapshotController:
             yield
         finally:
             self.busy_with = ""
+            self.ctx.vm.release_hold()  # the VM is no longer the operation's, however it ended
             self._busy.release()
 
     def shutdown(self, timeout: float) -> bool:

@@ -1,0 +1,129 @@
+"""A snapshot operation's stopped section is whole: ``cont``, ``stop`` and ``system_reset`` from
+another thread wait for its end.
+
+QEMU runs savevm and loadvm in its main loop, so a monitor's ``cont`` is carried out before or
+after them.  snaplab runs them on job threads; before this rule a ``cont`` sent while a blocking
+save held the guest stopped let the guest run in the middle of the save (its RAM, CPU state
+and disks then no longer one instant), and a ``stop`` sent then was undone by the save's resume.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from emulator.block import Qcow2Image
+from emulator.block.node import BlockGraph
+from emulator.guest import WorkloadSpec
+from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.runstate import RunState
+
+RAM = 32 << 20
+COUNTER = 0x7000  # the guest's iteration counter on its lab page
+
+
+@pytest.fixture
+def machine(tmp_path: Path) -> Iterator[Machine]:
+    Qcow2Image.create(tmp_path / "d0.qcow2", 64 << 20).close()
+    g = BlockGraph()
+    g.add({"driver": "file", "filename": str(tmp_path / "d0.qcow2"), "node-name": "d0f"})
+    g.add({"driver": "qcow2", "file": "d0f", "node-name": "disk0"})
+    m = Machine(MachineConfig(ram_size=RAM, workload=WorkloadSpec("dirty", seed=4),
+                              disks=[DiskSpec("disk0", "disk0-dev")]), g)
+    try:
+        yield m
+    finally:
+        m.close()
+        g.close()
+
+
+def _counter(m: Machine) -> int:
+    return int.from_bytes(m.ram.read(COUNTER, 8), "little")
+
+
+def _save_held_in_its_stop(m: Machine, engine: str = "blocking", tag: str = "s") -> tuple[
+        threading.Thread, threading.Event, threading.Event]:
+    """A save on a job thread, held inside its stopped section (at its commit) until released."""
+    inside, release = threading.Event(), threading.Event()
+    ctx = m.snapshots.ctx
+    commit = type(ctx).commit
+
+    def held_commit(*a: Any, **k: Any) -> Any:
+        inside.set()
+        assert release.wait(60)
+        return commit(ctx, *a, **k)
+
+    ctx.commit = held_commit  # type: ignore[method-assign]
+    t = threading.Thread(target=m.snapshots.save_snapshot, args=(tag, False, "disk0", ["disk0"], engine), daemon=True)
+    t.start()
+    assert inside.wait(60), "the save did not reach its commit"
+    return t, inside, release
+
+
+def _verb_waits(verb: Callable[[], None]) -> threading.Thread:
+    t = threading.Thread(target=verb, daemon=True)
+    t.start()
+    t.join(0.3)  # it waits for the save (a verb that went through returns within milliseconds)
+    return t
+
+
+@pytest.mark.parametrize("engine", ["blocking", "precopy"])
+def test_cont_during_a_saves_stop_waits_for_the_save(machine: Machine, engine: str) -> None:
+    m = machine
+    m.start()
+    while _counter(m) < 64:
+        pass
+    save, _, release = _save_held_in_its_stop(m, engine)
+    at_stop = _counter(m)
+    assert m.state == RunState.SAVE_VM
+    cont = _verb_waits(m.cont)
+    assert cont.is_alive(), "cont went through in the middle of the save"
+    assert m.state == RunState.SAVE_VM and _counter(m) == at_stop  # the guest did not run
+    release.set()
+    save.join(60)
+    cont.join(60)
+    assert not save.is_alive() and not cont.is_alive()
+    assert m.state == RunState.RUNNING  # the save resumed the guest; cont changed nothing after
+    m.stop()
+    m.snapshots.load_snapshot("s", "disk0", ["disk0"])
+    assert _counter(m) == at_stop  # the snapshot is the stop instant's
+
+
+def test_stop_and_reset_during_a_saves_stop_take_effect_after_it(machine: Machine) -> None:
+    m = machine
+    m.start()
+    save, _, release = _save_held_in_its_stop(m)
+    stop = _verb_waits(m.stop)
+    assert stop.is_alive(), "stop went through in the middle of the save"
+    release.set()
+    save.join(60)
+    stop.join(60)
+    assert not save.is_alive() and not stop.is_alive()
+    assert m.state == RunState.PAUSED  # not undone by the save's resume
+    m.cont()
+    save, _, release = _save_held_in_its_stop(m, tag="s2")
+    reset = _verb_waits(m.system_reset)
+    assert reset.is_alive(), "system_reset went through in the middle of the save"
+    release.set()
+    save.join(60)
+    reset.join(60)
+    assert not save.is_alive() and not reset.is_alive()
+    assert m.state == RunState.RUNNING
+
+
+def test_quit_during_a_saves_stop_is_not_held_and_ends_the_waits(machine: Machine) -> None:
+    m = machine
+    m.start()
+    save, _, release = _save_held_in_its_stop(m)
+    cont = _verb_waits(m.cont)
+    assert cont.is_alive()
+    m.quit()  # never waits for the save: a shutdown request is served at once
+    cont.join(60)
+    assert not cont.is_alive() and m.state == RunState.SHUTDOWN
+    release.set()
+    save.join(60)
+    assert not save.is_alive() and m.state == RunState.SHUTDOWN  # the save's resume after quit does nothing
