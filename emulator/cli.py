@@ -548,6 +548,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             hmp_running = start_stdio_monitor(machine)
     except SnaplabError as err:
         print(f"{PROG}: {err}", file=sys.stderr)
+        for s in servers:  # a client already connected is hung up on, the socket file removed
+            s.close()
         machine.close()
         close_sink()
         return 1

@@ -135,10 +135,8 @@ class Machine:
 
     def cont(self) -> None:
         """qmp_cont(): every disk's io-status back to ``ok``, then vm_start() (refused in a
-        state that needs a reset)."""
-        if not self.runctl.state.needs_reset:
-            self.disk.reset_io_status()
-        self.runctl.cont()
+        state that needs a reset; both after any snapshot operation's stopped section)."""
+        self.runctl.cont(before=self.disk.reset_io_status)
 
     def _disk_error(self, unit: int, operation: str, action: str, nospace: bool, reason: str) -> None:
         """A guest disk request failed (on the vCPU thread): BLOCK_IO_ERROR in QEMU 7.2's shape

@@ -95,16 +95,19 @@ class OperationHold:
         self._bql = bql
         self._quitting = quitting
         self.owner: int | None = None
+        self.found: RunState | None = None  # where the hold's vm_stop found the VM (RUNNING if running)
 
-    def take(self) -> None:
-        """Inside the run-state lock (vm_stop): the calling thread holds the VM from now."""
+    def take(self, found: RunState) -> None:
+        """Inside the run-state lock (vm_stop): the calling thread holds the VM from now, and
+        the state to go back to is read there too (QEMU reads runstate_is_running() just
+        before vm_stop, under its big lock), so no verb can slip in between."""
         with self._cond:
-            self.owner = threading.get_ident()
+            self.owner, self.found = threading.get_ident(), found
 
     def release(self) -> None:
         with self._cond:
             if self.owner is not None:
-                self.owner = None
+                self.owner = self.found = None
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -424,7 +427,7 @@ class RunControl:
         """vm_stop(): park the vCPU, enter ``state``, emit STOP (if running; :class:`OperationHold`)."""
         with self._verb():
             if state in OPERATION_STATES:
-                self._hold.take()
+                self._hold.take(self.state)
             if self.state != RunState.RUNNING:
                 return False
             with self._cond:
@@ -436,12 +439,13 @@ class RunControl:
             self._emit("STOP", None)
             return True
 
-    def vm_resume(self, state: RunState) -> None:
-        """vm_resume(): run again if ``state`` was running, else just go back to ``state``.
-        Nothing after a quit: a machine that shut down stays down."""
+    def vm_resume(self, state: RunState | None = None) -> None:
+        """vm_resume(): run again if ``state`` is running, else go back to ``state`` (None: where
+        the operation's vm_stop found it, if it stopped it); nothing after a quit."""
         with self._verb():
+            state = self._hold.found if state is None else state
             self._hold.release()
-            if self._quit:
+            if state is None or self._quit:
                 return
             if state == RunState.RUNNING:
                 self.state = RunState.PAUSED
@@ -453,11 +457,13 @@ class RunControl:
         with self._hold.passed(), self._verb():
             self.vm_stop(RunState.PAUSED)
 
-    def cont(self) -> None:
-        """vm_start(): refused in states that need a reset, as QEMU's qmp_cont."""
+    def cont(self, before: Callable[[], None] | None = None) -> None:
+        """qmp_cont(): refused where a reset is needed, else ``before`` (io-status), vm_start()."""
         with self._hold.passed(), self._verb():
             if self.state.needs_reset:
                 raise SnaplabError("Resetting the Virtual Machine is required")
+            if before is not None:
+                before()
             if self.state == RunState.RUNNING or self._quit:
                 return
             self._ensure_thread()
@@ -514,10 +520,7 @@ class RunControl:
         return {"status": self.state.value, "singlestep": False, "running": self.state == RunState.RUNNING}
 
     def run_instructions(self, count: int) -> GuestFault | None:
-        """Execute exactly ``count`` instructions on the caller's thread (machine not running).
-
-        Deterministic stepping for tests and experiments (``emu_start(count=N)``).
-        """
+        """Exactly ``count`` instructions on the caller's thread, machine stopped (emu_start(count=N))."""
         with self._verb(), self._held_out():
             if self.state == RunState.RUNNING:
                 raise SnaplabError("run_instructions needs a stopped machine")

@@ -65,7 +65,7 @@ class VMOps(Protocol):
 
     def vm_stop(self, state: RunState) -> bool: ...
 
-    def vm_resume(self, state: RunState) -> None: ...
+    def vm_resume(self, state: RunState | None = None) -> None: ...
 
     def release_hold(self) -> None: ...
 
@@ -333,8 +333,10 @@ class EngineContext:
         """Every device section, encoded (qemu_savevm_state_complete_precopy's non-RAM part)."""
         return [(h, h.save()) for h in self.handlers()]
 
-    def resume(self, state: RunState) -> float:
-        """vm_resume(state); returns the time the guest was let go."""
+    def resume(self, state: RunState | None = None) -> float:
+        """vm_resume(state), by default to where the operation's stop found the VM (read under
+        its hold: a user's stop or cont just before the stop is kept); returns the time the
+        guest was let go."""
         t = time.perf_counter()
         self.vm.vm_resume(state)
         return t

@@ -200,12 +200,10 @@ class Migration:
         RAM streamed while the guest runs.  Returns (seconds stopped, pages sent)."""
         ctx = self.ctl.ctx
         protector, _ = ctx.protector()
-        saved = ctx.vm.state
         saver = CowSave(protector, ctx.ram, None, None, ctx.machine_name, [], sink=stream)
         saver.prepare()
         with contextlib.ExitStack() as stack:
-            w = arm_in_window(ctx, saver, RunState.FINISH_MIGRATE,
-                              saved if saved != RunState.FINISH_MIGRATE else RunState.RUNNING, [], stack)
+            w = arm_in_window(ctx, saver, RunState.FINISH_MIGRATE, [], stack)
         saver.sections = w.sections
         self._set(MigrationStatus.ACTIVE)
         try:
@@ -218,7 +216,6 @@ class Migration:
         """A plain migration: the guest stopped, everything streamed, the guest left stopped
         in ``postmigrate`` as after a QEMU migration.  Returns (seconds stopped, pages sent)."""
         ctx = self.ctl.ctx
-        was = ctx.vm.state
         ctx.vm.vm_stop(RunState.FINISH_MIGRATE)
         stop_t = time.perf_counter()
         self._set(MigrationStatus.ACTIVE)
@@ -233,7 +230,7 @@ class Migration:
                     stream.pages(p, mv[p * PAGE:q * PAGE])
             stream.end()
         except BaseException:
-            ctx.vm.vm_resume(was)
+            ctx.vm.vm_resume()  # where the stop found it
             raise
         resume_t = time.perf_counter()
         ctx.vm.vm_resume(RunState.POSTMIGRATE)  # the source stays stopped after a migration

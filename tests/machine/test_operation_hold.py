@@ -18,8 +18,10 @@ import pytest
 
 from emulator.block import Qcow2Image
 from emulator.block.node import BlockGraph
+from emulator.errors import SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.migration.vmstate import WARM_PAGES
 from emulator.runstate import RunState
 
 RAM = 32 << 20
@@ -119,11 +121,55 @@ def test_quit_during_a_saves_stop_is_not_held_and_ends_the_waits(machine: Machin
     m = machine
     m.start()
     save, _, release = _save_held_in_its_stop(m)
-    cont = _verb_waits(m.cont)
-    assert cont.is_alive()
+    refused: list[str] = []
+
+    def cont() -> None:
+        try:
+            m.cont()
+        except SnaplabError as err:  # after quit: QEMU's answer to cont in shutdown
+            refused.append(str(err))
+
+    waiting = _verb_waits(cont)
+    assert waiting.is_alive()
     m.quit()  # never waits for the save: a shutdown request is served at once
-    cont.join(60)
-    assert not cont.is_alive() and m.state == RunState.SHUTDOWN
+    waiting.join(60)
+    assert not waiting.is_alive() and m.state == RunState.SHUTDOWN
+    assert refused == ["Resetting the Virtual Machine is required"]
     release.set()
     save.join(60)
     assert not save.is_alive() and m.state == RunState.SHUTDOWN  # the save's resume after quit does nothing
+
+
+@pytest.mark.parametrize("op", ["save:blocking", "save:precopy", "save:cow", "load:blocking", "load:background",
+                                "load:ondemand"])
+def test_a_stop_just_before_an_operations_own_stop_is_kept(machine: Machine, op: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state an operation goes back to is read where its stop takes the hold (QEMU reads
+    runstate_is_running() just before vm_stop, under its big lock), not when it began: a
+    user's ``stop`` carried out between the two leaves the guest stopped after the operation.
+    Before, the operation resumed the guest to the state it had read at its start."""
+    m = machine
+    kind, engine = op.split(":")
+    m.start()
+    if kind == "load":
+        m.snapshots.save_snapshot("base", False, "disk0", ["disk0"])
+    # a step of the operation after it began and before its own stop: a save's stop_for_save
+    # (before its vm_stop), a blocking load's bounce-buffer warm-up, a lazy load's checks
+    ctx = m.snapshots.ctx
+    owner, name = ((ctx, "stop_for_save") if kind == "save" else
+                   (WARM_PAGES, "warm") if engine == "blocking" else (ctx, "load_checks"))
+    step = getattr(owner, name)
+
+    def a_user_stop_then_the_step(*a: Any, **k: Any) -> Any:
+        user = threading.Thread(target=m.stop)  # another thread's stop, before the operation's own
+        user.start()
+        user.join(60)
+        assert not user.is_alive() and m.state == RunState.PAUSED
+        return step(*a, **k)
+
+    monkeypatch.setattr(owner, name, a_user_stop_then_the_step)
+    if kind == "save":
+        m.snapshots.save_snapshot("s", False, "disk0", ["disk0"], engine)
+    else:
+        m.snapshots.load_snapshot("base", "disk0", ["disk0"], engine=engine)
+    assert m.state == RunState.PAUSED  # the user's stop was kept

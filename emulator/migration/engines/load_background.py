@@ -109,9 +109,10 @@ class BackgroundLoad(LoadEngine):
             def downtime() -> None:
                 # On the vCPU thread (run_on_cpu): it left the guest for this and goes back in
                 # at RESUME, so no thread is woken between the stop and the resume.
+                nonlocal orig
                 times.append(time.perf_counter())
-                if req.stop_first:
-                    ctx.vm.vm_stop(RunState.RESTORE_VM)
+                if req.stop_first:  # where to go back to, read under the stop's hold
+                    orig = RunState.RUNNING if ctx.vm.vm_stop(RunState.RESTORE_VM) else ctx.vm.state
                 release = ctx.vm.hold_block_io()  # the disks are reverted after RESUME
                 try:
                     ctx.vm.reset_for_load()

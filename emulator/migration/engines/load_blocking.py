@@ -39,8 +39,8 @@ class BlockingLoad(LoadEngine):
         ctx = self.ctx
         t0 = time.perf_counter()
         WARM_PAGES.warm(BOUNCE // PAGE)  # the bounce buffer touched before the stop, not in it
-        if req.stop_first:
-            ctx.vm.vm_stop(RunState.RESTORE_VM)
+        if req.stop_first:  # where to go back to, read under the stop's hold (no verb slips in)
+            orig = RunState.RUNNING if ctx.vm.vm_stop(RunState.RESTORE_VM) else ctx.vm.state
         src = ctx.load_checks(req)
         layout = ctx.check_ram_size(src.parsed.layout)
         # Every device payload decoded before the disks are reverted: a damaged VM state fails

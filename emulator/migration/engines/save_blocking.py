@@ -40,7 +40,6 @@ class BlockingSave(SaveEngine):
         ctx = self.ctx
         t0 = time.perf_counter()
         target = ctx.save_checks(req)
-        saved_state = ctx.vm.state
         images = target.images
         stack = contextlib.ExitStack()
         try:
@@ -59,7 +58,7 @@ class BlockingSave(SaveEngine):
                 give_back_vmstate(target.vmstate_image)  # then the guest resumes, as QEMU's the_end
                 raise
         finally:
-            t_resume = ctx.resume(saved_state)
+            t_resume = ctx.resume()  # where the stop found it (nothing if it never stopped)
             stack.close()
         t_flush = time.perf_counter()
         flush_or_undo(target.nodes, at.name)

@@ -44,11 +44,11 @@ class Window:
     t_resume: float
 
 
-def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState, resume_state: RunState,
+def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState,
                   images: list[Qcow2Image], stack: contextlib.ExitStack, name: str | None = None) -> Window:
     """The copy-on-write stop, shared by the engine and ``migrate``'s background snapshot:
     vm_stop, the instant, the device sections captured, ``images`` drained (until ``stack``
-    closes), RAM write-protected, vm_resume.  If arming fails the saver is abandoned (its
+    closes), RAM write-protected, vm_resume (to where the stop found the VM).  If arming fails the saver is abandoned (its
     chunk buffers go back to the pool either way)."""
     armed = False
     try:
@@ -62,7 +62,7 @@ def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState, resu
                 saver.arm()
                 armed = True
             finally:
-                t_resume = ctx.resume(resume_state)
+                t_resume = ctx.resume()
     except BaseException:
         if armed:
             saver.abandon()
@@ -90,7 +90,7 @@ class CowSaveEngine(SaveEngine):
         w: Window | None = None
         try:
             with contextlib.ExitStack() as stack:  # flushes deferred, disks drained until frozen
-                w = arm_in_window(ctx, saver, RunState.SAVE_VM, ctx.vm.state, target.images, stack, req.name)
+                w = arm_in_window(ctx, saver, RunState.SAVE_VM, target.images, stack, req.name)
                 pendings = ctx.freeze(target, w.at.name)
             saver.attach(target.vmstate_image, pendings[target.bs.node_name], w.sections)
         except BaseException:

@@ -50,7 +50,6 @@ class PrecopySave(SaveEngine):
             with writing_vmstate():
                 pre.iterate()
             images = target.images
-            saved_state = ctx.vm.state
             with contextlib.ExitStack() as stack, short_downtime(ctx.vm):
                 t_stop = ctx.stop_for_save(images, stack)
                 try:
@@ -66,7 +65,7 @@ class PrecopySave(SaveEngine):
                         size = finish_sparse_stream(stream, head, pre.nonzero)
                     ctx.commit(target, at, size)
                 finally:
-                    t_resume = ctx.resume(saved_state)
+                    t_resume = ctx.resume()
             flush_or_undo(target.nodes, at.name)
         except BaseException:
             give_back_vmstate(target.vmstate_image)  # (nothing left there once committed)
