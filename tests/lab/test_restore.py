@@ -74,7 +74,11 @@ def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
         if not resumes_early(r["policy"]):
             assert r["faults"] == 0 and r["resident_s"] == 0.0
         else:
-            assert r["faults"] > 0 and r["bytes_read"] > 0
+            assert r["bytes_read"] > 0
+            if waits_for_complete(r["policy"]):
+                # nothing is filled before job-complete, so the guest's progress took faults; a
+                # filler may win every race on a busy host (then a background load has none)
+                assert r["faults"] > 0
         if r["loading_set"]:
             assert r["loading_set"] == recorded[0]["recorded_set"]
     assert any(r["loading_set"] for r in rows)  # prefetch used what was recorded
