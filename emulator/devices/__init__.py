@@ -38,6 +38,11 @@ class Device(Protocol):
 
     def load_state(self, data: bytes, version: int) -> None: ...
 
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        """load_state() split in two: decode and check now, change the device when called
+        (a load decodes every section before it applies any)."""
+        ...
+
 
 class PortBus:
     """Dispatches IN/OUT to the device owning the port; unclaimed ports read all-ones."""

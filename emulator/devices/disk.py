@@ -199,10 +199,18 @@ class DiskController:
             return out + b"\0"
         return out + b"\1" + _PENDING.pack(*self.pending)
 
-    def load_state(self, data: bytes, version: int) -> None:
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        """Every field decoded (a pending request's too) before anything changes."""
         head = struct.calcsize("<QQIQ")
-        self.desc_low, self.desc_addr, self.status, self.requests = struct.unpack_from("<QQIQ", data)
-        self.pending = None
+        desc_low, desc_addr, status, requests = struct.unpack_from("<QQIQ", data)
+        pending = None
         if version >= 2 and data[head:head + 1] == b"\1":
-            unit, op, count, sector, buf, desc = _PENDING.unpack_from(data, head + 1)
-            self.pending = (unit, op, count, sector, buf, desc)
+            pending = _PENDING.unpack_from(data, head + 1)
+
+        def apply() -> None:
+            self.desc_low, self.desc_addr, self.status, self.requests = desc_low, desc_addr, status, requests
+            self.pending = pending
+        return apply
+
+    def load_state(self, data: bytes, version: int) -> None:
+        self.prepare_state(data, version)()

@@ -12,6 +12,7 @@ writes its backing drive.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Protocol
 
 from emulator.errors import BlockError
@@ -134,14 +135,27 @@ class FlashController:
             out += struct.pack("<I", len(payload)) + payload
         return bytes(out)
 
-    def load_state(self, data: bytes, version: int) -> None:
-        self.selected, self.offset, self.status = struct.unpack_from("<3I", data, 0)
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        """Every field decoded and checked (a bank's bytes all there) before anything changes."""
+        selected, offset, status = struct.unpack_from("<3I", data, 0)
         off = 12
+        contents: list[tuple[bytearray, int]] = []  # (bank, where its bytes start in ``data``)
         for bank in self.banks:
             (n,) = struct.unpack_from("<I", data, off)
             off += 4
             if n:
                 if n != len(bank.data):
                     raise ValueError(f"flash bank size {n} in the stream, {len(bank.data)} here")
-                bank.data[:] = data[off:off + n]
+                if off + n > len(data):
+                    raise ValueError(f"flash bank of {n} bytes cut short in the stream")
+                contents.append((bank.data, off))
             off += n
+
+        def apply() -> None:
+            self.selected, self.offset, self.status = selected, offset, status
+            for dest, at in contents:
+                dest[:] = data[at:at + len(dest)]
+        return apply
+
+    def load_state(self, data: bytes, version: int) -> None:
+        self.prepare_state(data, version)()

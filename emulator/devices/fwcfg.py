@@ -7,6 +7,7 @@ to numbered 64-bit items).  Keys are listed in data/guest/workloads.asm.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 KEY_SIGNATURE, KEY_RAM_SIZE, KEY_WORKLOAD, KEY_SEED, KEY_WORKING_SET = 0, 1, 2, 3, 4
 KEY_NS_PER_BATCH, KEY_PATTERN, KEY_DISK_SECTORS, KEY_BATCH_PAGES, KEY_WS_OFFSET = 5, 6, 7, 8, 9
@@ -39,5 +40,12 @@ class FwCfg:
     def save_state(self) -> bytes:
         return struct.pack("<Q", self.selected)
 
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        (selected,) = struct.unpack("<Q", data)
+
+        def apply() -> None:
+            self.selected = selected
+        return apply
+
     def load_state(self, data: bytes, version: int) -> None:
-        (self.selected,) = struct.unpack("<Q", data)
+        self.prepare_state(data, version)()

@@ -86,5 +86,12 @@ class LabPort:
         s = self.last
         return struct.pack("<6Q", s.vclock_ns, s.host_ns, s.iterations, s.bytes_dirtied, s.disk_ops, s.errors)
 
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        last = ProgressSample(*struct.unpack("<6Q", data))
+
+        def apply() -> None:
+            self.last = last
+        return apply
+
     def load_state(self, data: bytes, version: int) -> None:
-        self.last = ProgressSample(*struct.unpack("<6Q", data))
+        self.prepare_state(data, version)()

@@ -56,5 +56,12 @@ class Serial:
     def save_state(self) -> bytes:
         return bytes(self._line)
 
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        line = bytearray(data)
+
+        def apply() -> None:
+            self._line = line
+        return apply
+
     def load_state(self, data: bytes, version: int) -> None:
-        self._line = bytearray(data)
+        self.prepare_state(data, version)()

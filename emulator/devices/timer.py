@@ -48,5 +48,12 @@ class Timer:
     def save_state(self) -> bytes:
         return struct.pack("<3Q", self.latched_high, self.deadline_low, self.deadline)
 
+    def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
+        latched_high, deadline_low, deadline = struct.unpack("<3Q", data)
+
+        def apply() -> None:
+            self.latched_high, self.deadline_low, self.deadline = latched_high, deadline_low, deadline
+        return apply
+
     def load_state(self, data: bytes, version: int) -> None:
-        self.latched_high, self.deadline_low, self.deadline = struct.unpack("<3Q", data)
+        self.prepare_state(data, version)()

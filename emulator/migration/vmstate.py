@@ -628,12 +628,11 @@ def _bounded(n: int, limit: int, what: str) -> int:
 
 
 def apply_state(parsed: ParsedState, load_ram: Callable[[RamLayout], None] | None) -> None:
-    """Apply the device payloads, then hand RAM to ``load_ram``."""
+    """Apply the device payloads (every one decoded before any is applied), then hand RAM to
+    ``load_ram``."""
     if load_ram is not None and parsed.layout is None:
         raise LoadVMError("the stream has no RAM section")
-    for h, payload, version in parsed.pending:
-        with _device_errors(h.idstr):
-            h.load(payload, version)
+    prepare_state(parsed)()
     if load_ram is not None and parsed.layout is not None:
         load_ram(parsed.layout)
 

@@ -29,6 +29,7 @@ from emulator.migration.vmstate import (
     QEMU_VM_SECTION_END,
     QEMU_VM_SECTION_START,
     RAM_IDSTR,
+    ParsedState,
     SaveHandler,
     SequentialStream,
     load_sequential,
@@ -288,3 +289,27 @@ def test_a_register_file_the_cpu_model_refuses_changes_nothing(machine: Machine)
     assert cpu.get_state() == now
     with pytest.raises(ValueError, match="refused by the CPU model"):
         cpu.prepare_state(dict(now, GS=0xFFFF))
+
+
+@pytest.mark.parametrize("device, bad", [
+    ("disk", lambda good: good[:28] + b"\x01"),  # a pending request flagged, its fields cut off (found by the fuzz above)
+    ("flash", lambda good: good[:12] + struct.pack("<I", 4096) + bytes(100)),  # a bank cut short
+    ("timer", lambda good: good[:10]),
+    ("lab", lambda good: good + b"x"),
+    ("clock", lambda good: good[:3]),
+])
+def test_a_bad_device_section_fails_before_any_section_is_applied(machine: Machine, device: str, bad) -> None:  # type: ignore[no-untyped-def]
+    """Every section is decoded before any is applied: a CPU section that would change the
+    registers, then a device's bad one, leave every device as it was (before, a device that
+    decoded while applying was half changed, and the CPU applied before it)."""
+    hs = machine.savevm_handlers()
+    by = {h.idstr: h for h in hs}
+    before = device_state(hs)
+    cpu = bytearray(by["cpu"].save())
+    cpu[:8] = (int.from_bytes(cpu[:8], "little") ^ 0x1000).to_bytes(8, "little")  # another register value
+    h = by[device]
+    pending = [(by["cpu"], bytes(cpu), by["cpu"].version_id), (h, bad(h.save()), h.version_id)]
+    with pytest.raises(LoadVMError) as err:
+        prepare_state(ParsedState(pending, None))()
+    assert_clean(err.value)
+    assert device_state(hs) == before
