@@ -95,25 +95,25 @@ def test_cont_during_a_saves_stop_waits_for_the_save(machine: Machine, engine: s
     assert _counter(m) == at_stop  # the snapshot is the stop instant's
 
 
+def _verb_during_a_held_save(m: Machine, verb: Callable[[], None], tag: str) -> None:
+    """``verb`` from another thread while a save holds the guest stopped: it waits, and is
+    carried out once the save has ended."""
+    save, _, release = _save_held_in_its_stop(m, tag=tag)
+    waiting = _verb_waits(verb)
+    assert waiting.is_alive(), f"{verb.__name__} went through in the middle of the save"
+    release.set()
+    save.join(60)
+    waiting.join(60)
+    assert not save.is_alive() and not waiting.is_alive()
+
+
 def test_stop_and_reset_during_a_saves_stop_take_effect_after_it(machine: Machine) -> None:
     m = machine
     m.start()
-    save, _, release = _save_held_in_its_stop(m)
-    stop = _verb_waits(m.stop)
-    assert stop.is_alive(), "stop went through in the middle of the save"
-    release.set()
-    save.join(60)
-    stop.join(60)
-    assert not save.is_alive() and not stop.is_alive()
+    _verb_during_a_held_save(m, m.stop, "s")
     assert m.state == RunState.PAUSED  # not undone by the save's resume
     m.cont()
-    save, _, release = _save_held_in_its_stop(m, tag="s2")
-    reset = _verb_waits(m.system_reset)
-    assert reset.is_alive(), "system_reset went through in the middle of the save"
-    release.set()
-    save.join(60)
-    reset.join(60)
-    assert not save.is_alive() and not reset.is_alive()
+    _verb_during_a_held_save(m, m.system_reset, "s2")
     assert m.state == RunState.RUNNING
 
 
