@@ -219,7 +219,12 @@ class X86CPU:
 
     # -- state --------------------------------------------------------------------------
     def get_state(self) -> dict[str, int]:
-        return _read_registers(self.uc)
+        """The register file, decoded from a copy (:meth:`capture_state`), never read from the
+        live engine: Unicorn reads an MSR by borrowing the CPU's RAX, RCX and RDX
+        (``x86_msr_read`` puts the MSR number in ECX, runs ``helper_rdmsr``, then restores the
+        three), so reading EFER from another thread while the vCPU runs changes the guest's
+        registers under it (tests/machine/test_cpu_state.py)."""
+        return self.capture_state()()
 
     def capture_state(self) -> Callable[[], dict[str, int]]:
         """The register file at this instant, decoded later: cpu_synchronize_state() split in two.

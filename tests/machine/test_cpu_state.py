@@ -1,0 +1,48 @@
+"""Reading the register file of a running guest must not change it.
+
+Unicorn reads an MSR by borrowing the live CPU's RAX, RCX and RDX (``x86_msr_read`` sets ECX
+to the MSR's number, runs ``helper_rdmsr``, then puts the three back), so a ``reg_read`` of
+EFER from another thread while the vCPU runs can hand the guest ECX = 0xC0000080 or undo one
+of its writes.  The pre-copy engine read the CPU that way when it began, with the guest
+running: loops ended early (a disk write of a buffer filled part-way), a counter rolled back,
+and once a store far outside RAM (docs/test-runs.md, the kill -9 and live-disk findings).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from emulator.block import Qcow2Image
+from emulator.runstate import RunState
+from tests.model.guestdisk import LAB_COUNTER, data_range, disk0_problem, ram_problems
+from tests.stress import kill9 as k
+
+READS = 5_000
+
+
+def test_reading_a_running_cpu_leaves_the_guest_as_it_was(tmp_path: Path) -> None:
+    for d in k.DISKS:
+        Qcow2Image.create(tmp_path / f"{d}.qcow2", k.DISK, cluster_size=65536).close()
+    m, g = k.machine_on(tmp_path)
+    try:
+        m.start()
+        end = time.monotonic() + 30
+        while m.ram.read_u64(LAB_COUNTER) < 4 * k.SPEC.batch_pages:  # the workload runs
+            assert time.monotonic() < end, "the guest never ran"
+            time.sleep(0.01)
+        seen = set()
+        for _ in range(READS):
+            seen.add(m.cpu.get_state()["RCX"])
+            if m.state != RunState.RUNNING:
+                break
+        m.stop()
+        assert m.state == RunState.PAUSED, (m.state, m.runctl.fault)
+        counter = m.ram.read_u64(LAB_COUNTER)
+        a, n = data_range(k.SPEC, k.RAM)
+        assert ram_problems(k.SPEC, k.RAM, m.ram.read(a, n), counter) is None
+        img0 = g["disk0"].format_image
+        assert disk0_problem(k.SPEC, bytes(k.DISK), counter, m.ram.read_u64, img0.read(0, img0.size)) is None
+        assert len(seen) > 1  # the reads did see the guest running
+    finally:
+        m.quit()
