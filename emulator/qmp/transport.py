@@ -15,12 +15,13 @@ import logging
 import os
 import socket
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from emulator.errors import SnaplabError
 from emulator.qmp.commands import Monitor
 from emulator.qmp.protocol import ConnState, Output
+from emulator.workers import Pool
 
 log = logging.getLogger(__name__)
 MAX_OUTPUT_BUFFER = 16 << 20
@@ -33,7 +34,10 @@ class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, name="qmp-loop", daemon=True).start()
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="qmp-cmd")
+        # Unbounded (idle workers are reused, and leave after a minute): a verb may wait on a
+        # snapshot operation's stopped section (runctl.OperationHold), and a fixed number of
+        # such waits must not keep every other monitor's commands, ``quit`` included, queued.
+        self.pool = Pool("qmp-cmd")
 
     def run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=30)
@@ -131,7 +135,7 @@ class QMPServer:
                             def reply(data: bytes) -> None:
                                 loop.call_soon_threadsafe(send, data)
 
-                            await loop.run_in_executor(self._lt.pool, self.monitor.dispatch, conn, item, reply)
+                            await self._dispatch(loop, conn, item, reply)
                         finally:
                             self._inflight -= 1
                 await writer.drain()
@@ -144,6 +148,30 @@ class QMPServer:
             self._writers.discard(writer)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    async def _dispatch(self, loop: asyncio.AbstractEventLoop, conn: Any, item: Any,
+                        reply: Callable[[bytes], None]) -> None:
+        """One command on a worker thread of the shared pool; returns when it has."""
+        done = loop.create_future()
+
+        def finished(err: BaseException | None) -> None:
+            if done.done():
+                return
+            if err is None:
+                done.set_result(None)
+            else:
+                done.set_exception(err)
+
+        def run() -> None:
+            try:
+                self.monitor.dispatch(conn, item, reply)
+            except BaseException as err:  # noqa: BLE001 - raised again in the loop
+                loop.call_soon_threadsafe(finished, err)
+            else:
+                loop.call_soon_threadsafe(finished, None)
+
+        self._lt.pool.spawn(run)
+        await done
 
     def close(self) -> None:
         """Stop listening; let commands in flight (``quit``) send their reply, then hang up."""

@@ -173,3 +173,54 @@ def test_a_stop_just_before_an_operations_own_stop_is_kept(machine: Machine, op:
     else:
         m.snapshots.load_snapshot("base", "disk0", ["disk0"], engine=engine)
     assert m.state == RunState.PAUSED  # the user's stop was kept
+
+
+def test_monitors_waiting_on_a_held_save_leave_the_others_served(machine: Machine, tmp_path: Path) -> None:
+    """Twelve monitors whose ``stop`` waits for a save's stopped section do not keep a
+    thirteenth waiting: its ``query-status`` is answered, and its ``quit`` is carried out while
+    the save still holds the VM.  (Commands ran on eight shared workers: the ninth monitor's
+    commands queued behind the waits, ``quit`` too, until the save ended.)"""
+    import json
+    import socket
+
+    from emulator.qmp.transport import start_servers
+
+    m = machine
+    m.start()
+    path = tmp_path / "q.sock"
+    (server,) = start_servers(m.monitor, [{"kind": "unix", "path": str(path)}])
+
+    def connect() -> tuple[socket.socket, Any]:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        s.settimeout(60)
+        f = s.makefile("rb")
+        assert b"QMP" in f.readline()
+        s.sendall(b'{"execute": "qmp_capabilities"}\n')
+        assert json.loads(f.readline()) == {"return": {}}
+        return s, f
+
+    def answer(f: Any, rid: int) -> dict[str, Any]:
+        while "event" in (msg := json.loads(f.readline())) or msg.get("id") != rid:
+            pass  # events (STOP, SHUTDOWN) may come first
+        return msg  # type: ignore[no-any-return]
+
+    save, _, release = _save_held_in_its_stop(m)
+    waiting = [connect() for _ in range(12)]
+    try:
+        for s, _ in waiting:
+            s.sendall(b'{"execute": "stop", "id": "w"}\n')
+        other, f = connect()
+        other.sendall(b'{"execute": "query-status", "id": 1}\n')
+        assert answer(f, 1) == {"return": {"status": "save-vm", "singlestep": False, "running": False},
+                                            "id": 1}
+        assert save.is_alive()  # still held: the answer did not wait for it
+        other.sendall(b'{"execute": "quit", "id": 2}\n')
+        assert answer(f, 2) == {"return": {}, "id": 2}
+        assert save.is_alive() and m.state == RunState.SHUTDOWN
+    finally:
+        release.set()
+        save.join(60)
+        for s, _ in waiting:
+            s.close()
+        server.close()
