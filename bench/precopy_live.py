@@ -16,7 +16,7 @@ Found 2026-12-05 at eb0b7aa, beside a 3-lane test campaign (a loaded 2-core host
 holds, from its word 202 on, the words its write buffer held for the write before it (write
 12, sector 6700): the data of a write taken when the guest had refilled only the first 202 of
 its 512 buffer words.  An earlier run (seed 1) found one such block in 217 iterations.  The
-kill -9 test's wrong snapshots (docs/test-runs.md) have the same kind of cause: one word of
+kill -9 test's wrong snapshots (docs/test-runs.md) likely have the same cause: one word of
 the written block from the wrong place.  The cause (found 2026-12-05, fixed in c7607e8): the
 pre-copy engine read the running CPU's registers when it began, and Unicorn's MSR read borrows
 the live RAX, RCX and RDX (tests/machine/test_cpu_state.py, docs/test-runs.md).

@@ -4,8 +4,8 @@ Unicorn reads an MSR by borrowing the live CPU's RAX, RCX and RDX (``x86_msr_rea
 to the MSR's number, runs ``helper_rdmsr``, then puts the three back), so a ``reg_read`` of
 EFER from another thread while the vCPU runs can hand the guest ECX = 0xC0000080 or undo one
 of its writes.  The pre-copy engine read the CPU that way when it began, with the guest
-running: loops ended early (a disk write of a buffer filled part-way), a counter rolled back,
-and once a store far outside RAM (docs/test-runs.md, the kill -9 and live-disk findings).
+running: a loop ended early (a disk write of a buffer filled part-way), a loop index went back,
+and twice a store far outside RAM (docs/test-runs.md, the live-disk and model-test findings).
 """
 
 from __future__ import annotations
@@ -45,4 +45,5 @@ def test_reading_a_running_cpu_leaves_the_guest_as_it_was(tmp_path: Path) -> Non
         assert disk0_problem(k.SPEC, bytes(k.DISK), counter, m.ram.read_u64, img0.read(0, img0.size)) is None
         assert len(seen) > 1  # the reads did see the guest running
     finally:
-        m.quit()
+        m.close()
+        g.close()

@@ -10,6 +10,7 @@ and disks then no longer one instant), and a ``stop`` sent then was undone by th
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -207,20 +208,29 @@ def test_monitors_waiting_on_a_held_save_leave_the_others_served(machine: Machin
 
     save, _, release = _save_held_in_its_stop(m)
     waiting = [connect() for _ in range(12)]
+    other, f = connect()
     try:
         for s, _ in waiting:
             s.sendall(b'{"execute": "stop", "id": "w"}\n')
-        other, f = connect()
+        end = time.monotonic() + 60
+        while server._inflight < 12:  # every stop taken by a worker, each waiting on the hold
+            assert time.monotonic() < end, server._inflight
+            time.sleep(0.01)
         other.sendall(b'{"execute": "query-status", "id": 1}\n')
-        assert answer(f, 1) == {"return": {"status": "save-vm", "singlestep": False, "running": False},
-                                            "id": 1}
-        assert save.is_alive()  # still held: the answer did not wait for it
+        assert answer(f, 1) == {"return": {"status": "save-vm", "singlestep": False, "running": False}, "id": 1}
+        assert save.is_alive() and server._inflight >= 12  # still held, the stops still waiting
         other.sendall(b'{"execute": "quit", "id": 2}\n')
         assert answer(f, 2) == {"return": {}, "id": 2}
         assert save.is_alive() and m.state == RunState.SHUTDOWN
+        release.set()
+        save.join(60)
+        for _, wf in waiting:  # each waiting stop ends once the save lets go: answered, or hung up by the quit
+            while (line := wf.readline()) and json.loads(line).get("id") != "w":
+                pass
     finally:
         release.set()
         save.join(60)
-        for s, _ in waiting:
+        for s, wf in [*waiting, (other, f)]:
+            wf.close()
             s.close()
         server.close()
