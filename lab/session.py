@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +20,15 @@ class Session:
     graph: BlockGraph
     workdir: Path
 
+    def __post_init__(self) -> None:
+        # A session nobody closes (a notebook's kernel shut down) has its scratch directory
+        # removed when it is collected, or at interpreter exit (the machine quits by its own exit hook).
+        self._discard = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
+
     def close(self) -> None:
         self.machine.close()
         self.graph.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._discard()
 
 
 def default_machine(*, ram_mib: int = 64, seed: int = 1, workload: str = "dirty", varstore: str = "raw",

@@ -20,6 +20,7 @@ import io
 import shutil
 import tempfile
 import threading
+import weakref
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,10 @@ class LiveMachine:
         self.t0_wall_us = 0
         self.t0_mono_ns = 0
         self.closed = threading.Event()
+        # A live machine nobody closes (a kernel shut down, a dashboard dropped) has its scratch
+        # directory removed when it is collected, or at interpreter exit (the machine quits by
+        # its own exit hook).
+        self._discard = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
 
     def start(self) -> Any:
         """Power on; returns the QMP client."""
@@ -72,7 +77,7 @@ class LiveMachine:
         self.closed.set()
         self.machine.close()
         self.graph.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        self._discard()
 
 
 def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, float | None]],
