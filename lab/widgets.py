@@ -20,8 +20,8 @@ import io
 import shutil
 import tempfile
 import threading
-import weakref
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
