@@ -240,11 +240,10 @@ class Board:
             Handler("cpu", 1, lambda: pack_cpu_state(self.cpu.get_state()),
                     lambda d, v: self.cpu.set_state(unpack_cpu_state(d)), capture_fn=self._capture_cpu,
                     prepare_fn=lambda d, v: self.cpu.prepare_state(unpack_cpu_state(d))),
-            Handler("clock", 1, lambda: struct.pack(">Q", self.clock.now_ns()),
-                    lambda d, v: self.clock.set(struct.unpack(">Q", d)[0]), prepare_fn=self._prepare_clock),
+            Handler("clock", 1, lambda: struct.pack(">Q", self.clock.now_ns()), None, prepare_fn=self._prepare_clock),
         ]
         for dev in self.bus.devices:
-            hs.append(Handler(dev.name, dev.version, dev.save_state, dev.load_state, prepare_fn=dev.prepare_state))
+            hs.append(Handler(dev.name, dev.version, dev.save_state, None, prepare_fn=dev.prepare_state))
         return hs
 
     def _prepare_clock(self, data: bytes, version: int) -> Callable[[], None]:

@@ -36,11 +36,9 @@ class Device(Protocol):
 
     def save_state(self) -> bytes: ...
 
-    def load_state(self, data: bytes, version: int) -> None: ...
-
     def prepare_state(self, data: bytes, version: int) -> Callable[[], None]:
-        """load_state() split in two: decode and check now, change the device when called
-        (a load decodes every section before it applies any)."""
+        """The device's load: decode and check now, change the device when the returned
+        function is called (a load decodes every section before it applies any)."""
         ...
 
 

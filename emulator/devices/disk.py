@@ -211,6 +211,3 @@ class DiskController:
             self.desc_low, self.desc_addr, self.status, self.requests = desc_low, desc_addr, status, requests
             self.pending = pending
         return apply
-
-    def load_state(self, data: bytes, version: int) -> None:
-        self.prepare_state(data, version)()

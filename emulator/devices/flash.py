@@ -156,6 +156,3 @@ class FlashController:
             for dest, at in contents:
                 dest[:] = data[at:at + len(dest)]
         return apply
-
-    def load_state(self, data: bytes, version: int) -> None:
-        self.prepare_state(data, version)()

@@ -46,6 +46,3 @@ class FwCfg:
         def apply() -> None:
             self.selected = selected
         return apply
-
-    def load_state(self, data: bytes, version: int) -> None:
-        self.prepare_state(data, version)()

@@ -92,6 +92,3 @@ class LabPort:
         def apply() -> None:
             self.last = last
         return apply
-
-    def load_state(self, data: bytes, version: int) -> None:
-        self.prepare_state(data, version)()

@@ -62,6 +62,3 @@ class Serial:
         def apply() -> None:
             self._line = line
         return apply
-
-    def load_state(self, data: bytes, version: int) -> None:
-        self.prepare_state(data, version)()

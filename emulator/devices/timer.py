@@ -54,6 +54,3 @@ class Timer:
         def apply() -> None:
             self.latched_high, self.deadline_low, self.deadline = latched_high, deadline_low, deadline
         return apply
-
-    def load_state(self, data: bytes, version: int) -> None:
-        self.prepare_state(data, version)()

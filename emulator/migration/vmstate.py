@@ -87,12 +87,13 @@ class SaveHandler(Protocol):
 @dataclass
 class Handler:
     """A SaveHandler built from two callables; optionally a third that captures the state now
-    and encodes it later (see :func:`capture_sections`)."""
+    and encodes it later (see :func:`capture_sections`).  A handler with ``prepare_fn`` may
+    leave ``load_fn`` out: its load is the prepared change, made at once."""
 
     idstr: str
     version_id: int
     save_fn: Callable[[], bytes]
-    load_fn: Callable[[bytes, int], None]
+    load_fn: Callable[[bytes, int], None] | None
     instance_id: int = 0
     capture_fn: Callable[[], Callable[[], bytes]] | None = None
     prepare_fn: Callable[[bytes, int], Callable[[], None]] | None = None
@@ -105,14 +106,23 @@ class Handler:
             return self.capture_fn()
         return _ready(self.save_fn())
 
+    def __post_init__(self) -> None:
+        if self.load_fn is None and self.prepare_fn is None:
+            raise TypeError(f"handler {self.idstr!r} has neither a load nor a prepare function")
+
     def load(self, data: bytes, version_id: int) -> None:
-        self.load_fn(data, version_id)
+        if self.load_fn is None:
+            self.prepare(data, version_id)()
+        else:
+            self.load_fn(data, version_id)
 
     def prepare(self, data: bytes, version_id: int) -> Callable[[], None]:
         """The load split in two (the mirror of capture()): decode now, apply later."""
         if self.prepare_fn is not None:
             return self.prepare_fn(data, version_id)
-        return lambda: self.load_fn(data, version_id)
+        load_fn = self.load_fn
+        assert load_fn is not None
+        return lambda: load_fn(data, version_id)
 
 
 Captured = list[tuple[SaveHandler, Callable[[], bytes]]]
