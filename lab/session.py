@@ -4,14 +4,13 @@ scratch directory, like the reference command line (shared/reference/qemu-7.2-qm
 from __future__ import annotations
 
 import shutil
-import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import DATA_DIR, FIRMWARE_BIN, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab import scratch
 
 
 @dataclass
@@ -21,9 +20,9 @@ class Session:
     workdir: Path
 
     def __post_init__(self) -> None:
-        # A session nobody closes (a notebook's kernel shut down) has its scratch directory
-        # removed when it is collected, or at interpreter exit (the machine quits by its own exit hook).
-        self._discard = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
+        # Removed at close, when collected or at exit (the machine quits by its own exit hook);
+        # if this process is killed outright, by the next one that makes a session.
+        self._discard = scratch.tie(self, self.workdir)
 
     def close(self) -> None:
         self.machine.close()
@@ -34,7 +33,7 @@ class Session:
 def default_machine(*, ram_mib: int = 64, seed: int = 1, workload: str = "dirty", varstore: str = "raw",
                     dirty_rate_mib_s: int = 50) -> Session:
     """The default guest: ``dirty`` workload (seeded), raw varstore (as OVMF_VARS.fd) or qcow2."""
-    wd = Path(tempfile.mkdtemp(prefix="snaplab-nb-"))
+    wd = scratch.make("snaplab-nb-")
     template = DATA_DIR / "firmware" / "vars-template.fd"
     if varstore == "raw":
         shutil.copy(template, wd / "vars.fd")

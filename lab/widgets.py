@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import io
 import shutil
-import tempfile
 import threading
 import time
-import weakref
-from pathlib import Path
 from typing import Any
 
 import ipywidgets as w
@@ -32,6 +29,7 @@ from emulator.block import BlockGraph, Qcow2Image
 from emulator.errors import QMPError, SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab import scratch
 from lab.spec import DEFAULT_ENGINE, PATTERNS, WORKLOADS, engine_title, load_engines, save_engines
 
 ENGINE_ARG = "__org.snaplab_engine"
@@ -47,7 +45,7 @@ class LiveMachine:
     the guest described by the controls, the machine's start as the log's time zero."""
 
     def __init__(self, ram_mib: int, workload: WorkloadSpec) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="snaplab-dash-"))
+        self.workdir = scratch.make("snaplab-dash-")
         try:
             Qcow2Image.create(self.workdir / "disk0.qcow2", 1 << 30).close()
             self.graph = BlockGraph()
@@ -61,10 +59,9 @@ class LiveMachine:
         self.t0_wall_us = 0
         self.t0_mono_ns = 0
         self.closed = threading.Event()
-        # A live machine nobody closes (a kernel shut down, a dashboard dropped) has its scratch
-        # directory removed when it is collected, or at interpreter exit (the machine quits by
-        # its own exit hook).
-        self._discard = weakref.finalize(self, shutil.rmtree, str(self.workdir), True)
+        # Removed at close, when collected or at exit (the machine quits by its own exit hook);
+        # if this process is killed outright, by the next one that makes a dashboard machine.
+        self._discard = scratch.tie(self, self.workdir)
 
     def start(self) -> Any:
         """Power on; returns the QMP client."""

@@ -149,3 +149,27 @@ def test_a_machine_nobody_closes_leaves_no_scratch_directory(make: str) -> None:
     assert out.returncode == 0, out.stderr
     workdir = Path(out.stdout.strip().splitlines()[-1])
     assert workdir.name.startswith("snaplab-") and not workdir.exists()
+
+
+def test_a_killed_kernels_dashboard_directory_goes_with_the_next_dashboard_machine() -> None:
+    """nbval and Jupyter stop a notebook's kernel with SIGKILL: no exit hook runs, so the
+    dashboard machine's directory stays until the next dashboard machine is made."""
+    import signal
+
+    from emulator.guest import WorkloadSpec
+    from lab.widgets import LiveMachine
+
+    code = ("from lab.widgets import LiveMachine; from emulator.guest import WorkloadSpec; import time; "
+            "m = LiveMachine(32, WorkloadSpec('dirty', seed=1)); m.start(); print(m.workdir, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    killed = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert killed.name.startswith("snaplab-dash-") and killed.is_dir()
+    m = LiveMachine(32, WorkloadSpec("dirty", seed=1))
+    try:
+        assert not killed.exists() and m.workdir.is_dir()
+    finally:
+        m.close()
+    assert not m.workdir.exists()
