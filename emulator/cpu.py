@@ -246,14 +246,18 @@ class X86CPU:
         return decode
 
     def set_state(self, regs: dict[str, int]) -> None:
-        """Write the register file; one the CPU model refuses (ValueError) is found on the
-        scratch engine first, so a bad state changes nothing here."""
+        """Write the register file: built on the scratch engine from a copy of this one's
+        context, then put here with one ``uc_context_restore``.  The live engine's registers
+        are never written one by one (writing EFER borrows RAX, RCX and RDX, see
+        :meth:`get_state`), and a state the CPU model refuses (ValueError) changes nothing."""
         ctx = self.uc.context_save()
         with _SCRATCH_LOCK:
             scratch = _scratch()
             scratch.context_restore(ctx)
             _write_registers(scratch, regs)
-        _write_registers(self.uc, regs)
+            ctx = scratch.context_save()
+        self.uc.context_restore(ctx)
+        self._tlb_flush_pending = True
         self.flush_translations()
 
     def prepare_state(self, regs: dict[str, int]) -> Callable[[], None]:

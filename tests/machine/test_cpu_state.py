@@ -47,3 +47,27 @@ def test_reading_a_running_cpu_leaves_the_guest_as_it_was(tmp_path: Path) -> Non
     finally:
         m.close()
         g.close()
+
+
+def test_writing_the_register_file_never_writes_the_live_engine_register_by_register(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """set_state builds the new file on the scratch engine and restores it here in one copy:
+    a write of EFER on the live engine would borrow its RAX, RCX and RDX as a read does."""
+    from emulator import cpu as cpu_mod
+
+    for d in k.DISKS:
+        Qcow2Image.create(tmp_path / f"{d}.qcow2", k.DISK, cluster_size=65536).close()
+    m, g = k.machine_on(tmp_path)
+    try:
+        m.start()
+        m.stop()
+        before = m.cpu.get_state()
+        want = dict(before, RAX=0x1122_3344, RCX=9, EFER=before["EFER"])
+        written = []
+        real = cpu_mod._write_registers
+        monkeypatch.setattr(cpu_mod, "_write_registers", lambda uc, regs: (written.append(uc), real(uc, regs))[1])
+        m.cpu.set_state(want)
+        assert written and all(uc is not m.cpu.uc for uc in written)
+        assert m.cpu.get_state() == want and m.cpu._tlb_flush_pending
+    finally:
+        m.quit()
