@@ -51,9 +51,16 @@ class Pool:
             else:
                 self._count += 1
                 start = True
-        self._q.put(task)
         if start:
-            threading.Thread(target=self._work, name=f"{self.name}-{self._count}", daemon=True).start()
+            # Started before the task is queued: if the thread cannot start (RuntimeError:
+            # "can't start new thread"), nothing was promised and the count is given back.
+            try:
+                threading.Thread(target=self._work, name=f"{self.name}-{self._count}", daemon=True).start()
+            except BaseException:
+                with self._lock:
+                    self._count -= 1
+                raise
+        self._q.put(task)
         return task.done
 
     def _work(self) -> None:

@@ -81,3 +81,26 @@ def test_an_idle_worker_keeps_nothing_of_its_last_task() -> None:
     del p, arg
     gc.collect()
     assert [r() for r in refs] == [None, None]
+
+
+def test_a_thread_that_cannot_start_leaves_the_pool_as_it_was(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """When the host refuses a thread ("can't start new thread"), the caller hears it, no
+    task is left queued for a worker that never came, and the pool still works afterwards."""
+    pool = workers.Pool("t-refused")
+    real_start = threading.Thread.start
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    ran: list[int] = []
+    try:
+        pool.spawn(ran.append, 1)
+    except RuntimeError:
+        pass
+    else:
+        raise AssertionError("a refused thread start was not reported")
+    assert pool._count == 0 and pool._q.empty()
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    assert pool.spawn(ran.append, 2).wait(5)
+    assert ran == [2] and pool._count == 1
