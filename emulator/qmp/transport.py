@@ -20,7 +20,7 @@ from typing import Any
 
 from emulator.errors import SnaplabError
 from emulator.qmp.commands import Monitor
-from emulator.qmp.protocol import ConnState, Output
+from emulator.qmp.protocol import ConnState, Output, QMPConnection, Request
 from emulator.workers import Pool
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,20 @@ class QMPServer:
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
+        except Exception:  # a dispatch that failed outside the monitor's own error handling
+            log.exception("QMP connection ended by an internal error")
         finally:
             self.monitor.unsubscribe(on_event)
             self._writers.discard(writer)
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _dispatch(self, loop: asyncio.AbstractEventLoop, conn: Any, item: Any,
+    async def _dispatch(self, loop: asyncio.AbstractEventLoop, conn: QMPConnection, item: Request,
                         reply: Callable[[bytes], None]) -> None:
-        """One command on a worker thread of the shared pool; returns when it has."""
+        """One command on a worker thread of the shared pool; returns when it has.  Whatever
+        escapes the monitor ends this connection only: a SystemExit or KeyboardInterrupt
+        raised on the worker comes back as a RuntimeError, since raised as itself in a task
+        it would stop the event loop, and with it every monitor."""
         done = loop.create_future()
 
         def finished(err: BaseException | None) -> None:
@@ -165,8 +170,12 @@ class QMPServer:
         def run() -> None:
             try:
                 self.monitor.dispatch(conn, item, reply)
-            except BaseException as err:  # noqa: BLE001 - raised again in the loop
+            except Exception as err:  # raised again in the loop
                 loop.call_soon_threadsafe(finished, err)
+            except BaseException as err:  # noqa: BLE001 - see above
+                wrapped = RuntimeError(f"command dispatch ended by {type(err).__name__}")
+                wrapped.__cause__ = err
+                loop.call_soon_threadsafe(finished, wrapped)
             else:
                 loop.call_soon_threadsafe(finished, None)
 
