@@ -5,12 +5,13 @@ one UFFDIO_WRITEPROTECT; resume; freeze the disks (pending qcow2 snapshots) whil
 drained, so they are the stop instant's (savevm.py).  From then on:
 
 * a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
-  saved it copies the chunk (still the stop-instant content) into a warm buffer and releases its
-  protection (which wakes the writer); a fault on a chunk already saved is only woken
+  saved it copies the chunk's non-zero pages (still the stop-instant content), packed, into a
+  warm buffer, notes which pages they were, and releases its protection (which wakes the
+  writer): one read of the chunk, no second scan of the copy later; a fault on a chunk already saved is only woken
   (UFFDIO_WAKE: no page-table change, so no huge page is split).  When every buffer holds a
   chunk the saver has not reached yet (:func:`fault_buffers`), the fault waits for the saver;
 * a **saver** walks RAM in page order, 16 MiB at a time: the chunks nobody faulted on are read
-  straight from RAM (still protected, so no copy is needed), the others from their copies;
+  straight from RAM (still protected, so no copy is needed), the others from their packed copies;
   chunks still mapped to the shared zero page after the arm are known zero without being
   read (a page-table walk); a vectorised scan per chunk finds the other zero pages; the non-zero ones are gathered, in page
   order, into a warm 32 MiB buffer, and the span is released.  The stream has the blocking
@@ -53,6 +54,7 @@ from emulator.migration.vmstate import (
     SparseRam,
     begin_sparse_stream,
     finish_sparse_stream,
+    pages_nonzero,
 )
 from emulator.uffd import (
     UFFD_FEATURE_MOVE,
@@ -133,7 +135,7 @@ def fault_buffers(ram_size: int) -> int:
     """How many chunks a copy-on-write save may hold copied before a fault waits for the
     saver: a quarter of RAM, from 16 (32 MiB) to 256 (512 MiB).
 
-    A fault copies its chunk into a free buffer (~0.4 ms) and the guest goes on; the copy is
+    A fault copies its chunk's non-zero pages into a free buffer and the guest goes on; the copy is
     stored when the in-order saver reaches that chunk.  While every buffer holds a chunk the
     saver has not reached yet, the next fault waits until the saver frees one or takes the
     faulting chunk itself (deviation 38), so a guest writing all over a working set larger
@@ -411,7 +413,8 @@ class CowSave:
         # Every buffer this save may use, warm, taken before the stop and returned at the end.
         self._owned = WARM_BUFFERS.take_n(self.max_buffers)
         self._free = list(self._owned)  # under lock
-        self._copies: dict[int, ctypes.Array[ctypes.c_char]] = {}  # chunk -> its copy (under lock)
+        # chunk -> its packed copy: the buffer, and which of its pages are non-zero (under lock)
+        self._copies: dict[int, tuple[ctypes.Array[ctypes.c_char], np.ndarray]] = {}
         self.error: BaseException | None = None
         self._stop = threading.Event()
         self._armed_at = 0.0
@@ -465,8 +468,9 @@ class CowSave:
 
     # -- the fault path ------------------------------------------------------------------------
     def _save_chunk(self, c: int) -> tuple[bool, float, float]:
-        """Copy chunk ``c`` (still protected: the stop instant's bytes) into a free buffer and
-        let it go, if nobody has; True if this call saved it.  With every buffer holding a
+        """Copy chunk ``c``'s non-zero pages (still protected: the stop instant's bytes) into a
+        free buffer, packed (:func:`_pack_chunk`), and let it go, if nobody has; True if this
+        call saved it.  With every buffer holding a
         chunk the saver has not reached yet, wait until it gives one back, or reaches ``c``
         itself (back-pressure: the guest's write waits for the saver).  Also returns the
         seconds it waited for that and the seconds it copied."""
@@ -482,12 +486,12 @@ class CowSave:
             self.stats.peak_buffers = max(self.stats.peak_buffers, len(self._owned) - len(self._free))
         off = c * CHUNK
         t1 = time.perf_counter()
-        ctypes.memmove(buf, self.ram.addr + off, min(CHUNK, self.ram.size - off))  # releases the GIL
+        nz = _pack_chunk(self.ram.addr + off, min(CHUNK, self.ram.size - off), buf)
         copied = time.perf_counter() - t1
         self.protector.release(c)  # also wakes the writer
         with self.lock:
             if self.state[c] == COPYING:  # (not if the save failed meanwhile)
-                self._copies[c] = buf
+                self._copies[c] = (buf, nz)
                 self.state[c] = SAVED
             self.saved_cond.notify_all()
         return True, waited, copied
@@ -539,7 +543,7 @@ class CowSave:
         self.record_fault(t0, cost)
 
     # -- the saver: every chunk in page order ----------------------------------------------------
-    def _take_span(self, c0: int, c1: int) -> tuple[np.ndarray, dict[int, ctypes.Array[ctypes.c_char]]]:
+    def _take_span(self, c0: int, c1: int) -> tuple[np.ndarray, dict[int, tuple[ctypes.Array[ctypes.c_char], np.ndarray]]]:
         """Chunks [c0, c1) become the saver's: the unsaved ones claimed (their bytes are in RAM,
         still protected), the fault-copied ones with their copies; waits for a copy in flight.
         Returns which are read from RAM, and the copies."""
@@ -551,7 +555,8 @@ class CowSave:
             copies = {c: self._copies.pop(c) for c in range(c0, c1) if c in self._copies}
         return from_ram, copies
 
-    def _let_go(self, c0: int, c1: int, from_ram: np.ndarray, copies: dict[int, ctypes.Array[ctypes.c_char]]) -> None:
+    def _let_go(self, c0: int, c1: int, from_ram: np.ndarray,
+                copies: dict[int, tuple[ctypes.Array[ctypes.c_char], np.ndarray]]) -> None:
         """Chunks [c0, c1) are in the stream: the claimed ones released (one ioctl for the
         span: releasing a chunk already released changes nothing), the copies' buffers free."""
         if from_ram.any():
@@ -560,7 +565,7 @@ class CowSave:
             if from_ram.any():
                 self.state[c0:c1][from_ram & (self.state[c0:c1] == COPYING)] = SAVED
             if self._owned:  # (not once the buffers went back: the save failed)
-                self._free.extend(copies.values())
+                self._free.extend(buf for buf, _ in copies.values())
             self.saved_cond.notify_all()
 
     def background(self) -> None:
@@ -595,12 +600,10 @@ class CowSave:
                             if zero[c]:  # zero at the stop (see _find_zero_chunks): no page in the stream
                                 self.stats.zero_chunks += 1
                                 continue
-                            src = self.ram.addr + c * CHUNK
+                            gather.chunk(c, self.ram.addr + c * CHUNK)
                         elif c in copies:
-                            src = ctypes.addressof(copies[c])
-                        else:
-                            continue  # let go unsaved: the save has failed
-                        gather.chunk(c, src)
+                            gather.packed(c, *copies[c])
+                        # else: let go unsaved, the save has failed
                 finally:
                     self._let_go(c0, c1, from_ram, copies)
                 c0 = c1
@@ -675,6 +678,24 @@ def _run_ends(flags: np.ndarray) -> np.ndarray:
 GATHER = 32 << 20  # bytes per write of the gathered pages (two buffers: one filled, one written)
 
 
+def _pack_chunk(src: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> np.ndarray:
+    """The ``n`` bytes at ``src`` (a chunk's pages) into ``buf``: its non-zero pages only, in
+    order, from the start; returns which pages those are.  One read of the chunk for the scan
+    and one copy of its data, where a whole-chunk copy would write all of it and the saver
+    would read it again for its own scan; most of a guest's first-written chunks are mostly zero
+    (huge pages the guest wrote a little of)."""
+    pages = n // PAGE
+    words = np.frombuffer(memoryview((ctypes.c_char * n).from_address(src)).cast("B"), dtype=np.uint64)
+    nz = pages_nonzero(words.reshape(pages, PAGE // 8))
+    idx = np.flatnonzero(nz)
+    if len(idx) == pages:
+        ctypes.memmove(buf, src, n)  # releases the GIL
+    elif len(idx):
+        dst = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8).reshape(-1, PAGE)
+        np.take(words.view(np.uint8).reshape(pages, PAGE), idx, axis=0, out=dst[:len(idx)], mode="clip")
+    return nz
+
+
 class _Gatherer:
     """The saver's output: non-zero pages gathered in page order into one warm 32 MiB buffer
     while a writer thread writes the other (whole clusters, around the page cache where the
@@ -704,7 +725,7 @@ class _Gatherer:
         n = min(CHUNK, save.ram.size - off)
         pages = n // PAGE
         arr = np.frombuffer(memoryview((ctypes.c_char * n).from_address(src)).cast("B"), dtype=np.uint64)
-        nz = arr.reshape(pages, PAGE // 8).any(axis=1)
+        nz = pages_nonzero(arr.reshape(pages, PAGE // 8))
         save.nonzero[off // PAGE:off // PAGE + pages] = nz
         if not nz.any():
             return  # no data at all: nothing in the stream
@@ -724,6 +745,31 @@ class _Gatherer:
             np.take(arr.view(np.uint8).reshape(pages, PAGE), idx, axis=0, out=dst, mode="clip")
         self.fill += len(idx)
         save.stats.bytes_written += len(idx) * PAGE
+
+    def packed(self, c: int, buf: ctypes.Array[ctypes.c_char], nz: np.ndarray) -> None:
+        """Chunk ``c`` from a fault's packed copy: its non-zero pages, in order, at the start
+        of ``buf``; ``nz`` says which pages they are (found when the fault copied them)."""
+        save = self.save
+        first = c * CHUNK // PAGE
+        save.nonzero[first:first + len(nz)] = nz
+        idx = np.flatnonzero(nz)
+        k = len(idx)
+        if not k:
+            return
+        src = ctypes.addressof(buf)
+        if save.sink is not None:  # each run of consecutive non-zero pages as one record
+            ends = np.flatnonzero(np.diff(idx) != 1) + 1
+            for lo, hi in zip(np.concatenate(([0], ends)).tolist(), np.concatenate((ends, [k])).tolist(), strict=True):
+                save.sink.pages(first + int(idx[lo]),
+                                memoryview((ctypes.c_char * ((hi - lo) * PAGE)).from_address(src + lo * PAGE)).cast("B"))
+            save.stats.bytes_written += k * PAGE
+            return
+        assert self.buf is not None
+        if (self.fill + k) * PAGE > GATHER:
+            self._flush(final=False)
+        ctypes.memmove(self.buf[self.fill].ctypes.data, src, k * PAGE)
+        self.fill += k
+        save.stats.bytes_written += k * PAGE
 
     def _flush(self, final: bool) -> None:
         """Hand the filled buffer to the writer: whole clusters, or all of it at the end; the

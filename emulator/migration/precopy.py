@@ -22,6 +22,7 @@ from emulator.migration.vmstate import (
     SparseRam,
     StreamWriter,
     begin_sparse_stream,
+    pages_nonzero,
 )
 from emulator.uffd import DirtyScanner
 
@@ -70,7 +71,7 @@ class Precopy:
         for a in range(0, self.ram.size, step):
             b = min(a + step, self.ram.size)
             pages = view[a:b].view(np.uint64).reshape(-1, PAGE // 8)
-            self.nonzero[a // PAGE:b // PAGE] = np.asarray(pages.any(axis=1), dtype=bool)
+            pages_nonzero(pages, out=self.nonzero[a // PAGE:b // PAGE])
             self.out.write(self.sparse.data_offset + a, mv[a:b])
         if self.img is not None:
             m = self.img.vmstate_host_map(self.sparse.end)
@@ -117,7 +118,7 @@ class Precopy:
             return 0
         cs = self.img.cluster_size
         whole = np.frombuffer(self.ram.view(), dtype=np.uint64)[: self.ram.size // 8].reshape(-1, PAGE // 8)
-        self.nonzero[pages] = whole[pages].any(axis=1)
+        self.nonzero[pages] = pages_nonzero(whole[pages])
         spos = self.sparse.data_offset + pages * PAGE
         cl = spos // cs
         host = self.host[cl] + spos % cs
@@ -149,7 +150,7 @@ class Precopy:
             for a in range(off, end, step):
                 b = min(a + step, end)
                 pages = view[a:b].view(np.uint64).reshape(-1, PAGE // 8)
-                nz = np.asarray(pages.any(axis=1), dtype=bool)
+                nz = pages_nonzero(pages)
                 first = a // PAGE
                 self.nonzero[first:first + len(nz)] = nz
                 idx = np.flatnonzero(nz)
