@@ -174,12 +174,24 @@ def scan_threads() -> int:
 
 def pages_nonzero(pages: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """One bool per row of ``pages`` (the uint64 words of 4 KiB pages): True where the page
-    has a non-zero byte (QEMU's ``!buffer_is_zero()``, vectorised).  A row's maximum rather
-    than ``np.any`` or an OR-reduction: exact on unsigned words, and the fastest of the three
-    here (zero-heavy RAM, one thread: 9.1 GB/s against 5.5 for ``any`` and 7.7 for the OR),
-    since it needs no conversion to bool and numpy vectorises it."""
-    nz: np.ndarray = np.not_equal(pages.max(axis=1, initial=0), 0, out=out)
-    return nz
+    has a non-zero byte (QEMU's ``!buffer_is_zero()``, vectorised).
+
+    A page whose first word is non-zero needs no more reading (the guest's stamped pages,
+    random data: one cache line per page); the others are read whole, by a row maximum
+    (exact on unsigned words, and the fastest reduction here: 9.1 GB/s on one thread against
+    5.5 for ``np.any`` and 7.7 for an OR).  Where most rows need it, the maximum runs over
+    every row rather than over a gathered copy of those rows."""
+    if out is None:
+        out = np.empty(len(pages), dtype=bool)
+    if not len(pages):
+        return out
+    np.not_equal(pages[:, 0], 0, out=out)
+    rest = np.flatnonzero(~out)
+    if 2 * len(rest) >= len(out):
+        np.not_equal(pages.max(axis=1), 0, out=out)
+    elif len(rest):
+        out[rest] = pages[rest].max(axis=1) != 0
+    return out
 
 
 def nonzero_pages(ram: np.ndarray, threads: int = 1) -> np.ndarray:
