@@ -33,9 +33,12 @@ def _start_time(pid: int) -> str | None:
 def _owner_gone(d: Path) -> bool:
     try:
         pid_s, start = (d / OWNER).read_text().split()
+        pid = int(pid_s)
     except (OSError, ValueError):
         return False  # not ours to judge: no owner file (being made, or made elsewhere)
-    return _start_time(int(pid_s)) != start
+    if not os.path.isdir("/proc/self"):
+        return False  # no /proc here: no process can be told gone
+    return _start_time(pid) != start
 
 
 def reap(prefix: str, root: Path | None = None) -> int:
@@ -54,7 +57,9 @@ def make(prefix: str, root: Path | None = None) -> Path:
     """A new scratch directory owned by this process, after removing the stale ones."""
     reap(prefix, root)
     d = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
-    (d / OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    start = _start_time(os.getpid())
+    if start is not None:  # (without /proc, no owner file: never reaped, removed by its owner only)
+        (d / OWNER).write_text(f"{os.getpid()} {start}\n")
     return d
 
 

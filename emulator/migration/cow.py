@@ -486,7 +486,11 @@ class CowSave:
             self.stats.peak_buffers = max(self.stats.peak_buffers, len(self._owned) - len(self._free))
         off = c * CHUNK
         t1 = time.perf_counter()
-        nz = _pack_chunk(self.ram.addr + off, min(CHUNK, self.ram.size - off), buf)
+        try:
+            nz = _pack_chunk(self.ram.addr + off, min(CHUNK, self.ram.size - off), buf)
+        except BaseException as err:  # (MemoryError in numpy's temporaries): the save fails,
+            self.fail(err)  # every chunk is let go, and this write is woken as a waiter
+            return False, time.perf_counter() - t0, 0.0
         copied = time.perf_counter() - t1
         self.protector.release(c)  # also wakes the writer
         with self.lock:
@@ -575,13 +579,14 @@ class CowSave:
         per span), the non-zero ones gathered into the stream in page order (the blocking save's
         compact layout, no bytes for zero pages), the span let go.  A guest write to a claimed
         chunk waits for the gather (no I/O: a writer thread writes the gathered data)."""
-        gather = _Gatherer(self)
+        gather: _Gatherer | None = None
         span = 1 if self.sink is not None else SPAN  # a pipe may be slow: hold one chunk at a time
         zero = self._zero
         # where each run of zero chunks ends: such a run is taken and let go at once (nothing
         # to read), up to ZERO_SPAN chunks, so untouched GiBs cost a few ioctls
         run_end = _run_ends(zero)
         try:
+            gather = _Gatherer(self)  # (a failure here is the save's error, as any other)
             c0 = 0
             while c0 < self.nchunks:
                 if self._stop.is_set():
@@ -611,7 +616,8 @@ class CowSave:
         except BaseException as err:
             self.fail(err)  # never leave the guest held back
         finally:
-            gather.close()
+            if gather is not None:
+                gather.close()
 
     def _find_zero_chunks(self) -> None:
         """The chunks whose every page is mapped to the shared zero page, found after the arm.

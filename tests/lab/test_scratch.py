@@ -44,3 +44,12 @@ def test_the_tied_function_removes_the_directory_when_its_owner_is_collected(tmp
     assert d.is_dir()
     del o
     assert not d.exists()
+
+
+def test_without_proc_a_directory_has_no_owner_file_and_is_never_reaped(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Where a process's start time cannot be read, nothing could tell its directory orphaned
+    later: it gets no owner file (its owner still removes it), and reaping leaves it."""
+    monkeypatch.setattr(scratch, "_start_time", lambda pid: None)
+    d = scratch.make("snaplab-t-", tmp_path)
+    assert d.is_dir() and not (d / scratch.OWNER).exists()
+    assert scratch.reap("snaplab-t-", tmp_path) == 0 and d.is_dir()

@@ -181,3 +181,87 @@ def test_chunks_a_fault_copies_are_packed_and_saved_as_they_were_at_the_stop(to:
         img.close()
         wp.close()
         ram.close()
+
+
+def _armed_saver(ram: GuestRAM, wp: WriteProtector, img: Qcow2Image) -> tuple[CowSave, UffdProtector]:
+    protector = UffdProtector(wp)
+    saver = CowSave(protector, ram, None, None, "m", [])
+    saver.prepare()
+    saver.arm()
+    saver.attach(img, img.snapshot_prepare(), [])
+    return saver, protector
+
+
+def _run_bounded(saver: CowSave) -> BaseException | int | None:
+    """saver.run() on a thread: its size, its exception, or None if it did not end in 60 s."""
+    out: list[BaseException | int] = []
+
+    def go() -> None:
+        try:
+            out.append(saver.run())
+        except BaseException as err:  # noqa: BLE001 - the test inspects it
+            out.append(err)
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(60)
+    return out[0] if out else None
+
+
+def test_a_fault_that_cannot_copy_its_chunk_fails_the_save_and_lets_the_guest_go(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The copy allocates (numpy temporaries): a MemoryError there ends the save with that
+    error, the faulting write goes through, and the saver does not wait for that chunk forever."""
+    from emulator.migration import cow
+
+    ram = GuestRAM(16 * MIB)
+    wp = _wp(ram)
+    img = Qcow2Image.in_memory(8 * MIB)
+    try:
+        ctypes.memset(ram.addr + 3 * CHUNK, 0x11, PAGE)
+        saver, protector = _armed_saver(ram, wp, img)
+
+        def no_memory(src: int, n: int, buf: object) -> np.ndarray:
+            raise MemoryError("no memory for the copy")
+
+        monkeypatch.setattr(cow, "_pack_chunk", no_memory)
+        writer = threading.Thread(target=lambda: ctypes.memset(ram.addr + 3 * CHUNK + 9, 0x22, 1), daemon=True)
+        writer.start()
+        writer.join(60)
+        try:
+            assert not writer.is_alive(), "the faulting write was never let go"
+            got = _run_bounded(saver)
+        finally:
+            protector.disarm()
+        assert isinstance(got, MemoryError), got
+        assert ctypes.string_at(ram.addr + 3 * CHUNK + 9, 1) == b"\x22"
+    finally:
+        img.close()
+        wp.close()
+        ram.close()
+
+
+def test_a_saver_that_cannot_set_up_its_output_fails_the_save(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Before, the gatherer was made outside the saver's error handling: a failure there was
+    lost on the worker thread and the save went on without its RAM."""
+    from emulator.migration import cow
+
+    ram = GuestRAM(16 * MIB)
+    wp = _wp(ram)
+    img = Qcow2Image.in_memory(8 * MIB)
+    try:
+        ctypes.memset(ram.addr + CHUNK, 0x33, PAGE)
+        saver, protector = _armed_saver(ram, wp, img)
+
+        def refuse(self: object, save: object) -> None:
+            raise MemoryError("no gather buffers")
+
+        monkeypatch.setattr(cow._Gatherer, "__init__", refuse)
+        try:
+            got = _run_bounded(saver)
+        finally:
+            protector.disarm()
+        assert isinstance(got, MemoryError), got
+    finally:
+        img.close()
+        wp.close()
+        ram.close()
