@@ -122,6 +122,29 @@ class RawQMP:
 LOADER_FILE_MAX_MIB = 1024  # QEMU's ROM loader reads a file with one read(), which stops at 2 GiB
 
 
+def wait_firmware_writes(varstore: Path, since: float, quiet_s: float = 1.5, timeout: float = 60.0) -> bool:
+    """Wait until OVMF has written its fresh variable store (``varstore``'s mtime past ``since``)
+    and then left it alone for ``quiet_s``; False if that did not happen within ``timeout``.
+
+    QEMU 7.2 aborts when a snapshot command meets a guest write to pflash: the vCPU thread's
+    synchronous ``blk_pwrite`` polls the main AioContext, runs the pending ``snapshot_save_job_bh``
+    there, and ``bdrv_writev_vmstate`` asserts ``qemu_get_current_aio_context() ==
+    qemu_get_aio_context()`` (seen in a test run here, core dump of 2026-12-05). OVMF writes its
+    varstore during the first seconds of boot, later on a loaded host, so no snapshot command may
+    reach QEMU before that is over."""
+    end = time.monotonic() + timeout
+    last = varstore.stat().st_mtime
+    changed = time.monotonic()
+    while time.monotonic() < end:
+        m = varstore.stat().st_mtime
+        if m != last:
+            last, changed = m, time.monotonic()
+        if last > since and time.monotonic() - changed >= quiet_s:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def fill_files(w: Path, mib: int, seed: int = 0, *, contiguous: bool = False) -> list[str]:
     """Random fill files and their -device loader arguments: RAM below 2 GiB, and above 4 GiB
     when q35 splits RAM there, in files of at most 1 GiB each.  ``contiguous``: the same
@@ -174,8 +197,10 @@ def available_guest() -> bool:
 def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
     """qemu-system-x86_64 with ``mib`` MiB of random RAM in work dir ``w``; quit (or killed) after."""
     err_path = w / "qemu.stderr"
+    argv = qemu_argv(w, mib, fill_files(w, mib))
+    since = (w / "vars.fd").stat().st_mtime  # the fresh copy's
     with err_path.open("wb") as err:
-        proc = subprocess.Popen(qemu_argv(w, mib, fill_files(w, mib)), stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
     try:
         end = time.monotonic() + 120
         while not (w / "q.sock").exists():
@@ -183,7 +208,9 @@ def running(w: Path, mib: int, settle: float = 4.0) -> Iterator[RawQMP]:
                 raise RuntimeError("qemu-system-x86_64 did not start")
             time.sleep(0.1)
         q = RawQMP(w / "q.sock")
-        time.sleep(settle)
+        t0 = time.monotonic()
+        wait_firmware_writes(w / "vars.fd", since)
+        time.sleep(max(0.0, settle - (time.monotonic() - t0)))
         try:
             yield q
         except (EOFError, ConnectionError) as lost:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,3 +143,30 @@ def need_qemu() -> None:
         if os.environ.get("CI"):
             pytest.fail("qemu-system-x86 and ovmf must be installed by .ci/run")
         pytest.skip("needs qemu-system-x86_64 and OVMF")
+
+
+def test_wait_firmware_writes_waits_for_a_write_then_quiet(tmp_path: Path) -> None:
+    """No snapshot command may reach QEMU 7.2 while OVMF writes its varstore (it aborts):
+    the wait returns once the store was written after the copy and then left alone."""
+    import threading
+
+    from lab.qemu import wait_firmware_writes
+
+    f = tmp_path / "vars.fd"
+    f.write_bytes(b"\0" * 4096)
+    since = f.stat().st_mtime
+    assert not wait_firmware_writes(f, since, quiet_s=0.1, timeout=0.5)  # never written: not done
+
+    wrote: list[float] = []
+
+    def firmware() -> None:
+        for _ in range(3):
+            time.sleep(0.15)
+            with f.open("r+b") as fh:
+                fh.write(b"\1")
+            wrote.append(time.monotonic())
+    t = threading.Thread(target=firmware)
+    t.start()
+    assert wait_firmware_writes(f, since, quiet_s=0.3, timeout=30)
+    assert len(wrote) == 3 and time.monotonic() >= wrote[-1] + 0.3  # after the last write, quiet since
+    t.join()
