@@ -185,6 +185,7 @@ def test_monitors_waiting_on_a_held_save_leave_the_others_served(machine: Machin
     import socket
 
     from emulator.qmp.transport import start_servers
+    from tests.qmp import negotiated
 
     m = machine
     m.start()
@@ -192,14 +193,7 @@ def test_monitors_waiting_on_a_held_save_leave_the_others_served(machine: Machin
     (server,) = start_servers(m.monitor, [{"kind": "unix", "path": str(path)}])
 
     def connect() -> tuple[socket.socket, Any]:
-        s = socket.socket(socket.AF_UNIX)
-        s.connect(str(path))
-        s.settimeout(60)
-        f = s.makefile("rb")
-        assert b"QMP" in f.readline()
-        s.sendall(b'{"execute": "qmp_capabilities"}\n')
-        assert json.loads(f.readline()) == {"return": {}}
-        return s, f
+        return negotiated(path)
 
     def answer(f: Any, rid: int) -> dict[str, Any]:
         while "event" in (msg := json.loads(f.readline())) or msg.get("id") != rid:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from emulator.block.node import BlockGraph
 from emulator.guest import WorkloadSpec
 from emulator.machine import Machine, MachineConfig
 from emulator.qmp.transport import start_servers
+from tests.qmp import negotiated
 
 
 @pytest.fixture
@@ -23,17 +23,6 @@ def machine() -> Iterator[Machine]:
         yield m
     finally:
         m.close()
-
-
-def _connect(path: Path) -> tuple[socket.socket, Any]:
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(str(path))
-    s.settimeout(60)
-    f = s.makefile("rb")
-    assert b"QMP" in f.readline()
-    s.sendall(b'{"execute": "qmp_capabilities"}\n')
-    assert json.loads(f.readline()) == {"return": {}}
-    return s, f
 
 
 @pytest.mark.parametrize("escaping", [SystemExit, KeyboardInterrupt, RuntimeError])
@@ -53,13 +42,13 @@ def test_what_escapes_a_command_ends_its_connection_and_no_other(machine: Machin
     m.monitor.dispatch = dispatch  # type: ignore[method-assign]
     path = tmp_path / "q.sock"
     (server,) = start_servers(m.monitor, [{"kind": "unix", "path": str(path)}])
-    (a, fa), (b, fb) = _connect(path), _connect(path)
+    (a, fa), (b, fb) = negotiated(path), negotiated(path)
     try:
         a.sendall(b'{"execute": "x-escape", "id": 1}\n')
         assert fa.readline() == b""  # that connection is closed, unanswered
         b.sendall(b'{"execute": "query-status", "id": 2}\n')
         assert json.loads(fb.readline())["return"]["status"] == "running"
-        c, fc = _connect(path)  # the endpoint still accepts
+        c, fc = negotiated(path)  # the endpoint still accepts
         c.sendall(b'{"execute": "query-status", "id": 3}\n')
         assert json.loads(fc.readline())["id"] == 3
         fc.close()
