@@ -198,7 +198,7 @@ def nonzero_pages(ram: np.ndarray, threads: int = 1) -> np.ndarray:
     """Boolean per 4 KiB page: True where the page has a non-zero byte.
 
     QEMU tests each page as it sends it (``buffer_is_zero()`` in ``save_zero_page()``); here
-    one vectorised OR per page, in ``threads`` threads over equal slices of RAM (numpy's
+    :func:`pages_nonzero` per page, in ``threads`` threads over equal slices of RAM (numpy's
     reductions release the GIL).  Use more than one thread only while the guest is stopped:
     a running guest needs its CPU."""
     n = ram.size // PAGE
