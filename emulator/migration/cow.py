@@ -32,6 +32,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import os
 import queue
 import select
 import threading
@@ -91,6 +92,8 @@ class CowStats:
     arm_s: float = 0.0
     zero_chunks: int = 0  # zero-page mapped when the saver began and still unwritten: never read
     zero_map_s: float = 0.0  # finding them (a page-table walk)
+    ahead_chunks: int = 0  # chunks whose zero pages the scan-ahead found, used by the saver
+    ahead_policy: str = ""  # the scan-ahead thread's scheduling ("" when there was none)
     touched: list[int] = field(default_factory=list)  # chunks first written in the window's first WINDOW_S, in order
 
 
@@ -420,6 +423,8 @@ class CowSave:
         self._armed_at = 0.0
         self._seen = np.zeros(self.nchunks, dtype=bool)  # chunks already in stats.touched
         self._zero = np.zeros(self.nchunks, dtype=bool)  # zero-page mapped after the arm (_find_zero_chunks)
+        self.scan_ahead = len(os.sched_getaffinity(0)) > 1  # a second scan on an idle CPU (_ScanAhead)
+        self.ahead: _ScanAhead | None = None  # (while the saver runs)
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
         """Where the state goes, once the disks are frozen (after the guest resumed)."""
@@ -585,12 +590,17 @@ class CowSave:
         # where each run of zero chunks ends: such a run is taken and let go at once (nothing
         # to read), up to ZERO_SPAN chunks, so untouched GiBs cost a few ioctls
         run_end = _run_ends(zero)
+        ahead: _ScanAhead | None = None
         try:
             gather = _Gatherer(self)  # (a failure here is the save's error, as any other)
+            if self.scan_ahead:
+                ahead = self.ahead = _ScanAhead(self, zero)
             c0 = 0
             while c0 < self.nchunks:
                 if self._stop.is_set():
                     return
+                if ahead is not None:
+                    ahead.reached = c0
                 c1 = min(c0 + span, self.nchunks)
                 if zero[c0]:
                     c1 = min(max(c1, int(run_end[c0])), c0 + ZERO_SPAN)
@@ -599,16 +609,24 @@ class CowSave:
                     read = from_ram & ~zero[c0:c1]
                     if read.any():
                         self.ram.make_present(c0 * CHUNK, min(c1 * CHUNK, self.ram.size) - c0 * CHUNK)
-                    for c in range(c0, c1):
-                        if from_ram[c - c0]:
+                    c = c0
+                    while c < c1:
+                        if read[c - c0]:  # a stretch of chunks read from RAM, scanned ahead or not
+                            known = ahead is not None and bool(ahead.done[c])
+                            e = c + 1
+                            while e < c1 and read[e - c0] and (ahead is not None and bool(ahead.done[e])) == known:
+                                e += 1
+                            self.stats.bg_chunks += e - c
+                            gather.chunks(c, e, ahead.result(c, e) if known and ahead is not None else None)
+                            c = e
+                            continue
+                        if from_ram[c - c0]:  # zero at the stop (see _find_zero_chunks): no page in the stream
                             self.stats.bg_chunks += 1
-                            if zero[c]:  # zero at the stop (see _find_zero_chunks): no page in the stream
-                                self.stats.zero_chunks += 1
-                                continue
-                            gather.chunk(c, self.ram.addr + c * CHUNK)
+                            self.stats.zero_chunks += 1
                         elif c in copies:
                             gather.packed(c, *copies[c])
                         # else: let go unsaved, the save has failed
+                        c += 1
                 finally:
                     self._let_go(c0, c1, from_ram, copies)
                 c0 = c1
@@ -616,6 +634,9 @@ class CowSave:
         except BaseException as err:
             self.fail(err)  # never leave the guest held back
         finally:
+            if ahead is not None:
+                ahead.stop()  # (before the saver returns: it reads guest RAM)
+                self.stats.ahead_chunks, self.stats.ahead_policy = ahead.used, ahead.policy
             if gather is not None:
                 gather.close()
 
@@ -684,22 +705,99 @@ def _run_ends(flags: np.ndarray) -> np.ndarray:
 GATHER = 32 << 20  # bytes per write of the gathered pages (two buffers: one filled, one written)
 
 
+def _page_rows(src: int, n: int) -> np.ndarray:
+    """The ``n`` bytes at ``src`` as one row of 64-bit words per 4 KiB page (a view: no copy)."""
+    return np.frombuffer(memoryview((ctypes.c_char * n).from_address(src)).cast("B"),
+                         dtype=np.uint64).reshape(n // PAGE, PAGE // 8)
+
+
+def _copy_rows(rows: np.ndarray, idx: np.ndarray, dst: int) -> None:
+    """Rows ``idx`` (in order) of ``rows`` packed at address ``dst``: one ``memmove`` when
+    that is every row (releases the GIL), else one ``np.take``."""
+    k = len(idx)
+    if k == len(rows):
+        ctypes.memmove(dst, rows.ctypes.data, k * PAGE)
+    elif k:
+        out = np.frombuffer(memoryview((ctypes.c_char * (k * PAGE)).from_address(dst)).cast("B"),
+                            dtype=np.uint8).reshape(k, PAGE)
+        np.take(rows.view(np.uint8), idx, axis=0, out=out, mode="clip")
+
+
 def _pack_chunk(src: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> np.ndarray:
     """The ``n`` bytes at ``src`` (a chunk's pages) into ``buf``: its non-zero pages only, in
     order, from the start; returns which pages those are.  One read of the chunk for the scan
     and one copy of its data, where a whole-chunk copy would write all of it and the saver
     would read it again for its own scan; most of a guest's first-written chunks are mostly zero
     (huge pages the guest wrote a little of)."""
-    pages = n // PAGE
-    words = np.frombuffer(memoryview((ctypes.c_char * n).from_address(src)).cast("B"), dtype=np.uint64)
-    nz = pages_nonzero(words.reshape(pages, PAGE // 8))
-    idx = np.flatnonzero(nz)
-    if len(idx) == pages:
-        ctypes.memmove(buf, src, n)  # releases the GIL
-    elif len(idx):
-        dst = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8).reshape(-1, PAGE)
-        np.take(words.view(np.uint8).reshape(pages, PAGE), idx, axis=0, out=dst[:len(idx)], mode="clip")
+    rows = _page_rows(src, n)
+    nz = pages_nonzero(rows)
+    _copy_rows(rows, np.flatnonzero(nz), ctypes.addressof(buf))
     return nz
+
+
+class _ScanAhead:
+    """A second zero-page scan for the saver, from the end of RAM back towards it, on a thread
+    that runs only when a CPU would otherwise be idle (``SCHED_IDLE``; else nice 19; else none).
+
+    A paced guest leaves most of a CPU idle, and the saver alone scans one CPU's worth: on two
+    CPUs a blocking save (guest stopped) scans with both, and so would end sooner.  This
+    thread never takes CPU time from the guest's vCPU or the fault thread.  It scans only
+    chunks still unsaved (still protected: the stop instant's bytes); a chunk written since
+    was copied by its fault, and the saver then uses that copy, never this scan.  The saver
+    never waits for it: a chunk not scanned yet when the saver comes to it is scanned there."""
+
+    def __init__(self, save: CowSave, skip: np.ndarray) -> None:
+        self.save = save
+        self.skip = skip  # known zero (zero-page mapped): nothing to scan
+        self.nz = np.zeros(save.ram.size // PAGE, dtype=bool)
+        self.done = np.zeros(save.nchunks, dtype=bool)
+        self.reached = 0  # the saver's next chunk: this thread stays a span beyond it
+        self.used = 0
+        self.policy = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cow-scan-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        self.policy = idle_priority()
+        if not self.policy:
+            return
+        save, per = self.save, CHUNK // PAGE
+        for c in range(save.nchunks - 1, -1, -1):
+            if self._stop.is_set() or c < self.reached + SPAN:
+                return
+            if self.skip[c] or save.state[c] != UNSAVED:  # (a hint, read unlocked: see above)
+                continue
+            off = c * CHUNK
+            n = min(CHUNK, save.ram.size - off)
+            pages_nonzero(_page_rows(save.ram.addr + off, n), out=self.nz[c * per:c * per + n // PAGE])
+            self.done[c] = True
+
+    def result(self, c: int, e: int) -> np.ndarray:
+        """Chunks [c, e)'s non-zero pages, which this thread scanned (``done``; the saver
+        claimed them unsaved, so they are still the stop instant's)."""
+        self.used += e - c
+        per = CHUNK // PAGE
+        return self.nz[c * per:min(e * CHUNK, self.save.ram.size) // PAGE]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def idle_priority() -> str:
+    """Make the calling thread run only on an otherwise idle CPU: ``SCHED_IDLE`` (Linux applies
+    it to the thread), else nice 19; returns which, or "" if the host allowed neither."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (OSError, AttributeError):
+        pass
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 19)  # (per thread on Linux)
+        return "nice 19"
+    except OSError:
+        return ""
 
 
 class _Gatherer:
@@ -724,18 +822,22 @@ class _Gatherer:
             self.buf = self._bufs.get()
             self._writer = spawn(self._write_loop)
 
-    def chunk(self, c: int, src: int) -> None:
-        """Chunk ``c``'s stop-instant bytes (at address ``src``) into the stream."""
+    def chunks(self, c: int, e: int, nz: np.ndarray | None = None) -> None:
+        """Chunks [c, e)'s stop-instant bytes (in guest RAM) into the stream; ``nz``, their
+        non-zero pages if already known (:class:`_ScanAhead`), else they are found here, in
+        one scan for the stretch."""
         save = self.save
         off = c * CHUNK
-        n = min(CHUNK, save.ram.size - off)
+        n = min(e * CHUNK, save.ram.size) - off
+        src = save.ram.addr + off
         pages = n // PAGE
-        arr = np.frombuffer(memoryview((ctypes.c_char * n).from_address(src)).cast("B"), dtype=np.uint64)
-        nz = pages_nonzero(arr.reshape(pages, PAGE // 8))
+        rows = _page_rows(src, n)
+        if nz is None:
+            nz = pages_nonzero(rows)
         save.nonzero[off // PAGE:off // PAGE + pages] = nz
-        if not nz.any():
-            return  # no data at all: nothing in the stream
         idx = np.flatnonzero(nz)
+        if not len(idx):
+            return  # no data at all: nothing in the stream
         if save.sink is not None:
             lo, hi = int(idx[0]) * PAGE, (int(idx[-1]) + 1) * PAGE  # zero pages inside go as zeros
             save.sink.pages((off + lo) // PAGE, memoryview((ctypes.c_char * (hi - lo)).from_address(src + lo)).cast("B"))
@@ -744,11 +846,7 @@ class _Gatherer:
         assert self.buf is not None
         if (self.fill + len(idx)) * PAGE > GATHER:
             self._flush(final=False)
-        dst = self.buf[self.fill:self.fill + len(idx)]
-        if len(idx) == pages:
-            ctypes.memmove(dst.ctypes.data, src, n)
-        else:
-            np.take(arr.view(np.uint8).reshape(pages, PAGE), idx, axis=0, out=dst, mode="clip")
+        _copy_rows(rows, idx, self.buf[self.fill].ctypes.data)
         self.fill += len(idx)
         save.stats.bytes_written += len(idx) * PAGE
 

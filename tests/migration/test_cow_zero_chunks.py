@@ -265,3 +265,56 @@ def test_a_saver_that_cannot_set_up_its_output_fails_the_save(monkeypatch) -> No
         img.close()
         wp.close()
         ram.close()
+
+
+def test_the_scan_ahead_finds_zero_pages_for_the_saver_and_never_uses_a_written_chunk() -> None:
+    """A second scan (on an idle CPU) finds the zero pages of the chunks ahead of the saver; the
+    saver uses them, except for a chunk the guest wrote since (its fault's copy counts), and
+    the stream is still the stop instant's, bit for bit."""
+    ram = GuestRAM(40 * MIB)
+    wp = _wp(ram)
+    img = Qcow2Image.in_memory(8 * MIB)
+    try:
+        view = np.ctypeslib.as_array((ctypes.c_uint8 * ram.size).from_address(ram.addr))
+        rng = np.random.default_rng(11)
+        for c in range(20):
+            if c != 12:  # chunk 12 stays zero-page mapped: skipped by both scans
+                view[c * CHUNK:(c + 1) * CHUNK:PAGE] = 0  # real memory (a write), zero
+                hit = c * CHUNK + rng.choice(CHUNK // PAGE, 9, replace=False) * PAGE + rng.integers(0, PAGE, 9)
+                view[hit] = rng.integers(1, 256, 9, dtype=np.uint8)
+        before = view.copy()
+        saver, protector = _armed_saver(ram, wp, img)
+        saver.scan_ahead = True
+        ctypes.memset(ram.addr + 17 * CHUNK + 3, 0x11, 1)  # written before the saver starts: a fault copy
+        with saver.lock:  # a copy in flight on chunk 0 holds the saver at its first span
+            saver.state[0] = 1  # COPYING
+        out: list[BaseException | int | None] = []
+        runner = threading.Thread(target=lambda: out.append(_run_bounded(saver)))
+        runner.start()
+        try:
+            for _ in range(6000):
+                if saver.ahead is not None and not saver.ahead._thread.is_alive():
+                    break
+                threading.Event().wait(0.01)
+            ahead = saver.ahead
+            assert ahead is not None and not ahead._thread.is_alive()
+            assert ahead.policy in ("SCHED_IDLE", "nice 19")
+            scanned = np.flatnonzero(ahead.done).tolist()
+            # every chunk beyond the saver's first span, except the zero-mapped and the written one
+            assert scanned == [c for c in range(8, 20) if c not in (12, 17)]
+            ctypes.memset(ram.addr + 15 * CHUNK + 5, 0x22, 1)  # scanned, then written: the copy counts
+        finally:
+            with saver.lock:
+                saver.state[0] = 0  # the copy "ends": the saver claims chunk 0 from RAM
+                saver.saved_cond.notify_all()
+            runner.join(60)
+            protector.disarm()
+        assert not runner.is_alive() and isinstance(out[0], int), out
+        assert saver.stats.ahead_chunks == len(scanned) - 1  # all but chunk 15
+        saved = _stream_pages(img, saver, out[0], ram.size)
+        assert np.array_equal(saved, before.reshape(-1, PAGE))
+        assert np.array_equal(saver.nonzero, before.reshape(-1, PAGE).any(axis=1))
+    finally:
+        img.close()
+        wp.close()
+        ram.close()

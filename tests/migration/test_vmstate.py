@@ -16,6 +16,7 @@ from emulator.migration.vmstate import (
     RamLayout,
     load_state,
     nonzero_pages,
+    pages_nonzero,
     read_grouped,
     save_state,
 )
@@ -85,6 +86,41 @@ def test_the_zero_page_scan_is_exact_in_any_number_of_threads(threads: int) -> N
     want[hit] = True
     assert np.array_equal(nonzero_pages(ram, threads), want)
     assert np.array_equal(nonzero_pages(ram[: 3 * PAGE], threads), want[:3])  # smaller than a step
+
+
+def _pattern(kind: str, pages: int, rng: np.random.Generator) -> np.ndarray:
+    """Pages as rows of words, filled so each of pages_nonzero's paths runs."""
+    rows = np.zeros((pages, PAGE // 8), dtype=np.uint64)
+    if kind == "random":  # every first word non-zero: one word per page read
+        rows[:] = rng.integers(1, 2**63, rows.shape, dtype=np.uint64)
+    elif kind == "stamped":  # few first words non-zero: the rest read by runs
+        rows[rng.choice(pages, pages // 20 + 1, replace=False), 0] = 7
+    elif kind == "mid-page":  # data after a zero first word: runs read again, row by row
+        rows[rng.choice(pages, pages // 30 + 1, replace=False), rng.integers(1, PAGE // 8)] = 9
+        rows[rng.choice(pages, pages // 20 + 1, replace=False), 0] = 7
+    elif kind == "mostly mid-page":  # most runs need a second look: every row's maximum
+        rows[::2, PAGE // 8 - 1] = 1
+    elif kind == "last word":  # the one non-zero word is a page's last (a run's end)
+        rows[rng.choice(pages, min(3, pages), replace=False), PAGE // 8 - 1] = 1
+    elif kind == "half known":  # most first words non-zero: the rest gathered, row maxima
+        rows[: pages * 3 // 4, 0] = 5
+        rows[pages - 2, 100] = 3
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["zero", "random", "stamped", "mid-page", "mostly mid-page", "last word",
+                                  "half known"])
+@pytest.mark.parametrize("pages", [1, 2, 3, 512, 517])
+def test_pages_nonzero_is_exact_on_every_path(kind: str, pages: int) -> None:
+    rng = np.random.default_rng(pages)
+    rows = _pattern(kind, pages, rng)
+    want = rows.max(axis=1) != 0
+    assert np.array_equal(pages_nonzero(rows), want)
+    out = np.ones(pages, dtype=bool)
+    assert pages_nonzero(rows, out=out) is out and np.array_equal(out, want)
+    every_other = np.repeat(rows, 2, axis=0)[::2]  # a strided view: not one flat stretch
+    assert not every_other.flags.c_contiguous or pages == 1
+    assert np.array_equal(pages_nonzero(every_other), want)
 
 
 @pytest.mark.parametrize("mutate,text", [

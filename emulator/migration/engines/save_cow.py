@@ -93,6 +93,7 @@ class CowSaveEngine(SaveEngine):
                 w = arm_in_window(ctx, saver, RunState.SAVE_VM, target.images, stack, req.name)
                 pendings = ctx.freeze(target, w.at.name)
             saver.attach(target.vmstate_image, pendings[target.bs.node_name], w.sections)
+            t_frozen = time.perf_counter()
         except BaseException:
             if w is not None:
                 saver.abandon()
@@ -111,8 +112,11 @@ class CowSaveEngine(SaveEngine):
         except BaseException:
             ctx.abort(target, pendings)
             raise
+        t_run = time.perf_counter()
         ctx.finish(target, pendings, w.at, size)
+        t_flush = time.perf_counter()
         flush_or_undo(target.nodes, w.at.name)
+        t_end = time.perf_counter()
         st = saver.stats
         written = int(saver.nonzero.sum())
         lat = np.array(st.handler_s) if st.handler_s else np.zeros(0)
@@ -122,11 +126,15 @@ class CowSaveEngine(SaveEngine):
             "backend": protector.name, "backend_note": note,
             "arm_s": st.arm_s, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
             "zero_chunks": st.zero_chunks, "zero_map_s": st.zero_map_s,
+            "ahead_chunks": st.ahead_chunks, "ahead_policy": st.ahead_policy,
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * CHUNK,
             "fault_buffer_bytes": saver.max_buffers * CHUNK,  # held warm for the process's life
             "fault_latency_s": lat.tolist(),
             "fault_wait_s": list(st.wait_s), "fault_copy_s": list(st.copy_s),  # of each fault's time
             "populate_s": ctx.ram.populate_seconds if populate_before is None else 0.0,
+            # where the total went: before the stop, stop to disks frozen, RAM saved, commit, flush
+            "prepare_s": w.t_stop - t0, "freeze_s": t_frozen - w.t_stop, "run_s": t_run - t_frozen,
+            "commit_s": t_flush - t_run, "flush_s": t_end - t_flush,
         })
         return ctx.saved(m, target, w.at.name)
 
