@@ -618,6 +618,9 @@ class CowSave:
                                 e += 1
                             self.stats.bg_chunks += e - c
                             gather.chunks(c, e, ahead.result(c, e) if known and ahead is not None else None)
+                            # let go at once: a guest write to one of them waits no longer
+                            self._let_go(c, e, np.ones(e - c, dtype=bool), {})
+                            from_ram[c - c0:e - c0] = False
                             c = e
                             continue
                         if from_ram[c - c0]:  # zero at the stop (see _find_zero_chunks): no page in the stream
@@ -694,6 +697,12 @@ SPAN = 8  # chunks the saver takes at a time (16 MiB: a guest write to one waits
 ZERO_SPAN = 512  # zero chunks taken and let go at once (1 GiB: nothing read, a write waits two ioctls)
 
 
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, end) of each run of True in ``flags``."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 def _run_ends(flags: np.ndarray) -> np.ndarray:
     """For each index, the end (exclusive) of the run of equal values it belongs to."""
     n = len(flags)
@@ -763,15 +772,19 @@ class _ScanAhead:
         if not self.policy:
             return
         save, per = self.save, CHUNK // PAGE
-        for c in range(save.nchunks - 1, -1, -1):
-            if self._stop.is_set() or c < self.reached + SPAN:
+        hi = save.nchunks  # a span at a time, from the end: one scan per stretch of chunks to read
+        while not self._stop.is_set():
+            lo = max(hi - SPAN, self.reached + SPAN)  # (never the span the saver is on or takes next)
+            if lo >= hi:
                 return
-            if self.skip[c] or save.state[c] != UNSAVED:  # (a hint, read unlocked: see above)
-                continue
-            off = c * CHUNK
-            n = min(CHUNK, save.ram.size - off)
-            pages_nonzero(_page_rows(save.ram.addr + off, n), out=self.nz[c * per:c * per + n // PAGE])
-            self.done[c] = True
+            todo = ~self.skip[lo:hi] & (save.state[lo:hi] == UNSAVED)  # (a hint, read unlocked: see above)
+            for a, b in _runs(todo):
+                c, e = lo + a, lo + b
+                end = min(e * CHUNK, save.ram.size)
+                pages_nonzero(_page_rows(save.ram.addr + c * CHUNK, end - c * CHUNK),
+                              out=self.nz[c * per:end // PAGE])
+                self.done[c:e] = True
+            hi = lo
 
     def result(self, c: int, e: int) -> np.ndarray:
         """Chunks [c, e)'s non-zero pages, which this thread scanned (``done``; the saver
