@@ -13,10 +13,15 @@ drained, so they are the stop instant's (savevm.py).  From then on:
 * a **saver** walks RAM in page order, 16 MiB at a time: the chunks nobody faulted on are read
   straight from RAM (still protected, so no copy is needed), the others from their packed copies;
   chunks still mapped to the shared zero page after the arm are known zero without being
-  read (a page-table walk); a vectorised scan per chunk finds the other zero pages; the non-zero ones are gathered, in page
-  order, into a warm 32 MiB buffer, and the span is released.  The stream has the blocking
-  save's compact layout (non-zero pages in page order, none of a zero page), so the
-  copy-on-write snapshot is as small as a blocking one and a later load reads as much;
+  read (a page-table walk); a vectorised scan finds the other zero pages, one per stretch of
+  chunks read from RAM; the non-zero ones are gathered, in page order, into a warm 32 MiB
+  buffer, and the stretch is released at once.  The stream has the blocking save's compact
+  layout (non-zero pages in page order, none of a zero page), so the copy-on-write snapshot
+  is as small as a blocking one and a later load reads as much;
+* a **scan-ahead** thread, which runs only when a CPU is otherwise idle (``SCHED_IDLE``), finds
+  the zero pages of the unsaved chunks from the end of RAM back towards the saver, which then
+  only gathers them: a paced guest leaves a CPU mostly idle, and a blocking save scans with
+  every CPU;
 * a **writer** thread writes each filled buffer (whole clusters: the RAM data starts on a
   cluster of the image) around the page cache where the file allows, while the saver fills
   the other one; then the bitmap, and the snapshot table entries are written last.
@@ -416,6 +421,8 @@ class CowSave:
         # Every buffer this save may use, warm, taken before the stop and returned at the end.
         self._owned = WARM_BUFFERS.take_n(self.max_buffers)
         self._free = list(self._owned)  # under lock
+        self._packing: list[ctypes.Array[ctypes.c_char]] = []  # taken by a fault copying into it (under lock)
+        self._returned = False  # give_back_buffers has run (under lock)
         # chunk -> its packed copy: the buffer, and which of its pages are non-zero (under lock)
         self._copies: dict[int, tuple[ctypes.Array[ctypes.c_char], np.ndarray]] = {}
         self.error: BaseException | None = None
@@ -451,10 +458,14 @@ class CowSave:
         self.abandon()
 
     def give_back_buffers(self) -> None:
-        """The chunk buffers back to the process's pool (once; no save runs any more)."""
+        """The chunk buffers back to the process's pool (once; no save runs any more), but for
+        any a fault is still copying into: that fault gives it back when its copy ends, so
+        another save in this process never gets a buffer that is still being written."""
         with self.lock:
             owned, self._owned = self._owned, []
             self._free, self._copies = [], {}
+            self._returned = True
+            owned = [b for b in owned if not any(b is p for p in self._packing)]
         WARM_BUFFERS.give_back(owned)
 
     # -- arming (inside the downtime) --------------------------------------------------------
@@ -488,6 +499,7 @@ class CowSave:
                 return False, waited, 0.0
             self.state[c] = COPYING
             buf = self._free.pop()
+            self._packing.append(buf)
             self.stats.peak_buffers = max(self.stats.peak_buffers, len(self._owned) - len(self._free))
         off = c * CHUNK
         t1 = time.perf_counter()
@@ -496,6 +508,12 @@ class CowSave:
         except BaseException as err:  # (MemoryError in numpy's temporaries): the save fails,
             self.fail(err)  # every chunk is let go, and this write is woken as a waiter
             return False, time.perf_counter() - t0, 0.0
+        finally:
+            with self.lock:
+                self._packing.remove(buf)
+                late = self._returned  # the save's buffers went back while this one was written
+            if late:
+                WARM_BUFFERS.give_back([buf])
         copied = time.perf_counter() - t1
         self.protector.release(c)  # also wakes the writer
         with self.lock:

@@ -112,3 +112,43 @@ def test_a_starved_fault_is_served_and_the_stream_holds_the_stop_instant() -> No
     assert not lay.sparse and lay.nonzero.tolist() == want_nz.tolist()
     data = np.frombuffer(bytes(stream[lay.data_offset:lay.data_offset + int(want_nz.sum()) * PAGE]), dtype=np.uint8)
     assert np.array_equal(data.reshape(-1, PAGE), before.reshape(-1, PAGE)[want_nz])
+
+
+def test_a_buffer_a_fault_still_copies_into_is_not_given_back_until_the_copy_ends(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A save that fails while a fault copies a chunk gives its buffers back to the process's
+    pool, but not that one (another save could take it and be written over): the fault
+    gives it back when its copy ends."""
+    import emulator.migration.cow as cow
+
+    ram, _ = _ram(32, 3)
+    img = Qcow2Image.in_memory(8 << 20)
+    copying, go_on = threading.Event(), threading.Event()
+    used: list[ctypes.Array[ctypes.c_char]] = []
+    real = cow._pack_chunk
+
+    def slow_pack(src: int, n: int, buf: ctypes.Array[ctypes.c_char]) -> np.ndarray:
+        used.append(buf)
+        copying.set()
+        assert go_on.wait(60)
+        return real(src, n, buf)
+
+    monkeypatch.setattr(cow, "_pack_chunk", slow_pack)
+    fault: threading.Thread | None = None
+    try:
+        saver = _saver(ram, img)
+        fault, got = _waiting(saver, 5)
+        assert copying.wait(60)
+        in_pool = lambda b: any(b is x for x in cow.WARM_BUFFERS._free)  # noqa: E731
+        saver.fail(RuntimeError("the disk went away"))  # its buffers go back, but for the one in use
+        assert not in_pool(used[0])
+        go_on.set()
+        fault.join(60)
+        assert not fault.is_alive() and got == [True]
+        assert in_pool(used[0])  # given back by the fault, once its copy ended
+        assert not saver._copies  # and not kept as the failed save's copy
+    finally:
+        go_on.set()
+        if fault is not None:
+            fault.join(60)  # (before RAM goes: the copy reads it)
+        img.close()
+        ram.close()

@@ -125,6 +125,8 @@ def open_and_run(driver: Any, lab: Lab, stem: str) -> None:
         wait_for("JupyterLab started", lambda: driver.execute_script(APP_JS))
     assert driver.execute_async_script(OPEN_JS, f"{stem}.ipynb") == "ok"
     wait_for(f"{stem} open with an idle kernel", lambda: driver.execute_script(READY_JS))
+    # the lab's settings (conftest): widget comms on the main shell, no subshell to race the shutdown
+    assert driver.execute_script("return window.__nb.sessionContext.session.kernel.commsOverSubshells") == "disabled"
     assert driver.execute_async_script(RUN_ALL_JS) == "ok"
 
     seen: list[str] = []  # each change of (cells run, kernel status), timed: a failure report
