@@ -66,6 +66,29 @@ def guest_lost_ms(progress_ratio: float, total_s: float) -> float:
     return (1.0 - progress_ratio) * total_s * 1e3
 
 
+def common_window_progress(rows: list[dict[str, Any]]) -> dict[tuple[str, str, str, int], dict[str, float]]:
+    """Per (condition, op, engine, RAM) that both systems ran with a progress ratio: the share
+    of its rate each guest kept over the *same* window, the longer of the two operations (its
+    median total time), ``1 - lost / window`` with each system's median guest time lost.
+
+    The progress ratio divides by each operation's own length, so a shorter operation with the
+    same stall scores lower (a 40 ms loss is 0.9 of a 0.4 s operation and 0.97 of a 1.2 s one).
+    Over one window both guests are measured alike: after its own operation ended a guest runs
+    at its rate, which the lost time already assumes (the guest never makes a stall up:
+    bench/pacing_stall.py).  Also returns the window, under "window_s"."""
+    lost, total = summaries(rows, "guest_lost_ms"), summaries(rows, "total_s")
+    out: dict[tuple[str, str, str, int], dict[str, float]] = {}
+    for (wl, op, eng, system, ram) in lost:
+        if system != "qemu" or (wl, op, eng, "snaplab", ram) not in lost:
+            continue
+        keys = {s: (wl, op, eng, s, ram) for s in ("qemu", "snaplab")}
+        window = max(total[k].median for k in keys.values())
+        if window > 0:
+            out[(wl, op, eng, ram)] = {s: 1.0 - lost[k].median / (window * 1e3) for s, k in keys.items()} | {
+                "window_s": window}
+    return out
+
+
 LARGER_STATE = 1.5  # a QEMU snapshot this many times snaplab's VM state is not the same work
 
 
@@ -142,6 +165,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append("QEMU / snaplab, medians (downtime; total time):")
         lines += [f"  {wl:<12}{op:<5}{eng:<11}{ram:>6} MiB  {v:7.1f}x  {rt.get((wl, op, eng, ram), float('nan')):6.1f}x"
                   for (wl, op, eng, ram), v in sorted(r.items())]
+    cw = common_window_progress(rows)
+    if cw:
+        lines.append("Progress over a common window (the longer operation's; 1 - median lost / window):")
+        lines += [f"  {wl:<12}{op:<5}{eng:<11}{ram:>6} MiB  window {v['window_s']:6.3g} s  snaplab {v['snaplab']:.3f}  "
+                  f"QEMU {v['qemu']:.3f}" for (wl, op, eng, ram), v in sorted(cw.items())]
     lines += [f"  not compared: {wl} {op} {eng} ({why})" for (wl, op, eng), why in not_comparable().items()
               if any((x["workload"], x["op"], x["engine"], x["system"]) == (wl, op, eng, "qemu") for x in rows)]
     out = [x for x in rows if x.get("excluded")]

@@ -273,3 +273,24 @@ def test_steady_means_the_last_second_is_within_the_tolerance_of_the_configured_
     now = time.monotonic_ns()
     before, _ = reproduce.progress_rates(g, now - 1, now)
     assert abs(before - want) <= reproduce.STEADY_TOLERANCE * want, before / want
+
+
+def test_progress_over_a_common_window_by_hand() -> None:
+    """snaplab: 0.2 s operations losing 40 ms (ratio 0.8); QEMU: 1.0 s losing 50 ms (0.95).
+    Over QEMU's 1.0 s window snaplab's guest kept 1 - 0.040 = 0.96, QEMU's 0.95."""
+    def row(system: str, rep: int, ratio: float, total: float) -> dict[str, Any]:
+        return {"system": system, "engine": "background", "op": "save", "workload": "dirty", "ram_mib": 1024,
+                "rep": rep, "vmstate_bytes": 1 << 28, "downtime_ms": 1.0, "total_s": total, "progress_ratio": ratio,
+                "guest_lost_ms": repro_report.guest_lost_ms(ratio, total)}
+
+    rows = [row("snaplab", i, 0.8, 0.2) for i in range(3)] + [row("qemu", i, 0.95, t) for i, t in enumerate((0.9, 1.0, 1.1))]
+    rows[4]["progress_ratio"], rows[4]["guest_lost_ms"] = 0.95, 50.0  # the median QEMU run: 1.0 s, 50 ms
+    rows[3]["guest_lost_ms"], rows[5]["guest_lost_ms"] = 45.0, 55.0
+    repro_report.mark_excluded(rows)
+    cw = repro_report.common_window_progress(rows)
+    got = cw[("dirty", "save", "background", 1024)]
+    assert got["window_s"] == pytest.approx(1.0)
+    assert got["snaplab"] == pytest.approx(0.96) and got["qemu"] == pytest.approx(0.95)
+    assert "Progress over a common window" in repro_report.table(rows)
+    # a condition only one system ran has no common window
+    assert len(repro_report.common_window_progress(rows[:3])) == 0
