@@ -75,11 +75,14 @@ def common_window_progress(rows: list[dict[str, Any]]) -> dict[tuple[str, str, s
     same stall scores lower (a 40 ms loss is 0.9 of a 0.4 s operation and 0.97 of a 1.2 s one).
     Over one window both guests are measured alike: after its own operation ended a guest runs
     at its rate, which the lost time already assumes (the guest never makes a stall up:
-    bench/pacing_stall.py).  Also returns the window, under "window_s"."""
-    lost, total = summaries(rows, "guest_lost_ms"), summaries(rows, "total_s")
+    bench/pacing_stall.py).  Both medians come from the same rows (those with a progress
+    ratio); pairs :func:`not_comparable` names are left out.  Also returns the window, under
+    "window_s"."""
+    measured = [r for r in rows if not math.isnan(float(r.get("progress_ratio", math.nan)))]
+    lost, total = summaries(measured, "guest_lost_ms"), summaries(measured, "total_s")
     out: dict[tuple[str, str, str, int], dict[str, float]] = {}
     for (wl, op, eng, system, ram) in lost:
-        if system != "qemu" or (wl, op, eng, "snaplab", ram) not in lost:
+        if system != "qemu" or (wl, op, eng, "snaplab", ram) not in lost or (wl, op, eng) in not_comparable():
             continue
         keys = {s: (wl, op, eng, s, ram) for s in ("qemu", "snaplab")}
         window = max(total[k].median for k in keys.values())

@@ -98,7 +98,7 @@ class CowStats:
     zero_chunks: int = 0  # zero-page mapped when the saver began and still unwritten: never read
     zero_map_s: float = 0.0  # finding them (a page-table walk)
     ahead_chunks: int = 0  # chunks whose zero pages the scan-ahead found, used by the saver
-    ahead_policy: str = ""  # the scan-ahead thread's scheduling ("" when there was none)
+    ahead_policy: str = ""  # the scan-ahead thread's scheduling, or why there was none ("off (...)")
     touched: list[int] = field(default_factory=list)  # chunks first written in the window's first WINDOW_S, in order
 
 
@@ -430,7 +430,7 @@ class CowSave:
         self._armed_at = 0.0
         self._seen = np.zeros(self.nchunks, dtype=bool)  # chunks already in stats.touched
         self._zero = np.zeros(self.nchunks, dtype=bool)  # zero-page mapped after the arm (_find_zero_chunks)
-        self.scan_ahead = len(os.sched_getaffinity(0)) > 1  # a second scan on an idle CPU (_ScanAhead)
+        self.scan_ahead: bool | None = None  # a second scan on an idle CPU (_ScanAhead); None: scan_ahead_wanted()
         self.ahead: _ScanAhead | None = None  # (while the saver runs)
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
@@ -611,8 +611,11 @@ class CowSave:
         ahead: _ScanAhead | None = None
         try:
             gather = _Gatherer(self)  # (a failure here is the save's error, as any other)
-            if self.scan_ahead:
+            want, why = scan_ahead_wanted() if self.scan_ahead is None else (self.scan_ahead, "off")
+            if want:
                 ahead = self.ahead = _ScanAhead(self, zero)
+            else:
+                self.stats.ahead_policy = why
             c0 = 0
             while c0 < self.nchunks:
                 if self._stop.is_set():
@@ -767,11 +770,15 @@ class _ScanAhead:
     that runs only when a CPU would otherwise be idle (``SCHED_IDLE``; else nice 19; else none).
 
     A paced guest leaves most of a CPU idle, and the saver alone scans one CPU's worth: on two
-    CPUs a blocking save (guest stopped) scans with both, and so would end sooner.  This
-    thread never takes CPU time from the guest's vCPU or the fault thread.  It scans only
-    chunks still unsaved (still protected: the stop instant's bytes); a chunk written since
-    was copied by its fault, and the saver then uses that copy, never this scan.  The saver
-    never waits for it: a chunk not scanned yet when the saver comes to it is scanned there."""
+    CPUs a blocking save (guest stopped) scans with both, and so would end sooner.  The
+    scheduler gives this thread no CPU time the guest's vCPU or the fault thread want, but the
+    interpreter lock knows no priorities: preempted while holding it (in its few lines of
+    Python between numpy scans), it holds up every other thread of the process until it runs
+    again, which on a host busy with other work can take long.  So a save starts it only when
+    the host's CPU pressure is low (:func:`scan_ahead_wanted`).  It scans only chunks still
+    unsaved (still protected: the stop instant's bytes); a chunk written since was copied by
+    its fault, and the saver then uses that copy, never this scan.  The saver never waits for
+    it: a chunk not scanned yet when the saver comes to it is scanned there."""
 
     def __init__(self, save: CowSave, skip: np.ndarray) -> None:
         self.save = save
@@ -792,13 +799,15 @@ class _ScanAhead:
         save, per = self.save, CHUNK // PAGE
         hi = save.nchunks  # a span at a time, from the end: one scan per stretch of chunks to read
         while not self._stop.is_set():
-            lo = max(hi - SPAN, self.reached + SPAN)  # (never the span the saver is on or takes next)
+            lo = max(hi - SPAN, self.reached + 2 * SPAN)  # (never the span the saver is on, nor the next)
             if lo >= hi:
                 return
             todo = ~self.skip[lo:hi] & (save.state[lo:hi] == UNSAVED)  # (a hint, read unlocked: see above)
             for a, b in _runs(todo):
                 c, e = lo + a, lo + b
                 end = min(e * CHUNK, save.ram.size)
+                # (present, as for the saver: a missing page read here would wait for the fault thread)
+                save.ram.make_present(c * CHUNK, end - c * CHUNK)
                 pages_nonzero(_page_rows(save.ram.addr + c * CHUNK, end - c * CHUNK),
                               out=self.nz[c * per:end // PAGE])
                 self.done[c:e] = True
@@ -814,6 +823,34 @@ class _ScanAhead:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+
+AHEAD_MAX_PRESSURE = 10.0  # % (PSI "some avg10"): above it, no scan-ahead thread
+
+
+def cpu_pressure() -> float | None:
+    """The host's CPU pressure: the share of the last 10 s in which some runnable task waited
+    for a CPU (``/proc/pressure/cpu``, "some avg10", in %); None where the kernel has no PSI."""
+    try:
+        with open("/proc/pressure/cpu") as f:
+            for line in f:
+                if line.startswith("some "):
+                    return float(line.split("avg10=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
+
+
+def scan_ahead_wanted() -> tuple[bool, str]:
+    """Whether a save should start a :class:`_ScanAhead`, and why: only with a second CPU and
+    the host's CPU pressure under :data:`AHEAD_MAX_PRESSURE` (an idle CPU to use; and on a busy
+    host the thread could be preempted holding the interpreter lock)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        return False, "off (one CPU)"
+    p = cpu_pressure()
+    if p is not None and p >= AHEAD_MAX_PRESSURE:
+        return False, f"off (CPU pressure {p:.0f}%)"
+    return True, ""
 
 
 def idle_priority() -> str:
@@ -877,6 +914,7 @@ class _Gatherer:
         assert self.buf is not None
         if (self.fill + len(idx)) * PAGE > GATHER:
             self._flush(final=False)
+        assert self.fill + len(idx) <= len(self.buf)  # (a stretch is at most SPAN chunks: it fits)
         _copy_rows(rows, idx, self.buf[self.fill].ctypes.data)
         self.fill += len(idx)
         save.stats.bytes_written += len(idx) * PAGE
@@ -902,6 +940,7 @@ class _Gatherer:
         assert self.buf is not None
         if (self.fill + k) * PAGE > GATHER:
             self._flush(final=False)
+        assert self.fill + k <= len(self.buf)
         ctypes.memmove(self.buf[self.fill].ctypes.data, src, k * PAGE)
         self.fill += k
         save.stats.bytes_written += k * PAGE

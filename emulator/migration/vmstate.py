@@ -199,7 +199,9 @@ def _runs_nonzero(pages: np.ndarray, out: np.ndarray) -> None:
     the first word is non-zero).  Each run of consecutive unknown rows is reduced as one flat
     stretch (``np.maximum.reduceat``: one call for all runs, ~15 GB/s on one thread against 11
     for a maximum per row, which pays for each row's reduction); a run with a non-zero word
-    somewhere (rare: a page whose data starts after its first word) is read again row by row."""
+    somewhere (a page whose data starts after its first word: rare in this project's guests,
+    common in an operating system's memory) is read again row by row, and where such runs are
+    half the rows, every row is: up to ~1.7x the cost of a maximum per row on such memory."""
     if not pages.flags.c_contiguous:
         np.not_equal(pages.max(axis=1), 0, out=out)
         return

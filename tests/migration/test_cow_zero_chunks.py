@@ -18,7 +18,7 @@ import pytest
 from emulator.block import Qcow2Image
 from emulator.errors import UffdUnavailable
 from emulator.memory import GuestRAM
-from emulator.migration.cow import CHUNK, CowSave, UffdProtector, WriteProtector
+from emulator.migration.cow import CHUNK, SPAN, CowSave, UffdProtector, WriteProtector
 from emulator.migration.vmstate import PAGE, RamLayout, load_state
 from emulator.uffd import zero_mapped_units
 
@@ -271,21 +271,21 @@ def test_the_scan_ahead_finds_zero_pages_for_the_saver_and_never_uses_a_written_
     """A second scan (on an idle CPU) finds the zero pages of the chunks ahead of the saver; the
     saver uses them, except for a chunk the guest wrote since (its fault's copy counts), and
     the stream is still the stop instant's, bit for bit."""
-    ram = GuestRAM(40 * MIB)
+    ram = GuestRAM(64 * MIB)
     wp = _wp(ram)
     img = Qcow2Image.in_memory(8 * MIB)
     try:
         view = np.ctypeslib.as_array((ctypes.c_uint8 * ram.size).from_address(ram.addr))
         rng = np.random.default_rng(11)
-        for c in range(20):
-            if c != 12:  # chunk 12 stays zero-page mapped: skipped by both scans
+        for c in range(28):
+            if c != 20:  # chunk 12 stays zero-page mapped: skipped by both scans
                 view[c * CHUNK:(c + 1) * CHUNK:PAGE] = 0  # real memory (a write), zero
                 hit = c * CHUNK + rng.choice(CHUNK // PAGE, 9, replace=False) * PAGE + rng.integers(0, PAGE, 9)
                 view[hit] = rng.integers(1, 256, 9, dtype=np.uint8)
         before = view.copy()
         saver, protector = _armed_saver(ram, wp, img)
         saver.scan_ahead = True
-        ctypes.memset(ram.addr + 17 * CHUNK + 3, 0x11, 1)  # written before the saver starts: a fault copy
+        ctypes.memset(ram.addr + 25 * CHUNK + 3, 0x11, 1)  # written before the saver starts: a fault copy
         with saver.lock:  # a copy in flight on chunk 0 holds the saver at its first span
             saver.state[0] = 1  # COPYING
         out: list[BaseException | int | None] = []
@@ -300,9 +300,9 @@ def test_the_scan_ahead_finds_zero_pages_for_the_saver_and_never_uses_a_written_
             assert ahead is not None and not ahead._thread.is_alive()
             assert ahead.policy in ("SCHED_IDLE", "nice 19")
             scanned = np.flatnonzero(ahead.done).tolist()
-            # every chunk beyond the saver's first span, except the zero-mapped and the written one
-            assert scanned == [c for c in range(8, 20) if c not in (12, 17)]
-            ctypes.memset(ram.addr + 15 * CHUNK + 5, 0x22, 1)  # scanned, then written: the copy counts
+            # every chunk beyond the saver's span and the next, but the zero-mapped and the written one
+            assert scanned == [c for c in range(2 * SPAN, 28) if c not in (20, 25)]
+            ctypes.memset(ram.addr + 23 * CHUNK + 5, 0x22, 1)  # scanned, then written: the copy counts
         finally:
             with saver.lock:
                 saver.state[0] = 0  # the copy "ends": the saver claims chunk 0 from RAM
@@ -310,7 +310,7 @@ def test_the_scan_ahead_finds_zero_pages_for_the_saver_and_never_uses_a_written_
             runner.join(60)
             protector.disarm()
         assert not runner.is_alive() and isinstance(out[0], int), out
-        assert saver.stats.ahead_chunks == len(scanned) - 1  # all but chunk 15
+        assert saver.stats.ahead_chunks == len(scanned) - 1  # all but chunk 23
         saved = _stream_pages(img, saver, out[0], ram.size)
         assert np.array_equal(saved, before.reshape(-1, PAGE))
         assert np.array_equal(saver.nonzero, before.reshape(-1, PAGE).any(axis=1))
@@ -318,3 +318,32 @@ def test_the_scan_ahead_finds_zero_pages_for_the_saver_and_never_uses_a_written_
         img.close()
         wp.close()
         ram.close()
+
+
+def test_the_scan_ahead_starts_only_with_a_second_cpu_and_low_cpu_pressure(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """On a busy host the scan-ahead thread could be preempted holding the interpreter lock and
+    hold up the fault thread: a save starts it only with a CPU to spare."""
+    import emulator.migration.cow as cow
+
+    monkeypatch.setattr(cow.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cow, "cpu_pressure", lambda: 2.0)
+    assert cow.scan_ahead_wanted() == (True, "")
+    monkeypatch.setattr(cow, "cpu_pressure", lambda: None)  # a kernel without PSI
+    assert cow.scan_ahead_wanted() == (True, "")
+    monkeypatch.setattr(cow, "cpu_pressure", lambda: 35.0)
+    assert cow.scan_ahead_wanted() == (False, "off (CPU pressure 35%)")
+    monkeypatch.setattr(cow.os, "sched_getaffinity", lambda pid: {0})
+    assert cow.scan_ahead_wanted() == (False, "off (one CPU)")
+
+
+def test_cpu_pressure_reads_the_kernels_figure() -> None:
+    import emulator.migration.cow as cow
+
+    p = cow.cpu_pressure()
+    try:
+        with open("/proc/pressure/cpu") as f:
+            line = f.readline()
+    except OSError:
+        assert p is None
+        return
+    assert line.startswith("some ") and p is not None and 0.0 <= p <= 100.0
