@@ -61,6 +61,7 @@ from emulator.migration.vmstate import (
     begin_sparse_stream,
     finish_sparse_stream,
     pages_nonzero,
+    true_runs,
 )
 from emulator.uffd import (
     UFFD_FEATURE_MOVE,
@@ -718,12 +719,6 @@ SPAN = 8  # chunks the saver takes at a time (16 MiB: a guest write to one waits
 ZERO_SPAN = 512  # zero chunks taken and let go at once (1 GiB: nothing read, a write waits two ioctls)
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """The [start, end) of each run of True in ``flags``."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True))
-
-
 def _run_ends(flags: np.ndarray) -> np.ndarray:
     """For each index, the end (exclusive) of the run of equal values it belongs to."""
     n = len(flags)
@@ -803,7 +798,7 @@ class _ScanAhead:
             if lo >= hi:
                 return
             todo = ~self.skip[lo:hi] & (save.state[lo:hi] == UNSAVED)  # (a hint, read unlocked: see above)
-            for a, b in _runs(todo):
+            for a, b in true_runs(todo):
                 c, e = lo + a, lo + b
                 end = min(e * CHUNK, save.ram.size)
                 # (present, as for the saver: a missing page read here would wait for the fault thread)

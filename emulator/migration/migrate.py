@@ -22,8 +22,6 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import IO, Any
 
-import numpy as np
-
 from emulator.errors import MigrationCancelled, SnaplabError
 from emulator.migration.cow import CHUNK, CowSave
 from emulator.migration.engines.save_cow import arm_in_window
@@ -34,6 +32,7 @@ from emulator.migration.vmstate import (
     load_sequential,
     nonzero_pages,
     scan_threads,
+    true_runs,
 )
 from emulator.runstate import RunState
 
@@ -224,7 +223,7 @@ class Migration:
             nz = nonzero_pages(ctx.ram.array, scan_threads())
             mv = memoryview(ctx.ram.array.data).cast("B")
             step = CHUNK // PAGE
-            for first, end in _runs(nz):
+            for first, end in true_runs(nz):
                 for p in range(first, end, step):
                     q = min(p + step, end)
                     stream.pages(p, mv[p * PAGE:q * PAGE])
@@ -308,9 +307,3 @@ class Migration:
             self._set(MigrationStatus.FAILED)
         finally:
             _close_uri(f, proc)
-
-
-def _runs(nonzero: np.ndarray) -> list[tuple[int, int]]:
-    """The runs of consecutive True pages, as (first, end) page numbers."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([False], nonzero, [False])).astype(np.int8)))
-    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))

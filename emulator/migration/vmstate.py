@@ -219,6 +219,12 @@ def _runs_nonzero(pages: np.ndarray, out: np.ndarray) -> None:
         out[idx] = pages[idx].max(axis=1) != 0
 
 
+def true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """The [start, end) of each run of consecutive True values in ``flags`` (pages, chunks)."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], flags, [False])).astype(np.int8)))
+    return list(zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True))
+
+
 def nonzero_pages(ram: np.ndarray, threads: int = 1) -> np.ndarray:
     """Boolean per 4 KiB page: True where the page has a non-zero byte.
 
