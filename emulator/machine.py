@@ -112,6 +112,7 @@ class Machine:
         self.release_hold = rc.release_hold
         self.reset_for_load = rc.reset_for_load
         self.run_on_cpu = rc.run_on_cpu
+        self.with_vcpu_out = rc.with_vcpu_out
         self.stop_on_host_error = rc.stop_on_host_error
         self.first_entry_ns = rc.first_entry_ns
         self.query_status = rc.query_status

@@ -130,6 +130,31 @@ class OperationHold:
             bql.release()
 
 
+class EntryStamp:
+    """When the vCPU first entered the guest after the last RESUME (``time.monotonic_ns()``,
+    taken just before its ``emu_start``: the first guest instruction after a load; -1: not
+    since), under the run control's condition variable."""
+
+    def __init__(self, cond: threading.Condition) -> None:
+        self._cond = cond
+        self.ns = -1
+
+    def stamp(self) -> None:
+        """(On the vCPU thread) the first guest instruction since RESUME is about to run."""
+        with self._cond:
+            self.ns = time.monotonic_ns()
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> int:
+        """The stamp, waiting up to ``timeout`` seconds for it; 0 if it has not happened (a
+        paused guest never enters)."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self.ns < 0 and (left := end - time.monotonic()) > 0:
+                self._cond.wait(left)
+            return max(self.ns, 0)
+
+
 class RunControl:
     """The vCPU thread and the VM's run state, for one vCPU.
 
@@ -173,7 +198,8 @@ class RunControl:
         self._io_error = False  # io_error_stop()'s latch, for the vCPU thread
         self._overtaken: GuestFault | None = None  # a fault a verb got ahead of: the next run's
         self._thread: threading.Thread | None = None
-        self._entry_ns = -1  # when the vCPU first entered the guest after the last RESUME (-1: not since)
+        self._entry = EntryStamp(self._cond)
+        self.first_entry_ns = self._entry.wait
         self._hold = OperationHold(self._cond, self._bql, lambda: self._quit)  # a snapshot operation's or migration's stopped section
         self.release_hold = self._hold.release  # its end, resumed or not (a failed load stays stopped)
         _track(self)
@@ -253,8 +279,8 @@ class RunControl:
         if self._before_run is not None:
             self._before_run()
         if self._host_error is None and self._panic_code is None and not self._io_error:  # a latch: no run
-            if self._entry_ns < 0:
-                self._stamp_entry()
+            if self._entry.ns < 0:
+                self._entry.stamp()
             fault = self._cpu.run()
         if self._host_error is not None:
             cause, self._host_error = self._host_error, None
@@ -263,22 +289,6 @@ class RunControl:
             code, self._panic_code = self._panic_code, None
             fault = GuestFault(self._cpu.pc, f"guest reported panic code {code}", True)
         return fault
-
-    def _stamp_entry(self) -> None:
-        """The first guest instruction since RESUME is about to run (monotonic ns)."""
-        with self._cond:
-            self._entry_ns = time.monotonic_ns()
-            self._cond.notify_all()
-
-    def first_entry_ns(self, timeout: float) -> int:
-        """When the vCPU first entered the guest after the last RESUME (``time.monotonic_ns()``,
-        taken just before its ``emu_start``: the first guest instruction after a load); waits up
-        to ``timeout`` seconds for it, 0 if it has not happened (a paused guest never enters)."""
-        end = time.monotonic() + timeout
-        with self._cond:
-            while self._entry_ns < 0 and (left := end - time.monotonic()) > 0:
-                self._cond.wait(left)
-            return max(self._entry_ns, 0)
 
     def _halt_wait(self) -> None:
         deadline = self._take_deadline()
@@ -360,6 +370,20 @@ class RunControl:
                     raise SnaplabError("the vCPU thread is gone") from None
                 if not done.running():
                     self._cpu.stop()
+
+    def with_vcpu_out(self, fn: Callable[[], None]) -> None:
+        """``fn`` between two guest instructions without waking a thread: on the vCPU thread if
+        it is in the guest (run_on_cpu()), else here with it held out (while_parked(), as QEMU's
+        load_snapshot runs with the vCPUs paused).  A halted guest's vCPU sleeps until its timer,
+        and a sleeping thread takes ~65 us to wake on this host."""
+        with self._cond:
+            busy = self._in_guest or bool(self._work) or self._thread is None
+        if busy or self._owner == threading.get_ident() or threading.current_thread() is self._thread:
+            self.run_on_cpu(fn)
+        elif self._quit:
+            raise SnaplabError("the machine quit")
+        else:
+            self.while_parked(fn)  # (if the vCPU went back in meanwhile, it is kicked out)
 
     def stop_on_host_error(self, cause: str) -> None:
         """A host-side failure the guest must not run past (a lazy restore that cannot read the
@@ -471,7 +495,7 @@ class RunControl:
             self._clock.start()
             self._emit("RESUME", None)
             with self._cond:
-                self._entry_ns = -1
+                self._entry.ns = -1
                 self._want_run = True
                 self._cond.notify_all()
 

@@ -149,6 +149,13 @@ class Monitor:
 
     def broadcast(self, name: str, data: dict[str, Any] | None, ts_ns: int | None = None) -> None:
         now = (time.time_ns() if ts_ns is None else ts_ns) // 1000
+        held: list[tuple[str, dict[str, Any] | None, int]] | None = getattr(self._dispatching, "held", None)
+        if held is not None:
+            held.append((name, data, now))
+            return
+        self._send_event(name, data, now)
+
+    def _send_event(self, name: str, data: dict[str, Any] | None, now: int) -> None:
         with self._lock:
             subs = list(self._subs)
         for cb in subs:
@@ -179,15 +186,29 @@ class Monitor:
                 reply = self.handle(conn, req)
             finally:
                 self._dispatching.queue = None
-            for bh in queued:
-                try:
-                    bh()
-                except Exception:  # a bottom half reports its own errors; this one is a bug
-                    log.exception("bottom half of %s failed", req.execute)
+            try:
+                for bh in queued:
+                    try:
+                        bh()
+                    except Exception:  # a bottom half reports its own errors; this one is a bug
+                        log.exception("bottom half of %s failed", req.execute)
+            finally:
+                held, self._dispatching.held = getattr(self._dispatching, "held", None), None
+                for name, data, now in held or ():
+                    self._send_event(name, data, now)
             try:
                 send(reply)
             except Exception:  # the peer is gone: the command's work still happened
                 log.exception("reply to %s could not be sent", req.execute)
+
+    def defer_events(self) -> None:
+        """The events this thread raises from now until the command in hand and its bottom
+        halves are done go out then, before its reply, in order and stamped with the times
+        they were raised (outside a dispatch: nothing changes).  A lazy ``snapshot-load`` asks
+        for it: its JOB_STATUS_CHANGE events would otherwise wake the connections' thread,
+        which then competes for the GIL with the load on its way to RESUME."""
+        if getattr(self._dispatching, "queue", None) is not None and getattr(self._dispatching, "held", None) is None:
+            self._dispatching.held = []
 
     def bottom_half(self, fn: Callable[[], None]) -> None:
         """aio_bh_schedule_oneshot() on the main loop: ``fn`` runs once the command being

@@ -61,7 +61,10 @@ def install_snapshot_commands(monitor: Monitor, ctl: SnapshotController) -> None
             """Up to RESUME as the command's bottom half (no thread wakes in between), then a worker."""
             job.result["metrics"] = yield from ctl.load_snapshot_steps(a["tag"], a["vmstate"], a["devices"],
                                                                        engine=engine)
-        monitor.jobs.create(a["job-id"], "snapshot-load", early_work if load_engine(engine).resumes_early else work)
+        early = load_engine(engine).resumes_early
+        if early:
+            monitor.defer_events()  # up to RESUME, no other thread is woken
+        monitor.jobs.create(a["job-id"], "snapshot-load", early_work if early else work)
         return {}
 
     def delete(a: dict[str, Any]) -> dict[str, Any]:

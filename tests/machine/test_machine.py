@@ -477,6 +477,56 @@ def test_run_on_cpu_and_held_block_io(tmp_path: Path) -> None:
         g.close()
 
 
+@pytest.mark.parametrize("rate, on_vcpu", [(1 << 20, False), (0, True)], ids=["halted", "spinning"])
+def test_with_vcpu_out_runs_here_when_the_vcpu_sleeps_and_on_it_when_it_runs_guest_code(
+        tmp_path: Path, rate: int, on_vcpu: bool) -> None:
+    """with_vcpu_out(): a halted guest's vCPU (paced: asleep until its timer between batches)
+    or a paused one is not woken: the function runs on the calling thread, the guest held out
+    for it (its lab-port count does not move, even across the timer's deadlines) and back in
+    after; a guest spinning in guest code (unpaced) is taken out on the vCPU thread, as
+    run_on_cpu() does.  The function's exception reaches the caller; after quit it is an
+    error, not a hang."""
+    from emulator.errors import SnaplabError
+
+    here = threading.current_thread().name
+    cfg = MachineConfig(ram_size=RAM, pflash1="fw-vars",
+                        workload=WorkloadSpec("dirty", seed=5, working_set=1 << 20, rate=rate, batch_pages=4))
+    g = graph_with(tmp_path)
+    m = Machine(cfg, g)
+    try:
+        m.start()
+        wait_for(lambda: m.lab.last.iterations > 20)
+        seen: list[tuple[str, int, int]] = []
+
+        def probe() -> None:
+            it = m.lab.last.iterations
+            time.sleep(0.05)  # the guest does not run meanwhile (a paced one's timer fires in it)
+            seen.append((threading.current_thread().name, it, m.lab.last.iterations))
+
+        names = []
+        for _ in range(5):
+            time.sleep(0.003)
+            m.with_vcpu_out(probe)
+            names.append(seen[-1][0])
+            assert seen[-1][1] == seen[-1][2] and m.running
+        assert names.count("vcpu" if on_vcpu else here) >= 4, names  # (a paced guest may be mid-batch once)
+        it = m.lab.last.iterations
+        wait_for(lambda: m.lab.last.iterations > it + 2)  # back in the guest after it
+        with pytest.raises(ZeroDivisionError):
+            m.with_vcpu_out(lambda: None if 1 // 0 else None)
+        it = m.lab.last.iterations
+        wait_for(lambda: m.lab.last.iterations > it + 2)
+        m.stop()
+        m.with_vcpu_out(probe)
+        assert seen[-1][0] == here and m.state == RunState.PAUSED
+        m.quit()
+        with pytest.raises(SnaplabError):
+            m.with_vcpu_out(probe)
+    finally:
+        m.close()
+        g.close()
+
+
 def test_lab_port_keeps_its_samples_in_a_ring_the_collector_never_walks() -> None:
     """The progress ring: oldest first, bounded, ``last`` n; and no object per sample stays
     alive for the cyclic collector to walk (a deque of a million samples had made a full

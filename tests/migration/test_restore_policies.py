@@ -117,6 +117,53 @@ def test_an_on_demand_load_is_ready_until_job_complete_and_refuses_other_operati
         q.execute("job-complete", {"id": "od"})
 
 
+def test_a_lazy_loads_events_go_out_after_its_resume_in_order_and_stamped_when_raised(make_vm: Factory) -> None:
+    """A lazy snapshot-load's JOB_STATUS_CHANGE created/running are held until the command's
+    first step (up to RESUME) is done: no connection's thread is woken on the way to RESUME.
+    Every client still sees QEMU's order, each event stamped with the time it was raised and
+    before the command's reply; a blocking load's go out at once, and a refused lazy load's
+    events still go out."""
+    import time
+
+    m = make_vm(workload=_spec(), ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 20_000, "the guest to run")
+    _save(q)
+    got: list[tuple[str, str, float, float]] = []  # name, job status, stamped, delivered (s)
+
+    def listen(name: str, data: dict | None, sec: int, usec: int) -> None:  # type: ignore[type-arg]
+        got.append((name, (data or {}).get("status", ""), sec + usec / 1e6, time.time()))
+
+    m.monitor.subscribe(listen)
+    try:
+        for engine in ("background", "blocking"):
+            got.clear()
+            reply_at: list[float] = []
+            q.execute("snapshot-load", {"job-id": engine, "tag": "t", **ARGS, "__org.snaplab_engine": engine})
+            reply_at.append(time.time())
+            assert "error" not in q.wait_job(engine, 120)
+            seq = [(n, st) for n, st, _, _ in got]
+            assert seq[:2] == [("JOB_STATUS_CHANGE", "created"), ("JOB_STATUS_CHANGE", "running")], seq
+            assert ("STOP", "") in seq and ("RESUME", "") in seq and seq.index(("STOP", "")) < seq.index(("RESUME", ""))
+            stamps = [ts for _, _, ts, _ in got]
+            assert stamps == sorted(stamps)
+            resume_ts = got[seq.index(("RESUME", ""))][2]
+            created_delivered = got[0][3]
+            if engine == "background":
+                assert created_delivered >= resume_ts, "created went out before the load resumed the guest"
+                assert got[seq.index(("RESUME", ""))][3] <= reply_at[0]
+            else:  # the blocking load runs on a worker: its job's first events go out at once
+                assert created_delivered < resume_ts
+            q.execute("job-dismiss", {"id": engine})
+        got.clear()
+        q.execute("snapshot-load", {"job-id": "bad", "tag": "nosuch", **ARGS, "__org.snaplab_engine": "background"})
+        assert "error" in q.wait_job("bad", 60)
+        assert [st for n, st, _, _ in got if n == "JOB_STATUS_CHANGE"][:2] == ["created", "running"]
+        assert q.execute("query-status")["status"] == "running"
+    finally:
+        m.monitor.unsubscribe(listen)
+
+
 def test_quit_during_an_on_demand_load_does_not_hang(make_vm: Factory) -> None:
     m = make_vm(workload=_spec(), ram=RAM)
     q = m.qmp()

@@ -4,8 +4,9 @@ and change only what the filler does after RESUME (:meth:`BackgroundLoad.fill_pl
 
 Everything that can be is done before the stop: the checks and the parse (a bad request fails
 without a STOP; QEMU's blocking load stops first), the disks' revert checked, the VM-state
-cluster map, the address space RAM is moved to.  Stopped, on the vCPU thread (``run_on_cpu``):
-the guest's block accesses held, devices loaded, RAM emptied and armed for missing-page
+cluster map, the address space RAM is moved to.  Stopped, with the vCPU out of the guest
+(``with_vcpu_out``: on its thread if it was running guest code, else on the job's): the guest's
+block accesses held, devices loaded, RAM emptied and armed for missing-page
 faults.  Resumed: the disks are drained and reverted (a guest disk request waits for it, so the
 guest never sees the old disks), and the pages follow, on a worker.  QEMU has this only for
 live migration (``postcopy-ram``), not for ``loadvm``.
@@ -107,8 +108,9 @@ class BackgroundLoad(LoadEngine):
             lazy.reserve()
 
             def downtime() -> None:
-                # On the vCPU thread (run_on_cpu): it left the guest for this and goes back in
-                # at RESUME, so no thread is woken between the stop and the resume.
+                # On the vCPU thread if it was in the guest (it left it for this and goes back
+                # in at RESUME), else on this one with the vCPU held out (a halted guest's vCPU
+                # is asleep): no thread is woken between the command and the resume.
                 nonlocal orig
                 times.append(time.perf_counter())
                 if req.stop_first:  # where to go back to, read under the stop's hold
@@ -128,7 +130,7 @@ class BackgroundLoad(LoadEngine):
 
             try:
                 with switch_interval(5e-5):
-                    ctx.vm.run_on_cpu(downtime)
+                    ctx.vm.with_vcpu_out(downtime)
             except BaseException:
                 if not lazy.armed:
                     self._ready = lazy  # untouched: the next load's
