@@ -164,6 +164,66 @@ def test_a_lazy_loads_events_go_out_after_its_resume_in_order_and_stamped_when_r
         m.monitor.unsubscribe(listen)
 
 
+def test_lazy_loads_of_a_halting_guest_race_stop_cont_and_reset_without_a_hang(make_vm: Factory) -> None:
+    """A paced guest sleeps between batches, so a lazy load's downtime runs on the job's thread
+    with the vCPU held out (RunControl.with_vcpu_out), not on the vCPU thread.  Loads of every
+    lazy policy, while another monitor sends stop, cont and system_reset as fast as it can:
+    every load concludes (or fails with QEMU's words), the monitor stays answering, every
+    verb returns, and a blocking load of the stopped guest afterwards gives the snapshot's RAM
+    bit for bit."""
+    spec = WorkloadSpec("dirty", seed=3, working_set=4 << 20, rate=2 << 20, pattern="random",
+                        batch_pages=16, ws_offset=WS_OFFSET)
+    m = make_vm(workload=spec, ram=RAM)
+    q, other = m.qmp(), m.qmp()
+    parked = m.runctl.while_parked
+    here = 0
+
+    def counted(fn):  # type: ignore[no-untyped-def]
+        nonlocal here
+        here += 1
+        return parked(fn)
+
+    m.runctl.while_parked = counted  # type: ignore[method-assign]
+    wait_until(lambda: m.lab.last.iterations > 2_000, "the guest to run")
+    q.execute("stop")
+    saved = _ram_digest(m)
+    _save(q)
+    q.execute("cont")
+    stop = threading.Event()
+    verbs = 0
+    failures: list[str] = []
+
+    def harass() -> None:
+        nonlocal verbs
+        cycle = ("stop", "cont", "query-status", "cont", "system_reset", "cont")
+        while not stop.is_set():
+            try:
+                other.execute(cycle[verbs % len(cycle)])
+            except QMPError as err:  # (cont after a reset the guest needs: QEMU's refusals only)
+                if "Resetting the Virtual Machine is required" not in str(err):
+                    failures.append(str(err))
+            verbs += 1
+
+    t = threading.Thread(target=harass, daemon=True)
+    t.start()
+    try:
+        policies = [e for e in registry.load_engine_names() if e != "blocking"]
+        for i in range(12):
+            job = f"l{i}"
+            q.execute("snapshot-load", {"job-id": job, "tag": "t", **ARGS, "__org.snaplab_engine": policies[i % len(policies)]})
+            info = q.wait_job(job, 120, complete=True)
+            assert "error" not in info or "internal error" not in info["error"], info
+            q.execute("job-dismiss", {"id": job})
+    finally:
+        stop.set()
+        t.join(60)
+    assert not t.is_alive() and not failures and verbs > 12, (verbs, failures)
+    assert here >= 1  # at least one downtime ran with the vCPU held out, off its thread
+    q.execute("stop")
+    _load(q, "final", "blocking")
+    assert _ram_digest(m) == saved
+
+
 def test_quit_during_an_on_demand_load_does_not_hang(make_vm: Factory) -> None:
     m = make_vm(workload=_spec(), ram=RAM)
     q = m.qmp()
