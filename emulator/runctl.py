@@ -372,18 +372,18 @@ class RunControl:
                     self._cpu.stop()
 
     def with_vcpu_out(self, fn: Callable[[], None]) -> None:
-        """``fn`` between two guest instructions without waking a thread: on the vCPU thread if
-        it is in the guest (run_on_cpu()), else here with it held out (while_parked(), as QEMU's
-        load_snapshot runs with the vCPUs paused).  A halted guest's vCPU sleeps until its timer,
-        and a sleeping thread takes ~65 us to wake on this host."""
+        """``fn`` between two guest instructions without waking a thread: on the vCPU thread if it
+        is in the guest (run_on_cpu()), else here with it held out (as QEMU's load_snapshot runs
+        with the vCPUs paused): a halted guest's vCPU sleeps, and a wake-up costs ~65 us here."""
         with self._cond:
             busy = self._in_guest or bool(self._work) or self._thread is None
         if busy or self._owner == threading.get_ident() or threading.current_thread() is self._thread:
             self.run_on_cpu(fn)
-        elif self._quit:
-            raise SnaplabError("the machine quit")
-        else:
-            self.while_parked(fn)  # (if the vCPU went back in meanwhile, it is kicked out)
+            return
+        with self._verb(), self._held_out():  # (if it went back in meanwhile, it is kicked out)
+            if self._quit:
+                raise SnaplabError("the machine quit")
+            fn()
 
     def stop_on_host_error(self, cause: str) -> None:
         """A host-side failure the guest must not run past (a lazy restore that cannot read the
