@@ -232,9 +232,7 @@ class RunControl:
         while True:
             with self._cond:
                 while not self._may_run() and not self._quit and not self._work:
-                    self._waiting = True
-                    self._cond.wait()
-                    self._waiting = False
+                    self._asleep()
                 if self._quit:
                     for _, done in self._work:
                         done.set_exception(SnaplabError("the machine quit"))
@@ -305,9 +303,13 @@ class RunControl:
         if wait > 0:
             with self._cond:
                 if self._may_run():
-                    self._waiting = True
-                    self._cond.wait(wait)
-                    self._waiting = False
+                    self._asleep(wait)
+
+    def _asleep(self, timeout: float | None = None) -> None:
+        """(vCPU thread, ``_cond`` held) wait, saying so in ``_waiting`` (module docstring)."""
+        self._waiting = True
+        self._cond.wait(timeout)
+        self._waiting = False
 
     def _guest_stopped(self, fault: GuestFault) -> None:
         """The guest faulted: internal-error or guest-panicked, unless a verb got in first
@@ -381,15 +383,15 @@ class RunControl:
                     self._cpu.stop()
 
     def with_vcpu_out(self, fn: Callable[[], None]) -> None:
-        """``fn`` between two guest instructions without waking a thread: on the vCPU thread if it
-        is in the guest (run_on_cpu()), else here with it held out (as QEMU's load_snapshot runs
-        with the vCPUs paused): a halted guest's vCPU sleeps, and a wake-up costs ~65 us here."""
+        """``fn`` between two guest instructions, waking no thread: on the vCPU's (run_on_cpu()) unless
+        it sleeps (halted, paused), else here, it held out, as QEMU's load_snapshot (~65 us saved)."""
         with self._cond:  # (not just out of emu_start: a fault or a halt's deadline is still its to take)
-            busy = not self._waiting or bool(self._work) or self._thread is None
-        if busy or self._owner == threading.get_ident() or threading.current_thread() is self._thread:
+            here = self._waiting and not self._work  # (never so on the vCPU thread itself)
+            self._holds += here  # taken with the check: it stays in its wait until we let go
+        if not here:
             self.run_on_cpu(fn)
             return
-        with self._verb(), self._held_out():  # (if it went back in meanwhile, it is kicked out)
+        with self._verb(), self._held_out(taken=True):
             if self._quit:
                 raise SnaplabError("the machine quit")
             fn()
@@ -424,10 +426,12 @@ class RunControl:
                 self._cond.wait(0.002)
 
     @contextlib.contextmanager
-    def _held_out(self) -> Iterator[None]:
-        """The vCPU out of the guest for the block, whatever the run state (inside a verb)."""
-        with self._cond:
-            self._holds += 1
+    def _held_out(self, taken: bool = False) -> Iterator[None]:
+        """The vCPU out of the guest for the block, whatever the run state (inside a verb);
+        ``taken``: the caller took the hold already (it is let go here all the same)."""
+        if not taken:
+            with self._cond:
+                self._holds += 1
         try:
             self._out_of_guest()
             yield
