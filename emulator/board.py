@@ -48,7 +48,15 @@ from emulator.devices.lab import LabPort
 from emulator.devices.serial import Serial, Sink
 from emulator.devices.timer import Timer
 from emulator.errors import SnaplabError
-from emulator.guest import FW_BASE, FW_ENTRY, PATTERNS, WORKLOADS, WorkloadSpec, firmware_image
+from emulator.guest import (
+    FW_BASE,
+    FW_ENTRY,
+    LAB_PAGE,
+    PATTERNS,
+    WORKLOADS,
+    WorkloadSpec,
+    firmware_image,
+)
 from emulator.memory import GuestRAM
 from emulator.migration.vmstate import Handler, SaveHandler
 
@@ -100,6 +108,8 @@ class GuestClock(Protocol):
 
     def set(self, ns: int) -> None: ...
 
+    def watch(self, cb: Callable[[int | None], None]) -> None: ...
+
 
 class Board:
     """A small x86-64 PC: RAM, firmware ROM + varstore flash, disk, serial, timer, lab port.
@@ -149,7 +159,9 @@ class Board:
         self.bus = PortBus()
         for dev in (self.serial, self.lab, self.timer, self.disk, self.flash, self.fwcfg):
             self.bus.add(dev)
-        self.cpu.hook_ports(self._port_in, self._port_out)
+        self.lab.doorbell.set_counters(self.ram.addr + LAB_PAGE)
+        self.cpu.hook_ports(self._port_in, self._port_out, self.lab.doorbell)
+        clock.watch(self.lab.doorbell.set_clock_offset)
         self.cpu.reset(FW_ENTRY)
 
     def _firmware(self, node_name: str | None) -> bytes:

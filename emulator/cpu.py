@@ -10,11 +10,13 @@ addresses, as Unicorn sets it up.
 from __future__ import annotations
 
 import ctypes
+import os
 import struct
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import unicorn
 import unicorn.x86_const as x86
@@ -45,6 +47,44 @@ def _emu_stop_keeping_gil() -> Callable[[int], int] | None:
 
 
 _EMU_STOP_KEEP_GIL = _emu_stop_keeping_gil()
+
+
+class OutHook(Protocol):
+    """A machine-code OUT hook (emulator.devices.doorbell.ControlBlock): it handles some ports itself
+    and tail-calls the Python hook for the others."""
+
+    @property
+    def address(self) -> int: ...  # its user data (the control block)
+
+    def attach(self, fallback_addr: int) -> int: ...  # returns the code's address
+
+
+def _add_native_out_hook(uc: Uc, hook: OutHook, port_out: Callable[[int, int, int], None]) -> bool:
+    """uc_hook_add(UC_HOOK_INSN, OUT) with ``hook``'s machine code as the callback and the
+    Python ``port_out`` behind it, wrapped as the binding wraps its own callbacks (a raised
+    exception stops the emulation and is raised by ``emu_start``); False where unicorn 2.1's
+    binding layout or the environment (``SNAPLAB_DOORBELL=python``) says no."""
+    if os.environ.get("SNAPLAB_DOORBELL", "native") == "python":
+        return False
+    try:
+        from unicorn.unicorn_py3.arch.intel import HOOK_INSN_OUT_CFUNC
+        from unicorn.unicorn_py3.unicorn import uccallback, uclib
+    except ImportError:
+        return False
+
+    def _out(u: Uc, port: int, size: int, value: int, ud: object) -> None:
+        port_out(port, size, value)
+
+    fallback = uccallback(uc, HOOK_INSN_OUT_CFUNC)(_out)
+    code = hook.attach(ctypes.cast(fallback, ctypes.c_void_p).value or 0)
+    handle = ctypes.c_size_t()
+    status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN, ctypes.c_void_p(code),
+                               ctypes.c_void_p(hook.address), ctypes.c_uint64(1), ctypes.c_uint64(0),
+                               ctypes.c_int(x86.UC_X86_INS_OUT))
+    if status != unicorn.UC_ERR_OK:
+        raise UcError(status)
+    uc._callbacks[handle.value] = (fallback, hook)  # kept alive as long as the hook
+    return True
 
 PROT_RX = UC_PROT_READ | UC_PROT_EXEC
 PROT_RWX = UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC
@@ -101,6 +141,7 @@ class X86CPU:
         self._reset_at: dict[int, UcContext] = {}  # power-on context with pc = entry, per entry
         self.pending_fault: GuestFault | None = None
         self._uch = self.uc._uch  # the engine handle stop() passes to uc_emu_stop
+        self.native_out = False  # OUT goes to a machine-code hook first (hook_ports)
 
     # -- memory -------------------------------------------------------------------------
     def map_ram(self, addr: int, size: int, host_ptr: int) -> None:
@@ -112,7 +153,10 @@ class X86CPU:
         self.uc.mem_write(addr, data)
 
     # -- hooks ----------------------------------------------------------------------------
-    def hook_ports(self, port_in: Callable[[int, int], int], port_out: Callable[[int, int, int], None]) -> None:
+    def hook_ports(self, port_in: Callable[[int, int], int], port_out: Callable[[int, int, int], None],
+                   native_out: OutHook | None = None) -> None:
+        """IN and OUT go to the Python hooks; with ``native_out``, OUT goes to its machine code
+        first (which passes the ports it does not handle on to ``port_out``)."""
         def _in(uc: Uc, port: int, size: int, ud: object) -> int:
             return port_in(port, size)
 
@@ -120,7 +164,9 @@ class X86CPU:
             port_out(port, size, value)
 
         self.uc.hook_add(unicorn.UC_HOOK_INSN, _in, None, 1, 0, x86.UC_X86_INS_IN)
-        self.uc.hook_add(unicorn.UC_HOOK_INSN, _out, None, 1, 0, x86.UC_X86_INS_OUT)
+        self.native_out = native_out is not None and _add_native_out_hook(self.uc, native_out, port_out)
+        if not self.native_out:
+            self.uc.hook_add(unicorn.UC_HOOK_INSN, _out, None, 1, 0, x86.UC_X86_INS_OUT)
 
         def _intr(uc: Uc, intno: int, ud: object) -> None:
             name = EXCEPTION_NAMES.get(intno, f"vector {intno}")

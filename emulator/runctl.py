@@ -59,27 +59,45 @@ class VirtualClock:
         self._base = 0
         self._t0: int | None = None
         self._lock = threading.Lock()
+        self._watchers: list[Callable[[int | None], None]] = []
 
     def now_ns(self) -> int:
         t0 = self._t0
         return self._base + (time.monotonic_ns() - t0 if t0 is not None else 0)
 
+    def watch(self, cb: Callable[[int | None], None]) -> None:
+        """``cb(now_ns() - monotonic ns)`` now and whenever that changes; None while stopped
+        (the lab port's machine-code doorbell stamps samples with it)."""
+        with self._lock:
+            self._watchers.append(cb)
+            cb(self._offset())
+
+    def _offset(self) -> int | None:
+        return None if self._t0 is None else self._base - self._t0
+
+    def _changed(self) -> None:
+        for cb in self._watchers:
+            cb(self._offset())
+
     def start(self) -> None:
         with self._lock:
             if self._t0 is None:
                 self._t0 = time.monotonic_ns()
+                self._changed()
 
     def stop(self) -> None:
         with self._lock:
             if self._t0 is not None:
                 self._base += time.monotonic_ns() - self._t0
                 self._t0 = None
+                self._changed()
 
     def set(self, ns: int) -> None:
         with self._lock:
             running = self._t0 is not None
             self._base = ns
             self._t0 = time.monotonic_ns() if running else None
+            self._changed()
 
 
 class VCPU(Protocol):

@@ -6,20 +6,24 @@ host call per batch, never one per store.  Each ring appends a sample (virtual n
 monotonic ns, counters) to a bounded ring buffer the lab reads to plot progress and stalls.
 The ring is one numpy array, not a deque of objects: at ~10,000 samples a second a deque
 would hold up to a million objects for the cyclic garbage collector to walk in every full
-collection, with the GIL held, on whichever thread allocated.
+collection, with the GIL held, on whichever thread allocated.  While the guest runs, the
+append is done by machine code without the GIL (emulator.devices.doorbell); :meth:`port_out` is the
+same append in Python, for when the hook cannot (the clock stopped, no native hook).
 """
 
 from __future__ import annotations
 
 import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from emulator.devices.doorbell import ControlBlock
+
 LAB_PAGE = 0x7000
+SLACK = 4096  # ring rows beyond those kept: a reader's copy is not overwritten while it is made
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,21 @@ class LabPort:
         self._read = read_ram
         self._clock = clock_ns
         self._on_panic = on_panic
-        self._ring = np.zeros((keep, 6), dtype=np.uint64)  # pages committed as they fill
-        self._count = 0  # samples ever appended; the ring holds the last min(count, keep)
-        self._samples_lock = threading.Lock()
-        self.listeners: list[Callable[[ProgressSample], None]] = []
-        self.last = ProgressSample(0, 0, 0, 0, 0, 0)
+        self._keep = keep
+        # SLACK more rows than kept: the rows the writer fills while a reader copies
+        self._ring = np.zeros((keep + SLACK, 6), dtype=np.uint64)  # pages committed as they fill
+        self.doorbell = ControlBlock(0x510, self._ring)  # the ring's count lives in it
+        self._loaded: tuple[int, ProgressSample] | None = None  # (count then, sample) of a load
+
+    @property
+    def last(self) -> ProgressSample:
+        """The latest sample (or the one a load restored, until the guest rings again)."""
+        n = self.doorbell.count
+        if self._loaded is not None and self._loaded[0] == n:
+            return self._loaded[1]
+        if n == 0:
+            return ProgressSample(0, 0, 0, 0, 0, 0)
+        return ProgressSample(*self._ring[(n - 1) % len(self._ring)].tolist())
 
     def port_in(self, port: int, size: int) -> int:
         return 0
@@ -56,24 +70,22 @@ class LabPort:
             self._on_panic(value)
         elif port == 0x510:
             it, dirtied, disk, errors = struct.unpack("<4Q", self._read(LAB_PAGE, 32))
-            s = ProgressSample(self._clock(), time.monotonic_ns(), it, dirtied, disk, errors)
-            self.last = s
-            with self._samples_lock:
-                self._ring[self._count % len(self._ring)] = (s.vclock_ns, s.host_ns, it, dirtied, disk, errors)
-                self._count += 1
-            for cb in self.listeners:
-                cb(s)
+            self.doorbell.append((self._clock(), time.monotonic_ns(), it, dirtied, disk, errors))
 
     def history_array(self, last: int | None = None) -> np.ndarray:
         """The samples (or the ``last`` ones), oldest first, as rows of the six fields of
-        :class:`ProgressSample`: a copy, safe while the vCPU thread keeps appending."""
-        with self._samples_lock:
-            n, keep = self._count, len(self._ring)
-            want = min(n, keep) if last is None else max(0, min(last, n, keep))
-            end = n % keep
-            if want <= end:
-                return self._ring[end - want:end].copy()
-            return np.concatenate((self._ring[keep - (want - end):], self._ring[:end]))
+        :class:`ProgressSample`: a copy, safe while the vCPU thread keeps appending (rows the
+        writer may have overwritten during the copy, more than :data:`SLACK`, are dropped from
+        its start)."""
+        n, size = self.doorbell.count, len(self._ring)
+        want = min(n, self._keep) if last is None else max(0, min(last, n, self._keep))
+        end = n % size
+        if want <= end:
+            rows = self._ring[end - want:end].copy()
+        else:
+            rows = np.concatenate((self._ring[size - (want - end):], self._ring[:end]))
+        lost = self.doorbell.count + 1 - n - (size - want)  # + 1: a row being written now
+        return rows[lost:] if lost > 0 else rows
 
     def history(self, last: int | None = None) -> list[ProgressSample]:
         """The samples (or the ``last`` ones), oldest first."""
@@ -90,5 +102,5 @@ class LabPort:
         last = ProgressSample(*struct.unpack("<6Q", data))
 
         def apply() -> None:
-            self.last = last
+            self._loaded = (self.doorbell.count, last)
         return apply
