@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import struct
 import threading
 import time
@@ -63,8 +64,10 @@ def _add_native_out_hook(uc: Uc, hook: OutHook, port_out: Callable[[int, int, in
     """uc_hook_add(UC_HOOK_INSN, OUT) with ``hook``'s machine code as the callback and the
     Python ``port_out`` behind it, wrapped as the binding wraps its own callbacks (a raised
     exception stops the emulation and is raised by ``emu_start``); False where unicorn 2.1's
-    binding layout or the environment (``SNAPLAB_DOORBELL=python``) says no."""
-    if os.environ.get("SNAPLAB_DOORBELL", "native") == "python":
+    binding layout, the host (not x86-64, no executable memory) or the environment
+    (``SNAPLAB_DOORBELL`` other than ``native``: ``python``) says no."""
+    if os.environ.get("SNAPLAB_DOORBELL", "native").lower() not in ("native", "") \
+            or platform.machine() not in ("x86_64", "AMD64"):
         return False
     try:
         from unicorn.unicorn_py3.arch.intel import HOOK_INSN_OUT_CFUNC
@@ -76,7 +79,10 @@ def _add_native_out_hook(uc: Uc, hook: OutHook, port_out: Callable[[int, int, in
         port_out(port, size, value)
 
     fallback = uccallback(uc, HOOK_INSN_OUT_CFUNC)(_out)
-    code = hook.attach(ctypes.cast(fallback, ctypes.c_void_p).value or 0)
+    try:
+        code = hook.attach(ctypes.cast(fallback, ctypes.c_void_p).value or 0)
+    except OSError:  # no executable memory here (SELinux execmem, MemoryDenyWriteExecute)
+        return False
     handle = ctypes.c_size_t()
     status = uclib.uc_hook_add(uc._uch, ctypes.byref(handle), unicorn.UC_HOOK_INSN, ctypes.c_void_p(code),
                                ctypes.c_void_p(hook.address), ctypes.c_uint64(1), ctypes.c_uint64(0),

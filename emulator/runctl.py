@@ -93,6 +93,9 @@ class VirtualClock:
                 self._changed()
 
     def set(self, ns: int) -> None:
+        """The clock jumps to ``ns`` (a load).  Like :meth:`start` and :meth:`stop`, called
+        only with the vCPU out of the guest: a doorbell rung meanwhile would stamp its sample
+        with the offset before the change."""
         with self._lock:
             running = self._t0 is not None
             self._base = ns

@@ -101,9 +101,11 @@ class _Code:
 
     @classmethod
     def address(cls) -> int:
+        """The code's address; OSError where the system refuses executable memory."""
         with cls._lock:
             if cls._page is None:
-                page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
                 page.write(DOORBELL_CODE)
                 addr = ctypes.addressof((ctypes.c_char * 1).from_buffer(page))
                 if _libc.mprotect(addr, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC) != 0:
@@ -151,10 +153,12 @@ class ControlBlock:
 
     def attach(self, fallback_addr: int) -> int:
         """Arm the hook: ports other than :data:`PORT`'s go to the C function at
-        ``fallback_addr`` (the Python hook).  Returns the address of the hook's code."""
+        ``fallback_addr`` (the Python hook).  Returns the address of the hook's code; OSError
+        (nothing armed) where the system refuses executable memory."""
+        code = _Code.address()
         self.words[FALLBACK] = fallback_addr
         self._publish()
-        return _Code.address()
+        return code
 
     def set_clock_offset(self, offset: int | None) -> None:
         """The virtual clock's ``now - monotonic`` while it runs; None while it is stopped

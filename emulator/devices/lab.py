@@ -23,7 +23,7 @@ import numpy as np
 from emulator.devices.doorbell import ControlBlock
 
 LAB_PAGE = 0x7000
-SLACK = 4096  # ring rows beyond those kept: a reader's copy is not overwritten while it is made
+SLACK = 1 << 16  # ring rows beyond those kept: a reader's copy is not overwritten while it is made
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,17 @@ class LabPort:
 
     def history_array(self, last: int | None = None) -> np.ndarray:
         """The samples (or the ``last`` ones), oldest first, as rows of the six fields of
-        :class:`ProgressSample`: a copy, safe while the vCPU thread keeps appending (rows the
-        writer may have overwritten during the copy, more than :data:`SLACK`, are dropped from
-        its start)."""
-        n, size = self.doorbell.count, len(self._ring)
-        want = min(n, self._keep) if last is None else max(0, min(last, n, self._keep))
-        end = n % size
-        if want <= end:
-            rows = self._ring[end - want:end].copy()
-        else:
-            rows = np.concatenate((self._ring[size - (want - end):], self._ring[:end]))
-        lost = self.doorbell.count + 1 - n - (size - want)  # + 1: a row being written now
-        return rows[lost:] if lost > 0 else rows
+        :class:`ProgressSample`: a copy, safe while the vCPU thread keeps appending (the ring
+        has :data:`SLACK` rows more than it keeps; a copy the writer overtook anyway is made
+        again, and after three tries its overwritten rows are dropped from its start)."""
+        for _ in range(3):
+            n = self.doorbell.count
+            want = min(n, self._keep) if last is None else max(0, min(last, n, self._keep))
+            rows = _copy_rows(self._ring, n, want)
+            lost = self.doorbell.count + 1 - n - (len(self._ring) - want)  # + 1: a row being written
+            if lost <= 0:
+                return rows
+        return rows[lost:]
 
     def history(self, last: int | None = None) -> list[ProgressSample]:
         """The samples (or the ``last`` ones), oldest first."""
@@ -104,3 +103,11 @@ class LabPort:
         def apply() -> None:
             self._loaded = (self.doorbell.count, last)
         return apply
+
+
+def _copy_rows(ring: np.ndarray, n: int, want: int) -> np.ndarray:
+    """The ``want`` rows before the ``n``-th append, oldest first (a copy)."""
+    end = n % len(ring)
+    if want <= end:
+        return ring[end - want:end].copy()
+    return np.concatenate((ring[len(ring) - (want - end):], ring[:end]))

@@ -101,9 +101,9 @@ def test_an_error_in_a_python_port_handler_behind_the_native_hook_reaches_the_ca
         b.close()
 
 
-def test_history_drops_the_rows_overwritten_while_it_copied(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reader racing the writer (simulated: the count moves on during the copy) keeps
-    only rows the writer cannot have reached."""
+def test_history_copies_again_when_the_writer_overtook_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader racing the writer (simulated: rows appended during the copy) copies again,
+    and after three overtaken tries keeps only the rows the writer cannot have reached."""
     import emulator.devices.lab as lab_mod
 
     monkeypatch.setattr(lab_mod, "SLACK", 2)
@@ -111,11 +111,56 @@ def test_history_drops_the_rows_overwritten_while_it_copied(monkeypatch: pytest.
     for i in range(6):
         lab.doorbell.append((i, i, i, 0, 0, 0))
     assert lab.history_array()[:, 0].tolist() == [2, 3, 4, 5]  # 6 rows in the ring, 4 kept
-    real = np.concatenate
-    monkeypatch.setattr(lab_mod.np, "concatenate", lambda parts: (
-        [lab.doorbell.append((9, 9, 9, 0, 0, 0)) for _ in range(3)], real(parts))[1])
-    got = lab.history_array()[:, 0].tolist()  # 3 appended during the copy: 2 of them in slack
-    assert got == [4, 5]  # 3 + 1 (a row maybe being written) - 2 slack = 2 dropped
+    real, bursts = lab_mod._copy_rows, [3]
+
+    def racing(ring: np.ndarray, n: int, want: int) -> np.ndarray:
+        for _ in range(bursts.pop(0) if bursts else 0):
+            lab.doorbell.append((9, 9, 9, 0, 0, 0))
+        return real(ring, n, want)
+
+    monkeypatch.setattr(lab_mod, "_copy_rows", racing)
+    assert lab.history_array()[:, 0].tolist() == [5, 9, 9, 9]  # overtaken once: copied again
+    bursts[:] = [3, 3, 3]
+    got = lab.history_array()[:, 0].tolist()
+    assert got == [9, 9]  # overtaken three times: 3 + 1 (maybe being written) - 2 slack dropped
+
+
+def test_native_ring_wraps() -> None:
+    b = _Bare(offset=0)
+    try:
+        b.block.words[5] = len(b.ring) - 1  # COUNT: the next row is the ring's last
+        b.run()
+        assert b.block.count == len(b.ring) + 1
+        assert b.ring[-1, 2:].tolist() == [11, 22, 33, 44] and b.ring[0, 2:].tolist() == [11, 22, 33, 44]
+        assert not b.ring[1:-1].any()
+    finally:
+        b.close()
+
+
+def test_without_executable_memory_the_python_hook_serves_every_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    import emulator.devices.doorbell as db
+
+    def refuse() -> int:
+        raise PermissionError(13, "mprotect refused")
+
+    monkeypatch.setattr(db._Code, "address", staticmethod(refuse))
+    b = _Bare(offset=0)
+    try:
+        assert not b.cpu.native_out
+        b.run()
+        assert b.python == [(0x3F8, 0x41), (0x510, 0x41), (0x510, 0x41)]
+    finally:
+        b.close()
+
+
+def test_a_loaded_sample_is_last_until_the_guest_rings_again() -> None:
+    lab = LabPort(lambda addr, n: bytes(n), lambda: 5, lambda code: None, keep=8)
+    lab.doorbell.append((1, 2, 3, 4, 5, 6))
+    loaded = np.array([7, 8, 9, 10, 11, 12], dtype="<u8").tobytes()
+    lab.prepare_state(loaded, 1)()
+    assert lab.last.iterations == 9 and lab.save_state() == loaded
+    lab.doorbell.append((13, 14, 15, 16, 17, 18))
+    assert lab.last.iterations == 15
 
 
 @pytest.mark.parametrize("mode", ["native", "python"])
