@@ -31,6 +31,7 @@ from emulator.block.raw import RawImage
 from emulator.cpu import X86CPU, GuestFault, pack_cpu_state, unpack_cpu_state
 from emulator.devices import PortBus
 from emulator.devices.disk import DiskController, OnError
+from emulator.devices.doorbell import native_wanted
 from emulator.devices.flash import FlashBank, FlashController
 from emulator.devices.fwcfg import (
     KEY_BATCH_PAGES,
@@ -160,7 +161,7 @@ class Board:
         for dev in (self.serial, self.lab, self.timer, self.disk, self.flash, self.fwcfg):
             self.bus.add(dev)
         self.lab.doorbell.set_counters(self.ram.addr + LAB_PAGE)
-        self.cpu.hook_ports(self._port_in, self._port_out, self.lab.doorbell)
+        self.cpu.hook_ports(self._port_in, self._port_out, self.lab.doorbell if native_wanted() else None)
         clock.watch(self.lab.doorbell.set_clock_offset)
         self.cpu.reset(FW_ENTRY)
 

@@ -10,8 +10,6 @@ addresses, as Unicorn sets it up.
 from __future__ import annotations
 
 import ctypes
-import os
-import platform
 import struct
 import threading
 import time
@@ -60,25 +58,17 @@ class OutHook(Protocol):
     def attach(self, fallback_addr: int) -> int: ...  # returns the code's address
 
 
-def _add_native_out_hook(uc: Uc, hook: OutHook, port_out: Callable[[int, int, int], None]) -> bool:
+def _add_native_out_hook(uc: Uc, hook: OutHook, out: Callable[[Uc, int, int, int, object], None]) -> bool:
     """uc_hook_add(UC_HOOK_INSN, OUT) with ``hook``'s machine code as the callback and the
-    Python ``port_out`` behind it, wrapped as the binding wraps its own callbacks (a raised
+    binding-style callback ``out`` behind it, wrapped as the binding wraps its own (a raised
     exception stops the emulation and is raised by ``emu_start``); False where unicorn 2.1's
-    binding layout, the host (not x86-64, no executable memory) or the environment
-    (``SNAPLAB_DOORBELL`` other than ``native``: ``python``) says no."""
-    if os.environ.get("SNAPLAB_DOORBELL", "native").lower() not in ("native", "") \
-            or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+    binding layout or the host (no executable memory) says no."""
     try:
         from unicorn.unicorn_py3.arch.intel import HOOK_INSN_OUT_CFUNC
         from unicorn.unicorn_py3.unicorn import uccallback, uclib
     except ImportError:
         return False
-
-    def _out(u: Uc, port: int, size: int, value: int, ud: object) -> None:
-        port_out(port, size, value)
-
-    fallback = uccallback(uc, HOOK_INSN_OUT_CFUNC)(_out)
+    fallback = uccallback(uc, HOOK_INSN_OUT_CFUNC)(out)
     try:
         code = hook.attach(ctypes.cast(fallback, ctypes.c_void_p).value or 0)
     except OSError:  # no executable memory here (SELinux execmem, MemoryDenyWriteExecute)
@@ -170,7 +160,7 @@ class X86CPU:
             port_out(port, size, value)
 
         self.uc.hook_add(unicorn.UC_HOOK_INSN, _in, None, 1, 0, x86.UC_X86_INS_IN)
-        self.native_out = native_out is not None and _add_native_out_hook(self.uc, native_out, port_out)
+        self.native_out = native_out is not None and _add_native_out_hook(self.uc, native_out, _out)
         if not self.native_out:
             self.uc.hook_add(unicorn.UC_HOOK_INSN, _out, None, 1, 0, x86.UC_X86_INS_OUT)
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+import os
+import platform
 import threading
 
 import numpy as np
@@ -81,6 +83,13 @@ DOORBELL_CODE = bytes.fromhex(
 )
 
 
+def native_wanted() -> bool:
+    """Whether to arm the machine code: an x86-64 host, and ``SNAPLAB_DOORBELL`` unset or
+    ``native`` (``python``: the Python hook serves the doorbell too, for A/B runs)."""
+    return (os.environ.get("SNAPLAB_DOORBELL", "native").lower() in ("native", "")
+            and platform.machine() in ("x86_64", "AMD64"))
+
+
 def build_doorbell() -> bytes:
     """:data:`DOORBELL_ASM` assembled (keystone, build time only)."""
     from emulator.guest import assemble
@@ -128,7 +137,6 @@ class ControlBlock:
         self.words[RING] = ring.ctypes.data
         self.words[ROWS] = len(ring)
         self.words[CLOCK_GETTIME] = ctypes.cast(_libc.clock_gettime, ctypes.c_void_p).value or 0
-        self._counters = 0
         self._offset: int | None = None
 
     @property
@@ -147,7 +155,6 @@ class ControlBlock:
 
     def set_counters(self, addr: int) -> None:
         """The host address of the guest's four counters (its lab page, in RAM's mapping)."""
-        self._counters = addr
         self.words[COUNTERS] = addr
         self._publish()
 
@@ -169,4 +176,4 @@ class ControlBlock:
     def _publish(self) -> None:
         if self._offset is not None:
             self.words[VCLOCK_OFFSET] = self._offset & (2**64 - 1)
-        self.words[ENABLED] = int(self._offset is not None and self._counters != 0 and self.words[FALLBACK] != 0)
+        self.words[ENABLED] = int(self._offset is not None and self.words[COUNTERS] != 0 and self.words[FALLBACK] != 0)
