@@ -185,8 +185,8 @@ def test_machine_samples_and_virtual_clock_through_stop_and_cont(tmp_path: Path,
         wait_for(lambda: m.lab.doorbell.count > len(before) + 10)
         after = m.lab.history_array()[len(before):].astype(np.int64)
         last = before[-1].astype(np.int64)
-        assert 0 < after[0, 0] - last[0] < 0.2e9  # the clock stood still for the 0.3 s pause
-        assert after[0, 1] - last[1] >= 0.3e9  # (the host clock did not)
+        vgap, hgap = after[0, 0] - last[0], after[0, 1] - last[1]
+        assert vgap > 0 and hgap - vgap >= 0.3e9  # the virtual clock stood still for the pause
         rows = np.concatenate((before.astype(np.int64), after))
         assert (np.diff(rows[:, 0]) >= 0).all() and (np.diff(rows[:, 2]) >= 0).all()
         assert rows[-1, 2] > rows[0, 2]
