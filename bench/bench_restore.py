@@ -15,7 +15,10 @@ load of 16 GiB, 5-6 s here, is watched back to speed); ``resident_s`` RESUME -> 
 Medians; the VM state is read through the page cache, warm (it was just written).  When
 QEMU 7.2 is installed, its blocking load of a guest of the same size is measured in the same
 run (its RAM filled with -device loader files, which its reset copies again: an upper bound,
-see data/results/reproduction/README.md).  Raw rows go to --out (JSON).  The last line
+see data/results/reproduction/README.md).  Before the guest starts, the host's own speed is
+probed for 4 s (lab/hostnoise.py: a core-bound and a cache-bound loop, the second over a buffer
+the working set's size); each load's row has the guest's rate before and over its last second
+watched (``rate_after``), to tell a host that slowed from a slow recovery.  Raw rows go to --out (JSON).  The last line
 printed is one JSON object:
 {"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
 "resident_s": z}, ...}}.
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from lab import qemu as qemu_lab
+from lab.hostnoise import describe, host_noise
 from lab.restore import RestoreSpec, restore_experiment, summarize
 from lab.spec import load_engines
 
@@ -72,7 +76,9 @@ def main() -> None:
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy, "
           f"each watched {spec.horizon_s:g} s; "
           f"VM state read around the page cache (O_DIRECT, docs/deviations.md 57)", flush=True)
-    res = restore_experiment(spec, progress=_print_row)
+    noise = host_noise(4.0, spec.ws_mib)  # alone, before the guest starts
+    print(f"host's own speed (lab/hostnoise.py, 2 s each): {describe(noise)}", flush=True)
+    res = restore_experiment(spec, progress=_print_row) | {"host_noise": noise}
     summary = summarize(res["rows"])
     print(f"{'policy':>10} {'resume':>9} {'1st insn':>9} {'progress':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'faults':>7} "
           f"{'stall p99':>9} {'resident':>9} {'read':>9}")
@@ -80,6 +86,11 @@ def main() -> None:
         print(f"{p:>10} {s['resume_ms']:7.2f}ms {s['first_instr_ms']:7.2f}ms {s['first_progress_ms']:7.1f}ms {s['to50_ms']:7.1f}ms "
               f"{s['to90_ms']:7.1f}ms {s['to90_iqr_ms']:7.1f}ms {s['faults']:7.0f} {s['stall_p99_ms']:7.2f}ms "
               f"{s['resident_s']:8.3f}s {s['bytes_read'] / 2**20:6.0f}MiB")
+    rb = np.array([r["rate_before"] for r in res["rows"]]) / 1e6
+    ra = np.array([r["rate_after"] for r in res["rows"]]) / 1e6
+    print(f"guest rate before each load: median {np.nanmedian(rb):.2f} M/s, {np.nanmin(rb):.2f}-{np.nanmax(rb):.2f}; "
+          f"over each load's last second watched: {np.nanmedian(ra):.2f}, {np.nanmin(ra):.2f}-{np.nanmax(ra):.2f} "
+          f"(loads ending under 90% of their rate before: {int(np.sum(ra < 0.9 * rb))} of {len(rb)})")
     blocking, *lazy = load_engines()
     pf, bg = "prefetch", "background"  # the goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],

@@ -13,7 +13,11 @@ Definitions (the same for every policy):
   ``settle_s`` before it (2 s), of its rate in 20 ms windows (1 ms grid).  A median of short windows, not
   a mean: the guest's rate wanders by +-25% from one half second to the next with nothing
   else running (measured: 1.2-2.4 M iterations/s at 4 GiB), and a reference taken in a fast
-  half second would make "back to speed" wait for the next fast one;
+  half second would make "back to speed" wait for the next fast one.  On the Intel Xeon host
+  it halved for seconds at a time with no snapshot at all (7.6 -> 4.0 M/s at 1 GiB): the
+  host's shared cache, not snaplab (lab/hostnoise.py measures it before an experiment);
+- ``rate_after``: the same median over the last second watched (from RESUME at the
+  earliest): beside ``rate_before`` it shows whether the host changed speed during the load;
 - ``toX_ms``: command -> the first instant ``t`` at which the iterations over [t, t + window]
   reach X of ``rate_before`` (window 20 ms), found on a 1 ms grid of the interpolated samples;
 - ``resume_ms``: command -> RESUME (the events' timestamps);
@@ -44,6 +48,7 @@ from lab.spec import load_engines, waits_for_complete
 ENGINE_ARG = "__org.snaplab_engine"
 WINDOW_NS = 20_000_000
 GRID_NS = 1_000_000
+AFTER_NS = 1_000_000_000  # rate_after: the guest's rate over the last second a load is watched
 CHUNK = 2 << 20
 
 
@@ -211,7 +216,12 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
     ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
     resume_ns = int((ev["RESUME"] - epoch_off) * 1e9)
     rate0 = steady_rate(before, cmd_ns - int(spec.settle_s * 1e9), cmd_ns)
+    after = samples[samples[:, 1] >= resume_ns]  # the load resets the counter: RESUME on only
+    end_ns = int(after[-1, 1]) if len(after) else resume_ns
     row: dict[str, Any] = {"policy": policy, "rate_before": rate0,
+                           # the last second watched: a host that slowed (lab/hostnoise.py) shows here
+                           "rate_after": (steady_rate(after, max(end_ns - AFTER_NS, int(after[0, 1])), end_ns)
+                                          if len(after) > 1 else float("nan")),
                            "resume_ms": (resume_ns - cmd_ns) / 1e6,
                            "first_instr_ms": ((int(stats["first-instruction-ns"]) - cmd_ns) / 1e6
                                               if stats.get("first-instruction-ns") else float("nan")),

@@ -71,6 +71,8 @@ def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
         # the first instruction after RESUME was stamped, and it precedes the first progress
         assert r["resume_ms"] <= r["first_instr_ms"] <= r["first_progress_ms"]
         assert r["stopped_ms"] <= r["resume_ms"]
+        # the guest ran to the end of the watch: its rate there is a rate, not a gap
+        assert r["rate_after"] > 0 and r["rate_before"] > 0
         if not resumes_early(r["policy"]):
             assert r["faults"] == 0 and r["resident_s"] == 0.0
         else:

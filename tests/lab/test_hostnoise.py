@@ -1,0 +1,43 @@
+"""lab/hostnoise.py: the spread of a rate series, and the probes' shape."""
+
+import pytest
+
+from lab.hostnoise import WINDOW_S, describe, host_noise, probe, spread
+
+
+def test_spread_by_hand() -> None:
+    s = spread([1.0, 2.0, 3.0, 4.0])
+    assert s["median"] == 2.5  # the midpoint for an even count
+    assert s["min"] == 1.0 and s["max"] == 4.0 and s["windows"] == 4
+    assert s["below90"] == 0.5  # 1 and 2 are under 2.25
+    assert s["p10"] == pytest.approx(1.3) and s["p90"] == pytest.approx(3.7)
+
+
+def test_a_steady_series_has_no_window_below_90_percent() -> None:
+    assert spread([10.0, 9.5, 10.5, 9.1])["below90"] == 0.0
+
+
+def test_spread_refuses_an_empty_series() -> None:
+    with pytest.raises(ValueError, match="no windows"):
+        spread([])
+
+
+def test_probe_reports_windows_and_their_spread() -> None:
+    p = probe(0.2, 0.25)
+    assert p["window_s"] == WINDOW_S and p["buf_mib"] == 0.25
+    assert p["windows"] == len(p["rates_mups"]) >= 5  # 0.2 s of 20 ms windows, the last one past the end
+    assert p["min"] <= p["median"] <= p["max"] and p["min"] > 0
+    assert p["median"] == pytest.approx(spread(p["rates_mups"])["median"], rel=1e-3)
+
+
+@pytest.mark.parametrize("seconds,mib", [(0, 1), (1, 0), (-1, 1)])
+def test_probe_refuses_a_non_positive_size_or_time(seconds: float, mib: float) -> None:
+    with pytest.raises(ValueError, match="must be positive"):
+        probe(seconds, mib)
+
+
+def test_host_noise_names_both_probes_in_its_line() -> None:
+    n = host_noise(0.2, 1)
+    assert set(n) == {"core", "cache"} and n["cache"]["buf_mib"] == 1
+    line = describe(n)
+    assert "core (0.25 MiB)" in line and "cache (1 MiB)" in line
