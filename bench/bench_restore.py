@@ -12,12 +12,13 @@ on-demand or prefetch load records the snapshot's loading set) and ``--runs`` ti
 its steady rate before the command (median of 20 ms windows over the 2 s settle), within the
 horizon (``--horizon-s``; by default 5 s, plus 0.5 s per GiB above 4 GiB, so that a blocking
 load of 16 GiB, 5-6 s here, is watched back to speed); ``resident_s`` RESUME -> all of RAM in place.
-Medians; the VM state is read through the page cache, warm (it was just written).  When
+Medians (a load not back to 50%/90% within the horizon counts as later than all the others,
+never dropped: ``late`` column); the VM state is read through the page cache, warm (it was just written).  When
 QEMU 7.2 is installed, its blocking load of a guest of the same size is measured in the same
 run (its RAM filled with -device loader files, which its reset copies again: an upper bound,
-see data/results/reproduction/README.md).  Before the guest starts, the host's own speed is
-probed for 4 s (lab/hostnoise.py: a core-bound and a cache-bound loop, the second over a buffer
-the working set's size); each load's row has the guest's rate before and over its last second
+see data/results/reproduction/README.md).  Before the guest starts, the host's and Unicorn's own
+speed is probed for 6 s (lab/hostnoise.py: a core-bound and a cache-bound numpy loop, the second
+over a buffer the working set's size, and a bare Unicorn loop writing at random pages); each load's row has the guest's rate before and over its last second
 watched (``rate_after``), to tell a host that slowed from a slow recovery.  Raw rows go to --out (JSON).  The last line
 printed is one JSON object:
 {"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
@@ -76,15 +77,15 @@ def main() -> None:
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy, "
           f"each watched {spec.horizon_s:g} s; "
           f"VM state read around the page cache (O_DIRECT, docs/deviations.md 57)", flush=True)
-    noise = host_noise(4.0, spec.ws_mib)  # alone, before the guest starts
-    print(f"host's own speed (lab/hostnoise.py, 2 s each): {describe(noise)}", flush=True)
+    noise = host_noise(6.0, spec.ws_mib)  # alone, before the guest starts
+    print(f"the host's and Unicorn's own speed (lab/hostnoise.py, 2 s each): {describe(noise)}", flush=True)
     res = restore_experiment(spec, progress=_print_row) | {"host_noise": noise}
     summary = summarize(res["rows"])
-    print(f"{'policy':>10} {'resume':>9} {'1st insn':>9} {'progress':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'faults':>7} "
+    print(f"{'policy':>10} {'resume':>9} {'1st insn':>9} {'progress':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'late':>5} {'faults':>7} "
           f"{'stall p99':>9} {'resident':>9} {'read':>9}")
     for p, s in summary.items():
         print(f"{p:>10} {s['resume_ms']:7.2f}ms {s['first_instr_ms']:7.2f}ms {s['first_progress_ms']:7.1f}ms {s['to50_ms']:7.1f}ms "
-              f"{s['to90_ms']:7.1f}ms {s['to90_iqr_ms']:7.1f}ms {s['faults']:7.0f} {s['stall_p99_ms']:7.2f}ms "
+              f"{s['to90_ms']:7.1f}ms {s['to90_iqr_ms']:7.1f}ms {s['to90_late']:3.0f}/{s['loads']:<1.0f} {s['faults']:7.0f} {s['stall_p99_ms']:7.2f}ms "
               f"{s['resident_s']:8.3f}s {s['bytes_read'] / 2**20:6.0f}MiB")
     rb = np.array([r["rate_before"] for r in res["rows"]]) / 1e6
     ra = np.array([r["rate_after"] for r in res["rows"]]) / 1e6

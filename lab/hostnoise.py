@@ -1,20 +1,26 @@
-"""The host's own speed over a few seconds, measured without snaplab: a control for every
+"""The host's and the emulator's own speed over a few seconds, without snaplab: a control for every
 figure that compares a guest's progress rate before and after an operation.
 
-A guest of the lab's workloads writes pages at random over its working set, so its rate is
-bound by the host's memory and shared cache, not by its core.  On a cloud host those are
-shared with other tenants: on the Intel Xeon KVM guest this project measures on (300 MiB of
-L3 shared with the rest of the machine), a 60-line C loop writing at random into 64 MiB
-changed speed by up to 2.5x within seconds, while the same loop over a buffer that fits its
-core's L2 stayed within 3%.  Nothing snaplab does can cause that; a time-to-90%-of-speed
-measured on such a host can be late because the host slowed.  :func:`host_noise` measures
-the spread before an experiment so the reader can see it beside the results.
+A time-to-90%-of-speed is late if the guest's speed dropped for a reason other than the
+operation measured.  :func:`host_noise` measures, before an experiment, how steady the host
+and the emulator are on their own, so a reader can see that spread beside the results.
 
-Two probes, each run alone on the calling thread: ``core`` (a buffer that fits a core's L2:
-its spread is the CPU's) and ``cache`` (a buffer the size of the guest's working set: its
-spread is the shared cache's and memory's).  Each times batches of random read-modify-writes
-(numpy gathers and scatters, one bulk operation per batch) and reports the rate in 20 ms
-windows, as lab/restore.py windows the guest's progress.
+Three probes, run one after the other: ``core`` (a buffer that fits a core's L2: its spread
+is the CPU's) and ``cache`` (a buffer the size of the guest's working set: its spread is the
+shared cache's and memory's) time batches of random read-modify-writes (numpy gathers and
+scatters, one bulk operation per batch); ``unicorn`` runs a bare Unicorn x86-64 loop, 45
+bytes with nothing of snaplab around them, that writes at random pages of a buffer.  Each
+reports its rate in 20 ms windows, as lab/restore.py windows the guest's progress.
+
+What the probes found on the Xeon host (2026-12-05): the restore bench's guest switched
+between about 4 and 7-8 M pages/s for seconds at a time with no snapshot and no command, and
+with a working set as small as 4 MiB; a TLB flush forced every 0.7 s did not switch it.  The
+bare Unicorn loop switched the same way, between about 5 and 10 M writes/s over 64 MiB and
+between 12 and 20 M over 1 MiB, while the numpy probes of the same sizes, run in the same
+minute, stayed within a few percent.  So the two speeds belong to Unicorn on this host, not to
+snaplab's code; what inside Unicorn switches (its softmmu TLB-miss path took most of the
+guest's samples in the slow state) was not found.  Earlier, a C loop writing at random into
+64 MiB had also changed speed by up to 2.5x within seconds: the host varies too, at times.
 """
 
 from __future__ import annotations
@@ -69,9 +75,83 @@ def probe(seconds: float, buf_mib: float, seed: int = 0) -> dict[str, Any]:
             "rates_mups": [round(x, 2) for x in rates]} | spread(rates)
 
 
-def host_noise(seconds: float = 4.0, cache_mib: float = 64.0) -> dict[str, dict[str, Any]]:
-    """Both probes, one after the other (``core``: 256 KiB; ``cache``: ``cache_mib``)."""
-    return {"core": probe(seconds / 2, 0.25), "cache": probe(seconds / 2, cache_mib, seed=1)}
+# The bare loop: rax a xorshift64 state, r8 a page mask, r9 the buffer, rcx the count:
+#   loop: rdx = rax << 13; rax ^= rdx; rdx = rax >> 7; rax ^= rdx; rdx = rax << 17;
+#         rax ^= rdx; rdx = rax & r8; [rdx + r9] = rcx; rcx += 1; jmp loop
+BARE_LOOP_ASM = """
+loop:
+  mov rdx, rax
+  shl rdx, 13
+  xor rax, rdx
+  mov rdx, rax
+  shr rdx, 7
+  xor rax, rdx
+  mov rdx, rax
+  shl rdx, 17
+  xor rax, rdx
+  mov rdx, rax
+  and rdx, r8
+  mov [rdx + r9], rcx
+  inc rcx
+  jmp loop
+"""
+BARE_LOOP_CODE = bytes.fromhex("4889c248c1e20d4831d04889c248c1ea074831d04889c248c1e2114831d04889c24c21c24a890c0a48ffc1ebd3")
+BARE_LOOP_BASE = 0x1000
+BARE_BUF_BASE = 0x1000000
+
+
+def unicorn_probe(seconds: float, buf_mib: int, seed: int = 0) -> dict[str, Any]:
+    """The bare loop in a fresh Unicorn engine over ``buf_mib`` MiB (a power of two), stopped by
+    a timer thread every WINDOW_S: its rate in million writes per second, per window."""
+    import threading
+
+    from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
+    from unicorn import x86_const as x86
+
+    if seconds <= 0 or buf_mib <= 0 or buf_mib & (buf_mib - 1):
+        raise ValueError(f"unicorn_probe: seconds ({seconds}) must be positive, buf_mib ({buf_mib}) a power of two")
+    uc = Uc(UC_ARCH_X86, UC_MODE_64)
+    uc.mem_map(BARE_LOOP_BASE, 0x1000)
+    uc.mem_write(BARE_LOOP_BASE, BARE_LOOP_CODE)
+    uc.mem_map(BARE_BUF_BASE, buf_mib << 20)
+    for reg, val in ((x86.UC_X86_REG_RAX, 0x9E3779B97F4A7C15 ^ seed or 1), (x86.UC_X86_REG_RCX, 0),
+                     (x86.UC_X86_REG_R8, ((buf_mib << 20) - 1) & ~0xFFF), (x86.UC_X86_REG_R9, BARE_BUF_BASE)):
+        uc.reg_write(reg, val)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(WINDOW_S):
+            uc.emu_stop()
+
+    rates: list[float] = []
+    ticker = threading.Thread(target=tick, name="unicorn-probe-tick", daemon=True)
+    pc, end = BARE_LOOP_BASE, time.perf_counter() + seconds
+    t0, c0 = time.perf_counter(), 0
+    ticker.start()
+    try:
+        while True:
+            uc.emu_start(pc, 0xFFFFFFFF)  # never reached: returns when the ticker stops it
+            pc = uc.reg_read(x86.UC_X86_REG_RIP)
+            t, c = time.perf_counter(), uc.reg_read(x86.UC_X86_REG_RCX)
+            if c > c0 and t > t0:
+                rates.append((c - c0) / (t - t0) / 1e6)
+            t0, c0 = t, c
+            if t >= end:
+                break
+    finally:
+        done.set()
+        ticker.join()
+    rates = rates[1:] or rates  # the first window translates the loop
+    return {"buf_mib": buf_mib, "seconds": seconds, "window_s": WINDOW_S,
+            "rates_mups": [round(x, 2) for x in rates]} | spread(rates)
+
+
+def host_noise(seconds: float = 6.0, cache_mib: float = 64.0) -> dict[str, dict[str, Any]]:
+    """The three probes, a third of ``seconds`` each (``core``: 256 KiB; ``cache``:
+    ``cache_mib``; ``unicorn``: ``cache_mib`` rounded down to a power of two)."""
+    pow2 = 1 << max(int(cache_mib).bit_length() - 1, 0)
+    return {"core": probe(seconds / 3, 0.25), "cache": probe(seconds / 3, cache_mib, seed=1),
+            "unicorn": unicorn_probe(seconds / 3, pow2)}
 
 
 def describe(noise: dict[str, dict[str, Any]]) -> str:

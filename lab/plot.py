@@ -5,7 +5,6 @@ No backend is forced: a notebook shows the figures inline, the CLI (lab/cli.py) 
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import matplotlib.ticker
 from matplotlib.patches import Patch
 
 from lab.spec import load_engines, save_engines, write_protects
-from lab.stats import median
+from lab.stats import late_quantiles, median
 
 MARKERS = ("o", "s", "^", "v", "D", "P")
 LINES = ("-", "--", ":", "-.")
@@ -309,15 +308,19 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
     ax.set_title("progress after the command (median, IQR band)", fontsize=10)
     x = np.arange(len(policies))
     for k, (key, h) in enumerate((("to50_ms", "//"), ("to90_ms", ""))):
-        vals = [np.array([r[key] for r in rows if r["policy"] == p], dtype=float) for p in policies]
-        vals = [v if np.isfinite(v).any() else np.array([np.nan, np.nan]) for v in vals]
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # a policy never back to speed: NaN, no bar
-            med = [float(np.nanmedian(v)) for v in vals]
-            err = np.array([[m - np.nanpercentile(v, 25), np.nanpercentile(v, 75) - m]
-                            for m, v in zip(med, vals, strict=True)]).T
-        bx.bar(x + (k - 0.5) * 0.38, med, 0.38, yerr=err, capsize=3, hatch=h, fill=bool(k), color="0.55",
+        vals = [[float(r[key]) for r in rows if r["policy"] == p] for p in policies]
+        # a load not back within its watch counts as later than the others (lab/restore.py):
+        # a median that is late has no bar, a late third quartile no upper whisker
+        q1, med, q3 = np.array([late_quantiles(v, [25, 50, 75]) for v in vals]).T
+        err = np.array([np.nan_to_num(med - q1), np.nan_to_num(q3 - med)])
+        xs = x + (k - 0.5) * 0.38
+        bx.bar(xs, med, 0.38, yerr=err, capsize=3, hatch=h, fill=bool(k), color="0.55",
                edgecolor="black", label=f"to {key[2:4]}% of the rate before")
+        for xi, v, m, up in zip(xs, vals, med, err[1], strict=True):
+            late = int(np.isnan(v).sum())
+            if late:
+                bx.annotate(f"{late}/{len(v)}\nlate", (xi, 0 if np.isnan(m) else m + up), ha="center", va="bottom",
+                            fontsize=6, xytext=(0, 2), textcoords="offset points")
     bx.set_xticks(x, policies, fontsize=8)
     bx.set_ylabel("ms after the command (median, IQR)")
     bx.legend(fontsize=8)

@@ -20,6 +20,8 @@ Definitions (the same for every policy):
   earliest): beside ``rate_before`` it shows whether the host changed speed during the load;
 - ``toX_ms``: command -> the first instant ``t`` at which the iterations over [t, t + window]
   reach X of ``rate_before`` (window 20 ms), found on a 1 ms grid of the interpolated samples;
+  NaN if not within the watch (``horizon_s``), and then counted as later than every other load
+  in medians and quartiles (:func:`late_quantiles`), never dropped;
 - ``resume_ms``: command -> RESUME (the events' timestamps);
 - ``first_instr_ms``: command -> the vCPU's first entry into the guest after RESUME (stamped
   on the vCPU thread just before its ``emu_start``: the first guest instruction; a lazy load's
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +47,7 @@ from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import DATA_BASE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab.spec import load_engines, waits_for_complete
+from lab.stats import late_median, late_quantiles
 
 ENGINE_ARG = "__org.snaplab_engine"
 WINDOW_NS = 20_000_000
@@ -277,22 +281,33 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
     return {"spec": asdict(spec) | {"ws_offset": spec.workload().ws_offset}, "rows": rows, "warm": warm}
 
 
+LATE_KEYS = ("first_progress_ms", "to50_ms", "to90_ms")  # times to an event NaN when it came after the watch
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per policy: medians of the figures the bench prints."""
+    """Per policy: medians of the figures the bench prints.  Times to progress and to 50%/90% of
+    the guest's speed count a load that did not get there within its watch as later than all the
+    others (:func:`late_quantiles`), and ``to90_late`` says how many did not; the other figures
+    are medians of the loads that have them."""
     out: dict[str, dict[str, float]] = {}
     for p in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == p]
-        med = {k: float(np.nanmedian([r[k] for r in rs])) for k in
-               ("resume_ms", "first_instr_ms", "first_progress_ms", "to50_ms", "to90_ms", "faults", "resident_s",
-                "bytes_read", "stall_p99_ms")}
-        med["to90_iqr_ms"] = float(np.subtract(*np.nanpercentile([r["to90_ms"] for r in rs], [75, 25])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a figure no load has: NaN
+            med = {k: (late_median([r[k] for r in rs]) if k in LATE_KEYS else float(np.nanmedian([r[k] for r in rs])))
+                   for k in ("resume_ms", "first_instr_ms", "first_progress_ms", "to50_ms", "to90_ms", "faults",
+                             "resident_s", "bytes_read", "stall_p99_ms")}
+        q1, q3 = late_quantiles([r["to90_ms"] for r in rs], [25, 75])
+        med["to90_iqr_ms"] = q3 - q1
+        med["to90_late"] = float(sum(1 for r in rs if np.isnan(r["to90_ms"])))
+        med["loads"] = float(len(rs))
         out[p] = med
     return out
 
 
 def table(summary: dict[str, dict[str, float]], cols: tuple[str, ...] = (
-        "resume_ms", "first_progress_ms", "to50_ms", "to90_ms", "to90_iqr_ms", "faults", "stall_p99_ms",
-        "resident_s"), digits: int = 1) -> str:
+        "resume_ms", "first_progress_ms", "to50_ms", "to90_ms", "to90_iqr_ms", "to90_late", "faults",
+        "stall_p99_ms", "resident_s"), digits: int = 1) -> str:
     """:func:`summarize`'s medians as a fixed-width text table, one policy per row."""
     head = f"{'policy':>10} " + " ".join(f"{c:>17}" for c in cols)
     lines = [head] + [f"{p:>10} " + " ".join(f"{v[c]:>17.{digits}f}" for c in cols) for p, v in summary.items()]

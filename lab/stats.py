@@ -36,6 +36,31 @@ def quartiles(values: Sequence[float]) -> tuple[float, float]:
     return float(q1), float(q3)
 
 
+def late_quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
+    """Quantiles (0-100, linear, so the median of an even count is the midpoint) of times to an
+    event where NaN means "not within the watch": counted as later than every measured one
+    (+inf), not dropped, since dropping a late load would make a policy look faster.  A
+    quantile that falls on or between late loads is itself late: NaN."""
+    v = np.asarray(values, dtype=np.float64)
+    if not len(v):
+        return [float("nan")] * len(qs)
+    v = np.sort(np.where(np.isnan(v), np.inf, v))
+    out = []
+    for q in qs:
+        pos = (len(v) - 1) * q / 100.0
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        if not (np.isfinite(v[lo]) and np.isfinite(v[hi])):
+            out.append(float("nan"))
+        else:
+            out.append(float(v[lo] + (v[hi] - v[lo]) * (pos - lo)))
+    return out
+
+
+def late_median(values: Sequence[float]) -> float:
+    """:func:`late_quantiles`' median: NaN when half the loads or more were late."""
+    return late_quantiles(values, [50])[0]
+
+
 def bootstrap_ci(values: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
                  seed: int = 0) -> tuple[float, float]:
     """A percentile bootstrap confidence interval of the median (nan for fewer than 2 values)."""

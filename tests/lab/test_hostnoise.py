@@ -37,7 +37,32 @@ def test_probe_refuses_a_non_positive_size_or_time(seconds: float, mib: float) -
 
 
 def test_host_noise_names_both_probes_in_its_line() -> None:
-    n = host_noise(0.2, 1)
-    assert set(n) == {"core", "cache"} and n["cache"]["buf_mib"] == 1
+    n = host_noise(0.3, 3)
+    assert set(n) == {"core", "cache", "unicorn"} and n["cache"]["buf_mib"] == 3
+    assert n["unicorn"]["buf_mib"] == 2  # rounded down to a power of two
     line = describe(n)
-    assert "core (0.25 MiB)" in line and "cache (1 MiB)" in line
+    assert "core (0.25 MiB)" in line and "cache (3 MiB)" in line and "unicorn (2 MiB)" in line
+
+
+def test_the_bare_loop_bytes_match_their_assembly() -> None:
+    pytest.importorskip("keystone")
+    from emulator.guest import assemble
+    from lab.hostnoise import BARE_LOOP_ASM, BARE_LOOP_BASE, BARE_LOOP_CODE
+
+    assert assemble(BARE_LOOP_ASM, BARE_LOOP_BASE) == BARE_LOOP_CODE
+
+
+def test_the_unicorn_probe_counts_the_loops_writes() -> None:
+    from lab.hostnoise import unicorn_probe
+
+    p = unicorn_probe(0.2, 1)
+    assert p["buf_mib"] == 1 and p["windows"] == len(p["rates_mups"]) >= 3
+    assert p["min"] > 0  # the loop ran in every window: the ticker stopped it, it counted
+
+
+@pytest.mark.parametrize("seconds,mib", [(0, 1), (1, 3), (1, 0)])
+def test_the_unicorn_probe_wants_positive_time_and_a_power_of_two(seconds: float, mib: int) -> None:
+    from lab.hostnoise import unicorn_probe
+
+    with pytest.raises(ValueError, match="power of two"):
+        unicorn_probe(seconds, mib)

@@ -13,6 +13,7 @@ from lab.restore import (
     restore_experiment,
     steady_rate,
     summarize,
+    table,
     timeline,
 )
 from lab.spec import load_engines, resumes_early, waits_for_complete
@@ -149,3 +150,47 @@ def test_the_samples_before_a_command_reach_back_over_the_settle_span() -> None:
     assert int(got[0, 1]) <= int(ts[-1]) - 2_500_000_000 and len(got) < len(ts)
     few = ts[-1000:]
     assert len(_samples_since(M(Lab(few)), 0)) == 1000  # type: ignore[arg-type]
+
+
+def test_a_late_load_counts_as_later_than_the_others_not_dropped() -> None:
+    from lab.stats import late_median, late_quantiles
+
+    nan = float("nan")
+    # by hand: sorted 10, 20, 30, late -> median the midpoint of 20 and 30
+    assert late_median([30.0, nan, 10.0, 20.0]) == 25.0
+    assert late_median([30.0, 10.0, 20.0]) == 20.0  # what dropping the late load would give: 20, not 25
+    # 10, 20, late, late: the median falls between 20 and a late load: it is late
+    assert np.isnan(late_median([nan, 10.0, nan, 20.0]))
+    q1, q3 = late_quantiles([10.0, 20.0, 30.0, 40.0, nan], [25, 75])
+    assert q1 == 20.0 and q3 == 40.0  # positions 1 and 3 of 10, 20, 30, 40, late
+    assert np.isnan(late_quantiles([10.0, 20.0, nan, nan, nan], [75])[0])
+    assert np.isnan(late_median([]))
+
+
+def test_summarize_counts_late_loads_and_keeps_them_in_the_median() -> None:
+    def row(p: str, to90: float) -> dict[str, float | str]:
+        return {"policy": p, "resume_ms": 1.0, "first_instr_ms": 1.0, "first_progress_ms": 5.0, "to50_ms": 8.0,
+                "to90_ms": to90, "faults": 3, "resident_s": 1.0, "bytes_read": 10, "stall_p99_ms": 1.0}
+
+    s = summarize([row("background", v) for v in (100.0, 90.0, float("nan"), float("nan"), 95.0)]
+                  + [row("prefetch", v) for v in (40.0, 50.0, 45.0)])
+    assert s["background"]["to90_ms"] == 100.0  # 90, 95, 100, late, late
+    assert s["background"]["to90_late"] == 2 and s["background"]["loads"] == 5
+    assert np.isnan(s["background"]["to90_iqr_ms"])  # the third quartile is a late load
+    assert s["prefetch"]["to90_ms"] == 45.0 and s["prefetch"]["to90_late"] == 0
+    assert s["prefetch"]["to90_iqr_ms"] == 5.0  # 42.5 .. 47.5
+    assert "to90_late" in table(s).splitlines()[0]
+
+
+def test_the_restore_figure_marks_late_loads() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lab.plot import restore_figure
+
+    t = {"t_ms": [0.0, 5.0, 10.0], "rate_frac": [0.5, 1.0, 1.0]}
+    rows = [{"policy": "background", "timeline": t, "to50_ms": 3.0, "to90_ms": v} for v in (6.0, float("nan"), 7.0)]
+    rows += [{"policy": "prefetch", "timeline": t, "to50_ms": 1.0, "to90_ms": 6.0}]
+    fig = restore_figure(rows)
+    notes = [a.get_text() for a in fig.axes[1].texts]
+    assert notes == ["1/3\nlate"]
