@@ -12,15 +12,16 @@ scatters, one bulk operation per batch); ``unicorn`` runs a bare Unicorn x86-64 
 bytes with nothing of snaplab around them, that writes at random pages of a buffer.  Each
 reports its rate in 20 ms windows, as lab/restore.py windows the guest's progress.
 
-What the probes found on the Xeon host (2026-12-05): the restore bench's guest switched
-between about 4 and 7-8 M pages/s for seconds at a time with no snapshot and no command, and
-with a working set as small as 4 MiB; a TLB flush forced every 0.7 s did not switch it.  The
-bare Unicorn loop switched the same way, between about 5 and 10 M writes/s over 64 MiB and
-between 12 and 20 M over 1 MiB, while the numpy probes of the same sizes, run in the same
-minute, stayed within a few percent.  So the two speeds belong to Unicorn on this host, not to
-snaplab's code; what inside Unicorn switches (its softmmu TLB-miss path took most of the
-guest's samples in the slow state) was not found.  Earlier, a C loop writing at random into
-64 MiB had also changed speed by up to 2.5x within seconds: the host varies too, at times.
+What was found on the Xeon host (2026-12-05): the restore bench's guest switched between about
+4 and 7-8 M pages/s for seconds at a time with no snapshot and no command, and with a working
+set as small as 4 MiB; a TLB flush forced every 0.7 s did not switch it.  The bare Unicorn
+loop switched the same way, between about 5 and 10 M writes/s over 64 MiB and between 12 and
+20 M over 1 MiB, while the numpy probes of the same sizes, run in the same minute, stayed
+within a few percent.  So the switching is not in snaplab's code.  bench/host_latency.py
+alternates the bare loop with a pointer chase on one CPU: in one run of 30 rounds the slow
+rounds came with 225-250 ns per load and the fast ones with 140-165 ns; in a run of 40 rounds
+the two overlapped (rank correlation -0.36).  The host's memory latency explains part of it,
+not all; the cause was not found.
 """
 
 from __future__ import annotations
