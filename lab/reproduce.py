@@ -54,6 +54,7 @@ from emulator.errors import SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab import qemu as qemu_lab
+from lab.hostnoise import describe, host_noise
 from lab.spec import (
     engine_title,
     guest_runs,
@@ -66,6 +67,8 @@ from lab.spec import (
 CONDITIONS = ("idle-random", "dirty")
 SYSTEMS = ("snaplab", "qemu")
 MIGRATE_BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems (not an engine)
+HOST_NOISE_S = 3.0  # lab/hostnoise.py's three probes, a second each, before the first block
+
 COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mibs", "working_set_mib", "rep",
            "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at",
            "guest_iterations", "host", "rate_before", "rate_during")
@@ -448,6 +451,11 @@ def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print, cl
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "runs.csv"
     meta = metadata(spec, out)
+    # the host's and Unicorn's own speed on the coordinating host, before any block (on a Dask
+    # cluster the blocks run elsewhere: their hosts are in the rows)
+    meta["host_noise"] = {"host": socket.gethostname(), **host_noise(HOST_NOISE_S, spec.working_set_mib)}
+    probes = {k: v for k, v in meta["host_noise"].items() if k != "host"}
+    log(f"the host's and Unicorn's own speed (lab/hostnoise.py): {describe(probes)}")
     systems = SYSTEMS if spec.with_qemu else SYSTEMS[:1]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

@@ -157,6 +157,10 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
     for key in ("host", "kernel", "cpu", "memory", "storage", "page_cache", "versions", "definitions"):
         assert meta[key], key
     assert meta["versions"]["qemu"].startswith("QEMU emulator version")
+    # the host's and Unicorn's own speed, probed before the first block, raw windows kept
+    assert set(meta["host_noise"]) == {"host", "core", "cache", "unicorn"}
+    assert all(len(meta["host_noise"][k]["rates_mups"]) == meta["host_noise"][k]["windows"] > 0
+               for k in ("core", "cache", "unicorn"))
     assert len(meta["blocks"]) == 4 and any("qemu-system-x86_64" in b["command"] for b in meta["blocks"])
     for r in paced:  # the guest time lost, derived from the recorded ratio and total
         assert r["guest_lost_ms"] == pytest.approx((1 - r["progress_ratio"]) * r["total_s"] * 1e3), r
