@@ -17,7 +17,9 @@ What was found on the Xeon host (2026-12-05): the restore bench's guest switched
 set as small as 4 MiB; a TLB flush forced every 0.7 s did not switch it.  The bare Unicorn
 loop switched the same way, between about 5 and 10 M writes/s over 64 MiB and between 12 and
 20 M over 1 MiB, while the numpy probes of the same sizes, run in the same minute, stayed
-within a few percent.  So the switching is not in snaplab's code.  bench/host_latency.py
+within a few percent (at other times the host's own speed varied too: the ``core`` probe had
+22-44% of its windows under 90% of its median before two of the bench runs).  So the
+switching is not in snaplab's code.  bench/host_latency.py
 alternates the bare loop with a pointer chase on one CPU: in one run of 30 rounds the slow
 rounds came with 225-250 ns per load and the fast ones with 140-165 ns; in a run of 40 rounds
 the two overlapped (rank correlation -0.36).  The host's memory latency explains part of it,
