@@ -287,19 +287,24 @@ LATE_KEYS = ("first_progress_ms", "to50_ms", "to90_ms")  # times to an event NaN
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per policy: medians of the figures the bench prints.  Times to progress and to 50%/90% of
     the guest's speed count a load that did not get there within its watch as later than all the
-    others (:func:`late_quantiles`), and ``to90_late`` says how many did not; the other figures
-    are medians of the loads that have them."""
+    others (:func:`late_quantiles`), and ``to90_late`` says how many did not; a load with no
+    reference rate (``rate_before`` NaN) is left out of those, as unknown rather than late.  The
+    other figures are medians of the loads that have them."""
     out: dict[str, dict[str, float]] = {}
     for p in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == p]
+        # a load without a reference rate has no toX at all: unknown, not late
+        ref = [r for r in rs if not np.isnan(r.get("rate_before", 1.0))]
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a figure no load has: NaN
-            med = {k: (late_median([r[k] for r in rs]) if k in LATE_KEYS else float(np.nanmedian([r[k] for r in rs])))
+            med = {k: (late_median([r[k] for r in (rs if k == "first_progress_ms" else ref)]) if k in LATE_KEYS
+                       else float(np.nanmedian([r[k] for r in rs])))
                    for k in ("resume_ms", "first_instr_ms", "first_progress_ms", "to50_ms", "to90_ms", "faults",
                              "resident_s", "bytes_read", "stall_p99_ms")}
-        q1, q3 = late_quantiles([r["to90_ms"] for r in rs], [25, 75])
+        q1, q3 = late_quantiles([r["to90_ms"] for r in ref], [25, 75])
         med["to90_iqr_ms"] = q3 - q1
-        med["to90_late"] = float(sum(1 for r in rs if np.isnan(r["to90_ms"])))
+        med["to90_late"] = float(sum(1 for r in ref if np.isnan(r["to90_ms"])))
         med["loads"] = float(len(rs))
         out[p] = med
     return out

@@ -180,6 +180,10 @@ def test_summarize_counts_late_loads_and_keeps_them_in_the_median() -> None:
     assert s["prefetch"]["to90_ms"] == 45.0 and s["prefetch"]["to90_late"] == 0
     assert s["prefetch"]["to90_iqr_ms"] == 5.0  # 42.5 .. 47.5
     assert "to90_late" in table(s).splitlines()[0]
+    # a load without a reference rate is unknown, not late: left out of the times to speed
+    unknown = row("prefetch", float("nan")) | {"rate_before": float("nan")}
+    s2 = summarize([row("prefetch", v) for v in (40.0, 50.0, 45.0)] + [unknown])
+    assert s2["prefetch"]["to90_ms"] == 45.0 and s2["prefetch"]["to90_late"] == 0
 
 
 def test_the_restore_figure_marks_late_loads() -> None:
