@@ -308,7 +308,8 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
     ax.set_title("progress after the command (median, IQR band)", fontsize=10)
     x = np.arange(len(policies))
     for k, (key, h) in enumerate((("to50_ms", "//"), ("to90_ms", ""))):
-        vals = [[float(r[key]) for r in rows if r["policy"] == p] for p in policies]
+        vals = [[float(r[key]) for r in rows if r["policy"] == p and not np.isnan(r.get("rate_before", 1.0))]
+                for p in policies]  # a load with no reference rate: unknown, not late (lab/restore.py)
         # a load not back within its watch counts as later than the others (lab/restore.py):
         # a median that is late has no bar, a late third quartile no upper whisker
         q1, med, q3 = np.array([late_quantiles(v, [25, 50, 75]) for v in vals]).T
