@@ -13,7 +13,8 @@ its steady rate before the command (median of 20 ms windows over the 2 s settle)
 horizon (``--horizon-s``; by default 5 s, plus 0.5 s per GiB above 4 GiB, so that a blocking
 load of 16 GiB, 5-6 s here, is watched back to speed); ``resident_s`` RESUME -> all of RAM in place.
 Medians (a load not back to 50%/90% within the horizon counts as later than all the others,
-never dropped: ``late`` column); the VM state is read through the page cache, warm (it was just written).  When
+never dropped: ``late`` column); the VM state is read around the page cache (O_DIRECT,
+docs/deviations.md 57).  When
 QEMU 7.2 is installed, its blocking load of a guest of the same size is measured in the same
 run (its RAM filled with -device loader files, which its reset copies again: an upper bound,
 see data/results/reproduction/README.md).  Before the guest starts, the host's and Unicorn's own
@@ -52,6 +53,12 @@ def qemu_load_ms(mib: int, runs: int) -> float:
         return float(np.median([c2r for c2r, _ in qemu_lab.snapshot_loads(q, runs)])) * 1e3
 
 
+def _num(x: float, digits: int) -> float | None:
+    """A figure for the JSON line: rounded, or null where it is NaN (a median that was late:
+    half the loads or more never got back within the watch)."""
+    return round(x, digits) if np.isfinite(x) else None
+
+
 def _print_row(r: dict[str, Any]) -> None:
     print(f"  run {r['run']} {r['policy']:>10}: resume {r['resume_ms']:7.2f} ms  to50 {r['to50_ms']:8.1f} ms  "
           f"to90 {r['to90_ms']:8.1f} ms  faults {r['faults']:5d}  resident {r['resident_s']:6.3f} s", flush=True)
@@ -81,17 +88,21 @@ def main() -> None:
     print(f"the host's and Unicorn's own speed (lab/hostnoise.py, 2 s each): {describe(noise)}", flush=True)
     res = restore_experiment(spec, progress=_print_row) | {"host_noise": noise}
     summary = summarize(res["rows"])
-    print(f"{'policy':>10} {'resume':>9} {'1st insn':>9} {'progress':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'late':>5} {'faults':>7} "
+    print(f"{'policy':>10} {'resume':>9} {'1st insn':>9} {'progress':>9} {'to50':>9} {'to90':>9} {'to90 IQR':>9} {'late':>6} {'faults':>7} "
           f"{'stall p99':>9} {'resident':>9} {'read':>9}")
     for p, s in summary.items():
+        late = f"{s['to90_late']:.0f}/{s['loads']:.0f}"
         print(f"{p:>10} {s['resume_ms']:7.2f}ms {s['first_instr_ms']:7.2f}ms {s['first_progress_ms']:7.1f}ms {s['to50_ms']:7.1f}ms "
-              f"{s['to90_ms']:7.1f}ms {s['to90_iqr_ms']:7.1f}ms {s['to90_late']:3.0f}/{s['loads']:<1.0f} {s['faults']:7.0f} {s['stall_p99_ms']:7.2f}ms "
+              f"{s['to90_ms']:7.1f}ms {s['to90_iqr_ms']:7.1f}ms {late:>6} {s['faults']:7.0f} {s['stall_p99_ms']:7.2f}ms "
               f"{s['resident_s']:8.3f}s {s['bytes_read'] / 2**20:6.0f}MiB")
     rb = np.array([r["rate_before"] for r in res["rows"]]) / 1e6
     ra = np.array([r["rate_after"] for r in res["rows"]]) / 1e6
+    slow_end = {p: sum(1 for r in res["rows"] if r["policy"] == p and r["rate_after"] < 0.9 * r["rate_before"])
+                for p in summary}
     print(f"guest rate before each load: median {np.nanmedian(rb):.2f} M/s, {np.nanmin(rb):.2f}-{np.nanmax(rb):.2f}; "
-          f"over each load's last second watched: {np.nanmedian(ra):.2f}, {np.nanmin(ra):.2f}-{np.nanmax(ra):.2f} "
-          f"(loads ending under 90% of their rate before: {int(np.sum(ra < 0.9 * rb))} of {len(rb)})")
+          f"over each load's last second watched: {np.nanmedian(ra):.2f}, {np.nanmin(ra):.2f}-{np.nanmax(ra):.2f}; "
+          "loads ending under 90% of their rate before (the guest's speed switched, or the load's filler still ran): "
+          + ", ".join(f"{p} {n}/{summary[p]['loads'] + summary[p]['unknown']:.0f}" for p, n in slow_end.items()))
     blocking, *lazy = load_engines()
     pf, bg = "prefetch", "background"  # the issue's goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],
@@ -101,8 +112,8 @@ def main() -> None:
           f"(goal >= {GOAL_PREFETCH_VS_BACKGROUND}); lazy resume medians "
           + ", ".join(f"{p} {summary[p]['resume_ms']:.2f} ms" for p in lazy) + f" (goal <= {GOAL_RESUME_MS} ms)")
     out: dict[str, Any] = {"ram_mib": spec.ram_mib, "ws_mib": spec.ws_mib, "seed": spec.seed, "runs": spec.runs,
-                           "policies": {p: {k: round(v, 3) for k, v in s.items()} for p, s in summary.items()},
-                           "ratios": {k: round(v, 2) for k, v in ratios.items()}}
+                           "policies": {p: {k: _num(v, 3) for k, v in s.items()} for p, s in summary.items()},
+                           "ratios": {k: _num(v, 2) for k, v in ratios.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res | {"summary": out}, indent=1, default=float))
     if qemu_lab.available() and not a.no_qemu:

@@ -4,7 +4,8 @@
 
 On the Intel Xeon host the lab's guests switch between two speeds for seconds at a time with no
 snapshot running (lab/hostnoise.py).  This alternates, on one pinned CPU, a third of a second of
-lab/hostnoise.py's bare Unicorn loop (random 8-byte writes over ``--mib`` MiB) with a pointer
+lab/hostnoise.py's bare Unicorn loop (writes to the first word of random pages of ``--mib``
+MiB) with a pointer
 chase over 256 MiB (bench/host_latency/chase.c, built here with ``cc``: every load waits for
 the one before, so its time per load is the memory latency the CPU sees).  Each round prints
 both; the last line is one JSON object with both series and their Spearman rank correlation.
@@ -30,6 +31,7 @@ SRC = Path(__file__).with_name("host_latency") / "chase.c"
 
 
 def build(out_dir: Path) -> ctypes.CDLL:
+    """chase.c compiled with ``cc`` into ``out_dir`` and loaded, its two functions typed."""
     so = out_dir / "chase.so"
     subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(so), str(SRC)], check=True)
     lib = ctypes.CDLL(str(so))
@@ -39,10 +41,12 @@ def build(out_dir: Path) -> ctypes.CDLL:
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
+    """The rank of each value (0 = smallest; no ties expected in timings)."""
     return np.argsort(np.argsort(x)).astype(np.float64)
 
 
 def main() -> None:
+    """Build, pin, alternate ``--rounds`` times, print each round and the summary line."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--mib", type=int, default=64, help="the Unicorn loop's buffer (a power of two)")
@@ -53,7 +57,7 @@ def main() -> None:
         lib = build(Path(d))
         if lib.setup(256) != 0:
             raise SystemExit("host_latency: could not allocate the 256 MiB chase buffer")
-        lib.chase(2_000_000)  # first touch
+        lib.chase(2_000_000)  # warm-up: setup() wrote every line; this walks the cycle once untimed
         uc, lat = [], []
         for k in range(a.rounds):
             uc.append(unicorn_probe(0.3, a.mib)["median"])

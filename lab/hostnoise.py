@@ -1,16 +1,18 @@
 """The host's and the emulator's own speed over a few seconds, without snaplab: a control for every
 figure that compares a guest's progress rate before and after an operation.
 
-A time-to-90%-of-speed is late if the guest's speed dropped for a reason other than the
+A time to 90% of speed comes out too long if the guest's speed dropped for a reason other than the
 operation measured.  :func:`host_noise` measures, before an experiment, how steady the host
 and the emulator are on their own, so a reader can see that spread beside the results.
 
-Three probes, run one after the other: ``core`` (a buffer that fits a core's L2: its spread
-is the CPU's) and ``cache`` (a buffer the size of the guest's working set: its spread is the
-shared cache's and memory's) time batches of random read-modify-writes (numpy gathers and
-scatters, one bulk operation per batch); ``unicorn`` runs a bare Unicorn x86-64 loop, 45
-bytes with nothing of snaplab around them, that writes at random pages of a buffer.  Each
-reports its rate in 20 ms windows, as lab/restore.py windows the guest's progress.
+Three probes, run one after the other, each over a buffer written once before its timing:
+``core`` updates every cache line of 256 KiB in a random order (numpy scatters; with its
+indices it fits a core's 2 MiB L2: its spread is the CPU's); ``cache`` updates the first word
+of every page of a buffer the size of the guest's working set, in a random order (its spread
+is the shared cache's and memory's); ``unicorn`` runs a bare Unicorn x86-64 loop, 45 bytes
+with nothing of snaplab around them, that writes the first word of random pages of such a
+buffer, as the lab's guests stamp pages.  Each reports its rate in 20 ms windows, as
+lab/restore.py windows the guest's progress.
 
 What was found on the Xeon host (2026-12-05): the restore bench's guest switched between about
 4 and 7-8 M pages/s for seconds at a time with no snapshot and no command, and with a working
@@ -35,7 +37,9 @@ from typing import Any
 import numpy as np
 
 WINDOW_S = 0.02  # the same windows as the guest's progress (lab/restore.py WINDOW_NS)
-BATCH = 1 << 15  # random updates per timed step: ~0.3 ms, well inside a window
+BATCH = 1 << 14  # updates per timed numpy step: well inside a window
+CORE_KIB, CORE_STRIDE = 256, 64  # ``core``: every cache line of 256 KiB (with its indices, inside a 2 MiB L2)
+PAGE = 4096  # ``cache`` and ``unicorn``: the first word of every page, as the lab's guests stamp pages
 
 
 def spread(rates: Sequence[float]) -> dict[str, float]:
@@ -51,30 +55,35 @@ def spread(rates: Sequence[float]) -> dict[str, float]:
             "windows": int(len(r))}
 
 
-def probe(seconds: float, buf_mib: float, seed: int = 0) -> dict[str, Any]:
-    """Random 8-byte read-modify-writes over ``buf_mib`` MiB for ``seconds``: the rate in
+def probe(seconds: float, buf_mib: float, stride: int = PAGE, seed: int = 0) -> dict[str, Any]:
+    """Read-modify-writes of the first 8-byte word of every ``stride``-byte slot of a
+    ``buf_mib`` MiB buffer, in one random order that covers every slot and repeats (numpy
+    scatters of BATCH slots; the buffer is written once before the timing): the rate in
     million updates per second, per WINDOW_S window (raw, rounded), and its :func:`spread`."""
-    if seconds <= 0 or buf_mib <= 0:
-        raise ValueError(f"probe: seconds ({seconds}) and buf_mib ({buf_mib}) must be positive")
-    rng = np.random.default_rng(seed)
-    buf = np.zeros(max(int(buf_mib * (1 << 20)) // 8, 1), dtype=np.int64)
-    idx = [rng.integers(0, len(buf), BATCH) for _ in range(8)]
-    buf[idx[0]] += 1  # first touch outside the timing
+    if seconds <= 0 or buf_mib <= 0 or stride < 8 or stride % 8:
+        raise ValueError(f"probe: seconds ({seconds}) and buf_mib ({buf_mib}) must be positive, "
+                         f"stride ({stride}) a multiple of 8")
+    buf = np.ones(max(int(buf_mib * (1 << 20)) // 8, 1), dtype=np.int64)  # written: no fault is timed
+    step = stride // 8
+    order = (np.random.default_rng(seed).permutation(max(len(buf) // step, 1)) * step).astype(np.int32)
+    batch = min(BATCH, len(order))
     rates: list[float] = []
     end = time.perf_counter() + seconds
     w0 = time.perf_counter()
-    done = i = 0
+    done = at = 0
     while True:
-        buf[idx[i & 7]] += 1
-        done += BATCH
-        i += 1
+        if at + batch > len(order):
+            at = 0
+        buf[order[at:at + batch]] += 1
+        at += batch
+        done += batch
         t = time.perf_counter()
         if t - w0 >= WINDOW_S:
             rates.append(done / (t - w0) / 1e6)
             done, w0 = 0, t
             if t >= end:
                 break
-    return {"buf_mib": buf_mib, "seconds": seconds, "window_s": WINDOW_S,
+    return {"buf_mib": buf_mib, "stride": stride, "seconds": seconds, "window_s": WINDOW_S,
             "rates_mups": [round(x, 2) for x in rates]} | spread(rates)
 
 
@@ -104,10 +113,9 @@ BARE_BUF_BASE = 0x1000000
 
 
 def unicorn_probe(seconds: float, buf_mib: int, seed: int = 0) -> dict[str, Any]:
-    """The bare loop in a fresh Unicorn engine over ``buf_mib`` MiB (a power of two), stopped by
-    a timer thread every WINDOW_S: its rate in million writes per second, per window."""
-    import threading
-
+    """The bare loop in a fresh Unicorn engine over ``buf_mib`` MiB (a power of two; written
+    once before the timing), run in WINDOW_S slices (``emu_start``'s own timeout): its rate in
+    million writes per second, per slice."""
     from unicorn import UC_ARCH_X86, UC_MODE_64, Uc
     from unicorn import x86_const as x86
 
@@ -117,43 +125,36 @@ def unicorn_probe(seconds: float, buf_mib: int, seed: int = 0) -> dict[str, Any]
     uc.mem_map(BARE_LOOP_BASE, 0x1000)
     uc.mem_write(BARE_LOOP_BASE, BARE_LOOP_CODE)
     uc.mem_map(BARE_BUF_BASE, buf_mib << 20)
+    zeros = bytes(1 << 20)
+    for off in range(0, buf_mib << 20, 1 << 20):  # every page in place: no host fault is timed
+        uc.mem_write(BARE_BUF_BASE + off, zeros)
     for reg, val in ((x86.UC_X86_REG_RAX, 0x9E3779B97F4A7C15 ^ seed or 1), (x86.UC_X86_REG_RCX, 0),
-                     (x86.UC_X86_REG_R8, ((buf_mib << 20) - 1) & ~0xFFF), (x86.UC_X86_REG_R9, BARE_BUF_BASE)):
+                     (x86.UC_X86_REG_R8, ((buf_mib << 20) - 1) & ~(PAGE - 1)), (x86.UC_X86_REG_R9, BARE_BUF_BASE)):
         uc.reg_write(reg, val)
-    done = threading.Event()
-
-    def tick() -> None:
-        while not done.wait(WINDOW_S):
-            uc.emu_stop()
-
     rates: list[float] = []
-    ticker = threading.Thread(target=tick, name="unicorn-probe-tick", daemon=True)
     pc, end = BARE_LOOP_BASE, time.perf_counter() + seconds
     t0, c0 = time.perf_counter(), 0
-    ticker.start()
-    try:
-        while True:
-            uc.emu_start(pc, 0xFFFFFFFF)  # never reached: returns when the ticker stops it
-            pc = uc.reg_read(x86.UC_X86_REG_RIP)
-            t, c = time.perf_counter(), uc.reg_read(x86.UC_X86_REG_RCX)
-            if c > c0 and t > t0:
-                rates.append((c - c0) / (t - t0) / 1e6)
-            t0, c0 = t, c
-            if t >= end:
-                break
-    finally:
-        done.set()
-        ticker.join()
-    rates = rates[1:] or rates  # the first window translates the loop
-    return {"buf_mib": buf_mib, "seconds": seconds, "window_s": WINDOW_S,
+    while True:
+        uc.emu_start(pc, 0xFFFFFFFF, timeout=int(WINDOW_S * 1e6))  # the end is never reached: the timeout stops it
+        pc = uc.reg_read(x86.UC_X86_REG_RIP)
+        t, c = time.perf_counter(), uc.reg_read(x86.UC_X86_REG_RCX)
+        if c > c0 and t > t0:
+            rates.append((c - c0) / (t - t0) / 1e6)
+        t0, c0 = t, c
+        if t >= end:
+            break
+    rates = rates[1:] or rates  # the first slice translates the loop
+    return {"buf_mib": buf_mib, "stride": PAGE, "seconds": seconds, "window_s": WINDOW_S,
             "rates_mups": [round(x, 2) for x in rates]} | spread(rates)
 
 
 def host_noise(seconds: float = 6.0, cache_mib: float = 64.0) -> dict[str, dict[str, Any]]:
-    """The three probes, a third of ``seconds`` each (``core``: 256 KiB; ``cache``:
-    ``cache_mib``; ``unicorn``: ``cache_mib`` rounded down to a power of two)."""
+    """The three probes, a third of ``seconds`` each: ``core`` (every cache line of 256 KiB),
+    ``cache`` (every page of ``cache_mib`` MiB) and ``unicorn`` (pages of ``cache_mib``
+    rounded down to a power of two, at least 1 MiB)."""
     pow2 = 1 << max(int(cache_mib).bit_length() - 1, 0)
-    return {"core": probe(seconds / 3, 0.25), "cache": probe(seconds / 3, cache_mib, seed=1),
+    return {"core": probe(seconds / 3, CORE_KIB / 1024, CORE_STRIDE),
+            "cache": probe(seconds / 3, cache_mib, PAGE, seed=1),
             "unicorn": unicorn_probe(seconds / 3, pow2)}
 
 

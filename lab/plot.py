@@ -281,8 +281,11 @@ def throughput(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] 
 def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, title: str = "") -> Any:
     """Restore to full speed (lab.restore rows): left, the guest's progress rate after the
     command, median over the runs of each policy with its interquartile band; right, command
-    -> 50% and 90% of the rate before, medians with IQR bars."""
+    -> 50% and 90% of the rate before, medians with IQR bars, a load not back within its watch
+    counted as later than the others and marked "k/n late" (lab/restore.py)."""
     import numpy as np
+
+    from lab.restore import has_reference
 
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
@@ -308,7 +311,7 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
     ax.set_title("progress after the command (median, IQR band)", fontsize=10)
     x = np.arange(len(policies))
     for k, (key, h) in enumerate((("to50_ms", "//"), ("to90_ms", ""))):
-        vals = [[float(r[key]) for r in rows if r["policy"] == p and not np.isnan(r.get("rate_before", 1.0))]
+        vals = [[float(r[key]) for r in rows if r["policy"] == p and has_reference(r)]
                 for p in policies]  # a load with no reference rate: unknown, not late (lab/restore.py)
         # a load not back within its watch counts as later than the others (lab/restore.py):
         # a median that is late has no bar, a late third quartile no upper whisker

@@ -103,6 +103,7 @@ class ReproSpec:
     with_qemu: bool = True
     qemu_cache: str = "direct"
     touched_ws: float = TOUCHED_WS
+    host_noise_s: float = HOST_NOISE_S  # lab/hostnoise.py's probes before the first block; 0: none
 
     def __post_init__(self) -> None:
         for r in self.ram_mib:
@@ -121,6 +122,8 @@ class ReproSpec:
             raise ReproError("--ws: expected a positive working set in MiB")
         if self.qemu_cache not in QEMU_CACHES:
             raise ReproError(f"--qemu-cache: {self.qemu_cache!r} is not allowed; expected {', '.join(QEMU_CACHES)}")
+        if not 0 <= self.host_noise_s <= 60:
+            raise ReproError(f"host_noise_s: {self.host_noise_s} is not allowed; expected 0 to 60 seconds")
         if not 0 <= self.touched_ws <= 50:
             raise ReproError(f"--touched: {self.touched_ws} is not allowed; expected 0 to 50 working sets")
 
@@ -453,9 +456,10 @@ def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print, cl
     meta = metadata(spec, out)
     # the host's and Unicorn's own speed on the coordinating host, before any block (on a Dask
     # cluster the blocks run elsewhere: their hosts are in the rows)
-    meta["host_noise"] = {"host": socket.gethostname(), **host_noise(HOST_NOISE_S, spec.working_set_mib)}
-    probes = {k: v for k, v in meta["host_noise"].items() if k != "host"}
-    log(f"the host's and Unicorn's own speed (lab/hostnoise.py): {describe(probes)}")
+    if spec.host_noise_s > 0:  # over the smallest size's working set, as its guest has
+        probes = host_noise(spec.host_noise_s, spec.working_set(min(spec.ram_mib)))
+        meta["host_noise"] = {"host": socket.gethostname(), **probes}
+        log(f"the host's and Unicorn's own speed (lab/hostnoise.py): {describe(probes)}")
     systems = SYSTEMS if spec.with_qemu else SYSTEMS[:1]
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)

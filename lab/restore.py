@@ -14,10 +14,13 @@ Definitions (the same for every policy):
   a mean: the guest's rate wanders by +-25% from one half second to the next with nothing
   else running (measured: 1.2-2.4 M iterations/s at 4 GiB), and a reference taken in a fast
   half second would make "back to speed" wait for the next fast one.  On the Intel Xeon host
-  it halved for seconds at a time with no snapshot at all (7.6 -> 4.0 M/s at 1 GiB): the
-  host's shared cache, not snaplab (lab/hostnoise.py measures it before an experiment);
+  it halved for seconds at a time with no snapshot at all (7.6 -> 4.0 M/s at 1 GiB), as a
+  bare Unicorn loop does there too (lab/hostnoise.py, which measures it before an experiment;
+  the cause was not found);
 - ``rate_after``: the same median over the last second watched (from RESUME at the
-  earliest): beside ``rate_before`` it shows whether the host changed speed during the load;
+  earliest).  Beside ``rate_before`` it shows a guest that ended the watch slower than it
+  began: because its speed switched, or because the load's filler still runs then (a paced
+  prefetch fill lasts tens of seconds; ``resident_s`` says);
 - ``toX_ms``: command -> the first instant ``t`` at which the iterations over [t, t + window]
   reach X of ``rate_before`` (window 20 ms), found on a 1 ms grid of the interpolated samples;
   NaN if not within the watch (``horizon_s``), and then counted as later than every other load
@@ -284,17 +287,23 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
 LATE_KEYS = ("first_progress_ms", "to50_ms", "to90_ms")  # times to an event NaN when it came after the watch
 
 
+def has_reference(row: dict[str, Any]) -> bool:
+    """Whether a load had a reference rate to measure its way back to (``rate_before`` > 0; a
+    row without the field, as in a hand-made one, counts as having one)."""
+    return bool(row.get("rate_before", 1.0) > 0)
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Per policy: medians of the figures the bench prints.  Times to progress and to 50%/90% of
     the guest's speed count a load that did not get there within its watch as later than all the
-    others (:func:`late_quantiles`), and ``to90_late`` says how many did not; a load with no
-    reference rate (``rate_before`` NaN) is left out of those, as unknown rather than late.  The
+    others (:func:`late_quantiles`), and ``to90_late`` says how many did not, of ``loads``; a
+    load with no reference rate (:func:`has_reference`) is left out of those, as unknown rather
+    than late, and counted in ``unknown``.  The
     other figures are medians of the loads that have them."""
     out: dict[str, dict[str, float]] = {}
     for p in dict.fromkeys(r["policy"] for r in rows):
         rs = [r for r in rows if r["policy"] == p]
-        # a load without a reference rate has no toX at all: unknown, not late
-        ref = [r for r in rs if not np.isnan(r.get("rate_before", 1.0))]
+        ref = [r for r in rs if has_reference(r)]  # without one, no toX at all: unknown, not late
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # a figure no load has: NaN
@@ -305,7 +314,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         q1, q3 = late_quantiles([r["to90_ms"] for r in ref], [25, 75])
         med["to90_iqr_ms"] = q3 - q1
         med["to90_late"] = float(sum(1 for r in ref if np.isnan(r["to90_ms"])))
-        med["loads"] = float(len(rs))
+        med["loads"] = float(len(ref))  # the loads the times to speed are over
+        med["unknown"] = float(len(rs) - len(ref))
         out[p] = med
     return out
 

