@@ -55,6 +55,7 @@ from lab.stats import late_median, late_quantiles
 ENGINE_ARG = "__org.snaplab_engine"
 WINDOW_NS = 20_000_000
 GRID_NS = 1_000_000
+WATCH_POLL_S = 1.0  # how often a load's watch reads the lab port's samples (its ring fills in ~7 s)
 AFTER_NS = 1_000_000_000  # rate_after: the guest's rate over the last second a load is watched
 CHUNK = 2 << 20
 
@@ -194,6 +195,29 @@ def _samples_since(m: Machine, t0_ns: int) -> np.ndarray:
         n *= 2
 
 
+def _watch(m: Machine, mark: int, until_ns: int, before: int = 1 << 16) -> np.ndarray:
+    """The lab port's samples from ``before`` samples ahead of its ``mark``-th (its count when
+    the command was sent: the timeline starts 200 ms before it) until ``until_ns`` (host
+    monotonic), read every WATCH_POLL_S on the way and joined.  Read once at the end, a long
+    watch lost its start: the port keeps 2**20 samples, and the unthrottled guest rings up to
+    ~140,000 times a second, so at 16 GiB (watched 11 s) the first seconds after RESUME were
+    gone and "first progress" came out seconds late (found 2026-12-05 in bench_restore's
+    16 GiB runs: late exactly when the guest ran fast)."""
+    parts = []
+    while True:
+        now = time.monotonic_ns()
+        if now < until_ns:
+            time.sleep(min(WATCH_POLL_S, (until_ns - now) / 1e9))
+        n = m.lab.doorbell.count
+        parts.append(m.lab.history_array(last=n - mark + before))
+        mark, before = n, 1  # each read from the previous one's last sample: joined below
+        if time.monotonic_ns() >= until_ns:
+            break
+    rows = np.concatenate(parts)
+    _, first = np.unique(rows[:, 1], return_index=True)  # a sample read twice has one host time
+    return rows[np.sort(first)]
+
+
 def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
     """One snapshot-load of 'base' with ``policy``, watched to the horizon.  One client per
     load, closed after it: a client left open stays subscribed, and every later event is
@@ -207,14 +231,14 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
     q.events()
     before = _samples_since(m, time.monotonic_ns() - int((spec.settle_s + 0.2) * 1e9))  # not timed
     epoch_off = time.time() - time.monotonic()
+    mark = m.lab.doorbell.count
     cmd_ns = time.monotonic_ns()
     q.execute("snapshot-load", {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],
                                 ENGINE_ARG: policy})
-    # The guest is watched to the horizon; its samples are taken then (a paced fill can run for
-    # far longer than the lab port's ring keeps them).  On demand: faults only until then, then
-    # job-complete has the rest filled.
-    time.sleep(max(0.0, spec.horizon_s - (time.monotonic_ns() - cmd_ns) / 1e9))
-    samples = m.lab.history_array()
+    # The guest is watched to the horizon (a paced fill can run for far longer than the lab
+    # port's ring keeps samples).  On demand: faults only until then, then job-complete has
+    # the rest filled.
+    samples = _watch(m, mark, cmd_ns + int(spec.horizon_s * 1e9))
     info = q.wait_job(job, 3600, complete=waits_for_complete(policy))
     if "error" in info:
         raise RuntimeError(f"snapshot-load ({policy}) failed: {info['error']}")

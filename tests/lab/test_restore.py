@@ -203,3 +203,33 @@ def test_the_restore_figure_marks_late_loads() -> None:
     fig = restore_figure(rows)
     notes = [a.get_text() for a in fig.axes[1].texts]
     assert notes == ["1/3\nlate"]
+
+
+def test_a_long_watch_keeps_every_sample_though_the_ring_holds_fewer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A guest that rings more often over a watch than the lab port's ring keeps samples: the
+    # watch reads as it goes, so the first samples after the command are still there at the end.
+    import types
+
+    from emulator.devices.lab import LabPort
+    from lab import restore
+
+    lab = LabPort(lambda addr, n: bytes(n), lambda: 0, lambda code: None, keep=1024)
+    clock = {"ns": 1_000_000_000}
+
+    def ring(k: int) -> None:
+        for _ in range(k):
+            clock["ns"] += 1000
+            lab.doorbell.append((0, clock["ns"], clock["ns"] // 1000, 0, 0, 0))
+
+    def sleep(s: float) -> None:  # the guest rings 800 times while the watch sleeps
+        ring(800)
+        clock["ns"] += int(s * 1e9)
+
+    ring(100)  # before the command
+    monkeypatch.setattr(restore, "time", types.SimpleNamespace(monotonic_ns=lambda: clock["ns"], sleep=sleep))
+    mark = lab.doorbell.count
+    got = restore._watch(types.SimpleNamespace(lab=lab), mark, clock["ns"] + int(4.5e9), before=50)  # type: ignore[arg-type]
+    ts = got[:, 1]
+    assert len(got) == 50 + 5 * 800  # 50 before the command, then five reads of 800: more than the 1024 kept
+    assert (np.diff(ts) > 0).all()  # in order, none twice
+    assert len(lab.history_array()) == 1024  # a single read at the end would have had only these
