@@ -14,18 +14,15 @@ with nothing of snaplab around them, that writes the first word of random pages 
 buffer, as the lab's guests stamp pages.  Each reports its rate in 20 ms windows, as
 lab/restore.py windows the guest's progress.
 
-What was found on the Xeon host (2026-12-05): the restore bench's guest switched between about
-4 and 7-8 M pages/s for seconds at a time with no snapshot and no command, and with a working
-set as small as 4 MiB; a TLB flush forced every 0.7 s did not switch it.  The bare Unicorn
-loop switched the same way, between about 5 and 10 M writes/s over 64 MiB and between 12 and
-20 M over 1 MiB, while the numpy probes of the same sizes, run in the same minute, stayed
-within a few percent (at other times the host's own speed varied too: the ``core`` probe had
-22-44% of its windows under 90% of its median before two of the bench runs).  So the
-switching is not in snaplab's code.  bench/host_latency.py
-alternates the bare loop with a pointer chase on one CPU: in one run of 30 rounds the slow
-rounds came with 225-250 ns per load and the fast ones with 140-165 ns; in a run of 40 rounds
-the two overlapped (rank correlation -0.36).  The host's memory latency explains part of it,
-not all; the cause was not found.
+What was found on the Xeon host (2026-12-05; logs in data/results/restore-scale/speed-switching/):
+the restore bench's guest switched between about 4 and 8 M pages/s for seconds at a time with
+no snapshot and no command, and a TLB flush every 0.7 s neither caused nor prevented it.  The
+bare Unicorn loop switches between two levels about 2x apart too (5 and 10 M writes/s over 64
+MiB), while the ``cache`` probe kept its median within 7% over the same minute (at other times
+the host's own speed varied too).  So the switching is not in snaplab's code.
+bench/host_latency.py alternates the bare loop with a pointer chase on one CPU: the chase's
+loads were about 10% slower in the loop's slow rounds (rank correlation -0.67): the host's
+memory explains part of it, not a 2x; the cause was not found.
 """
 
 from __future__ import annotations
