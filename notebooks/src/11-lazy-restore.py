@@ -59,7 +59,7 @@ Two controls, printed below:
 This is also why the medians in the tables count a load that never got back to 90% within its watch (`to90_ms` NaN) as later than all the others instead of leaving it out (`lab.stats.late_quantiles`; the `to90_late` column): leaving it out would make a policy look faster the more often it failed."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.hostnoise import host_noise, describe
-print(describe(host_noise(3.0, spec.ws_mib)))
+print(describe(host_noise(1.5, spec.ws_mib)))  # half a second each
 for r in res['rows']:
     print(f"run {r['run']} {r['policy']:>10}: rate before {r['rate_before'] / 1e6:5.2f} M/s, over the last second watched "
           f"{r['rate_after'] / 1e6:5.2f} M/s ({r['rate_after'] / r['rate_before']:4.2f} of before), to90 {r['to90_ms']:7.1f} ms")"""),

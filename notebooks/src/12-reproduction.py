@@ -97,7 +97,7 @@ import shutil
 import tempfile
 from lab.reproduce import ReproSpec, reproduce
 live_dir = Path(tempfile.mkdtemp(prefix='snaplab-repro-'))
-reproduce(ReproSpec(ram_mib=(256,), reps=3, conditions=('dirty',), with_qemu=False), live_dir, log=lambda s: None)
+reproduce(ReproSpec(ram_mib=(256,), reps=3, conditions=('dirty',), with_qemu=False, host_noise_s=0), live_dir, log=lambda s: None)
 live, live_meta = repro_report.load_runs(live_dir)
 shutil.rmtree(live_dir)  # the rows are in memory now
 print(repro_report.table(live))"""),
