@@ -324,7 +324,9 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
             late = int(np.isnan(v).sum())
             if late:
                 bx.annotate(f"{late}/{len(v)}\nlate", (xi, 0 if np.isnan(m) else m + up), ha="center", va="bottom",
-                            fontsize=6, xytext=(0, 2), textcoords="offset points")
+                            fontsize=7, xytext=(0, 2), textcoords="offset points")
+    if bx.texts:  # room above the tallest whisker for its note
+        bx.set_ylim(top=bx.get_ylim()[1] * 1.15)
     bx.set_xticks(x, policies, fontsize=8)
     bx.set_ylabel("ms after the command (median, IQR)")
     bx.legend(fontsize=8)
