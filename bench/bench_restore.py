@@ -97,12 +97,12 @@ def main() -> None:
               f"{s['resident_s']:8.3f}s {s['bytes_read'] / 2**20:6.0f}MiB")
     rb = np.array([r["rate_before"] for r in res["rows"]]) / 1e6
     ra = np.array([r["rate_after"] for r in res["rows"]]) / 1e6
-    slow_end = {p: sum(1 for r in res["rows"] if r["policy"] == p and r["rate_after"] < 0.9 * r["rate_before"])
-                for p in summary}
+    slow_end = {p: (sum(1 for r in rs if r["rate_after"] < 0.9 * r["rate_before"]), len(rs))
+                for p in summary for rs in [[r for r in res["rows"] if r["policy"] == p]]}
     print(f"guest rate before each load: median {np.nanmedian(rb):.2f} M/s, {np.nanmin(rb):.2f}-{np.nanmax(rb):.2f}; "
           f"over each load's last second watched: {np.nanmedian(ra):.2f}, {np.nanmin(ra):.2f}-{np.nanmax(ra):.2f}; "
           "loads ending under 90% of their rate before (the guest's speed switched, or the load's filler still ran): "
-          + ", ".join(f"{p} {n}/{summary[p]['loads'] + summary[p]['unknown']:.0f}" for p, n in slow_end.items()))
+          + ", ".join(f"{p} {n}/{total}" for p, (n, total) in slow_end.items()))
     blocking, *lazy = load_engines()
     pf, bg = "prefetch", "background"  # the goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],

@@ -80,6 +80,11 @@ def probe(seconds: float, buf_mib: float, stride: int = PAGE, seed: int = 0) -> 
             done, w0 = 0, t
             if t >= end:
                 break
+    return _result(buf_mib, stride, seconds, rates)
+
+
+def _result(buf_mib: float, stride: int, seconds: float, rates: list[float]) -> dict[str, Any]:
+    """A probe's record: what it ran over, its raw windows (rounded) and their :func:`spread`."""
     return {"buf_mib": buf_mib, "stride": stride, "seconds": seconds, "window_s": WINDOW_S,
             "rates_mups": [round(x, 2) for x in rates]} | spread(rates)
 
@@ -141,8 +146,7 @@ def unicorn_probe(seconds: float, buf_mib: int, seed: int = 0) -> dict[str, Any]
         if t >= end:
             break
     rates = rates[1:] or rates  # the first slice translates the loop
-    return {"buf_mib": buf_mib, "stride": PAGE, "seconds": seconds, "window_s": WINDOW_S,
-            "rates_mups": [round(x, 2) for x in rates]} | spread(rates)
+    return _result(buf_mib, PAGE, seconds, rates)
 
 
 def host_noise(seconds: float = 6.0, cache_mib: float = 64.0) -> dict[str, dict[str, Any]]:

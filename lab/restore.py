@@ -204,18 +204,15 @@ def _watch(m: Machine, mark: int, until_ns: int, before: int = 1 << 16) -> np.nd
     gone and "first progress" came out seconds late (found 2026-12-05 in bench_restore's
     16 GiB runs: late exactly when the guest ran fast)."""
     parts = []
+    mark = max(mark - before, 0)
     while True:
         now = time.monotonic_ns()
         if now < until_ns:
             time.sleep(min(WATCH_POLL_S, (until_ns - now) / 1e9))
-        n = m.lab.doorbell.count
-        parts.append(m.lab.history_array(last=n - mark + before))
-        mark, before = n, 1  # each read from the previous one's last sample: joined below
+        rows, mark = m.lab.history_since(mark)
+        parts.append(rows)
         if time.monotonic_ns() >= until_ns:
-            break
-    rows = np.concatenate(parts)
-    _, first = np.unique(rows[:, 1], return_index=True)  # a sample read twice has one host time
-    return rows[np.sort(first)]
+            return np.concatenate(parts)
 
 
 def _load_once(m: Machine, policy: str, job: str, spec: RestoreSpec) -> dict[str, Any]:
@@ -231,7 +228,7 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
     q.events()
     before = _samples_since(m, time.monotonic_ns() - int((spec.settle_s + 0.2) * 1e9))  # not timed
     epoch_off = time.time() - time.monotonic()
-    mark = m.lab.doorbell.count
+    mark = m.lab.count
     cmd_ns = time.monotonic_ns()
     q.execute("snapshot-load", {"job-id": job, "tag": "base", "vmstate": "disk0", "devices": ["disk0"],
                                 ENGINE_ARG: policy})

@@ -72,19 +72,35 @@ class LabPort:
             it, dirtied, disk, errors = struct.unpack("<4Q", self._read(LAB_PAGE, 32))
             self.doorbell.append((self._clock(), time.monotonic_ns(), it, dirtied, disk, errors))
 
+    @property
+    def count(self) -> int:
+        """Samples appended so far: a bookmark for :meth:`history_since`."""
+        return self.doorbell.count
+
     def history_array(self, last: int | None = None) -> np.ndarray:
         """The samples (or the ``last`` ones), oldest first, as rows of the six fields of
         :class:`ProgressSample`: a copy, safe while the vCPU thread keeps appending (the ring
         has :data:`SLACK` rows more than it keeps; a copy the writer overtook anyway is made
         again, and after three tries its overwritten rows are dropped from its start)."""
+        return self._recent(lambda n: n if last is None else last)[0]
+
+    def history_since(self, mark: int) -> tuple[np.ndarray, int]:
+        """The samples appended after the first ``mark`` (at most the newest the ring keeps), as
+        :meth:`history_array` gives them, and the count they end at: the next call's mark, so
+        successive calls join without a gap or a sample read twice."""
+        return self._recent(lambda n: n - mark)
+
+    def _recent(self, wanted: Callable[[int], int]) -> tuple[np.ndarray, int]:
+        """The ``wanted(count)`` newest samples (bounded by the count and what the ring keeps)
+        and the count they end at."""
         for _ in range(3):
             n = self.doorbell.count
-            want = min(n, self._keep) if last is None else max(0, min(last, n, self._keep))
+            want = max(0, min(wanted(n), n, self._keep))
             rows = _copy_rows(self._ring, n, want)
             lost = self.doorbell.count + 1 - n - (len(self._ring) - want)  # + 1: a row being written
             if lost <= 0:
-                return rows
-        return rows[lost:]
+                return rows, n
+        return rows[lost:], n
 
     def history(self, last: int | None = None) -> list[ProgressSample]:
         """The samples (or the ``last`` ones), oldest first."""
