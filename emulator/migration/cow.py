@@ -22,9 +22,12 @@ drained, so they are the stop instant's (savevm.py).  From then on:
   the zero pages of the unsaved chunks from the end of RAM back towards the saver, which then
   only gathers them: a paced guest leaves a CPU mostly idle, and a blocking save scans with
   every CPU;
-* a **writer** thread writes each filled buffer (whole clusters: the RAM data starts on a
-  cluster of the image) around the page cache where the file allows, while the saver fills
-  the other one; then the bitmap, and the snapshot table entries are written last.
+* **writer** threads write each filled buffer (two at once into an image: whole clusters,
+  the RAM data starts on a cluster of the image, around the page cache where the file allows;
+  one, in order, into a ``migrate`` stream) while the saver fills the next; then the bitmap,
+  and the snapshot table entries are written last.  The saver waits for a free buffer before
+  it claims a span, never inside one: a claimed chunk is held for a copy in memory, not for a
+  write, so a guest write never waits for the disk or the pipe.
 
 Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
 O(huge pages) (~0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
@@ -55,6 +58,7 @@ from emulator.memory import GuestRAM, map_populated
 from emulator.migration.loading_set import SOURCE_COW_WINDOW, WINDOW_S, recorded_trailer
 from emulator.migration.vmstate import (
     PAGE,
+    SAVE_WRITERS,
     WARM_PAGES,
     SaveHandler,
     SparseRam,
@@ -602,9 +606,8 @@ class CowSave:
         instant's bytes), the others from their copies; zero pages found (one vectorised scan
         per span), the non-zero ones gathered into the stream in page order (the blocking save's
         compact layout, no bytes for zero pages), the span let go.  A guest write to a claimed
-        chunk waits for the gather (no I/O: a writer thread writes the gathered data)."""
+        chunk waits for the gather (no I/O: the writer threads write the gathered data)."""
         gather: _Gatherer | None = None
-        span = 1 if self.sink is not None else SPAN  # a pipe may be slow: hold one chunk at a time
         zero = self._zero
         # where each run of zero chunks ends: such a run is taken and let go at once (nothing
         # to read), up to ZERO_SPAN chunks, so untouched GiBs cost a few ioctls
@@ -623,9 +626,13 @@ class CowSave:
                     return
                 if ahead is not None:
                     ahead.reached = c0
-                c1 = min(c0 + span, self.nchunks)
+                c1 = min(c0 + SPAN, self.nchunks)
                 if zero[c0]:
                     c1 = min(max(c1, int(run_end[c0])), c0 + ZERO_SPAN)
+                # Room for the span's pages before it is claimed: waiting for the writer to
+                # hand back a buffer (a disk write, ~20 ms) with chunks claimed would hold up
+                # every guest write to them for that long.
+                gather.make_room(int(np.count_nonzero(~zero[c0:c1])) * (CHUNK // PAGE))
                 from_ram, copies = self._take_span(c0, c1)
                 try:
                     read = from_ram & ~zero[c0:c1]
@@ -864,9 +871,13 @@ def idle_priority() -> str:
 
 
 class _Gatherer:
-    """The saver's output: non-zero pages gathered in page order into one warm 32 MiB buffer
-    while a writer thread writes the other (whole clusters, around the page cache where the
-    file allows); or, for a sequential stream, each chunk's run of pages as a record."""
+    """The saver's output: non-zero pages gathered in page order into warm 32 MiB buffers,
+    which writer threads write while the saver fills the next.  Into a qcow2 VM-state area:
+    whole clusters, around the page cache where the file allows, by :data:`SAVE_WRITERS`
+    threads (a disk serves two requests faster than one, as for the blocking save's writers).
+    Into a sequential stream (``migrate``): each stretch of pages as a record, by one thread
+    that keeps the stream's order.  Either way the saver only copies: a claimed chunk is held
+    for a copy in memory, never for a write to a disk or a pipe."""
 
     def __init__(self, save: CowSave) -> None:
         self.save = save
@@ -874,16 +885,17 @@ class _Gatherer:
         self.fill = 0
         self.cluster = save.out.img.cluster_size if save.sink is None and save.out is not None else PAGE
         self._bufs: queue.Queue[np.ndarray | None] = queue.Queue()
-        self._todo: queue.Queue[tuple[int, np.ndarray, int] | None] = queue.Queue()
+        # (stream position, buffer, bytes, records): records, for a stream, are
+        # (first page, first row in the buffer, pages)
+        self._todo: queue.Queue[tuple[int, np.ndarray, int, list[tuple[int, int, int]] | None] | None] = queue.Queue()
+        self._records: list[tuple[int, int, int]] = []
         self._held = contextlib.ExitStack()
-        self._writer: threading.Event | None = None
-        self.buf: np.ndarray | None = None
-        self._unflushed = 0
-        if save.sink is None:
-            for _ in range(2):
-                self._bufs.put(self._held.enter_context(WARM_PAGES.take(GATHER // PAGE)))
-            self.buf = self._bufs.get()
-            self._writer = spawn(self._write_loop)
+        self._unflushed = 0  # (under _count_lock)
+        self._count_lock = threading.Lock()
+        for _ in range(SAVE_WRITERS + 1):
+            self._bufs.put(self._held.enter_context(WARM_PAGES.take(GATHER // PAGE)))
+        self.buf: np.ndarray | None = self._bufs.get()
+        self._writers = [spawn(self._write_loop) for _ in range(SAVE_WRITERS if save.sink is None else 1)]
 
     def chunks(self, c: int, e: int, nz: np.ndarray | None = None) -> None:
         """Chunks [c, e)'s stop-instant bytes (in guest RAM) into the stream; ``nz``, their
@@ -901,14 +913,17 @@ class _Gatherer:
         idx = np.flatnonzero(nz)
         if not len(idx):
             return  # no data at all: nothing in the stream
-        if save.sink is not None:
-            lo, hi = int(idx[0]) * PAGE, (int(idx[-1]) + 1) * PAGE  # zero pages inside go as zeros
-            save.sink.pages((off + lo) // PAGE, memoryview((ctypes.c_char * (hi - lo)).from_address(src + lo)).cast("B"))
-            save.stats.bytes_written += hi - lo
+        if save.sink is not None:  # a record per chunk, from its first to its last non-zero page
+            per = CHUNK // PAGE
+            for k in range(0, pages, per):
+                sub = np.flatnonzero(nz[k:k + per])
+                if len(sub):
+                    lo, hi = k + int(sub[0]), k + int(sub[-1]) + 1  # zero pages inside go as zeros
+                    self._record(off // PAGE + lo, src + lo * PAGE, hi - lo)
+                    save.stats.bytes_written += (hi - lo) * PAGE
             return
         assert self.buf is not None
-        if (self.fill + len(idx)) * PAGE > GATHER:
-            self._flush(final=False)
+        self.make_room(len(idx))
         assert self.fill + len(idx) <= len(self.buf)  # (a stretch is at most SPAN chunks: it fits)
         _copy_rows(rows, idx, self.buf[self.fill].ctypes.data)
         self.fill += len(idx)
@@ -928,21 +943,35 @@ class _Gatherer:
         if save.sink is not None:  # each run of consecutive non-zero pages as one record
             ends = np.flatnonzero(np.diff(idx) != 1) + 1
             for lo, hi in zip(np.concatenate(([0], ends)).tolist(), np.concatenate((ends, [k])).tolist(), strict=True):
-                save.sink.pages(first + int(idx[lo]),
-                                memoryview((ctypes.c_char * ((hi - lo) * PAGE)).from_address(src + lo * PAGE)).cast("B"))
+                self._record(first + int(idx[lo]), src + lo * PAGE, hi - lo)
             save.stats.bytes_written += k * PAGE
             return
         assert self.buf is not None
-        if (self.fill + k) * PAGE > GATHER:
-            self._flush(final=False)
+        self.make_room(k)
         assert self.fill + k <= len(self.buf)
         ctypes.memmove(self.buf[self.fill].ctypes.data, src, k * PAGE)
         self.fill += k
         save.stats.bytes_written += k * PAGE
 
+    def _record(self, first_page: int, addr: int, pages: int) -> None:
+        """``pages`` pages at ``addr`` (guest page ``first_page`` on) as one record of the stream."""
+        self.make_room(pages)
+        assert self.buf is not None and self.fill + pages <= len(self.buf)
+        ctypes.memmove(self.buf[self.fill].ctypes.data, addr, pages * PAGE)
+        self._records.append((first_page, self.fill, pages))
+        self.fill += pages
+
+    def make_room(self, pages: int) -> None:
+        """Hand the buffer to the writers now if ``pages`` more pages might not fit in it.
+        The saver calls this before it claims a span too, with the span's most, so that its
+        wait for a free buffer (a disk or pipe write, ~20 ms) holds no chunk, and so no guest
+        write."""
+        if self.fill and (self.fill + pages) * PAGE > GATHER:
+            self._flush(final=False)
+
     def _flush(self, final: bool) -> None:
-        """Hand the filled buffer to the writer: whole clusters, or all of it at the end; the
-        part of a cluster left over moves to the front of the other buffer."""
+        """Hand the filled buffer to the writers: whole clusters, or all of it at the end; the
+        part of a cluster left over moves to the front of the next buffer."""
         assert self.buf is not None
         nbytes = self.fill * PAGE
         whole = nbytes if final else nbytes // self.cluster * self.cluster
@@ -950,16 +979,17 @@ class _Gatherer:
         if nxt is not None and whole < nbytes:
             nxt.reshape(-1)[:nbytes - whole] = self.buf.reshape(-1)[whole:nbytes]
         if whole:
-            self._todo.put((self.pos, self.buf, whole))
+            self._todo.put((self.pos, self.buf, whole, self._records if self.save.sink is not None else None))
         else:
             self._bufs.put(self.buf)
+        self._records = []
         self.pos += whole
         self.fill = (nbytes - whole) // PAGE
         self.buf = nxt
 
     def _next_buffer(self) -> np.ndarray:
         b = self._bufs.get()
-        if b is None:  # the writer failed
+        if b is None:  # a writer failed
             self._bufs.put(None)
             assert self.save.error is not None
             raise self.save.error
@@ -969,15 +999,28 @@ class _Gatherer:
         save = self.save
         try:
             while (item := self._todo.get()) is not None:
-                pos, buf, n = item
+                pos, buf, n, records = item
+                if save.error is not None:  # another writer failed: the save is over
+                    self._bufs.put(buf)
+                    continue
+                data = memoryview(buf.reshape(-1).data).cast("B")
+                if records is not None:
+                    assert save.sink is not None
+                    for first, row, pages in records:
+                        save.sink.pages(first, data[row * PAGE:(row + pages) * PAGE])
+                    self._bufs.put(buf)
+                    continue
                 assert save.out is not None
-                save.out.write_bulk(pos, memoryview(buf.reshape(-1).data).cast("B")[:n])
-                self._unflushed += n
-                if self._unflushed >= WRITEBACK_STEP:
+                save.out.write_bulk(pos, data[:n])
+                with self._count_lock:
+                    self._unflushed += n
+                    kick = self._unflushed >= WRITEBACK_STEP
+                    if kick:
+                        self._unflushed = 0
+                if kick:
                     # Start writeback as we go (what O_DIRECT leaves dirty: metadata, or
                     # everything on a file system without it): the flush at the end then
                     # waits for the tail only.
-                    self._unflushed = 0
                     start = getattr(save.out.img.file, "start_writeback", None)
                     if start is not None:
                         start()
@@ -988,17 +1031,18 @@ class _Gatherer:
 
     def finish(self) -> None:
         """The last pages out, and wait until the writer has written everything."""
-        if self.save.sink is None and self.fill:
+        if self.fill:
             self._flush(final=True)
         self._join()
         if self.save.error is not None:
             raise self.save.error
 
     def _join(self) -> None:
-        if self._writer is not None:
+        writers, self._writers = self._writers, []
+        for _ in writers:
             self._todo.put(None)
-            self._writer.wait()
-            self._writer = None
+        for w in writers:
+            w.wait()
 
     def close(self) -> None:
         """Writer stopped, gather buffers back to the process's pool (after any failure too)."""
