@@ -24,6 +24,7 @@ from typing import IO, Any
 
 from emulator.errors import MigrationCancelled, SnaplabError
 from emulator.migration.cow import CHUNK, CowSave
+from emulator.migration.engine import switch_interval
 from emulator.migration.engines.save_cow import arm_in_window
 from emulator.migration.savevm import SnapshotController
 from emulator.migration.vmstate import (
@@ -206,7 +207,8 @@ class Migration:
         saver.sections = w.sections
         self._set(MigrationStatus.ACTIVE)
         try:
-            saver.run()
+            with switch_interval(1e-4):  # as the copy-on-write engine (engines/save_cow.py)
+                saver.run()
         finally:
             protector.disarm()
         return w.t_resume - w.t_stop, saver.stats.bytes_written // PAGE
