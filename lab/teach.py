@@ -105,7 +105,8 @@ def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, 
             row = _race_row("snaplab", rep, t0, t_save, answers, ev, info.get("error"), st["vmstate-bytes"])
             row.update({"zero_scan_ms": st.get("zero-scan-s", math.nan) * 1e3, "write_ms": st.get("write-s", math.nan) * 1e3,
                         "commit_ms": st.get("commit-s", math.nan) * 1e3, "flush_ms": st.get("flush-s", math.nan) * 1e3,
-                        "total_s": st.get("total-s", math.nan)})
+                        "total_s": st.get("total-s", math.nan),
+                        "scanned_mib": ram_mib - 2 * st.get("zero-chunks", 0)})  # (not read: known zero)
             rows.append(row)
             time.sleep(0.2)
     finally:
@@ -121,7 +122,7 @@ def random_fill_saves(ram_mib: int, fill_mib: int, reps: int = 5, seed: int = 1)
     enter the save."""
     out = []
     for r in monitor_race_snaplab(ram_mib=ram_mib, fill_mib=fill_mib, reps=reps, seed=seed):
-        out.append({**{k: r[k] for k in ("rep", "zero_scan_ms", "write_ms", "commit_ms", "flush_ms", "total_s")},
+        out.append({**{k: r[k] for k in ("rep", "zero_scan_ms", "write_ms", "commit_ms", "flush_ms", "total_s", "scanned_mib")},
                     "ram_mib": ram_mib, "working_set_mib": fill_mib, "vmstate_bytes": r["vmstate_mib"] * 2**20,
                     "vmstate_mib": r["vmstate_mib"], "downtime_ms": r["stopped_s"] * 1e3})
     return out
@@ -237,30 +238,35 @@ def undisturbed(rows: Sequence[dict[str, Any]], keys: Sequence[str] = ("zero_sca
                 by: Sequence[str] = ("ram_mib", "working_set_mib")) -> list[dict[str, Any]]:
     """One point per configuration: the fastest repetition's time for each of ``keys`` (other
     processes can only add time, so the minimum is the best estimate of the cost itself; Python's
-    ``timeit`` documentation argues the same) and the median VM state written."""
+    ``timeit`` documentation argues the same), the median VM state written and the median RAM
+    the scan read (``scanned_mib``, where the rows have it)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(tuple(r[k] for k in by), []).append(r)
     return [{**dict(zip(by, g, strict=True)), **{k: min(float(r[k]) for r in rs) for k in keys},
-             "vmstate_mib": summarize([float(r["vmstate_mib"]) for r in rs]).median, "n": len(rs)}
+             "vmstate_mib": summarize([float(r["vmstate_mib"]) for r in rs]).median, "n": len(rs),
+             **({"scanned_mib": summarize([float(r["scanned_mib"]) for r in rs]).median}
+                if all("scanned_mib" in r for r in rs) else {})}
             for g, rs in groups.items()]
 
 
 def stop_model(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
     """The two-term model of a blocking save's stop, fitted phase by phase over the undisturbed
-    points (:func:`undisturbed`) with Theil-Sen: ``zero_scan_ms = scan_ms + scan_ms_per_mib_ram *
-    RAM MiB``, ``write_ms = write_ms + write_ms_per_mib_in_use * MiB in use``, and the commit's
-    median over the configurations."""
+    points (:func:`undisturbed`) with Theil-Sen: ``zero_scan_ms = scan_ms + scan_ms_per_mib_read *
+    MiB read`` (``scanned_mib``: the RAM not known zero from the page tables), ``write_ms =
+    write_ms + write_ms_per_mib_in_use * MiB in use``, and the commit's median over the
+    configurations."""
     pts = undisturbed(rows)
-    a_s, b_s = theil_sen([p["ram_mib"] for p in pts], [p["zero_scan_ms"] for p in pts])
+    a_s, b_s = theil_sen([p["scanned_mib"] for p in pts], [p["zero_scan_ms"] for p in pts])
     a_w, b_w = theil_sen([p["vmstate_mib"] for p in pts], [p["write_ms"] for p in pts])
-    return {"scan_ms": a_s, "scan_ms_per_mib_ram": b_s, "write_ms": a_w, "write_ms_per_mib_in_use": b_w,
+    return {"scan_ms": a_s, "scan_ms_per_mib_read": b_s, "write_ms": a_w, "write_ms_per_mib_in_use": b_w,
             "commit_ms": summarize([float(p["commit_ms"]) for p in pts]).median}
 
 
-def predict_stop(model: dict[str, float], ram_mib: float, in_use_mib: float) -> dict[str, float]:
-    """The stop the two-term model predicts, by phase (ms)."""
-    scan = model["scan_ms"] + model["scan_ms_per_mib_ram"] * ram_mib
+def predict_stop(model: dict[str, float], read_mib: float, in_use_mib: float) -> dict[str, float]:
+    """The stop the two-term model predicts, by phase (ms), for ``read_mib`` MiB of RAM scanned
+    (what the page tables do not show as never written) and ``in_use_mib`` MiB written out."""
+    scan = model["scan_ms"] + model["scan_ms_per_mib_read"] * read_mib
     write = model["write_ms"] + model["write_ms_per_mib_in_use"] * in_use_mib
     return {"zero_scan_ms": scan, "write_ms": write, "commit_ms": model["commit_ms"],
             "downtime_ms": scan + write + model["commit_ms"]}

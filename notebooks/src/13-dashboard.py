@@ -103,8 +103,10 @@ measured it.
 When you are done: `d.close()` stops the machine and removes its scratch files."""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
-1. The blocking save's shaded window grows with the RAM size: it writes the non-zero pages and scans
-   all of RAM for zero pages inside the stop (notebook 5 measures both parts). The copy-on-write
+1. The blocking save's shaded window grows with the RAM size: the default guest's working set is
+   half of RAM, and inside the stop the save scans the chunks the guest wrote for zero pages and
+   writes the non-zero pages (notebook 5 measures both parts; RAM never written is known zero from
+   the page tables and not read). The copy-on-write
    save's window is a thin line at both sizes (a few milliseconds at most in notebook 7's table, often a fraction of one),
    and its guest keeps running during the job, slower than before while its writes fault on chunks
    not yet saved (notebook 7's `progress_during_save`).

@@ -21,7 +21,7 @@ from emulator.guest import WorkloadSpec
 from emulator.machine import Machine
 from emulator.memory import HUGE
 from emulator.migration.vmstate import PAGE, nonzero_pages
-from emulator.uffd import small_mapped_bytes
+from emulator.uffd import small_mapped_bytes, zero_mapped_units
 from tests.migration.test_cow import _mapping_rss, machine, uffd_or_skip
 
 RAM = 256 << 20
@@ -88,3 +88,35 @@ def test_no_engine_turns_never_written_ram_into_real_memory(vm: Machine) -> None
     m.snapshots.load_snapshot("last", "disk0", ["disk0"], engine="background")
     assert m.ram.read(RAM - PAGE, 8) == b"\x5a" * 8
     assert np.count_nonzero(nonzero_pages(m.ram.array)) > 0
+
+
+def test_a_blocking_save_reads_no_chunk_still_mapped_to_the_zero_page(vm: Machine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the guest stopped, a chunk mapped to the shared zero page holds zeros: the blocking
+    save read-maps RAM first (never-written RAM becomes that page), knows those chunks from the
+    page tables and scans only the rest (QEMU reads every page); a chunk the guest filled with
+    written zeros is still read, and the snapshot loads back bit for bit."""
+    from emulator.migration import vmstate
+
+    m = vm
+    assert m.run_instructions(3_000_000) is None
+    m.ram.write(RAM - HUGE, bytes(HUGE))  # written zeros: real memory, a zero chunk only a read can tell
+    saved = _ram_hash(m)
+    scanned: list[int] = []
+    scan = vmstate.nonzero_pages
+
+    def counting(ram: np.ndarray, threads: int = 1) -> np.ndarray:
+        scanned.append(ram.size // PAGE)
+        return scan(ram, threads)
+
+    monkeypatch.setattr(vmstate, "nonzero_pages", counting)
+    met = m.snapshots.save_snapshot("b", False, "disk0", ["disk0"], "blocking")
+    monkeypatch.setattr(vmstate, "nonzero_pages", scan)
+    zero = zero_mapped_units(m.ram.addr, RAM, HUGE)  # as the save found them (the guest has not run since)
+    zero_mapped = int(zero.sum())
+    assert zero_mapped > RAM // HUGE // 2 and not zero[-1]  # most of RAM never written; the zeros written are real
+    assert met.extra["zero_chunks"] == zero_mapped
+    assert sum(scanned) == (RAM // HUGE - zero_mapped) * (HUGE // PAGE)  # the other chunks, each once
+    assert met.ram_pages_written == int(nonzero_pages(m.ram.array).sum())
+    m.ram.write(0, b"\x77" * PAGE)
+    m.snapshots.load_snapshot("b", "disk0", ["disk0"], engine="blocking")
+    assert _ram_hash(m) == saved
