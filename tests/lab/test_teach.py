@@ -64,3 +64,22 @@ def test_undisturbed_takes_the_fastest_repetition() -> None:
             for z, w in ((5, 9), (6, 400), (7, 8))]
     (p,) = teach.undisturbed(rows)
     assert (p["zero_scan_ms"], p["write_ms"], p["n"]) == (5, 8, 3)
+
+
+def test_the_scan_of_never_written_ram_is_timed_on_real_zero_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A positive, finite cost per MiB, from the save's own scanner run over read-mapped memory
+    never written (it finds no non-zero page there), once per repetition."""
+    from emulator.migration.engines import save_blocking
+
+    seen: list[tuple[int, int]] = []
+    scan = save_blocking.nonzero_pages
+
+    def spy(ram, threads=1):  # type: ignore[no-untyped-def]
+        out = scan(ram, threads)
+        seen.append((ram.size, int(out.sum())))
+        return out
+
+    monkeypatch.setattr(save_blocking, "nonzero_pages", spy)
+    cost = teach.never_written_scan_ms_per_mib(mib=16, reps=2)
+    assert 0 < cost < math.inf
+    assert seen == [(16 << 20, 0), (16 << 20, 0)]

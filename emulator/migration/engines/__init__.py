@@ -17,7 +17,9 @@ from emulator.migration.engines.load_background import BackgroundLoad
 from emulator.migration.engines.load_blocking import BlockingLoad
 from emulator.migration.engines.load_ondemand import OnDemandLoad
 from emulator.migration.engines.load_prefetch import PrefetchLoad
-from emulator.migration.engines.save_blocking import BlockingSave
+from emulator.migration.engines.save_blocking import (
+    BlockingSave as BlockingSave,  # (re-exported: the lab times its scan)
+)
 from emulator.migration.engines.save_cow import CowSaveEngine
 from emulator.migration.engines.save_precopy import PrecopySave
 
