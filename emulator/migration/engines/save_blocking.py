@@ -88,8 +88,9 @@ class BlockingSave(SaveEngine):
             ctx.ram.make_present(0, ctx.ram.size)
             t_stop = ctx.stop_for_save(images, stack)
             at = ctx.save_instant(req.name)
-            t_write = time.perf_counter()
+            t_map = time.perf_counter()
             known_zero, zero_chunks = zero_mapped_pages(ctx.ram)
+            t_write = time.perf_counter()
             try:
                 with writing_vmstate():  # the guest is stopped: the zero-page scan takes every CPU
                     st = save_state(VMStateStream(target.vmstate_image, direct=True), ctx.machine_name, ctx.handlers(),
@@ -108,5 +109,6 @@ class BlockingSave(SaveEngine):
         m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, st.size, st.nonzero,
                             ctx.ram_pages() - st.nonzero)
         m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": st.scan_s, "zero_chunks": zero_chunks,
+                        "zero_map_s": t_write - t_map,
                         "write_s": t_commit - t_write - st.scan_s, "commit_s": t_resume - t_commit})
         return ctx.saved(m, target, at.name)
