@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from emulator.errors import UffdUnavailable
+
+log = logging.getLogger(__name__)
 
 SYS_userfaultfd = 323  # x86-64
 UFFD_API = 0xAA
@@ -262,3 +265,13 @@ def zero_mapped_units(start: int, length: int, unit: int) -> np.ndarray:
     cut = np.where(k < len(s), np.clip(bounds - s[np.minimum(k, len(s) - 1)], 0, None), 0) if len(s) else 0
     below = done[k] + cut
     return np.asarray(np.diff(below) == np.diff(bounds), dtype=bool)
+
+
+def zero_mapped_units_or_none(start: int, length: int, unit: int) -> np.ndarray | None:
+    """:func:`zero_mapped_units`, or None where the kernel has no PAGEMAP_SCAN: the caller then
+    reads every unit (said once in the debug log, not an error)."""
+    try:
+        return zero_mapped_units(start, length, unit)
+    except OSError as err:
+        log.debug("zero-page units not known (%s): every unit is read", err)
+        return None

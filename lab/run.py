@@ -7,6 +7,7 @@ snapshot-stats command.  Only the workload's progress samples are read from the 
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -121,7 +122,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "guest_iterations": samples[-1].iterations if samples else 0,
                     # the phases (ms); 2 MiB chunks known zero from the page tables (not read), the MiB read
                     **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("zero_scan", "zero_map", "write", "commit", "flush")},
-                    "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": spec.ram_mib - 2 * stats.get("zero-chunks", 0),
+                    "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": stats.get("scanned-bytes", math.nan) / 2**20,
                     "iterations": stats.get("iterations", 1),
                     "progress_during_save": _progress(m, m0, m1),
                     "details": {

@@ -107,7 +107,7 @@ def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, 
             row.update({"zero_scan_ms": st.get("zero-scan-s", math.nan) * 1e3, "write_ms": st.get("write-s", math.nan) * 1e3,
                         "commit_ms": st.get("commit-s", math.nan) * 1e3, "flush_ms": st.get("flush-s", math.nan) * 1e3,
                         "total_s": st.get("total-s", math.nan),
-                        "scanned_mib": ram_mib - 2 * st.get("zero-chunks", 0)})  # (not read: known zero)
+                        "scanned_mib": st.get("scanned-bytes", math.nan) / 2**20})  # (the rest known zero)
             rows.append(row)
             time.sleep(0.2)
     finally:

@@ -74,7 +74,7 @@ from emulator.uffd import (
     UFFDIO_REGISTER_MODE_WP,
     Fault,
     UserFaultFD,
-    zero_mapped_units,
+    zero_mapped_units_or_none,
 )
 from emulator.workers import spawn
 
@@ -684,10 +684,9 @@ class CowSave:
         if not self._armed_at:
             return  # never before the arm (a saver run unarmed, as unit tests do, reads every chunk)
         t0 = time.perf_counter()
-        try:
-            self._zero = zero_mapped_units(self.ram.addr, self.ram.size, CHUNK)
-        except OSError as err:
-            log.debug("zero-page chunks not known (%s): every chunk is read", err)
+        zero = zero_mapped_units_or_none(self.ram.addr, self.ram.size, CHUNK)
+        if zero is not None:
+            self._zero = zero
         self.stats.zero_map_s = time.perf_counter() - t0
 
     def run(self) -> int:
@@ -734,7 +733,7 @@ def _run_ends(flags: np.ndarray) -> np.ndarray:
     change = np.flatnonzero(flags[1:] != flags[:-1]) + 1
     ends = np.concatenate((change, [n]))
     return np.repeat(ends, np.diff(np.concatenate(([0], ends))))
-GATHER = 32 << 20  # bytes per write of the gathered pages (two buffers: one filled, one written)
+GATHER = 32 << 20  # bytes per write of the gathered pages (one buffer filled while the writers write the others)
 
 
 def _page_rows(src: int, n: int) -> np.ndarray:
@@ -892,10 +891,18 @@ class _Gatherer:
         self._held = contextlib.ExitStack()
         self._unflushed = 0  # (under _count_lock)
         self._count_lock = threading.Lock()
-        for _ in range(SAVE_WRITERS + 1):
-            self._bufs.put(self._held.enter_context(WARM_PAGES.take(GATHER // PAGE)))
-        self.buf: np.ndarray | None = self._bufs.get()
-        self._writers = [spawn(self._write_loop) for _ in range(SAVE_WRITERS if save.sink is None else 1)]
+        self._writers: list[threading.Event] = []
+        self.buf: np.ndarray | None = None
+        writers = SAVE_WRITERS if save.sink is None else 1
+        try:
+            for _ in range(writers + 1):
+                self._bufs.put(self._held.enter_context(WARM_PAGES.take(GATHER // PAGE)))
+            self.buf = self._bufs.get()
+            for _ in range(writers):
+                self._writers.append(spawn(self._write_loop))
+        except BaseException:
+            self.close()  # the writers started are stopped, the buffers taken given back
+            raise
 
     def chunks(self, c: int, e: int, nz: np.ndarray | None = None) -> None:
         """Chunks [c, e)'s stop-instant bytes (in guest RAM) into the stream; ``nz``, their
@@ -1030,7 +1037,7 @@ class _Gatherer:
             self._bufs.put(None)
 
     def finish(self) -> None:
-        """The last pages out, and wait until the writer has written everything."""
+        """The last pages out, and wait until the writers have written everything."""
         if self.fill:
             self._flush(final=True)
         self._join()
@@ -1045,6 +1052,6 @@ class _Gatherer:
             w.wait()
 
     def close(self) -> None:
-        """Writer stopped, gather buffers back to the process's pool (after any failure too)."""
+        """Writers stopped, gather buffers back to the process's pool (after any failure too)."""
         self._join()
         self._held.close()

@@ -47,6 +47,7 @@ from emulator.migration.facts import SnapshotFacts
 from emulator.migration.savefail import create_error, delete_quietly
 from emulator.migration.vmstate import (
     PAGE,
+    SAVE_WRITERS,
     WARM_PAGES,
     ParsedState,
     RamLayout,
@@ -438,7 +439,7 @@ class EngineContext:
             try:
                 workers.prestart(4)  # jobs, savers and page freeing start on warm threads
                 WARM_BUFFERS.reserve(fault_buffers(self.ram.size))  # a fault's copy never lands in fresh memory
-                WARM_PAGES.warm(GATHER // PAGE, count=2)  # the saver's gather buffers, likewise
+                WARM_PAGES.warm(GATHER // PAGE, count=SAVE_WRITERS + 1)  # the saver's gather buffers, likewise
                 # Last, after the GiBs touched above: what a downtime runs, once, so that the
                 # first save's downtime is not a cold one.
                 warm_code_paths()

@@ -266,6 +266,7 @@ class SavedState:
     nonzero: int
     machine: str
     scan_s: float = 0.0  # scanning RAM for zero pages
+    scanned_pages: int = 0  # the pages that scan read (not those known zero without a read)
 
 
 def aligned_pages(n: int) -> np.ndarray:
@@ -357,14 +358,14 @@ GATHER_PAGES = 8192  # save_state gathers scattered pages 32 MiB at a time
 
 def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram: np.ndarray | None,
                nz: np.ndarray | None = None, align: int = PAGE, threads: int = 1,
-               known_zero: np.ndarray | None = None) -> SavedState:
+               known_zero: np.ndarray | None = None, known_zero_unit: int = 1) -> SavedState:
     """qemu_savevm_state(): the configuration, every device section, RAM, EOF.  ``align``
     (a multiple of the page size: the image's cluster size) rounds the RAM data's offset up,
     so that the data goes out in whole clusters.  Without ``nz`` RAM is scanned for zero
     pages window by window in ``threads`` threads, each window's pages written while the
     next is scanned (:func:`_save_ram_pages`), but for the pages ``known_zero`` marks (one
-    bool per page: known to hold zeros without a read, e.g. mapped to the shared zero page);
-    the header with the bitmap goes last."""
+    bool per ``known_zero_unit`` pages: known to hold zeros without a read, e.g. mapped to the
+    shared zero page); the header with the bitmap goes last."""
     head = bytearray(struct.pack(">II", QEVM_MAGIC, QEVM_VERSION))
     name = machine.encode()
     head += struct.pack(">BI", QEMU_VM_CONFIGURATION, len(name)) + name
@@ -390,7 +391,7 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
     part_at = len(head) + 13 + blen  # after the bitmap's part header and the bitmap
     ram_offset = -(-(part_at + 13) // align) * align
     pad = ram_offset - (part_at + 13)
-    pos, nz, scan_s = _save_ram_pages(out, ram, nz, ram_offset, threads, known_zero)
+    pos, nz, scan_s, scanned = _save_ram_pages(out, ram, nz, ram_offset, threads, known_zero, known_zero_unit)
     count = (pos - ram_offset) // PAGE
     bitmap = np.packbits(nz, bitorder="little").tobytes()
     head += struct.pack(">BIQ", QEMU_VM_SECTION_PART, sid, blen) + bitmap + bytes(blen - len(bitmap))
@@ -400,15 +401,16 @@ def save_state(out: StreamWriter, machine: str, handlers: list[SaveHandler], ram
     tail = struct.pack(">BI", QEMU_VM_SECTION_END, sid) + struct.pack(">BI", QEMU_VM_SECTION_FOOTER, sid)
     tail += struct.pack(">B", QEMU_VM_EOF) + empty_trailer(ram.size)
     out.write(pos, tail)
-    return SavedState(pos + len(tail), ram_offset, count, machine, scan_s)
+    return SavedState(pos + len(tail), ram_offset, count, machine, scan_s, scanned)
 
 
 SAVE_WRITERS = 2  # threads writing a blocking save's RAM data at once (a stream with write_bulk)
 SCAN_WINDOW = 32768  # pages (128 MiB) scanned for zero pages before their data is handed out
+SCAN_RUNS_MAX = 16  # runs of pages not known zero per window scanned one by one; more: the whole window
 
 
-def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, pos: int,
-                    threads: int, known_zero: np.ndarray | None = None) -> tuple[int, np.ndarray, float]:
+def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, pos: int, threads: int,
+                    known_zero: np.ndarray | None = None, unit: int = 1) -> tuple[int, np.ndarray, float, int]:
     """The non-zero pages of ``ram`` at ``pos`` in page order, in 32 MiB writes: straight
     from guest RAM where they are contiguous, gathered (one numpy take) where they are
     scattered, into warm page-aligned buffers (WARM_PAGES: no fresh memory is touched inside
@@ -416,8 +418,11 @@ def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, p
     SAVE_WRITERS threads while the next group is gathered and the next window scanned, the
     data written without the image lock (a disk serves two requests faster than one:
     measured here 1.9 against 2.4 GB/s around the page cache).  Returns the position after
-    the last page, the non-zero bitmap and the seconds spent scanning.  Pages ``known_zero``
-    marks are not read: a guest that never wrote most of its RAM costs a scan of what it wrote."""
+    the last page, the non-zero bitmap, the seconds spent scanning and the pages scanned.
+    Pages ``known_zero`` marks (one bool per ``unit`` pages) are not read, so a guest that never
+    wrote most of its RAM costs a scan of what it wrote; where a window's other pages are
+    scattered (more than SCAN_RUNS_MAX runs), the window is scanned whole in ``threads``
+    threads (its zero-mapped pages read from cache) rather than run by run on one."""
     pages_view = ram[: ram.size // PAGE * PAGE].reshape(-1, PAGE)
     n = len(pages_view)
     mv = memoryview(ram.data).cast("B")
@@ -425,6 +430,7 @@ def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, p
     step = GATHER_PAGES
     found = np.zeros(n, dtype=bool) if nz is None else nz
     scan_s = 0.0
+    scanned = 0
     with contextlib.ExitStack() as held:
         writes = _Writes(bulk, SAVE_WRITERS) if bulk is not None else None
         held.callback(lambda: writes.close() if writes is not None else None)
@@ -455,11 +461,15 @@ def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, p
             w1 = min(n, w0 + window)
             if nz is None:
                 t = time.perf_counter()
-                if known_zero is None:
-                    found[w0:w1] = nonzero_pages(ram[w0 * PAGE:w1 * PAGE], threads)
-                else:
-                    for a, b in true_runs(~known_zero[w0:w1]):  # (found is all False elsewhere)
-                        found[w0 + a:w0 + b] = nonzero_pages(ram[(w0 + a) * PAGE:(w0 + b) * PAGE], threads)
+                runs = [(0, w1 - w0)]
+                if known_zero is not None:
+                    kz = np.repeat(known_zero[w0 // unit:-(-w1 // unit)], unit)[w0 % unit:w0 % unit + w1 - w0]
+                    runs = true_runs(~kz)  # (found stays False on the others)
+                    if len(runs) > SCAN_RUNS_MAX:
+                        runs = [(0, w1 - w0)]
+                for a, b in runs:
+                    found[w0 + a:w0 + b] = nonzero_pages(ram[(w0 + a) * PAGE:(w0 + b) * PAGE], threads)
+                    scanned += b - a
                 scan_s += time.perf_counter() - t
             idx = np.concatenate((carry, np.flatnonzero(found[w0:w1]) + w0))
             whole = len(idx) // step * step if w1 < n else len(idx)
@@ -468,7 +478,7 @@ def _save_ram_pages(out: StreamWriter, ram: np.ndarray, nz: np.ndarray | None, p
             carry = idx[whole:]
         if writes is not None:
             writes.finish()
-    return pos, found, scan_s
+    return pos, found, scan_s, scanned
 
 
 class _Writes:

@@ -8,9 +8,11 @@ where a saver waiting with chunks claimed would hold it until the disk is done.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -176,6 +178,46 @@ def test_a_qcow2_save_keeps_two_writes_in_flight(monkeypatch: pytest.MonkeyPatch
         assert met.is_set()
         saver.out = inner
         assert np.array_equal(_stream_pages(img, saver, size, ram.size), view.reshape(-1, PAGE))
+    finally:
+        img.close()
+        wp.close()
+        ram.close()
+
+
+def test_a_gatherer_that_fails_to_start_its_writers_stops_the_ones_it_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second writer cannot start: the first is stopped and every gather buffer taken goes
+    back to the pool, so nothing is left waiting or held."""
+    ram = GuestRAM(16 * MIB)
+    wp = _wp(ram)
+    img = Qcow2Image.in_memory(8 * MIB)
+    try:
+        saver = CowSave(UffdProtector(wp), ram, img, img.snapshot_prepare(), "m", [])
+        started: list[threading.Event] = []
+        real = cow.spawn
+
+        def second_fails(fn: Any, *args: Any) -> threading.Event:
+            if started:
+                raise RuntimeError("no thread for the second writer")
+            started.append(real(fn, *args))
+            return started[-1]
+
+        held: list[int] = []  # buffers out of this test's pool
+
+        class Pool:
+            @contextlib.contextmanager
+            def take(self, n: int) -> Iterator[np.ndarray]:
+                held.append(n)
+                try:
+                    yield np.zeros((n, PAGE), dtype=np.uint8)
+                finally:
+                    held.remove(n)
+
+        monkeypatch.setattr(cow, "spawn", second_fails)
+        monkeypatch.setattr(cow, "WARM_PAGES", Pool())
+        with pytest.raises(RuntimeError, match="second writer"):
+            cow._Gatherer(saver)
+        assert started and started[0].wait(10), "the writer that started was left waiting"
+        assert held == []  # every buffer taken went back
     finally:
         img.close()
         wp.close()

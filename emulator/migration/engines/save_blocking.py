@@ -6,19 +6,21 @@ The RAM pages are written around the page cache (O_DIRECT where the file allows;
 docs/deviations.md), as the copy-on-write save writes its chunks.
 The guest is stopped for the whole save (migration/savevm.c ``save_snapshot()``).  A save that
 fails (a full or failing disk) gives back the VM state it wrote and resumes the guest.
+Where QEMU tests every page for zeros (``save_zero_page()``), this save reads only what the
+guest may have written: it read-maps RAM before the stop (a page never written then maps the
+kernel's shared zero page) and, stopped, asks the page tables which 2 MiB chunks still map
+only that page (``PAGEMAP_SCAN``); those are zero without a read (docs/deviations.md 57).
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from typing import ClassVar
 
 import numpy as np
 
-from emulator.memory import GuestRAM
-from emulator.migration.cow import CHUNK
+from emulator.memory import HUGE, GuestRAM
 from emulator.migration.engine import SaveEngine, SaveRequest, SnapshotMetrics
 from emulator.migration.savefail import (
     flush_or_undo,
@@ -35,23 +37,7 @@ from emulator.migration.vmstate import (
     scan_threads,
 )
 from emulator.migration.vmstate_io import VMStateStream
-from emulator.uffd import zero_mapped_units
-
-log = logging.getLogger(__name__)
-
-
-def zero_mapped_pages(ram: GuestRAM) -> tuple[np.ndarray | None, int]:
-    """With the guest stopped: one bool per page of RAM, True in every 2 MiB chunk whose pages
-    are all mapped to the shared zero page (never written since RAM was read-mapped), so known
-    to hold zeros without a read; and how many chunks that is.  A page-table walk (PAGEMAP_SCAN,
-    under a millisecond at 4 GiB) where QEMU reads every page (``buffer_is_zero()``); (None, 0)
-    where the kernel has no PAGEMAP_SCAN: every page is read."""
-    try:
-        zero = zero_mapped_units(ram.addr, ram.size, CHUNK)
-    except OSError as err:
-        log.debug("zero-page chunks not known (%s): every page is read", err)
-        return None, 0
-    return np.repeat(zero, CHUNK // PAGE)[:ram.size // PAGE], int(np.count_nonzero(zero))
+from emulator.uffd import zero_mapped_units_or_none
 
 
 class BlockingSave(SaveEngine):
@@ -62,8 +48,9 @@ class BlockingSave(SaveEngine):
     @staticmethod
     def never_written_scan_s(size: int) -> float:
         """The seconds this save's zero-page scan takes over ``size`` bytes of RAM never written
-        (read-mapped: the kernel's shared zero page, read from cache), in every CPU: what the
-        page-table walk spares it, and what QEMU, which tests every page, pays."""
+        (read-mapped: the kernel's shared zero page, read from cache), in its scan threads (up
+        to four): what the page-table walk spares it where QEMU tests every page (the lab
+        times it; the lab may not reach the scanner itself)."""
         ram = GuestRAM(size)
         try:
             ram.populate(write=False)
@@ -89,13 +76,15 @@ class BlockingSave(SaveEngine):
             t_stop = ctx.stop_for_save(images, stack)
             at = ctx.save_instant(req.name)
             t_map = time.perf_counter()
-            known_zero, zero_chunks = zero_mapped_pages(ctx.ram)
+            known_zero = zero_mapped_units_or_none(ctx.ram.addr, ctx.ram.size, HUGE)  # (None: every page read)
+            zero_chunks = int(np.count_nonzero(known_zero)) if known_zero is not None else 0
             t_write = time.perf_counter()
             try:
-                with writing_vmstate():  # the guest is stopped: the zero-page scan takes every CPU
+                with writing_vmstate():  # the guest is stopped: the zero-page scan takes up to four CPUs
                     st = save_state(VMStateStream(target.vmstate_image, direct=True), ctx.machine_name, ctx.handlers(),
                                     ctx.ram.array, align=max(PAGE, target.vmstate_image.cluster_size),
-                                    threads=scan_threads(), known_zero=known_zero)
+                                    threads=scan_threads(), known_zero=known_zero,
+                                    known_zero_unit=HUGE // PAGE)
                 t_commit = time.perf_counter()
                 ctx.commit(target, at, st.size)
             except BaseException:
@@ -109,6 +98,7 @@ class BlockingSave(SaveEngine):
         m = SnapshotMetrics(self.name, t_resume - t_stop, time.perf_counter() - t0, st.size, st.nonzero,
                             ctx.ram_pages() - st.nonzero)
         m.extra.update({"flush_s": time.perf_counter() - t_flush, "zero_scan_s": st.scan_s, "zero_chunks": zero_chunks,
+                        "scanned_bytes": st.scanned_pages * PAGE,
                         "zero_map_s": t_write - t_map,
                         "write_s": t_commit - t_write - st.scan_s, "commit_s": t_resume - t_commit})
         return ctx.saved(m, target, at.name)
