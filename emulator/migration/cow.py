@@ -884,9 +884,9 @@ class _Gatherer:
         self.fill = 0
         self.cluster = save.out.img.cluster_size if save.sink is None and save.out is not None else PAGE
         self._bufs: queue.Queue[np.ndarray | None] = queue.Queue()
-        # (stream position, buffer, bytes, records): records, for a stream, are
+        # (stream position, buffer, bytes, records): records, written for a stream only, are
         # (first page, first row in the buffer, pages)
-        self._todo: queue.Queue[tuple[int, np.ndarray, int, list[tuple[int, int, int]] | None] | None] = queue.Queue()
+        self._todo: queue.Queue[tuple[int, np.ndarray, int, list[tuple[int, int, int]]] | None] = queue.Queue()
         self._records: list[tuple[int, int, int]] = []
         self._held = contextlib.ExitStack()
         self._unflushed = 0  # (under _count_lock)
@@ -986,7 +986,7 @@ class _Gatherer:
         if nxt is not None and whole < nbytes:
             nxt.reshape(-1)[:nbytes - whole] = self.buf.reshape(-1)[whole:nbytes]
         if whole:
-            self._todo.put((self.pos, self.buf, whole, self._records if self.save.sink is not None else None))
+            self._todo.put((self.pos, self.buf, whole, self._records))
         else:
             self._bufs.put(self.buf)
         self._records = []
@@ -1011,8 +1011,7 @@ class _Gatherer:
                     self._bufs.put(buf)
                     continue
                 data = memoryview(buf.reshape(-1).data).cast("B")
-                if records is not None:
-                    assert save.sink is not None
+                if save.sink is not None:
                     for first, row, pages in records:
                         save.sink.pages(first, data[row * PAGE:(row + pages) * PAGE])
                     self._bufs.put(buf)

@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,7 +31,7 @@ from emulator.migration.cow import (
     UffdProtector,
 )
 from emulator.migration.vmstate import PAGE
-from tests.migration.test_cow_zero_chunks import _Records, _stream_pages, _wp
+from tests.migration.test_cow_zero_chunks import _Records, _run_bounded, _stream_pages, _wp
 
 MIB = 1 << 20
 
@@ -48,17 +48,18 @@ class _HeldRecords(_Records):
         super().pages(first_page, data)
 
 
-class _HeldOut:
-    """A pending snapshot's VM-state output whose bulk writes wait until ``go`` is set (a slow disk)."""
+class _HookedOut:
+    """A pending snapshot's VM-state output that calls ``before_bulk()`` before each bulk write
+    (to hold it, as a slow disk would, or to see several under way at once)."""
 
-    def __init__(self, out: Any, go: threading.Event) -> None:
-        self.out, self.go, self.img = out, go, out.img
+    def __init__(self, out: Any, before_bulk: Callable[[], None]) -> None:
+        self.out, self.before_bulk, self.img = out, before_bulk, out.img
 
     def write(self, pos: int, data: bytes | memoryview) -> None:
         self.out.write(pos, data)
 
     def write_bulk(self, pos: int, data: memoryview) -> None:
-        assert self.go.wait(60)
+        self.before_bulk()
         self.out.write_bulk(pos, data)
 
 
@@ -92,16 +93,13 @@ def test_a_guest_write_does_not_wait_for_the_disk(to: str, monkeypatch: pytest.M
         saver.arm()
         if sink is None:
             saver.attach(img, img.snapshot_prepare(), [])
-            saver.out = _HeldOut(saver.out, go)  # type: ignore[assignment]
-        out: list[BaseException | int] = []
 
-        def run() -> None:
-            try:
-                out.append(saver.run())
-            except BaseException as err:  # noqa: BLE001 - the test inspects it
-                out.append(err)
+            def held() -> None:  # a slow disk: every bulk write waits for go
+                assert go.wait(60)
 
-        runner = threading.Thread(target=run, daemon=True)
+            saver.out = _HookedOut(saver.out, held)  # type: ignore[assignment]
+        out: list[BaseException | int | None] = []
+        runner = threading.Thread(target=lambda: out.append(_run_bounded(saver)), daemon=True)
         runner.start()
         try:
             assert stuck.wait(60), "the saver never ran out of gather buffers"
@@ -158,19 +156,12 @@ def test_a_qcow2_save_keeps_two_writes_in_flight(monkeypatch: pytest.MonkeyPatch
         saver.attach(img, img.snapshot_prepare(), [])
         inner = saver.out
 
-        class Meeting:
-            img = inner.img  # type: ignore[union-attr]
+        def meet() -> None:
+            if not met.is_set():
+                both.wait()  # returns only when SAVE_WRITERS writes are under way at once
+                met.set()
 
-            def write(self, pos: int, data: bytes | memoryview) -> None:
-                inner.write(pos, data)  # type: ignore[union-attr]
-
-            def write_bulk(self, pos: int, data: memoryview) -> None:
-                if not met.is_set():
-                    both.wait()  # returns only when SAVE_WRITERS writes are under way at once
-                    met.set()
-                inner.write_bulk(pos, data)  # type: ignore[union-attr]
-
-        saver.out = Meeting()  # type: ignore[assignment]
+        saver.out = _HookedOut(inner, meet)  # type: ignore[assignment]
         try:
             size = saver.run()
         finally:
