@@ -218,10 +218,12 @@ def qemu_cache_text(mode: str) -> str:
 
 
 def source_label(meta: dict[str, Any], committed: bool) -> str:
-    """Where a run's figures come from: measured or committed, its date and host, and QEMU's
-    cache mode (runs recorded before the mode existed went through the page cache)."""
+    """Where a run's figures come from: measured or committed, its date and host (its CPU
+    model first: a speed-up factor belongs to the host), and QEMU's cache mode (runs recorded
+    before the mode existed went through the page cache)."""
     when = str(meta.get("started", "?"))[:10]
-    where = meta.get("host", "?")
+    host, cpu = meta.get("host", "?"), meta.get("cpu")
+    where = f"{cpu} ({host})" if cpu and cpu != host else host
     cache = qemu_cache_text(meta.get("spec", {}).get("qemu_cache", "writeback"))
     return f"{'committed data' if committed else 'measured'} {when} on {where}, {cache}"
 

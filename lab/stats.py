@@ -94,9 +94,15 @@ class Summary:
         return self.q3 - self.q1
 
     def spread(self) -> str:
-        """The spread a table shows: IQR and the CI from five values on, min-max below that."""
+        """The spread a table shows: IQR and the CI from five values on, min-max below that.
+
+        Where the bootstrap CI is the min-max (always with five values: a resampled median is
+        the smallest value in 5.8% of the draws, more than the 2.5% a bound leaves out), it
+        is printed as what it is, ``min-max``."""
         if self.n < 5:
             return f"min-max {_fmt(self.min)}-{_fmt(self.max)}"
+        if (self.ci_lo, self.ci_hi) == (self.min, self.max):
+            return f"IQR {_fmt(self.q1)}-{_fmt(self.q3)}, min-max {_fmt(self.min)}-{_fmt(self.max)}"
         return f"IQR {_fmt(self.q1)}-{_fmt(self.q3)}, 95% CI {_fmt(self.ci_lo)}-{_fmt(self.ci_hi)}"
 
 

@@ -35,7 +35,11 @@ def test_quartiles_and_spread_by_hand() -> None:
     assert quartiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 4.0)
     s = summarize([5.0, 1.0, 4.0, 2.0, 3.0])
     assert (s.n, s.median, s.q1, s.q3, s.iqr, s.min, s.max) == (5, 3.0, 2.0, 4.0, 2.0, 1.0, 5.0)
-    assert s.spread().startswith("IQR 2-4, 95% CI ")
+    # with five values the bootstrap 95% CI of the median is the min-max, and says so
+    assert (s.ci_lo, s.ci_hi) == (1.0, 5.0) and s.spread() == "IQR 2-4, min-max 1-5"
+    nine = summarize([float(v) for v in range(1, 10)])  # with more values it is narrower
+    assert 1.0 < nine.ci_lo < nine.median < nine.ci_hi < 9.0
+    assert nine.spread() == f"IQR 3-7, 95% CI {nine.ci_lo:.3g}-{nine.ci_hi:.3g}"
     assert summarize([2.0, 1.0]).spread() == "min-max 1-2"  # fewer than five values: min-max
     assert summarize([1.0, float("nan"), 3.0]).n == 2  # nan (no measurement) is left out
     big = summarize([1086.4, 1072.0, 1119.0])  # from 1000 on, whole numbers, not 1.09e+03
@@ -302,3 +306,9 @@ def test_progress_over_a_common_window_by_hand() -> None:
     assert "Progress over a common window" in repro_report.table(rows)
     # a condition only one system ran has no common window
     assert len(repro_report.common_window_progress(rows[:3])) == 0
+
+
+def test_a_figure_names_the_host_by_its_cpu() -> None:
+    meta = {"started": "2026-12-06T04:54:22+0000", "host": "vm", "cpu": "AMD EPYC", "spec": {"qemu_cache": "direct"}}
+    assert repro_report.source_label(meta, True) == "committed data 2026-12-06 on AMD EPYC (vm), QEMU cache.direct=on"
+    assert repro_report.source_label({"host": "box"}, False) == "measured ? on box, QEMU through the page cache"
