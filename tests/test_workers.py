@@ -62,7 +62,9 @@ def test_chunk_buffers_are_page_aligned_warm_and_reused() -> None:
     WARM_BUFFERS.give_back(again)
     WARM_BUFFERS.reserve(total)
     assert WARM_BUFFERS.total == total  # reserve never shrinks nor makes more than asked
-    assert fault_buffers(64 << 20) == 16 and fault_buffers(1 << 30) == 128 and fault_buffers(64 << 30) == 256
+    assert fault_buffers(16 << 20) == 16 and fault_buffers(64 << 20) == 32  # small: all of RAM, never under 16
+    assert fault_buffers(256 << 20) == 64 and fault_buffers(512 << 20) == 64  # at least 128 MiB
+    assert fault_buffers(1 << 30) == 128 and fault_buffers(64 << 30) == 256  # a quarter, at most 512 MiB
 
 
 def test_an_idle_worker_keeps_nothing_of_its_last_task() -> None:

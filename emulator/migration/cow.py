@@ -146,15 +146,20 @@ class _WarmBuffers:
 
 def fault_buffers(ram_size: int) -> int:
     """How many chunks a copy-on-write save may hold copied before a fault waits for the
-    saver: a quarter of RAM, from 16 (32 MiB) to 256 (512 MiB).
+    saver: a quarter of RAM, but at least 64 (128 MiB) or all of RAM where it has fewer (and
+    never under 16), and at most 256 (512 MiB).
 
     A fault copies its chunk's non-zero pages into a free buffer and the guest goes on; the copy is
     stored when the in-order saver reaches that chunk.  While every buffer holds a chunk the
     saver has not reached yet, the next fault waits until the saver frees one or takes the
     faulting chunk itself (deviation 38), so a guest writing all over a working set larger
-    than the buffers is paced by the saver's progress through RAM.
+    than the buffers is paced by the saver's progress through RAM.  The floor of 64 is for
+    small guests, whose working set can be half of RAM: a 256 MiB guest writing all over
+    128 MiB with a quarter of RAM (32 buffers) waited 16 ms per save for the saver through
+    ``migrate``, 4 ms with 64 (docs/deviations.md 38).
     """
-    return max(16, min(256, ram_size // 4 // CHUNK))
+    nchunks = -(-ram_size // CHUNK)
+    return max(16, min(64, nchunks), min(256, ram_size // 4 // CHUNK))
 
 
 WARM_BUFFERS = _WarmBuffers()
