@@ -1,8 +1,10 @@
 """The copy-on-write background snapshot engine (what the seed thread asked QEMU for).
 
-Stop; drain the disks; take the CPU context and device state; write-protect all guest RAM with
-one UFFDIO_WRITEPROTECT; resume; freeze the disks (pending qcow2 snapshots) while still
-drained, so they are the stop instant's (savevm.py).  From then on:
+Write-protect all guest RAM with one UFFDIO_WRITEPROTECT while the guest still runs (a write
+until the stop releases its chunk and is noted: :meth:`UffdProtector.pre_arm`); stop; drain the
+disks; take the CPU context and device state; protect again the chunks written since (a few
+ioctls: :meth:`UffdProtector.rearm`); resume; freeze the disks (pending qcow2 snapshots) while
+still drained, so they are the stop instant's (savevm.py).  From then on:
 
 * a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
   saved it copies the chunk's non-zero pages (still the stop-instant content), packed, into a
@@ -30,8 +32,8 @@ drained, so they are the stop instant's (savevm.py).  From then on:
   write, so a guest write never waits for the disk or the pipe.
 
 Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
-O(huge pages) (~0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
-addendum).  The result is the state at the stop instant, bit for bit.
+O(huge pages) (~0.05-0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
+addendum), and that arm runs before the stop: inside it only the chunks written meanwhile.  The result is the state at the stop instant, bit for bit.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ class CowStats:
     copy_s: list[float] = field(default_factory=list)  # per fault, of it: copying its chunk (0 if it did not)
     bytes_written: int = 0
     peak_buffers: int = 0
-    arm_s: float = 0.0
+    arm_s: float = 0.0  # inside the stop
+    pre_arm_s: float = 0.0  # before the stop, the guest running (pre_arm)
+    rearmed_chunks: int = 0  # chunks the guest wrote between pre_arm and the stop, protected again inside it
     zero_chunks: int = 0  # zero-page mapped when the saver began and still unwritten: never read
     zero_map_s: float = 0.0  # finding them (a page-table walk)
     ahead_chunks: int = 0  # chunks whose zero pages the scan-ahead found, used by the saver
@@ -296,6 +300,10 @@ class Protector(Protocol):
 
     def arm(self, save: CowSave) -> None: ...
 
+    def pre_arm(self, save: CowSave) -> bool: ...
+
+    def rearm(self, save: CowSave) -> int: ...
+
     def release(self, c: int) -> None: ...
 
     def release_span(self, c: int, n: int) -> None: ...
@@ -315,10 +323,48 @@ class UffdProtector:
     def __init__(self, wp: WriteProtector) -> None:
         self.wp = wp
         wp.register()  # before the stop: the downtime only arms
+        self._pre = False  # pre-armed: a write fault releases its chunk and is noted (under _pre_lock)
+        self._noted: list[int] = []
+        self._pre_lock = threading.Lock()
 
     def arm(self, save: CowSave) -> None:
         self.wp.handler = save.on_fault
         self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
+
+    def pre_arm(self, save: CowSave) -> bool:
+        """With the guest running: protect all of RAM (one ioctl, O(huge pages): ~0.05 ms per
+        GiB here, which inside the stop made the downtime grow with RAM), a write fault until
+        the stop releasing its chunk and noting it (:meth:`rearm`)."""
+        with self._pre_lock:
+            self._pre, self._noted = True, []
+        self.wp.handler = lambda f: self._pre_fault(save, f)
+        self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
+        return True
+
+    def _pre_fault(self, save: CowSave, f: Fault) -> None:
+        with self._pre_lock:
+            if self._pre:
+                if f.wp:
+                    self._noted.append(self.wp.chunk_of(f.address))
+                self.wp.default(f)  # (released before the lock goes: rearm then finds it noted)
+                return
+        save.on_fault(f)  # the stop has armed meanwhile: a fault of the save
+
+    def rearm(self, save: CowSave) -> int:
+        """Inside the stop: protect again the chunks released since :meth:`pre_arm` (a few
+        ioctls, whatever the RAM size; all of RAM at once where they are scattered), and hand
+        the faults to the save.  Returns how many chunks were protected again."""
+        with self._pre_lock:
+            self._pre = False
+            self.wp.handler = save.on_fault
+            noted, self._noted = sorted(set(self._noted)), []
+        runs = true_runs(np.isin(np.arange(save.nchunks), noted)) if noted else []
+        if len(runs) > REARM_RUNS_MAX:
+            self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
+        else:
+            for a, b in runs:
+                self.wp.uffd.writeprotect(self.wp.ram.addr + a * CHUNK, min(b * CHUNK, self.wp.ram.span) - a * CHUNK, True)
+        return len(noted)
 
     def release(self, c: int) -> None:
         self.wp.uffd.writeprotect(self.wp.ram.addr + c * CHUNK, CHUNK, False)  # also wakes waiters
@@ -356,6 +402,13 @@ class TlbProtector:
         self.save = save
         self.ram.before_write = self._host_write
         self._enable(self._perms)
+
+    def pre_arm(self, save: CowSave) -> bool:
+        return False  # (the TLB hook's arm is already O(1): it flushes Unicorn's TLB)
+
+    def rearm(self, save: CowSave) -> int:
+        self.arm(save)
+        return 0
 
     def _perms(self, addr: int, write: bool) -> int:
         save = self.save
@@ -441,6 +494,7 @@ class CowSave:
         self._seen = np.zeros(self.nchunks, dtype=bool)  # chunks already in stats.touched
         self._zero = np.zeros(self.nchunks, dtype=bool)  # zero-page mapped after the arm (_find_zero_chunks)
         self.scan_ahead: bool | None = None  # a second scan on an idle CPU (_ScanAhead); None: scan_ahead_wanted()
+        self.pre_armed = False  # RAM protected before the stop (pre_arm); the stop re-protects what was written since
         self.ahead: _ScanAhead | None = None  # (while the saver runs)
 
     def attach(self, img: Qcow2Image, pending: PendingSnapshot, sections: list[tuple[SaveHandler, bytes]]) -> None:
@@ -486,10 +540,21 @@ class CowSave:
         would deadlock."""
         self.ram.make_present(0, self.ram.size)
 
+    def pre_arm(self) -> None:
+        """Before the stop, the guest running: all of RAM write-protected now where the
+        backend can (userfaultfd), so that :meth:`arm`, inside the stop, protects again only the
+        chunks the guest wrote in between, and the downtime no longer grows with RAM."""
+        t0 = time.perf_counter()
+        self.pre_armed = self.protector.pre_arm(self)
+        self.stats.pre_arm_s = time.perf_counter() - t0
+
     def arm(self) -> None:
         t0 = time.perf_counter()
         self._armed_at = t0
-        self.protector.arm(self)
+        if self.pre_armed:
+            self.stats.rearmed_chunks = self.protector.rearm(self)
+        else:
+            self.protector.arm(self)
         self.stats.arm_s = time.perf_counter() - t0
 
     # -- the fault path ------------------------------------------------------------------------
@@ -726,6 +791,7 @@ class CowSave:
         return finish_sparse_stream(self.out, self.sparse, self.nonzero, trailer)
 
 
+REARM_RUNS_MAX = 64  # more runs of chunks to protect again than this: one ioctl over all of RAM instead
 SPAN = 8  # chunks the saver takes at a time (16 MiB: a guest write to one waits ~1 ms at most)
 ZERO_SPAN = 512  # zero chunks taken and let go at once (1 GiB: nothing read, a write waits two ioctls)
 

@@ -48,10 +48,13 @@ def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState,
                   images: list[Qcow2Image], stack: contextlib.ExitStack, name: str | None = None) -> Window:
     """The copy-on-write stop, shared by the engine and ``migrate``'s background snapshot:
     vm_stop, the instant, the device sections captured, ``images`` drained (until ``stack``
-    closes), RAM write-protected, vm_resume (to where the stop found the VM).  If arming fails the saver is abandoned (its
-    chunk buffers go back to the pool either way)."""
+    closes), RAM write-protected, vm_resume (to where the stop found the VM).  RAM is
+    write-protected just before the stop, with the guest running (:meth:`CowSave.pre_arm`), so
+    the stop protects again only the chunks the guest wrote in between.  If arming fails the
+    saver is abandoned (its chunk buffers go back to the pool either way)."""
     armed = False
     try:
+        saver.pre_arm()
         with short_downtime(ctx.vm):
             t_stop = ctx.stop_for_save(images, stack, stop_state)
             try:
@@ -64,7 +67,7 @@ def arm_in_window(ctx: EngineContext, saver: CowSave, stop_state: RunState,
             finally:
                 t_resume = ctx.resume()
     except BaseException:
-        if armed:
+        if armed or saver.pre_armed:
             saver.abandon()
         else:
             saver.give_back_buffers()
@@ -124,7 +127,7 @@ class CowSaveEngine(SaveEngine):
                             ctx.ram_pages() - written)
         m.extra.update({
             "backend": protector.name, "backend_note": note,
-            "arm_s": st.arm_s, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
+            "arm_s": st.arm_s, "pre_arm_s": st.pre_arm_s, "rearmed_chunks": st.rearmed_chunks, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
             "zero_chunks": st.zero_chunks, "zero_map_s": st.zero_map_s,
             "ahead_chunks": st.ahead_chunks, "ahead_policy": st.ahead_policy,
             "woken": st.woken, "bytes_written": st.bytes_written, "peak_extra_bytes": st.peak_buffers * CHUNK,
