@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import numpy as np
 
@@ -59,6 +60,9 @@ def test_a_chunk_written_between_the_pre_arm_and_the_stop_is_saved_as_at_the_sto
         _write(ram.addr + 3 * CHUNK + 9, 0x99)  # after the stop: must not be in the snapshot
         _write(ram.addr + 11 * CHUNK + 5, 0x98)
         _write(ram.addr + 13 * CHUNK, 0x97)  # a chunk protected since the pre-arm only
+        deadline = time.monotonic() + 30  # (the fault thread counts a copy after it woke the writer)
+        while saver.stats.fault_chunks < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
         assert saver.stats.fault_chunks == 3  # each of those writes had its chunk copied first
         saver.attach(img, img.snapshot_prepare(), [])
         try:
