@@ -3,7 +3,7 @@
 Write-protect all guest RAM with one UFFDIO_WRITEPROTECT while the guest still runs (a write
 until the stop releases its chunk and is noted: :meth:`UffdProtector.pre_arm`); stop; drain the
 disks; take the CPU context and device state; protect again the chunks written since (a few
-ioctls: :meth:`UffdProtector.rearm`); resume; freeze the disks (pending qcow2 snapshots) while
+ioctls: :meth:`UffdProtector.arm`); resume; freeze the disks (pending qcow2 snapshots) while
 still drained, so they are the stop instant's (savevm.py).  From then on:
 
 * a **fault handler** thread reads write faults from the userfaultfd; for a 2 MiB chunk not yet
@@ -298,11 +298,9 @@ class Protector(Protocol):
 
     name: str
 
-    def arm(self, save: CowSave) -> None: ...
-
     def pre_arm(self, save: CowSave) -> bool: ...
 
-    def rearm(self, save: CowSave) -> int: ...
+    def arm(self, save: CowSave) -> int: ...
 
     def release(self, c: int) -> None: ...
 
@@ -327,18 +325,17 @@ class UffdProtector:
         self._noted: list[int] = []
         self._pre_lock = threading.Lock()
 
-    def arm(self, save: CowSave) -> None:
-        self.wp.handler = save.on_fault
+    def _protect_all(self) -> None:
         self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
 
     def pre_arm(self, save: CowSave) -> bool:
         """With the guest running: protect all of RAM (one ioctl, O(huge pages): ~0.05 ms per
         GiB here, which inside the stop made the downtime grow with RAM), a write fault until
-        the stop releasing its chunk and noting it (:meth:`rearm`)."""
+        the stop releasing its chunk and noting it (:meth:`arm`)."""
         with self._pre_lock:
             self._pre, self._noted = True, []
         self.wp.handler = lambda f: self._pre_fault(save, f)
-        self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
+        self._protect_all()
         return True
 
     def _pre_fault(self, save: CowSave, f: Fault) -> None:
@@ -346,18 +343,22 @@ class UffdProtector:
             if self._pre:
                 if f.wp:
                     self._noted.append(self.wp.chunk_of(f.address))
-                self.wp.default(f)  # (released before the lock goes: rearm then finds it noted)
+                self.wp.default(f)  # (released before the lock goes: arm then finds it noted)
                 return
         save.on_fault(f)  # the stop has armed meanwhile: a fault of the save
 
-    def rearm(self, save: CowSave) -> int:
-        """Inside the stop: protect again the chunks released since :meth:`pre_arm` (a few
-        ioctls, whatever the RAM size; all of RAM at once where they are scattered), and hand
-        the faults to the save.  Returns how many chunks were protected again."""
+    def arm(self, save: CowSave) -> int:
+        """Inside the stop: the faults handed to the save, and RAM write-protected; after
+        :meth:`pre_arm` only the chunks released since are protected again (a few ioctls,
+        whatever the RAM size; all of RAM at once where they are scattered).  Returns how
+        many chunks were protected again (0 without a pre-arm)."""
         with self._pre_lock:
-            self._pre = False
+            pre, self._pre = self._pre, False
             self.wp.handler = save.on_fault
             noted, self._noted = sorted(set(self._noted)), []
+        if not pre:
+            self._protect_all()
+            return 0
         runs: list[list[int]] = []  # (in plain Python: a few chunks; numpy's calls cost ~0.2 ms here)
         for c in noted:
             if runs and runs[-1][1] == c:
@@ -365,7 +366,7 @@ class UffdProtector:
             else:
                 runs.append([c, c + 1])
         if len(runs) > REARM_RUNS_MAX:
-            self.wp.uffd.writeprotect(self.wp.ram.addr, self.wp.ram.span, True)
+            self._protect_all()
         else:
             for a, b in runs:
                 self.wp.uffd.writeprotect(self.wp.ram.addr + a * CHUNK, min(b * CHUNK, self.wp.ram.span) - a * CHUNK, True)
@@ -403,16 +404,13 @@ class TlbProtector:
         self.rx, self.rwx = rx, rwx
         self.save: CowSave | None = None
 
-    def arm(self, save: CowSave) -> None:
-        self.save = save
-        self.ram.before_write = self._host_write
-        self._enable(self._perms)
-
     def pre_arm(self, save: CowSave) -> bool:
         return False  # (the TLB hook's arm is already O(1): it flushes Unicorn's TLB)
 
-    def rearm(self, save: CowSave) -> int:
-        self.arm(save)
+    def arm(self, save: CowSave) -> int:
+        self.save = save
+        self.ram.before_write = self._host_write
+        self._enable(self._perms)
         return 0
 
     def _perms(self, addr: int, write: bool) -> int:
@@ -556,10 +554,7 @@ class CowSave:
     def arm(self) -> None:
         t0 = time.perf_counter()
         self._armed_at = t0
-        if self.pre_armed:
-            self.stats.rearmed_chunks = self.protector.rearm(self)
-        else:
-            self.protector.arm(self)
+        self.stats.rearmed_chunks = self.protector.arm(self)
         self.stats.arm_s = time.perf_counter() - t0
 
     # -- the fault path ------------------------------------------------------------------------
