@@ -259,6 +259,7 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
                            "resident_s": float(stats.get("resident-s", 0.0)),
                            "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
                            "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
+                           "prefetch_s": float(stats.get("prefetch-s", 0.0)),
                            "recorded_chunks": int(stats.get("recorded-chunks", 0)),
                            "recorded_set": list(stats.get("recorded-set", [])),
                            "loading_set": list(stats.get("loading-set", [])),

@@ -308,3 +308,32 @@ def test_lazy_load_refuses_small_clusters_before_stopping(tmp_path: Path) -> Non
     finally:
         m.close()
         g.close()
+
+
+def test_a_loading_sets_page_offsets_are_found_one_call_per_run_of_chunks() -> None:
+    """LazyLoad._hosts_of: the same offsets as one _hosts call per chunk, with one call per
+    run of consecutive chunks; a last chunk that RAM cuts short gets only its pages."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from emulator.migration.cow import CHUNK
+    from emulator.migration.postcopy import LazyLoad
+    from emulator.migration.vmstate import PAGE
+
+    per = CHUNK // PAGE
+    calls: list[tuple[int, int]] = []
+
+    class Fake:
+        ram = SimpleNamespace(size=10 * CHUNK - 8 * PAGE)
+
+        def _hosts(self, first: int, n: int) -> np.ndarray:
+            calls.append((first, n))
+            return np.arange(first, first + n, dtype=np.int64) * 7 + 1
+
+    got = LazyLoad._hosts_of(Fake(), [5, 3, 4, 9, 0, 9])  # type: ignore[arg-type]
+    assert sorted(got) == [0, 3, 4, 5, 9]
+    for c, hosts in got.items():
+        n = per - 8 if c == 9 else per
+        assert np.array_equal(hosts, np.arange(c * per, c * per + n) * 7 + 1), c
+    assert calls == [(0, per), (3 * per, 3 * per), (9 * per, per - 8)]

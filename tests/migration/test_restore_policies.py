@@ -259,6 +259,20 @@ def test_the_first_load_records_a_loading_set_the_next_prefetch_uses(make_vm: Fa
     assert again["loading-set-chunks"] == len(lset.chunks) and again["recorded-chunks"] == 0
     assert again["loading-set"] == rec["recorded-set"] == lset.chunks.tolist()
     assert again["prefetched-chunks"] + again["fault-chunks"] >= len(ws_chunks)
+    q.execute("stop")  # a stopped guest stays stopped: RAM is the snapshot's once a load is over
+    _load(q, "ref", "blocking")
+    want = _ram_digest(m)
+    # Garbage over the zero pages of every chunk that also holds data: the load must clear
+    # them, whichever buffer or recycled page it reads such a chunk into.
+    pages = np.frombuffer(m.ram.read(0, RAM), dtype=np.uint8).reshape(-1, PAGE).any(axis=1)
+    per = LSET_CHUNK // PAGE
+    mixed = [c for c in range(RAM // LSET_CHUNK) if 0 < pages[c * per:(c + 1) * per].sum() < per]
+    assert mixed
+    for c in mixed:
+        m.ram.fill(int(np.flatnonzero(~pages[c * per:(c + 1) * per])[0] + c * per) * PAGE, 0xA5, PAGE)
+    stopped = _load(q, "pf2", "prefetch")  # the set read ahead, bit for bit
+    assert stopped["prefetched-chunks"] >= len(ws_chunks)
+    assert _ram_digest(m) == want
     q.execute("quit")
     m.close()
     _qemu_img_check(tmp_path / "w" / "disk0.qcow2")

@@ -180,6 +180,7 @@ class BackgroundLoad(LoadEngine):
                         "zero_chunks": st.zero_chunks,
                         "zero_touched_chunks": st.zero_touched_chunks, "paced_s": st.paced_s,
                         "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
+                        "prefetch_s": st.prefetch_done_at - t_resume if st.prefetch_done_at else 0.0,
                         "loading_set_chunks": 0 if plan.order is None else len(plan.order),
                         "loading_set": [] if plan.order is None else plan.order.tolist(),
                         "fault_latency_s": list(st.handler_s)})
