@@ -55,6 +55,7 @@ from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab import qemu as qemu_lab
 from lab.hostnoise import describe, host_noise
+from lab.progress import rate
 from lab.spec import (
     engine_title,
     guest_runs,
@@ -209,16 +210,29 @@ def _ts(e: dict[str, Any]) -> float:
     return float(e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6)
 
 
-def _rate(samples: list[tuple[int, int]], start_ns: int, end_ns: int) -> float:
-    """Iterations per second over [start, end], interpolated between samples (nan without them)."""
+def _rate(samples: list[tuple[int, int]], start_ns: int, end_ns: int,
+          stops: list[tuple[float, float]] | None = None) -> float:
+    """Iterations per second over [start, end], interpolated between samples in running time
+    (flat through ``stops``, monotonic ns: lab/progress.py); nan without samples around it."""
     if len(samples) < 2:
         return float("nan")
     ts = np.array([s[0] for s in samples], dtype=np.float64)
     its = np.array([s[1] for s in samples], dtype=np.float64)
-    if ts[0] > start_ns or ts[-1] < end_ns or end_ns <= start_ns:
-        return float("nan")
-    a, b = np.interp([start_ns, end_ns], ts, its)
-    return float((b - a) / ((end_ns - start_ns) / 1e9))
+    return rate(ts, its, start_ns, end_ns, stops or [])
+
+
+def stops_ns(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
+    """[STOP, RESUME] intervals of a QMP event list, on the monotonic clock (the events are
+    stamped with the host's wall clock, on both systems; the offset is taken now)."""
+    off = time.time_ns() - time.monotonic_ns()
+    out, stop = [], None
+    for e in events:
+        if e["event"] == "STOP" and stop is None:
+            stop = _ts(e) * 1e9 - off
+        elif e["event"] == "RESUME" and stop is not None:
+            out.append((stop, _ts(e) * 1e9 - off))
+            stop = None
+    return out
 
 
 def iterations_now(g: Guest) -> int:
@@ -256,12 +270,14 @@ def wait_steady(g: Guest, spec: WorkloadSpec, min_iterations: int = 0) -> bool:
 
 def progress_rates(g: Guest, t0_ns: int, t1_ns: int) -> tuple[float, float]:
     """The guest's progress rate (iterations a second) in the second before ``t0`` and
-    between ``t0`` and ``t1``; their quotient is the row's ``progress_ratio``."""
+    between ``t0`` and ``t1``, flat through the operation's stop (its STOP and RESUME events,
+    still in the client's list); their quotient is the row's ``progress_ratio``."""
     deadline = time.monotonic() + 0.3
     while time.monotonic() < deadline and not any(s[0] > t1_ns for s in g.progress()[-4:]):
         time.sleep(0.005)  # one sample past the window, so its end is interpolated
     samples = g.progress()
-    return _rate(samples, t0_ns - 1_000_000_000, t0_ns), _rate(samples, t0_ns, t1_ns)
+    stops = stops_ns(list(g.qmp.events)) if g.qmp is not None else []  # (a synthetic guest has no monitor)
+    return _rate(samples, t0_ns - 1_000_000_000, t0_ns, stops), _rate(samples, t0_ns, t1_ns, stops)
 
 
 def rate_ratio(before: float, during: float) -> float:

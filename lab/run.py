@@ -19,6 +19,7 @@ from emulator.block import BlockGraph, Qcow2Image
 from emulator.errors import UffdUnavailable
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab.progress import iterations_at
 from lab.spec import ExperimentSpec, compare_engines, load_engines, write_protects
 
 ENGINE_ARG = "__org.snaplab_engine"
@@ -124,7 +125,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("zero_scan", "zero_map", "write", "commit", "flush")},
                     "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": stats.get("scanned-bytes", math.nan) / 2**20,
                     "iterations": stats.get("iterations", 1),
-                    "progress_during_save": _progress(m, m0, m1),
+                    "progress_during_save": _progress(m, m0, m1, _stops_ns(evs)),
                     "details": {
                         # each fault's time, and of it the waiting and the copying
                         **{f"fault_{k}_ms": [x * 1e3 for x in stats.get(f"fault-{k}-s", [])] for k in ("latency", "wait", "copy")},
@@ -163,11 +164,21 @@ def compare(ram_sizes: list[int], engines: tuple[str, ...] | None = None, *, see
     return rows
 
 
-def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
+def _stops_ns(evs: dict[str, float]) -> list[tuple[float, float]]:
+    """The save's [STOP, RESUME] interval on the monotonic clock (the events are stamped with
+    the wall clock; the offset between the two is taken now)."""
+    if "STOP" not in evs or "RESUME" not in evs:
+        return []
+    off = time.time_ns() - time.monotonic_ns()
+    return [(evs["STOP"] * 1e9 - off, evs["RESUME"] * 1e9 - off)]
+
+
+def _progress(m: Machine, start_ns: int, end_ns: int, stops: list[tuple[float, float]]) -> float:
     """Guest iterations per second over [start_ns, end_ns] (monotonic) over the rate in the second before.
 
-    Iteration counts at the window's edges are interpolated between the lab port's samples, so a
-    guest stopped for most of the window scores near 0 even if it sampled only after RESUME.
+    Iteration counts at the window's edges are interpolated between the lab port's samples in
+    running time, flat through the stop (lab/progress.py), so a guest stopped for most of the
+    window scores what it ran outside the stop, not a share of the batch that straddled it.
     """
     deadline = time.monotonic() + 0.2
     while time.monotonic() < deadline and not any(s.host_ns > end_ns for s in m.lab.history(last=4)):
@@ -180,7 +191,7 @@ def _progress(m: Machine, start_ns: int, end_ns: int) -> float:
     before_ns = max(start_ns - 1_000_000_000, int(ts[0]))
     if start_ns - before_ns < 50_000_000 or ts[-1] < end_ns:
         return float("nan")
-    i0, i1, i2 = np.interp([before_ns, start_ns, end_ns], ts, its)
+    i0, i1, i2 = iterations_at(ts, its, [before_ns, start_ns, end_ns], stops)
     r0 = (i1 - i0) / ((start_ns - before_ns) / 1e9)
     r1 = (i2 - i1) / ((end_ns - start_ns) / 1e9)
     return float(r1 / r0) if r0 > 0 else float("nan")
