@@ -278,37 +278,47 @@ def throughput(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] 
     return fig
 
 
-def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, title: str = "") -> Any:
+def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, title: str = "",
+                   zoom: bool = False) -> Any:
     """Restore to full speed (lab.restore rows): left, the guest's progress rate after the
-    command, median over the runs of each policy with its interquartile band; right, command
-    -> 50% and 90% of the rate before, medians with IQR bars, a load not back within its watch
-    counted as later than the others and marked "k/n late" (lab/restore.py)."""
+    command, median over the runs of each policy with its interquartile band (``zoom``: and
+    beside it the first 100 ms in 1 ms bins, where a small guest's loads differ); right,
+    command -> 50% and 90% of the rate before, each load a dot, medians as bars with IQR
+    whiskers, a load not back within its watch counted as later than the others and marked
+    "k/n late" (lab/restore.py)."""
     import numpy as np
 
     from lab.restore import has_reference
 
     policies = list(dict.fromkeys(r["policy"] for r in rows))
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
-    for p in policies:
-        rs = [r for r in rows if r["policy"] == p]
-        t = np.array(rs[0]["timeline"]["t_ms"])
-        fr = np.array([r["timeline"]["rate_frac"] for r in rs], dtype=float)
-        watched = ~np.isnan(fr).all(axis=0)  # past every load's horizon: not drawn
-        t, fr = t[watched], fr[:, watched]
-        marker, line = style(p)
-        if not len(t):  # no load of this policy had a reference rate: say so, draw nothing
-            ax.plot([], [], line, label=f"{p} (no reference rate)", lw=1.4)
-            continue
-        q1, med, q3 = np.nanpercentile(fr, [25, 50, 75], axis=0)
-        ax.plot(t, med, line, label=p, lw=1.4)
-        ax.fill_between(t, q1, q3, alpha=0.15)
-    for lv in (0.5, 0.9):
-        ax.axhline(lv, color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("time since the snapshot-load command (ms)")
+    zoom = zoom and all("timeline_fine" in r for r in rows)
+    if zoom:
+        fig, (ax, zx, bx) = plt.subplots(1, 3, figsize=(14, 4.2), gridspec_kw={"width_ratios": [1.4, 1, 1]})
+    else:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    for axis, key in ((ax, "timeline"), *(((zx, "timeline_fine"),) if zoom else ())):
+        for p in policies:
+            rs = [r for r in rows if r["policy"] == p]
+            t = np.array(rs[0][key]["t_ms"])
+            fr = np.array([r[key]["rate_frac"] for r in rs], dtype=float)
+            watched = ~np.isnan(fr).all(axis=0)  # past every load's horizon: not drawn
+            t, fr = t[watched], fr[:, watched]
+            marker, line = style(p)
+            if not len(t):  # no load of this policy had a reference rate: say so, draw nothing
+                axis.plot([], [], line, label=f"{p} (no reference rate)", lw=1.4)
+                continue
+            q1, med, q3 = np.nanpercentile(fr, [25, 50, 75], axis=0)
+            axis.plot(t, med, line, label=p, lw=1.4)
+            axis.fill_between(t, q1, q3, alpha=0.15)
+        for lv in (0.5, 0.9):
+            axis.axhline(lv, color="0.6", lw=0.8, ls=":")
+        axis.set_xlabel("time since the snapshot-load command (ms)")
+        axis.set_ylim(0, 1.3)
     ax.set_ylabel("guest progress rate / rate before")
-    ax.set_ylim(0, 1.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("progress after the command (median, IQR band)", fontsize=10)
+    if zoom:
+        zx.set_title("its first 100 ms, 1 ms bins", fontsize=10)
     x = np.arange(len(policies))
     for k, (key, h) in enumerate((("to50_ms", "//"), ("to90_ms", ""))):
         vals = [[float(r[key]) for r in rows if r["policy"] == p and has_reference(r)]
@@ -320,6 +330,8 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
         xs = x + (k - 0.5) * 0.38
         bx.bar(xs, med, 0.38, yerr=err, capsize=3, hatch=h, fill=bool(k), color="0.55",
                edgecolor="black", label=f"to {key[2:4]}% of the rate before")
+        for xi, v in zip(xs, vals, strict=True):  # each load (a late one is not drawn: see its note)
+            bx.plot([xi] * len(v), v, "o", ms=3, color="tab:red" if k else "tab:blue", alpha=0.7, zorder=3)
         for xi, v, m, up in zip(xs, vals, med, err[1], strict=True):
             late = int(np.isnan(v).sum())
             if late:

@@ -12,7 +12,10 @@ next round holds the distinct pages dirtied meanwhile::
 
 so the rounds shrink geometrically (ratio D / W) towards a floor of about ``D * c / (1 - D / W)``
 when D < W, and stop shrinking near ``S`` when D >= W: such a guest never converges, and the
-last round, done with the guest stopped, is big.  The engine stops iterating when a round is at
+last round, done with the guest stopped, is big.  A floor above the engine's threshold stops
+convergence too: on snaplab's engine a round writes its dirty pages with the clean gaps between
+them, so its time hardly grows with its dirty bytes and ``c`` (tens of ms) sets the boundary
+(:func:`fit_rounds`, :func:`convergence_limit`).  The engine stops iterating when a round is at
 most its threshold or after its round limit (``threshold_bytes``, ``max_rounds`` in the stats).
 """
 
@@ -53,21 +56,44 @@ def model_rounds(first_bytes: float, write_bps: float, round_cost_s: float, dirt
 
 
 def fit_rounds(rows: list[dict[str, Any]]) -> tuple[float, float]:
-    """(write bandwidth in dirty bytes saved per s, fixed cost per round in s), measured: for
-    each save, the dirty bytes of its iterative rounds over the time spent writing them, and
-    the median over the saves (one slow save does not set it); and the median time to find a
-    round's dirty pages.  Round 0 (all of RAM, by another path: ``first_round_s``) and the
-    final round (written with the guest stopped) are left out."""
-    per_save = []
-    for r in rows:
-        b = sum(r["details"]["bytes_per_round"][1:-1])
-        t = sum(r["details"]["round_s"][1:-1])
-        if b and t:
-            per_save.append(b / t)
-    scans = [x for r in rows for x in r["details"]["scan_s"]]
-    if not per_save or not scans:
+    """(``W``, ``c``): a round's time against its dirty bytes, ``t = c + B / W``, fitted over
+    every round after round 0 of every save (the stop's round included: the same writes, with
+    the guest stopped) by Theil-Sen (the median of the slopes between every two rounds of
+    different sizes, then the median intercept), so one slow round does not tilt it.
+    ``c`` is what a round costs whatever its dirty bytes: finding them, and the clean pages
+    written through between two dirty ones (``GAP_PAGES`` in emulator/migration/precopy.py):
+    a few MiB of pages dirtied at random over a working set make a round rewrite most of it.
+    Where the rounds' times do not grow with their dirty bytes, ``W`` is infinite (no
+    per-byte cost measurable at these sizes) and ``c`` their median time.  NaN without rounds
+    after round 0."""
+    pts = [(float(b), float(t)) for r in rows
+           for b, t in zip(r["details"]["bytes_per_round"][1:], r["details"]["round_s"][1:], strict=False)]
+    if not pts:
         return float("nan"), float("nan")
-    return float(np.median(per_save)), float(np.median(scans))
+    slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(pts) for b2, t2 in pts[i + 1:] if b2 != b1]
+    slope = float(np.median(slopes)) if slopes else 0.0
+    if slope <= 0:
+        return float("inf"), float(np.median([t for _, t in pts]))
+    return 1.0 / slope, float(np.median([t - b * slope for b, t in pts]))
+
+
+def convergence_limit(ram_bytes: float, write_bps: float, round_cost_s: float, ws_bytes: float, threshold: float,
+                      max_rounds: int, first_s: float | None = None) -> float:
+    """The lowest dirty rate (bytes/s) at which :func:`model_rounds` no longer gets a round
+    under ``threshold`` within ``max_rounds``: the model's boundary between converging and
+    not (bisection; the model's rounds grow with the rate)."""
+    def converges(d: float) -> bool:
+        rounds = model_rounds(ram_bytes, write_bps, round_cost_s, d, ws_bytes, threshold, max_rounds, first_s)
+        return len(rounds) < max_rounds + 2
+    lo, hi = 1.0, 1e12
+    if not converges(lo):
+        return lo
+    if converges(hi):
+        return float("inf")
+    for _ in range(100):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if converges(mid) else (lo, mid)
+    return hi
 
 
 def first_round_s(rows: list[dict[str, Any]]) -> float:

@@ -264,7 +264,9 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
                            "recorded_set": list(stats.get("recorded-set", [])),
                            "loading_set": list(stats.get("loading-set", [])),
                            "total_s": float(stats["total-s"]),
-                           "timeline": timeline(samples, cmd_ns, resume_ns, rate0)}
+                           # the whole watch, and its first 100 ms in 1 ms bins (a small guest is back within it)
+                           "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
+                           "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0))}
     return row | stall_histogram(list(stats.get("fault-latency-s", [])))
 
 

@@ -52,6 +52,7 @@ def snapshot_two_ways(system: str, ram_mib: int = 128, seed: int = 1, rate_mib_s
         disk = g.workdir / "disk0.qcow2"
         out["steady"] = wait_steady(g, spec)
         out["disk_before"] = _qemu_img("info", "-U", str(disk))
+        out["disk_allocated_before"] = disk.stat().st_blocks * 512
         m = run_job(g, "snapshot-save", {"job-id": "int", "tag": "internal", "vmstate": "disk0", "devices": ["disk0"]})
         out["internal"] = {"downtime_ms": m[0], "total_s": m[1], "progress": progress_ratio(g, m[2], m[3]),
                            "vmstate_bytes": vmstate_bytes(g, "internal")}

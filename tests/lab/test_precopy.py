@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from lab.precopy import first_round_s, fit_rounds, model_rounds, precopy_rows
+from lab.precopy import convergence_limit, first_round_s, fit_rounds, model_rounds, precopy_rows
 
 M = 1 << 20
 
@@ -25,21 +25,36 @@ def test_the_model_shrinks_geometrically_below_the_write_bandwidth_and_not_above
     assert math.isclose(first[1], 10 * M, rel_tol=1e-3)
 
 
-def test_the_fit_is_a_median_over_saves() -> None:
+def test_the_fit_is_a_line_through_the_rounds_that_one_slow_round_does_not_tilt() -> None:
     def row(b: list[float], t: list[float]) -> dict:
         return {"details": {"bytes_per_round": b, "round_s": t, "scan_s": [0.001]}}
-    rows = [row([256 * M, 10 * M, 1 * M], [0.1, 0.02, 0.0]), row([256 * M, 10 * M, 1 * M], [0.1, 0.02, 0.0]),
-            row([256 * M, 60 * M, 40 * M, 2 * M], [5.0, 3.0, 1.0, 0.0])]
+    # rounds after round 0 on t = 0.020 + B / (1000 MiB/s), by hand; one slow round (4 MiB in 0.5 s)
+    rows = [row([256 * M, 10 * M, 2 * M], [0.1, 0.030, 0.022]), row([256 * M, 6 * M], [0.3, 0.026]),
+            row([256 * M, 4 * M], [0.1, 0.5])]
     w, c = fit_rounds(rows)
-    assert math.isclose(w, 500 * M) and math.isclose(c, 0.001)  # the slow save does not set W
+    assert math.isclose(w, 1000 * M) and math.isclose(c, 0.020)
     assert math.isclose(first_round_s(rows), 0.1)
+    # rounds that take 20 ms whatever their size: no per-byte cost, c their time
+    flat = [row([256 * M, 10 * M, 2 * M], [0.1, 0.020, 0.020]), row([256 * M, 6 * M], [0.1, 0.020])]
+    assert fit_rounds(flat) == (float("inf"), 0.020)
+    assert all(math.isnan(x) for x in fit_rounds([row([256 * M], [0.1])]))
+
+
+def test_the_convergence_limit_is_where_the_models_rounds_stop_reaching_the_threshold() -> None:
+    # no per-byte cost: every round after the first holds S * (1 - exp(-D c / S)), so the model
+    # converges while that is at most the threshold: D* = -S ln(1 - thr / S) / c, by hand
+    s, thr, c = 64 * M, 8 * M, 0.020
+    want = -s * math.log(1 - thr / s) / c
+    got = convergence_limit(256 * M, float("inf"), c, s, thr, 10, first_s=0.06)
+    assert math.isclose(got, want, rel_tol=1e-6)
+    assert len(model_rounds(256 * M, float("inf"), c, 0.99 * want, s, thr, 10, first_s=0.06)) < 12
+    assert len(model_rounds(256 * M, float("inf"), c, 1.01 * want, s, thr, 10, first_s=0.06)) == 12
 
 
 def test_precopy_rounds_are_dirty_bytes_and_a_slow_guest_converges() -> None:
     rows = precopy_rows(64, 20, 16, seed=3, repetitions=2)
     w, c = fit_rounds(rows)
-    iterative = sum(len(r["details"]["bytes_per_round"]) - 2 for r in rows)
-    assert (w > 0 and c >= 0) if iterative else math.isnan(w)  # measured only from iterative rounds
+    assert w > 0 and c >= 0  # every save has a round after round 0: the stop's
     for r in rows:
         d = r["details"]
         assert d["bytes_per_round"][0] == 64 * M  # round 0: all of RAM

@@ -205,6 +205,23 @@ def test_the_restore_figure_marks_late_loads() -> None:
     assert notes == ["1/3\nlate"]
 
 
+def test_the_restore_figure_zooms_on_the_first_100_ms_and_draws_each_load() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from lab.plot import restore_figure
+
+    t = {"t_ms": [0.0, 5.0, 10.0], "rate_frac": [0.5, 1.0, 1.0]}
+    fine = {"t_ms": [0.0, 1.0, 2.0], "rate_frac": [0.0, 0.25, 1.0]}
+    rows = [{"policy": "prefetch", "timeline": t, "timeline_fine": fine, "to50_ms": 1.0, "to90_ms": v} for v in (2.0, 4.0)]
+    fig = restore_figure(rows, zoom=True)
+    assert len(fig.axes) == 3
+    assert fig.axes[1].get_lines()[0].get_ydata().tolist() == [0.0, 0.25, 1.0]  # the fine timeline, 1 ms bins
+    dots = [ln for ln in fig.axes[2].get_lines() if ln.get_marker() == "o"]
+    assert sorted(y for ln in dots for y in ln.get_ydata()) == [1.0, 1.0, 2.0, 4.0]  # every load's to50 and to90
+    assert len(restore_figure([{k: v for k, v in r.items() if k != "timeline_fine"} for r in rows], zoom=True).axes) == 2
+
+
 def test_a_long_watch_keeps_every_sample_though_the_ring_holds_fewer(monkeypatch: pytest.MonkeyPatch) -> None:
     # A guest that rings more often over a watch than the lab port's ring keeps samples: the
     # watch reads as it goes, so the first samples after the command are still there at the end.
