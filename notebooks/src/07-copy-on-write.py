@@ -18,6 +18,22 @@ CELLS: list[tuple[str, str]] = [
 **Mechanism.** Write-protect all guest RAM with one `UFFDIO_WRITEPROTECT` while the guest still runs (until the stop, a write to a protected chunk just releases it and is noted); stop; drain the disks; take CPU and device state; protect again the chunks written since (a few ioctls: the stop no longer grows with RAM; QEMU protects all of RAM inside its stop, docs/deviations.md 59); resume. From then on a guest write to a protected page blocks in the kernel and is reported to a fault-handler thread, which reads the 2 MiB chunk around it once, copies its non-zero pages, packed, into a buffer (still the stop instant's content; it notes which pages they were), releases the chunk's protection and so wakes the guest; a saver walks RAM in page order, reads every chunk nobody touched straight from RAM (still protected) and takes the copied ones from their packed copies, leaves zero pages out and gathers the others for two writer threads; one more thread, at idle priority and only when the host's CPUs are not busy (`ahead_policy` in the save's statistics says whether it ran), scans the unsaved chunks for zero pages from the end of RAM back towards the saver, so that the saver finds them scanned (emulator/migration/cow.py's docstring). A chunk the guest has never written is still mapped to the kernel's shared zero page; the saver asks the page tables which chunks are (one `PAGEMAP_SCAN` after the arm) and skips them without reading a byte: a chunk still protected cannot have been written since the stop, so zero then means zero at the stop. QEMU's design is the same idea: "'freeze' guest RAM content using write-protection and iteratively release protection for memory ranges that have already been saved ... we read in pending UFFD write fault events and save those pages out-of-order with higher priority" (Andrey Gruzdev, background-snapshot cover letter, QEMU 6.0; docs/reference/qemu-internals.md section 4.1).
 
 Lab functions used: `lab.run.compare`, `lab.run.run_experiment`, `lab.teach.spread_table`, `lab.plot.progress_timeline`, `lab.plot.fault_latency`, `lab.proofs.stop_instant_proof`. (The `engine` column says `cow` for copy-on-write, its name in the engine registry.)"""),
+    ("md", """**Words used below.**
+
+| word | meaning here |
+|---|---|
+| chunk | 2 MiB of guest RAM, the unit of protection and of a fault's copy (one transparent huge page) |
+| pre-arm | write-protecting all of RAM just before the stop, the guest still running (`pre_arm_s`) |
+| arm | inside the stop, protecting again the chunks the guest wrote since the pre-arm (`arm_ms`, `rearmed_chunks`) |
+| fault | the guest's first write to a protected chunk: the kernel stops the writing vCPU thread and queues a message for the handler |
+| release | removing a chunk's protection (`UFFDIO_WRITEPROTECT` off), which lets the blocked write go through |
+| handler | the thread that reads faults, copies the chunk's non-zero pages into a free buffer and releases it |
+| saver | the thread that goes through RAM in page order, span by span, gathering the non-zero pages of every chunk not saved by a fault |
+| writers | two threads that write the gathered pages into the qcow2 image, around the page cache |
+| downtime | STOP to RESUME, from the QMP events |
+| total | the command to the job's conclusion (the snapshot exists, flushed) |
+| progress | the guest's iteration rate during the job over its rate in the second before (1 = unslowed) |
+"""),
     ("code", """QUICK = True   # False: RAM up to 4 GiB
 SIZES = [64, 256] if QUICK else [256, 1024, 4096]
 REPS = 3 if QUICK else 5
