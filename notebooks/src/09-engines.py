@@ -75,7 +75,9 @@ print({eng: {'saves without error': all(r['job error'] is None for r in inst if 
              'STOP inside the saved bracket, every save': all(r['stop_inside_saved_bracket'] for r in inst if r['engine'] == eng)}
        for eng in ENGINES})
 print('pre-copy stops later after the request than blocking and copy-on-write (medians):',
-      stop[ENGINES[2]] > max(stop[ENGINES[0]], stop[ENGINES[1]]))
+      stop[ENGINES[2]] > max(stop[ENGINES[0]], stop[ENGINES[1]]))"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# timings: the bracket's width, and whether the request itself fell inside it (read them on your run)
 print('median bracket width saved_hi_ms - saved_lo_ms (ms):',
       {eng: round(teach.group_median([{**r, 'w': r['saved_hi_ms'] - r['saved_lo_ms']} for r in inst], 'w', engine=eng), 1) for eng in ENGINES})
 print('the request (0 ms) inside the saved bracket, every save:',
