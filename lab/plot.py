@@ -299,8 +299,10 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
     for axis, key in ((ax, "timeline"), *(((zx, "timeline_fine"),) if zoom else ())):
         for p in policies:
             rs = [r for r in rows if r["policy"] == p]
-            t = np.array(rs[0][key]["t_ms"])
-            fr = np.array([r[key]["rate_frac"] for r in rs], dtype=float)
+            t = np.array(max((r[key]["t_ms"] for r in rs), key=len))  # rows of runs watched longer or shorter:
+            fr = np.full((len(rs), len(t)), np.nan)  # each padded with "not watched"
+            for i, r in enumerate(rs):
+                fr[i, :len(r[key]["rate_frac"])] = r[key]["rate_frac"]
             watched = ~np.isnan(fr).all(axis=0)  # past every load's horizon: not drawn
             t, fr = t[watched], fr[:, watched]
             marker, line = style(p)

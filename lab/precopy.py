@@ -64,17 +64,21 @@ def fit_rounds(rows: list[dict[str, Any]]) -> tuple[float, float]:
     written through between two dirty ones (``GAP_PAGES`` in emulator/migration/precopy.py):
     a few MiB of pages dirtied at random over a working set make a round rewrite most of it.
     Where the rounds' times do not grow with their dirty bytes, ``W`` is infinite (no
-    per-byte cost measurable at these sizes) and ``c`` their median time.  NaN without rounds
-    after round 0."""
+    per-byte cost measurable at these sizes) and ``c`` their median time.  The median scan
+    (``scan_s``, timed apart from the writes) is added to ``c``.  NaN without rounds after
+    round 0."""
     pts = [(float(b), float(t)) for r in rows
            for b, t in zip(r["details"]["bytes_per_round"][1:], r["details"]["round_s"][1:], strict=False)]
     if not pts:
         return float("nan"), float("nan")
+    # a round's time is its writes' (round_s) plus the scan that found its pages (scan_s)
+    scans = [x for r in rows for x in r["details"].get("scan_s", [])]
+    scan = float(np.median(scans)) if scans else 0.0
     slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(pts) for b2, t2 in pts[i + 1:] if b2 != b1]
     slope = float(np.median(slopes)) if slopes else 0.0
     if slope <= 0:
-        return float("inf"), float(np.median([t for _, t in pts]))
-    return 1.0 / slope, float(np.median([t - b * slope for b, t in pts]))
+        return float("inf"), float(np.median([t for _, t in pts])) + scan
+    return 1.0 / slope, float(np.median([t - b * slope for b, t in pts])) + scan
 
 
 def convergence_limit(ram_bytes: float, write_bps: float, round_cost_s: float, ws_bytes: float, threshold: float,
@@ -82,6 +86,9 @@ def convergence_limit(ram_bytes: float, write_bps: float, round_cost_s: float, w
     """The lowest dirty rate (bytes/s) at which :func:`model_rounds` no longer gets a round
     under ``threshold`` within ``max_rounds``: the model's boundary between converging and
     not (bisection; the model's rounds grow with the rate)."""
+    if math.isnan(write_bps) or not round_cost_s > 0 or not ws_bytes > threshold:
+        return float("nan")  # no fit, or a model that converges at any rate
+
     def converges(d: float) -> bool:
         rounds = model_rounds(ram_bytes, write_bps, round_cost_s, d, ws_bytes, threshold, max_rounds, first_s)
         return len(rounds) < max_rounds + 2

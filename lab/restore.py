@@ -132,18 +132,32 @@ def recovery_ms(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float,
 
 
 def timeline(samples: np.ndarray, cmd_ns: int, resume_ns: int, rate0: float, step_ms: float = 5.0,
-             span_ms: tuple[float, float] = (-200.0, 3000.0)) -> dict[str, list[float]]:
+             span_ms: tuple[float, float] = (-200.0, 3000.0), interpolate: bool = False) -> dict[str, list[float]]:
     """The guest's progress rate as a fraction of ``rate0``, in ``step_ms`` bins from
     ``span_ms[0]`` to ``span_ms[1]`` after the command (0 while it is stopped: no samples; a
     bin after the command counts only samples after RESUME, as the load resets the counter;
-    NaN after the last sample: the guest was no longer watched)."""
+    NaN after the last sample: the guest was no longer watched).  By default a bin counts the
+    iterations between its first and its last sample; ``interpolate``: the iteration count is
+    interpolated at the bin's edges instead, so a bin with one sample (or none, inside a
+    stretch the guest ran through) is not read as a stall (for bins of 1 ms, where the
+    progress between two bins' samples would be a large share)."""
     ts, its = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
     edges = cmd_ns + np.arange(span_ms[0], span_ms[1] + step_ms, step_ms) * 1e6
     lo = np.where(edges[1:] > cmd_ns, np.maximum(edges[:-1], resume_ns), edges[:-1])
-    i0 = np.searchsorted(ts, lo, "left")
-    i1 = np.searchsorted(ts, edges[1:], "left") - 1
-    ok = (i1 > i0) & (i0 < len(ts))
-    done = np.where(ok, its[np.clip(i1, 0, len(ts) - 1)] - its[np.clip(i0, 0, len(ts) - 1)], 0.0)
+    if interpolate:
+        before, after = ts < cmd_ns, ts >= resume_ns  # two counters: the load resets it
+        done = np.zeros(len(lo))
+        for part, sel in ((before, edges[1:] <= cmd_ns), (after, edges[1:] > resume_ns)):
+            if part.sum() >= 2:
+                t_p, i_p = ts[part], its[part]
+                a = np.interp(np.clip(lo[sel], t_p[0], t_p[-1]), t_p, i_p)
+                b = np.interp(np.clip(edges[1:][sel], t_p[0], t_p[-1]), t_p, i_p)
+                done[sel] = b - a
+    else:
+        i0 = np.searchsorted(ts, lo, "left")
+        i1 = np.searchsorted(ts, edges[1:], "left") - 1
+        ok = (i1 > i0) & (i0 < len(ts))
+        done = np.where(ok, its[np.clip(i1, 0, len(ts) - 1)] - its[np.clip(i0, 0, len(ts) - 1)], 0.0)
     frac = done / (step_ms / 1e3) / rate0 if rate0 > 0 else np.full(len(done), np.nan)
     frac = np.where(edges[1:] > ts[-1], np.nan, frac) if len(ts) else frac  # past the last sample: not watched
     return {"t_ms": ((edges[:-1] - cmd_ns) / 1e6).round(3).tolist(), "rate_frac": np.round(frac, 4).tolist()}
@@ -266,7 +280,8 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
                            "total_s": float(stats["total-s"]),
                            # the whole watch, and its first 100 ms in 1 ms bins (a small guest is back within it)
                            "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
-                           "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0))}
+                           "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0),
+                                                     interpolate=True)}
     return row | stall_histogram(list(stats.get("fault-latency-s", [])))
 
 

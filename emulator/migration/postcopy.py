@@ -420,9 +420,14 @@ class LazyLoad:
         try:
             if faults_only_until is None or faults_only_until > t0:
                 self._wait_faults_only(faults_only_until)
-            if order is not None:
+            if order is not None and len(order):
                 self._prefetch(order, buf)
-                self.stats.prefetch_done_at = time.perf_counter()
+                with self.lock:  # a chunk of the set a fault was still reading is waited for
+                    want = order[(order >= 0) & (order < self.nchunks)].astype(np.int64)
+                    while (self.state[want] != FILLED).any() and self.error is None:
+                        self.cond.wait(0.1)
+                    if self.error is None:
+                        self.stats.prefetch_done_at = time.perf_counter()
             with idle_priority(rest_idle):
                 for c in range(self.nchunks):
                     if self.error is not None:

@@ -116,7 +116,7 @@ def rate_during_rounds(r):      # MiB/s the guest stamped from the end of round 
     t, it = np.array(r['details']['timeline']).T
     t0, t1 = r['round0_s'], (r['details']['stopped'] or (r['details']['job_s'],))[0]
     return float(np.diff(np.interp([t0, t1], t, it))[0]) * 4096 / 2**20 / (t1 - t0)
-for d in (int(LIMIT / 2**20 / 2), int(2 * LIMIT / 2**20)):
+for d in ((int(LIMIT / 2**20 / 2), int(2 * LIMIT / 2**20)) if np.isfinite(LIMIT) else ()):  # (no limit: nothing to bracket)
     print(f"D = {d} MiB/s (D / limit = {d * 2**20 / LIMIT:.1f}): model {[round(x / 2**20, 1) for x in model_for(slow, d)]}")
     for r in precopy_rows(RAM_MIB, d, WS_MIB, seed=SEED, repetitions=2):
         print(f"   measured {[round(x, 1) for x in r['rounds_mib']]}  reached the threshold: {r['iterations'] < limit}\\n"

@@ -250,3 +250,17 @@ def test_a_long_watch_keeps_every_sample_though_the_ring_holds_fewer(monkeypatch
     assert len(got) == 50 + 5 * 800  # 50 before the command, then five reads of 800: more than the 1024 kept
     assert (np.diff(ts) > 0).all()  # in order, none twice
     assert len(lab.history_array()) == 1024  # a single read at the end would have had only these
+
+
+def test_a_fine_timeline_interpolates_so_a_bin_with_one_sample_is_not_a_stall() -> None:
+    """1000 iterations a second from RESUME (at 0), a sample every 2 ms: a 1 ms bin holds one
+    sample at most, which counting between samples reads as 0 and interpolating at the bins'
+    edges reads as the rate, by hand 1.0 of it."""
+    from lab.restore import timeline
+
+    pts = [(k * 0.002, k * 2) for k in range(0, 201)]  # (s, iterations)
+    s = _samples(pts)
+    counted = timeline(s, 0, 0, 1000.0, step_ms=1.0, span_ms=(0.0, 200.0))["rate_frac"]
+    fine = timeline(s, 0, 0, 1000.0, step_ms=1.0, span_ms=(0.0, 200.0), interpolate=True)["rate_frac"]
+    assert max(counted[:199]) == 0.0  # every bin has one sample or none
+    assert np.allclose(fine[:199], 1.0)
