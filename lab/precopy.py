@@ -55,16 +55,20 @@ def model_rounds(first_bytes: float, write_bps: float, round_cost_s: float, dirt
     return rounds
 
 
+CONSISTENT = 0.75  # share of the rounds' pairwise slopes that must be positive for a finite W (fit_rounds)
+
+
 def fit_rounds(rows: list[dict[str, Any]]) -> tuple[float, float]:
     """(``W``, ``c``): a round's time against its dirty bytes, ``t = c + B / W``, fitted over
     every round after round 0 of every save (the stop's round included: the same writes, with
     the guest stopped) by Theil-Sen (the median of the slopes between every two rounds of
-    different sizes, then the median intercept), so one slow round does not tilt it.
+    different sizes, then the median intercept).
     ``c`` is what a round costs whatever its dirty bytes: finding them, and the clean pages
     written through between two dirty ones (``GAP_PAGES`` in emulator/migration/precopy.py):
     a few MiB of pages dirtied at random over a working set make a round rewrite most of it.
-    Where the rounds' times do not grow with their dirty bytes, ``W`` is infinite (no
-    per-byte cost measurable at these sizes) and ``c`` their median time.  The median scan
+    Where the rounds' times do not grow with their dirty bytes (fewer than :data:`CONSISTENT`
+    of the pairs of rounds rise), ``W`` is infinite (no per-byte cost measurable at these
+    sizes) and ``c`` their median time.  The median scan
     (``scan_s``, timed apart from the writes) is added to ``c``.  NaN without rounds after
     round 0."""
     pts = [(float(b), float(t)) for r in rows
@@ -76,7 +80,10 @@ def fit_rounds(rows: list[dict[str, Any]]) -> tuple[float, float]:
     scan = float(np.median(scans)) if scans else 0.0
     slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(pts) for b2, t2 in pts[i + 1:] if b2 != b1]
     slope = float(np.median(slopes)) if slopes else 0.0
-    if slope <= 0:
+    # A per-byte cost only where the rounds agree on one: at least CONSISTENT of the pairs rise
+    # with the bytes (a handful of rounds of similar sizes otherwise gives a slope from noise,
+    # measured: 511 MiB/s from four rounds of 2-12 MiB, whose times fell as often as they rose).
+    if slope <= 0 or sum(x > 0 for x in slopes) < CONSISTENT * len(slopes):
         return float("inf"), float(np.median([t for _, t in pts])) + scan
     return 1.0 / slope, float(np.median([t - b * slope for b, t in pts])) + scan
 

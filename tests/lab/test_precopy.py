@@ -25,18 +25,24 @@ def test_the_model_shrinks_geometrically_below_the_write_bandwidth_and_not_above
     assert math.isclose(first[1], 10 * M, rel_tol=1e-3)
 
 
-def test_the_fit_is_a_line_through_the_rounds_that_one_slow_round_does_not_tilt() -> None:
+def test_the_fit_is_a_line_through_the_rounds_only_where_they_agree_on_one() -> None:
     def row(b: list[float], t: list[float]) -> dict:
         return {"details": {"bytes_per_round": b, "round_s": t, "scan_s": [0.001]}}
-    # rounds after round 0 on t = 0.020 + B / (1000 MiB/s), by hand; one slow round (4 MiB in 0.5 s)
+    # rounds after round 0 on t = 0.020 + B / (1000 MiB/s), by hand; + the median scan
     rows = [row([256 * M, 10 * M, 2 * M], [0.1, 0.030, 0.022]), row([256 * M, 6 * M], [0.3, 0.026]),
-            row([256 * M, 4 * M], [0.1, 0.5])]
+            row([256 * M, 4 * M], [0.3, 0.024])]
     w, c = fit_rounds(rows)
-    assert math.isclose(w, 1000 * M) and math.isclose(c, 0.020 + 0.001)  # + the median scan
-    assert math.isclose(first_round_s(rows), 0.1)
+    assert math.isclose(w, 1000 * M) and math.isclose(c, 0.020 + 0.001)
+    assert math.isclose(first_round_s(rows), 0.3)
+    # one slow round (4 MiB in 0.5 s): two pairs of six fall, so no per-byte cost is claimed,
+    # and c is the median round, 0.028 (by hand), + the scan
+    slow = rows[:2] + [row([256 * M, 4 * M], [0.1, 0.5])]
+    w, c = fit_rounds(slow)
+    assert w == float("inf") and math.isclose(c, 0.028 + 0.001)
     # rounds that take 20 ms whatever their size: no per-byte cost, c their time
     flat = [row([256 * M, 10 * M, 2 * M], [0.1, 0.020, 0.020]), row([256 * M, 6 * M], [0.1, 0.020])]
-    assert fit_rounds(flat) == (float("inf"), 0.020 + 0.001)
+    w, c = fit_rounds(flat)
+    assert w == float("inf") and math.isclose(c, 0.020 + 0.001)
     assert all(math.isnan(x) for x in fit_rounds([row([256 * M], [0.1])]))
 
 
