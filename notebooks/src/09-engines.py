@@ -89,6 +89,8 @@ print('the request (0 ms) inside the saved bracket, every save:',
 
 For a snapshot ("the machine as it was when I clicked") the instant of the request is what one wants. QEMU's background snapshot, built on copy-on-write, promises exactly that: "the migration stream will be a snapshot of the VM exactly at the point when the migration procedure starts" (qapi/migration.json, `background-snapshot`; docs/reference/qemu-internals.md section 4.1). Proxmox's savevm-async, pre-copy style, says the opposite of its own result: "the saved state will be the one right before the snapshot finished, not the one when the snapshot started" (Fiona Ebner, qemu-devel, 2023-05; same file, section 4.2).
 
+**In short**, on this guest (read each claim against the tables above): copy-on-write has the shortest stop, at the request, and its snapshot exists about as soon as the blocking save's; the blocking save stops at the request for the whole save; pre-copy stops later than both, for longer than copy-on-write and, here, not shorter than the blocking save, and its snapshot exists last (round 0 writes all of RAM first). Pre-copy's strength is elsewhere: live migration, where the stop must not hold all of RAM and the instant does not matter.
+
 **QEMU 7.2** offers the blocking engine as `snapshot-save`, copy-on-write only as a migration to a file (`background-snapshot`, notebook 10), and pre-copy only as live migration; snaplab offers all three behind `snapshot-save` (docs/deviations.md entry 27)."""),
     ("md", """## Exercises: predict, then measure
 
