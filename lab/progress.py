@@ -12,9 +12,26 @@ stopped time before it) instead.  With no stop in the window the two are the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+
+
+def stops_monotonic_ns(events: Iterable[tuple[str, float]]) -> list[tuple[float, float]]:
+    """[STOP, RESUME] intervals on the monotonic clock (ns) from ``(event name, wall-clock
+    seconds)`` pairs in order, as QMP stamps its events on both systems; the offset between
+    the two clocks is taken now.  A STOP not resumed yet makes no interval."""
+    off = time.time_ns() - time.monotonic_ns()
+    out: list[tuple[float, float]] = []
+    stop: float | None = None
+    for name, t in events:
+        if name == "STOP" and stop is None:
+            stop = t * 1e9 - off
+        elif name == "RESUME" and stop is not None:
+            out.append((stop, t * 1e9 - off))
+            stop = None
+    return out
 
 
 def running_time(t: np.ndarray, stops: Sequence[tuple[float, float]]) -> np.ndarray:

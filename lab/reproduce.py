@@ -55,7 +55,7 @@ from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab import qemu as qemu_lab
 from lab.hostnoise import describe, host_noise
-from lab.progress import rate
+from lab.progress import rate, stops_monotonic_ns
 from lab.spec import (
     engine_title,
     guest_runs,
@@ -222,17 +222,8 @@ def _rate(samples: list[tuple[int, int]], start_ns: int, end_ns: int,
 
 
 def stops_ns(events: list[dict[str, Any]]) -> list[tuple[float, float]]:
-    """[STOP, RESUME] intervals of a QMP event list, on the monotonic clock (the events are
-    stamped with the host's wall clock, on both systems; the offset is taken now)."""
-    off = time.time_ns() - time.monotonic_ns()
-    out, stop = [], None
-    for e in events:
-        if e["event"] == "STOP" and stop is None:
-            stop = _ts(e) * 1e9 - off
-        elif e["event"] == "RESUME" and stop is not None:
-            out.append((stop, _ts(e) * 1e9 - off))
-            stop = None
-    return out
+    """[STOP, RESUME] intervals of a QMP event list, on the monotonic clock (lab/progress.py)."""
+    return stops_monotonic_ns((e["event"], _ts(e)) for e in events)
 
 
 def iterations_now(g: Guest) -> int:

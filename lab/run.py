@@ -19,7 +19,7 @@ from emulator.block import BlockGraph, Qcow2Image
 from emulator.errors import UffdUnavailable
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
-from lab.progress import iterations_at
+from lab.progress import iterations_at, stops_monotonic_ns
 from lab.spec import ExperimentSpec, compare_engines, load_engines, write_protects
 
 ENGINE_ARG = "__org.snaplab_engine"
@@ -125,7 +125,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("zero_scan", "zero_map", "write", "commit", "flush")},
                     "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": stats.get("scanned-bytes", math.nan) / 2**20,
                     "iterations": stats.get("iterations", 1),
-                    "progress_during_save": _progress(m, m0, m1, _stops_ns(evs)),
+                    "progress_during_save": _progress(m, m0, m1, stops_monotonic_ns(sorted(evs.items(), key=lambda kv: kv[1]))),
                     "details": {
                         # each fault's time, and of it the waiting and the copying
                         **{f"fault_{k}_ms": [x * 1e3 for x in stats.get(f"fault-{k}-s", [])] for k in ("latency", "wait", "copy")},
@@ -162,15 +162,6 @@ def compare(ram_sizes: list[int], engines: tuple[str, ...] | None = None, *, see
             if progress is not None:
                 progress(spec)
     return rows
-
-
-def _stops_ns(evs: dict[str, float]) -> list[tuple[float, float]]:
-    """The save's [STOP, RESUME] interval on the monotonic clock (the events are stamped with
-    the wall clock; the offset between the two is taken now)."""
-    if "STOP" not in evs or "RESUME" not in evs:
-        return []
-    off = time.time_ns() - time.monotonic_ns()
-    return [(evs["STOP"] * 1e9 - off, evs["RESUME"] * 1e9 - off)]
 
 
 def _progress(m: Machine, start_ns: int, end_ns: int, stops: list[tuple[float, float]]) -> float:

@@ -371,8 +371,8 @@ class LazyLoad:
                 self.cond.wait(busy_s * (1.0 / duty - 1.0))
         self.stats.paced_s += time.perf_counter() - t
 
-    def _prefetch(self, order: np.ndarray, buf: ctypes.Array[ctypes.c_char]) -> None:
-        """The chunks of ``order`` (a loading set), taken in that order by
+    def _prefetch(self, order: np.ndarray, buf: ctypes.Array[ctypes.c_char]) -> list[int]:
+        """The chunks of ``order`` (a loading set) in range, which it returns, taken in that order by
         :data:`PREFETCH_READERS` readers at once (this thread one of them): around the page
         cache each chunk is a disk read of a few milliseconds, and a guest that touches its
         working set faster than one reader reads it faults on most of it anyway (measured at
@@ -383,7 +383,7 @@ class LazyLoad:
             hosts = self._set_hosts = self._hosts_of(todo)  # (a fault on one of them uses it too)
         except Exception as err:  # the load fails as for an unreadable chunk
             self._failed(err)
-            return
+            return todo
         chunks = iter(todo)
         take = threading.Lock()
         # Reading into the old RAM's pages (UFFDIO_MOVE) needs no buffer; else one per reader.
@@ -406,6 +406,7 @@ class LazyLoad:
                 d.wait()
         finally:
             WARM_BUFFERS.give_back(extra)
+        return todo
 
     def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0,
                  rest_idle: bool = False, rest_duty: float = 1.0) -> None:
@@ -421,9 +422,8 @@ class LazyLoad:
             if faults_only_until is None or faults_only_until > t0:
                 self._wait_faults_only(faults_only_until)
             if order is not None and len(order):
-                self._prefetch(order, buf)
+                want = self._prefetch(order, buf)
                 with self.lock:  # a chunk of the set a fault was still reading is waited for
-                    want = order[(order >= 0) & (order < self.nchunks)].astype(np.int64)
                     while (self.state[want] != FILLED).any() and self.error is None:
                         self.cond.wait(0.1)
                     if self.error is None:
