@@ -185,6 +185,74 @@ def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], condit
     return fig
 
 
+def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
+    """One copy-on-write save's window, from RESUME to the job's end, in two panels on one
+    time axis (ms after RESUME; the arm is inside the stop, a few microseconds before it).
+    Above: the guest's iterations since RESUME, beside the line of its rate in the second
+    before the command (the gap between them is the progress lost), and under them each
+    fault's handling, read to wake.  Below: the memory map: guest RAM by address, the saver's
+    front (everything under it saved, so written freely) and every fault at its chunk, filled
+    where the fault copied the chunk, hollow where it only waited for the saver or a copy."""
+    import numpy as np
+
+    d = row["details"]
+    resume_s = d["stopped"][1] if d["stopped"] is not None else 0.0
+    end_ms = (d["job_s"] - resume_s) * 1e3
+    tl = np.asarray(d["timeline"], dtype=float).reshape(-1, 2)
+    fig, (ax, mp) = plt.subplots(2, 1, figsize=(7.2, 6.4), sharex=True, gridspec_kw={"height_ratios": [1, 1.3]})
+    if len(tl) >= 2:
+        t_ms = (tl[:, 0] - resume_s) * 1e3
+        before = (tl[:, 0] >= -1.0) & (tl[:, 0] <= 0.0)
+        it0 = float(np.interp(0.0, t_ms, tl[:, 1]))
+        show = (t_ms >= -0.05 * end_ms) & (t_ms <= 1.05 * end_ms)
+        edge = np.clip(np.array([-0.02 * end_ms, end_ms * 1.02]), t_ms[0], t_ms[-1])  # (interpolated at the view's edges)
+        ts = np.concatenate(([edge[0]], t_ms[show], [edge[1]]))
+        ax.step(ts, np.interp(ts, t_ms, tl[:, 1]) - it0, where="post", color="black", linewidth=1.2,
+                label="guest iterations since RESUME")
+        if before.sum() >= 2:
+            rate = (tl[before, 1][-1] - tl[before, 1][0]) / (tl[before, 0][-1] - tl[before, 0][0]) / 1e3  # per ms
+            ax.plot([0, end_ms], [0, rate * end_ms], color="0.5", linestyle="--", linewidth=1,
+                    label="at the rate of the second before the command")
+    at = np.asarray(d.get("fault_at_ms", []), dtype=float)
+    lat = np.asarray(d.get("fault_latency_ms", []), dtype=float)[:len(at)]
+    copied = np.asarray(d.get("fault_copy_ms", []), dtype=float)[:len(at)] > 0
+    lo, hi = ax.get_ylim()
+    y = lo + 0.04 * (hi - lo)
+    for a, b in zip(at.tolist(), (at + lat).tolist(), strict=True):
+        ax.plot([a, b], [y, y], color="tab:red", linewidth=4, solid_capstyle="butt")
+    if len(at):
+        ax.plot([], [], color="tab:red", linewidth=4, label="a fault being handled (read to wake)")
+    ax.set_ylabel("iterations since RESUME")
+    ax.grid(True, linewidth=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Inside one copy-on-write save ({row['ram_mib']} MiB RAM, {len(at)} faults)")
+    mib = 2  # MiB per chunk
+    sw = np.asarray(d.get("sweep", []), dtype=float).reshape(-1, 2)
+    if len(sw):
+        mp.step(sw[:, 0], sw[:, 1] * mib, where="post", color="black", linewidth=1.2, label="the saver's front")
+        mp.fill_between(sw[:, 0], 0, sw[:, 1] * mib, step="post", color="0.9", label="saved (writes go through)")
+    fc = np.asarray(d.get("fault_chunk", []), dtype=float)[:len(at)] * mib + mib / 2
+    mp.scatter(at[copied], fc[copied], s=14, color="tab:red", zorder=3, label="fault: copied its chunk, released it")
+    mp.scatter(at[~copied], fc[~copied], s=14, facecolors="none", edgecolors="tab:red", zorder=3,
+               label="fault: waited (saver or a copy), woken")
+    if len(sw) and sw[-1, 1] >= d.get("chunks", 0):
+        for a in (ax, mp):
+            a.axvline(sw[-1, 0], color="0.3", linestyle=":", linewidth=1)
+        mp.annotate("RAM all saved: no chunk protected;\nthe writers, the table entry, the flush",
+                    (sw[-1, 0], 0.5 * d["chunks"] * mib), xytext=(6, 0), textcoords="offset points", fontsize=8)
+    mp.set_ylim(0, max(d.get("chunks", 0) * mib, 1))
+    mp.set_xlim(-0.02 * end_ms, end_ms * 1.02)
+    mp.set_xlabel("time after RESUME (ms)")
+    mp.set_ylabel("guest RAM address (MiB)")
+    mp.grid(True, linewidth=0.3)
+    mp.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
 def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
     """Cumulative distribution of write-fault service times during copy-on-write saves."""
     import numpy as np

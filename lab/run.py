@@ -119,6 +119,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "populate_s": stats.get("populate-s", 0.0),
                     "setup_s": setup_s,
                     "wp_backend_used": stats.get("backend", ""),
+                    "fault_thread": stats.get("fault-thread", ""),
                     "started_at": t0,
                     "guest_iterations": samples[-1].iterations if samples else 0,
                     # the phases (ms); 2 MiB chunks known zero from the page tables (not read), the MiB read
@@ -126,17 +127,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": stats.get("scanned-bytes", math.nan) / 2**20,
                     "iterations": stats.get("iterations", 1),
                     "progress_during_save": _progress(m, m0, m1, stops_monotonic_ns(sorted(evs.items(), key=lambda kv: kv[1]))),
-                    "details": {
-                        # each fault's time, and of it the waiting and the copying
-                        **{f"fault_{k}_ms": [x * 1e3 for x in stats.get(f"fault-{k}-s", [])] for k in ("latency", "wait", "copy")},
-                        # pre-copy: dirty bytes, bytes written (clean gaps included), time per round; scans
-                        **{k.replace("-", "_"): stats.get(k, []) for k in ("bytes-per-round", "written-per-round", "round-s", "scan-s")},
-                        "max_rounds": stats.get("max-rounds", 0),
-                        "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.history()
-                                     if m0 - 1_000_000_000 <= smp.host_ns <= m1 + 300_000_000],
-                        "job_s": (m1 - m0) / 1e9,
-                        "stopped": ((evs["STOP"] - t0, evs["RESUME"] - t0) if len(evs) == 2 else None),
-                    },
+                    "details": _details(stats, m, m0, m1, evs, t0),
                 })
                 q.execute("snapshot-delete", {"job-id": f"del{rep}", "tag": args["tag"], "devices": ["disk0"]})
                 q.wait_job(f"del{rep}")
@@ -148,6 +139,28 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
             g.close()
         return rows
 
+
+
+def _details(stats: dict[str, Any], m: Any, m0: int, m1: int, evs: dict[str, float], t0: float) -> dict[str, Any]:
+    """A save row's per-save lists: what its figures draw (``m0``/``m1``: the command and the
+    job's end, monotonic ns; ``t0``: the command, wall time; ``evs``: STOP and RESUME)."""
+    return {
+        # each fault's time, and of it the waiting and the copying
+        **{f"fault_{k}_ms": [x * 1e3 for x in stats.get(f"fault-{k}-s", [])] for k in ("latency", "wait", "copy")},
+        # pre-copy: dirty bytes, bytes written (clean gaps included), time per round; scans
+        **{k.replace("-", "_"): stats.get(k, []) for k in ("bytes-per-round", "written-per-round", "round-s", "scan-s")},
+        "max_rounds": stats.get("max-rounds", 0),
+        # copy-on-write's memory map: each fault's time after the arm (ms) and chunk,
+        # and the saver's front, (ms after the arm, chunks behind it); 2 MiB chunks
+        "fault_at_ms": [x * 1e3 for x in stats.get("fault-at-s", [])],
+        "fault_chunk": list(stats.get("fault-chunk", [])),
+        "sweep": [(t * 1e3, c) for t, c in stats.get("sweep", [])],
+        "chunks": stats.get("chunks", 0),
+        "timeline": [((smp.host_ns - m0) / 1e9, smp.iterations) for smp in m.lab.history()
+                     if m0 - 1_000_000_000 <= smp.host_ns <= m1 + 300_000_000],
+        "job_s": (m1 - m0) / 1e9,
+        "stopped": ((evs["STOP"] - t0, evs["RESUME"] - t0) if len(evs) == 2 else None),
+    }
 
 def compare(ram_sizes: list[int], engines: tuple[str, ...] | None = None, *, seed: int = 1,
             repetitions: int = 2, base: ExperimentSpec | None = None, progress: Any = None) -> list[dict[str, Any]]:

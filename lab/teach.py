@@ -530,3 +530,29 @@ def engines_spread_figure(rows: Sequence[dict[str, Any]], engines: Sequence[str]
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
+    """What one copy-on-write save's memory map (:func:`lab.plot.cow_window`) shows, in numbers,
+    in ms after RESUME: when the saver took its first span and when its front reached the end
+    of RAM; the faults before the saver began, those that copied their chunk and those that
+    waited; the guest's first progress sample after RESUME (its first finished batch)."""
+    import numpy as np
+
+    d = row["details"]
+    resume_s = d["stopped"][1] if d["stopped"] is not None else 0.0
+    sweep = d.get("sweep", [])
+    at = np.asarray(d.get("fault_at_ms", []), dtype=float)
+    copied = np.asarray(d.get("fault_copy_ms", []), dtype=float)[:len(at)] > 0
+    start = sweep[0][0] if sweep else float("nan")
+    tl = np.asarray(d["timeline"], dtype=float).reshape(-1, 2)
+    after = tl[:, 0] > resume_s
+    return {
+        "saver_start_ms": float(start),
+        "saver_end_ms": float(sweep[-1][0]) if sweep else float("nan"),
+        "faults": int(len(at)),
+        "faults_before_saver": int((at < start).sum()),
+        "faults_copied": int(copied.sum()),
+        "faults_waited": int((~copied).sum()),
+        "first_progress_ms": float((tl[after, 0][0] - resume_s) * 1e3) if after.any() else float("nan"),
+    }

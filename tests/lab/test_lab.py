@@ -75,6 +75,11 @@ def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
     assert ("background save (whole job)", "QEMU") in bars and ("blocking load", "QEMU") not in bars
     plot.throughput(rows, None, ref, tmp_path / "t.png")
     assert (tmp_path / "t.png").stat().st_size > 10_000
+    # copy-on-write's memory map: the saver's front over all 32 chunks, a fault per handling time
+    d = cow[-1]["details"]
+    assert d["chunks"] == 32 and d["sweep"][-1][1] == 32 and len(d["fault_at_ms"]) == len(d["fault_latency_ms"])
+    fig = plot.cow_window(cow[-1], tmp_path / "w.png")
+    assert (tmp_path / "w.png").stat().st_size > 10_000 and fig is not None
 
 
 def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

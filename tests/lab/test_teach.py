@@ -83,3 +83,18 @@ def test_the_scan_of_never_written_ram_is_timed_on_real_zero_pages(monkeypatch: 
     cost = teach.never_written_scan_ms_per_mib(mib=16, reps=2)
     assert 0 < cost < math.inf
     assert seen == [(16 << 20, 0), (16 << 20, 0)]
+
+
+def test_cow_window_summary_counts_by_hand() -> None:
+    # RESUME 2 ms after the command; the saver's first span at 3 ms, its front at the end at 9 ms;
+    # faults at 0.5 and 1 ms (copied) and at 4 ms (waited); the guest's first sample after RESUME
+    # 3 ms after it (2.005 s: 5 ms after the command)
+    row = {"details": {"stopped": (0.001, 0.002), "job_s": 0.02,
+                       "timeline": [(-0.5, 0), (0.0005, 100), (0.005, 150), (0.006, 250)],
+                       "sweep": [(3.0, 0), (6.0, 8), (9.0, 16)], "chunks": 16,
+                       "fault_at_ms": [0.5, 1.0, 4.0], "fault_chunk": [3, 9, 12],
+                       "fault_latency_ms": [0.2, 0.3, 1.5], "fault_copy_ms": [0.15, 0.2, 0.0]}}
+    s = teach.cow_window_summary(row)
+    assert s["saver_start_ms"] == 3.0 and s["saver_end_ms"] == 9.0
+    assert (s["faults"], s["faults_before_saver"], s["faults_copied"], s["faults_waited"]) == (3, 2, 2, 1)
+    assert s["first_progress_ms"] == pytest.approx(3.0)

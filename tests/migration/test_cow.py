@@ -228,11 +228,24 @@ def test_both_write_protect_backends_give_the_stop_instant(tmp_path: Path, backe
         progresses(m)
         met = m.snapshots.save_snapshot("w", False, "disk0", ["disk0"], "cow")
         assert met.extra["backend"] == backend and met.extra["faults"] > 0
+        # the fault thread runs as soon as a fault wakes it, where the host allows (root here)
+        want = ({"SCHED_FIFO", "nice -20"} if os.geteuid() == 0 else {"SCHED_FIFO", "nice -20", ""}) if backend == "userfaultfd" else {""}
+        assert met.extra["fault_thread"] in want
         # each fault's time, and of it the waiting and the copying, measured on its own thread
         lat, wait, copy = (np.array(met.extra[k]) for k in ("fault_latency_s", "fault_wait_s", "fault_copy_s"))
         assert 0 < len(lat) == len(wait) == len(copy) <= met.extra["faults"]
         assert np.all(wait >= 0) and np.all(copy >= 0) and np.all(wait + copy <= lat)
         assert np.count_nonzero(copy) <= met.extra["fault_chunks"]  # only a fault that saved its chunk copied
+        # the memory map: each fault's time after the arm and its chunk; the saver's front
+        at, chunk, sweep = (met.extra[k] for k in ("fault_at_s", "fault_chunk", "sweep"))
+        assert len(at) == len(chunk) == len(lat) and all(0 <= c < met.extra["chunks"] for c in chunk)
+        assert all(0 <= a < met.total_s for a in at)
+        # a fault that copied its chunk came before the saver's front passed it
+        passed = {c: next(t for t, front in sweep if front > c) for c in set(chunk)}
+        assert all(a < passed[c] for a, c, cp in zip(at, chunk, copy.tolist(), strict=True) if cp > 0)
+        fronts = [front for _, front in sweep]
+        assert fronts[0] == 0 and fronts[-1] == met.extra["chunks"] and fronts == sorted(fronts)
+        assert [t for t, _ in sweep] == sorted(t for t, _ in sweep)
         time.sleep(0.1)
         assert m.lab.last.errors == 0  # device DMA during the window went through the same protection
         m.stop()
@@ -423,3 +436,26 @@ def test_write_protection_maps_never_written_ram_to_the_zero_page(tmp_path: Path
     finally:
         m.close()
         g.close()
+
+
+def test_latency_priority_says_what_it_set() -> None:
+    import emulator.migration.cow as cow
+
+    got: list[tuple[str, int, int]] = []
+
+    def probe() -> None:
+        what = cow.latency_priority()
+        got.append((what, os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, 0)))
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    what, policy, nice = got[0]
+    if what == "SCHED_FIFO":
+        assert policy == os.SCHED_FIFO
+    elif what == "nice -20":
+        assert policy == os.SCHED_OTHER and nice == -20
+    else:
+        assert what == "" and os.geteuid() != 0  # as root one of the two is always allowed
+    # only that thread: this one keeps its scheduling
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER

@@ -167,6 +167,7 @@ class BackgroundLoad(LoadEngine):
         self._ready = LazyLoad(wp)  # the next load's, made off its path
         m = self._metrics(lazy, t0, t_resume, plan)
         m.extra["first_instruction_ns"] = first_ns
+        m.extra["fault_thread"] = wp.priority  # the fault-service thread's scheduling (cow.latency_priority)
         m.extra["recorded_chunks"] = self._record(src, lazy, t_resume, plan.record_s, m) if plan.record_s > 0 else 0
         ctx.saved(m)
         return m

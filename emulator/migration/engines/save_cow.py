@@ -127,6 +127,8 @@ class CowSaveEngine(SaveEngine):
                             ctx.ram_pages() - written)
         m.extra.update({
             "backend": protector.name, "backend_note": note,
+            # the fault-service thread's scheduling (cow.latency_priority; "" for the TLB backend)
+            "fault_thread": getattr(getattr(protector, "wp", None), "priority", ""),
             "arm_s": st.arm_s, "pre_arm_s": st.pre_arm_s, "rearmed_chunks": st.rearmed_chunks, "faults": st.faults, "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
             "zero_chunks": st.zero_chunks, "zero_map_s": st.zero_map_s,
             "ahead_chunks": st.ahead_chunks, "ahead_policy": st.ahead_policy,
@@ -134,6 +136,10 @@ class CowSaveEngine(SaveEngine):
             "fault_buffer_bytes": saver.max_buffers * CHUNK,  # held warm for the process's life
             "fault_latency_s": lat.tolist(),
             "fault_wait_s": list(st.wait_s), "fault_copy_s": list(st.copy_s),  # of each fault's time
+            "fault_at_s": list(st.fault_at_s), "fault_chunk": list(st.fault_chunk),
+            "sweep": [list(p) for p in st.sweep], "chunks": saver.nchunks,
+            # the vCPU's first entry into the guest after RESUME, seconds after the arm (same clock)
+            "first_entry_s": (first_ns / 1e9 - saver.armed_at) if (first_ns := ctx.vm.first_entry_ns(0)) else float("nan"),
             "populate_s": ctx.ram.populate_seconds if populate_before is None else 0.0,
             # where the total went: before the stop, stop to disks frozen, RAM saved, commit, flush
             "prepare_s": w.t_stop - t0, "freeze_s": t_frozen - w.t_stop, "run_s": t_run - t_frozen,
