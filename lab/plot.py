@@ -253,6 +253,49 @@ def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
     return fig
 
 
+def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | None = None) -> Any:
+    """Notebook 10's two operations, one panel each, every system's guest on the same axes:
+    the guest's work since the command, in seconds at its own rate of the second before
+    (iterations / that rate), against time since the command.  The diagonal is a guest the
+    operation did not slow; a flat stretch is a stop; a line ends 0.1 s after its operation.
+    ``results``: a :func:`lab.two_ways.snapshot_two_ways` result per system."""
+    import numpy as np
+
+    ops = (("internal", "internal snapshot (snapshot-save)"), ("migrate", "background snapshot (migrate)"))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    styles = {"snaplab": ("black", "-"), "qemu": ("tab:blue", "--")}
+    for ax, (op, title) in zip(axes, ops, strict=True):
+        longest = 0.0
+        for system, res in results.items():
+            r = res[op]
+            tl = np.asarray(r.get("timeline", []), dtype=float).reshape(-1, 2)
+            if not len(tl) or not r.get("rate_before", 0) > 0:
+                continue
+            color, ls = styles.get(system, ("0.4", ":"))
+            name = "QEMU 7.2" if system == "qemu" else system
+            # steps: between two samples the count is known only to be at least the earlier one
+            ax.plot(tl[:, 0], tl[:, 1] / r["rate_before"], color=color, linestyle=ls, linewidth=1.4, drawstyle="steps-post",
+                    label=f"{name}: downtime {r['downtime_ms']:.1f} ms, job {r['end_s'] * 1e3:.0f} ms, progress {r['progress']:.2f}")
+            ax.axvline(r["end_s"], color=color, linestyle=ls, linewidth=0.8)
+            for a, b in r.get("stops_s", []):
+                ax.axvspan(a, b, color=color, alpha=0.15, linewidth=0)
+            longest = max(longest, r["end_s"] + 0.1)
+        if longest:
+            ax.plot([0, longest], [0, longest], color="0.6", linestyle=":", linewidth=1, label="not slowed at all")
+            ax.set_xlim(-0.2, longest)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("time since the command (s)")
+        ax.grid(True, linewidth=0.3)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), fontsize=8, frameon=False)
+    axes[0].set_ylabel("guest work since the command\n(s at its rate of the second before)")
+    fig.suptitle("The same guest on both systems (shaded: stopped; vertical line: the operation's end)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
 def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
     """Cumulative distribution of write-fault service times during copy-on-write saves."""
     import numpy as np

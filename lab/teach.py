@@ -451,13 +451,15 @@ def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[
     qemu = QEMU_RECORDED_SAVE_SPREAD if qemu is None else qemu
     fig, ax = plt.subplots(figsize=(8, 5))
     groups = sorted({(r["ram_mib"], r["working_set_mib"]) for r in rows})
-    for key, scale, marker, fill, name in (("total_s", 1e3, "o", "black", "until the snapshot exists (total_s)"),
-                                           ("downtime_ms", 1.0, "o", "white", "downtime (no flush)")):
+    # the two series of one configuration share its x: drawn a little apart (x 2**-0.07 and
+    # 2**0.07 on the log axis), so neither hides the other
+    for key, scale, marker, fill, name, dodge in (("total_s", 1e3, "o", "black", "until the snapshot exists (total_s)", 2 ** -0.07),
+                                                  ("downtime_ms", 1.0, "o", "white", "downtime (no flush)", 2 ** 0.07)):
         xs, med, lo, hi = [], [], [], []
         for g in groups:
             mine = [r for r in rows if (r["ram_mib"], r["working_set_mib"]) == g]
             s = summarize([float(r[key]) * scale for r in mine])
-            xs.append(summarize([float(r["vmstate_bytes"]) / 2**20 for r in mine]).median)
+            xs.append(summarize([float(r["vmstate_bytes"]) / 2**20 for r in mine]).median * dodge)
             med.append(s.median)
             lo.append(s.median - s.min)
             hi.append(s.max - s.median)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from lab.reproduce import (
     MIGRATE_BACKGROUND,
     Guest,
     background_snapshot,
-    progress_ratio,
+    progress_rates,
     qemu_guest,
+    rate_ratio,
     run_job,
     snaplab_guest,
+    stops_ns,
     vmstate_bytes,
     wait_steady,
 )
@@ -54,34 +57,52 @@ def snapshot_two_ways(system: str, ram_mib: int = 128, seed: int = 1, rate_mib_s
         out["disk_before"] = _qemu_img("info", "-U", str(disk))
         out["disk_allocated_before"] = disk.stat().st_blocks * 512
         m = run_job(g, "snapshot-save", {"job-id": "int", "tag": "internal", "vmstate": "disk0", "devices": ["disk0"]})
-        out["internal"] = {"downtime_ms": m[0], "total_s": m[1], "progress": progress_ratio(g, m[2], m[3]),
+        out["internal"] = {"downtime_ms": m[0], "total_s": m[1], **_progress(g, m[2], m[3]),
                            "vmstate_bytes": vmstate_bytes(g, "internal")}
         g.qmp.cmd("migrate-set-capabilities", {"capabilities": [
             {"capability": "background-snapshot", "state": True}, {"capability": "events", "state": True}]})
         wait_steady(g, spec)
         stream = g.workdir / "background.bin"
         b = background_snapshot(g, stream)
-        out["migrate"] = {"downtime_ms": b[0], "total_s": b[1], "progress": progress_ratio(g, b[2], b[3]),
-                             "file_bytes": stream.stat().st_size}
+        out["migrate"] = {"downtime_ms": b[0], "total_s": b[1], **_progress(g, b[2], b[3]),
+                          "file_bytes": stream.stat().st_size}
         out["snapshots"] = _qemu_img("snapshot", "-l", "-U", str(disk))
         out["disk_after"] = _qemu_img("info", "-U", str(disk))
         out["disk_allocated_bytes"] = disk.stat().st_blocks * 512  # what the file system holds
     return out
 
 
+def _progress(g: Guest, t0_ns: int, t1_ns: int) -> dict[str, Any]:
+    """The guest during one operation (command ``t0`` to its end ``t1``, monotonic ns): its
+    progress ratio; its rate in the second before (iterations a second); its samples from
+    0.2 s before the command to 0.1 s after the end, as (seconds since the command, iterations
+    since the command); the operation's end and its stops (STOP to RESUME), in seconds since
+    the command, for :func:`lab.plot.two_ways_timelines`."""
+    before, during = progress_rates(g, t0_ns, t1_ns)
+    deadline = time.monotonic() + 0.5  # (QEMU's samples reach the host in bursts)
+    while time.monotonic() < deadline and not any(t >= t1_ns + 100_000_000 for t, _ in g.progress()[-4:]):
+        time.sleep(0.01)
+    samples = [(t, i) for t, i in g.progress() if t0_ns - 200_000_000 <= t <= t1_ns + 100_000_000]
+    i0 = next((i for t, i in reversed(samples) if t <= t0_ns), samples[0][1] if samples else 0)
+    return {"progress": rate_ratio(before, during), "rate_before": before,
+            "timeline": [((t - t0_ns) / 1e9, i - i0) for t, i in samples], "end_s": (t1_ns - t0_ns) / 1e9,
+            "stops_s": [((a - t0_ns) / 1e9, (b - t0_ns) / 1e9) for a, b in stops_ns(list(g.qmp.events))]}
+
+
 def two_ways_rows(system: str, reps: int = 3, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``reps`` runs of :func:`snapshot_two_ways` on ``system``, each on a freshly booted guest:
     one row per run and operation (``op`` "internal" or "background": downtime, total, guest
-    progress, MiB stored), for medians with spread; and the first run's full result (its
-    ``qemu-img`` listings)."""
+    progress, MiB stored), for medians with spread; and the last run's full result (its
+    ``qemu-img`` listings and progress timelines: the last, as the first save of a process
+    also pays one-time set-up, such as warming the copy buffers)."""
     rows: list[dict[str, Any]] = []
-    first: dict[str, Any] = {}
+    last: dict[str, Any] = {}
     for rep in range(reps):
         r = snapshot_two_ways(system, **kw)
-        first = first or r
+        last = r
         i, b = r["internal"], r["migrate"]
         rows.append({"system": system, "op": "internal", "rep": rep, "downtime_ms": i["downtime_ms"],
                      "total_s": i["total_s"], "progress": i["progress"], "stored_mib": i["vmstate_bytes"] / 2**20})
         rows.append({"system": system, "op": MIGRATE_BACKGROUND, "rep": rep, "downtime_ms": b["downtime_ms"],
                      "total_s": b["total_s"], "progress": b["progress"], "stored_mib": b["file_bytes"] / 2**20})
-    return rows, first
+    return rows, last

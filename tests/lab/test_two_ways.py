@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lab import plot
 from lab.two_ways import snapshot_two_ways, two_ways_rows
 
 
@@ -13,10 +14,23 @@ def test_internal_snapshot_in_the_image_background_snapshot_in_a_file() -> None:
     assert r["migrate"]["file_bytes"] > 4 << 20
     assert r["disk_allocated_bytes"] >= r["internal"]["vmstate_bytes"]  # the VM state lives in the image
     assert r["steady"]
+    # what the figure draws: samples from before the command to after the end, one stop each
+    for op in ("internal", "migrate"):
+        x = r[op]
+        ts = [t for t, _ in x["timeline"]]
+        assert ts == sorted(ts) and ts[0] < 0 < x["end_s"] < ts[-1] <= x["end_s"] + 0.1
+        assert x["rate_before"] > 0 and len(x["stops_s"]) == 1
+        a, b = x["stops_s"][0]
+        assert 0 < a < b < x["end_s"] and abs((b - a) * 1e3 - x["downtime_ms"]) < 1.0
+        # the work counted from the command: none stopped, about the rate before outside the stop
+        done = dict(x["timeline"])
+        assert all(i <= 0 for t, i in done.items() if t <= 0) and x["timeline"][-1][1] > 0
 
 
 def test_two_ways_rows_one_row_per_run_and_operation() -> None:
-    rows, first = two_ways_rows("snaplab", reps=2, ram_mib=64, seed=2, rate_mib_s=20, ws_mib=8)
+    rows, last = two_ways_rows("snaplab", reps=2, ram_mib=64, seed=2, rate_mib_s=20, ws_mib=8)
     assert [(r["op"], r["rep"]) for r in rows] == [("internal", 0), ("background", 0), ("internal", 1), ("background", 1)]
     assert all(r["system"] == "snaplab" and r["downtime_ms"] > 0 and r["total_s"] > 0 for r in rows)
-    assert first["internal"]["downtime_ms"] == rows[0]["downtime_ms"]
+    assert last["internal"]["downtime_ms"] == rows[2]["downtime_ms"]  # the last run's
+    fig = plot.two_ways_timelines({"snaplab": last})
+    assert len(fig.axes) == 2 and all(len(ax.lines) >= 3 for ax in fig.axes)  # the guest, its end, the diagonal
