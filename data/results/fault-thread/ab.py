@@ -1,17 +1,22 @@
-import sys, os
+import os
+import sys
+
 if sys.argv[1] == "off":
     import emulator.migration.cow as cow
     cow.latency_priority = lambda: ""
 if os.environ.get("VCPU_RT"):
-    import emulator.runctl as rc, emulator.migration.cow as cow2
+    import emulator.migration.cow as cow2
+    import emulator.runctl as rc
     _m = rc.RunControl._vcpu_main
     def vm(self):
         cow2.latency_priority(); _m(self)
     rc.RunControl._vcpu_main = vm
 import numpy as np
+
+from lab import teach
 from lab.run import run_experiment
 from lab.spec import ExperimentSpec
-from lab import teach
+
 ram, ws, rate, reps = (int(x) for x in sys.argv[2:6])
 rows = run_experiment(ExperimentSpec(ram_mib=ram, engine="cow", working_set_mib=ws, dirty_rate_mib_s=rate, warmup_s=1.2, gap_s=1.1, repetitions=reps))
 w = [teach.cow_window_summary(r) for r in rows]
