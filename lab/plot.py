@@ -185,27 +185,72 @@ def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], condit
     return fig
 
 
+def _cow_map(ax: Any, mp: Any, d: dict[str, Any], at: Any, lat: Any, copied: Any, end_ms: float) -> None:
+    """:func:`cow_window`'s memory map (``mp``), and the job's end and the front's on both panels."""
+    import numpy as np
+
+    mib = 2  # MiB per chunk
+    sw = np.asarray(d.get("sweep", []), dtype=float).reshape(-1, 2)
+    chunks = int(d.get("chunks", 0))
+    right = end_ms * 1.04
+    for a in (ax, mp):
+        a.axvline(end_ms, color="black", linestyle="-.", linewidth=1)
+    ax.plot([], [], color="black", linestyle="-.", linewidth=1, label="the job concluded")
+    if len(sw):
+        xs = np.concatenate((sw[:, 0], [right]))
+        ys = np.concatenate((sw[:, 1], [sw[-1, 1]])) * mib
+        mp.fill_between(xs, 0, ys, step="post", color="0.85", zorder=2, label="passed by the saver's front (saved, released)")
+        mp.step(xs, ys, where="post", color="black", linewidth=1.2, label="the saver's front")
+        mp.plot([sw[0, 0]], [0], marker="^", markersize=9, color="black", clip_on=False, zorder=4,
+                label=f"the saver's first span ({sw[0, 0]:.1f} ms)")
+    fc = np.asarray(d.get("fault_chunk", []), dtype=float)[:len(at)] * mib
+    for a0, lo_mib in zip((at + lat)[copied].tolist(), fc[copied].tolist(), strict=True):
+        mp.fill_between([a0, right], lo_mib, lo_mib + mib, color="0.93", linewidth=0, zorder=1)
+    if copied.any():
+        mp.fill_between([], [], [], color="0.93", label="released by its fault, from then on")
+    mp.scatter(at[copied], fc[copied] + mib / 2, s=16, color="tab:red", zorder=3, label="fault: copied its chunk, released it")
+    mp.scatter(at[~copied], fc[~copied] + mib / 2, s=16, facecolors="none", edgecolors="tab:red", zorder=3,
+               label="fault: copied nothing (waited, or found it saved), woken")
+    top: float = float(max(chunks * mib, 1))
+    cut = len(fc) and chunks * mib > 4 * (float(fc.max()) + mib)
+    if cut:
+        top = max(16.0, 2 * (float(fc.max()) + mib))
+    if len(sw) and sw[-1, 1] >= chunks:
+        for a in (ax, mp):
+            a.axvline(sw[-1, 0], color="0.3", linestyle=":", linewidth=1)
+        ax.plot([], [], color="0.3", linestyle=":", linewidth=1, label="the front at the end of RAM")
+        mp.annotate("RAM all captured: no chunk protected;\nthe writers still write the gathered pages,\nthen the table entry, the flush",
+                    (sw[-1, 0], 0.55 * top), xytext=(6, 0), textcoords="offset points", fontsize=8)
+    mp.set_ylim(0, top)
+    mp.set_xlim(-0.02 * end_ms, right)
+    mp.set_xlabel("time after the arm, about RESUME (ms)")
+    mp.set_ylabel("guest RAM address (MiB)" + (f"\n(0-{top:.0f} of {chunks * mib} MiB shown)" if cut else ""))
+
+
 def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
-    """One copy-on-write save's window, from RESUME to the job's end, in two panels on one
-    time axis (ms after RESUME; the arm is inside the stop, a few microseconds before it).
-    Above: the guest's iterations since RESUME, beside the line of its rate in the second
-    before the command (the gap between them is the progress lost), and under them each
-    fault's handling, read to wake.  Below: the memory map: guest RAM by address, the saver's
-    front (everything under it saved, so written freely) and every fault at its chunk, filled
-    where the fault copied the chunk, hollow where it only waited for the saver or a copy."""
+    """One copy-on-write save's window, from the arm (inside the stop, a fraction of a
+    millisecond before RESUME) to the job's end, in two panels on one time axis.  Above: the
+    guest's iterations since then, beside the line of its rate in the second before the
+    command (the gap between them is the progress lost), and under them each fault's handling,
+    read to wake (two rows, alternating, so that bars next to each other stay apart).  Below:
+    the memory map: guest RAM by address, the saver's front (its first span marked), the
+    chunks released (by the front, or each by its fault from then on), and every fault at its
+    chunk: filled where the fault copied the chunk, hollow where it copied nothing (it waited
+    for the saver or for another copy, or found the chunk saved).  The address axis is cut to
+    the faults' range where they all lie low in a large RAM (the cut is said on the axis)."""
     import numpy as np
 
     d = row["details"]
     resume_s = d["stopped"][1] if d["stopped"] is not None else 0.0
     end_ms = (d["job_s"] - resume_s) * 1e3
     tl = np.asarray(d["timeline"], dtype=float).reshape(-1, 2)
-    fig, (ax, mp) = plt.subplots(2, 1, figsize=(7.2, 6.4), sharex=True, gridspec_kw={"height_ratios": [1, 1.3]})
+    fig, (ax, mp) = plt.subplots(2, 1, figsize=(7.4, 6.8), sharex=True, gridspec_kw={"height_ratios": [1, 1.3]})
     if len(tl) >= 2:
         t_ms = (tl[:, 0] - resume_s) * 1e3
         before = (tl[:, 0] >= -1.0) & (tl[:, 0] <= 0.0)
         it0 = float(np.interp(0.0, t_ms, tl[:, 1]))
         show = (t_ms >= -0.05 * end_ms) & (t_ms <= 1.05 * end_ms)
-        edge = np.clip(np.array([-0.02 * end_ms, end_ms * 1.02]), t_ms[0], t_ms[-1])  # (interpolated at the view's edges)
+        edge = np.clip(np.array([-0.02 * end_ms, end_ms * 1.04]), t_ms[0], t_ms[-1])  # (interpolated at the view's edges)
         ts = np.concatenate(([edge[0]], t_ms[show], [edge[1]]))
         ax.step(ts, np.interp(ts, t_ms, tl[:, 1]) - it0, where="post", color="black", linewidth=1.2,
                 label="guest iterations since RESUME")
@@ -217,35 +262,18 @@ def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
     lat = np.asarray(d.get("fault_latency_ms", []), dtype=float)[:len(at)]
     copied = np.asarray(d.get("fault_copy_ms", []), dtype=float)[:len(at)] > 0
     lo, hi = ax.get_ylim()
-    y = lo + 0.04 * (hi - lo)
-    for a, b in zip(at.tolist(), (at + lat).tolist(), strict=True):
-        ax.plot([a, b], [y, y], color="tab:red", linewidth=4, solid_capstyle="butt")
+    for k, (a0, a1) in enumerate(zip(at.tolist(), (at + lat).tolist(), strict=True)):
+        y = lo + (0.03 if k % 2 == 0 else 0.08) * (hi - lo)
+        ax.plot([a0, a1], [y, y], color="tab:red", linewidth=3.5, solid_capstyle="butt")
     if len(at):
-        ax.plot([], [], color="tab:red", linewidth=4, label="a fault being handled (read to wake)")
+        ax.plot([], [], color="tab:red", linewidth=3.5, label="a fault being handled, read to wake (rows alternate)")
+    _cow_map(ax, mp, d, at, lat, copied, end_ms)
     ax.set_ylabel("iterations since RESUME")
     ax.grid(True, linewidth=0.3)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7.5)
     ax.set_title(f"Inside one copy-on-write save ({row['ram_mib']} MiB RAM, {len(at)} faults)")
-    mib = 2  # MiB per chunk
-    sw = np.asarray(d.get("sweep", []), dtype=float).reshape(-1, 2)
-    if len(sw):
-        mp.step(sw[:, 0], sw[:, 1] * mib, where="post", color="black", linewidth=1.2, label="the saver's front")
-        mp.fill_between(sw[:, 0], 0, sw[:, 1] * mib, step="post", color="0.9", label="saved (writes go through)")
-    fc = np.asarray(d.get("fault_chunk", []), dtype=float)[:len(at)] * mib + mib / 2
-    mp.scatter(at[copied], fc[copied], s=14, color="tab:red", zorder=3, label="fault: copied its chunk, released it")
-    mp.scatter(at[~copied], fc[~copied], s=14, facecolors="none", edgecolors="tab:red", zorder=3,
-               label="fault: waited (saver or a copy), woken")
-    if len(sw) and sw[-1, 1] >= d.get("chunks", 0):
-        for a in (ax, mp):
-            a.axvline(sw[-1, 0], color="0.3", linestyle=":", linewidth=1)
-        mp.annotate("RAM all saved: no chunk protected;\nthe writers, the table entry, the flush",
-                    (sw[-1, 0], 0.5 * d["chunks"] * mib), xytext=(6, 0), textcoords="offset points", fontsize=8)
-    mp.set_ylim(0, max(d.get("chunks", 0) * mib, 1))
-    mp.set_xlim(-0.02 * end_ms, end_ms * 1.02)
-    mp.set_xlabel("time after RESUME (ms)")
-    mp.set_ylabel("guest RAM address (MiB)")
     mp.grid(True, linewidth=0.3)
-    mp.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8, frameon=False)
+    mp.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=7.5, frameon=False)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
@@ -262,7 +290,7 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
     import numpy as np
 
     ops = (("internal", "internal snapshot (snapshot-save)"), ("migrate", "background snapshot (migrate)"))
-    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 4.6))
     styles = {"snaplab": ("black", "-"), "qemu": ("tab:blue", "--")}
     for ax, (op, title) in zip(axes, ops, strict=True):
         longest = 0.0
@@ -277,8 +305,10 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
             ax.plot(tl[:, 0], tl[:, 1] / r["rate_before"], color=color, linestyle=ls, linewidth=1.4, drawstyle="steps-post",
                     label=f"{name}: downtime {r['downtime_ms']:.1f} ms, job {r['end_s'] * 1e3:.0f} ms, progress {r['progress']:.2f}")
             ax.axvline(r["end_s"], color=color, linestyle=ls, linewidth=0.8)
-            for a, b in r.get("stops_s", []):
-                ax.axvspan(a, b, color=color, alpha=0.15, linewidth=0)
+            hatch_ = "///" if system == "qemu" else "\\\\\\"
+            for k, (a, b) in enumerate(r.get("stops_s", [])):
+                ax.axvspan(a, b, facecolor="none", edgecolor=color, hatch=hatch_, linewidth=0,
+                           label=f"{name} stopped" if k == 0 else None)
             longest = max(longest, r["end_s"] + 0.1)
         if longest:
             ax.plot([0, longest], [0, longest], color="0.6", linestyle=":", linewidth=1, label="not slowed at all")
@@ -286,9 +316,10 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("time since the command (s)")
         ax.grid(True, linewidth=0.3)
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.17), fontsize=8, frameon=False)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
     axes[0].set_ylabel("guest work since the command\n(s at its rate of the second before)")
-    fig.suptitle("The same guest on both systems (shaded: stopped; vertical line: the operation's end)", fontsize=10)
+    fig.suptitle("The same guest on both systems (hatched: stopped; vertical line: the operation's end; "
+                 "each line ends 0.1 s after its operation)", fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)

@@ -123,7 +123,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "started_at": t0,
                     "guest_iterations": samples[-1].iterations if samples else 0,
                     # the phases (ms); 2 MiB chunks known zero from the page tables (not read), the MiB read
-                    **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("zero_scan", "zero_map", "write", "commit", "flush")},
+                    **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("zero_scan", "zero_map", "write", "commit", "flush", "freeze", "run")},
                     "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": stats.get("scanned-bytes", math.nan) / 2**20,
                     "iterations": stats.get("iterations", 1),
                     "progress_during_save": _progress(m, m0, m1, stops_monotonic_ns(sorted(evs.items(), key=lambda kv: kv[1]))),

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from emulator.guest import WorkloadSpec
 from lab.reproduce import (
     MIGRATE_BACKGROUND,
@@ -76,14 +78,16 @@ def _progress(g: Guest, t0_ns: int, t1_ns: int) -> dict[str, Any]:
     """The guest during one operation (command ``t0`` to its end ``t1``, monotonic ns): its
     progress ratio; its rate in the second before (iterations a second); its samples from
     0.2 s before the command to 0.1 s after the end, as (seconds since the command, iterations
-    since the command); the operation's end and its stops (STOP to RESUME), in seconds since
+    since the command, the count at the command interpolated); the operation's end and its stops (STOP to RESUME), in seconds since
     the command, for :func:`lab.plot.two_ways_timelines`."""
     before, during = progress_rates(g, t0_ns, t1_ns)
     deadline = time.monotonic() + 0.5  # (QEMU's samples reach the host in bursts)
     while time.monotonic() < deadline and not any(t >= t1_ns + 100_000_000 for t, _ in g.progress()[-4:]):
         time.sleep(0.01)
     samples = [(t, i) for t, i in g.progress() if t0_ns - 200_000_000 <= t <= t1_ns + 100_000_000]
-    i0 = next((i for t, i in reversed(samples) if t <= t0_ns), samples[0][1] if samples else 0)
+    # the count at the command, interpolated between the samples around it (not the last
+    # sample before it: that would credit the operation with up to one batch)
+    i0 = float(np.interp(t0_ns, [t for t, _ in samples], [i for _, i in samples])) if samples else 0.0
     return {"progress": rate_ratio(before, during), "rate_before": before,
             "timeline": [((t - t0_ns) / 1e9, i - i0) for t, i in samples], "end_s": (t1_ns - t0_ns) / 1e9,
             "stops_s": [((a - t0_ns) / 1e9, (b - t0_ns) / 1e9) for a, b in stops_ns(list(g.qmp.events))]}

@@ -24,7 +24,8 @@ def test_internal_snapshot_in_the_image_background_snapshot_in_a_file() -> None:
         assert 0 < a < b < x["end_s"] and abs((b - a) * 1e3 - x["downtime_ms"]) < 1.0
         # the work counted from the command: none stopped, about the rate before outside the stop
         done = dict(x["timeline"])
-        assert all(i <= 0 for t, i in done.items() if t <= 0) and x["timeline"][-1][1] > 0
+        assert all(i <= 0 for t, i in done.items() if t <= 0) and all(i >= 0 for t, i in done.items() if t >= 0)
+        assert x["timeline"][-1][1] > 0
 
 
 def test_two_ways_rows_one_row_per_run_and_operation() -> None:
