@@ -420,6 +420,73 @@ def throughput(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] 
     return fig
 
 
+FILL_STYLE = {0: ("tab:red", "o", "read by its fault"), 1: ("tab:blue", "s", "read as the loading set"),
+              2: ("0.45", ".", "read by the rest fill")}
+
+
+def lazy_windows(rows: list[dict[str, Any]], window_ms: float = 100.0, path: str | Path | None = None) -> Any:
+    """Inside one load of each lazy policy (the last row of each with a fill log), side by
+    side: above, the guest's progress rate in 1 ms bins (``timeline_fine``) over its rate
+    before; below, the memory map: guest RAM by address against time after the command, each
+    2 MiB chunk as it came in (by its fault, as the loading set, or by the rest fill; hollow:
+    all zero, nothing read), and each fault as a cross at its chunk.  ``window_ms`` after the
+    command is drawn; how many chunks came later is written on the panel."""
+    import numpy as np
+
+    last = {r["policy"]: r for r in rows if r.get("fill_log")}
+    from lab.spec import load_engines
+
+    pols = [p for p in load_engines() if p in last]  # (the registry's order)
+    fig, axes = plt.subplots(2, max(len(pols), 1), figsize=(3.6 * max(len(pols), 1) + 0.8, 6.2), sharex=True,
+                             squeeze=False, gridspec_kw={"height_ratios": [1, 1.6]})
+    for k, pol in enumerate(pols):
+        r, ax, mp = last[pol], axes[0][k], axes[1][k]
+        off = r["resume_ms"]  # the map's times are after RESUME; the axis is after the command
+        fine = r.get("timeline_fine") or {"t_ms": [], "rate_frac": []}
+        t = np.asarray(fine["t_ms"], dtype=float)
+        ax.step(t, np.asarray(fine["rate_frac"], dtype=float), where="post", color="black", linewidth=1)
+        ax.axhline(0.9, color="0.5", linestyle=":", linewidth=1)
+        ax.axvline(off, color="0.3", linestyle="--", linewidth=0.8)
+        ax.set_title(f"{pol}: to90 {r['to90_ms']:.0f} ms, {r['faults']} faults", fontsize=9)
+        ax.set_ylim(0, 1.5)
+        ax.grid(True, linewidth=0.3)
+        log = np.asarray(r["fill_log"], dtype=float).reshape(-1, 4)
+        later = int((log[:, 0] + off > window_ms).sum())
+        for by, (color, marker, label) in FILL_STYLE.items():
+            for zero in (0, 1):
+                sel = (log[:, 2] == by) & (log[:, 3] == zero) & (log[:, 0] + off <= window_ms)
+                if not sel.any():
+                    continue
+                mp.scatter(log[sel, 0] + off, log[sel, 1] * 2 + 1, s=12 if marker != "." else 20, marker=marker,
+                           facecolors="none" if zero else color, edgecolors=color, linewidths=0.8,
+                           label=f"{label}{' (all zero: nothing read)' if zero else ''}")
+        fa = np.asarray(r.get("fault_at_ms", []), dtype=float) + off
+        fc = np.asarray(r.get("fault_chunk", []), dtype=float)[:len(fa)] * 2 + 1
+        inside = fa <= window_ms
+        mp.scatter(fa[inside], fc[inside], s=22, marker="x", color="black", linewidths=0.7, label="a fault (the guest blocked)")
+        mp.axvline(off, color="0.3", linestyle="--", linewidth=0.8)
+        mp.text(0.98, 0.98, f"{later} chunks came in later\n(all in {r['resident_s']:.2f} s after RESUME)",
+                transform=mp.transAxes, ha="right", va="top", fontsize=7.5,
+                bbox={"facecolor": "white", "edgecolor": "0.7", "linewidth": 0.5})
+        mp.set_ylim(0, max(r.get("chunks", 0) * 2, 1))
+        mp.set_xlim(-2, window_ms)
+        mp.set_xlabel("ms after the command")
+        mp.grid(True, linewidth=0.3)
+    axes[0][0].set_ylabel("guest rate / rate before\n(1 ms bins; dotted: 90%)")
+    axes[1][0].set_ylabel("guest RAM address (MiB)")
+    handles: dict[str, Any] = {}
+    for mp in axes[1]:
+        for h, lab in zip(*mp.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle("Inside one lazy load of each policy (dashed: RESUME)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
 def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, title: str = "",
                    zoom: bool = False) -> Any:
     """Restore to full speed (lab.restore rows): left, the guest's progress rate after the

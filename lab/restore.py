@@ -274,10 +274,17 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
                            "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
                            "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
                            "prefetch_s": float(stats.get("prefetch-s", 0.0)),
+                           "prefetch_start_s": float(stats.get("prefetch-start-s", 0.0)),
                            "recorded_chunks": int(stats.get("recorded-chunks", 0)),
                            "recorded_set": list(stats.get("recorded-set", [])),
                            "loading_set": list(stats.get("loading-set", [])),
                            "total_s": float(stats["total-s"]),
+                           # the memory map (lab.plot.lazy_windows): ms after RESUME; each chunk as it
+                           # came in, [ms, chunk, 0 fault / 1 set / 2 rest, 1 if all zero]
+                           "fault_at_ms": [t * 1e3 for t in stats.get("fault-at-s", [])],
+                           "fault_chunk": list(stats.get("fault-chunk", [])),
+                           "fill_log": [[t * 1e3, c, by, z] for t, c, by, z in stats.get("fill-log", [])],
+                           "chunks": int(stats.get("chunks", 0)),
                            # the whole watch, and its first 100 ms in 1 ms bins (a small guest is back within it)
                            "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
                            "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0),

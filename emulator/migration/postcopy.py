@@ -42,6 +42,7 @@ BOUNCE_BYTES = 2 * (CHUNK + READ_GAP)  # the most one such read brings in
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
 PREFETCH_READERS = 4  # chunks of a loading set read at once (LazyLoad._prefetch)
+FILL_BY_FAULT, FILL_BY_SET, FILL_BY_REST = 0, 1, 2  # who brought a chunk in (LazyStats.filled)
 
 
 @dataclass
@@ -58,7 +59,14 @@ class LazyStats:
     resident_at: float = 0.0  # perf_counter() when the last chunk was in
     prefetched_chunks: int = 0  # filled from the loading set, ahead of the rest
     prefetch_done_at: float = 0.0  # perf_counter() when the loading set was all in (0: none)
+    prefetch_start_at: float = 0.0  # perf_counter() when its readers began (0: none)
     paced_s: float = 0.0  # the filler's pauses between chunks of the rest (a paced fill)
+    # the memory map of the load (notebook 11): each fault's time (perf_counter) and chunk, and
+    # each chunk as it came in: (perf_counter, chunk, by whom: FILL_BY_FAULT, _SET or _REST,
+    # all zero in the snapshot: nothing read)
+    fault_at: list[float] = field(default_factory=list)
+    fault_chunk: list[int] = field(default_factory=list)
+    filled: list[tuple[float, int, int, bool]] = field(default_factory=list)
 
 
 @contextlib.contextmanager
@@ -110,6 +118,7 @@ class LazyLoad:
         self._aside: int | None = None
         self._src: int | None = None  # where the old RAM's pages are, while they are recycled
         self._set_hosts: dict[int, np.ndarray] = {}  # the loading set's pages' file offsets (_prefetch)
+        self._set_done: threading.Event | None = None  # the loading set's load, once started (start_prefetch)
         self._free_old: Callable[[], None] | None = None
         self.armed = False
         self._hurry = False  # job-complete, quit: fill the rest now
@@ -287,12 +296,15 @@ class LazyLoad:
         t0 = time.perf_counter()
         self.stats.faults += 1
         c = (f.address - self.ram.addr) // CHUNK
+        self.stats.fault_at.append(t0)
+        self.stats.fault_chunk.append(c)
         if not self._seen[c]:
             self._seen[c] = True
             self.touched.append((t0, c))
         filled = self._fill(c, self._buf, self._set_hosts.get(c))
         if filled:
             self.stats.fault_chunks += 1
+            self.stats.filled.append((time.perf_counter(), c, FILL_BY_FAULT, bool(self._zero[c])))
         else:
             with self.lock:
                 while self.state[c] != FILLED:
@@ -396,6 +408,7 @@ class LazyLoad:
                 if c is None:
                     return
                 if self._fill(c, b, hosts[c]):
+                    self.stats.filled.append((time.perf_counter(), c, FILL_BY_SET, bool(self._zero[c])))
                     with take:
                         self.stats.prefetched_chunks += 1
 
@@ -407,6 +420,27 @@ class LazyLoad:
         finally:
             WARM_BUFFERS.give_back(extra)
         return todo
+
+    def start_prefetch(self, order: np.ndarray, background: bool = True) -> None:
+        """Load the loading set ``order`` now: on a worker (``background``; the engine starts it
+        right after RESUME, so the readers do not wait for the disks' revert and flush, while
+        the guest already faults on its first chunks), else on this thread.  :meth:`fill_all`
+        waits for it before the rest."""
+        self.stats.prefetch_start_at = time.perf_counter()
+        if background:
+            self._set_done = spawn(_load_set, self, order)
+        else:
+            _load_set(self, order)
+
+    def prefetch_and_wait(self, order: np.ndarray) -> None:
+        """(:func:`_load_set`) The set read, then every chunk of it in place (a chunk a fault
+        was still reading is waited for)."""
+        want = self._prefetch(order, self._fill_buf)
+        with self.lock:
+            while (self.state[want] != FILLED).any() and self.error is None:
+                self.cond.wait(0.1)
+            if self.error is None:
+                self.stats.prefetch_done_at = time.perf_counter()
 
     def fill_all(self, order: np.ndarray | None = None, faults_only_until: float | None = 0.0,
                  rest_idle: bool = False, rest_duty: float = 1.0) -> None:
@@ -421,19 +455,17 @@ class LazyLoad:
         try:
             if faults_only_until is None or faults_only_until > t0:
                 self._wait_faults_only(faults_only_until)
-            if order is not None and len(order):
-                want = self._prefetch(order, buf)
-                with self.lock:  # a chunk of the set a fault was still reading is waited for
-                    while (self.state[want] != FILLED).any() and self.error is None:
-                        self.cond.wait(0.1)
-                    if self.error is None:
-                        self.stats.prefetch_done_at = time.perf_counter()
+            if self._set_done is None and order is not None and len(order):
+                self.start_prefetch(order, background=False)
+            if self._set_done is not None:  # (the set's readers use this filler's buffer)
+                self._set_done.wait()
             with idle_priority(rest_idle):
                 for c in range(self.nchunks):
                     if self.error is not None:
                         break
                     t = time.thread_time()
                     if self._fill(c, buf):
+                        self.stats.filled.append((time.perf_counter(), c, FILL_BY_REST, bool(self._zero[c])))
                         self.stats.bg_chunks += 1
                         if rest_duty < 1.0 and not self._hurry:
                             self._pace(time.thread_time() - t, rest_duty)
@@ -463,3 +495,12 @@ class LazyLoad:
         # into real small pages: the next arm would cost per page).  The zero chunks nobody
         # touched keep the huge zero page (a collapse would make them real zeroed memory).
         self.ram.collapse_chunks(~self._zero | self._zero_touched)
+
+
+def _load_set(lazy: LazyLoad, order: np.ndarray) -> None:
+    """A loading set's load (:meth:`LazyLoad.start_prefetch`): an error fails the load as an
+    unreadable chunk does."""
+    try:
+        lazy.prefetch_and_wait(order)
+    except BaseException as err:
+        lazy._failed(err)

@@ -259,6 +259,16 @@ def test_the_first_load_records_a_loading_set_the_next_prefetch_uses(make_vm: Fa
     assert again["loading-set-chunks"] == len(lset.chunks) and again["recorded-chunks"] == 0
     assert again["loading-set"] == rec["recorded-set"] == lset.chunks.tolist()
     assert again["prefetched-chunks"] + again["fault-chunks"] >= len(ws_chunks)
+    # the memory map: every chunk came in once, the set's by its readers or a fault, the others
+    # by a fault or the rest fill; the set's readers started right after RESUME, before it was in
+    log = again["fill-log"]
+    assert sorted(c for _, c, _, _ in log) == list(range(again["chunks"]))
+    by = {c: who for _, c, who, _ in log}
+    assert {by[c] for c in lset.chunks.tolist()} <= {0, 1} and {by[c] for c in set(by) - set(lset.chunks.tolist())} <= {0, 2}
+    assert all(c in set(again["fault-chunk"]) for c, w in by.items() if w == 0)  # a chunk a fault read had a fault
+    assert again["prefetched-chunks"] == sum(w == 1 for w in by.values())
+    assert 0 <= again["prefetch-start-s"] <= again["prefetch-s"]
+    assert len(again["fault-at-s"]) == len(again["fault-chunk"]) == again["faults"]
     q.execute("stop")  # a stopped guest stays stopped: RAM is the snapshot's once a load is over
     _load(q, "ref", "blocking")
     want = _ram_digest(m)

@@ -138,8 +138,8 @@ class BackgroundLoad(LoadEngine):
             finally:
                 lazy.release()
         t0, t_resume = times
+        plan = self._plan_started(src, lazy)
         lazy.free_old()
-        plan = self.fill_plan(src)
         self._active = lazy
         images = src.images
         failed = self._revert_disks(req.name, src.nodes, images, release_io[0])
@@ -172,6 +172,14 @@ class BackgroundLoad(LoadEngine):
         ctx.saved(m)
         return m
 
+    def _plan_started(self, src: LoadSource, lazy: LazyLoad) -> FillPlan:
+        """The fill plan, right after RESUME; a loading set to read first is started at once
+        (the guest runs and faults already; the disks' revert and flush come after)."""
+        plan = self.fill_plan(src)
+        if plan.order is not None and len(plan.order) and plan.faults_only_s == 0:
+            lazy.start_prefetch(plan.order)
+        return plan
+
     def _metrics(self, lazy: LazyLoad, t0: float, t_resume: float, plan: FillPlan) -> SnapshotMetrics:
         st = lazy.stats
         m = SnapshotMetrics(f"{self.name}-load", t_resume - t0, time.perf_counter() - t0)
@@ -182,9 +190,17 @@ class BackgroundLoad(LoadEngine):
                         "zero_touched_chunks": st.zero_touched_chunks, "paced_s": st.paced_s,
                         "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
                         "prefetch_s": st.prefetch_done_at - t_resume if st.prefetch_done_at else 0.0,
+                        # RESUME to the set's readers' start (after the disks' revert and flush)
+                        "prefetch_start_s": st.prefetch_start_at - t_resume if st.prefetch_start_at else 0.0,
                         "loading_set_chunks": 0 if plan.order is None else len(plan.order),
                         "loading_set": [] if plan.order is None else plan.order.tolist(),
-                        "fault_latency_s": list(st.handler_s)})
+                        "fault_latency_s": list(st.handler_s),
+                        # the memory map: each fault (seconds after RESUME) and its chunk; each
+                        # chunk as it came in: [seconds after RESUME, chunk, 0 fault / 1 set / 2 rest,
+                        # 1 if all zero (nothing read)]
+                        "fault_at_s": [t - t_resume for t in st.fault_at], "fault_chunk": list(st.fault_chunk),
+                        "fill_log": [[t - t_resume, c, by, int(z)] for t, c, by, z in st.filled],
+                        "chunks": lazy.nchunks})
         return m
 
     @staticmethod
