@@ -448,7 +448,9 @@ def lazy_windows(rows: list[dict[str, Any]], window_ms: float = 100.0, path: str
         ax.axhline(0.9, color="0.5", linestyle=":", linewidth=1)
         ax.axvline(off, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_title(f"{pol}: to90 {r['to90_ms']:.0f} ms, {r['faults']} faults", fontsize=9)
-        ax.set_ylim(0, 1.5)
+        frac = np.asarray(fine["rate_frac"], dtype=float)
+        peak = float(np.nanmax(frac)) if len(frac) and np.isfinite(frac).any() else 1.0
+        ax.set_ylim(0, min(3.0, max(1.5, 1.05 * peak)))
         ax.grid(True, linewidth=0.3)
         log = np.asarray(r["fill_log"], dtype=float).reshape(-1, 4)
         later = int((log[:, 0] + off > window_ms).sum())

@@ -264,3 +264,20 @@ def test_a_fine_timeline_interpolates_so_a_bin_with_one_sample_is_not_a_stall() 
     fine = timeline(s, 0, 0, 1000.0, step_ms=1.0, span_ms=(0.0, 200.0), interpolate=True)["rate_frac"]
     assert max(counted[:199]) == 0.0  # every bin has one sample or none
     assert np.allclose(fine[:199], 1.0)
+
+
+def test_lazy_windows_draws_each_lazy_policy_and_counts_what_came_later() -> None:
+    from lab import plot
+
+    lazy = [p for p in load_engines() if p != "blocking"]
+    # RESUME 1 ms after the command; chunk 0 by a fault at 0.5 ms after RESUME, chunk 1 by the
+    # set at 3 ms, chunk 2 by the rest at 150 ms (after the 100 ms drawn), chunk 3 all zero
+    rows = [{"policy": p, "resume_ms": 1.0, "to90_ms": 5.0, "faults": 1, "resident_s": 0.2, "chunks": 4,
+             "timeline_fine": {"t_ms": [0.0, 1.0, 2.0], "rate_frac": [0.0, 0.5, 1.0]},
+             "fault_at_ms": [0.4], "fault_chunk": [0],
+             "fill_log": [[0.5, 0, 0, 0], [3.0, 1, 1, 0], [150.0, 2, 2, 0], [4.0, 3, 2, 1]]} for p in lazy]
+    rows.append({"policy": "blocking", "fill_log": []})  # no map: left out
+    fig = plot.lazy_windows(rows)
+    assert len(fig.axes) == 2 * len(lazy)
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert texts.count("1 chunks came in later\n(all in 0.20 s after RESUME)") == len(lazy)
