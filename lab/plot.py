@@ -227,6 +227,41 @@ def _cow_map(ax: Any, mp: Any, d: dict[str, Any], at: Any, lat: Any, copied: Any
     mp.set_ylabel("guest RAM address (MiB)" + (f"\n(0-{top:.0f} of {chunks * mib} MiB shown)" if cut else ""))
 
 
+def fault_granules(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
+    """Notebook 6's fault loops: for each writer (``writes``) and granule, what the writer paid
+    (its time blocked in faults, ``writer_ms``) against how many faults it took, one point per
+    run, the median of each group ringed and labelled; log axes (points only)."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.6, 4.2))
+    marks = {"4 KiB": ("o", "tab:red"), "2 MiB": ("s", "tab:blue")}
+    for (writes, granule) in sorted({(r["writes"], r["granule"]) for r in rows}, reverse=True):
+        sel = [r for r in rows if r["writes"] == writes and r["granule"] == granule]
+        x = np.array([max(r["faults"], 1) for r in sel], dtype=float)
+        y = np.array([r["writer_ms"] for r in sel], dtype=float)
+        marker, color = marks.get(granule, ("^", "0.4"))
+        filled = writes >= 100
+        ax.scatter(x, y, marker=marker, s=28, facecolors=color if filled else "none", edgecolors=color,
+                   label=f"{writes} writes, {granule} granules ({len(sel)} runs)")
+        mx, my = float(np.median(x)), float(np.median(y))
+        ax.scatter([mx], [my], marker=marker, s=170, facecolors="none", edgecolors="black", linewidths=0.8)
+        right = mx < 300  # (a label right of the point, unless that is the axes' edge)
+        ax.annotate(f"median: {mx:.0f} faults, {my:.1f} ms", (mx, my), xytext=(10 if right else -12, -4),
+                    textcoords="offset points", fontsize=7.5, ha="left" if right else "right")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("faults the writer took (log)")
+    ax.set_ylabel("the writer's time in its writes (ms, log)")
+    ax.set_title("What a writer pays for write protection: fault count against time", fontsize=10)
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
 def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
     """One copy-on-write save's window, from the arm (inside the stop, a fraction of a
     millisecond before RESUME) to the job's end, in two panels on one time axis.  Above: the
