@@ -20,6 +20,14 @@ LINES = ("-", "--", ":", "-.")
 HATCHES = ("", "//", "..", "xx", "\\\\")
 
 
+
+def _finish(fig: Any, path: str | Path | None) -> Any:
+    """A finished figure: written to ``path`` and closed if one is given; returned either way."""
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
 def _index(engine: str) -> int:
     """The engine's place in the registry (save engines, then load engines): its style."""
     names = [*save_engines(), *load_engines()]
@@ -62,10 +70,7 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(loc="lower right", fontsize=9)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def engines_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
@@ -91,10 +96,7 @@ def engines_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -
     fig.suptitle("Consistency point: blocking and copy-on-write = the stop instant; pre-copy = the end instant",
                  fontsize=9)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
@@ -115,10 +117,7 @@ def load_figure(rows: list[dict[str, Any]], path: str | Path | None = None) -> A
     ax.legend()
     ax.grid(True, axis="y", linewidth=0.3)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> Any:
@@ -139,10 +138,7 @@ def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> An
         ax.set_xlim(min(t[0], 0.0) - 0.02, max(t[-1], d["job_s"]) + 0.005)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, frameon=False)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], conditions: str,
@@ -179,10 +175,7 @@ def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], condit
     axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(f"{n} saves per engine; {conditions}", fontsize=9)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def _cow_map(ax: Any, mp: Any, d: dict[str, Any], at: Any, lat: Any, copied: Any, end_ms: float) -> None:
@@ -256,10 +249,7 @@ def fault_granules(rows: list[dict[str, Any]], path: str | Path | None = None) -
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
@@ -310,10 +300,7 @@ def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
     mp.grid(True, linewidth=0.3)
     mp.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=7.5, frameon=False)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | None = None) -> Any:
@@ -356,10 +343,7 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
     fig.suptitle("The same guest on both systems (hatched: stopped; vertical line: the operation's end; "
                  "each line ends 0.1 s after its operation)", fontsize=10)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) -> Any:
@@ -380,10 +364,7 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
     ax.set_title(f"Copy-on-write faults ({len(lat)} faults)")
     ax.grid(True, which="both", linewidth=0.3)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def _median(vals: list[float]) -> float:
@@ -449,10 +430,7 @@ def throughput(save_rows: list[dict[str, Any]], load_rows: list[dict[str, Any]] 
     if bars:
         ax.set_ylim(min(v for _, _, v in bars) / 2, max(v for _, _, v in bars) * 4)
     fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 FILL_STYLE = {0: ("tab:red", "o", "read by its fault"), 1: ("tab:blue", "s", "read as the loading set"),
@@ -518,10 +496,7 @@ def lazy_windows(rows: list[dict[str, Any]], window_ms: float = 100.0, path: str
     fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.suptitle("Inside one lazy load of each policy (dashed: RESUME)", fontsize=10)
     fig.tight_layout(rect=(0, 0.09, 1, 1))
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, path)
 
 
 def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, title: str = "",

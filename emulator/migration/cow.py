@@ -931,16 +931,7 @@ def latency_priority() -> str:
     after it instead of 2.5-6.8 ms (notebook 7's guest, 8 MiB working set, 12 saves each way).
     The thread only copies chunks and blocks in poll() between faults, so it cannot starve the
     others (and the kernel's real-time throttling would stop it if it did)."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        return "SCHED_FIFO"
-    except (OSError, AttributeError):
-        pass
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, -20)  # (per thread on Linux)
-        return "nice -20"
-    except OSError:
-        return ""
+    return _thread_priority("SCHED_FIFO", 1, -20)
 
 
 def cpu_pressure() -> float | None:
@@ -971,14 +962,21 @@ def scan_ahead_wanted() -> tuple[bool, str]:
 def idle_priority() -> str:
     """Make the calling thread run only on an otherwise idle CPU: ``SCHED_IDLE`` (Linux applies
     it to the thread), else nice 19; returns which, or "" if the host allowed neither."""
+    return _thread_priority("SCHED_IDLE", 0, 19)
+
+
+def _thread_priority(policy: str, priority: int, nice: int) -> str:
+    """The calling thread (Linux applies both calls to it alone) under ``policy`` (an ``os``
+    attribute's name) at ``priority``, else at ``nice``; returns which was set ("SCHED_...",
+    "nice N"), or "" if the host allowed neither."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        return "SCHED_IDLE"
+        os.sched_setscheduler(0, getattr(os, policy), os.sched_param(priority))
+        return policy
     except (OSError, AttributeError):
         pass
     try:
-        os.setpriority(os.PRIO_PROCESS, 0, 19)  # (per thread on Linux)
-        return "nice 19"
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+        return f"nice {nice}"
     except OSError:
         return ""
 
