@@ -366,10 +366,12 @@ def per_mib_costs(rows: Sequence[dict[str, Any]], key: str = "downtime_ms") -> d
 
 
 def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, float]] | None = None,
-                path: str | Path | None = None) -> Any:
-    """Left: blocking-save downtime against RAM size with the RAM in use fixed; right: against
-    the VM state written (MiB) with the RAM size fixed, beside QEMU 7.2's recorded saves
-    ({RAM MiB: (VM state MiB, s)}).  Medians with interquartile bars."""
+                path: str | Path | None = None, model: dict[str, float] | None = None) -> Any:
+    """Left: blocking-save downtime against RAM size with the RAM in use fixed (x in powers of
+    two); right: against the VM state written (MiB) with the RAM size fixed, on linear axes from
+    0, so that the two-term ``model`` (:func:`stop_model`), drawn when given, is a straight line
+    whose intercept is visible; beside QEMU 7.2's recorded saves ({RAM MiB: (VM state MiB, s)}).
+    Medians with interquartile bars, and every save."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -385,32 +387,84 @@ def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, flo
         fixed = f"{mine[0]['working_set_mib']} MiB in use" if gkey == "ram_mib" else f"{mine[0]['ram_mib']} MiB of RAM"
         ax.errorbar(xs, [s.median for s in sums], yerr=err, marker=marker, color="black", capsize=3, linestyle=ls,
                     label=f"snaplab blocking save, {fixed} (median, IQR)")
-        ax.scatter([float(r[xkey]) * (1 + 0.03 * (r["rep"] - 2)) for r in mine], [r["downtime_ms"] for r in mine],
+        spread = 0.03 if ax is axes[0] else 0.015 * max(xs)  # (a factor on the log axis, MiB on the linear one)
+        ax.scatter([float(r[xkey]) * (1 + spread * (r["rep"] - 2)) if ax is axes[0] else float(r[xkey]) + spread * (r["rep"] - 2)
+                    for r in mine], [r["downtime_ms"] for r in mine],
                    s=12, color="grey", zorder=3, label="each save" if ax is axes[1] else None)
+        if model is not None and ax is axes[1]:
+            extra = summarize([float(r["scanned_mib"]) - float(r["vmstate_mib"]) for r in mine]).median
+            line = np.linspace(0.0, max(xs) * 1.1, 50)
+            ax.plot(line, [predict_stop(model, x + extra, x)["downtime_ms"] for x in line], color="black",
+                    linewidth=0.8, linestyle=":", label="two-term model (fitted on the fastest saves)")
     if qemu:
         qx = sorted(qemu)
         axes[1].plot([qemu[x][0] for x in qx], [qemu[x][1] * 1e3 for x in qx], marker="D", color="grey",
                      linestyle="-.", label="QEMU 7.2 savevm, RAM filled with random bytes (recorded, median of 3)")
     titles = ("RAM size varies, RAM in use fixed", "RAM in use varies, RAM size fixed")
     for ax, label, title in zip(axes, ("guest RAM (MiB)", "VM state written (MiB) = RAM in use"), titles, strict=True):
-        ax.set_xscale("log", base=2)
-        if ax is axes[1]:
-            ax.set_yscale("log")
+        if ax is axes[0]:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:
-            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0))
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            axis.set_minor_formatter(NullFormatter())
-        if ax is axes[1]:
-            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
+            ax.set_xlim(left=0)
+        ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.0))
         ax.set_xlabel(label)
         ax.set_ylabel("downtime, STOP to RESUME (ms)")
         ax.set_title(title, fontsize=10)
-        ax.grid(True, which="both", linewidth=0.3)
+        ax.grid(True, linewidth=0.3)
     handles = [h for ax in axes for h in ax.get_legend_handles_labels()[0]]
     labels = [lab for ax in axes for lab in ax.get_legend_handles_labels()[1]]
-    fig.legend(handles, labels, loc="lower center", ncol=1, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.17, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+STOP_PHASES = (("zero_map_ms", "page-table walk"), ("zero_scan_ms", "zero scan"), ("write_ms", "writes (not hidden)"),
+               ("commit_ms", "commit"), ("rest_ms", "rest of the stop"))
+"""The phases of a blocking save's stop, in order, as :func:`typical_phases` reports them."""
+
+
+def typical_phases(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per configuration (RAM MiB, MiB in use), its typical save: the one whose downtime is the
+    median (the lower of the middle two for an even count), with its phases (:data:`STOP_PHASES`;
+    ``rest_ms``: the downtime less the measured phases), so the parts add up to a real stop
+    rather than medians that need not."""
+    out = []
+    for ram, ws in sorted({(r["ram_mib"], r["working_set_mib"]) for r in rows}):
+        mine = sorted((r for r in rows if (r["ram_mib"], r["working_set_mib"]) == (ram, ws)), key=lambda r: r["downtime_ms"])
+        r = mine[(len(mine) - 1) // 2]
+        phases = {k: float(r[k]) for k, _ in STOP_PHASES if k != "rest_ms"}
+        phases["rest_ms"] = float(r["downtime_ms"]) - sum(phases.values())
+        out.append({"ram_mib": ram, "working_set_mib": ws, "n": len(mine), "rep": r["rep"],
+                    "downtime_ms": float(r["downtime_ms"]), **phases})
+    return out
+
+
+def phase_figure(rows: Sequence[dict[str, Any]], path: str | Path | None = None) -> Any:
+    """Where a blocking save's stop goes: per configuration, its typical save (:func:`typical_phases`)
+    as one bar split into its phases, in the order they run."""
+    import matplotlib.pyplot as plt
+
+    typ = typical_phases(rows)
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(typ) + 1.8))
+    ys = np.arange(len(typ))
+    left = np.zeros(len(typ))
+    shades = ("#d9d9d9", "#7f7f7f", "#000000", "#bdbdbd", "white")
+    for (key, name), shade in zip(STOP_PHASES, shades, strict=True):
+        width = np.array([max(t[key], 0.0) for t in typ])
+        ax.barh(ys, width, left=left, color=shade, edgecolor="black", linewidth=0.6, label=name,
+                hatch="//" if key == "rest_ms" else None)
+        left += width
+    ax.set_yticks(ys, [f"{t['ram_mib']} MiB RAM, {t['working_set_mib']} MiB in use" for t in typ])
+    ax.invert_yaxis()
+    ax.set_xlabel("time inside the stop (ms), the save with the median downtime of each configuration")
+    ax.set_title("Where a blocking save's stop goes (snaplab, the sweep above)", fontsize=10)
+    ax.grid(True, axis="x", linewidth=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig

@@ -98,3 +98,19 @@ def test_cow_window_summary_counts_by_hand() -> None:
     assert s["saver_start_ms"] == 3.0 and s["saver_end_ms"] == 9.0
     assert (s["faults"], s["faults_before_saver"], s["faults_copied"], s["faults_waited"]) == (3, 2, 2, 1)
     assert s["first_progress_ms"] == pytest.approx(3.0)
+
+
+def test_typical_phases_pick_the_median_save_and_add_up() -> None:
+    def row(ram: int, ws: int, rep: int, down: float, scan: float) -> dict:
+        return {"ram_mib": ram, "working_set_mib": ws, "rep": rep, "downtime_ms": down, "zero_map_ms": 0.5,
+                "zero_scan_ms": scan, "write_ms": 10.0, "commit_ms": 1.0}
+    rows = [row(64, 16, 0, 30.0, 1.0), row(64, 16, 1, 20.0, 2.0), row(64, 16, 2, 25.0, 3.0),
+            row(128, 16, 0, 40.0, 4.0), row(128, 16, 1, 14.0, 2.0)]  # even count: the lower middle
+    typ = teach.typical_phases(rows)
+    assert [(t["ram_mib"], t["rep"], t["n"]) for t in typ] == [(64, 2, 3), (128, 1, 2)]
+    assert typ[0]["rest_ms"] == pytest.approx(25.0 - 0.5 - 3.0 - 10.0 - 1.0)
+    assert typ[1]["rest_ms"] == pytest.approx(14.0 - 0.5 - 2.0 - 10.0 - 1.0)
+    for t in typ:
+        assert sum(t[k] for k, _ in teach.STOP_PHASES) == pytest.approx(t["downtime_ms"])
+    fig = teach.phase_figure(rows)
+    assert len(fig.axes[0].patches) == len(teach.STOP_PHASES) * 2
