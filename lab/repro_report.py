@@ -271,6 +271,9 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
             marker, ls, color = series_style(system, op, eng)
             ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=ls, color=color, capsize=3,
                         markerfacecolor="white" if system == "qemu" else color, label=series_label(system, op, eng))
+            # min and max of the runs: short ticks above and below, in the series' colour
+            ax.scatter(xs + xs, [v.min for _, v in pts] + [v.max for _, v in pts], marker="_", s=40,
+                       color=color, linewidths=1.0, zorder=3, label="min and max of the runs" if i == 0 else None)
         _downtime_axes(ax, sorted({k[4] for k in s}), field)
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
@@ -283,10 +286,14 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=2)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR "
+    fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR, ticks = min and max "
                  f"({source_label(meta, committed)})", fontsize=9)
     fig.tight_layout()
-    fig.text(0.5, -0.02, FIELDS[field][2], ha="center", fontsize=8)
+    note = FIELDS[field][2]
+    if field == "total_s" and any(resumes_early(k[2]) for k in s if k[1] == "load"):
+        note += ("\nA lazy load's total runs to the end of its fill, long after RESUME: the guest runs from RESUME on, "
+                 "so its downtime, not this total, is what it waited (notebook 11 times its return to full speed).")
+    fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
@@ -334,7 +341,11 @@ def series_style(system: str, op: str, engine: str) -> tuple[str, Any, str]:
         ("qemu", "save", r["migrate"]): ("^", "--", "0.45"),
         ("qemu", "load", r["blocking-load"]): ("D", "--", "0.45"),
     }
-    return table.get((system, op, engine), ("x", ":", "blue"))
+    if (system, op, engine) in table:
+        return table[(system, op, engine)]
+    others = [e for e in load_engines() if (system, op, e) not in table] if op == "load" else []
+    extra: list[tuple[str, Any, str]] = [("X", (0, (3, 1)), "0.15"), ("*", (0, (1, 2)), "0.5")]
+    return extra[others.index(engine) % len(extra)] if engine in others else ("x", ":", "0.6")
 
 
 def series_label(system: str, op: str, engine: str) -> str:
@@ -346,7 +357,8 @@ def series_label(system: str, op: str, engine: str) -> str:
              ("save", r["migrate"]): "background snapshot (migrate)",
              ("load", r["blocking-load"]): "blocking snapshot-load",
              ("load", r["background-load"]): "lazy load, background fill"}
-    return f"{'QEMU' if system == 'qemu' else system} {names.get((op, engine), engine)}"
+    other = f"lazy load, {engine}" if op == "load" and resumes_early(engine) else engine
+    return f"{'QEMU' if system == 'qemu' else system} {names.get((op, engine), other)}"
 
 
 def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:

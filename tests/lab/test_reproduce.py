@@ -312,3 +312,23 @@ def test_a_figure_names_the_host_by_its_cpu() -> None:
     meta = {"started": "2026-12-06T04:54:22+0000", "host": "vm", "cpu": "AMD EPYC", "spec": {"qemu_cache": "direct"}}
     assert repro_report.source_label(meta, True) == "committed data 2026-12-06 on AMD EPYC (vm), QEMU cache.direct=on"
     assert repro_report.source_label({"host": "box"}, False) == "measured ? on box, QEMU through the page cache"
+
+
+def test_the_committed_figure_marks_each_points_min_and_max_and_explains_lazy_totals() -> None:
+    data = Path(__file__).resolve().parents[2] / "data" / "results" / "reproduction"
+    rows, meta = repro_report.load_runs(data)
+    fig = repro_report.figure(rows, meta, committed=True, field="total_s")
+    s = repro_report.summaries(rows, "total_s")
+    from lab.spec import resumes_early
+    lazy = [k for k in s if k[1] == "load" and k[3] == "snaplab" and resumes_early(k[2])]
+    assert lazy
+    ticks = {round(float(y), 9) for ax in fig.axes for coll in ax.collections for _, y in coll.get_offsets()}
+    for k in lazy:  # every lazy-load point's fastest and slowest run drawn
+        assert round(s[k].min, 9) in ticks and round(s[k].max, 9) in ticks
+    assert "lazy load's total runs to the end of its fill" in " ".join(t.get_text() for t in fig.texts)
+    # every load engine of the registry has its own style and a label that says it is a lazy load
+    styles = {repro_report.series_style("snaplab", "load", e) for e in {k[2] for k in s if k[1] == "load"}}
+    assert len(styles) == len({k[2] for k in s if k[1] == "load"})
+    assert all(repro_report.series_label("snaplab", "load", k[2]).startswith("snaplab lazy load") for k in lazy)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
