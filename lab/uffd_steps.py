@@ -198,3 +198,111 @@ def fill_costs(size: int = 32 << 20, reps: int = 3) -> list[dict[str, Any]]:
                          "calls": size // step, "bytes_filled": done, "error": err, "contents_right": ok,
                          "ms_per_MiB": took * 1e3 / (size >> 20)})
     return rows
+
+
+OLD, NEW, FILLED = 0x11, 0x22, 0x5A  # the bytes of the two demonstrations below
+COPY_ORDERS = ("copy, then release", "release, then copy")
+
+
+def _serve_one(u: UserFaultFD, timeout_s: float = 5.0) -> Any:
+    """The next fault message on ``u`` (waits for it in poll(), at most ``timeout_s``)."""
+    poller = select.poll()
+    poller.register(u.fd, select.POLLIN)
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if poller.poll(50):
+            got = u.read_faults(1)
+            if got:
+                return got[0]
+    raise TimeoutError("no fault came")
+
+
+def copy_order(order: str) -> dict[str, Any]:
+    """Why a snapshot's handler copies a page *before* it releases it: a page holding ``OLD`` is
+    write-protected, a writer stores ``NEW`` into it and blocks; this thread serves the fault in
+    ``order`` (:data:`COPY_ORDERS`) and keeps its copy as "the snapshot".  Releasing first lets the
+    writer's store go through before the copy is taken; to show that case every time rather than
+    when the race happens to go that way, the handler then waits for the writer before it copies.
+    Returns the fault message's flags, what the snapshot and the page hold, and whether the
+    snapshot kept the stop instant's byte."""
+    if order not in COPY_ORDERS:
+        raise ValueError(f"order: {order!r} is not one of {', '.join(COPY_ORDERS)}")
+    s = Scratch(HUGE, populate=False)
+    ctypes.memset(s.addr, OLD, HUGE)
+    u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    snapshot = (ctypes.c_char * PAGE)()
+    off = 5 * PAGE + 123  # a byte inside the sixth page
+    try:
+        u.register(s.addr, HUGE, UFFDIO_REGISTER_MODE_WP)
+        u.writeprotect(s.addr, HUGE, True)
+        writer = threading.Thread(target=ctypes.memset, args=(s.addr + off, NEW, 1), daemon=True)
+        writer.start()  # (a foreign call: it blocks in the kernel with the GIL released)
+        f = _serve_one(u)
+        page = f.address & ~(PAGE - 1)
+        if order == COPY_ORDERS[0]:
+            ctypes.memmove(snapshot, page, PAGE)
+            u.writeprotect(s.addr, HUGE, False)
+            writer.join()
+        else:
+            u.writeprotect(s.addr, HUGE, False)
+            writer.join()  # the store has gone through
+            ctypes.memmove(snapshot, page, PAGE)
+        kept = snapshot.raw[off % PAGE]
+        now = ctypes.string_at(s.addr + off, 1)[0]
+        u.unregister(s.addr, HUGE)
+    finally:
+        u.close()
+        s.close()
+    return {"order": order, "fault_write": f.write, "fault_wp": f.wp, "fault_page": (f.address - s.addr) // PAGE,
+            "snapshot_byte": kept, "page_byte_now": now, "snapshot_kept_the_stop_instant": kept == OLD}
+
+
+FILLS = ("UFFDIO_COPY", "UFFDIO_ZEROPAGE")
+
+
+def _resident_pages(addr: int, size: int) -> int:
+    """Pages of [addr, addr + size) with a page-table entry now (mincore: one byte per page)."""
+    vec = (ctypes.c_ubyte * (size // PAGE))()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
+
+
+def missing_fault(fill: str) -> dict[str, Any]:
+    """A first read of a never-touched page in a range registered in missing mode: the reader
+    blocks in the kernel, this thread reads the fault message and fills that one page (``fill``:
+    UFFDIO_COPY from a buffer of ``FILLED`` bytes, or UFFDIO_ZEROPAGE), which wakes the reader.
+    Returns the message's flags and page, what the reader read, how long it waited, and how many
+    pages of the 2 MiB range have an entry before and after (only the filled one)."""
+    if fill not in FILLS:
+        raise ValueError(f"fill: {fill!r} is not one of {', '.join(FILLS)}")
+    s = Scratch(HUGE, populate=False)
+    u = UserFaultFD(0)
+    src = (ctypes.c_char * PAGE)(*([bytes([FILLED])] * PAGE))
+    got = (ctypes.c_char * 1)()
+    waited = [0.0]
+    off = 9 * PAGE + 7
+
+    def reader() -> None:
+        t0 = time.perf_counter()
+        ctypes.memmove(got, s.addr + off, 1)  # blocks in the kernel until the page is filled
+        waited[0] = time.perf_counter() - t0
+
+    try:
+        u.register(s.addr, HUGE, UFFDIO_REGISTER_MODE_MISSING)
+        before = _resident_pages(s.addr, HUGE)
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        f = _serve_one(u)
+        page = f.address & ~(PAGE - 1)
+        n = u.copy(page, ctypes.addressof(src), PAGE) if fill == FILLS[0] else u.zeropage(page, PAGE)
+        th.join(5.0)
+        after = _resident_pages(s.addr, HUGE)
+        u.unregister(s.addr, HUGE)
+    finally:
+        u.close()
+        s.close()
+    return {"fill": fill, "fault_write": f.write, "fault_wp": f.wp, "fault_page": (f.address - s.addr) // PAGE,
+            "filled_bytes": n, "reader_read": got.raw[0], "reader_waited_ms": waited[0] * 1e3,
+            "pages_with_an_entry_before": before, "pages_with_an_entry_after": after}

@@ -18,11 +18,20 @@ CELLS: list[tuple[str, str]] = [
 
 The experiments run on a scratch mapping made like snaplab's guest RAM (anonymous, private, 2 MiB aligned, advised for transparent huge pages). The thread that writes is a `ctypes.memset` caller, which releases Python's GIL while it is blocked, as the vCPU thread does inside Unicorn's `emu_start`.
 
-Lab functions used: `lab.uffd_steps.kernel_offer`, `write_fault_loop`, `fill_costs`, `lab.teach.spread_table`, `lab.run.run_experiment`."""),
+Lab functions used: `lab.uffd_steps.kernel_offer`, `copy_order`, `write_fault_loop`, `missing_fault`, `fill_costs`, `lab.teach.spread_table`, `lab.run.run_experiment`."""),
     ("code", """from lab import uffd_steps as us, teach
 offer = us.kernel_offer()
 offer"""),
-    ("md", """Step 1, `UFFDIO_API`: this kernel grants write-protect faults (`PAGEFAULT_FLAG_WP`), write protection of pages not yet populated (`WP_UNPOPULATED`), asynchronous write protection resolved in the kernel (`WP_ASYNC`, used by the pre-copy engine's dirty tracking with `PAGEMAP_SCAN`), and `MOVE`. Step 2, `UFFDIO_REGISTER` in both modes (missing and write-protect) returns the ioctls allowed on the range, listed above.
+    ("md", """Step 1, `UFFDIO_API`: this kernel grants write-protect faults (`PAGEFAULT_FLAG_WP`), write protection of pages not yet populated (`WP_UNPOPULATED`), asynchronous write protection resolved in the kernel (`WP_ASYNC`, used by the pre-copy engine's dirty tracking with `PAGEMAP_SCAN`), and `MOVE`. Step 2, `UFFDIO_REGISTER` in both modes (missing and write-protect) returns the ioctls allowed on the range, listed above."""),
+    ("md", """## One fault, served in two orders
+
+Before a loop of many faults, one fault in slow motion. A 2 MiB range holds the byte `0x11` everywhere (the "stop instant" a snapshot must keep). It is registered for write protection and protected; then a writer thread stores `0x22` into one byte of its sixth page. The store cannot complete: the writer blocks in the kernel, and a fault message arrives on the descriptor, saying *which* page and *why* (`fault_write`: a write; `fault_wp`: the page is write-protected, not missing). The handler, this notebook's thread, must now do two things: copy the page (for the snapshot) and release the protection (which wakes the writer, whose store then completes). `copy_order` does them in both orders and keeps the copy as "the snapshot". In the wrong order the writer's store races the copy; to show what happens when the writer wins, every time and not only when the race goes that way, the handler waits for the writer before it copies."""),
+    ("code", """demo = [us.copy_order(order) for order in us.COPY_ORDERS]
+for d in demo:
+    print(f"{d['order']:<19}: fault on page {d['fault_page']} (write {d['fault_write']}, write-protected {d['fault_wp']}); "
+          f"snapshot holds {d['snapshot_byte']:#04x}, the page now {d['page_byte_now']:#04x}: "
+          f"{'the stop instant kept' if d['snapshot_kept_the_stop_instant'] else 'the stop instant LOST'}")"""),
+    ("md", """Copy first, and the snapshot holds `0x11`: while the handler copied, the writer was still blocked, so the page could not change. Release first, and the snapshot holds `0x22`, a byte written *after* the stop: the snapshot is silently wrong, and nothing in it says so. In both orders the page ends with `0x22` (the guest's write is never lost; only the snapshot's view of the page differs). This is why snaplab's fault path copies a chunk into a buffer and only then calls `UFFDIO_WRITEPROTECT` to release it (`CowSave._save_chunk` in emulator/migration/cow.py), and why QEMU's background snapshot writes the faulting page into its migration stream, flushes the stream's buffer ("Flush async buffers before un-protect", migration/ram.c) and only then clears the protection with `uffd_change_protection` (docs/reference/qemu-internals.md section 4.1). The wrong order would almost always *seem* to work: the handler releases and copies within microseconds, and the writer needs a wake-up and a CPU before its store lands, so most races go the handler's way. A test that saved a snapshot once and compared it could pass for months.
 
 ## A write-protect window, served in Python
 
@@ -55,7 +64,20 @@ The bytes copied tell the other side (the `MiB_copied` lines, exact and determin
 
 ## Filling missing pages: what lazy restore does
 
-A range registered in *missing* mode faults on first access to a page that has no page table entry. The handler fills it: `UFFDIO_COPY` copies from a buffer, `UFFDIO_ZEROPAGE` maps zeros, `UFFDIO_MOVE` (Linux 6.8) moves the pages of another anonymous range of the same process in, without copying. Each call also wakes the thread that waited. `fill_costs` fills 32 MiB with each, in 4 KiB and in 2 MiB calls, and checks every byte of the filled range (one numpy comparison over the mapping). One more row moves 4 KiB at a time from a source mapped with 4 KiB pages instead of huge pages."""),
+A range registered in *missing* mode faults on first access to a page that has no page table entry. The handler fills it: `UFFDIO_COPY` copies from a buffer, `UFFDIO_ZEROPAGE` maps zeros, `UFFDIO_MOVE` (Linux 6.8) moves the pages of another anonymous range of the same process in, without copying. Each call also wakes the thread that waited. First, one such fault. `missing_fault` registers a 2 MiB range in missing mode without touching it (no page has a page-table entry: `pages_with_an_entry_before`), and a reader thread reads one byte of its tenth page. The reader blocks; the message says a read (`fault_write` False) of a missing page (`fault_wp` False); the handler fills that one 4 KiB page, with `UFFDIO_COPY` from a buffer of `0x5a` bytes or with `UFFDIO_ZEROPAGE`, and the fill wakes the reader, which reads what was put there."""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+for fill in us.FILLS:
+    m = us.missing_fault(fill)
+    print(f"{fill:<15}: a read of page {m['fault_page']} (write {m['fault_write']}, write-protected {m['fault_wp']}) waited "
+          f"{m['reader_waited_ms']:.3f} ms and read {m['reader_read']:#04x}; pages with an entry: "
+          f"{m['pages_with_an_entry_before']} before, {m['pages_with_an_entry_after']} after")"""),
+    ("code", """checks = [us.missing_fault(fill) for fill in us.FILLS]
+print('the reader read what the fill put there (0x5a, then 0):', [c['reader_read'] for c in checks] == [us.FILLED, 0])
+print('each fill put exactly one page into the 2 MiB range:',
+      all(c['pages_with_an_entry_before'] == 0 and c['pages_with_an_entry_after'] == 1 for c in checks))"""),
+    ("md", """The reader's wait is the whole round trip: the kernel queues the message, this thread's `poll` wakes, Python reads the message and issues the ioctl, the kernel installs the page and wakes the reader (tenths of a millisecond here, most of it the Python side). Only the page asked for arrives: the other 511 pages of the range still have no entry and would each fault on their first touch. That is the cost a lazy restore weighs: a page at a time means one such round trip per page the guest touches, which is why snaplab's lazy loads fill whole 2 MiB chunks at each fault, and fill the rest of RAM in the background (notebook 11).
+
+Now the fill costs in bulk. `fill_costs` fills 32 MiB with each, in 4 KiB and in 2 MiB calls, and checks every byte of the filled range (one numpy comparison over the mapping). One more row moves 4 KiB at a time from a source mapped with 4 KiB pages instead of huge pages."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 fills = us.fill_costs(reps=REPS)
 print(teach.spread_table(fills, 'ms_per_MiB', by=('ioctl', 'step'), digits=3))

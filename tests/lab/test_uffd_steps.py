@@ -39,3 +39,24 @@ def test_fault_granules_draws_a_point_per_run_and_a_median_per_group() -> None:
     assert labels == sorted(["median: 1890 faults, 155.0 ms", "median: 32 faults, 9.0 ms",
                              "median: 10 faults, 1.2 ms", "median: 9 faults, 1.9 ms"])
     assert len(ax.collections) == 8  # the runs of each of the four groups, and its median's ring
+
+
+def test_copy_before_release_keeps_the_stop_instant_and_release_first_loses_it() -> None:
+    right, wrong = (us.copy_order(o) for o in us.COPY_ORDERS)
+    for r in (right, wrong):
+        assert r["fault_write"] and r["fault_wp"] and r["fault_page"] == 5
+        assert r["page_byte_now"] == us.NEW  # the writer's store went through either way
+    assert right["snapshot_byte"] == us.OLD and right["snapshot_kept_the_stop_instant"]
+    assert wrong["snapshot_byte"] == us.NEW and not wrong["snapshot_kept_the_stop_instant"]
+    with pytest.raises(ValueError, match="order"):
+        us.copy_order("never")
+
+
+@pytest.mark.parametrize("fill", ["UFFDIO_COPY", "UFFDIO_ZEROPAGE"])
+def test_a_missing_page_read_waits_for_the_fill_and_sees_it(fill: str) -> None:
+    r = us.missing_fault(fill)
+    assert not r["fault_write"] and not r["fault_wp"] and r["fault_page"] == 9
+    assert r["filled_bytes"] == 4096
+    assert r["reader_read"] == (us.FILLED if fill == "UFFDIO_COPY" else 0)
+    assert r["pages_with_an_entry_before"] == 0 and r["pages_with_an_entry_after"] == 1
+    assert r["reader_waited_ms"] > 0
