@@ -96,22 +96,24 @@ for host, host_rows in (('EPYC', rows), ('Xeon', x_rows)):
     ("md", """On the Xeon, QEMU's blocking save and load were faster than on the EPYC and snaplab's blocking save slower (the two lines above), so the blocking factors (save and load) fell from 8-12× to 3-6×; the background-snapshot stops kept factors of 14-133× (21-175× on the EPYC). Was snaplab's slower save its newer code or the host? That question has a measurement, not an argument: on the Xeon, right after that run, the old and the new code alternated, twice each, on the 4 GiB dirty guest, and their blocking saves took the same time within the spread (`data/results/reproduction-xeon/README.md` has the numbers). So the difference is the host. Two lessons: a speed-up factor belongs to a pair (the systems and the host) and a figure must name the host (these figures carry it in `metadata.json`: CPU, kernel, memory, storage); and before blaming a change for a slower number, run the old and the new code on the same host, alternated."""),
     ("md", """## A quick live run beside the committed one
 
-The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, three repetitions. Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Both write the VM state around the page cache (`docs/deviations.md` 57), so expect the same order of magnitude, with the spread a shared host gives. The code differs too: this run uses the code you have, the committed one e4460ef (since then the blocking save skips RAM the guest never wrote and the copy-on-write saver no longer holds chunks while it waits for its writers), so a difference is the host's or the code's; the progress column changes with both. The min-max column shows how much this run varied."""),
+The same measurement on this machine, now, snaplab only (QEMU's side takes minutes): one size, two repetitions (each operation waits for the guest's steady pace first, so even this takes about half a minute). Its numbers depend on this host and its load at this moment; compare them with the committed snaplab rows, not with QEMU's. Both write the VM state around the page cache (`docs/deviations.md` 57), so expect the same order of magnitude, with the spread a shared host gives. The code differs too: this run uses the code you have, the committed one e4460ef (since then the blocking save skips RAM the guest never wrote and the copy-on-write saver no longer holds chunks while it waits for its writers), so a difference is the host's or the code's; the progress column changes with both. The min-max column shows how much this run varied."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 import shutil
 import tempfile
 from lab.reproduce import ReproSpec, reproduce
 live_dir = Path(tempfile.mkdtemp(prefix='snaplab-repro-'))
-reproduce(ReproSpec(ram_mib=(256,), reps=3, conditions=('dirty',), with_qemu=False, host_noise_s=0), live_dir, log=lambda s: None)
+reproduce(ReproSpec(ram_mib=(256,), reps=2, conditions=('dirty',), with_qemu=False, host_noise_s=0), live_dir, log=lambda s: None)
 live, live_meta = repro_report.load_runs(live_dir)
 shutil.rmtree(live_dir)  # the rows are in memory now
 print(repro_report.table(live))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
+from lab.stats import median  # (the midpoint of the middle two for an even count)
 committed_snaplab = [r for r in rows if r['system'] == 'snaplab' and r['workload'] == 'dirty' and r['ram_mib'] == 256]
 for key in sorted({(r['op'], r['engine']) for r in live}):
-    now = sorted(r['downtime_ms'] for r in live if (r['op'], r['engine']) == key)
-    then = sorted(r['downtime_ms'] for r in committed_snaplab if (r['op'], r['engine']) == key)
-    print(f'{key[1]:>11} {key[0]}: now median {now[len(now) // 2]:8.2f} ms   committed median {then[len(then) // 2] if then else float("nan"):8.2f} ms')"""),
+    now = [r['downtime_ms'] for r in live if (r['op'], r['engine']) == key]
+    then = [r['downtime_ms'] for r in committed_snaplab if (r['op'], r['engine']) == key]
+    print(f'{key[1]:>11} {key[0]}: now median {median(now):8.2f} ms (min-max {min(now):.2f}-{max(now):.2f})   '
+          f'committed median {median(then) if then else float("nan"):8.2f} ms')"""),
     ("md", """## Exercises: predict, then measure
 
 1. **Where does the blocking save's advantage go at 8 GiB?** From the table, predict the QEMU/snaplab ratio of the dirty blocking save at 8 GiB (the ratio list above has it at 256, 1024 and 4096 MiB): where is it heading, and why? Hint: between 1024 and 4096 MiB the working set, and so the bytes written, hardly change (the `state MiB` column); what grows, and with what? The cell below extrapolates both systems' downtimes linearly in RAM size from 1024 to 4096 MiB. Measuring it needs an 8 GiB run of both systems (`reproduce(ReproSpec(ram_mib=(8192,), reps=3, conditions=('dirty',)), ...)`, several minutes; not run here).
