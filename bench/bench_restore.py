@@ -20,10 +20,14 @@ run (its RAM filled with -device loader files, which its reset copies again: an 
 see data/results/reproduction/README.md).  Before the guest starts, the host's and Unicorn's own
 speed is probed for 6 s (lab/hostnoise.py: a core-bound and a cache-bound numpy loop, the second
 over a buffer the working set's size, and a bare Unicorn loop writing at random pages); each load's row has the guest's rate before and over its last second
-watched (``rate_after``), to tell a host that slowed from a slow recovery.  Raw rows go to --out (JSON).  The last line
-printed is one JSON object:
+watched (``rate_after``), to tell a host that slowed from a slow recovery.  Each run also
+watches the guest once with no load (the ``control`` row, lab.restore.CONTROL; ``--no-control``:
+none): the same windows and reference rate from an instant at which nothing is sent, so its
+``to90_ms`` is what the host's own speed changes alone make of "back to 90%" -- the noise floor
+under every policy's figure.  Raw rows go to --out (JSON).  The last line printed is one JSON
+object:
 {"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
-"resident_s": z}, ...}}.
+"resident_s": z}, ...}, "control": {"to90_ms": ..., ...}}.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import numpy as np
 
 from lab import qemu as qemu_lab
 from lab.hostnoise import describe, host_noise
-from lab.restore import RestoreSpec, restore_experiment, summarize
+from lab.restore import CONTROL, RestoreSpec, restore_experiment, summarize
 from lab.spec import load_engines
 
 GOAL_PREFETCH_VS_BLOCKING = 5.0
@@ -75,11 +79,14 @@ def main() -> None:
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--no-fill", action="store_true", help="leave RAM as the guest writes it (mostly zero): a scale test")
     ap.add_argument("--out", default="out/bench_restore.json")
+    ap.add_argument("--no-control", action="store_true",
+                    help="no control watch (the same watch with no load) in each run")
     a = ap.parse_args()
     ram_mib = a.ram_mib or (1024 if a.quick else 4096)
     horizon = a.horizon_s if a.horizon_s is not None else max(5.0, 3.0 + 0.5 * ram_mib / 1024)
     spec = RestoreSpec(ram_mib=ram_mib, ws_mib=a.ws_mib or (64 if a.quick else 256),
-                       runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill, horizon_s=horizon)
+                       runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill, horizon_s=horizon,
+                       control=not a.no_control)
     print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM), working set {spec.ws_mib} MiB at "
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy, "
           f"each watched {spec.horizon_s:g} s; "
@@ -112,7 +119,9 @@ def main() -> None:
           f"(goal >= {GOAL_PREFETCH_VS_BACKGROUND}); lazy resume medians "
           + ", ".join(f"{p} {summary[p]['resume_ms']:.2f} ms" for p in lazy) + f" (goal <= {GOAL_RESUME_MS} ms)")
     out: dict[str, Any] = {"ram_mib": spec.ram_mib, "ws_mib": spec.ws_mib, "seed": spec.seed, "runs": spec.runs,
-                           "policies": {p: {k: _num(v, 3) for k, v in s.items()} for p, s in summary.items()},
+                           "policies": {p: {k: _num(v, 3) for k, v in s.items()} for p, s in summary.items() if p != CONTROL},
+                           # the same watch with no load (lab.restore.CONTROL): the host's own noise floor
+                           "control": {k: _num(v, 3) for k, v in summary.get(CONTROL, {}).items()},
                            "ratios": {k: _num(v, 2) for k, v in ratios.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res | {"summary": out}, indent=1, default=float))

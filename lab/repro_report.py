@@ -271,7 +271,8 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
             marker, ls, color = series_style(system, op, eng)
             ax.errorbar(xs, ys, yerr=[lo, hi], marker=marker, linestyle=ls, color=color, capsize=3,
                         markerfacecolor="white" if system == "qemu" else color, label=series_label(system, op, eng))
-            # min and max of the runs: short ticks above and below, in the series' colour
+            # min and max of the runs: short ticks joined by a thin line, in the series' colour
+            ax.vlines(xs, [v.min for _, v in pts], [v.max for _, v in pts], colors=color, linewidth=0.6, alpha=0.6)
             ax.scatter(xs + xs, [v.min for _, v in pts] + [v.max for _, v in pts], marker="_", s=40,
                        color=color, linewidths=1.0, zorder=3, label="min and max of the runs" if i == 0 else None)
         _downtime_axes(ax, sorted({k[4] for k in s}), field)

@@ -73,6 +73,7 @@ class RestoreSpec:
     settle_s: float = 2.0  # the guest runs this long between loads; its rate over it is the reference
     policies: tuple[str, ...] = ()  # default: every load engine
     fill_random: bool = True  # RAM full of random bytes before boot (else only what the guest writes)
+    control: bool = False  # also a watch with no load in each run (:data:`CONTROL`): the host's own noise floor
 
     def workload(self) -> WorkloadSpec:
         span = (self.ram_mib << 20) - DATA_BASE - (self.ws_mib << 20)
@@ -292,6 +293,35 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
     return row | stall_histogram(list(stats.get("fault-latency-s", [])))
 
 
+CONTROL = "control"
+"""The policy name of a control row: the same watch with no command sent (:func:`_control_once`)."""
+
+
+def _control_once(m: Machine, spec: RestoreSpec) -> dict[str, Any]:
+    """The watch of a load, with no load: the same reference rate, the same windows, from an
+    instant at which nothing is sent.  Its ``to90_ms`` is how long a guest that was never
+    stopped takes to "reach" 90% of its rate before: 0 on a steady host; more where the host's
+    or Unicorn's speed dropped by itself (lab/hostnoise.py) -- the noise floor under every
+    policy's figure, measured in the same run."""
+    before = _samples_since(m, time.monotonic_ns() - int((spec.settle_s + 0.2) * 1e9))
+    mark = m.lab.count
+    cmd_ns = time.monotonic_ns()
+    samples = _watch(m, mark, cmd_ns + int(spec.horizon_s * 1e9))
+    rate0 = steady_rate(before, cmd_ns - int(spec.settle_s * 1e9), cmd_ns)
+    after = samples[samples[:, 1] >= cmd_ns]
+    end_ns = int(after[-1, 1]) if len(after) else cmd_ns
+    zero = {"resume_ms": 0.0, "first_instr_ms": 0.0, "stopped_ms": 0.0, "faults": 0, "resident_s": 0.0, "bytes_read": 0,
+            "prefetched_chunks": 0, "prefetch_s": 0.0, "prefetch_start_s": 0.0, "recorded_chunks": 0, "recorded_set": [],
+            "loading_set": [], "total_s": 0.0, "fault_at_ms": [], "fault_chunk": [], "fill_log": [], "chunks": 0}
+    return {"policy": CONTROL, "rate_before": rate0,
+            "rate_after": (steady_rate(after, max(end_ns - AFTER_NS, int(after[0, 1])), end_ns)
+                           if len(after) > 1 else float("nan")),
+            **zero, **recovery_ms(samples, cmd_ns, cmd_ns, rate0),
+            "timeline": timeline(samples, cmd_ns, cmd_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
+            "timeline_fine": timeline(samples, cmd_ns, cmd_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0), interpolate=True)
+            } | stall_histogram([])
+
+
 def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], None] | None = None,
                        workdir: str | Path | None = None) -> dict[str, Any]:
     """Every policy loaded ``spec.runs`` times on one snapshot; returns the spec, the rows and
@@ -315,11 +345,12 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
             for p in policies:  # one untimed load each: the first prefetch load records the loading set
                 time.sleep(spec.settle_s)
                 warm.append(_load_once(m, p, f"warm-{p}", spec) | {"run": -1})
+            names = (*policies, CONTROL) if spec.control else tuple(policies)  # the control rotates with them
             for run in range(spec.runs):
-                order = policies[run % len(policies):] + policies[:run % len(policies)]
+                order = names[run % len(names):] + names[:run % len(names)]
                 for p in order:
                     time.sleep(spec.settle_s)
-                    row = _load_once(m, p, f"load-{p}-{run}", spec) | {"run": run}
+                    row = (_control_once(m, spec) if p == CONTROL else _load_once(m, p, f"load-{p}-{run}", spec)) | {"run": run}
                     rows.append(row)
                     if progress is not None:
                         progress(row)

@@ -393,9 +393,9 @@ def stop_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, tuple[float, flo
                    s=12, color="grey", zorder=3, label="each save" if ax is axes[1] else None)
         if model is not None and ax is axes[1]:
             extra = summarize([float(r["scanned_mib"]) - float(r["vmstate_mib"]) for r in mine]).median
-            line = np.linspace(0.0, max(xs) * 1.1, 50)
+            line = np.linspace(min(xs), max(xs), 50)  # only over the range it was fitted on
             ax.plot(line, [predict_stop(model, x + extra, x)["downtime_ms"] for x in line], color="black",
-                    linewidth=0.8, linestyle=":", label="two-term model (fitted on the fastest saves)")
+                    linewidth=0.8, linestyle=":", label="two-term model, over the sizes it was fitted on")
     if qemu:
         qx = sorted(qemu)
         axes[1].plot([qemu[x][0] for x in qx], [qemu[x][1] * 1e3 for x in qx], marker="D", color="grey",

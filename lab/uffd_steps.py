@@ -257,6 +257,41 @@ def copy_order(order: str) -> dict[str, Any]:
             "snapshot_byte": kept, "page_byte_now": now, "snapshot_kept_the_stop_instant": kept == OLD}
 
 
+def copy_order_trials(order: str, trials: int = 300) -> dict[str, Any]:
+    """:func:`copy_order`'s fault ``trials`` times over, with no wait for the writer in either
+    order: the writer's wake-up races the handler's copy.  Returns how many snapshots lost the
+    stop instant's byte (copy first: none, ever; release first: as many as the race gave the
+    writer)."""
+    if order not in COPY_ORDERS:
+        raise ValueError(f"order: {order!r} is not one of {', '.join(COPY_ORDERS)}")
+    s = Scratch(HUGE, populate=False)
+    u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    snapshot = (ctypes.c_char * PAGE)()
+    off = 5 * PAGE + 123
+    wrong = 0
+    try:
+        u.register(s.addr, HUGE, UFFDIO_REGISTER_MODE_WP)
+        for _ in range(trials):
+            ctypes.memset(s.addr, OLD, HUGE)
+            u.writeprotect(s.addr, HUGE, True)
+            writer = threading.Thread(target=ctypes.memset, args=(s.addr + off, NEW, 1), daemon=True)
+            writer.start()
+            page = _serve_one(u).address & ~(PAGE - 1)
+            if order == COPY_ORDERS[0]:
+                ctypes.memmove(snapshot, page, PAGE)
+                u.writeprotect(s.addr, HUGE, False)
+            else:
+                u.writeprotect(s.addr, HUGE, False)
+                ctypes.memmove(snapshot, page, PAGE)  # the writer may or may not have stored by now
+            writer.join()
+            wrong += snapshot.raw[off % PAGE] != OLD
+        u.unregister(s.addr, HUGE)
+    finally:
+        u.close()
+        s.close()
+    return {"order": order, "trials": trials, "snapshots_wrong": wrong}
+
+
 FILLS = ("UFFDIO_COPY", "UFFDIO_ZEROPAGE")
 
 
@@ -273,8 +308,9 @@ def missing_fault(fill: str) -> dict[str, Any]:
     """A first read of a never-touched page in a range registered in missing mode: the reader
     blocks in the kernel, this thread reads the fault message and fills that one page (``fill``:
     UFFDIO_COPY from a buffer of ``FILLED`` bytes, or UFFDIO_ZEROPAGE), which wakes the reader.
-    Returns the message's flags and page, what the reader read, how long it waited, and how many
-    pages of the 2 MiB range have an entry before and after (only the filled one)."""
+    Returns the message's flags and page, what the reader read, how long it waited, how long the
+    fill's ioctl took (from the message in hand to the ioctl's return), and how many pages of the
+    2 MiB range have a page-table entry before and after (``mincore``: only the filled one)."""
     if fill not in FILLS:
         raise ValueError(f"fill: {fill!r} is not one of {', '.join(FILLS)}")
     s = Scratch(HUGE, populate=False)
@@ -295,8 +331,10 @@ def missing_fault(fill: str) -> dict[str, Any]:
         th = threading.Thread(target=reader, daemon=True)
         th.start()
         f = _serve_one(u)
+        t_msg = time.perf_counter()
         page = f.address & ~(PAGE - 1)
         n = u.copy(page, ctypes.addressof(src), PAGE) if fill == FILLS[0] else u.zeropage(page, PAGE)
+        handler = time.perf_counter() - t_msg
         th.join(5.0)
         after = _resident_pages(s.addr, HUGE)
         u.unregister(s.addr, HUGE)
@@ -305,4 +343,5 @@ def missing_fault(fill: str) -> dict[str, Any]:
         s.close()
     return {"fill": fill, "fault_write": f.write, "fault_wp": f.wp, "fault_page": (f.address - s.addr) // PAGE,
             "filled_bytes": n, "reader_read": got.raw[0], "reader_waited_ms": waited[0] * 1e3,
+            "fill_ioctl_ms": handler * 1e3,
             "pages_with_an_entry_before": before, "pages_with_an_entry_after": after}

@@ -7,6 +7,7 @@ import pytest
 
 from lab.restore import (
     CHUNK,
+    CONTROL,
     RestoreSpec,
     _samples_since,
     rate_between,
@@ -59,10 +60,14 @@ def test_a_level_never_reached_is_nan() -> None:
 
 
 def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
-    spec = RestoreSpec(ram_mib=96, ws_mib=8, runs=1, seed=4, horizon_s=0.6, settle_s=0.3)
+    spec = RestoreSpec(ram_mib=96, ws_mib=8, runs=1, seed=4, horizon_s=0.6, settle_s=0.3, control=True)
     res = restore_experiment(spec)
-    rows = res["rows"]
-    assert [r["policy"] for r in rows] == list(load_engines())
+    assert [r["policy"] for r in res["rows"]] == [*load_engines(), CONTROL]
+    control = res["rows"][-1]  # the same watch with nothing sent: nothing stopped, nothing read
+    assert control["resume_ms"] == 0.0 and control["faults"] == 0 and control["bytes_read"] == 0
+    assert control["rate_before"] > 0 and 0.0 <= control["first_progress_ms"] < spec.horizon_s * 1e3
+    assert not control["to90_ms"] < 0  # a time after the (absent) command, or NaN where the host stayed slow
+    rows = res["rows"][:-1]
     ws = spec.workload()
     assert ws.ws_offset % CHUNK == 0 and ws.base + (8 << 20) <= 96 << 20
     want = set(range(ws.base // CHUNK, (ws.base + (8 << 20)) // CHUNK))
@@ -91,6 +96,7 @@ def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
         if waits_for_complete(r["policy"]):
             assert r["resident_s"] >= spec.horizon_s - r["resume_ms"] / 1e3 - 0.01
     assert set(summarize(rows)) == set(load_engines())
+    assert set(summarize(res["rows"])) == {*load_engines(), CONTROL}
 
 
 def test_the_steady_rate_is_a_median_of_short_windows() -> None:

@@ -60,3 +60,9 @@ def test_a_missing_page_read_waits_for_the_fill_and_sees_it(fill: str) -> None:
     assert r["reader_read"] == (us.FILLED if fill == "UFFDIO_COPY" else 0)
     assert r["pages_with_an_entry_before"] == 0 and r["pages_with_an_entry_after"] == 1
     assert r["reader_waited_ms"] > 0
+
+
+def test_without_the_wait_copy_first_is_never_wrong() -> None:
+    assert us.copy_order_trials(us.COPY_ORDERS[0], trials=200)["snapshots_wrong"] == 0
+    r = us.copy_order_trials(us.COPY_ORDERS[1], trials=20)
+    assert r["trials"] == 20 and 0 <= r["snapshots_wrong"] <= 20
