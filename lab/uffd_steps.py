@@ -301,7 +301,7 @@ def _resident_pages(addr: int, size: int) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
         raise OSError(ctypes.get_errno(), "mincore failed")
-    return int(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1))
+    return int(np.count_nonzero(np.frombuffer(bytes(vec), dtype=np.uint8) & 1))
 
 
 def missing_fault(fill: str) -> dict[str, Any]:
