@@ -31,7 +31,11 @@ Definitions (the same for every policy):
   first instruction may fault at once);
 - ``first_progress_ms``: command -> the first progress sample after RESUME (the guest's first
   finished batch);
-- ``resident_s``: RESUME -> the last chunk of RAM in place (a blocking load: 0).
+- ``resident_s``: RESUME -> the last chunk of RAM in place (a blocking load: 0);
+- the ``control`` rows (``RestoreSpec.control``, :data:`CONTROL`): in each run, the same watch
+  with no load: the reference rate over the ``settle_s`` before an instant at which nothing is
+  sent, then the same windows after it.  Its ``toX_ms`` is what the guest's own speed changes
+  make of "back to X%" with nothing to recover from: the noise floor under every policy's figure.
 """
 
 from __future__ import annotations

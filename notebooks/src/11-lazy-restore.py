@@ -39,7 +39,8 @@ The experiment below fills all of a guest's RAM with random bytes (so every page
 An example of the look-ahead: a guest that resumes at 1 ms, first reports at 9 ms and then runs at full speed has done, over the window [1 ms, 21 ms], 12 ms of work at full speed, 60% of its rate: `to50_ms` is 1 ms, before its first progress. For a small guest, whose loads differ by a few milliseconds, the 20 ms window is coarser than the differences: read the zoomed panel of the figure (1 ms bins) beside the table."""),
     ("code", """QUICK = True
 from lab.restore import RestoreSpec
-spec = RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=1.0) if QUICK else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1)
+spec = (RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=1.0, control=True) if QUICK
+        else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1, control=True))  # control: a watch with no load, each run
 w = spec.workload()
 print(f'seed {spec.seed}: {spec.ram_mib} MiB of RAM, working set {spec.ws_mib} MiB at guest address {w.base:#x}')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -64,7 +65,7 @@ The curves above are medians over loads. The next figure opens the last load of 
 from lab.plot import lazy_windows
 fig = lazy_windows(res['rows'])
 for r in res['rows']:
-    if r['policy'] == 'blocking':
+    if not r['fill_log']:  # the blocking load and the control bring nothing in lazily
         continue
     log = r['fill_log']
     by = {k: sum(1 for _, _, b, _ in log if b == k) for k in (0, 1, 2)}
@@ -82,7 +83,7 @@ The printed lines give, for every load, who brought the chunks in: compare the p
 
 Every `toX_ms` compares the guest's rate after a load with its rate before. That is fair only if nothing else changed the guest's speed in between. On the Intel Xeon host of the committed runs (`data/results/restore-scale/README.md`), with no snapshot and no command, the restore bench's guest switched between two speeds for seconds at a time (about 4.2 and 7.9-8.0 M it/s at 1 GiB, the README's figures). A bare Unicorn loop of 45 bytes, with nothing of snaplab around it, switched the same way (between two speeds about 2× apart), while plain numpy loops over buffers of the same size, in the same minute, stayed within a few percent (at other times they varied too: the host's own speed changes): the switching is not snaplab's and not a snapshot's. Part of it follows the host's memory latency (`bench/host_latency.py`); the rest was not explained. A load that lands in a slow spell reaches "90% of before" late whatever its policy.
 
-Two controls, printed below:
+Three controls. The first is in the live run's table and figure above: its `control` row. In each run, besides a load of every policy, the guest was watched once more with **no load at all**: the same reference rate over the `settle_s` before, the same 20 ms windows, from an instant at which nothing was sent (`lab.restore.CONTROL`). Its `to90_ms` is what the host's own speed changes alone make of "back to 90%": 0 when the guest never dips, more when a window happens to fall in a slow spell. It is the noise floor under every policy's figure, measured in the same run; a policy whose `to90_ms` is within the control's spread is not distinguishable from no load at all by this measure. The other two, printed below:
 - `lab.hostnoise.host_noise` runs three loops one after the other: `core` (numpy, over a buffer that fits a core's L2 cache), `cache` (numpy, over a buffer the size of the working set) and `unicorn` (the bare Unicorn loop). It reports their rates in 20 ms windows, the windows `toX_ms` uses. The share of windows under 90% of the median (printed as "% of 20 ms windows under 90%") is how often a steady program looks "slowed by a tenth" to a 20 ms window here and now. `bench/bench_restore.py` prints this before its loads.
 - Each load's row has `rate_after`, the same median as `rate_before` over the last second watched. A load whose `rate_after` is far under its `rate_before` never recovered, or ran while the emulator's speed dropped, or still had its filler running then (prefetch's paced fill, until its `resident_s`): its neighbours in time and its `resident_s` tell which.
 
