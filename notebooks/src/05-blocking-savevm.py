@@ -44,7 +44,7 @@ print(teach.spread_table(rows, 'zero_map_ms', by=('sweep', 'ram_mib', 'working_s
 for key in ('zero_scan_ms', 'write_ms', 'commit_ms'):
     print(key)
     print(teach.spread_table(rows, key, by=('sweep', 'ram_mib', 'working_set_mib')))
-print('after RESUME: the flush (ms), and the time until the snapshot exists, command to the job\'s end (ms)')
+print("after RESUME: the flush (ms), and the time until the snapshot exists, command to the job's end (ms)")
 print(teach.spread_table(rows, 'flush_ms', by=('sweep', 'ram_mib', 'working_set_mib')))
 print(teach.spread_table(rows, 'total_s', by=('sweep', 'ram_mib', 'working_set_mib'), scale=1e3))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT

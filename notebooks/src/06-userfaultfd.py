@@ -80,7 +80,7 @@ for fill in us.FILLS:
     ioctl = teach.spread_table([{'fill': fill, 'x': r['fill_ioctl_ms']} for r in ms], 'x', by=('fill',), digits=3)
     print(f"{fill}: a read of page {m['fault_page']} (write {m['fault_write']}, write-protected {m['fault_wp']}) read "
           f"{m['reader_read']:#04x}; pages with an entry: {m['pages_with_an_entry_before']} before, {m['pages_with_an_entry_after']} after")
-    print('  the reader\'s wait (ms), over', FAULTS, 'faults:'); print(waits)
+    print("  the reader's wait (ms), over", FAULTS, 'faults:'); print(waits)
     print('  of it, the fill ioctl (ms):'); print(ioctl)"""),
     ("code", """checks = [us.missing_fault(fill) for fill in us.FILLS]
 print('the reader read what the fill put there (0x5a, then 0):', [c['reader_read'] for c in checks] == [us.FILLED, 0])

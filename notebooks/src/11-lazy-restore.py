@@ -39,7 +39,7 @@ The experiment below fills all of a guest's RAM with random bytes (so every page
 An example of the look-ahead: a guest that resumes at 1 ms, first reports at 9 ms and then runs at full speed has done, over the window [1 ms, 21 ms], 12 ms of work at full speed, 60% of its rate: `to50_ms` is 1 ms, before its first progress. For a small guest, whose loads differ by a few milliseconds, the 20 ms window is coarser than the differences: read the zoomed panel of the figure (1 ms bins) beside the table."""),
     ("code", """QUICK = True
 from lab.restore import RestoreSpec
-spec = (RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=1.0, control=True) if QUICK
+spec = (RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=0.8, control=True) if QUICK
         else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1, control=True))  # control: a watch with no load, each run
 w = spec.workload()
 print(f'seed {spec.seed}: {spec.ram_mib} MiB of RAM, working set {spec.ws_mib} MiB at guest address {w.base:#x}')"""),
