@@ -22,9 +22,9 @@ speed is probed for 6 s (lab/hostnoise.py: a core-bound and a cache-bound numpy 
 over a buffer the working set's size, and a bare Unicorn loop writing at random pages); each load's row has the guest's rate before and over its last second
 watched (``rate_after``), to tell a host that slowed from a slow recovery.  Each run also
 watches the guest once with no load (the ``control`` row, lab.restore.CONTROL; ``--no-control``:
-none): the same windows and reference rate from an instant at which nothing is sent, so its
-``to90_ms`` is what the host's own speed changes alone make of "back to 90%" -- the noise floor
-under every policy's figure.  Raw rows go to --out (JSON).  The last line printed is one JSON
+none): the same windows and reference rate from an instant at which nothing is sent; the
+to-50%/90% rule applied from every 20 ms of those watches gives the noise floor under every
+policy's figure (lab.restore.noise_floor), printed and stored under "control".  Raw rows go to --out (JSON).  The last line printed is one JSON
 object:
 {"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
 "resident_s": z}, ...}, "control": {"to90_ms": ..., ...}}.
@@ -43,7 +43,7 @@ import numpy as np
 
 from lab import qemu as qemu_lab
 from lab.hostnoise import describe, host_noise
-from lab.restore import CONTROL, RestoreSpec, restore_experiment, summarize
+from lab.restore import CONTROL, RestoreSpec, noise_floor, restore_experiment, summarize
 from lab.spec import load_engines
 
 GOAL_PREFETCH_VS_BLOCKING = 5.0
@@ -110,6 +110,12 @@ def main() -> None:
           f"over each load's last second watched: {np.nanmedian(ra):.2f}, {np.nanmin(ra):.2f}-{np.nanmax(ra):.2f}; "
           "loads ending under 90% of their rate before (the guest's speed switched, or the load's filler still ran): "
           + ", ".join(f"{p} {n}/{total}" for p, (n, total) in slow_end.items()))
+    floor = {f"to{int(lv * 100)}": noise_floor(res["rows"], lv) for lv in (0.5, 0.9)} if spec.control else {}
+    for name, nf in floor.items():
+        if nf.get("starts"):
+            print(f"noise floor {name} (lab.restore.noise_floor: the to-level rule from every 20 ms of the control watches, "
+                  f"{nf['starts']:.0f} starts): >= 60 ms from {nf['share_60ms']:.0%}, >= 200 ms from {nf['share_200ms']:.0%}, "
+                  f"90th percentile {nf['p90_ms']:.0f} ms, longest {nf['max_ms']:.0f} ms")
     blocking, *lazy = load_engines()
     pf, bg = "prefetch", "background"  # the goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],
@@ -121,7 +127,8 @@ def main() -> None:
     out: dict[str, Any] = {"ram_mib": spec.ram_mib, "ws_mib": spec.ws_mib, "seed": spec.seed, "runs": spec.runs,
                            "policies": {p: {k: _num(v, 3) for k, v in s.items()} for p, s in summary.items() if p != CONTROL},
                            # the same watch with no load (lab.restore.CONTROL): the host's own noise floor
-                           "control": {k: _num(v, 3) for k, v in summary.get(CONTROL, {}).items()},
+                           "control": {k: _num(v, 3) for k, v in summary.get(CONTROL, {}).items()}
+                           | {f"noise_floor_{name}": {k: _num(v, 3) for k, v in nf.items()} for name, nf in floor.items()},
                            "ratios": {k: _num(v, 2) for k, v in ratios.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res | {"summary": out}, indent=1, default=float))

@@ -34,8 +34,10 @@ Definitions (the same for every policy):
 - ``resident_s``: RESUME -> the last chunk of RAM in place (a blocking load: 0);
 - the ``control`` rows (``RestoreSpec.control``, :data:`CONTROL`): in each run, the same watch
   with no load: the reference rate over the ``settle_s`` before an instant at which nothing is
-  sent, then the same windows after it.  Its ``toX_ms`` is what the guest's own speed changes
-  make of "back to X%" with nothing to recover from: the noise floor under every policy's figure.
+  sent, then the same windows after it.  Its ``toX_ms`` is the wait from that one instant; the
+  noise floor under every policy's figure is the distribution of that wait from every instant of
+  the control watches (:func:`noise_floor`): with a single instant per run, five zeros can hide
+  an undisturbed guest that spends hundreds of milliseconds under 90% now and then.
 """
 
 from __future__ import annotations
@@ -324,6 +326,40 @@ def _control_once(m: Machine, spec: RestoreSpec) -> dict[str, Any]:
             "timeline": timeline(samples, cmd_ns, cmd_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
             "timeline_fine": timeline(samples, cmd_ns, cmd_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0), interpolate=True)
             } | stall_histogram([])
+
+
+def waits_to_level(row: dict[str, Any], level: float = 0.9, every_ms: float = 20.0,
+                   min_left_ms: float = 500.0) -> np.ndarray:
+    """From every ``every_ms`` of a watch after its command (its 5 ms ``timeline``), how long
+    until a 20 ms window's rate reaches ``level`` of the rate before: ``toX_ms``'s rule, with
+    the clock started at each instant instead of at the command (ms; inf where not reached
+    within the watch).  Only starts with at least ``min_left_ms`` of the watch after them."""
+    t = np.asarray(row["timeline"]["t_ms"], dtype=np.float64)
+    f = np.asarray(row["timeline"]["rate_frac"], dtype=np.float64)[t >= 0]
+    step = float(t[1] - t[0]) if len(t) > 1 else 5.0
+    n = int(round(WINDOW_NS / 1e6 / step))  # bins per 20 ms window
+    watched = int(np.count_nonzero(~np.isnan(f)))
+    if watched < n:
+        return np.zeros(0)
+    win = np.convolve(f[:watched], np.ones(n) / n, mode="valid")  # the window starting at each bin
+    starts = range(0, max(watched - int(min_left_ms / step), 0) + 1, max(int(every_ms / step), 1))
+    out = []
+    for s0 in starts:
+        hit = np.flatnonzero(win[s0:] >= level)
+        out.append(hit[0] * step if len(hit) else np.inf)
+    return np.asarray(out, dtype=np.float64)
+
+
+def noise_floor(rows: list[dict[str, Any]], level: float = 0.9) -> dict[str, float]:
+    """Over the control rows (:data:`CONTROL`), :func:`waits_to_level` from every start: how
+    long an undisturbed guest takes to "reach" ``level`` of its rate before, from a random
+    instant -- what a load's ``toX_ms`` is to be read against.  The share of starts that waited
+    at least 60 and 200 ms, the median, 90th percentile and longest wait (ms)."""
+    waits = np.concatenate([waits_to_level(r, level) for r in rows if r["policy"] == CONTROL] or [np.zeros(0)])
+    if not len(waits):
+        return {"starts": 0.0}
+    return {"starts": float(len(waits)), "share_60ms": float(np.mean(waits >= 60)), "share_200ms": float(np.mean(waits >= 200)),
+            "p50_ms": float(np.percentile(waits, 50)), "p90_ms": float(np.percentile(waits, 90)), "max_ms": float(np.max(waits))}
 
 
 def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], None] | None = None,

@@ -287,3 +287,17 @@ def test_lazy_windows_draws_each_lazy_policy_and_counts_what_came_later() -> Non
     assert len(fig.axes) == 2 * len(lazy)
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert texts.count("1 chunks came in later\n(all in 0.20 s after RESUME)") == len(lazy)
+
+
+def test_the_noise_floor_waits_from_every_instant_of_a_control_watch() -> None:
+    from lab.restore import noise_floor, waits_to_level
+    t = list(np.arange(-200.0, 1000.0, 5.0))
+    frac = [0.0 if x < 0 else (0.5 if 100 <= x < 300 else 1.0) for x in t]  # half speed from 100 to 300 ms
+    row = {"policy": CONTROL, "timeline": {"t_ms": t, "rate_frac": frac}}
+    w = waits_to_level(row, 0.9, every_ms=20.0, min_left_ms=500.0)
+    # starts 0, 20, ..., 500 ms (at least 500 ms of the watch after each); from 100 on, the first
+    # 20 ms window at full speed starts at 300
+    assert list(w) == [0.0] * 5 + [200.0 - 20 * k for k in range(10)] + [0.0] * 11
+    nf = noise_floor([row, {"policy": "prefetch", "timeline": {"t_ms": t, "rate_frac": [0.0] * len(t)}}])
+    assert nf["starts"] == 26 and nf["max_ms"] == 200.0
+    assert nf["share_200ms"] == pytest.approx(1 / 26) and nf["share_60ms"] == pytest.approx(8 / 26)
