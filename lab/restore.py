@@ -440,7 +440,16 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 def table(summary: dict[str, dict[str, float]], cols: tuple[str, ...] = (
         "resume_ms", "first_progress_ms", "to50_ms", "to90_ms", "to90_iqr_ms", "to90_late", "faults",
         "stall_p99_ms", "resident_s"), digits: int = 1) -> str:
-    """:func:`summarize`'s medians as a fixed-width text table, one policy per row."""
+    """:func:`summarize`'s medians as a fixed-width text table, one policy per row; the control
+    row (:data:`CONTROL`) shows "-" where a column is a load's (nothing resumed, faulted or filled)."""
     head = f"{'policy':>10} " + " ".join(f"{c:>17}" for c in cols)
-    lines = [head] + [f"{p:>10} " + " ".join(f"{v[c]:>17.{digits}f}" for c in cols) for p, v in summary.items()]
+
+    def cell(p: str, v: dict[str, float], c: str) -> str:
+        return f"{'-':>17}" if p == CONTROL and c in LOAD_ONLY else f"{v[c]:>17.{digits}f}"
+
+    lines = [head] + [f"{p:>10} " + " ".join(cell(p, v, c) for c in cols) for p, v in summary.items()]
     return "\n".join(lines)
+
+
+LOAD_ONLY = ("resume_ms", "first_instr_ms", "faults", "stall_p99_ms", "resident_s", "bytes_read")
+"""The columns that belong to a load, not to a control watch (:func:`table` prints "-")."""

@@ -301,3 +301,12 @@ def test_the_noise_floor_waits_from_every_instant_of_a_control_watch() -> None:
     nf = noise_floor([row, {"policy": "prefetch", "timeline": {"t_ms": t, "rate_frac": [0.0] * len(t)}}])
     assert nf["starts"] == 26 and nf["max_ms"] == 200.0
     assert nf["share_200ms"] == pytest.approx(1 / 26) and nf["share_60ms"] == pytest.approx(8 / 26)
+
+
+def test_the_table_leaves_a_loads_columns_blank_for_the_control() -> None:
+    from lab.restore import table
+    row = {"resume_ms": 0.8, "first_progress_ms": 10.0, "to50_ms": 20.0, "to90_ms": 30.0, "to90_iqr_ms": 5.0,
+           "to90_late": 0.0, "faults": 12.0, "stall_p99_ms": 1.1, "resident_s": 2.0}
+    lines = table({"prefetch": row, CONTROL: row | {"faults": 0.0}}).splitlines()
+    assert lines[1].split()[1:] == ["0.8", "10.0", "20.0", "30.0", "5.0", "0.0", "12.0", "1.1", "2.0"]
+    assert lines[2].split() == [CONTROL, "-", "10.0", "20.0", "30.0", "5.0", "0.0", "-", "-", "-"]
