@@ -264,39 +264,51 @@ def _load_with(m: Machine, q: Any, policy: str, job: str, spec: RestoreSpec) -> 
     q.execute("job-dismiss", {"id": job})
     ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
     resume_ns = int((ev["RESUME"] - epoch_off) * 1e9)
-    rate0 = steady_rate(before, cmd_ns - int(spec.settle_s * 1e9), cmd_ns)
-    after = samples[samples[:, 1] >= resume_ns]  # the load resets the counter: RESUME on only
-    end_ns = int(after[-1, 1]) if len(after) else resume_ns
-    row: dict[str, Any] = {"policy": policy, "rate_before": rate0,
-                           # the last second watched: a host that slowed (lab/hostnoise.py) shows here
-                           "rate_after": (steady_rate(after, max(end_ns - AFTER_NS, int(after[0, 1])), end_ns)
-                                          if len(after) > 1 else float("nan")),
+    row: dict[str, Any] = {"policy": policy, **_progress_fields(before, samples, cmd_ns, resume_ns, spec),
                            "resume_ms": (resume_ns - cmd_ns) / 1e6,
                            "first_instr_ms": ((int(stats["first-instruction-ns"]) - cmd_ns) / 1e6
                                               if stats.get("first-instruction-ns") else float("nan")),
-                           "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3,
-                           **recovery_ms(samples, cmd_ns, resume_ns, rate0),
-                           "faults": int(stats.get("faults", 0)),
-                           "resident_s": float(stats.get("resident-s", 0.0)),
-                           "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
-                           "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
-                           "prefetch_s": float(stats.get("prefetch-s", 0.0)),
-                           "prefetch_start_s": float(stats.get("prefetch-start-s", 0.0)),
-                           "recorded_chunks": int(stats.get("recorded-chunks", 0)),
-                           "recorded_set": list(stats.get("recorded-set", [])),
-                           "loading_set": list(stats.get("loading-set", [])),
-                           "total_s": float(stats["total-s"]),
-                           # the memory map (lab.plot.lazy_windows): ms after RESUME; each chunk as it
-                           # came in, [ms, chunk, 0 fault / 1 set / 2 rest, 1 if all zero]
-                           "fault_at_ms": [t * 1e3 for t in stats.get("fault-at-s", [])],
-                           "fault_chunk": list(stats.get("fault-chunk", [])),
-                           "fill_log": [[t * 1e3, c, by, z] for t, c, by, z in stats.get("fill-log", [])],
-                           "chunks": int(stats.get("chunks", 0)),
-                           # the whole watch, and its first 100 ms in 1 ms bins (a small guest is back within it)
-                           "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
-                           "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0),
-                                                     interpolate=True)}
+                           "stopped_ms": (ev["RESUME"] - ev["STOP"]) * 1e3, **_load_fields(stats)}
     return row | stall_histogram(list(stats.get("fault-latency-s", [])))
+
+
+def _progress_fields(before: np.ndarray, samples: np.ndarray, cmd_ns: int, resume_ns: int,
+                     spec: RestoreSpec) -> dict[str, Any]:
+    """A watch's progress figures (a load's or a control's): the rate before the command, over
+    the last second watched, the times to speed (:func:`recovery_ms`) and the timelines."""
+    rate0 = steady_rate(before, cmd_ns - int(spec.settle_s * 1e9), cmd_ns)
+    after = samples[samples[:, 1] >= resume_ns]  # the load resets the counter: RESUME on only
+    end_ns = int(after[-1, 1]) if len(after) else resume_ns
+    return {"rate_before": rate0,
+            # the last second watched: a host that slowed (lab/hostnoise.py) shows here
+            "rate_after": (steady_rate(after, max(end_ns - AFTER_NS, int(after[0, 1])), end_ns)
+                           if len(after) > 1 else float("nan")),
+            **recovery_ms(samples, cmd_ns, resume_ns, rate0),
+            # the whole watch, and its first 100 ms in 1 ms bins (a small guest is back within it)
+            "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
+            "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0),
+                                      interpolate=True)}
+
+
+def _load_fields(stats: dict[str, Any]) -> dict[str, Any]:
+    """A load's own figures from ``__org.snaplab_query-snapshot-stats`` (a control, which loads
+    nothing, passes only ``total-s``: zeros and empty lists)."""
+    return {"faults": int(stats.get("faults", 0)),
+            "resident_s": float(stats.get("resident-s", 0.0)),
+            "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
+            "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
+            "prefetch_s": float(stats.get("prefetch-s", 0.0)),
+            "prefetch_start_s": float(stats.get("prefetch-start-s", 0.0)),
+            "recorded_chunks": int(stats.get("recorded-chunks", 0)),
+            "recorded_set": list(stats.get("recorded-set", [])),
+            "loading_set": list(stats.get("loading-set", [])),
+            "total_s": float(stats["total-s"]),
+            # the memory map (lab.plot.lazy_windows): ms after RESUME; each chunk as it
+            # came in, [ms, chunk, 0 fault / 1 set / 2 rest, 1 if all zero]
+            "fault_at_ms": [t * 1e3 for t in stats.get("fault-at-s", [])],
+            "fault_chunk": list(stats.get("fault-chunk", [])),
+            "fill_log": [[t * 1e3, c, by, z] for t, c, by, z in stats.get("fill-log", [])],
+            "chunks": int(stats.get("chunks", 0))}
 
 
 CONTROL = "control"
@@ -313,19 +325,9 @@ def _control_once(m: Machine, spec: RestoreSpec) -> dict[str, Any]:
     mark = m.lab.count
     cmd_ns = time.monotonic_ns()
     samples = _watch(m, mark, cmd_ns + int(spec.horizon_s * 1e9))
-    rate0 = steady_rate(before, cmd_ns - int(spec.settle_s * 1e9), cmd_ns)
-    after = samples[samples[:, 1] >= cmd_ns]
-    end_ns = int(after[-1, 1]) if len(after) else cmd_ns
-    zero = {"resume_ms": 0.0, "first_instr_ms": 0.0, "stopped_ms": 0.0, "faults": 0, "resident_s": 0.0, "bytes_read": 0,
-            "prefetched_chunks": 0, "prefetch_s": 0.0, "prefetch_start_s": 0.0, "recorded_chunks": 0, "recorded_set": [],
-            "loading_set": [], "total_s": 0.0, "fault_at_ms": [], "fault_chunk": [], "fill_log": [], "chunks": 0}
-    return {"policy": CONTROL, "rate_before": rate0,
-            "rate_after": (steady_rate(after, max(end_ns - AFTER_NS, int(after[0, 1])), end_ns)
-                           if len(after) > 1 else float("nan")),
-            **zero, **recovery_ms(samples, cmd_ns, cmd_ns, rate0),
-            "timeline": timeline(samples, cmd_ns, cmd_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
-            "timeline_fine": timeline(samples, cmd_ns, cmd_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0), interpolate=True)
-            } | stall_histogram([])
+    return {"policy": CONTROL, **_progress_fields(before, samples, cmd_ns, cmd_ns, spec),
+            "resume_ms": 0.0, "first_instr_ms": 0.0, "stopped_ms": 0.0,
+            **_load_fields({"total-s": 0.0})} | stall_histogram([])
 
 
 def waits_to_level(row: dict[str, Any], level: float = 0.9, every_ms: float = 20.0,
@@ -342,12 +344,12 @@ def waits_to_level(row: dict[str, Any], level: float = 0.9, every_ms: float = 20
     if watched < n:
         return np.zeros(0)
     win = np.convolve(f[:watched], np.ones(n) / n, mode="valid")  # the window starting at each bin
-    starts = range(0, max(watched - int(min_left_ms / step), 0) + 1, max(int(every_ms / step), 1))
-    out = []
-    for s0 in starts:
-        hit = np.flatnonzero(win[s0:] >= level)
-        out.append(hit[0] * step if len(hit) else np.inf)
-    return np.asarray(out, dtype=np.float64)
+    # for each bin, the first bin at or after it whose window is at the level (inf: none)
+    at = np.where(win >= level, np.arange(len(win), dtype=np.float64), np.inf)
+    first = np.minimum.accumulate(at[::-1])[::-1]
+    starts = np.arange(0, max(watched - int(min_left_ms / step), 0) + 1, max(int(every_ms / step), 1))
+    starts = starts[starts < len(win)]
+    return (first[starts] - starts) * step
 
 
 def noise_floor(rows: list[dict[str, Any]], level: float = 0.9) -> dict[str, float]:

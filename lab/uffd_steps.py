@@ -217,6 +217,41 @@ def _serve_one(u: UserFaultFD, timeout_s: float = 5.0) -> Any:
     raise TimeoutError("no fault came")
 
 
+COPY_AT = 5 * PAGE + 123  # the byte the writer stores: inside the sixth page of the range
+
+
+def _one_write_fault(u: UserFaultFD, s: Scratch, order: str, wait_for_writer: bool) -> tuple[Any, int]:
+    """One write fault on the registered range ``s``, all ``OLD``: protect it, start a writer that
+    stores ``NEW`` at :data:`COPY_AT`, serve its fault in ``order`` (the copy kept as "the
+    snapshot"); ``wait_for_writer``: after a release-first, join the writer before copying (its
+    store has certainly landed), else let the two race.  Returns the fault and the snapshot's byte."""
+    snapshot = (ctypes.c_char * PAGE)()
+    ctypes.memset(s.addr, OLD, HUGE)
+    u.writeprotect(s.addr, HUGE, True)
+    writer = threading.Thread(target=ctypes.memset, args=(s.addr + COPY_AT, NEW, 1), daemon=True)
+    writer.start()  # (a foreign call: it blocks in the kernel with the GIL released)
+    f = _serve_one(u)
+    page = f.address & ~(PAGE - 1)
+    if order == COPY_ORDERS[0]:
+        ctypes.memmove(snapshot, page, PAGE)
+        u.writeprotect(s.addr, HUGE, False)
+    else:
+        u.writeprotect(s.addr, HUGE, False)
+        if wait_for_writer:
+            writer.join()
+        ctypes.memmove(snapshot, page, PAGE)  # (without the join, the writer may or may not have stored)
+    writer.join()
+    return f, snapshot.raw[COPY_AT % PAGE]
+
+
+def _fault_range() -> tuple[Scratch, UserFaultFD]:
+    """A 2 MiB scratch range registered for write protection (for :func:`_one_write_fault`)."""
+    s = Scratch(HUGE, populate=False)
+    u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    u.register(s.addr, HUGE, UFFDIO_REGISTER_MODE_WP)
+    return s, u
+
+
 def copy_order(order: str) -> dict[str, Any]:
     """Why a snapshot's handler copies a page *before* it releases it: a page holding ``OLD`` is
     write-protected, a writer stores ``NEW`` into it and blocks; this thread serves the fault in
@@ -227,28 +262,10 @@ def copy_order(order: str) -> dict[str, Any]:
     snapshot kept the stop instant's byte."""
     if order not in COPY_ORDERS:
         raise ValueError(f"order: {order!r} is not one of {', '.join(COPY_ORDERS)}")
-    s = Scratch(HUGE, populate=False)
-    ctypes.memset(s.addr, OLD, HUGE)
-    u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
-    snapshot = (ctypes.c_char * PAGE)()
-    off = 5 * PAGE + 123  # a byte inside the sixth page
+    s, u = _fault_range()
     try:
-        u.register(s.addr, HUGE, UFFDIO_REGISTER_MODE_WP)
-        u.writeprotect(s.addr, HUGE, True)
-        writer = threading.Thread(target=ctypes.memset, args=(s.addr + off, NEW, 1), daemon=True)
-        writer.start()  # (a foreign call: it blocks in the kernel with the GIL released)
-        f = _serve_one(u)
-        page = f.address & ~(PAGE - 1)
-        if order == COPY_ORDERS[0]:
-            ctypes.memmove(snapshot, page, PAGE)
-            u.writeprotect(s.addr, HUGE, False)
-            writer.join()
-        else:
-            u.writeprotect(s.addr, HUGE, False)
-            writer.join()  # the store has gone through
-            ctypes.memmove(snapshot, page, PAGE)
-        kept = snapshot.raw[off % PAGE]
-        now = ctypes.string_at(s.addr + off, 1)[0]
+        f, kept = _one_write_fault(u, s, order, wait_for_writer=True)
+        now = ctypes.string_at(s.addr + COPY_AT, 1)[0]
         u.unregister(s.addr, HUGE)
     finally:
         u.close()
@@ -264,27 +281,9 @@ def copy_order_trials(order: str, trials: int = 300) -> dict[str, Any]:
     writer)."""
     if order not in COPY_ORDERS:
         raise ValueError(f"order: {order!r} is not one of {', '.join(COPY_ORDERS)}")
-    s = Scratch(HUGE, populate=False)
-    u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
-    snapshot = (ctypes.c_char * PAGE)()
-    off = 5 * PAGE + 123
-    wrong = 0
+    s, u = _fault_range()
     try:
-        u.register(s.addr, HUGE, UFFDIO_REGISTER_MODE_WP)
-        for _ in range(trials):
-            ctypes.memset(s.addr, OLD, HUGE)
-            u.writeprotect(s.addr, HUGE, True)
-            writer = threading.Thread(target=ctypes.memset, args=(s.addr + off, NEW, 1), daemon=True)
-            writer.start()
-            page = _serve_one(u).address & ~(PAGE - 1)
-            if order == COPY_ORDERS[0]:
-                ctypes.memmove(snapshot, page, PAGE)
-                u.writeprotect(s.addr, HUGE, False)
-            else:
-                u.writeprotect(s.addr, HUGE, False)
-                ctypes.memmove(snapshot, page, PAGE)  # the writer may or may not have stored by now
-            writer.join()
-            wrong += snapshot.raw[off % PAGE] != OLD
+        wrong = sum(_one_write_fault(u, s, order, wait_for_writer=False)[1] != OLD for _ in range(trials))
         u.unregister(s.addr, HUGE)
     finally:
         u.close()
@@ -293,13 +292,13 @@ def copy_order_trials(order: str, trials: int = 300) -> dict[str, Any]:
 
 
 FILLS = ("UFFDIO_COPY", "UFFDIO_ZEROPAGE")
+_LIBC = ctypes.CDLL(None, use_errno=True)  # (mincore)
 
 
 def _resident_pages(addr: int, size: int) -> int:
     """Pages of [addr, addr + size) with a page-table entry now (mincore: one byte per page)."""
     vec = (ctypes.c_ubyte * (size // PAGE))()
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
+    if _LIBC.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) != 0:
         raise OSError(ctypes.get_errno(), "mincore failed")
     return int(np.count_nonzero(np.frombuffer(bytes(vec), dtype=np.uint8) & 1))
 
