@@ -100,8 +100,10 @@ class HMP:
         self._query_jobs = query_jobs
         self.commands: dict[str, tuple[HmpCommand, str, str]] = {}
         self._aliases: dict[str, str] = {}
-        self.register("help", self._help, "[cmd]", "show the help", aliases=("?",))
-        self.register("info", self._info, "[subcommand]", "show various information about the system state")
+        self._arity: dict[str, tuple[int, int | None]] = {}  # least and most words (None: the rest of the line)
+        self.register("help", self._help, "[cmd]", "show the help", aliases=("?",), arity=(0, None))
+        self.register("info", self._info, "[subcommand]", "show various information about the system state",
+                      arity=(0, None))
         self.register("stop", lambda a: self._call(vm.stop), "", "stop emulation", aliases=("s",))
         self.register("cont", lambda a: self._call(vm.cont), "", "resume emulation", aliases=("c",))
         self.register("system_reset", lambda a: self._call(lambda: vm.system_reset("host-qmp-system-reset")),
@@ -115,11 +117,33 @@ class HMP:
             "version": (self._info_version, "show the version of QEMU"),
             "jobs": (self._info_jobs, "show information about active background jobs"),
         }
+        self._info_arity: dict[str, tuple[int, int | None]] = {"block": (0, None)}  # the others take none
 
-    def register(self, name: str, fn: HmpCommand, params: str, help_: str, aliases: tuple[str, ...] = ()) -> None:
+    def register(self, name: str, fn: HmpCommand, params: str, help_: str, aliases: tuple[str, ...] = (),
+                 arity: tuple[int, int | None] = (0, 0)) -> None:
+        """``params`` as ``help`` shows them (hmp-commands.hx ``.params``); ``arity``: how many
+        words ``.args_type`` takes, at least and at most (None: the rest of the line)."""
         self.commands[name] = (fn, params, help_)
+        self._arity[name] = arity
         for a in aliases:
             self._aliases[a] = name
+
+    @staticmethod
+    def _misparsed(label: str, typed: str, got: int, arity: tuple[int, int | None]) -> str | None:
+        """monitor_parse_arguments()'s refusal of a line with too few or too many words (None:
+        the count fits).  ``label`` is QEMU's ``cmd->name`` (``stop|s`` for a command with an
+        alias), ``typed`` the command as typed, for the ``help`` hint."""
+        least, most = arity
+        if got < least:
+            why = "string expected"
+        elif most is not None and got > most:
+            why = "extraneous characters at the end of line"
+        else:
+            return None
+        return f'{label}: {why}\nTry "help {typed}" for more information\n'
+
+    def _label(self, name: str) -> str:
+        return "|".join([name, *(a for a, n in self._aliases.items() if n == name)])
 
     @staticmethod
     def _call(fn: Callable[[], None]) -> str:
@@ -135,6 +159,9 @@ class HMP:
         entry = self.commands.get(name)
         if entry is None:
             return f"unknown command: '{words[0]}'\r\n"
+        refused = self._misparsed(self._label(name), words[0], len(words) - 1, self._arity[name])
+        if refused is not None:
+            return refused.replace("\n", "\r\n")
         try:
             text = entry[0](words[1:])
         except SnaplabError as err:
@@ -164,7 +191,8 @@ class HMP:
         entry = self.info_commands.get(args[0])
         if entry is None:
             return f"unknown command: 'info {args[0]}'\n"
-        return entry[0](args[1:])
+        refused = self._misparsed(args[0], f"info {args[0]}", len(args) - 1, self._info_arity.get(args[0], (0, 0)))
+        return refused if refused is not None else entry[0](args[1:])
 
     def _info_status(self, args: list[str]) -> str:
         st = self.vm.query_status()

@@ -58,6 +58,13 @@ SCRIPT: list[tuple[str, bytes]] = [
     ("hmp info status", b'{"execute": "human-monitor-command", "arguments": {"command-line": "info status"}}'),
     ("hmp unknown", b'{"execute": "human-monitor-command", "arguments": {"command-line": "frobnicate"}}'),
     ("hmp missing arg", b'{"execute": "human-monitor-command"}'),
+    # monitor_parse_arguments(): too many or too few words, refused before anything is done
+    ("hmp savevm two words", b'{"execute": "human-monitor-command", "arguments": {"command-line": "savevm my snap"}}'),
+    ("hmp loadvm no tag", b'{"execute": "human-monitor-command", "arguments": {"command-line": "loadvm"}}'),
+    ("hmp delvm two tags", b'{"execute": "human-monitor-command", "arguments": {"command-line": "delvm x y"}}'),
+    ("hmp cont extra", b'{"execute": "human-monitor-command", "arguments": {"command-line": "c now"}}'),
+    ("hmp info status extra", b'{"execute": "human-monitor-command", "arguments": {"command-line": "info status x"}}'),
+    ("hmp help extra", b'{"execute": "human-monitor-command", "arguments": {"command-line": "help delvm x"}}'),
     ("cont", b'{"execute": "cont"}'),
     ("status running", b'{"execute": "query-status"}'),
     ("unterminated", b'{"execute": "query-status"\n{"execute": "query-status"}\n}'),

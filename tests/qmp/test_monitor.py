@@ -201,6 +201,25 @@ def test_hmp(vm: Machine) -> None:
     assert "\r\n1         a                     0 B " in out
 
 
+def test_hmp_refuses_a_line_with_too_few_or_too_many_words_as_qemu(vm: Machine) -> None:
+    """monitor_parse_arguments(): QEMU 7.2's texts for each, checked against the real QEMU in
+    tests/conformance/test_qemu_differential.py; nothing is done, no snapshot is made."""
+    q = vm.qmp()
+    assert q.hmp("savevm my snap") == ('savevm: extraneous characters at the end of line\r\n'
+                                       'Try "help savevm" for more information\r\n')
+    assert q.hmp('savevm "a b" c').startswith("savevm: extraneous characters")
+    assert q.hmp("loadvm") == 'loadvm: string expected\r\nTry "help loadvm" for more information\r\n'
+    assert q.hmp("delvm x y") == ('delvm: extraneous characters at the end of line\r\n'
+                                  'Try "help delvm" for more information\r\n')
+    assert q.hmp("s now") == 'stop|s: extraneous characters at the end of line\r\nTry "help s" for more information\r\n'
+    assert q.hmp("info status x") == ('status: extraneous characters at the end of line\r\n'
+                                      'Try "help info status" for more information\r\n')
+    assert q.hmp("info status") == "VM status: running\r\n"  # the refused "s now" did not stop it
+    assert q.hmp("info snapshots") == "There is no snapshot available.\r\n"  # nor saved "my"
+    assert q.hmp("help savevm x") == ("savevm tag -- save a VM snapshot. If no tag is provided, "
+                                      "a new snapshot is created\r\n")
+
+
 def test_generator_job_first_step_is_the_commands_bottom_half() -> None:
     """A generator job runs up to its first yield where the monitor dispatched the command,
     as the command's bottom half; the rest on a worker.  A failing or cancelled first step
