@@ -11,11 +11,16 @@ writes its backing drive.
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import Callable
 from typing import Protocol
 
+import numpy as np
+
 from emulator.errors import BlockError
+
+log = logging.getLogger(__name__)
 
 SECTOR = 4096
 OK, E_RANGE, E_READ_ONLY, E_ALIGN, E_IO, E_NODEV = 0, 1, 2, 3, 4, 5
@@ -153,6 +158,28 @@ class FlashController:
 
         def apply() -> None:
             self.selected, self.offset, self.status = selected, offset, status
-            for dest, at in contents:
-                dest[:] = data[at:at + len(dest)]
+            for bank in self.banks:
+                for dest, at in contents:
+                    if dest is bank.data:
+                        self._restore_bank(bank, data[at:at + len(dest)])
         return apply
+
+    def _restore_bank(self, bank: FlashBank, new: bytes) -> None:
+        """A bank's contents from a VM state, written back to its file too, as QEMU's
+        pflash_post_load() has the whole flash written (pflash_update) when the VM runs again:
+        here only the 4 KiB sectors that differ, inside the load's stop (docs/deviations.md 60).
+        A write that fails is reported, as QEMU's "Could not update PFLASH", and the load goes on."""
+        old = np.frombuffer(bytes(bank.data), dtype=np.uint8)
+        fresh = np.frombuffer(new, dtype=np.uint8)
+        bank.data[:] = new
+        if not bank.writable or len(old) != len(fresh):
+            return
+        whole = len(old) // SECTOR * SECTOR
+        differ = (old[:whole].reshape(-1, SECTOR) != fresh[:whole].reshape(-1, SECTOR)).any(axis=1)
+        runs = [(int(i) * SECTOR, SECTOR) for i in np.flatnonzero(differ)]
+        if whole < len(old) and not np.array_equal(old[whole:], fresh[whole:]):
+            runs.append((whole, len(old) - whole))
+        for off, n in runs:
+            if self._persist(bank, off, n) != OK:
+                log.error("Could not update PFLASH: I/O error")
+                return
