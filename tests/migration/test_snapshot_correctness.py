@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,24 @@ def test_loadvm_on_the_command_line(make_vm, tmp_path: Path) -> None:  # type: i
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_a_blocking_loads_downtime_starts_at_its_stop(make_vm, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """SnapshotMetrics.downtime_s is STOP..RESUME: the bounce buffer's warm-up before the stop
+    counts in the load's total, not in its downtime."""
+    from emulator.migration.engines import load_blocking
+
+    m = make_vm(start=False)
+    assert m.run_instructions(100_000) is None
+    m.snapshots.save_snapshot("S", False, "disk0", ["disk0"])
+    events: list[tuple[str, int]] = []
+    m.add_listener(lambda name, data, ns: events.append((name, ns)))
+    warm = load_blocking.WARM_PAGES.warm
+    monkeypatch.setattr(load_blocking.WARM_PAGES, "warm", lambda n: (time.sleep(0.3), warm(n))[1])
+    m.cont()
+    wait_until(lambda: m.running, "the guest to run")
+    met = m.snapshots.load_snapshot("S", "disk0", ["disk0"])
+    stop = [ns for name, ns in events if name == "STOP"][-1]
+    resume = [ns for name, ns in events if name == "RESUME"][-1]
+    assert met.total_s - met.downtime_s >= 0.3  # the warm-up is before the stop
+    assert stop < resume and met.downtime_s * 1e9 >= resume - stop  # (the events are inside it)

@@ -39,6 +39,7 @@ class BlockingLoad(LoadEngine):
         ctx = self.ctx
         t0 = time.perf_counter()
         WARM_PAGES.warm(BOUNCE // PAGE)  # the bounce buffer touched before the stop, not in it
+        t_stop = time.perf_counter()  # the downtime starts here (the warm-up is the total's only)
         if req.stop_first:  # where to go back to, read under the stop's hold (no verb slips in)
             orig = RunState.RUNNING if ctx.vm.vm_stop(RunState.RESTORE_VM) else ctx.vm.state
         src = ctx.load_checks(req)
@@ -53,8 +54,9 @@ class BlockingLoad(LoadEngine):
         ctx.vm.set_vclock_ns(src.sn.vm_clock_nsec)
         t1 = time.perf_counter()
         ctx.vm.vm_resume(orig)
-        m = SnapshotMetrics(f"{self.name}-load", time.perf_counter() - t0, time.perf_counter() - t0)
-        m.extra.update({"load_s": t1 - t0, "faults": 0, "resident_s": 0.0,  # all of RAM is in at RESUME
+        t_resume = time.perf_counter()
+        m = SnapshotMetrics(f"{self.name}-load", t_resume - t_stop, t_resume - t0)
+        m.extra.update({"load_s": t1 - t_stop, "faults": 0, "resident_s": 0.0,  # all of RAM is in at RESUME
                         "bytes_read": int(layout.nonzero.sum()) * PAGE,
                         "first_instruction_ns": ctx.vm.first_entry_ns(FIRST_ENTRY_WAIT_S if orig == RunState.RUNNING else 0)})
         ctx.saved(m)
