@@ -77,6 +77,17 @@ class LiveMachine:
         self._discard()
 
 
+BIN_S = 0.05  # the progress figure's bins: a 20-60 ms stop or job shows as a dip of a bin or two
+
+
+def forward_progress(iterations: np.ndarray) -> np.ndarray:
+    """The guest's progress counter made monotonic: a load puts the counter back to the
+    snapshot's, and the step across it counts as no progress, not as the whole drop (clipping
+    a bin's difference at 0 instead would show the rest of that bin as a stall)."""
+    step = np.diff(iterations.astype(np.float64), prepend=float(iterations[0]) if len(iterations) else 0.0)
+    return float(iterations[0]) + np.cumsum(np.maximum(step, 0.0)) if len(iterations) else step
+
+
 def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, float | None]],
                  now_s: float) -> bytes:
     """The guest's speed (iterations per second) against seconds since the machine started, the
@@ -91,12 +102,11 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
         it = samples[:, 2].astype(np.float64)
         # from the first sample kept (the ring forgets old ones) or the window's start, up to the
         # last report: no false dip while the next batch is on its way
-        start = np.floor(max(t[0], now_s - WINDOW_S - 0.1) * 10) / 10
-        edges = np.arange(start, t[-1], 0.1)
-        cum = np.interp(edges, t, it, left=0.0)
+        start = np.floor(max(t[0], now_s - WINDOW_S - BIN_S) / BIN_S) * BIN_S
+        edges = np.arange(start, t[-1], BIN_S)
+        cum = np.interp(edges, t, forward_progress(it), left=0.0)
         if len(edges) >= 2:
-            # a load puts the guest's counter back: that bin's drop is not negative speed
-            ax.step(edges[1:], np.maximum(np.diff(cum), 0.0) / 0.1, where="pre", color="black", lw=1)
+            ax.stairs(np.diff(cum) / BIN_S, edges, color="black", lw=1)
     for i, (a, b) in enumerate(stops):
         ax.axvspan(a, now_s if b is None else b, color="tab:red", alpha=0.3, lw=0,
                    label="guest stopped" if i == 0 else None)
@@ -104,7 +114,7 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since the machine started" + (f" (the last {WINDOW_S:.0f} s)" if now_s > WINDOW_S else ""))
     ax.set_ylabel("guest iterations / s")
-    ax.set_title("guest progress (0.1 s bins)" + ("" if len(samples) >= 2 else ": no samples yet"), fontsize=10)
+    ax.set_title(f"guest progress ({BIN_S:g} s bins; one iteration writes one page)" + ("" if len(samples) >= 2 else ": no samples yet"), fontsize=10)
     if stops:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()

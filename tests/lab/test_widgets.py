@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ipywidgets as w
+import numpy as np
 import pytest
 
 from lab.spec import PATTERNS, load_engines, save_engines
@@ -173,3 +174,11 @@ def test_a_killed_kernels_dashboard_directory_goes_with_the_next_dashboard_machi
     finally:
         m.close()
     assert not m.workdir.exists()
+
+
+def test_a_load_that_puts_the_counter_back_is_no_stall_in_the_progress_figure() -> None:
+    from lab.widgets import forward_progress
+
+    assert forward_progress(np.array([0, 10, 20, 5, 15, 25])).tolist() == [0, 10, 20, 20, 30, 40]
+    assert forward_progress(np.array([7])).tolist() == [7]
+    assert forward_progress(np.zeros(0)).tolist() == []
