@@ -58,11 +58,12 @@ def default_machine(*, ram_mib: int = 64, seed: int = 1, workload: str = "dirty"
     return Session(Machine(cfg, g), g, wd)
 
 
-def wait_for_serial(m: Machine, text: str, timeout: float = 10.0) -> str:
+def wait_for_serial(m: Machine, text: str, timeout: float = 10.0, count: int = 1) -> str:
+    """The serial output once ``text`` is in it ``count`` times (TimeoutError after ``timeout`` s)."""
     import time
 
     end = time.monotonic() + timeout
-    while text not in m.serial.text():
+    while m.serial.text().count(text) < count:
         if time.monotonic() > end:
             raise TimeoutError(f"no {text!r} on the serial port")
         time.sleep(0.01)

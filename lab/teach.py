@@ -103,7 +103,8 @@ def monitor_race_snaplab(ram_mib: int = 128, fill_mib: int = 64, reps: int = 3, 
             ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
             st = q.execute("__org.snaplab_query-snapshot-stats", {"id": job})
             q.execute("job-dismiss", {"id": job})
-            row = _race_row("snaplab", rep, t0, t_save, answers, ev, info.get("error"), st["vmstate-bytes"])
+            row = _race_row("snaplab", rep, t0, t_save, answers, ev, info.get("error"), st["vmstate-bytes"],
+                            t_sent=t_save)  # (the first query-status goes out once the save's reply is in)
             row.update({"zero_scan_ms": st.get("zero-scan-s", math.nan) * 1e3, "write_ms": st.get("write-s", math.nan) * 1e3,
                         "commit_ms": st.get("commit-s", math.nan) * 1e3, "flush_ms": st.get("flush-s", math.nan) * 1e3,
                         "total_s": st.get("total-s", math.nan),
@@ -174,7 +175,7 @@ def _monitor_race_qemu(ram_mib: int, reps: int, settle: float) -> list[dict[str,
             ev = {e["event"]: q.ts(e) for e in q.events if e["event"] in ("STOP", "RESUME")}
             vm = _qemu_vmstate_bytes(Path(tmp) / "disk0.qcow2", job)
             rows.append(_race_row("QEMU 7.2", rep, t0, got["save"][0], [(got["status"][0], got["status"][1]["status"])],
-                                  ev, info.get("error"), vm))
+                                  ev, info.get("error"), vm, t_sent=t0))  # (sent with the save)
             time.sleep(0.5)
     return rows
 
@@ -188,16 +189,17 @@ def _qemu_vmstate_bytes(path: Path, tag: str) -> int:
 
 
 def _race_row(who: str, rep: int, t0: float, t_save: float, answers: Sequence[tuple[float, str]],
-              ev: dict[str, float], error: Any, vmstate: int) -> dict[str, Any]:
+              ev: dict[str, float], error: Any, vmstate: int, t_sent: float) -> dict[str, Any]:
     """One repetition of the race: ``answers`` are the (arrival time, status) of every
-    ``query-status`` reply; each is placed against the STOP and RESUME events."""
+    ``query-status`` reply; each is placed against the STOP and RESUME events, and so is
+    ``t_sent``, when the first ``query-status`` was sent."""
     stop, resume = ev.get("STOP", math.nan), ev.get("RESUME", math.nan)
     t_status, status = answers[0]
     during = [t for t, st in answers if stop < t < resume and st == "save-vm"]
     return {"who": who, "rep": rep, "job error": error, "vmstate_mib": vmstate / 2**20,
             "stopped_s": resume - stop,
             "save_reply_s": t_save - t0, "status_reply_s": t_status - t0,
-            "status_after_stop_ms": (t_status - stop) * 1e3,
+            "status_after_stop_ms": (t_status - stop) * 1e3, "status_sent_ms": (t_sent - stop) * 1e3,
             "status_seen": status, "statuses_seen": sorted({st for _, st in answers}),
             "status_answered_before_resume": t_status < resume,
             "answers_while_stopped": len(during),

@@ -22,13 +22,20 @@ s = default_machine(ram_mib=64, varstore='qcow2')
 s.machine.start()
 q = s.machine.qmp()
 # Problem 1, error reporting: HMP answers *success* with an error text inside
+q.events()   # (forgotten: only the events that follow are printed)
 reply = q.raw(b'{"execute": "human-monitor-command", "arguments": {"command-line": "loadvm nope"}}')
-reply"""),
-    ("md", """The reply is a QMP *success* (`return`), and the failure is only visible as text starting with `Error:`; a program has to parse English to notice. QEMU 7.2 answers exactly so (docs/reference/qemu-7.2-qmp.md section 5: "an HMP error is a *successful* QMP reply whose string starts with `Error: `")."""),
+print(reply)
+print('then: status', repr(q.execute('query-status')['status']), '| events', [e.event for e in q.events()])"""),
+    ("md", """The reply is a QMP *success* (`return`), and the failure is only visible in its text; a program has to parse English to notice. QEMU 7.2 answers exactly so (docs/reference/qemu-7.2-qmp.md section 5: "an HMP error is a *successful* QMP reply whose string starts with `Error: `"). And the "success" did something: the VM stopped (a STOP event, no RESUME) and stays in `restore-vm`, as QEMU 7.2 leaves it (the same reference, section 14, item 2): the failed load stopped the guest before it found that the snapshot does not exist, and nothing in the reply says the guest no longer runs. A client that only checks for `return` carries on with a stopped VM.
+
+Not every HMP error text starts with `Error:` either. A line HMP cannot parse is refused by the monitor's own parser (monitor/hmp.c `monitor_parse_arguments`) with text of another shape, and nothing is done:"""),
+    ("code", """print(repr(q.hmp('savevm my snap')))   # a tag with a space, unquoted: two arguments where savevm takes one
+print('snapshots named my:', sum(line.split()[1:2] == ['my'] for line in q.hmp('info snapshots').splitlines()))"""),
+    ("md", """QEMU 7.2 gives the same two lines for the same command (checked beside the real QEMU in tests/conformance/test_qemu_differential.py). A client that looks for `Error:` misses this one entirely, and a client that builds HMP lines from user input must quote every argument itself (`savevm "my snap"`)."""),
     ("code", """# QMP: the failure is data in the job's query-jobs entry, with QEMU's wording
 q.execute('snapshot-load', {'job-id': 'l', 'tag': 'nope', 'vmstate': 'disk0', 'devices': ['disk0']})
 q.wait_job('l')['error']"""),
-    ("code", """q.execute('cont')   # a failed load leaves the VM stopped, in QEMU as here (docs/reference/qemu-7.2-qmp.md section 6)
+    ("code", """q.execute('cont')   # both failed loads left the VM stopped, in QEMU as here (docs/reference/qemu-7.2-qmp.md section 6)
 # Problem 2, type checking: HMP's command line is text, QMP's arguments are typed JSON
 print(repr(q.hmp('savevm 42')))
 print([line.split()[1] for line in q.hmp('info snapshots').splitlines() if line.split()[1:2] == ['42']])
@@ -66,10 +73,10 @@ for key in ('stopped_s', 'save_reply_s', 'status_reply_s'):
     print(teach.spread_table(rows, key, by=('who',), scale=1e3, digits=1))
     print()
 print('vmstate_mib'); print(teach.spread_table(rows, 'vmstate_mib', by=('who',), digits=1))
-print('\\neach repetition: the first query-status answer against STOP, and answers while stopped')
+print('\\neach repetition: the first query-status, when it was sent and answered against STOP, and answers while stopped')
 for r in rows:
-    print(f"{r['who']:9} rep {r['rep']}: stopped {r['stopped_s'] * 1e3:7.1f} ms; first answer '{r['status_seen']}' "
-          f"{r['status_after_stop_ms']:+8.1f} ms after STOP; {r['answers_while_stopped']:3} answers 'save-vm' while stopped, "
+    print(f"{r['who']:9} rep {r['rep']}: stopped {r['stopped_s'] * 1e3:7.1f} ms; first query sent {r['status_sent_ms']:+8.1f} ms, "
+          f"answered '{r['status_seen']}' {r['status_after_stop_ms']:+8.1f} ms after STOP; {r['answers_while_stopped']:3} answers 'save-vm' while stopped, "
           f"the first {r['first_answer_while_stopped_ms']:6.1f} ms after STOP")
 print('\\nsnaplab, the stop by phase, each repetition (ms)')
 for r in rows:
@@ -86,11 +93,11 @@ for r in rows:
 * **QEMU 7.2**: the `snapshot-save` reply arrives only after the guest has resumed (its `save_reply_s` is at least its `stopped_s`), and `query-status`, sent at the same moment, is answered after that too: never while stopped (checked above); it then says `running`, because by then the save is over. The monitor was blocked for the whole save: the job's work is a bottom half in the main loop (migration/savevm.c, `snapshot_save_job_bh`), and the monitor is served by the same loop. The recorded QEMU transcripts show the same at 2 GiB: a `query-status` written with the save was answered 2.63 s later, right after RESUME (docs/reference/qemu-7.2-qmp.md section 6.2).
 * **snaplab**: the `snapshot-save` reply comes within a few milliseconds, and in every repetition `query-status` was answered `save-vm` between STOP and RESUME (checked above; the per-repetition lines give how many answers and how soon after STOP the first one came): the monitor answers *during* the stop, with a state a QEMU 7.2 client never sees answered. snaplab runs each job on its own thread and keeps serving the monitor (docs/deviations.md entry 15). The first answer of a repetition may say `running`: it was sent before the job stopped the guest, which is why the test counts the answers while stopped.
 
-**Where snaplab's stop goes.** The phase lines above show it for each repetition: the zero scan (tens of ms at most), the writes (`writes`) and the commit (a few ms); the flush comes after RESUME. The writes go around the host's page cache (`O_DIRECT`, docs/deviations.md 57). They used to go through it, and then the same 64 MiB save stopped for tens of ms in some executions of this notebook and for hundreds in others: on this host (itself a virtual machine whose freed memory goes back to the hypervisor) every *new* page-cache page is expensive, and a save writes into new ones and its gather of scattered pages touched a fresh 32 MiB array (notebook 5's exercise 1 has the measurements). Both are gone: compare the `writes` of the three repetitions above. QEMU's stop in the table is a different save (OVMF's VM state, QEMU's stream, flushes inside the stop), so the two `stopped_s` are not a like-with-like comparison; notebook 5 compares save speed properly.
+**Where snaplab's stop goes.** The phase lines above show it for each repetition: the writes (`writes`) are most of it, the zero scan and the commit take a few ms; the flush comes after RESUME. The writes go around the host's page cache (`O_DIRECT`, docs/deviations.md 57); notebook 5 takes the stop apart phase by phase, with its spread. QEMU's stop in the table is a different save (OVMF's VM state, QEMU's stream, flushes inside the stop), so the two `stopped_s` are not a like-with-like comparison; notebook 5 compares save speed properly.
 
 So the responsive monitor is **snaplab's improvement over QEMU 7.2**, not something moving savevm to QMP achieved: QMP made the commands *jobs* so that a later QEMU *could* run them without blocking, as the commit message above says. The guest's stop is a separate matter: both stop the guest for the whole blocking save (`stopped_s`); notebooks 7-9 shorten that.
 
-Consequence for a client: QEMU 7.2 cannot report a save's progress or accept a second command during it; snaplab answers, and refuses a second snapshot operation with `Another snapshot operation is in progress` (docs/deviations.md entry 25), where QEMU would simply run it afterwards."""),
+Consequence for a client: QEMU 7.2 cannot report a save's progress or answer a second command during it; snaplab answers, and refuses a second snapshot operation with `Another snapshot operation is in progress` (docs/deviations.md entry 25), where QEMU would simply run it afterwards."""),
     ("md", """## Exercises: predict, then measure
 
 1. **A second save, sent during the first.** On snaplab, start a blocking save of 64 MiB of random RAM and immediately send a second `snapshot-save` with another job id. Predict: does the second job fail, wait, or run alongside? What would QEMU 7.2 do?
@@ -108,7 +115,11 @@ print('first:', q.wait_job('first').get('error'))
 print('second:', q.wait_job('second').get('error'))"""),
     ("code", """# Exercise 2
 q.execute('cont') if not q.execute('query-status')['running'] else None
-print(repr(q.hmp('savevm dup')), repr(q.hmp('savevm dup')))
+def dup_clock():
+    return [line.split()[-1] for line in q.hmp('info snapshots').splitlines() if line.split()[1:2] == ['dup']]
+print(repr(q.hmp('savevm dup'))); first = dup_clock()
+print(repr(q.hmp('savevm dup'))); second = dup_clock()
+print('one dup after each savevm:', len(first) == len(second) == 1, '| the second replaced the first (its VM clock moved on):', first != second)
 q.execute('snapshot-save', {'job-id': 'dup', 'tag': 'dup', **args})
 print(q.wait_job('dup').get('error'))
 print(sum(line.split()[1:2] == ['dup'] for line in q.hmp('info snapshots').splitlines()), 'snapshot named dup')"""),
@@ -119,14 +130,16 @@ big = teach.monitor_race_snaplab(ram_mib=192, fill_mib=128, reps=REPS)
 if available():
     big += teach.monitor_race_qemu(ram_mib=192, reps=REPS)   # QEMU's filler: RAM minus 64 MiB = 128 MiB
 for key in ('vmstate_mib', 'stopped_s', 'status_reply_s'):
-    print(key + ('' if key == 'vmstate_mib' else ' (ms)'))
-    print(teach.spread_table(big, key, by=('who',), scale=1 if key == 'vmstate_mib' else 1e3, digits=1))
+    scale = 1 if key == 'vmstate_mib' else 1e3
+    print(key + ('' if key == 'vmstate_mib' else ' (ms)'), ': 128 MiB random (this exercise), then 64 MiB (the run above)')
+    print(teach.spread_table(big, key, by=('who',), scale=scale, digits=1))
+    print(teach.spread_table(rows, key, by=('who',), scale=scale, digits=1))
 for r in big:
     print(f"{r['who']:9} rep {r['rep']}: {r['answers_while_stopped']:3} answers 'save-vm' while stopped")"""),
     ("md", """<details><summary>Worked solutions</summary>
 
 1. On snaplab the second job **fails** at once with `Another snapshot operation is in progress (...)` (its error printed above) while the first completes without error. QEMU 7.2 would not even read the second command until the first finished, then run it: two jobs never overlap there (docs/reference/qemu-7.2-qmp.md section 6.2, where `ja2` started right after `ja1` concluded). snaplab cannot wait silently because its monitor is answering, so it refuses (docs/deviations.md entry 25).
-2. HMP `savevm dup` succeeds twice (two empty strings): HMP **overwrites** a snapshot of the same name. QMP refuses: `Snapshot 'dup' already exists in one or more devices`; one snapshot named `dup` remains. Both are QEMU 7.2's behaviour (docs/reference/qemu-7.2-qmp.md section 14, item 3).
+2. HMP `savevm dup` succeeds twice (two empty strings): HMP **overwrites** a snapshot of the same name (one `dup` after each, and its VM clock is the second save's: printed above). QMP refuses: `Snapshot 'dup' already exists in one or more devices`; one snapshot named `dup` remains. Both are QEMU 7.2's behaviour (docs/reference/qemu-7.2-qmp.md section 14, item 3).
 3. The VM state grows by the 64 MiB of random bytes added on both sides (`vmstate_mib`: snaplab's doubles, QEMU's grows by the same 64 MiB on top of OVMF's own part), and the stop grows with the bytes to write (notebook 5 makes this precise). snaplab's first answer still comes within milliseconds and its monitor keeps answering `save-vm` while stopped, more times the longer the stop lasts: the answers do not wait for the save. QEMU's `status_reply_s` grows with its stop, because the reply waits for the save to end.
 </details>"""),
 ]

@@ -17,26 +17,41 @@ CELLS: list[tuple[str, str]] = [
 
 Lab functions used: `lab.session.default_machine` (`varstore='raw'` or `'qcow2'`), `lab.qcow2_view.qemu_img` (runs the real `qemu-img`)."""),
     ("md", """## A raw variable store"""),
-    ("code", """from lab.session import default_machine
+    ("code", """from lab.session import default_machine, wait_for_serial
 from lab.qcow2_view import qemu_img
 
 raw = default_machine(ram_mib=64, varstore='raw')
 raw.machine.start()
+wait_for_serial(raw.machine, 'BootCount: 1\\n')  # the firmware has counted this boot in its store
 q = raw.machine.qmp()
 print(q.hmp('savevm snap1'))"""),
     ("md", """HMP refused: the variable store `fw-vars` is writable, so `savevm` must include it, and as a raw image it cannot hold a snapshot. QEMU 7.2 answers with the same text (docs/reference/qemu-7.2-qmp.md section 5.1). Nothing can be snapshotted with HMP on such a machine, although the disk could hold a snapshot perfectly well.
 
 QMP names what to include. Only `disk0`, which also receives the VM state:"""),
-    ("code", """q.execute('snapshot-save', {'job-id': 'j1', 'tag': 'snap1', 'vmstate': 'disk0', 'devices': ['disk0']})
+    ("code", """vars_fd = raw.workdir / 'vars.fd'
+at_save = vars_fd.read_bytes()   # the raw store's file as the snapshot finds it
+q.execute('snapshot-save', {'job-id': 'j1', 'tag': 'snap1', 'vmstate': 'disk0', 'devices': ['disk0']})
 q.wait_job('j1')"""),
     ("code", """# including the raw variable store fails the same way as HMP did, but as job data
 q.execute('snapshot-save', {'job-id': 'j2', 'tag': 'snap2', 'vmstate': 'disk0', 'devices': ['disk0', 'fw-vars']})
 q.wait_job('j2')['error']"""),
     ("code", """print(q.hmp('info snapshots'))
 print(qemu_img('snapshot', '-U', '-l', str(raw.workdir / 'disk0.qcow2')))"""),
-    ("md", """`info snapshots` has **two lists**. The first, "present on all disks", holds the snapshots that **every** writable device has, whether or not it can hold snapshots at all (QEMU walks all of them with `bdrv_all_has_snapshot`, as `savevm` checks all of them with `bdrv_all_can_snapshot`); the raw variable store is writable and can have none, so that list is empty, and stays empty on this machine whatever is saved. The second, "partial (non-loadable)", holds those only some devices have, here `snap1`. Its heading ends `on ''`: the list is that of one device, the first that can hold snapshots (`bdrv_all_find_vmstate_bs`), here `disk0`, and QEMU names it by its BlockBackend name (`bdrv_get_device_name`); and disks attached with `-blockdev` and `-device`, as on this lab's command line, have none, so the name is empty (QEMU 7.2 prints the same: docs/reference/qemu-7.2-qmp.md section 2). `qemu-img` reads the disk image itself and finds `snap1` there with a non-zero `VM SIZE`: the VM state went into `disk0`, as `vmstate` said. (QEMU prints the same two headings: migration/savevm.c `hmp_info_snapshots`, docs/reference/qemu-internals.md section 3.6.)
+    ("md", """`info snapshots` has **two lists**. The first, "present on all disks", holds the snapshots that **every** writable device has, whether or not it can hold snapshots at all (QEMU walks all of them with `bdrv_all_has_snapshot`, as `savevm` checks all of them with `bdrv_all_can_snapshot`); the raw variable store is writable and can have none, so that list is empty, and stays empty on this machine whatever is saved. The second, "partial (non-loadable)", holds those only some devices have, here `snap1`. QEMU prints one such list per image that can hold snapshots (`hmp_info_snapshots` walks them), here only `disk0`, and heads each with its device's BlockBackend name (`bdrv_get_device_name`); disks attached with `-blockdev` and `-device`, as on this lab's command line, have none, so the heading ends `on ''` (QEMU 7.2 prints the same: its transcript of a two-disk machine in docs/reference/qemu-7.2-qmp.md section 2 has two lists, both headed `on ''`). `qemu-img` reads the disk image itself and finds `snap1` there with a non-zero `VM SIZE`: the VM state went into `disk0`, as `vmstate` said. (QEMU prints the same two headings: migration/savevm.c `hmp_info_snapshots`, docs/reference/qemu-internals.md section 3.6.) (QEMU prints the same two headings: migration/savevm.c `hmp_info_snapshots`, docs/reference/qemu-internals.md section 3.6.)"""),
+    ("md", """**What becomes of the variable store's contents.** `fw-vars` was not in `devices`, so no snapshot of it exists anywhere (a raw image cannot hold one). Its *contents* are in the VM state all the same: QEMU migrates a pflash device's storage as RAM (hw/block/pflash_cfi01.c registers it with `vmstate_register_ram`), and after a load it writes the restored contents back to the file (`pflash_post_load` has the whole flash written, `pflash_update`, when the VM runs again; on QEMU 7.2 the file's hash after the load is its hash at the save: docs/deviations.md 60). snaplab's flash device saves its writable bank in its section too, and a load writes back the 4 KiB sectors that differ, inside its stop (the same entry). The firmware keeps its boot counter as a variable, so watch it: a reset makes the firmware count one more boot and write the store; loading `snap1` puts the file back; the next boot counts the same number again."""),
+    ("code", """from emulator.varstore import boot_count
 
-What the snapshot leaves out: the variable store is not in it. Loading `snap1` brings back RAM, CPU and disk, but the variables keep whatever the firmware wrote since; for OVMF that is the price of a raw `OVMF_VARS.fd`."""),
+print('BootCount in vars.fd at the save:', boot_count(at_save))
+q.execute('system_reset')
+wait_for_serial(raw.machine, 'BootCount: 2\\n')
+print('after a reset:', boot_count(vars_fd.read_bytes()))
+q.execute('snapshot-load', {'job-id': 'l1', 'tag': 'snap1', 'vmstate': 'disk0', 'devices': ['disk0']})
+print('load error:', q.wait_job('l1').get('error'))
+print('after loading snap1:', boot_count(vars_fd.read_bytes()), '; the file as at the save:', vars_fd.read_bytes() == at_save)
+q.execute('system_reset')
+text = wait_for_serial(raw.machine, 'BootCount: 2\\n', count=2)
+print([line for line in text.splitlines() if line.startswith('BootCount')])"""),
+    ("md", """The file went from 1 to 2 with the reset, back to 1 with the load (byte for byte the file at the save), and the next boot counted 2 again. What a raw `OVMF_VARS.fd` costs is therefore not the variables' contents but the snapshots: HMP cannot snapshot the machine at all, and the store has no snapshot of its own, so nothing outside the VM state covers it (`qemu-img snapshot -a` applied to the disk offline, or a disk-only snapshot, leaves the store as it is)."""),
     ("code", """raw.close()"""),
     ("md", """## A qcow2 variable store
 
@@ -60,15 +75,18 @@ for image in ('vars.qcow2', 'disk0.qcow2'):
     print(image, qemu_img('snapshot', '-U', '-l', str(q2s.workdir / image)))"""),
     ("md", """`snap2` has its VM state on `disk0.qcow2`, and a disk-only snapshot of the variable store: both devices are covered, and the big state sits where the operator wants it.
 
-What is QEMU's and what is snaplab's here: every text and every choice above is QEMU 7.2's; snaplab differs only in naming a read-only node "read-only" where QEMU calls it "writable" (docs/deviations.md entry 21), which does not arise in this notebook."""),
+What is QEMU's and what is snaplab's here: every error text and every choice of where the VM state goes above is QEMU 7.2's. The `VM SIZE` values are not: snaplab's stream stores no zero pages (docs/deviations.md entry 23), so its VM states are smaller than QEMU's for the same guest (QEMU's transcript in docs/reference/qemu-7.2-qmp.md section 5.2 has 36.5 MiB for a comparable machine). snaplab also writes the restored variable store inside the load's stop, where QEMU writes it when the VM runs again (entry 60), and it names a read-only node "read-only" where QEMU calls it "writable" (entry 21), which does not arise in this notebook."""),
     ("md", """## Exercises: predict, then measure
 
-1. **File size.** The variable store's virtual size is 128 KiB. After `snap1` (HMP) and `snap2` (QMP), predict: is `vars.qcow2` as a file bigger than 1 MiB?
+1. **File size.** The variable store's virtual size is 128 KiB. After `snap1` (HMP) and `snap2` (QMP), predict how big `vars.qcow2` is as a file, in MiB, from the `VM SIZE` column of its snapshots above.
 2. **VM state on the varstore on purpose.** Save `snap3` with `vmstate: 'fw-vars'` and `devices: ['disk0', 'fw-vars']`. Predict which image shows a non-zero `VM SIZE` for `snap3`.
 3. **A partial snapshot.** Save `snap4` on `devices: ['disk0']` only. Predict in which list of `info snapshots` it appears, and what HMP `loadvm snap4` answers."""),
     ("code", """import os
-size = os.path.getsize(q2s.workdir / 'vars.qcow2')
-print('vars.qcow2 bigger than 1 MiB:', size > 1 << 20)"""),
+st = os.stat(q2s.workdir / 'vars.qcow2')
+used = st.st_blocks * 512   # what the file system allocated (du)
+print(f'vars.qcow2: {used / 2**20:.1f} MiB allocated (du); {st.st_size / 2**20:.1f} MiB apparent size (ls -l)')
+print(qemu_img('snapshot', '-U', '-l', str(q2s.workdir / 'vars.qcow2')))
+print('more than its 128 KiB of variables by over 1 MiB:', used > (128 << 10) + (1 << 20))"""),
     ("code", """q2.execute('snapshot-save', {'job-id': 'j3', 'tag': 'snap3', 'vmstate': 'fw-vars', 'devices': ['disk0', 'fw-vars']})
 print(q2.wait_job('j3').get('error'))
 for image in ('vars.qcow2', 'disk0.qcow2'):
@@ -78,12 +96,16 @@ for image in ('vars.qcow2', 'disk0.qcow2'):
 print(q2.wait_job('j4').get('error'))
 print(q2.hmp('info snapshots'))
 print(repr(q2.hmp('loadvm snap4')))
-print('status after the failed loadvm:', q2.execute('query-status')['status'])"""),
+print('status after the failed loadvm:', q2.execute('query-status')['status'])
+q2.execute('snapshot-load', {'job-id': 'l4', 'tag': 'snap4', 'vmstate': 'disk0', 'devices': ['disk0']})
+print('QMP snapshot-load of snap4 on disk0:', q2.wait_job('l4').get('error'))
+q2.execute('cont')
+print('status after cont:', q2.execute('query-status')['status'])"""),
     ("md", """<details><summary>Worked solutions</summary>
 
-1. **Yes.** The file holds the VM state of `snap1` (megabytes, see its `VM SIZE` above) beyond the 128 KiB of variables; a qcow2 image grows with what its snapshots keep, whatever its virtual size.
+1. **About the sum of its snapshots' VM sizes, plus a little.** The file holds the VM state of `snap1` (its `VM SIZE`, printed again above beside the file's size; `snap2`'s is on `disk0`) beyond the 128 KiB of variables, and some metadata clusters (header, tables, refcounts); a qcow2 image grows with what its snapshots keep, whatever its virtual size. Compare the allocated size with the `VM SIZE`. The apparent size (`ls -l`) is larger still while the machine runs: snaplab extends an open image's file ahead of its allocations, as a sparse tail that takes no disk space, and trims it when the image is closed (docs/deviations.md 61; QEMU does not). `qemu-img check` would give the image's real end ("Image end offset").
 2. **`vars.qcow2`** shows the non-zero VM size, `disk0.qcow2` shows `0 B`: `vmstate` alone decides where the state goes, among the devices listed.
-3. `snap4` appears only under **"partial (non-loadable)"**: the variable store does not have it. HMP `loadvm snap4` then fails (its text is printed above): HMP `loadvm` works on all writable devices and `fw-vars` has no `snap4`. The failure is not harmless: the VM is left stopped, in `restore-vm` (printed above), as QEMU 7.2 leaves it (docs/reference/qemu-7.2-qmp.md section 14, item 2); a client must `cont` or load another snapshot. QMP `snapshot-load` with `devices: ['disk0']` could load it, because it names the devices.
+3. `snap4` appears only under **"partial (non-loadable)"**: the variable store does not have it. HMP `loadvm snap4` then fails (its text is printed above): HMP `loadvm` works on all writable devices and `fw-vars` has no `snap4`. The failure is not harmless: the VM is left stopped, in `restore-vm` (printed above), as QEMU 7.2 leaves it (docs/reference/qemu-7.2-qmp.md section 14, item 2); a client must `cont` or load another snapshot. QMP `snapshot-load` with `devices: ['disk0']` loads it, because it names the devices (the last lines printed above).
 </details>"""),
     ("code", """q2s.close()"""),
 ]

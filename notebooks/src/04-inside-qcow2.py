@@ -15,7 +15,7 @@ CELLS: list[tuple[str, str]] = [
 
 **Reference.** QEMU's `docs/interop/qcow2.txt` (sections "Header", "Host cluster management", "Cluster mapping", "Snapshots"); summarised in docs/reference/qemu-internals.md section 5. Everything below is read with Python's `struct` by `lab.qcow2_view`, written from that text and independent of snaplab's driver, and checked against the real `qemu-img` 7.2.
 
-**The image.** A 1 GiB qcow2 disk, written through snaplab's driver with `0x11` in its first cluster and `0x55` at 600 MiB, then one `snapshot-save` (with VM state) of a running 64 MiB guest running the `idle` workload, with 8 MiB of its RAM set to `0x5a` (so the VM state has a known size and the image is the same at every run).
+**The image.** A 1 GiB qcow2 disk, written through snaplab's driver with `0x11` in its first cluster and `0x55` at 600 MiB, then one `snapshot-save` (with VM state) of a running 64 MiB guest running the `idle` workload, with 8 MiB of its RAM set to `0x5a` (so the VM state has a known size and the image has the same layout and sizes at every run; its dates and VM clock differ).
 
 Lab functions used: `lab.qcow2_view.make_example`, `Qcow2View`, `qemu_img`, `write_through_driver`."""),
     ("code", """import tempfile
@@ -41,16 +41,18 @@ print({k: getattr(snap, k) for k in ('entry_offset', 'l1_table_offset', 'l1_size
                                       'disk_size', 'entry_bytes')})
 parts = qv.vmstate_parts(path)   # the engine's own count of what it wrote
 print(parts)
-print('the parts add up to vm_state_size:', parts['vm_state_size'] == snap.vm_state_size)
+print("the engine's byte count is the table entry's vm_state_size:", parts['vm_state_size'] == snap.vm_state_size)
 print(qv.qemu_img('snapshot', '-l', str(path)))"""),
-    ("md", """The snapshot table entry (qcow2.txt "Snapshot table entry"): its L1 table's offset and size, id `1`, name `snap1`, the VM-state size (the 64-bit field of the extra data, bytes 40-47) and the disk size (bytes 48-55); the entry takes 72 bytes with its names and padding to a multiple of 8. The date and the VM clock are in it too (not printed: they change at every run). `qemu-img snapshot -l` reads the same entry (its `VM SIZE` is this byte count in binary units). The VM state is the non-zero RAM pages (the zero pages are not stored): the 2048 pages of `0x5a` **and** a few pages the guest itself made non-zero (its code, its stack, the lab device's page; emulator/guest.py), counted separately above; then the page bitmap, one bit per page of the 64 MiB of RAM (2 KiB, docs/deviations.md entry 23); and what remains is the stream's framing, the CPU and the devices, also printed.
+    ("md", """The snapshot table entry (qcow2.txt "Snapshot table entry"): its L1 table's offset and size, id `1`, name `snap1`, the VM-state size (the 64-bit field of the extra data, bytes 40-47) and the disk size (bytes 48-55); the entry takes 72 bytes: 40 fixed bytes, 24 bytes of extra data (the VM-state size, the disk size, and the icount at bytes 56-63, which QEMU writes too), the 1-byte id and the 5-byte name, and 2 bytes of padding to a multiple of 8. The date and the VM clock are in it too (not printed: they change at every run). `qemu-img snapshot -l` reads the same entry (its `VM SIZE` is this byte count in binary units). snaplab's VM state is the non-zero RAM pages (the zero pages are not stored; QEMU's stream sends every page, a zero page as a flag without its bytes: docs/deviations.md entries 23 and 33): the 2048 pages of `0x5a` **and** a few pages the guest itself made non-zero (its code, its stack, the lab device's page; emulator/guest.py), counted separately above; then the page bitmap, one bit per page of the 64 MiB of RAM (2 KiB, docs/deviations.md entry 23); and what remains is the stream's framing, the CPU and the devices, also printed. That rest is counted as what is left, so the parts add up by construction; what the check printed shows is that the engine's own count of the bytes it wrote is the size the snapshot table stores.
 
 ## Where the VM state lives
 
-QEMU puts the VM state at the guest offset of the first L1 entry past the disk: `qcow2_vm_state_offset = l1_vm_state_index << (cluster_bits + l2_bits)` (block/qcow2.h; docs/reference/qemu-internals.md section 5). For a 1 GiB disk that is L1 index 2, guest offset 1 GiB: just past the end of the disk, where no guest write can reach."""),
+QEMU puts the VM state at the guest offset of the first L1 entry past the disk: `qcow2_vm_state_offset = l1_vm_state_index << (cluster_bits + l2_bits)` (block/qcow2.h; docs/reference/qemu-internals.md section 5). An L2 table of 64 KiB clusters holds 8192 entries and maps 512 MiB, so `l1_vm_state_index` is the disk size rounded up to a multiple of 512 MiB, in L1 entries (`size_to_l1`). For a 1 GiB disk that is L1 index 2, guest offset 1 GiB: just past the end of the disk, where no guest write can reach; a disk of 1.2 GiB would have its VM state at 1.5 GiB."""),
     ("code", """snap_l1 = v.l1(snap.l1_table_offset, snap.l1_size)
 vm_off = v.vm_state_offset()
-print('VM state at guest offset', hex(vm_off), '= the disk size:', vm_off == v.header['size'])
+per_l1 = v.cluster_size * (v.cluster_size // 8)   # guest bytes one L2 table maps (512 MiB here)
+print('VM state at guest offset', hex(vm_off), '= the disk size rounded up to a whole L2 table:',
+      vm_off == -(-v.header['size'] // per_l1) * per_l1)
 print('snapshot L1:', [hex(e) for e in snap_l1])
 print('active L1 entry for the VM state:', hex(v.l1()[vm_off >> 29]))
 host = v.host_offset(vm_off, snap_l1)
@@ -59,7 +61,7 @@ clusters = [c for c in v.mapped(snap_l1) if c['guest_offset'] >= vm_off]
 print('VM-state clusters:', len(clusters), '; enough for vm_state_size:', len(clusters) * v.cluster_size >= snap.vm_state_size)"""),
     ("md", """The snapshot's L1 has a third entry, an L2 table that maps the VM state; the active L1's third entry is 0. Through it, the first bytes at the VM-state offset are `QEVM`, the magic of the VM-state stream (QEMU's framing; snaplab's stream inside it is its own, docs/deviations.md entry 23). The VM state is stored exactly like disk contents, only at offsets the guest's disk never reaches (qcow2.txt, snapshot table entry bytes 32-35: "VM state is stored like guest disk content, except that it is stored at offsets that are larger than the virtual disk presented to the guest").
 
-QEMU also removes the VM state from the active L1 after creating a snapshot: "The VM state isn't needed any more in the active L1 table; in fact, it hurts by causing expensive COW for the next snapshot" (block/qcow2-snapshot.c `qcow2_snapshot_create`, reference section 5). Both agree here: the active entry is 0."""),
+QEMU also takes the VM state out of the active image after creating a snapshot: "The VM state isn't needed any more in the active L1 table; in fact, it hurts by causing expensive COW for the next snapshot" (block/qcow2-snapshot.c `qcow2_snapshot_create`, reference section 5). It does so with a discard that, on a version 3 image, marks each L2 entry of the VM state `QCOW_OFLAG_ZERO` (`qcow2_cluster_discard` with `full_discard` false); that L2 table is shared with the snapshot, so marking it copies it first, and QEMU's active L1 keeps a non-zero third entry: a private L2 table (`COPIED`) whose VM-state entries all read as zeros (measured on QEMU 7.2 after a `snapshot-save` on a 1 GiB disk: active L1 `[0x0, 0x0, 0x8000000006240000]`, the L2's 1565 entries all `0x1`). snaplab's active entry is 0, printed above: no L2 table at all. Both read as zeros from the active image, and `qemu-img check` finds both clean (docs/deviations.md entry 2)."""),
     ("code", """print(qv.qemu_img('check', str(path)))"""),
     ("md", """`qemu-img check` recomputes every refcount from the L1/L2 tables of the active image and of every snapshot and compares it with the refcount blocks (QEMU's block/qcow2-refcount.c, `qcow2_check_refcounts`): no errors, no leaks.
 
@@ -77,11 +79,12 @@ print('old cluster', hex(old['host_offset']), 'refcount now', v.refcount(old['ho
 print('active entry moved:', new['host_offset'] != old['host_offset'], '| new refcount', v.refcount(new['host_offset']),
       '| COPIED', new['COPIED'])
 print('snapshot still reads 0x11:', v.read(old['host_offset'], 4), '| active reads:', v.read(new['host_offset'], 4))"""),
-    ("code", """before = v.header['size'], len(v.refcounts())
+    ("code", """before = len(v.refcounts()), v.mapped(v.l1())[0]['host_offset']
 v.close()
 qv.write_through_driver(path, 0, b'\\x33' * 65536)
 v = qv.Qcow2View.open(path)
-print('clusters in use unchanged by the second write:', len(v.refcounts()) == before[1])
+print('clusters in use unchanged by the second write:', len(v.refcounts()) == before[0])
+print('the data stayed at the same host offset:', v.mapped(v.l1())[0]['host_offset'] == before[1], '| reads:', v.read(before[1], 4))
 print(qv.qemu_img('check', str(path)).splitlines()[0])"""),
     ("code", """import shutil
 qpath = work / 'qemu-copy.qcow2'
@@ -94,7 +97,7 @@ q.close()"""),
     ("md", """<details><summary>Worked solutions</summary>
 
 1. The cluster was shared (refcount 2), so the write is **copy-on-write at the cluster level**: a new cluster is allocated for the active disk (refcount 1, `COPIED` set, so later writes go in place), the active L2 entry points to it, and the old cluster's refcount drops to **1**: only the snapshot uses it now, and it still holds `0x11`.
-2. **No** new cluster: the entry is `COPIED` (refcount 1), so the second write goes in place; the number of clusters in use is unchanged, and `qemu-img check` stays clean.
+2. **No** new cluster: the entry is `COPIED` (refcount 1), so the second write goes in place: the number of clusters in use is unchanged, the data cluster is at the same host offset and now reads `0x33` (a write to a new cluster and a free of the old one would also keep the count, but not the offset), and `qemu-img check` stays clean.
 3. QEMU's `qemu-img snapshot -c` copies only the L1 table and raises the refcount of everything it reaches, so the active L1's **L2 tables now have refcount 2**: shared with the new snapshot until the next write to each, which then copies that L2 table. snaplab avoids that first-write copy by giving the active L1 its own L2 tables at snapshot time (docs/deviations.md entry 2). Both images are valid for `qemu-img check`.
 </details>"""),
     ("code", """v.close()

@@ -52,11 +52,13 @@ def test_written_before_save_and_rates() -> None:
 def test_race_row_counts_answers_while_stopped() -> None:
     ev = {"STOP": 10.0, "RESUME": 10.5}
     answers = [(9.99, "running"), (10.1, "save-vm"), (10.2, "save-vm"), (10.6, "running")]
-    r = teach._race_row("snaplab", 0, 9.98, 9.985, answers, ev, None, 1 << 20)
+    r = teach._race_row("snaplab", 0, 9.98, 9.985, answers, ev, None, 1 << 20, t_sent=9.985)
     assert r["status_seen"] == "running" and r["answers_while_stopped"] == 2
     assert r["first_answer_while_stopped_ms"] == pytest.approx(100.0)
-    q = teach._race_row("QEMU 7.2", 0, 9.9, 10.6, [(10.6, "running")], ev, None, 1 << 20)
+    assert r["status_sent_ms"] == pytest.approx(-15.0)  # sent before the stop: why it says running
+    q = teach._race_row("QEMU 7.2", 0, 9.9, 10.6, [(10.6, "running")], ev, None, 1 << 20, t_sent=9.9)
     assert q["answers_while_stopped"] == 0 and not q["status_answered_before_resume"]
+    assert q["status_sent_ms"] == pytest.approx(-100.0)
 
 
 def test_undisturbed_takes_the_fastest_repetition() -> None:
