@@ -21,8 +21,8 @@ m.start()
 print(wait_for_serial(m, 'starting workload 1\n'))"""),
     ("md", """The firmware printed its version, the boot order and a boot count, then started the workload. The boot count is read from the variable store and written back, so the variable store is guest state that lives on a *writable* block device, like OVMF's `OVMF_VARS.fd`; exercise 2 below shows it changing. Notebook 3 shows why a writable firmware file matters for snapshots."""),
     ("code", """q = m.qmp()
-q.greeting['QMP']['version']"""),
-    ("md", """The greeting carries QEMU 7.2.22's version triple, so that clients which check it (qmp-shell's banner does) treat snaplab as QEMU 7.2, while `package` says what it really is (docs/deviations.md, entry 18). The greeting's shape, `{"QMP": {"version": ..., "capabilities": [...]}}`, is QEMU's (docs/interop/qmp-spec.rst, "Server Greeting")."""),
+q.greeting"""),
+    ("md", """The greeting carries QEMU 7.2.22's version triple, so that clients that read the version (qmp-shell reads it to print its banner: docs/reference/qemu-internals.md, the qemu.qmp section) see QEMU 7.2, while `package` says what it really is (docs/deviations.md, entry 18). `capabilities` lists the optional protocol features the server offers (`oob`, out-of-band commands, in QEMU 7.2's greeting too); a client enables them with `qmp_capabilities`, which `machine.qmp()` has already sent. The greeting's shape, `{"QMP": {"version": ..., "capabilities": [...]}}`, is QEMU's (docs/interop/qmp-spec.rst, "Server Greeting")."""),
     ("code", """q.execute('query-status')"""),
     ("code", """[(b['inserted']['node-name'], b['inserted']['drv'], b['inserted']['ro'], b['qdev']) for b in q.execute('query-block')]"""),
     ("md", """Three block nodes, as on the QEMU command line this lab copies (`-blockdev` nodes `fw-code`, `fw-vars`, `disk0`; docs/reference/qemu-7.2-qmp.md section 2): the firmware code is read-only (`ro` True), while the variable store and the disk are writable. Both writable ones are raw or qcow2 *format* nodes; only qcow2 can hold snapshots (notebook 3).
@@ -42,10 +42,12 @@ print(q.hmp('info block'))"""),
 
 Write your prediction down before you run each cell.
 
-1. **A paused guest.** While the VM is stopped for 0.3 s, by how much does the guest's iteration counter (reported through the lab port, `m.lab.last.iterations`) advance? And after `cont` (the cell waits for the guest's next report, at most 10 s)?
+1. **A paused guest.** While the VM is stopped for 0.3 s, by how much does the guest's iteration counter (reported through the lab port, `m.lab.last.iterations`) advance, compared with 0.3 s while it runs? And after `cont` (the cell waits for the guest's next report, at most 10 s)?
 2. **Reset.** After `system_reset`, which boot count will the firmware print, and which event will QMP deliver?
 3. **Twice stopped.** `stop`, `stop`, `cont`: how many STOP events?"""),
     ("code", """import time
+r0 = m.lab.last.iterations; time.sleep(0.3); r1 = m.lab.last.iterations   # the control: 0.3 s running
+print('advanced in 0.3 s while running, more than 0:', r1 - r0 > 0)
 q.execute('stop'); a = m.lab.last.iterations; time.sleep(0.3); b = m.lab.last.iterations
 q.execute('cont'); t0 = time.monotonic()
 while m.lab.last.iterations == b and time.monotonic() - t0 < 10:  # the guest's next report, not a fixed sleep
@@ -53,17 +55,18 @@ while m.lab.last.iterations == b and time.monotonic() - t0 < 10:  # the guest's 
 c = m.lab.last.iterations
 print('advanced while stopped:', b - a, '| advanced after cont:', c - b > 0)"""),
     ("code", """q.events()
+boots = m.serial.text().count('BootCount: ')   # the boots counted so far
 q.execute('system_reset')
-text = wait_for_serial(m, 'BootCount: 2\\n')
+text = wait_for_serial(m, 'BootCount: ', count=boots + 1)   # whatever the next boot prints
 print([line for line in text.splitlines() if line.startswith('BootCount')][-1])
-[e.event for e in q.events()]"""),
+[(e.event, e.data) for e in q.events()]"""),
     ("code", """q.events()
 q.execute('stop'); q.execute('stop'); q.execute('cont')
 [e.event for e in q.events()]"""),
     ("md", """<details><summary>Worked solutions (open after you have predicted and run the cells)</summary>
 
-1. **0 while stopped**: the vCPU thread is parked, so no guest instruction runs and the counter stands still (the first cell's output: `advanced while stopped: 0`). After `cont` it advances again (`True`). This is what "downtime" means for the guest: time in which it makes no progress.
-2. **`BootCount: 2`** and one **`RESET`** event. The reset restarts the firmware, but the flash is a block device and is not reset: the variable store kept the count written at the first boot, and the firmware incremented it. State that survives a reset on a writable device is state a snapshot must cover (notebook 3).
+1. **0 while stopped**, against a counter that moved in the same 0.3 s while running (the first line printed): the vCPU thread is parked, so no guest instruction runs and the counter stands still (`advanced while stopped: 0`). After `cont` it advances again (`True`). This is what "downtime" means for the guest: time in which it makes no progress.
+2. **`BootCount: 2`** and one **`RESET`** event, whose data say who asked (`guest: False`: the host, through QMP) and why (`reason`: QEMU 7.2's value for a QMP `system_reset`). The reset restarts the firmware, but the flash is a block device and is not reset: the variable store kept the count written at the first boot, and the firmware incremented it. State that survives a reset on a writable device is state a snapshot must cover (notebook 3).
 3. **One STOP.** Stopping a stopped VM changes no run state, so there is nothing to announce; QEMU's `do_vm_stop` (softmmu/cpus.c) likewise sends STOP only when the VM was running. One RESUME follows the `cont`.
 </details>"""),
     ("code", """session.close()"""),
