@@ -116,6 +116,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "fault_latency_p99_ms": float(np.percentile(lat, 99)) * 1e3,
                     "peak_extra_bytes": stats.get("peak-extra-bytes", 0),
                     "arm_ms": stats.get("arm-s", 0.0) * 1e3,
+                    "rearmed_chunks": stats.get("rearmed-chunks", 0),  # written between the pre-arm and the stop
                     "populate_s": stats.get("populate-s", 0.0),
                     "setup_s": setup_s,
                     "wp_backend_used": stats.get("backend", ""),

@@ -592,19 +592,26 @@ def engines_spread_figure(rows: Sequence[dict[str, Any]], engines: Sequence[str]
 
 def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
     """What one copy-on-write save's memory map (:func:`lab.plot.cow_window`) shows, in numbers,
-    in ms after RESUME: when the saver took its first span and when its front reached the end
-    of RAM; the faults before the saver began, those that copied their chunk and those that
-    waited; the guest's first progress sample after RESUME (its first finished batch)."""
+    in ms after the arm (inside the stop, tens of microseconds before RESUME, so also after
+    RESUME to that precision): when the saver took its first span and when its front reached
+    the end of RAM; the faults before the saver began, those that copied their chunk and those
+    that waited, and when the last one was served; the guest's first progress sample after
+    RESUME (which ends the batch that was running at the stop: it needs only the chunks of that
+    batch's remaining pages) and its first sample after the last fault was served (a batch
+    that no fault held back any more)."""
     import numpy as np
 
     d = row["details"]
     resume_s = d["stopped"][1] if d["stopped"] is not None else 0.0
     sweep = d.get("sweep", [])
     at = np.asarray(d.get("fault_at_ms", []), dtype=float)
+    lat = np.asarray(d.get("fault_latency_ms", []), dtype=float)[:len(at)]
     copied = np.asarray(d.get("fault_copy_ms", []), dtype=float)[:len(at)] > 0
     start = sweep[0][0] if sweep else float("nan")
     tl = np.asarray(d["timeline"], dtype=float).reshape(-1, 2)
     after = tl[:, 0] > resume_s
+    last_end = float((at + lat).max()) if len(at) and len(lat) == len(at) else float("nan")
+    later = after & (tl[:, 0] > resume_s + (last_end if last_end == last_end else 0.0) / 1e3)
     return {
         "saver_start_ms": float(start),
         "saver_end_ms": float(sweep[-1][0]) if sweep else float("nan"),
@@ -613,4 +620,7 @@ def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
         "faults_copied": int(copied.sum()),
         "faults_waited": int((~copied).sum()),
         "first_progress_ms": float((tl[after, 0][0] - resume_s) * 1e3) if after.any() else float("nan"),
+        "last_fault_served_ms": last_end,
+        "first_progress_after_faults_ms": float((tl[later, 0][0] - resume_s) * 1e3) if later.any() else float("nan"),
+        "fault_ms_sum": float(lat.sum()),
     }

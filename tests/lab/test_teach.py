@@ -92,7 +92,7 @@ def test_cow_window_summary_counts_by_hand() -> None:
     # faults at 0.5 and 1 ms (copied) and at 4 ms (waited); the guest's first sample after RESUME
     # 3 ms after it (2.005 s: 5 ms after the command)
     row = {"details": {"stopped": (0.001, 0.002), "job_s": 0.02,
-                       "timeline": [(-0.5, 0), (0.0005, 100), (0.005, 150), (0.006, 250)],
+                       "timeline": [(-0.5, 0), (0.0005, 100), (0.005, 150), (0.006, 250), (0.009, 300)],
                        "sweep": [(3.0, 0), (6.0, 8), (9.0, 16)], "chunks": 16,
                        "fault_at_ms": [0.5, 1.0, 4.0], "fault_chunk": [3, 9, 12],
                        "fault_latency_ms": [0.2, 0.3, 1.5], "fault_copy_ms": [0.15, 0.2, 0.0]}}
@@ -100,6 +100,9 @@ def test_cow_window_summary_counts_by_hand() -> None:
     assert s["saver_start_ms"] == 3.0 and s["saver_end_ms"] == 9.0
     assert (s["faults"], s["faults_before_saver"], s["faults_copied"], s["faults_waited"]) == (3, 2, 2, 1)
     assert s["first_progress_ms"] == pytest.approx(3.0)
+    # the last fault was served at 4 + 1.5 ms: the first sample after it, 7 ms after RESUME
+    assert s["last_fault_served_ms"] == pytest.approx(5.5) and s["fault_ms_sum"] == pytest.approx(2.0)
+    assert s["first_progress_after_faults_ms"] == pytest.approx(7.0)
 
 
 def test_typical_phases_pick_the_median_save_and_add_up() -> None:
