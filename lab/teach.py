@@ -311,7 +311,9 @@ def saved_instants(engines: Sequence[str], *, ram_mib: int = 128, reps: int = 3,
     bracketed by two samples: the last one below it (``lo``) and the first one above it (``hi``).
 
     Times in a row are milliseconds from sending ``snapshot-save``: ``stop_ms``/``resume_ms``
-    (the STOP and RESUME events), ``end_ms`` (the job concluded), ``saved_lo_ms``/``saved_hi_ms``."""
+    (the STOP and RESUME events), ``end_ms`` (the job concluded), ``saved_lo_ms``/``saved_hi_ms``.
+    Each row also keeps the save's rounds where its engine has them (pre-copy): ``rounds_mib``
+    (dirty MiB per round, round 0 first) and ``round0_ms``."""
     s = default_machine(ram_mib=ram_mib, seed=seed, dirty_rate_mib_s=dirty_rate_mib_s)
     m = s.machine
     todo: list[dict[str, Any]] = []
@@ -330,11 +332,14 @@ def saved_instants(engines: Sequence[str], *, ram_mib: int = 128, reps: int = 3,
                                             ENGINE_ARG: eng})
                 info = q.wait_job(tag, 300)
                 t1 = time.monotonic()
+                st = q.execute("__org.snaplab_query-snapshot-stats", {"id": tag}) if info.get("error") is None else {}
                 q.execute("job-dismiss", {"id": tag})
                 ev = {e.event: e.timestamp - wall_minus_mono for e in q.events() if e.event in ("STOP", "RESUME")}
                 todo.append({"engine": eng, "rep": rep, "tag": tag, "t0": t0, "job error": info.get("error"),
                              "stop_ms": (ev["STOP"] - t0) * 1e3, "resume_ms": (ev["RESUME"] - t0) * 1e3,
-                             "end_ms": (t1 - t0) * 1e3})
+                             "end_ms": (t1 - t0) * 1e3,
+                             "rounds_mib": [b / 2**20 for b in st.get("bytes-per-round", [])],
+                             "round0_ms": st["round-s"][0] * 1e3 if st.get("round-s") else math.nan})
                 time.sleep(gap_s)
         time.sleep(0.1)
         hist = m.lab.history_array()

@@ -12,18 +12,18 @@ CELLS: list[tuple[str, str]] = [
 
 **What to look at.** The spread tables; in the instants tables, `stop_ms` (how long after the request the guest was stopped) and the bracket `saved_lo_ms`..`saved_hi_ms` around the saved instant.
 
-**The three engines.** *Blocking* (QEMU's savevm): everything inside one stop. *Copy-on-write*: a short stop to write-protect RAM, then RAM saved while the guest runs (notebook 7), *pre-copy* (notebook 8): rounds that copy RAM while the guest runs and track what it dirties, then a short stop for what is left (emulator/migration/precopy.py). Pre-copy is how live migration works; Stefan Hajnoczi pointed out why it does not make a point-in-time snapshot: "The user has no control over *when* live migration captures the guest state" (qemu-devel, "Async savevm using userfaultfd(2)", 2016-10-12; docs/reference/qemu-internals.md section 4.2).
+**The three engines.** *Blocking* (QEMU's savevm): everything inside one stop. *Copy-on-write*: a short stop (RAM was write-protected just before it; inside it, only the chunks the guest wrote since are protected again), then RAM saved while the guest runs (notebook 7), *pre-copy* (notebook 8): rounds that copy RAM while the guest runs and track what it dirties, then a short stop for what is left (emulator/migration/precopy.py). Pre-copy is how live migration works; Stefan Hajnoczi pointed out why it does not make a point-in-time snapshot: "The user has no control over *when* live migration captures the guest state" (qemu-devel, "Async savevm using userfaultfd(2)", 2016-10-12; docs/reference/qemu-internals.md section 4.2).
 
-**The guests.** The first part uses the lab's default experiment guest: the `dirty` workload at 100 MiB/s over half of RAM (`ExperimentSpec`'s defaults, printed below). The instants experiment uses `lab.teach.saved_instants`' guest: the same workload at 50 MiB/s over half of RAM.
+**The guests.** The first part uses the lab's default experiment guest: the `dirty` workload at 100 MiB/s over half of RAM (`ExperimentSpec`'s defaults, printed below), with 1.2 s of running before the first save and 1.1 s between saves, so that the second before each save, the baseline of the guest's speed, holds no earlier save (as in notebook 7). The instants experiment uses `lab.teach.saved_instants`' guest: the same workload at 50 MiB/s over half of RAM.
 
 Lab functions used: `lab.run.run_experiment`, `lab.teach.spread_table`, `lab.plot.engines_spread_points`, `lab.teach.saved_instants`."""),
     ("code", """QUICK = True
 RAM_MIB = 128 if QUICK else 1024
 REPS = 3 if QUICK else 5
 from lab.spec import ExperimentSpec
-_d = ExperimentSpec(ram_mib=RAM_MIB)
+_d = ExperimentSpec(ram_mib=RAM_MIB, warmup_s=1.2, gap_s=1.1, repetitions=REPS)
 GUEST = f"{_d.workload} guest at {_d.dirty_rate_mib_s} MiB/s over {_d.working_set_mib or RAM_MIB // 2} MiB of {RAM_MIB} MiB RAM"
-print('first part:', GUEST)"""),
+print('first part:', GUEST, f'| {_d.warmup_s} s before the first save, {_d.gap_s} s between saves')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.run import run_experiment
 from lab.spec import ExperimentSpec, save_engines
@@ -31,7 +31,7 @@ from lab import teach
 ENGINES = save_engines()          # blocking, copy-on-write, pre-copy (the registry's order)
 rows = []
 for eng in ENGINES:
-    rows += run_experiment(ExperimentSpec(ram_mib=RAM_MIB, engine=eng, repetitions=REPS))
+    rows += run_experiment(_d.with_(engine=eng))
 for key, title in (('downtime_ms', 'downtime (ms)'), ('total_s', 'until the snapshot exists (s)'),
                    ('progress_during_save', 'guest speed during the save (1 = normal)'),
                    ('vmstate_bytes', 'VM state (MiB)')):
@@ -42,7 +42,15 @@ for r in rows:
         d = r['details']
         print(f"pre-copy save {r['rep']}: the stop's round {d['bytes_per_round'][-1] / 2**20:.1f} MiB dirty, "
               f"{d['written_per_round'][-1] / 2**20:.1f} MiB written (clean gaps included), downtime {r['downtime_ms']:.1f} ms")
-print(f"blocking: {teach.group_median(rows, 'vmstate_bytes', engine=ENGINES[0]) / 2**20:.1f} MiB written in its stop (median)")"""),
+print(f"blocking: {teach.group_median(rows, 'vmstate_bytes', engine=ENGINES[0]) / 2**20:.1f} MiB written in its stop (median)")
+for eng in (ENGINES[0], ENGINES[2]):   # the stop's milliseconds per MiB it wrote
+    per = [r['downtime_ms'] / ((r['details']['written_per_round'][-1] if eng == ENGINES[2] else r['vmstate_bytes']) / 2**20)
+           for r in rows if r['engine'] == eng]
+    print(f"{eng}: its stop took {', '.join(f'{x:.2f}' for x in per)} ms per MiB written")
+for r in rows:
+    if r['engine'] == ENGINES[0]:
+        print(f"blocking save {r['rep']}: guest speed {r['progress_during_save']:.2f}; the share of the job it was not stopped "
+              f"(1 - downtime / job time) {1 - r['downtime_ms'] / (r['total_s'] * 1e3):.2f}")"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab import plot
 fig = plot.engines_spread_points(rows, ENGINES, GUEST)"""),
@@ -50,9 +58,9 @@ fig = plot.engines_spread_points(rows, ENGINES, GUEST)"""),
 print("copy-on-write's median downtime is the shortest of the three:", dt[ENGINES[1]] < min(dt[ENGINES[0]], dt[ENGINES[2]]))"""),
     ("md", """Each grey dot is one save, each diamond a median, each black line an interquartile range. Blocking: everything is written inside the stop. Copy-on-write: the shortest stop (checked above), only the write protection and the device state; the guest runs, slowed by its faults. Pre-copy: a stop for the pages dirtied during the last round (up to the engine's 8 MiB threshold, or more after its round limit); before it, round 0 writes all of RAM while the guest runs, so its time until the snapshot exists is at least that one copy of RAM. Read the guest-speed and total-time panels with their spread: with three saves on a shared host one slow save moves a median (notebook 8 shows how much a pre-copy save's duration can vary from run to run). The VM-state sizes differ by layout: the blocking and copy-on-write streams hold the non-zero pages only, in page order; the pre-copy stream is about the size of RAM (its rounds rewrite pages in any order, so each page keeps a fixed place, page index times 4 KiB, and round 0 writes every page, zero ones included: notebook 8).
 
-**Guest speed during the save** is the guest's progress from the command to the job's end over its rate in the second before. The guest reports its counter once per batch (every 256 iterations: about every 10 ms at 100 MiB/s), so the counts at the window's edges are interpolated between reports, in *running* time: flat through the STOP-RESUME, when the guest cannot progress (`lab/progress.py`). A blocking save of this small guest is mostly stop, so its figure is bounded by 1 - downtime / job time; for a window of a few tens of ms, one report more or less moves the figure by a tenth or more: read it as coarse.
+**Guest speed during the save** is the guest's progress from the command to the job's end over its rate in the second before. The guest reports its counter once per batch (every 256 iterations: about every 10 ms at 100 MiB/s), so the counts at the window's edges are interpolated between reports, in *running* time: flat through the STOP-RESUME, when the guest cannot progress (`lab/progress.py`). A blocking save of this small guest is mostly stop, so its figure is small: the guest progresses only in the parts of the window before the STOP and after the RESUME (the last lines printed put each blocking save's figure beside `1 - downtime / job time`, the share of the job it was not stopped; the two need not agree, because the window's edges are interpolated between reports). For a window of a few tens of ms, one report more or less moves the figure by a tenth or more: read it as coarse.
 
-**Pre-copy's stop against blocking's.** Pre-copy's stop writes only what was dirtied during the last round, at most about 8 MiB of dirty pages, yet its downtime is not the shortest. The lines printed under the tables say why: a round writes runs of dirty pages *with up to 16 clean pages between them written through* (`GAP_PAGES` in `emulator/migration/precopy.py`: one write instead of two), so a guest that dirties pages scattered over its working set makes its stop write several times its dirty bytes, in many short writes, one per run; the blocking save writes its pages in a few large gathered writes on two threads (notebook 5). Per MiB, many short writes cost more than a few long ones (notebook 8 finds a round's time set by its writes, not its dirty bytes), so a stop that writes fewer MiB than the blocking save's can still last longer. The stop also scans the dirty log and commits the snapshot, as the others do."""),
+**Pre-copy's stop against blocking's.** Pre-copy's stop writes only what was dirtied during the last round, at most about 8 MiB of dirty pages, yet its downtime is not the shortest. The lines printed under the tables say why: a round writes runs of dirty pages *with up to 16 clean pages between them written through* (`GAP_PAGES` in `emulator/migration/precopy.py`: one write instead of two), so a guest that dirties pages scattered over its working set makes its stop write several times its dirty bytes, in many short writes, one per run; the blocking save writes its pages in a few large gathered writes on two threads (notebook 5). Per MiB, many short writes cost more than a few long ones (notebook 8 finds a round's time set by its writes, not its dirty bytes; the lines printed give each stop's milliseconds per MiB written), so a stop that writes fewer MiB than the blocking save's is not the shorter one for that. The stop also scans the dirty log and commits the snapshot, as the others do."""),
     ("md", """## Which instant does each snapshot hold?
 
 A first idea, `stop_instant_proof` (notebook 7), loads the snapshot and compares every page's stamp with the guest's iteration counter *saved in the same snapshot*: it shows that RAM and CPU belong to **one** instant, but any instant passes, the start or the end of the job alike.
@@ -84,17 +92,17 @@ print('the request (0 ms) inside the saved bracket, every save:',
       {eng: all(r['saved_lo_ms'] <= 0 <= r['saved_hi_ms'] for r in inst if r['engine'] == eng) for eng in ENGINES})"""),
     ("md", """Every snapshot holds the instant its engine **stopped** the guest: the STOP event falls inside the bracket of the saved counter for every save. What differs is when that stop comes:
 
-* **blocking** and **copy-on-write** stop *at the request* (STOP within about a millisecond of the command, before any RAM is copied): the snapshot is the moment you asked for it, to within the bracket's width (a few of the guest's reports, about 20 ms apart at 50 MiB/s: the widths are printed above, and the request itself falls inside the bracket of every such save);
-* **pre-copy** stops only *after copying RAM*: round 0 writes all of RAM, then come the rounds needed until the pages dirtied meanwhile fit under the engine's threshold (8 MiB, `emulator/migration/precopy.py`; at most 10 rounds). Its `stop_ms` above is therefore at least the time to write all of RAM into the image, plus more rounds the faster the guest dirties memory (exercise 1). It can also vary from run to run by more than the rounds explain (a round slowed by other work on the host). The cell after exercise 1's prints round-0 times and rounds of *another* run of the same guest at the same rates: compare orders of magnitude with `stop_ms`, not save by save. You cannot choose the instant in advance.
+* **blocking** and **copy-on-write** stop *at the request* (STOP within about a millisecond of the command, before any RAM is copied): the snapshot is the moment you asked for it, to within the bracket's width (printed above): the gap between two of the guest's reports, stretched by the stop itself for the blocking save and by the faults right after RESUME for copy-on-write, which hold back the report after the saved counter; the request itself falls inside the bracket of every such save;
+* **pre-copy** stops only *after copying RAM*: round 0 writes all of RAM, then come the rounds needed until the pages dirtied meanwhile fit under the engine's threshold (8 MiB, `emulator/migration/precopy.py`; at most 10 rounds). Its `stop_ms` above is therefore at least the time to write all of RAM into the image, plus more rounds the faster the guest dirties memory (exercise 1). It can also vary from save to save by more than the rounds explain (a round slowed by other work on the host). The cell after exercise 1's prints, for these same saves, round 0's time and every round: compare them with each save's `stop_ms`. You cannot choose the instant in advance.
 
 For a snapshot ("the machine as it was when I clicked") the instant of the request is what one wants. QEMU's background snapshot, built on copy-on-write, promises exactly that: "the migration stream will be a snapshot of the VM exactly at the point when the migration procedure starts" (qapi/migration.json, `background-snapshot`; docs/reference/qemu-internals.md section 4.1). Proxmox's savevm-async, pre-copy style, says the opposite of its own result: "the saved state will be the one right before the snapshot finished, not the one when the snapshot started" (Fiona Ebner, qemu-devel, 2023-05; same file, section 4.2).
 
-**In short**, on this guest (read each claim against the tables above): copy-on-write has the shortest stop, at the request, and its snapshot exists about as soon as the blocking save's; the blocking save stops at the request for the whole save; pre-copy stops later than both, for longer than copy-on-write and, here, not shorter than the blocking save, and its snapshot exists last (round 0 writes all of RAM first). Pre-copy's strength is elsewhere: live migration, where the stop must not hold all of RAM and the instant does not matter.
+**In short**, on this guest (read each claim against the tables above): copy-on-write has the shortest stop, at the request, and its snapshot exists somewhat later than the blocking save's (compare their `end_ms`: its RAM is written after RESUME, beside the running guest); the blocking save stops at the request for the whole save; pre-copy stops later than both, for longer than copy-on-write and, here, not shorter than the blocking save, and its snapshot exists last (round 0 writes all of RAM first). Pre-copy's strength is elsewhere: live migration, where the stop must not hold all of RAM and the instant does not matter.
 
-**QEMU 7.2** offers the blocking engine as `snapshot-save`, copy-on-write only as a migration to a file (`background-snapshot`, notebook 10), and pre-copy only as live migration; snaplab offers all three behind `snapshot-save` (docs/deviations.md entry 27)."""),
+**QEMU 7.2** offers the blocking engine as `snapshot-save`, copy-on-write only as a migration stream (`background-snapshot`, to a pipe or a command such as `exec:cat > FILE`: QEMU 7.2 has no `file:` URI, docs/deviations.md 29; notebook 10), and pre-copy only as live migration; snaplab offers all three behind `snapshot-save` (docs/deviations.md entry 27)."""),
     ("md", """## Exercises: predict, then measure
 
-1. **Faster writer.** Run the instants experiment again with the guest writing 200 MiB/s instead of 50. Predict the effect on pre-copy's downtime and time to the end, and on copy-on-write's downtime. (The cell after it also runs three pre-copy saves at each rate through `run_experiment`, whose rows give each save's rounds.)
+1. **Faster writer.** Run the instants experiment again with the guest writing 200 MiB/s instead of 50. Predict the effect on pre-copy's downtime and time to the end, and on copy-on-write's downtime. (The cell after it prints each pre-copy save's rounds, at both rates.)
 2. **Where is pre-copy's instant at a higher rate?** In the same run, predict when pre-copy's stop comes, and whether its snapshot still holds the instant of that stop.
 3. **An idle guest.** With the `idle` workload, predict pre-copy's total time compared with the `dirty` one."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -104,24 +112,23 @@ both = [{**r, 'MiB/s': rate, 'downtime_ms': r['resume_ms'] - r['stop_ms']}
 for key in ('downtime_ms', 'stop_ms', 'end_ms'):
     print(key); print(teach.spread_table(both, key, by=('engine', 'MiB/s'), digits=1))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-# pre-copy's rounds at each rate (same RAM and working set): round 0 time, then the MiB of each round
-for rate in (50, 200):
-    for r in run_experiment(ExperimentSpec(ram_mib=RAM_MIB, engine=ENGINES[2], dirty_rate_mib_s=rate,
-                                           working_set_mib=RAM_MIB // 2, repetitions=REPS)):
-        d = r['details']
-        print(f"{rate:>4} MiB/s: round 0 {d['round_s'][0] * 1e3:6.1f} ms, rounds (MiB) {[round(b / 2**20, 1) for b in d['bytes_per_round']]}, "
-              f"downtime {r['downtime_ms']:.1f} ms")"""),
+# pre-copy's rounds in the instants experiments' own saves: round 0's time, the MiB of each round, when it stopped
+for rate, rs in ((50, inst), (200, inst_fast)):
+    for r in rs:
+        if r['engine'] == ENGINES[2]:
+            print(f"{rate:>4} MiB/s save {r['rep']}: round 0 {r['round0_ms']:6.1f} ms, rounds (MiB) {[round(b, 1) for b in r['rounds_mib']]}, "
+                  f"stop_ms {r['stop_ms']:.1f}, downtime {r['resume_ms'] - r['stop_ms']:.1f} ms")"""),
     ("code", """print('every save at 200 MiB/s holds the instant of its stop:', all(r['stop_inside_saved_bracket'] for r in inst_fast))
 print('pre-copy still stops later than copy-on-write (medians):',
       teach.group_median(inst_fast, 'stop_ms', engine=ENGINES[2]) > teach.group_median(inst_fast, 'stop_ms', engine=ENGINES[1]))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-idle = run_experiment(ExperimentSpec(ram_mib=RAM_MIB, engine=ENGINES[2], workload='idle', repetitions=REPS))
+idle = run_experiment(_d.with_(engine=ENGINES[2], workload='idle'))   # the first part's pauses, an idle guest
 print(teach.spread_table(rows + idle, 'total_s', by=('engine', 'workload'), digits=3))
 print(f"pre-copy, idle / dirty (medians): {teach.group_median(idle, 'total_s', engine=ENGINES[2]) / teach.group_median(rows, 'total_s', engine=ENGINES[2]):.2f}")"""),
     ("md", """<details><summary>Worked solutions</summary>
 
-1. Pre-copy's stop comes after round 0 (all of RAM) and the rounds that follow until a round's dirty pages fit under 8 MiB. Round 1 holds what the guest dirtied while round 0 was written, so a faster writer fills it faster: it *can* need more rounds (the cell after exercise 1's prints each save's rounds: count how many of them did) and, with round 0 taking the same time, tends to stop and end later (compare the `stop_ms` medians with their min-max: three saves per rate). Its downtime is bounded all the same: the rounds go on until what is left fits under the threshold, so the last round, which the stop writes, holds at most about 8 MiB at either rate, and the faster writer's last round is usually the fuller one: its stop is longer by the time to write up to a few MiB more (from nothing to about ten milliseconds on this host's disk; compare the two rates' `downtime_ms` medians and min-max); a difference far beyond the time to write 8 MiB is a stop slowed by other work on the host, as is a `stop_ms` later than the round-0 time and rounds printed in the last cell explain. Copy-on-write's stop does not depend on the write rate (it only protects RAM) and still comes at the request; its faults, and so its end, do depend on it.
+1. Pre-copy's stop comes after round 0 (all of RAM) and the rounds that follow until a round's dirty pages fit under 8 MiB. Round 1 holds what the guest dirtied while round 0 was written, so a faster writer fills it faster: it *can* need more rounds (the cell after exercise 1's prints each of these saves' rounds: count how many of them did) and, with round 0 taking the same time, tends to stop and end later (compare the `stop_ms` medians with their min-max: three saves per rate). Its downtime is bounded all the same: the rounds go on until what is left fits under the threshold, so the last round, which the stop writes, holds at most about 8 MiB at either rate, and the faster writer's last round is usually the fuller one: its stop is longer by the time to write up to a few MiB more (from nothing to about ten milliseconds on this host's disk; compare the two rates' `downtime_ms` medians and min-max); a difference far beyond the time to write 8 MiB is a stop slowed by other work on the host, as is a `stop_ms` later than the save's own round-0 time and rounds (printed beside it) explain. Copy-on-write's stop does not depend on the write rate (it only protects RAM) and still comes at the request; its faults, and so its end, do depend on it.
 2. Still **after copying RAM**, when the rounds have converged (or after the round limit), and the snapshot still holds the instant of that stop (both printed as booleans above, on every run). How far from the request that instant lies is set by round 0's duration plus the added rounds, so it cannot be chosen in advance, and a faster writer can only add rounds to it.
-3. Shorter for the idle guest, but of the same order: pre-copy's round 0 writes all of RAM, zero pages or not (`_write_all` in `emulator/migration/precopy.py`), whatever the guest does, and the idle guest then has almost nothing dirty, so its save is round 0 and a near-empty stop. The dirty guest adds a round of the pages dirtied during round 0, a stop that writes the last dirty pages (its `downtime_ms`, tens of ms above), and a running vCPU competing with the saver for the two cores while the idle guest halts. So expect the idle total shorter, by an amount of the order of a round and a stop (the ratio printed under the table, below 1 in the executions so far); the min-max columns show whether the two ranges overlap.
+3. Shorter for the idle guest, but of the same order: pre-copy's round 0 writes all of RAM, zero pages or not (`_write_all` in `emulator/migration/precopy.py`), whatever the guest does, and the idle guest then has almost nothing dirty, so its save is round 0 and a near-empty stop. The dirty guest adds a round of the pages dirtied during round 0, a stop that writes the last dirty pages (its `downtime_ms`, tens of ms above), and a running vCPU competing with the saver for the two cores while the idle guest halts. So expect the idle total shorter, by an amount of the order of a round and a stop (the ratio printed under the table); the min-max columns show whether the two ranges overlap.
 </details>"""),
 ]
