@@ -303,12 +303,15 @@ def cow_window(row: dict[str, Any], path: str | Path | None = None) -> Any:
     return _finish(fig, path)
 
 
-def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | None = None) -> Any:
+def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | None = None,
+                       conditions: str = "") -> Any:
     """Notebook 10's two operations, one panel each, every system's guest on the same axes:
     the guest's work since the command, in seconds at its own rate of the second before
     (iterations / that rate), against time since the command.  The diagonal is a guest the
-    operation did not slow; a flat stretch is a stop; a line ends 0.1 s after its operation.
-    ``results``: a :func:`lab.two_ways.snapshot_two_ways` result per system."""
+    operation did not slow; a flat stretch is a stop (hatched; a stop too short to see is
+    marked by a tick under the axis); a line ends 0.1 s after its operation.
+    ``results``: one :func:`lab.two_ways.snapshot_two_ways` result per system (one run each:
+    the legend says so); ``conditions``: the guest and set-up, put in the title."""
     import numpy as np
 
     ops = (("internal", "internal snapshot (snapshot-save)"), ("migrate", "background snapshot (migrate)"))
@@ -325,12 +328,15 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
             name = "QEMU 7.2" if system == "qemu" else system
             # steps: between two samples the count is known only to be at least the earlier one
             ax.plot(tl[:, 0], tl[:, 1] / r["rate_before"], color=color, linestyle=ls, linewidth=1.4, drawstyle="steps-post",
-                    label=f"{name}: downtime {r['downtime_ms']:.1f} ms, job {r['end_s'] * 1e3:.0f} ms, progress {r['progress']:.2f}")
+                    label=f"{name} (one run): downtime {r['downtime_ms']:.1f} ms, job {r['end_s'] * 1e3:.0f} ms, progress {r['progress']:.2f}")
             ax.axvline(r["end_s"], color=color, linestyle=ls, linewidth=0.8)
             hatch_ = "///" if system == "qemu" else "\\\\\\"
             for k, (a, b) in enumerate(r.get("stops_s", [])):
                 ax.axvspan(a, b, facecolor="none", edgecolor=color, hatch=hatch_, linewidth=0,
                            label=f"{name} stopped" if k == 0 else None)
+                # a stop narrower than a hatch line is marked where it is, under the axis
+                ax.plot([(a + b) / 2], [0], marker="^", color=color, markersize=7, clip_on=False,
+                        transform=ax.get_xaxis_transform(), label=f"{name}: where it stopped" if k == 0 else None)
             longest = max(longest, r["end_s"] + 0.1)
         if longest:
             ax.plot([0, longest], [0, longest], color="0.6", linestyle=":", linewidth=1, label="not slowed at all")
@@ -340,8 +346,8 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
         ax.grid(True, linewidth=0.3)
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
     axes[0].set_ylabel("guest work since the command\n(s at its rate of the second before)")
-    fig.suptitle("The same guest on both systems (hatched: stopped; vertical line: the operation's end; "
-                 "each line ends 0.1 s after its operation)", fontsize=10)
+    fig.suptitle((conditions + "\n" if conditions else "") + "One run per system; hatched, with a triangle at the axis: "
+                 "stopped; vertical line: the operation's end; each line ends 0.1 s after it", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
 

@@ -79,7 +79,8 @@ def _progress(g: Guest, t0_ns: int, t1_ns: int) -> dict[str, Any]:
     progress ratio; its rate in the second before (iterations a second); its samples from
     0.2 s before the command to 0.1 s after the end, as (seconds since the command, iterations
     since the command, the count at the command interpolated); the operation's end and its stops (STOP to RESUME), in seconds since
-    the command, for :func:`lab.plot.two_ways_timelines`."""
+    the command, for :func:`lab.plot.two_ways_timelines`; and that count at the command (the
+    dirty workload's iterations since boot: one stamped 4 KiB page each)."""
     before, during = progress_rates(g, t0_ns, t1_ns)
     deadline = time.monotonic() + 0.5  # (QEMU's samples reach the host in bursts)
     while time.monotonic() < deadline and not any(t >= t1_ns + 100_000_000 for t, _ in g.progress()[-4:]):
@@ -88,7 +89,7 @@ def _progress(g: Guest, t0_ns: int, t1_ns: int) -> dict[str, Any]:
     # the count at the command, interpolated between the samples around it (not the last
     # sample before it: that would credit the operation with up to one batch)
     i0 = float(np.interp(t0_ns, [t for t, _ in samples], [i for _, i in samples])) if samples else 0.0
-    return {"progress": rate_ratio(before, during), "rate_before": before,
+    return {"progress": rate_ratio(before, during), "rate_before": before, "count_at_command": i0,
             "timeline": [((t - t0_ns) / 1e9, i - i0) for t, i in samples], "end_s": (t1_ns - t0_ns) / 1e9,
             "stops_s": [((a - t0_ns) / 1e9, (b - t0_ns) / 1e9) for a, b in stops_ns(list(g.qmp.events))]}
 
@@ -96,7 +97,8 @@ def _progress(g: Guest, t0_ns: int, t1_ns: int) -> dict[str, Any]:
 def two_ways_rows(system: str, reps: int = 3, **kw: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``reps`` runs of :func:`snapshot_two_ways` on ``system``, each on a freshly booted guest:
     one row per run and operation (``op`` "internal" or "background": downtime, total, guest
-    progress, MiB stored), for medians with spread; and the last run's full result (its
+    progress, MiB stored, MiB the guest had written since boot when the command was sent), for
+    medians with spread; and the last run's full result (its
     ``qemu-img`` listings and progress timelines: the last, as the first save of a process
     also pays one-time set-up, such as warming the copy buffers)."""
     rows: list[dict[str, Any]] = []
@@ -106,7 +108,9 @@ def two_ways_rows(system: str, reps: int = 3, **kw: Any) -> tuple[list[dict[str,
         last = r
         i, b = r["internal"], r["migrate"]
         rows.append({"system": system, "op": "internal", "rep": rep, "downtime_ms": i["downtime_ms"],
-                     "total_s": i["total_s"], "progress": i["progress"], "stored_mib": i["vmstate_bytes"] / 2**20})
+                     "total_s": i["total_s"], "progress": i["progress"], "stored_mib": i["vmstate_bytes"] / 2**20,
+                     "written_before_mib": i["count_at_command"] * 4096 / 2**20})
         rows.append({"system": system, "op": MIGRATE_BACKGROUND, "rep": rep, "downtime_ms": b["downtime_ms"],
-                     "total_s": b["total_s"], "progress": b["progress"], "stored_mib": b["file_bytes"] / 2**20})
+                     "total_s": b["total_s"], "progress": b["progress"], "stored_mib": b["file_bytes"] / 2**20,
+                     "written_before_mib": b["count_at_command"] * 4096 / 2**20})
     return rows, last

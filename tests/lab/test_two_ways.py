@@ -38,5 +38,7 @@ def test_two_ways_rows_one_row_per_run_and_operation() -> None:
     assert [(r["op"], r["rep"]) for r in rows] == [("internal", 0), ("background", 0), ("internal", 1), ("background", 1)]
     assert all(r["system"] == "snaplab" and r["downtime_ms"] > 0 and r["total_s"] > 0 for r in rows)
     assert last["internal"]["downtime_ms"] == rows[2]["downtime_ms"]  # the last run's
+    # the background snapshot comes after the internal one, on the same guest: it has written more
+    assert all(0 < rows[k]["written_before_mib"] < rows[k + 1]["written_before_mib"] for k in (0, 2))
     fig = plot.two_ways_timelines({"snaplab": last})
     assert len(fig.axes) == 2 and all(len(ax.lines) >= 3 for ax in fig.axes)  # the guest, its end, the diagonal
