@@ -599,6 +599,7 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
                                        "command; the guest counts as steady when it is within "
                                        f"{STEADY_TOLERANCE:.0%} of its configured rate",
                         "rate_during": "guest iterations a second between command and completion"},
-        "engines": {name: engine_title(name) for name in (*save_engines(), *load_engines())},
+        "engines": {"save": {name: engine_title(name) for name in save_engines()},
+                    "load": {name: engine_title(name, "load") for name in load_engines()}},
         "blocks": [],
     }

@@ -140,7 +140,7 @@ class Dashboard:
         self.tag = w.Text(value="snap1", description="tag", style=label, layout=narrow)
         self.engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in save_engines()],
                                  value=DEFAULT_ENGINE, description="save engine", style=label, layout=wide)
-        self.load_engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in load_engines()],
+        self.load_engine = w.Dropdown(options=[(f"{e}: {engine_title(e, 'load')}", e) for e in load_engines()],
                                       value=load_engines()[0], description="load engine", style=label, layout=wide)
         self.boot_btn = w.Button(description="boot", button_style="primary")
         self.save_btn = w.Button(description="take snapshot")
@@ -166,6 +166,7 @@ class Dashboard:
         self.live: LiveMachine | None = None
         self.q: Any = None
         self.errors: list[str] = []
+        self.results: list[dict[str, Any]] = []  # one per job that succeeded: what its 'done' line says
         self._lines: list[str] = []
         self._stops: list[tuple[float, float | None]] = []
         self._lock = threading.Lock()
@@ -276,7 +277,14 @@ class Dashboard:
             if "error" in info:
                 self._error(f"{cmd} {args.get('tag')}", str(info["error"]))
             else:
-                cost = f" downtime {stats['downtime-s'] * 1e3:.2f} ms" if "downtime-s" in stats else ""
+                res = {"job": job, "command": cmd, "tag": args.get("tag"), "engine": args.get(ENGINE_ARG, ""),
+                       "downtime_ms": stats.get("downtime-s", float("nan")) * 1e3,
+                       "job_ms": stats.get("total-s", float("nan")) * 1e3,
+                       "vmstate_mib": stats.get("vmstate-bytes", 0) / 2**20}
+                self.results.append(res)
+                cost = (f" downtime {res['downtime_ms']:.2f} ms, job {res['job_ms']:.1f} ms"
+                        + (f", VM state {res['vmstate_mib']:.1f} MiB" if cmd == "snapshot-save" else "")
+                        if "downtime-s" in stats else "")
                 self._say(f"{cmd} {args.get('tag')}: done{cost}")
             self.draw()
 

@@ -9,14 +9,19 @@ with buttons, and read what each engine costs the guest from two views of the sa
 * **the event log** (in the widget, newest line first): every QMP event the machine sends (`STOP`, `RESUME`, `JOB_STATUS_CHANGE`), each
   with its time since the machine started (`+1.234 s`); the time from `STOP` to `RESUME` is the
   downtime, and each job's line ends with the downtime `__org.snaplab_query-snapshot-stats` measured;
-* **the plot**: the guest's speed (workload iterations per second, from the lab port) since the
-  machine started (the last minute once it has run longer), with the windows in which the guest was
-  stopped shaded. It is redrawn every second while **live plot** is ticked, so a copy-on-write
-  save's slower guest or a lazy load's recovery can be watched as it happens.
+* **the plot**: the guest's speed (workload iterations per second, one iteration being one 4 KiB
+  page written, from the lab port, in 50 ms bins) since the machine started (the last minute once it
+  has run longer), with the windows in which the guest was stopped shaded. It is redrawn every second
+  while **live plot** is ticked. A blocking stop of tens of ms shows as a dip of a bin or two; a
+  copy-on-write save's whole job, a few tens of ms with the guest running, hardly shows at this
+  scale (notebook 7's memory map opens one on a millisecond scale).
 
 QEMU has no such dashboard: everything here is QMP (`snapshot-save`, `snapshot-load`,
-`snapshot-delete`, `cont`) with snaplab's engine extension `__org.snaplab_engine`; the engines in the
-drop-downs are read from the engine registry, so a new engine shows up here by itself.
+`snapshot-delete`, `cont`) with snaplab's two extensions, the engine argument `__org.snaplab_engine`
+and the statistics command `__org.snaplab_query-snapshot-stats` (the `done` lines); the engines in the
+drop-downs are read from the engine registry, so a new engine shows up here by itself (the first cell
+prints both lists). QEMU 7.2 has one way to save a snapshot through `snapshot-save`, the blocking one;
+its live counterpart is a `migrate` with the `background-snapshot` capability (notebook 10).
 
 **Prerequisites.** Notebooks 5 (the blocking save), 7 (copy-on-write), 8 (pre-copy) and 11 (lazy
 loads): the dashboard runs the engines they measure, one save or load at a time.
@@ -28,24 +33,32 @@ plot, the shaded stops and the guest's speed just after each `RESUME`.
 Lab functions used: `lab.widgets.Dashboard`."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.widgets import Dashboard
+from lab.spec import save_engines, load_engines
 
 d = Dashboard()
+print('save engines in the drop-down:', list(d.engine.options), '| in the registry:', save_engines())
+print('load engines in the drop-down:', list(d.load_engine.options), '| in the registry:', load_engines())
 d.widget"""),
     ("md", """Press **boot**, then **take snapshot**: the log gets the job's events and its downtime, and
 the plot shows the stop. A second save to the same tag is refused with QEMU 7.2's error (`snapshot-save`
-never overwrites: delete the snapshot first, or change the tag). The controls: RAM size, workload, dirty rate (MiB/s the guest writes; 0 means
+never overwrites: delete the snapshot first, or change the tag; HMP `savevm` would overwrite; the
+scripted run below shows the refusal). The controls: RAM size, workload, dirty rate (MiB/s the guest writes; 0 means
 as fast as it can), working set (how much of RAM it writes) and pattern (in which order), the save and
 load engines, and the tag. A change to the guest's controls takes effect at the next **boot**.
 
 The cell below does from code what the buttons do (quick mode: 128 MiB), so that this notebook
-shows a run: a save with the dashboard's default save engine (copy-on-write) to `snap1` and a load of
-it with the default load engine (blocking), then the same with the blocking save engine to `snap2`.
+shows a run: it boots, lets the guest run 2 s (at 100 MiB/s over its 64 MiB working set, most of the
+working set is written by then, so the snapshots hold it), then a save with the dashboard's default
+save engine (copy-on-write) to `snap1` and a load of it with the default load engine (blocking), then
+the same with the blocking save engine to `snap2`.
 The log is printed as the widget shows it, newest line first; the plot below it is the dashboard's
 plot as it stood after the run (the widget itself does not show in a static rendering)."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from IPython.display import Image, display
+import time
 d.ram.value = 128
 d.boot()
+time.sleep(2.0)          # the guest fills its working set
 runs = []
 for engine, tag in ((d.engine.value, 'snap1'), ('blocking', 'snap2')):
     d.engine.value, d.tag.value = engine, tag
@@ -58,21 +71,29 @@ print(d.log.value)       # the widget's log: newest line first
 d.draw()
 display(Image(d.plot.value))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-# the downtimes from the log's 'done' lines (oldest first)
-done = [line.split(' ', 2)[2] for line in d.lines() if ': done downtime' in line]
-print(*done, sep='\\n')
-ms = {line.split(':')[0]: float(line.rsplit(' ', 2)[1]) for line in done}
-print('blocking load of the copy-on-write snapshot slower than of the blocking one:',
-      ms['snapshot-load snap1'] > ms['snapshot-load snap2'])"""),
-    ("md", """The two loads use the same engine (blocking) and the same guest, but not the same snapshot
-and not the same instant. Both snapshots hold only the non-zero pages, in page order (a
-copy-on-write save walks RAM in order for that, `docs/deviations.md` 33); both are read back from
-the disk around the page cache (`O_DIRECT`, `docs/deviations.md` 39 and 57), and the load reads
-pages that lie near each other in the file with one read. So expect their downtimes to be of the
-same order: the printed boolean says which was longer in this run, and either answer is within
-what the two snapshots' sizes and the host allow (the notebook does not time the reads
-themselves). Before the loads grouped their reads, each run of non-zero pages was a request of
-its own, and a blocking load of the default 128 MiB guest took 540-566 ms (`docs/deviations.md` 57)."""),
+# each job of the run, as its 'done' line says it (oldest first): the stop, the whole job, what a save stored
+for r in d.results:
+    print(f"{r['command']:>15} {r['tag']} ({r['engine']}): downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms"
+          + (f", VM state {r['vmstate_mib']:.1f} MiB" if r['command'] == 'snapshot-save' else ''))"""),
+    ("code", """print('a second save to snap1:')
+d.tag.value, d.engine.value = 'snap1', 'blocking'
+d.save().join(120)
+print(d.errors[-1])"""),
+    ("md", """**What the run shows, and why.** The copy-on-write save's downtime is a fraction of a
+millisecond while its job lasts far longer (tens of milliseconds for RAM; here also the one-time
+set-up of the first copy-on-write save in this process, which makes its warm copy buffers: compare
+exercise 1's saves below): its stop only takes the CPU and device state and protects again the few
+chunks written since all of RAM was write-protected, and RAM is written afterwards, with the guest
+running (a guest write to a chunk not saved yet waits for that chunk's
+copy: notebook 7). The blocking save's downtime is nearly its whole job: it writes the VM state with
+the guest stopped, as QEMU's `snapshot-save` does (QEMU also flushes inside its stop; snaplab flushes
+after RESUME: `docs/deviations.md` 24). Both saves stored about the same VM state (the non-zero
+pages, in page order: `docs/deviations.md` 33). The two loads use the same engine (blocking), which
+stops the guest until every saved page is back in RAM: their downtimes follow their snapshots'
+sizes and the disk, read around the page cache with neighbouring pages grouped into one read
+(`docs/deviations.md` 57: before the grouping, a blocking load of this default guest's snapshot,
+52 MiB of scattered pages then, took 540-566 ms, and 67-86 ms after it). Notebook 11 sets the lazy
+load engines beside it. A second save to the same tag is refused, with QEMU 7.2's words."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
 machine's error (and the running machine stays), a load of a tag that does not exist is QEMU's error.
 As in QEMU 7.2, a failed `snapshot-load` leaves the guest stopped (its `snapshot_load_job_bh`
@@ -89,36 +110,72 @@ d.ram.value = 128
 d.q.execute('query-status')['status']"""),
     ("md", """## Predict, then measure
 
-These are by hand, with the buttons; the worked solutions say what to expect and which notebook
-measured it.
+Each can be done with the buttons; the cells after the exercises do them from code, as the buttons
+would, and print the `done` lines' numbers.
 
 1. With the first save engine in the list (QEMU's blocking save) and then with the copy-on-write one,
-   take a snapshot at 128 MiB and at 1024 MiB. Predict which one's shaded window grows with the RAM
-   size, and which one's guest keeps running (at what speed?) while the job is still running.
+   take a snapshot at 128 MiB and at 512 MiB, with the same 64 MiB working set. Predict whether either
+   one's downtime grows with the RAM size, and which one's guest keeps running while the job runs.
 2. Set the working set to 16 MiB, then to the whole RAM, and take a pre-copy snapshot at a dirty rate
    of 500 MiB/s. Predict which needs the longer stop at the end, and check the downtime in the log.
 3. Load a snapshot with each load engine. Predict how long the guest is stopped with each, and look
    at the speed right after the `RESUME` of the engine that resumes first and fills RAM afterwards.
 
 When you are done: `d.close()` stops the machine and removes its scratch files."""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# exercise 1: each save engine at 128 and 512 MiB of RAM, the same 64 MiB working set, on a second
+# dashboard (ex: the one above, d, keeps its machine and log)
+ex = Dashboard()
+def jobs_on(ram, ws, rate, engines, wait=2.0):
+    ex.ram.value, ex.working_set.value, ex.rate.value = ram, ws, rate
+    ex.boot(); time.sleep(wait)
+    first = len(ex.results)
+    for i, eng in enumerate(engines):
+        ex.engine.value, ex.tag.value = eng, f'ex-{i}'
+        ex.save().join(120)
+    return ex.results[first:]
+for ram in (128, 512):
+    for r in jobs_on(ram, 64, 100, ['blocking', 'cow']):
+        print(f"{ram:4} MiB RAM, {r['engine']:>8}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms, VM state {r['vmstate_mib']:.1f} MiB")"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# exercise 2: pre-copy at 500 MiB/s over 16 MiB, then over the whole RAM (128 MiB)
+for ws in (16, 128):
+    for r in jobs_on(128, ws, 500, ['precopy']):
+        print(f"working set {ws:3} MiB: pre-copy downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms")"""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+# exercise 3: one snapshot, loaded with each load engine (the guest's speed after each RESUME is in the plot)
+jobs_on(128, 64, 100, ['blocking'])   # the snapshot ex-0
+first = len(ex.results)
+for eng in load_engines():
+    ex.load_engine.value = eng
+    ex.load().join(120)
+for r in ex.results[first:]:
+    print(f"load with {r['engine']:>10}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:7.1f} ms")
+ex.draw()
+display(Image(ex.plot.value))
+ex.close()"""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
-1. The blocking save's shaded window grows with the RAM size: the default guest's working set is
-   half of RAM, and inside the stop the save scans the chunks the guest wrote for zero pages and
-   writes the non-zero pages (notebook 5 measures both parts; RAM never written is known zero from
-   the page tables and not read). The copy-on-write
-   save's window is a thin line at both sizes (a few milliseconds at most in notebook 7's table, often a fraction of one),
-   and its guest keeps running during the job, slower than before while its writes fault on chunks
-   not yet saved (notebook 7's `progress_during_save`).
+1. Neither downtime should grow much with the RAM size when the working set stays 64 MiB. The
+   blocking save's stop scans the chunks the guest wrote and writes their non-zero pages, and RAM
+   never written is known zero from the page tables and not read (notebook 5; notebook 10's
+   exercise 3 finds the same from 128 to 512 MiB); QEMU's stop would grow, since it reads every page.
+   The copy-on-write save's stop is a fraction of a millisecond at both sizes, and its guest keeps
+   running during the job, slower while its writes fault on chunks not yet saved (notebook 7's
+   `progress_during_save`). The printed lines give both at both sizes; to see the blocking stop grow,
+   grow the working set with the RAM.
 2. The whole-RAM working set: at 500 MiB/s over 16 MiB the guest keeps rewriting the same few
    chunks, so each round's dirty set is at most 16 MiB, while over the whole RAM each round finds
    more distinct pages dirty and the rounds level off higher (notebook 8's model: a round holds
    `S * (1 - exp(-D * t / S))`, which grows with `S`); the stop writes the last round, so its
-   downtime is the longer one.
-3. The blocking load stops the guest until every saved page is read (for the two snapshots above
-   expect the same order: both are read from the disk); the lazy loads resume after a short stop and fill RAM
-   afterwards, on demand or in the background, so the guest runs slowly right after `RESUME` while
-   its first touches wait for chunks (notebook 11 measures stop, time to full speed and faults per
-   engine).
+   downtime should be the longer one: compare the two printed downtimes (one save each: a single
+   slow round can blur a small difference).
+3. The blocking load stops the guest until every saved page is read: its downtime is most of its
+   job. The lazy loads resume after a stop of about a millisecond and fill RAM afterwards, on demand or
+   in the background, so their jobs go on after RESUME (the printed job times; an on-demand load's job
+   lasts until RAM is complete) and the guest runs slowly right after `RESUME` while its first
+   touches wait for chunks: in the plot, the bins right after those loads' RESUME. Notebook 11
+   measures stop, time to full speed and faults per engine, with their spread.
 </details>"""),
+    ("code", """d.close()"""),
 ]

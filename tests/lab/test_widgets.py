@@ -57,8 +57,11 @@ def test_take_load_delete_with_each_save_engine(dash: Dashboard, engine: str) ->
     lines = dash.lines()
     text = "\n".join(lines)
     assert f"booted 64 MiB, dirty at 100 MiB/s, working set 16 MiB, {PATTERNS[0]}" in text
-    assert "snapshot-save snap1: done downtime" in text
+    assert "snapshot-save snap1: done downtime" in text and ", VM state " in text
     assert "snapshot-load snap1: done" in text and "snapshot-delete snap1: done" in text
+    save = dash.results[0]  # the structured record of each job that succeeded
+    assert [r["command"] for r in dash.results] == ["snapshot-save", "snapshot-load", "snapshot-delete"]
+    assert save["engine"] == engine and 0 < save["downtime_ms"] <= save["job_ms"] and save["vmstate_mib"] > 0
     assert "STOP" in text and "RESUME" in text and "JOB_STATUS_CHANGE" in text
     # times are relative to the machine's start, not epoch seconds
     assert all(re.match(r"\+\d{1,4}\.\d{3} s ", line) for line in lines), lines

@@ -153,3 +153,11 @@ def test_only_the_registry_spells_an_engine_name() -> None:
             continue
         found += [f"{path.relative_to(ROOT)}:{line}: {s!r}" for line, s in _string_constants(path) if s in names]
     assert not found, "\n".join(found)
+
+
+def test_a_name_both_registries_use_gets_each_registrys_title() -> None:
+    from lab.spec import engine_title
+
+    assert "savevm" in engine_title("blocking") and "savevm" in engine_title("blocking", "save")
+    assert "loadvm" in engine_title("blocking", "load")
+    assert engine_title("cow") != engine_title("blocking") and engine_title("prefetch", "load") != "prefetch"
