@@ -177,5 +177,4 @@ ex.close()"""),
    touches wait for chunks: in the plot, the bins right after those loads' RESUME. Notebook 11
    measures stop, time to full speed and faults per engine, with their spread.
 </details>"""),
-    ("code", """d.close()"""),
 ]
