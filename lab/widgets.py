@@ -106,7 +106,7 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
         edges = np.arange(start, t[-1], BIN_S)
         cum = np.interp(edges, t, forward_progress(it), left=0.0)
         if len(edges) >= 2:
-            ax.stairs(np.diff(cum) / BIN_S, edges, color="black", lw=1)
+            ax.stairs(np.diff(cum) / BIN_S, edges, baseline=None, color="black", lw=1)
     for i, (a, b) in enumerate(stops):
         ax.axvspan(a, now_s if b is None else b, color="tab:red", alpha=0.3, lw=0,
                    label="guest stopped" if i == 0 else None)
