@@ -79,6 +79,7 @@ class Snap:
     base0: bytes  # disk0 when the guest run it was taken in began
     counter_lo: int  # the guest's counter before the command ...
     counter_hi: int  # ... and after the job concluded
+    vars: bytes | None = None  # the variable store's file when saved (None: the firmware was still writing it)
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -177,6 +178,9 @@ class SnapshotModel(RuleBasedStateMachine):
         assert err == f"lazy restore needs a cluster size of at least 4 KiB, not {cs}", err
         return True
 
+    def _vars(self) -> bytes:
+        return self.g["vars"].image.read(0, self.g["vars"].image.size)  # type: ignore[union-attr, no-any-return]
+
     def _counter(self) -> int:
         return self.m.ram.read_u64(LAB_COUNTER)
 
@@ -185,8 +189,10 @@ class SnapshotModel(RuleBasedStateMachine):
         err = self._job("snapshot-save", {"tag": tag, "vmstate": vmstate, "devices": list(devices),
                                           "__org.snaplab_engine": engine})
         assert err is None, (err, self.history)
+        # the store is in the VM state whatever ``devices`` says (pflash is migrated as RAM)
+        at_save = self._vars() if lo > 0 else None
         self.snaps[tag] = Snap(vmstate, devices, dict(self.host_ram), bytes(self.disk1), self.base0, lo,
-                               self._counter())
+                               self._counter(), at_save)
 
     def _restored(self, tag: str, paused: bool) -> None:
         """The model after a load of ``tag``.  Loaded into a paused VM, the counter must fall
@@ -197,6 +203,8 @@ class SnapshotModel(RuleBasedStateMachine):
             self.disk1 = bytearray(s.disk1)
         if s.counter_lo == 0:  # saved before the workload ran: the firmware may write the store again
             self.vars = None
+        else:  # a load writes the store's saved contents back to its file, as QEMU's pflash_post_load
+            self.vars = s.vars
         if not paused:
             self.m.stop()
         try:
@@ -375,10 +383,10 @@ class SnapshotModel(RuleBasedStateMachine):
                 if d in s.devices:
                     assert (tags[tag] != "0B") == (s.vmstate == d), (d, tag, tags[tag])
         if self._counter() > 0:  # the workload runs: the firmware's boot write is done
-            cur = self.g["vars"].image.read(0, self.g["vars"].image.size)  # type: ignore[union-attr]
+            cur = self._vars()
             if self.vars is None:
                 self.vars = cur
-            assert cur == self.vars, "a snapshot operation changed the variable store"
+            assert cur == self.vars, "the variable store is not what the last boot or load left"
         for tag, s in self.snaps.items():
             if "disk1" not in s.devices:
                 continue
