@@ -334,9 +334,9 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
             for k, (a, b) in enumerate(r.get("stops_s", [])):
                 ax.axvspan(a, b, facecolor="none", edgecolor=color, hatch=hatch_, linewidth=0,
                            label=f"{name} stopped" if k == 0 else None)
-                # a stop narrower than a hatch line is marked where it is, under the axis
-                ax.plot([(a + b) / 2], [0], marker="^", color=color, markersize=7, clip_on=False,
-                        transform=ax.get_xaxis_transform(), label=f"{name}: where it stopped" if k == 0 else None)
+                # a stop narrower than a hatch line is marked at its STOP, on the axis
+                ax.plot([a], [0], marker="^", color=color, markersize=7, clip_on=False,
+                        transform=ax.get_xaxis_transform(), label=f"{name}: STOP" if k == 0 else None)
             longest = max(longest, r["end_s"] + 0.1)
         if longest:
             ax.plot([0, longest], [0, longest], color="0.6", linestyle=":", linewidth=1, label="not slowed at all")
@@ -367,7 +367,10 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
     ax.set_xlabel("fault service time: read to wake (ms, log)")
     ax.set_ylabel("fraction of faults")
-    ax.set_title(f"Copy-on-write faults ({len(lat)} faults)")
+    sizes = sorted({(r.get("ram_mib"), r.get("working_set_mib")) for r in rows})
+    cond = "; ".join(f"{ram} MiB RAM, {ws} MiB working set" for ram, ws in sizes if ram is not None)
+    ax.set_title(f"Copy-on-write faults ({len(lat)} faults, {len(rows)} saves" + (f"; {cond})" if cond else ")"),
+                 fontsize=10)
     ax.grid(True, which="both", linewidth=0.3)
     fig.tight_layout()
     return _finish(fig, path)

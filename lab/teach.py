@@ -595,6 +595,17 @@ def engines_spread_figure(rows: Sequence[dict[str, Any]], engines: Sequence[str]
     return fig
 
 
+def _rate_between(tl: Any, t0: float, t1: float) -> float:
+    """Iterations a second between ``t0`` and ``t1`` (seconds), from (time, count) samples
+    interpolated at both ends."""
+    import numpy as np
+
+    if len(tl) < 2 or t1 <= t0:
+        return float("nan")
+    c0, c1 = np.interp([t0, t1], tl[:, 0], tl[:, 1])
+    return float((c1 - c0) / (t1 - t0))
+
+
 def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
     """What one copy-on-write save's memory map (:func:`lab.plot.cow_window`) shows, in numbers,
     in ms after the arm (inside the stop, tens of microseconds before RESUME, so also after
@@ -603,7 +614,11 @@ def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
     that waited, and when the last one was served; the guest's first progress sample after
     RESUME (which ends the batch that was running at the stop: it needs only the chunks of that
     batch's remaining pages) and its first sample after the last fault was served (a batch
-    that no fault held back any more)."""
+    that no fault held back any more); and the guest's rate, over its rate in the second before the
+    command, in three stretches of the job after RESUME: until the last fault was served
+    (``rate_faults``), until the saver's front reached the end of RAM (``rate_saver``), until the
+    job concluded (``rate_writers``: the writers, the snapshot entry, the flush); NaN for a
+    stretch under 1 ms."""
     import numpy as np
 
     d = row["details"]
@@ -617,7 +632,15 @@ def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
     after = tl[:, 0] > resume_s
     last_end = float((at + lat).max()) if len(at) and len(lat) == len(at) else float("nan")
     later = after & (tl[:, 0] > resume_s + (last_end if last_end == last_end else 0.0) / 1e3)
-    return {
+    # the guest's rate in each stretch of the job, over its rate in the second before the command
+    ends_ms = [0.0, last_end if last_end == last_end else 0.0, float(sweep[-1][0]) if sweep else float("nan"),
+               (d["job_s"] - resume_s) * 1e3]
+    base = _rate_between(tl, max(-1.0, float(tl[0, 0])) if len(tl) else -1.0, 0.0)
+    phases = {}
+    for name, (a, b) in zip(("faults", "saver", "writers"), zip(ends_ms[:-1], ends_ms[1:], strict=True), strict=True):
+        ok = b == b and a == a and b - a >= 1.0 and base > 0  # (a stretch under 1 ms: no rate)
+        phases[f"rate_{name}"] = _rate_between(tl, resume_s + a / 1e3, resume_s + b / 1e3) / base if ok else float("nan")
+    return {**phases,
         "saver_start_ms": float(start),
         "saver_end_ms": float(sweep[-1][0]) if sweep else float("nan"),
         "faults": int(len(at)),

@@ -88,6 +88,21 @@ def forward_progress(iterations: np.ndarray) -> np.ndarray:
     return float(iterations[0]) + np.cumsum(np.maximum(step, 0.0)) if len(iterations) else step
 
 
+def _progress(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
+    """The guest's rate from ``t0`` to ``t1`` (monotonic ns) over its rate in the second before,
+    from the lab port's rows (host_ns in column 1, iterations in column 2); NaN without samples
+    around both."""
+    if len(samples) < 2:
+        return float("nan")
+    t = samples[:, 1].astype(np.float64)
+    it = samples[:, 2].astype(np.float64)
+    if t[0] > t0_ns - 1e9 or t[-1] < t1_ns or t1_ns <= t0_ns:
+        return float("nan")
+    c = np.interp([t0_ns - 1e9, t0_ns, t1_ns], t, it)
+    before = (c[1] - c[0]) / 1.0
+    return float((c[2] - c[1]) / ((t1_ns - t0_ns) / 1e9) / before) if before > 0 else float("nan")
+
+
 def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, float | None]],
                  now_s: float) -> bytes:
     """The guest's speed (iterations per second) against seconds since the machine started, the
@@ -107,9 +122,14 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
         cum = np.interp(edges, t, forward_progress(it), left=0.0)
         if len(edges) >= 2:
             ax.stairs(np.diff(cum) / BIN_S, edges, baseline=None, color="black", lw=1)
+    short = False
     for i, (a, b) in enumerate(stops):
         ax.axvspan(a, now_s if b is None else b, color="tab:red", alpha=0.3, lw=0,
                    label="guest stopped" if i == 0 else None)
+        if b is not None and b - a < BIN_S / 5:  # too thin to see as a band: a tick at the axis
+            ax.plot([a], [0], marker="^", color="tab:red", markersize=6, clip_on=False,
+                    transform=ax.get_xaxis_transform(), label=None if short else "a stop under 10 ms")
+            short = True
     ax.set_xlim(max(0.0, now_s - WINDOW_S), max(now_s, 1.0))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since the machine started" + (f" (the last {WINDOW_S:.0f} s)" if now_s > WINDOW_S else ""))
@@ -259,13 +279,17 @@ class Dashboard:
         args = {"job-id": job, **args}
         q = self.q
 
+        live = self.live
+
         def run() -> None:
-            if q is None:
+            if q is None or live is None:
                 self._error(cmd, "no machine: press boot first")
                 return
             try:
+                t_cmd, m_cmd = time.time_ns() // 1000, time.monotonic_ns()
                 q.execute(cmd, args)
                 info = q.wait_job(job, JOB_TIMEOUT_S, complete=True)  # an on-demand load: job-complete when ready
+                t_done, m_done = time.time_ns() // 1000, time.monotonic_ns()
                 stats = q.execute(STATS, {"id": job})
                 q.execute("job-dismiss", {"id": job})
             except QMPError as err:
@@ -280,7 +304,11 @@ class Dashboard:
                 res = {"job": job, "command": cmd, "tag": args.get("tag"), "engine": args.get(ENGINE_ARG, ""),
                        "downtime_ms": stats.get("downtime-s", float("nan")) * 1e3,
                        "job_ms": stats.get("total-s", float("nan")) * 1e3,
-                       "vmstate_mib": stats.get("vmstate-bytes", 0) / 2**20}
+                       "vmstate_mib": stats.get("vmstate-bytes", 0) / 2**20,
+                       **self._job_times(live, t_cmd, t_done),
+                       # a load puts the guest's counter back: its progress means nothing
+                       "progress": (_progress(live.machine.lab.history_array(), m_cmd, m_done)
+                                    if cmd == "snapshot-save" else float("nan"))}
                 self.results.append(res)
                 cost = (f" downtime {res['downtime_ms']:.2f} ms, job {res['job_ms']:.1f} ms"
                         + (f", VM state {res['vmstate_mib']:.1f} MiB" if cmd == "snapshot-save" else "")
@@ -291,6 +319,16 @@ class Dashboard:
         t = threading.Thread(target=run, name=f"dashboard-{job}", daemon=True)
         t.start()
         return t
+
+    def _job_times(self, live: LiveMachine, t_cmd_us: int, t_done_us: int) -> dict[str, float]:
+        """From the command to the job's STOP, and from its RESUME to the job's end (ms): where
+        a job's time goes outside its stop.  NaN where the job did not stop the guest."""
+        a, b = (t_cmd_us - live.t0_wall_us) / 1e6, (t_done_us - live.t0_wall_us) / 1e6
+        with self._lock:
+            stops = [(x, y) for x, y in self._stops if a <= x <= b and y is not None]
+        if not stops:
+            return {"before_stop_ms": float("nan"), "after_resume_ms": float("nan")}
+        return {"before_stop_ms": (stops[0][0] - a) * 1e3, "after_resume_ms": (b - stops[-1][1]) * 1e3}
 
     def _target(self) -> dict[str, Any]:
         return {"tag": self.tag.value, "vmstate": "disk0", "devices": ["disk0"]}

@@ -12,9 +12,9 @@ with buttons, and read what each engine costs the guest from two views of the sa
 * **the plot**: the guest's speed (workload iterations per second, one iteration being one 4 KiB
   page written, from the lab port, in 50 ms bins) since the machine started (the last minute once it
   has run longer), with the windows in which the guest was stopped shaded. It is redrawn every second
-  while **live plot** is ticked. A blocking stop of tens of ms shows as a dip of a bin or two; a
-  copy-on-write save's whole job, a few tens of ms with the guest running, hardly shows at this
-  scale (notebook 7's memory map opens one on a millisecond scale).
+  while **live plot** is ticked. A blocking stop of tens of ms shows as a dip of a bin or two; a stop
+  too short to see as a band (a copy-on-write save's, a lazy load's) is marked by a triangle on the
+  axis (notebook 7's memory map opens a copy-on-write save on a millisecond scale).
 
 QEMU has no such dashboard: everything here is QMP (`snapshot-save`, `snapshot-load`,
 `snapshot-delete`, `cont`) with snaplab's two extensions, the engine argument `__org.snaplab_engine`
@@ -73,24 +73,25 @@ display(Image(d.plot.value))"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 # each job of the run, as its 'done' line says it (oldest first): the stop, the whole job, what a save stored
 for r in d.results:
-    print(f"{r['command']:>15} {r['tag']} ({r['engine']}): downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms"
+    print(f"{r['command']:>15} {r['tag']} ({r['engine']}): command to STOP {r['before_stop_ms']:6.1f} ms, downtime {r['downtime_ms']:6.2f} ms, "
+          f"RESUME to the job's end {r['after_resume_ms']:6.1f} ms; job {r['job_ms']:6.1f} ms"
           + (f", VM state {r['vmstate_mib']:.1f} MiB" if r['command'] == 'snapshot-save' else ''))"""),
     ("code", """print('a second save to snap1:')
 d.tag.value, d.engine.value = 'snap1', 'blocking'
 d.save().join(120)
 print(d.errors[-1])"""),
     ("md", """**What the run shows, and why.** The copy-on-write save's downtime is a fraction of a
-millisecond while its job lasts far longer (tens of milliseconds for RAM; here also the one-time
-set-up of the first copy-on-write save in this process, which makes its warm copy buffers: compare
-exercise 1's saves below): its stop only takes the CPU and device state and protects again the few
-chunks written since all of RAM was write-protected, and RAM is written afterwards, with the guest
-running (a guest write to a chunk not saved yet waits for that chunk's
+millisecond while its job lasts far longer, on both sides of its stop (printed): before the stop it
+prepares (the first copy-on-write save in a process also makes its warm copy buffers, and every one
+makes RAM present and write-protects all of it), and after RESUME it writes RAM. Its stop only takes
+the CPU and device state and protects again the few chunks written since all of RAM was
+write-protected, and RAM is written afterwards, with the guest running (a guest write to a chunk not saved yet waits for that chunk's
 copy: notebook 7). The blocking save's downtime is nearly its whole job: it writes the VM state with
 the guest stopped, as QEMU's `snapshot-save` does (QEMU also flushes inside its stop; snaplab flushes
 after RESUME: `docs/deviations.md` 24). Both saves stored about the same VM state (the non-zero
 pages, in page order: `docs/deviations.md` 33). The two loads use the same engine (blocking), which
-stops the guest until every saved page is back in RAM: their downtimes follow their snapshots'
-sizes and the disk, read around the page cache with neighbouring pages grouped into one read
+stops the guest until every saved page is back in RAM: its downtime is nearly its whole job. The
+pages are read around the page cache with neighbouring pages grouped into one read
 (`docs/deviations.md` 57: before the grouping, a blocking load of this default guest's snapshot,
 52 MiB of scattered pages then, took 540-566 ms, and 67-86 ms after it). Notebook 11 sets the lazy
 load engines beside it. A second save to the same tag is refused, with QEMU 7.2's words."""),
@@ -118,8 +119,9 @@ would, and print the `done` lines' numbers.
    one's downtime grows with the RAM size, and which one's guest keeps running while the job runs.
 2. Set the working set to 16 MiB, then to the whole RAM, and take a pre-copy snapshot at a dirty rate
    of 500 MiB/s. Predict which needs the longer stop at the end, and check the downtime in the log.
-3. Load a snapshot with each load engine. Predict how long the guest is stopped with each, and look
-   at the speed right after the `RESUME` of the engine that resumes first and fills RAM afterwards.
+3. Load a snapshot with each load engine. Predict how long the guest is stopped with each, and, for
+   the lazy ones (`ondemand`, `background`, `prefetch`: they resume first and fill RAM afterwards), how
+   long their jobs go on after `RESUME` and what the guest's speed does right after it.
 
 When you are done: `d.close()` stops the machine and removes its scratch files."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -136,7 +138,8 @@ def jobs_on(ram, ws, rate, engines, wait=2.0):
     return ex.results[first:]
 for ram in (128, 512):
     for r in jobs_on(ram, 64, 100, ['blocking', 'cow']):
-        print(f"{ram:4} MiB RAM, {r['engine']:>8}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms, VM state {r['vmstate_mib']:.1f} MiB")"""),
+        print(f"{ram:4} MiB RAM, {r['engine']:>8}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms, "
+              f"VM state {r['vmstate_mib']:.1f} MiB; the guest's rate during the job over its rate before: {r['progress']:.2f}")"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 # exercise 2: pre-copy at 500 MiB/s over 16 MiB, then over the whole RAM (128 MiB)
 for ws in (16, 128):
@@ -150,7 +153,9 @@ for eng in load_engines():
     ex.load_engine.value = eng
     ex.load().join(120)
 for r in ex.results[first:]:
-    print(f"load with {r['engine']:>10}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:7.1f} ms")
+    print(f"load with {r['engine']:>10}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:7.1f} ms, "
+          f"of it after RESUME {r['after_resume_ms']:7.1f} ms")
+print(*[line for line in reversed(ex.lines()) if line.split(' ', 2)[2].startswith(('STOP', 'RESUME', 'snapshot-load'))][-15:], sep='\\n')
 ex.draw()
 display(Image(ex.plot.value))
 ex.close()"""),
@@ -161,9 +166,10 @@ ex.close()"""),
    never written is known zero from the page tables and not read (notebook 5; notebook 10's
    exercise 3 finds the same from 128 to 512 MiB); QEMU's stop would grow, since it reads every page.
    The copy-on-write save's stop is a fraction of a millisecond at both sizes, and its guest keeps
-   running during the job, slower while its writes fault on chunks not yet saved (notebook 7's
-   `progress_during_save`). The printed lines give both at both sizes; to see the blocking stop grow,
-   grow the working set with the RAM.
+   running during the job, slower while its writes fault on chunks not yet saved. The printed lines
+   give both at both sizes, with the guest's rate during each job over its rate before: the blocking
+   save's guest stands still for most of its job, the copy-on-write save's keeps most of its rate.
+   To see the blocking stop grow, grow the working set with the RAM.
 2. The whole-RAM working set: at 500 MiB/s over 16 MiB the guest keeps rewriting the same few
    chunks, so each round's dirty set is at most 16 MiB, while over the whole RAM each round finds
    more distinct pages dirty and the rounds level off higher (notebook 8's model: a round holds
@@ -172,9 +178,10 @@ ex.close()"""),
    slow round can blur a small difference).
 3. The blocking load stops the guest until every saved page is read: its downtime is most of its
    job. The lazy loads resume after a stop of about a millisecond and fill RAM afterwards, on demand or
-   in the background, so their jobs go on after RESUME (the printed job times; an on-demand load's job
-   lasts until RAM is complete) and the guest runs slowly right after `RESUME` while its first
-   touches wait for chunks: in the plot, the bins right after those loads' RESUME. Notebook 11
+   in the background, so their jobs go on after RESUME (printed: most of their job comes after it)
+   and the guest runs slowly right after `RESUME` while its first touches wait for chunks: in the
+   plot, the bins right after the triangles that mark their stops (the log lines printed give each
+   STOP and RESUME time). Notebook 11
    measures stop, time to full speed and faults per engine, with their spread.
 </details>"""),
 ]

@@ -105,6 +105,20 @@ def test_cow_window_summary_counts_by_hand() -> None:
     assert s["first_progress_after_faults_ms"] == pytest.approx(7.0)
 
 
+def test_cow_window_summary_rates_by_stretch() -> None:
+    # 1000 iterations a second before the command; flat while the faults are served (RESUME at
+    # 2 ms, the last fault served 5.5 ms after it), then 1000 a second again
+    row = {"details": {"stopped": (0.001, 0.002), "job_s": 0.02,
+                       "timeline": [(-1.0, 0), (0.0, 1000), (0.002, 1002), (0.0075, 1002), (0.011, 1005.5), (0.02, 1014.5)],
+                       "sweep": [(3.0, 0), (9.0, 16)], "chunks": 16, "fault_at_ms": [0.5, 4.0], "fault_chunk": [3, 9],
+                       "fault_latency_ms": [0.2, 1.5], "fault_copy_ms": [0.15, 0.2]}}
+    s = teach.cow_window_summary(row)
+    assert s["rate_faults"] == pytest.approx(0.0, abs=1e-9)
+    assert s["rate_saver"] == pytest.approx(1.0) and s["rate_writers"] == pytest.approx(1.0)
+    row["details"]["sweep"] = [(3.0, 0), (5.9, 16)]  # the front at the end 0.4 ms after the last fault: no rate
+    assert teach.cow_window_summary(row)["rate_saver"] != teach.cow_window_summary(row)["rate_saver"]
+
+
 def test_typical_phases_pick_the_median_save_and_add_up() -> None:
     def row(ram: int, ws: int, rep: int, down: float, scan: float) -> dict:
         return {"ram_mib": ram, "working_set_mib": ws, "rep": rep, "downtime_ms": down, "zero_map_ms": 0.5,

@@ -62,6 +62,9 @@ def test_take_load_delete_with_each_save_engine(dash: Dashboard, engine: str) ->
     save = dash.results[0]  # the structured record of each job that succeeded
     assert [r["command"] for r in dash.results] == ["snapshot-save", "snapshot-load", "snapshot-delete"]
     assert save["engine"] == engine and 0 < save["downtime_ms"] <= save["job_ms"] and save["vmstate_mib"] > 0
+    assert save["before_stop_ms"] >= 0 and save["after_resume_ms"] >= 0  # the job's time outside its stop
+    load = dash.results[1]
+    assert load["progress"] != load["progress"]  # NaN: a load puts the counter back
     assert "STOP" in text and "RESUME" in text and "JOB_STATUS_CHANGE" in text
     # times are relative to the machine's start, not epoch seconds
     assert all(re.match(r"\+\d{1,4}\.\d{3} s ", line) for line in lines), lines
@@ -185,3 +188,13 @@ def test_a_load_that_puts_the_counter_back_is_no_stall_in_the_progress_figure() 
     assert forward_progress(np.array([0, 10, 20, 5, 15, 25])).tolist() == [0, 10, 20, 20, 30, 40]
     assert forward_progress(np.array([7])).tolist() == [7]
     assert forward_progress(np.zeros(0)).tolist() == []
+
+
+def test_progress_over_a_job_is_its_rate_over_the_second_before() -> None:
+    from lab.widgets import _progress
+
+    t = np.array([0, 1, 2, 3], dtype=np.float64) * 1e9  # host ns; 100 iterations a second, then 50
+    rows = np.zeros((4, 6), dtype=np.uint64)
+    rows[:, 1], rows[:, 2] = t, [0, 100, 200, 250]
+    assert _progress(rows, int(2e9), int(3e9)) == pytest.approx(0.5)
+    assert _progress(rows, int(0.5e9), int(1e9)) != _progress(rows, int(0.5e9), int(1e9))  # no second before: NaN
