@@ -155,7 +155,8 @@ for eng in load_engines():
 for r in ex.results[first:]:
     print(f"load with {r['engine']:>10}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:7.1f} ms, "
           f"of it after RESUME {r['after_resume_ms']:7.1f} ms")
-print(*[line for line in reversed(ex.lines()) if line.split(' ', 2)[2].startswith(('STOP', 'RESUME', 'snapshot-load'))][-15:], sep='\\n')
+print('the loads in the log, oldest first:')
+print(*[line for line in ex.lines() if line.split(' ', 2)[2].startswith(('STOP', 'RESUME', 'snapshot-load'))][-12:], sep='\\n')
 ex.draw()
 display(Image(ex.plot.value))
 ex.close()"""),
