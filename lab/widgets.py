@@ -88,6 +88,17 @@ def forward_progress(iterations: np.ndarray) -> np.ndarray:
     return float(iterations[0]) + np.cumsum(np.maximum(step, 0.0)) if len(iterations) else step
 
 
+def _history_past(live: LiveMachine, t_ns: int, wait_s: float = 0.5) -> np.ndarray:
+    """The lab port's rows once one is past ``t_ns`` (monotonic ns): the guest reports once per
+    batch, so the job's end falls between two reports (at most ``wait_s``, then what there is)."""
+    end = time.monotonic() + wait_s
+    rows = live.machine.lab.history_array()
+    while (not len(rows) or int(rows[-1, 1]) < t_ns) and time.monotonic() < end:
+        time.sleep(0.005)
+        rows = live.machine.lab.history_array()
+    return rows
+
+
 def _progress(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
     """The guest's rate from ``t0`` to ``t1`` (monotonic ns) over its rate in the second before,
     from the lab port's rows (host_ns in column 1, iterations in column 2); NaN without samples
@@ -303,11 +314,11 @@ class Dashboard:
             else:
                 res = {"job": job, "command": cmd, "tag": args.get("tag"), "engine": args.get(ENGINE_ARG, ""),
                        "downtime_ms": stats.get("downtime-s", float("nan")) * 1e3,
-                       "job_ms": stats.get("total-s", float("nan")) * 1e3,
+                       "job_ms": (t_done - t_cmd) / 1e3,  # the command sent to the job seen concluded
                        "vmstate_mib": stats.get("vmstate-bytes", 0) / 2**20,
                        **self._job_times(live, t_cmd, t_done),
                        # a load puts the guest's counter back: its progress means nothing
-                       "progress": (_progress(live.machine.lab.history_array(), m_cmd, m_done)
+                       "progress": (_progress(_history_past(live, m_done), m_cmd, m_done)
                                     if cmd == "snapshot-save" else float("nan"))}
                 self.results.append(res)
                 cost = (f" downtime {res['downtime_ms']:.2f} ms, job {res['job_ms']:.1f} ms"

@@ -74,7 +74,7 @@ display(Image(d.plot.value))"""),
 # each job of the run, as its 'done' line says it (oldest first): the stop, the whole job, what a save stored
 for r in d.results:
     print(f"{r['command']:>15} {r['tag']} ({r['engine']}): command to STOP {r['before_stop_ms']:6.1f} ms, downtime {r['downtime_ms']:6.2f} ms, "
-          f"RESUME to the job's end {r['after_resume_ms']:6.1f} ms; job {r['job_ms']:6.1f} ms"
+          f"RESUME to the job's end {r['after_resume_ms']:6.1f} ms; command to the job's end {r['job_ms']:6.1f} ms"
           + (f", VM state {r['vmstate_mib']:.1f} MiB" if r['command'] == 'snapshot-save' else ''))"""),
     ("code", """print('a second save to snap1:')
 d.tag.value, d.engine.value = 'snap1', 'blocking'
