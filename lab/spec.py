@@ -37,11 +37,9 @@ def engine_title(name: str, kind: str = "save") -> str:
     """A few words that say what the engine does, for legends and widgets: of the save engine
     of that name (``kind`` "save"), or of the load engine ("load"); the two registries share
     names ("blocking"), so a name alone does not say which."""
-    saves = {e.name: e.title for e in SAVE_ENGINES}
-    loads = {e.name: e.title for e in LOAD_ENGINES}
-    first, second = (loads, saves) if kind == "load" else (saves, loads)
-    name = LOAD_ALIASES.get(name, name) if kind == "load" else name
-    return first.get(name) or second.get(LOAD_ALIASES.get(name, name), name)
+    if kind == "load":
+        return next((e.title for e in LOAD_ENGINES if e.name == canonical_engine(name)), name)
+    return next((e.title for e in SAVE_ENGINES if e.name == name), name)
 
 
 def guest_runs(engine: str) -> bool:

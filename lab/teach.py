@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from emulator.migration.engines import BlockingSave
+from lab.progress import iterations_at
 from lab.run import ENGINE_ARG, run_experiment
 from lab.session import default_machine
 from lab.spec import ExperimentSpec
@@ -595,17 +596,6 @@ def engines_spread_figure(rows: Sequence[dict[str, Any]], engines: Sequence[str]
     return fig
 
 
-def _rate_between(tl: Any, t0: float, t1: float) -> float:
-    """Iterations a second between ``t0`` and ``t1`` (seconds), from (time, count) samples
-    interpolated at both ends."""
-    import numpy as np
-
-    if len(tl) < 2 or t1 <= t0:
-        return float("nan")
-    c0, c1 = np.interp([t0, t1], tl[:, 0], tl[:, 1])
-    return float((c1 - c0) / (t1 - t0))
-
-
 def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
     """What one copy-on-write save's memory map (:func:`lab.plot.cow_window`) shows, in numbers,
     in ms after the arm (inside the stop, tens of microseconds before RESUME, so also after
@@ -635,11 +625,14 @@ def cow_window_summary(row: dict[str, Any]) -> dict[str, float]:
     # the guest's rate in each stretch of the job, over its rate in the second before the command
     ends_ms = [0.0, last_end if last_end == last_end else 0.0, float(sweep[-1][0]) if sweep else float("nan"),
                (d["job_s"] - resume_s) * 1e3]
-    base = _rate_between(tl, max(-1.0, float(tl[0, 0])) if len(tl) else -1.0, 0.0)
+    def rate(a_s: float, b_s: float) -> float:  # iterations a second, interpolated at both ends
+        c0, c1 = iterations_at(tl[:, 0], tl[:, 1], [a_s, b_s]) if len(tl) >= 2 and b_s > a_s else (0.0, float("nan"))
+        return float((c1 - c0) / (b_s - a_s))
+    base = rate(max(-1.0, float(tl[0, 0])) if len(tl) else -1.0, 0.0)
     phases = {}
     for name, (a, b) in zip(("faults", "saver", "writers"), zip(ends_ms[:-1], ends_ms[1:], strict=True), strict=True):
         ok = b == b and a == a and b - a >= 1.0 and base > 0  # (a stretch under 1 ms: no rate)
-        phases[f"rate_{name}"] = _rate_between(tl, resume_s + a / 1e3, resume_s + b / 1e3) / base if ok else float("nan")
+        phases[f"rate_{name}"] = rate(resume_s + a / 1e3, resume_s + b / 1e3) / base if ok else float("nan")
     return {**phases,
         "saver_start_ms": float(start),
         "saver_end_ms": float(sweep[-1][0]) if sweep else float("nan"),

@@ -30,6 +30,8 @@ from emulator.errors import QMPError, SnaplabError
 from emulator.guest import WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab import scratch
+from lab.progress import rate
+from lab.reproduce import rate_ratio
 from lab.spec import DEFAULT_ENGINE, PATTERNS, WORKLOADS, engine_title, load_engines, save_engines
 
 ENGINE_ARG = "__org.snaplab_engine"
@@ -102,16 +104,9 @@ def _history_past(live: LiveMachine, t_ns: int, wait_s: float = 0.5) -> np.ndarr
 def _progress(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
     """The guest's rate from ``t0`` to ``t1`` (monotonic ns) over its rate in the second before,
     from the lab port's rows (host_ns in column 1, iterations in column 2); NaN without samples
-    around both."""
-    if len(samples) < 2:
-        return float("nan")
-    t = samples[:, 1].astype(np.float64)
-    it = samples[:, 2].astype(np.float64)
-    if t[0] > t0_ns - 1e9 or t[-1] < t1_ns or t1_ns <= t0_ns:
-        return float("nan")
-    c = np.interp([t0_ns - 1e9, t0_ns, t1_ns], t, it)
-    before = (c[1] - c[0]) / 1.0
-    return float((c[2] - c[1]) / ((t1_ns - t0_ns) / 1e9) / before) if before > 0 else float("nan")
+    around both (:func:`lab.progress.rate`, :func:`lab.reproduce.rate_ratio`)."""
+    t, it = samples[:, 1].astype(np.float64), samples[:, 2].astype(np.float64)
+    return rate_ratio(rate(t, it, t0_ns - 1e9, t0_ns), rate(t, it, t0_ns, t1_ns))
 
 
 def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, float | None]],

@@ -144,7 +144,7 @@ class FlashController:
         """Every field decoded and checked (a bank's bytes all there) before anything changes."""
         selected, offset, status = struct.unpack_from("<3I", data, 0)
         off = 12
-        contents: list[tuple[bytearray, int]] = []  # (bank, where its bytes start in ``data``)
+        contents: list[tuple[FlashBank, int]] = []  # (bank, where its bytes start in ``data``)
         for bank in self.banks:
             (n,) = struct.unpack_from("<I", data, off)
             off += 4
@@ -153,15 +153,13 @@ class FlashController:
                     raise ValueError(f"flash bank size {n} in the stream, {len(bank.data)} here")
                 if off + n > len(data):
                     raise ValueError(f"flash bank of {n} bytes cut short in the stream")
-                contents.append((bank.data, off))
+                contents.append((bank, off))
             off += n
 
         def apply() -> None:
             self.selected, self.offset, self.status = selected, offset, status
-            for bank in self.banks:
-                for dest, at in contents:
-                    if dest is bank.data:
-                        self._restore_bank(bank, data[at:at + len(dest)])
+            for bank, at in contents:
+                self._restore_bank(bank, data[at:at + len(bank.data)])
         return apply
 
     def _restore_bank(self, bank: FlashBank, new: bytes) -> None:

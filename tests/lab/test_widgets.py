@@ -61,7 +61,7 @@ def test_take_load_delete_with_each_save_engine(dash: Dashboard, engine: str) ->
     assert "snapshot-load snap1: done" in text and "snapshot-delete snap1: done" in text
     save = dash.results[0]  # the structured record of each job that succeeded
     assert [r["command"] for r in dash.results] == ["snapshot-save", "snapshot-load", "snapshot-delete"]
-    assert save["engine"] == engine and 0 < save["downtime_ms"] <= save["job_ms"] and save["vmstate_mib"] > 0
+    assert save["engine"] == engine and save["vmstate_mib"] > 0
     assert save["before_stop_ms"] >= 0 and save["after_resume_ms"] >= 0  # the job's time outside its stop
     load = dash.results[1]
     assert load["progress"] != load["progress"]  # NaN: a load puts the counter back
