@@ -61,6 +61,7 @@ class LiveMachine:
         self.t0_wall_us = 0
         self.t0_mono_ns = 0
         self.closed = threading.Event()
+        self.conditions = conditions(ram_mib, workload)
         # Removed at close, when collected or at exit (the machine quits by its own exit hook);
         # if this process is killed outright, by the next one that makes a dashboard machine.
         self._discard = scratch.tie(self, self.workdir)
@@ -109,11 +110,23 @@ def _progress(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
     return rate_ratio(rate(t, it, t0_ns - 1e9, t0_ns), rate(t, it, t0_ns, t1_ns))
 
 
+def conditions(ram_mib: int, spec: WorkloadSpec) -> str:
+    """The guest a figure shows, in a few words (RAM, workload, rate, working set, pattern, seed)."""
+    if spec.name == "idle" or not spec.rate:
+        what = spec.name + ("" if spec.name == "idle" else " unpaced")
+    else:
+        what = f"{spec.name} {spec.rate >> 20} MiB/s"
+    if spec.name != "idle":
+        ws = f"{spec.working_set >> 20} MiB" if spec.working_set else "all RAM"
+        what += f" over {ws}, {spec.pattern}"
+    return f"{ram_mib} MiB RAM, {what}, seed {spec.seed}"
+
+
 def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, float | None]],
-                 now_s: float) -> bytes:
+                 now_s: float, guest: str = "") -> bytes:
     """The guest's speed (iterations per second) against seconds since the machine started, the
     stopped windows shaded; a PNG.  ``samples`` are the lab port's rows (host_ns in column 1,
-    iterations in column 2)."""
+    iterations in column 2); ``guest`` (:func:`conditions`) goes into the title."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 2.6), dpi=90)
@@ -140,7 +153,10 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
     ax.set_ylim(bottom=0)
     ax.set_xlabel("seconds since the machine started" + (f" (the last {WINDOW_S:.0f} s)" if now_s > WINDOW_S else ""))
     ax.set_ylabel("guest iterations / s")
-    ax.set_title(f"guest progress ({BIN_S:g} s bins; one iteration writes one page)" + ("" if len(samples) >= 2 else ": no samples yet"), fontsize=10)
+    title = f"guest progress ({BIN_S:g} s bins; one iteration writes one page)"
+    if guest:
+        title += f"\n{guest}"
+    ax.set_title(title + ("" if len(samples) >= 2 else ": no samples yet"), fontsize=10)
     if stops:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
@@ -368,7 +384,8 @@ class Dashboard:
                 with self._lock:
                     stops = list(self._stops)
                 now_s = (time.monotonic_ns() - live.t0_mono_ns) / 1e9
-                png = progress_png(live.machine.lab.history_array(), live.t0_mono_ns, stops, now_s)
+                png = progress_png(live.machine.lab.history_array(), live.t0_mono_ns, stops, now_s,
+                                   live.conditions)
             self.plot.value = png
             self.redraws += 1
 

@@ -198,3 +198,25 @@ def test_progress_over_a_job_is_its_rate_over_the_second_before() -> None:
     rows[:, 1], rows[:, 2] = t, [0, 100, 200, 250]
     assert _progress(rows, int(2e9), int(3e9)) == pytest.approx(0.5)
     assert _progress(rows, int(0.5e9), int(1e9)) != _progress(rows, int(0.5e9), int(1e9))  # no second before: NaN
+
+
+def test_the_plot_title_names_the_guest_it_shows() -> None:
+    from emulator.guest import WorkloadSpec
+    from lab.widgets import conditions
+
+    spec = WorkloadSpec("dirty", seed=3, working_set=64 << 20, rate=100 << 20, pattern="sequential")
+    assert conditions(128, spec) == "128 MiB RAM, dirty 100 MiB/s over 64 MiB, sequential, seed 3"
+    assert conditions(256, WorkloadSpec("dirty", seed=1)) == "256 MiB RAM, dirty unpaced over all RAM, random, seed 1"
+    assert conditions(64, WorkloadSpec("idle", seed=0)) == "64 MiB RAM, idle, seed 0"
+
+
+def test_the_dashboard_draws_its_machines_conditions(dash: Dashboard, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lab.widgets
+
+    titles: list[str] = []
+    real = lab.widgets.progress_png
+    monkeypatch.setattr(lab.widgets, "progress_png", lambda *a: titles.append(a[4] if len(a) > 4 else "") or real(*a))
+    dash.rate.value, dash.working_set.value = 50, 16
+    assert dash.boot()
+    dash.draw()
+    assert titles[-1] == "64 MiB RAM, dirty 50 MiB/s over 16 MiB, random, seed 1"
