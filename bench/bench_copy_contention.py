@@ -7,12 +7,13 @@ until the fault handler has copied that chunk; the guest's lost time is mostly t
 copies.  The copy runs while the saver scans RAM for zero pages and the writer threads write
 the VM state with O_DIRECT, and all of them share the host's memory bandwidth.  This measures
 one 2 MiB copy (``ctypes.memmove`` between warm huge-page-backed buffers, as the fault handler's)
-alone, beside one thread doing the saver's work on the dirty guest's working set (each 16 MiB
+alone; alone from and into cold memory (the caches evicted before each copy, the destination one
+of 64 buffers, as a save's fault buffers: the floor of a fault's copy on a quiet host); beside one thread doing the saver's work on the dirty guest's working set (each 16 MiB
 span scanned for zero pages, every page stamped, then gathered into a buffer), and beside
 SAVE_WRITERS threads writing 32 MiB O_DIRECT requests into DIR (the writers' requests).
 Each copy is followed by a 0.5 ms pause, as faults come one at a time.  Medians and the
 10-90% range; the last line printed is one JSON object:
-{"alone_ms": x, "beside_saver_ms": y, "beside_writers_ms": z, ...}.
+{"alone_ms": x, "alone_cold_ms": c, "beside_saver_ms": y, "beside_writers_ms": z, ...}.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from emulator.migration.vmstate import PAGE, SAVE_WRITERS, pages_nonzero
 SCAN_BYTES = 1 << 30
 SPAN_BYTES = 16 << 20
 WRITE_BYTES = 32 << 20
+EVICT_BYTES = 64 << 20  # written before each cold copy: more than this host's caches
 
 
 def copies(n: int, src: int, dst: int) -> np.ndarray:
@@ -45,6 +47,18 @@ def copies(n: int, src: int, dst: int) -> np.ndarray:
         ctypes.memmove(dst + (i % 4) * CHUNK, src + (i % 256) * CHUNK, CHUNK)
         out[i] = (time.perf_counter() - t0) * 1e3
         time.sleep(0.0005)
+    return out
+
+
+def cold_copies(n: int, src: int, dst: int, evict: np.ndarray) -> np.ndarray:
+    """``n`` 2 MiB copies from successive chunks at ``src`` into 64 buffers at ``dst`` (ms), each
+    after ``evict`` was written through (untimed), so that neither side is in a cache."""
+    out = np.empty(n)
+    for i in range(n):
+        evict += 1
+        t0 = time.perf_counter()
+        ctypes.memmove(dst + (i % 64) * CHUNK, src + (i % 256) * CHUNK, CHUNK)
+        out[i] = (time.perf_counter() - t0) * 1e3
     return out
 
 
@@ -68,7 +82,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=400)
     ap.add_argument("--dir", default="/var/tmp", help="where the O_DIRECT writers write (a file removed after)")
     a = ap.parse_args()
-    src, dst = map_populated(256 * CHUNK), map_populated(4 * CHUNK)
+    src, dst, cold_dst = map_populated(256 * CHUNK), map_populated(4 * CHUNK), map_populated(64 * CHUNK)
     ctypes.memset(src, 1, 256 * CHUNK)
     scan_buf = map_populated(SCAN_BYTES)
     # the dirty guest's working set: every page written, its first word non-zero (its stamp)
@@ -105,7 +119,8 @@ def main() -> None:
         return copies(a.copies, src, dst)
 
     try:
-        res = {"alone": measure(), "beside_saver": beside(saver, 1, measure),
+        evict = np.ones(EVICT_BYTES, dtype=np.uint8)
+        res = {"alone": measure(), "alone_cold": cold_copies(a.copies, src, cold_dst, evict), "beside_saver": beside(saver, 1, measure),
                "beside_writers": beside(writer, SAVE_WRITERS, measure)}
     finally:
         if os.path.exists(fd_path):
