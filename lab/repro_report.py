@@ -228,17 +228,21 @@ def source_label(meta: dict[str, Any], committed: bool) -> str:
     return f"{'committed data' if committed else 'measured'} {when} on {where}, {cache}"
 
 
+BACKGROUND_STOP_NOTE = ("Background snapshot: QEMU write-protects all of RAM inside its stop; snaplab protects it "
+                        "just before the stop, the guest running, and inside only what was written since "
+                        "(docs/deviations.md 59): read its total time too.")
+ZOOM_PROGRESS = (0.8, 1.05)  # the progress figure's second panel: the operations the guest hardly notices
 FIELDS = {  # what a figure can draw: axis label, log axis, the caption's note
     "downtime_ms": ("downtime, STOP to RESUME (ms)", True,
                     "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab flushes "
-                    "after RESUME (in total time, not downtime). docs/reproduction.md"),
+                    "after RESUME (in total time, not downtime).\n" + BACKGROUND_STOP_NOTE + " docs/reproduction.md"),
     "total_s": ("total time, command to completion event (s)", True,
                 "Total: from the command to the job's concluded (or MIGRATION completed) event, flushes "
                 "included on both systems. docs/reproduction.md"),
     "progress_ratio": ("guest progress during the operation / before it", False,
                        "Progress: the dirty guest's page-write rate between command and completion over its "
                        "rate in the second before (1 = unhindered). docs/reproduction.md"),
-    "guest_lost_ms": ("guest time lost (ms; linear below 10)", False,
+    "guest_lost_ms": ("guest time lost (ms; log above 1)", False,
                       "Guest time lost = (1 - progress) x total: the work the dirty guest did not do between command "
                       "and completion, as time at its rate before; downtime and stalls included. docs/reproduction.md"),
 }
@@ -253,14 +257,19 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
     apart, and a QEMU series that :func:`not_comparable` rules out is not drawn (the panel's
     title says so)."""
     s = summaries(rows, field)
-    panels = sorted({(k[0], k[1]) for k in s})
+    panels = [(wl, op, False) for wl, op in sorted({(k[0], k[1]) for k in s})]
+    if field == "progress_ratio":  # each panel again, zoomed on the operations the guest hardly notices
+        panels += [(wl, op, True) for wl, op, _ in panels]
     ncol = min(2, max(1, len(panels)))
     nrow = (max(1, len(panels)) + ncol - 1) // ncol
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 5.0 * nrow), squeeze=False)
-    for ax, (wl, op) in zip(axes.flat, panels, strict=False):
+    for ax, (wl, op, zoom) in zip(axes.flat, panels, strict=False):
         series = sorted({(k[2], k[3]) for k in s if k[0] == wl and k[1] == op}, key=lambda x: (x[1], x[0]))
         series = [(eng, system) for eng, system in series
                   if not (system == "qemu" and (wl, op, eng) in not_comparable())]
+        if zoom:
+            series = [(eng, system) for eng, system in series
+                      if min(v.median for k, v in s.items() if k[:4] == (wl, op, eng, system)) >= ZOOM_PROGRESS[0]]
         for i, (eng, system) in enumerate(series):
             pts = sorted((k[4], v) for k, v in s.items() if k[:4] == (wl, op, eng, system))
             dodge = 2 ** (0.07 * (i - (len(series) - 1) / 2))  # a small offset on the log2 RAM axis
@@ -276,11 +285,16 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
             ax.scatter(xs + xs, [v.min for _, v in pts] + [v.max for _, v in pts], marker="_", s=40,
                        color=color, linewidths=1.0, zorder=3, label="min and max of the runs" if i == 0 else None)
         _downtime_axes(ax, sorted({k[4] for k in s}), field)
+        if zoom:
+            ax.set_ylim(*ZOOM_PROGRESS)
         cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
                 _dirty_label(rows, wl))
         why = [w for (a, b, _), w in not_comparable().items() if (a, b) == (wl, op)]
         caveat = f"\n(QEMU blocking {op} not drawn, not like with like: {why[0]})" if why else ""
         caveat += _state_note(rows, wl, op)
+        if zoom:
+            caveat += (f"\n(zoomed to {ZOOM_PROGRESS[0]:g}-{ZOOM_PROGRESS[1]:g}: only the series whose medians all "
+                       "lie above its floor; ticks outside it are cut)")
         lines = textwrap.wrap(f"{op}: {cond}", 60) + textwrap.wrap(caveat.strip(), 60)
         ax.set_title("\n".join(lines), fontsize=9)
         ax.grid(True, which="both", linewidth=0.3)
@@ -378,6 +392,9 @@ def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:
     return "".join(f"\n({n})" for n in notes)
 
 
+LOST_TICKS = [-100, -10, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+
+
 def _downtime_axes(ax: Any, sizes: list[int], field: str = "downtime_ms") -> None:
     """RAM sizes as plain MiB ticks on a log2 axis; the field's value on a log axis (times) or
     a linear one from 0 (progress ratios)."""
@@ -387,7 +404,8 @@ def _downtime_axes(ax: Any, sizes: list[int], field: str = "downtime_ms") -> Non
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     label, log, _ = FIELDS[field]
     if field == "guest_lost_ms":  # from a few ms to a blocking save's second, and noise below 0
-        ax.set_yscale("symlog", linthresh=10.0)
+        ax.set_yscale("symlog", linthresh=1.0, linscale=0.5)
+        ax.yaxis.set_major_locator(matplotlib.ticker.FixedLocator(LOST_TICKS))
         ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         if ax.dataLim.y0 >= 0:  # nothing below 0 drawn: no empty negative band
             ax.set_ylim(bottom=0)
@@ -437,7 +455,8 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     fig.canvas.draw()  # the legend's extent, to put the note right under it (not at a fixed offset)
     under = leg.get_window_extent().transformed(fig.transFigure.inverted()).y0
     fig.text(0.5, under - 0.02, "Blocking save: QEMU's downtime includes the flushes of the snapshot table; snaplab "
-             "flushes after RESUME. docs/reproduction.md", ha="center", va="top", fontsize=7)
+             "flushes after RESUME.\n" + textwrap.fill(BACKGROUND_STOP_NOTE, 110) + " docs/reproduction.md",
+             ha="center", va="top", fontsize=7)
     if path is not None:
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)

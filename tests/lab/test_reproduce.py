@@ -332,3 +332,28 @@ def test_the_committed_figure_marks_each_points_min_and_max_and_explains_lazy_to
     assert all(repro_report.series_label("snaplab", "load", k[2]).startswith("snaplab lazy load") for k in lazy)
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def test_the_progress_figure_adds_a_zoomed_panel_and_the_downtime_figure_says_what_each_background_stop_holds() -> None:
+    import matplotlib.pyplot as plt
+
+    data = Path(__file__).resolve().parents[2] / "data" / "results" / "reproduction"
+    rows, meta = repro_report.load_runs(data)
+    fig = repro_report.figure(rows, meta, committed=True, field="progress_ratio")
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 2  # the dirty saves' panel, then the same zoomed
+    zoomed = shown[1]
+    assert zoomed.get_ylim() == pytest.approx(repro_report.ZOOM_PROGRESS)
+    s = repro_report.summaries(rows, "progress_ratio")
+    kept = {k[:4] for k, v in s.items() if min(w.median for kk, w in s.items() if kk[:4] == k[:4]) >= 0.8}
+    labels = {t.get_text() for t in zoomed.get_legend().get_texts()} - {"min and max of the runs"}
+    assert labels == {repro_report.series_label(k[3], k[1], k[2]) for k in kept}
+    assert "snaplab blocking snapshot-save" not in labels  # its progress is near 0: out of the zoom
+    plt.close(fig)
+    fig = repro_report.figure(rows, meta, committed=True, field="guest_lost_ms")
+    ax = [a for a in fig.axes if a.get_visible()][0]
+    assert {2.0, 5.0, 10.0, 100.0} <= {float(t) for t in ax.get_yticks()}
+    plt.close(fig)
+    fig = repro_report.figure(rows, meta, committed=True)
+    assert "inside only what was written since" in " ".join(t.get_text() for t in fig.texts)
+    plt.close(fig)
