@@ -1,10 +1,10 @@
 """Benchmark: restore to full speed, every load policy on one snapshot (issue #19).
 
     python bench/bench_restore.py [--quick] [--ram-mib N] [--ws-mib N] [--runs N] [--seed S]
-                                  [--horizon-s S] [--no-qemu] [--out FILE]
+                                  [--horizon-s S] [--rate-mib-s N] [--no-qemu] [--out FILE]
 
 A guest whose RAM is full of random bytes (4 GiB; --quick 1 GiB) runs the dirty workload,
-unthrottled, over a working set (256 MiB; --quick 64 MiB) at a seeded random place in RAM.
+unthrottled (``--rate-mib-s``: paced, so that its rate before a load is a known one), over a working set (256 MiB; --quick 64 MiB) at a seeded random place in RAM.
 One blocking snapshot; then each policy of the registry loads it once untimed (the first
 on-demand or prefetch load records the snapshot's loading set) and ``--runs`` times timed
 (5; --quick 3), policies interleaved.  Definitions in lab/restore.py: ``resume_ms`` command
@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--no-fill", action="store_true", help="leave RAM as the guest writes it (mostly zero): a scale test")
     ap.add_argument("--out", default="out/bench_restore.json")
+    ap.add_argument("--rate-mib-s", type=int, default=0,
+                    help="pace the guest at this many MiB of page stamps a second (default: unpaced; see lab.restore.RestoreSpec)")
     ap.add_argument("--no-control", action="store_true",
                     help="no control watch (the same watch with no load) in each run")
     a = ap.parse_args()
@@ -86,8 +88,9 @@ def main() -> None:
     horizon = a.horizon_s if a.horizon_s is not None else max(5.0, 3.0 + 0.5 * ram_mib / 1024)
     spec = RestoreSpec(ram_mib=ram_mib, ws_mib=a.ws_mib or (64 if a.quick else 256),
                        runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill, horizon_s=horizon,
-                       control=not a.no_control)
-    print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM), working set {spec.ws_mib} MiB at "
+                       control=not a.no_control, rate_mib_s=a.rate_mib_s)
+    pace = f"paced at {spec.rate_mib_s} MiB/s" if spec.rate_mib_s else "unpaced"
+    print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM, {pace}), working set {spec.ws_mib} MiB at "
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy, "
           f"each watched {spec.horizon_s:g} s; "
           f"VM state read around the page cache (O_DIRECT, docs/deviations.md 57)", flush=True)
@@ -125,6 +128,7 @@ def main() -> None:
           f"(goal >= {GOAL_PREFETCH_VS_BACKGROUND}); lazy resume medians "
           + ", ".join(f"{p} {summary[p]['resume_ms']:.2f} ms" for p in lazy) + f" (goal <= {GOAL_RESUME_MS} ms)")
     out: dict[str, Any] = {"ram_mib": spec.ram_mib, "ws_mib": spec.ws_mib, "seed": spec.seed, "runs": spec.runs,
+                           "rate_mib_s": spec.rate_mib_s,
                            "policies": {p: {k: _num(v, 3) for k, v in s.items()} for p, s in summary.items() if p != CONTROL},
                            # the same watch with no load (lab.restore.CONTROL): the host's own noise floor
                            "control": {k: _num(v, 3) for k, v in summary.get(CONTROL, {}).items()}

@@ -64,6 +64,7 @@ GRID_NS = 1_000_000
 WATCH_POLL_S = 1.0  # how often a load's watch reads the lab port's samples (its ring fills in ~7 s)
 AFTER_NS = 1_000_000_000  # rate_after: the guest's rate over the last second a load is watched
 CHUNK = 2 << 20
+PACED_BATCH = 4096  # pages per batch of a paced guest (RestoreSpec.rate_mib_s)
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,19 @@ class RestoreSpec:
     policies: tuple[str, ...] = ()  # default: every load engine
     fill_random: bool = True  # RAM full of random bytes before boot (else only what the guest writes)
     control: bool = False  # also a watch with no load in each run (:data:`CONTROL`): the host's own noise floor
+    # the guest's pace, MiB of page stamps a second (0: as fast as it runs).  Unpaced, its rate
+    # wanders with the host's (+-25-40% over seconds here), and "90% of its rate before" with it;
+    # paced below its slowest speed, its rate is the pace whenever nothing holds it up
+    rate_mib_s: int = 0
 
     def workload(self) -> WorkloadSpec:
         span = (self.ram_mib << 20) - DATA_BASE - (self.ws_mib << 20)
         rng = np.random.default_rng(self.seed)
         offset = int(rng.integers(0, max(span // CHUNK, 1))) * CHUNK
-        return WorkloadSpec("dirty", seed=self.seed, working_set=self.ws_mib << 20, rate=0, pattern="random",
-                            batch_pages=64, ws_offset=offset)
+        # paced: batches of PACED_BATCH pages (a deadline every few ms at the paces used, several per
+        # 20 ms window), each stamped as fast as the guest runs and then a sleep until its deadline
+        return WorkloadSpec("dirty", seed=self.seed, working_set=self.ws_mib << 20, rate=self.rate_mib_s << 20,
+                            pattern="random", batch_pages=PACED_BATCH if self.rate_mib_s else 64, ws_offset=offset)
 
 
 def rate_between(samples: np.ndarray, t0_ns: int, t1_ns: int) -> float:
@@ -285,7 +292,10 @@ def _progress_fields(before: np.ndarray, samples: np.ndarray, cmd_ns: int, resum
                            if len(after) > 1 else float("nan")),
             **recovery_ms(samples, cmd_ns, resume_ns, rate0),
             # the whole watch, and its first 100 ms in 1 ms bins (a small guest is back within it)
-            "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3)),
+            # (a paced guest reports a batch every few ms: its 5 ms bins are interpolated, or a bin
+            # holding one report would read as a stall)
+            "timeline": timeline(samples, cmd_ns, resume_ns, rate0, span_ms=(-200.0, spec.horizon_s * 1e3),
+                                 interpolate=spec.rate_mib_s > 0),
             "timeline_fine": timeline(samples, cmd_ns, resume_ns, rate0, step_ms=1.0, span_ms=(-10.0, 100.0),
                                       interpolate=True)}
 

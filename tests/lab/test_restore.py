@@ -311,3 +311,24 @@ def test_the_table_leaves_a_loads_columns_blank_for_the_control() -> None:
     lines = table({"prefetch": row, CONTROL: row | {"faults": 0.0}}).splitlines()
     assert lines[1].split()[1:] == ["0.8", "10.0", "20.0", "30.0", "5.0", "0.0", "12.0", "1.1", "2.0"]
     assert lines[2].split() == [CONTROL, "-", "10.0", "20.0", "30.0", "5.0", "0.0", "-", "-", "-"]
+
+
+def test_a_paced_restore_guest_stamps_big_batches_and_its_watch_timeline_is_interpolated() -> None:
+    from lab.restore import PACED_BATCH, _progress_fields
+
+    spec = RestoreSpec(ram_mib=256, ws_mib=16, rate_mib_s=3000)
+    w = spec.workload()
+    assert w.rate == 3000 << 20 and w.batch_pages == PACED_BATCH
+    assert RestoreSpec(ram_mib=256, ws_mib=16).workload().rate == 0  # unpaced by default
+    # a batch of 4096 pages every 5.33 ms from 2 s before the command (at 0) to 1 s after it,
+    # RESUME at 1 ms: the 5 ms bins hold one report or none, and still read as the pace
+    period = PACED_BATCH * 4096 / (3000 << 20)
+    pts = [(k * period, (k + 400) * PACED_BATCH) for k in range(-int(2 / period), int(1 / period))]
+    s = _samples([(t + 2.0, it) for t, it in pts])  # host ns from 0
+    before, after = s[s[:, 1] < int(2e9)], s
+    row = _progress_fields(before, after, int(2e9), int(2e9) + 1_000_000, spec)
+    frac = np.asarray(row["timeline"]["rate_frac"])
+    t = np.asarray(row["timeline"]["t_ms"])
+    watched = frac[(t >= 20) & (t < 900)]
+    assert np.allclose(watched, 1.0, atol=0.05)  # (counted between reports, half the bins would read 0)
+    assert row["to90_ms"] < 25
