@@ -182,13 +182,18 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def compare_text(new: list[dict[str, Any]], committed: list[dict[str, Any]], label: str) -> str:
-    """Per (condition, op, engine, RAM): the new QEMU/snaplab ratio beside the committed one."""
+    """Per (condition, op, engine, RAM): the new QEMU/snaplab ratio beside the committed one
+    ("not run" where one of the two runs has no such ratio: a --quick run has no 4096 MiB)."""
     a, b = ratios(new), ratios(committed)
+
+    def cell(r: dict[tuple[str, str, str, int], float], k: tuple[str, str, str, int]) -> str:
+        v = r.get(k, math.nan)
+        return f"{'not run':>8}" if math.isnan(v) else f"{v:7.1f}x"
+
     lines = [f"QEMU / snaplab median downtime: this run vs {label}"]
     for k in sorted(set(a) | set(b)):
         wl, op, eng, ram = k
-        lines.append(f"  {wl:<12}{op:<5}{eng:<11}{ram:>6} MiB  now {a.get(k, float('nan')):7.1f}x   "
-                     f"committed {b.get(k, float('nan')):7.1f}x")
+        lines.append(f"  {wl:<12}{op:<5}{eng:<11}{ram:>6} MiB  now {cell(a, k)}   committed {cell(b, k)}")
     return "\n".join(lines)
 
 

@@ -357,3 +357,13 @@ def test_the_progress_figure_adds_a_zoomed_panel_and_the_downtime_figure_says_wh
     fig = repro_report.figure(rows, meta, committed=True)
     assert "inside only what was written since" in " ".join(t.get_text() for t in fig.texts)
     plt.close(fig)
+
+
+def test_compare_text_says_not_run_where_one_run_has_no_such_ratio() -> None:
+    data = Path(__file__).resolve().parents[2] / "data" / "results" / "reproduction"
+    rows, _ = repro_report.load_runs(data)
+    quick = [r for r in rows if r["ram_mib"] != 4096]  # as a --quick run: no 4096 MiB
+    text = repro_report.compare_text(quick, rows, "committed")
+    line = next(x for x in text.splitlines() if "save blocking" in x and "4096 MiB" in x and "dirty" in x)
+    assert "now  not run" in line and "committed    10.0x" in line
+    assert "nan" not in text
