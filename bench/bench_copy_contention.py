@@ -39,26 +39,19 @@ WRITE_BYTES = 32 << 20
 EVICT_BYTES = 64 << 20  # written before each cold copy: more than this host's caches
 
 
-def copies(n: int, src: int, dst: int) -> np.ndarray:
-    """``n`` 2 MiB copies from successive chunks at ``src`` into four buffers at ``dst`` (ms)."""
+def copies(n: int, src: int, dst: int, buffers: int = 4, evict: np.ndarray | None = None) -> np.ndarray:
+    """``n`` 2 MiB copies from successive chunks at ``src`` into ``buffers`` buffers at ``dst``
+    (ms), each followed by a 0.5 ms pause; with ``evict``, each instead preceded by writing it
+    through (untimed), so that neither side of the copy is in a cache."""
     out = np.empty(n)
     for i in range(n):
+        if evict is not None:
+            evict += 1
         t0 = time.perf_counter()
-        ctypes.memmove(dst + (i % 4) * CHUNK, src + (i % 256) * CHUNK, CHUNK)
+        ctypes.memmove(dst + (i % buffers) * CHUNK, src + (i % 256) * CHUNK, CHUNK)
         out[i] = (time.perf_counter() - t0) * 1e3
-        time.sleep(0.0005)
-    return out
-
-
-def cold_copies(n: int, src: int, dst: int, evict: np.ndarray) -> np.ndarray:
-    """``n`` 2 MiB copies from successive chunks at ``src`` into 64 buffers at ``dst`` (ms), each
-    after ``evict`` was written through (untimed), so that neither side is in a cache."""
-    out = np.empty(n)
-    for i in range(n):
-        evict += 1
-        t0 = time.perf_counter()
-        ctypes.memmove(dst + (i % 64) * CHUNK, src + (i % 256) * CHUNK, CHUNK)
-        out[i] = (time.perf_counter() - t0) * 1e3
+        if evict is None:
+            time.sleep(0.0005)
     return out
 
 
@@ -120,7 +113,7 @@ def main() -> None:
 
     try:
         evict = np.ones(EVICT_BYTES, dtype=np.uint8)
-        res = {"alone": measure(), "alone_cold": cold_copies(a.copies, src, cold_dst, evict), "beside_saver": beside(saver, 1, measure),
+        res = {"alone": measure(), "alone_cold": copies(a.copies, src, cold_dst, 64, evict), "beside_saver": beside(saver, 1, measure),
                "beside_writers": beside(writer, SAVE_WRITERS, measure)}
     finally:
         if os.path.exists(fd_path):

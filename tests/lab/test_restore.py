@@ -331,4 +331,7 @@ def test_a_paced_restore_guest_stamps_big_batches_and_its_watch_timeline_is_inte
     t = np.asarray(row["timeline"]["t_ms"])
     watched = frac[(t >= 20) & (t < 900)]
     assert np.allclose(watched, 1.0, atol=0.05)  # (counted between reports, half the bins would read 0)
-    assert row["to90_ms"] < 25
+    # (synthetic samples, no clock: nothing held the guest back, so it is at 90% within the
+    # first 20 ms window that starts after RESUME)
+    from lab.restore import WINDOW_NS
+    assert row["to90_ms"] <= 1.0 + WINDOW_NS / 1e6
