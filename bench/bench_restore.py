@@ -84,6 +84,8 @@ def main() -> None:
     ap.add_argument("--no-control", action="store_true",
                     help="no control watch (the same watch with no load) in each run")
     a = ap.parse_args()
+    if a.rate_mib_s < 0:
+        ap.error(f"--rate-mib-s must be 0 (unpaced) or more, not {a.rate_mib_s}")
     ram_mib = a.ram_mib or (1024 if a.quick else 4096)
     horizon = a.horizon_s if a.horizon_s is not None else max(5.0, 3.0 + 0.5 * ram_mib / 1024)
     spec = RestoreSpec(ram_mib=ram_mib, ws_mib=a.ws_mib or (64 if a.quick else 256),
