@@ -42,6 +42,7 @@ BOUNCE_BYTES = 2 * (CHUNK + READ_GAP)  # the most one such read brings in
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
 PREFETCH_READERS = 4  # chunks of a loading set read at once (LazyLoad._prefetch)
+PREFETCH_GROUP = 4  # chunks of a loading set next to each other in RAM and in the file: one read (8 MiB)
 FILL_BY_FAULT, FILL_BY_SET, FILL_BY_REST = 0, 1, 2  # who brought a chunk in (LazyStats.filled)
 
 
@@ -58,6 +59,7 @@ class LazyStats:
     bytes_read: int = 0  # from the image (zero pages are not read)
     resident_at: float = 0.0  # perf_counter() when the last chunk was in
     prefetched_chunks: int = 0  # filled from the loading set, ahead of the rest
+    grouped_chunks: int = 0  # of those, read together with a neighbour, in one read (_fill_group)
     prefetch_done_at: float = 0.0  # perf_counter() when the loading set was all in (0: none)
     prefetch_start_at: float = 0.0  # perf_counter() when its readers began (0: none)
     paced_s: float = 0.0  # the filler's pauses between chunks of the rest (a paced fill)
@@ -175,17 +177,25 @@ class LazyLoad:
             # one, only so that a vCPU blocked on it can reach its stop.
             self._failed(err)
             zero = True
+        self._install(c, off, n, ctypes.addressof(buf), zero)
+        return True
+
+    def _install(self, c: int, off: int, n: int, data: int, zero: bool) -> None:
+        """Chunk ``c`` (RAM [off, off+n)), read to address ``data``, into guest RAM: moved
+        when ``data`` is the old RAM's own pages at that offset, else copied; an all-zero chunk
+        (``zero``) is left missing.  Then FILLED, whatever happens: an error fails the load."""
+        src = self._src
         try:
             if zero:
                 pass  # nothing installed: see _touch_zeros and the fill's end
-            elif src is not None and self._move(off, src, n):
+            elif src is not None and data == src + off and self._move(off, src, n):
                 with self.lock:  # (several readers)
                     self.stats.moved_chunks += 1
-            elif self.uffd.copy(self.ram.addr + off, ctypes.addressof(buf), n) != n:
+            elif self.uffd.copy(self.ram.addr + off, data, n) != n:
                 # Not moved whole (the kernel refused a page), or some pages were already there
                 # (a previous partial copy): install the rest one by one.
                 for p in range(0, n, PAGE):
-                    r = self.uffd.copy(self.ram.addr + off + p, ctypes.addressof(buf) + p, PAGE)
+                    r = self.uffd.copy(self.ram.addr + off + p, data + p, PAGE)
                     if r < 0 and r != -errno.EEXIST:
                         raise OSError(-r, f"UFFDIO_COPY failed: {os.strerror(-r)}")
         except OSError as err:  # not installed: the load has failed, as for an unreadable chunk
@@ -198,7 +208,6 @@ class LazyLoad:
                     self.stats.zero_chunks += 1
                 self.state[c] = FILLED
                 self.cond.notify_all()
-        return True
 
     def _touch_zeros(self, addr: int) -> None:
         """A fault on an all-zero chunk.  Such a chunk is left missing by the fill: after the
@@ -388,15 +397,19 @@ class LazyLoad:
         :data:`PREFETCH_READERS` readers at once (this thread one of them): around the page
         cache each chunk is a disk read of a few milliseconds, and a guest that touches its
         working set faster than one reader reads it faults on most of it anyway (measured at
-        4 GiB with one reader: 126 faults against on-demand's 129).  A chunk a fault reads
-        first is skipped; a fault on a chunk being read waits for that read."""
+        4 GiB with one reader: 126 faults against on-demand's 129).  Chunks that follow each
+        other in RAM and in the file are read together, up to :data:`PREFETCH_GROUP` at a time
+        (:meth:`_groups`: measured at 4 GiB, 256 MiB set, 4 loads each alternated, the set in
+        64 ms against 74 ms chunk by chunk; 4 readers of 8 MiB reads came nearest to the disk's
+        pace in a bare read of 256 MiB).  A chunk a fault reads first is skipped; a fault on a
+        chunk being read waits for that read."""
         todo = [c for c in order.tolist() if 0 <= c < self.nchunks]
         try:
             hosts = self._set_hosts = self._hosts_of(todo)  # (a fault on one of them uses it too)
         except Exception as err:  # the load fails as for an unreadable chunk
             self._failed(err)
             return todo
-        chunks = iter(todo)
+        chunks = iter(self._groups(todo, hosts))
         take = threading.Lock()
         # Reading into the old RAM's pages (UFFDIO_MOVE) needs no buffer; else one per reader.
         extra = WARM_BUFFERS.take_n(PREFETCH_READERS - 1) if self._src is None else []
@@ -404,13 +417,15 @@ class LazyLoad:
         def reader(b: ctypes.Array[ctypes.c_char]) -> None:
             while self.error is None:
                 with take:
-                    c = next(chunks, None)
-                if c is None:
+                    g = next(chunks, None)
+                if g is None:
                     return
-                if self._fill(c, b, hosts[c]):
-                    self.stats.filled.append((time.perf_counter(), c, FILL_BY_SET, bool(self._zero[c])))
-                    with take:
-                        self.stats.prefetched_chunks += 1
+                done = self._fill_group(g, hosts, b) if len(g) > 1 else [g[0]] if self._fill(g[0], b, hosts[g[0]]) else []
+                now = time.perf_counter()
+                for c in done:
+                    self.stats.filled.append((now, c, FILL_BY_SET, bool(self._zero[c])))
+                with take:
+                    self.stats.prefetched_chunks += len(done)
 
         try:
             done = [spawn(reader, extra[i] if i < len(extra) else buf) for i in range(PREFETCH_READERS - 1)]
@@ -420,6 +435,81 @@ class LazyLoad:
         finally:
             WARM_BUFFERS.give_back(extra)
         return todo
+
+    def _groups(self, todo: list[int], hosts: dict[int, np.ndarray]) -> list[list[int]]:
+        """The loading set ``todo`` (first-touch order) as groups, each read with one read: a
+        chunk with the set's chunks around it in the same aligned block of PREFETCH_GROUP
+        chunks that are not yet grouped, whose pages are all non-zero and lie side by side in
+        the file, each chunk's right after the one before (a run in RAM and in the file).
+        Groups keep the order of the chunk that started them, whichever way the guest went
+        through RAM.  (Reading into the old RAM's pages only: without them each chunk is read
+        alone, into a buffer.)"""
+        if self._src is None or PREFETCH_GROUP < 2:
+            return [[c] for c in todo]
+        per = CHUNK // PAGE
+        full = [c for c, h in hosts.items() if len(h) == per]  # (not RAM's last chunk if it is short)
+        dense = dict.fromkeys(hosts, False)
+        if full:  # every page non-zero and each one right after the one before in the file
+            h = np.stack([hosts[c] for c in full])
+            ok = (h[:, 0] > 0) & (np.diff(h, axis=1) == PAGE).all(axis=1)
+            dense.update(zip(full, ok.tolist(), strict=True))
+        taken: set[int] = set()
+
+        def joins(a: int, b: int) -> bool:  # chunk b (= a + 1) reads on from chunk a
+            return (a not in taken and b not in taken and dense.get(a, False) and dense.get(b, False)
+                    and hosts[b][0] == hosts[a][-1] + PAGE)
+
+        out: list[list[int]] = []
+        for c in todo:
+            if c in taken:
+                continue
+            block = c - c % PREFETCH_GROUP
+            lo = hi = c
+            while lo > block and joins(lo - 1, lo):
+                lo -= 1
+            while hi < block + PREFETCH_GROUP - 1 and joins(hi, hi + 1):
+                hi += 1
+            out.append(list(range(lo, hi + 1)))
+            taken.update(out[-1])
+        return out
+
+    def _fill_group(self, group: list[int], hosts: dict[int, np.ndarray], buf: ctypes.Array[ctypes.c_char]) -> list[int]:
+        """Chunks ``group`` (a :meth:`_groups` group: consecutive, all pages non-zero and side
+        by side in the file) with one read into the old RAM's pages, then moved into place
+        chunk by chunk; the chunks a fault has taken meanwhile are left to it (the group is
+        cut at the first one).  Returns the chunks this call filled."""
+        with self.lock:
+            k = 0
+            while k < len(group) and self.state[group[k]] == UNFILLED:
+                self.state[group[k]] = FILLING
+                k += 1
+        mine, rest = group[:k], group[k:]
+        filled: list[int] = []
+        if mine:
+            src = self._src
+            assert src is not None
+            off = mine[0] * CHUNK
+            n = len(mine) * CHUNK
+            zero = False
+            try:
+                if self.error is not None:
+                    raise SnaplabError("an earlier chunk could not be read")
+                self._read(int(hosts[mine[0]][0]), memoryview((ctypes.c_char * n).from_address(src + off)).cast("B"))
+                with self.lock:
+                    self.stats.bytes_read += n
+            except Exception as err:
+                self._failed(err)
+                zero = True
+            for c in mine:
+                self._install(c, c * CHUNK, CHUNK, src + c * CHUNK, zero)
+                filled.append(c)
+            if len(mine) > 1:
+                with self.lock:
+                    self.stats.grouped_chunks += len(mine)
+        for c in rest:  # after a chunk a fault took: one by one (each skipped if taken too)
+            if self._fill(c, buf, hosts[c]):
+                filled.append(c)
+        return filled
 
     def start_prefetch(self, order: np.ndarray, background: bool = True) -> None:
         """Load the loading set ``order`` now: on a worker (``background``; the engine starts it

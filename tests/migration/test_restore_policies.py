@@ -3,10 +3,12 @@ record and use (emulator/migration/engines/load_*.py, loading_set.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import subprocess
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from emulator.migration.loading_set import (
     empty_trailer,
     parse_trailer,
 )
+from emulator.migration.postcopy import PREFETCH_GROUP, LazyLoad
 from emulator.migration.vmstate import PAGE, parse_state
 from emulator.migration.vmstate_io import VMStateStream
 from tests.migration.conftest import Factory, wait_until
@@ -410,3 +413,67 @@ def test_a_chunk_that_was_all_zero_faults_once_during_an_on_demand_load(make_vm:
     # one fault per chunk touched, plus a few for the guest's code, stack and lab page: not one
     # per page written (one per page would be thousands here)
     assert stats["faults"] <= RAM // LSET_CHUNK + 8, stats["faults"]
+
+
+def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_by_side_in_the_file() -> None:
+    """LazyLoad._groups: a group starts at each set chunk not yet grouped, in the set's order,
+    and takes the set's chunks around it in its aligned block of PREFETCH_GROUP chunks while
+    they are not grouped yet, have every page non-zero and follow each other in the file."""
+    per = LSET_CHUNK // PAGE
+
+    def dense(first_byte: int) -> np.ndarray:  # a chunk whose pages lie side by side from there
+        return first_byte + np.arange(per, dtype=np.int64) * PAGE
+
+    base = 1 << 30
+    hosts = {c: dense(base + c * LSET_CHUNK) for c in range(10, 20)}  # 10..19: one run in the file
+    hosts[13][5] = 0  # a zero page: chunk 13 is read alone
+    hosts[16] = dense(base + 99 * LSET_CHUNK)  # elsewhere in the file: not read with 17
+    hosts[30] = dense(base + 30 * LSET_CHUNK)[: per // 2]  # RAM's last chunk, short
+    hosts[31] = dense(base + 31 * LSET_CHUNK)
+    order = [17, 11, 10, 12, 13, 14, 15, 16, 18, 19, 30, 31]
+    fake = SimpleNamespace(_src=4096)
+    groups = LazyLoad._groups(fake, order, hosts)  # type: ignore[arg-type]
+    assert PREFETCH_GROUP == 4  # blocks 8-11, 12-15, 16-19, 28-31
+    assert groups == [[17, 18, 19], [10, 11], [12], [13], [14, 15], [16], [30], [31]]
+    assert sorted(c for g in groups for c in g) == sorted(order)  # each chunk once
+    down = {c: dense(base + c * LSET_CHUNK) for c in range(20, 25)}  # a guest going down through RAM
+    assert LazyLoad._groups(fake, [24, 23, 22, 21, 20], down) == [[24], [20, 21, 22, 23]]  # type: ignore[arg-type]
+    # without the old RAM's pages to read into, every chunk is read alone
+    assert LazyLoad._groups(SimpleNamespace(_src=None), order, hosts) == [[c] for c in order]  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_prefetch_reads_neighbouring_set_chunks_together_bit_for_bit(make_vm: Factory, monkeypatch: pytest.MonkeyPatch,
+                                                                      cut: bool) -> None:
+    """A working set of four chunks, all pages written: the prefetch load reads its chunks in
+    groups (``grouped-chunks``) and restores RAM bit for bit; also when a fault has taken a
+    group's second chunk first (``cut``: the group is cut there and the rest read one by one)."""
+    spec = WorkloadSpec("dirty", seed=3, working_set=8 << 20, pattern="random", batch_pages=64, ws_offset=WS_OFFSET)
+    m = make_vm(workload=spec, ram=RAM)
+    q = m.qmp()
+    wait_until(lambda: m.lab.last.iterations > 100_000, "the guest to dirty its working set")
+    _save(q)
+    _load(q, "rec", "prefetch")  # records the loading set
+    cuts: list[list[int]] = []
+    if cut:
+        original = LazyLoad._fill_group
+
+        def taken_first(self: LazyLoad, group: list[int], hosts: dict[int, np.ndarray], buf: ctypes.Array[ctypes.c_char]) -> list[int]:
+            assert self._fill(group[1], buf, hosts[group[1]])  # as a fault would, before the group's read
+            cuts.append(group)
+            return original(self, group, hosts, buf)
+
+        monkeypatch.setattr(LazyLoad, "_fill_group", taken_first)
+    q.execute("stop")
+    _load(q, "ref", "blocking")
+    want = _ram_digest(m)
+    pf = _load(q, "pf", "prefetch")
+    ws = set(range((DATA_BASE + WS_OFFSET) // LSET_CHUNK, (DATA_BASE + WS_OFFSET + (8 << 20)) // LSET_CHUNK))
+    assert ws <= set(pf["loading-set"])
+    assert _ram_digest(m) == want
+    if cut:
+        assert cuts and pf["grouped-chunks"] == 0  # every group lost its second chunk: none read together
+        assert pf["prefetched-chunks"] == len(set(pf["loading-set"])) - len(cuts)
+    else:
+        assert pf["grouped-chunks"] >= 2 and pf["prefetched-chunks"] == len(set(pf["loading-set"]))
+    q.execute("quit")

@@ -185,7 +185,8 @@ class BackgroundLoad(LoadEngine):
         m = SnapshotMetrics(f"{self.name}-load", t_resume - t0, time.perf_counter() - t0)
         m.extra.update({"time_to_resume_s": t_resume - t0, "fill_s": st.fill_s, "faults": st.faults,
                         "fault_chunks": st.fault_chunks, "bg_chunks": st.bg_chunks,
-                        "prefetched_chunks": st.prefetched_chunks, "moved_chunks": st.moved_chunks,
+                        "prefetched_chunks": st.prefetched_chunks, "grouped_chunks": st.grouped_chunks,
+                        "moved_chunks": st.moved_chunks,
                         "zero_chunks": st.zero_chunks,
                         "zero_touched_chunks": st.zero_touched_chunks, "paced_s": st.paced_s,
                         "bytes_read": st.bytes_read, "resident_s": st.resident_at - t_resume,
