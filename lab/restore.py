@@ -307,6 +307,7 @@ def _load_fields(stats: dict[str, Any]) -> dict[str, Any]:
             "resident_s": float(stats.get("resident-s", 0.0)),
             "bytes_read": int(stats.get("bytes-read", stats.get("vmstate-bytes", 0))),
             "prefetched_chunks": int(stats.get("prefetched-chunks", 0)),
+            "grouped_chunks": int(stats.get("grouped-chunks", 0)),  # of those, read with a neighbour in one read
             "prefetch_s": float(stats.get("prefetch-s", 0.0)),
             "prefetch_start_s": float(stats.get("prefetch-start-s", 0.0)),
             "recorded_chunks": int(stats.get("recorded-chunks", 0)),

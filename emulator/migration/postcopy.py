@@ -41,8 +41,8 @@ READ_GAP = 256 << 10  # bytes between two pages of a chunk in the file that one 
 BOUNCE_BYTES = 2 * (CHUNK + READ_GAP)  # the most one such read brings in
 
 UNFILLED, FILLING, FILLED = 0, 1, 2
-PREFETCH_READERS = 4  # chunks of a loading set read at once (LazyLoad._prefetch)
-PREFETCH_GROUP = 4  # chunks of a loading set next to each other in RAM and in the file: one read (8 MiB)
+PREFETCH_READERS = 8  # reads of a loading set at once (LazyLoad._prefetch)
+PREFETCH_GROUP = 8  # chunks of a loading set next to each other in RAM and in the file: one read (16 MiB)
 FILL_BY_FAULT, FILL_BY_SET, FILL_BY_REST = 0, 1, 2  # who brought a chunk in (LazyStats.filled)
 
 
@@ -399,9 +399,9 @@ class LazyLoad:
         working set faster than one reader reads it faults on most of it anyway (measured at
         4 GiB with one reader: 126 faults against on-demand's 129).  Chunks that follow each
         other in RAM and in the file are read together, up to :data:`PREFETCH_GROUP` at a time
-        (:meth:`_groups`: measured at 4 GiB, 256 MiB set, 4 loads each alternated, the set in
-        64 ms against 74 ms chunk by chunk; 4 readers of 8 MiB reads came nearest to the disk's
-        pace in a bare read of 256 MiB).  A chunk a fault reads first is skipped; a fault on a
+        (:meth:`_groups`: measured at 4 GiB with a 256 MiB set, prefetch's to90 61 ms against
+        74 ms chunk by chunk, and 62 against 70 ms with 8 readers of up to 16 MiB against 4 of
+        up to 8 MiB, alternated; data/results/restore-scale/README.md).  A chunk a fault reads first is skipped; a fault on a
         chunk being read waits for that read."""
         todo = [c for c in order.tolist() if 0 <= c < self.nchunks]
         try:

@@ -17,6 +17,7 @@ from emulator.errors import QMPError
 from emulator.guest import DATA_BASE, WorkloadSpec
 from emulator.machine import MACHINE_NAME
 from emulator.migration import engines as registry
+from emulator.migration import postcopy
 from emulator.migration.loading_set import (
     LSET_CHUNK,
     SOURCE_COW_WINDOW,
@@ -25,7 +26,7 @@ from emulator.migration.loading_set import (
     empty_trailer,
     parse_trailer,
 )
-from emulator.migration.postcopy import PREFETCH_GROUP, LazyLoad
+from emulator.migration.postcopy import LazyLoad
 from emulator.migration.vmstate import PAGE, parse_state
 from emulator.migration.vmstate_io import VMStateStream
 from tests.migration.conftest import Factory, wait_until
@@ -415,7 +416,8 @@ def test_a_chunk_that_was_all_zero_faults_once_during_an_on_demand_load(make_vm:
     assert stats["faults"] <= RAM // LSET_CHUNK + 8, stats["faults"]
 
 
-def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_by_side_in_the_file() -> None:
+def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_by_side_in_the_file(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """LazyLoad._groups: a group starts at each set chunk not yet grouped, in the set's order,
     and takes the set's chunks around it in its aligned block of PREFETCH_GROUP chunks while
     they are not grouped yet, have every page non-zero and follow each other in the file."""
@@ -432,8 +434,8 @@ def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_b
     hosts[31] = dense(base + 31 * LSET_CHUNK)
     order = [17, 11, 10, 12, 13, 14, 15, 16, 18, 19, 30, 31]
     fake = SimpleNamespace(_src=4096)
+    monkeypatch.setattr(postcopy, "PREFETCH_GROUP", 4)  # blocks 8-11, 12-15, 16-19, 28-31
     groups = LazyLoad._groups(fake, order, hosts)  # type: ignore[arg-type]
-    assert PREFETCH_GROUP == 4  # blocks 8-11, 12-15, 16-19, 28-31
     assert groups == [[17, 18, 19], [10, 11], [12], [13], [14, 15], [16], [30], [31]]
     assert sorted(c for g in groups for c in g) == sorted(order)  # each chunk once
     down = {c: dense(base + c * LSET_CHUNK) for c in range(20, 25)}  # a guest going down through RAM
