@@ -56,6 +56,7 @@ from emulator.machine import DiskSpec, Machine, MachineConfig
 from lab import qemu as qemu_lab
 from lab.hostnoise import describe, host_noise
 from lab.progress import rate, stops_monotonic_ns
+from lab.results import source_revision
 from lab.spec import (
     engine_title,
     guest_runs,
@@ -587,6 +588,7 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
                          "QEMU's through it (its default, cache.direct=off)"),
         "versions": {"snaplab": version("snaplab"), "unicorn": version("unicorn"),
                      "python": platform.python_version(), "qemu": qemu},
+        "source": source_revision(),  # the commit measured, and whether tracked files differed from it
         "definitions": {"downtime_ms": "STOP -> RESUME, QMP event timestamps",
                         "guest_iterations": "the guest's iteration counter (pages written) at the command; every "
                                             "dirty-condition operation waits for spec.touched_ws working sets' worth",

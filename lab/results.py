@@ -36,7 +36,26 @@ def metadata(seed: int | None = None) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "write_protect_backend": _backend(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "source": source_revision(),
     }
+
+
+def source_revision() -> dict[str, Any]:
+    """The snaplab source a measurement ran: its git commit and whether tracked files differed
+    from it (``modified``), when the package runs from a git checkout; else ``commit`` is
+    "unknown" (an installed copy without its history)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "modified": None}
+    if head.returncode != 0 or dirty.returncode != 0:
+        return {"commit": "unknown", "modified": None}
+    return {"commit": head.stdout.strip(), "modified": bool(dirty.stdout.strip())}
 
 
 def _backend() -> str:

@@ -175,3 +175,18 @@ def test_wait_firmware_writes_waits_for_a_write_then_quiet(tmp_path: Path) -> No
     assert wait_firmware_writes(f, since, quiet_s=0.3, timeout=30)
     assert len(wrote) == 3 and time.monotonic() >= wrote[-1] + 0.3  # after the last write, quiet since
     t.join()
+
+
+def test_results_metadata_names_the_commit_measured() -> None:
+    """A measurement's metadata names the commit it ran (this checkout's HEAD) and whether
+    tracked files differed from it, so a README's "made at commit X" can be checked."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(results.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    if head.returncode != 0:
+        pytest.skip("not a git checkout: the commit is 'unknown' by design")
+    src = results.metadata(1)["source"]
+    assert src["commit"] == head.stdout.strip() and len(src["commit"]) == 40
+    assert isinstance(src["modified"], bool)

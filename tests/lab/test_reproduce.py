@@ -20,6 +20,7 @@ import pytest
 from emulator.errors import SnaplabError
 from lab import repro_report, reproduce
 from lab.cli import main
+from lab.results import source_revision
 from lab.stats import bootstrap_ci, fmt_with_spread, median, quartiles, summarize
 
 
@@ -165,6 +166,7 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
     for key in ("host", "kernel", "cpu", "memory", "storage", "page_cache", "versions", "definitions"):
         assert meta[key], key
     assert meta["versions"]["qemu"].startswith("QEMU emulator version")
+    assert meta["source"] == source_revision()  # the commit measured (this checkout's), and whether it was modified
     # the host's and Unicorn's own speed, probed before the first block, raw windows kept
     assert set(meta["host_noise"]) == {"host", "core", "cache", "unicorn"}
     assert all(len(meta["host_noise"][k]["rates_mups"]) == meta["host_noise"][k]["windows"] > 0

@@ -435,11 +435,19 @@ def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_b
     order = [17, 11, 10, 12, 13, 14, 15, 16, 18, 19, 30, 31]
     fake = SimpleNamespace(_src=4096)
     monkeypatch.setattr(postcopy, "PREFETCH_GROUP", 4)  # blocks 8-11, 12-15, 16-19, 28-31
+    monkeypatch.setattr(postcopy, "PREFETCH_READERS", 1)  # (a group each for more readers: below)
     groups = LazyLoad._groups(fake, order, hosts)  # type: ignore[arg-type]
     assert groups == [[17, 18, 19], [10, 11], [12], [13], [14, 15], [16], [30], [31]]
     assert sorted(c for g in groups for c in g) == sorted(order)  # each chunk once
     down = {c: dense(base + c * LSET_CHUNK) for c in range(20, 25)}  # a guest going down through RAM
     assert LazyLoad._groups(fake, [24, 23, 22, 21, 20], down) == [[24], [20, 21, 22, 23]]  # type: ignore[arg-type]
+    # a set too small for a group of PREFETCH_GROUP per reader gets smaller blocks, of at least 2
+    run = {c: dense(base + c * LSET_CHUNK) for c in range(64, 96)}  # 32 chunks, one run
+    monkeypatch.setattr(postcopy, "PREFETCH_GROUP", 8)
+    for readers, size in ((2, 8), (4, 8), (8, 4), (16, 2), (64, 2)):
+        monkeypatch.setattr(postcopy, "PREFETCH_READERS", readers)
+        got = LazyLoad._groups(fake, list(run), run)  # type: ignore[arg-type]
+        assert got == [list(range(b, b + size)) for b in range(64, 96, size)], readers
     # without the old RAM's pages to read into, every chunk is read alone
     assert LazyLoad._groups(SimpleNamespace(_src=None), order, hosts) == [[c] for c in order]  # type: ignore[arg-type]
 
