@@ -59,7 +59,7 @@ class LazyStats:
     bytes_read: int = 0  # from the image (zero pages are not read)
     resident_at: float = 0.0  # perf_counter() when the last chunk was in
     prefetched_chunks: int = 0  # filled from the loading set, ahead of the rest
-    grouped_chunks: int = 0  # of those, read together with a neighbour, in one read (_fill_group)
+    grouped_chunks: int = 0  # of those, read together with a neighbour, in one read (set_groups)
     prefetch_done_at: float = 0.0  # perf_counter() when the loading set was all in (0: none)
     prefetch_start_at: float = 0.0  # perf_counter() when its readers began (0: none)
     paced_s: float = 0.0  # the filler's pauses between chunks of the rest (a paced fill)
@@ -156,7 +156,7 @@ class LazyLoad:
 
     def _fill(self, c: int, buf: ctypes.Array[ctypes.c_char], hosts: np.ndarray | None = None) -> bool:
         """Chunk ``c`` into guest RAM, unless someone else has filled it or is filling it;
-        ``hosts``: its pages' file offsets if already known (:meth:`_hosts_of`)."""
+        ``hosts``: its pages' file offsets if already known (:func:`hosts_of`)."""
         with self.lock:
             if self.state[c] != UNFILLED:
                 return False
@@ -269,27 +269,6 @@ class LazyLoad:
         with self.lock:  # (several readers)
             self.stats.bytes_read += len(idx) * PAGE
 
-    def _hosts_of(self, chunks: list[int]) -> dict[int, np.ndarray]:
-        """:meth:`_hosts` of every chunk of ``chunks``, one call per run of consecutive
-        chunks (a loading set's working set is mostly a few runs): computed per chunk, on the
-        readers' threads, this numpy work held the GIL for 0.2-0.3 ms a chunk while the guest
-        waited for the set (measured at 4 GiB: 50 ms summed over the 129 chunks' reads)."""
-        per = CHUNK // PAGE
-        pages = self.ram.size // PAGE
-        out: dict[int, np.ndarray] = {}
-        todo = sorted(set(chunks))
-        i = 0
-        while i < len(todo):
-            j = i + 1
-            while j < len(todo) and todo[j] == todo[j - 1] + 1:
-                j += 1
-            first = todo[i] * per
-            hosts = self._hosts(first, min(todo[j - 1] * per + per, pages) - first)
-            for k, c in enumerate(todo[i:j]):
-                out[c] = hosts[k * per:(k + 1) * per]
-            i = j
-        return out
-
     def _hosts(self, first: int, n: int) -> np.ndarray:
         """Host file offset of pages [first, first+n) of RAM (0 for zero pages)."""
         nz = self.layout.nonzero_range(first, n)
@@ -399,17 +378,18 @@ class LazyLoad:
         working set faster than one reader reads it faults on most of it anyway (measured at
         4 GiB with one reader: 126 faults against on-demand's 129).  Chunks that follow each
         other in RAM and in the file are read together, up to :data:`PREFETCH_GROUP` at a time
-        (:meth:`_groups`: measured at 4 GiB with a 256 MiB set, prefetch's to90 61 ms against
-        74 ms chunk by chunk, and 62 against 70 ms with 8 readers of up to 16 MiB against 4 of
-        up to 8 MiB, alternated; data/results/restore-scale/README.md).  A chunk a fault reads first is skipped; a fault on a
-        chunk being read waits for that read."""
+        (:func:`set_groups`, when the chunks are read into the old RAM's pages; measured at
+        4 GiB with a 256 MiB set, prefetch's to90 61 ms against 74 ms chunk by chunk, and 62
+        against 70 ms with 8 readers of up to 16 MiB against 4 of up to 8 MiB, alternated;
+        data/results/restore-scale/README.md).  A chunk a fault reads first is skipped; a
+        fault on a chunk being read waits for that read."""
         todo = [c for c in order.tolist() if 0 <= c < self.nchunks]
         try:
-            hosts = self._set_hosts = self._hosts_of(todo)  # (a fault on one of them uses it too)
+            hosts = self._set_hosts = hosts_of(self._hosts, self.ram.size, todo)  # (a fault on one of them uses it too)
         except Exception as err:  # the load fails as for an unreadable chunk
             self._failed(err)
             return todo
-        chunks = iter(self._groups(todo, hosts))
+        chunks = iter(set_groups(todo, hosts) if self._src is not None else [[c] for c in todo])
         take = threading.Lock()
         # Reading into the old RAM's pages (UFFDIO_MOVE) needs no buffer; else one per reader.
         extra = WARM_BUFFERS.take_n(PREFETCH_READERS - 1) if self._src is None else []
@@ -420,7 +400,7 @@ class LazyLoad:
                     g = next(chunks, None)
                 if g is None:
                     return
-                done = self._fill_group(g, hosts, b) if len(g) > 1 else [g[0]] if self._fill(g[0], b, hosts[g[0]]) else []
+                done = _fill_group(self, g, hosts, b) if len(g) > 1 else [g[0]] if self._fill(g[0], b, hosts[g[0]]) else []
                 now = time.perf_counter()
                 for c in done:
                     self.stats.filled.append((now, c, FILL_BY_SET, bool(self._zero[c])))
@@ -435,86 +415,6 @@ class LazyLoad:
         finally:
             WARM_BUFFERS.give_back(extra)
         return todo
-
-    def _groups(self, todo: list[int], hosts: dict[int, np.ndarray]) -> list[list[int]]:
-        """The loading set ``todo`` (first-touch order) as groups, each read with one read: a
-        chunk with the set's chunks around it in the same aligned block of PREFETCH_GROUP
-        chunks that are not yet grouped, whose pages are all non-zero and lie side by side in
-        the file, each chunk's right after the one before (a run in RAM and in the file).
-        A set too small to give each of the PREFETCH_READERS readers a group of that size
-        gets smaller blocks (at least 2 chunks: measured at 1 GiB with a 64 MiB set, 5
-        alternated loads each, to90 medians 14 ms with blocks of 4 against 17 with blocks of 8,
-        ranges 11-18 and 14-18: a small difference in the spread; one group per reader).
-        Groups keep the order of the chunk that started them, whichever way the guest went
-        through RAM.  (Reading into the old RAM's pages only: without them each chunk is read
-        alone, into a buffer.)"""
-        size = max(2, min(PREFETCH_GROUP, len(todo) // PREFETCH_READERS))
-        if self._src is None or PREFETCH_GROUP < 2:
-            return [[c] for c in todo]
-        per = CHUNK // PAGE
-        full = [c for c, h in hosts.items() if len(h) == per]  # (not RAM's last chunk if it is short)
-        dense = dict.fromkeys(hosts, False)
-        if full:  # every page non-zero and each one right after the one before in the file
-            h = np.stack([hosts[c] for c in full])
-            ok = (h[:, 0] > 0) & (np.diff(h, axis=1) == PAGE).all(axis=1)
-            dense.update(zip(full, ok.tolist(), strict=True))
-        taken: set[int] = set()
-
-        def joins(a: int, b: int) -> bool:  # chunk b (= a + 1) reads on from chunk a
-            return (a not in taken and b not in taken and dense.get(a, False) and dense.get(b, False)
-                    and hosts[b][0] == hosts[a][-1] + PAGE)
-
-        out: list[list[int]] = []
-        for c in todo:
-            if c in taken:
-                continue
-            block = c - c % size
-            lo = hi = c
-            while lo > block and joins(lo - 1, lo):
-                lo -= 1
-            while hi < block + size - 1 and joins(hi, hi + 1):
-                hi += 1
-            out.append(list(range(lo, hi + 1)))
-            taken.update(out[-1])
-        return out
-
-    def _fill_group(self, group: list[int], hosts: dict[int, np.ndarray], buf: ctypes.Array[ctypes.c_char]) -> list[int]:
-        """Chunks ``group`` (a :meth:`_groups` group: consecutive, all pages non-zero and side
-        by side in the file) with one read into the old RAM's pages, then moved into place
-        chunk by chunk; the chunks a fault has taken meanwhile are left to it (the group is
-        cut at the first one).  Returns the chunks this call filled."""
-        with self.lock:
-            k = 0
-            while k < len(group) and self.state[group[k]] == UNFILLED:
-                self.state[group[k]] = FILLING
-                k += 1
-        mine, rest = group[:k], group[k:]
-        filled: list[int] = []
-        if mine:
-            src = self._src
-            assert src is not None
-            off = mine[0] * CHUNK
-            n = len(mine) * CHUNK
-            zero = False
-            try:
-                if self.error is not None:
-                    raise SnaplabError("an earlier chunk could not be read")
-                self._read(int(hosts[mine[0]][0]), memoryview((ctypes.c_char * n).from_address(src + off)).cast("B"))
-                with self.lock:
-                    self.stats.bytes_read += n
-            except Exception as err:
-                self._failed(err)
-                zero = True
-            for c in mine:
-                self._install(c, c * CHUNK, CHUNK, src + c * CHUNK, zero)
-                filled.append(c)
-            if len(mine) > 1:
-                with self.lock:
-                    self.stats.grouped_chunks += len(mine)
-        for c in rest:  # after a chunk a fault took: one by one (each skipped if taken too)
-            if self._fill(c, buf, hosts[c]):
-                filled.append(c)
-        return filled
 
     def start_prefetch(self, order: np.ndarray, background: bool = True) -> None:
         """Load the loading set ``order`` now: on a worker (``background``; the engine starts it
@@ -590,6 +490,114 @@ class LazyLoad:
         # into real small pages: the next arm would cost per page).  The zero chunks nobody
         # touched keep the huge zero page (a collapse would make them real zeroed memory).
         self.ram.collapse_chunks(~self._zero | self._zero_touched)
+
+
+def hosts_of(hosts: Callable[[int, int], np.ndarray], ram_size: int, chunks: list[int]) -> dict[int, np.ndarray]:
+    """The pages' file offsets of every chunk of ``chunks`` (``hosts(first, n)``:
+    :meth:`LazyLoad._hosts`), one call per run of consecutive chunks (a loading set's working
+    set is mostly a few runs): computed per chunk, on the readers' threads, this numpy work
+    held the GIL for 0.2-0.3 ms a chunk while the guest waited for the set (measured at 4 GiB:
+    50 ms summed over the 129 chunks' reads)."""
+    per = CHUNK // PAGE
+    pages = ram_size // PAGE
+    out: dict[int, np.ndarray] = {}
+    todo = sorted(set(chunks))
+    i = 0
+    while i < len(todo):
+        j = i + 1
+        while j < len(todo) and todo[j] == todo[j - 1] + 1:
+            j += 1
+        first = todo[i] * per
+        run = hosts(first, min(todo[j - 1] * per + per, pages) - first)
+        for k, c in enumerate(todo[i:j]):
+            out[c] = run[k * per:(k + 1) * per]
+        i = j
+    return out
+
+
+def set_groups(todo: list[int], hosts: dict[int, np.ndarray], group: int | None = None,
+               readers: int | None = None) -> list[list[int]]:
+    """A loading set ``todo`` (first-touch order; ``hosts``: each chunk's pages' file offsets,
+    0 for a zero page) as groups of chunks, each to be read with one read: a chunk with the
+    set's chunks around it in the same aligned block that are not yet grouped, whose pages
+    are all non-zero and lie side by side in the file, each chunk's right after the one
+    before (a run in RAM and in the file).  Blocks are ``group`` chunks (PREFETCH_GROUP),
+    fewer when the set is too small to give each of the ``readers`` (PREFETCH_READERS) a
+    group of that size, at least 2 (measured at 1 GiB with a 64 MiB set, 5 alternated loads
+    each: to90 medians 14 ms with blocks of 4 against 17 with blocks of 8, ranges 11-18 and
+    14-18, a small difference in the spread; one group per reader).  Groups keep the order
+    of the chunk that started them, whichever way the guest went through RAM."""
+    group = PREFETCH_GROUP if group is None else group
+    readers = PREFETCH_READERS if readers is None else readers
+    if group < 2:
+        return [[c] for c in todo]
+    size = max(2, min(group, len(todo) // readers))
+    per = CHUNK // PAGE
+    full = [c for c, h in hosts.items() if len(h) == per]  # (not RAM's last chunk if it is short)
+    dense = dict.fromkeys(hosts, False)
+    if full:  # every page non-zero and each one right after the one before in the file
+        h = np.stack([hosts[c] for c in full])
+        ok = (h[:, 0] > 0) & (np.diff(h, axis=1) == PAGE).all(axis=1)
+        dense.update(zip(full, ok.tolist(), strict=True))
+    taken: set[int] = set()
+
+    def joins(a: int, b: int) -> bool:  # chunk b (= a + 1) reads on from chunk a
+        return (a not in taken and b not in taken and dense.get(a, False) and dense.get(b, False)
+                and hosts[b][0] == hosts[a][-1] + PAGE)
+
+    out: list[list[int]] = []
+    for c in todo:
+        if c in taken:
+            continue
+        block = c - c % size
+        lo = hi = c
+        while lo > block and joins(lo - 1, lo):
+            lo -= 1
+        while hi < block + size - 1 and joins(hi, hi + 1):
+            hi += 1
+        out.append(list(range(lo, hi + 1)))
+        taken.update(out[-1])
+    return out
+
+
+def _fill_group(lazy: LazyLoad, group: list[int], hosts: dict[int, np.ndarray],
+                buf: ctypes.Array[ctypes.c_char]) -> list[int]:
+    """(:meth:`LazyLoad._prefetch`'s readers) Chunks ``group`` (a :func:`set_groups` group:
+    consecutive, all pages non-zero and side by side in the file) with one read into the old
+    RAM's pages, then moved into place chunk by chunk; the chunks a fault has taken meanwhile
+    are left to it (the group is cut at the first one).  Returns the chunks this call filled."""
+    with lazy.lock:
+        k = 0
+        while k < len(group) and lazy.state[group[k]] == UNFILLED:
+            lazy.state[group[k]] = FILLING
+            k += 1
+    mine, rest = group[:k], group[k:]
+    filled: list[int] = []
+    if mine:
+        src = lazy._src
+        assert src is not None
+        off = mine[0] * CHUNK
+        zero = False
+        try:
+            if lazy.error is not None:
+                raise SnaplabError("an earlier chunk could not be read")
+            n = len(mine) * CHUNK
+            lazy._read(int(hosts[mine[0]][0]), memoryview((ctypes.c_char * n).from_address(src + off)).cast("B"))
+            with lazy.lock:
+                lazy.stats.bytes_read += n
+        except Exception as err:
+            lazy._failed(err)
+            zero = True
+        for c in mine:
+            lazy._install(c, c * CHUNK, CHUNK, src + c * CHUNK, zero)
+            filled.append(c)
+        if len(mine) > 1:
+            with lazy.lock:
+                lazy.stats.grouped_chunks += len(mine)
+    for c in rest:  # after a chunk a fault took: one by one (each skipped if taken too)
+        if lazy._fill(c, buf, hosts[c]):
+            filled.append(c)
+    return filled
 
 
 def _load_set(lazy: LazyLoad, order: np.ndarray) -> None:

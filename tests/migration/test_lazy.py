@@ -311,14 +311,14 @@ def test_lazy_load_refuses_small_clusters_before_stopping(tmp_path: Path) -> Non
 
 
 def test_a_loading_sets_page_offsets_are_found_one_call_per_run_of_chunks() -> None:
-    """LazyLoad._hosts_of: the same offsets as one _hosts call per chunk, with one call per
+    """postcopy.hosts_of: the same offsets as one _hosts call per chunk, with one call per
     run of consecutive chunks; a last chunk that RAM cuts short gets only its pages."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from emulator.migration.cow import CHUNK
-    from emulator.migration.postcopy import LazyLoad
+    from emulator.migration.postcopy import hosts_of
     from emulator.migration.vmstate import PAGE
 
     per = CHUNK // PAGE
@@ -331,7 +331,7 @@ def test_a_loading_sets_page_offsets_are_found_one_call_per_run_of_chunks() -> N
             calls.append((first, n))
             return np.arange(first, first + n, dtype=np.int64) * 7 + 1
 
-    got = LazyLoad._hosts_of(Fake(), [5, 3, 4, 9, 0, 9])  # type: ignore[arg-type]
+    got = hosts_of(Fake()._hosts, Fake.ram.size, [5, 3, 4, 9, 0, 9])
     assert sorted(got) == [0, 3, 4, 5, 9]
     for c, hosts in got.items():
         n = per - 8 if c == 9 else per

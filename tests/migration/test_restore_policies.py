@@ -8,7 +8,6 @@ import hashlib
 import subprocess
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from emulator.migration.loading_set import (
     empty_trailer,
     parse_trailer,
 )
-from emulator.migration.postcopy import LazyLoad
+from emulator.migration.postcopy import LazyLoad, set_groups
 from emulator.migration.vmstate import PAGE, parse_state
 from emulator.migration.vmstate_io import VMStateStream
 from tests.migration.conftest import Factory, wait_until
@@ -416,11 +415,10 @@ def test_a_chunk_that_was_all_zero_faults_once_during_an_on_demand_load(make_vm:
     assert stats["faults"] <= RAM // LSET_CHUNK + 8, stats["faults"]
 
 
-def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_by_side_in_the_file(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """LazyLoad._groups: a group starts at each set chunk not yet grouped, in the set's order,
-    and takes the set's chunks around it in its aligned block of PREFETCH_GROUP chunks while
-    they are not grouped yet, have every page non-zero and follow each other in the file."""
+def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_by_side_in_the_file() -> None:
+    """set_groups: a group starts at each set chunk not yet grouped, in the set's order, and
+    takes the set's chunks around it in its aligned block while they are not grouped yet, have
+    every page non-zero and follow each other in the file; blocks shrink for a small set."""
     per = LSET_CHUNK // PAGE
 
     def dense(first_byte: int) -> np.ndarray:  # a chunk whose pages lie side by side from there
@@ -433,23 +431,17 @@ def test_a_loading_sets_neighbours_are_grouped_in_its_order_and_only_when_side_b
     hosts[30] = dense(base + 30 * LSET_CHUNK)[: per // 2]  # RAM's last chunk, short
     hosts[31] = dense(base + 31 * LSET_CHUNK)
     order = [17, 11, 10, 12, 13, 14, 15, 16, 18, 19, 30, 31]
-    fake = SimpleNamespace(_src=4096)
-    monkeypatch.setattr(postcopy, "PREFETCH_GROUP", 4)  # blocks 8-11, 12-15, 16-19, 28-31
-    monkeypatch.setattr(postcopy, "PREFETCH_READERS", 1)  # (a group each for more readers: below)
-    groups = LazyLoad._groups(fake, order, hosts)  # type: ignore[arg-type]
+    groups = set_groups(order, hosts, group=4, readers=1)  # blocks 8-11, 12-15, 16-19, 28-31
     assert groups == [[17, 18, 19], [10, 11], [12], [13], [14, 15], [16], [30], [31]]
     assert sorted(c for g in groups for c in g) == sorted(order)  # each chunk once
     down = {c: dense(base + c * LSET_CHUNK) for c in range(20, 25)}  # a guest going down through RAM
-    assert LazyLoad._groups(fake, [24, 23, 22, 21, 20], down) == [[24], [20, 21, 22, 23]]  # type: ignore[arg-type]
-    # a set too small for a group of PREFETCH_GROUP per reader gets smaller blocks, of at least 2
+    assert set_groups([24, 23, 22, 21, 20], down, group=4, readers=1) == [[24], [20, 21, 22, 23]]
+    assert set_groups(order, hosts, group=1, readers=1) == [[c] for c in order]
+    # a set too small for a group of that size per reader gets smaller blocks, of at least 2
     run = {c: dense(base + c * LSET_CHUNK) for c in range(64, 96)}  # 32 chunks, one run
-    monkeypatch.setattr(postcopy, "PREFETCH_GROUP", 8)
     for readers, size in ((2, 8), (4, 8), (8, 4), (16, 2), (64, 2)):
-        monkeypatch.setattr(postcopy, "PREFETCH_READERS", readers)
-        got = LazyLoad._groups(fake, list(run), run)  # type: ignore[arg-type]
+        got = set_groups(list(run), run, group=8, readers=readers)
         assert got == [list(range(b, b + size)) for b in range(64, 96, size)], readers
-    # without the old RAM's pages to read into, every chunk is read alone
-    assert LazyLoad._groups(SimpleNamespace(_src=None), order, hosts) == [[c] for c in order]  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("cut", [False, True])
@@ -466,14 +458,14 @@ def test_prefetch_reads_neighbouring_set_chunks_together_bit_for_bit(make_vm: Fa
     _load(q, "rec", "prefetch")  # records the loading set
     cuts: list[list[int]] = []
     if cut:
-        original = LazyLoad._fill_group
+        original = postcopy._fill_group
 
-        def taken_first(self: LazyLoad, group: list[int], hosts: dict[int, np.ndarray], buf: ctypes.Array[ctypes.c_char]) -> list[int]:
-            assert self._fill(group[1], buf, hosts[group[1]])  # as a fault would, before the group's read
+        def taken_first(lazy: LazyLoad, group: list[int], hosts: dict[int, np.ndarray], buf: ctypes.Array[ctypes.c_char]) -> list[int]:
+            assert lazy._fill(group[1], buf, hosts[group[1]])  # as a fault would, before the group's read
             cuts.append(group)
-            return original(self, group, hosts, buf)
+            return original(lazy, group, hosts, buf)
 
-        monkeypatch.setattr(LazyLoad, "_fill_group", taken_first)
+        monkeypatch.setattr(postcopy, "_fill_group", taken_first)
     q.execute("stop")
     _load(q, "ref", "blocking")
     want = _ram_digest(m)
