@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,22 +41,28 @@ def metadata(seed: int | None = None) -> dict[str, Any]:
     }
 
 
-def source_revision() -> dict[str, Any]:
-    """The snaplab source a measurement ran: its git commit and whether tracked files differed
-    from it (``modified``), when the package runs from a git checkout; else ``commit`` is
-    "unknown" (an installed copy without its history)."""
+def git_state(root: Path, paths: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """HEAD's commit in the git checkout at ``root`` ("" where there is none, or no git), and
+    the tracked paths (under ``paths``, default all) with uncommitted changes."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=30)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=60)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *paths],
+                               cwd=root, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "modified": None}
+        return "", []
     if head.returncode != 0 or dirty.returncode != 0:
-        return {"commit": "unknown", "modified": None}
-    return {"commit": head.stdout.strip(), "modified": bool(dirty.stdout.strip())}
+        return "", []
+    return head.stdout.strip(), [line[3:] for line in dirty.stdout.splitlines()]
+
+
+def source_revision(root: Path | None = None) -> dict[str, Any]:
+    """The snaplab source a measurement ran (``root``: default, this package's checkout): its
+    git commit and whether tracked files differed from it (``modified``); where it is not a git
+    checkout (an installed copy), ``commit`` is "unknown" and ``modified`` None."""
+    head, dirty = git_state(root or Path(__file__).resolve().parents[1])
+    return {"commit": head, "modified": bool(dirty)} if head else {"commit": "unknown", "modified": None}
 
 
 def _backend() -> str:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lab.results import git_state  # HEAD and the uncommitted paths under DEPENDS_ON
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SRC = HERE / "src"
@@ -106,14 +108,6 @@ def tree_digest(root: Path, top: str) -> str:
     return h.hexdigest()
 
 
-def git_state(root: Path = ROOT) -> tuple[str, list[str]]:
-    """HEAD's commit, and the paths under :data:`DEPENDS_ON` with uncommitted changes."""
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=60)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *DEPENDS_ON],
-                           cwd=root, capture_output=True, text=True, timeout=60)
-    return head.stdout.strip(), [line[3:] for line in dirty.stdout.splitlines()]
-
-
 def sources_digest(cells: list[tuple[str, str]], root: Path = ROOT) -> dict[str, str]:
     """What is recorded in a notebook's metadata when it is executed."""
     return {**{top: tree_digest(root, top) for top in DEPENDS_ON}, "cells": cells_digest(cells)}
@@ -143,7 +137,7 @@ def build(stem: str) -> float:
     took = time.monotonic() - t0
     if sources_digest(cells) != before:
         raise SystemExit(f"{stem}: lab/, emulator/ or data/ changed while it ran; run make.py again")
-    head, dirty = git_state()
+    head, dirty = git_state(ROOT, DEPENDS_ON)
     nb.metadata[META_KEY] = {"sources": before, "commit": head + ("+uncommitted" if dirty else "")}
     nbformat.write(nb, HERE / f"{stem}.ipynb")
     return took
@@ -211,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"fresh: {', '.join(args.only or ORDER)}")
         return 0
-    _, dirty = git_state()
+    _, dirty = git_state(ROOT, DEPENDS_ON)
     if dirty:
         print(f"warning: uncommitted changes in {', '.join(dirty)}: the notebooks record them, so they are "
               "stale for --check until exactly these contents are committed", file=sys.stderr)

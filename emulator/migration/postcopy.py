@@ -400,7 +400,7 @@ class LazyLoad:
                     g = next(chunks, None)
                 if g is None:
                     return
-                done = _fill_group(self, g, hosts, b) if len(g) > 1 else [g[0]] if self._fill(g[0], b, hosts[g[0]]) else []
+                done = _fill_group(self, g, hosts, b)
                 now = time.perf_counter()
                 for c in done:
                     self.stats.filled.append((now, c, FILL_BY_SET, bool(self._zero[c])))
@@ -565,39 +565,32 @@ def _fill_group(lazy: LazyLoad, group: list[int], hosts: dict[int, np.ndarray],
     """(:meth:`LazyLoad._prefetch`'s readers) Chunks ``group`` (a :func:`set_groups` group:
     consecutive, all pages non-zero and side by side in the file) with one read into the old
     RAM's pages, then moved into place chunk by chunk; the chunks a fault has taken meanwhile
-    are left to it (the group is cut at the first one).  Returns the chunks this call filled."""
+    are left to it (the group is cut at the first one).  A group of one is an ordinary
+    :meth:`LazyLoad._fill` into ``buf``.  Returns the chunks this call filled."""
+    if len(group) == 1:
+        return group if lazy._fill(group[0], buf, hosts[group[0]]) else []
     with lazy.lock:
         k = 0
         while k < len(group) and lazy.state[group[k]] == UNFILLED:
             lazy.state[group[k]] = FILLING
             k += 1
     mine, rest = group[:k], group[k:]
-    filled: list[int] = []
     if mine:
         src = lazy._src
         assert src is not None
-        off = mine[0] * CHUNK
+        off, n = mine[0] * CHUNK, len(mine) * CHUNK
         zero = False
-        try:
-            if lazy.error is not None:
-                raise SnaplabError("an earlier chunk could not be read")
-            n = len(mine) * CHUNK
-            lazy._read(int(hosts[mine[0]][0]), memoryview((ctypes.c_char * n).from_address(src + off)).cast("B"))
-            with lazy.lock:
-                lazy.stats.bytes_read += n
+        try:  # (one run of pages in RAM and in the file: read_grouped reads it straight into place)
+            lazy._read_chunk(off, n, (ctypes.c_char * n).from_address(src + off), np.concatenate([hosts[c] for c in mine]))
         except Exception as err:
             lazy._failed(err)
             zero = True
         for c in mine:
             lazy._install(c, c * CHUNK, CHUNK, src + c * CHUNK, zero)
-            filled.append(c)
         if len(mine) > 1:
             with lazy.lock:
                 lazy.stats.grouped_chunks += len(mine)
-    for c in rest:  # after a chunk a fault took: one by one (each skipped if taken too)
-        if lazy._fill(c, buf, hosts[c]):
-            filled.append(c)
-    return filled
+    return mine + [c for c in rest if lazy._fill(c, buf, hosts[c])]  # (after a fault's chunk: one by one)
 
 
 def _load_set(lazy: LazyLoad, order: np.ndarray) -> None:

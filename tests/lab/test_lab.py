@@ -177,16 +177,21 @@ def test_wait_firmware_writes_waits_for_a_write_then_quiet(tmp_path: Path) -> No
     t.join()
 
 
-def test_results_metadata_names_the_commit_measured() -> None:
-    """A measurement's metadata names the commit it ran (this checkout's HEAD) and whether
-    tracked files differed from it, so a README's "made at commit X" can be checked."""
+def test_results_metadata_names_the_commit_measured(tmp_path: Path) -> None:
+    """A measurement's metadata names the commit it ran and whether tracked files differed
+    from it, so a README's "made at commit X" can be checked; outside a git checkout the
+    commit is "unknown"."""
     import subprocess
-    from pathlib import Path
 
-    root = Path(results.__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    if head.returncode != 0:
-        pytest.skip("not a git checkout: the commit is 'unknown' by design")
-    src = results.metadata(1)["source"]
-    assert src["commit"] == head.stdout.strip() and len(src["commit"]) == 40
-    assert isinstance(src["modified"], bool)
+    assert results.source_revision(tmp_path) == {"commit": "unknown", "modified": None}
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("a")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    (tmp_path / "g").write_text("untracked")  # untracked files do not count
+    assert results.source_revision(tmp_path) == {"commit": head, "modified": False}
+    (tmp_path / "f").write_text("b")
+    assert results.source_revision(tmp_path) == {"commit": head, "modified": True}
+    assert results.metadata(1)["source"] == results.source_revision()  # this checkout's, by default
