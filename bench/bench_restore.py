@@ -1,7 +1,8 @@
 """Benchmark: restore to full speed, every load policy on one snapshot (issue #19).
 
     python bench/bench_restore.py [--quick] [--ram-mib N] [--ws-mib N] [--runs N] [--seed S]
-                                  [--horizon-s S] [--rate-mib-s N] [--no-qemu] [--out FILE]
+                                  [--horizon-s S] [--rate-mib-s N] [--no-qemu] [--no-control]
+                                  [--no-disk-floor] [--out FILE]
 
 A guest whose RAM is full of random bytes (4 GiB; --quick 1 GiB) runs the dirty workload,
 unthrottled (``--rate-mib-s``: paced, so that its rate before a load is a known one), over a working set (256 MiB; --quick 64 MiB) at a seeded random place in RAM.
@@ -24,7 +25,12 @@ watched (``rate_after``), to tell a host that slowed from a slow recovery.  Each
 watches the guest once with no load (the ``control`` row, lab.restore.CONTROL; ``--no-control``:
 none): the same windows and reference rate from an instant at which nothing is sent; the
 to-50%/90% rule applied from every 20 ms of those watches gives the noise floor under every
-policy's figure (lab.restore.noise_floor), printed and stored under "control".  Raw rows go to --out (JSON).  The last line printed is one JSON
+policy's figure (lab.restore.noise_floor), printed and stored under "control".  Each run also
+reads the working set's size bare from the snapshot's image, with the guest running
+(``--no-disk-floor``: not), one 2 MiB chunk at a time and with the prefetch policy's readers
+(lab/diskfloor.py): the disk's own floor under the lazy loads' times to speed, which moves
+with the host (3x between two nights on the EPYC host), stored under "disk" with each
+policy's to90 over it.  Raw rows go to --out (JSON).  The last line printed is one JSON
 object:
 {"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
 "resident_s": z}, ...}, "control": {"to90_ms": ..., ...}}.
@@ -43,7 +49,14 @@ import numpy as np
 
 from lab import qemu as qemu_lab
 from lab.hostnoise import describe, host_noise
-from lab.restore import CONTROL, RestoreSpec, noise_floor, restore_experiment, summarize
+from lab.restore import (
+    CONTROL,
+    RestoreSpec,
+    disk_summary,
+    noise_floor,
+    restore_experiment,
+    summarize,
+)
 from lab.spec import load_engines
 
 GOAL_PREFETCH_VS_BLOCKING = 5.0
@@ -83,6 +96,8 @@ def main() -> None:
                     help="pace the guest at this many MiB of page stamps a second (default: unpaced; see lab.restore.RestoreSpec)")
     ap.add_argument("--no-control", action="store_true",
                     help="no control watch (the same watch with no load) in each run")
+    ap.add_argument("--no-disk-floor", action="store_true",
+                    help="no bare read of the working set's bytes from the image in each run (lab/diskfloor.py)")
     a = ap.parse_args()
     if a.rate_mib_s < 0:
         ap.error(f"--rate-mib-s must be 0 (unpaced) or more, not {a.rate_mib_s}")
@@ -90,7 +105,7 @@ def main() -> None:
     horizon = a.horizon_s if a.horizon_s is not None else max(5.0, 3.0 + 0.5 * ram_mib / 1024)
     spec = RestoreSpec(ram_mib=ram_mib, ws_mib=a.ws_mib or (64 if a.quick else 256),
                        runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill, horizon_s=horizon,
-                       control=not a.no_control, rate_mib_s=a.rate_mib_s)
+                       control=not a.no_control, rate_mib_s=a.rate_mib_s, disk_floor=not a.no_disk_floor)
     pace = f"paced at {spec.rate_mib_s} MiB/s" if spec.rate_mib_s else "unpaced"
     print(f"restore to full speed: {spec.ram_mib} MiB guest ({'random' if spec.fill_random else 'mostly zero'} RAM, {pace}), working set {spec.ws_mib} MiB at "
           f"+{spec.workload().ws_offset >> 20} MiB, seed {spec.seed}, {spec.runs} timed loads per policy, "
@@ -121,6 +136,16 @@ def main() -> None:
             print(f"noise floor {name} (lab.restore.noise_floor: the to-level rule from every 20 ms of the control watches, "
                   f"{nf['starts']:.0f} starts): >= 60 ms from {nf['share_60ms']:.0%}, >= 200 ms from {nf['share_200ms']:.0%}, "
                   f"90th percentile {nf['p90_ms']:.0f} ms, longest {nf['max_ms']:.0f} ms")
+    disk = disk_summary(res["disk"], summary)
+    if disk:
+        print(f"the disk alone (lab/diskfloor.py: {disk['mib']:.0f} MiB of the image, read bare in each run"
+              f"{', through the page cache' if disk['page_cache'] else ' around the page cache'}): "
+              f"serial 2 MiB reads {disk['serial_ms']:.1f} ms ({disk['serial_min_ms']:.1f}-{disk['serial_max_ms']:.1f}), "
+              f"prefetch's readers {disk['parallel_ms']:.1f} ms ({disk['parallel_min_ms']:.1f}-{disk['parallel_max_ms']:.1f}); "
+              + ", ".join(f"{k.replace('_over_', ' to90 / ')} {v:.2f}" for k, v in disk.items() if "_over_" in k
+                          and not k.startswith("bound"))
+              + (f"; so background/prefetch can be at most about {disk['bound_background_over_prefetch']:.2f}x on this disk now"
+                 if "bound_background_over_prefetch" in disk else ""), flush=True)
     blocking, *lazy = load_engines()
     pf, bg = "prefetch", "background"  # the issue's goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],
@@ -135,7 +160,9 @@ def main() -> None:
                            # the same watch with no load (lab.restore.CONTROL): the host's own noise floor
                            "control": {k: _num(v, 3) for k, v in summary.get(CONTROL, {}).items()}
                            | {f"noise_floor_{name}": {k: _num(v, 3) for k, v in nf.items()} for name, nf in floor.items()},
-                           "ratios": {k: _num(v, 2) for k, v in ratios.items()}}
+                           "ratios": {k: _num(v, 2) for k, v in ratios.items()},
+                           # the same bytes read bare from the image in each run (lab/diskfloor.py)
+                           "disk": {k: _num(v, 3) for k, v in disk.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res | {"summary": out}, indent=1, default=float))
     if qemu_lab.available() and not a.no_qemu:

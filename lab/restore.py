@@ -37,7 +37,12 @@ Definitions (the same for every policy):
   sent, then the same windows after it.  Its ``toX_ms`` is the wait from that one instant; the
   noise floor under every policy's figure is the distribution of that wait from every instant of
   the control watches (:func:`noise_floor`): with a single instant per run, five zeros can hide
-  an undisturbed guest that spends hundreds of milliseconds under 90% now and then.
+  an undisturbed guest that spends hundreds of milliseconds under 90% now and then;
+- the ``disk`` rows (``RestoreSpec.disk_floor``): in each run, with the guest running, a bare
+  read of the working set's size from the middle of the snapshot's image, one 2 MiB chunk at
+  a time (``serial_ms``: what a load whose guest faults on one chunk after another can do at
+  best) and with the prefetch policy's readers and groups (``parallel_ms``: its floor);
+  lab/diskfloor.py.  :func:`disk_summary` sets the policies' times to 90% beside them.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ import numpy as np
 from emulator.block import BlockGraph, Qcow2Image
 from emulator.guest import DATA_BASE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from lab.diskfloor import disk_floor
 from lab.spec import load_engines, waits_for_complete
 from lab.stats import late_median, late_quantiles
 
@@ -85,6 +91,9 @@ class RestoreSpec:
     # wanders with the host's (+-25-40% over seconds here), and "90% of its rate before" with it;
     # paced below its slowest speed, its rate is the pace whenever nothing holds it up
     rate_mib_s: int = 0
+    # in each run, a bare read of the working set's bytes from the snapshot's image (lab.diskfloor):
+    # the disk's own floor under the loads' times to speed, in the same run
+    disk_floor: bool = False
 
     def workload(self) -> WorkloadSpec:
         span = (self.ram_mib << 20) - DATA_BASE - (self.ws_mib << 20)
@@ -399,7 +408,12 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
                 time.sleep(spec.settle_s)
                 warm.append(_load_once(m, p, f"warm-{p}", spec) | {"run": -1})
             names = (*policies, CONTROL) if spec.control else tuple(policies)  # the control rotates with them
+            disk: list[dict[str, Any]] = []
             for run in range(spec.runs):
+                if spec.disk_floor:  # with the guest running, as during the loads
+                    time.sleep(spec.settle_s)
+                    disk.append(disk_floor(Path(tmp) / "disk0.qcow2", spec.ws_mib << 20, seed=spec.seed + run,
+                                           parallel_first=run % 2 == 0) | {"run": run})
                 order = names[run % len(names):] + names[:run % len(names)]
                 for p in order:
                     time.sleep(spec.settle_s)
@@ -411,7 +425,8 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
         finally:
             m.close()
             g.close()
-    return {"spec": asdict(spec) | {"ws_offset": spec.workload().ws_offset}, "rows": rows, "warm": warm}
+    return {"spec": asdict(spec) | {"ws_offset": spec.workload().ws_offset}, "rows": rows, "warm": warm,
+            "disk": disk}
 
 
 LATE_KEYS = ("first_progress_ms", "to50_ms", "to90_ms")  # times to an event NaN when it came after the watch
@@ -447,6 +462,31 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
         med["loads"] = float(len(ref))  # the loads the times to speed are over
         med["unknown"] = float(len(rs) - len(ref))
         out[p] = med
+    return out
+
+
+def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The ``disk`` rows' medians (ms) and each lazy policy's median to90 over them: the
+    ``prefetch`` policy's over the parallel read (1 would be a load that waits for nothing but
+    its set's bytes), ``background``'s and ``ondemand``'s over the serial one; and
+    ``bound_background_over_prefetch``: background's to90 over the parallel read, the most
+    that prefetch's lead over background can be on this disk in this run."""
+    if not disk:
+        return {}
+    par = float(np.median([d["parallel_ms"] for d in disk]))
+    ser = float(np.median([d["serial_ms"] for d in disk]))
+    out = {"parallel_ms": par, "serial_ms": ser, "parallel_min_ms": float(min(d["parallel_ms"] for d in disk)),
+           "parallel_max_ms": float(max(d["parallel_ms"] for d in disk)),
+           "serial_min_ms": float(min(d["serial_ms"] for d in disk)), "serial_max_ms": float(max(d["serial_ms"] for d in disk)),
+           "mib": disk[0]["bytes"] / 2**20, "page_cache": float(any(d["page_cache"] for d in disk))}
+    to90 = {p: s["to90_ms"] for p, s in summary.items()}
+    if "prefetch" in to90:
+        out["prefetch_over_parallel"] = to90["prefetch"] / par
+    for p in ("background", "ondemand"):
+        if p in to90:
+            out[f"{p}_over_serial"] = to90[p] / ser
+    if "background" in to90:
+        out["bound_background_over_prefetch"] = to90["background"] / par
     return out
 
 

@@ -60,8 +60,12 @@ def test_a_level_never_reached_is_nan() -> None:
 
 
 def test_every_policy_restores_and_the_first_recording_is_used_next() -> None:
-    spec = RestoreSpec(ram_mib=96, ws_mib=8, runs=1, seed=4, horizon_s=0.6, settle_s=0.3, control=True)
+    spec = RestoreSpec(ram_mib=96, ws_mib=8, runs=1, seed=4, horizon_s=0.6, settle_s=0.3, control=True,
+                       disk_floor=True)
     res = restore_experiment(spec)
+    # the run's bare read of the working set's size from the snapshot's image (lab/diskfloor.py)
+    assert [(d["run"], d["bytes"]) for d in res["disk"]] == [(0, 8 << 20)]
+    assert res["disk"][0]["serial_ms"] > 0 and res["disk"][0]["parallel_ms"] > 0
     assert [r["policy"] for r in res["rows"]] == [*load_engines(), CONTROL]
     control = res["rows"][-1]  # the same watch with nothing sent: nothing stopped, nothing read
     assert control["resume_ms"] == 0.0 and control["faults"] == 0 and control["bytes_read"] == 0

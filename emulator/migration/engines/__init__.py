@@ -22,6 +22,12 @@ from emulator.migration.engines.save_blocking import (
 )
 from emulator.migration.engines.save_cow import CowSaveEngine
 from emulator.migration.engines.save_precopy import PrecopySave
+from emulator.migration.postcopy import (  # (re-exported: lab.diskfloor reads as the prefetch policy's readers do)
+    PREFETCH_GROUP as PREFETCH_GROUP,
+)
+from emulator.migration.postcopy import (
+    PREFETCH_READERS as PREFETCH_READERS,
+)
 
 SAVE_ENGINES: list[type[SaveEngine]] = [
     BlockingSave,
