@@ -11,8 +11,9 @@ So a restore measurement carries its own reference, read from the same image in 
   on-demand or background load can do while the guest faults on one chunk after another (each
   fault waits for its read before the guest can touch the next chunk);
 - ``parallel``: :data:`~emulator.migration.postcopy.PREFETCH_READERS` threads each reading
-  :data:`~emulator.migration.postcopy.PREFETCH_GROUP` chunks at once: what the prefetch
-  policy's readers do with a loading set (``LazyLoad._prefetch``).
+  a block of chunks at once, the blocks :func:`~emulator.migration.postcopy.group_size` cuts a
+  set of that size into: what the prefetch policy's readers do with a loading set whose
+  chunks are side by side in RAM and in the file (``LazyLoad._prefetch``).
 
 Both read into memory backed by huge pages and written once before (as the old RAM a lazy
 load reads into), with ``O_DIRECT`` where the file system allows it (as the engine reads the
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from emulator.migration.engines import PREFETCH_GROUP, PREFETCH_READERS
+from emulator.migration.engines import PREFETCH_READERS, group_size
 
 CHUNK = 2 << 20  # the lazy load's unit (emulator.migration.postcopy)
 
@@ -136,7 +137,8 @@ def disk_floor(path: str | os.PathLike[str], nbytes: int, seed: int = 0,
         fd, cached = _open(path)
         buf = memoryview(mem)
         try:
-            ways = {"parallel": (PREFETCH_GROUP * CHUNK, PREFETCH_READERS, None), "serial": (CHUNK, 1, seed)}
+            block = group_size(n // CHUNK) * CHUNK  # as the set's readers cut a set of this size
+            ways = {"parallel": (block, PREFETCH_READERS, None), "serial": (CHUNK, 1, seed)}
             order = ["parallel", "serial"] if parallel_first else ["serial", "parallel"]
             out: dict[str, Any] = {"bytes": n, "offset": off, "page_cache": cached}
             for way in order:

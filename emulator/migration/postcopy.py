@@ -515,6 +515,15 @@ def hosts_of(hosts: Callable[[int, int], np.ndarray], ram_size: int, chunks: lis
     return out
 
 
+def group_size(chunks: int, group: int | None = None, readers: int | None = None) -> int:
+    """The block size, in chunks, :func:`set_groups` cuts a loading set of ``chunks`` chunks
+    into: ``group`` (PREFETCH_GROUP), fewer when the set is too small to give each of the
+    ``readers`` (PREFETCH_READERS) a block of that size, at least 2."""
+    group = PREFETCH_GROUP if group is None else group
+    readers = PREFETCH_READERS if readers is None else readers
+    return max(2, min(group, chunks // readers))
+
+
 def set_groups(todo: list[int], hosts: dict[int, np.ndarray], group: int | None = None,
                readers: int | None = None) -> list[list[int]]:
     """A loading set ``todo`` (first-touch order; ``hosts``: each chunk's pages' file offsets,
@@ -527,11 +536,9 @@ def set_groups(todo: list[int], hosts: dict[int, np.ndarray], group: int | None 
     each: to90 medians 14 ms with blocks of 4 against 17 with blocks of 8, ranges 11-18 and
     14-18, a small difference in the spread; one group per reader).  Groups keep the order
     of the chunk that started them, whichever way the guest went through RAM."""
-    group = PREFETCH_GROUP if group is None else group
-    readers = PREFETCH_READERS if readers is None else readers
-    if group < 2:
+    if (group if group is not None else PREFETCH_GROUP) < 2:
         return [[c] for c in todo]
-    size = max(2, min(group, len(todo) // readers))
+    size = group_size(len(todo), group, readers)
     per = CHUNK // PAGE
     full = [c for c, h in hosts.items() if len(h) == per]  # (not RAM's last chunk if it is short)
     dense = dict.fromkeys(hosts, False)

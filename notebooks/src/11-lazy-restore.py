@@ -39,8 +39,9 @@ The experiment below fills all of a guest's RAM with random bytes (so every page
 An example of the look-ahead: a guest that resumes at 1 ms, first reports at 9 ms and then runs at full speed has done, over the window [1 ms, 21 ms], 12 ms of work at full speed, 60% of its rate: `to50_ms` is 1 ms, before its first progress. For a small guest, whose loads differ by a few milliseconds, the 20 ms window is coarser than the differences: read the zoomed panel of the figure (1 ms bins) beside the table."""),
     ("code", """QUICK = True
 from lab.restore import RestoreSpec
-spec = (RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=0.8, control=True) if QUICK
-        else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1, control=True))  # control: a watch with no load, each run
+spec = (RestoreSpec(ram_mib=128, ws_mib=16, runs=3, seed=1, horizon_s=1.0, settle_s=0.8, control=True, disk_floor=True) if QUICK
+        else RestoreSpec(ram_mib=4096, ws_mib=256, runs=5, seed=1, control=True, disk_floor=True))
+# control: a watch with no load, each run; disk_floor: the working set's bytes read bare from the image, each run
 w = spec.workload()
 print(f'seed {spec.seed}: {spec.ram_mib} MiB of RAM, working set {spec.ws_mib} MiB at guest address {w.base:#x}')"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
@@ -58,6 +59,22 @@ fig = restore_figure(res['rows'], zoom=True, title=f'live run, {spec.ram_mib} Mi
 - `prefetch` reads the recorded working set first, then the rest slowly, so that the guest keeps most of its speed: its `resident_s` is the longest of the lazy policies at 4 GiB (the committed run); at 128 MiB the paced rest takes under a second and can be shorter than `ondemand`'s `resident_s`, which includes the `horizon_s` the lab waits before `job-complete`.
 
 Why slowly? A filler is not free even on another CPU: it reads 2 MiB chunks from the disk and installs them, which costs memory bandwidth, shared caches and, in snaplab's Python process, the interpreter lock the vCPU thread needs for its device callbacks. In the committed run below, `background`'s filler (normal priority, reading from the disk at full speed) held the guest well below its speed while it ran (its curve in the figure); while the engine was designed, a full-speed filler at `SCHED_IDLE` priority held the guest near half its speed too on this 2-vCPU machine (`docs/deviations.md` 51; not measured in this notebook). So `prefetch` paces its filler to a twentieth of a CPU, counted in CPU time: a read's wait for the disk takes nothing from the guest. The price of pacing is the time until all of RAM is resident."""),
+    ("md", """## The floor under a lazy load: the disk alone
+
+A lazy load is back to speed once the guest's working set is in RAM, and reading those bytes from the image is most of that time. How long the disk alone takes for them is measured in the same run (`disk_floor=True`, `lab/diskfloor.py`): in each run, with the guest running, the working set's size is read bare from the middle of the snapshot's image, around the page cache, in the two ways the policies read:
+- **serial**: one 2 MiB chunk at a time, in a shuffled order, on one thread: the best `ondemand` or `background` can do while the guest faults on one chunk after another, since each fault's read must end before the guest reaches its next chunk;
+- **parallel**: eight threads, each reading several neighbouring chunks at once, as `prefetch`'s readers read a loading set whose chunks lie side by side in RAM and in the file.
+
+Each lazy policy's `to90_ms` over its floor says how much more than the disk's own time the load took (wake-ups, installs, the guest's own stalls); background's `to90_ms` over the *parallel* read is the most that prefetch's lead over background can be on this disk, now. A ratio under 1 is possible: `to90_ms` looks 20 ms ahead, so for a small working set it can come before the last byte is in."""),
+    ("code", """# NBVAL_IGNORE_OUTPUT
+from lab.restore import disk_summary
+d = disk_summary(res['disk'], summarize(res['rows']))
+print(f"the working set's {d['mib']:.0f} MiB read bare from the image, medians of {len(res['disk'])} runs: "
+      f"one 2 MiB chunk at a time {d['serial_ms']:.1f} ms ({d['serial_min_ms']:.1f}-{d['serial_max_ms']:.1f}), "
+      f"with prefetch's readers {d['parallel_ms']:.1f} ms ({d['parallel_min_ms']:.1f}-{d['parallel_max_ms']:.1f})")
+print(f"to90 over the floor: prefetch {d['prefetch_over_parallel']:.2f}x the parallel read; "
+      f"background {d['background_over_serial']:.2f}x and ondemand {d['ondemand_over_serial']:.2f}x the serial one")
+print(f"background / prefetch can be at most about {d['bound_background_over_prefetch']:.1f}x on this disk now")"""),
     ("md", """## Inside one load of each lazy policy: the memory map
 
 The curves above are medians over loads. The next figure opens the last load of each lazy policy of the live run, as notebook 7 opens a copy-on-write save: above, the guest's rate in 1 ms bins over its rate before (dotted: 90%); below, the memory map, guest RAM by address against time after the command, with every 2 MiB chunk drawn at the moment it came in, and who brought it: the guest's own fault (red), the loading set's readers (blue squares), or the rest fill (grey). A cross is a fault: the moment the handler read it, the vCPU blocked on a missing page until then and until the chunk was in. The engine records all of it for every load (`fault-at-s`, `fault-chunk`, `fill-log` and `prefetch-start-s` in `__org.snaplab_query-snapshot-stats`)."""),

@@ -23,10 +23,10 @@ from emulator.migration.engines.save_blocking import (
 from emulator.migration.engines.save_cow import CowSaveEngine
 from emulator.migration.engines.save_precopy import PrecopySave
 from emulator.migration.postcopy import (  # (re-exported: lab.diskfloor reads as the prefetch policy's readers do)
-    PREFETCH_GROUP as PREFETCH_GROUP,
+    PREFETCH_READERS as PREFETCH_READERS,
 )
 from emulator.migration.postcopy import (
-    PREFETCH_READERS as PREFETCH_READERS,
+    group_size as group_size,
 )
 
 SAVE_ENGINES: list[type[SaveEngine]] = [
