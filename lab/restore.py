@@ -410,8 +410,7 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
             names = (*policies, CONTROL) if spec.control else tuple(policies)  # the control rotates with them
             disk: list[dict[str, Any]] = []
             for run in range(spec.runs):
-                if spec.disk_floor:  # with the guest running, as during the loads
-                    time.sleep(spec.settle_s)
+                if spec.disk_floor:  # with the guest running, as during the loads (every fill has ended)
                     disk.append(disk_floor(Path(tmp) / "disk0.qcow2", spec.ws_mib << 20, seed=spec.seed + run,
                                            parallel_first=run % 2 == 0) | {"run": run})
                 order = names[run % len(names):] + names[:run % len(names)]
