@@ -26,14 +26,14 @@ watches the guest once with no load (the ``control`` row, lab.restore.CONTROL; `
 none): the same windows and reference rate from an instant at which nothing is sent; the
 to-50%/90% rule applied from every 20 ms of those watches gives the noise floor under every
 policy's figure (lab.restore.noise_floor), printed and stored under "control".  Each run also
-reads the working set's size bare from the snapshot's image, with the guest running
-(``--no-disk-floor``: not), one 2 MiB chunk at a time and with the prefetch policy's readers
-(lab/diskfloor.py): the disk's own floor under the lazy loads' times to speed, which moves
-with the host (3x between two nights on the EPYC host), stored under "disk" with each
-policy's to90 over it.  Raw rows go to --out (JSON).  The last line printed is one JSON
-object:
+reads as many bytes as the working set's from the middle of the snapshot's image, with the
+guest running (``--no-disk-floor``: not), one 2 MiB chunk at a time and with the prefetch
+policy's readers (lab/diskfloor.py): the disk's own speed beside the lazy loads' times to
+speed, which moves with the host (about 3x between two nights on the EPYC host), printed run
+by run beside the loads and stored under "disk".  Raw rows go to --out (JSON).  The last line
+printed is one JSON object:
 {"ram_mib": N, "policies": {"blocking": {"resume_ms": x, "to90_ms": y, "faults": n,
-"resident_s": z}, ...}, "control": {"to90_ms": ..., ...}}.
+"resident_s": z}, ...}, "control": {"to90_ms": ..., ...}, "ratios": {...}, "disk": {...}}.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from lab.hostnoise import describe, host_noise
 from lab.restore import (
     CONTROL,
     RestoreSpec,
+    disk_pairs,
     disk_summary,
     noise_floor,
     restore_experiment,
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--no-control", action="store_true",
                     help="no control watch (the same watch with no load) in each run")
     ap.add_argument("--no-disk-floor", action="store_true",
-                    help="no bare read of the working set's bytes from the image in each run (lab/diskfloor.py)")
+                    help="no bare read of the working set's size from the image in each run (lab/diskfloor.py)")
     a = ap.parse_args()
     if a.rate_mib_s < 0:
         ap.error(f"--rate-mib-s must be 0 (unpaced) or more, not {a.rate_mib_s}")
@@ -137,15 +138,20 @@ def main() -> None:
                   f"{nf['starts']:.0f} starts): >= 60 ms from {nf['share_60ms']:.0%}, >= 200 ms from {nf['share_200ms']:.0%}, "
                   f"90th percentile {nf['p90_ms']:.0f} ms, longest {nf['max_ms']:.0f} ms")
     disk = disk_summary(res["disk"], summary)
-    if disk:
-        print(f"the disk alone (lab/diskfloor.py: {disk['mib']:.0f} MiB of the image, read bare in each run"
-              f"{', through the page cache' if disk['page_cache'] else ' around the page cache'}): "
+    if disk.get("errors"):
+        print("the disk's own reads failed in "
+              + ", ".join(f"run {d['run']}: {d['error']}" for d in res["disk"] if "error" in d), flush=True)
+    if "mib" in disk:
+        print(f"the disk alone (lab/diskfloor.py: {disk['mib']:.0f} MiB from the middle of the image's VM state, "
+              f"read in each run with the guest running{', through the page cache' if disk['page_cache'] else ', around the page cache'}): "
               f"serial 2 MiB reads {disk['serial_ms']:.1f} ms ({disk['serial_min_ms']:.1f}-{disk['serial_max_ms']:.1f}), "
               f"prefetch's readers {disk['parallel_ms']:.1f} ms ({disk['parallel_min_ms']:.1f}-{disk['parallel_max_ms']:.1f}); "
-              + ", ".join(f"{k.replace('_over_', ' to90 / ')} {v:.2f}" for k, v in disk.items() if "_over_" in k
-                          and not k.startswith("bound"))
-              + (f"; so background/prefetch can be at most about {disk['bound_background_over_prefetch']:.2f}x on this disk now"
-                 if "bound_background_over_prefetch" in disk else ""), flush=True)
+              "median to90 over them: "
+              + ", ".join(f"{k.replace('_over_', ' / ')} {v:.2f}" for k, v in disk.items() if "_over_" in k), flush=True)
+        for pr in disk_pairs(res["rows"], res["disk"]):
+            print(f"  run {pr['run']:.0f}: prefetch's set in at {pr['set_over_parallel']:.2f} of that run's parallel read; "
+                  f"background / prefetch to90 {pr['background_over_prefetch']:.2f}; serial / parallel read "
+                  f"{pr['serial_over_parallel']:.2f}", flush=True)
     blocking, *lazy = load_engines()
     pf, bg = "prefetch", "background"  # the issue's goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],
@@ -161,7 +167,7 @@ def main() -> None:
                            "control": {k: _num(v, 3) for k, v in summary.get(CONTROL, {}).items()}
                            | {f"noise_floor_{name}": {k: _num(v, 3) for k, v in nf.items()} for name, nf in floor.items()},
                            "ratios": {k: _num(v, 2) for k, v in ratios.items()},
-                           # the same bytes read bare from the image in each run (lab/diskfloor.py)
+                           # as many bytes read bare from the image in each run (lab/diskfloor.py)
                            "disk": {k: _num(v, 3) for k, v in disk.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res | {"summary": out}, indent=1, default=float))

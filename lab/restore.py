@@ -39,10 +39,11 @@ Definitions (the same for every policy):
   the control watches (:func:`noise_floor`): with a single instant per run, five zeros can hide
   an undisturbed guest that spends hundreds of milliseconds under 90% now and then;
 - the ``disk`` rows (``RestoreSpec.disk_floor``): in each run, with the guest running, a bare
-  read of the working set's size from the middle of the snapshot's image, one 2 MiB chunk at
-  a time (``serial_ms``: what a load whose guest faults on one chunk after another can do at
-  best) and with the prefetch policy's readers and groups (``parallel_ms``: its floor);
-  lab/diskfloor.py.  :func:`disk_summary` sets the policies' times to 90% beside them.
+  read of as many bytes as the working set's from the middle of the snapshot's image, one
+  2 MiB chunk at a time (``serial_ms``: the reads of a load whose guest faults on one chunk
+  after another) and with the prefetch policy's readers and groups (``parallel_ms``);
+  lab/diskfloor.py, which says what they are not.  :func:`disk_summary` and
+  :func:`disk_pairs` set the policies' times beside them.
 """
 
 from __future__ import annotations
@@ -91,8 +92,8 @@ class RestoreSpec:
     # wanders with the host's (+-25-40% over seconds here), and "90% of its rate before" with it;
     # paced below its slowest speed, its rate is the pace whenever nothing holds it up
     rate_mib_s: int = 0
-    # in each run, a bare read of the working set's bytes from the snapshot's image (lab.diskfloor):
-    # the disk's own floor under the loads' times to speed, in the same run
+    # in each run, a bare read of as many bytes as the working set's from the snapshot's image
+    # (lab.diskfloor): the disk's own speed beside the loads' times to speed, in the same run
     disk_floor: bool = False
 
     def workload(self) -> WorkloadSpec:
@@ -386,8 +387,10 @@ def noise_floor(rows: list[dict[str, Any]], level: float = 0.9) -> dict[str, flo
 
 def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], None] | None = None,
                        workdir: str | Path | None = None) -> dict[str, Any]:
-    """Every policy loaded ``spec.runs`` times on one snapshot; returns the spec, the rows and
-    the recording load of the prefetch policy (the first one, which records its loading set)."""
+    """Every policy loaded ``spec.runs`` times on one snapshot; returns the spec, the rows, the
+    untimed first loads (``warm``: the first prefetch load records its loading set) and, with
+    ``spec.disk_floor``, the disk's own reads in each run (``disk``: lab.diskfloor, or the
+    error that kept one from being measured)."""
     policies = spec.policies or load_engines()
     with tempfile.TemporaryDirectory(prefix="snaplab-restore-", dir=workdir or "/var/tmp") as tmp:
         m, g = _machine(spec, Path(tmp))
@@ -411,8 +414,11 @@ def restore_experiment(spec: RestoreSpec, progress: Callable[[dict[str, Any]], N
             disk: list[dict[str, Any]] = []
             for run in range(spec.runs):
                 if spec.disk_floor:  # with the guest running, as during the loads (every fill has ended)
-                    disk.append(disk_floor(Path(tmp) / "disk0.qcow2", spec.ws_mib << 20, seed=spec.seed + run,
-                                           parallel_first=run % 2 == 0) | {"run": run})
+                    try:
+                        disk.append(disk_floor(Path(tmp) / "disk0.qcow2", spec.ws_mib << 20, seed=spec.seed + run,
+                                               parallel_first=run % 2 == 0) | {"run": run})
+                    except (OSError, ValueError, MemoryError) as err:  # a reference lost, not the run
+                        disk.append({"run": run, "error": f"{type(err).__name__}: {err}"})
                 order = names[run % len(names):] + names[:run % len(names)]
                 for p in order:
                     time.sleep(spec.settle_s)
@@ -465,19 +471,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> dict[str, float]:
-    """The ``disk`` rows' medians (ms) and each lazy policy's median to90 over them: the
-    ``prefetch`` policy's over the parallel read (1 would be a load that waits for nothing but
-    its set's bytes), ``background``'s and ``ondemand``'s over the serial one; and
-    ``bound_background_over_prefetch``: background's to90 over the parallel read, the most
-    that prefetch's lead over background can be on this disk in this run."""
-    if not disk:
-        return {}
-    par = float(np.median([d["parallel_ms"] for d in disk]))
-    ser = float(np.median([d["serial_ms"] for d in disk]))
-    out = {"parallel_ms": par, "serial_ms": ser, "parallel_min_ms": float(min(d["parallel_ms"] for d in disk)),
-           "parallel_max_ms": float(max(d["parallel_ms"] for d in disk)),
-           "serial_min_ms": float(min(d["serial_ms"] for d in disk)), "serial_max_ms": float(max(d["serial_ms"] for d in disk)),
-           "mib": disk[0]["bytes"] / 2**20, "page_cache": float(any(d["page_cache"] for d in disk))}
+    """The ``disk`` rows' medians and ranges (ms; rows with an ``error`` left out and counted in
+    ``errors``) and, beside them, each lazy policy's median to90 over one of them: the
+    ``prefetch`` policy's over the parallel read, ``background``'s and ``ondemand``'s over
+    the serial one, and ``background_over_parallel`` (background's over the parallel read).
+    Ratios of medians from unpaired measurements: the reads ran once per run, not beside each
+    load (:func:`disk_pairs` pairs them run by run)."""
+    ok = [d for d in disk if "error" not in d]
+    if not ok:
+        return {"errors": float(len(disk))} if disk else {}
+    par = float(np.median([d["parallel_ms"] for d in ok]))
+    ser = float(np.median([d["serial_ms"] for d in ok]))
+    out = {"parallel_ms": par, "serial_ms": ser, "parallel_min_ms": float(min(d["parallel_ms"] for d in ok)),
+           "parallel_max_ms": float(max(d["parallel_ms"] for d in ok)),
+           "serial_min_ms": float(min(d["serial_ms"] for d in ok)), "serial_max_ms": float(max(d["serial_ms"] for d in ok)),
+           "mib": ok[0]["bytes"] / 2**20, "page_cache": float(any(d["page_cache"] for d in ok)),
+           "errors": float(len(disk) - len(ok))}
     to90 = {p: s["to90_ms"] for p, s in summary.items()}
     if "prefetch" in to90:
         out["prefetch_over_parallel"] = to90["prefetch"] / par
@@ -485,7 +494,25 @@ def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]
         if p in to90:
             out[f"{p}_over_serial"] = to90[p] / ser
     if "background" in to90:
-        out["bound_background_over_prefetch"] = to90["background"] / par
+        out["background_over_parallel"] = to90["background"] / par
+    return out
+
+
+def disk_pairs(rows: list[dict[str, Any]], disk: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Run by run: the disk's reads of that run beside its prefetch and background loads --
+    prefetch's set time (``prefetch_s``, RESUME -> set in: no look-ahead window) over the
+    parallel read, background / prefetch to90, and the serial over the parallel read."""
+    out = []
+    for d in disk:
+        if "error" in d:
+            continue
+        by = {r["policy"]: r for r in rows if r.get("run") == d["run"]}
+        if "prefetch" not in by or "background" not in by:
+            continue
+        pf, bg = by["prefetch"], by["background"]
+        out.append({"run": float(d["run"]), "set_over_parallel": pf["prefetch_s"] * 1e3 / d["parallel_ms"],
+                    "background_over_prefetch": bg["to90_ms"] / pf["to90_ms"],
+                    "serial_over_parallel": d["serial_ms"] / d["parallel_ms"]})
     return out
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lab.diskfloor import CHUNK, _open, data_span, disk_floor, read_span
-from lab.restore import disk_summary
+from lab.restore import disk_pairs, disk_summary
 
 
 def _image(tmp: Path, chunks: int) -> tuple[Path, bytes]:
@@ -82,6 +82,40 @@ def test_the_floor_times_both_ways_and_the_summary_sets_policies_beside_it(tmp_p
     assert s["parallel_ms"] == 50.0 and s["serial_ms"] == 120.0 and s["mib"] == 256.0
     assert s["prefetch_over_parallel"] == pytest.approx(1.1)
     assert s["background_over_serial"] == pytest.approx(1.25) and s["ondemand_over_serial"] == pytest.approx(1.5)
-    assert s["bound_background_over_prefetch"] == pytest.approx(3.0)
+    assert s["background_over_parallel"] == pytest.approx(3.0) and s["errors"] == 0
     assert (s["parallel_min_ms"], s["parallel_max_ms"], s["serial_min_ms"], s["serial_max_ms"]) == (40, 60, 100, 140)
     assert disk_summary([], summary) == {}
+    # a run whose reads failed is left out of the medians and counted
+    failed = {"run": 2, "error": "OSError: short read"}
+    assert disk_summary([*disk, failed], summary)["parallel_ms"] == 50.0
+    assert disk_summary([*disk, failed], summary)["errors"] == 1
+    assert disk_summary([failed], summary) == {"errors": 1}
+
+
+def test_pairs_set_each_runs_loads_beside_its_own_reads() -> None:
+    disk = [{"run": 0, "parallel_ms": 100.0, "serial_ms": 150.0}, {"run": 1, "error": "ValueError: no data"},
+            {"run": 2, "parallel_ms": 200.0, "serial_ms": 220.0}]
+    rows = [{"run": 0, "policy": "prefetch", "prefetch_s": 0.09, "to90_ms": 80.0},
+            {"run": 0, "policy": "background", "to90_ms": 200.0},
+            {"run": 1, "policy": "prefetch", "prefetch_s": 0.1, "to90_ms": 90.0},
+            {"run": 1, "policy": "background", "to90_ms": 180.0},
+            {"run": 2, "policy": "prefetch", "prefetch_s": 0.25, "to90_ms": 250.0},
+            {"run": 2, "policy": "background", "to90_ms": 300.0}]
+    pairs = disk_pairs(rows, disk)
+    assert [p["run"] for p in pairs] == [0, 2]  # the run without reads has no pair
+    assert pairs[0]["set_over_parallel"] == pytest.approx(0.9) and pairs[0]["background_over_prefetch"] == pytest.approx(2.5)
+    assert pairs[1]["set_over_parallel"] == pytest.approx(1.25) and pairs[1]["serial_over_parallel"] == pytest.approx(1.1)
+
+
+def test_a_failed_read_is_raised_and_leaves_the_buffer_free(tmp_path: Path) -> None:
+    p, _ = _image(tmp_path, 2)
+    mem = mmap.mmap(-1, 4 * CHUNK)
+    buf = memoryview(mem)
+    fd, _ = _open(p)
+    try:
+        with pytest.raises(OSError, match="short read"):  # the file ends inside the span
+            read_span(fd, 0, buf, CHUNK, 3)
+    finally:
+        os.close(fd)
+    buf.release()
+    mem.close()  # no read left a view of it behind (BufferError otherwise)
