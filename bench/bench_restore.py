@@ -137,7 +137,9 @@ def main() -> None:
             print(f"noise floor {name} (lab.restore.noise_floor: the to-level rule from every 20 ms of the control watches, "
                   f"{nf['starts']:.0f} starts): >= 60 ms from {nf['share_60ms']:.0%}, >= 200 ms from {nf['share_200ms']:.0%}, "
                   f"90th percentile {nf['p90_ms']:.0f} ms, longest {nf['max_ms']:.0f} ms")
-    disk = disk_summary(res["disk"], summary)
+    blocking, *lazy = load_engines()
+    pf, bg = "prefetch", "background"  # the issue's goals name them
+    disk = disk_summary(res["disk"], summary, parallel=(pf, bg), serial=tuple(p for p in lazy if p != pf))
     if disk.get("errors"):
         print("the disk's own reads failed in "
               + ", ".join(f"run {d['run']}: {d['error']}" for d in res["disk"] if "error" in d), flush=True)
@@ -148,12 +150,10 @@ def main() -> None:
               f"prefetch's readers {disk['parallel_ms']:.1f} ms ({disk['parallel_min_ms']:.1f}-{disk['parallel_max_ms']:.1f}); "
               "median to90 over them: "
               + ", ".join(f"{k.replace('_over_', ' / ')} {v:.2f}" for k, v in disk.items() if "_over_" in k), flush=True)
-        for pr in disk_pairs(res["rows"], res["disk"]):
-            print(f"  run {pr['run']:.0f}: prefetch's set in at {pr['set_over_parallel']:.2f} of that run's parallel read; "
-                  f"background / prefetch to90 {pr['background_over_prefetch']:.2f}; serial / parallel read "
+        for pr in disk_pairs(res["rows"], res["disk"], pf, bg):
+            print(f"  run {pr['run']:.0f}: {pf}'s set in at {pr['set_over_parallel']:.2f} of that run's parallel read; "
+                  f"{bg} / {pf} to90 {pr['to90_ratio']:.2f}; serial / parallel read "
                   f"{pr['serial_over_parallel']:.2f}", flush=True)
-    blocking, *lazy = load_engines()
-    pf, bg = "prefetch", "background"  # the issue's goals name them
     ratios = {"blocking_over_prefetch_to90": summary[blocking]["to90_ms"] / summary[pf]["to90_ms"],
               "background_over_prefetch_to90": summary[bg]["to90_ms"] / summary[pf]["to90_ms"]}
     print(f"to90: {blocking}/{pf} = {ratios['blocking_over_prefetch_to90']:.1f}x "

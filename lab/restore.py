@@ -470,13 +470,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]]) -> dict[str, float]:
+def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]],
+                 parallel: tuple[str, ...] = (), serial: tuple[str, ...] = ()) -> dict[str, float]:
     """The ``disk`` rows' medians and ranges (ms; rows with an ``error`` left out and counted in
-    ``errors``) and, beside them, each lazy policy's median to90 over one of them: the
-    ``prefetch`` policy's over the parallel read, ``background``'s and ``ondemand``'s over
-    the serial one, and ``background_over_parallel`` (background's over the parallel read).
-    Ratios of medians from unpaired measurements: the reads ran once per run, not beside each
-    load (:func:`disk_pairs` pairs them run by run)."""
+    ``errors``) and, beside them, the median to90 of each policy of ``parallel`` over the
+    parallel read (``<policy>_over_parallel``) and of each of ``serial`` over the serial one
+    (the caller names them: the prefetch policy reads like the first, a faulting one like the
+    second).  Ratios of medians from unpaired measurements: the reads ran once per run, not
+    beside each load (:func:`disk_pairs` pairs them run by run)."""
     ok = [d for d in disk if "error" not in d]
     if not ok:
         return {"errors": float(len(disk))} if disk else {}
@@ -487,31 +488,28 @@ def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]
            "serial_min_ms": float(min(d["serial_ms"] for d in ok)), "serial_max_ms": float(max(d["serial_ms"] for d in ok)),
            "mib": ok[0]["bytes"] / 2**20, "page_cache": float(any(d["page_cache"] for d in ok)),
            "errors": float(len(disk) - len(ok))}
-    to90 = {p: s["to90_ms"] for p, s in summary.items()}
-    if "prefetch" in to90:
-        out["prefetch_over_parallel"] = to90["prefetch"] / par
-    for p in ("background", "ondemand"):
-        if p in to90:
-            out[f"{p}_over_serial"] = to90[p] / ser
-    if "background" in to90:
-        out["background_over_parallel"] = to90["background"] / par
+    for names, way, ms in ((parallel, "parallel", par), (serial, "serial", ser)):
+        for p in names:
+            if p in summary:
+                out[f"{p}_over_{way}"] = summary[p]["to90_ms"] / ms
     return out
 
 
-def disk_pairs(rows: list[dict[str, Any]], disk: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Run by run: the disk's reads of that run beside its prefetch and background loads --
-    prefetch's set time (``prefetch_s``, RESUME -> set in: no look-ahead window) over the
-    parallel read, background / prefetch to90, and the serial over the parallel read."""
+def disk_pairs(rows: list[dict[str, Any]], disk: list[dict[str, Any]], first: str, second: str) -> list[dict[str, float]]:
+    """Run by run: the disk's reads of that run beside its loads of policies ``first`` (one that
+    reads a loading set) and ``second`` -- ``first``'s set time (``prefetch_s``, RESUME -> set
+    in: no look-ahead window) over the parallel read (``set_over_parallel``), ``second``'s
+    to90 over ``first``'s (``to90_ratio``), and the serial over the parallel read."""
     out = []
     for d in disk:
         if "error" in d:
             continue
         by = {r["policy"]: r for r in rows if r.get("run") == d["run"]}
-        if "prefetch" not in by or "background" not in by:
+        if first not in by or second not in by:
             continue
-        pf, bg = by["prefetch"], by["background"]
-        out.append({"run": float(d["run"]), "set_over_parallel": pf["prefetch_s"] * 1e3 / d["parallel_ms"],
-                    "background_over_prefetch": bg["to90_ms"] / pf["to90_ms"],
+        a, b = by[first], by[second]
+        out.append({"run": float(d["run"]), "set_over_parallel": a["prefetch_s"] * 1e3 / d["parallel_ms"],
+                    "to90_ratio": b["to90_ms"] / a["to90_ms"],
                     "serial_over_parallel": d["serial_ms"] / d["parallel_ms"]})
     return out
 

@@ -70,15 +70,15 @@ These are references measured once per run, beside the loads rather than inside 
 What to read below: each lazy policy's `to90_ms` over the reads it resembles (how much more than the disk's own time the load took: fault round trips, installs, the guest's own stalls), then, run by run, when prefetch's set was all in (after RESUME, no look-ahead) over that run's parallel read, and background's to90 over prefetch's."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from lab.restore import disk_pairs, disk_summary
-d = disk_summary(res['disk'], summarize(res['rows']))
+d = disk_summary(res['disk'], summarize(res['rows']), parallel=('prefetch',), serial=('background', 'ondemand'))
 print(f"{d['mib']:.0f} MiB read bare from the image, medians of {len(res['disk'])} runs: "
       f"one 2 MiB chunk at a time {d['serial_ms']:.1f} ms ({d['serial_min_ms']:.1f}-{d['serial_max_ms']:.1f}), "
       f"with prefetch's readers {d['parallel_ms']:.1f} ms ({d['parallel_min_ms']:.1f}-{d['parallel_max_ms']:.1f})")
 print(f"median to90 over them: prefetch {d['prefetch_over_parallel']:.2f}x the parallel read; "
       f"background {d['background_over_serial']:.2f}x and ondemand {d['ondemand_over_serial']:.2f}x the serial one")
-for pr in disk_pairs(res['rows'], res['disk']):
+for pr in disk_pairs(res['rows'], res['disk'], 'prefetch', 'background'):
     print(f"run {pr['run']:.0f}: prefetch's set in at {pr['set_over_parallel']:.2f} of this run's parallel read; "
-          f"background / prefetch to90 {pr['background_over_prefetch']:.2f}; serial / parallel read {pr['serial_over_parallel']:.2f}")"""),
+          f"background / prefetch to90 {pr['to90_ratio']:.2f}; serial / parallel read {pr['serial_over_parallel']:.2f}")"""),
     ("md", """At this small size the reads take a few milliseconds and the 20 ms window is coarser than the differences, so read the ratios loosely. At 4 and 16 GiB, with a 256 MiB working set, on the AMD EPYC host on a night its disk read about three times slower than the night before (`data/results/restore-scale/README.md`, files `restore-*-epyc-1207-floor.*`, a paced guest): prefetch's set was in at 0.60-1.08 of its run's parallel read, so its loads read about as fast as these bare reads, or faster; background's median to90 was 1.15 (4 GiB) and 1.31 (16 GiB) of the median serial read; and background / prefetch was 1.6× and 1.4× in the median, 1.33-2.10 run by run. The night before, with the fast disk, it had been 1.9-2.1×. Why the ratio moves with the disk's state was not established: run by run it does not follow how much faster the parallel read was than the serial one."""),
     ("md", """## Inside one load of each lazy policy: the memory map
 

@@ -78,12 +78,13 @@ def test_the_floor_times_both_ways_and_the_summary_sets_policies_beside_it(tmp_p
             {"parallel_ms": 60.0, "serial_ms": 140.0, "bytes": 256 << 20, "page_cache": False}]
     summary = {"prefetch": {"to90_ms": 55.0}, "background": {"to90_ms": 150.0}, "ondemand": {"to90_ms": 180.0},
                "blocking": {"to90_ms": 700.0}}
-    s = disk_summary(disk, summary)
+    s = disk_summary(disk, summary, parallel=("prefetch", "background"), serial=("background", "ondemand"))
     assert s["parallel_ms"] == 50.0 and s["serial_ms"] == 120.0 and s["mib"] == 256.0
     assert s["prefetch_over_parallel"] == pytest.approx(1.1)
     assert s["background_over_serial"] == pytest.approx(1.25) and s["ondemand_over_serial"] == pytest.approx(1.5)
     assert s["background_over_parallel"] == pytest.approx(3.0) and s["errors"] == 0
     assert (s["parallel_min_ms"], s["parallel_max_ms"], s["serial_min_ms"], s["serial_max_ms"]) == (40, 60, 100, 140)
+    assert "blocking_over_parallel" not in s  # only the policies named
     assert disk_summary([], summary) == {}
     # a run whose reads failed is left out of the medians and counted
     failed = {"run": 2, "error": "OSError: short read"}
@@ -101,9 +102,9 @@ def test_pairs_set_each_runs_loads_beside_its_own_reads() -> None:
             {"run": 1, "policy": "background", "to90_ms": 180.0},
             {"run": 2, "policy": "prefetch", "prefetch_s": 0.25, "to90_ms": 250.0},
             {"run": 2, "policy": "background", "to90_ms": 300.0}]
-    pairs = disk_pairs(rows, disk)
+    pairs = disk_pairs(rows, disk, "prefetch", "background")
     assert [p["run"] for p in pairs] == [0, 2]  # the run without reads has no pair
-    assert pairs[0]["set_over_parallel"] == pytest.approx(0.9) and pairs[0]["background_over_prefetch"] == pytest.approx(2.5)
+    assert pairs[0]["set_over_parallel"] == pytest.approx(0.9) and pairs[0]["to90_ratio"] == pytest.approx(2.5)
     assert pairs[1]["set_over_parallel"] == pytest.approx(1.25) and pairs[1]["serial_over_parallel"] == pytest.approx(1.1)
 
 
