@@ -32,7 +32,6 @@ as a bound no load can beat.
 from __future__ import annotations
 
 import ctypes
-import errno
 import mmap
 import os
 import threading
@@ -41,31 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from emulator.block import OsFile, data_extents
+from emulator.migration.cow import CHUNK  # the lazy load's unit too
 from emulator.migration.engines import PREFETCH_READERS, group_size
-
-CHUNK = 2 << 20  # the lazy load's unit (emulator.migration.postcopy)
-
-
-def data_extents(path: str | os.PathLike[str]) -> list[tuple[int, int]]:
-    """The file's data extents, (offset, length), in file order (SEEK_DATA / SEEK_HOLE)."""
-    out: list[tuple[int, int]] = []
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        size = os.fstat(fd).st_size
-        pos = 0
-        while pos < size:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as err:
-                if err.errno == errno.ENXIO:  # no data after pos
-                    break
-                raise  # (a file system without SEEK_DATA: said as it is, not as "no data")
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-            out.append((data, hole - data))
-            pos = hole
-    finally:
-        os.close(fd)
-    return out
 
 
 def data_span(path: str | os.PathLike[str], nbytes: int) -> tuple[int, int]:
@@ -76,9 +53,14 @@ def data_span(path: str | os.PathLike[str], nbytes: int) -> tuple[int, int]:
     if nbytes <= 0:
         raise ValueError(f"data_span: nbytes ({nbytes}) must be positive")
     best = (0, 0)
-    for off, length in data_extents(path):
-        first = -(-off // CHUNK) * CHUNK  # chunk aligned inside the extent
-        usable = (off + length - first) // CHUNK * CHUNK
+    f = OsFile.open(path, read_only=True)
+    try:
+        extents = list(data_extents(f))
+    finally:
+        f.close()
+    for start, end in extents:
+        first = -(-start // CHUNK) * CHUNK  # chunk aligned inside the extent
+        usable = (end - first) // CHUNK * CHUNK
         if usable > best[1]:
             best = (first, usable)
     first, usable = best

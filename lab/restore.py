@@ -481,17 +481,12 @@ def disk_summary(disk: list[dict[str, Any]], summary: dict[str, dict[str, float]
     ok = [d for d in disk if "error" not in d]
     if not ok:
         return {"errors": float(len(disk))} if disk else {}
-    par = float(np.median([d["parallel_ms"] for d in ok]))
-    ser = float(np.median([d["serial_ms"] for d in ok]))
-    out = {"parallel_ms": par, "serial_ms": ser, "parallel_min_ms": float(min(d["parallel_ms"] for d in ok)),
-           "parallel_max_ms": float(max(d["parallel_ms"] for d in ok)),
-           "serial_min_ms": float(min(d["serial_ms"] for d in ok)), "serial_max_ms": float(max(d["serial_ms"] for d in ok)),
-           "mib": ok[0]["bytes"] / 2**20, "page_cache": float(any(d["page_cache"] for d in ok)),
+    out = {"mib": ok[0]["bytes"] / 2**20, "page_cache": float(any(d["page_cache"] for d in ok)),
            "errors": float(len(disk) - len(ok))}
-    for names, way, ms in ((parallel, "parallel", par), (serial, "serial", ser)):
-        for p in names:
-            if p in summary:
-                out[f"{p}_over_{way}"] = summary[p]["to90_ms"] / ms
+    for names, way in ((parallel, "parallel"), (serial, "serial")):
+        ms = [d[f"{way}_ms"] for d in ok]
+        out |= {f"{way}_ms": float(np.median(ms)), f"{way}_min_ms": float(min(ms)), f"{way}_max_ms": float(max(ms))}
+        out |= {f"{p}_over_{way}": summary[p]["to90_ms"] / out[f"{way}_ms"] for p in names if p in summary}
     return out
 
 
