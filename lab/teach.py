@@ -514,14 +514,17 @@ def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[
     fig, ax = plt.subplots(figsize=(8, 5))
     groups = sorted({(r["ram_mib"], r["working_set_mib"]) for r in rows})
     # the two series of one configuration share its x: drawn a little apart (x 2**-0.07 and
-    # 2**0.07 on the log axis), so neither hides the other
+    # 2**0.07 on the log axis), so neither hides the other; configurations of one working set
+    # (the same bytes written, several RAM sizes) are spread by RAM size, smaller to the left
+    same_ws = {g: sorted(h for h in groups if h[1] == g[1]) for g in groups}
+    spread = {g: 2 ** (0.25 * (same_ws[g].index(g) - (len(same_ws[g]) - 1) / 2)) for g in groups}
     for key, scale, marker, fill, name, dodge in (("total_s", 1e3, "o", "black", "until the snapshot exists (total_s)", 2 ** -0.07),
                                                   ("downtime_ms", 1.0, "o", "white", "downtime (no flush)", 2 ** 0.07)):
         xs, med, lo, hi = [], [], [], []
         for g in groups:
             mine = [r for r in rows if (r["ram_mib"], r["working_set_mib"]) == g]
             s = summarize([float(r[key]) * scale for r in mine])
-            xs.append(summarize([float(r["vmstate_bytes"]) / 2**20 for r in mine]).median * dodge)
+            xs.append(summarize([float(r["vmstate_bytes"]) / 2**20 for r in mine]).median * dodge * spread[g])
             med.append(s.median)
             lo.append(s.median - s.min)
             hi.append(s.max - s.median)
@@ -543,7 +546,7 @@ def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("VM state written (MiB)")
+    ax.set_xlabel("VM state written (MiB); snaplab's points of one working set spread by RAM size, smaller to the left")
     ax.set_ylabel("time (ms)")
     ax.set_title("Blocking save, median and min-max.\n"
                  f"snaplab: Unicorn guest, RAM in use = the dirty guest's working set or random bytes, {'/'.join(map(str, ns))} saves per point, "
