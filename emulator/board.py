@@ -177,7 +177,10 @@ class Board:
 
     def load_file(self, path: str, addr: int) -> None:
         """``-device loader,file=F,addr=A,force-raw=on``: copy a file into guest RAM."""
-        size = os.path.getsize(path)
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            raise SnaplabError(f"Cannot load specified image {path}") from None  # (QEMU's loader)
         if not self.ram.contains(addr, size):
             raise SnaplabError(f"loader: cannot load '{path}' ({size} bytes) at {addr:#x}: "
                                f"outside guest RAM ({self.ram.size} bytes)")

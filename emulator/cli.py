@@ -11,7 +11,8 @@ bare image file (``hda``), ``-device virtio-blk-pci``/``virtio-blk``, ``virtio-s
 or ``tcp:[HOST]:PORT`` (repeatable; TCP on loopback only, 127.0.0.1 when no host is given),
 ``-monitor stdio|none`` (the human monitor on stdin/stdout: emulator/qmp/readline.py), ``-S``,
 ``-loadvm TAG``, ``-serial file:PATH|stdio|none``; accepted and ignored: ``-nographic``,
-``-display none``, ``-nodefaults``, ``-no-user-config``; ``-enable-kvm`` is refused.
+``-display none``, ``-nodefaults``, ``-no-user-config``; ``-enable-kvm`` is refused; ``-h``
+(``-help``, ``--help``) prints this text and ``-version`` the version.
 snaplab's own options carry a ``-snaplab-`` prefix: ``-snaplab-workload NAME[,seed=N,ws=SIZE,
 rate=SIZE/s,pattern=P,batch=N]`` and ``-snaplab-no-hugepages``.
 
@@ -28,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from emulator import termsig
+from emulator.block.io import image_locking, set_image_locking
 from emulator.block.node import FORMATS, BlockGraph, parse_blockdev, probe_format, split_keyval
 from emulator.errors import SnaplabError, UsageError
 from emulator.guest import WorkloadSpec
@@ -78,7 +81,7 @@ class Options:
     drives: list[DriveSpec] = field(default_factory=list)
     devices: list[DeviceOpts] = field(default_factory=list)
     iothreads: list[str] = field(default_factory=list)
-    help: str | None = None  # machine, device or drive-format: print that list and exit
+    help: str | None = None  # machine, device, drive-format, usage or version: print it and exit
 
 
 @dataclass
@@ -252,7 +255,11 @@ def _drive(arg: str, opts: Options) -> None:
     if bus not in ("none", "virtio", "ide"):
         raise UsageError(f"{where}: unsupported bus type '{bus}'" if bus not in ("scsi", "floppy", "pflash", "sd",
                          "mtd", "xen") else f"{where}: if={bus} is not emulated by snaplab (use if=virtio or if=none)")
-    index = int(kv.pop("index", "-1"))
+    raw_index = kv.pop("index", "-1")
+    try:
+        index = int(raw_index)
+    except ValueError:
+        raise UsageError(f"{where}: Parameter 'index' expects a number") from None
     same = [d for d in opts.drives if d.node_opts.get("_if") == bus]
     index = index if index >= 0 else len(same)
     backend = kv.pop("id", None) or {"none": f"none{len(same)}", "virtio": f"virtio{index}",
@@ -284,13 +291,16 @@ def _drive(arg: str, opts: Options) -> None:
     node_opts: dict[str, Any] = {"read-only": read_only, "_if": bus}
     if cache == "unsafe":
         node_opts["cache"] = {"no-flush": True}
+    filename = str(kv.pop("file"))
     for k, v in kv.items():  # format (and file.) options, as dotted keys
         cur = node_opts
         keys = k.split(".")
         for key in keys[:-1]:
             cur = cur.setdefault(key, {})
+            if not isinstance(cur, dict):
+                raise UsageError(f"{where}: Parameter '{key}' does not take sub-options ('{k}')")
         cur[keys[-1]] = v
-    opts.drives.append(DriveSpec(arg, backend, str(node_opts.pop("file")), driver or fmt, node_opts,
+    opts.drives.append(DriveSpec(arg, backend, filename, driver or fmt, node_opts,
                                  policy["werror"], policy["rerror"]))
     if bus != "none":
         opts.disks.append(DiskSpec(backend, "", policy["werror"], policy["rerror"]))
@@ -339,6 +349,8 @@ def _qmp(arg: str) -> dict[str, Any]:
         host = host or "127.0.0.1"  # QEMU listens on every address when none is given; we do not
         if host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
             raise UsageError(f"-qmp {arg}: TCP monitors are bound to loopback only (not '{host}')")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise UsageError(f"-qmp {arg}: address resolution failed for {host}:{port}: Servname not supported for ai_socktype")
         return {"kind": "tcp", "host": host.strip("[]"), "port": int(port), "wait": wait == "on"}
     raise UsageError(f"-qmp {arg}: expected unix:PATH or tcp:HOST:PORT")
 
@@ -430,6 +442,12 @@ def parse_args(argv: Sequence[str]) -> Options:
             _WITH_ARG[opt](value, opts)
         elif opt == "-S":
             opts.paused = True
+        elif opt in ("-h", "-help"):
+            opts.help = "usage"
+            return opts
+        elif opt == "-version":
+            opts.help = "version"
+            return opts
         elif opt == "-snaplab-no-hugepages":
             opts.hugepages = False
         elif opt not in _IGNORED_FLAGS:
@@ -447,12 +465,24 @@ def _serial_sink(spec: str) -> tuple[Callable[[bytes], None] | None, Callable[[]
             sys.stdout.buffer.write(b)
             sys.stdout.buffer.flush()
         return out, lambda: None
-    f = open(spec[5:], "wb")  # noqa: SIM115 - closed by the returned closer
+    try:
+        f = open(spec[5:], "wb")  # noqa: SIM115 - closed by the returned closer
+    except OSError as err:
+        raise UsageError(f"-serial {spec}: Could not open '{spec[5:]}': {err.strerror}") from None
 
     def write(b: bytes) -> None:
         f.write(b)
         f.flush()
     return write, f.close
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("snaplab")
+    except PackageNotFoundError:  # (run from a source tree that was never installed)
+        return "(not installed)"
 
 
 def _help_text(what: str) -> str:
@@ -461,6 +491,10 @@ def _help_text(what: str) -> str:
         return "Supported machines are:\n" + "".join(f"{name:<20} {desc}\n" for name, desc in MACHINES)
     if what == "device":
         return _device_help()
+    if what == "usage":  # -h: this module's documentation, as QEMU prints its option list
+        return f"usage: {PROG} [options] [disk_image]\n\n" + (__doc__ or "").split("\n", 1)[1].lstrip("\n")
+    if what == "version":
+        return f"{PROG} {_version()}: a command line mirroring QEMU emulator version 7.2's\n"
     return f"Supported formats: {' '.join(FORMATS)}\n"
 
 
@@ -508,6 +542,18 @@ def build_machine(opts: Options) -> tuple[Machine, Callable[[], None]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """qemu-system-x86_64's main(): images locked as QEMU locks them (``locking=auto``: another
+    process's writer, or reader without -U, is refused), for this run (a caller in the same
+    process, such as a test, gets its own setting back)."""
+    was = image_locking()
+    set_image_locking(True)
+    try:
+        return _main(argv)
+    finally:
+        set_image_locking(was)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     setup_signal_handling()  # SIGTERM/SIGINT/SIGHUP: a shutdown request from here on (emulator/termsig.py)
     try:
         opts = parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -531,7 +577,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Listening now (wait=on waits here for its client, before the guest starts, as
             # QEMU's chardev does), answering only once the machine has started (QEMU serves
             # its monitors from the main loop, entered after vm_start()).
-            servers = start_servers(machine.monitor, opts.qmp, held=True)
+            for spec in opts.qmp:
+                if spec.get("wait"):  # (QEMU's qemu_chr_wait_connected says so too)
+                    where = f"unix:{spec['path']}" if spec["kind"] == "unix" else f"tcp:{spec['host']}:{spec['port']}"
+                    print(f"{PROG}: -qmp {where},server=on: info: QEMU waiting for connection on: "
+                          f"disconnected:{where},server=on", file=sys.stderr, flush=True)
+            servers = start_servers(machine.monitor, opts.qmp, held=True, give_up=termsig.signalled)
+            if termsig.signalled.is_set():  # a signal before any client came: nothing ran yet
+                for srv in servers:
+                    srv.close()
+                _close(machine, close_sink)
+                print(f"{PROG}: terminating on signal", file=sys.stderr)
+                return 0
         if opts.incoming is not None:
             # QEMU: wait in "inmigrate"; run once the stream is loaded unless -S was given.
             machine.state = RunState.INMIGRATE
@@ -550,8 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: {err}", file=sys.stderr)
         for s in servers:  # a client already connected is hung up on, the socket file removed
             s.close()
-        machine.close()
-        close_sink()
+        _close(machine, close_sink)
         return 1
 
     # Signals stay termsig's (main()'s first line): a shutdown request quits the machine, whose
@@ -562,9 +618,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         pass
     for s in servers:
         s.close()
-    machine.close()
-    close_sink()
+    _close(machine, close_sink)
     return 0
+
+
+def _close(machine: Machine, close_sink: Callable[[], None]) -> None:
+    """The machine, then its images (QEMU's bdrv_close_all at exit: a qcow2 file is trimmed
+    back to its last cluster, docs/deviations.md 61, and its locks released), then the serial
+    sink.  Images a still-running operation may use are left open (Machine.close said so)."""
+    if machine.close():
+        machine.graph.close()
+    close_sink()
 
 
 if __name__ == "__main__":

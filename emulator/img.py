@@ -24,6 +24,7 @@ from emulator.block.info import (
     snapshot_dump,
     snapshot_dump_header,
 )
+from emulator.block.io import image_locking, set_image_locking
 from emulator.block.node import BlockGraph, BlockNode, probe_format
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
@@ -54,13 +55,17 @@ class Opened:
     """An image opened as qemu-img opens one: the image, over its backing chain (the node
     graph that holds the chain's nodes; closing closes them all)."""
 
-    def __init__(self, path: str, fmt: str | None, read_only: bool = True, backing: bool = True) -> None:
+    def __init__(self, path: str, fmt: str | None, read_only: bool = True, backing: bool = True,
+                 force_share: bool = False) -> None:
         self.graph = BlockGraph()
         fmt = fmt or probe_format(path)
         if fmt not in ("qcow2", "raw"):
             raise SnaplabError(f"Unknown file format '{fmt}'")
-        opts: dict[str, Any] = {"driver": fmt, "read-only": read_only,
-                                "file": {"driver": "file", "filename": path, "read-only": read_only}}
+        # -U (force-share): no image locks taken or checked (docs/deviations.md 62)
+        file: dict[str, Any] = {"driver": "file", "filename": path, "read-only": read_only}
+        if force_share:
+            file["locking"] = "off"
+        opts: dict[str, Any] = {"driver": fmt, "read-only": read_only, "file": file}
         if not backing and fmt == "qcow2":
             opts["backing"] = None
         try:
@@ -118,7 +123,7 @@ def _info_text(img: Qcow2Image | RawImage, d: dict[str, Any]) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """img_info(); ``--backing-chain`` walks the chain (collect_image_info_list)."""
-    opened = Opened(args.filename, args.f, backing=args.backing_chain)
+    opened = Opened(args.filename, args.f, backing=args.backing_chain, force_share=args.U)
     try:
         infos = [(img, info_dict(img, name)) for name, img in
                  (opened.chain() if args.backing_chain else [(args.filename, opened.image)])]
@@ -197,7 +202,9 @@ def _exit_code(res: CheckResult) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    opened = Opened(args.filename, args.f, read_only=args.r is None, backing=False)
+    if args.U and args.r is not None:
+        raise SnaplabError("force-share=on can only be used with read-only images")
+    opened = Opened(args.filename, args.f, read_only=args.r is None, backing=False, force_share=args.U)
     img = opened.image
     if not isinstance(img, Qcow2Image):
         opened.close()
@@ -227,7 +234,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    opened = Opened(args.filename, args.f, read_only=args.l, backing=False)
+    if args.U and not args.l:
+        raise SnaplabError("force-share=on can only be used with read-only images")
+    opened = Opened(args.filename, args.f, read_only=args.l, backing=False, force_share=args.U)
     img = opened.image
     if not isinstance(img, Qcow2Image):
         opened.close()
@@ -397,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_create)
     i = sub.add_parser("info", help="show image information")
     i.add_argument("-f")
-    i.add_argument("-U", action="store_true", help="accepted for qemu-img compatibility")
+    i.add_argument("-U", "--force-share", dest="U", action="store_true", help="open the image even if it is in use (no locks)")
     i.add_argument("--output", choices=["human", "json"], default="human")
     i.add_argument("--backing-chain", action="store_true")
     i.add_argument("filename")
@@ -405,13 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="check an image for consistency")
     k.add_argument("-f")
     k.add_argument("-r", choices=["leaks", "all"])
-    k.add_argument("-U", action="store_true")
+    k.add_argument("-U", "--force-share", dest="U", action="store_true", help="open the image even if it is in use (no locks)")
     k.add_argument("--output", choices=["human", "json"], default="human")
     k.add_argument("filename")
     k.set_defaults(fn=cmd_check)
     s = sub.add_parser("snapshot", help="list, create, apply or delete internal snapshots")
     s.add_argument("-f")
-    s.add_argument("-U", action="store_true")
+    s.add_argument("-U", "--force-share", dest="U", action="store_true", help="with -l: open the image even if it is in use")
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("-l", action="store_true")
     g.add_argument("-c", metavar="TAG")
@@ -431,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    was = image_locking()
+    set_image_locking(True)  # as qemu-img: an image another process writes is refused (-U: shared)
     try:
         return int(args.fn(args))
     except SnaplabError as err:
@@ -439,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         print(f"snaplab-img: {err}", file=sys.stderr)
         return 1
+    finally:
+        set_image_locking(was)
 
 
 if __name__ == "__main__":

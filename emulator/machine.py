@@ -220,11 +220,12 @@ class Machine:
                 self._deliver(*ev)
 
     # -- life cycle -------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self) -> bool:
         """Quit, let a running snapshot or migration end (a migration is cancelled), flush the
         images, unmap guest RAM.  RAM is unmapped only when no thread can touch it any more:
         if the vCPU or a snapshot operation is still running after the grace time, it is left
-        mapped (and reported on stderr) rather than pulled from under them."""
+        mapped (and reported on stderr) rather than pulled from under them.  Returns whether
+        everything stopped (then the caller may close the block graph it gave the machine)."""
         self.quit()  # once only; every caller waits for the vCPU thread's end
         self.migration.cancel()
         idle = self.snapshots.shutdown(timeout=60)
@@ -235,9 +236,10 @@ class Machine:
         vcpu_alive = self.runctl.vcpu_alive()
         if idle and not vcpu_alive:
             self.ram.close()
-        else:
-            print(f"snaplab: guest RAM left mapped at close ({'vCPU' if vcpu_alive else 'a snapshot operation'} "
-                  "still running)", file=sys.stderr)
+            return True
+        print(f"snaplab: guest RAM left mapped at close ({'vCPU' if vcpu_alive else 'a snapshot operation'} "
+              "still running)", file=sys.stderr)
+        return False
 
     def __enter__(self) -> Machine:
         return self

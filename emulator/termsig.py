@@ -22,6 +22,7 @@ from types import FrameType
 from emulator.runctl import request_shutdown
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+signalled = threading.Event()  # a signal came (a wait before the machine runs gives up on it)
 
 
 def setup_signal_handling() -> None:
@@ -34,6 +35,7 @@ def setup_signal_handling() -> None:
         request_shutdown("host-signal")
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        signalled.set()
         wake.set()
 
     threading.Thread(target=serve, name="termsig", daemon=True).start()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import io
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,6 +83,63 @@ def _find_sync_file_range() -> Any:
 _sync_file_range = _find_sync_file_range()
 
 
+# QEMU's image locking (file-posix.c, ``locking=auto``): one byte per permission, locked shared
+# (an OFD read lock) at PERM_BASE + bit by a holder of that permission and at SHARED_BASE + bit
+# by a holder that does not let others have it.  A running QEMU 7.2 with a writable qcow2 holds
+# bytes 100, 101, 103, 201 and 203 (read in /proc/locks); a read-only one 100, 201 and 203.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+LOCK_PERMS = ("consistent read", "write", "write unchanged", "resize")  # BLK_PERM_* bits 0-3
+_FLOCK = "@hhqqi4x"  # struct flock on Linux (l_type, l_whence, l_start, l_len, l_pid)
+_locking = False  # the process default for ``locking=auto``: set_image_locking
+
+
+def set_image_locking(on: bool) -> None:
+    """Whether images opened from now on take QEMU's locks by default (``locking=auto``).  The
+    command-line programs (``snaplab-system``, ``snaplab-img``) turn it on, as QEMU's are; the
+    library leaves it off (docs/deviations.md 62)."""
+    global _locking
+    _locking = on
+
+
+def image_locking() -> bool:
+    return _locking
+
+
+def _ofd(fd: int, cmd: int, kind: int, offset: int) -> int:
+    """One OFD lock call on byte ``offset``; returns the l_type the kernel answered."""
+    got = fcntl.fcntl(fd, cmd, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0))
+    return int(struct.unpack(_FLOCK, got)[0])
+
+
+def lock_image(fd: int, path: str, read_only: bool) -> None:
+    """raw_check_lock_bytes + raw_apply_lock_bytes for a holder without force-share: the
+    permissions it needs (consistent read; with write and resize when writable), none of write
+    and resize shared.  BlockIOError with QEMU's words where another open file holds a
+    conflicting byte; where the file system has no OFD locks, nothing is locked (QEMU's auto)."""
+    perms = {0} if read_only else {0, 1, 3}
+    unshared = {1, 3}
+    cmd_get, cmd_set = getattr(fcntl, "F_OFD_GETLK", None), getattr(fcntl, "F_OFD_SETLK", None)
+    if cmd_get is None or cmd_set is None:
+        return
+    try:
+        for bit, name in enumerate(LOCK_PERMS):
+            if bit in perms and _ofd(fd, cmd_get, fcntl.F_WRLCK, LOCK_SHARED_BASE + bit) != fcntl.F_UNLCK:
+                raise BlockIOError(f"Could not open '{path}': Failed to get \"{name}\" lock\n"
+                                   f"Is another process using the image [{path}]?")
+            if bit in unshared and _ofd(fd, cmd_get, fcntl.F_WRLCK, LOCK_PERM_BASE + bit) != fcntl.F_UNLCK:
+                raise BlockIOError(f"Could not open '{path}': Failed to get shared \"{name}\" lock\n"
+                                   f"Is another process using the image [{path}]?")
+        for bit in sorted(perms):
+            _ofd(fd, cmd_set, fcntl.F_RDLCK, LOCK_PERM_BASE + bit)
+        for bit in sorted(unshared):
+            _ofd(fd, cmd_set, fcntl.F_RDLCK, LOCK_SHARED_BASE + bit)
+    except OSError as err:
+        if err.errno in (errno.EINVAL, errno.ENOLCK, errno.EOPNOTSUPP):
+            return  # no OFD locks here: as QEMU's locking=auto
+        raise BlockIOError(f"Could not open '{path}': Failed to lock byte: {err.strerror}") from err
+
+
 class OsFile:
     """A real file, read and written with pread/pwrite (QEMU's file-posix).
 
@@ -97,14 +156,26 @@ class OsFile:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, read_only: bool = False, create: bool = False,
-             no_flush: bool = False) -> OsFile:
+             no_flush: bool = False, locking: bool | None = None) -> OsFile:
+        """Open (``create``: create or empty) ``path``; ``locking``: take QEMU's image locks
+        (:func:`lock_image`; None: the process default, :func:`set_image_locking`).  A file being
+        created is emptied only once its locks are held, so an image in use is never truncated
+        (``qemu-img convert`` onto its own source fails the same way)."""
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
-            flags |= os.O_CREAT | os.O_TRUNC
+            flags |= os.O_CREAT
         try:
             fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as err:
             raise BlockIOError(f"Could not open '{os.fspath(path)}': {err.strerror}") from err
+        try:
+            if _locking if locking is None else locking:
+                lock_image(fd, os.fspath(path), read_only)
+            if create:
+                os.ftruncate(fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd, read_only=read_only, no_flush=no_flush)
 
     def pread(self, offset: int, length: int) -> bytes:

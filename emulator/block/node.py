@@ -201,6 +201,8 @@ class BlockGraph:
                  "detect-zeroes"}
         if driver == "qcow2":
             known.add("backing")
+        if driver == "file":
+            known.add("locking")
         for k in opts:
             if k not in known:
                 if driver == "file":
@@ -222,8 +224,16 @@ class BlockGraph:
         cache = opts.get("cache")
         if isinstance(cache, dict) and "no-flush" in cache:
             no_flush = _bool(cache["no-flush"], "cache.no-flush")
+        locking: bool | None = None  # auto: the process default (io.set_image_locking)
+        if "locking" in opts:
+            mode = opts["locking"]
+            if mode not in ("on", "off", "auto"):
+                raise BlockError(f"Parameter 'locking' does not accept value '{mode}'")  # (QAPI's enum input)
+            locking = None if mode == "auto" else mode == "on"
         try:
-            f = OsFile.open(filename, read_only=read_only, no_flush=no_flush)
+            f = OsFile.open(filename, read_only=read_only, no_flush=no_flush, locking=locking)
+        except BlockError:
+            raise
         except OSError as err:
             raise BlockError(f"Could not open '{filename}': {err.strerror}") from err
         return BlockNode(name, "file", read_only, str(filename), file=f)
@@ -322,11 +332,14 @@ class BlockGraph:
         return [n for n in self.nodes.values() if n.image is not None]
 
     def close(self) -> None:
-        for n in self.nodes.values():
+        """bdrv_close_all(): the nodes in the reverse of their creation, so every node closes
+        before the nodes under it (a qcow2 image trims and flushes its file as it closes, over
+        a raw node or a file node); an image or file already closed is skipped."""
+        for n in reversed(list(self.nodes.values())):
             if n.image is not None:
-                n.image.close()
-        for n in self.nodes.values():
-            if n.image is None and n.file is not None and n.file.fd >= 0:
+                if n.file is None or n.file.fd >= 0:
+                    n.image.close()
+            elif n.file is not None and n.file.fd >= 0:
                 n.file.close()
         self.nodes.clear()
 

@@ -168,6 +168,7 @@ class Qcow2Metadata:
                                    on_alloc=self._grow_file if grows else None)
         self._file_size = fsize
         self._grown = False
+        self._closed = False  # close() ran (a graph may hold one image under two nodes)
         self._defer = 0
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
         self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
@@ -497,6 +498,9 @@ class Qcow2Image(Qcow2Metadata):
 
     @_locked
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         if not self.read_only:
             self._trim_file()
             self.file.flush()

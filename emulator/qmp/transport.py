@@ -212,8 +212,10 @@ class QMPServer:
 _shared: _LoopThread | None = None
 
 
-def start_servers(monitor: Monitor, specs: list[dict[str, Any]], held: bool = False) -> list[QMPServer]:
-    """Listen on every ``-qmp`` endpoint; with ``wait=on``, block until a client connects.
+def start_servers(monitor: Monitor, specs: list[dict[str, Any]], held: bool = False,
+                  give_up: threading.Event | None = None) -> list[QMPServer]:
+    """Listen on every ``-qmp`` endpoint; with ``wait=on``, block until a client connects
+    (or ``give_up`` is set: a termination signal, as QEMU's wait ends on one).
     ``held``: greet nobody until each server's :meth:`QMPServer.open`."""
     global _shared
     if _shared is None:
@@ -221,5 +223,7 @@ def start_servers(monitor: Monitor, specs: list[dict[str, Any]], held: bool = Fa
     servers = [QMPServer(monitor, s, _shared, held) for s in specs]
     for srv in servers:
         if srv.spec.get("wait"):
-            srv.connected.wait()
+            while not srv.connected.wait(0.1):
+                if give_up is not None and give_up.is_set():
+                    return servers
     return servers
