@@ -36,6 +36,7 @@ from emulator.errors import SnaplabError, UsageError
 from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
 from emulator.machine import DiskSpec, Machine, MachineConfig
+from emulator.memory import MAX_RAM, MIN_RAM
 from emulator.qmp.readline import serve_stdio
 from emulator.qtest import ACCELERATORS
 from emulator.runstate import RunState
@@ -123,9 +124,12 @@ def _ram_size(arg: str) -> int:
     v = _kv(arg, "-m", "size").get("size", "")
     text = v + "M" if v.isdigit() else v  # QEMU: a bare number is MiB
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except SnaplabError as err:
         raise UsageError(f"-m {arg}: Parameter 'size' expects a non-negative number below 2^64") from err
+    if size % 4096 or not MIN_RAM <= size <= MAX_RAM:  # (QEMU takes any size; snaplab's guest needs 16 MiB)
+        raise UsageError(f"-m {arg}: RAM size {size} must be a multiple of 4 KiB between 16 MiB and 64 GiB")
+    return size
 
 
 def _workload(arg: str) -> WorkloadSpec:
@@ -529,6 +533,10 @@ def build_machine(opts: Options) -> tuple[Machine, Callable[[], None]]:
             if disk.drive not in graph.nodes and not any(n.backend == disk.drive for n in graph.nodes.values()):
                 dev = "virtio-blk-device" if disk.drive not in [d.backend for d in opts.drives] else "drive"
                 raise UsageError(f"-device drive={disk.drive}: Property '{dev}.drive' can't find value '{disk.drive}'")
+        for prop in ("pflash0", "pflash1"):
+            node = opts.machine.get(prop)
+            if node is not None and node not in graph.nodes:  # (QEMU: the flash device's drive property)
+                raise UsageError(f"Property 'cfi.pflash01.drive' can't find value '{node}'")
         if opts.monitor == "stdio" and opts.serial == "stdio":
             raise UsageError("-serial stdio: cannot use stdio by multiple character devices")
         sink, close_sink = _serial_sink(opts.serial)

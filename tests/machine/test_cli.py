@@ -128,6 +128,8 @@ def test_drives_get_qemus_blockbackend_names_and_devices() -> None:
 
 @pytest.mark.parametrize(("argv", "text"), [
     (["-drive", "file=IMG,index=abc"], "-drive file=IMG,index=abc: Parameter 'index' expects a number"),
+    (["-m", "8"], "-m 8: RAM size 8388608 must be a multiple of 4 KiB between 16 MiB and 64 GiB"),
+    (["-machine", "pflash0=nope"], "Property 'cfi.pflash01.drive' can't find value 'nope'"),
     (["-qmp", "tcp::abc,server=on"], "-qmp tcp::abc,server=on: address resolution failed for"),
     (["-serial", "file:/nonexistent/dir/log"], "Could not open '/nonexistent/dir/log': No such file or directory"),
     (["-device", "loader,file=/nonexistent,addr=0x1000"], "Cannot load specified image /nonexistent"),
