@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from emulator.block.info import info_dict
 from emulator.block.node import BlockGraph, BlockNode
-from emulator.errors import CommandNotFoundError, DeviceNotActiveError, SnaplabError
+from emulator.errors import ArgumentError, CommandNotFoundError, DeviceNotActiveError, SnaplabError
 from emulator.gc_control import gc_paused
 from emulator.qmp.hmp import HMP
 from emulator.qmp.jobs import JobManager, JobVerb
@@ -123,8 +123,14 @@ class Monitor:
                 "block-job-complete", "block-job-dismiss", "block-job-finalize")},
         }
         self.hmp = HMP(vm, self.version, self.jobs.query)
-        self.handlers["human-monitor-command"] = lambda a: self.hmp.execute(a["command-line"])
+        self.handlers["human-monitor-command"] = self._human_monitor_command
         vm.add_listener(self._on_vm_event)
+
+    def _human_monitor_command(self, a: dict[str, Any]) -> str:
+        """qmp_human_monitor_command(): ``cpu-index`` must name a vCPU (snaplab has one, 0)."""
+        if "cpu-index" in a and a["cpu-index"] != 0:
+            raise ArgumentError("Parameter 'cpu-index' expects a CPU number")
+        return str(self.hmp.execute(a["command-line"]))
 
     @staticmethod
     def _no_block_job(job_id: str) -> dict[str, Any]:

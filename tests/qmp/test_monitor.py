@@ -199,6 +199,11 @@ def test_hmp(vm: Machine) -> None:
     assert out.startswith("List of snapshots present on all disks:\r\nNone\r\n\r\n"
                           "List of partial (non-loadable) snapshots on '':\r\nID        TAG")
     assert "\r\n1         a                     0 B " in out
+    # cpu-index names a vCPU, as qmp_human_monitor_command's monitor_set_cpu checks it
+    assert q.execute("human-monitor-command", {"command-line": "info status", "cpu-index": 0}) == "VM status: running\r\n"
+    with pytest.raises(QMPError, match="Parameter 'cpu-index' expects a CPU number") as e:
+        q.execute("human-monitor-command", {"command-line": "info status", "cpu-index": 3})
+    assert e.value.error_class == "GenericError"
 
 
 def test_hmp_refuses_a_line_with_too_few_or_too_many_words_as_qemu(vm: Machine) -> None:
