@@ -153,6 +153,8 @@ def test_loadvm_on_the_command_line(make_vm, tmp_path: Path) -> None:  # type: i
         mon.cmd("cont")
         assert mon.cmd("query-status")["status"] == "running"
         mon.close()
+        proc.terminate()  # its images' locks go with it (a second machine on them is refused, as QEMU's)
+        proc.wait(20)
         bad = subprocess.run([sys.executable, "-m", "emulator.cli", *argv[:4], "nope", *argv[5:-2]],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and "Snapshot 'nope' does not exist in one or more devices" in bad.stderr
