@@ -511,7 +511,7 @@ def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     qemu = QEMU_RECORDED_SAVE_SPREAD if qemu is None else qemu
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     groups = sorted({(r["ram_mib"], r["working_set_mib"]) for r in rows})
     # the two series of one configuration share its x: drawn a little apart (x 2**-0.07 and
     # 2**0.07 on the log axis), so neither hides the other; configurations of one working set
@@ -553,7 +553,7 @@ def qemu_comparison_figure(rows: Sequence[dict[str, Any]], qemu: dict[int, dict[
                  "measured now\nQEMU 7.2: TCG, q35, OVMF idle, RAM filled with random bytes, 3 saves per point, "
                  "recorded on this host (docs/reference)", fontsize=8)
     ax.grid(True, which="both", linewidth=0.3)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # (below the axes: off the data)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
