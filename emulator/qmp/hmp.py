@@ -64,7 +64,14 @@ def snapshot_nodes(vm: HMPTarget) -> list[BlockNode]:
 def hmp_split(line: str) -> list[str]:
     """Words as QEMU's HMP reads them: the command name up to white space, then arguments
     that may be double-quoted with backslash escapes (monitor/hmp.c get_str)."""
+    return hmp_words(line)[0]
+
+
+def hmp_words(line: str) -> tuple[list[str], bool]:
+    """:func:`hmp_split`'s words, and whether every quoted argument was closed (get_str fails
+    on an unterminated one: the command is then refused with ``string expected``)."""
     out: list[str] = []
+    closed = True
     i, n = 0, len(line)
     while i < n:
         while i < n and line[i].isspace():
@@ -79,6 +86,7 @@ def hmp_split(line: str) -> list[str]:
                     i += 1
                 word.append(line[i])
                 i += 1
+            closed = closed and i < n
             i += 1
             out.append("".join(word))
         else:
@@ -87,7 +95,7 @@ def hmp_split(line: str) -> list[str]:
                 j += 1
             out.append(line[i:j])
             i = j
-    return out
+    return out, closed
 
 
 class HMP:
@@ -152,13 +160,15 @@ class HMP:
 
     def execute(self, line: str) -> str:
         """Run one command line; returns the text QEMU's human-monitor-command would."""
-        words = hmp_split(line)
+        words, closed = hmp_words(line)
         if not words:
             return ""
         name = self._aliases.get(words[0], words[0])
         entry = self.commands.get(name)
         if entry is None:
             return f"unknown command: '{words[0]}'\r\n"
+        if not closed:  # get_str's "unterminated string" (on QEMU's stdout), then the command's refusal
+            return f'{self._label(name)}: string expected\r\nTry "help {words[0]}" for more information\r\n'
         refused = self._misparsed(self._label(name), words[0], len(words) - 1, self._arity[name])
         if refused is not None:
             return refused.replace("\n", "\r\n")

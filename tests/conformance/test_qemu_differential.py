@@ -61,6 +61,8 @@ SCRIPT: list[tuple[str, bytes]] = [
     # monitor_parse_arguments(): too many or too few words, refused before anything is done
     ("hmp savevm two words", b'{"execute": "human-monitor-command", "arguments": {"command-line": "savevm my snap"}}'),
     ("hmp loadvm no tag", b'{"execute": "human-monitor-command", "arguments": {"command-line": "loadvm"}}'),
+    ("hmp savevm unterminated", b'{"execute": "human-monitor-command", "arguments": {"command-line": "savevm \\"unterminated"}}'),
+    ("hmp cpu-index", b'{"execute": "human-monitor-command", "arguments": {"command-line": "info status", "cpu-index": 3}}'),
     ("hmp delvm two tags", b'{"execute": "human-monitor-command", "arguments": {"command-line": "delvm x y"}}'),
     ("hmp cont extra", b'{"execute": "human-monitor-command", "arguments": {"command-line": "c now"}}'),
     ("hmp info status extra", b'{"execute": "human-monitor-command", "arguments": {"command-line": "info status x"}}'),

@@ -214,6 +214,7 @@ def test_hmp_refuses_a_line_with_too_few_or_too_many_words_as_qemu(vm: Machine) 
                                        'Try "help savevm" for more information\r\n')
     assert q.hmp('savevm "a b" c').startswith("savevm: extraneous characters")
     assert q.hmp("loadvm") == 'loadvm: string expected\r\nTry "help loadvm" for more information\r\n'
+    assert q.hmp('savevm "unterminated') == 'savevm: string expected\r\nTry "help savevm" for more information\r\n'
     assert q.hmp("delvm x y") == ('delvm: extraneous characters at the end of line\r\n'
                                   'Try "help delvm" for more information\r\n')
     assert q.hmp("s now") == 'stop|s: extraneous characters at the end of line\r\nTry "help s" for more information\r\n'
