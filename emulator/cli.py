@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from emulator import termsig
-from emulator.block.io import image_locking, set_image_locking
+from emulator.block.io import images_locked
 from emulator.block.node import FORMATS, BlockGraph, parse_blockdev, probe_format, split_keyval
 from emulator.errors import SnaplabError, UsageError
 from emulator.guest import WorkloadSpec
 from emulator.img import parse_size
 from emulator.machine import DiskSpec, Machine, MachineConfig
-from emulator.memory import MAX_RAM, MIN_RAM
+from emulator.memory import check_ram_size
 from emulator.qmp.readline import serve_stdio
 from emulator.qtest import ACCELERATORS
 from emulator.runstate import RunState
@@ -127,8 +127,10 @@ def _ram_size(arg: str) -> int:
         size = parse_size(text)
     except SnaplabError as err:
         raise UsageError(f"-m {arg}: Parameter 'size' expects a non-negative number below 2^64") from err
-    if size % 4096 or not MIN_RAM <= size <= MAX_RAM:  # (QEMU takes any size; snaplab's guest needs 16 MiB)
-        raise UsageError(f"-m {arg}: RAM size {size} must be a multiple of 4 KiB between 16 MiB and 64 GiB")
+    try:
+        check_ram_size(size)  # (QEMU takes any size; snaplab's guest needs 16 MiB)
+    except SnaplabError as err:
+        raise UsageError(f"-m {arg}: {err}") from None
     return size
 
 
@@ -553,12 +555,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """qemu-system-x86_64's main(): images locked as QEMU locks them (``locking=auto``: another
     process's writer, or reader without -U, is refused), for this run (a caller in the same
     process, such as a test, gets its own setting back)."""
-    was = image_locking()
-    set_image_locking(True)
-    try:
+    with images_locked():
         return _main(argv)
-    finally:
-        set_image_locking(was)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -24,7 +24,7 @@ from emulator.block.info import (
     snapshot_dump,
     snapshot_dump_header,
 )
-from emulator.block.io import image_locking, set_image_locking
+from emulator.block.io import images_locked
 from emulator.block.node import BlockGraph, BlockNode, probe_format
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
@@ -440,18 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    was = image_locking()
-    set_image_locking(True)  # as qemu-img: an image another process writes is refused (-U: shared)
     try:
-        return int(args.fn(args))
+        with images_locked():  # as qemu-img: an image another process writes is refused (-U: shared)
+            return int(args.fn(args))
     except SnaplabError as err:
         print(f"snaplab-img: {err}", file=sys.stderr)
         return 1
     except OSError as err:
         print(f"snaplab-img: {err}", file=sys.stderr)
         return 1
-    finally:
-        set_image_locking(was)
 
 
 if __name__ == "__main__":

@@ -76,12 +76,17 @@ def map_populated(span: int) -> int:
     return addr
 
 
+def check_ram_size(size: int) -> None:
+    """SnaplabError unless ``size`` is a RAM size snaplab's guest can have."""
+    if size % PAGE or not MIN_RAM <= size <= MAX_RAM:
+        raise SnaplabError(f"RAM size {size} must be a multiple of 4 KiB between 16 MiB and 64 GiB")
+
+
 class GuestRAM:
     """Guest-physical RAM at address 0 of the guest."""
 
     def __init__(self, size: int, *, hugepages: bool = True) -> None:
-        if size % PAGE or not MIN_RAM <= size <= MAX_RAM:
-            raise SnaplabError(f"RAM size {size} must be a multiple of 4 KiB between 16 MiB and 64 GiB")
+        check_ram_size(size)
         self.size = size
         span = -(-size // HUGE) * HUGE
         # 1 GiB-aligned from 1 GiB on: a mapping move (discard_later) then carries whole

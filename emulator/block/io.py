@@ -9,6 +9,7 @@ disk (:class:`BlkdebugFile`, QEMU's blkdebug), and users a real file (:class:`Os
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -104,6 +105,18 @@ def set_image_locking(on: bool) -> None:
 
 def image_locking() -> bool:
     return _locking
+
+
+@contextlib.contextmanager
+def images_locked() -> Iterator[None]:
+    """QEMU's locks taken by default while the block runs (a command-line program's main());
+    the caller's setting is back afterwards (a test that calls main() in-process keeps its own)."""
+    was = _locking
+    set_image_locking(True)
+    try:
+        yield
+    finally:
+        set_image_locking(was)
 
 
 def _ofd(fd: int, cmd: int, kind: int, offset: int) -> int:

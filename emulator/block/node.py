@@ -232,8 +232,6 @@ class BlockGraph:
             locking = None if mode == "auto" else mode == "on"
         try:
             f = OsFile.open(filename, read_only=read_only, no_flush=no_flush, locking=locking)
-        except BlockError:
-            raise
         except OSError as err:
             raise BlockError(f"Could not open '{filename}': {err.strerror}") from err
         return BlockNode(name, "file", read_only, str(filename), file=f)
@@ -334,11 +332,10 @@ class BlockGraph:
     def close(self) -> None:
         """bdrv_close_all(): the nodes in the reverse of their creation, so every node closes
         before the nodes under it (a qcow2 image trims and flushes its file as it closes, over
-        a raw node or a file node); an image or file already closed is skipped."""
+        a raw node or a file node); closing twice is harmless (a filter shares its child's image)."""
         for n in reversed(list(self.nodes.values())):
             if n.image is not None:
-                if n.file is None or n.file.fd >= 0:
-                    n.image.close()
+                n.image.close()
             elif n.file is not None and n.file.fd >= 0:
                 n.file.close()
         self.nodes.clear()

@@ -61,15 +61,11 @@ def snapshot_nodes(vm: HMPTarget) -> list[BlockNode]:
     return [n for n in nodes if not n.read_only and (n.node_name in attached or n.node_name not in parents)]
 
 
-def hmp_split(line: str) -> list[str]:
+def hmp_split(line: str) -> tuple[list[str], bool]:
     """Words as QEMU's HMP reads them: the command name up to white space, then arguments
-    that may be double-quoted with backslash escapes (monitor/hmp.c get_str)."""
-    return hmp_words(line)[0]
-
-
-def hmp_words(line: str) -> tuple[list[str], bool]:
-    """:func:`hmp_split`'s words, and whether every quoted argument was closed (get_str fails
-    on an unterminated one: the command is then refused with ``string expected``)."""
+    that may be double-quoted with backslash escapes (monitor/hmp.c get_str); and whether
+    every quoted argument was closed (get_str fails on an unterminated one: the command is
+    then refused with ``string expected``)."""
     out: list[str] = []
     closed = True
     i, n = 0, len(line)
@@ -160,7 +156,7 @@ class HMP:
 
     def execute(self, line: str) -> str:
         """Run one command line; returns the text QEMU's human-monitor-command would."""
-        words, closed = hmp_words(line)
+        words, closed = hmp_split(line)
         if not words:
             return ""
         name = self._aliases.get(words[0], words[0])
