@@ -105,6 +105,20 @@ class BlockIOError(BlockError):
         return cause.errno if isinstance(cause, OSError) else None
 
 
+class CheckFailedError(BlockError):
+    """``qemu-img check`` could not finish (QEMU's "Check failed: <strerror>"); ``report`` is
+    the line it printed first, saying why (e.g. ``ERROR snapshot table offset invalid``), as an
+    error of the program (``prefixed``) or a plain line of the check; ``messages``: the check's
+    lines before it."""
+
+    def __init__(self, report: str, strerror: str, *, prefixed: bool = True,
+                 messages: list[str] | None = None) -> None:
+        self.report = report
+        self.prefixed = prefixed
+        self.messages = list(messages or [])
+        super().__init__(f"Check failed: {strerror}")
+
+
 class SnapshotError(BlockError):
     """An internal snapshot operation failed."""
 

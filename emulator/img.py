@@ -28,7 +28,7 @@ from emulator.block.io import images_locked
 from emulator.block.node import BlockGraph, BlockNode, probe_format
 from emulator.block.qcow2 import Qcow2Image
 from emulator.block.raw import RawImage
-from emulator.errors import SnaplabError
+from emulator.errors import CheckFailedError, SnaplabError
 
 _SUFFIXES = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
@@ -56,7 +56,7 @@ class Opened:
     graph that holds the chain's nodes; closing closes them all)."""
 
     def __init__(self, path: str, fmt: str | None, read_only: bool = True, backing: bool = True,
-                 force_share: bool = False) -> None:
+                 force_share: bool = False, for_check: bool = False) -> None:
         self.graph = BlockGraph()
         fmt = fmt or probe_format(path)
         if fmt not in ("qcow2", "raw"):
@@ -69,7 +69,7 @@ class Opened:
         if not backing and fmt == "qcow2":
             opts["backing"] = None
         try:
-            node = self.graph.add(opts)
+            node = self.graph.add(opts, for_check=for_check)
         except SnaplabError:
             self.graph.close()
             raise
@@ -155,7 +155,7 @@ def _check_report(res: CheckResult) -> str:
         comp = 100.0 * res.compressed_clusters / res.allocated_clusters
     else:
         frag = comp = 0.0
-    if res.total_clusters:
+    if res.total_clusters and res.allocated_clusters:  # (qemu-img prints no line for nothing allocated)
         out += "%d/%d = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed clusters\n" % (
             res.allocated_clusters, res.total_clusters, 100.0 * res.allocated_clusters / res.total_clusters,
             frag, comp)
@@ -204,14 +204,21 @@ def _exit_code(res: CheckResult) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     if args.U and args.r is not None:
         raise SnaplabError("force-share=on can only be used with read-only images")
-    opened = Opened(args.filename, args.f, read_only=args.r is None, backing=False, force_share=args.U)
+    opened = Opened(args.filename, args.f, read_only=args.r is None, backing=False, force_share=args.U,
+                    for_check=True)
     img = opened.image
     if not isinstance(img, Qcow2Image):
         opened.close()
         print("This image format does not support checks", file=sys.stderr)
         return 63
     try:
-        res = img.check(repair=args.r)
+        try:
+            res = img.check(repair=args.r)
+        except CheckFailedError as err:
+            for m in err.messages:
+                print(m, file=sys.stderr)
+            print(f"snaplab-img: {err.report}" if err.prefixed else err.report, file=sys.stderr)
+            raise
         for m in res.messages:
             print(m, file=sys.stderr)
         final = res

@@ -23,10 +23,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import emulator.block.cluster as cluster
-from emulator.block.format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, QCOW_OFLAG_COPIED
+from emulator.block.format import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    QCOW_MAX_L1_SIZE,
+    QCOW_OFLAG_COPIED,
+    REFT_OFFSET_MASK,
+)
 from emulator.block.refcount import RefcountTxn, size_to_clusters
-from emulator.block.snapshot import read_snapshot_l1, table_bytes
+from emulator.block.snapshot import read_snapshot_l1, read_snapshots_for_check, table_bytes
 from emulator.block.state import Qcow2State
+from emulator.errors import CheckFailedError
 
 
 @dataclass
@@ -52,29 +59,45 @@ class CheckResult:
 
 
 class _Counter:
+    """The in-memory refcount array being built (qcow2_inc_refcounts_imrt)."""
+
     def __init__(self, s: Qcow2State, res: CheckResult, file_clusters: int) -> None:
         self.s = s
         self.res = res
         self.file_clusters = file_clusters
+        self.file_len = s.file.size()
         self.parts: list[np.ndarray] = []
 
     def add(self, clusters: np.ndarray) -> None:
+        """One reference to each cluster (each a region of one cluster at its start)."""
         clusters = np.asarray(clusters, dtype=np.int64)
         beyond = clusters >= self.file_clusters
         if beyond.any():
             for c in clusters[beyond][:16].tolist():
-                self.res.messages.append(
-                    "ERROR: counting reference for region exceeding the end of the file by one cluster or more: "
-                    f"offset {c << self.s.cluster_bits:#x} size {self.s.cluster_size:#x}")
+                self._exceeding(c << self.s.cluster_bits, self.s.cluster_size)
             self.res.corruptions += int(beyond.sum())
             clusters = clusters[~beyond]
         self.parts.append(clusters)
 
     def add_range(self, offset: int, nbytes: int) -> None:
+        """One reference to each cluster of a region; a region that ends a cluster or more past
+        the end of the file is one corruption and counts nothing."""
         if nbytes <= 0:
             return
+        if offset + nbytes - self.file_len >= self.s.cluster_size:
+            self._exceeding(offset, nbytes)
+            self.res.corruptions += 1
+            return
         cb = self.s.cluster_bits
-        self.add(np.arange(offset >> cb, ((offset + nbytes - 1) >> cb) + 1, dtype=np.int64))
+        self.parts.append(np.arange(offset >> cb, ((offset + nbytes - 1) >> cb) + 1, dtype=np.int64))
+
+    def _exceeding(self, offset: int, nbytes: int) -> None:
+        self.res.messages.append("ERROR: counting reference for region exceeding the end of the file by one "
+                                 f"cluster or more: offset {offset:#x} size {nbytes:#x}")
+
+    def counted(self) -> np.ndarray:
+        refs = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int64)
+        return np.bincount(refs, minlength=self.file_clusters)[:self.file_clusters].astype(np.int64)
 
 
 def metadata_clusters(s: Qcow2State) -> np.ndarray:
@@ -113,11 +136,7 @@ def _walk_l1(s: Qcow2State, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_
             res.messages.append(f"ERROR l2_offset={off:x}: Table is not cluster aligned; L1 entry corrupted")
             res.corruptions += 1
             continue
-        if (off >> s.cluster_bits) >= cnt.file_clusters:
-            res.messages.append(f"ERROR l2_offset={off:x}: L2 table lies past the end of the image; L1 entry corrupted")
-            res.corruptions += 1
-            continue
-        cnt.add(np.array([off >> s.cluster_bits]))
+        cnt.add(np.array([off >> s.cluster_bits]))  # past the end of the file: reported, reads zeros
         l2 = np.frombuffer(s.file.pread(off, cs), ">u8").astype(np.uint64)
         kinds = cluster.cluster_kinds(s, l2)
         plain = (kinds == cluster.NORMAL) | (kinds == cluster.ZERO_ALLOC)
@@ -140,16 +159,24 @@ def _walk_l1(s: Qcow2State, cnt: _Counter, res: CheckResult, l1: np.ndarray, l1_
                 res.fragmented_clusters += int((h[1:] != h[:-1] + cs).sum())
 
 
-def _oflag_copied(s: Qcow2State, res: CheckResult) -> None:
+def _oflag_copied(s: Qcow2State, res: CheckResult, repair: bool) -> None:
+    """check_oflag_copied(): QCOW_OFLAG_COPIED set exactly where the refcount is 1, in the
+    active L1 table and its L2 tables; ``repair`` sets or clears the flag where it is wrong."""
     rc = s.refcounts
+    word = "Repairing" if repair else "ERROR"
+    copied = np.uint64(QCOW_OFLAG_COPIED)
     for i, ent in enumerate(s.l1_table.tolist()):
         off = ent & L1E_OFFSET_MASK
         if not off or off & (s.cluster_size - 1):
             continue
         l2_rc = rc.get_refcount(off >> s.cluster_bits)
         if (l2_rc == 1) != bool(ent & QCOW_OFLAG_COPIED):
-            res.messages.append(f"ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={l2_rc}")
-            res.corruptions += 1
+            res.messages.append(f"{word} OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={ent:x} refcount={l2_rc}")
+            if repair:
+                cluster.set_l1_entry(s, i, ent | QCOW_OFLAG_COPIED if l2_rc == 1 else ent & ~QCOW_OFLAG_COPIED)
+                res.corruptions_fixed += 1
+            else:
+                res.corruptions += 1
         l2 = np.frombuffer(s.file.pread(off, s.cluster_size), ">u8").astype(np.uint64)
         kinds = cluster.cluster_kinds(s, l2)
         plain = np.flatnonzero((kinds == cluster.NORMAL) | (kinds == cluster.ZERO_ALLOC))
@@ -157,79 +184,169 @@ def _oflag_copied(s: Qcow2State, res: CheckResult) -> None:
             continue
         ents = l2[plain]
         r = rc.get_refcounts((ents & np.uint64(L2E_OFFSET_MASK)).astype(np.int64) >> s.cluster_bits)
-        flag = (ents & np.uint64(QCOW_OFLAG_COPIED)) != 0
-        bad = np.flatnonzero((r == 1) != flag)
+        bad = np.flatnonzero((r == 1) != ((ents & copied) != 0))
         for k in bad[:16].tolist():
-            res.messages.append(f"ERROR OFLAG_COPIED data cluster: l2_entry={int(ents[k]):x} refcount={int(r[k])}")
-        res.corruptions += len(bad)
+            res.messages.append(f"{word} OFLAG_COPIED data cluster: l2_entry={int(ents[k]):x} refcount={int(r[k])}")
+        if repair and len(bad):
+            fixed = l2.copy()
+            idx = plain[bad]
+            fixed[idx] = np.where(r[bad] == 1, l2[idx] | copied, l2[idx] & ~copied)
+            s.file.pwrite(off, fixed.astype(">u8").tobytes())
+            s.l2_cache.pop(off, None)
+            res.corruptions_fixed += len(bad)
+        else:
+            res.corruptions += len(bad)
 
 
-def _count(s: Qcow2State) -> tuple[CheckResult, np.ndarray, np.ndarray, int]:
+def _snapshot_table(s: Qcow2State, res: CheckResult) -> int:
+    """The snapshot table's bytes; for an image opened for a check, first read the table
+    (qcow2_check_read_snapshot_table) and count its incomplete entries."""
+    if not s.opened_for_check:
+        return table_bytes(s.snapshots)
+    s.snapshots, used, incomplete = read_snapshots_for_check(s)
+    for i in incomplete:
+        res.messages.append(f"ERROR snapshot table entry {i} is incomplete")
+    res.corruptions += len(incomplete)
+    return used
+
+
+def _walk_snapshots(s: Qcow2State, cnt: _Counter, res: CheckResult) -> None:
+    """Each snapshot's L1 and L2 tables, unless its entry is corrupt (qcow2_check_refcounts)."""
+    for sn in s.snapshots:
+        what = f"ERROR snapshot {sn.id_str} ({sn.name})"
+        if sn.l1_table_offset % s.cluster_size:
+            res.messages.append(f"{what} l1_offset={sn.l1_table_offset:#x}: L1 table is not cluster aligned; "
+                                "snapshot table entry corrupted")
+            res.corruptions += 1
+        elif sn.l1_size * 8 > QCOW_MAX_L1_SIZE:
+            res.messages.append(f"{what} l1_size={sn.l1_size:#x}: L1 table is too large; "
+                                "snapshot table entry corrupted")
+            res.corruptions += 1
+        else:
+            _walk_l1(s, cnt, res, read_snapshot_l1(s, sn), sn.l1_table_offset, False)
+
+
+def _refblocks(s: Qcow2State, cnt: _Counter, res: CheckResult, word: str) -> bool:
+    """check_refblocks(): each refcount table entry's block, counted last and referenced once;
+    True if an entry is broken (the structure needs a rebuild)."""
+    cb = s.cluster_bits
+    seen = cnt.counted()
+    extra: dict[int, int] = {}
+    broken = False
+    for b, ent in enumerate(s.refcounts.table.tolist()):
+        off = ent & REFT_OFFSET_MASK
+        c = off >> cb
+        if ent & ~REFT_OFFSET_MASK:
+            res.messages.append(f"ERROR refcount table entry {b} has reserved bits set")
+        elif off & (s.cluster_size - 1):
+            res.messages.append(f"ERROR refcount block {b} is not cluster aligned; refcount table entry corrupted")
+        elif c >= cnt.file_clusters:
+            res.messages.append(f"{word} refcount block {b} is outside image")
+        elif off:
+            cnt.add(np.array([c]))
+            extra[c] = extra.get(c, 0) + 1
+            if (n := int(seen[c]) + extra[c]) != 1:
+                res.messages.append(f"{word} refcount block {b} refcount={n}")
+            else:
+                continue
+        else:
+            continue
+        res.corruptions += 1
+        broken = True
+    return broken
+
+
+@dataclass
+class _Counts:
+    res: CheckResult
+    counted: np.ndarray  # references per cluster of the file
+    without_refcounts: np.ndarray  # the same, leaving out the refcount table and blocks
+    stored: np.ndarray  # the refcounts the image holds
+    refblocks_broken: bool
+
+
+def _count(s: Qcow2State, repair: str | None) -> _Counts:
+    """calculate_refcounts(), in its order: the header, the active L1 and L2 tables, the
+    snapshots' tables, the snapshot table, the refcount table, then the refcount blocks."""
     res = CheckResult()
+    snapshots_size = _snapshot_table(s, res)
     cs: int = s.cluster_size
     file_clusters = size_to_clusters(cs, s.file.size())
     res.total_clusters = size_to_clusters(cs, s.size)
     cnt = _Counter(s, res, file_clusters)
-    cnt.add(np.array([0]))
+    cnt.add_range(0, cs)
+    _walk_l1(s, cnt, res, s.l1_table, s.l1_table_offset, True)
+    _walk_snapshots(s, cnt, res)
+    cnt.add_range(s.header.snapshots_offset, snapshots_size)
+    without = cnt.counted()
     rc = s.refcounts
     cnt.add_range(rc.table_offset, rc.table_clusters * cs)
-    for b, ent in enumerate(rc.table.tolist()):
-        off = ent & ~0x1FF
-        if not off:
-            continue
-        if off & (cs - 1):
-            res.messages.append(f"ERROR refcount block {b} is not cluster aligned; refcount table entry corrupted")
-            res.corruptions += 1
-            continue
-        cnt.add(np.array([off >> s.cluster_bits]))
-    if s.snapshots:
-        cnt.add_range(s.header.snapshots_offset, table_bytes(s.snapshots))
-    _walk_l1(s, cnt, res, s.l1_table, s.l1_table_offset, True)
-    for sn in s.snapshots:
-        _walk_l1(s, cnt, res, read_snapshot_l1(s, sn), sn.l1_table_offset, False)
-    refs = np.concatenate(cnt.parts) if cnt.parts else np.zeros(0, dtype=np.int64)
-    counted = np.bincount(refs, minlength=file_clusters)[:file_clusters].astype(np.int64)
-    stored = rc.all_refcounts(file_clusters)
-    return res, counted, stored, file_clusters
+    broken = _refblocks(s, cnt, res, "Repairing" if repair == "all" else "ERROR")
+    return _Counts(res, cnt.counted(), without, rc.all_refcounts(file_clusters), broken)
 
 
 def check_image(s: Qcow2State, repair: str | None) -> CheckResult:
-    res, counted, stored, file_clusters = _count(s)
+    """qcow2_check_refcounts(): compare, report, and with ``repair`` fix leaks ('leaks') or
+    everything ('all'); a refcount structure that cannot be trusted (a broken table entry, or
+    a referenced cluster with refcount 0) is rebuilt from scratch (only with 'all')."""
+    c = _count(s, repair)
+    res, counted, stored = c.res, c.counted, c.stored
     leaks = np.flatnonzero(stored > counted)
     errors = np.flatnonzero(stored < counted)
-    for c in leaks[:1000].tolist():
-        res.messages.append(f"Leaked cluster {c} refcount={stored[c]} reference={counted[c]}")
-    for c in errors[:1000].tolist():
-        res.messages.append(f"ERROR cluster {c} refcount={stored[c]} reference={counted[c]}")
-    if repair in ("leaks", "all"):
-        for c in leaks[:1000].tolist():
-            res.messages.append(f"Repairing cluster {c} refcount={stored[c]} reference={counted[c]}")
-    if repair == "all":
-        for c in errors[:1000].tolist():
-            res.messages.append(f"Repairing cluster {c} refcount={stored[c]} reference={counted[c]}")
+    for k in leaks[:1000].tolist():
+        res.messages.append(f"Leaked cluster {k} refcount={stored[k]} reference={counted[k]}")
+    for k in errors[:1000].tolist():
+        res.messages.append(f"ERROR cluster {k} refcount={stored[k]} reference={counted[k]}")
     res.leaks = len(leaks)
     res.corruptions += len(errors)
-    _oflag_copied(s, res)
-    used = np.flatnonzero((stored > 0) | (counted > 0))
-    res.image_end_offset = (int(used[-1]) + 1) * s.cluster_size if len(used) else 0
+    rebuild = c.refblocks_broken or bool((stored[errors] == 0).any())
+    if rebuild and repair == "all":
+        return _rebuild(s, c)
+    if rebuild and repair == "leaks":
+        res.check_errors += 1
+        raise CheckFailedError("ERROR need to rebuild refcount structures", "Input/output error",
+                               prefixed=False, messages=res.messages)
+    if repair in ("leaks", "all"):
+        for k in leaks[:1000].tolist():
+            res.messages.append(f"Repairing cluster {k} refcount={stored[k]} reference={counted[k]}")
+    if repair == "all":
+        for k in errors[:1000].tolist():
+            res.messages.append(f"Repairing cluster {k} refcount={stored[k]} reference={counted[k]}")
     if repair in ("leaks", "all") and (len(leaks) or (repair == "all" and len(errors))):
         # In place is crash-safe here: lowering a leak or raising a too-low
         # refcount never makes a live cluster look free.
         if repair == "all" and len(errors):
-            raise_idx = np.repeat(errors, (counted[errors] - stored[errors]))
-            missing = [b for b in np.unique(raise_idx >> s.refcounts.block_bits).tolist()
-                       if s.refcounts.block_offset(b) == 0]
-            if missing:
-                txn = RefcountTxn(s.refcounts)
-                for b in missing:
-                    txn.touch(b)
-                s.commit(txn)
-            s.refcounts.update_clusters(raise_idx, +1)
+            s.refcounts.update_clusters(np.repeat(errors, (counted[errors] - stored[errors])), +1)
         if len(leaks):
             s.refcounts.update_clusters(np.repeat(leaks, (stored[leaks] - counted[leaks])), -1)
         s.file.flush()
         res.leaks_fixed = len(leaks)
         if repair == "all":
             res.corruptions_fixed = len(errors)
+    # QEMU repairs the flags with -r leaks too when nothing else is wrong
+    unfixed = res.check_errors or res.corruptions > res.corruptions_fixed or res.leaks > res.leaks_fixed
+    _oflag_copied(s, res, repair == "all" or (repair == "leaks" and not unfixed))
+    used = np.flatnonzero((stored > 0) | (counted > 0))
+    res.image_end_offset = (int(used[-1]) + 1) * s.cluster_size if len(used) else 0
+    if res.leaks_fixed or res.corruptions_fixed:
+        s.file.flush()
         res.repaired = check_image(s, None)
+    return res
+
+
+def _rebuild(s: Qcow2State, c: _Counts) -> CheckResult:
+    """The refcount structure rebuilt from the references counted, past the end of the file
+    (nothing in use is written over; one header write switches to it), then checked again."""
+    res = c.res
+    res.messages.append("Rebuilding refcount structure")
+    s.refcounts.rebuild(c.without_refcounts, size_to_clusters(s.cluster_size, s.file.size()))
+    s.metadata_changed()
+    s.file.flush()
+    _oflag_copied(s, res, True)  # against the refcounts now right
+    s.file.flush()
+    after = check_image(s, None)
+    res.corruptions_fixed = max(0, res.corruptions - after.corruptions)
+    res.leaks_fixed = max(0, res.leaks - after.leaks)
+    res.image_end_offset = after.image_end_offset
+    res.repaired = after
     return res

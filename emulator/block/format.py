@@ -35,6 +35,7 @@ QCOW_MAX_REFTABLE_SIZE = 8 * 1024 * 1024  # bytes
 QCOW_MAX_SNAPSHOTS = 65536
 QCOW_MAX_SNAPSHOTS_SIZE = 1024 * QCOW_MAX_SNAPSHOTS  # bytes of snapshot table
 QCOW_MAX_SNAPSHOT_EXTRA_DATA = 1024
+QCOW_MAX_FILE_END = (1 << 63) - 1  # INT64_MAX: where qcow2_validate_table() lets a table end
 QCOW2_MAX_HEADER_LENGTH = 1 << 20
 
 # Incompatible feature bits (qcow2 spec: header bytes 72-79)
@@ -274,19 +275,22 @@ def new_image_layout(size: int, cluster_size: int, refcount_bits: int, version: 
     return writes
 
 
-def parse_header(buf: bytes, file_size: int) -> QCowHeader:
+def parse_header(buf: bytes, file_size: int, *, for_check: bool = False) -> QCowHeader:
     """Parse and validate a header; errors name the offending field.
 
     Mirrors the checks at the top of QEMU's qcow2_do_open(), with its bounds, in its order:
     the version-independent fields, the version 3 fields, the feature-independent field
     checks, the metadata tables, then the header extensions.  ``buf`` must hold at least the
-    first cluster or the whole file if smaller.
+    first cluster or the whole file if smaller.  ``for_check`` is QEMU's ``BDRV_O_CHECK``
+    open: tables are held only to QEMU's own rules (aligned, no overflow; a table past the
+    end of the file reads as zeros, for the check to report), and the snapshot table is left
+    to the check (:func:`emulator.block.snapshot.read_snapshots_for_check`).
     """
     h = _parse_v2_fields(buf)
     if h.version == 3:
         h = _parse_v3_fields(buf, h)
     _check_fields(h)
-    _check_tables(h, file_size)
+    _check_tables(h, file_size, for_check)
     if h.version == 3:
         h = replace(h, extensions=_parse_extensions(buf, h.header_length, h.backing_file_offset, h.cluster_size))
     elif h.backing_file_offset:  # qcow2_do_open() reads a version 2 image's extensions too
@@ -375,9 +379,12 @@ def _check_fields(h: QCowHeader) -> None:
             raise ImageFormatError("backing_file_offset", "Backing file name too long or outside the header cluster")
 
 
-def _check_tables(h: QCowHeader, file_size: int) -> None:
-    """The refcount table, the snapshot table and the active L1 table: sizes and places."""
+def _check_tables(h: QCowHeader, file_size: int, for_check: bool = False) -> None:
+    """The refcount table, the snapshot table and the active L1 table: sizes and places
+    (``for_check``: no end-of-file test, no snapshot table, as with QEMU's ``BDRV_O_CHECK``)."""
     cluster_size = h.cluster_size
+    if for_check:
+        file_size = QCOW_MAX_FILE_END
     # Refcount table (qcow2_do_open: "Reference count table too large", "...offset invalid")
     if h.refcount_table_clusters == 0:
         raise ImageFormatError("refcount_table_clusters", "Image does not contain a reference count table")
@@ -385,14 +392,9 @@ def _check_tables(h: QCowHeader, file_size: int) -> None:
         raise ImageFormatError("refcount_table_clusters", "Reference count table too large")
     _check_table("refcount_table_offset", "Reference count table", h.refcount_table_offset,
                  h.refcount_table_clusters * cluster_size, cluster_size, file_size)
-    # Snapshot table
-    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
-        raise ImageFormatError("nb_snapshots", "Snapshot table too large")
-    if h.nb_snapshots:
-        _check_table("snapshots_offset", "Snapshot table", h.snapshots_offset,
-                     h.nb_snapshots * SNAPSHOT_HEADER.size, cluster_size, file_size)
-    elif h.snapshots_offset % cluster_size:
-        raise ImageFormatError("snapshots_offset", "Snapshot table offset invalid")
+    # Snapshot table (in a check, read and judged by the check: qcow2_check_read_snapshot_table)
+    if not for_check:
+        check_snapshot_table_pointer(h, file_size)
     # L1 table
     if h.l1_size * 8 > QCOW_MAX_L1_SIZE:
         raise ImageFormatError("l1_size", "Active L1 table too large")
@@ -405,6 +407,18 @@ def _check_tables(h: QCowHeader, file_size: int) -> None:
         raise ImageFormatError("l1_size", "L1 table is too small")
     if h.l1_size:
         _check_table("l1_table_offset", "Active L1 table", h.l1_table_offset, h.l1_size * 8, cluster_size, file_size)
+
+
+def check_snapshot_table_pointer(h: QCowHeader, file_size: int = 0) -> None:
+    """The snapshot table's count and place (qcow2_validate_table() on it); ``file_size`` 0:
+    no end-of-file test (QEMU has none)."""
+    if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
+        raise ImageFormatError("nb_snapshots", "Snapshot table too large")
+    if h.nb_snapshots:
+        _check_table("snapshots_offset", "Snapshot table", h.snapshots_offset,
+                     h.nb_snapshots * SNAPSHOT_HEADER.size, h.cluster_size, file_size or QCOW_MAX_FILE_END)
+    elif h.snapshots_offset % h.cluster_size:
+        raise ImageFormatError("snapshots_offset", "Snapshot table offset invalid")
 
 
 def _check_table(fieldname: str, what: str, offset: int, length: int, cluster_size: int, file_size: int) -> None:
@@ -477,14 +491,18 @@ class QCowSnapshotHeader:
         return out + bytes(-len(out) % 8)
 
 
-def parse_snapshot_table(buf: bytes, nb_snapshots: int, version: int) -> tuple[list[QCowSnapshotHeader], int]:
-    """Parse ``nb_snapshots`` entries from ``buf``; returns them and the bytes used.
+def parse_snapshot_table(buf: bytes, nb_snapshots: int, version: int, *,
+                         incomplete: list[int] | None = None) -> tuple[list[QCowSnapshotHeader], int]:
+    """Parse ``nb_snapshots`` entries from ``buf``; returns them and the bytes used (to the
+    end of the last entry: QEMU's ``snapshots_size``).
 
     Mirrors qcow2_read_snapshots(): every length is checked against the buffer and
-    QEMU's caps, and errors name the field of the entry that is wrong.
+    QEMU's caps, and errors name the field of the entry that is wrong.  A version 3 entry
+    with less than 16 bytes of extra data is refused, or, given ``incomplete``, listed there
+    (what qcow2_check_read_snapshot_table() counts as a corruption).
     """
     out: list[QCowSnapshotHeader] = []
-    off = 0
+    off = end = 0
     for i in range(nb_snapshots):
         where = f"snapshot[{i}]"
         if off + SNAPSHOT_HEADER.size > len(buf):
@@ -508,9 +526,11 @@ def parse_snapshot_table(buf: bytes, nb_snapshots: int, version: int) -> tuple[l
         if extra_size >= 24:
             raw = struct.unpack_from(">Q", extra, 16)[0]
             icount = raw - (1 << 64) if raw >= 1 << 63 else raw
-        if version >= 3 and extra_size < SNAPSHOT_EXTRA_V3_MIN:
+        if version >= 3 and extra_size < SNAPSHOT_EXTRA_V3_MIN and incomplete is not None:
+            incomplete.append(i)
+        elif version >= 3 and extra_size < SNAPSHOT_EXTRA_V3_MIN:
             raise ImageFormatError(f"{where}.extra_data_size", "Extra snapshot data is too small for a version 3 image")
-        if l1_size * 8 > QCOW_MAX_L1_SIZE:
+        if l1_size * 8 > QCOW_MAX_L1_SIZE and incomplete is None:  # (a check reports it)
             raise ImageFormatError(f"{where}.l1_size", f"Snapshot L1 table too large in snapshot table entry {i}")
         try:
             ident = bytes(buf[off:off + id_len]).decode()
@@ -518,7 +538,8 @@ def parse_snapshot_table(buf: bytes, nb_snapshots: int, version: int) -> tuple[l
         except UnicodeDecodeError as err:
             raise ImageFormatError(f"{where}.name", "Snapshot id or name is not valid UTF-8") from err
         off += id_len + name_len
+        end = off
         off += -off % 8
         out.append(QCowSnapshotHeader(l1_off, l1_size, ident, name, date_sec, date_nsec, vm_clock,
                                       vm_state, disk_size, icount, bytes(extra[24:])))
-    return out, off
+    return out, end

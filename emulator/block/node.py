@@ -182,8 +182,9 @@ class BlockGraph:
         self._anon += 1
         return f"#block{self._anon:03d}"
 
-    def add(self, opts: dict[str, Any]) -> BlockNode:
-        """blockdev-add: build a node (and any nested child) from options."""
+    def add(self, opts: dict[str, Any], *, for_check: bool = False) -> BlockNode:
+        """blockdev-add: build a node (and any nested child) from options; ``for_check``: a
+        qcow2 node opened as ``qemu-img check`` opens it (BDRV_O_CHECK)."""
         driver = opts.get("driver")
         if driver is None:
             raise BlockError("Parameter 'driver' is missing")
@@ -211,7 +212,7 @@ class BlockGraph:
         if driver == "file":
             node = self._open_file(name, opts, read_only)
         else:
-            node = self._open_format(name, driver, opts, read_only)
+            node = self._open_format(name, driver, opts, read_only, for_check)
         self.nodes[name] = node
         return node
 
@@ -242,7 +243,8 @@ class BlockGraph:
             raise BlockError(f"Block node '{child.node_name}' is read-only")
         return child
 
-    def _open_format(self, name: str, driver: str, opts: dict[str, Any], read_only: bool) -> BlockNode:
+    def _open_format(self, name: str, driver: str, opts: dict[str, Any], read_only: bool,
+                     for_check: bool = False) -> BlockNode:
         """A format or filter node over its ``file`` child (bdrv_open_inherit)."""
         child_opt = opts.get("file")
         if child_opt is None:
@@ -256,7 +258,7 @@ class BlockGraph:
         try:
             image: Qcow2Image | RawImage
             if driver == "qcow2":
-                image = Qcow2Image(child.file, read_only=read_only, filename=child.filename)
+                image = Qcow2Image(child.file, read_only=read_only, filename=child.filename, for_check=for_check)
                 read_only = image.read_only
             else:
                 image = RawImage(child.file, read_only=read_only, filename=child.filename)

@@ -127,7 +127,7 @@ class Qcow2Metadata:
     GROW_STEP = 256 << 20
 
     def __init__(self, file: BlockFile | Any, *, read_only: bool = False, strict_barriers: bool = False,
-                 filename: str = "") -> None:
+                 filename: str = "", for_check: bool = False) -> None:
         self.file: BlockFile = as_block_file(file)
         self.filename = filename
         self.read_only = read_only
@@ -141,12 +141,14 @@ class Qcow2Metadata:
         self.l2_cache_max = 4096
         self._meta: np.ndarray | None = None
         self.backing: BackingReader | None = None  # set by the opener (bdrv_open_backing_file)
+        # QEMU's BDRV_O_CHECK: tables held only to QEMU's rules, the snapshot table read by check()
+        self.opened_for_check = for_check
         self._open()
 
     # -- opening (qcow2_do_open) ------------------------------------------------------
     def _open(self) -> None:
         fsize = self.file.size()
-        h = parse_header(self._read_header_cluster(fsize), fsize)
+        h = parse_header(self._read_header_cluster(fsize), fsize, for_check=self.opened_for_check)
         _check_features(h)
         if h.incompatible_features & QCOW2_INCOMPAT_CORRUPT and not self.read_only:
             self.read_only = True
@@ -171,7 +173,7 @@ class Qcow2Metadata:
         self._closed = False  # close() ran (a graph may hold one image under two nodes)
         self._defer = 0
         self.l1_table = self._read_l1(h.l1_table_offset, h.l1_size, "l1_table_offset")
-        self.snapshots: list[QCowSnapshot] = snapshot.read_snapshots(self, fsize)
+        self.snapshots: list[QCowSnapshot] = [] if self.opened_for_check else snapshot.read_snapshots(self, fsize)
         if not self.read_only:
             self._clear_open_bits(h)
             self.refcounts.recover_spare(fsize >> self.cluster_bits, self._spare_wanted())

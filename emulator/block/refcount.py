@@ -36,6 +36,7 @@ from emulator.errors import (
     BlockIOError,
     ImageCorruptError,
     ImageFormatError,
+    ReadOnlyError,
     UnsupportedFeatureError,
 )
 
@@ -138,10 +139,13 @@ class Refcounts:
         return out
 
     def all_refcounts(self, nb_clusters: int) -> np.ndarray:
-        """Stored refcounts of clusters [0, nb_clusters) as int64 (for check)."""
+        """Stored refcounts of clusters [0, nb_clusters) as int64 (for check; a block whose
+        table entry is unaligned reads as none: the check reports the entry)."""
         out = np.zeros(nb_clusters, dtype=np.int64)
         epb = self.entries_per_block
         for b in range(min(len(self.table), size_to_clusters(epb, nb_clusters))):
+            if int(self.table[b]) & REFT_OFFSET_MASK & (self.cluster_size - 1):
+                continue
             blk = self.block(b)
             if blk is None:
                 continue
@@ -342,6 +346,44 @@ class Refcounts:
                     pass
             raise
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def rebuild(self, counts: np.ndarray, start: int) -> None:
+        """rebuild_refcount_structure(): a new refcount table and blocks holding ``counts``
+        (one per cluster from 0), written from cluster ``start`` on (past everything in use),
+        then switched in with one header write; the old structure is then unreferenced.
+        Blocks all of whose entries would be 0 are left out (table entry 0)."""
+        if self.read_only:
+            raise ReadOnlyError("image is read-only")
+        cs, epb = self.cluster_size, self.entries_per_block
+        used_blocks = set(np.unique(np.flatnonzero(counts) >> self.block_bits).tolist())
+        n_blk, n_tab = 0, 1
+        while True:  # the structure's own clusters need refcounts too: to a fixed point
+            own = np.arange(start, start + n_blk + n_tab, dtype=np.int64)
+            blocks = sorted(used_blocks | set((own >> self.block_bits).tolist()))
+            tab = size_to_clusters(cs, (blocks[-1] + 1) * 8)
+            if (len(blocks), tab) == (n_blk, n_tab):
+                break
+            n_blk, n_tab = len(blocks), tab
+        new = np.zeros((blocks[-1] + 1) * epb, dtype=np.int64)
+        new[:len(counts)] = counts
+        new[own] += 1
+        if int(new.max()) > self.max_refcount:
+            raise ImageCorruptError(f"a refcount of {int(new.max())} does not fit {1 << self.refcount_order} bits")
+        table = np.zeros(n_tab * cs // 8, dtype=np.uint64)
+        data = bytearray()
+        for i, b in enumerate(blocks):
+            table[b] = (start + i) << self.cluster_bits
+            data += new[b * epb:(b + 1) * epb].astype(self.disk_dtype).tobytes()
+        table_offset = (start + n_blk) << self.cluster_bits
+        self.file.pwrite(start << self.cluster_bits, bytes(data))
+        self.file.pwrite(table_offset, table.astype(">u8").tobytes())
+        self.sync()
+        self.write_pointers(table_offset, n_tab)  # one header write
+        self.table_offset, self.table_clusters = table_offset, n_tab
+        self.table = table
+        self.blocks = {}
+        self.free_hint = 0
+        self.spare = []
 
     def highest_used(self) -> int:
         """End offset of the last cluster with a non-zero refcount."""

@@ -28,8 +28,10 @@ from emulator.block.format import (
     L2E_OFFSET_MASK,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_SNAPSHOTS,
+    QCOW_MAX_FILE_END,
     QCOW_MAX_SNAPSHOTS_SIZE,
     QCOW_OFLAG_COPIED,
+    SNAPSHOT_HEADER,
     parse_snapshot_table,
 )
 from emulator.block.refcount import RefcountTxn, size_to_clusters
@@ -37,6 +39,7 @@ from emulator.block.state import Qcow2State
 from emulator.block.state import QCowSnapshot as QCowSnapshot  # re-exported for callers
 from emulator.errors import (
     BlockIOError,
+    CheckFailedError,
     ImageFormatError,
     SnapshotError,
     SnapshotExistsError,
@@ -81,6 +84,39 @@ def read_snapshots(s: Qcow2State, file_size: int) -> list[QCowSnapshot]:
                            or sn.l1_table_offset + sn.l1_size * 8 > file_size):
             raise ImageFormatError(f"snapshot[{i}].l1_table_offset", "Snapshot L1 table offset invalid")
     return snaps
+
+
+def read_snapshots_for_check(s: Qcow2State) -> tuple[list[QCowSnapshot], int, list[int]]:
+    """qcow2_check_read_snapshot_table() without repair: the snapshot table of an image opened
+    for a check (whose open left it alone), read as QEMU's check reads it, zeros past the end
+    of the file.  Returns the snapshots, the table's bytes (``snapshots_size``) and the
+    version 3 entries with too little extra data (each a corruption to the check).  A table
+    that cannot be read raises :class:`CheckFailedError` with QEMU's words."""
+    h = s.header
+    n, off = h.nb_snapshots, h.snapshots_offset
+    if n > QCOW_MAX_SNAPSHOTS:
+        raise CheckFailedError("ERROR snapshot table too large", "File too large")
+    if off % s.cluster_size or off > QCOW_MAX_FILE_END - n * SNAPSHOT_HEADER.size:
+        raise CheckFailedError("ERROR snapshot table offset invalid", "Invalid argument")
+    if n == 0:
+        return [], 0, []
+    want = min(QCOW_MAX_SNAPSHOTS_SIZE, n * 128 + s.cluster_size)
+    incomplete: list[int] = []
+    while True:
+        buf = s.file.pread(off, want)  # past the end of the file: zeros
+        incomplete.clear()
+        try:
+            entries, used = parse_snapshot_table(buf, n, h.version, incomplete=incomplete)
+            break
+        except ImageFormatError as err:
+            if "runs past the end" in str(err) and want < QCOW_MAX_SNAPSHOTS_SIZE:
+                want = min(QCOW_MAX_SNAPSHOTS_SIZE, want * 4)
+                continue
+            too_big = "runs past the end" in str(err) or "Too much" in str(err)
+            why = "Snapshot table is too big" if "runs past the end" in str(err) else str(err).split(" (field")[0]
+            raise CheckFailedError(f"ERROR failed to read the snapshot table: {why}",
+                                   "File too large" if too_big else "Invalid argument") from err
+    return [QCowSnapshot.from_header(e) for e in entries], used, incomplete
 
 
 def read_snapshot_l1(s: Qcow2State, sn: QCowSnapshot) -> np.ndarray:

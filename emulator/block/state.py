@@ -79,6 +79,7 @@ class Qcow2State(Protocol):
     l2_cache_max: int
     refcounts: Refcounts
     snapshots: list[QCowSnapshot]
+    opened_for_check: bool  # BDRV_O_CHECK: the open left the snapshot table to the check
     backing: BackingReader | None  # where unallocated clusters read from (None: zeros)
     messages: list[str]  # warnings for the user (a repair, clusters leaked by an I/O error)
 
