@@ -14,6 +14,7 @@ qemu.qmp's ``error.py``).  Every class is defined here, none elsewhere::
     │   ├── ReadOnlyError             a write to a read-only node or image
     │   ├── OutOfRangeError           a request outside the virtual disk
     │   ├── BlockIOError              the file below failed (keeps the OSError as cause)
+    │   ├── CheckFailedError          a check that could not finish ("Check failed: ...")
     │   └── SnapshotError             snapshot table operations
     │       ├── SnapshotNotFoundError
     │       └── SnapshotExistsError

@@ -30,7 +30,7 @@ from emulator.block.format import (
     QCOW_OFLAG_COPIED,
     REFT_OFFSET_MASK,
 )
-from emulator.block.refcount import RefcountTxn, size_to_clusters
+from emulator.block.refcount import rebuild_refcount_structure, size_to_clusters
 from emulator.block.snapshot import read_snapshot_l1, read_snapshots_for_check, table_bytes
 from emulator.block.state import Qcow2State
 from emulator.errors import CheckFailedError
@@ -339,7 +339,7 @@ def _rebuild(s: Qcow2State, c: _Counts) -> CheckResult:
     (nothing in use is written over; one header write switches to it), then checked again."""
     res = c.res
     res.messages.append("Rebuilding refcount structure")
-    s.refcounts.rebuild(c.without_refcounts, size_to_clusters(s.cluster_size, s.file.size()))
+    rebuild_refcount_structure(s.refcounts, c.without_refcounts, size_to_clusters(s.cluster_size, s.file.size()))
     s.metadata_changed()
     s.file.flush()
     _oflag_copied(s, res, True)  # against the refcounts now right

@@ -347,44 +347,6 @@ class Refcounts:
             raise
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def rebuild(self, counts: np.ndarray, start: int) -> None:
-        """rebuild_refcount_structure(): a new refcount table and blocks holding ``counts``
-        (one per cluster from 0), written from cluster ``start`` on (past everything in use),
-        then switched in with one header write; the old structure is then unreferenced.
-        Blocks all of whose entries would be 0 are left out (table entry 0)."""
-        if self.read_only:
-            raise ReadOnlyError("image is read-only")
-        cs, epb = self.cluster_size, self.entries_per_block
-        used_blocks = set(np.unique(np.flatnonzero(counts) >> self.block_bits).tolist())
-        n_blk, n_tab = 0, 1
-        while True:  # the structure's own clusters need refcounts too: to a fixed point
-            own = np.arange(start, start + n_blk + n_tab, dtype=np.int64)
-            blocks = sorted(used_blocks | set((own >> self.block_bits).tolist()))
-            tab = size_to_clusters(cs, (blocks[-1] + 1) * 8)
-            if (len(blocks), tab) == (n_blk, n_tab):
-                break
-            n_blk, n_tab = len(blocks), tab
-        new = np.zeros((blocks[-1] + 1) * epb, dtype=np.int64)
-        new[:len(counts)] = counts
-        new[own] += 1
-        if int(new.max()) > self.max_refcount:
-            raise ImageCorruptError(f"a refcount of {int(new.max())} does not fit {1 << self.refcount_order} bits")
-        table = np.zeros(n_tab * cs // 8, dtype=np.uint64)
-        data = bytearray()
-        for i, b in enumerate(blocks):
-            table[b] = (start + i) << self.cluster_bits
-            data += new[b * epb:(b + 1) * epb].astype(self.disk_dtype).tobytes()
-        table_offset = (start + n_blk) << self.cluster_bits
-        self.file.pwrite(start << self.cluster_bits, bytes(data))
-        self.file.pwrite(table_offset, table.astype(">u8").tobytes())
-        self.sync()
-        self.write_pointers(table_offset, n_tab)  # one header write
-        self.table_offset, self.table_clusters = table_offset, n_tab
-        self.table = table
-        self.blocks = {}
-        self.free_hint = 0
-        self.spare = []
-
     def highest_used(self) -> int:
         """End offset of the last cluster with a non-zero refcount."""
         for b in range(len(self.table) - 1, -1, -1):
@@ -457,6 +419,45 @@ class Refcounts:
     def free_clusters(self, offset: int, n: int) -> None:
         """QEMU's qcow2_free_clusters() for ``n`` clusters at byte ``offset``."""
         self.update_range(offset >> self.cluster_bits, n, -1)
+
+
+def rebuild_refcount_structure(rc: Refcounts, counts: np.ndarray, start: int) -> None:
+    """rebuild_refcount_structure(): a new refcount table and blocks holding ``counts``
+    (one per cluster from 0), written from cluster ``start`` on (past everything in use),
+    then switched in with one header write; the old structure is then unreferenced.
+    Blocks all of whose entries would be 0 are left out (table entry 0)."""
+    if rc.read_only:
+        raise ReadOnlyError("image is read-only")
+    cs, epb = rc.cluster_size, rc.entries_per_block
+    used_blocks = set(np.unique(np.flatnonzero(counts) >> rc.block_bits).tolist())
+    n_blk, n_tab = 0, 1
+    while True:  # the structure's own clusters need refcounts too: to a fixed point
+        own = np.arange(start, start + n_blk + n_tab, dtype=np.int64)
+        blocks = sorted(used_blocks | set((own >> rc.block_bits).tolist()))
+        tab = size_to_clusters(cs, (blocks[-1] + 1) * 8)
+        if (len(blocks), tab) == (n_blk, n_tab):
+            break
+        n_blk, n_tab = len(blocks), tab
+    new = np.zeros((blocks[-1] + 1) * epb, dtype=np.int64)
+    new[:len(counts)] = counts
+    new[own] += 1
+    if int(new.max()) > rc.max_refcount:
+        raise ImageCorruptError(f"a refcount of {int(new.max())} does not fit {1 << rc.refcount_order} bits")
+    table = np.zeros(n_tab * cs // 8, dtype=np.uint64)
+    data = bytearray()
+    for i, b in enumerate(blocks):
+        table[b] = (start + i) << rc.cluster_bits
+        data += new[b * epb:(b + 1) * epb].astype(rc.disk_dtype).tobytes()
+    table_offset = (start + n_blk) << rc.cluster_bits
+    rc.file.pwrite(start << rc.cluster_bits, bytes(data))
+    rc.file.pwrite(table_offset, table.astype(">u8").tobytes())
+    rc.sync()
+    rc.write_pointers(table_offset, n_tab)  # one header write
+    rc.table_offset, rc.table_clusters = table_offset, n_tab
+    rc.table = table
+    rc.blocks = {}
+    rc.free_hint = 0
+    rc.spare = []
 
 
 class RefcountTxn:

@@ -26,9 +26,9 @@ import emulator.block.cluster as cluster
 from emulator.block.format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
+    QCOW_MAX_FILE_END,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_SNAPSHOTS,
-    QCOW_MAX_FILE_END,
     QCOW_MAX_SNAPSHOTS_SIZE,
     QCOW_OFLAG_COPIED,
     SNAPSHOT_HEADER,
