@@ -203,7 +203,7 @@ def _exit_code(res: CheckResult) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     if args.U and args.r is not None:
-        raise SnaplabError("force-share=on can only be used with read-only images")
+        raise SnaplabError(f"Could not open '{args.filename}': force-share=on can only be used with read-only images")
     opened = Opened(args.filename, args.f, read_only=args.r is None, backing=False, force_share=args.U,
                     for_check=True)
     img = opened.image
@@ -242,7 +242,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     if args.U and not args.l:
-        raise SnaplabError("force-share=on can only be used with read-only images")
+        raise SnaplabError(f"Could not open '{args.filename}': force-share=on can only be used with read-only images")
     opened = Opened(args.filename, args.f, read_only=args.l, backing=False, force_share=args.U)
     img = opened.image
     if not isinstance(img, Qcow2Image):

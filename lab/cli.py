@@ -94,19 +94,25 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 def cmd_reference(a: argparse.Namespace) -> int:
     from lab import qemu
+    from lab.reproduce import parse_sizes
 
+    sizes = parse_sizes(a.ram)
+    if not sizes or min(sizes) <= 0:
+        raise SpecError(f"--ram: {a.ram!r}: expected positive sizes in MiB such as 256,1024")
     if not a.qemu:
         from lab.reference import qemu_reference
 
-        for name, pts in sorted(qemu_reference().items()):
-            print(f"{name}: " + ", ".join(f"{k} MiB {v:.4g} s" for k, v in sorted(pts.items())))
+        recorded = qemu_reference()
+        print(f"recorded figures (data/reference/), RAM {', '.join(map(str, sizes))} MiB; --qemu measures them here")
+        for name, pts in sorted(recorded.items()):
+            print(f"{name}: " + ", ".join(f"{k} MiB {pts[k]:.4g} s" if k in pts else f"{k} MiB not recorded"
+                                          for k in sizes))
         return 0
     if not qemu.available():
         print("snaplab: qemu-system-x86_64 and OVMF are needed (apt-get install -y qemu-system-x86 ovmf)",
               file=sys.stderr)
         return 1
-    sizes = [int(x) for x in a.ram.split(",")]
-    rows = qemu.measure(sizes, runs=a.runs)
+    rows = qemu.measure(list(sizes), runs=a.runs)
     meta = results.metadata(None)
     meta["measured"] = "qemu-system-x86_64 7.2 (see lab/qemu.py); RAM filled with random bytes via -device loader"
     path = results.save(rows, a.out, meta)

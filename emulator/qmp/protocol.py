@@ -324,7 +324,9 @@ class JSONStreamer:
     def _lex_error(self, text: bytes, out: list[ParseResult]) -> None:
         self._state = _RECOVERY
         self._reset()
-        out.append(ParseResult(error=f"JSON parse error, stray '{text.decode('utf-8', 'replace')}'"))
+        # QEMU quotes the token as a C string: up to a NUL byte
+        shown = text.split(b"\0", 1)[0].decode("utf-8", "replace")
+        out.append(ParseResult(error=f"JSON parse error, stray '{shown}'"))
 
     def _limit(self, msg: str, out: list[ParseResult]) -> None:
         self._state = _RECOVERY
@@ -494,17 +496,16 @@ def _string(raw: bytes) -> str:
             continue
         e = text[i + 1]
         if e == "u":
-            cp = int(text[i + 2:i + 6], 16)
+            written = text[i + 2:i + 6]
+            cp = int(written, 16)
             i += 6
             if 0xD800 <= cp < 0xDC00 and text[i:i + 2] == "\\u":
                 lo = int(text[i + 2:i + 6], 16)
                 if 0xDC00 <= lo < 0xE000:
                     cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00)
                     i += 6
-            if cp == 0:
-                raise JSONParseError("\\u0000 is not supported")
-            if 0xD800 <= cp < 0xE000:
-                raise JSONParseError("invalid \\u escape (unpaired surrogate)")
+            if 0xD800 <= cp < 0xE000:  # (\u0000 is a character, as in QEMU 7.2)
+                raise JSONParseError(f"\\u{written} is not a valid Unicode character")
             out.append(chr(cp))
         else:
             out.append(_ESC[e])
@@ -550,7 +551,8 @@ def _dump(o: Any, out: list[str]) -> None:
     elif isinstance(o, int):
         out.append(str(o))
     elif isinstance(o, float):
-        out.append(repr(o) if math.isfinite(o) else "null")
+        # the shortest text that reads back, integral values without ".0" (QEMU's 1500, 1e+308)
+        out.append(repr(o).removesuffix(".0") if math.isfinite(o) else "null")
     elif isinstance(o, str):
         _dump_str(o, out)
     elif isinstance(o, dict):

@@ -97,8 +97,11 @@ def test_each_sides_tools_refuse_an_image_the_other_runs(tmp_path: Path, qemu_im
         assert res.returncode == 1 and 'Failed to get shared "write" lock' in res.stderr
         assert snaplab_img("info", "-U", str(b)).returncode == 0
         assert snaplab_img("snapshot", "-l", "-U", str(b)).returncode == 0
-        res = snaplab_img("check", "-U", "-r", "all", str(b))
-        assert res.returncode == 1 and "force-share=on can only be used with read-only images" in res.stderr
+        for args in (("check", "-U", "-r", "all"), ("snapshot", "-U", "-c", "y")):  # qemu-img's words
+            res, want = snaplab_img(*args, str(b)), qemu_img(*args, str(b))
+            assert res.returncode == want.returncode == 1
+            assert res.stderr.replace("snaplab-img", "qemu-img") == want.stderr
+            assert want.stderr == f"qemu-img: Could not open '{b}': force-share=on can only be used with read-only images\n"
     for p in (a, b):  # nothing was written behind the holders' backs, and both are released
         res = qemu_img("snapshot", "-l", str(p))
         assert res.returncode == 0 and res.stdout == ""

@@ -70,6 +70,14 @@ SCRIPT: list[tuple[str, bytes]] = [
     ("cont", b'{"execute": "cont"}'),
     ("status running", b'{"execute": "query-status"}'),
     ("unterminated", b'{"execute": "query-status"\n{"execute": "query-status"}\n}'),
+    # json-parser.c's texts and qobject_to_json()'s numbers (1e400 is not here: QEMU answers
+    # "id": inf, which is not JSON; snaplab refuses it, docs/deviations.md 66)
+    ("lone high surrogate", b'{"execute": "query-status", "id": "\\ud800"}'),
+    ("lone low surrogate", b'{"execute": "query-status", "id": "\\udc00x"}'),
+    ("surrogate pair", b'{"execute": "query-status", "id": "\\ud800\\udc00"}'),
+    ("escaped NUL", b'{"execute": "query-status", "id": "\\u0000"}'),
+    ("raw NUL in a string", b'{"execute": "query-status", "id": "a\x00b"}'),
+    ("float ids", b'{"execute": "query-status", "id": [1.5e3, 1e308, 123456789012345678901234567890, 0.1]}'),
     ("capabilities enable bad", b'{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}'),
     ("system_reset", b'{"execute": "system_reset"}'),
 ]

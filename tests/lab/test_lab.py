@@ -87,6 +87,12 @@ def test_reference_recorded_and_measured(tmp_path: Path, capsys) -> None:  # typ
 
     assert main(["reference"]) == 0
     assert "blocking save downtime: 256 MiB 0.81 s" in capsys.readouterr().out
+    assert main(["reference", "--ram", "4096,77"]) == 0  # the sizes asked for, each recorded or said not
+    out = capsys.readouterr().out
+    assert "blocking save downtime: 4096 MiB 10.5 s, 77 MiB not recorded" in out and "256 MiB" not in out
+    for bad in ("abc", "0"):
+        assert main(["reference", "--ram", bad]) == 2
+        assert "--ram" in capsys.readouterr().err
     need_qemu()
     out = tmp_path / "q.csv"
     assert main(["reference", "--qemu", "--ram", "128", "--runs", "1", "--out", str(out)]) == 0

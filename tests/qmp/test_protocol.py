@@ -94,6 +94,22 @@ def test_single_quotes_ids_and_unicode() -> None:
     assert dumps("\U0001F600\x01") == '"\\uD83D\\uDE00\\u0001"'
 
 
+def test_texts_and_numbers_as_qemu_7_2_answered() -> None:
+    """Each answer here is what the real QEMU 7.2 gave on its QMP socket (2026-12-07); the
+    same inputs run against it in tests/conformance/test_qemu_differential.py."""
+    c = negotiated()
+    for raw, desc in ((b'{"execute": "q", "id": "\\ud800"}', "\\ud800 is not a valid Unicode character"),
+                      (b'{"execute": "q", "id": "\\udc00x"}', "\\udc00 is not a valid Unicode character")):
+        assert feed(c, raw) == [{"error": {"class": "GenericError", "desc": f"JSON parse error, {desc}"}}]
+    (r,) = feed(c, b'{"execute": "q", "id": "\\u0000"}')  # a character, echoed as written
+    assert isinstance(r, Request) and r.id == "\x00"
+    assert c.success(r, {}) == b'{"return": {}, "id": "\\u0000"}\r\n'
+    out = feed(c, b'{"execute": "q", "id": "a\x00b"}')  # the stray token shown up to the NUL
+    assert out[0] == {"error": {"class": "GenericError", "desc": "JSON parse error, stray '\"a'"}}
+    assert [dumps(v) for v in (1500.0, 1e308, 1.2345678901234568e+29, 0.1, -2.5)] == [
+        "1500", "1e+308", "1.2345678901234568e+29", "0.1", "-2.5"]
+
+
 def test_split_batched_and_unterminated() -> None:
     c = negotiated()
     msg = b'{"execute": "query-status", "id": 1}'
