@@ -4,7 +4,9 @@ the snapshot table, and where a snapshot's VM state lives.
 Written from QEMU's ``docs/interop/qcow2.txt`` (sections "Header", "Host cluster management",
 "Cluster mapping", "Snapshots"), independently of snaplab's own driver (``emulator/block``), so
 that a notebook can set what this reads beside what ``qemu-img`` reports.  Read-only; version 3
-images with standard (not extended) L2 entries.  Also :func:`qemu_img`, which runs the real tool.
+images with standard (not extended) L2 entries.  Also :func:`qemu_img`, which runs the real tool,
+:func:`check_report`, which runs a check (qemu-img's or snaplab-img's), and :func:`set_refcount`,
+the one writer here: it damages a refcount on purpose, for a check to find.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -189,6 +192,31 @@ class Qcow2View:
 def qemu_img(*args: str) -> str:
     """Run the real ``qemu-img`` (QEMU 7.2) and return its standard output."""
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False, timeout=120).stdout
+
+
+def set_refcount(path: str | Path, host_off: int, value: int) -> None:
+    """Damage on purpose: write ``value`` into the refcount entry of the cluster at ``host_off``
+    (16-bit refcounts, the entry's refcount block must exist), bypassing every driver."""
+    with open(path, "r+b") as f:
+        v = Qcow2View(f)
+        if v.refcount_bits != 16:
+            raise ValueError("set_refcount handles 16-bit refcounts only")
+        cluster = host_off >> v.cluster_bits
+        per_block = v.cluster_size * 8 // 16
+        table = v.u64s(v.header["refcount_table_offset"], v.header["refcount_table_clusters"] * v.cluster_size // 8)
+        blk = table[cluster // per_block] & ~0x1FF
+        if not blk:
+            raise ValueError(f"no refcount block covers {host_off:#x}")
+        f.seek(blk + 2 * (cluster % per_block))
+        f.write(struct.pack(">H", value))
+
+
+def check_report(tool: str, path: str | Path, *opts: str) -> str:
+    """``TOOL check [OPTS] PATH`` (``qemu-img`` or ``snaplab-img``): its exit code, then what it
+    printed on stderr (one line per problem) and stdout (the summary)."""
+    exe = [tool] if tool == "qemu-img" else [sys.executable, "-m", "emulator.img"]
+    r = subprocess.run([*exe, "check", *opts, str(path)], capture_output=True, text=True, check=False, timeout=120)
+    return f"$ {tool} check {' '.join(opts)} {Path(path).name}   (exit {r.returncode})\n" + r.stderr + r.stdout
 
 
 def qemu_img_info(path: str | Path) -> dict[str, Any]:

@@ -293,10 +293,10 @@ def check_image(s: Qcow2State, repair: str | None) -> CheckResult:
     res, counted, stored = c.res, c.counted, c.stored
     leaks = np.flatnonzero(stored > counted)
     errors = np.flatnonzero(stored < counted)
-    for k in leaks[:1000].tolist():
-        res.messages.append(f"Leaked cluster {k} refcount={stored[k]} reference={counted[k]}")
-    for k in errors[:1000].tolist():
-        res.messages.append(f"ERROR cluster {k} refcount={stored[k]} reference={counted[k]}")
+    shown = np.union1d(leaks[:1000], errors[:1000]).tolist()  # in cluster order, as compare_refcounts()
+    for k in shown:
+        word = "Leaked" if stored[k] > counted[k] else "ERROR"
+        res.messages.append(f"{word} cluster {k} refcount={stored[k]} reference={counted[k]}")
     res.leaks = len(leaks)
     res.corruptions += len(errors)
     rebuild = c.refblocks_broken or bool((stored[errors] == 0).any())
@@ -307,11 +307,9 @@ def check_image(s: Qcow2State, repair: str | None) -> CheckResult:
         raise CheckFailedError("ERROR need to rebuild refcount structures", "Input/output error",
                                prefixed=False, messages=res.messages)
     if repair in ("leaks", "all"):
-        for k in leaks[:1000].tolist():
-            res.messages.append(f"Repairing cluster {k} refcount={stored[k]} reference={counted[k]}")
-    if repair == "all":
-        for k in errors[:1000].tolist():
-            res.messages.append(f"Repairing cluster {k} refcount={stored[k]} reference={counted[k]}")
+        for k in shown:
+            if repair == "all" or stored[k] > counted[k]:
+                res.messages.append(f"Repairing cluster {k} refcount={stored[k]} reference={counted[k]}")
     if repair in ("leaks", "all") and (len(leaks) or (repair == "all" and len(errors))):
         # In place is crash-safe here: lowering a leak or raising a too-low
         # refcount never makes a live cluster look free.

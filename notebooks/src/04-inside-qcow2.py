@@ -7,7 +7,8 @@ CELLS: list[tuple[str, str]] = [
 1. read a qcow2 header and find the L1 table, the refcount table and the snapshot table from it;
 2. translate a guest (virtual) offset into a file offset through the L1 and L2 tables;
 3. explain what a refcount of 2 and the `COPIED` flag mean for a snapshot, and what happens on the next guest write (copy-on-write at the cluster level);
-4. find a snapshot's **VM state**: in clusters mapped by the snapshot's own L1 table at guest offsets *past the end of the virtual disk*.
+4. find a snapshot's **VM state**: in clusters mapped by the snapshot's own L1 table at guest offsets *past the end of the virtual disk*;
+5. read what `qemu-img check` reports when a refcount is wrong (an error against a leak), and say which damage `-r all` fixes in place and which makes it rebuild the whole refcount structure.
 
 **Prerequisites.** Notebook 3 (internal snapshots, `qemu-img snapshot -l`). Hexadecimal.
 
@@ -17,7 +18,7 @@ CELLS: list[tuple[str, str]] = [
 
 **The image.** A 1 GiB qcow2 disk, written through snaplab's driver with `0x11` in its first cluster and `0x55` at 600 MiB, then one `snapshot-save` (with VM state) of a running 64 MiB guest running the `idle` workload, with 8 MiB of its RAM set to `0x5a` (so the VM state has a known size and the image has the same layout and sizes at every run; its dates and VM clock differ).
 
-Lab functions used: `lab.qcow2_view.make_example`, `Qcow2View`, `qemu_img`, `write_through_driver`."""),
+Lab functions used: `lab.qcow2_view.make_example`, `Qcow2View`, `qemu_img`, `write_through_driver`, `set_refcount`, `check_report`."""),
     ("code", """import tempfile
 from pathlib import Path
 from lab import qcow2_view as qv
@@ -65,11 +66,30 @@ QEMU also takes the VM state out of the active image after creating a snapshot: 
     ("code", """print(qv.qemu_img('check', str(path)))"""),
     ("md", """`qemu-img check` recomputes every refcount from the L1/L2 tables of the active image and of every snapshot and compares it with the refcount blocks (QEMU's block/qcow2-refcount.c, `qcow2_check_refcounts`): no errors, no leaks.
 
+## When a refcount is wrong
+
+Refcounts are redundant: everything they say can be recounted from the tables, and that recount is what a check does. The two data clusters above have refcount 2 (the active disk and the snapshot). Below, a copy of the image gets two wrong refcounts, written straight into its refcount block by `set_refcount` (no driver involved): the cluster at guest offset 0 gets **1**, the one at 600 MiB gets **3**. Predict what a check calls each, before running it. Both checks run: QEMU 7.2's `qemu-img` and snaplab's `snaplab-img` (its own code, `emulator/block/check.py`, which counts in QEMU's order)."""),
+    ("code", """import shutil
+bad = work / 'bad.qcow2'
+shutil.copy(path, bad)
+d0, d600 = (c['host_offset'] for c in v.mapped(v.l1()))
+qv.set_refcount(bad, d0, 1)
+qv.set_refcount(bad, d600, 3)
+for tool in ('qemu-img', 'snaplab-img'):
+    print(qv.check_report(tool, bad))"""),
+    ("md", """The two tools print the same lines and exit with 2 (corruption). A refcount **lower** than the references is an `ERROR`: the driver would free the cluster at its next decrement (the active disk's next write to it, say) while the snapshot still points to it, and a later allocation would write new data over the snapshot's. The cluster with refcount 1 also breaks the `COPIED` rule (an L2 entry carries the flag exactly when the refcount is 1), so a second error is reported for its L2 entry. A refcount **higher** than the references is a leak: the cluster can never be freed, which wastes space but harms no data (exit 3 when leaks are all there is). `-r all` repairs both in place, each refcount set to what was counted; the image is then clean for the real `qemu-img` too:"""),
+    ("code", """fixed = work / 'fixed.qcow2'
+shutil.copy(bad, fixed)
+print(qv.check_report('snaplab-img', fixed, '-r', 'all'))
+print(qv.check_report('qemu-img', fixed))"""),
+    ("md", """A refcount of **0** on a cluster that is referenced is worse: the refcount blocks themselves can no longer be trusted (a block may be missing, or point at the wrong place), so neither tool patches entries one by one. `-r leaks` refuses (`ERROR need to rebuild refcount structures`, exit 1, nothing written) and `-r all` rebuilds the whole refcount structure from the recount (`Rebuilding refcount structure`). QEMU writes the new table and blocks into the first free clusters and then repairs the old ones as leaks; snaplab writes them after the end of the file and switches to them with one header write, so a crash half-way leaves the old image (docs/deviations.md entries 64 and 65). Exercise 4 does it.
+
 ## Exercises: predict, then measure
 
 1. **One guest write.** Write `0x22` over the first cluster of the disk (through snaplab's driver). Predict: the refcount of the old data cluster, whether the active L2 entry now points elsewhere, and the `COPIED` flag of the new entry.
 2. **A second write to the same cluster.** Predict whether a second write allocates again.
-3. **QEMU's own snapshot of the same image.** Copy the image, create a disk-only snapshot with `qemu-img snapshot -c`, and predict the refcount of the active L2 tables afterwards."""),
+3. **QEMU's own snapshot of the same image.** Copy the image, create a disk-only snapshot with `qemu-img snapshot -c`, and predict the refcount of the active L2 tables afterwards.
+4. **A referenced cluster with refcount 0.** On a fresh copy of the original image, set the refcount of the data cluster at guest offset 0 to 0. Predict the exit codes of `check -r leaks` and then `check -r all`, and whether the file grows."""),
     ("code", """v.close()
 qv.write_through_driver(path, 0, b'\\x22' * 65536)
 v = qv.Qcow2View.open(path)
@@ -86,19 +106,26 @@ v = qv.Qcow2View.open(path)
 print('clusters in use unchanged by the second write:', len(v.refcounts()) == before[0])
 print('the data stayed at the same host offset:', v.mapped(v.l1())[0]['host_offset'] == before[1], '| reads:', v.read(before[1], 4))
 print(qv.qemu_img('check', str(path)).splitlines()[0])"""),
-    ("code", """import shutil
-qpath = work / 'qemu-copy.qcow2'
+    ("code", """qpath = work / 'qemu-copy.qcow2'
 shutil.copy(path, qpath)
 print(repr(qv.qemu_img('snapshot', '-c', 'byqemu', str(qpath))))
 q = qv.Qcow2View.open(qpath)
 print('active L2 tables and their refcounts:', [(hex(e & qv.OFFSET_MASK), q.refcount(e & qv.OFFSET_MASK)) for e in q.l1() if e & qv.OFFSET_MASK])
 print(qv.qemu_img('check', str(qpath)).splitlines()[0])
 q.close()"""),
+    ("code", """zero = work / 'zero.qcow2'
+shutil.copy(fixed, zero)  # clean again, and laid out as the original was before exercise 1's writes
+qv.set_refcount(zero, d0, 0)
+size_before = zero.stat().st_size
+print(qv.check_report('snaplab-img', zero, '-r', 'leaks'))
+print(qv.check_report('snaplab-img', zero, '-r', 'all'))
+print('file grew by', (zero.stat().st_size - size_before) // 65536, 'clusters;', qv.check_report('qemu-img', zero).splitlines()[1])"""),
     ("md", """<details><summary>Worked solutions</summary>
 
 1. The cluster was shared (refcount 2), so the write is **copy-on-write at the cluster level**: a new cluster is allocated for the active disk (refcount 1, `COPIED` set, so later writes go in place), the active L2 entry points to it, and the old cluster's refcount drops to **1**: only the snapshot uses it now, and it still holds `0x11`.
 2. **No** new cluster: the entry is `COPIED` (refcount 1), so the second write goes in place: the number of clusters in use is unchanged, the data cluster is at the same host offset and now reads `0x33` (a write to a new cluster and a free of the old one would also keep the count, but not the offset), and `qemu-img check` stays clean.
 3. QEMU's `qemu-img snapshot -c` copies only the L1 table and raises the refcount of everything it reaches, so the active L1's **L2 tables now have refcount 2**: shared with the new snapshot until the next write to each, which then copies that L2 table. snaplab avoids that first-write copy by giving the active L1 its own L2 tables at snapshot time (docs/deviations.md entry 2). Both images are valid for `qemu-img check`.
+4. `-r leaks` exits **1** and writes nothing: a referenced cluster with refcount 0 means the refcount structure must be rebuilt, which only `-r all` may do. `-r all` then exits **0** after `Rebuilding refcount structure`: a new refcount table and block are written after the old end of the file (so it grows by the two clusters they take, while the old table and block, now unreferenced, stay inside it as free clusters), and the real `qemu-img check` finds the result clean. QEMU's own `-r all` would have reused free clusters inside the file instead (docs/deviations.md entry 65).
 </details>"""),
     ("code", """v.close()
 shutil.rmtree(work)"""),

@@ -68,7 +68,21 @@ def _refblock_on_an_l2_table(p: Path) -> None:
     _poke(p, rt + 8, _peek(p, l1) & 0x00FFFFFFFFFFFE00)
 
 
+def _refcounts_low_and_high(p: Path) -> None:
+    """The first data cluster's refcount 2 -> 1 (an error), the second's 2 -> 3 (a leak)."""
+    from lab.qcow2_view import Qcow2View, set_refcount
+
+    v = Qcow2View.open(p)
+    try:
+        first, second = (c["host_offset"] for c in v.mapped(v.l1())[:2])
+    finally:
+        v.close()
+    set_refcount(p, first, 1)
+    set_refcount(p, second, 3)
+
+
 DAMAGE = {
+    "refcounts-low-and-high": _refcounts_low_and_high,
     "snapshot-table-unaligned": _snapshot_table_unaligned,
     "truncated": _truncated,
     "reftable-past-the-end": _reftable_past_the_end,
@@ -137,6 +151,18 @@ def test_repair_all_rebuilds_a_broken_refcount_structure(tmp_path: Path, qemu_im
     qemu_io(p, "read -P 0x5a 0 1M")
     qemu_io(p, "write -P 0x33 1M 1M", "read -P 0x33 1M 1M")  # and it takes new clusters safely
     assert qemu_img("check", str(p)).returncode == 0
+
+
+def test_repair_all_of_wrong_refcounts_reports_and_repairs_as_qemu_img(tmp_path: Path, qemu_img: Run,
+                                                                       qemu_io: Run) -> None:
+    """Refcounts fixed in place (no rebuild): the same lines in the same order, the same image."""
+    p = _damaged(tmp_path, qemu_img, qemu_io, "refcounts-low-and-high")
+    q = tmp_path / "qemu.qcow2"
+    shutil.copy(p, q)
+    ours, theirs = snaplab_img("check", "-r", "all", str(p)), qemu_img("check", "-r", "all", str(q))
+    assert "Repairing cluster" in theirs.stderr and theirs.returncode == 0
+    _same_report(ours, theirs)
+    assert p.read_bytes() == q.read_bytes()
 
 
 def test_repair_all_fixes_oflag_copied_as_qemu_does(tmp_path: Path, qemu_img: Run, qemu_io: Run) -> None:
