@@ -4,7 +4,7 @@
 
 Instructions per iteration are measured exactly (deterministic stepping with count=); the
 free-running rate comes from the lab port's progress samples.  Reference: plain Unicorn runs
-~110 M insn/s for sequential stores on these machines (shared/reference/unicorn-notes.md);
+~110 M insn/s for sequential stores on these machines (docs/reference/unicorn-notes.md);
 the goal is >= 80 M insn/s.
 """
 

@@ -6,7 +6,7 @@ Both sides get the same guest: RAM filled with the same random bytes through
 ``-device loader`` (QEMU's way), one 1 GiB qcow2 disk, the VM state on it.  Downtime is
 STOP -> RESUME from the QMP event timestamps; load time is the snapshot-load job's STOP ->
 RESUME.  QEMU runs here when ``qemu-system-x86_64`` and OVMF are installed; otherwise the
-figures recorded in shared/reference/qemu-7.2-qmp.md are used, and the output says so.
+figures recorded in docs/reference/qemu-7.2-qmp.md are used, and the output says so.
 
 This workplace's VMs pay ~2.4 s/GiB the first time any memory is touched (host-side
 first touch), which lands on whichever side first writes new page-cache pages.  The bench
@@ -127,7 +127,7 @@ def main() -> None:
     med = {s: {k: float(np.median(v)) for k, v in r.items()} for s, r in results.items()}
     ref = med.get("qemu", RECORDED)
     why = "--no-qemu" if args.no_qemu else "QEMU or OVMF not installed here"
-    src = "measured in this run" if "qemu" in med else f"RECORDED in shared/reference ({why})"
+    src = "measured in this run" if "qemu" in med else f"RECORDED in docs/reference ({why})"
     print(f"RAM {args.ram_mib} MiB, {args.runs} runs, QEMU figures {src}")
     for k in ("save", "load"):
         ours = results["snaplab"][k]

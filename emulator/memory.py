@@ -2,7 +2,7 @@
 
 The mapping is 2 MiB-aligned and advised ``MADV_HUGEPAGE`` so that transparent huge pages
 back it: arming userfaultfd write protection is then O(2 MiB PMDs), not O(4 KiB pages)
-(shared/reference/unicorn-notes.md, addendum).  Populating is left to the first touch unless
+(docs/reference/unicorn-notes.md, addendum).  Populating is left to the first touch unless
 asked for; :meth:`GuestRAM.populate` does it in one ``MADV_POPULATE_WRITE`` and reports the
 time it took.
 

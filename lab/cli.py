@@ -30,7 +30,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     spec = ReproSpec(ram_mib=parse_sizes(a.ram), reps=a.repetitions, conditions=("dirty",),
                      dirty_rate_mib_s=a.rate, working_set_mib=a.ws, seed=a.seed, with_qemu=with_qemu,
                      qemu_cache=a.qemu_cache)
-    committed = COMMITTED if a.qemu_cache == "direct" else COMMITTED.parent / "reproduction-writeback"
+    committed = COMMITTED if a.qemu_cache == "direct" else COMMITTED.parent / "reproduction-writeback-1206"
     out = Path(a.out)
     print(f"snaplab compare: snapshot downtime of the dirty guest ({a.rate} MiB/s over {a.ws} MiB), RAM "
           f"{list(spec.ram_mib)} MiB, seed {a.seed}, {a.repetitions} repetitions; QEMU 7.2 "
@@ -192,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--no-qemu", action="store_true", help="do not run QEMU (use the committed data)")
     c.add_argument("--qemu-cache", default="direct", choices=("direct", "writeback"),
                    help="QEMU's image: direct (cache.direct=on, around the page cache as snaplab's VM state; "
-                        "data/results/reproduction) or writeback (QEMU's default; data/results/reproduction-writeback)")
+                        "data/results/reproduction) or writeback (QEMU's default; data/results/reproduction-writeback-1206)")
     c.add_argument("--out", default="out/compare")
     c.add_argument("--png", default="out/compare.png")
     c.set_defaults(fn=cmd_compare)

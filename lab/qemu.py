@@ -1,4 +1,4 @@
-"""Measuring the real QEMU 7.2 on this machine, the way shared/reference/qemu-7.2-qmp.md did:
+"""Measuring the real QEMU 7.2 on this machine, the way docs/reference/qemu-7.2-qmp.md did:
 RAM filled with random bytes through ``-device loader``, ``snapshot-save``/``-load`` downtime
 from the STOP/RESUME event timestamps, and background-snapshot (``migrate`` with the
 ``background-snapshot`` capability) downtime and total time from its events."""

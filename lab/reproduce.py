@@ -4,7 +4,7 @@ Both systems run snaplab's own guest program (on QEMU as the multiboot image of
 emulator/qemu_guest.py), in the same conditions:
 
 * ``idle-random``: the idle workload with RAM filled with random bytes through ``-device
-  loader`` (QEMU's reference measurement, shared/reference/qemu-7.2-qmp.md);
+  loader`` (QEMU's reference measurement, docs/reference/qemu-7.2-qmp.md);
 * ``dirty``: the dirty workload at a stated rate over a stated working set (random pattern).
 
 For each RAM size and condition, each system gets a fresh machine (memory warmed and the page
@@ -556,6 +556,24 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def mount_fstype(path: str) -> str:
+    """The file system type of the mount holding ``path`` (/proc/self/mounts: ``ext4``, not the
+    ``ext2/ext3`` that ``stat -f`` names the whole ext family by)."""
+    best, fstype = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return fstype
+    for ln in lines:
+        parts = ln.split()
+        if len(parts) >= 3:
+            mnt = parts[1].replace("\\040", " ")
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                best, fstype = mnt, parts[2]
+    return fstype
+
+
 def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
     """Where and how: host, kernel, CPU, memory, storage, versions, the command line."""
     from importlib import metadata as md
@@ -574,7 +592,7 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
     mem = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/meminfo").read_text().splitlines()
                 if ln.startswith("MemTotal")), "")
     usage = shutil.disk_usage("/var/tmp")
-    fs = subprocess.run(["stat", "-f", "-c", "%T", "/var/tmp"], capture_output=True, text=True).stdout.strip()
+    fs = mount_fstype("/var/tmp")
     return {
         "spec": asdict(spec), "command": " ".join(["snaplab", "reproduce", *sys.argv[2:]]) if sys.argv else "",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),

@@ -1,5 +1,5 @@
 """A ready-wired machine for notebooks: read-only firmware, a varstore, a qcow2 disk, in a
-scratch directory, like the reference command line (shared/reference/qemu-7.2-qmp.md)."""
+scratch directory, like the reference command line (docs/reference/qemu-7.2-qmp.md)."""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ def zero_fill(buf: memoryview) -> None:
 
     Guest RAM may be write-protected by userfaultfd while we fill it; a store
     made with the GIL held could then deadlock against the fault handler
-    (see shared/reference/unicorn-notes.md), so no numpy or slice assignment here.
+    (see docs/reference/unicorn-notes.md), so no numpy or slice assignment here.
     """
     n = buf.nbytes
     if n == 0:

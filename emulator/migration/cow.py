@@ -33,7 +33,7 @@ still drained, so they are the stop instant's (savevm.py).  From then on:
   write, so a guest write never waits for the disk or the pipe.
 
 Chunks are 2 MiB, aligned with the transparent huge pages behind guest RAM, so arming stays
-O(huge pages) (~0.05-0.1 ms per GiB) across repeated snapshots (shared/reference/unicorn-notes.md,
+O(huge pages) (~0.05-0.1 ms per GiB) across repeated snapshots (docs/reference/unicorn-notes.md,
 addendum), and that arm runs before the stop: inside it only the chunks written meanwhile.  The result is the state at the stop instant, bit for bit.
 """
 

@@ -1,6 +1,6 @@
 """The same scripted QMP session against the real qemu-system-x86_64 7.2 and snaplab-system.
 
-Both are started from the recorded command line (shared/reference/transcripts), only the
+Both are started from the recorded command line (docs/reference/transcripts), only the
 firmware file names differing.  After normalising timestamps, versions and paths, every
 reply (class, text, id placement) and the order of the events we emulate are equal.
 """
@@ -23,7 +23,7 @@ import pytest
 from emulator.guest import DATA_DIR, FIRMWARE_BIN
 from lab.qemu import wait_firmware_writes
 
-REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "transcripts"
+REF = Path(__file__).resolve().parents[2] / "docs" / "reference" / "transcripts"
 OVMF = Path("/usr/share/OVMF")
 EMULATED_EVENTS = {"STOP", "RESUME", "RESET", "SHUTDOWN", "JOB_STATUS_CHANGE"}
 
@@ -217,7 +217,7 @@ def run_script(sock: Path) -> tuple[dict[str, Any], list[tuple[str, list[dict[st
     return greeting, replies, s.events
 
 
-@pytest.mark.skipif(not (REF / "cmdline-2disk-rawvars.txt").exists(), reason="shared/reference not beside the repo")
+@pytest.mark.skipif(not (REF / "cmdline-2disk-rawvars.txt").exists(), reason="docs/reference/transcripts is missing")
 def test_same_session_same_answers(tmp_path: Path) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None or not (OVMF / "OVMF_CODE.fd").exists():

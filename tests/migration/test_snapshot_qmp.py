@@ -1,5 +1,5 @@
 """snapshot-save / -load / -delete and HMP savevm/loadvm/delvm: QEMU 7.2's texts and event sequences
-(shared/reference/qemu-7.2-qmp.md, section 6), and the deliberate differences of docs/deviations.md."""
+(docs/reference/qemu-7.2-qmp.md, section 6), and the deliberate differences of docs/deviations.md."""
 
 from __future__ import annotations
 

@@ -279,7 +279,7 @@ def test_generator_job_first_step_is_the_commands_bottom_half() -> None:
 
 
 def test_block_job_commands_on_a_snapshot_job_answer_as_qemu(vm: Machine) -> None:
-    """QEMU 7.2 (shared/reference/qemu-7.2-qmp.md, "block-job-cancel on snapshot job id"): a
+    """QEMU 7.2 (docs/reference/qemu-7.2-qmp.md, "block-job-cancel on snapshot job id"): a
     snapshot job is not a block job, so every block-job-* command answers find_block_job's
     DeviceNotActive "Block job 'X' not found", for a running or concluded job's id and for an
     unknown one; query-block-jobs lists none; the job-* commands still reach the job."""
