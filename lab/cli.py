@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,6 +20,21 @@ from lab.run import run_experiment  # noqa: E402
 from lab.spec import ExperimentSpec, SpecError  # noqa: E402
 
 COMMITTED = Path(__file__).resolve().parents[1] / "data" / "results" / "reproduction"
+QEMU_REF_MIB = (64, 16384)  # snaplab reference --qemu: the RAM sizes it will boot (reproduce's range)
+REF_RUNS, REF_OUT = 3, "out/qemu-measured.csv"
+
+
+def writable(path: str | Path, what: str) -> Path:
+    """``path``'s folder made and checked before anything is measured (an output that cannot be
+    written is refused now, not after minutes of measurement)."""
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{what} {p}: cannot make its folder: {err.strerror}") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{what} {p}: not writable")
+    return p
 
 
 def cmd_compare(a: argparse.Namespace) -> int:
@@ -27,12 +45,16 @@ def cmd_compare(a: argparse.Namespace) -> int:
     from lab.reproduce import ReproSpec, parse_sizes, reproduce
 
     with_qemu = qemu.available_guest() and not a.no_qemu
+    if not 1 <= a.repetitions <= 100:
+        raise ValueError(f"--repetitions: {a.repetitions} is not allowed; expected 1 to 100")
+    writable(a.png, "--png")
     spec = ReproSpec(ram_mib=parse_sizes(a.ram), reps=a.repetitions, conditions=("dirty",),
                      dirty_rate_mib_s=a.rate, working_set_mib=a.ws, seed=a.seed, with_qemu=with_qemu,
                      qemu_cache=a.qemu_cache)
     committed = COMMITTED if a.qemu_cache == "direct" else COMMITTED.parent / "reproduction-writeback-1206"
     out = Path(a.out)
-    print(f"snaplab compare: snapshot downtime of the dirty guest ({a.rate} MiB/s over {a.ws} MiB), RAM "
+    ws = ", ".join(f"{spec.working_set(r)} MiB at {r} MiB" for r in spec.ram_mib)
+    print(f"snaplab compare: snapshot downtime of the dirty guest ({a.rate} MiB/s over a working set of {ws}), RAM "
           f"{list(spec.ram_mib)} MiB, seed {a.seed}, {a.repetitions} repetitions; QEMU 7.2 "
           f"{'measured now' if with_qemu else 'from the committed reproduction'}, "
           f"{repro_report.qemu_cache_text(a.qemu_cache)}", flush=True)
@@ -58,9 +80,15 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     spec = ExperimentSpec.from_toml(a.spec)
-    rows = run_experiment(spec)
-    results.save(rows, a.out, results.metadata(spec.seed))
+    if Path(a.out).suffix == ".json":
+        results.save([], a.out, {})  # (refuses it, before measuring)
+    out = writable(a.out, "--out")
+    meta = results.metadata(spec.seed)
+    # each row saved as it comes: a run stopped part-way keeps what it measured
+    rows = run_experiment(spec, on_row=lambda so_far: results.save(so_far, out, meta))
+    results.save(rows, out, meta)
     print(results.table(rows))
+    print(f"results: {out} (+ {out.with_suffix('.json').name})")
     return 0
 
 
@@ -74,13 +102,22 @@ def cmd_sweep(a: argparse.Namespace) -> int:
             raise SpecError(f"--axis {item!r}: expected FIELD=V1,V2,...")
         conv: list[object] = []
         for v in values.split(","):
-            try:
-                conv.append(int(v))
-            except ValueError:
+            for kind in (int, float):
+                try:
+                    conv.append(kind(v))
+                    break
+                except ValueError:
+                    continue
+            else:
                 conv.append(v)
         axes[field] = conv
-    base = ExperimentSpec.from_toml(a.spec) if a.spec else ExperimentSpec(repetitions=a.repetitions)
+    base = ExperimentSpec.from_toml(a.spec) if a.spec else ExperimentSpec()
+    if a.repetitions is not None:  # given: it wins over the spec's
+        base = base.with_(repetitions=a.repetitions)
     points = grid(base, axes)
+    writable(a.out, "--out")
+    if Path(a.out).exists():
+        results.load(a.out, results.REQUIRED)  # a file of another kind is refused before measuring
     client = None
     if a.scheduler:
         from distributed import Client
@@ -100,6 +137,8 @@ def cmd_reference(a: argparse.Namespace) -> int:
     if not sizes or min(sizes) <= 0:
         raise SpecError(f"--ram: {a.ram!r}: expected positive sizes in MiB such as 256,1024")
     if not a.qemu:
+        if a.runs != REF_RUNS or a.out != REF_OUT:
+            print("snaplab: --runs and --out apply to --qemu only (nothing is measured without it)", file=sys.stderr)
         from lab.reference import qemu_reference
 
         recorded = qemu_reference()
@@ -112,6 +151,20 @@ def cmd_reference(a: argparse.Namespace) -> int:
         print("snaplab: qemu-system-x86_64 and OVMF are needed (apt-get install -y qemu-system-x86 ovmf)",
               file=sys.stderr)
         return 1
+    lo, hi = QEMU_REF_MIB
+    if not all(lo <= s <= hi for s in sizes):
+        raise SpecError(f"--ram: {a.ram}: expected sizes from {lo} to {hi} MiB with --qemu")
+    if not 1 <= a.runs <= 100:
+        raise SpecError(f"--runs: {a.runs} is not allowed; expected 1 to 100")
+    import shutil
+
+    # one size at a time in /var/tmp: its random fill files and a VM state per run, plus room
+    need = (max(sizes) << 20) * (1 + a.runs) + (2 << 30)
+    free = shutil.disk_usage("/var/tmp").free
+    if free < need:
+        raise SpecError(f"--ram: {max(sizes)} MiB with --runs {a.runs} needs about {need / 2**30:.0f} GiB free in "
+                        f"/var/tmp (QEMU's random fill files and snapshots); {free / 2**30:.0f} GiB are free")
+    writable(a.out, "--out")
     rows = qemu.measure(list(sizes), runs=a.runs)
     meta = results.metadata(None)
     meta["measured"] = "qemu-system-x86_64 7.2 (see lab/qemu.py); RAM filled with random bytes via -device loader"
@@ -173,7 +226,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
         print(repro_report.table(rows))
         print(f"plots: {', '.join(map(str, pngs))} ({repro_report.source_label(meta, a.committed)})")
         return 0
-    rows, meta = results.load(a.results)
+    rows, meta = results.load(a.results, results.REQUIRED)
     plot.downtime_vs_ram(rows, a.png)  # snaplab only: QEMU beside it comes from a reproduction (same guest)
     print(results.table(rows))
     print(f"plot: {a.png} (data from {meta.get('date', '?')}, seed {meta.get('seed')})")
@@ -196,14 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--out", default="out/compare")
     c.add_argument("--png", default="out/compare.png")
     c.set_defaults(fn=cmd_compare)
-    r = sub.add_parser("run", help="run one experiment from a TOML spec")
-    r.add_argument("spec")
-    r.add_argument("--out", default="out/run.csv")
+    r = sub.add_parser("run", help="run one experiment from a TOML spec (fields: docs/specs.md)")
+    r.add_argument("spec", help="a TOML file: an [experiment] table of ExperimentSpec's fields (docs/specs.md)")
+    r.add_argument("--out", default="out/run.csv", help="the CSV written (+ .json metadata beside it), a row "
+                   "at a time as they are measured")
     r.set_defaults(fn=cmd_run)
     w = sub.add_parser("sweep", help="run a grid of experiments (resumable; processes or a Dask cluster)")
     w.add_argument("--axis", action="append", default=[], help="FIELD=V1,V2,... (repeatable), e.g. ram_mib=64,128")
     w.add_argument("--spec", help="a TOML spec for the fixed fields")
-    w.add_argument("--repetitions", type=int, default=2)
+    w.add_argument("--repetitions", type=int, default=None,
+                   help="repetitions per point (default: the spec's, 3 without a spec)")
     w.add_argument("--workers", type=int, default=1,
                    help="local processes (default 1: one timed experiment at a time; more spoil the timings)")
     w.add_argument("--scheduler", help="a dask.distributed scheduler address")
@@ -211,13 +266,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     w.set_defaults(fn=cmd_sweep)
     f = sub.add_parser("reference", help="QEMU 7.2's numbers: the recorded ones, or --qemu to measure them here")
     f.add_argument("--qemu", action="store_true", help="run the real qemu-system-x86_64 and measure")
-    f.add_argument("--ram", default="256,1024")
-    f.add_argument("--runs", type=int, default=3)
-    f.add_argument("--out", default="data/reference/qemu-measured.csv")
+    f.add_argument("--ram", default="256,1024", help="RAM sizes in MiB, comma-separated (64 to 16384 with --qemu)")
+    f.add_argument("--runs", type=int, default=REF_RUNS, help="runs per size, with --qemu")
+    f.add_argument("--out", default=REF_OUT, help="the CSV written, with --qemu (+ .json metadata)")
     f.set_defaults(fn=cmd_reference)
     p = sub.add_parser("plot", help="re-plot saved results (a CSV, or a reproduction's directory)")
-    p.add_argument("results")
-    p.add_argument("--png", default="out/plot.png")
+    p.add_argument("results", help="a CSV written by snaplab run/sweep, or a reproduction's directory")
+    p.add_argument("--png", default="out/plot.png",
+                   help="the figure for a CSV; for a reproduction's directory only its folder counts (four "
+                        "figures go there: downtime.png, total.png, progress.png, lost.png; default: the "
+                        "directory itself)")
     p.add_argument("--committed", action="store_true", help="label the figure as committed data")
     p.set_defaults(fn=cmd_plot)
     e = sub.add_parser("reproduce", help="snaplab beside the real QEMU 7.2: same guest, same sizes, same definitions")
@@ -239,14 +297,41 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "pair runs on one worker started with --resources timed=1")
     e.set_defaults(fn=cmd_reproduce)
     a = ap.parse_args(argv)
+    old_term = _terminate_as_exit()
     try:
         return int(a.fn(a))
-    except FileNotFoundError as err:
-        print(f"snaplab: {err.strerror}: '{err.filename}'", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("snaplab: interrupted; rows measured so far were kept where the command writes them",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # (output piped into head, say)
+        sys.stderr.close()
+        return 0
+    except OSError as err:
+        where = f": '{err.filename}'" if err.filename else ""
+        print(f"snaplab: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except (SpecError, ValueError) as err:
         print(f"snaplab: {err}", file=sys.stderr)
         return 2
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _terminate_as_exit() -> Any:
+    """SIGTERM (``timeout``, ``kill``) raises SystemExit in the main thread, so every scratch
+    directory and guest is closed by its ``with`` on the way out, as on Ctrl-C; returns the
+    handler it replaced (None off the main thread, where signals cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ HATCHES = ("", "//", "..", "xx", "\\\\")
 def _finish(fig: Any, path: str | Path | None) -> Any:
     """A finished figure: written to ``path`` and closed if one is given; returned either way."""
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
         plt.close(fig)
     return fig
@@ -46,18 +47,24 @@ def hatch(engine: str) -> str:
 
 def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
                     reference: dict[str, dict[int, float]] | None = None) -> Any:
-    """Median downtime (ms, log scale) against RAM size (MiB), one line per engine."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    engines = sorted({str(r["engine"]) for r in rows})
-    for eng in engines:
+    """Median downtime (ms, log scale) against RAM size (MiB), one line per engine and per value
+    of any other field that varies between the rows (a sweep's other axes: workload, rate, ...)."""
+    from lab.results import varying
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    extra = varying(rows)
+    series = sorted({(str(r["engine"]), *(str(r.get(k)) for k in extra)) for r in rows})
+    shades = ["black", "dimgrey", "grey", "darkgrey"]
+    for i, key in enumerate(series):
         by_ram: dict[int, list[float]] = {}
         for r in rows:
-            if r["engine"] == eng:
+            if (str(r["engine"]), *(str(r.get(k)) for k in extra)) == key:
                 by_ram.setdefault(int(r["ram_mib"]), []).append(float(r["downtime_ms"]))
         xs = sorted(by_ram)
         ys = [median(by_ram[x]) for x in xs]
-        marker, ls = style(eng)
-        ax.plot(xs, ys, marker=marker, linestyle=ls, color="black", label=f"snaplab {eng}")
+        marker, ls = style(key[0])
+        label = f"snaplab {key[0]}" + "".join(f", {k}={v}" for k, v in zip(extra, key[1:], strict=True))
+        ax.plot(xs, ys, marker=marker, linestyle=ls, color=shades[i % len(shades)], label=label)
     for name, pts in (reference or {}).items():
         xs = sorted(pts)
         ax.plot(xs, [pts[x] for x in xs], marker="D", linestyle="-.", color="grey", label=name)
@@ -66,9 +73,11 @@ def downtime_vs_ram(rows: list[dict[str, Any]], path: str | Path | None = None,
     ax.set_yscale("log")
     ax.set_xlabel("guest RAM (MiB)")
     ax.set_ylabel("downtime, STOP to RESUME (ms)")
-    ax.set_title("Snapshot downtime: blocking save vs copy-on-write")
+    engines = sorted({str(r["engine"]) for r in rows})
+    ax.set_title("Snapshot downtime by engine: " + ", ".join(engines) + " (medians)")
     ax.grid(True, which="both", linewidth=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    # below the axes, never over the data
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -579,5 +588,6 @@ def restore_figure(rows: list[dict[str, Any]], path: str | Path | None = None, t
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
     return fig

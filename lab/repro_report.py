@@ -41,9 +41,16 @@ Key = tuple[str, str, str, str, int]  # workload, op, engine, system, ram
 def load_runs(directory: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows of ``DIR/runs.csv`` with their types, and ``DIR/metadata.json`` (or {})."""
     d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"{d}: a reproduction is a directory (with runs.csv and metadata.json)")
     rows: list[dict[str, Any]] = []
     with open(d / "runs.csv", newline="") as f:
-        for r in csv.DictReader(f):
+        reader = csv.DictReader(f)
+        missing = [c for c in ("system", "engine", "op", "ram_mib", "workload", "downtime_ms")
+                   if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{d / 'runs.csv'}: not a reproduction's runs.csv: no column {missing[0]!r}")
+        for r in reader:
             row: dict[str, Any] = dict(r)
             for k, conv in NUMERIC.items():
                 row[k] = conv(r[k]) if r.get(k, "") not in ("", None) else float("nan")
@@ -52,6 +59,8 @@ def load_runs(directory: str | Path) -> tuple[list[dict[str, Any]], dict[str, An
             if row["op"] == "load":
                 row["engine"] = canonical_engine(row["engine"])  # data recorded under a former name
             rows.append(row)
+    if not rows:
+        raise ValueError(f"{d / 'runs.csv'}: no rows")
     meta_path = d / "metadata.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return mark_excluded(rows), meta
@@ -315,6 +324,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
                  "so its downtime, not this total, is what it waited (notebook 11 times its return to full speed).")
     fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=8)
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
     return fig
@@ -463,6 +473,7 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
              "flushes after RESUME.\n" + textwrap.fill(BACKGROUND_STOP_NOTE, 110) + " docs/reproduction.md",
              ha="center", va="top", fontsize=7)
     if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
     return fig

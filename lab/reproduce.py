@@ -86,6 +86,7 @@ STEADY_TIMEOUT_S = 30.0
 STEADY_TOLERANCE = 0.03
 TOUCHED_WS = 7.0  # working sets' worth of pages written before a measurement: 1 - e^-7 = 99.9% touched
 MIN_RAM_MIB, MAX_RAM_MIB = 64, 16384
+MIN_RANDOM_RAM_MIB = 128  # idle-random: lab.qemu.fill_files leaves 64 MiB of RAM without random bytes
 
 
 class ReproError(SnaplabError, ValueError):
@@ -115,9 +116,15 @@ class ReproSpec:
             raise ReproError("--ram: no size given; expected sizes such as 256,1024,4096")
         if not 1 <= self.reps <= 100:
             raise ReproError(f"--reps: {self.reps} is not allowed; expected 1 to 100")
+        if not self.conditions:
+            raise ReproError(f"--conditions: none given; expected one or more of {', '.join(CONDITIONS)}")
         for c in self.conditions:
             if c not in CONDITIONS:
                 raise ReproError(f"--conditions: {c!r} is not allowed; expected {', '.join(CONDITIONS)}")
+        if "idle-random" in self.conditions and min(self.ram_mib) < MIN_RANDOM_RAM_MIB:
+            raise ReproError(f"--ram: {min(self.ram_mib)} MiB is too small for the idle-random condition (its RAM "
+                             f"holds random bytes all but 64 MiB of it); expected {MIN_RANDOM_RAM_MIB} MiB or more, "
+                             "or --conditions dirty")
         if self.dirty_rate_mib_s <= 0:
             raise ReproError("--rate: expected a positive rate in MiB/s")
         if self.working_set_mib < 1:

@@ -77,8 +77,15 @@ def _backend() -> str:
         return "unicorn-tlb"
 
 
+REQUIRED = ("ram_mib", "engine", "downtime_ms", "total_s")  # what table() and the plots read
+
+
 def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> Path:
+    """``path`` (CSV) and its metadata beside it (the same name, ``.json``)."""
     p = Path(path)
+    if p.suffix == ".json":
+        raise ValueError(f"--out {p}: results are a CSV file (its metadata goes beside it as .json); "
+                         "give a path ending in .csv")
     p.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for r in rows:
@@ -91,10 +98,25 @@ def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> 
     return p
 
 
-def load(path: str | Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def load(path: str | Path, required: Sequence[str] = ()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows saved by :func:`save`, with the metadata beside them; ``required`` (e.g.
+    :data:`REQUIRED`, for ``snaplab run``/``sweep`` results): a file without those columns, or
+    without rows, is refused with the column it lacks."""
     p = Path(path)
+    if p.suffix == ".json":
+        raise ValueError(f"{p}: a JSON file; snaplab's results are CSV (a reproduction: give its directory)")
     with open(p, newline="") as f:
-        rows = [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        reader = csv.DictReader(f)
+        rows = [{k: _num(v) for k, v in r.items()} for r in reader]
+        cols = reader.fieldnames or []
+    missing = [c for c in required if c not in cols]
+    if required and {"system", "op"} <= set(cols):
+        raise ValueError(f"{p}: a reproduction's runs.csv: give its directory ({p.parent})")
+    if missing:
+        hint = " (a reproduction's runs.csv: give its directory)" if "op" in cols else ""
+        raise ValueError(f"{p}: not a snaplab run/sweep results file: no column {missing[0]!r}{hint}")
+    if required and not rows:
+        raise ValueError(f"{p}: no rows")
     meta_path = p.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     return rows, meta
@@ -109,16 +131,29 @@ def _num(v: str) -> Any:
     return v
 
 
+SPEC_KEYS = ("workload", "dirty_rate_mib_s", "working_set_mib", "pattern", "seed", "wp_backend", "warmup_s", "gap_s")
+
+
+def varying(rows: list[dict[str, Any]]) -> list[str]:
+    """The spec fields besides RAM and engine that differ between rows (a sweep's other axes)."""
+    return [k for k in SPEC_KEYS if len({str(r.get(k)) for r in rows}) > 1]
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    """Median downtime and total time per (RAM, engine), as text."""
-    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    """Median downtime and total time per (RAM, engine, and every other field that varies), as text."""
+    extra = varying(rows)
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
-        groups.setdefault((int(r["ram_mib"]), str(r["engine"])), []).append(r)
-    lines = [f"{'RAM MiB':>8} {'engine':<9} {'downtime ms':>12} {'total s':>8} {'faults':>7} {'vmstate MiB':>12}"]
-    for (ram, eng), rs in sorted(groups.items()):
+        groups.setdefault((int(r["ram_mib"]), str(r["engine"]), *(str(r.get(k)) for k in extra)), []).append(r)
+    head = "".join(f" {k:>16}" for k in extra)
+    lines = [f"{'RAM MiB':>8} {'engine':<9}{head} {'downtime ms':>12} {'total s':>8} {'faults':>7} {'vmstate MiB':>12}"
+             f" {'n':>3}"]
+    for key, rs in sorted(groups.items()):
+        ram, eng = key[0], key[1]
         med = median([float(r["downtime_ms"]) for r in rs])
         tot = median([float(r["total_s"]) for r in rs])
-        faults = median([int(r["faults"]) for r in rs])
-        vm = median([int(r["vmstate_bytes"]) for r in rs]) / 2**20
-        lines.append(f"{ram:>8} {eng:<9} {med:>12.2f} {tot:>8.3f} {faults:>7g} {vm:>12.1f}")
+        faults = median([float(r.get("faults", 0) or 0) for r in rs])
+        vm = median([float(r.get("vmstate_bytes", 0) or 0) for r in rs]) / 2**20
+        cols = "".join(f" {v:>16}" for v in key[2:])
+        lines.append(f"{ram:>8} {eng:<9}{cols} {med:>12.2f} {tot:>8.3f} {faults:>7g} {vm:>12.1f} {len(rs):>3}")
     return "\n".join(lines)

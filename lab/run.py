@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +69,11 @@ def engine_setup(m: Machine, spec: ExperimentSpec) -> float:
     return time.perf_counter() - t0
 
 
-def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> list[dict[str, Any]]:
+def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None,
+                   on_row: Callable[[list[dict[str, Any]]], object] | None = None) -> list[dict[str, Any]]:
     """Take ``repetitions`` snapshots with ``engine`` on a running guest; one row per snapshot.
-    A write-protecting engine is set up first (:func:`engine_setup`, ``setup_s`` in each row)."""
+    A write-protecting engine is set up first (:func:`engine_setup`, ``setup_s`` in each row).
+    ``on_row`` is called with the rows so far after each one (to keep them if the run stops)."""
     with tempfile.TemporaryDirectory(prefix="snaplab-") as tmp:
         wd = Path(workdir or tmp)
         wd.mkdir(parents=True, exist_ok=True)
@@ -130,6 +133,8 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None) -> l
                     "progress_during_save": _progress(m, m0, m1, stops_monotonic_ns(sorted(evs.items(), key=lambda kv: kv[1]))),
                     "details": _details(stats, m, m0, m1, evs, t0),
                 })
+                if on_row is not None:
+                    on_row(rows)
                 q.execute("snapshot-delete", {"job-id": f"del{rep}", "tag": args["tag"], "devices": ["disk0"]})
                 q.wait_job(f"del{rep}")
                 q.execute("job-dismiss", {"id": f"del{rep}"})

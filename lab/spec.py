@@ -106,6 +106,13 @@ class ExperimentSpec:
             raise bad("workload", self.workload, ", ".join(WORKLOADS))
         if self.pattern not in PATTERNS:
             raise bad("pattern", self.pattern, ", ".join(PATTERNS))
+        for name in ("warmup_s", "gap_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 3600:
+                raise bad(name, v, "seconds, a number from 0 to 3600")
+        if isinstance(self.repetitions, bool) or isinstance(self.ram_mib, bool):
+            raise bad("repetitions" if isinstance(self.repetitions, bool) else "ram_mib",
+                      self.repetitions if isinstance(self.repetitions, bool) else self.ram_mib, "an integer")
         if not isinstance(self.ram_mib, int) or not 16 <= self.ram_mib <= 65536:
             raise bad("ram_mib", self.ram_mib, "an integer from 16 to 65536")
         if not isinstance(self.repetitions, int) or not 1 <= self.repetitions <= 1000:
@@ -125,6 +132,8 @@ class ExperimentSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentSpec:
+        if not isinstance(d, dict):
+            raise SpecError(f"a spec is a table of fields ([experiment] in TOML), not {type(d).__name__} {d!r}")
         known = {f.name for f in fields(cls)}
         for k in d:
             if k not in known:
@@ -133,6 +142,16 @@ class ExperimentSpec:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> ExperimentSpec:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-        return cls.from_dict(data.get("experiment", data))
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as err:
+            raise SpecError(f"{path}: not valid TOML: {err}") from None
+        except UnicodeDecodeError as err:
+            raise SpecError(f"{path}: not valid TOML: {err}") from None
+        if not data:
+            raise SpecError(f"{path}: the spec is empty (write at least one field, e.g. engine = \"cow\")")
+        try:
+            return cls.from_dict(data.get("experiment", data))
+        except SpecError as err:
+            raise SpecError(f"{path}: {err}") from None
