@@ -106,7 +106,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
-    sizes = [int(x) for x in a.sizes.split(",")]
+    try:
+        sizes = [int(x) for x in a.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes: {a.sizes!r}: expected RAM sizes in MiB such as 1024,4096")
+    if not all(64 <= s <= 16384 for s in sizes) or a.runs < 1:
+        ap.error("--sizes: each from 64 to 16384 MiB; --runs: at least 1")
     print(f"warming host memory: {warm_memory((max(sizes) << 20) * 3):.1f} s")
     have_qemu = shutil.which("qemu-system-x86_64") and (OVMF / "OVMF_CODE.fd").exists() and not a.no_qemu
     for mib in sizes:

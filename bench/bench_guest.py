@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--ram-mib", type=int, default=1024)
     ap.add_argument("--seconds", type=float, default=3.0)
     args = ap.parse_args()
+    if not 16 <= args.ram_mib <= 65536 or args.seconds <= 0:
+        ap.error("--ram-mib: 16 to 65536; --seconds: more than 0")
     ram = args.ram_mib << 20
     print(f"{'pattern':<12}{'insn/iter':>10}{'M iter/s':>10}{'M insn/s':>10}{'GB/s dirtied':>14}")
     for pattern in ("sequential", "random", "hot-cold"):

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_snapshot import RECORDED  # noqa: E402
+from bench_snapshot import recorded  # noqa: E402
 
 from lab import qemu as qemu_lab  # noqa: E402
 from lab.run import load_experiment  # noqa: E402
@@ -61,11 +61,17 @@ def main() -> None:
     ap.add_argument("--qemu-runs", type=int, default=3)
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
+    try:
+        sizes = [int(s) for s in a.sizes.split(",")]
+    except ValueError:
+        ap.error(f"--sizes: {a.sizes!r}: expected RAM sizes in MiB such as 1024,4096")
+    if not all(64 <= s <= 16384 for s in sizes) or a.runs < 1 or a.qemu_runs < 1:
+        ap.error("--sizes: each from 64 to 16384 MiB; --runs and --qemu-runs: at least 1")
     with_qemu = qemu_lab.available() and not a.no_qemu
     print(f"lazy load, command -> RESUME, {a.runs} loads per size (goal <= {GOAL_MS} ms)")
     print(f"{'RAM':>8} {'engine':>10} {'median':>8} {'p90':>8} {'max':>8} {'stopped':>8} {'<=goal':>7} "
           f"{'query':>8} {'x query':>8} {'blocking':>10}" + (f" {'QEMU load':>10} {'QEMU/lazy':>10}" if with_qemu else ""))
-    for mib in (int(s) for s in a.sizes.split(",")):
+    for mib in sizes:
         per = summary(mib, a.runs)
         q = qemu_load_ms(mib, a.qemu_runs) if with_qemu else float("nan")
         for eng, s in per.items():
@@ -77,7 +83,10 @@ def main() -> None:
             print(row, flush=True)
     if not with_qemu:
         why = "--no-qemu" if a.no_qemu else "QEMU or OVMF not installed here"
-        print(f"QEMU 7.2 blocking snapshot-load, 1 GiB (RECORDED, {why}): {RECORDED['load'] * 1e3:.0f} ms")
+        for mib in sizes:
+            load = recorded(mib)["load"]
+            print(f"QEMU 7.2 blocking snapshot-load, {mib} MiB (RECORDED, {why}): "
+                  + (f"{load * 1e3:.0f} ms" if load is not None else "not recorded at this size"))
 
 
 if __name__ == "__main__":

@@ -114,6 +114,10 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
+    if args.size_mib < 1:
+        ap.error(f"--size-mib must be at least 1, not {args.size_mib}")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        ap.error(f"--dir {args.dir}: no such directory")
     size = args.size_mib << 20
     payload = memoryview(np.random.default_rng(0).integers(0, 256, CHUNK, dtype=np.uint8).tobytes())
     import sys

@@ -102,7 +102,14 @@ def main() -> None:
     a = ap.parse_args()
     if a.rate_mib_s < 0:
         ap.error(f"--rate-mib-s must be 0 (unpaced) or more, not {a.rate_mib_s}")
+    for name in ("ram_mib", "ws_mib", "runs"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1 (leave it out for the default)")
+    if a.horizon_s is not None and a.horizon_s <= 0:
+        ap.error("--horizon-s must be more than 0")
     ram_mib = a.ram_mib or (1024 if a.quick else 4096)
+    if (a.ws_mib or (64 if a.quick else 256)) > ram_mib // 2:
+        ap.error(f"--ws-mib: at most half of the guest's RAM ({ram_mib // 2} MiB)")
     horizon = a.horizon_s if a.horizon_s is not None else max(5.0, 3.0 + 0.5 * ram_mib / 1024)
     spec = RestoreSpec(ram_mib=ram_mib, ws_mib=a.ws_mib or (64 if a.quick else 256),
                        runs=a.runs or (3 if a.quick else 5), seed=a.seed, fill_random=not a.no_fill, horizon_s=horizon,

@@ -297,6 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "pair runs on one worker started with --resources timed=1")
     e.set_defaults(fn=cmd_reproduce)
     a = ap.parse_args(argv)
+    import lab.reproduce
+
+    lab.reproduce.COMMAND_LINE = " ".join(["snaplab", *(sys.argv[1:] if argv is None else argv)])
     old_term = _terminate_as_exit()
     try:
         return int(a.fn(a))
@@ -315,6 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"snaplab: {err}", file=sys.stderr)
         return 2
     finally:
+        lab.reproduce.COMMAND_LINE = ""
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
 

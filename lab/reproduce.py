@@ -86,6 +86,7 @@ STEADY_TIMEOUT_S = 30.0
 STEADY_TOLERANCE = 0.03
 TOUCHED_WS = 7.0  # working sets' worth of pages written before a measurement: 1 - e^-7 = 99.9% touched
 MIN_RAM_MIB, MAX_RAM_MIB = 64, 16384
+COMMAND_LINE = ""  # the snaplab command line that asked for this run (set by lab.cli), for the metadata
 MIN_RANDOM_RAM_MIB = 128  # idle-random: lab.qemu.fill_files leaves 64 MiB of RAM without random bytes
 
 
@@ -359,6 +360,10 @@ def measure_block(g: Guest, spec: ReproSpec, condition: str, ram: int,
     def ready() -> tuple[bool, int]:
         """Steady, past the common iteration count; (steady, the iteration count now)."""
         steady = wait_steady(g, w, least)
+        if not steady:
+            print(f"  {g.system} {ram} MiB {condition}: the guest did not run steadily at "
+                  f"{spec.dirty_rate_mib_s} MiB/s within {STEADY_TIMEOUT_S:.0f} s (too fast for this host?); "
+                  "measured anyway, the row says steady=False", file=sys.stderr, flush=True)
         return steady, iterations_now(g)
 
     def row(engine: str, op: str, rep: int, at: tuple[bool, int], m: tuple[float, float, int, int], vm: int) -> None:
@@ -476,6 +481,7 @@ def reproduce(spec: ReproSpec, out: Path, log: Callable[[str], None] = print, cl
         meta["host_noise"] = {"host": socket.gethostname(), **probes}
         log(f"the host's and Unicorn's own speed (lab/hostnoise.py): {describe(probes)}")
     systems = SYSTEMS if spec.with_qemu else SYSTEMS[:1]
+    _write_json(out / "metadata.json", meta)  # now: a run stopped in its first block has it too
     with open(csv_path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -601,7 +607,7 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
     usage = shutil.disk_usage("/var/tmp")
     fs = mount_fstype("/var/tmp")
     return {
-        "spec": asdict(spec), "command": " ".join(["snaplab", "reproduce", *sys.argv[2:]]) if sys.argv else "",
+        "spec": asdict(spec), "command": COMMAND_LINE or "(Python: lab.reproduce.reproduce with the spec above)",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
         "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "memory": mem,
         "storage": {"workdir": "/var/tmp", "filesystem": fs, "free_bytes": usage.free},
