@@ -238,6 +238,10 @@ def source_label(meta: dict[str, Any], committed: bool) -> str:
     when = str(meta.get("started", "?"))[:10]
     host, cpu = meta.get("host", "?"), meta.get("cpu")
     where = f"{cpu} ({host})" if cpu and cpu != host else host
+    if not meta:
+        return f"{'committed data' if committed else 'measured'}: no metadata.json (date, host and QEMU's cache unknown)"
+    if meta.get("spec", {}).get("with_qemu") is False:
+        return f"{'committed data' if committed else 'measured'} {when} on {where}, snaplab only (no QEMU)"
     cache = qemu_cache_text(meta.get("spec", {}).get("qemu_cache", "writeback"))
     return f"{'committed data' if committed else 'measured'} {when} on {where}, {cache}"
 
@@ -301,7 +305,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         _downtime_axes(ax, sorted({k[4] for k in s}), field)
         if zoom:
             ax.set_ylim(*ZOOM_PROGRESS)
-        cond = ("idle guest, RAM full of random bytes" if wl == "idle-random" else
+        cond = ("idle guest, RAM filled with random bytes (all but 64-112 MiB)" if wl == "idle-random" else
                 _dirty_label(rows, wl))
         why = [w for (a, b, _), w in not_comparable().items() if (a, b) == (wl, op)]
         caveat = f"\n(QEMU blocking {op} not drawn, not like with like: {why[0]})" if why else ""
@@ -315,8 +319,9 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, ncol=2)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    fig.suptitle(f"snaplab vs QEMU 7.2, same guest program and sizes; medians, bars = IQR, ticks = min and max "
-                 f"({source_label(meta, committed)})", fontsize=9)
+    both = any(r["system"] == "qemu" for r in rows)
+    fig.suptitle(("snaplab vs QEMU 7.2, same guest program and sizes" if both else "snaplab only (no QEMU rows)")
+                 + f"; medians, bars = IQR, ticks = min and max ({source_label(meta, committed)})", fontsize=9)
     fig.tight_layout()
     note = FIELDS[field][2]
     if field == "total_s" and any(resumes_early(k[2]) for k in s if k[1] == "load"):
@@ -414,6 +419,8 @@ def _downtime_axes(ax: Any, sizes: list[int], field: str = "downtime_ms") -> Non
     """RAM sizes as plain MiB ticks on a log2 axis; the field's value on a log axis (times) or
     a linear one from 0 (progress ratios)."""
     ax.set_xscale("log", base=2)
+    if sizes:  # a margin around the sizes, so that one size's series keep their small offsets small
+        ax.set_xlim(min(sizes) / 1.6, max(sizes) * 1.6)
     ax.set_xticks(sizes)
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -451,13 +458,16 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     styles = {"qemu": ("--", "0.45"), "snaplab": ("-", "black")}
     markers = {save_engines()[0]: "o", MIGRATE_BACKGROUND: "D"}
-    for eng, system in sorted({(k[2], k[3]) for k in s}, key=lambda x: (x[1], x[0])):
+    series = sorted({(k[2], k[3]) for k in s}, key=lambda x: (x[1], x[0]))
+    for i, (eng, system) in enumerate(series):
         pts = sorted((k[4], v) for k, v in s.items() if (k[2], k[3]) == (eng, system))
         ls, color = styles.get(system, (":", "blue"))
-        ax.errorbar([x for x, _ in pts], [v.median for _, v in pts],
+        dodge = 2 ** (0.07 * (i - (len(series) - 1) / 2))  # equal values stay apart
+        ax.errorbar([x * dodge for x, _ in pts], [v.median for _, v in pts],
                     yerr=[[max(v.median - v.q1, 0) for _, v in pts], [max(v.q3 - v.median, 0) for _, v in pts]],
                     marker=markers.get(eng, "s"), linestyle=ls, color=color, capsize=3,
-                    label=f"{'QEMU 7.2' if system == 'qemu' else 'snaplab'} {eng}"
+                    markerfacecolor="white" if system == "qemu" else color,
+                    label=series_label(system, "save", eng).replace("QEMU", "QEMU 7.2", 1)
                           + (f" ({qemu_label})" if system == "qemu" else ""))
     _downtime_axes(ax, sorted({k[4] for k in s}))
     ns = sorted({v.n for v in s.values()})
