@@ -73,6 +73,9 @@ def cmd_compare(a: argparse.Namespace) -> int:
             print("  the committed reproduction has no QEMU rows for these sizes and this workload: "
                   "snaplab only", flush=True)
     repro_report.main_figure(rows, meta, a.png, qemu_rows, label)
+    if qemu_rows:  # the table below mixes two runs: say which rows are which
+        print(f"  in the table, the qemu rows are {label} ({len({r['rep'] for r in qemu_rows})} repetitions), "
+              f"the snaplab rows measured now ({a.repetitions} repetitions)", flush=True)
     print(repro_report.table(rows + qemu_rows))
     print(f"results: {out / 'runs.csv'} (+ metadata.json); plot: {a.png}; {time.monotonic() - t0:.0f} s")
     return 0

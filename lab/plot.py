@@ -365,8 +365,12 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
     """Cumulative distribution of write-fault service times during copy-on-write saves."""
     import numpy as np
 
-    lat = np.sort(np.concatenate([np.asarray(r["details"]["fault_latency_ms"], dtype=float) for r in rows
-                                  if r["details"]["fault_latency_ms"]] or [np.zeros(0)]))
+    if any("details" not in r for r in rows):
+        raise ValueError("fault_latency needs rows from run_experiment itself: rows reloaded from a CSV "
+                         "have no per-fault details")
+    with_faults = [r for r in rows if r["details"]["fault_latency_ms"]]
+    lat = np.sort(np.concatenate([np.asarray(r["details"]["fault_latency_ms"], dtype=float) for r in with_faults]
+                                 or [np.zeros(0)]))
     fig, ax = plt.subplots(figsize=(6.0, 3.4))
     if len(lat):
         ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", color="black")
@@ -376,10 +380,11 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
     ax.set_xlabel("fault service time: read to wake (ms, log)")
     ax.set_ylabel("fraction of faults")
-    sizes = sorted({(r.get("ram_mib"), r.get("working_set_mib")) for r in rows})
-    cond = "; ".join(f"{ram} MiB RAM, {ws} MiB working set" for ram, ws in sizes if ram is not None)
-    ax.set_title(f"Copy-on-write faults ({len(lat)} faults, {len(rows)} saves" + (f"; {cond})" if cond else ")"),
-                 fontsize=10)
+    sizes = sorted({(r.get("ram_mib"), r.get("working_set_mib")) for r in with_faults or rows})
+    cond = "; ".join(f"{ram} MiB RAM, {f'{ws} MiB' if ws else 'half of RAM as'} working set"
+                     for ram, ws in sizes if ram is not None)
+    ax.set_title(f"Copy-on-write faults: {len(lat)} faults in {len(with_faults)} saves"
+                 + (f"\n({cond})" if cond else ""), fontsize=9)
     ax.grid(True, which="both", linewidth=0.3)
     fig.tight_layout()
     return _finish(fig, path)

@@ -36,8 +36,9 @@ def spread_table(rows: Sequence[dict[str, Any]], key: str, by: Sequence[str] = (
     """One line per group of ``by``: n, median, IQR (first to third quartile) and min-max of
     ``key`` (times ``scale``)."""
     groups: dict[tuple[Any, ...], list[float]] = {}
+    by = [k for k in by if any(k in r for r in rows)]  # (rows without an engine, say: not grouped by it)
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in by), []).append(float(r[key]) * scale)
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(float(r[key]) * scale)
     head = [*(f"{k:>12}" for k in by), f"{'n':>3}", f"{'median':>10}", f"{'IQR':>21}", f"{'min-max':>21}"]
     lines = [" ".join(head)]
     f = f"{{:.{digits}f}}"

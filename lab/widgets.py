@@ -263,9 +263,16 @@ class Dashboard:
     def boot(self) -> bool:
         """A new machine from the controls (the old one goes only when the new one exists)."""
         try:
-            spec = WorkloadSpec(self.workload.value, seed=1, working_set=self.working_set.value << 20,
-                                rate=self.rate.value << 20, pattern=self.pattern.value)
-            live = LiveMachine(self.ram.value, spec)
+            ram, ws, rate = self.ram.value, self.working_set.value, self.rate.value
+            if not 16 <= ram <= 65536:  # (in MiB, the field's unit, before the machine's check in bytes)
+                raise ValueError(f"RAM {ram} MiB: expected 16 to 65536 MiB")
+            if not 0 <= ws <= ram:
+                raise ValueError(f"working set {ws} MiB: expected 0 (all of RAM) to the RAM size, {ram} MiB")
+            if rate < 0:
+                raise ValueError(f"dirty rate {rate} MiB/s: expected 0 (unpaced) or more")
+            spec = WorkloadSpec(self.workload.value, seed=1, working_set=ws << 20,
+                                rate=rate << 20, pattern=self.pattern.value)
+            live = LiveMachine(ram, spec)
         except (SnaplabError, ValueError, OSError, MemoryError) as err:
             self._error("boot", str(err))
             return False
