@@ -236,7 +236,8 @@ def cmd_plot(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one sub-command per job (compare, run, sweep, reference, plot, reproduce)."""
     ap = argparse.ArgumentParser(prog="snaplab", description="VM snapshot experiments")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="snapshot downtime, snaplab beside QEMU 7.2, same guest and sizes")
@@ -299,7 +300,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     e.add_argument("--scheduler", default="", help="a dask.distributed scheduler address: each (size, condition) "
                    "pair runs on one worker started with --resources timed=1")
     e.set_defaults(fn=cmd_reproduce)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     import lab.reproduce
 
     lab.reproduce.COMMAND_LINE = " ".join(["snaplab", *(sys.argv[1:] if argv is None else argv)])

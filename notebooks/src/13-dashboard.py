@@ -95,8 +95,9 @@ pages are read around the page cache with neighbouring pages grouped into one re
 (`docs/deviations.md` 57: before the grouping, a blocking load of this default guest's snapshot,
 52 MiB of scattered pages then, took 540-566 ms, and 67-86 ms after it). Notebook 11 sets the lazy
 load engines beside it. A second save to the same tag is refused, with QEMU 7.2's words."""),
-    ("md", """Bad input ends in the log, never as a traceback: a RAM size the machine cannot give is the
-machine's error (and the running machine stays), a load of a tag that does not exist is QEMU's error.
+    ("md", """Bad input ends in the log, never as a traceback: a RAM size outside 16-65536 MiB (or a working
+set larger than RAM) is refused in the fields' own unit before anything is built, and the running
+machine stays; a load of a tag that does not exist is QEMU's error.
 As in QEMU 7.2, a failed `snapshot-load` leaves the guest stopped (its `snapshot_load_job_bh`
 restarts the VM only when the load succeeded): press **continue** (QMP `cont`)."""),
     ("code", """d.ram.value = 8

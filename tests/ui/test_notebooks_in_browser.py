@@ -263,7 +263,7 @@ w.content.scrollToItem(1, 'start');""")
     ram.send_keys(Keys.CONTROL, "a")
     ram.send_keys("8", Keys.TAB)  # an IntText sends its value when it loses the focus
     assert ram.get_attribute("value") == "8"
-    refused = "boot: error: RAM size 8388608 must be a multiple"
+    refused = "boot: error: RAM 8 MiB: expected 16 to 65536 MiB"
     assert _dashboard_view(browser)["log"].count(refused) == 1  # the notebook's own try
     browser.find_element("css selector", ".snaplab-boot").click()
     wait_for("the machine's error in the log", lambda: _dashboard_view(browser)["log"].count(refused) == 2)
