@@ -6,10 +6,10 @@ A copy-on-write save (emulator/migration/cow.py) serves a guest's write to a pro
 by copying the chunk and releasing its protection, in a Python fault thread; the unit is the
 2 MiB chunk (docs/deviations.md 38).  The dirty guest at 100 MiB/s writes 256 random pages of
 its working set per batch, a batch every 10 ms, and loses the time a batch overruns its period
-(``throttle`` in data/guest/workloads.asm).  This puts a writer like it (one 8-byte write into
-each page, from a thread, through ``ctypes.memmove``) on a write-protected working set backed by
-huge pages, and serves its faults with each unit in turn: per fault, one copy of the unit into a
-buffer, then ``UFFDIO_WRITEPROTECT`` release of the unit (a release smaller than 2 MiB splits
+(``throttle`` in data/guest/workloads.asm).  This puts a writer like it (one byte stored into
+each page, from a thread, through ``ctypes.memset``) on a write-protected working set backed by
+huge pages, and serves its faults with each unit in turn (``lab.uffd_steps.write_fault_loop``, paced):
+per fault, one copy of the unit into a buffer, then ``UFFDIO_WRITEPROTECT`` release of the unit (a release smaller than 2 MiB splits
 the huge page under it).  Nothing else runs: no saver, no writers.  For each unit it prints the
 faults, the handler's median time per fault, the batches' times and the **stall**: the time
 batches ran past their period, the guest's loss.  The last line is one JSON object:
@@ -19,69 +19,25 @@ batches ran past their period, the guest's loss.  The last line is one JSON obje
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import select
-import threading
-import time
 
 import numpy as np
 
-from emulator.memory import GuestRAM
-from emulator.uffd import UFFDIO_REGISTER_MODE_WP, UserFaultFD
+from lab.uffd_steps import write_fault_loop
 
 UNITS = (2 << 20, 64 << 10, 4 << 10)
 
 
 def one_unit(unit: int, ws: int, batch_pages: int, period_s: float, batches: int, seed: int) -> dict[str, float]:
-    """One fresh working set, protected whole, written by batches; faults served at ``unit``."""
-    ram = GuestRAM(ws)
-    u = UserFaultFD()
-    stop = threading.Event()
-    lat: list[float] = []
-    buf = ctypes.create_string_buffer(max(UNITS))
-    ctypes.memset(buf, 1, len(buf))  # warm, as the engine's fault buffers
-
-    def serve() -> None:
-        p = select.poll()
-        p.register(u.fd, select.POLLIN)
-        while not stop.is_set():
-            if not p.poll(50):
-                continue
-            for f in u.read_faults():
-                t0 = time.perf_counter()
-                a = f.address & ~(unit - 1)
-                ctypes.memmove(buf, a, unit)
-                u.writeprotect(a, unit, False)
-                lat.append(time.perf_counter() - t0)
-
-    try:
-        ram.populate(write=True)
-        u.register(ram.addr, ws, UFFDIO_REGISTER_MODE_WP)
-        u.writeprotect(ram.addr, ws, True)
-        th = threading.Thread(target=serve, daemon=True)
-        th.start()
-        rng = np.random.default_rng(seed)
-        word = ctypes.c_uint64(7)
-        took: list[float] = []
-        for _ in range(batches):
-            pages = rng.integers(0, ws // 4096, batch_pages).tolist()
-            t0 = time.perf_counter()
-            for pg in pages:
-                ctypes.memmove(ram.addr + pg * 4096, ctypes.byref(word), 8)
-            took.append(time.perf_counter() - t0)
-            time.sleep(max(0.0, period_s - took[-1]))
-        stop.set()
-        th.join()
-        u.writeprotect(ram.addr, ws, False)
-    finally:
-        stop.set()
-        u.close()
-        ram.close()
-    return {"faults": len(lat), "handler_us": float(np.median(lat)) * 1e6 if lat else 0.0,
-            "handler_sum_ms": sum(lat) * 1e3, "first_batch_ms": took[0] * 1e3,
-            "later_batch_ms": float(np.median(took[5:])) * 1e3 if len(took) > 5 else float("nan"),
-            "stall_ms": sum(max(0.0, t - period_s) for t in took) * 1e3}
+    """One fresh working set, protected whole, written by paced batches; faults served at
+    ``unit`` (:func:`lab.uffd_steps.write_fault_loop`, the loop notebook 6 teaches)."""
+    r = write_fault_loop(unit, size=ws, writes=batches * batch_pages, seed=seed, batch=batch_pages,
+                         period_s=period_s)
+    took, lat = r["batch_ms"], r["service_us"]
+    return {"faults": r["faults"], "handler_us": float(np.median(lat)) if lat else 0.0,
+            "handler_sum_ms": sum(lat) / 1e3, "first_batch_ms": took[0],
+            "later_batch_ms": float(np.median(took[5:])) if len(took) > 5 else float("nan"),
+            "stall_ms": r["stall_ms"]}
 
 
 def main() -> None:

@@ -83,9 +83,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
 
 def cmd_run(a: argparse.Namespace) -> int:
     spec = ExperimentSpec.from_toml(a.spec)
-    if Path(a.out).suffix == ".json":
-        results.save([], a.out, {})  # (refuses it, before measuring)
-    out = writable(a.out, "--out")
+    out = writable(results.csv_path(a.out), "--out")
     meta = results.metadata(spec.seed)
     # each row saved as it comes: a run stopped part-way keeps what it measured
     rows = run_experiment(spec, on_row=lambda so_far: results.save(so_far, out, meta))

@@ -123,15 +123,19 @@ class Qcow2View:
         return -(-size // span) * span
 
     # -- refcounts --------------------------------------------------------------------------------
-    def refcount(self, host_off: int) -> int:
-        """qcow2.txt "Host cluster management": refcount table -> refcount block -> entry."""
+    def refcount_entry(self, host_off: int) -> tuple[int, int]:
+        """Where the refcount of the cluster at ``host_off`` lives: (its refcount block's offset,
+        0 where the table has none; the entry's index in it)."""
         cluster = host_off >> self.cluster_bits
         per_block = self.cluster_size * 8 // self.refcount_bits
         table = self.u64s(self.header["refcount_table_offset"], self.header["refcount_table_clusters"] * self.cluster_size // 8)
-        blk = table[cluster // per_block] & ~0x1FF
+        return table[cluster // per_block] & ~0x1FF, cluster % per_block
+
+    def refcount(self, host_off: int) -> int:
+        """qcow2.txt "Host cluster management": refcount table -> refcount block -> entry."""
+        blk, idx = self.refcount_entry(host_off)
         if not blk:
             return 0
-        idx = cluster % per_block
         if self.refcount_bits == 16:
             return int(struct.unpack_from(">H", self.read(blk + 2 * idx, 2))[0])
         bit = idx * self.refcount_bits
@@ -201,13 +205,10 @@ def set_refcount(path: str | Path, host_off: int, value: int) -> None:
         v = Qcow2View(f)
         if v.refcount_bits != 16:
             raise ValueError("set_refcount handles 16-bit refcounts only")
-        cluster = host_off >> v.cluster_bits
-        per_block = v.cluster_size * 8 // 16
-        table = v.u64s(v.header["refcount_table_offset"], v.header["refcount_table_clusters"] * v.cluster_size // 8)
-        blk = table[cluster // per_block] & ~0x1FF
+        blk, idx = v.refcount_entry(host_off)
         if not blk:
             raise ValueError(f"no refcount block covers {host_off:#x}")
-        f.seek(blk + 2 * (cluster % per_block))
+        f.seek(blk + 2 * idx)
         f.write(struct.pack(">H", value))
 
 

@@ -290,7 +290,7 @@ def figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Path | 
                       if min(v.median for k, v in s.items() if k[:4] == (wl, op, eng, system)) >= ZOOM_PROGRESS[0]]
         for i, (eng, system) in enumerate(series):
             pts = sorted((k[4], v) for k, v in s.items() if k[:4] == (wl, op, eng, system))
-            dodge = 2 ** (0.07 * (i - (len(series) - 1) / 2))  # a small offset on the log2 RAM axis
+            dodge = _dodge(i, len(series))
             xs = [x * dodge for x, _ in pts]
             ys = [v.median for _, v in pts]
             lo = [max(v.median - v.q1, 0) for _, v in pts]
@@ -415,6 +415,12 @@ def _state_note(rows: list[dict[str, Any]], wl: str, op: str) -> str:
 LOST_TICKS = [-100, -10, -1, 0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
 
 
+def _dodge(i: int, n: int) -> float:
+    """The factor that spreads series ``i`` of ``n`` a little along the log2 RAM axis, so that
+    equal values stay apart."""
+    return float(2 ** (0.07 * (i - (n - 1) / 2)))
+
+
 def _downtime_axes(ax: Any, sizes: list[int], field: str = "downtime_ms") -> None:
     """RAM sizes as plain MiB ticks on a log2 axis; the field's value on a log axis (times) or
     a linear one from 0 (progress ratios)."""
@@ -462,7 +468,7 @@ def main_figure(rows: list[dict[str, Any]], meta: dict[str, Any], path: str | Pa
     for i, (eng, system) in enumerate(series):
         pts = sorted((k[4], v) for k, v in s.items() if (k[2], k[3]) == (eng, system))
         ls, color = styles.get(system, (":", "blue"))
-        dodge = 2 ** (0.07 * (i - (len(series) - 1) / 2))  # equal values stay apart
+        dodge = _dodge(i, len(series))
         ax.errorbar([x * dodge for x, _ in pts], [v.median for _, v in pts],
                     yerr=[[max(v.median - v.q1, 0) for _, v in pts], [max(v.q3 - v.median, 0) for _, v in pts]],
                     marker=markers.get(eng, "s"), linestyle=ls, color=color, capsize=3,

@@ -80,12 +80,18 @@ def _backend() -> str:
 REQUIRED = ("ram_mib", "engine", "downtime_ms", "total_s")  # what table() and the plots read
 
 
-def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> Path:
-    """``path`` (CSV) and its metadata beside it (the same name, ``.json``)."""
+def csv_path(path: str | Path) -> Path:
+    """``path`` as a results file: refused if it ends in ``.json``, where its own metadata goes."""
     p = Path(path)
     if p.suffix == ".json":
         raise ValueError(f"--out {p}: results are a CSV file (its metadata goes beside it as .json); "
                          "give a path ending in .csv")
+    return p
+
+
+def save(rows: list[dict[str, Any]], path: str | Path, meta: dict[str, Any]) -> Path:
+    """``path`` (CSV) and its metadata beside it (the same name, ``.json``)."""
+    p = csv_path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     keys: list[str] = []
     for r in rows:

@@ -89,13 +89,17 @@ def kernel_offer() -> dict[str, Any]:
             "ioctls on a registered range": [n for b, n in IOCTL_NAMES.items() if ioctls >> b & 1]}
 
 
-def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, seed: int = 1) -> dict[str, Any]:
+def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, seed: int = 1,
+                     batch: int = 0, period_s: float = 0.0) -> dict[str, Any]:
     """Write-protect ``size`` bytes, then let a writer thread store one byte at ``writes`` random
     pages while this thread serves its faults: for each, copy the ``granule`` around the page
     (what a snapshot must keep), then release that granule's protection, which wakes the writer.
+    ``batch`` and ``period_s``: the writer is paced as the dirty guest is, ``batch`` stores then a
+    sleep until the batch's period is over (a batch that overruns it starts the next at once).
 
-    Returns the arm time, the faults, the bytes copied (and in MiB), the writer's time and each
-    fault's service time (from reading the fault to releasing it)."""
+    Returns the arm time, the faults, the bytes copied (and in MiB), the writer's time, each
+    fault's service time (from reading the fault to releasing it) and, paced, each batch's time
+    and the stall: the time the batches ran past their period (what a paced guest loses)."""
     s = Scratch(size)
     u = UserFaultFD(UFFD_FEATURE_PAGEFAULT_FLAG_WP)
     keep = (ctypes.c_char * granule)()
@@ -112,13 +116,20 @@ def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, see
         arm_s = time.perf_counter() - t
 
         elapsed = [0.0]
+        batches: list[float] = []
+        step = max(1, batch or len(targets))
 
         def writer() -> None:
             # Timed in its own thread: the server notices the end only at its next poll
             # timeout, which once added up to 20 ms to a "writer" time measured from outside.
             t0 = time.perf_counter()
-            for a in targets:
-                ctypes.memset(a, 2, 1)  # a foreign call: the GIL is released while it blocks
+            for i in range(0, len(targets), step):
+                tb = time.perf_counter()
+                for a in targets[i:i + step]:
+                    ctypes.memset(a, 2, 1)  # a foreign call: the GIL is released while it blocks
+                batches.append(time.perf_counter() - tb)
+                if period_s:
+                    time.sleep(max(0.0, period_s - batches[-1]))
             elapsed[0] = time.perf_counter() - t0
             done.set()
 
@@ -144,7 +155,8 @@ def write_fault_loop(granule: int, size: int = 64 << 20, writes: int = 2000, see
     return {"granule": granule, "register_ms": register_s * 1e3, "arm_ms": arm_s * 1e3, "writes": writes,
             "faults": len(service), "bytes_copied": len(service) * granule,
             "MiB_copied": len(service) * granule / 2**20, "writer_ms": writer_s * 1e3,
-            "service_us": [x * 1e6 for x in service]}
+            "service_us": [x * 1e6 for x in service], "batch_ms": [x * 1e3 for x in batches],
+            "stall_ms": sum(max(0.0, x - period_s) for x in batches) * 1e3 if period_s else 0.0}
 
 
 def range_holds(addr: int, size: int, byte: int) -> bool:

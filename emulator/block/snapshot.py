@@ -26,12 +26,12 @@ import emulator.block.cluster as cluster
 from emulator.block.format import (
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
-    QCOW_MAX_FILE_END,
     QCOW_MAX_L1_SIZE,
     QCOW_MAX_SNAPSHOTS,
     QCOW_MAX_SNAPSHOTS_SIZE,
     QCOW_OFLAG_COPIED,
-    SNAPSHOT_HEADER,
+    QCowSnapshotHeader,
+    check_snapshot_table_pointer,
     parse_snapshot_table,
 )
 from emulator.block.refcount import RefcountTxn, size_to_clusters
@@ -55,6 +55,26 @@ def table_bytes(snaps: list[QCowSnapshot]) -> int:
     return sum(len(sn.to_header().pack()) for sn in snaps)
 
 
+def _parse_table(s: Qcow2State, avail: int, incomplete: list[int] | None = None) -> tuple[list[QCowSnapshotHeader], int]:
+    """The header's snapshot table parsed from at most ``avail`` bytes at its offset, read in
+    growing pieces (an entry's length is known only once read); ``incomplete`` as
+    :func:`~emulator.block.format.parse_snapshot_table`'s.  A table longer than ``avail`` raises
+    the parser's "runs past the end" error."""
+    h = s.header
+    want = min(avail, h.nb_snapshots * 128 + s.cluster_size)
+    while True:
+        buf = s.file.pread(h.snapshots_offset, want)  # past the end of the file: zeros
+        if incomplete is not None:
+            incomplete.clear()
+        try:
+            return parse_snapshot_table(buf, h.nb_snapshots, h.version, incomplete=incomplete)
+        except ImageFormatError as err:
+            if "runs past the end" in str(err) and want < avail:
+                want = min(avail, want * 4)
+                continue
+            raise
+
+
 def read_snapshots(s: Qcow2State, file_size: int) -> list[QCowSnapshot]:
     """qcow2_read_snapshots(): parse the table with every length bounded."""
     h = s.header
@@ -62,20 +82,12 @@ def read_snapshots(s: Qcow2State, file_size: int) -> list[QCowSnapshot]:
         return []
     if h.nb_snapshots > QCOW_MAX_SNAPSHOTS:
         raise ImageFormatError("nb_snapshots", "Too many snapshots")
-    avail = min(file_size - h.snapshots_offset, QCOW_MAX_SNAPSHOTS_SIZE)
-    want = min(avail, h.nb_snapshots * 128 + s.cluster_size)
-    while True:
-        buf = s.file.pread(h.snapshots_offset, want)
-        try:
-            entries, used = parse_snapshot_table(buf, h.nb_snapshots, h.version)
-            break
-        except ImageFormatError as err:
-            if "runs past the end" in str(err) and want < avail:
-                want = min(avail, want * 4)
-                continue
-            if "runs past the end" in str(err):
-                raise ImageFormatError(err.field, "Snapshot table too large or truncated") from err
-            raise
+    try:
+        entries, _ = _parse_table(s, min(file_size - h.snapshots_offset, QCOW_MAX_SNAPSHOTS_SIZE))
+    except ImageFormatError as err:
+        if "runs past the end" in str(err):
+            raise ImageFormatError(err.field, "Snapshot table too large or truncated") from err
+        raise
     snaps = [QCowSnapshot.from_header(e) for e in entries]
     for i, sn in enumerate(snaps):
         if sn.l1_size * 8 > QCOW_MAX_L1_SIZE:
@@ -93,29 +105,23 @@ def read_snapshots_for_check(s: Qcow2State) -> tuple[list[QCowSnapshot], int, li
     version 3 entries with too little extra data (each a corruption to the check).  A table
     that cannot be read raises :class:`CheckFailedError` with QEMU's words."""
     h = s.header
-    n, off = h.nb_snapshots, h.snapshots_offset
-    if n > QCOW_MAX_SNAPSHOTS:
-        raise CheckFailedError("ERROR snapshot table too large", "File too large")
-    if off % s.cluster_size or off > QCOW_MAX_FILE_END - n * SNAPSHOT_HEADER.size:
-        raise CheckFailedError("ERROR snapshot table offset invalid", "Invalid argument")
-    if n == 0:
+    try:  # qcow2_validate_table(), as the open's without its end-of-file and header-overlap tests
+        if h.snapshots_offset or not h.nb_snapshots:
+            check_snapshot_table_pointer(h)
+    except ImageFormatError as err:
+        if err.field == "nb_snapshots":
+            raise CheckFailedError("ERROR snapshot table too large", "File too large") from err
+        raise CheckFailedError("ERROR snapshot table offset invalid", "Invalid argument") from err
+    if h.nb_snapshots == 0:
         return [], 0, []
-    want = min(QCOW_MAX_SNAPSHOTS_SIZE, n * 128 + s.cluster_size)
     incomplete: list[int] = []
-    while True:
-        buf = s.file.pread(off, want)  # past the end of the file: zeros
-        incomplete.clear()
-        try:
-            entries, used = parse_snapshot_table(buf, n, h.version, incomplete=incomplete)
-            break
-        except ImageFormatError as err:
-            if "runs past the end" in str(err) and want < QCOW_MAX_SNAPSHOTS_SIZE:
-                want = min(QCOW_MAX_SNAPSHOTS_SIZE, want * 4)
-                continue
-            too_big = "runs past the end" in str(err) or "Too much" in str(err)
-            why = "Snapshot table is too big" if "runs past the end" in str(err) else str(err).split(" (field")[0]
-            raise CheckFailedError(f"ERROR failed to read the snapshot table: {why}",
-                                   "File too large" if too_big else "Invalid argument") from err
+    try:
+        entries, used = _parse_table(s, QCOW_MAX_SNAPSHOTS_SIZE, incomplete)
+    except ImageFormatError as err:
+        past_end = "runs past the end" in str(err)
+        why = "Snapshot table is too big" if past_end else str(err).split(" (field")[0]
+        raise CheckFailedError(f"ERROR failed to read the snapshot table: {why}",
+                               "File too large" if past_end or "Too much" in str(err) else "Invalid argument") from err
     return [QCowSnapshot.from_header(e) for e in entries], used, incomplete
 
 

@@ -217,7 +217,6 @@ def run_script(sock: Path) -> tuple[dict[str, Any], list[tuple[str, list[dict[st
     return greeting, replies, s.events
 
 
-@pytest.mark.skipif(not (REF / "cmdline-2disk-rawvars.txt").exists(), reason="docs/reference/transcripts is missing")
 def test_same_session_same_answers(tmp_path: Path) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     if qemu is None or not (OVMF / "OVMF_CODE.fd").exists():

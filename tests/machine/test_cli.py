@@ -40,7 +40,6 @@ def qemu_line(name: str, w: Path) -> list[str]:
     return argv[1:]
 
 
-@pytest.mark.skipif(not (REF / "cmdline-2disk-rawvars.txt").exists(), reason="docs/reference/transcripts is missing")
 def test_recorded_qemu_command_line_builds_our_machine(tmp_path: Path) -> None:
     argv = [a for a in qemu_line("cmdline-2disk-rawvars.txt", tmp_path)]
     # -qmp is served by the QMP monitor; the rest must build the same machine.
