@@ -141,6 +141,12 @@ class _WarmBuffers:
         with self._lock:
             self._free.extend(self._make(n - self.total))
 
+    def reserve_free(self, n: int) -> None:
+        """At least ``n`` buffers free now, whatever others hold (made here, outside any
+        downtime): a save that takes ``n`` then makes none."""
+        with self._lock:
+            self._free.extend(self._make(n - len(self._free)))
+
     def take_n(self, n: int) -> list[ctypes.Array[ctypes.c_char]]:
         """Exactly ``n`` buffers: free ones first, new ones for the rest."""
         with self._lock:
