@@ -14,6 +14,8 @@ from typing import Any
 
 from lab.stats import median
 
+PAGE = 4096  # bytes per guest page (pages_written counts them)
+
 
 def metadata(seed: int | None = None) -> dict[str, Any]:
     import unicorn
@@ -146,20 +148,27 @@ def varying(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """Median downtime and total time per (RAM, engine, and every other field that varies), as text."""
+    """Median downtime and total time per (RAM, engine, and every other field that varies), as text.
+
+    ``RAM saved MiB`` is the non-zero RAM pages in the snapshot (``pages_written``), the same
+    for every engine; the VM state's size is not: pre-copy's layout puts each page at its own
+    offset, so its ``vmstate_bytes`` spans all of RAM.  Rows without ``pages_written`` (files
+    older than the column) show ``vmstate_bytes`` under ``vmstate MiB`` instead."""
     extra = varying(rows)
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((int(r["ram_mib"]), str(r["engine"]), *(str(r.get(k)) for k in extra)), []).append(r)
     head = "".join(f" {k:>16}" for k in extra)
-    lines = [f"{'RAM MiB':>8} {'engine':<9}{head} {'downtime ms':>12} {'total s':>8} {'faults':>7} {'vmstate MiB':>12}"
-             f" {'n':>3}"]
+    pages = all(r.get("pages_written") not in (None, "") for r in rows)
+    lines = [f"{'RAM MiB':>8} {'engine':<9}{head} {'downtime ms':>12} {'total s':>8} {'faults':>7}"
+             f" {'RAM saved MiB' if pages else 'vmstate MiB':>13} {'n':>3}"]
     for key, rs in sorted(groups.items()):
         ram, eng = key[0], key[1]
         med = median([float(r["downtime_ms"]) for r in rs])
         tot = median([float(r["total_s"]) for r in rs])
         faults = median([float(r.get("faults", 0) or 0) for r in rs])
-        vm = median([float(r.get("vmstate_bytes", 0) or 0) for r in rs]) / 2**20
+        vm = (median([float(r["pages_written"]) * PAGE for r in rs]) if pages
+              else median([float(r.get("vmstate_bytes", 0) or 0) for r in rs])) / 2**20
         cols = "".join(f" {v:>16}" for v in key[2:])
-        lines.append(f"{ram:>8} {eng:<9}{cols} {med:>12.2f} {tot:>8.3f} {faults:>7g} {vm:>12.1f} {len(rs):>3}")
+        lines.append(f"{ram:>8} {eng:<9}{cols} {med:>12.2f} {tot:>8.3f} {faults:>7g} {vm:>13.1f} {len(rs):>3}")
     return "\n".join(lines)

@@ -98,3 +98,17 @@ def test_sigterm_keeps_the_rows_measured_and_leaves_no_scratch(tmp_path: Path) -
     with open(out, newline="") as f:
         assert len(list(csv.DictReader(f))) >= 2
     assert list((tmp_path / "tmp").iterdir()) == []  # the machine's scratch directory removed
+
+
+def test_the_table_compares_the_ram_saved_not_the_layouts() -> None:
+    """Pre-copy's VM state spans all of RAM (each page at its offset), the others' are compact:
+    the column is the non-zero pages saved, the same for both; old files without that column
+    fall back to the VM state's size, named so."""
+    rows = [{"ram_mib": 256, "engine": eng, "downtime_ms": 1.0, "total_s": 0.1, "faults": 0,
+             "vmstate_bytes": vm, "pages_written": 25600} for eng, vm in (("precopy", 256 << 20), ("cow", 100 << 20))]
+    lines = results.table(rows).splitlines()
+    assert "RAM saved MiB" in lines[0]
+    assert [float(ln.split()[-2]) for ln in lines[1:]] == [100.0, 100.0]
+    old = [{k: v for k, v in r.items() if k != "pages_written"} for r in rows]
+    lines = results.table(old).splitlines()
+    assert "vmstate MiB" in lines[0] and sorted(float(ln.split()[-2]) for ln in lines[1:]) == [100.0, 256.0]
