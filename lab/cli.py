@@ -240,16 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="snapshot downtime, snaplab beside QEMU 7.2, same guest and sizes")
     c.add_argument("--ram", default="256,1024", help="RAM sizes in MiB, comma-separated")
-    c.add_argument("--seed", type=int, default=1)
-    c.add_argument("--repetitions", type=int, default=3)
+    c.add_argument("--seed", type=int, default=1, help="the guest's seed: the same seed, the same instruction stream")
+    c.add_argument("--repetitions", type=int, default=3, help="saves and loads per size and system")
     c.add_argument("--rate", type=int, default=100, help="the guest's dirty rate, MiB/s")
     c.add_argument("--ws", type=int, default=256, help="the guest's working set, MiB")
     c.add_argument("--no-qemu", action="store_true", help="do not run QEMU (use the committed data)")
     c.add_argument("--qemu-cache", default="direct", choices=("direct", "writeback"),
                    help="QEMU's image: direct (cache.direct=on, around the page cache as snaplab's VM state; "
                         "data/results/reproduction) or writeback (QEMU's default; data/results/reproduction-writeback-1206)")
-    c.add_argument("--out", default="out/compare")
-    c.add_argument("--png", default="out/compare.png")
+    c.add_argument("--out", default="out/compare", help="the directory of the runs (runs.csv, metadata.json)")
+    c.add_argument("--png", default="out/compare.png", help="the figure written")
     c.set_defaults(fn=cmd_compare)
     r = sub.add_parser("run", help="run one experiment from a TOML spec (fields: docs/specs.md)")
     r.add_argument("spec", help="a TOML file: an [experiment] table of ExperimentSpec's fields (docs/specs.md)")
@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--workers", type=int, default=1,
                    help="local processes (default 1: one timed experiment at a time; more spoil the timings)")
     w.add_argument("--scheduler", help="a dask.distributed scheduler address")
-    w.add_argument("--out", default="out/sweep.csv")
+    w.add_argument("--out", default="out/sweep.csv", help="the CSV written (+ .json metadata); a sweep "
+                   "started again with the same --out skips the points it has")
     w.set_defaults(fn=cmd_sweep)
     f = sub.add_parser("reference", help="QEMU 7.2's numbers: the recorded ones, or --qemu to measure them here")
     f.add_argument("--qemu", action="store_true", help="run the real qemu-system-x86_64 and measure")
@@ -282,16 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_plot)
     e = sub.add_parser("reproduce", help="snaplab beside the real QEMU 7.2: same guest, same sizes, same definitions")
     e.add_argument("--quick", action="store_true", help="256 and 1024 MiB, 3 repetitions")
-    e.add_argument("--out", default="out/reproduction")
+    e.add_argument("--out", default="out/reproduction", help="the directory written: runs.csv, metadata.json, "
+                   "the figures")
     e.add_argument("--ram", default="", help="RAM sizes in MiB, comma-separated (default 256,1024,4096)")
     e.add_argument("--reps", type=int, default=None, help="repetitions (default 5; --quick 3)")
-    e.add_argument("--conditions", default="idle-random,dirty", help="idle-random, dirty")
+    e.add_argument("--conditions", default="idle-random,dirty", help="comma-separated, of: idle-random (RAM of random bytes, as QEMU's "
+                   "reference), dirty (--rate over --ws)")
     e.add_argument("--rate", type=int, default=100, help="the dirty workload's rate, MiB/s")
     e.add_argument("--ws", type=int, default=256, help="the dirty workload's working set, MiB")
-    e.add_argument("--seed", type=int, default=1)
+    e.add_argument("--seed", type=int, default=1, help="the guests' seed (both systems run the same stream)")
     e.add_argument("--no-qemu", action="store_true", help="measure snaplab only")
     e.add_argument("--compare", default="", help="a committed reproduction to compare the ratios with")
-    e.add_argument("--qemu-cache", default="direct", help="QEMU's image file node: direct (cache.direct=on, "
+    e.add_argument("--qemu-cache", default="direct", choices=("direct", "writeback"), help="QEMU's image file node: direct (cache.direct=on, "
                    "O_DIRECT as snaplab) or writeback (QEMU's default, through the page cache)")
     e.add_argument("--touched", type=float, default=7.0, help="working sets' worth of pages the dirty guest "
                    "writes before any measured operation, on both systems (7: 99.9%% of it touched)")
