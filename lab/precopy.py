@@ -58,21 +58,25 @@ def model_rounds(first_bytes: float, write_bps: float, round_cost_s: float, dirt
 CONSISTENT = 0.75  # share of the rounds' pairwise slopes that must be positive for a finite W (fit_rounds)
 
 
-def fit_rounds(rows: list[dict[str, Any]]) -> tuple[float, float]:
+def fit_rounds(rows: list[dict[str, Any]], stop_round: bool = False) -> tuple[float, float]:
     """(``W``, ``c``): a round's time against its dirty bytes, ``t = c + B / W``, fitted over
-    every round after round 0 of every save (the stop's round included: the same writes, with
-    the guest stopped) by Theil-Sen (the median of the slopes between every two rounds of
-    different sizes, then the median intercept).
+    every round written while the guest ran (after round 0, before the stop's) of every save,
+    by Theil-Sen (the median of the slopes between every two rounds of different sizes, then
+    the median intercept).
     ``c`` is what a round costs whatever its dirty bytes: finding them, and the clean pages
     written through between two dirty ones (``GAP_PAGES`` in emulator/migration/precopy.py):
     a few MiB of pages dirtied at random over a working set make a round rewrite most of it.
+    The stop's round is left out unless ``stop_round``: it holds the last few MiB the guest
+    dirtied, scattered, so it goes out as many short writes and costs more than a round the
+    model predicts (notebook 8's 100 MiB/s guest, 2026-12-07: a stop's round wrote 7.8 MiB in
+    29 ms, a round with the guest running 60 MiB in 25 ms).
     Where the rounds' times do not grow with their dirty bytes (fewer than :data:`CONSISTENT`
     of the pairs of rounds rise), ``W`` is infinite (no per-byte cost measurable at these
     sizes) and ``c`` their median time.  The median scan
-    (``scan_s``, timed apart from the writes) is added to ``c``.  NaN without rounds after
-    round 0."""
+    (``scan_s``, timed apart from the writes) is added to ``c``.  NaN without such rounds."""
     pts = [(float(b), float(t)) for r in rows
-           for b, t in zip(r["details"]["bytes_per_round"][1:], r["details"]["round_s"][1:], strict=False)]
+           for b, t in zip(r["details"]["bytes_per_round"][1:None if stop_round else -1],
+                           r["details"]["round_s"][1:None if stop_round else -1], strict=True)]
     if not pts:
         return float("nan"), float("nan")
     # a round's time is its writes' (round_s) plus the scan that found its pages (scan_s)

@@ -154,7 +154,8 @@ def _details(stats: dict[str, Any], m: Any, m0: int, m1: int, evs: dict[str, flo
         # each fault's time, and of it the waiting and the copying
         **{f"fault_{k}_ms": [x * 1e3 for x in stats.get(f"fault-{k}-s", [])] for k in ("latency", "wait", "copy")},
         # pre-copy: dirty bytes, bytes written (clean gaps included), time per round; scans
-        **{k.replace("-", "_"): stats.get(k, []) for k in ("bytes-per-round", "written-per-round", "round-s", "scan-s")},
+        **{k.replace("-", "_"): stats.get(k, []) for k in ("bytes-per-round", "written-per-round", "writes-per-round",
+                                                         "round-s", "scan-s")},
         "max_rounds": stats.get("max-rounds", 0),
         # copy-on-write's memory map: each fault's time after the arm (ms) and chunk,
         # and the saver's front, (ms after the arm, chunks behind it); 2 MiB chunks

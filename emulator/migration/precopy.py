@@ -37,6 +37,7 @@ class PrecopyStats:
     rounds: list[int] = field(default_factory=list)  # dirty bytes each round saved (round 0: all of RAM)
     written: list[int] = field(default_factory=list)  # bytes each round wrote (clean gaps written through)
     round_s: list[float] = field(default_factory=list)  # how long each round's writing took
+    writes: list[int] = field(default_factory=list)  # the separate writes each round made (one per run of pages)
     dirty_final: int = 0
     scan_s: list[float] = field(default_factory=list)
 
@@ -54,6 +55,7 @@ class Precopy:
         self.sparse: SparseRam = begin_sparse_stream(out, machine, ram_sections, ram.size, min_data_offset=room)
         self.stats = PrecopyStats()
         self._pending = np.zeros((0, 2), dtype=np.int64)  # a small last dirty set, left for the stop
+        self._writes = 0  # the current round's write calls
         self.scanner = DirtyScanner(ram.addr, ram.span)
 
     def nonzero_chunks(self) -> np.ndarray:
@@ -73,6 +75,7 @@ class Precopy:
             pages = view[a:b].view(np.uint64).reshape(-1, PAGE // 8)
             pages_nonzero(pages, out=self.nonzero[a // PAGE:b // PAGE])
             self.out.write(self.sparse.data_offset + a, mv[a:b])
+            self._writes += 1
         if self.img is not None:
             m = self.img.vmstate_host_map(self.sparse.end)
             if (m > 0).all() and self._pages_contiguous(m):
@@ -135,6 +138,7 @@ class Precopy:
         for a, b, h in zip(run_first.tolist(), run_end.tolist(), run_host.tolist(), strict=True):
             write(h, mv[a * PAGE:b * PAGE])
             total += (b - a) * PAGE
+        self._writes += len(run_first)
         return total
 
     def _write_ranges(self, ranges: np.ndarray) -> int:
@@ -163,15 +167,18 @@ class Precopy:
                     p1 = a + (int(idx[s1 - 1]) + 1) * PAGE
                     self.out.write(self.sparse.data_offset + p0, mv[p0:p1])
                     total += p1 - p0
+                    self._writes += 1
         return total
 
     def iterate(self, max_rounds: int = MAX_ROUNDS, threshold: int = THRESHOLD) -> None:
         """Arm tracking, copy everything, then copy what was dirtied until it is small."""
         self.scanner.arm()
         t0 = time.perf_counter()
+        self._writes = 0
         self.stats.written.append(self._write_all())
         self.stats.rounds.append(self.ram.size)
         self.stats.round_s.append(time.perf_counter() - t0)
+        self.stats.writes.append(self._writes)
         for _ in range(max_rounds):
             t0 = time.perf_counter()
             dirty = self.scanner.scan()
@@ -181,9 +188,11 @@ class Precopy:
             if size <= threshold:
                 self._pending = dirty
                 return
+            self._writes = 0
             self.stats.written.append(self._write_ranges(dirty))
             self.stats.rounds.append(size)
             self.stats.round_s.append(time.perf_counter() - t1)
+            self.stats.writes.append(self._writes)
         self._pending = np.zeros((0, 2), dtype=np.int64)
 
     def final(self) -> None:
@@ -191,9 +200,11 @@ class Precopy:
         dirty = np.concatenate((self.scanner.scan(), self._pending))
         self.stats.dirty_final = int(dirty[:, 1].sum())
         t0 = time.perf_counter()
+        self._writes = 0
         self.stats.written.append(self._write_ranges(dirty))
         self.stats.rounds.append(self.stats.dirty_final)
         self.stats.round_s.append(time.perf_counter() - t0)
+        self.stats.writes.append(self._writes)
 
     def close(self) -> None:
         self.scanner.close()

@@ -82,6 +82,6 @@ class PrecopySave(SaveEngine):
         m.extra.update({"iterations": len(st.rounds), "bytes_per_round": st.rounds,
                         "written_per_round": st.written,
                         "bytes_written": sum(st.written), "dirty_final_bytes": st.dirty_final,
-                        "round_s": st.round_s, "scan_s": st.scan_s, "max_rounds": MAX_ROUNDS,
+                        "round_s": st.round_s, "writes_per_round": st.writes, "scan_s": st.scan_s, "max_rounds": MAX_ROUNDS,
                         "threshold_bytes": THRESHOLD})
         return ctx.saved(m, target, at.name)
