@@ -156,7 +156,7 @@ def _details(stats: dict[str, Any], m: Any, m0: int, m1: int, evs: dict[str, flo
         # pre-copy: dirty bytes, bytes written (clean gaps included), time per round; scans
         **{k.replace("-", "_"): stats.get(k, []) for k in ("bytes-per-round", "written-per-round", "writes-per-round",
                                                          "round-s", "scan-s")},
-        "max_rounds": stats.get("max-rounds", 0),
+        "max_rounds": stats.get("max-rounds", 0), "threshold_bytes": stats.get("threshold-bytes", 0),
         # copy-on-write's memory map: each fault's time after the arm (ms) and chunk,
         # and the saver's front, (ms after the arm, chunks behind it); 2 MiB chunks
         "fault_at_ms": [x * 1e3 for x in stats.get("fault-at-s", [])],
