@@ -58,7 +58,7 @@ def model_rounds(first_bytes: float, write_bps: float, round_cost_s: float, dirt
 CONSISTENT = 0.75  # share of the rounds' pairwise slopes that must be positive for a finite W (fit_rounds)
 
 
-def fit_rounds(rows: list[dict[str, Any]], stop_round: bool = False) -> tuple[float, float]:
+def fit_rounds(rows: list[dict[str, Any]], stop_round: bool = False, per_byte: bool = True) -> tuple[float, float]:
     """(``W``, ``c``): a round's time against its dirty bytes, ``t = c + B / W``, fitted over
     every round written while the guest ran (after round 0, before the stop's) of every save,
     by Theil-Sen (the median of the slopes between every two rounds of different sizes, then
@@ -72,8 +72,10 @@ def fit_rounds(rows: list[dict[str, Any]], stop_round: bool = False) -> tuple[fl
     29 ms, a round with the guest running 60 MiB in 25 ms).
     Where the rounds' times do not grow with their dirty bytes (fewer than :data:`CONSISTENT`
     of the pairs of rounds rise), ``W`` is infinite (no per-byte cost measurable at these
-    sizes) and ``c`` their median time.  The median scan
-    (``scan_s``, timed apart from the writes) is added to ``c``.  NaN without such rounds."""
+    sizes) and ``c`` their median time; ``per_byte`` False asks for that model whatever the
+    rounds show (a round that rewrites most of the working set costs about the same whatever
+    it holds).  The median scan (``scan_s``, timed apart from the writes) is added to ``c``.
+    NaN without such rounds."""
     pts = [(float(b), float(t)) for r in rows
            for b, t in zip(r["details"]["bytes_per_round"][1:None if stop_round else -1],
                            r["details"]["round_s"][1:None if stop_round else -1], strict=True)]
@@ -82,6 +84,8 @@ def fit_rounds(rows: list[dict[str, Any]], stop_round: bool = False) -> tuple[fl
     # a round's time is its writes' (round_s) plus the scan that found its pages (scan_s)
     scans = [x for r in rows for x in r["details"].get("scan_s", [])]
     scan = float(np.median(scans)) if scans else 0.0
+    if not per_byte:
+        return float("inf"), float(np.median([t for _, t in pts])) + scan
     slopes = [(t2 - t1) / (b2 - b1) for i, (b1, t1) in enumerate(pts) for b2, t2 in pts[i + 1:] if b2 != b1]
     slope = float(np.median(slopes)) if slopes else 0.0
     # A per-byte cost only where the rounds agree on one: at least CONSISTENT of the pairs rise

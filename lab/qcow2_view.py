@@ -152,6 +152,12 @@ class Qcow2View:
                 out[off] = rc
         return out
 
+    def free_clusters(self) -> list[int]:
+        """Host offsets of the clusters inside the file with refcount 0: used once and given
+        back (e.g. an old copy of a table), or never used; the allocator may hand them out."""
+        size = self.f.seek(0, 2)
+        return [off for off in range(0, size, self.cluster_size) if not self.refcount(off)]
+
     # -- snapshots ----------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotEntry]:
         out, off = [], self.header["snapshots_offset"]
@@ -269,7 +275,8 @@ def vmstate_parts(path: str | Path) -> dict[str, int]:
     """What the VM state of :func:`make_example`'s snapshot is made of, from the engine's own
     statistics saved beside the image: the non-zero RAM pages written (the ``0x5a`` fill and the
     guest's own non-zero pages: code, stack, the lab page), the page bitmap (one bit per page of
-    RAM), and the rest (stream framing, CPU and devices)."""
+    RAM), and the rest (stream framing, CPU and devices, and the padding that starts the RAM
+    pages on a cluster boundary)."""
     st = json.loads((Path(path).parent / STATS_NAME).read_text())
     page = 4096
     pages = int(st["ram-pages-written"])
@@ -278,7 +285,7 @@ def vmstate_parts(path: str | Path) -> dict[str, int]:
     return {"RAM pages written": pages, "of them the 0x5a fill": fill_pages,
             "of them the guest's own non-zero pages": pages - fill_pages,
             "page bitmap bytes": bitmap,
-            "rest: framing, CPU, devices (bytes)": int(st["vmstate-bytes"]) - pages * page - bitmap,
+            "rest: framing, CPU, devices, padding (bytes)": int(st["vmstate-bytes"]) - pages * page - bitmap,
             "vm_state_size": int(st["vmstate-bytes"])}
 
 

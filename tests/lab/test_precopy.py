@@ -35,6 +35,8 @@ def test_the_fit_is_a_line_through_the_rounds_only_where_they_agree_on_one() -> 
     w, c = fit_rounds(rows)
     assert math.isclose(w, 1000 * M) and math.isclose(c, 0.020 + 0.001)
     assert math.isclose(first_round_s(rows), 0.3)
+    w0, c0 = fit_rounds(rows, per_byte=False)  # a constant cost per round: the rounds' median time
+    assert w0 == float("inf") and math.isclose(c0, 0.025 + 0.001)  # median of 30, 22, 26, 24 ms
     w_all, _ = fit_rounds(rows, stop_round=True)
     assert w_all == float("inf")  # the stop's slow rounds break the line: 0.5 s for 1 MiB
     # one slow round (4 MiB in 0.5 s): two pairs of six fall, so no per-byte cost is claimed,
