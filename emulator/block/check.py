@@ -31,7 +31,12 @@ from emulator.block.format import (
     REFT_OFFSET_MASK,
 )
 from emulator.block.refcount import rebuild_refcount_structure, size_to_clusters
-from emulator.block.snapshot import read_snapshot_l1, read_snapshots_for_check, table_bytes
+from emulator.block.snapshot import (
+    fix_snapshot_table,
+    read_snapshot_l1,
+    read_snapshots_for_check,
+    table_bytes,
+)
 from emulator.block.state import Qcow2State
 from emulator.errors import CheckFailedError
 
@@ -52,6 +57,7 @@ class CheckResult:
     compressed_clusters: int = 0
     messages: list[str] = field(default_factory=list)
     repaired: CheckResult | None = None
+    incomplete_snapshots: int = 0  # version 3 entries with too little extra data (corruptions)
 
     @property
     def clean(self) -> bool:
@@ -198,16 +204,27 @@ def _oflag_copied(s: Qcow2State, res: CheckResult, repair: bool) -> None:
             res.corruptions += len(bad)
 
 
-def _snapshot_table(s: Qcow2State, res: CheckResult) -> int:
+def _snapshot_table(s: Qcow2State, res: CheckResult, repair: str | None) -> int:
     """The snapshot table's bytes; for an image opened for a check, first read the table
-    (qcow2_check_read_snapshot_table) and count its incomplete entries."""
+    (qcow2_check_read_snapshot_table) and count its incomplete entries ('all' repairs them
+    after the refcounts: :func:`_fix_snapshots`)."""
     if not s.opened_for_check:
         return table_bytes(s.snapshots)
     s.snapshots, used, incomplete = read_snapshots_for_check(s)
     for i in incomplete:
-        res.messages.append(f"ERROR snapshot table entry {i} is incomplete")
+        res.messages.append(f"{'Repairing' if repair == 'all' else 'ERROR'} snapshot table entry {i} is incomplete")
     res.corruptions += len(incomplete)
+    res.incomplete_snapshots = len(incomplete)
     return used
+
+
+def _fix_snapshots(s: Qcow2State, res: CheckResult, repair: str | None) -> None:
+    """qcow2_check_fix_snapshot_table(): with 'all', incomplete entries written out whole."""
+    if repair == "all" and res.incomplete_snapshots:
+        fix_snapshot_table(s)
+        s.metadata_changed()
+        s.file.flush()
+        res.corruptions_fixed += res.incomplete_snapshots
 
 
 def _walk_snapshots(s: Qcow2State, cnt: _Counter, res: CheckResult) -> None:
@@ -269,7 +286,7 @@ def _count(s: Qcow2State, repair: str | None) -> _Counts:
     """calculate_refcounts(), in its order: the header, the active L1 and L2 tables, the
     snapshots' tables, the snapshot table, the refcount table, then the refcount blocks."""
     res = CheckResult()
-    snapshots_size = _snapshot_table(s, res)
+    snapshots_size = _snapshot_table(s, res, repair)
     cs: int = s.cluster_size
     file_clusters = size_to_clusters(cs, s.file.size())
     res.total_clusters = size_to_clusters(cs, s.size)
@@ -321,6 +338,7 @@ def check_image(s: Qcow2State, repair: str | None) -> CheckResult:
         res.leaks_fixed = len(leaks)
         if repair == "all":
             res.corruptions_fixed = len(errors)
+    _fix_snapshots(s, res, repair)
     # QEMU repairs the flags with -r leaks too when nothing else is wrong
     unfixed = res.check_errors or res.corruptions > res.corruptions_fixed or res.leaks > res.leaks_fixed
     _oflag_copied(s, res, repair == "all" or (repair == "leaks" and not unfixed))
@@ -340,6 +358,7 @@ def _rebuild(s: Qcow2State, c: _Counts) -> CheckResult:
     rebuild_refcount_structure(s.refcounts, c.without_refcounts, size_to_clusters(s.cluster_size, s.file.size()))
     s.metadata_changed()
     s.file.flush()
+    _fix_snapshots(s, res, "all")
     _oflag_copied(s, res, True)  # against the refcounts now right
     s.file.flush()
     after = check_image(s, None)

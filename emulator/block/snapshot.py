@@ -18,7 +18,7 @@ cluster.py but neither qcow2.py nor check.py, and neither unicorn nor asyncio.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -179,6 +179,21 @@ def _write_table(s: Qcow2State, txn: RefcountTxn, snaps: list[QCowSnapshot]) -> 
     if s.header.snapshots_offset and old_bytes:
         txn.decref_range(s.header.snapshots_offset, size_to_clusters(s.cluster_size, old_bytes))
     return off, len(snaps)
+
+
+def fix_snapshot_table(s: Qcow2State) -> None:
+    """qcow2_check_fix_snapshot_table(): the snapshot table written again, every entry with
+    its full extra data (an entry that lacked the disk size gets the image's, as QEMU's read
+    gives it), in fresh clusters; the header switches to it and the old table is freed."""
+    snaps = [replace(sn, disk_size=s.size) if sn.disk_size is None else sn for sn in s.snapshots]
+    txn = RefcountTxn(s.refcounts)
+    try:
+        off, nb = _write_table(s, txn, snaps)
+    except BaseException:
+        txn.rollback()
+        raise
+    s.commit(txn, nb_snapshots=nb, snapshots_offset=off)
+    s.snapshots = snaps
 
 
 def _write_l1(s: Qcow2State, txn: RefcountTxn, l1: np.ndarray) -> int:

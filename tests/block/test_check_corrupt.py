@@ -81,7 +81,23 @@ def _refcounts_low_and_high(p: Path) -> None:
     set_refcount(p, second, 3)
 
 
+def _snapshot_entry_incomplete(p: Path) -> None:
+    """The first snapshot table entry rewritten with 8 bytes of extra data (a version 3 image
+    needs 16: the large VM-state size and the disk size), the rest of the entry kept."""
+    b = bytearray(p.read_bytes())
+    e = struct.unpack_from(">Q", b, 64)[0]
+    head = list(struct.unpack_from(">QIHHIIQII", b, e))
+    extra_len, id_len, name_len = head[8], head[2], head[3]
+    rest = bytes(b[e + 40 + extra_len:e + 40 + extra_len + id_len + name_len])
+    head[8] = 8
+    new = struct.pack(">QIHHIIQII", *head) + bytes(b[e + 40:e + 48]) + rest
+    old_len = 40 + extra_len + id_len + name_len
+    b[e:e + old_len + -old_len % 8] = new.ljust(old_len + -old_len % 8, b"\0")
+    p.write_bytes(bytes(b))
+
+
 DAMAGE = {
+    "snapshot-entry-incomplete": _snapshot_entry_incomplete,
     "refcounts-low-and-high": _refcounts_low_and_high,
     "snapshot-table-unaligned": _snapshot_table_unaligned,
     "truncated": _truncated,
@@ -177,3 +193,27 @@ def test_repair_all_fixes_oflag_copied_as_qemu_does(tmp_path: Path, qemu_img: Ru
     assert ours.stdout == theirs.stdout
     assert sorted(ours.stderr.splitlines()) == sorted(theirs.stderr.splitlines())
     assert p.read_bytes() == q.read_bytes()
+
+
+def test_repair_all_completes_an_incomplete_snapshot_entry_as_qemu_img(tmp_path: Path, qemu_img: Run,
+                                                                      qemu_io: Run) -> None:
+    """qcow2_check_fix_snapshot_table(): -r leaks leaves the entry (the same error, nothing
+    written); -r all says "Repairing", writes the table again with the entry whole, and both
+    results list the same snapshot, with the disk size QEMU gives it, and pass the real check."""
+    p = _damaged(tmp_path, qemu_img, qemu_io, "snapshot-entry-incomplete")
+    before = p.read_bytes()
+    q = tmp_path / "qemu.qcow2"
+    shutil.copy(p, q)
+    _same_report(snaplab_img("check", "-r", "leaks", str(p)), qemu_img("check", "-r", "leaks", str(q)))
+    assert p.read_bytes() == before
+    ours, theirs = snaplab_img("check", "-r", "all", str(p)), qemu_img("check", "-r", "all", str(q))
+    assert "Repairing snapshot table entry 0 is incomplete" in theirs.stderr and theirs.returncode == 0
+    assert ours.returncode == 0 and ours.stderr.splitlines() == theirs.stderr.splitlines()
+    strip = [ln for ln in ours.stdout.splitlines() if not ln.startswith("Image end offset")]
+    assert strip == [ln for ln in theirs.stdout.splitlines() if not ln.startswith("Image end offset")]
+    assert qemu_img("check", str(p)).returncode == 0
+    import json
+    mine, qemus = (json.loads(qemu_img("info", "--output", "json", str(x), check=True).stdout)["snapshots"]
+                   for x in (p, q))
+    assert mine == qemus and mine[0]["name"] == "s1"
+    qemu_io(p, "read -P 0x5a 0 1M")
