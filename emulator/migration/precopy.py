@@ -10,6 +10,7 @@ that instant (the disks too), and the guest resumes.  Downtime is the last round
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,11 +26,16 @@ from emulator.migration.vmstate import (
     pages_nonzero,
 )
 from emulator.uffd import DirtyScanner
+from emulator.workers import spawn
 
 HEADER_ROOM = 1 << 20  # the device sections are rewritten at the end; they must fit
 MAX_ROUNDS = 10  # rounds after the first full copy, at most
 THRESHOLD = 8 << 20  # a dirty set this small is left for the stop
 GAP_PAGES = 16  # clean pages written through between two dirty ones (one write instead of two)
+# pwrites in flight at once for a round's runs: a disk serves several small writes faster than
+# one at a time (notebook 8's 100 MiB/s guest on this VM, ~250 runs in the stop's round: 31-38 ms
+# one at a time, 12-22 ms four at a time; the downtime 37-44 ms -> 17-27 ms)
+WRITE_THREADS = 4
 
 
 @dataclass
@@ -40,6 +46,36 @@ class PrecopyStats:
     writes: list[int] = field(default_factory=list)  # the separate writes each round made (one per run of pages)
     dirty_final: int = 0
     scan_s: list[float] = field(default_factory=list)
+
+
+def _write_runs(write: Callable[[int, memoryview], None], mv: memoryview, runs: list[tuple[int, int, int]]) -> None:
+    """Each run of pages [first, end) of RAM at its host offset, up to :data:`WRITE_THREADS`
+    writes in flight (runs dealt out in turn, so neighbours go to different threads; the first
+    written here before any thread starts, so a file opens its direct descriptor once).  The
+    first failure is raised once every thread has stopped; the others stop at their next run."""
+    if not runs:
+        return
+    a, b, h = runs[0]
+    write(h, mv[a * PAGE:b * PAGE])
+    rest = runs[1:]
+    threads = min(WRITE_THREADS, len(rest) // 4 + 1)  # (a handful of runs: not worth a thread)
+    failed: list[BaseException] = []
+
+    def part(k: int) -> None:
+        try:
+            for a, b, h in rest[k::threads]:
+                if failed:
+                    return
+                write(h, mv[a * PAGE:b * PAGE])
+        except BaseException as err:  # raised below, on the round's thread
+            failed.append(err)
+
+    done = [spawn(part, k) for k in range(1, threads)]
+    part(0)
+    for d in done:
+        d.wait()
+    if failed:
+        raise failed[0]
 
 
 class Precopy:
@@ -132,14 +168,11 @@ class Precopy:
         run_first = pages[np.concatenate(([0], at))]
         run_end = pages[np.concatenate((at - 1, [len(pages) - 1]))] + 1
         run_host = host[np.concatenate(([0], at))]
-        mv = self.ram.view()
-        total = 0
         write = getattr(self.img.file, "pwrite_direct", self.img.file.pwrite)  # around the page cache (deviation 57)
-        for a, b, h in zip(run_first.tolist(), run_end.tolist(), run_host.tolist(), strict=True):
-            write(h, mv[a * PAGE:b * PAGE])
-            total += (b - a) * PAGE
-        self._writes += len(run_first)
-        return total
+        runs = list(zip(run_first.tolist(), run_end.tolist(), run_host.tolist(), strict=True))
+        _write_runs(write, self.ram.view(), runs)
+        self._writes += len(runs)
+        return int((run_end - run_first).sum()) * PAGE
 
     def _write_ranges(self, ranges: np.ndarray) -> int:
         """Write pages of RAM (offset, length ranges), zero pages as flags only; returns bytes."""
