@@ -1,6 +1,6 @@
 """Benchmark: copy-on-write snapshot downtime, total time and guest progress, vs QEMU 7.2.
 
-    python bench/bench_cow.py [--sizes 1024,4096] [--runs 3] [--no-qemu]
+    python bench/bench_cow.py [--sizes 1024,4096] [--runs 4] [--no-qemu]
 
 snaplab: ``snapshot-save`` with ``__org.snaplab_engine: cow`` on a guest dirtying 100 MiB/s,
 and a blocking ``snapshot-save`` of the same guest beside each, before and after in turn (ABBA:
@@ -107,7 +107,7 @@ def qemu(mib: int, runs: int, w: Path) -> list[dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1024,4096")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=4, help="saves of each kind per size (even: ABBA balanced)")
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
     try:
@@ -116,6 +116,9 @@ def main() -> None:
         ap.error(f"--sizes: {a.sizes!r}: expected RAM sizes in MiB such as 1024,4096")
     if not all(64 <= s <= 16384 for s in sizes) or a.runs < 1:
         ap.error("--sizes: each from 64 to 16384 MiB; --runs: at least 1")
+    if a.runs % 2:
+        print(f"note: --runs {a.runs} is odd, so the blocking save comes after the copy-on-write one once more "
+              "than before it: the ABBA order is not balanced")
     print(f"warming host memory: {warm_memory((max(sizes) << 20) * 3):.1f} s")
     have_qemu = shutil.which("qemu-system-x86_64") and (OVMF / "OVMF_CODE.fd").exists() and not a.no_qemu
     for mib in sizes:

@@ -160,6 +160,8 @@ class OsFile:
     fdatasync (ordering against a killed process still holds; power loss does not).
     """
 
+    concurrent_writes = True  # pwrite(2) at an offset: several threads may write at once
+
     def __init__(self, fd: int, *, read_only: bool = False, no_flush: bool = False, owns_fd: bool = True) -> None:
         self.fd = fd
         self.read_only = read_only

@@ -157,6 +157,12 @@ class _WarmBuffers:
         with self._lock:
             self._free.extend(bufs)
 
+    @property
+    def free_count(self) -> int:
+        """Buffers made and not held by anyone now."""
+        with self._lock:
+            return len(self._free)
+
 
 def fault_buffers(ram_size: int) -> int:
     """How many chunks a copy-on-write save may hold copied before a fault waits for the

@@ -9,6 +9,7 @@ that instant (the disks too), and the guest resumes.  Downtime is the last round
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from emulator.migration.vmstate import (
     pages_nonzero,
 )
 from emulator.uffd import DirtyScanner
-from emulator.workers import spawn
+from emulator.workers import prestart, spawn
 
 HEADER_ROOM = 1 << 20  # the device sections are rewritten at the end; they must fit
 MAX_ROUNDS = 10  # rounds after the first full copy, at most
@@ -48,17 +49,19 @@ class PrecopyStats:
     scan_s: list[float] = field(default_factory=list)
 
 
-def _write_runs(write: Callable[[int, memoryview], None], mv: memoryview, runs: list[tuple[int, int, int]]) -> None:
+def _write_runs(write: Callable[[int, memoryview], None], mv: memoryview, runs: list[tuple[int, int, int]],
+                parallel: bool = True) -> None:
     """Each run of pages [first, end) of RAM at its host offset, up to :data:`WRITE_THREADS`
-    writes in flight (runs dealt out in turn, so neighbours go to different threads; the first
-    written here before any thread starts, so a file opens its direct descriptor once).  The
-    first failure is raised once every thread has stopped; the others stop at their next run."""
+    writes in flight where ``parallel`` (the file takes writes from several threads at once;
+    runs dealt out in turn, so neighbours go to different threads; the first written here
+    before any thread starts, so a file opens its direct descriptor once).  The first failure
+    is raised once every thread has stopped; the others stop at their next run."""
     if not runs:
         return
     a, b, h = runs[0]
     write(h, mv[a * PAGE:b * PAGE])
     rest = runs[1:]
-    threads = min(WRITE_THREADS, len(rest) // 4 + 1)  # (a handful of runs: not worth a thread)
+    threads = min(WRITE_THREADS, len(rest) // 4 + 1) if parallel else 1  # (a handful of runs: not worth a thread)
     failed: list[BaseException] = []
 
     def part(k: int) -> None:
@@ -70,10 +73,16 @@ def _write_runs(write: Callable[[int, memoryview], None], mv: memoryview, runs: 
         except BaseException as err:  # raised below, on the round's thread
             failed.append(err)
 
-    done = [spawn(part, k) for k in range(1, threads)]
-    part(0)
+    done: list[threading.Event] = []
+    try:
+        for k in range(1, threads):
+            done.append(spawn(part, k))
+    except BaseException as err:  # (no thread to start): the ones started stop, then this raises
+        failed.append(err)
+    if not failed:
+        part(0)
     for d in done:
-        d.wait()
+        d.wait()  # never return, or raise, with a write of this round still going
     if failed:
         raise failed[0]
 
@@ -170,7 +179,7 @@ class Precopy:
         run_host = host[np.concatenate(([0], at))]
         write = getattr(self.img.file, "pwrite_direct", self.img.file.pwrite)  # around the page cache (deviation 57)
         runs = list(zip(run_first.tolist(), run_end.tolist(), run_host.tolist(), strict=True))
-        _write_runs(write, self.ram.view(), runs)
+        _write_runs(write, self.ram.view(), runs, parallel=getattr(self.img.file, "concurrent_writes", False))
         self._writes += len(runs)
         return int((run_end - run_first).sum()) * PAGE
 
@@ -205,6 +214,7 @@ class Precopy:
 
     def iterate(self, max_rounds: int = MAX_ROUNDS, threshold: int = THRESHOLD) -> None:
         """Arm tracking, copy everything, then copy what was dirtied until it is small."""
+        prestart(WRITE_THREADS - 1)  # the rounds' writers, and the stop's: never a thread started inside it
         self.scanner.arm()
         t0 = time.perf_counter()
         self._writes = 0

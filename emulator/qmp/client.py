@@ -168,8 +168,10 @@ class QMPClient:
             self.execute("job-complete", {"id": job_id})
         except QMPError:
             # A ready load may finish by itself (every chunk faulted in) between its READY
-            # event and this command: then the refusal says so, and the job is past 'ready'.
-            if any(j["id"] == job_id and j["status"] == "ready" for j in self.execute("query-jobs")):
+            # event and this command: then the refusal says so, and the job is past 'ready'
+            # (or gone); any other refusal (a job in standby, say) is the caller's.
+            status = next((j["status"] for j in self.execute("query-jobs") if j["id"] == job_id), None)
+            if status not in (None, "waiting", "pending", "aborting", "concluded", "null"):
                 raise
 
     def close(self) -> None:

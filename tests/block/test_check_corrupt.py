@@ -209,8 +209,13 @@ def test_repair_all_completes_an_incomplete_snapshot_entry_as_qemu_img(tmp_path:
     ours, theirs = snaplab_img("check", "-r", "all", str(p)), qemu_img("check", "-r", "all", str(q))
     assert "Repairing snapshot table entry 0 is incomplete" in theirs.stderr and theirs.returncode == 0
     assert ours.returncode == 0 and ours.stderr.splitlines() == theirs.stderr.splitlines()
+    # the same lines but the end offset: snaplab's refcount commit also moves the refcount table,
+    # so its image ends a cluster or two later (docs/deviations.md 65)
     strip = [ln for ln in ours.stdout.splitlines() if not ln.startswith("Image end offset")]
     assert strip == [ln for ln in theirs.stdout.splitlines() if not ln.startswith("Image end offset")]
+    end = [int(ln.split()[-1]) for out in (ours, theirs) for ln in out.stdout.splitlines()
+           if ln.startswith("Image end offset")]
+    assert end[1] <= end[0] <= end[1] + 2 * 65536
     assert qemu_img("check", str(p)).returncode == 0
     import json
     mine, qemus = (json.loads(qemu_img("info", "--output", "json", str(x), check=True).stdout)["snapshots"]

@@ -471,7 +471,7 @@ try:
     m.start()
     m.snapshots.write_protector()
     made = WARM_BUFFERS.total
-    free = len(WARM_BUFFERS._free)
+    free = WARM_BUFFERS.free_count
     met = m.snapshots.save_snapshot("first", False, "disk0", ["disk0"], "cow")
     print(made, free, fault_buffers(m.ram.size), WARM_BUFFERS.total, met.extra["faults"])
 finally:

@@ -14,22 +14,36 @@ def _ram(pages: int) -> memoryview:
     return memoryview(bytes((i % 251) for i in range(pages * PAGE)))
 
 
-def test_every_run_is_written_once_at_its_offset_from_several_threads() -> None:
+def test_every_run_is_written_once_at_its_offset_from_several_threads_at_once() -> None:
     mv = _ram(200)
     runs = [(a, a + 1 + a % 3, 10_000 * PAGE + a * PAGE) for a in range(0, 190, 4)]
     got: dict[int, bytes] = {}
-    threads: set[int] = set()
+    calls: dict[int, int] = {}
     lock = threading.Lock()
+    me = threading.get_ident()
+    together = threading.Barrier(WRITE_THREADS)  # broken (an error) unless all write at once
 
     def write(off: int, data: memoryview) -> None:
+        t = threading.get_ident()
         with lock:
             assert off not in got
             got[off] = bytes(data)
-            threads.add(threading.get_ident())
+            calls[t] = calls.get(t, 0) + 1
+            first_of_part = calls[t] == (2 if t == me else 1)  # (this thread's first write is the one before the others start)
+        if first_of_part:
+            together.wait(timeout=10)
 
     _write_runs(write, mv, runs)
     assert got == {h: bytes(mv[a * PAGE:b * PAGE]) for a, b, h in runs}
-    assert 1 < len(threads) <= WRITE_THREADS  # (48 runs: all the threads had work)
+    assert len(calls) == WRITE_THREADS
+
+
+def test_a_file_that_takes_one_write_at_a_time_gets_them_in_turn() -> None:
+    mv = _ram(200)
+    runs = [(a, a + 1, a * PAGE) for a in range(100)]
+    order: list[int] = []
+    _write_runs(lambda off, data: order.append(off), mv, runs, parallel=False)
+    assert order == [h for _, _, h in runs]
 
 
 def test_a_failed_write_is_raised_after_every_thread_stopped() -> None:
@@ -39,8 +53,9 @@ def test_a_failed_write_is_raised_after_every_thread_stopped() -> None:
     lock = threading.Lock()
 
     def write(off: int, data: memoryview) -> None:
-        if off == 37 * PAGE:
+        if off == 5 * PAGE:
             raise BlockIOError(f"Could not write at offset {off}: No space left on device")
+        threading.Event().wait(0.002)  # (a write takes a while: the others are still busy when it fails)
         with lock:
             written.append(off)
 
@@ -48,5 +63,5 @@ def test_a_failed_write_is_raised_after_every_thread_stopped() -> None:
         _write_runs(write, mv, runs)
     n = len(written)
     threading.Event().wait(0.05)
-    assert len(written) == n  # nothing writes on after the round failed
-    assert 37 * PAGE not in written
+    assert len(written) == n  # every thread had stopped when it raised
+    assert n < 50  # they stopped at their next run, not after all 99 (each had ~25)

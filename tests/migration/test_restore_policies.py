@@ -503,7 +503,8 @@ def test_job_complete_after_an_on_demand_load_finished_by_itself_is_not_an_error
         q.execute("job-complete", {"id": "od"})
     q.events()
     # READY seen, CONCLUDED not yet: the moment the race hits
-    q._events.append(QMPEvent("JOB_STATUS_CHANGE", {"id": "od", "status": "ready"}, time.time()))
+    with q._cond:
+        q._events.append(QMPEvent("JOB_STATUS_CHANGE", {"id": "od", "status": "ready"}, time.time()))
     t0 = time.monotonic()
     q._complete_when_ready("od", 30)  # refused by the job, taken as done
     assert time.monotonic() - t0 < 10  # (it sent job-complete: it did not wait for a READY to come)

@@ -76,6 +76,7 @@ class BackgroundLoad(LoadEngine):
             active.complete()
 
     def on_write_protector(self, wp: WriteProtector) -> None:
+        self.close()  # one made for an earlier protector (whose set-up failed) gives its buffers back
         self._ready = LazyLoad(wp)
 
     def close(self) -> None:
