@@ -76,9 +76,9 @@ def fit_rounds(rows: list[dict[str, Any]], stop_round: bool = False, per_byte: b
     rounds show (a round that rewrites most of the working set costs about the same whatever
     it holds).  The median scan (``scan_s``, timed apart from the writes) is added to ``c``.
     NaN without such rounds."""
+    end = None if stop_round else -1
     pts = [(float(b), float(t)) for r in rows
-           for b, t in zip(r["details"]["bytes_per_round"][1:None if stop_round else -1],
-                           r["details"]["round_s"][1:None if stop_round else -1], strict=True)]
+           for b, t in zip(r["details"]["bytes_per_round"][1:end], r["details"]["round_s"][1:end], strict=True)]
     if not pts:
         return float("nan"), float("nan")
     # a round's time is its writes' (round_s) plus the scan that found its pages (scan_s)

@@ -155,8 +155,8 @@ class Qcow2View:
     def free_clusters(self) -> list[int]:
         """Host offsets of the clusters inside the file with refcount 0: used once and given
         back (e.g. an old copy of a table), or never used; the allocator may hand them out."""
-        size = self.f.seek(0, 2)
-        return [off for off in range(0, size, self.cluster_size) if not self.refcount(off)]
+        used = self.refcounts()
+        return [off for off in range(0, self.f.seek(0, 2), self.cluster_size) if off not in used]
 
     # -- snapshots ----------------------------------------------------------------------------
     def snapshots(self) -> list[SnapshotEntry]:

@@ -221,9 +221,7 @@ def _snapshot_table(s: Qcow2State, res: CheckResult, repair: str | None) -> int:
 def _fix_snapshots(s: Qcow2State, res: CheckResult, repair: str | None) -> None:
     """qcow2_check_fix_snapshot_table(): with 'all', incomplete entries written out whole."""
     if repair == "all" and res.incomplete_snapshots:
-        fix_snapshot_table(s)
-        s.metadata_changed()
-        s.file.flush()
+        fix_snapshot_table(s)  # (a metadata commit: flushed, the overlap set renewed)
         res.corruptions_fixed += res.incomplete_snapshots
 
 

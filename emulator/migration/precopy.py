@@ -216,12 +216,7 @@ class Precopy:
         """Arm tracking, copy everything, then copy what was dirtied until it is small."""
         prestart(WRITE_THREADS - 1)  # the rounds' writers, and the stop's: never a thread started inside it
         self.scanner.arm()
-        t0 = time.perf_counter()
-        self._writes = 0
-        self.stats.written.append(self._write_all())
-        self.stats.rounds.append(self.ram.size)
-        self.stats.round_s.append(time.perf_counter() - t0)
-        self.stats.writes.append(self._writes)
+        self._round(self.ram.size, None, time.perf_counter())
         for _ in range(max_rounds):
             t0 = time.perf_counter()
             dirty = self.scanner.scan()
@@ -231,21 +226,21 @@ class Precopy:
             if size <= threshold:
                 self._pending = dirty
                 return
-            self._writes = 0
-            self.stats.written.append(self._write_ranges(dirty))
-            self.stats.rounds.append(size)
-            self.stats.round_s.append(time.perf_counter() - t1)
-            self.stats.writes.append(self._writes)
+            self._round(size, dirty, t1)
         self._pending = np.zeros((0, 2), dtype=np.int64)
 
     def final(self) -> None:
         """With the guest stopped: the last dirty pages."""
         dirty = np.concatenate((self.scanner.scan(), self._pending))
         self.stats.dirty_final = int(dirty[:, 1].sum())
-        t0 = time.perf_counter()
+        self._round(self.stats.dirty_final, dirty, time.perf_counter())
+
+    def _round(self, dirty: int, ranges: np.ndarray | None, t0: float) -> None:
+        """One round: ``ranges`` written (None: round 0, all of RAM), and its dirty bytes, the
+        bytes and write calls it made, and its time since ``t0`` recorded."""
         self._writes = 0
-        self.stats.written.append(self._write_ranges(dirty))
-        self.stats.rounds.append(self.stats.dirty_final)
+        self.stats.written.append(self._write_all() if ranges is None else self._write_ranges(ranges))
+        self.stats.rounds.append(dirty)
         self.stats.round_s.append(time.perf_counter() - t0)
         self.stats.writes.append(self._writes)
 
