@@ -72,7 +72,8 @@ class _Counter:
         self.res = res
         self.file_clusters = file_clusters
         self.file_len = s.file.size()
-        self.parts: list[np.ndarray] = []
+        self.parts: list[np.ndarray] = []  # references added since the last counted()
+        self._sum = np.zeros(file_clusters, dtype=np.int64)
 
     def add(self, clusters: np.ndarray) -> None:
         """One reference to each cluster (each a region of one cluster at its start)."""
@@ -102,8 +103,13 @@ class _Counter:
                                  f"cluster or more: offset {offset:#x} size {nbytes:#x}")
 
     def counted(self) -> np.ndarray:
-        refs = np.concatenate(self.parts) if self.parts else np.zeros(0, dtype=np.int64)
-        return np.bincount(refs, minlength=self.file_clusters)[:self.file_clusters].astype(np.int64)
+        """The references counted so far, one count per cluster of the file (a new array;
+        only the references added since the last call are counted again)."""
+        new, self.parts = self.parts, []
+        if new:
+            refs = np.concatenate(new)
+            self._sum = self._sum + np.bincount(refs, minlength=self.file_clusters)[:self.file_clusters]
+        return self._sum.copy()
 
 
 def metadata_clusters(s: Qcow2State) -> np.ndarray:
