@@ -153,9 +153,11 @@ def progress_timeline(row: dict[str, Any], path: str | Path | None = None) -> An
 def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], conditions: str,
                           path: str | Path | None = None) -> Any:
     """Per engine: downtime (log axis), time until the snapshot exists, and the guest's speed
-    during the save; every save a grey dot, the median a black diamond, the interquartile range
-    a black line (points, not bars: a bar's length means nothing on a log axis).  ``conditions``
-    (guest, rate, RAM) goes into the title."""
+    during the save; every save a grey dot, the median a black diamond, the spread a black line
+    (points, not bars: a bar's length means nothing on a log axis): the interquartile range from
+    five saves, the min-max below that (an interquartile range of three or four values is
+    interpolated between them, so it would draw values no save had).  ``conditions`` (guest,
+    rate, RAM) goes into the title; the legend goes under the panels, off the data."""
     import numpy as np
 
     panels = [("downtime_ms", "downtime, STOP to RESUME (ms, log)", True),
@@ -169,11 +171,12 @@ def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], condit
             if not vals:
                 continue
             n = max(n, len(vals))
-            q1, med, q3 = np.percentile(vals, [25, 50, 75])
+            lo, med, hi = np.percentile(vals, [25, 50, 75]) if len(vals) >= 5 else (min(vals), float(np.median(vals)), max(vals))
+            spread = "interquartile range" if len(vals) >= 5 else "min-max (fewer than 5 saves)"
             ax.scatter([i - 0.15 + 0.3 * j / max(1, len(vals) - 1) for j in range(len(vals))], vals,
                        color="0.6", s=14, zorder=2, label="each save" if i == 0 else None)
-            ax.plot([i + 0.25, i + 0.25], [q1, q3], color="black", linewidth=2, zorder=3,
-                    label="interquartile range" if i == 0 else None)
+            ax.plot([i + 0.25, i + 0.25], [lo, hi], color="black", linewidth=2, zorder=3,
+                    label=spread if i == 0 else None)
             ax.scatter([i + 0.25], [med], marker="D", color="black", s=30, zorder=4, label="median" if i == 0 else None)
         ax.set_xticks(range(len(engines)), list(engines))
         ax.set_xlim(-0.5, len(engines) - 0.5)
@@ -181,9 +184,10 @@ def engines_spread_points(rows: list[dict[str, Any]], engines: list[str], condit
         if log:
             ax.set_yscale("log")
         ax.grid(True, axis="y", which="both", linewidth=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.suptitle(f"{n} saves per engine; {conditions}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     return _finish(fig, path)
 
 
@@ -337,14 +341,17 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
             name = "QEMU 7.2" if system == "qemu" else system
             # steps: between two samples the count is known only to be at least the earlier one
             ax.plot(tl[:, 0], tl[:, 1] / r["rate_before"], color=color, linestyle=ls, linewidth=1.4, drawstyle="steps-post",
-                    label=f"{name} (one run): downtime {r['downtime_ms']:.1f} ms, job {r['end_s'] * 1e3:.0f} ms, progress {r['progress']:.2f}")
+                    label=f"{name} (one run): downtime {r['downtime_ms']:.1f} ms, operation {r['end_s'] * 1e3:.0f} ms, progress {r['progress']:.2f}")
             ax.axvline(r["end_s"], color=color, linestyle=ls, linewidth=0.8)
             hatch_ = "///" if system == "qemu" else "\\\\\\"
             for k, (a, b) in enumerate(r.get("stops_s", [])):
                 ax.axvspan(a, b, facecolor="none", edgecolor=color, hatch=hatch_, linewidth=0,
                            label=f"{name} stopped" if k == 0 else None)
-                # a stop narrower than a hatch line is marked at its STOP, on the axis
-                ax.plot([a], [0], marker="^", color=color, markersize=7, clip_on=False,
+                # a stop narrower than a hatch line is marked at its STOP, on the axis; a marker
+                # of its own per system, one above the axis and one below, so neither hides the other
+                up = system != "qemu"
+                ax.plot([a], [0.07 if up else -0.02], marker="^" if up else "v", color=color, markersize=7, clip_on=False,
+                        markerfacecolor="none" if up else color,
                         transform=ax.get_xaxis_transform(), label=f"{name}: STOP" if k == 0 else None)
             longest = max(longest, r["end_s"] + 0.1)
         if longest:
@@ -356,7 +363,7 @@ def two_ways_timelines(results: dict[str, dict[str, Any]], path: str | Path | No
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
     axes[0].set_ylabel("guest work since the command\n(s at its rate of the second before)")
     fig.suptitle((conditions + "\n" if conditions else "") + "One run per system; hatched, with a triangle at the axis: "
-                 "stopped; vertical line: the operation's end; each line ends 0.1 s after it", fontsize=10)
+                 "stopped; vertical line: the operation's end (a job, or the migration's completion); each line ends 0.1 s after it", fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
 
@@ -375,11 +382,19 @@ def fault_latency(rows: list[dict[str, Any]], path: str | Path | None = None) ->
     if len(lat):
         ax.step(lat, np.arange(1, len(lat) + 1) / len(lat), where="post", color="black")
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        lo, hi = float(lat[0]), float(lat[-1])
+        ax.set_xlim(lo / 1.3 if lo > 0 else 1e-3, hi * 1.3)
+        # labelled ticks 1-2-3-5 per decade over the data (the body of such a distribution
+        # sits between two decade marks, where a plain log axis labels nothing)
+        ticks = [m * 10.0 ** e for e in range(-3, 4) for m in (1, 2, 3, 5)]
+        ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator(ticks))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded minor labels
+        med = float(np.median(lat))
+        ax.axvline(med, color="0.4", linestyle="--", linewidth=0.8)
+        ax.text(med, 0.03, f" median {med:.2f} ms", fontsize=8, color="0.3")
     ax.set_xlabel("fault service time: read to wake (ms, log)")
-    ax.set_ylabel("fraction of faults")
+    ax.set_ylabel("fraction of faults ≤ x")
     sizes = sorted({(r.get("ram_mib"), r.get("working_set_mib")) for r in with_faults or rows})
     cond = "; ".join(f"{ram} MiB RAM, {f'{ws} MiB' if ws else 'half of RAM as'} working set"
                      for ram, ws in sizes if ram is not None)

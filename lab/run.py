@@ -120,6 +120,10 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None,
                     "peak_extra_bytes": stats.get("peak-extra-bytes", 0),
                     "arm_ms": stats.get("arm-s", 0.0) * 1e3,
                     "rearmed_chunks": stats.get("rearmed-chunks", 0),  # written between the pre-arm and the stop
+                    "pre_arm_ms": stats.get("pre-arm-s", 0.0) * 1e3,  # all of RAM protected before the stop
+                    # copy-on-write's second zero-page scan: how it ran ("" where it did), chunks the saver used from it
+                    "ahead_policy": stats.get("ahead-policy", ""), "ahead_chunks": stats.get("ahead-chunks", 0),
+                    "first_entry_ms": stats.get("first-entry-s", math.nan) * 1e3,  # the vCPU's first entry after RESUME, after the arm
                     "populate_s": stats.get("populate-s", 0.0),
                     "setup_s": setup_s,
                     "wp_backend_used": stats.get("backend", ""),
@@ -127,7 +131,7 @@ def run_experiment(spec: ExperimentSpec, workdir: str | Path | None = None,
                     "started_at": t0,
                     "guest_iterations": samples[-1].iterations if samples else 0,
                     # the phases (ms); 2 MiB chunks known zero from the page tables (not read), the MiB read
-                    **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("zero_scan", "zero_map", "write", "commit", "flush", "freeze", "run")},
+                    **{f"{k}_ms": stats.get(f"{k.replace('_', '-')}-s", 0.0) * 1e3 for k in ("prepare", "zero_scan", "zero_map", "write", "commit", "flush", "freeze", "run")},
                     "zero_chunks": stats.get("zero-chunks", 0), "scanned_mib": stats.get("scanned-bytes", math.nan) / 2**20,
                     "iterations": stats.get("iterations", 1),
                     "progress_during_save": _progress(m, m0, m1, stops_monotonic_ns(sorted(evs.items(), key=lambda kv: kv[1]))),

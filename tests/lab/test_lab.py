@@ -55,6 +55,10 @@ def test_experiment_rows_save_reload_and_plot(tmp_path: Path) -> None:
     assert all(r["faults"] >= 0 and r["pages_by_fault"] + r["pages_by_background"] == 64 * 256 for r in cow)
     # the engine's one-time setup ran before the first save, so no save populated RAM
     assert all(r["setup_s"] > 0 and r["populate_s"] == 0 for r in cow) and all(r["setup_s"] == 0 for r in blk)
+    # where each job's time went before its stop, and copy-on-write's pre-arm, second scan and first entry
+    assert all(0 <= r["prepare_ms"] <= r["total_s"] * 1e3 for r in rows)
+    assert all(r["pre_arm_ms"] > 0 and isinstance(r["ahead_policy"], str) and r["ahead_chunks"] >= 0 for r in cow)
+    assert all(np.isfinite(r["first_entry_ms"]) and r["first_entry_ms"] > 0 for r in cow)
     # both layouts hold the non-zero pages only (the stream: those pages plus headers, bitmap, trailer)
     assert all(r["vmstate_bytes"] < r["pages_written"] * 4096 + (1 << 20) < 64 << 20 for r in rows)
     path = results.save(rows, tmp_path / "r.csv", results.metadata(1))

@@ -133,3 +133,28 @@ def test_typical_phases_pick_the_median_save_and_add_up() -> None:
         assert sum(t[k] for k, _ in teach.STOP_PHASES) == pytest.approx(t["downtime_ms"])
     fig = teach.phase_figure(rows)
     assert len(fig.axes[0].patches) == len(teach.STOP_PHASES) * 2
+
+
+def test_engines_spread_points_draws_min_max_below_five_saves_and_the_iqr_from_five() -> None:
+    """Three saves: the spread line runs from the lowest to the highest (an interquartile range
+    of three values would be interpolated, drawing values no save had); five: the quartiles."""
+    import numpy as np
+
+    from lab import plot
+
+    def spread_lines(vals: list[float]) -> tuple[list[tuple[float, ...]], list[str]]:
+        rows = [{"engine": "cow", "downtime_ms": v, "total_s": v, "progress_during_save": v} for v in vals]
+        fig = plot.engines_spread_points(rows, ["cow"], "test")
+        out = []
+        for ax in fig.axes:
+            lines = [ln for ln in ax.get_lines() if len(ln.get_ydata()) == 2 and ln.get_linewidth() == 2]
+            assert len(lines) == 1
+            out.append(tuple(float(y) for y in lines[0].get_ydata()))
+        labels = [t.get_text() for t in fig.legends[0].get_texts()]
+        return out, labels
+
+    three, labels = spread_lines([1.0, 2.0, 10.0])
+    assert three == [(1.0, 10.0)] * 3 and any("min-max" in t for t in labels)
+    five, labels = spread_lines([1.0, 2.0, 3.0, 4.0, 10.0])
+    q1, q3 = np.percentile([1.0, 2.0, 3.0, 4.0, 10.0], [25, 75])
+    assert five == [(q1, q3)] * 3 and "interquartile range" in labels
