@@ -165,31 +165,48 @@ def progress_png(samples: np.ndarray, t0_mono_ns: int, stops: list[tuple[float, 
     return buf.getvalue()
 
 
+def _choice(name: str, title: str) -> str:
+    """A drop-down entry: the engine's name, then what its title adds (not the name twice)."""
+    rest = title[len(name):].strip() if title.startswith(name) else title
+    if rest.startswith("(") and rest.endswith(")"):
+        rest = rest[1:-1]
+    return f"{name}: {rest}" if rest else name
+
+
 class Dashboard:
     """``Dashboard().widget`` in a notebook cell; every action goes through QMP."""
 
     def __init__(self) -> None:
         label = {"description_width": "110px"}
         narrow, wide = w.Layout(width="260px"), w.Layout(width="520px")
-        self.ram = w.IntText(value=128, description="RAM MiB", style=label, layout=narrow)
+        at_boot = "; takes effect at the next boot"
+        self.ram = w.IntText(value=128, description="RAM MiB", style=label, layout=narrow,
+                             tooltip="the guest's RAM, 16 to 65536 MiB" + at_boot)
         self.workload = w.Dropdown(options=list(WORKLOADS), value="dirty", description="workload", style=label,
-                                   layout=narrow)
+                                   layout=narrow, tooltip="the guest program's loop (data/guest/workloads.asm)" + at_boot)
         self.rate = w.IntSlider(value=100, min=0, max=2000, step=50, description="dirty MiB/s", style=label,
-                                layout=w.Layout(width="360px"))
-        self.working_set = w.IntText(value=64, description="working set MiB", style=label, layout=narrow)
+                                layout=w.Layout(width="360px"),
+                                tooltip="MiB a second the guest writes, one 4 KiB page an iteration (100 MiB/s: 25,600 "
+                                        "iterations/s on the plot); 0: unpaced, as fast as it can" + at_boot)
+        self.working_set = w.IntText(value=64, description="working set MiB", style=label, layout=narrow,
+                                     tooltip="how much of RAM the guest writes; 0: all of it" + at_boot)
         self.pattern = w.Dropdown(options=list(PATTERNS), value="random", description="pattern", style=label,
-                                  layout=narrow)
-        self.tag = w.Text(value="snap1", description="tag", style=label, layout=narrow)
-        self.engine = w.Dropdown(options=[(f"{e}: {engine_title(e)}", e) for e in save_engines()],
-                                 value=DEFAULT_ENGINE, description="save engine", style=label, layout=wide)
-        self.load_engine = w.Dropdown(options=[(f"{e}: {engine_title(e, 'load')}", e) for e in load_engines()],
-                                      value=load_engines()[0], description="load engine", style=label, layout=wide)
+                                  layout=narrow, tooltip="the order the guest writes its working set in" + at_boot)
+        self.tag = w.Text(value="snap1", description="tag", style=label, layout=narrow,
+                          tooltip="the snapshot's name; snapshot-save never overwrites one (delete it first)")
+        self.engine = w.Dropdown(options=[(_choice(e, engine_title(e)), e) for e in save_engines()],
+                                 value=DEFAULT_ENGINE, description="save engine", style=label, layout=wide,
+                                 tooltip="how take snapshot saves (snapshot-save's __org.snaplab_engine)")
+        self.load_engine = w.Dropdown(options=[(_choice(e, engine_title(e, 'load')), e) for e in load_engines()],
+                                      value=load_engines()[0], description="load engine", style=label, layout=wide,
+                                      tooltip="how load snapshot loads; prefetch reads first the chunks a copy-on-write "
+                                              "save saw the guest write right after its stop (the snapshot's loading set)")
         self.boot_btn = w.Button(description="boot", button_style="primary")
         self.save_btn = w.Button(description="take snapshot")
         self.load_btn = w.Button(description="load snapshot")
         self.del_btn = w.Button(description="delete snapshot")
         self.cont_btn = w.Button(description="continue", tooltip="QMP cont: a failed load leaves the guest stopped, as in QEMU")
-        self.log = w.Textarea(value="", layout=w.Layout(width="100%", height="180px"),
+        self.log = w.Textarea(value="", layout=w.Layout(width="100%", height="180px"), disabled=True,
                               description="events", tooltip="QMP events and job results, newest first",
                               style=label)
         self.plot = w.Image(format="png", layout=w.Layout(width="675px"))

@@ -8,7 +8,8 @@ with buttons, and read what each engine costs the guest from two views of the sa
 
 * **the event log** (in the widget, newest line first): every QMP event the machine sends (`STOP`, `RESUME`, `JOB_STATUS_CHANGE`), each
   with its time since the machine started (`+1.234 s`); the time from `STOP` to `RESUME` is the
-  downtime, and each job's line ends with the downtime `__org.snaplab_query-snapshot-stats` measured;
+  downtime, and each job's `done` line gives the downtime `__org.snaplab_query-snapshot-stats` measured
+  (the engine's own clock, from the guest stopped to the guest let go: the events' window to a fraction of a millisecond);
 * **the plot**: the guest's speed (workload iterations per second, one iteration being one 4 KiB
   page written, from the lab port, in 50 ms bins) since the machine started (the last minute once it
   has run longer), with the windows in which the guest was stopped shaded. It is redrawn every second
@@ -44,19 +45,25 @@ the plot shows the stop. A second save to the same tag is refused with QEMU 7.2'
 never overwrites: delete the snapshot first, or change the tag; HMP `savevm` would overwrite; the
 scripted run below shows the refusal). The controls: RAM size, workload, dirty rate (MiB/s the guest writes; 0 means
 as fast as it can), working set (how much of RAM it writes) and pattern (in which order), the save and
-load engines, and the tag. A change to the guest's controls takes effect at the next **boot**.
+load engines, and the tag. A change to the guest's controls takes effect at the next **boot**; hover over a control for what it
+means. A second click on **take snapshot** while a job runs is refused with `Another snapshot operation
+is in progress` (snaplab's monitor answers during a job, QEMU's does not: notebook 2).
 
-The cell below does from code what the buttons do (quick mode: 128 MiB), so that this notebook
+The cell below does from code what the buttons do (128 MiB, the default), so that this notebook
 shows a run: it boots, lets the guest run 2 s (at 100 MiB/s over its 64 MiB working set, most of the
 working set is written by then, so the snapshots hold it), then a save with the dashboard's default
 save engine (copy-on-write) to `snap1` and a load of it with the default load engine (blocking), then
 the same with the blocking save engine to `snap2`.
+It turns **live plot** off first: the redraw runs every second in this process, beside the jobs being
+timed, on a host with two CPUs; the plot is drawn once at the end instead.
 The log is printed as the widget shows it, newest line first; the plot below it is the dashboard's
-plot as it stood after the run (the widget itself does not show in a static rendering)."""),
+plot as it stood after the run. (A page rendered without a kernel shows the widget above as it was
+left after all the cells ran; its buttons do nothing there: run the first cell for a live one.)"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 from IPython.display import Image, display
 import time
 d.ram.value = 128
+d.live_plot.value = False   # no redraw beside the timed jobs
 d.boot()
 time.sleep(2.0)          # the guest fills its working set
 runs = []
@@ -86,15 +93,16 @@ prepares (the first copy-on-write save in a process also makes its warm copy buf
 makes RAM present and write-protects all of it), and after RESUME it writes RAM. Its stop only takes
 the CPU and device state and protects again the few chunks written since all of RAM was
 write-protected, and RAM is written afterwards, with the guest running (a guest write to a chunk not saved yet waits for that chunk's
-copy: notebook 7). The blocking save's downtime is nearly its whole job: it writes the VM state with
+copy: notebook 7). The blocking save's downtime is most of its job: it writes the VM state with
 the guest stopped, as QEMU's `snapshot-save` does (QEMU also flushes inside its stop; snaplab flushes
 after RESUME: `docs/deviations.md` 24). Both saves stored about the same VM state (the non-zero
 pages, in page order: `docs/deviations.md` 33). The two loads use the same engine (blocking), which
-stops the guest until every saved page is back in RAM: its downtime is nearly its whole job. The
-pages are read around the page cache with neighbouring pages grouped into one read
-(`docs/deviations.md` 57: before the grouping, a blocking load of this default guest's snapshot,
-52 MiB of scattered pages then, took 540-566 ms, and 67-86 ms after it). Notebook 11 sets the lazy
-load engines beside it. A second save to the same tag is refused, with QEMU 7.2's words."""),
+stops the guest until every saved page is back in RAM; before its stop it warms its 8 MiB read buffer
+(the first load of a process only) and waits for the vCPU to leave the guest, both printed in `command
+to STOP`. The pages are read around the page cache with neighbouring pages grouped into one read
+(`docs/deviations.md` 57). Two loads of snapshots of the same size can differ in time (compare the two
+printed): one load each is an anecdote, not a measurement; notebook 11 sets the load engines side by
+side with their spread. A second save to the same tag is refused, with QEMU 7.2's words."""),
     ("md", """Bad input ends in the log, never as a traceback: a RAM size outside 16-65536 MiB (or a working
 set larger than RAM) is refused in the fields' own unit before anything is built, and the running
 machine stays; a load of a tag that does not exist is QEMU's error.
@@ -112,12 +120,15 @@ d.ram.value = 128
 d.q.execute('query-status')['status']"""),
     ("md", """## Predict, then measure
 
-Each can be done with the buttons; the cells after the exercises do them from code, as the buttons
-would, and print the `done` lines' numbers.
+Each can be done with the buttons (the `done` lines give the downtimes and job times; the guest's
+rate during a job, printed by the cells below, is in `d.results`, not on screen); the cells after the
+exercises do them from code, as the buttons would, on a second dashboard, after closing the first
+(its guest would otherwise run beside the timed jobs), with **live plot** off.
 
 1. With the first save engine in the list (QEMU's blocking save) and then with the copy-on-write one,
-   take a snapshot at 128 MiB and at 512 MiB, with the same 64 MiB working set. Predict whether either
-   one's downtime grows with the RAM size, and which one's guest keeps running while the job runs.
+   take three snapshots at 128 MiB and three at 512 MiB, with the same 64 MiB working set. Predict
+   whether either one's downtime grows with the RAM size, and which one's guest keeps running while
+   the job runs.
 2. Set the working set to 16 MiB, then to the whole RAM, and take a pre-copy snapshot at a dirty rate
    of 500 MiB/s. Predict which needs the longer stop at the end, and check the downtime in the log.
 3. Load a snapshot with each load engine. Predict how long the guest is stopped with each, and, for
@@ -126,9 +137,11 @@ would, and print the `done` lines' numbers.
 
 When you are done: `d.close()` stops the machine and removes its scratch files."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
-# exercise 1: each save engine at 128 and 512 MiB of RAM, the same 64 MiB working set, on a second
-# dashboard (ex: the one above, d, keeps its machine and log)
+# exercise 1: each save engine at 128 and 512 MiB of RAM, the same 64 MiB working set, three saves each,
+# on a second dashboard, the first one closed (its guest would run beside these jobs), live plot off
+d.close()
 ex = Dashboard()
+ex.live_plot.value = False
 def jobs_on(ram, ws, rate, engines, wait=2.0):
     ex.ram.value, ex.working_set.value, ex.rate.value = ram, ws, rate
     ex.boot(); time.sleep(wait)
@@ -137,10 +150,15 @@ def jobs_on(ram, ws, rate, engines, wait=2.0):
         ex.engine.value, ex.tag.value = eng, f'ex-{i}'
         ex.save().join(120)
     return ex.results[first:]
+from lab.stats import median
 for ram in (128, 512):
-    for r in jobs_on(ram, 64, 100, ['blocking', 'cow']):
-        print(f"{ram:4} MiB RAM, {r['engine']:>8}: downtime {r['downtime_ms']:6.2f} ms, job {r['job_ms']:6.1f} ms, "
-              f"VM state {r['vmstate_mib']:.1f} MiB; the guest's rate during the job over its rate before: {r['progress']:.2f}")"""),
+    rs = jobs_on(ram, 64, 100, ['blocking', 'cow'] * 3)
+    for eng in ('blocking', 'cow'):
+        mine = [r for r in rs if r['engine'] == eng]
+        dt, job, prog = ([r[k] for r in mine] for k in ('downtime_ms', 'job_ms', 'progress'))
+        print(f"{ram:4} MiB RAM, {eng:>8}: downtime median {median(dt):6.2f} ms (min-max {min(dt):.2f}-{max(dt):.2f}), "
+              f"job median {median(job):6.1f} ms, VM state {median([r['vmstate_mib'] for r in mine]):.1f} MiB; "
+              f"the guest's rate during the job over its rate before: median {median(prog):.2f} ({min(prog):.2f}-{max(prog):.2f})")"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 # exercise 2: pre-copy at 500 MiB/s over 16 MiB, then over the whole RAM (128 MiB)
 for ws in (16, 128):
@@ -163,15 +181,18 @@ display(Image(ex.plot.value))
 ex.close()"""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
-1. Neither downtime should grow much with the RAM size when the working set stays 64 MiB. The
-   blocking save's stop scans the chunks the guest wrote and writes their non-zero pages, and RAM
-   never written is known zero from the page tables and not read (notebook 5; notebook 10's
-   exercise 3 finds the same from 128 to 512 MiB); QEMU's stop would grow, since it reads every page.
-   The copy-on-write save's stop is a fraction of a millisecond at both sizes, and its guest keeps
-   running during the job, slower while its writes fault on chunks not yet saved. The printed lines
-   give both at both sizes, with the guest's rate during each job over its rate before: the blocking
-   save's guest stands still for most of its job, the copy-on-write save's keeps most of its rate.
-   To see the blocking stop grow, grow the working set with the RAM.
+1. The prediction: neither downtime should grow much with the RAM size when the working set stays
+   64 MiB. The blocking save's stop scans the chunks the guest wrote and writes their non-zero pages,
+   and RAM never written is known zero from the page tables and not read (notebook 5; notebook 10's
+   exercise 3 tests the same from 128 to 512 MiB). The copy-on-write save's stop is a fraction of a
+   millisecond at both sizes, and its guest keeps running during the job, slower while its writes
+   fault on chunks not yet saved. Check it on the printed lines, median against median with the
+   min-max beside: if the blocking save's 512 MiB range lies above its 128 MiB range, something in its
+   stop did grow with RAM on your run (the zero-page map of a larger RAM, or the host), and notebook 5's
+   phase tables are where to look; if the ranges overlap, three saves cannot tell. The guest's rate
+   during each job: the blocking save's guest stands still for most of its job, the copy-on-write
+   save's keeps most of its rate. To see the blocking stop grow for certain, grow the working set with
+   the RAM.
 2. The whole-RAM working set: at 500 MiB/s over 16 MiB the guest keeps rewriting the same few
    chunks, so each round's dirty set is at most 16 MiB, while over the whole RAM each round finds
    more distinct pages dirty and the rounds level off higher (notebook 8's model: a round holds

@@ -39,9 +39,11 @@ class BlockingLoad(LoadEngine):
         ctx = self.ctx
         t0 = time.perf_counter()
         WARM_PAGES.warm(BOUNCE // PAGE)  # the bounce buffer touched before the stop, not in it
-        t_stop = time.perf_counter()  # the downtime starts here (the warm-up is the total's only)
         if req.stop_first:  # where to go back to, read under the stop's hold (no verb slips in)
             orig = RunState.RUNNING if ctx.vm.vm_stop(RunState.RESTORE_VM) else ctx.vm.state
+        # The downtime starts once the guest is stopped, as the STOP event (vm_stop returns
+        # after the vCPU left the guest; the warm-up and that wait are the total's only)
+        t_stop = time.perf_counter()
         src = ctx.load_checks(req)
         layout = ctx.check_ram_size(src.parsed.layout)
         # Every device payload decoded before the disks are reverted: a damaged VM state fails
