@@ -76,7 +76,8 @@ for tag, save_eng, load_eng in runs:
     print(f'{tag}: saved with {save_eng}, loaded with {load_eng}')
 print(d.log.value)       # the widget's log: newest line first
 d.draw()
-display(Image(d.plot.value))"""),
+display(Image(d.plot.value))
+d.live_plot.value = True    # back on: from here the plot follows the guest, for the buttons"""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 # each job of the run, as its 'done' line says it (oldest first): the stop, the whole job, what a save stored
 for r in d.results:
@@ -122,8 +123,9 @@ d.q.execute('query-status')['status']"""),
 
 Each can be done with the buttons (the `done` lines give the downtimes and job times; the guest's
 rate during a job, printed by the cells below, is in `d.results`, not on screen); the cells after the
-exercises do them from code, as the buttons would, on a second dashboard, after closing the first
-(its guest would otherwise run beside the timed jobs), with **live plot** off.
+exercises do them from code, as the buttons would, on a second dashboard with **live plot** off,
+the first one's guest paused meanwhile (it would otherwise run beside the timed jobs; the last
+exercise cell lets it run again, and turns its live plot back on, for the buttons).
 
 1. With the first save engine in the list (QEMU's blocking save) and then with the copy-on-write one,
    take three snapshots at 128 MiB and three at 512 MiB, with the same 64 MiB working set. Predict
@@ -138,8 +140,9 @@ exercises do them from code, as the buttons would, on a second dashboard, after 
 When you are done: `d.close()` stops the machine and removes its scratch files."""),
     ("code", """# NBVAL_IGNORE_OUTPUT
 # exercise 1: each save engine at 128 and 512 MiB of RAM, the same 64 MiB working set, three saves each,
-# on a second dashboard, the first one closed (its guest would run beside these jobs), live plot off
-d.close()
+# on a second dashboard, live plot off, the first one's guest paused (it would run beside these jobs)
+d.live_plot.value = False
+d.q.execute('stop')
 ex = Dashboard()
 ex.live_plot.value = False
 def jobs_on(ram, ws, rate, engines, wait=2.0):
@@ -178,7 +181,9 @@ print('the loads in the log, oldest first:')
 print(*[line for line in ex.lines() if line.split(' ', 2)[2].startswith(('STOP', 'RESUME', 'snapshot-load'))][-12:], sep='\\n')
 ex.draw()
 display(Image(ex.plot.value))
-ex.close()"""),
+ex.close()
+d.cont()                    # the first dashboard's guest runs again, its plot live: the buttons above work
+d.live_plot.value = True"""),
     ("md", """<details><summary>Worked solutions (open after predicting)</summary>
 
 1. The prediction: neither downtime should grow much with the RAM size when the working set stays
