@@ -15,9 +15,11 @@ during the window is the lab port's iteration rate inside the window over the ra
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,30 @@ from lab.run import build_machine  # noqa: E402
 from lab.spec import ExperimentSpec  # noqa: E402
 
 RECORDED = {1024: (0.0073, 4.554), 4096: (0.0251, 11.422)}  # QEMU 7.2 bg snapshot: median downtime, total (s)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) each thread of this process has used, by its Python name
+    (the kernel's thread id where Python has none), from /proc/self/task."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # (a thread that ended meanwhile)
+        name = names.get(int(tid), tid)
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """The process's CPU seconds between two :func:`thread_cpu` readings, and of them the
+    userfaultfd fault thread's (cow.WriteProtector's ``uffd-faults``)."""
+    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    return sum(v for v in d.values() if v > 0), max(d.get("uffd-faults", 0.0), 0.0)
 
 
 def ours(mib: int, runs: int) -> list[dict[str, float]]:
@@ -51,11 +77,13 @@ def ours(mib: int, runs: int) -> list[dict[str, float]]:
                 s1 = m.lab.last
                 base_rate = (s1.iterations - s0.iterations) / max((s1.host_ns - s0.host_ns) / 1e9, 1e-9)
                 q.events()
+                c0 = thread_cpu()
                 q.execute("snapshot-save", {"job-id": f"c{i}", "tag": f"c{i}", "vmstate": "disk0",
                                             "devices": ["disk0"], "__org.snaplab_engine": "cow"})
                 t_start = time.monotonic_ns()
                 info = q.wait_job(f"c{i}", 600)
                 t_end = time.monotonic_ns()
+                cpu, fault_cpu = cpu_used(c0, thread_cpu())
                 assert "error" not in info, info
                 st = q.execute("__org.snaplab_query-snapshot-stats", {"id": f"c{i}"})
                 q.execute("job-dismiss", {"id": f"c{i}"})
@@ -68,6 +96,7 @@ def ours(mib: int, runs: int) -> list[dict[str, float]]:
                             "progress": rate / base_rate if base_rate else float("nan"),
                             "faults": st["faults"], "arm_ms": st["arm-s"] * 1e3,
                             "zero_chunks": st.get("zero-chunks", 0), "chunks": mib // 2,
+                            "cpu_s": cpu, "fault_cpu_s": fault_cpu,
                             "zero_map_ms": st.get("zero-map-s", 0.0) * 1e3})
                 q.execute("snapshot-delete", {"job-id": f"d{i}", "tag": f"c{i}", "devices": ["disk0"]})
                 q.wait_job(f"d{i}")
@@ -85,8 +114,10 @@ def blocking_save(m: Any, q: Any, i: int) -> dict[str, float]:
     included, as for copy-on-write) and its VM-state bytes."""
     time.sleep(0.5)
     q.events()
+    c0 = thread_cpu()
     q.execute("snapshot-save", {"job-id": f"b{i}", "tag": f"b{i}", "vmstate": "disk0", "devices": ["disk0"]})
     info = q.wait_job(f"b{i}", 600)
+    cpu, _ = cpu_used(c0, thread_cpu())
     assert "error" not in info, info
     st = q.execute("__org.snaplab_query-snapshot-stats", {"id": f"b{i}"})
     q.execute("job-dismiss", {"id": f"b{i}"})
@@ -95,13 +126,18 @@ def blocking_save(m: Any, q: Any, i: int) -> dict[str, float]:
     q.wait_job(f"db{i}")
     q.execute("job-dismiss", {"id": f"db{i}"})
     return {"blocking_downtime": ev["RESUME"] - ev["STOP"], "blocking_total": st["total-s"],
-            "blocking_bytes": st["vmstate-bytes"]}
+            "blocking_bytes": st["vmstate-bytes"], "blocking_cpu_s": cpu}
 
 
 def qemu(mib: int, runs: int, w: Path) -> list[dict[str, float]]:
     """QEMU 7.2 background-snapshot on RAM full of random bytes (lab.qemu, as the reference)."""
     with qemu_lab.running(w, mib) as q:
         return [{"downtime": d, "total": t} for d, t in qemu_lab.background_snapshots(q, w, runs)]
+
+
+def span(rows: list[dict[str, float]], key: str) -> str:
+    """``key``'s min-max over the rows, as "lo-hi"."""
+    return f"{min(r[key] for r in rows):.2f}-{max(r[key] for r in rows):.2f}"
 
 
 def main() -> None:
@@ -147,6 +183,10 @@ def main() -> None:
               f"vs blocking save total {blk_t:.2f} s ({np.median([r['blocking_bytes'] for r in mine]) / 2**20:.0f} MiB), "
               f"downtime {np.median([r['blocking_downtime'] for r in mine]) * 1e3:.0f} ms; cow/blocking total {cow_t / blk_t:.2f} "
               f"(goal <= 1)")
+        print(f"   the process's CPU (user + system, all threads; the guest's vCPU included) from the command to the job's end: "
+              f"copy-on-write {span(mine, 'cpu_s')} s, of it the fault thread {span(mine, 'fault_cpu_s')} s "
+              f"(faults {min(int(r['faults']) for r in mine)}-{max(int(r['faults']) for r in mine)}); blocking {span(mine, 'blocking_cpu_s')} s; "
+              f"host CPUs {len(os.sched_getaffinity(0))}")
         print(f"   QEMU 7.2 background-snapshot ({src}): downtime {q_down * 1e3:.1f} ms, total {q_tot:.2f} s; "
               f"ratio downtime {q_down * 1e3 / np.median(d_ms):.1f}x, total {q_tot / np.median([r['total'] for r in mine]):.1f}x")
     print("goals: cow downtime <= 1 ms at 1 GiB, <= 2 ms at 4 GiB; total <= 1 s at 1 GiB; progress >= 50%")
