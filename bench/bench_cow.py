@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cow_cpu import cpu_by_group, thread_cpu  # noqa: E402
 from bench_snapshot import OVMF, drop_caches, warm_memory  # noqa: E402
 
 from lab import qemu as qemu_lab  # noqa: E402
@@ -34,30 +34,13 @@ from lab.run import build_machine  # noqa: E402
 from lab.spec import ExperimentSpec  # noqa: E402
 
 RECORDED = {1024: (0.0073, 4.554), 4096: (0.0251, 11.422)}  # QEMU 7.2 bg snapshot: median downtime, total (s)
-TICK = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) each thread of this process has used, by its Python name
-    (the kernel's thread id where Python has none), from /proc/self/task."""
-    names = {t.native_id: t.name for t in threading.enumerate()}
-    out: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # (a thread that ended meanwhile)
-        name = names.get(int(tid), tid)
-        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
-    return out
-
-
-def cpu_used(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
-    """The process's CPU seconds between two :func:`thread_cpu` readings, and of them the
-    userfaultfd fault thread's (cow.WriteProtector's ``uffd-faults``)."""
-    d = {k: v - before.get(k, 0.0) for k, v in after.items()}
-    return sum(v for v in d.values() if v > 0), max(d.get("uffd-faults", 0.0), 0.0)
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """The process's CPU seconds between two :func:`bench_cow_cpu.thread_cpu` readings, and of
+    them the userfaultfd fault thread's (cow.WriteProtector's ``uffd-faults``)."""
+    by = cpu_by_group(before, after)
+    return sum(by.values()), by.get("uffd-faults", 0.0)
 
 
 def ours(mib: int, runs: int) -> list[dict[str, float]]:
