@@ -1,15 +1,20 @@
 """Benchmark: copy-on-write snapshot downtime, total time and guest progress, vs QEMU 7.2.
 
-    python bench/bench_cow.py [--sizes 1024,4096] [--runs 4] [--no-qemu]
+    python bench/bench_cow.py [--sizes 1024,4096] [--runs 4] [--ws-mib 256] [--no-qemu]
 
-snaplab: ``snapshot-save`` with ``__org.snaplab_engine: cow`` on a guest dirtying 100 MiB/s,
-and a blocking ``snapshot-save`` of the same guest beside each, before and after in turn (ABBA:
-the guest's state grows as it runs), the total of each, same run.
+snaplab: ``snapshot-save`` with ``__org.snaplab_engine: cow`` on a guest dirtying 100 MiB/s at
+random over ``--ws-mib`` (256, as the reproduction's dirty guest; 0: half of RAM), and a
+blocking ``snapshot-save`` of the same guest beside each, before and after in turn (ABBA), the
+total of each, same run.  Every save starts from steady state: the guest has written 7 working
+sets' worth of pages (99.9% of the set touched) and ran at its rate over the last second
+(lab.reproduce.wait_steady, the reproduction's rule); the engine's one-time setup is made
+before the guest starts (lab.run.engine_setup), so no save pays for it.
 QEMU 7.2: ``migrate-set-capabilities background-snapshot`` + ``migrate exec:cat > FILE`` on
 an OVMF guest with RAM filled through ``-device loader`` (the reference's setup), when
 ``qemu-system-x86_64`` and OVMF are installed; otherwise the recorded figures are used, and
 the output says so.  Downtime is STOP -> RESUME from the event timestamps.  Guest progress
-during the window is the lab port's iteration rate inside the window over the rate before it.
+during the save is the reproduction's ``progress_ratio`` (lab.reproduce.progress_rates): the
+lab port's rate from the command to the job's end over its rate in the second before.
 """
 
 from __future__ import annotations
@@ -29,10 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cow_cpu import cpu_by_group, thread_cpu  # noqa: E402
 from bench_snapshot import OVMF, drop_caches, warm_memory  # noqa: E402
 
+from emulator.guest import WorkloadSpec  # noqa: E402
 from lab import qemu as qemu_lab  # noqa: E402
-from lab.run import build_machine  # noqa: E402
+from lab.reproduce import (  # noqa: E402
+    TOUCHED_WS,
+    Guest,
+    machine_guest,
+    progress_rates,
+    rate_ratio,
+    stopped_ms,
+    wait_steady,
+)
+from lab.run import build_machine, engine_setup, wait_for_progress  # noqa: E402
 from lab.spec import ExperimentSpec  # noqa: E402
 
+PAGE = 4096
+RATE_MIB_S = 100  # the guest's dirtying rate (issue #16's and the reproduction's)
 RECORDED = {1024: (0.0073, 4.554), 4096: (0.0251, 11.422)}  # QEMU 7.2 bg snapshot: median downtime, total (s)
 
 
@@ -43,72 +60,85 @@ def cpu_used(before: dict[int, float], after: dict[int, float]) -> tuple[float, 
     return sum(by.values()), by.get("uffd-faults", 0.0)
 
 
-def ours(mib: int, runs: int) -> list[dict[str, float]]:
+def ours(mib: int, runs: int, ws_mib: int) -> list[dict[str, float]]:
+    """``runs`` copy-on-write saves of one guest, each beside a blocking save of it (ABBA),
+    every save started once the guest is in steady state (lab.reproduce.wait_steady: it has
+    written TOUCHED_WS working sets' worth of pages, and ran at its rate, within 3%, over the
+    last second), never after a fixed sleep.  The copy-on-write engine's one-time setup
+    (lab.run.engine_setup) is made before the guest's warm-up, outside every save."""
     out = []
-    with tempfile.TemporaryDirectory(prefix="snaplab-bench-") as d:
-        m, g = build_machine(ExperimentSpec(ram_mib=mib, working_set_mib=mib // 2, dirty_rate_mib_s=100), Path(d))
+    spec = ExperimentSpec(ram_mib=mib, working_set_mib=ws_mib, dirty_rate_mib_s=RATE_MIB_S, engine="cow")
+    ws = (ws_mib << 20) or (mib << 20) // 2
+    w = WorkloadSpec("dirty", working_set=ws, rate=RATE_MIB_S << 20)
+    least = int(TOUCHED_WS * ws // PAGE)
+    with tempfile.TemporaryDirectory(prefix="snaplab-bench-", dir="/var/tmp") as d:
+        m, graph = build_machine(spec, Path(d))
         try:
+            setup_s = engine_setup(m, spec)
             m.start()
-            q = m.qmp()
-            time.sleep(1.0)
+            wait_for_progress(m)
+            g = machine_guest(m, Path(d), [])
             for i in range(runs):
-                # ABBA: the guest's state grows as it runs, so the save that comes second has more
-                # to write; alternating which comes first keeps that out of the ratio
-                blk_first = blocking_save(m, q, i) if i % 2 else None
-                s0 = m.lab.last
-                time.sleep(0.5)
-                s1 = m.lab.last
-                base_rate = (s1.iterations - s0.iterations) / max((s1.host_ns - s0.host_ns) / 1e9, 1e-9)
-                q.events()
+                # ABBA: which save comes first alternates, so a trend in the guest's state
+                # (the working set still filling, if steady state came early) stays out of the ratio
+                blk_first = blocking_save(g, w, least, i) if i % 2 else None
+                steady = wait_steady(g, w, least)
                 c0 = thread_cpu()
-                q.execute("snapshot-save", {"job-id": f"c{i}", "tag": f"c{i}", "vmstate": "disk0",
-                                            "devices": ["disk0"], "__org.snaplab_engine": "cow"})
-                t_start = time.monotonic_ns()
-                info = q.wait_job(f"c{i}", 600)
-                t_end = time.monotonic_ns()
+                st, t0_ns, t1_ns = save(g, f"c{i}", {"__org.snaplab_engine": "cow"})
                 cpu, fault_cpu = cpu_used(c0, thread_cpu())
-                assert "error" not in info, info
-                st = q.execute("__org.snaplab_query-snapshot-stats", {"id": f"c{i}"})
-                q.execute("job-dismiss", {"id": f"c{i}"})
-                ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
-                win = [s for s in m.lab.history() if t_start <= s.host_ns <= t_end]
-                rate = ((win[-1].iterations - win[0].iterations) / ((win[-1].host_ns - win[0].host_ns) / 1e9)
-                        if len(win) > 1 and win[-1].host_ns > win[0].host_ns else float("nan"))
-                out.append({"downtime": ev["RESUME"] - ev["STOP"], "total": st["total-s"], "bytes": st["vmstate-bytes"],
-                            "thp_mib": m.ram.huge_bytes() >> 20,
-                            "progress": rate / base_rate if base_rate else float("nan"),
+                before, during = progress_rates(g, t0_ns, t1_ns)
+                out.append({"downtime": stopped_ms(g.qmp.events) / 1e3, "engine_downtime": st["downtime-s"],
+                            "total": st["total-s"], "bytes": st["vmstate-bytes"],
+                            "thp_mib": m.ram.huge_bytes() >> 20, "steady": steady, "setup_s": setup_s,
+                            "progress": rate_ratio(before, during),
                             "faults": st["faults"], "arm_ms": st["arm-s"] * 1e3,
                             "zero_chunks": st.get("zero-chunks", 0), "chunks": mib // 2,
                             "cpu_s": cpu, "fault_cpu_s": fault_cpu,
                             "zero_map_ms": st.get("zero-map-s", 0.0) * 1e3})
-                q.execute("snapshot-delete", {"job-id": f"d{i}", "tag": f"c{i}", "devices": ["disk0"]})
-                q.wait_job(f"d{i}")
-                q.execute("job-dismiss", {"id": f"d{i}"})
-                out[-1] |= blk_first if blk_first is not None else blocking_save(m, q, i)
+                delete(g, f"c{i}")
+                out[-1] |= blk_first if blk_first is not None else blocking_save(g, w, least, i)
         finally:
             m.close()
-            g.close()
+            graph.close()
     return out
 
 
-def blocking_save(m: Any, q: Any, i: int) -> dict[str, float]:
+def save(g: Guest, tag: str, extra: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
+    """``snapshot-save`` of ``tag`` to its job's end: the job's statistics, and the command's
+    and the job's end's monotonic ns (the window a progress ratio is measured over)."""
+    q = g.qmp
+    q.events.clear()
+    t0 = time.monotonic_ns()
+    q.cmd("snapshot-save", {"job-id": tag, "tag": tag, "vmstate": "disk0", "devices": ["disk0"], **extra})
+    q.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == tag
+                 and e["data"]["status"] == "concluded")
+    t1 = time.monotonic_ns()
+    info = [j for j in q.cmd("query-jobs") if j["id"] == tag][0]
+    if "error" in info:
+        raise RuntimeError(f"snapshot-save {tag} failed: {info['error']}")
+    st = q.cmd("__org.snaplab_query-snapshot-stats", {"id": tag})
+    q.cmd("job-dismiss", {"id": tag})
+    return st, t0, t1
+
+
+def delete(g: Guest, tag: str) -> None:
+    g.qmp.cmd("snapshot-delete", {"job-id": f"d-{tag}", "tag": tag, "devices": ["disk0"]})
+    g.qmp.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == f"d-{tag}"
+                     and e["data"]["status"] == "concluded")
+    g.qmp.cmd("job-dismiss", {"id": f"d-{tag}"})
+
+
+def blocking_save(g: Guest, w: WorkloadSpec, least: int, i: int) -> dict[str, float]:
     """QEMU's blocking save of the same guest, right before or after the copy-on-write one
-    (same file system): its downtime, its total (command to the job's end, the flush
-    included, as for copy-on-write) and its VM-state bytes."""
-    time.sleep(0.5)
-    q.events()
+    (same file system), from steady state: its downtime, its total (command to the job's end,
+    the flush included, as for copy-on-write) and its VM-state bytes."""
+    wait_steady(g, w, least)
     c0 = thread_cpu()
-    q.execute("snapshot-save", {"job-id": f"b{i}", "tag": f"b{i}", "vmstate": "disk0", "devices": ["disk0"]})
-    info = q.wait_job(f"b{i}", 600)
+    st, _, _ = save(g, f"b{i}", {})
     cpu, _ = cpu_used(c0, thread_cpu())
-    assert "error" not in info, info
-    st = q.execute("__org.snaplab_query-snapshot-stats", {"id": f"b{i}"})
-    q.execute("job-dismiss", {"id": f"b{i}"})
-    ev = {e.event: e.timestamp for e in q.events() if e.event in ("STOP", "RESUME")}
-    q.execute("snapshot-delete", {"job-id": f"db{i}", "tag": f"b{i}", "devices": ["disk0"]})
-    q.wait_job(f"db{i}")
-    q.execute("job-dismiss", {"id": f"db{i}"})
-    return {"blocking_downtime": ev["RESUME"] - ev["STOP"], "blocking_total": st["total-s"],
+    down = stopped_ms(g.qmp.events) / 1e3
+    delete(g, f"b{i}")
+    return {"blocking_downtime": down, "blocking_total": st["total-s"],
             "blocking_bytes": st["vmstate-bytes"], "blocking_cpu_s": cpu}
 
 
@@ -127,6 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1024,4096")
     ap.add_argument("--runs", type=int, default=4, help="saves of each kind per size (even: ABBA balanced)")
+    ap.add_argument("--ws-mib", type=int, default=256, help="the guest's working set, MiB (0: half of RAM)")
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
     try:
@@ -135,6 +166,8 @@ def main() -> None:
         ap.error(f"--sizes: {a.sizes!r}: expected RAM sizes in MiB such as 1024,4096")
     if not all(64 <= s <= 16384 for s in sizes) or a.runs < 1:
         ap.error("--sizes: each from 64 to 16384 MiB; --runs: at least 1")
+    if not 0 <= a.ws_mib <= min(sizes) // 2:
+        ap.error(f"--ws-mib: {a.ws_mib}: expected 0 (half of RAM) to half the smallest size ({min(sizes) // 2})")
     if a.runs % 2:
         print(f"note: --runs {a.runs} is odd, so the blocking save comes after the copy-on-write one once more "
               "than before it: the ABBA order is not balanced")
@@ -142,7 +175,7 @@ def main() -> None:
     have_qemu = shutil.which("qemu-system-x86_64") and (OVMF / "OVMF_CODE.fd").exists() and not a.no_qemu
     for mib in sizes:
         drop_caches()
-        mine = ours(mib, a.runs)
+        mine = ours(mib, a.runs, a.ws_mib)
         if have_qemu:
             drop_caches()
             with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
@@ -153,26 +186,39 @@ def main() -> None:
         else:
             q_down, q_tot = RECORDED.get(mib, (float("nan"), float("nan")))
             src = "RECORDED (--no-qemu)" if a.no_qemu else "RECORDED (QEMU or OVMF not installed here)"
-        d_ms = [r["downtime"] * 1e3 for r in mine]
-        print(f"{mib} MiB: snaplab cow downtime {', '.join(f'{x:.2f}' for x in d_ms)} ms "
-              f"(median {np.median(d_ms):.2f}); total {np.median([r['total'] for r in mine]):.2f} s; "
-              f"guest progress during the window {np.nanmedian([r['progress'] for r in mine]) * 100:.0f}% of normal; "
-              f"arm {np.median([r['arm_ms'] for r in mine]):.3f} ms; "
-              f"huge pages behind RAM {min(r['thp_mib'] for r in mine)}-{max(r['thp_mib'] for r in mine)} MiB; "
-              f"chunks known zero without a read {int(np.median([r['zero_chunks'] for r in mine]))} of {mine[0]['chunks']} "
-              f"(found in {np.median([r['zero_map_ms'] for r in mine]):.2f} ms)")
-        cow_t, blk_t = np.median([r["total"] for r in mine]), np.median([r["blocking_total"] for r in mine])
-        print(f"   same guest, same run: copy-on-write total {cow_t:.2f} s ({np.median([r['bytes'] for r in mine]) / 2**20:.0f} MiB) "
-              f"vs blocking save total {blk_t:.2f} s ({np.median([r['blocking_bytes'] for r in mine]) / 2**20:.0f} MiB), "
-              f"downtime {np.median([r['blocking_downtime'] for r in mine]) * 1e3:.0f} ms; cow/blocking total {cow_t / blk_t:.2f} "
-              f"(goal <= 1)")
-        print(f"   the process's CPU (user + system, all threads; the guest's vCPU included) from the command to the job's end: "
-              f"copy-on-write {span(mine, 'cpu_s')} s, of it the fault thread {span(mine, 'fault_cpu_s')} s "
-              f"(faults {min(int(r['faults']) for r in mine)}-{max(int(r['faults']) for r in mine)}); blocking {span(mine, 'blocking_cpu_s')} s; "
-              f"host CPUs {len(os.sched_getaffinity(0))}")
-        print(f"   QEMU 7.2 background-snapshot ({src}): downtime {q_down * 1e3:.1f} ms, total {q_tot:.2f} s; "
-              f"ratio downtime {q_down * 1e3 / np.median(d_ms):.1f}x, total {q_tot / np.median([r['total'] for r in mine]):.1f}x")
-    print("goals: cow downtime <= 1 ms at 1 GiB, <= 2 ms at 4 GiB; total <= 1 s at 1 GiB; progress >= 50%")
+        report(mib, mine, a.ws_mib)
+        print(f"   QEMU 7.2 background-snapshot ({src}; not the same guest: idle, its RAM random bytes, the "
+              f"reference's setup): downtime {q_down * 1e3:.1f} ms, total {q_tot:.2f} s")
+    print("issue #19's goals: copy-on-write downtime <= 0.5 ms at every size from 256 MiB to 16 GiB; "
+          "its total <= the blocking save's (same guest, same run)")
+
+
+def report(mib: int, mine: list[dict[str, Any]], ws_mib: int) -> None:
+    """One size's lines: medians with min-max, the ratio of the medians and each pair's."""
+    def mm(key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+        v = np.array([r[key] for r in mine], dtype=float) * scale
+        return f"{np.nanmedian(v):{fmt}} ({np.nanmin(v):{fmt}}-{np.nanmax(v):{fmt}})"
+
+    d_ms = [r["downtime"] * 1e3 for r in mine]
+    print(f"{mib} MiB, working set {ws_mib or mib // 2} MiB, {len(mine)} saves of each kind "
+          f"({sum(bool(r['steady']) for r in mine)} from steady state; engine setup {mine[0]['setup_s']:.2f} s before "
+          f"the guest started): copy-on-write downtime {', '.join(f'{x:.2f}' for x in d_ms)} ms, median (min-max) "
+          f"{mm('downtime', 1e3)} ms; arm {mm('arm_ms', 1.0, '.3f')} ms; huge pages behind RAM "
+          f"{min(r['thp_mib'] for r in mine)}-{max(r['thp_mib'] for r in mine)} MiB; chunks known zero without a read "
+          f"{int(np.median([r['zero_chunks'] for r in mine]))} of {mine[0]['chunks']} "
+          f"(found in {np.median([r['zero_map_ms'] for r in mine]):.2f} ms)")
+    print(f"   guest progress during the copy-on-write save (rate from the command to the job's end over the "
+          f"second before): {mm('progress', 100, '.0f')} %")
+    cow_t, blk_t = np.median([r["total"] for r in mine]), np.median([r["blocking_total"] for r in mine])
+    pairs = [r["total"] / r["blocking_total"] for r in mine]
+    print(f"   same guest, same run: copy-on-write total {mm('total')} s ({np.median([r['bytes'] for r in mine]) / 2**20:.0f} MiB) "
+          f"vs blocking save total {mm('blocking_total')} s ({np.median([r['blocking_bytes'] for r in mine]) / 2**20:.0f} MiB), "
+          f"its downtime {mm('blocking_downtime', 1e3, '.0f')} ms; cow/blocking total: ratio of the medians "
+          f"{cow_t / blk_t:.2f}, each pair {min(pairs):.2f}-{max(pairs):.2f} (goal <= 1)")
+    print(f"   the process's CPU (user + system, all threads; the guest's vCPU included) from the command to the job's end: "
+          f"copy-on-write {span(mine, 'cpu_s')} s, of it the fault thread {span(mine, 'fault_cpu_s')} s "
+          f"(faults {min(int(r['faults']) for r in mine)}-{max(int(r['faults']) for r in mine)}); blocking {span(mine, 'blocking_cpu_s')} s; "
+          f"host CPUs {len(os.sched_getaffinity(0))}")
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def progress_ratio(g: Guest, t0_ns: int, t1_ns: int) -> float:
     return rate_ratio(*progress_rates(g, t0_ns, t1_ns))
 
 
-def _stopped(events: list[dict[str, Any]]) -> float:
+def stopped_ms(events: list[dict[str, Any]]) -> float:
     """STOP -> RESUME in ms (the first STOP and the last RESUME); nan if the guest never stopped."""
     stops = [_ts(e) for e in events if e["event"] == "STOP"]
     resumes = [_ts(e) for e in events if e["event"] == "RESUME"]
@@ -309,7 +309,7 @@ def run_job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int
     q.cmd("job-dismiss", {"id": args["job-id"]})
     if "error" in info:
         raise RuntimeError(f"{g.system} {cmd} failed: {info['error']}")
-    return _stopped(q.events), _ts(done) - sent, t0, t1
+    return stopped_ms(q.events), _ts(done) - sent, t0, t1
 
 
 def background_snapshot(g: Guest, path: Path) -> tuple[float, float, int, int]:
@@ -334,7 +334,7 @@ def background_snapshot(g: Guest, path: Path) -> tuple[float, float, int, int]:
     q.cmd("migrate-set-capabilities", {"capabilities": [{"capability": "background-snapshot", "state": False}]})
     if done["data"]["status"] != "completed":
         raise RuntimeError(f"{g.system} background snapshot failed: {q.cmd('query-migrate')}")
-    return _stopped(q.events), _ts(done) - sent, t0, t1
+    return stopped_ms(q.events), _ts(done) - sent, t0, t1
 
 
 def vmstate_bytes(g: Guest, tag: str) -> int:
@@ -426,6 +426,16 @@ def warm_memory(ram_bytes: int) -> int:
     return n
 
 
+def machine_guest(m: Machine, workdir: Path, argv: list[str]) -> Guest:
+    """A running in-process Machine as a :class:`Guest`: its QMP, its lab port's latest
+    progress samples (also for benches that build their own machine, bench/bench_cow.py)."""
+    def recent() -> list[tuple[int, int]]:
+        rows = m.lab.history_array(last=RECENT_SAMPLES)  # columns: vclock, host ns, iterations, ...
+        return list(zip(rows[:, 1].tolist(), rows[:, 2].tolist(), strict=True))
+
+    return Guest("snaplab", SnaplabQMP(m), recent, workdir, argv)
+
+
 @contextlib.contextmanager
 def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str]) -> Iterator[Guest]:
     """snaplab's Machine in this process, with ``loaders`` (:func:`lab.qemu.fill_files`'s)."""
@@ -439,12 +449,7 @@ def snaplab_guest(w: Path, ram_mib: int, spec: WorkloadSpec, loaders: list[str])
                               loaders=files), g)
     try:
         m.start()
-        def recent() -> list[tuple[int, int]]:
-            rows = m.lab.history_array(last=RECENT_SAMPLES)  # columns: vclock, host ns, iterations, ...
-            return list(zip(rows[:, 1].tolist(), rows[:, 2].tolist(), strict=True))
-
-        yield Guest("snaplab", SnaplabQMP(m), recent, w,
-                    [f"snaplab in-process Machine: ram {ram_mib} MiB, workload {spec}, loaders {len(files)}"])
+        yield machine_guest(m, w, [f"snaplab in-process Machine: ram {ram_mib} MiB, workload {spec}, loaders {len(files)}"])
     finally:
         m.close()
         g.close()
