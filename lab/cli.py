@@ -208,11 +208,20 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     rows, meta = repro_report.load_runs(out)
     print(repro_report.table(rows))
     pngs = repro_report.figures(rows, meta, out)
+    print(repro_report.goals_text(rows))
     if committed is not None:
         print(repro_report.compare_text(rows, committed[0], repro_report.source_label(committed[1], True)))
+    took = time.monotonic() - t0
     print(f"runs: {out / 'runs.csv'}, metadata: {out / 'metadata.json'}, figures: {', '.join(map(str, pngs))}; "
-          f"{time.monotonic() - t0:.0f} s")
+          f"{took:.0f} s")
+    if a.quick:
+        verdict = ("met" if took < QUICK_GOAL_S else "NOT met") if spec.with_qemu else "not the goal's condition (no QEMU)"
+        print(f"Issue #16's goal: snaplab reproduce --quick in under {QUICK_GOAL_S / 60:.0f} minutes, QEMU installed: "
+              f"{took:.0f} s, {verdict}")
     return 0
+
+
+QUICK_GOAL_S = 600.0  # issue #16: snaplab reproduce --quick in under 10 minutes on this kind of host
 
 
 def cmd_plot(a: argparse.Namespace) -> int:
@@ -225,6 +234,7 @@ def cmd_plot(a: argparse.Namespace) -> int:
         where = Path(a.png).parent if a.png != "out/plot.png" else Path(a.results)
         pngs = repro_report.figures(rows, meta, where, committed=a.committed)
         print(repro_report.table(rows))
+        print(repro_report.goals_text(rows))
         print(f"plots: {', '.join(map(str, pngs))} ({repro_report.source_label(meta, a.committed)})")
         return 0
     rows, meta = results.load(a.results, results.REQUIRED)

@@ -178,7 +178,12 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
         assert r["guest_lost_ms"] == pytest.approx((1 - r["progress_ratio"]) * r["total_s"] * 1e3), r
     for name in ("downtime", "total", "progress", "lost"):
         assert (out / f"{name}.png").stat().st_size > 10_000, name
+    printed = capsys.readouterr().out
+    # the goals are at 1 and 4 GiB: a 128 MiB run measures none of them, and says so
+    goals = printed[printed.index("Issue #16's goals"):].splitlines()[1:9]
+    assert len(goals) == 8 and all(g.endswith("not measured") for g in goals), goals
     assert main(["plot", str(out), "--png", str(tmp_path / "again" / "x.png"), "--committed"]) == 0
+    assert "Issue #16's goals" in capsys.readouterr().out
     assert (tmp_path / "again" / "total.png").exists()
     # QEMU's image file node around the page cache by default, as snaplab's VM state
     qemu_cmd = next(b["command"] for b in meta["blocks"] if "qemu-system-x86_64" in b["command"])
@@ -312,6 +317,40 @@ def test_progress_over_a_common_window_by_hand() -> None:
     assert "Progress over a common window" in repro_report.table(rows)
     # a condition only one system ran has no common window
     assert len(repro_report.common_window_progress(rows[:3])) == 0
+
+
+def test_goals_are_judged_from_the_medians_and_unmeasured_ones_said() -> None:
+    """Blocking save 600 vs 100 ms at 1 GiB (6x: met), 400 vs 100 ms at 4 GiB (4x: not met);
+    background progress 0.90 (snaplab) vs 0.80 (QEMU) at 1 GiB (met), nothing at 4 GiB."""
+    def row(system: str, engine: str, rep: int, mib: int, down: float, ratio: float = math.nan) -> dict[str, Any]:
+        return {"system": system, "engine": engine, "op": "save", "workload": "dirty", "ram_mib": mib, "rep": rep,
+                "vmstate_bytes": 1 << 28, "downtime_ms": down, "total_s": 1.0, "progress_ratio": ratio,
+                "guest_lost_ms": repro_report.guest_lost_ms(ratio, 1.0)}
+
+    blocking = [row("qemu", "blocking", i, 1024, d) for i, d in enumerate((500.0, 600.0, 9000.0))]
+    blocking += [row("snaplab", "blocking", i, 1024, d) for i, d in enumerate((90.0, 100.0, 110.0))]
+    blocking += [row("qemu", "blocking", i, 4096, 400.0) for i in range(3)] + [row("snaplab", "blocking", i, 4096, 100.0) for i in range(3)]
+    bg = [row("qemu", "background", i, 1024, 20.0, p) for i, p in enumerate((0.7, 0.8, 0.99))]
+    bg += [row("snaplab", "background", i, 1024, 0.2, p) for i, p in enumerate((0.85, 0.9, 0.91))]
+    rows = repro_report.mark_excluded(blocking + bg)
+    lines = repro_report.goals_text(rows).splitlines()
+
+    def line(*words: str) -> str:
+        found = [x for x in lines if all(w in x for w in words)]
+        assert len(found) == 1, (words, lines)
+        return found[0]
+
+    assert line("dirty blocking", "1024 MiB").endswith("6.0x, met")
+    assert line("dirty blocking", "4096 MiB").endswith("4.0x, NOT met")
+    assert line("idle-random blocking", "1024 MiB").endswith("not measured")
+    assert line("dirty background save downtime", "1024 MiB").endswith("100.0x, met")
+    assert line("progress", "1024 MiB").endswith("0.900 vs 0.800, met")
+    assert line("progress", "4096 MiB").endswith("not measured")
+    # QEMU's progress above snaplab's: not met
+    for r in rows:
+        if r["engine"] == "background" and r["system"] == "qemu":
+            r["progress_ratio"] = 0.95
+    assert repro_report.goals_text(rows).splitlines()[-2].endswith("0.900 vs 0.950, NOT met")
 
 
 def test_a_figure_names_the_host_by_its_cpu() -> None:
