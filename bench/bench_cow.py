@@ -25,7 +25,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cow_cpu import cpu_by_group, thread_cpu  # noqa: E402
 from bench_snapshot import OVMF, drop_caches, warm_memory  # noqa: E402
 
-from emulator.guest import WorkloadSpec  # noqa: E402
+from emulator.guest import PAGE, WorkloadSpec  # noqa: E402
 from lab import qemu as qemu_lab  # noqa: E402
 from lab.reproduce import (  # noqa: E402
     TOUCHED_WS,
@@ -43,13 +42,13 @@ from lab.reproduce import (  # noqa: E402
     machine_guest,
     progress_rates,
     rate_ratio,
+    run_job,
     stopped_ms,
     wait_steady,
 )
 from lab.run import build_machine, engine_setup, wait_for_progress  # noqa: E402
 from lab.spec import ExperimentSpec  # noqa: E402
 
-PAGE = 4096
 RATE_MIB_S = 100  # the guest's dirtying rate (issue #16's and the reproduction's)
 RECORDED = {1024: (0.0073, 4.554), 4096: (0.0251, 11.422)}  # QEMU 7.2 bg snapshot: median downtime, total (s)
 
@@ -70,11 +69,10 @@ def ours(mib: int, runs: int, ws_mib: int, warmup: int) -> list[dict[str, float]
     saves of each kind, not measured, so that the first measured one is not a machine's first."""
     out = []
     spec = ExperimentSpec(ram_mib=mib, working_set_mib=ws_mib, dirty_rate_mib_s=RATE_MIB_S, engine="cow")
-    ws = (ws_mib << 20) or (mib << 20) // 2
-    w = WorkloadSpec("dirty", working_set=ws, rate=RATE_MIB_S << 20)
-    least = int(TOUCHED_WS * ws // PAGE)
     with tempfile.TemporaryDirectory(prefix="snaplab-bench-", dir="/var/tmp") as d:
         m, graph = build_machine(spec, Path(d))
+        w = m.config.workload  # the guest's workload as build_machine made it (its working set, its rate)
+        least = int(TOUCHED_WS * w.working_set // PAGE)
         try:
             setup_s = engine_setup(m, spec)
             m.start()
@@ -121,28 +119,17 @@ def ready(g: Guest, w: WorkloadSpec, least: int) -> bool:
 
 
 def save(g: Guest, tag: str, extra: dict[str, Any]) -> tuple[dict[str, Any], int, int]:
-    """``snapshot-save`` of ``tag`` to its job's end: the job's statistics, and the command's
-    and the job's end's monotonic ns (the window a progress ratio is measured over)."""
-    q = g.qmp
-    q.events.clear()
-    t0 = time.monotonic_ns()
-    q.cmd("snapshot-save", {"job-id": tag, "tag": tag, "vmstate": "disk0", "devices": ["disk0"], **extra})
-    q.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == tag
-                 and e["data"]["status"] == "concluded")
-    t1 = time.monotonic_ns()
-    info = [j for j in q.cmd("query-jobs") if j["id"] == tag][0]
-    if "error" in info:
-        raise RuntimeError(f"snapshot-save {tag} failed: {info['error']}")
-    st = q.cmd("__org.snaplab_query-snapshot-stats", {"id": tag})
-    q.cmd("job-dismiss", {"id": tag})
+    """``snapshot-save`` of ``tag`` to its job's end (lab.reproduce.run_job): the job's
+    statistics, and the command's and the job's end's monotonic ns (the window a progress
+    ratio is measured over)."""
+    st: dict[str, Any] = {}
+    _, _, t0, t1 = run_job(g, "snapshot-save", {"job-id": tag, "tag": tag, "vmstate": "disk0", "devices": ["disk0"], **extra},
+                           lambda: st.update(g.qmp.cmd("__org.snaplab_query-snapshot-stats", {"id": tag})))
     return st, t0, t1
 
 
 def delete(g: Guest, tag: str) -> None:
-    g.qmp.cmd("snapshot-delete", {"job-id": f"d-{tag}", "tag": tag, "devices": ["disk0"]})
-    g.qmp.wait_event(lambda e: e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == f"d-{tag}"
-                     and e["data"]["status"] == "concluded")
-    g.qmp.cmd("job-dismiss", {"id": f"d-{tag}"})
+    run_job(g, "snapshot-delete", {"job-id": f"d-{tag}", "tag": tag, "devices": ["disk0"]})
 
 
 def blocking_save(g: Guest, w: WorkloadSpec, least: int, i: int) -> dict[str, float]:

@@ -296,8 +296,11 @@ def stopped_ms(events: list[dict[str, Any]]) -> float:
     return (resumes[-1] - stops[0]) * 1e3 if stops and resumes else float("nan")
 
 
-def run_job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int, int]:
-    """A snapshot job to its end: (downtime ms, total s, command monotonic ns, done monotonic ns)."""
+def run_job(g: Guest, cmd: str, args: dict[str, Any],
+            concluded: Callable[[], object] | None = None) -> tuple[float, float, int, int]:
+    """A snapshot job to its end: (downtime ms, total s, command monotonic ns, done monotonic ns).
+    ``concluded`` is called once the job has concluded, before it is dismissed (what needs the
+    job, such as ``__org.snaplab_query-snapshot-stats``)."""
     q = g.qmp
     q.events.clear()
     sent, t0 = time.time(), time.monotonic_ns()
@@ -306,6 +309,8 @@ def run_job(g: Guest, cmd: str, args: dict[str, Any]) -> tuple[float, float, int
                         and e["data"]["status"] == "concluded")
     t1 = time.monotonic_ns()
     info = [j for j in q.cmd("query-jobs") if j["id"] == args["job-id"]][0]
+    if concluded is not None:
+        concluded()
     q.cmd("job-dismiss", {"id": args["job-id"]})
     if "error" in info:
         raise RuntimeError(f"{g.system} {cmd} failed: {info['error']}")
