@@ -50,7 +50,7 @@ def cmd_compare(a: argparse.Namespace) -> int:
     writable(a.png, "--png")
     spec = ReproSpec(ram_mib=parse_sizes(a.ram), reps=a.repetitions, conditions=("dirty",),
                      dirty_rate_mib_s=a.rate, working_set_mib=a.ws, seed=a.seed, with_qemu=with_qemu,
-                     qemu_cache=a.qemu_cache)
+                     qemu_cache=a.qemu_cache, warm_mib=a.warm_mib)
     committed = COMMITTED if a.qemu_cache == "direct" else COMMITTED.parent / "reproduction-writeback-1206"
     out = Path(a.out)
     ws = ", ".join(f"{spec.working_set(r)} MiB at {r} MiB" for r in spec.ram_mib)
@@ -187,7 +187,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     conditions = tuple(c.strip() for c in a.conditions.split(",") if c.strip())
     spec = ReproSpec(ram_mib=sizes, reps=reps, conditions=conditions, dirty_rate_mib_s=a.rate,
                      working_set_mib=a.ws, seed=a.seed, with_qemu=not a.no_qemu, qemu_cache=a.qemu_cache,
-                     touched_ws=a.touched)
+                     touched_ws=a.touched, warm_mib=a.warm_mib)
     committed = None
     if a.compare:
         committed = repro_report.load_runs(a.compare)  # fail on a bad directory before measuring
@@ -258,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--qemu-cache", default="direct", choices=("direct", "writeback"),
                    help="QEMU's image: direct (cache.direct=on, around the page cache as snaplab's VM state; "
                         "data/results/reproduction) or writeback (QEMU's default; data/results/reproduction-writeback-1206)")
+    c.add_argument("--warm-mib", type=int, default=None, help="host memory touched and freed before each "
+                   "block, MiB (default: 3 x RAM + 2048; 0: none; docs/reproduction.md, Warm memory)")
     c.add_argument("--out", default="out/compare", help="the directory of the runs (runs.csv, metadata.json)")
     c.add_argument("--png", default="out/compare.png", help="the figure written")
     c.set_defaults(fn=cmd_compare)
@@ -308,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "O_DIRECT as snaplab) or writeback (QEMU's default, through the page cache)")
     e.add_argument("--touched", type=float, default=7.0, help="working sets' worth of pages the dirty guest "
                    "writes before any measured operation, on both systems (7: 99.9%% of it touched)")
+    e.add_argument("--warm-mib", type=int, default=None, help="host memory touched and freed before each "
+                   "block, MiB (default: 3 x RAM + 2048; 0: none; docs/reproduction.md, Warm memory)")
     e.add_argument("--scheduler", default="", help="a dask.distributed scheduler address: each (size, condition) "
                    "pair runs on one worker started with --resources timed=1")
     e.set_defaults(fn=cmd_reproduce)

@@ -7,8 +7,8 @@ emulator/qemu_guest.py), in the same conditions:
   loader`` (QEMU's reference measurement, docs/reference/qemu-7.2-qmp.md);
 * ``dirty``: the dirty workload at a stated rate over a stated working set (random pattern).
 
-For each RAM size and condition, each system gets a fresh machine (memory warmed and the page
-cache dropped before each, systems alternated ABBA from one block to the next) and, once its
+For each RAM size and condition, each system gets a fresh machine (memory warmed where that lasts, and the
+page cache dropped, before each, systems alternated ABBA from one block to the next) and, once its
 guest is in steady state (its progress rate at the configured rate, seen on its progress
 channel; the idle guest halts, so it gets a fixed settle time), ``reps`` repetitions of:
 blocking ``snapshot-save`` then ``snapshot-load`` of it; the background snapshot through
@@ -70,6 +70,7 @@ CONDITIONS = ("idle-random", "dirty")
 SYSTEMS = ("snaplab", "qemu")
 MIGRATE_BACKGROUND = "background"  # QEMU's migrate + background-snapshot, on both systems (not an engine)
 HOST_NOISE_S = 3.0  # lab/hostnoise.py's three probes, a second each, before the first block
+MAX_WARM_MIB = 64 << 10  # --warm-mib's bound (64 GiB; the host's free memory less 2 GiB caps it anyway)
 
 COLUMNS = ("system", "engine", "op", "ram_mib", "workload", "dirty_rate_mibs", "working_set_mib", "rep",
            "downtime_ms", "total_s", "progress_ratio", "vmstate_bytes", "steady", "started_at",
@@ -108,6 +109,7 @@ class ReproSpec:
     qemu_cache: str = "direct"
     touched_ws: float = TOUCHED_WS
     host_noise_s: float = HOST_NOISE_S  # lab/hostnoise.py's probes before the first block; 0: none
+    warm_mib: int | None = None  # host memory touched and freed before each block; None: warm_bytes's default
 
     def __post_init__(self) -> None:
         for r in self.ram_mib:
@@ -136,6 +138,21 @@ class ReproSpec:
             raise ReproError(f"host_noise_s: {self.host_noise_s} is not allowed; expected 0 to 60 seconds")
         if not 0 <= self.touched_ws <= 50:
             raise ReproError(f"--touched: {self.touched_ws} is not allowed; expected 0 to 50 working sets")
+        if self.warm_mib is not None and not 0 <= self.warm_mib <= MAX_WARM_MIB:
+            raise ReproError(f"--warm-mib: {self.warm_mib} is not allowed; expected 0 to {MAX_WARM_MIB} MiB")
+
+    def warm_bytes(self, ram_mib: int) -> tuple[int, str]:
+        """The host memory to touch and free before a block of ``ram_mib``, and why: as asked;
+        else none where this host gives freed memory back to its hypervisor (no warmth lasts
+        until the block's first measurement: docs/reproduction.md, "Warm memory"); else three
+        times the guest's RAM and 2 GiB more (bench/bench_snapshot.py's rule)."""
+        if self.warm_mib is not None:
+            return self.warm_mib << 20, "--warm-mib"
+        reported = reported_free_kib()
+        if reported:
+            return 0, (f"none: this host gives freed memory back to its hypervisor (free page reporting, "
+                       f"{reported} KiB so far), so it is cold again before any measurement")
+        return (3 * ram_mib + 2048) << 20, "3 x RAM + 2 GiB"
 
     def working_set(self, ram_mib: int) -> int:
         """The dirty workload's working set at this RAM size: as asked, or half of RAM where
@@ -419,15 +436,28 @@ def drop_caches() -> None:
         f.write("3\n")
 
 
-def warm_memory(ram_bytes: int) -> int:
-    """Touch and free host memory (three times the guest's RAM and 2 GiB more, as
-    bench/bench_snapshot.py does, within what the host has free less 2 GiB), so neither system
-    pays the kernel's first-touch zeroing; returns the bytes touched."""
+def reported_free_kib() -> int:
+    """KiB of freed memory this kernel has reported to its hypervisor so far (free page
+    reporting, which the hypervisor then reclaims); 0 where the kernel does not say
+    (``page_reporting``'s ``reported_kib`` is this project's VMs' kernel's, not upstream's)."""
+    try:
+        return int(Path("/sys/module/page_reporting/parameters/reported_kib").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def warm_memory(nbytes: int) -> int:
+    """Touch and free ``nbytes`` of host memory (within what the host has free less 2 GiB), so
+    neither system pays the host's first touch of new memory; returns the bytes touched.
+
+    Where freed memory goes back to the hypervisor (free page reporting: this project's
+    Firecracker VMs), the warmth lasts seconds only: docs/reproduction.md, "Warm memory"."""
     avail = next((int(ln.split()[1]) << 10 for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemAvailable")), ram_bytes)
-    n = max(0, min(3 * ram_bytes + (2 << 30), avail - (2 << 30)))
-    a = np.ones(n, dtype=np.uint8)
-    del a
+                  if ln.startswith("MemAvailable")), nbytes)
+    n = max(0, min(nbytes, avail - (2 << 30)))
+    if n:
+        a = np.ones(n, dtype=np.uint8)
+        del a
     return n
 
 
@@ -565,12 +595,17 @@ def _one_block(spec: ReproSpec, system: str, ram: int, condition: str,
         # falls into either system's measurements.
         loaders = (qemu_lab.fill_files(w, ram, spec.seed, contiguous=system == "snaplab")
                    if condition == "idle-random" else [])
-        warmed = warm_memory(ram << 20)
+        t0 = time.monotonic()
+        want, why = spec.warm_bytes(ram)
+        warmed = warm_memory(want)
+        warm_s = time.monotonic() - t0
+        warmed_at = time.time()  # beside the rows' started_at: how long the warmth had to last
         drop_caches()
         with start(w, ram, spec.workload(condition, ram), loaders) as g:
             measure_block(g, spec, condition, ram, emit)
             return {"system": system, "ram_mib": ram, "workload": condition, "command": g.argv,
-                    "warmed_bytes": warmed, "host": socket.gethostname()}
+                    "warmed_bytes": warmed, "warm_s": round(warm_s, 3),
+                    "warm": why, "warmed_at": warmed_at, "host": socket.gethostname()}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -621,8 +656,8 @@ def metadata(spec: ReproSpec, out: Path) -> dict[str, Any]:
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(),
         "kernel": platform.release(), "cpu": cpu, "cpus": os.cpu_count(), "memory": mem,
         "storage": {"workdir": "/var/tmp", "filesystem": fs, "free_bytes": usage.free},
-        "page_cache": "fill files written, then host memory touched and freed (3 x RAM + 2 GiB, within what "
-                      "is free), os.sync() and /proc/sys/vm/drop_caches=3 before each block"
+        "page_cache": "fill files written, then host memory touched and freed (each block's `warm` and "
+                      "`warmed_bytes` say how much and why), os.sync() and /proc/sys/vm/drop_caches=3 before each block"
                       + ("" if os.access("/proc/sys/vm/drop_caches", os.W_OK) else " (NOT dropped: not root)")
                       + "; snaplab's VM state written and read around the page cache (O_DIRECT, docs/deviations.md 57), "
                       + ("QEMU's too (cache.direct=on on its image's file node)" if spec.qemu_cache == "direct" else

@@ -66,6 +66,7 @@ def test_bootstrap_ci_of_the_median() -> None:
     ({"qemu_cache": "none"}, "--qemu-cache: 'none' is not allowed; expected direct, writeback"),
     ({"touched_ws": -1.0}, "--touched: -1.0 is not allowed; expected 0 to 50 working sets"),
     ({"host_noise_s": -1.0}, "host_noise_s: -1.0 is not allowed; expected 0 to 60 seconds"),
+    ({"warm_mib": -1}, "--warm-mib: -1 is not allowed; expected 0 to 65536 MiB"),
     ({"conditions": ()}, "--conditions: none given; expected one or more of idle-random, dirty"),
     ({"ram_mib": (64, 1024)}, "--ram: 64 MiB is too small for the idle-random condition"),
 ])
@@ -86,6 +87,19 @@ def test_cli_bad_input_and_missing_qemu(monkeypatch: pytest.MonkeyPatch, capsys:
     assert "a reproduction is a directory" in capsys.readouterr().err
 
 
+def test_the_warm_is_as_asked_else_none_where_freed_memory_goes_back_else_the_rule(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert reproduce.ReproSpec(warm_mib=64).warm_bytes(1024) == (64 << 20, "--warm-mib")
+    assert reproduce.ReproSpec(warm_mib=0).warm_bytes(1024) == (0, "--warm-mib")
+    monkeypatch.setattr(reproduce, "reported_free_kib", lambda: 0)
+    assert reproduce.ReproSpec().warm_bytes(1024) == ((3 * 1024 + 2048) << 20, "3 x RAM + 2 GiB")
+    monkeypatch.setattr(reproduce, "reported_free_kib", lambda: 12345)
+    n, why = reproduce.ReproSpec().warm_bytes(1024)
+    assert n == 0 and "12345 KiB" in why and "hypervisor" in why
+    assert main(["reproduce", "--warm-mib", "-5", "--no-qemu", "--out", str(tmp_path / "x")]) == 2
+    assert "--warm-mib: -5 is not allowed" in capsys.readouterr().err
+
+
 def test_a_run_that_fails_part_way_keeps_its_rows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     @contextlib.contextmanager
     def broken(*_: Any, **__: Any) -> Iterator[Any]:
@@ -94,13 +108,17 @@ def test_a_run_that_fails_part_way_keeps_its_rows(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(reproduce, "qemu_guest", broken)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
-    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16, host_noise_s=0)
+    spec = reproduce.ReproSpec(ram_mib=(64,), reps=1, conditions=("dirty",), working_set_mib=16, host_noise_s=0,
+                               warm_mib=48)
     with pytest.raises(RuntimeError, match="simulated"):
         reproduce.reproduce(spec, tmp_path, log=lambda s: None)
     rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
     assert rows and {r["system"] for r in rows} == {"snaplab"}  # the first block's rows are kept
     meta = json.loads((tmp_path / "metadata.json").read_text())
     assert [b["system"] for b in meta["blocks"]] == ["snaplab"]
+    (block,) = meta["blocks"]  # the memory warmed before it: as asked, before its first row
+    assert (block["warmed_bytes"], block["warm"]) == (48 << 20, "--warm-mib") and block["warm_s"] >= 0
+    assert block["warmed_at"] < min(float(r["started_at"]) for r in rows)
     assert "host_noise" not in meta  # host_noise_s=0: no probe
     # every operation waited until the guest had written 7 working sets' worth of pages
     least = spec.min_iterations("dirty", 64)
@@ -168,6 +186,7 @@ def test_one_size_end_to_end_against_the_real_qemu(tmp_path: Path, monkeypatch: 
     for key in ("host", "kernel", "cpu", "memory", "storage", "page_cache", "versions", "definitions"):
         assert meta[key], key
     assert meta["versions"]["qemu"].startswith("QEMU emulator version")
+    assert all(b["warm"] and b["warmed_bytes"] == reproduce.ReproSpec().warm_bytes(128)[0] for b in meta["blocks"]), meta["blocks"]
     assert meta["source"] == source_revision()  # the commit measured (this checkout's), and whether it was modified
     # the host's and Unicorn's own speed, probed before the first block, raw windows kept
     assert set(meta["host_noise"]) == {"host", "core", "cache", "unicorn"}
