@@ -419,7 +419,7 @@ def series_label(system: str, op: str, engine: str) -> str:
     background snapshot among saves, and snaplab's background-fill lazy load among loads."""
     r = _engine_roles()
     names = {("save", r["blocking-save"]): "blocking snapshot-save", ("save", r["copy-on-write"]): "copy-on-write snapshot-save",
-             ("save", r["pre-copy"]): "pre-copy snapshot-save",
+             ("save", r["pre-copy"]): "pre-copy snapshot-save (stores all of RAM)",
              ("save", r["migrate"]): "background snapshot (migrate)",
              ("load", r["blocking-load"]): "blocking snapshot-load",
              ("load", r["background-load"]): "lazy load, background fill"}
