@@ -143,15 +143,16 @@ class ReproSpec:
 
     def warm_bytes(self, ram_mib: int) -> tuple[int, str]:
         """The host memory to touch and free before a block of ``ram_mib``, and why: as asked;
-        else none where this host gives freed memory back to its hypervisor (no warmth lasts
-        until the block's first measurement: docs/reproduction.md, "Warm memory"); else three
+        else none where this host gives freed memory back to its hypervisor (the warmth is
+        gone within seconds, and the ratios did not move without it: docs/reproduction.md,
+        "Warm memory"); else three
         times the guest's RAM and 2 GiB more (bench/bench_snapshot.py's rule)."""
         if self.warm_mib is not None:
             return self.warm_mib << 20, "--warm-mib"
         reported = reported_free_kib()
         if reported:
             return 0, (f"none: this host gives freed memory back to its hypervisor (free page reporting, "
-                       f"{reported} KiB so far), so it is cold again before any measurement")
+                       f"{reported} KiB so far): a warm-up is cold again within seconds")
         return (3 * ram_mib + 2048) << 20, "3 x RAM + 2 GiB"
 
     def working_set(self, ram_mib: int) -> int:
