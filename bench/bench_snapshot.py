@@ -31,6 +31,7 @@ import numpy as np
 from lab.qemu import OVMF
 from lab.qemu import RawQMP as Raw
 from lab.reproduce import drop_caches  # noqa: F401 - the other benches import it from here
+from lab.reproduce import warm_memory as lab_warm_memory
 
 
 def recorded(ram_mib: int) -> dict[str, float | None]:
@@ -44,13 +45,10 @@ def recorded(ram_mib: int) -> dict[str, float | None]:
 
 
 def warm_memory(nbytes: int) -> float:
-    """Touch and free ``nbytes`` of host memory (at most what is available less 2 GiB)."""
-    avail = next((int(ln.split()[1]) << 10 for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemAvailable")), nbytes)
-    nbytes = max(0, min(nbytes, avail - (2 << 30)))
+    """Touch and free ``nbytes`` of host memory (at most what is available less 2 GiB:
+    lab.reproduce.warm_memory); returns the seconds it took."""
     t0 = time.perf_counter()
-    a = np.ones(nbytes, dtype=np.uint8)
-    del a
+    lab_warm_memory(nbytes)
     return time.perf_counter() - t0
 
 
