@@ -22,6 +22,8 @@ import argparse
 import sys
 import time
 
+import numpy as np
+
 from lab.session import default_machine
 
 LAB_COUNTER, LAB_DISK_OPS = 0x7000, 0x7010  # the lab page's iteration and disk-op counters
@@ -42,19 +44,32 @@ def main() -> int:
         time.sleep(0.5)
         bp = m.config.workload.batch_pages
         bad = saves = 0
+        mark = m.lab.count
         end = time.monotonic() + a.seconds
         while time.monotonic() < end:
             tag = f"t{saves % 3}"
             if saves >= 3:
                 q.execute("snapshot-delete", {"job-id": f"d{saves}", "tag": tag, "devices": ["disk0"]})
                 q.wait_job(f"d{saves}")
+            t_cmd = time.monotonic_ns()
             q.execute("snapshot-save", {"job-id": f"s{saves}", "tag": tag, "vmstate": "disk0", "devices": ["disk0"],
                                         "__org.snaplab_engine": a.engine})
             job = q.wait_job(f"s{saves}")
             if "error" in job:
                 print(f"save {saves} failed: {job['error']}", file=sys.stderr)
                 return 2
+            t_end = time.monotonic_ns()
             m.stop()
+            # each progress sample is rung after the counter is published, before that batch's
+            # disk operation: its disk-op count is the batch ends less one, exactly
+            rows, mark = m.lab.history_since(mark)
+            it, n_ops = rows[:, 2].astype(np.int64), rows[:, 4].astype(np.int64)
+            off = np.nonzero(n_ops != it // bp - 1)[0]
+            if len(off):
+                r = rows[off[0]]
+                print(f"save {saves}: sample {int(off[0])} of {len(rows)} since the last check breaks the rule "
+                      f"({int(r[4])} ops after {int(r[2])} iterations), {(int(r[1]) - t_cmd) / 1e6:.2f} ms after "
+                      f"the save's command (job concluded after {(t_end - t_cmd) / 1e6:.2f} ms)", flush=True)
             counter, ops = m.ram.read_u64(LAB_COUNTER), m.ram.read_u64(LAB_DISK_OPS)
             ends = counter // bp
             if ops not in (ends, ends - 1):

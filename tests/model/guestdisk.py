@@ -103,6 +103,24 @@ def lab_problems(spec: WorkloadSpec, counter: int, disk_ops: int, errors: int) -
     return None
 
 
+def first_bad_sample(spec: WorkloadSpec, rows: np.ndarray) -> str | None:
+    """The lab port's samples (rows of the six fields of ``ProgressSample``) against the mixed
+    workload's order: each is rung right after the counter is published and before that
+    batch's disk operation, so its disk-op count is exactly ``iterations // batch_pages - 1``.
+    The first sample that breaks this, with its host time (``time.monotonic_ns()``) and its
+    neighbours: when a lab-page finding happened, to set beside the jobs' times."""
+    if not len(rows):
+        return None
+    it, ops = rows[:, 2].astype(np.int64), rows[:, 4].astype(np.int64)
+    bad = np.nonzero(ops != it // spec.batch_pages - 1)[0]
+    if not len(bad):
+        return None
+    i = int(bad[0])
+    around = "; ".join(f"#{j}: host {int(rows[j, 1])} ns, {int(it[j])} it, {int(ops[j])} ops"
+                       for j in range(max(0, i - 2), min(len(rows), i + 2)))
+    return f"sample {i} of {len(rows)} breaks the rule first ({len(bad)} do): {around}"
+
+
 def disk0_problem(spec: WorkloadSpec, base: bytes, counter: int, read_u64: Callable[[int], int],
                   disk0: bytes) -> str | None:
     """What is wrong with disk0 after ``counter`` iterations from ``base``: first what the

@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,13 @@ from emulator.guest import PAGE, WorkloadSpec
 from emulator.machine import DiskSpec, Machine, MachineConfig
 from emulator.migration.engines import LOAD_ENGINES, SAVE_ENGINES
 from tests.migration.conftest import wait_until
-from tests.model.guestdisk import LAB_COUNTER, data_range, disk0_problem, ram_problems
+from tests.model.guestdisk import (
+    LAB_COUNTER,
+    data_range,
+    disk0_problem,
+    first_bad_sample,
+    ram_problems,
+)
 
 RAM = 32 << 20
 DISK = 8 << 20
@@ -152,7 +159,7 @@ class SnapshotModel(RuleBasedStateMachine):
     def _job(self, cmd: str, args: dict[str, Any]) -> str | None:
         """Run a snapshot job to its end; its error, or None."""
         self.jobs += 1
-        self.history.append(f"{cmd} {args}")
+        self.history.append(f"{cmd} {args} at {time.monotonic_ns()} ns")
         jid = f"j{self.jobs}"
         self.q.execute(cmd, {"job-id": jid, **args})
         while True:  # a load engine that waits for job-complete says so with 'ready'
@@ -164,6 +171,7 @@ class SnapshotModel(RuleBasedStateMachine):
                 self.q.execute("job-complete", {"id": jid})
             elif ev.data["status"] == "concluded":
                 break
+        self.history[-1] += f", concluded at {time.monotonic_ns()} ns"
         (info,) = [j for j in self.q.execute("query-jobs") if j["id"] == jid]
         self.q.execute("job-dismiss", {"id": jid})
         self.q.events()
@@ -361,14 +369,19 @@ class SnapshotModel(RuleBasedStateMachine):
             self._check_all()
             self.m.cont()
         except (AssertionError, SnaplabError) as err:  # the whole history: hypothesis may not replay it
-            raise AssertionError(f"{type(err).__name__}: {err} (run state {self.m.state.value})\nafter:\n"
-                                 + "\n".join(self.history)) from err
+            # the lab port's samples say when a lab-page finding began (host ns, as the history's)
+            samples = first_bad_sample(SPEC, self.m.lab.history_array())
+            raise AssertionError(f"{type(err).__name__}: {err} (run state {self.m.state.value})\n"
+                                 f"samples: {samples}\nafter:\n" + "\n".join(self.history)) from err
 
     def _check_all(self) -> None:
         """Everything the model knows, against the machine, the images and qemu-img."""
         for node in self.g.format_nodes():
             node.image.flush()  # type: ignore[union-attr]
         self._check_guest(self._counter())
+        # every progress sample the guest rang since the boot, in the workload's order too
+        samples = first_bad_sample(SPEC, self.m.lab.history_array())
+        assert samples is None, samples
         img1 = self.g["disk1"].format_image
         assert img1.read(0, DISK) == self.disk1
         for d in DISKS:
