@@ -219,12 +219,20 @@ disk_cmp:
     inc ecx
     cmp ecx, 512
     jb disk_cmp
-    inc qword ptr [0x7010]
+    ; A lab counter is loaded, incremented and stored, never incremented in memory: Unicorn
+    ; checks for a stop after every memory access and, on one, restarts the instruction that
+    ; made it, so an in-memory increment whose store had landed would count twice
+    ; (docs/deviations.md; reference notes).  Storing the same register again is harmless.
+    mov rax, qword ptr [0x7010]
+    inc rax
+    mov qword ptr [0x7010], rax
     pop rbx
     pop rcx
     ret
 disk_bad:
-    inc qword ptr [0x7018]
+    mov rax, qword ptr [0x7018]
+    inc rax
+    mov qword ptr [0x7018], rax
     push rsi
     movabs rsi, msg_disk_bad
     call puts
@@ -255,7 +263,9 @@ disk_go_wait:
 disk_go_done:
     cmp dword ptr [0x1018], 0
     je disk_go_ok
-    inc qword ptr [0x7018]
+    mov rax, qword ptr [0x7018]
+    inc rax
+    mov qword ptr [0x7018], rax
 disk_go_ok:
     pop rdx
     ret
