@@ -26,12 +26,18 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from lab.session import default_machine
-
-LAB_COUNTER, LAB_DISK_OPS = 0x7000, 0x7010  # the lab page's iteration and disk-op counters
+from lab.session import default_machine  # noqa: E402
+from tests.model.guestdisk import (  # noqa: E402
+    LAB_COUNTER,
+    LAB_DISK_OPS,
+    LAB_ERRORS,
+    first_bad_sample,
+    lab_problems,
+)
 
 
 def main() -> int:
@@ -47,7 +53,6 @@ def main() -> int:
         m.start()
         q = m.qmp()
         time.sleep(0.5)
-        bp = m.config.workload.batch_pages
         bad = saves = 0
         mark = m.lab.count
         end = time.monotonic() + a.seconds
@@ -65,24 +70,19 @@ def main() -> int:
                 return 2
             t_end = time.monotonic_ns()
             m.stop()
-            # each progress sample is rung after the counter is published, before that batch's
-            # disk operation: its disk-op count is the batch ends less one, exactly
             rows, mark = m.lab.history_since(mark)
-            it, n_ops = rows[:, 2].astype(np.int64), rows[:, 4].astype(np.int64)
-            off = np.nonzero(n_ops != it // bp - 1)[0]
-            if len(off):
-                r = rows[off[0]]
-                print(f"save {saves}: sample {int(off[0])} of {len(rows)} since the last check breaks the rule "
-                      f"({int(r[4])} ops after {int(r[2])} iterations), {(int(r[1]) - t_cmd) / 1e6:.2f} ms after "
-                      f"the save's command (job concluded after {(t_end - t_cmd) / 1e6:.2f} ms)", flush=True)
-            counter, ops = m.ram.read_u64(LAB_COUNTER), m.ram.read_u64(LAB_DISK_OPS)
-            ends = counter // bp
-            if ops not in (ends, ends - 1):
+            samples = first_bad_sample(m.config.workload, rows)  # the rings since the last check
+            if samples is not None:
+                print(f"save {saves} (command at host {t_cmd} ns, job concluded {(t_end - t_cmd) / 1e6:.2f} ms "
+                      f"later): {samples}", flush=True)
+            problem = lab_problems(m.config.workload, m.ram.read_u64(LAB_COUNTER), m.ram.read_u64(LAB_DISK_OPS),
+                                   m.ram.read_u64(LAB_ERRORS))
+            if problem is not None:
                 bad += 1
-                print(f"save {saves}: {ops} disk ops after {counter} iterations ({ends} batch ends)", flush=True)
+                print(f"save {saves}: {problem}", flush=True)
             m.cont()
             saves += 1
-        print(f"{a.engine}: {saves} saves, {bad} broke the rule (batch {bp} pages)")
+        print(f"{a.engine}: {saves} saves, {bad} broke the rule (batch {m.config.workload.batch_pages} pages)")
         return 1 if bad else 0
     finally:
         s.close()

@@ -57,10 +57,10 @@ def _run_with_stop_in_store(program: str) -> tuple[int, int]:
         page = ram.addr + (COUNTER & ~0xFFF)
         uffd.register(ram.addr, ram.size, UFFDIO_REGISTER_MODE_WP)
         uffd.writeprotect(page, 0x1000, True)
-        served = threading.Event()
+        served, done = threading.Event(), threading.Event()
 
         def serve() -> None:
-            while not served.is_set():
+            while not done.is_set():
                 for f in uffd.read_faults():
                     uc.emu_stop()  # the stop lands while the store waits
                     uffd.writeprotect(f.address & ~0xFFF, 0x1000, False)  # (also wakes the writer)
@@ -76,7 +76,7 @@ def _run_with_stop_in_store(program: str) -> tuple[int, int]:
             if pc == END:
                 break
             short += 1
-        served.set()
+        done.set()
         t.join(timeout=5)
         assert served.is_set() and not t.is_alive(), "the write-protect fault was never served"
         assert pc == END, hex(pc)
